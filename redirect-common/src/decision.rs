@@ -1,0 +1,201 @@
+//! The decision logic of DESIGN.md §2, shared by the kernel programs and the
+//! host tests. The kernel provides map lookups through [`Lookup`].
+
+use crate::{
+    cidr_kind, flags, port_kind, PodConfig, Reason, AF_INET, AF_INET6, MAX_IDS,
+};
+
+/// Map lookups the decision needs, per pod.
+pub trait Lookup {
+    /// Is `port` listed under `kind` (see [`port_kind`])?
+    fn port_listed(&self, kind: u16, port: u16) -> bool;
+    /// Does a CIDR of `kind` (see [`cidr_kind`]) contain `addr`?
+    fn cidr_contains(&self, kind: u32, addr: &[u8; 16]) -> bool;
+}
+
+/// A new outbound TCP connection as the connect hook sees it.
+#[derive(Clone, Copy, Debug)]
+pub struct Outbound {
+    pub family: u16,
+    /// Destination, network order, v4 in the first 4 bytes.
+    pub dst: [u8; 16],
+    pub dport: u16,
+    /// Bound source address (zero when unbound).
+    pub src: [u8; 16],
+    pub uid: u32,
+    pub gid: u32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Leave the connection alone.
+    Untouched(Reason),
+    /// Send it to the outbound capture port (`-p`).
+    ToOutbound(Reason),
+    /// Send it to the inbound capture port (`-z`).
+    ToInbound(Reason),
+}
+
+impl Verdict {
+    pub const fn reason(self) -> Reason {
+        match self {
+            Verdict::Untouched(r) | Verdict::ToOutbound(r) | Verdict::ToInbound(r) => r,
+        }
+    }
+}
+
+pub const V4_LOCALHOST: [u8; 4] = [127, 0, 0, 1];
+pub const V4_PASSTHROUGH: [u8; 4] = [127, 0, 0, 6];
+pub const V6_LOCALHOST: [u8; 16] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+pub const V6_PASSTHROUGH: [u8; 16] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 6];
+
+#[inline(always)]
+fn v4(a: &[u8; 16]) -> [u8; 4] {
+    [a[0], a[1], a[2], a[3]]
+}
+
+/// Is this the family's "localhost" address (127.0.0.1 or ::1)?
+#[inline(always)]
+pub fn is_localhost(family: u16, a: &[u8; 16]) -> bool {
+    if family == AF_INET {
+        v4(a) == V4_LOCALHOST
+    } else {
+        *a == V6_LOCALHOST
+    }
+}
+
+#[inline(always)]
+pub fn is_passthrough_source(family: u16, a: &[u8; 16]) -> bool {
+    if family == AF_INET {
+        v4(a) == V4_PASSTHROUGH
+    } else {
+        *a == V6_PASSTHROUGH
+    }
+}
+
+/// "-o lo": the destination is an address of this netns: 127.0.0.0/8, ::1,
+/// or one of the pod's own addresses.
+#[inline(always)]
+pub fn is_local<L: Lookup>(family: u16, a: &[u8; 16], l: &L) -> bool {
+    if family == AF_INET {
+        a[0] == 127 || l.cidr_contains(cidr_kind::LOCAL_V4, a)
+    } else {
+        *a == V6_LOCALHOST || l.cidr_contains(cidr_kind::LOCAL_V6, a)
+    }
+}
+
+/// One owner match of the ISTIO_OUTPUT chain: rules (2)-(4) for a uid or
+/// (5)-(7) for a gid. `None` means "fall through to the next rule".
+#[inline(always)]
+fn owner_rules(
+    cfg: &PodConfig,
+    c: &Outbound,
+    via_lo: bool,
+    to_localhost: bool,
+    is_owner: bool,
+    skip_reason: Reason,
+) -> Option<Verdict> {
+    if via_lo && !to_localhost && is_owner && c.dport != cfg.tunnel_port {
+        return Some(Verdict::ToInbound(Reason::OutProxyToSelf));
+    }
+    if via_lo && !is_owner && !cfg.has(flags::OUT_INCLUDE_HAS_LOOPBACK) {
+        return Some(Verdict::Untouched(Reason::OutAppLocal));
+    }
+    if is_owner {
+        return Some(Verdict::Untouched(skip_reason));
+    }
+    None
+}
+
+/// The OUTPUT decision for a new TCP connection, first match wins, in the
+/// order of DESIGN.md §2.
+#[inline(always)]
+pub fn outbound_verdict<L: Lookup>(cfg: &PodConfig, c: &Outbound, l: &L) -> Verdict {
+    // 1. -o ports.
+    if l.port_listed(port_kind::OUT_EXCLUDE, c.dport) {
+        return Verdict::Untouched(Reason::OutExcludedPort);
+    }
+    let via_lo = is_local(c.family, &c.dst, l);
+    // 2. source 127.0.0.6 / ::6 via lo.
+    if via_lo && is_passthrough_source(c.family, &c.src) {
+        return Verdict::Untouched(Reason::OutPassthrough);
+    }
+    let to_localhost = is_localhost(c.family, &c.dst);
+    // 3. per uid, then per gid (istio-iptables emits the three rules per id,
+    //    so with several ids the "! --uid-owner A" rule also catches id B).
+    let mut i = 0;
+    while i < MAX_IDS {
+        if i as u32 >= cfg.uid_count {
+            break;
+        }
+        let owner = c.uid == cfg.uids[i];
+        if let Some(v) = owner_rules(cfg, c, via_lo, to_localhost, owner, Reason::OutProxyUid) {
+            return v;
+        }
+        i += 1;
+    }
+    let mut i = 0;
+    while i < MAX_IDS {
+        if i as u32 >= cfg.gid_count {
+            break;
+        }
+        let owner = c.gid == cfg.gids[i];
+        if let Some(v) = owner_rules(cfg, c, via_lo, to_localhost, owner, Reason::OutProxyGid) {
+            return v;
+        }
+        i += 1;
+    }
+    // 4. 127.0.0.1 / ::1.
+    if to_localhost {
+        return Verdict::Untouched(Reason::OutLoopback);
+    }
+    let (inc, exc) = if c.family == AF_INET {
+        (cidr_kind::INCLUDE_V4, cidr_kind::EXCLUDE_V4)
+    } else {
+        (cidr_kind::INCLUDE_V6, cidr_kind::EXCLUDE_V6)
+    };
+    // 5. -x.
+    if l.cidr_contains(exc, &c.dst) {
+        return Verdict::Untouched(Reason::OutExcludedCidr);
+    }
+    // 6. -q.
+    if l.port_listed(port_kind::OUT_INCLUDE, c.dport) {
+        return Verdict::ToOutbound(Reason::OutCapturedPort);
+    }
+    // 7. -i.
+    if cfg.has(flags::OUT_INCLUDE_ALL) || l.cidr_contains(inc, &c.dst) {
+        return Verdict::ToOutbound(Reason::OutCaptured);
+    }
+    Verdict::Untouched(Reason::OutNotIncluded)
+}
+
+/// The PREROUTING decision for a new TCP connection arriving from outside
+/// the pod on `dport`.
+#[inline(always)]
+pub fn inbound_verdict<L: Lookup>(cfg: &PodConfig, dport: u16, l: &L) -> Verdict {
+    if dport == cfg.tunnel_port {
+        return Verdict::Untouched(Reason::InTunnelPort);
+    }
+    if cfg.has(flags::IN_CAPTURE_ALL) {
+        if l.port_listed(port_kind::IN_EXCLUDE, dport) {
+            return Verdict::Untouched(Reason::InExcludedPort);
+        }
+        return Verdict::ToInbound(Reason::InCaptured);
+    }
+    if cfg.has(flags::IN_CAPTURE_LISTED) && l.port_listed(port_kind::IN_INCLUDE, dport) {
+        return Verdict::ToInbound(Reason::InCaptured);
+    }
+    Verdict::Untouched(Reason::InNotIncluded)
+}
+
+/// Family helper for callers that only know v4/v6 as a bool.
+pub const fn family(v6: bool) -> u16 {
+    if v6 {
+        AF_INET6
+    } else {
+        AF_INET
+    }
+}
+
+#[cfg(all(test, feature = "user"))]
+mod tests;

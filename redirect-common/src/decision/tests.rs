@@ -1,0 +1,264 @@
+//! Host tests of the decision logic: one case per rule of DESIGN.md §2.
+use super::*;
+use crate::{flags, port_kind, Reason, MAX_IDS};
+use std::net::IpAddr;
+
+#[derive(Default)]
+struct Maps {
+    ports: Vec<(u16, u16)>,
+    cidrs: Vec<(u32, IpAddr, u8)>,
+}
+
+fn bytes(ip: IpAddr) -> [u8; 16] {
+    let mut b = [0u8; 16];
+    match ip {
+        IpAddr::V4(a) => b[..4].copy_from_slice(&a.octets()),
+        IpAddr::V6(a) => b = a.octets(),
+    }
+    b
+}
+
+fn prefix_match(a: &[u8; 16], b: &[u8; 16], bits: u8) -> bool {
+    (0..bits as usize).all(|i| (a[i / 8] >> (7 - i % 8)) & 1 == (b[i / 8] >> (7 - i % 8)) & 1)
+}
+
+impl Lookup for Maps {
+    fn port_listed(&self, kind: u16, port: u16) -> bool {
+        self.ports.contains(&(kind, port))
+    }
+    fn cidr_contains(&self, kind: u32, addr: &[u8; 16]) -> bool {
+        self.cidrs
+            .iter()
+            .any(|(k, ip, bits)| *k == kind && prefix_match(&bytes(*ip), addr, *bits))
+    }
+}
+
+fn istio_cfg() -> PodConfig {
+    let mut uids = [0; MAX_IDS];
+    uids[0] = 1337;
+    PodConfig {
+        proxy_port: 15001,
+        inbound_port: 15006,
+        tunnel_port: 15008,
+        _pad0: 0,
+        flags: flags::OUT_INCLUDE_ALL | flags::IN_CAPTURE_ALL,
+        uid_count: 1,
+        gid_count: 1,
+        netns_inode: 0,
+        uids,
+        gids: uids,
+    }
+}
+
+fn pod_maps() -> Maps {
+    Maps {
+        ports: vec![
+            (port_kind::IN_EXCLUDE, 15090),
+            (port_kind::IN_EXCLUDE, 15021),
+            (port_kind::IN_EXCLUDE, 15020),
+        ],
+        cidrs: vec![
+            (cidr_kind::LOCAL_V4, "10.1.0.5".parse().unwrap(), 32),
+            (cidr_kind::LOCAL_V6, "fd00::5".parse().unwrap(), 128),
+        ],
+    }
+}
+
+fn conn(dst: &str, dport: u16, uid: u32, gid: u32) -> Outbound {
+    let ip: IpAddr = dst.parse().unwrap();
+    Outbound {
+        family: family(ip.is_ipv6()),
+        dst: bytes(ip),
+        dport,
+        src: [0; 16],
+        uid,
+        gid,
+    }
+}
+
+fn out(cfg: &PodConfig, m: &Maps, c: Outbound) -> Verdict {
+    outbound_verdict(cfg, &c, m)
+}
+
+#[test]
+fn app_to_remote_is_captured_v4_v6() {
+    let (cfg, m) = (istio_cfg(), pod_maps());
+    for dst in ["10.2.0.9", "fd00:2::9"] {
+        assert_eq!(
+            out(&cfg, &m, conn(dst, 80, 1000, 1000)),
+            Verdict::ToOutbound(Reason::OutCaptured),
+            "{dst}"
+        );
+    }
+}
+
+#[test]
+fn proxy_uid_outbound_is_untouched() {
+    let (cfg, m) = (istio_cfg(), pod_maps());
+    assert_eq!(
+        out(&cfg, &m, conn("10.2.0.9", 80, 1337, 0)),
+        Verdict::Untouched(Reason::OutProxyUid)
+    );
+}
+
+#[test]
+fn proxy_gid_only_is_untouched() {
+    let (cfg, m) = (istio_cfg(), pod_maps());
+    assert_eq!(
+        out(&cfg, &m, conn("fd00:2::9", 80, 4242, 1337)),
+        Verdict::Untouched(Reason::OutProxyGid)
+    );
+}
+
+#[test]
+fn excluded_port_wins_over_everything() {
+    let (cfg, mut m) = (istio_cfg(), pod_maps());
+    m.ports.push((port_kind::OUT_EXCLUDE, 5432));
+    m.ports.push((port_kind::OUT_INCLUDE, 5432));
+    let mut c = conn("10.1.0.5", 5432, 1337, 1337);
+    c.src = bytes("127.0.0.6".parse().unwrap());
+    assert_eq!(out(&cfg, &m, c), Verdict::Untouched(Reason::OutExcludedPort));
+}
+
+#[test]
+fn passthrough_source_via_lo_is_untouched() {
+    let (cfg, m) = (istio_cfg(), pod_maps());
+    for (src, dst) in [("127.0.0.6", "10.1.0.5"), ("::6", "fd00::5"), ("127.0.0.6", "127.0.0.1")] {
+        let mut c = conn(dst, 8080, 1337, 1337);
+        c.src = bytes(src.parse().unwrap());
+        assert_eq!(out(&cfg, &m, c), Verdict::Untouched(Reason::OutPassthrough), "{src}->{dst}");
+    }
+    // 127.0.0.6 as source towards a remote address is not "via lo".
+    let mut c = conn("10.2.0.9", 80, 1000, 1000);
+    c.src = bytes("127.0.0.6".parse().unwrap());
+    assert_eq!(out(&cfg, &m, c), Verdict::ToOutbound(Reason::OutCaptured));
+}
+
+#[test]
+fn proxy_to_own_pod_ip_goes_to_inbound_port() {
+    let (cfg, m) = (istio_cfg(), pod_maps());
+    for dst in ["10.1.0.5", "127.0.0.6", "fd00::5"] {
+        assert_eq!(
+            out(&cfg, &m, conn(dst, 8080, 1337, 1337)),
+            Verdict::ToInbound(Reason::OutProxyToSelf),
+            "{dst}"
+        );
+    }
+    // A process with only the proxy gid meets rule (3) of the uid block
+    // first, exactly as under iptables...
+    assert_eq!(
+        out(&cfg, &m, conn("10.1.0.5", 8080, 99, 1337)),
+        Verdict::Untouched(Reason::OutAppLocal)
+    );
+    // ...and rule (5) when no uid is configured.
+    let mut gid_only = cfg;
+    gid_only.uid_count = 0;
+    assert_eq!(
+        out(&gid_only, &m, conn("10.1.0.5", 8080, 99, 1337)),
+        Verdict::ToInbound(Reason::OutProxyToSelf)
+    );
+}
+
+#[test]
+fn proxy_to_self_on_tunnel_port_is_untouched() {
+    let (cfg, m) = (istio_cfg(), pod_maps());
+    assert_eq!(
+        out(&cfg, &m, conn("10.1.0.5", 15008, 1337, 1337)),
+        Verdict::Untouched(Reason::OutProxyUid)
+    );
+}
+
+#[test]
+fn proxy_to_localhost_is_untouched() {
+    let (cfg, m) = (istio_cfg(), pod_maps());
+    assert_eq!(
+        out(&cfg, &m, conn("127.0.0.1", 15000, 1337, 1337)),
+        Verdict::Untouched(Reason::OutProxyUid)
+    );
+    assert_eq!(
+        out(&cfg, &m, conn("::1", 15000, 1337, 1337)),
+        Verdict::Untouched(Reason::OutProxyUid)
+    );
+}
+
+#[test]
+fn app_to_local_addresses_stays_local() {
+    let (cfg, m) = (istio_cfg(), pod_maps());
+    for dst in ["10.1.0.5", "127.0.0.1", "127.1.2.3", "::1", "fd00::5"] {
+        assert_eq!(
+            out(&cfg, &m, conn(dst, 8080, 1000, 1000)),
+            Verdict::Untouched(Reason::OutAppLocal),
+            "{dst}"
+        );
+    }
+}
+
+#[test]
+fn include_with_loopback_drops_rule_3_but_keeps_127_0_0_1() {
+    let (mut cfg, mut m) = (istio_cfg(), pod_maps());
+    cfg.flags = flags::OUT_INCLUDE_HAS_LOOPBACK;
+    m.cidrs.push((cidr_kind::INCLUDE_V4, "127.0.0.0".parse().unwrap(), 8));
+    assert_eq!(
+        out(&cfg, &m, conn("127.0.0.1", 80, 1000, 1000)),
+        Verdict::Untouched(Reason::OutLoopback)
+    );
+    assert_eq!(
+        out(&cfg, &m, conn("127.0.0.5", 80, 1000, 1000)),
+        Verdict::ToOutbound(Reason::OutCaptured)
+    );
+}
+
+#[test]
+fn exclude_cidr_then_include_port_then_include_cidr() {
+    let (mut cfg, mut m) = (istio_cfg(), pod_maps());
+    cfg.flags = 0;
+    m.cidrs.push((cidr_kind::EXCLUDE_V4, "10.3.0.0".parse().unwrap(), 16));
+    m.cidrs.push((cidr_kind::INCLUDE_V4, "10.2.0.0".parse().unwrap(), 16));
+    m.cidrs.push((cidr_kind::EXCLUDE_V6, "fd00:3::".parse().unwrap(), 32));
+    m.ports.push((port_kind::OUT_INCLUDE, 443));
+    let v = |d, p| out(&cfg, &m, conn(d, p, 1000, 1000));
+    assert_eq!(v("10.3.1.1", 443), Verdict::Untouched(Reason::OutExcludedCidr));
+    assert_eq!(v("fd00:3::1", 443), Verdict::Untouched(Reason::OutExcludedCidr));
+    assert_eq!(v("10.9.1.1", 443), Verdict::ToOutbound(Reason::OutCapturedPort));
+    assert_eq!(v("10.2.1.1", 80), Verdict::ToOutbound(Reason::OutCaptured));
+    assert_eq!(v("10.9.1.1", 80), Verdict::Untouched(Reason::OutNotIncluded));
+    // v6 has its own include list: none given, so not included.
+    assert_eq!(v("fd00:2::1", 80), Verdict::Untouched(Reason::OutNotIncluded));
+}
+
+#[test]
+fn several_uids_follow_istio_rule_order() {
+    let (mut cfg, m) = (istio_cfg(), pod_maps());
+    cfg.uids[1] = 2000;
+    cfg.uid_count = 2;
+    cfg.gid_count = 0;
+    // uid 2000 calling its own pod IP: the "! --uid-owner 1337" RETURN of
+    // the first uid's block matches before the second uid's redirect.
+    assert_eq!(
+        out(&cfg, &m, conn("10.1.0.5", 80, 2000, 0)),
+        Verdict::Untouched(Reason::OutAppLocal)
+    );
+    assert_eq!(
+        out(&cfg, &m, conn("10.2.0.9", 80, 2000, 0)),
+        Verdict::Untouched(Reason::OutProxyUid)
+    );
+}
+
+#[test]
+fn inbound_star_excludes_listed_and_tunnel() {
+    let (cfg, m) = (istio_cfg(), pod_maps());
+    assert_eq!(inbound_verdict(&cfg, 8080, &m), Verdict::ToInbound(Reason::InCaptured));
+    assert_eq!(inbound_verdict(&cfg, 15021, &m), Verdict::Untouched(Reason::InExcludedPort));
+    assert_eq!(inbound_verdict(&cfg, 15008, &m), Verdict::Untouched(Reason::InTunnelPort));
+}
+
+#[test]
+fn inbound_list_and_empty() {
+    let (mut cfg, mut m) = (istio_cfg(), pod_maps());
+    cfg.flags = flags::IN_CAPTURE_LISTED;
+    m.ports.push((port_kind::IN_INCLUDE, 80));
+    assert_eq!(inbound_verdict(&cfg, 80, &m), Verdict::ToInbound(Reason::InCaptured));
+    assert_eq!(inbound_verdict(&cfg, 81, &m), Verdict::Untouched(Reason::InNotIncluded));
+    cfg.flags = 0;
+    assert_eq!(inbound_verdict(&cfg, 80, &m), Verdict::Untouched(Reason::InNotIncluded));
+}

@@ -1,0 +1,213 @@
+//! Types shared by the kernel programs and userspace, and the pure decision
+//! logic both use. Everything here is `#[repr(C)]` with explicit padding and
+//! a size assert, so the two sides cannot drift.
+#![cfg_attr(not(feature = "user"), no_std)]
+
+pub mod decision;
+pub mod reason;
+
+pub use decision::*;
+pub use reason::Reason;
+
+/// Maximum number of proxy uids and of proxy gids per pod (istio-iptables
+/// takes comma lists; real deployments use one or two).
+pub const MAX_IDS: usize = 8;
+
+/// Map sizes. Pinned maps keep the size they were created with; changing one
+/// of these needs `redirect uninstall` first.
+pub const MAX_PODS: u32 = 16_384;
+pub const MAX_CIDRS: u32 = 65_536;
+pub const MAX_PORTS: u32 = 65_536;
+pub const MAX_COUNTERS: u32 = 131_072;
+pub const MAX_TRACKED_SOCKETS: u32 = 262_144;
+pub const MAX_LISTENERS: u32 = 2 * MAX_PODS;
+
+/// Names of the pinned maps (the kernel object's static names).
+pub const MAP_PODS: &str = "REDIRECT_PODS";
+pub const MAP_CIDRS: &str = "REDIRECT_CIDRS";
+pub const MAP_PORTS: &str = "REDIRECT_PORTS";
+pub const MAP_COUNTERS: &str = "REDIRECT_COUNTERS";
+pub const MAP_ORIG_BY_COOKIE: &str = "REDIRECT_ORIG_BY_COOKIE";
+pub const MAP_ORIG_BY_TUPLE: &str = "REDIRECT_ORIG_BY_TUPLE";
+pub const MAP_LISTENERS: &str = "REDIRECT_LISTENERS";
+pub const ALL_MAPS: [&str; 7] = [
+    MAP_PODS,
+    MAP_CIDRS,
+    MAP_PORTS,
+    MAP_COUNTERS,
+    MAP_ORIG_BY_COOKIE,
+    MAP_ORIG_BY_TUPLE,
+    MAP_LISTENERS,
+];
+
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+pub const IPPROTO_TCP: u32 = 6;
+pub const SOCK_STREAM: u32 = 1;
+pub const SOL_IP: i32 = 0;
+pub const SOL_IPV6: i32 = 41;
+/// `SO_ORIGINAL_DST` (SOL_IP) and `IP6T_SO_ORIGINAL_DST` (SOL_IPV6) share the number.
+pub const SO_ORIGINAL_DST: i32 = 80;
+
+/// `PodConfig::flags` bits.
+pub mod flags {
+    /// `-i '*'`: every outbound destination is included.
+    pub const OUT_INCLUDE_ALL: u32 = 1 << 0;
+    /// `-i` names a loopback range explicitly: istio-iptables then drops
+    /// the "app via lo → RETURN" rules (3)/(6).
+    pub const OUT_INCLUDE_HAS_LOOPBACK: u32 = 1 << 1;
+    /// `-b '*'`: every inbound port except `-d` and the tunnel port.
+    pub const IN_CAPTURE_ALL: u32 = 1 << 2;
+    /// `-b p1,p2`: only the listed inbound ports.
+    pub const IN_CAPTURE_LISTED: u32 = 1 << 3;
+    /// sockops/sk_msg acceleration wanted for this pod.
+    pub const ACCEL: u32 = 1 << 4;
+}
+
+/// Per-pod configuration, keyed by network namespace cookie.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PodConfig {
+    pub proxy_port: u16,
+    pub inbound_port: u16,
+    pub tunnel_port: u16,
+    pub _pad0: u16,
+    pub flags: u32,
+    pub uid_count: u32,
+    pub gid_count: u32,
+    /// Inode of the pod's netns (display only: finds its /run/netns name).
+    pub netns_inode: u32,
+    pub uids: [u32; MAX_IDS],
+    pub gids: [u32; MAX_IDS],
+}
+const _: () = assert!(core::mem::size_of::<PodConfig>() == 88);
+
+impl PodConfig {
+    pub const fn has(&self, flag: u32) -> bool {
+        self.flags & flag != 0
+    }
+}
+
+/// Kinds of CIDR entries in the shared LPM trie.
+pub mod cidr_kind {
+    pub const INCLUDE_V4: u32 = 1;
+    pub const EXCLUDE_V4: u32 = 2;
+    /// The pod's own addresses ("-o lo" destinations besides 127/8).
+    pub const LOCAL_V4: u32 = 3;
+    pub const INCLUDE_V6: u32 = 17;
+    pub const EXCLUDE_V6: u32 = 18;
+    pub const LOCAL_V6: u32 = 19;
+}
+
+/// Data part of the LPM trie key: netns cookie (8 bytes, native order),
+/// kind (4 bytes, native order), address (16 bytes, network order, v4 in
+/// the first 4). The prefix length counts the first 96 bits plus the CIDR's.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CidrKeyData {
+    pub netns: [u8; 8],
+    pub kind: [u8; 4],
+    pub addr: [u8; 16],
+}
+const _: () = assert!(core::mem::size_of::<CidrKeyData>() == 28);
+pub const CIDR_KEY_FIXED_BITS: u32 = 96;
+
+impl CidrKeyData {
+    pub const fn new(netns: u64, kind: u32, addr: [u8; 16]) -> Self {
+        Self {
+            netns: netns.to_ne_bytes(),
+            kind: kind.to_ne_bytes(),
+            addr,
+        }
+    }
+}
+
+/// Kinds of port entries.
+pub mod port_kind {
+    /// `-o`: outbound ports never captured.
+    pub const OUT_EXCLUDE: u16 = 1;
+    /// `-q`: outbound ports always captured.
+    pub const OUT_INCLUDE: u16 = 2;
+    /// `-b`: inbound ports captured (when not `*`).
+    pub const IN_INCLUDE: u16 = 3;
+    /// `-d`: inbound ports excluded (when `-b '*'`).
+    pub const IN_EXCLUDE: u16 = 4;
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PortKey {
+    pub netns: u64,
+    pub kind: u16,
+    pub port: u16,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<PortKey>() == 16);
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CounterKey {
+    pub netns: u64,
+    pub reason: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<CounterKey>() == 16);
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CounterValue {
+    pub count: u64,
+    pub bytes: u64,
+}
+const _: () = assert!(core::mem::size_of::<CounterValue>() == 16);
+
+/// An original destination: address in network order (v4 in the first 4
+/// bytes), port in host order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OrigDst {
+    pub addr: [u8; 16],
+    pub port: u16,
+    pub family: u16,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<OrigDst>() == 24);
+
+/// A TCP 4-tuple inside one netns, as seen from the connecting (app) side.
+/// Addresses in network order, ports in host order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct TupleKey {
+    pub netns: u64,
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub sport: u16,
+    pub dport: u16,
+    pub family: u16,
+    pub _pad: u16,
+}
+const _: () = assert!(core::mem::size_of::<TupleKey>() == 48);
+
+/// Key of the inbound listener sockhash: the proxy's listener on the
+/// inbound capture port, per netns and family.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ListenerKey {
+    pub netns: u64,
+    pub family: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<ListenerKey>() == 16);
+
+#[cfg(feature = "user")]
+mod pod_impls {
+    use super::*;
+    unsafe impl aya::Pod for PodConfig {}
+    unsafe impl aya::Pod for CidrKeyData {}
+    unsafe impl aya::Pod for PortKey {}
+    unsafe impl aya::Pod for CounterKey {}
+    unsafe impl aya::Pod for CounterValue {}
+    unsafe impl aya::Pod for OrigDst {}
+    unsafe impl aya::Pod for TupleKey {}
+    unsafe impl aya::Pod for ListenerKey {}
+}

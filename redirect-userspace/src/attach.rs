@@ -1,0 +1,393 @@
+//! Loading the kernel object, attaching its programs (once per cgroup, once
+//! per pod netns), registering and releasing pods, and uninstalling.
+
+use std::{
+    os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd},
+    os::unix::fs::MetadataExt,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    programs::{
+        links::{FdLink, PinnedLink},
+        Program, SkLookup,
+    },
+    Ebpf, EbpfLoader,
+};
+use redirect_common::ListenerKey;
+
+use crate::bpf::{
+    BPF_CGROUP_GETSOCKOPT, BPF_CGROUP_INET4_CONNECT, BPF_CGROUP_INET4_GETPEERNAME,
+    BPF_CGROUP_INET6_CONNECT, BPF_CGROUP_INET6_GETPEERNAME, BPF_CGROUP_SOCK_OPS,
+};
+
+use crate::{
+    config::PodSpec,
+    error::{Error, Result},
+    maps::Maps,
+    pins::Pins,
+    sys::{self, Netns},
+};
+
+/// The kernel object, built by `cargo xtask build-ebpf`.
+pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../target/bpfel-unknown-none/release/redirect"
+));
+
+/// Programs attached to each cgroup (the OUTPUT side and the helpers).
+pub const CGROUP_PROGRAMS: [&str; 6] = [
+    "redirect_connect4",
+    "redirect_connect6",
+    "redirect_getpeername4",
+    "redirect_getpeername6",
+    "redirect_getsockopt",
+    "redirect_sockops",
+];
+pub const SK_LOOKUP_PROGRAM: &str = "redirect_sk_lookup";
+
+/// An install (a pin directory) with the object loaded against its maps.
+pub struct Installation {
+    pub pins: Pins,
+    ebpf: Ebpf,
+}
+
+/// What `register_pod` did.
+#[derive(Debug, serde::Serialize)]
+pub struct PodInfo {
+    pub netns: PathBuf,
+    pub cookie: u64,
+    pub inode: u64,
+    pub addresses: Vec<std::net::IpAddr>,
+    pub inbound_attached: bool,
+    pub listener_seeded: Vec<String>,
+}
+
+impl Installation {
+    /// Preflight checks, bpffs, then load the object reusing (or creating)
+    /// the pinned maps. Programs are loaded lazily, only when attached.
+    pub fn open(pin_dir: &Path) -> Result<Installation> {
+        sys::check_privileges()?;
+        sys::check_btf()?;
+        sys::ensure_bpffs(pin_dir)?;
+        let pins = Pins::new(pin_dir);
+        sys::create_private_dir(&pins.maps_dir())?;
+        let ebpf = EbpfLoader::new()
+            .default_map_pin_directory(pins.maps_dir())
+            .load(OBJECT)
+            .map_err(|e| Error::bpf(format!("loading the kernel object with maps pinned in {}", pins.maps_dir().display()), e))?;
+        Ok(Installation { pins, ebpf })
+    }
+
+    pub fn maps(&self) -> Result<Maps> {
+        Maps::open(&self.pins)
+    }
+
+    /// Attach the cgroup programs to `cgroup` unless this install already
+    /// did. All or nothing: on failure the links made here are removed.
+    /// Returns true when it attached.
+    pub fn attach_cgroup(&mut self, cgroup: &Path) -> Result<bool> {
+        let cg = sys::open_cgroup(cgroup)?;
+        let id = cg.metadata().map_err(|e| Error::io("reading", cgroup, e))?.ino();
+        let dir = self.pins.cgroup_dir(id);
+        if CGROUP_PROGRAMS.iter().all(|p| dir.join(p).exists()) {
+            return Ok(false);
+        }
+        sys::create_private_dir(&dir)?;
+        let mut made: Vec<PathBuf> = Vec::new();
+        let result = (|| -> Result<()> {
+            for name in CGROUP_PROGRAMS {
+                let path = dir.join(name);
+                if path.exists() {
+                    continue;
+                }
+                let link = self.attach_one(name, &cg).map_err(|e| match e {
+                    Error::Bpf { what, source } => Error::Bpf {
+                        what: format!("{what} (cgroup {})", cgroup.display()),
+                        source,
+                    },
+                    e => e,
+                })?;
+                crate::bpf::obj_pin(link.as_fd(), &path).map_err(|e| Error::io("pinning link", &path, e))?;
+                made.push(path);
+            }
+            Ok(())
+        })();
+        if result.is_err() {
+            for p in made {
+                let _ = std::fs::remove_file(p);
+            }
+            let _ = std::fs::remove_dir(&dir);
+        }
+        result.map(|()| true)
+    }
+
+    fn program(&mut self, name: &str) -> Result<&mut Program> {
+        self.ebpf
+            .program_mut(name)
+            .ok_or_else(|| Error::bpf("kernel object", std::io::Error::other(format!("program {name} missing: rebuild with `cargo xtask build-ebpf`"))))
+    }
+
+    /// Load (once) and link one cgroup program; the link fd is returned
+    /// for pinning.
+    fn attach_one(&mut self, name: &str, cg: &std::fs::File) -> Result<OwnedFd> {
+        let verr = |what: &str, e: aya::programs::ProgramError| Error::bpf(format!("{what} program {name}"), e);
+        let prog = self.program(name)?;
+        let (fd, attach_type) = match prog {
+            Program::CgroupSockAddr(p) => {
+                if p.fd().is_err() {
+                    p.load().map_err(|e| verr("loading", e))?;
+                }
+                let t = match name {
+                    "redirect_connect4" => BPF_CGROUP_INET4_CONNECT,
+                    "redirect_connect6" => BPF_CGROUP_INET6_CONNECT,
+                    "redirect_getpeername4" => BPF_CGROUP_INET4_GETPEERNAME,
+                    _ => BPF_CGROUP_INET6_GETPEERNAME,
+                };
+                (p.fd().map_err(|e| verr("fd of", e))?.as_fd().try_clone_to_owned(), t)
+            }
+            Program::CgroupSockopt(p) => {
+                if p.fd().is_err() {
+                    p.load().map_err(|e| verr("loading", e))?;
+                }
+                (p.fd().map_err(|e| verr("fd of", e))?.as_fd().try_clone_to_owned(), BPF_CGROUP_GETSOCKOPT)
+            }
+            Program::SockOps(p) => {
+                if p.fd().is_err() {
+                    p.load().map_err(|e| verr("loading", e))?;
+                }
+                (p.fd().map_err(|e| verr("fd of", e))?.as_fd().try_clone_to_owned(), BPF_CGROUP_SOCK_OPS)
+            }
+            _ => unreachable!("{name} is a cgroup program"),
+        };
+        let fd = fd.map_err(|e| Error::bpf(format!("duplicating fd of {name}"), e))?;
+        crate::bpf::link_create(fd.as_fd(), cg.as_fd(), attach_type)
+            .map_err(|e| Error::bpf(format!("attaching program {name} (bpf_link_create)"), e))
+    }
+
+    /// Attach inbound steering (sk_lookup) to the pod's netns, once.
+    pub fn attach_netns(&mut self, netns: &Netns, cookie: u64) -> Result<bool> {
+        let path = self.pins.sk_lookup_link(cookie);
+        if path.exists() {
+            return Ok(false);
+        }
+        sys::create_private_dir(&self.pins.netns_dir(cookie))?;
+        // sk_lookup cannot ask for its netns cookie: each pod gets its own
+        // instance with the cookie set as a constant (maps stay shared).
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(self.pins.maps_dir())
+            .override_global("REDIRECT_SK_LOOKUP_NETNS", &cookie, true)
+            .load(OBJECT)
+            .map_err(|e| Error::bpf("loading the kernel object for sk_lookup", e))?;
+        let prog: &mut SkLookup = ebpf
+            .program_mut(SK_LOOKUP_PROGRAM)
+            .ok_or_else(|| Error::bpf("kernel object", std::io::Error::other("sk_lookup program missing")))?
+            .try_into()
+            .map_err(|e| Error::bpf("sk_lookup program", e))?;
+        let verr = |what: &str, e| Error::bpf(format!("{what} sk_lookup on netns {}", netns.path.display()), e);
+        prog.load().map_err(|e| verr("loading", e))?;
+        let id = prog.attach(&netns.file).map_err(|e| verr("attaching", e))?;
+        let link: FdLink = prog.take_link(id).map_err(|e| verr("taking link of", e))?.into();
+        link.pin(&path).map_err(|e| Error::bpf(format!("pinning link {}", path.display()), e))?;
+        Ok(true)
+    }
+
+    /// Make `netns` a captured pod: config into the maps, inbound steering
+    /// attached, an already-listening proxy registered.
+    pub fn register_pod(&mut self, netns: &Netns, spec: &PodSpec) -> Result<PodInfo> {
+        let cookie = netns.cookie()?;
+        if netns.addresses()?.iter().any(|a| a.is_ipv6()) {
+            // As istio-iptables does: the proxy's IPv6 inbound passthrough
+            // source ::6 must be a local address.
+            netns.run(|| {
+                let st = std::process::Command::new("ip")
+                    .args(["-6", "addr", "replace", "::6/128", "dev", "lo", "nodad"])
+                    .status()?;
+                if st.success() { Ok(()) } else { Err(std::io::Error::other("ip -6 addr replace ::6/128 dev lo failed")) }
+            })?;
+        }
+        let addresses = netns.addresses()?;
+        let mut maps = self.maps()?;
+        let cfg = spec.pod_config(netns.inode as u32);
+        maps.put_pod(cookie, &cfg, &spec.port_entries(), &spec.cidr_entries(&addresses))?;
+        let inbound_attached = match self.attach_netns(netns, cookie) {
+            Ok(a) => a,
+            Err(e) => {
+                maps.remove_pod(cookie);
+                return Err(e);
+            }
+        };
+        let listener_seeded = seed_listeners(&mut maps, netns, cookie, spec.inbound_port)?;
+        Ok(PodInfo {
+            netns: netns.path.clone(),
+            cookie,
+            inode: netns.inode,
+            addresses,
+            inbound_attached,
+            listener_seeded,
+        })
+    }
+}
+
+/// Release a pod: config and tables removed, inbound link unpinned.
+pub fn release_pod(pins: &Pins, cookie: u64) -> Result<()> {
+    let mut maps = Maps::open(pins)?;
+    if maps.pod(cookie).is_none() && !pins.netns_dir(cookie).exists() {
+        return Err(Error::NotCaptured(format!("cookie {cookie}")));
+    }
+    maps.remove_pod(cookie);
+    let link = pins.sk_lookup_link(cookie);
+    if link.exists() {
+        unpin_link(&link)?;
+    }
+    let _ = std::fs::remove_dir(pins.netns_dir(cookie));
+    Ok(())
+}
+
+/// Detach this install's programs from one cgroup.
+pub fn detach_cgroup(pins: &Pins, cgroup: &Path) -> Result<()> {
+    let id = std::fs::metadata(cgroup).map_err(|e| Error::io("reading", cgroup, e))?.ino();
+    let dir = pins.cgroup_dir(id);
+    for link in crate::pins::read_dir(&dir) {
+        unpin_link(&link)?;
+    }
+    let _ = std::fs::remove_dir(dir);
+    Ok(())
+}
+
+/// Remove a pinned link; the kernel detaches it once nothing holds it.
+pub fn unpin_link(path: &Path) -> Result<()> {
+    match PinnedLink::from_pin(path) {
+        Ok(l) => {
+            let fd = l.unpin().map_err(|e| Error::io("unpinning link", path, e))?;
+            drop(fd);
+            Ok(())
+        }
+        Err(e) => {
+            // Not a link (or stale): remove the file anyway.
+            std::fs::remove_file(path).map_err(|io| Error::io("removing pin", path, io))?;
+            tracing::warn!("removed {} which was not a valid link pin: {e}", path.display());
+            Ok(())
+        }
+    }
+}
+
+/// What `uninstall` removed.
+#[derive(Debug, Default, serde::Serialize)]
+pub struct Removed {
+    pub links: usize,
+    pub maps: usize,
+    pub pods: usize,
+}
+
+/// Remove every link, map and directory of the install at `pins`.
+pub fn uninstall(pins: &Pins) -> Result<Removed> {
+    let mut r = Removed::default();
+    if !pins.root.exists() {
+        return Ok(r);
+    }
+    if let Ok(maps) = Maps::open(pins) {
+        r.pods = maps.pods().len();
+    }
+    for link in pins.all_links() {
+        unpin_link(&link)?;
+        r.links += 1;
+    }
+    for m in crate::pins::read_dir(&pins.maps_dir()) {
+        std::fs::remove_file(&m).map_err(|e| Error::io("removing map pin", &m, e))?;
+        r.maps += 1;
+    }
+    for dir in [pins.cgroups_dir(), pins.netns_root()] {
+        for d in crate::pins::read_dir(&dir) {
+            let _ = std::fs::remove_dir(d);
+        }
+    }
+    for d in [pins.cgroups_dir(), pins.netns_root(), pins.maps_dir(), pins.root.clone()] {
+        if d.exists() {
+            std::fs::remove_dir(&d).map_err(|e| Error::io("removing directory (something else is pinned there?)", &d, e))?;
+        }
+    }
+    Ok(r)
+}
+
+/// A proxy already listening on the inbound port when we attach never
+/// goes through sockops' listen hook: find its socket and register it.
+fn seed_listeners(maps: &mut Maps, netns: &Netns, cookie: u64, port: u16) -> Result<Vec<String>> {
+    let mut seeded = Vec::new();
+    for pid in pids_in_netns(netns.inode) {
+        let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+            continue;
+        };
+        let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+        if pidfd < 0 {
+            continue;
+        }
+        let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as i32) };
+        for fd in fds.flatten() {
+            let is_socket = std::fs::read_link(fd.path())
+                .map(|t| t.to_string_lossy().starts_with("socket:"))
+                .unwrap_or(false);
+            let Some(num) = fd.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+                continue;
+            };
+            if !is_socket {
+                continue;
+            }
+            let dup = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), num, 0) };
+            if dup < 0 {
+                continue;
+            }
+            let sock = unsafe { OwnedFd::from_raw_fd(dup as i32) };
+            let Some(family) = tcp_listener_on(&sock, port) else {
+                continue;
+            };
+            let key = ListenerKey { netns: cookie, family, _pad: 0 };
+            maps.listeners
+                .insert(key, sock.as_fd(), 0)
+                .map_err(|e| Error::bpf(format!("registering the listener of pid {pid} on port {port}"), e))?;
+            let name = if family == libc::AF_INET as u32 { "ipv4" } else { "ipv6" };
+            if !seeded.iter().any(|s: &String| s.ends_with(name)) {
+                seeded.push(format!("pid {pid} {name}"));
+            }
+        }
+    }
+    Ok(seeded)
+}
+
+fn pids_in_netns(inode: u64) -> Vec<u32> {
+    crate::pins::read_dir(Path::new("/proc"))
+        .iter()
+        .filter_map(|p| p.file_name()?.to_str()?.parse::<u32>().ok())
+        .filter(|pid| std::fs::metadata(format!("/proc/{pid}/ns/net")).map(|m| m.ino() == inode).unwrap_or(false))
+        .collect()
+}
+
+/// Some(family) when `fd` is a listening TCP socket bound to `port`.
+fn tcp_listener_on(fd: &OwnedFd, port: u16) -> Option<u32> {
+    let get = |level, opt| -> Option<i32> {
+        let mut v: i32 = 0;
+        let mut len = 4 as libc::socklen_t;
+        let r = unsafe { libc::getsockopt(fd.as_raw_fd(), level, opt, (&mut v as *mut i32).cast(), &mut len) };
+        (r == 0).then_some(v)
+    };
+    if get(libc::SOL_SOCKET, libc::SO_ACCEPTCONN)? != 1 || get(libc::SOL_SOCKET, libc::SO_PROTOCOL)? != libc::IPPROTO_TCP {
+        return None;
+    }
+    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    if unsafe { libc::getsockname(fd.as_raw_fd(), (&mut ss as *mut libc::sockaddr_storage).cast(), &mut len) } != 0 {
+        return None;
+    }
+    let (family, p) = match ss.ss_family as i32 {
+        libc::AF_INET => {
+            let s = unsafe { &*(&ss as *const _ as *const libc::sockaddr_in) };
+            (libc::AF_INET, u16::from_be(s.sin_port))
+        }
+        libc::AF_INET6 => {
+            let s = unsafe { &*(&ss as *const _ as *const libc::sockaddr_in6) };
+            (libc::AF_INET6, u16::from_be(s.sin6_port))
+        }
+        _ => return None,
+    };
+    (p == port).then_some(family as u32)
+}

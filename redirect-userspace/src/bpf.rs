@@ -1,0 +1,48 @@
+//! The two raw bpf(2) commands aya 0.14 does not expose for every program
+//! type we use: creating a cgroup link and pinning it.
+use std::{
+    ffi::CString,
+    io,
+    os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
+    path::Path,
+};
+
+// enum bpf_attach_type (uapi/linux/bpf.h)
+pub const BPF_CGROUP_SOCK_OPS: u32 = 3;
+pub const BPF_CGROUP_INET4_CONNECT: u32 = 10;
+pub const BPF_CGROUP_INET6_CONNECT: u32 = 11;
+pub const BPF_CGROUP_GETSOCKOPT: u32 = 21;
+pub const BPF_CGROUP_INET4_GETPEERNAME: u32 = 29;
+pub const BPF_CGROUP_INET6_GETPEERNAME: u32 = 30;
+
+const BPF_OBJ_PIN: libc::c_long = 6;
+const BPF_LINK_CREATE: libc::c_long = 28;
+
+fn bpf(cmd: libc::c_long, attr: &mut [u64; 16]) -> io::Result<i32> {
+    let r = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), std::mem::size_of_val(attr)) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(r as i32)
+}
+
+/// BPF_LINK_CREATE for a cgroup attach type (links coexist with others).
+pub fn link_create(prog: BorrowedFd<'_>, cgroup: BorrowedFd<'_>, attach_type: u32) -> io::Result<OwnedFd> {
+    let mut attr = [0u64; 16];
+    // { u32 prog_fd; u32 target_fd; u32 attach_type; u32 flags; }
+    attr[0] = prog.as_raw_fd() as u32 as u64 | ((cgroup.as_raw_fd() as u32 as u64) << 32);
+    attr[1] = attach_type as u64;
+    let fd = bpf(BPF_LINK_CREATE, &mut attr)?;
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// BPF_OBJ_PIN
+pub fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
+    let c = CString::new(path.as_os_str().as_encoded_bytes()).map_err(io::Error::other)?;
+    let mut attr = [0u64; 16];
+    // { u64 pathname; u32 bpf_fd; u32 file_flags; }
+    attr[0] = c.as_ptr() as u64;
+    attr[1] = fd.as_raw_fd() as u32 as u64;
+    bpf(BPF_OBJ_PIN, &mut attr)?;
+    Ok(())
+}

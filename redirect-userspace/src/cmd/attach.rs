@@ -1,0 +1,81 @@
+//! `redirect attach`
+use std::path::{Path, PathBuf};
+
+use anyhow::Result;
+use redirect_userspace::{attach::Installation, config::CaptureFlags, sys};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// The pod's network namespace (/var/run/netns/<name>, /proc/<pid>/ns/net).
+    #[arg(long)]
+    pub netns: PathBuf,
+    /// cgroup2 directory the programs attach to (default: the cgroup2 root,
+    /// read from /proc/mounts). One attachment serves every pod under it.
+    #[arg(long)]
+    pub cgroup: Option<PathBuf>,
+    /// Print the result as JSON.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub flags: CaptureFlags,
+}
+
+pub fn run(pin_dir: &Path, a: Args) -> Result<()> {
+    // Everything is validated before anything is touched.
+    let spec = a.flags.to_spec()?;
+    let netns = sys::Netns::open(&a.netns)?;
+    let cgroup = match &a.cgroup {
+        Some(c) => c.clone(),
+        None => sys::cgroup2_mount()?,
+    };
+    sys::open_cgroup(&cgroup)?;
+    for w in spec.warnings() {
+        eprintln!("redirect: warning: {w}");
+    }
+    if a.flags.dry_run {
+        if a.json {
+            println!("{}", serde_json::json!({"dry_run": true, "netns": a.netns, "cgroup": cgroup, "pin_dir": pin_dir, "config": spec}));
+        } else {
+            println!("dry run: nothing changed");
+            println!("would capture netns {} (inode {}) via cgroup {}, pins in {}", a.netns.display(), netns.inode, cgroup.display(), pin_dir.display());
+            println!("istio-iptables {}", spec.istio_args());
+            println!("{}", serde_json::to_string_pretty(&spec)?);
+        }
+        return Ok(());
+    }
+    let mut inst = Installation::open(pin_dir)?;
+    let newly = inst.attach_cgroup(&cgroup)?;
+    let info = match inst.register_pod(&netns, &spec) {
+        Ok(i) => i,
+        Err(e) => {
+            if newly && inst.maps().map(|m| m.pods().is_empty()).unwrap_or(false) {
+                // Nothing half-applied: the links made for this call go too.
+                let _ = redirect_userspace::attach::detach_cgroup(&inst.pins, &cgroup);
+            }
+            return Err(e.into());
+        }
+    };
+    if a.json {
+        println!("{}", serde_json::json!({"pod": info, "cgroup": cgroup, "cgroup_newly_attached": newly, "config": spec}));
+    } else {
+        println!(
+            "captured {} (netns cookie {}): outbound -> 127.0.0.1:{} / [::1]:{}, inbound -> :{}",
+            info.netns.display(),
+            info.cookie,
+            spec.proxy_port,
+            spec.proxy_port,
+            spec.inbound_port
+        );
+        println!("  istio-iptables {}", spec.istio_args());
+        println!("  pod addresses: {}", info.addresses.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(", "));
+        println!(
+            "  cgroup {} {}",
+            cgroup.display(),
+            if newly { "attached now" } else { "already attached" }
+        );
+        if !info.listener_seeded.is_empty() {
+            println!("  proxy listener found: {}", info.listener_seeded.join(", "));
+        }
+    }
+    Ok(())
+}

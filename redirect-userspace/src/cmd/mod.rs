@@ -1,0 +1,7 @@
+//! One module per subcommand.
+pub mod attach;
+pub mod demo;
+pub mod detach;
+pub mod stats;
+pub mod status;
+pub mod uninstall;

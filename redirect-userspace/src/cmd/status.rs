@@ -1,0 +1,21 @@
+//! `redirect status`
+use std::path::Path;
+
+use anyhow::Result;
+use redirect_userspace::{pins::Pins, report};
+
+#[derive(clap::Args)]
+pub struct Args {
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(pin_dir: &Path, a: Args) -> Result<()> {
+    let st = report::status(&Pins::new(pin_dir))?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&st)?);
+    } else {
+        print!("{}", st.render());
+    }
+    Ok(())
+}

@@ -1,0 +1,60 @@
+//! Library errors: each says what failed, on what, and what to do.
+use std::{io, path::PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid {field} value '{value}': {reason}")]
+    InvalidFlag {
+        field: &'static str,
+        value: String,
+        reason: String,
+    },
+    #[error("missing privilege: {0}; run redirect as root (or with CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN and CAP_SYS_PTRACE)")]
+    Privilege(String),
+    #[error("kernel feature missing: {0}")]
+    Kernel(String),
+    #[error("no cgroup2 filesystem is mounted (none in /proc/mounts); mount one: mount -t cgroup2 none /sys/fs/cgroup/unified")]
+    NoCgroup2,
+    #[error("'{path}' is not a cgroup2 directory: {reason}")]
+    NotCgroup2 { path: PathBuf, reason: String },
+    #[error("'{path}' is not a network namespace: {reason} (pass a path such as /var/run/netns/<name> or /proc/<pid>/ns/net)")]
+    NotNetns { path: PathBuf, reason: String },
+    #[error("pin directory '{path}' is not on a bpffs: {reason}")]
+    NotBpffs { path: PathBuf, reason: String },
+    #[error("network namespace '{0}' is not captured (see `redirect status`)")]
+    NotCaptured(String),
+    #[error("nothing is installed under '{0}' (no pinned maps): run `redirect attach` first")]
+    NotInstalled(PathBuf),
+    #[error("{what} '{path}': {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{what}: {source}")]
+    Bpf {
+        what: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+impl Error {
+    pub fn io(what: &'static str, path: impl Into<PathBuf>, source: io::Error) -> Error {
+        Error::Io {
+            what,
+            path: path.into(),
+            source,
+        }
+    }
+
+    pub fn bpf(what: impl Into<String>, source: impl std::error::Error + Send + Sync + 'static) -> Error {
+        Error::Bpf {
+            what: what.into(),
+            source: Box::new(source),
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,238 @@
+//! Small network programs for the demo, the tests and the benchmark, run
+//! as `redirect-kit <tool>`: a transparent sidecar proxy that behaves like
+//! Envoy behind istio-init (SO_ORIGINAL_DST, inbound passthrough from
+//! 127.0.0.6), an echo server that reports what it sees, and a client.
+
+use std::{
+    io::{self, BufRead, BufReader, Read, Write},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream},
+    os::fd::AsRawFd,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use socket2::{Domain, Protocol, Socket, Type};
+
+/// Bind a listener; IPv6 ones are v6-only so v4 and v6 can share a port.
+pub fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    s.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        s.set_only_v6(true)?;
+    }
+    s.bind(&addr.into())?;
+    s.listen(1024)?;
+    Ok(s.into())
+}
+
+/// `getsockopt(SOL_IP, SO_ORIGINAL_DST)` / `(SOL_IPV6, IP6T_SO_ORIGINAL_DST)`.
+pub fn original_dst(s: &TcpStream) -> io::Result<SocketAddr> {
+    let v6 = s.local_addr()?.is_ipv6();
+    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = if v6 {
+        std::mem::size_of::<libc::sockaddr_in6>()
+    } else {
+        std::mem::size_of::<libc::sockaddr_in>()
+    } as libc::socklen_t;
+    let level = if v6 { libc::SOL_IPV6 } else { libc::SOL_IP };
+    let r = unsafe { libc::getsockopt(s.as_raw_fd(), level, 80, (&mut ss as *mut libc::sockaddr_storage).cast(), &mut len) };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    match ss.ss_family as i32 {
+        libc::AF_INET => {
+            let a = unsafe { &*(&ss as *const _ as *const libc::sockaddr_in) };
+            Ok(SocketAddr::new(Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr)).into(), u16::from_be(a.sin_port)))
+        }
+        libc::AF_INET6 => {
+            let a = unsafe { &*(&ss as *const _ as *const libc::sockaddr_in6) };
+            Ok(SocketAddr::new(Ipv6Addr::from(a.sin6_addr.s6_addr).into(), u16::from_be(a.sin6_port)))
+        }
+        f => Err(io::Error::other(format!("SO_ORIGINAL_DST returned address family {f}"))),
+    }
+}
+
+fn relay(a: TcpStream, b: TcpStream) {
+    let (a2, b2) = match (a.try_clone(), b.try_clone()) {
+        (Ok(a2), Ok(b2)) => (a2, b2),
+        _ => return,
+    };
+    let t = std::thread::spawn(move || pipe(a2, b2));
+    pipe(b, a);
+    let _ = t.join();
+}
+
+fn pipe(mut from: TcpStream, to: TcpStream) {
+    let mut to_w = &to;
+    let _ = io::copy(&mut from, &mut to_w);
+    let _ = to.shutdown(Shutdown::Write);
+}
+
+/// Which listener a connection came in on.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    Outbound,
+    Inbound,
+}
+
+/// The sidecar: accept on the outbound and inbound capture ports, ask the
+/// kernel for the original destination, connect there and relay. Inbound
+/// connections to the app are made from 127.0.0.6 / ::6 as Envoy does.
+/// One JSON line per connection on stdout.
+pub fn proxy(outbound_port: u16, inbound_port: u16) -> io::Result<()> {
+    let log = Arc::new(Mutex::new(io::stdout()));
+    let mut threads = Vec::new();
+    for (port, dir) in [(outbound_port, Direction::Outbound), (inbound_port, Direction::Inbound)] {
+        for ip in [IpAddr::V4(Ipv4Addr::UNSPECIFIED), IpAddr::V6(Ipv6Addr::UNSPECIFIED)] {
+            let l = match listen(SocketAddr::new(ip, port)) {
+                Ok(l) => l,
+                Err(e) if ip.is_ipv6() => {
+                    eprintln!("proxy: no IPv6 listener on {port}: {e}");
+                    continue;
+                }
+                Err(e) => return Err(io::Error::new(e.kind(), format!("listening on {ip}:{port}: {e}"))),
+            };
+            let log = log.clone();
+            threads.push(std::thread::spawn(move || accept_loop(l, dir, log)));
+        }
+    }
+    println!("{{\"event\":\"ready\",\"outbound_port\":{outbound_port},\"inbound_port\":{inbound_port}}}");
+    let _ = io::stdout().flush();
+    for t in threads {
+        let _ = t.join();
+    }
+    Ok(())
+}
+
+fn accept_loop(l: TcpListener, dir: Direction, log: Arc<Mutex<io::Stdout>>) {
+    for conn in l.incoming() {
+        let Ok(conn) = conn else { continue };
+        let log = log.clone();
+        std::thread::spawn(move || handle(conn, dir, log));
+    }
+}
+
+fn handle(conn: TcpStream, dir: Direction, log: Arc<Mutex<io::Stdout>>) {
+    let peer = conn.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+    let name = if dir == Direction::Outbound { "outbound" } else { "inbound" };
+    let result = original_dst(&conn).and_then(|orig| {
+        let up = if dir == Direction::Inbound {
+            let src: IpAddr = if orig.is_ipv4() { Ipv4Addr::new(127, 0, 0, 6).into() } else { "::6".parse().unwrap() };
+            connect_from(src, orig)
+        } else {
+            TcpStream::connect_timeout(&orig, Duration::from_secs(5))
+        };
+        up.map(|u| (orig, u))
+    });
+    let line = match &result {
+        Ok((orig, _)) => format!("{{\"event\":\"conn\",\"dir\":\"{name}\",\"peer\":\"{peer}\",\"orig\":\"{orig}\"}}"),
+        Err(e) => format!("{{\"event\":\"error\",\"dir\":\"{name}\",\"peer\":\"{peer}\",\"error\":\"{e}\"}}"),
+    };
+    if let Ok(mut out) = log.lock() {
+        let _ = writeln!(out, "{line}");
+        let _ = out.flush();
+    }
+    if let Ok((_, up)) = result {
+        let _ = conn.set_nodelay(true);
+        let _ = up.set_nodelay(true);
+        relay(conn, up);
+    }
+}
+
+fn connect_from(src: IpAddr, dst: SocketAddr) -> io::Result<TcpStream> {
+    let s = Socket::new(Domain::for_address(dst), Type::STREAM, Some(Protocol::TCP))?;
+    if dst.is_ipv6() {
+        s.set_freebind_ipv6(true)?;
+    } else {
+        s.set_freebind(true)?;
+    }
+    s.bind(&SocketAddr::new(src, 0).into())?;
+    s.connect_timeout(&dst.into(), Duration::from_secs(5))?;
+    Ok(s.into())
+}
+
+/// Echo server: greets each connection with `peer=<addr> local=<addr>`,
+/// then echoes everything back until the client half-closes.
+pub fn echo(addrs: &[SocketAddr]) -> io::Result<()> {
+    let mut threads = Vec::new();
+    for a in addrs {
+        let l = listen(*a).map_err(|e| io::Error::new(e.kind(), format!("listening on {a}: {e}")))?;
+        threads.push(std::thread::spawn(move || {
+            for c in l.incoming().flatten() {
+                std::thread::spawn(move || {
+                    let peer = c.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+                    let local = c.local_addr().map(|a| a.to_string()).unwrap_or_default();
+                    let mut w = &c;
+                    if writeln!(w, "peer={peer} local={local}").is_ok() {
+                        let mut r = &c;
+                        let _ = io::copy(&mut r, &mut w);
+                    }
+                    let _ = c.shutdown(Shutdown::Write);
+                });
+            }
+        }));
+    }
+    println!("{{\"event\":\"ready\"}}");
+    let _ = io::stdout().flush();
+    for t in threads {
+        let _ = t.join();
+    }
+    Ok(())
+}
+
+/// What the client saw, printed as one JSON line.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct ClientReport {
+    pub ok: bool,
+    pub error: Option<String>,
+    /// getpeername() of the client socket.
+    pub peer: Option<String>,
+    pub local: Option<String>,
+    /// The echo server's greeting (what the server saw).
+    pub banner: Option<String>,
+    pub echoed: bool,
+}
+
+/// Connect, read the greeting, send `payload`, half-close, check the echo.
+pub fn client(dst: SocketAddr, bind: Option<IpAddr>, payload: &str, timeout: Duration) -> ClientReport {
+    let mut rep = ClientReport {
+        ok: false,
+        error: None,
+        peer: None,
+        local: None,
+        banner: None,
+        echoed: false,
+    };
+    let run = |rep: &mut ClientReport| -> io::Result<()> {
+        let s = match bind {
+            Some(src) => {
+                let s = Socket::new(Domain::for_address(dst), Type::STREAM, Some(Protocol::TCP))?;
+                s.bind(&SocketAddr::new(src, 0).into())?;
+                s.connect_timeout(&dst.into(), timeout)?;
+                TcpStream::from(s)
+            }
+            None => TcpStream::connect_timeout(&dst, timeout)?,
+        };
+        s.set_read_timeout(Some(timeout))?;
+        rep.peer = s.peer_addr().ok().map(|a| a.to_string());
+        rep.local = s.local_addr().ok().map(|a| a.to_string());
+        let mut r = BufReader::new(s.try_clone()?);
+        let mut banner = String::new();
+        r.read_line(&mut banner)?;
+        rep.banner = Some(banner.trim().to_string());
+        (&s).write_all(payload.as_bytes())?;
+        s.shutdown(Shutdown::Write)?;
+        let mut back = String::new();
+        r.read_to_string(&mut back)?;
+        rep.echoed = back == payload;
+        Ok(())
+    };
+    match run(&mut rep) {
+        Ok(()) => rep.ok = rep.echoed,
+        Err(e) => rep.error = Some(e.to_string()),
+    }
+    if !rep.ok && rep.error.is_none() {
+        rep.error = Some("echo mismatch".into());
+    }
+    rep
+}

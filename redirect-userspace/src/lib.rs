@@ -1,0 +1,12 @@
+//! Userspace side of redirect: flag parsing, loading and attaching the
+//! kernel programs, pod registration, counters and status.
+pub mod attach;
+pub mod bpf;
+pub mod config;
+pub mod error;
+pub mod kit;
+pub mod maps;
+pub mod pins;
+pub mod report;
+pub mod sandbox;
+pub mod sys;

@@ -1,0 +1,57 @@
+//! `redirect`: eBPF replacement for istio-init's iptables rules.
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::{Parser, Subcommand};
+
+mod cmd;
+
+#[derive(Parser)]
+#[command(name = "redirect", version, about = "Transparent sidecar traffic redirection with eBPF (replaces istio-init's iptables rules)")]
+struct Cli {
+    /// bpffs directory holding this install's pinned maps and links.
+    #[arg(long, global = true, env = "REDIRECT_PIN_DIR", default_value = redirect_userspace::pins::DEFAULT_PIN_DIR)]
+    pin_dir: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Capture a pod's network namespace (istio-iptables flags accepted).
+    Attach(cmd::attach::Args),
+    /// Release a pod: its connections go direct again.
+    Detach(cmd::detach::Args),
+    /// List captured pods and their config.
+    Status(cmd::status::Args),
+    /// Per-pod counters, laid out like `iptables -t nat -L -n -v`.
+    Stats(cmd::stats::Args),
+    /// Remove every program, link and pin of this install.
+    Uninstall,
+    /// Build a demo pod (app + sidecar proxy as uid 1337) and an upstream
+    /// server in network namespaces on this host, capture it, send
+    /// traffic, print the counters and clean up.
+    Demo(cmd::demo::Args),
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let r = match cli.command {
+        Command::Attach(a) => cmd::attach::run(&cli.pin_dir, a),
+        Command::Detach(a) => cmd::detach::run(&cli.pin_dir, a),
+        Command::Status(a) => cmd::status::run(&cli.pin_dir, a),
+        Command::Stats(a) => cmd::stats::run(&cli.pin_dir, a),
+        Command::Uninstall => cmd::uninstall::run(&cli.pin_dir),
+        Command::Demo(a) => cmd::demo::run(a),
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("redirect: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,219 @@
+//! Typed handles on the pinned maps, and the per-pod entries in them.
+
+use std::{collections::BTreeMap, net::IpAddr};
+
+use aya::maps::{
+    lpm_trie::{Key, LpmTrie},
+    HashMap, Map, MapData, PerCpuHashMap, SockHash,
+};
+use redirect_common::{
+    cidr_kind, CidrKeyData, CounterKey, CounterValue, ListenerKey, OrigDst, PodConfig, PortKey,
+    Reason, TupleKey, AF_INET, AF_INET6, CIDR_KEY_FIXED_BITS, MAP_CIDRS, MAP_COUNTERS,
+    MAP_LISTENERS, MAP_ORIG_BY_COOKIE, MAP_ORIG_BY_TUPLE, MAP_PODS, MAP_PORTS,
+};
+
+use crate::{
+    config::{addr_bytes, Cidr, CidrEntry, PortEntry},
+    error::{Error, Result},
+    pins::Pins,
+};
+
+pub struct Maps {
+    pub pods: HashMap<MapData, u64, PodConfig>,
+    pub cidrs: LpmTrie<MapData, CidrKeyData, u8>,
+    pub ports: HashMap<MapData, PortKey, u8>,
+    pub counters: PerCpuHashMap<MapData, CounterKey, CounterValue>,
+    pub listeners: SockHash<MapData, ListenerKey>,
+    pub orig_by_cookie: HashMap<MapData, u64, OrigDst>,
+    pub orig_by_tuple: HashMap<MapData, TupleKey, OrigDst>,
+}
+
+fn open(pins: &Pins, name: &str) -> Result<Map> {
+    let path = pins.map(name);
+    let data = MapData::from_pin(&path).map_err(|e| Error::bpf(format!("opening pinned map {}", path.display()), e))?;
+    Map::from_map_data(data).map_err(|e| Error::bpf(format!("reading pinned map {}", path.display()), e))
+}
+
+macro_rules! typed {
+    ($pins:expr, $name:expr) => {
+        open($pins, $name)?
+            .try_into()
+            .map_err(|e| Error::bpf(format!("pinned map {} has an unexpected type (an install from another version? run `redirect uninstall`)", $name), e))?
+    };
+}
+
+/// Per-pod aggregates of the counters map.
+pub type PodCounters = BTreeMap<u64, BTreeMap<Reason, CounterValue>>;
+
+impl Maps {
+    /// Open the pinned maps of an existing install.
+    pub fn open(pins: &Pins) -> Result<Maps> {
+        if !pins.is_installed() {
+            return Err(Error::NotInstalled(pins.root.clone()));
+        }
+        Ok(Maps {
+            pods: typed!(pins, MAP_PODS),
+            cidrs: typed!(pins, MAP_CIDRS),
+            ports: typed!(pins, MAP_PORTS),
+            counters: typed!(pins, MAP_COUNTERS),
+            listeners: typed!(pins, MAP_LISTENERS),
+            orig_by_cookie: lru(pins, MAP_ORIG_BY_COOKIE)?,
+            orig_by_tuple: lru(pins, MAP_ORIG_BY_TUPLE)?,
+        })
+    }
+
+    pub fn pods(&self) -> Vec<(u64, PodConfig)> {
+        self.pods.iter().filter_map(|r| r.ok()).collect()
+    }
+
+    pub fn pod(&self, cookie: u64) -> Option<PodConfig> {
+        self.pods.get(&cookie, 0).ok()
+    }
+
+    pub fn port_entries(&self, cookie: u64) -> Vec<PortEntry> {
+        self.ports
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| k.netns == cookie)
+            .map(|k| (k.kind, k.port))
+            .collect()
+    }
+
+    pub fn cidr_entries(&self, cookie: u64) -> Vec<CidrEntry> {
+        self.cidrs
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter_map(|k| {
+                let d = k.data();
+                if u64::from_ne_bytes(d.netns) != cookie {
+                    return None;
+                }
+                let kind = u32::from_ne_bytes(d.kind);
+                let len = (k.prefix_len() - CIDR_KEY_FIXED_BITS) as u8;
+                let addr = if kind >= cidr_kind::INCLUDE_V6 {
+                    IpAddr::V6(d.addr.into())
+                } else {
+                    IpAddr::V4([d.addr[0], d.addr[1], d.addr[2], d.addr[3]].into())
+                };
+                Some((kind, Cidr { addr, len }))
+            })
+            .collect()
+    }
+
+    fn port_key(cookie: u64, (kind, port): PortEntry) -> PortKey {
+        PortKey { netns: cookie, kind, port, _pad: 0 }
+    }
+
+    fn cidr_key(cookie: u64, (kind, c): CidrEntry) -> Key<CidrKeyData> {
+        Key::new(CIDR_KEY_FIXED_BITS + c.len as u32, CidrKeyData::new(cookie, kind, addr_bytes(c.addr)))
+    }
+
+    /// Install a pod's entries and, last, its config (the commit point: the
+    /// programs ignore a netns until its config exists). On re-attach the
+    /// old entries stay valid until the new config is in, then go.
+    pub fn put_pod(&mut self, cookie: u64, cfg: &PodConfig, ports: &[PortEntry], cidrs: &[CidrEntry]) -> Result<()> {
+        let old_ports = self.port_entries(cookie);
+        let old_cidrs = self.cidr_entries(cookie);
+        let result = (|| -> Result<()> {
+            for p in ports {
+                self.ports
+                    .insert(Self::port_key(cookie, *p), 1, 0)
+                    .map_err(|e| Error::bpf(format!("adding port {} to {MAP_PORTS}", p.1), e))?;
+            }
+            for c in cidrs {
+                self.cidrs
+                    .insert(&Self::cidr_key(cookie, *c), 1, 0)
+                    .map_err(|e| Error::bpf(format!("adding CIDR {} to {MAP_CIDRS}", c.1), e))?;
+            }
+            self.pods
+                .insert(cookie, cfg, 0)
+                .map_err(|e| Error::bpf(format!("adding pod config to {MAP_PODS}"), e))
+        })();
+        let (stale_ports, stale_cidrs): (Vec<_>, Vec<_>) = match &result {
+            // Success: drop what the new config no longer lists.
+            Ok(()) => (
+                old_ports.iter().filter(|p| !ports.contains(p)).copied().collect(),
+                old_cidrs.iter().filter(|c| !cidrs.contains(c)).copied().collect(),
+            ),
+            // Failure: drop what we added, keep the old pod as it was.
+            Err(_) => (
+                ports.iter().filter(|p| !old_ports.contains(p)).copied().collect(),
+                cidrs.iter().filter(|c| !old_cidrs.contains(c)).copied().collect(),
+            ),
+        };
+        for p in stale_ports {
+            let _ = self.ports.remove(&Self::port_key(cookie, p));
+        }
+        for c in stale_cidrs {
+            let _ = self.cidrs.remove(&Self::cidr_key(cookie, c));
+        }
+        result
+    }
+
+    /// Remove everything keyed by this pod. Config first, so capture stops
+    /// before its tables go.
+    pub fn remove_pod(&mut self, cookie: u64) {
+        let _ = self.pods.remove(&cookie);
+        for p in self.port_entries(cookie) {
+            let _ = self.ports.remove(&Self::port_key(cookie, p));
+        }
+        for c in self.cidr_entries(cookie) {
+            let _ = self.cidrs.remove(&Self::cidr_key(cookie, c));
+        }
+        for family in [AF_INET as u32, AF_INET6 as u32] {
+            let _ = self.listeners.remove(&ListenerKey { netns: cookie, family, _pad: 0 });
+        }
+        let keys: Vec<_> = self.counters.keys().filter_map(|k| k.ok()).filter(|k| k.netns == cookie).collect();
+        for k in keys {
+            let _ = self.counters.remove(&k);
+        }
+    }
+
+    /// Counters summed over CPUs, per pod and reason.
+    pub fn counters(&self) -> PodCounters {
+        let mut out = PodCounters::new();
+        for (k, per_cpu) in self.counters.iter().filter_map(|r| r.ok()) {
+            let Some(reason) = Reason::from_u32(k.reason) else {
+                continue;
+            };
+            let sum = per_cpu.iter().fold(CounterValue::default(), |a, v| CounterValue {
+                count: a.count + v.count,
+                bytes: a.bytes + v.bytes,
+            });
+            let slot = out.entry(k.netns).or_default().entry(reason).or_default();
+            slot.count += sum.count;
+            slot.bytes += sum.bytes;
+        }
+        out
+    }
+
+    /// Families with a registered inbound listener for this pod.
+    pub fn listener_families(&self, cookie: u64) -> Vec<&'static str> {
+        let mut v = Vec::new();
+        for (family, name) in [(AF_INET, "ipv4"), (AF_INET6, "ipv6")] {
+            let key = ListenerKey { netns: cookie, family: family as u32, _pad: 0 };
+            if self.listeners.get(&key, 0).is_ok() {
+                v.push(name);
+            }
+        }
+        v
+    }
+
+    /// Entry counts of the socket-tracking maps (for leak checks).
+    pub fn tracked_sockets(&self) -> (usize, usize) {
+        (self.orig_by_cookie.keys().count(), self.orig_by_tuple.keys().count())
+    }
+}
+
+/// LRU hash maps are read like hash maps.
+fn lru<K: aya::Pod, V: aya::Pod>(pins: &Pins, name: &str) -> Result<HashMap<MapData, K, V>> {
+    match open(pins, name)? {
+        Map::LruHashMap(m) | Map::HashMap(m) => {
+            HashMap::try_from(Map::HashMap(m)).map_err(|e| Error::bpf(format!("pinned map {name}"), e))
+        }
+        _ => Err(Error::bpf(
+            format!("pinned map {name}"),
+            std::io::Error::other("unexpected map type (an install from another version? run `redirect uninstall`)"),
+        )),
+    }
+}

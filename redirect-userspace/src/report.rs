@@ -1,0 +1,248 @@
+//! `redirect status` and `redirect stats` views, as text and JSON.
+
+use std::fmt::Write as _;
+
+use redirect_common::{reason::Chain, cidr_kind, CounterValue, Reason};
+use serde::Serialize;
+
+use crate::{
+    config::PodSpec,
+    error::Result,
+    maps::Maps,
+    pins::Pins,
+    sys,
+};
+
+/// Display order: the order of the rules they stand for.
+const OUTPUT_ORDER: [Reason; 12] = [
+    Reason::OutExcludedPort,
+    Reason::OutPassthrough,
+    Reason::OutProxyToSelf,
+    Reason::OutAppLocal,
+    Reason::OutProxyUid,
+    Reason::OutProxyGid,
+    Reason::OutLoopback,
+    Reason::OutExcludedCidr,
+    Reason::OutCapturedPort,
+    Reason::OutCaptured,
+    Reason::OutNotIncluded,
+    Reason::OutNotTcp,
+];
+const PREROUTING_ORDER: [Reason; 6] = [
+    Reason::InTunnelPort,
+    Reason::InExcludedPort,
+    Reason::InCaptured,
+    Reason::InNotIncluded,
+    Reason::InNoListener,
+    Reason::InListenerRegistered,
+];
+
+#[derive(Debug, Serialize)]
+pub struct PodStatus {
+    pub netns_cookie: u64,
+    pub netns_inode: u32,
+    pub netns: Option<String>,
+    pub config: PodSpec,
+    pub istio_iptables_args: String,
+    pub pod_addresses: Vec<String>,
+    pub inbound_attached: bool,
+    pub inbound_listeners: Vec<&'static str>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Status {
+    pub pin_dir: String,
+    pub cgroups: Vec<String>,
+    pub pods: Vec<PodStatus>,
+}
+
+pub fn status(pins: &Pins) -> Result<Status> {
+    let maps = Maps::open(pins)?;
+    let cg_root = sys::cgroup2_mount().ok();
+    let cgroups = pins
+        .attached_cgroups()
+        .into_iter()
+        .map(|id| {
+            cg_root
+                .as_ref()
+                .and_then(|r| find_cgroup(r, id, 6))
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|| format!("cgroup id {id} (gone)"))
+        })
+        .collect();
+    let mut pods = Vec::new();
+    for (cookie, cfg) in maps.pods() {
+        let cidrs = maps.cidr_entries(cookie);
+        let spec = PodSpec::from_kernel(&cfg, &maps.port_entries(cookie), &cidrs);
+        let pod_addresses = cidrs
+            .iter()
+            .filter(|(k, _)| *k == cidr_kind::LOCAL_V4 || *k == cidr_kind::LOCAL_V6)
+            .map(|(_, c)| c.addr.to_string())
+            .collect();
+        pods.push(PodStatus {
+            netns_cookie: cookie,
+            netns_inode: cfg.netns_inode,
+            netns: sys::netns_name(cfg.netns_inode as u64),
+            istio_iptables_args: spec.istio_args(),
+            config: spec,
+            pod_addresses,
+            inbound_attached: pins.sk_lookup_link(cookie).exists(),
+            inbound_listeners: maps.listener_families(cookie),
+        });
+    }
+    pods.sort_by_key(|p| p.netns_cookie);
+    Ok(Status {
+        pin_dir: pins.root.display().to_string(),
+        cgroups,
+        pods,
+    })
+}
+
+fn find_cgroup(dir: &std::path::Path, id: u64, depth: u32) -> Option<std::path::PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    if std::fs::metadata(dir).ok()?.ino() == id {
+        return Some(dir.to_path_buf());
+    }
+    if depth == 0 {
+        return None;
+    }
+    for e in std::fs::read_dir(dir).ok()?.flatten() {
+        if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+            if let Some(p) = find_cgroup(&e.path(), id, depth - 1) {
+                return Some(p);
+            }
+        }
+    }
+    None
+}
+
+impl Status {
+    pub fn render(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(s, "install: {}", self.pin_dir);
+        let _ = writeln!(s, "attached cgroups: {}", if self.cgroups.is_empty() { "none".into() } else { self.cgroups.join(", ") });
+        let _ = writeln!(s, "captured pods: {}", self.pods.len());
+        for p in &self.pods {
+            let _ = writeln!(s);
+            let _ = writeln!(
+                s,
+                "pod {} (netns cookie {}, inode {})",
+                p.netns.as_deref().unwrap_or("<no path found>"),
+                p.netns_cookie,
+                p.netns_inode
+            );
+            let _ = writeln!(s, "  istio-iptables {}", p.istio_iptables_args);
+            let _ = writeln!(s, "  pod addresses: {}", p.pod_addresses.join(", "));
+            let _ = writeln!(
+                s,
+                "  inbound: {}; proxy listener on {}: {}",
+                if p.inbound_attached { "sk_lookup attached" } else { "NOT attached" },
+                p.config.inbound_port,
+                if p.inbound_listeners.is_empty() { "none yet".into() } else { p.inbound_listeners.join(", ") }
+            );
+            let _ = writeln!(s, "  acceleration: {}", if p.config.accel { "on" } else { "off" });
+        }
+        s
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct RuleCount {
+    pub chain: &'static str,
+    pub rule: &'static str,
+    pub target: &'static str,
+    pub description: &'static str,
+    pub count: u64,
+    pub bytes: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PodStats {
+    pub netns_cookie: u64,
+    pub netns: Option<String>,
+    pub rules: Vec<RuleCount>,
+}
+
+/// Counters of every pod (or of `only`), zero rows included as iptables does.
+pub fn stats(pins: &Pins, only: Option<u64>) -> Result<Vec<PodStats>> {
+    let maps = Maps::open(pins)?;
+    let counters = maps.counters();
+    let mut out = Vec::new();
+    for (cookie, cfg) in maps.pods() {
+        if only.is_some_and(|c| c != cookie) {
+            continue;
+        }
+        let empty = Default::default();
+        let c = counters.get(&cookie).unwrap_or(&empty);
+        let mut rules = Vec::new();
+        let mut ordered: Vec<Reason> = OUTPUT_ORDER.to_vec();
+        ordered.extend(PREROUTING_ORDER);
+        ordered.extend(Reason::ALL.iter().filter(|r| matches!(r.chain(), Chain::OrigDst | Chain::Errors)));
+        for r in ordered {
+            let v = c.get(&r).copied().unwrap_or(CounterValue::default());
+            rules.push(RuleCount {
+                chain: chain_name(r.chain()),
+                rule: r.name(),
+                target: r.target(),
+                description: r.describe(),
+                count: v.count,
+                bytes: v.bytes,
+            });
+        }
+        out.push(PodStats {
+            netns_cookie: cookie,
+            netns: sys::netns_name(cfg.netns_inode as u64),
+            rules,
+        });
+    }
+    out.sort_by_key(|p| p.netns_cookie);
+    Ok(out)
+}
+
+fn chain_name(c: Chain) -> &'static str {
+    match c {
+        Chain::Output => "OUTPUT",
+        Chain::Prerouting => "PREROUTING",
+        Chain::OrigDst => "ORIGINAL_DST",
+        Chain::Errors => "ERRORS",
+    }
+}
+
+fn chain_title(c: &str) -> &'static str {
+    match c {
+        "OUTPUT" => "Chain OUTPUT (cgroup/connect4, cgroup/connect6: new TCP connections made in the pod)",
+        "PREROUTING" => "Chain PREROUTING (sk_lookup in the pod netns: new TCP connections from outside)",
+        "ORIGINAL_DST" => "Original destination (cgroup/getsockopt SO_ORIGINAL_DST, cgroup/getpeername)",
+        _ => "Errors",
+    }
+}
+
+pub fn render_stats(pods: &[PodStats]) -> String {
+    let mut s = String::new();
+    if pods.is_empty() {
+        s.push_str("no captured pods\n");
+    }
+    for p in pods {
+        let _ = writeln!(s, "Pod {} (netns cookie {})", p.netns.as_deref().unwrap_or("<no path found>"), p.netns_cookie);
+        let mut chain = "";
+        for r in &p.rules {
+            if r.chain != chain {
+                chain = r.chain;
+                let _ = writeln!(s, "{}", chain_title(chain));
+                let _ = writeln!(s, "{:>9} {:>9} {:<9} {}", "conns", "bytes", "target", "rule");
+            }
+            let _ = writeln!(s, "{:>9} {:>9} {:<9} {}", human(r.count), human(r.bytes), r.target, r.description);
+        }
+        s.push('\n');
+    }
+    s
+}
+
+/// iptables -v style: 1234, 12K, 3M.
+fn human(n: u64) -> String {
+    match n {
+        0..=99_999 => n.to_string(),
+        100_000..=99_999_999 => format!("{}K", n / 1000),
+        _ => format!("{}M", n / 1_000_000),
+    }
+}

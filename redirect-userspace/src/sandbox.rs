@@ -1,0 +1,281 @@
+//! Throwaway pods on this host for the demo, the tests and the benchmark:
+//! network namespaces joined by veth, child cgroups, and processes started
+//! inside them as a given uid/gid. Every piece removes itself on drop, so a
+//! panicking test still cleans up. Nothing here addresses anything outside
+//! the namespaces it created.
+
+use std::{
+    fs::File,
+    io::{self, BufRead, BufReader},
+    os::fd::AsRawFd,
+    os::unix::process::CommandExt,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+
+use crate::sys;
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// A name unique to this process and call: `<prefix><pid>x<n>` (short
+/// enough for interface names when prefix is ≤ 4 chars).
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}{}x{}", std::process::id(), SEQ.fetch_add(1, Ordering::SeqCst))
+}
+
+/// Run a command, failing with its stderr.
+pub fn run(cmd: &str, args: &[&str]) -> io::Result<String> {
+    let out = Command::new(cmd).args(args).output()?;
+    if !out.status.success() {
+        return Err(io::Error::other(format!(
+            "{cmd} {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A named network namespace (`ip netns add`), deleted on drop.
+pub struct NetnsGuard {
+    pub name: String,
+}
+
+impl NetnsGuard {
+    pub fn new(name: &str) -> io::Result<NetnsGuard> {
+        run("ip", &["netns", "add", name])?;
+        let ns = NetnsGuard { name: name.into() };
+        ns.ip(&["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from("/run/netns").join(&self.name)
+    }
+
+    /// `ip -n <name> ...`
+    pub fn ip(&self, args: &[&str]) -> io::Result<String> {
+        let mut a = vec!["-n", &self.name];
+        a.extend_from_slice(args);
+        run("ip", &a)
+    }
+}
+
+impl Drop for NetnsGuard {
+    fn drop(&mut self) {
+        let _ = run("ip", &["netns", "del", &self.name]);
+    }
+}
+
+/// A child cgroup of the cgroup2 root. On drop its processes are killed
+/// and the directory removed.
+pub struct CgroupGuard {
+    pub path: PathBuf,
+}
+
+impl CgroupGuard {
+    pub fn new(name: &str) -> io::Result<CgroupGuard> {
+        let root = sys::cgroup2_mount().map_err(io::Error::other)?;
+        let path = root.join(name);
+        std::fs::create_dir(&path)?;
+        Ok(CgroupGuard { path })
+    }
+
+    pub fn pids(&self) -> Vec<i32> {
+        std::fs::read_to_string(self.path.join("cgroup.procs"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect()
+    }
+}
+
+impl Drop for CgroupGuard {
+    fn drop(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let pids = self.pids();
+            for pid in &pids {
+                unsafe { libc::kill(*pid, libc::SIGKILL) };
+            }
+            if std::fs::remove_dir(&self.path).is_ok() || Instant::now() > deadline {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// Where and as whom to start a process.
+#[derive(Clone, Debug, Default)]
+pub struct Placement {
+    pub netns: Option<PathBuf>,
+    pub cgroup: Option<PathBuf>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+}
+
+/// Prepare `cmd` to start inside the placement: it joins the cgroup
+/// first, then the netns, then drops to the uid/gid (supplementary groups
+/// cleared).
+pub fn place(cmd: &mut Command, p: &Placement) -> io::Result<()> {
+    let procs = match &p.cgroup {
+        Some(cg) => Some(std::fs::OpenOptions::new().write(true).open(cg.join("cgroup.procs"))?),
+        None => None,
+    };
+    let ns = match &p.netns {
+        Some(n) => Some(File::open(n)?),
+        None => None,
+    };
+    let (uid, gid) = (p.uid, p.gid);
+    unsafe {
+        cmd.pre_exec(move || {
+            if let Some(f) = &procs {
+                if libc::write(f.as_raw_fd(), b"0".as_ptr().cast(), 1) != 1 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            if let Some(f) = &ns {
+                if libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            if let Some(g) = gid.or(uid) {
+                if libc::setgroups(0, std::ptr::null()) != 0 || libc::setgid(g) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            if let Some(u) = uid {
+                if libc::setuid(u) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    Ok(())
+}
+
+/// A child process killed (by PID) and reaped on drop.
+pub struct ChildGuard {
+    pub child: Child,
+    pub name: String,
+    lines: Option<std::sync::mpsc::Receiver<String>>,
+}
+
+impl ChildGuard {
+    /// Start `cmd` placed as asked, stdout piped; wait for its first stdout
+    /// line when `wait_ready` (the kit tools print one when listening).
+    pub fn spawn(name: &str, mut cmd: Command, p: &Placement, wait_ready: bool) -> io::Result<ChildGuard> {
+        place(&mut cmd, p)?;
+        cmd.stdin(Stdio::null()).stdout(Stdio::piped());
+        let child = cmd.spawn().map_err(|e| io::Error::new(e.kind(), format!("starting {name}: {e}")))?;
+        let mut g = ChildGuard { child, name: name.into(), lines: None };
+        if wait_ready {
+            let out = g.child.stdout.take().expect("piped");
+            let mut r = BufReader::new(out);
+            let mut line = String::new();
+            r.read_line(&mut line)?;
+            if !line.contains("ready") {
+                return Err(io::Error::other(format!("{name} did not start: {line:?} {:?}", g.child.try_wait())));
+            }
+            // Keep draining so the child never blocks on a full pipe.
+            let (tx, rx) = std::sync::mpsc::channel::<String>();
+            std::thread::spawn(move || {
+                for l in r.lines().map_while(Result::ok) {
+                    if tx.send(l).is_err() {
+                        break;
+                    }
+                }
+            });
+            g.lines = Some(rx);
+        }
+        Ok(g)
+    }
+
+    /// Lines printed since the last call (non-blocking).
+    pub fn take_lines(&mut self) -> Vec<String> {
+        match &self.lines {
+            Some(rx) => rx.try_iter().collect(),
+            None => Vec::new(),
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A binary next to the running one (target/<profile>/), or in
+/// `$REDIRECT_BIN_DIR`.
+pub fn sibling_binary(name: &str) -> PathBuf {
+    if let Ok(dir) = std::env::var("REDIRECT_BIN_DIR") {
+        return Path::new(&dir).join(name);
+    }
+    let exe = std::env::current_exe().unwrap_or_default();
+    let mut dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    dir.join(name)
+}
+
+/// Pod + upstream: two namespaces over veth, each with IPv4 and IPv6, and
+/// a child cgroup for the pod's processes.
+pub struct Topology {
+    pub pod: NetnsGuard,
+    pub upstream: NetnsGuard,
+    pub cgroup: CgroupGuard,
+}
+
+pub const POD_V4: &str = "10.200.0.2";
+pub const UPSTREAM_V4: &str = "10.200.0.1";
+pub const POD_V6: &str = "fd00:200::2";
+pub const UPSTREAM_V6: &str = "fd00:200::1";
+
+impl Topology {
+    pub fn new(tag: &str) -> io::Result<Topology> {
+        let id = unique("");
+        let pod = NetnsGuard::new(&format!("rdp-{tag}-{id}"))?;
+        let upstream = NetnsGuard::new(&format!("rdu-{tag}-{id}"))?;
+        // The pair is created in our netns first, so use unique temporary
+        // names there, then rename to eth0 inside each namespace.
+        let (a, b) = (unique("va"), unique("vb"));
+        run("ip", &["link", "add", &a, "netns", &pod.name, "type", "veth", "peer", "name", &b, "netns", &upstream.name])?;
+        pod.ip(&["link", "set", &a, "name", "eth0"])?;
+        upstream.ip(&["link", "set", &b, "name", "eth0"])?;
+        for (ns, v4, v6) in [(&pod, POD_V4, POD_V6), (&upstream, UPSTREAM_V4, UPSTREAM_V6)] {
+            ns.ip(&["addr", "add", &format!("{v4}/24"), "dev", "eth0"])?;
+            ns.ip(&["-6", "addr", "add", &format!("{v6}/64"), "dev", "eth0", "nodad"])?;
+            ns.ip(&["link", "set", "eth0", "up"])?;
+        }
+        let cgroup = CgroupGuard::new(&format!("redirect-{tag}-{id}"))?;
+        Ok(Topology { pod, upstream, cgroup })
+    }
+
+    pub fn in_pod(&self, uid: u32, gid: u32) -> Placement {
+        Placement {
+            netns: Some(self.pod.path()),
+            cgroup: Some(self.cgroup.path.clone()),
+            uid: Some(uid),
+            gid: Some(gid),
+        }
+    }
+
+    pub fn in_upstream(&self) -> Placement {
+        Placement {
+            netns: Some(self.upstream.path()),
+            ..Placement::default()
+        }
+    }
+}
+

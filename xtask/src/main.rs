@@ -1,0 +1,114 @@
+//! `cargo xtask`: developer and CI tasks for the redirector workspace.
+//!
+//! * `setup`      install missing prerequisites (also run by the tasks below)
+//! * `build-ebpf` build the eBPF object with the nightly toolchain
+//! * `build`      eBPF object plus the host binaries
+//! * `test`       build in debug, then run the workspace tests
+//! * `demo`       release build, then `redirect demo`
+//!
+//! Every external command is echoed as `==> cmd` before it runs.
+
+mod cmd;
+mod setup;
+mod tasks;
+
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "cargo xtask",
+    bin_name = "cargo xtask",
+    about = "Build, test and demo tasks for the redirector"
+)]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install missing apt packages, the nightly toolchain with rust-src and
+    /// bpf-linker, and check the kernel for cgroup2 and BTF.
+    Setup {
+        /// Rebuild bpf-linker even if a working one is installed.
+        #[arg(long)]
+        reinstall_bpf_linker: bool,
+    },
+    /// Build the eBPF object into target/bpfel-unknown-none/<profile>/redirect.
+    BuildEbpf {
+        /// Use the dev profile (the userspace binary embeds the release object).
+        #[arg(long)]
+        debug: bool,
+    },
+    /// Build the release eBPF object, then the host binaries.
+    Build {
+        /// Build the host binaries with the dev profile.
+        #[arg(long)]
+        debug: bool,
+    },
+    /// Build everything, then run the workspace tests (as root for the e2e tests).
+    ///
+    /// Tests run with --test-threads=$REDIRECT_TEST_THREADS (default 2).
+    Test {
+        /// Extra arguments for the test binaries, e.g. `-- --nocapture`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Release build, then run `target/release/redirect demo`.
+    Demo,
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse().task) {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("error: {error}");
+            for cause in error.chain().skip(1) {
+                eprintln!("  caused by: {cause}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(task: Task) -> Result<ExitCode> {
+    match task {
+        Task::Setup {
+            reinstall_bpf_linker,
+        } => {
+            setup::setup(reinstall_bpf_linker)?;
+        }
+        Task::BuildEbpf { debug } => {
+            tasks::build_ebpf(&setup::setup(false)?, debug)?;
+        }
+        Task::Build { debug } => tasks::build(&setup::setup(false)?, debug)?,
+        Task::Test { args } => return tasks::test(&setup::setup(false)?, &args),
+        Task::Demo => tasks::demo(&setup::setup(false)?)?,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn test_args(argv: &[&str]) -> Vec<String> {
+        match Cli::try_parse_from(argv).expect("parses").task {
+            Task::Test { args } => args,
+            _ => panic!("not the test task"),
+        }
+    }
+
+    #[test]
+    fn test_task_passes_extra_args_through() {
+        assert!(test_args(&["xtask", "test"]).is_empty());
+        assert_eq!(
+            test_args(&["xtask", "test", "--", "--nocapture", "e2e::"]),
+            ["--nocapture", "e2e::"]
+        );
+        assert_eq!(test_args(&["xtask", "test", "e2e::"]), ["e2e::"]);
+    }
+}

@@ -1,0 +1,167 @@
+//! Build, test and demo tasks.
+//!
+//! The eBPF object is built by a nightly cargo for `bpfel-unknown-none`; the
+//! userspace crate embeds it from `target/bpfel-unknown-none/release/redirect`,
+//! so every host build is preceded by a release eBPF build. Host crates are
+//! built by the stable toolchain running xtask. Everything builds into
+//! `<workspace>/target`, whatever `CARGO_TARGET_DIR` says, so the paths above
+//! and the test binaries' `REDIRECT_BIN_DIR` hold.
+
+use std::{
+    env,
+    path::PathBuf,
+    process::{Command, ExitCode},
+};
+
+use anyhow::{bail, Context, Result};
+
+use crate::{
+    cmd::{self, workspace_root},
+    setup::Toolchain,
+};
+
+/// The eBPF crate; it only builds for the BPF target, so host builds skip it.
+const EBPF_PACKAGE: &str = "redirect-ebpf";
+const EBPF_TARGET: &str = "bpfel-unknown-none";
+/// Test threads unless `REDIRECT_TEST_THREADS` says otherwise.
+const DEFAULT_TEST_THREADS: usize = 2;
+
+fn target_dir() -> PathBuf {
+    workspace_root().join("target")
+}
+
+fn profile_dir(debug: bool) -> &'static str {
+    if debug {
+        "debug"
+    } else {
+        "release"
+    }
+}
+
+/// Builds the eBPF object (release unless `debug`) and returns its path.
+pub fn build_ebpf(toolchain: &Toolchain, debug: bool) -> Result<PathBuf> {
+    let target_dir = target_dir();
+    let mut build = cmd::nightly("cargo");
+    build
+        .current_dir(workspace_root())
+        .args([
+            "build",
+            "-p",
+            EBPF_PACKAGE,
+            "--target",
+            EBPF_TARGET,
+            "-Z",
+            "build-std=core",
+        ])
+        .arg("--target-dir")
+        .arg(&target_dir);
+    if !debug {
+        build.arg("--release");
+    }
+    // rustc finds bpf-linker on PATH; it may sit in an install root that isn't.
+    if let Some(path) = toolchain.bpf_linker.parent().and_then(cmd::path_with) {
+        build.env("PATH", path);
+    }
+    cmd::run(&mut build)
+        .context("building the eBPF object failed; see the compiler output above")?;
+
+    let object = target_dir
+        .join(EBPF_TARGET)
+        .join(profile_dir(debug))
+        .join("redirect");
+    if !object.is_file() {
+        bail!(
+            "the eBPF build succeeded but {} does not exist",
+            object.display()
+        );
+    }
+    println!("eBPF object: {}", object.display());
+    Ok(object)
+}
+
+/// Host binaries of the whole workspace (minus the eBPF crate).
+fn build_host(debug: bool) -> Result<()> {
+    let mut build = host_cargo("build");
+    build.arg("--bins");
+    if !debug {
+        build.arg("--release");
+    }
+    cmd::run(&mut build).context("building the host binaries failed; see the compiler output above")
+}
+
+/// `cargo <subcommand> --workspace` for the host crates, into `target/`.
+fn host_cargo(subcommand: &str) -> Command {
+    let mut cargo = cmd::cargo();
+    cargo
+        .current_dir(workspace_root())
+        .args([
+            subcommand,
+            "--workspace",
+            "--exclude",
+            EBPF_PACKAGE,
+            "--target-dir",
+        ])
+        .arg(target_dir());
+    cargo
+}
+
+/// Release eBPF object, then host binaries (release unless `debug`).
+pub fn build(toolchain: &Toolchain, debug: bool) -> Result<()> {
+    build_ebpf(toolchain, false)?;
+    build_host(debug)?;
+    println!(
+        "binaries: {}",
+        target_dir().join(profile_dir(debug)).display()
+    );
+    Ok(())
+}
+
+/// Builds everything in debug, then runs the workspace tests; `extra` goes to
+/// the test binaries. Returns cargo test's exit code: its own output (ending
+/// in `test result:` lines) is the report.
+pub fn test(toolchain: &Toolchain, extra: &[String]) -> Result<ExitCode> {
+    build_ebpf(toolchain, false)?;
+    build_host(true)?;
+
+    let bin_dir = target_dir().join("debug");
+    let mut test = host_cargo("test");
+    test.arg("--no-fail-fast")
+        .env("REDIRECT_BIN_DIR", &bin_dir)
+        .arg("--");
+    if !extra.iter().any(|arg| arg.starts_with("--test-threads")) {
+        test.arg(format!("--test-threads={}", test_threads()?));
+    }
+    test.args(extra);
+
+    let status = cmd::status(&mut test)?;
+    Ok(ExitCode::from(cmd::exit_code(status)))
+}
+
+fn test_threads() -> Result<usize> {
+    match env::var("REDIRECT_TEST_THREADS") {
+        Ok(value) => value
+            .trim()
+            .parse()
+            .ok()
+            .filter(|&threads| threads > 0)
+            .with_context(|| {
+                format!("REDIRECT_TEST_THREADS must be a positive integer, got {value:?}")
+            }),
+        Err(_) => Ok(DEFAULT_TEST_THREADS),
+    }
+}
+
+/// Release build, then replaces xtask with `redirect demo`, so the demo owns
+/// the terminal and its exit code is ours.
+pub fn demo(toolchain: &Toolchain) -> Result<()> {
+    build(toolchain, false)?;
+    let binary = target_dir().join("release/redirect");
+    let mut demo = Command::new(&binary);
+    demo.current_dir(workspace_root()).arg("demo");
+    Err(cmd::exec(&mut demo)).with_context(|| {
+        format!(
+            "could not run {}; was it built by `cargo xtask build`?",
+            binary.display()
+        )
+    })
+}
