@@ -170,7 +170,7 @@ impl ChildGuard {
     /// line when `wait_ready` (the kit tools print one when listening).
     pub fn spawn(name: &str, mut cmd: Command, p: &Placement, wait_ready: bool) -> io::Result<ChildGuard> {
         place(&mut cmd, p)?;
-        cmd.stdin(Stdio::null()).stdout(Stdio::piped());
+        cmd.stdin(Stdio::null()).stdout(if wait_ready { Stdio::piped() } else { Stdio::null() });
         let child = cmd.spawn().map_err(|e| io::Error::new(e.kind(), format!("starting {name}: {e}")))?;
         let mut g = ChildGuard { child, name: name.into(), lines: None };
         if wait_ready {

@@ -125,7 +125,9 @@ pub fn test(toolchain: &Toolchain, extra: &[String]) -> Result<ExitCode> {
 
     let bin_dir = target_dir().join("debug");
     let mut test = host_cargo("test");
-    test.arg("--no-fail-fast")
+    // No doc tests: the crates have none, and their empty runs would be
+    // the last lines a CI log reader sees.
+    test.args(["--no-fail-fast", "--lib", "--bins", "--tests"])
         .env("REDIRECT_BIN_DIR", &bin_dir)
         .arg("--");
     if !extra.iter().any(|arg| arg.starts_with("--test-threads")) {
@@ -133,8 +135,76 @@ pub fn test(toolchain: &Toolchain, extra: &[String]) -> Result<ExitCode> {
     }
     test.args(extra);
 
-    let status = cmd::status(&mut test)?;
+    let (status, totals) = run_counting(&mut test)?;
+    println!(
+        "summary: {} passed, {} failed, {} skipped",
+        totals.passed, totals.failed, totals.ignored
+    );
     Ok(ExitCode::from(cmd::exit_code(status)))
+}
+
+/// Sums of cargo's per-binary `test result:` lines.
+#[derive(Default, Debug, PartialEq)]
+struct Totals {
+    passed: u64,
+    failed: u64,
+    ignored: u64,
+}
+
+impl Totals {
+    /// Add one `test result: ok. 3 passed; 0 failed; 1 ignored; ...` line.
+    fn add_line(&mut self, line: &str) {
+        let Some(rest) = line.trim().strip_prefix("test result: ") else {
+            return;
+        };
+        for part in rest.split(';') {
+            let mut words = part.split_whitespace().rev();
+            let (Some(what), Some(n)) = (words.next(), words.next()) else {
+                continue;
+            };
+            let Ok(n) = n.parse::<u64>() else { continue };
+            match what {
+                "passed" => self.passed += n,
+                "failed" => self.failed += n,
+                "ignored" => self.ignored += n,
+                _ => {}
+            }
+        }
+    }
+}
+
+/// Run with stdout passed through line by line, counting test results.
+fn run_counting(test: &mut Command) -> Result<(std::process::ExitStatus, Totals)> {
+    use std::io::{BufRead, BufReader, Write};
+    println!("==> {}", cmd::display(test));
+    let mut child = test
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("starting cargo test")?;
+    let mut totals = Totals::default();
+    let out = child.stdout.take().expect("piped stdout");
+    let mut stdout = std::io::stdout();
+    for line in BufReader::new(out).lines() {
+        let line = line.context("reading cargo test output")?;
+        totals.add_line(&line);
+        let _ = writeln!(stdout, "{line}");
+    }
+    let status = child.wait().context("waiting for cargo test")?;
+    Ok((status, totals))
+}
+
+#[cfg(test)]
+mod totals_tests {
+    use super::Totals;
+
+    #[test]
+    fn sums_result_lines() {
+        let mut t = Totals::default();
+        t.add_line("test result: ok. 14 passed; 0 failed; 2 ignored; 0 measured; 0 filtered out; finished in 0.01s");
+        t.add_line("test result: FAILED. 1 passed; 3 failed; 0 ignored; 0 measured; 0 filtered out");
+        t.add_line("running 3 tests");
+        assert_eq!(t, Totals { passed: 15, failed: 3, ignored: 2 });
+    }
 }
 
 fn test_threads() -> Result<usize> {
