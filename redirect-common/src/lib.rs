@@ -169,7 +169,9 @@ pub struct OrigDst {
     pub addr: [u8; 16],
     pub port: u16,
     pub family: u16,
-    pub _pad: u32,
+    /// The [`Reason`] the connection was redirected for (its bytes are
+    /// added to that counter when the app socket closes).
+    pub reason: u32,
 }
 const _: () = assert!(core::mem::size_of::<OrigDst>() == 24);
 

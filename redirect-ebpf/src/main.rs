@@ -79,6 +79,19 @@ fn count(netns: u64, reason: Reason, bytes: u64) {
     }
 }
 
+/// Add bytes to a counter without counting a connection.
+#[inline(always)]
+fn add_bytes(netns: u64, reason: Reason, bytes: u64) {
+    let key = CounterKey {
+        netns,
+        reason: reason as u32,
+        _pad: 0,
+    };
+    if let Some(v) = REDIRECT_COUNTERS.get_ptr_mut(&key) {
+        unsafe { (*v).bytes += bytes };
+    }
+}
+
 struct Maps {
     netns: u64,
 }
@@ -242,7 +255,7 @@ unsafe fn connect(ctx: &SockAddrContext, v6: bool) {
         addr: dst,
         port: dport,
         family,
-        _pad: 0,
+        reason: verdict.reason() as u32,
     };
     let cookie = bpf_get_socket_cookie(sa as *mut c_void);
     // Fail closed: a connection we cannot record still goes to the proxy
@@ -416,7 +429,14 @@ unsafe fn closed(ctx: &SockOpsContext) {
     let ops = ctx.ops;
     let netns = bpf_get_netns_cookie(ops as *mut c_void);
     let cookie = bpf_get_socket_cookie(ops as *mut c_void);
-    let _ = REDIRECT_ORIG_BY_COOKIE.remove(&cookie);
+    if let Some(orig) = REDIRECT_ORIG_BY_COOKIE.get(&cookie) {
+        // The app side of a redirected connection: account its bytes
+        // (both directions) to the rule that redirected it.
+        if let Some(reason) = Reason::from_u32(orig.reason) {
+            add_bytes(netns, reason, (*ops).bytes_received + (*ops).bytes_acked);
+        }
+        let _ = REDIRECT_ORIG_BY_COOKIE.remove(&cookie);
+    }
     let (family, local, remote, lport, rport) = ops_tuple(ops);
     let key = TupleKey {
         netns,
@@ -522,7 +542,7 @@ unsafe fn getsockopt(ctx: &SockoptContext) {
                     addr: local,
                     port: lport,
                     family,
-                    _pad: 0,
+                    reason: Reason::InCaptured as u32,
                 },
                 Reason::OrigDstInbound,
             )

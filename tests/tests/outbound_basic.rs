@@ -18,6 +18,10 @@ fn app_reaches_upstream_through_proxy_v4_v6() {
     let origs: Vec<_> = log.iter().filter(|l| l["event"] == "conn").map(|l| l["orig"].as_str().unwrap().to_string()).collect();
     assert_eq!(origs, vec![format!("{UPSTREAM_V4}:8080"), format!("[{UPSTREAM_V6}]:8080")]);
     assert_eq!(pod.counter("OUTPUT", "captured"), 2);
+    // Bytes of both directions are added when the app socket closes:
+    // the greeting plus "ping" echoed, per connection.
+    let captured = pod.stats()[0]["rules"].as_array().unwrap().iter().find(|r| r["chain"] == "OUTPUT" && r["rule"] == "captured").unwrap()["bytes"].as_u64().unwrap();
+    assert!(captured >= 2 * 8, "captured bytes {captured}");
     assert_eq!(pod.counter("ORIGINAL_DST", "orig_dst_outbound"), 2);
     assert_eq!(pod.counter("OUTPUT", "skip_proxy_uid"), 2);
     let nat = run("ip", &["netns", "exec", &pod.topo.pod.name, "iptables-save", "-t", "nat"]).unwrap_or_default();
