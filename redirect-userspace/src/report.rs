@@ -54,6 +54,15 @@ pub struct Status {
     pub pin_dir: String,
     pub cgroups: Vec<String>,
     pub pods: Vec<PodStatus>,
+    /// Entries in use / capacity of the maps that grow with traffic.
+    pub map_usage: Vec<MapUsage>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct MapUsage {
+    pub map: &'static str,
+    pub entries: usize,
+    pub max_entries: u32,
 }
 
 pub fn status(pins: &Pins) -> Result<Status> {
@@ -91,10 +100,17 @@ pub fn status(pins: &Pins) -> Result<Status> {
         });
     }
     pods.sort_by_key(|p| p.netns_cookie);
+    let (by_cookie, by_tuple) = maps.tracked_sockets();
+    let map_usage = vec![
+        MapUsage { map: redirect_common::MAP_PODS, entries: pods.len(), max_entries: redirect_common::MAX_PODS },
+        MapUsage { map: redirect_common::MAP_ORIG_BY_COOKIE, entries: by_cookie, max_entries: redirect_common::MAX_TRACKED_SOCKETS },
+        MapUsage { map: redirect_common::MAP_ORIG_BY_TUPLE, entries: by_tuple, max_entries: redirect_common::MAX_TRACKED_SOCKETS },
+    ];
     Ok(Status {
         pin_dir: pins.root.display().to_string(),
         cgroups,
         pods,
+        map_usage,
     })
 }
 
@@ -140,7 +156,11 @@ impl Status {
                 p.config.inbound_port,
                 if p.inbound_listeners.is_empty() { "none yet".into() } else { p.inbound_listeners.join(", ") }
             );
-            let _ = writeln!(s, "  acceleration: {}", if p.config.accel { "on" } else { "off" });
+            let _ = writeln!(s, "  acceleration: {}", if p.config.accel { "requested (not implemented yet)" } else { "off" });
+        }
+        let _ = writeln!(s);
+        for m in &self.map_usage {
+            let _ = writeln!(s, "map {}: {} / {} entries", m.map, m.entries, m.max_entries);
         }
         s
     }

@@ -2,7 +2,12 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Result;
-use redirect_userspace::{attach::Installation, config::CaptureFlags, sys};
+use redirect_userspace::{
+    attach::{self, Installation},
+    config::CaptureFlags,
+    pins::Pins,
+    sys,
+};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -43,14 +48,37 @@ pub fn run(pin_dir: &Path, a: Args) -> Result<()> {
         }
         return Ok(());
     }
-    let mut inst = Installation::open(pin_dir)?;
-    let newly = inst.attach_cgroup(&cgroup)?;
+    // Nothing half-applied: a failure removes what this call created (the
+    // whole install when it made it, else the cgroup links it added).
+    let pins = Pins::new(pin_dir);
+    let fresh = !pins.is_installed();
+    let undo = |newly: bool| {
+        if fresh {
+            let _ = attach::uninstall(&pins);
+        } else if newly {
+            let _ = attach::detach_cgroup(&pins, &cgroup);
+        }
+    };
+    let mut inst = match Installation::open(pin_dir) {
+        Ok(i) => i,
+        Err(e) => {
+            undo(false);
+            return Err(e.into());
+        }
+    };
+    let newly = match inst.attach_cgroup(&cgroup) {
+        Ok(n) => n,
+        Err(e) => {
+            undo(false);
+            return Err(e.into());
+        }
+    };
     let info = match inst.register_pod(&netns, &spec) {
         Ok(i) => i,
         Err(e) => {
-            if newly && inst.maps().map(|m| m.pods().is_empty()).unwrap_or(false) {
-                // Nothing half-applied: the links made for this call go too.
-                let _ = redirect_userspace::attach::detach_cgroup(&inst.pins, &cgroup);
+            let others = inst.maps().map(|m| !m.pods().is_empty()).unwrap_or(true);
+            if !others {
+                undo(newly);
             }
             return Err(e.into());
         }
