@@ -187,6 +187,16 @@ fn mapped(v4: &[u8; 16]) -> [u8; 16] {
     b
 }
 
+/// Write an IPv6 address into a sock_addr context (32-bit stores only).
+#[inline(always)]
+unsafe fn set_user_ip6(sa: *mut aya_ebpf::bindings::bpf_sock_addr, addr: &[u8; 16]) {
+    let w = words(addr);
+    (*sa).user_ip6[0] = w[0];
+    (*sa).user_ip6[1] = w[1];
+    (*sa).user_ip6[2] = w[2];
+    (*sa).user_ip6[3] = w[3];
+}
+
 // ---------------------------------------------------------------- connect
 
 #[cgroup_sock_addr(connect4)]
@@ -275,11 +285,7 @@ unsafe fn connect(ctx: &SockAddrContext, v6: bool) {
         } else {
             redirect_common::V6_LOCALHOST
         };
-        let w = words(&target);
-        (*sa).user_ip6[0] = w[0];
-        (*sa).user_ip6[1] = w[1];
-        (*sa).user_ip6[2] = w[2];
-        (*sa).user_ip6[3] = w[3];
+        set_user_ip6(sa, &target);
     }
 }
 
@@ -317,11 +323,7 @@ unsafe fn getpeername(ctx: &SockAddrContext, v6: bool) {
         } else {
             orig.addr
         };
-        let w = words(&addr);
-        (*sa).user_ip6[0] = w[0];
-        (*sa).user_ip6[1] = w[1];
-        (*sa).user_ip6[2] = w[2];
-        (*sa).user_ip6[3] = w[3];
+        set_user_ip6(sa, &addr);
     }
     (*sa).user_port = (orig.port.to_be()) as u32;
     count(netns, Reason::PeerNameRewritten, 0);
