@@ -250,6 +250,7 @@ fn inbound_star_excludes_listed_and_tunnel() {
     assert_eq!(inbound_verdict(&cfg, 8080, &m), Verdict::ToInbound(Reason::InCaptured));
     assert_eq!(inbound_verdict(&cfg, 15021, &m), Verdict::Untouched(Reason::InExcludedPort));
     assert_eq!(inbound_verdict(&cfg, 15008, &m), Verdict::Untouched(Reason::InTunnelPort));
+    assert_eq!(inbound_verdict(&cfg, 22, &m), Verdict::Untouched(Reason::InExcludedPort));
 }
 
 #[test]
@@ -259,6 +260,9 @@ fn inbound_list_and_empty() {
     m.ports.push((port_kind::IN_INCLUDE, 80));
     assert_eq!(inbound_verdict(&cfg, 80, &m), Verdict::ToInbound(Reason::InCaptured));
     assert_eq!(inbound_verdict(&cfg, 81, &m), Verdict::Untouched(Reason::InNotIncluded));
+    // ssh is only special with '*': a list that names 22 captures it.
+    m.ports.push((port_kind::IN_INCLUDE, 22));
+    assert_eq!(inbound_verdict(&cfg, 22, &m), Verdict::ToInbound(Reason::InCaptured));
     cfg.flags = 0;
     assert_eq!(inbound_verdict(&cfg, 80, &m), Verdict::Untouched(Reason::InNotIncluded));
 }
