@@ -158,7 +158,7 @@ impl Reason {
             Reason::ErrTupleMapFull => "tuple map full",
             Reason::ErrListenerMapFull => "listener map update failed",
             Reason::InCaptured => "captured -> inbound port",
-            Reason::InExcludedPort => "excluded port (-d)",
+            Reason::InExcludedPort => "excluded port (-d; ssh 22 with -b *)",
             Reason::InNotIncluded => "not included (-b)",
             Reason::InNoListener => "no listener on inbound port (refused)",
             Reason::InTunnelPort => "inbound tunnel port (-e)",
