@@ -116,8 +116,17 @@ pub fn outbound_verdict<L: Lookup>(cfg: &PodConfig, c: &Outbound, l: &L) -> Verd
         return Verdict::Untouched(Reason::OutExcludedPort);
     }
     let via_lo = is_local(c.family, &c.dst, l);
-    // 2. source 127.0.0.6 / ::6 via lo.
-    if via_lo && is_passthrough_source(c.family, &c.src) {
+    // 2. source 127.0.0.6 / ::6 via lo. An unbound IPv6 socket dialing a
+    //    local address gets that address as its source (same-address rule
+    //    of source selection), so `[::6]` unbound counts as from ::6. (IPv4
+    //    picks 127.0.0.1 for 127/8 and the address itself otherwise: an
+    //    unbound socket can never get 127.0.0.6.)
+    let src = if c.family == AF_INET6 && via_lo && c.src == [0u8; 16] {
+        &c.dst
+    } else {
+        &c.src
+    };
+    if via_lo && is_passthrough_source(c.family, src) {
         return Verdict::Untouched(Reason::OutPassthrough);
     }
     let to_localhost = is_localhost(c.family, &c.dst);

@@ -97,13 +97,6 @@ impl Cidr {
     pub fn is_v6(&self) -> bool {
         self.addr.is_ipv6()
     }
-
-    pub fn contains_loopback(&self) -> bool {
-        match self.addr {
-            IpAddr::V4(a) => a.octets()[0] == 127 || self.len < 8 && mask(IpAddr::V4([127, 0, 0, 1].into()), self.len) == self.addr,
-            IpAddr::V6(_) => mask(IpAddr::V6(std::net::Ipv6Addr::LOCALHOST), self.len) == self.addr,
-        }
-    }
 }
 
 fn mask(addr: IpAddr, len: u8) -> IpAddr {
@@ -150,6 +143,8 @@ pub struct PodSpec {
     pub proxy_uids: Vec<u32>,
     pub proxy_gids: Vec<u32>,
     pub include_all_outbound: bool,
+    /// `-i` names a loopback address: rules (3)/(6) are then left out.
+    pub include_has_loopback: bool,
     pub include_cidrs: Vec<Cidr>,
     pub exclude_cidrs: Vec<Cidr>,
     pub include_outbound_ports: Vec<u16>,
@@ -204,24 +199,38 @@ fn parse_ids(field: &'static str, s: &str) -> Result<Vec<u32>, Error> {
     Ok(out)
 }
 
-/// `*` → (true, []), else the CIDR list.
-fn parse_cidrs(field: &'static str, s: &str, star_ok: bool) -> Result<(bool, Vec<Cidr>), Error> {
-    let mut out = Vec::new();
-    let mut all = false;
+/// A parsed CIDR list flag.
+struct CidrList {
+    /// The value was exactly `*`.
+    all: bool,
+    cidrs: Vec<Cidr>,
+    /// Some entry's address, as written, is a loopback address (what
+    /// istio-iptables checks: `127.0.0.1/0` counts, `0.0.0.0/0` does not).
+    names_loopback: bool,
+}
+
+fn parse_cidrs(field: &'static str, s: &str, star_ok: bool) -> Result<CidrList, Error> {
+    let mut list = CidrList { all: false, cidrs: Vec::new(), names_loopback: false };
+    if s.trim() == "*" {
+        if !star_ok {
+            return Err(bad(field, s, "'*' is only accepted by -i"));
+        }
+        list.all = true;
+        return Ok(list);
+    }
     for c in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         if c == "*" {
-            if !star_ok {
-                return Err(bad(field, s, "'*' is only accepted by -i"));
-            }
-            all = true;
-            continue;
+            let why = if star_ok { "'*' must be the whole value (it means every destination)" } else { "'*' is only accepted by -i" };
+            return Err(bad(field, s, why));
         }
         let cidr = Cidr::parse(c).map_err(|why| bad(field, s, format!("invalid CIDR '{c}': {why}")))?;
-        if !out.contains(&cidr) {
-            out.push(cidr);
+        let written: Option<IpAddr> = c.split('/').next().and_then(|a| a.parse().ok());
+        list.names_loopback |= written.is_some_and(|a| a.is_loopback());
+        if !list.cidrs.contains(&cidr) {
+            list.cidrs.push(cidr);
         }
     }
-    Ok((all, out))
+    Ok(list)
 }
 
 impl CaptureFlags {
@@ -253,8 +262,8 @@ impl CaptureFlags {
                 "no proxy uid or gid given: the proxy's own traffic would loop back into it",
             ));
         }
-        let (include_all_outbound, include_cidrs) = parse_cidrs("-i/--istio-service-cidr", &self.include_cidrs, true)?;
-        let (_, exclude_cidrs) = parse_cidrs("-x/--istio-service-exclude-cidr", &self.exclude_cidrs, false)?;
+        let include = parse_cidrs("-i/--istio-service-cidr", &self.include_cidrs, true)?;
+        let exclude_cidrs = parse_cidrs("-x/--istio-service-exclude-cidr", &self.exclude_cidrs, false)?.cidrs;
         let include_outbound_ports = parse_ports("-q/--istio-include-outbound-ports", &self.include_out_ports)?;
         let exclude_outbound_ports = parse_ports("-o/--istio-local-outbound-ports-exclude", &self.exclude_out_ports)?;
         let inbound_ports = match self.include_in_ports.trim() {
@@ -269,8 +278,9 @@ impl CaptureFlags {
             tunnel_port,
             proxy_uids,
             proxy_gids,
-            include_all_outbound,
-            include_cidrs,
+            include_all_outbound: include.all,
+            include_has_loopback: include.names_loopback,
+            include_cidrs: include.cidrs,
             exclude_cidrs,
             include_outbound_ports,
             exclude_outbound_ports,
@@ -300,17 +310,13 @@ impl PodSpec {
         .expect("built-in defaults are valid")
     }
 
-    pub fn include_has_loopback(&self) -> bool {
-        self.include_cidrs.iter().any(Cidr::contains_loopback)
-    }
-
     /// The kernel's per-pod config (netns inode for display).
     pub fn pod_config(&self, netns_inode: u32) -> PodConfig {
         let mut f = 0;
         if self.include_all_outbound {
             f |= flags::OUT_INCLUDE_ALL;
         }
-        if self.include_has_loopback() {
+        if self.include_has_loopback {
             f |= flags::OUT_INCLUDE_HAS_LOOPBACK;
         }
         match self.inbound_ports {
@@ -393,6 +399,7 @@ impl PodSpec {
             proxy_uids: cfg.uids[..cfg.uid_count as usize].to_vec(),
             proxy_gids: cfg.gids[..cfg.gid_count as usize].to_vec(),
             include_all_outbound: cfg.has(flags::OUT_INCLUDE_ALL),
+            include_has_loopback: cfg.has(flags::OUT_INCLUDE_HAS_LOOPBACK),
             include_cidrs: pickc(cidr_kind::INCLUDE_V4, cidr_kind::INCLUDE_V6),
             exclude_cidrs: pickc(cidr_kind::EXCLUDE_V4, cidr_kind::EXCLUDE_V6),
             include_outbound_ports: pick(port_kind::OUT_INCLUDE),
@@ -420,10 +427,7 @@ impl PodSpec {
         let join = |v: &[u16]| v.iter().map(u16::to_string).collect::<Vec<_>>().join(",");
         let ids = |v: &[u32]| v.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
         let cidrs = |v: &[Cidr]| v.iter().map(Cidr::to_string).collect::<Vec<_>>().join(",");
-        let mut include = cidrs(&self.include_cidrs);
-        if self.include_all_outbound {
-            include = if include.is_empty() { "*".into() } else { format!("*,{include}") };
-        }
+        let include = if self.include_all_outbound { "*".to_string() } else { cidrs(&self.include_cidrs) };
         let inbound = match &self.inbound_ports {
             InboundPorts::All => "*".to_string(),
             InboundPorts::Listed(p) => join(p),
@@ -514,17 +518,22 @@ mod tests {
         let s = flags(|c| c.include_cidrs = "10.0.0.1/8, fd00::/8,127.0.0.0/8".into()).unwrap();
         assert_eq!(s.include_cidrs[0].to_string(), "10.0.0.0/8");
         assert!(s.include_cidrs[1].is_v6());
-        assert!(s.include_has_loopback());
+        assert!(s.include_has_loopback);
         let s = flags(|c| c.include_cidrs = "*".into()).unwrap();
-        assert!(s.include_all_outbound && !s.include_has_loopback());
-        let s = flags(|c| c.include_cidrs = "0.0.0.0/0".into()).unwrap();
-        assert!(s.include_has_loopback());
+        assert!(s.include_all_outbound && !s.include_has_loopback);
+        // As istio-iptables: the written address decides, not coverage.
+        let s = flags(|c| c.include_cidrs = "0.0.0.0/0,::/0".into()).unwrap();
+        assert!(!s.include_has_loopback);
+        let s = flags(|c| c.include_cidrs = "::1/128".into()).unwrap();
+        assert!(s.include_has_loopback);
+        let e = flags(|c| c.include_cidrs = "*,10.0.0.0/8".into()).unwrap_err().to_string();
+        assert!(e.contains("whole value"), "{e}");
     }
 
     #[test]
     fn kernel_round_trip() {
         let s = flags(|c| {
-            c.include_cidrs = "*,10.0.0.0/8".into();
+            c.include_cidrs = "10.0.0.0/8,127.0.0.1/32".into();
             c.exclude_cidrs = "10.9.0.0/16,fd00::/16".into();
             c.include_out_ports = "443".into();
             c.exclude_out_ports = "22".into();

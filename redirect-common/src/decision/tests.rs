@@ -60,6 +60,8 @@ fn pod_maps() -> Maps {
         cidrs: vec![
             (cidr_kind::LOCAL_V4, "10.1.0.5".parse().unwrap(), 32),
             (cidr_kind::LOCAL_V6, "fd00::5".parse().unwrap(), 128),
+            // attach puts ::6 on the pod's lo, as istio-iptables does.
+            (cidr_kind::LOCAL_V6, "::6".parse().unwrap(), 128),
         ],
     }
 }
@@ -128,6 +130,8 @@ fn passthrough_source_via_lo_is_untouched() {
         c.src = bytes(src.parse().unwrap());
         assert_eq!(out(&cfg, &m, c), Verdict::Untouched(Reason::OutPassthrough), "{src}->{dst}");
     }
+    // Unbound IPv6 to ::6 gets source ::6 from the kernel: rule 1.
+    assert_eq!(out(&cfg, &m, conn("::6", 8080, 1337, 1337)), Verdict::Untouched(Reason::OutPassthrough));
     // 127.0.0.6 as source towards a remote address is not "via lo".
     let mut c = conn("10.2.0.9", 80, 1000, 1000);
     c.src = bytes("127.0.0.6".parse().unwrap());
