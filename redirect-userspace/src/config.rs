@@ -169,17 +169,17 @@ fn parse_port(field: &'static str, whole: &str, s: &str) -> Result<u16, Error> {
     }
 }
 
+/// A port list, sorted and deduplicated (the kernel keeps a set).
 fn parse_ports(field: &'static str, s: &str) -> Result<Vec<u16>, Error> {
     let mut out = Vec::new();
     for p in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         if p == "*" {
             return Err(bad(field, s, "'*' is only accepted by -b"));
         }
-        let p = parse_port(field, s, p)?;
-        if !out.contains(&p) {
-            out.push(p);
-        }
+        out.push(parse_port(field, s, p)?);
     }
+    out.sort_unstable();
+    out.dedup();
     Ok(out)
 }
 
@@ -377,7 +377,11 @@ impl PodSpec {
 
     /// Rebuild the spec from what the kernel maps hold.
     pub fn from_kernel(cfg: &PodConfig, ports: &[PortEntry], cidrs: &[CidrEntry]) -> PodSpec {
-        let pick = |k: u16| ports.iter().filter(|(kk, _)| *kk == k).map(|(_, p)| *p).collect::<Vec<_>>();
+        let pick = |k: u16| {
+            let mut v: Vec<u16> = ports.iter().filter(|(kk, _)| *kk == k).map(|(_, p)| *p).collect();
+            v.sort_unstable();
+            v
+        };
         let pickc = |k4: u32, k6: u32| {
             cidrs
                 .iter()
@@ -551,7 +555,7 @@ mod tests {
         let s = PodSpec::istio_default();
         assert_eq!(
             s.istio_args(),
-            "-p 15001 -z 15006 -e 15008 -u '1337' -g '1337' -m REDIRECT -i '*' -x '' -q '' -o '' -b '*' -d '15090,15021,15020'"
+            "-p 15001 -z 15006 -e 15008 -u '1337' -g '1337' -m REDIRECT -i '*' -x '' -q '' -o '' -b '*' -d '15020,15021,15090'"
         );
     }
 }

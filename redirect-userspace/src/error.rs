@@ -25,14 +25,14 @@ pub enum Error {
     NotCaptured(String),
     #[error("nothing is installed under '{0}' (no pinned maps): run `redirect attach` first")]
     NotInstalled(PathBuf),
-    #[error("{what} '{path}': {source}")]
+    #[error("{what} '{path}'")]
     Io {
         what: &'static str,
         path: PathBuf,
         #[source]
         source: io::Error,
     },
-    #[error("{what}: {source}")]
+    #[error("{what}")]
     Bpf {
         what: String,
         #[source]

@@ -31,9 +31,19 @@ enum Command {
     /// server in network namespaces on this host, capture it, send
     /// traffic, print the counters and clean up.
     Demo(cmd::demo::Args),
+    /// Check a captured pod as Istio's validation init container does (run
+    /// before the proxy starts): the proxy's probe to 127.0.0.6:15002 lands
+    /// on the inbound port with its original destination, and a connection
+    /// from outside the pod would land on the inbound port.
+    Validate(cmd::validate::Args),
+    /// The part of `validate` that runs inside the pod (internal).
+    #[command(hide = true)]
+    ValidateInside(cmd::validate::InsideArgs),
 }
 
 fn main() -> ExitCode {
+    // `redirect stats | head` must end quietly, like any Unix tool.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)
@@ -46,6 +56,8 @@ fn main() -> ExitCode {
         Command::Stats(a) => cmd::stats::run(&cli.pin_dir, a),
         Command::Uninstall => cmd::uninstall::run(&cli.pin_dir),
         Command::Demo(a) => cmd::demo::run(a),
+        Command::Validate(a) => cmd::validate::run(&cli.pin_dir, a),
+        Command::ValidateInside(a) => cmd::validate::run_inside(a),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

@@ -189,14 +189,14 @@ impl Maps {
 
     /// Families with a registered inbound listener for this pod.
     pub fn listener_families(&self, cookie: u64) -> Vec<&'static str> {
-        let mut v = Vec::new();
-        for (family, name) in [(AF_INET, "ipv4"), (AF_INET6, "ipv6")] {
-            let key = ListenerKey { netns: cookie, family: family as u32, _pad: 0 };
-            if self.listeners.get(&key, 0).is_ok() {
-                v.push(name);
-            }
-        }
-        v
+        // Sockhash values cannot be read back from userspace (ENOSPC):
+        // look for the keys instead.
+        let keys: Vec<ListenerKey> = self.listeners.keys().filter_map(|k| k.ok()).collect();
+        [(AF_INET, "ipv4"), (AF_INET6, "ipv6")]
+            .into_iter()
+            .filter(|(f, _)| keys.contains(&ListenerKey { netns: cookie, family: *f as u32, _pad: 0 }))
+            .map(|(_, name)| name)
+            .collect()
     }
 
     /// Entry counts of the socket-tracking maps (for leak checks).

@@ -41,10 +41,11 @@ pub fn check_privileges() -> Result<()> {
     let missing: Vec<_> = need.iter().filter(|(b, _)| caps & (1 << b) == 0).map(|(_, n)| *n).collect();
     let bpf_ok = caps & (1 << 39) != 0 || caps & (1 << 21) != 0;
     if !missing.is_empty() || !bpf_ok {
-        let mut m = missing.join(", ");
+        let mut missing = missing;
         if !bpf_ok {
-            m.push_str(" CAP_BPF");
+            missing.push("CAP_BPF");
         }
+        let m = missing.join(", ");
         return Err(Error::Privilege(format!("effective capabilities lack {m}")));
     }
     Ok(())

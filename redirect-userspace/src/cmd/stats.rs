@@ -14,6 +14,8 @@ pub struct Args {
 }
 
 pub fn run(pin_dir: &Path, a: Args) -> Result<()> {
+    // The pins are root-only: without privileges they look absent.
+    sys::check_privileges()?;
     let only = match &a.netns {
         Some(p) => Some(sys::Netns::open(p)?.cookie()?),
         None => None,

@@ -2,7 +2,7 @@
 use std::path::Path;
 
 use anyhow::Result;
-use redirect_userspace::{pins::Pins, report};
+use redirect_userspace::{pins::Pins, report, sys};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -11,6 +11,8 @@ pub struct Args {
 }
 
 pub fn run(pin_dir: &Path, a: Args) -> Result<()> {
+    // The pins are root-only: without privileges they look absent.
+    sys::check_privileges()?;
     let st = report::status(&Pins::new(pin_dir))?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&st)?);
