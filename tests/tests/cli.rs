@@ -296,7 +296,7 @@ fn dry_run_prints_config_and_istio_equivalent_and_touches_nothing() {
         let r = redirect(&pod, &args).ok("dry run");
         assert!(r.stdout.contains("dry run"), "{r:#?}");
         assert!(
-            r.stdout.contains("istio-iptables -p 15001 -z 15006 -e 15008 -u '1337' -g '1337' -m REDIRECT -i '*' -x '' -q '' -o '' -b '*' -d '15090,15021,15020'"),
+            r.stdout.contains("istio-iptables -p 15001 -z 15006 -e 15008 -u '1337' -g '1337' -m REDIRECT -i '*' -x '' -q '' -o '' -b '*' -d '15020,15021,15090'"),
             "dry run must print the istio-iptables equivalent: {}",
             r.stdout
         );
