@@ -310,7 +310,7 @@ fn dry_run_prints_config_and_istio_equivalent_and_touches_nothing() {
     let j = redirect(&pod, &args).ok("dry run --json").json();
     assert_eq!(j["dry_run"], true, "{j}");
     assert_eq!(j["config"]["proxy_port"], 15001, "{j}");
-    assert_eq!(j["config"]["exclude_inbound_ports"], serde_json::json!([15090, 15021, 15020]), "{j}");
+    assert_eq!(j["config"]["exclude_inbound_ports"], serde_json::json!([15020, 15021, 15090]), "{j}");
     assert_untouched(&pod, "attach -n --json");
     // A dry run still validates.
     let r = redirect(&pod, &["attach", "-n", "--netns", s(&ns), "--cgroup", s(&cgp), "-p", "0"]);
