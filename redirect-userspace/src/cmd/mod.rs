@@ -5,3 +5,4 @@ pub mod detach;
 pub mod stats;
 pub mod status;
 pub mod uninstall;
+pub mod validate;
