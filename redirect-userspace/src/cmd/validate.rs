@@ -361,7 +361,12 @@ pub fn run(pin_dir: &Path, a: Args) -> Result<()> {
         let mut inside = spawn_inside(&place, &a, &cfg, v6).map_err(|e| fail(format!("{fam}: {e:#}")))?;
         let wait = timeout + Duration::from_secs(2);
         let listener_cookie = match inside.next(wait, "its listeners").map_err(|e| fail(format!("{fam}: {e:#}")))? {
-            Event::Listening { inbound_cookie, .. } => inbound_cookie,
+            Event::Listening { inbound_cookie, uid: u, gid: g } => {
+                if (u, g) != (uid, gid) {
+                    return Err(fail(format!("{fam}: the validator runs as uid {u} gid {g}, not as the proxy's uid {uid} gid {gid}")));
+                }
+                inbound_cookie
+            }
             Event::Failed { error } => return Err(fail(format!("{fam}: {error}"))),
             e => return Err(fail(format!("{fam}: unexpected report {e:?}"))),
         };
