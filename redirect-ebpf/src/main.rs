@@ -61,8 +61,9 @@ const BPF_SOCK_OPS_STATE_CB: u32 = 10;
 const BPF_SOCK_OPS_TCP_LISTEN_CB: u32 = 11;
 const BPF_SOCK_OPS_STATE_CB_FLAG: i32 = 4;
 
+/// Add to a per-CPU counter (no atomics needed), creating it on first use.
 #[inline(always)]
-fn count(netns: u64, reason: Reason, bytes: u64) {
+fn bump(netns: u64, reason: Reason, conns: u64, bytes: u64) {
     let key = CounterKey {
         netns,
         reason: reason as u32,
@@ -70,26 +71,25 @@ fn count(netns: u64, reason: Reason, bytes: u64) {
     };
     match REDIRECT_COUNTERS.get_ptr_mut(&key) {
         Some(v) => unsafe {
-            (*v).count += 1;
+            (*v).count += conns;
             (*v).bytes += bytes;
         },
         None => {
-            let _ = REDIRECT_COUNTERS.insert(&key, &CounterValue { count: 1, bytes }, 0);
+            let _ = REDIRECT_COUNTERS.insert(&key, &CounterValue { count: conns, bytes }, 0);
         }
     }
+}
+
+/// Count one connection (or call) under `reason`.
+#[inline(always)]
+fn count(netns: u64, reason: Reason) {
+    bump(netns, reason, 1, 0);
 }
 
 /// Add bytes to a counter without counting a connection.
 #[inline(always)]
 fn add_bytes(netns: u64, reason: Reason, bytes: u64) {
-    let key = CounterKey {
-        netns,
-        reason: reason as u32,
-        _pad: 0,
-    };
-    if let Some(v) = REDIRECT_COUNTERS.get_ptr_mut(&key) {
-        unsafe { (*v).bytes += bytes };
-    }
+    bump(netns, reason, 0, bytes);
 }
 
 struct Maps {
@@ -220,7 +220,7 @@ unsafe fn connect(ctx: &SockAddrContext, v6: bool) {
         return;
     };
     if (*sa).protocol != IPPROTO_TCP {
-        count(netns, Reason::OutNotTcp, 0);
+        count(netns, Reason::OutNotTcp);
         return;
     }
     let sk: *mut bpf_sock = (*sa).__bindgen_anon_1.sk;
@@ -255,7 +255,7 @@ unsafe fn connect(ctx: &SockAddrContext, v6: bool) {
         gid: (ids >> 32) as u32,
     };
     let verdict = outbound_verdict(cfg, &conn, &Maps { netns });
-    count(netns, verdict.reason(), 0);
+    count(netns, verdict.reason());
     let port = match verdict {
         Verdict::Untouched(_) => return,
         Verdict::ToOutbound(_) => cfg.proxy_port,
@@ -271,7 +271,7 @@ unsafe fn connect(ctx: &SockAddrContext, v6: bool) {
     // Fail closed: a connection we cannot record still goes to the proxy
     // (which then refuses it) rather than bypassing it.
     if REDIRECT_ORIG_BY_COOKIE.insert(&cookie, &orig, 0).is_err() {
-        count(netns, Reason::ErrOrigMapFull, 0);
+        count(netns, Reason::ErrOrigMapFull);
     }
     (*sa).user_port = (port.to_be()) as u32;
     if !v6 {
@@ -326,7 +326,7 @@ unsafe fn getpeername(ctx: &SockAddrContext, v6: bool) {
         set_user_ip6(sa, &addr);
     }
     (*sa).user_port = (orig.port.to_be()) as u32;
-    count(netns, Reason::PeerNameRewritten, 0);
+    count(netns, Reason::PeerNameRewritten);
 }
 
 // ---------------------------------------------------------------- sockops
@@ -396,7 +396,7 @@ unsafe fn active_established(ctx: &SockOpsContext) {
         _pad: 0,
     };
     if REDIRECT_ORIG_BY_TUPLE.insert(&key, orig, BPF_ANY as u64).is_err() {
-        count(netns, Reason::ErrTupleMapFull, 0);
+        count(netns, Reason::ErrTupleMapFull);
     }
     // Forget the cookie entry when the app socket closes.
     let _ = bpf_sock_ops_cb_flags_set(ops, BPF_SOCK_OPS_STATE_CB_FLAG);
@@ -470,8 +470,8 @@ unsafe fn listening(ctx: &SockOpsContext) {
         _pad: 0,
     };
     match REDIRECT_LISTENERS.update(&mut key, &mut *ops, BPF_ANY as u64) {
-        Ok(()) => count(netns, Reason::InListenerRegistered, 0),
-        Err(_) => count(netns, Reason::ErrListenerMapFull, 0),
+        Ok(()) => count(netns, Reason::InListenerRegistered),
+        Err(_) => count(netns, Reason::ErrListenerMapFull),
     }
 }
 
@@ -536,7 +536,7 @@ unsafe fn getsockopt(ctx: &SockoptContext) {
                 local == redirect_common::V6_LOCALHOST
             };
             if loopback {
-                count(netns, Reason::OrigDstMissing, 0);
+                count(netns, Reason::OrigDstMissing);
                 return;
             }
             (
@@ -552,7 +552,7 @@ unsafe fn getsockopt(ctx: &SockoptContext) {
     };
     let want = if orig.family == AF_INET { SOL_IP } else { SOL_IPV6 };
     if level != want {
-        count(netns, Reason::OrigDstMissing, 0);
+        count(netns, Reason::OrigDstMissing);
         return;
     }
     let optval = (*so).__bindgen_anon_2.optval as *mut u8;
@@ -581,7 +581,7 @@ unsafe fn getsockopt(ctx: &SockoptContext) {
         (*so).optlen = 28;
     }
     (*so).retval = 0;
-    count(netns, reason, 0);
+    count(netns, reason);
 }
 
 // -------------------------------------------------------------- sk_lookup
@@ -621,7 +621,7 @@ unsafe fn sk_lookup_inbound(ctx: &SkLookupContext) -> u32 {
     let dport = (*l).local_port as u16;
     let verdict = inbound_verdict(cfg, dport, &maps);
     if let Verdict::Untouched(r) = verdict {
-        count(netns, r, 0);
+        count(netns, r);
         return SK_PASS;
     }
     let key = ListenerKey {
@@ -630,7 +630,7 @@ unsafe fn sk_lookup_inbound(ctx: &SkLookupContext) -> u32 {
         _pad: 0,
     };
     if REDIRECT_LISTENERS.redirect_sk_lookup(ctx, key, 0).is_ok() {
-        count(netns, Reason::InCaptured, 0);
+        count(netns, Reason::InCaptured);
         return SK_PASS;
     }
     if family == AF_INET as u32 {
@@ -641,12 +641,12 @@ unsafe fn sk_lookup_inbound(ctx: &SkLookupContext) -> u32 {
             _pad: 0,
         };
         if REDIRECT_LISTENERS.redirect_sk_lookup(ctx, key6, 0).is_ok() {
-            count(netns, Reason::InCaptured, 0);
+            count(netns, Reason::InCaptured);
             return SK_PASS;
         }
     }
     // As iptables REDIRECT with nothing on the inbound port: refused.
-    count(netns, Reason::InNoListener, 0);
+    count(netns, Reason::InNoListener);
     SK_DROP
 }
 
