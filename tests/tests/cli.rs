@@ -146,14 +146,7 @@ fn proxy_conns(pod: &mut Pod, idx: usize) -> Vec<String> {
 
 /// Count of one rule in one pod's entry of `stats --json`.
 fn rule_count(pod_stats: &Value, chain: &str, rule: &str) -> u64 {
-    pod_stats["rules"]
-        .as_array()
-        .expect("rules")
-        .iter()
-        .find(|r| r["chain"] == chain && r["rule"] == rule)
-        .unwrap_or_else(|| panic!("no counter {chain}/{rule} in {pod_stats}"))["count"]
-        .as_u64()
-        .expect("count")
+    stats_rule(pod_stats, chain, rule)["count"].as_u64().expect("count")
 }
 
 // ---------------------------------------------------------------- bad input

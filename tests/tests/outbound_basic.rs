@@ -20,7 +20,7 @@ fn app_reaches_upstream_through_proxy_v4_v6() {
     assert_eq!(pod.counter("OUTPUT", "captured"), 2);
     // Bytes of both directions are added when the app socket closes:
     // the greeting plus "ping" echoed, per connection.
-    let captured = pod.stats()[0]["rules"].as_array().unwrap().iter().find(|r| r["chain"] == "OUTPUT" && r["rule"] == "captured").unwrap()["bytes"].as_u64().unwrap();
+    let captured = stats_rule(&pod.stats()[0], "OUTPUT", "captured")["bytes"].as_u64().unwrap();
     assert!(captured >= 2 * 8, "captured bytes {captured}");
     assert_eq!(pod.counter("ORIGINAL_DST", "orig_dst_outbound"), 2);
     assert_eq!(pod.counter("OUTPUT", "skip_proxy_uid"), 2);
