@@ -1,5 +1,5 @@
 //! `redirect attach`
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::Result;
 use redirect_userspace::{
@@ -11,13 +11,8 @@ use redirect_userspace::{
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// The pod's network namespace (/var/run/netns/<name>, /proc/<pid>/ns/net).
-    #[arg(long)]
-    pub netns: PathBuf,
-    /// cgroup2 directory the programs attach to (default: the cgroup2 root,
-    /// read from /proc/mounts). One attachment serves every pod under it.
-    #[arg(long)]
-    pub cgroup: Option<PathBuf>,
+    #[command(flatten)]
+    pub pod: super::PodArgs,
     /// Print the result as JSON.
     #[arg(long)]
     pub json: bool,
@@ -28,21 +23,17 @@ pub struct Args {
 pub fn run(pin_dir: &Path, a: Args) -> Result<()> {
     // Everything is validated before anything is touched.
     let spec = a.flags.to_spec()?;
-    let netns = sys::Netns::open(&a.netns)?;
-    let cgroup = match &a.cgroup {
-        Some(c) => c.clone(),
-        None => sys::cgroup2_mount()?,
-    };
-    sys::open_cgroup(&cgroup)?;
+    let netns = sys::Netns::open(&a.pod.netns)?;
+    let cgroup = a.pod.cgroup()?;
     for w in spec.warnings() {
         eprintln!("redirect: warning: {w}");
     }
     if a.flags.dry_run {
         if a.json {
-            println!("{}", serde_json::json!({"dry_run": true, "netns": a.netns, "cgroup": cgroup, "pin_dir": pin_dir, "config": spec}));
+            println!("{}", serde_json::json!({"dry_run": true, "netns": a.pod.netns, "cgroup": cgroup, "pin_dir": pin_dir, "config": spec}));
         } else {
             println!("dry run: nothing changed");
-            println!("would capture netns {} (inode {}) via cgroup {}, pins in {}", a.netns.display(), netns.inode, cgroup.display(), pin_dir.display());
+            println!("would capture netns {} (inode {}) via cgroup {}, pins in {}", a.pod.netns.display(), netns.inode, cgroup.display(), pin_dir.display());
             println!("istio-iptables {}", spec.istio_args());
             println!("{}", serde_json::to_string_pretty(&spec)?);
         }

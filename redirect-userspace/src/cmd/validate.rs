@@ -43,7 +43,7 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream},
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
     os::unix::fs::MetadataExt,
-    path::{Path, PathBuf},
+    path::Path,
     process::{Child, Command, Stdio},
     sync::mpsc,
     time::{Duration, Instant},
@@ -66,14 +66,8 @@ pub const PROBE_PORT: u16 = 15002;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// The pod's network namespace (/var/run/netns/<name>, /proc/<pid>/ns/net).
-    #[arg(long)]
-    pub netns: PathBuf,
-    /// The pod's cgroup2 directory: the probe runs there, since the connect
-    /// hooks only see processes in the attached cgroup (default: the
-    /// cgroup2 root, read from /proc/mounts, as for attach).
-    #[arg(long)]
-    pub cgroup: Option<PathBuf>,
+    #[command(flatten)]
+    pub pod: super::PodArgs,
     /// Original destination port of the probe connection.
     #[arg(long, default_value_t = PROBE_PORT)]
     pub probe_port: u16,
@@ -301,19 +295,15 @@ pub fn run(pin_dir: &Path, a: Args) -> Result<()> {
     sys::check_privileges()?;
     let pins = Pins::new(pin_dir);
     let maps = Maps::open(&pins)?;
-    let netns = sys::Netns::open(&a.netns)?;
+    let netns = sys::Netns::open(&a.pod.netns)?;
     let cookie = netns.cookie()?;
     let Some(cfg) = maps.pod(cookie) else {
-        return Err(Error::NotCaptured(a.netns.display().to_string()).into());
+        return Err(Error::NotCaptured(a.pod.netns.display().to_string()).into());
     };
-    let fail = |what: String| anyhow!("validation failed for {}: {what}", a.netns.display());
+    let fail = |what: String| anyhow!("validation failed for {}: {what}", a.pod.netns.display());
 
     // The connect/getsockopt/sockops hooks must cover the cgroup we run in.
-    let cgroup = match &a.cgroup {
-        Some(c) => c.clone(),
-        None => sys::cgroup2_mount()?,
-    };
-    sys::open_cgroup(&cgroup)?;
+    let cgroup = a.pod.cgroup()?;
     check_cgroup_attached(&pins, &cgroup).map_err(fail)?;
 
     // Inbound steering: a live sk_lookup link on this very netns.
@@ -352,7 +342,7 @@ pub fn run(pin_dir: &Path, a: Args) -> Result<()> {
     for v6 in families {
         let fam = if v6 { "IPv6" } else { "IPv4" };
         let place = Placement {
-            netns: Some(a.netns.clone()),
+            netns: Some(a.pod.netns.clone()),
             cgroup: Some(cgroup.clone()),
             uid: Some(uid),
             gid: Some(gid),
@@ -426,7 +416,7 @@ pub fn run(pin_dir: &Path, a: Args) -> Result<()> {
     let fams: Vec<&str> = results.iter().map(|r| if r.v6 { "IPv6" } else { "IPv4" }).collect();
     println!(
         "validation ok: {} (netns cookie {cookie}) as uid {uid} gid {gid}, {}: {}; {inbound}",
-        a.netns.display(),
+        a.pod.netns.display(),
         fams.join("+"),
         parts.join("; ")
     );
