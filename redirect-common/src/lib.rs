@@ -30,7 +30,9 @@ pub const MAP_COUNTERS: &str = "REDIRECT_COUNTERS";
 pub const MAP_ORIG_BY_COOKIE: &str = "REDIRECT_ORIG_BY_COOKIE";
 pub const MAP_ORIG_BY_TUPLE: &str = "REDIRECT_ORIG_BY_TUPLE";
 pub const MAP_LISTENERS: &str = "REDIRECT_LISTENERS";
-pub const ALL_MAPS: [&str; 7] = [
+pub const MAP_SOCKS: &str = "REDIRECT_SOCKS";
+pub const MAP_ACCEL_FALLBACK: &str = "REDIRECT_ACCEL_FALLBACK";
+pub const ALL_MAPS: [&str; 9] = [
     MAP_PODS,
     MAP_CIDRS,
     MAP_PORTS,
@@ -38,6 +40,8 @@ pub const ALL_MAPS: [&str; 7] = [
     MAP_ORIG_BY_COOKIE,
     MAP_ORIG_BY_TUPLE,
     MAP_LISTENERS,
+    MAP_SOCKS,
+    MAP_ACCEL_FALLBACK,
 ];
 
 pub const AF_INET: u16 = 2;

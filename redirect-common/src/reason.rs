@@ -26,6 +26,7 @@ pub enum Reason {
     ErrOrigMapFull = 30,
     ErrTupleMapFull = 31,
     ErrListenerMapFull = 32,
+    ErrSockMapFull = 33,
     // Inbound (PREROUTING chain), one per new TCP connection from outside.
     InCaptured = 40,
     InExcludedPort = 41,
@@ -33,6 +34,10 @@ pub enum Reason {
     InNoListener = 43,
     InTunnelPort = 44,
     InListenerRegistered = 45,
+    // Acceleration (sockops + sk_msg).
+    AccelInserted = 50,
+    AccelRedirected = 51,
+    AccelFallback = 52,
 }
 
 /// Which chain a reason belongs to, for the `redirect stats` layout.
@@ -41,11 +46,12 @@ pub enum Chain {
     Output,
     Prerouting,
     OrigDst,
+    Accel,
     Errors,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 25] = [
+    pub const ALL: [Reason; 29] = [
         Reason::OutCaptured,
         Reason::OutCapturedPort,
         Reason::OutProxyToSelf,
@@ -65,12 +71,16 @@ impl Reason {
         Reason::ErrOrigMapFull,
         Reason::ErrTupleMapFull,
         Reason::ErrListenerMapFull,
+        Reason::ErrSockMapFull,
         Reason::InCaptured,
         Reason::InExcludedPort,
         Reason::InNotIncluded,
         Reason::InNoListener,
         Reason::InTunnelPort,
         Reason::InListenerRegistered,
+        Reason::AccelInserted,
+        Reason::AccelRedirected,
+        Reason::AccelFallback,
     ];
 
     pub fn from_u32(v: u32) -> Option<Reason> {
@@ -82,6 +92,7 @@ impl Reason {
             1..=12 => Chain::Output,
             20..=23 => Chain::OrigDst,
             30..=39 => Chain::Errors,
+            50..=59 => Chain::Accel,
             _ => Chain::Prerouting,
         }
     }
@@ -97,9 +108,13 @@ impl Reason {
             }
             Reason::OrigDstMissing => "MISSING",
             Reason::InListenerRegistered => "LISTEN",
-            Reason::ErrOrigMapFull | Reason::ErrTupleMapFull | Reason::ErrListenerMapFull => {
-                "ERROR"
-            }
+            Reason::ErrOrigMapFull
+            | Reason::ErrTupleMapFull
+            | Reason::ErrListenerMapFull
+            | Reason::ErrSockMapFull => "ERROR",
+            Reason::AccelInserted => "SOCKMAP",
+            Reason::AccelRedirected => "REDIRECT",
+            Reason::AccelFallback => "PASS",
             _ => "RETURN",
         }
     }
@@ -126,6 +141,10 @@ impl Reason {
             Reason::ErrOrigMapFull => "error_orig_map_full",
             Reason::ErrTupleMapFull => "error_tuple_map_full",
             Reason::ErrListenerMapFull => "error_listener_map_full",
+            Reason::ErrSockMapFull => "error_sockmap_update",
+            Reason::AccelInserted => "sockets_inserted",
+            Reason::AccelRedirected => "messages_redirected",
+            Reason::AccelFallback => "messages_fallback",
             Reason::InCaptured => "captured",
             Reason::InExcludedPort => "skip_excluded_port",
             Reason::InNotIncluded => "skip_not_included",
@@ -157,6 +176,10 @@ impl Reason {
             Reason::ErrOrigMapFull => "original-destination map full",
             Reason::ErrTupleMapFull => "tuple map full",
             Reason::ErrListenerMapFull => "listener map update failed",
+            Reason::ErrSockMapFull => "acceleration sockhash update failed (normal path used)",
+            Reason::AccelInserted => "app/proxy sockets put in the sockhash",
+            Reason::AccelRedirected => "messages sent straight to the peer socket (sk_msg)",
+            Reason::AccelFallback => "messages on the normal path (peer not accelerated)",
             Reason::InCaptured => "captured -> inbound port",
             Reason::InExcludedPort => "excluded port (-d; ssh 22 with -b *)",
             Reason::InNotIncluded => "not included (-b)",

@@ -6,17 +6,17 @@
 use core::ffi::c_void;
 
 use aya_ebpf::{
-    bindings::{bpf_sock, bpf_sock_ops, BPF_ANY},
+    bindings::{bpf_sock, bpf_sock_ops, BPF_ANY, BPF_F_INGRESS},
     helpers::{
         bpf_get_current_uid_gid, bpf_get_netns_cookie, bpf_get_socket_cookie,
         bpf_sock_ops_cb_flags_set,
     },
-    macros::{cgroup_sock_addr, cgroup_sockopt, map, sk_lookup, sock_ops},
+    macros::{cgroup_sock_addr, cgroup_sockopt, map, sk_lookup, sk_msg, sock_ops},
     maps::{lpm_trie::Key, HashMap, LpmTrie, LruHashMap, PerCpuHashMap, SockHash},
-    programs::{SkLookupContext, SockAddrContext, SockOpsContext, SockoptContext},
+    programs::{SkLookupContext, SkMsgContext, SockAddrContext, SockOpsContext, SockoptContext},
 };
 use redirect_common::{
-    inbound_verdict, outbound_verdict, CidrKeyData, CounterKey, CounterValue, ListenerKey,
+    flags, inbound_verdict, outbound_verdict, CidrKeyData, CounterKey, CounterValue, ListenerKey,
     Lookup, OrigDst, Outbound, PodConfig, PortKey, Reason, TupleKey, Verdict, AF_INET, AF_INET6,
     CIDR_KEY_FIXED_BITS, IPPROTO_TCP, MAX_CIDRS, MAX_COUNTERS, MAX_LISTENERS, MAX_PODS,
     MAX_PORTS, MAX_TRACKED_SOCKETS, SOL_IP, SOL_IPV6, SO_ORIGINAL_DST,
@@ -41,6 +41,14 @@ static REDIRECT_ORIG_BY_COOKIE: LruHashMap<u64, OrigDst> =
 #[map]
 static REDIRECT_ORIG_BY_TUPLE: LruHashMap<TupleKey, OrigDst> =
     LruHashMap::pinned(MAX_TRACKED_SOCKETS, 0);
+/// Accelerated app↔proxy sockets, keyed by their own 4-tuple (local →
+/// remote) and netns cookie; the sk_msg program redirects to the peer.
+#[map]
+static REDIRECT_SOCKS: SockHash<TupleKey> = SockHash::pinned(MAX_TRACKED_SOCKETS, 0);
+/// Sockets whose data once took the normal path (peer not in the sockhash
+/// yet): they stay on it, so bytes can never overtake each other.
+#[map]
+static REDIRECT_ACCEL_FALLBACK: HashMap<TupleKey, u8> = HashMap::pinned(MAX_TRACKED_SOCKETS, 0);
 /// The proxy's listener on the inbound capture port, per netns and family.
 #[map]
 static REDIRECT_LISTENERS: SockHash<ListenerKey> = SockHash::pinned(MAX_LISTENERS, 0);
@@ -372,56 +380,104 @@ unsafe fn ops_tuple(ops: *mut bpf_sock_ops) -> (u16, [u8; 16], [u8; 16], u16, u1
     }
 }
 
-/// App side of a redirected connection is up: publish its original
-/// destination under the 4-tuple the proxy's accepted socket will see.
+/// The socket's own key in the sockhash (local → remote).
+#[inline(always)]
+fn own_key(netns: u64, t: &(u16, [u8; 16], [u8; 16], u16, u16)) -> TupleKey {
+    TupleKey {
+        netns,
+        src: t.1,
+        dst: t.2,
+        sport: t.3,
+        dport: t.4,
+        family: t.0,
+        _pad: 0,
+    }
+}
+
+/// The peer's key: the same connection seen from the other end.
+#[inline(always)]
+fn peer_key(netns: u64, t: &(u16, [u8; 16], [u8; 16], u16, u16)) -> TupleKey {
+    TupleKey {
+        netns,
+        src: t.2,
+        dst: t.1,
+        sport: t.4,
+        dport: t.3,
+        family: t.0,
+        _pad: 0,
+    }
+}
+
+/// Put an established app↔proxy socket into the acceleration sockhash
+/// (before any data flows: this runs inside the handshake).
+#[inline(always)]
+unsafe fn accelerate(ops: *mut bpf_sock_ops, netns: u64, key: TupleKey) {
+    let mut key = key;
+    match REDIRECT_SOCKS.update(&mut key, &mut *ops, BPF_ANY as u64) {
+        Ok(()) => count(netns, Reason::AccelInserted),
+        Err(_) => count(netns, Reason::ErrSockMapFull),
+    }
+}
+
+/// Is this loopback connection the proxy's inbound passthrough to the app
+/// (one end bound to 127.0.0.6 / ::6, the other an address of the pod)?
+#[inline(always)]
+fn is_passthrough_pair(netns: u64, family: u16, from: &[u8; 16], to: &[u8; 16]) -> bool {
+    redirect_common::is_passthrough_source(family, from)
+        && redirect_common::is_local(family, to, &Maps { netns })
+}
+
+/// Active side established. For an app socket we redirected: publish its
+/// original destination under the 4-tuple the proxy's accepted socket will
+/// see. App sockets to the proxy and the proxy's passthrough sockets to the
+/// app are accelerated when the pod wants it.
 #[inline(always)]
 unsafe fn active_established(ctx: &SockOpsContext) {
     let ops = ctx.ops;
     let netns = bpf_get_netns_cookie(ops as *mut c_void);
-    if REDIRECT_PODS.get(&netns).is_none() {
+    let Some(cfg) = REDIRECT_PODS.get(&netns) else {
         return;
-    }
+    };
+    let t = ops_tuple(ops);
     let cookie = bpf_get_socket_cookie(ops as *mut c_void);
-    let Some(orig) = REDIRECT_ORIG_BY_COOKIE.get(&cookie) else {
-        return;
-    };
-    let (family, local, remote, lport, rport) = ops_tuple(ops);
-    let key = TupleKey {
-        netns,
-        src: local,
-        dst: remote,
-        sport: lport,
-        dport: rport,
-        family,
-        _pad: 0,
-    };
-    if REDIRECT_ORIG_BY_TUPLE.insert(&key, orig, BPF_ANY as u64).is_err() {
-        count(netns, Reason::ErrTupleMapFull);
+    let accel = cfg.has(flags::ACCEL);
+    match REDIRECT_ORIG_BY_COOKIE.get(&cookie) {
+        Some(orig) => {
+            if REDIRECT_ORIG_BY_TUPLE.insert(&own_key(netns, &t), orig, BPF_ANY as u64).is_err() {
+                count(netns, Reason::ErrTupleMapFull);
+            }
+            if accel {
+                accelerate(ops, netns, own_key(netns, &t));
+            }
+        }
+        None => {
+            if !(accel && is_passthrough_pair(netns, t.0, &t.1, &t.2)) {
+                return;
+            }
+            accelerate(ops, netns, own_key(netns, &t));
+        }
     }
-    // Forget the cookie entry when the app socket closes.
+    // Clean up (cookie entry, fallback mark) when the socket closes.
     let _ = bpf_sock_ops_cb_flags_set(ops, BPF_SOCK_OPS_STATE_CB_FLAG);
 }
 
-/// Proxy side accepted a connection we redirected: have its close remove
-/// the tuple entry.
+/// Passive side established: the proxy accepted a connection we
+/// redirected (its close removes the tuple entry), or the app accepted the
+/// proxy's passthrough connection. Accelerated when the pod wants it.
 #[inline(always)]
 unsafe fn passive_established(ctx: &SockOpsContext) {
     let ops = ctx.ops;
     let netns = bpf_get_netns_cookie(ops as *mut c_void);
-    if REDIRECT_PODS.get(&netns).is_none() {
+    let Some(cfg) = REDIRECT_PODS.get(&netns) else {
         return;
-    }
-    let (family, local, remote, lport, rport) = ops_tuple(ops);
-    let key = TupleKey {
-        netns,
-        src: remote,
-        dst: local,
-        sport: rport,
-        dport: lport,
-        family,
-        _pad: 0,
     };
-    if REDIRECT_ORIG_BY_TUPLE.get(&key).is_some() {
+    let t = ops_tuple(ops);
+    let redirected = REDIRECT_ORIG_BY_TUPLE.get(&peer_key(netns, &t)).is_some();
+    let accel = cfg.has(flags::ACCEL) && (redirected || is_passthrough_pair(netns, t.0, &t.2, &t.1));
+    if accel {
+        accelerate(ops, netns, own_key(netns, &t));
+    }
+    if redirected || accel {
         let _ = bpf_sock_ops_cb_flags_set(ops, BPF_SOCK_OPS_STATE_CB_FLAG);
     }
 }
@@ -439,17 +495,10 @@ unsafe fn closed(ctx: &SockOpsContext) {
         }
         let _ = REDIRECT_ORIG_BY_COOKIE.remove(&cookie);
     }
-    let (family, local, remote, lport, rport) = ops_tuple(ops);
-    let key = TupleKey {
-        netns,
-        src: remote,
-        dst: local,
-        sport: rport,
-        dport: lport,
-        family,
-        _pad: 0,
-    };
-    let _ = REDIRECT_ORIG_BY_TUPLE.remove(&key);
+    let t = ops_tuple(ops);
+    let _ = REDIRECT_ORIG_BY_TUPLE.remove(&peer_key(netns, &t));
+    // The sockhash drops closed sockets itself; the fallback mark is ours.
+    let _ = REDIRECT_ACCEL_FALLBACK.remove(&own_key(netns, &t));
 }
 
 /// A socket starts listening: if it is the pod's inbound capture port,
@@ -648,6 +697,46 @@ unsafe fn sk_lookup_inbound(ctx: &SkLookupContext) -> u32 {
     // As iptables REDIRECT with nothing on the inbound port: refused.
     count(netns, Reason::InNoListener);
     SK_DROP
+}
+
+// ------------------------------------------------------------------ sk_msg
+
+/// Acceleration: each message an accelerated socket sends goes straight to
+/// its peer's receive queue, skipping the loopback TCP/IP stack. Falls back
+/// to the normal path (for good, for that socket) when the peer is absent.
+#[sk_msg]
+pub fn redirect_sk_msg(ctx: SkMsgContext) -> u32 {
+    unsafe { sk_msg_redirect(&ctx) }
+}
+
+#[inline(always)]
+unsafe fn sk_msg_redirect(ctx: &SkMsgContext) -> u32 {
+    let m = ctx.msg;
+    let netns = bpf_get_netns_cookie(m as *mut c_void);
+    let lport = (*m).local_port as u16;
+    let rport = u16::from_be(((*m).remote_port >> 16) as u16);
+    let t = if (*m).family == AF_INET as u32 {
+        (AF_INET, ip4_bytes((*m).local_ip4), ip4_bytes((*m).remote_ip4), lport, rport)
+    } else {
+        let l = ip6_bytes((*m).local_ip6);
+        let r = ip6_bytes((*m).remote_ip6);
+        match (v4_mapped(&l), v4_mapped(&r)) {
+            (Some(l4), Some(r4)) => (AF_INET, l4, r4, lport, rport),
+            _ => (AF_INET6, l, r, lport, rport),
+        }
+    };
+    let own = own_key(netns, &t);
+    if REDIRECT_ACCEL_FALLBACK.get(&own).is_some() {
+        return SK_PASS;
+    }
+    let size = (*m).size as u64;
+    if REDIRECT_SOCKS.redirect_msg(ctx, peer_key(netns, &t), BPF_F_INGRESS as u64) == SK_PASS as i64 {
+        bump(netns, Reason::AccelRedirected, 1, size);
+        return SK_PASS;
+    }
+    let _ = REDIRECT_ACCEL_FALLBACK.insert(&own, &1, 0);
+    bump(netns, Reason::AccelFallback, 1, size);
+    SK_PASS
 }
 
 #[cfg(not(test))]

@@ -45,6 +45,7 @@ pub const CGROUP_PROGRAMS: [&str; 6] = [
     "redirect_sockops",
 ];
 pub const SK_LOOKUP_PROGRAM: &str = "redirect_sk_lookup";
+pub const SK_MSG_PROGRAM: &str = "redirect_sk_msg";
 
 /// An install (a pin directory) with the object loaded against its maps.
 pub struct Installation {
@@ -61,6 +62,10 @@ pub struct PodInfo {
     pub addresses: Vec<std::net::IpAddr>,
     pub inbound_attached: bool,
     pub listener_seeded: Vec<String>,
+    /// Acceleration active for this pod (asked for and supported).
+    pub accel: bool,
+    /// Why acceleration was asked for but is off.
+    pub accel_unavailable: Option<String>,
 }
 
 impl Installation {
@@ -192,9 +197,45 @@ impl Installation {
         Ok(true)
     }
 
+    /// Attach the acceleration verdict program to the sockhash, once per
+    /// install (the pinned program marks it done).
+    pub fn ensure_accel(&mut self) -> Result<()> {
+        let pin = self.pins.sk_msg_program();
+        if pin.exists() {
+            return Ok(());
+        }
+        let map_fd = match self.ebpf.map(redirect_common::MAP_SOCKS) {
+            Some(aya::maps::Map::SockHash(m)) => m.fd().as_fd().try_clone_to_owned().map_err(|e| Error::bpf("sockhash fd", e))?,
+            _ => return Err(Error::bpf("kernel object", std::io::Error::other("REDIRECT_SOCKS sockhash missing: rebuild with `cargo xtask build-ebpf`"))),
+        };
+        let prog: &mut aya::programs::SkMsg = self
+            .program(SK_MSG_PROGRAM)?
+            .try_into()
+            .map_err(|e| Error::bpf("sk_msg program", e))?;
+        if prog.fd().is_err() {
+            prog.load().map_err(|e| Error::bpf("loading sk_msg program", e))?;
+        }
+        let fd = prog.fd().map_err(|e| Error::bpf("sk_msg program fd", e))?.as_fd().try_clone_to_owned().map_err(|e| Error::bpf("sk_msg fd", e))?;
+        crate::bpf::prog_attach(fd.as_fd(), map_fd.as_fd(), crate::bpf::BPF_SK_MSG_VERDICT)
+            .map_err(|e| Error::bpf("attaching sk_msg to the REDIRECT_SOCKS sockhash", e))?;
+        sys::create_private_dir(&self.pins.programs_dir())?;
+        crate::bpf::obj_pin(fd.as_fd(), &pin).map_err(|e| Error::io("pinning program", &pin, e))?;
+        Ok(())
+    }
+
     /// Make `netns` a captured pod: config into the maps, inbound steering
-    /// attached, an already-listening proxy registered.
+    /// attached, an already-listening proxy registered. Acceleration is on
+    /// when asked for and the kernel supports it.
     pub fn register_pod(&mut self, netns: &Netns, spec: &PodSpec) -> Result<PodInfo> {
+        let mut spec = spec.clone();
+        let mut accel_unavailable = None;
+        if spec.accel {
+            if let Err(e) = self.ensure_accel() {
+                accel_unavailable = Some(format!("{e:#}"));
+                spec.accel = false;
+            }
+        }
+        let spec = &spec;
         let cookie = netns.cookie()?;
         if netns.addresses()?.iter().any(|a| a.is_ipv6()) {
             // As istio-iptables does: the proxy's IPv6 inbound passthrough
@@ -225,6 +266,8 @@ impl Installation {
             addresses,
             inbound_attached,
             listener_seeded,
+            accel: spec.accel,
+            accel_unavailable,
         })
     }
 }
@@ -302,7 +345,10 @@ pub fn uninstall(pins: &Pins) -> Result<Removed> {
             let _ = std::fs::remove_dir(d);
         }
     }
-    for d in [pins.cgroups_dir(), pins.netns_root(), pins.maps_dir(), pins.root.clone()] {
+    for p in crate::pins::read_dir(&pins.programs_dir()) {
+        std::fs::remove_file(&p).map_err(|e| Error::io("removing program pin", &p, e))?;
+    }
+    for d in [pins.cgroups_dir(), pins.netns_root(), pins.maps_dir(), pins.programs_dir(), pins.root.clone()] {
         if d.exists() {
             std::fs::remove_dir(&d).map_err(|e| Error::io("removing directory (something else is pinned there?)", &d, e))?;
         }

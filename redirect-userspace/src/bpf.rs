@@ -15,7 +15,10 @@ pub const BPF_CGROUP_GETSOCKOPT: u32 = 21;
 pub const BPF_CGROUP_INET4_GETPEERNAME: u32 = 29;
 pub const BPF_CGROUP_INET6_GETPEERNAME: u32 = 30;
 
+pub const BPF_SK_MSG_VERDICT: u32 = 7;
+
 const BPF_OBJ_PIN: libc::c_long = 6;
+const BPF_PROG_ATTACH: libc::c_long = 8;
 const BPF_LINK_CREATE: libc::c_long = 28;
 
 fn bpf(cmd: libc::c_long, attr: &mut [u64; 16]) -> io::Result<i32> {
@@ -44,5 +47,16 @@ pub fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
     attr[0] = c.as_ptr() as u64;
     attr[1] = fd.as_raw_fd() as u32 as u64;
     bpf(BPF_OBJ_PIN, &mut attr)?;
+    Ok(())
+}
+
+/// BPF_PROG_ATTACH of a program to a map (sk_msg verdict on a sockhash).
+/// The attachment lives as long as the map, whatever happens to our fds.
+pub fn prog_attach(prog: BorrowedFd<'_>, target: BorrowedFd<'_>, attach_type: u32) -> io::Result<()> {
+    let mut attr = [0u64; 16];
+    // { u32 target_fd; u32 attach_bpf_fd; u32 attach_type; u32 attach_flags; }
+    attr[0] = target.as_raw_fd() as u32 as u64 | ((prog.as_raw_fd() as u32 as u64) << 32);
+    attr[1] = attach_type as u64;
+    bpf(BPF_PROG_ATTACH, &mut attr)?;
     Ok(())
 }

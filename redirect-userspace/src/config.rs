@@ -53,7 +53,13 @@ pub struct CaptureFlags {
     /// Print the resulting pod config and change nothing.
     #[arg(short = 'n', long = "dry-run")]
     pub dry_run: bool,
-    /// Turn off socket-level (sockops/sk_msg) acceleration for this pod.
+    /// Turn on socket-level (sockops/sk_msg) acceleration between app and
+    /// proxy. Off by default: on this kernel generation a blocking read on
+    /// an accelerated socket can fail with EAGAIN when the peer's FIN
+    /// arrives (see README, "Acceleration").
+    #[arg(long = "accel", conflicts_with = "no_accel")]
+    pub accel: bool,
+    /// Acceleration off (the default; kept for explicit configs).
     #[arg(long = "no-accel")]
     pub no_accel: bool,
 }
@@ -286,7 +292,7 @@ impl CaptureFlags {
             exclude_outbound_ports,
             inbound_ports,
             exclude_inbound_ports,
-            accel: !self.no_accel,
+            accel: self.accel && !self.no_accel,
         })
     }
 }
@@ -450,7 +456,7 @@ impl PodSpec {
             join(&self.exclude_outbound_ports),
             inbound,
             join(&self.exclude_inbound_ports),
-            if self.accel { "" } else { " --no-accel" },
+            if self.accel { " --accel" } else { "" },
         )
     }
 }

@@ -62,10 +62,54 @@ fn relay(a: TcpStream, b: TcpStream) {
     let _ = t.join();
 }
 
-fn pipe(mut from: TcpStream, to: TcpStream) {
+fn pipe(from: TcpStream, to: TcpStream) {
     let mut to_w = &to;
-    let _ = io::copy(&mut from, &mut to_w);
+    let _ = io::copy(&mut PollRead::new(&from, IDLE), &mut to_w);
     let _ = to.shutdown(Shutdown::Write);
+}
+
+/// How long the relay and the echo server wait for data.
+const IDLE: Duration = Duration::from_secs(120);
+
+/// A blocking reader that behaves like an event loop: when a read says
+/// EAGAIN it waits for readability and tries again. Sockets accelerated with
+/// sockmap can return EAGAIN from a blocking read when a packet (the peer's
+/// FIN) arrives on the normal path while the redirected queue is empty; an
+/// epoll-driven proxy such as Envoy never notices, and neither do these
+/// tools. `timeout` bounds each wait.
+pub struct PollRead<'a> {
+    s: &'a TcpStream,
+    timeout: Duration,
+}
+
+impl<'a> PollRead<'a> {
+    pub fn new(s: &'a TcpStream, timeout: Duration) -> Self {
+        PollRead { s, timeout }
+    }
+}
+
+impl Read for PollRead<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            match (&mut &*self.s).read(buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted => {
+                    let mut pfd = libc::pollfd { fd: self.s.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+                    let ms = self.timeout.as_millis().min(i32::MAX as u128) as i32;
+                    match unsafe { libc::poll(&mut pfd, 1, ms) } {
+                        0 => return Err(io::Error::new(io::ErrorKind::TimedOut, "no data before the timeout")),
+                        n if n < 0 => {
+                            let e = io::Error::last_os_error();
+                            if e.kind() != io::ErrorKind::Interrupted {
+                                return Err(e);
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+                r => return r,
+            }
+        }
+    }
 }
 
 /// Which listener a connection came in on.
@@ -164,8 +208,7 @@ pub fn echo(addrs: &[SocketAddr]) -> io::Result<()> {
                     let local = c.local_addr().map(|a| a.to_string()).unwrap_or_default();
                     let mut w = &c;
                     if writeln!(w, "peer={peer} local={local}").is_ok() {
-                        let mut r = &c;
-                        let _ = io::copy(&mut r, &mut w);
+                        let _ = io::copy(&mut PollRead::new(&c, IDLE), &mut w);
                     }
                     let _ = c.shutdown(Shutdown::Write);
                 });
@@ -193,8 +236,9 @@ pub struct ClientReport {
     pub echoed: bool,
 }
 
-/// Connect, read the greeting, send `payload`, half-close, check the echo.
-pub fn client(dst: SocketAddr, bind: Option<IpAddr>, payload: &str, timeout: Duration) -> ClientReport {
+/// Connect, read the greeting, send `payload` (while reading the echo, so
+/// payloads of any size work), half-close, check the echo byte for byte.
+pub fn client(dst: SocketAddr, bind: Option<IpAddr>, payload: &[u8], timeout: Duration) -> ClientReport {
     let mut rep = ClientReport {
         ok: false,
         error: None,
@@ -213,26 +257,50 @@ pub fn client(dst: SocketAddr, bind: Option<IpAddr>, payload: &str, timeout: Dur
             }
             None => TcpStream::connect_timeout(&dst, timeout)?,
         };
-        s.set_read_timeout(Some(timeout))?;
         rep.peer = s.peer_addr().ok().map(|a| a.to_string());
         rep.local = s.local_addr().ok().map(|a| a.to_string());
-        let mut r = BufReader::new(s.try_clone()?);
+        let mut r = BufReader::new(PollRead::new(&s, timeout));
         let mut banner = String::new();
         r.read_line(&mut banner)?;
         rep.banner = Some(banner.trim().to_string());
-        (&s).write_all(payload.as_bytes())?;
-        s.shutdown(Shutdown::Write)?;
-        let mut back = String::new();
-        r.read_to_string(&mut back)?;
+        let mut back = Vec::with_capacity(payload.len());
+        std::thread::scope(|scope| -> io::Result<()> {
+            let writer = scope.spawn(|| -> io::Result<()> {
+                (&s).write_all(payload)?;
+                s.shutdown(Shutdown::Write)
+            });
+            let read = r.read_to_end(&mut back);
+            writer.join().expect("writer thread")?;
+            read.map(|_| ())
+        })?;
         rep.echoed = back == payload;
+        if !rep.echoed {
+            let first_diff = back.iter().zip(payload).position(|(a, b)| a != b);
+            rep.error = Some(format!(
+                "echo mismatch: sent {} bytes, got {} back (first difference at {first_diff:?})",
+                payload.len(),
+                back.len()
+            ));
+        }
         Ok(())
     };
     match run(&mut rep) {
         Ok(()) => rep.ok = rep.echoed,
         Err(e) => rep.error = Some(e.to_string()),
     }
-    if !rep.ok && rep.error.is_none() {
-        rep.error = Some("echo mismatch".into());
-    }
     rep
+}
+
+/// A deterministic payload of `n` bytes (not a repeating short pattern,
+/// so a lost or duplicated chunk shows).
+pub fn payload(n: usize) -> Vec<u8> {
+    let mut x: u32 = 0x9e37_79b9;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as u8
+        })
+        .collect()
 }

@@ -9,7 +9,7 @@ use aya::maps::{
 use redirect_common::{
     cidr_kind, CidrKeyData, CounterKey, CounterValue, ListenerKey, OrigDst, PodConfig, PortKey,
     Reason, TupleKey, AF_INET, AF_INET6, CIDR_KEY_FIXED_BITS, MAP_CIDRS, MAP_COUNTERS,
-    MAP_LISTENERS, MAP_ORIG_BY_COOKIE, MAP_ORIG_BY_TUPLE, MAP_PODS, MAP_PORTS,
+    MAP_LISTENERS, MAP_ORIG_BY_COOKIE, MAP_SOCKS, MAP_ORIG_BY_TUPLE, MAP_PODS, MAP_PORTS,
 };
 
 use crate::{
@@ -24,6 +24,7 @@ pub struct Maps {
     pub ports: HashMap<MapData, PortKey, u8>,
     pub counters: PerCpuHashMap<MapData, CounterKey, CounterValue>,
     pub listeners: SockHash<MapData, ListenerKey>,
+    pub socks: SockHash<MapData, TupleKey>,
     pub orig_by_cookie: HashMap<MapData, u64, OrigDst>,
     pub orig_by_tuple: HashMap<MapData, TupleKey, OrigDst>,
 }
@@ -57,6 +58,7 @@ impl Maps {
             ports: typed!(pins, MAP_PORTS),
             counters: typed!(pins, MAP_COUNTERS),
             listeners: typed!(pins, MAP_LISTENERS),
+            socks: typed!(pins, MAP_SOCKS),
             orig_by_cookie: lru(pins, MAP_ORIG_BY_COOKIE)?,
             orig_by_tuple: lru(pins, MAP_ORIG_BY_TUPLE)?,
         })
@@ -202,6 +204,12 @@ impl Maps {
     /// Entry counts of the socket-tracking maps (for leak checks).
     pub fn tracked_sockets(&self) -> (usize, usize) {
         (self.orig_by_cookie.keys().count(), self.orig_by_tuple.keys().count())
+    }
+
+    /// Accelerated sockets currently in the sockhash (the kernel removes
+    /// them when they close).
+    pub fn accelerated_sockets(&self) -> usize {
+        self.socks.keys().count()
     }
 }
 

@@ -5,6 +5,8 @@
 //! <pin-dir>/maps/REDIRECT_*            the shared maps
 //! <pin-dir>/cgroups/<cgroup-id>/<prog> cgroup links (connect, sockops, ...)
 //! <pin-dir>/netns/<netns-cookie>/sk_lookup   per-pod inbound link
+//! <pin-dir>/programs/redirect_sk_msg   acceleration verdict (attached to
+//!                                       the REDIRECT_SOCKS map)
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -47,6 +49,14 @@ impl Pins {
 
     pub fn sk_lookup_link(&self, cookie: u64) -> PathBuf {
         self.netns_dir(cookie).join("sk_lookup")
+    }
+
+    pub fn programs_dir(&self) -> PathBuf {
+        self.root.join("programs")
+    }
+
+    pub fn sk_msg_program(&self) -> PathBuf {
+        self.programs_dir().join("redirect_sk_msg")
     }
 
     pub fn is_installed(&self) -> bool {

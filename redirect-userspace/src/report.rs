@@ -105,6 +105,7 @@ pub fn status(pins: &Pins) -> Result<Status> {
         MapUsage { map: redirect_common::MAP_PODS, entries: pods.len(), max_entries: redirect_common::MAX_PODS },
         MapUsage { map: redirect_common::MAP_ORIG_BY_COOKIE, entries: by_cookie, max_entries: redirect_common::MAX_TRACKED_SOCKETS },
         MapUsage { map: redirect_common::MAP_ORIG_BY_TUPLE, entries: by_tuple, max_entries: redirect_common::MAX_TRACKED_SOCKETS },
+        MapUsage { map: redirect_common::MAP_SOCKS, entries: maps.accelerated_sockets(), max_entries: redirect_common::MAX_TRACKED_SOCKETS },
     ];
     Ok(Status {
         pin_dir: pins.root.display().to_string(),
@@ -156,7 +157,7 @@ impl Status {
                 p.config.inbound_port,
                 if p.inbound_listeners.is_empty() { "none yet".into() } else { p.inbound_listeners.join(", ") }
             );
-            let _ = writeln!(s, "  acceleration: {}", if p.config.accel { "requested (not implemented yet)" } else { "off" });
+            let _ = writeln!(s, "  acceleration: {}", if p.config.accel { "on (sockops + sk_msg)" } else { "off" });
         }
         let _ = writeln!(s);
         for m in &self.map_usage {
@@ -197,7 +198,9 @@ pub fn stats(pins: &Pins, only: Option<u64>) -> Result<Vec<PodStats>> {
         let mut rules = Vec::new();
         let mut ordered: Vec<Reason> = OUTPUT_ORDER.to_vec();
         ordered.extend(PREROUTING_ORDER);
-        ordered.extend(Reason::ALL.iter().filter(|r| matches!(r.chain(), Chain::OrigDst | Chain::Errors)));
+        for chain in [Chain::OrigDst, Chain::Accel, Chain::Errors] {
+            ordered.extend(Reason::ALL.iter().filter(|r| r.chain() == chain));
+        }
         for r in ordered {
             let v = c.get(&r).copied().unwrap_or(CounterValue::default());
             rules.push(RuleCount {
@@ -224,6 +227,7 @@ fn chain_name(c: Chain) -> &'static str {
         Chain::Output => "OUTPUT",
         Chain::Prerouting => "PREROUTING",
         Chain::OrigDst => "ORIGINAL_DST",
+        Chain::Accel => "ACCEL",
         Chain::Errors => "ERRORS",
     }
 }
@@ -233,6 +237,7 @@ fn chain_title(c: &str) -> &'static str {
         "OUTPUT" => "Chain OUTPUT (cgroup/connect4, cgroup/connect6: new TCP connections made in the pod)",
         "PREROUTING" => "Chain PREROUTING (sk_lookup in the pod netns: new TCP connections from outside)",
         "ORIGINAL_DST" => "Original destination (cgroup/getsockopt SO_ORIGINAL_DST, cgroup/getpeername)",
+        "ACCEL" => "Acceleration (sockops + sk_msg between app and proxy; messages and bytes)",
         _ => "Errors",
     }
 }

@@ -80,7 +80,14 @@ impl Pod {
 
     /// Istio's injected flags.
     pub fn attach_istio_default(&self) -> Output {
-        self.attach(&["-p", "15001", "-z", "15006", "-u", "1337", "-m", "REDIRECT", "-i", "*", "-x", "", "-b", "*", "-d", "15090,15021,15020"])
+        self.attach_istio_default_with(&[])
+    }
+
+    /// Istio's injected flags plus `extra`.
+    pub fn attach_istio_default_with(&self, extra: &[&str]) -> Output {
+        let mut flags = vec!["-p", "15001", "-z", "15006", "-u", "1337", "-m", "REDIRECT", "-i", "*", "-x", "", "-b", "*", "-d", "15090,15021,15020"];
+        flags.extend_from_slice(extra);
+        self.attach(&flags)
     }
 
     pub fn spawn(&mut self, name: &str, args: &[&str], p: &Placement) -> &mut ChildGuard {
@@ -125,6 +132,12 @@ impl Pod {
             .unwrap_or_else(|e| panic!("client output {:?} {:?}: {e}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
     }
 
+    /// One kit client connection sending `size` bytes of a deterministic
+    /// pattern (echo checked byte for byte).
+    pub fn client_sized(&self, p: &Placement, dst: &str, size: usize) -> ClientReport {
+        client_sized(p, dst, size)
+    }
+
     /// A client in the pod as the app (uid/gid 1000).
     pub fn app_client(&self, dst: &str) -> ClientReport {
         self.client(&self.topo.in_pod(APP_UID, APP_UID), dst, None)
@@ -166,6 +179,17 @@ impl Drop for Pod {
             }
         }
     }
+}
+
+/// A kit client placed as asked, sending `size` bytes of a deterministic
+/// pattern; the echo is checked byte for byte.
+pub fn client_sized(p: &Placement, dst: &str, size: usize) -> ClientReport {
+    let mut cmd = Command::new(kit_bin());
+    cmd.args(["client", "--connect", dst, "--timeout-ms", "10000", "--size", &size.to_string()]);
+    redirect_userspace::sandbox::place(&mut cmd, p).expect("placing client");
+    let out = cmd.output().expect("running client");
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("client output {:?} {:?}: {e}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
 }
 
 /// True when the client reached the upstream server through our proxy:

@@ -398,7 +398,7 @@ fn status_and_stats_list_the_captured_pod() {
         }
         assert!(seen.insert((ch.to_string(), r["rule"].as_str().unwrap().to_string())), "duplicate row {r}");
     }
-    assert_eq!(chains, vec!["OUTPUT", "PREROUTING", "ORIGINAL_DST", "ERRORS"]);
+    assert_eq!(chains, vec!["OUTPUT", "PREROUTING", "ORIGINAL_DST", "ACCEL", "ERRORS"]);
     for rule in ["captured", "captured_include_port", "skip_excluded_port", "skip_excluded_cidr", "skip_proxy_uid", "skip_proxy_gid", "skip_loopback", "skip_not_included"] {
         rule_count(ps, "OUTPUT", rule);
     }

@@ -31,8 +31,11 @@ enum Tool {
         connect: SocketAddr,
         #[arg(long)]
         bind: Option<std::net::IpAddr>,
-        #[arg(long, default_value = "ping")]
+        #[arg(long, default_value = "ping", conflicts_with = "size")]
         payload: String,
+        /// Send this many bytes of a deterministic pattern instead.
+        #[arg(long)]
+        size: Option<usize>,
         #[arg(long, default_value = "3000")]
         timeout_ms: u64,
     },
@@ -42,8 +45,12 @@ fn main() -> ExitCode {
     match Cli::parse().tool {
         Tool::Proxy { outbound_port, inbound_port } => report(kit::proxy(outbound_port, inbound_port)),
         Tool::Echo { listen } => report(kit::echo(&listen)),
-        Tool::Client { connect, bind, payload, timeout_ms } => {
-            let r = kit::client(connect, bind, &payload, Duration::from_millis(timeout_ms));
+        Tool::Client { connect, bind, payload, size, timeout_ms } => {
+            let bytes = match size {
+                Some(n) => kit::payload(n),
+                None => payload.into_bytes(),
+            };
+            let r = kit::client(connect, bind, &bytes, Duration::from_millis(timeout_ms));
             println!("{}", serde_json::to_string(&r).expect("serializable"));
             if r.ok { ExitCode::SUCCESS } else { ExitCode::FAILURE }
         }

@@ -92,6 +92,11 @@ pub fn run(pin_dir: &Path, a: Args) -> Result<()> {
             cgroup.display(),
             if newly { "attached now" } else { "already attached" }
         );
+        match (&info.accel, &info.accel_unavailable) {
+            (true, _) => println!("  acceleration: on (sockops + sk_msg)"),
+            (false, Some(why)) => eprintln!("redirect: warning: acceleration unavailable, continuing without: {why}"),
+            (false, None) => println!("  acceleration: off (--accel turns it on)"),
+        }
         if !info.listener_seeded.is_empty() {
             println!("  proxy listener found: {}", info.listener_seeded.join(", "));
         }
