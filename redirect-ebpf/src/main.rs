@@ -71,10 +71,10 @@ const BPF_SOCK_OPS_STATE_CB_FLAG: i32 = 4;
 
 /// Add to a per-CPU counter (no atomics needed), creating it on first use.
 #[inline(always)]
-fn bump(netns: u64, reason: Reason, conns: u64, bytes: u64) {
+fn bump(netns: u64, reason: u32, conns: u64, bytes: u64) {
     let key = CounterKey {
         netns,
-        reason: reason as u32,
+        reason,
         _pad: 0,
     };
     match REDIRECT_COUNTERS.get_ptr_mut(&key) {
@@ -91,12 +91,13 @@ fn bump(netns: u64, reason: Reason, conns: u64, bytes: u64) {
 /// Count one connection (or call) under `reason`.
 #[inline(always)]
 fn count(netns: u64, reason: Reason) {
-    bump(netns, reason, 1, 0);
+    bump(netns, reason as u32, 1, 0);
 }
 
-/// Add bytes to a counter without counting a connection.
+/// Add bytes to a counter (by raw reason code) without counting a
+/// connection.
 #[inline(always)]
-fn add_bytes(netns: u64, reason: Reason, bytes: u64) {
+fn add_bytes(netns: u64, reason: u32, bytes: u64) {
     bump(netns, reason, 0, bytes);
 }
 
@@ -490,9 +491,7 @@ unsafe fn closed(ctx: &SockOpsContext) {
     if let Some(orig) = REDIRECT_ORIG_BY_COOKIE.get(&cookie) {
         // The app side of a redirected connection: account its bytes
         // (both directions) to the rule that redirected it.
-        if let Some(reason) = Reason::from_u32(orig.reason) {
-            add_bytes(netns, reason, (*ops).bytes_received + (*ops).bytes_acked);
-        }
+        add_bytes(netns, orig.reason, (*ops).bytes_received + (*ops).bytes_acked);
         let _ = REDIRECT_ORIG_BY_COOKIE.remove(&cookie);
     }
     let t = ops_tuple(ops);
@@ -731,11 +730,11 @@ unsafe fn sk_msg_redirect(ctx: &SkMsgContext) -> u32 {
     }
     let size = (*m).size as u64;
     if REDIRECT_SOCKS.redirect_msg(ctx, peer_key(netns, &t), BPF_F_INGRESS as u64) == SK_PASS as i64 {
-        bump(netns, Reason::AccelRedirected, 1, size);
+        bump(netns, Reason::AccelRedirected as u32, 1, size);
         return SK_PASS;
     }
     let _ = REDIRECT_ACCEL_FALLBACK.insert(&own, &1, 0);
-    bump(netns, Reason::AccelFallback, 1, size);
+    bump(netns, Reason::AccelFallback as u32, 1, size);
     SK_PASS
 }
 
