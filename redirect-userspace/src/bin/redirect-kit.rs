@@ -2,7 +2,7 @@
 use std::{net::SocketAddr, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand};
-use redirect_userspace::kit;
+use redirect_userspace::{bench, kit};
 
 #[derive(Parser)]
 #[command(name = "redirect-kit", about = "Sidecar proxy, echo server and client used by redirect's demo, tests and benchmark")]
@@ -39,6 +39,55 @@ enum Tool {
         #[arg(long, default_value = "3000")]
         timeout_ms: u64,
     },
+    /// Benchmark sidecar: event-loop transparent proxy on --port, plus
+    /// fixed-upstream listeners on 127.0.0.1 (`--fixed PORT=ADDR`).
+    #[command(hide = true)]
+    BenchProxy {
+        #[arg(long, default_value = "15001")]
+        port: u16,
+        #[arg(long, value_parser = bench::net::parse_fixed)]
+        fixed: Vec<(u16, SocketAddr)>,
+    },
+    /// Benchmark servers: echo and sink listeners on one event loop.
+    #[command(hide = true)]
+    BenchServer {
+        #[arg(long)]
+        echo: Vec<SocketAddr>,
+        #[arg(long)]
+        sink: Vec<SocketAddr>,
+    },
+    /// Benchmark load generator: one measurement, one JSON line.
+    #[command(hide = true)]
+    BenchLoad {
+        #[arg(long, value_enum)]
+        mode: bench::loadgen::Mode,
+        #[arg(long)]
+        target: SocketAddr,
+        #[arg(long, default_value = "64")]
+        size: usize,
+        #[arg(long, default_value = "1000")]
+        duration_ms: u64,
+        #[arg(long, default_value = "200")]
+        warmup_ms: u64,
+        /// Requests per second (open loop).
+        #[arg(long, default_value = "5000")]
+        rate: u64,
+    },
+    /// The whole benchmark (as root; `cargo xtask bench` runs this).
+    #[command(hide = true)]
+    Bench {
+        #[arg(long)]
+        quick: bool,
+        #[arg(long, value_enum, default_value = "kit")]
+        proxy: bench::runner::ProxyKind,
+        #[arg(long, default_value = "results")]
+        out: std::path::PathBuf,
+        #[arg(long)]
+        reps: Option<usize>,
+        /// Open-loop rate (requests/s).
+        #[arg(long)]
+        rate: Option<u64>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -53,6 +102,38 @@ fn main() -> ExitCode {
             let r = kit::client(connect, bind, &bytes, Duration::from_millis(timeout_ms));
             println!("{}", serde_json::to_string(&r).expect("serializable"));
             if r.ok { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+        }
+        Tool::BenchProxy { port, fixed } => report(bench::net::proxy(port, &fixed)),
+        Tool::BenchServer { echo, sink } => {
+            let l: Vec<_> = echo.iter().map(|a| (*a, bench::net::Role::Echo)).chain(sink.iter().map(|a| (*a, bench::net::Role::Sink))).collect();
+            report(bench::net::serve(&l))
+        }
+        Tool::BenchLoad { mode, target, size, duration_ms, warmup_ms, rate } => {
+            let a = bench::loadgen::LoadArgs { mode, target, size, duration: Duration::from_millis(duration_ms), warmup: Duration::from_millis(warmup_ms), rate };
+            let r = bench::loadgen::run(&a);
+            println!("{}", serde_json::to_string(&r).expect("serializable"));
+            if r.error.is_none() { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+        }
+        Tool::Bench { quick, proxy, out, reps, rate } => {
+            let o = bench::runner::Options { quick, proxy, out, reps, rate };
+            match bench::runner::run(&o) {
+                Ok((path, ok)) => {
+                    // The head of the report (run, machine, targets), then its path.
+                    let md = std::fs::read_to_string(&path).unwrap_or_default();
+                    println!("{}", md.split("\n## Results").next().unwrap_or(""));
+                    println!("report: {}", path.display());
+                    if ok {
+                        ExitCode::SUCCESS
+                    } else {
+                        eprintln!("redirect-kit bench: some path checks failed (see the report)");
+                        ExitCode::FAILURE
+                    }
+                }
+                Err(e) => {
+                    eprintln!("redirect-kit bench: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
         }
     }
 }

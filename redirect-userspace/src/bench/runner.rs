@@ -1,0 +1,842 @@
+//! The benchmark run: configurations A–E (and the rule-count scaling of
+//! C, D, E) interleaved repetition by repetition, each in a fresh pod +
+//! upstream namespace pair, under two CPU placements, with a check after
+//! every configuration that the intended path was taken.
+
+use std::{
+    collections::BTreeMap,
+    io::{Read, Write},
+    net::{Ipv4Addr, SocketAddr},
+    os::unix::process::CommandExt,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    sync::atomic::{AtomicBool, Ordering},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+use super::{
+    hist,
+    loadgen::{LoadResult, Mode},
+    report,
+};
+use crate::sandbox::{self, ChildGuard, Topology, UPSTREAM_V4};
+
+pub const APP_UID: u32 = 1000;
+pub const PROXY_UID: u32 = 1337;
+const ECHO_PORT: u16 = 7001;
+const SINK_PORT: u16 = 7002;
+/// Configuration B: the proxy's fixed-upstream listeners on 127.0.0.1.
+const FIXED_ECHO: u16 = 15101;
+const FIXED_SINK: u16 = 15102;
+/// Istio's injected init arguments, minus `-x` (added per run).
+const ISTIO_FLAGS: [&str; 12] = ["-p", "15001", "-z", "15006", "-u", "1337", "-m", "REDIRECT", "-i", "*", "-b", "*"];
+const ISTIO_EXCLUDE_INBOUND: &str = "15090,15021,15020";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Cfg {
+    A,
+    B,
+    C,
+    D,
+    E,
+}
+
+impl Cfg {
+    pub const ALL: [Cfg; 5] = [Cfg::A, Cfg::B, Cfg::C, Cfg::D, Cfg::E];
+    pub const SCALED: [Cfg; 3] = [Cfg::C, Cfg::D, Cfg::E];
+
+    pub fn describe(self) -> &'static str {
+        match self {
+            Cfg::A => "no proxy: app → server directly",
+            Cfg::B => "proxy addressed directly (fixed upstream), no capture",
+            Cfg::C => "Istio's iptables nat rules (REDIRECT) in the pod netns",
+            Cfg::D => "eBPF redirect, `--no-accel`",
+            Cfg::E => "eBPF redirect with acceleration (default)",
+        }
+    }
+
+    pub fn color(self) -> &'static str {
+        match self {
+            Cfg::A => "#7f7f7f",
+            Cfg::B => "#9467bd",
+            Cfg::C => "#d62728",
+            Cfg::D => "#1f77b4",
+            Cfg::E => "#2ca02c",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Place {
+    /// Client, proxy and server all on CPU 0.
+    Same,
+    /// Client on CPU 0, proxy and server on CPU 1.
+    Split,
+}
+
+impl Place {
+    pub fn describe(self) -> &'static str {
+        match self {
+            Place::Same => "one CPU: client, proxy and server all on CPU 0",
+            Place::Split => "two CPUs: client on CPU 0, proxy and server on CPU 1",
+        }
+    }
+
+    pub fn short(self) -> &'static str {
+        match self {
+            Place::Same => "one CPU",
+            Place::Split => "two CPUs",
+        }
+    }
+
+    fn cpus(self) -> (usize, usize) {
+        match self {
+            Place::Same => (0, 0),
+            Place::Split => (0, 1),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Test {
+    Rr64,
+    Rr1k,
+    Rr16k,
+    Conn,
+    Bulk,
+    Open,
+}
+
+impl Test {
+    pub const ALL: [Test; 6] = [Test::Rr64, Test::Rr1k, Test::Rr16k, Test::Conn, Test::Bulk, Test::Open];
+
+    pub fn describe(self) -> &'static str {
+        match self {
+            Test::Rr64 => "request/response 64 B",
+            Test::Rr1k => "request/response 1 KiB",
+            Test::Rr16k => "request/response 16 KiB",
+            Test::Conn => "connection (connect + 64 B exchange + close)",
+            Test::Bulk => "bulk upload",
+            Test::Open => "open loop 64 B",
+        }
+    }
+
+    fn mode(self) -> (Mode, usize) {
+        match self {
+            Test::Rr64 => (Mode::Rr, 64),
+            Test::Rr1k => (Mode::Rr, 1024),
+            Test::Rr16k => (Mode::Rr, 16384),
+            Test::Conn => (Mode::Conn, 64),
+            Test::Bulk => (Mode::Bulk, 0),
+            Test::Open => (Mode::Open, 64),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+pub enum ProxyKind {
+    /// The workspace's own event-loop sidecar (`redirect-kit bench-proxy`).
+    Kit,
+    /// Debian's haproxy (`server 0.0.0.0:0`: SO_ORIGINAL_DST, IPv4).
+    Haproxy,
+}
+
+pub struct Options {
+    pub quick: bool,
+    pub proxy: ProxyKind,
+    pub out: PathBuf,
+    /// Override the number of measured repetitions.
+    pub reps: Option<usize>,
+    /// Override the open-loop rate (requests/s).
+    pub rate: Option<u64>,
+}
+
+/// Durations and counts of one run.
+#[derive(Clone, Debug, Serialize)]
+pub struct Settings {
+    pub quick: bool,
+    pub reps: usize,
+    pub warmup_round: bool,
+    pub duration_ms: u64,
+    pub warmup_ms: u64,
+    pub open_rate: u64,
+    pub rule_counts: Vec<usize>,
+    pub places: Vec<Place>,
+    pub proxy: ProxyKind,
+}
+
+/// One measurement.
+#[derive(Clone, Debug, Serialize)]
+pub struct Sample {
+    pub rep: usize,
+    pub cfg: Cfg,
+    pub place: Place,
+    pub test: Test,
+    /// Extra rules (C) or exclusion entries (D, E).
+    pub rules: usize,
+    pub rate: f64,
+    pub p50_us: f64,
+    pub p99_us: f64,
+    pub p999_us: f64,
+    pub gbit_s: f64,
+    pub cpu_s_per_gb: f64,
+    pub conns: u64,
+    #[serde(skip)]
+    pub hist: Vec<[u64; 2]>,
+}
+
+/// The outcome of one path check.
+#[derive(Clone, Debug, Serialize)]
+pub struct Check {
+    pub rep: usize,
+    pub cfg: Cfg,
+    pub rules: usize,
+    pub ok: bool,
+    pub detail: String,
+}
+
+/// Everything the report is made from.
+pub struct Run {
+    pub settings: Settings,
+    pub samples: Vec<Sample>,
+    pub checks: Vec<Check>,
+    /// "ACCEL" counter rows seen in E (rule → count), summed over runs.
+    pub accel: BTreeMap<String, u64>,
+    pub accel_rows_present: bool,
+    pub machine: report::Machine,
+    pub started: String,
+    pub elapsed_s: f64,
+    pub load_before: String,
+    pub load_after: String,
+}
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    STOP.store(true, Ordering::SeqCst);
+}
+
+fn stopped() -> Result<()> {
+    if STOP.load(Ordering::SeqCst) {
+        bail!("interrupted: cleaning up");
+    }
+    Ok(())
+}
+
+fn settings(o: &Options) -> Settings {
+    let ncpu = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let places = if ncpu >= 2 { vec![Place::Same, Place::Split] } else { vec![Place::Same] };
+    let (reps, dur, warm) = if o.quick { (2, 250, 50) } else { (5, 1000, 200) };
+    Settings {
+        quick: o.quick,
+        reps: o.reps.unwrap_or(reps),
+        warmup_round: !o.quick,
+        duration_ms: dur,
+        warmup_ms: warm,
+        open_rate: o.rate.unwrap_or(5000),
+        rule_counts: vec![1000, 10_000],
+        places,
+        proxy: o.proxy,
+    }
+}
+
+/// `count` distinct never-used /32s in 198.18.0.0/15 (RFC 2544 benchmark
+/// space), shortest text first so that 10k of them fit in one argument.
+pub fn exclusion_addrs(count: usize) -> Vec<Ipv4Addr> {
+    let mut all: Vec<Ipv4Addr> = (18u8..=19).flat_map(|b| (0..=255u8).flat_map(move |x| (0..=255u8).map(move |y| Ipv4Addr::new(198, b, x, y)))).collect();
+    all.sort_by_key(|a| a.to_string().len());
+    all.truncate(count);
+    all
+}
+
+/// The nat table istio-init writes (DESIGN.md §2, REDIRECT mode), with
+/// `extra` never-matching `-d <addr>/32 -j RETURN` rules where
+/// istio-iptables puts `-x` exclusions: after rule (8), before (9), so the
+/// app's every new connection walks them.
+pub fn istio_nat_rules(extra: &[Ipv4Addr]) -> String {
+    let mut s = String::from(
+        "*nat\n:PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:POSTROUTING ACCEPT [0:0]\n\
+         :ISTIO_INBOUND - [0:0]\n:ISTIO_IN_REDIRECT - [0:0]\n:ISTIO_OUTPUT - [0:0]\n:ISTIO_REDIRECT - [0:0]\n\
+         -A PREROUTING -p tcp -j ISTIO_INBOUND\n\
+         -A ISTIO_INBOUND -p tcp --dport 15008 -j RETURN\n\
+         -A ISTIO_INBOUND -p tcp --dport 22 -j RETURN\n\
+         -A ISTIO_INBOUND -p tcp --dport 15090 -j RETURN\n\
+         -A ISTIO_INBOUND -p tcp --dport 15021 -j RETURN\n\
+         -A ISTIO_INBOUND -p tcp --dport 15020 -j RETURN\n\
+         -A ISTIO_INBOUND -p tcp -j ISTIO_IN_REDIRECT\n\
+         -A ISTIO_IN_REDIRECT -p tcp -j REDIRECT --to-ports 15006\n\
+         -A OUTPUT -p tcp -j ISTIO_OUTPUT\n\
+         -A ISTIO_OUTPUT -o lo -s 127.0.0.6/32 -j RETURN\n\
+         -A ISTIO_OUTPUT -o lo ! -d 127.0.0.1/32 -m owner --uid-owner 1337 -j ISTIO_IN_REDIRECT\n\
+         -A ISTIO_OUTPUT -o lo -m owner ! --uid-owner 1337 -j RETURN\n\
+         -A ISTIO_OUTPUT -m owner --uid-owner 1337 -j RETURN\n\
+         -A ISTIO_OUTPUT -o lo ! -d 127.0.0.1/32 -m owner --gid-owner 1337 -j ISTIO_IN_REDIRECT\n\
+         -A ISTIO_OUTPUT -o lo -m owner ! --gid-owner 1337 -j RETURN\n\
+         -A ISTIO_OUTPUT -m owner --gid-owner 1337 -j RETURN\n\
+         -A ISTIO_OUTPUT -d 127.0.0.1/32 -j RETURN\n",
+    );
+    for a in extra {
+        s.push_str(&format!("-A ISTIO_OUTPUT -d {a}/32 -j RETURN\n"));
+    }
+    s.push_str("-A ISTIO_OUTPUT -j ISTIO_REDIRECT\n-A ISTIO_REDIRECT -p tcp -j REDIRECT --to-ports 15001\nCOMMIT\n");
+    s
+}
+
+fn kit_bin() -> PathBuf {
+    sandbox::sibling_binary("redirect-kit")
+}
+
+fn redirect_bin() -> PathBuf {
+    sandbox::sibling_binary("redirect")
+}
+
+/// Pin every thread of `pid` to `cpu` (threads created later inherit it).
+fn pin(pid: u32, cpu: usize) -> Result<()> {
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).with_context(|| format!("threads of {pid}"))? {
+        let tid: i32 = t?.file_name().to_string_lossy().parse().unwrap_or(0);
+        if unsafe { libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set) } != 0 {
+            bail!("sched_setaffinity({tid}, cpu {cpu}): {}", std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+fn netns_exec(ns: &str, args: &[&str]) -> Result<String> {
+    let mut a = vec!["netns", "exec", ns];
+    a.extend_from_slice(args);
+    sandbox::run("ip", &a).map_err(Into::into)
+}
+
+/// Debian's haproxy as the sidecar, killed by PID and its directory
+/// removed on drop.
+struct Haproxy {
+    child: std::process::Child,
+    dir: PathBuf,
+}
+
+const HAPROXY: &str = "/usr/sbin/haproxy";
+
+impl Haproxy {
+    fn start(topo: &Topology) -> Result<Haproxy> {
+        use std::os::unix::fs::PermissionsExt;
+        if !Path::new(HAPROXY).exists() {
+            bail!("{HAPROXY} missing: run `cargo xtask setup` (or apt-get install -y haproxy)");
+        }
+        let dir = std::env::temp_dir().join(sandbox::unique("rdb-haproxy-"));
+        std::fs::create_dir(&dir)?;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
+        let cfg = dir.join("haproxy.cfg");
+        std::fs::write(
+            &cfg,
+            format!(
+                "global\n  maxconn 8000\n  nbthread 1\n\
+                 defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n\
+                 frontend outbound\n  bind 0.0.0.0:15001\n  default_backend original_dst\n\
+                 backend original_dst\n  server orig 0.0.0.0:0\n\
+                 frontend fixed_echo\n  bind 127.0.0.1:{FIXED_ECHO}\n  default_backend echo\n\
+                 backend echo\n  server echo {UPSTREAM_V4}:{ECHO_PORT}\n\
+                 frontend fixed_sink\n  bind 127.0.0.1:{FIXED_SINK}\n  default_backend sink\n\
+                 backend sink\n  server sink {UPSTREAM_V4}:{SINK_PORT}\n"
+            ),
+        )?;
+        std::fs::set_permissions(&cfg, std::fs::Permissions::from_mode(0o644))?;
+        let mut cmd = Command::new(HAPROXY);
+        cmd.arg("-db").arg("-f").arg(&cfg);
+        cmd.stdin(Stdio::null()).stdout(std::fs::File::create(dir.join("out.log"))?).stderr(std::fs::File::create(dir.join("err.log"))?);
+        sandbox::place(&mut cmd, &topo.in_pod(PROXY_UID, PROXY_UID))?;
+        let child = match cmd.spawn() {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                bail!("starting haproxy: {e}");
+            }
+        };
+        let mut h = Haproxy { child, dir };
+        // Ready when the fixed echo frontend answers from inside the pod.
+        let ns = crate::sys::Netns::open(&topo.pod.path())?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(Some(st)) = h.child.try_wait() {
+                bail!("haproxy exited ({st}): {}", std::fs::read_to_string(h.dir.join("err.log")).unwrap_or_default());
+            }
+            let up = ns
+                .run(|| {
+                    let mut s = std::net::TcpStream::connect_timeout(&SocketAddr::from(([127, 0, 0, 1], FIXED_ECHO)), Duration::from_millis(200))?;
+                    s.set_read_timeout(Some(Duration::from_millis(500)))?;
+                    s.write_all(b"x")?;
+                    let mut b = [0u8; 1];
+                    s.read_exact(&mut b)
+                })
+                .is_ok();
+            if up {
+                return Ok(h);
+            }
+            if Instant::now() > deadline {
+                bail!("haproxy not ready after 10 s: {}", std::fs::read_to_string(h.dir.join("err.log")).unwrap_or_default());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Haproxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+enum Sidecar {
+    Kit(ChildGuard),
+    Haproxy(Haproxy),
+}
+
+impl Sidecar {
+    fn pid(&self) -> u32 {
+        match self {
+            Sidecar::Kit(c) => c.pid(),
+            Sidecar::Haproxy(h) => h.child.id(),
+        }
+    }
+
+    /// The kit proxy's counters (SIGUSR1 → one stats line); None for haproxy.
+    fn counters(&mut self) -> Option<serde_json::Value> {
+        let Sidecar::Kit(c) = self else { return None };
+        let _ = c.take_lines();
+        unsafe { libc::kill(c.pid() as i32, libc::SIGUSR1) };
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while Instant::now() < deadline {
+            for l in c.take_lines() {
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&l) {
+                    if v["event"] == "stats" {
+                        return Some(v["counters"].clone());
+                    }
+                }
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        None
+    }
+}
+
+/// One configuration instance: fresh namespaces, servers, sidecar and
+/// capture; removed in reverse order on drop.
+struct Env {
+    cfg: Cfg,
+    rules: usize,
+    server: Option<ChildGuard>,
+    proxy: Option<Sidecar>,
+    pin_dir: Option<PathBuf>,
+    topo: Option<Topology>,
+    /// Connections the app made (from the load generator's reports).
+    conns: u64,
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        self.proxy.take();
+        self.server.take();
+        if let Some(p) = self.pin_dir.take() {
+            if p.exists() {
+                let out = Command::new(redirect_bin()).arg("--pin-dir").arg(&p).arg("uninstall").output();
+                if !matches!(&out, Ok(o) if o.status.success()) {
+                    eprintln!("bench: uninstall of {} failed: {out:?}", p.display());
+                }
+            }
+        }
+        self.topo.take();
+    }
+}
+
+impl Env {
+    fn new(cfg: Cfg, rules: usize, proxy: ProxyKind) -> Result<Env> {
+        let topo = Topology::new("bench").context("creating the pod and upstream namespaces")?;
+        let mut env = Env { cfg, rules, server: None, proxy: None, pin_dir: None, topo: None, conns: 0 };
+        for ns in [&topo.pod.name, &topo.upstream.name] {
+            // Connection-rate runs leave tens of thousands of TIME_WAIT
+            // sockets: widen the port range and reuse them (per netns).
+            netns_exec(ns, &["sysctl", "-q", "-w", "net.ipv4.ip_local_port_range=10000 65000", "net.ipv4.tcp_tw_reuse=1"])?;
+        }
+        let mut server = Command::new(kit_bin());
+        server.args(["bench-server", "--echo", &format!("{UPSTREAM_V4}:{ECHO_PORT}"), "--sink", &format!("{UPSTREAM_V4}:{SINK_PORT}")]);
+        env.server = Some(ChildGuard::spawn("bench-server", server, &topo.in_upstream(), true)?);
+        if cfg != Cfg::A {
+            env.proxy = Some(match proxy {
+                ProxyKind::Kit => {
+                    let mut p = Command::new(kit_bin());
+                    p.args(["bench-proxy", "--port", "15001"]);
+                    p.args(["--fixed", &format!("{FIXED_ECHO}={UPSTREAM_V4}:{ECHO_PORT}")]);
+                    p.args(["--fixed", &format!("{FIXED_SINK}={UPSTREAM_V4}:{SINK_PORT}")]);
+                    Sidecar::Kit(ChildGuard::spawn("bench-proxy", p, &topo.in_pod(PROXY_UID, PROXY_UID), true)?)
+                }
+                ProxyKind::Haproxy => Sidecar::Haproxy(Haproxy::start(&topo)?),
+            });
+        }
+        let extra = exclusion_addrs(rules);
+        match cfg {
+            Cfg::A | Cfg::B => {}
+            Cfg::C => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", &topo.pod.name, "iptables-restore"]).stdin(Stdio::piped()).stdout(Stdio::null()).stderr(Stdio::piped());
+                let mut child = c.spawn().context("starting iptables-restore")?;
+                child.stdin.take().expect("piped").write_all(istio_nat_rules(&extra).as_bytes())?;
+                let out = child.wait_with_output()?;
+                if !out.status.success() {
+                    bail!("iptables-restore in {}: {}", topo.pod.name, String::from_utf8_lossy(&out.stderr));
+                }
+            }
+            Cfg::D | Cfg::E => {
+                let pin = PathBuf::from(format!("/sys/fs/bpf/{}", sandbox::unique("rdb-")));
+                env.pin_dir = Some(pin.clone());
+                let x: Vec<String> = extra.iter().map(|a| a.to_string()).collect();
+                let x = x.join(",");
+                let ns = topo.pod.path();
+                let mut c = Command::new(redirect_bin());
+                c.arg("--pin-dir").arg(&pin).args(["attach", "--netns"]).arg(&ns).arg("--cgroup").arg(&topo.cgroup.path);
+                c.args(ISTIO_FLAGS).args(["-x", &x, "-d", ISTIO_EXCLUDE_INBOUND]);
+                if cfg == Cfg::D {
+                    c.arg("--no-accel");
+                }
+                let out = c.output().context("running redirect attach")?;
+                if !out.status.success() {
+                    bail!("redirect attach ({cfg:?}, {rules} exclusions): {}", String::from_utf8_lossy(&out.stderr));
+                }
+            }
+        }
+        env.topo = Some(topo);
+        Ok(env)
+    }
+
+    fn topo(&self) -> &Topology {
+        self.topo.as_ref().expect("topology lives as long as the env")
+    }
+
+    fn place(&self, p: Place) -> Result<usize> {
+        let (client, rest) = p.cpus();
+        if let Some(s) = &self.server {
+            pin(s.pid(), rest)?;
+        }
+        if let Some(px) = &self.proxy {
+            pin(px.pid(), rest)?;
+        }
+        Ok(client)
+    }
+
+    fn targets(&self) -> (SocketAddr, SocketAddr) {
+        let up: Ipv4Addr = UPSTREAM_V4.parse().expect("address");
+        match self.cfg {
+            Cfg::B => (SocketAddr::from(([127, 0, 0, 1], FIXED_ECHO)), SocketAddr::from(([127, 0, 0, 1], FIXED_SINK))),
+            _ => (SocketAddr::from((up, ECHO_PORT)), SocketAddr::from((up, SINK_PORT))),
+        }
+    }
+
+    /// One load generator run as the app, on `cpu`.
+    fn load(&mut self, test: Test, cpu: usize, s: &Settings) -> Result<LoadResult> {
+        let (mode, size) = test.mode();
+        let (echo, sink) = self.targets();
+        let target = if mode == Mode::Bulk { sink } else { echo };
+        let mut cmd = Command::new(kit_bin());
+        cmd.arg("bench-load")
+            .args(["--mode", &format!("{mode:?}").to_lowercase(), "--target", &target.to_string(), "--size", &size.to_string()])
+            .args(["--duration-ms", &s.duration_ms.to_string(), "--warmup-ms", &s.warmup_ms.to_string(), "--rate", &s.open_rate.to_string()]);
+        sandbox::place(&mut cmd, &self.topo().in_pod(APP_UID, APP_UID))?;
+        unsafe {
+            cmd.pre_exec(move || {
+                let mut set: libc::cpu_set_t = std::mem::zeroed();
+                libc::CPU_SET(cpu, &mut set);
+                if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let out = cmd.stdin(Stdio::null()).output().context("running the load generator")?;
+        let r: LoadResult = serde_json::from_slice(&out.stdout)
+            .with_context(|| format!("load generator output {:?} {:?}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))?;
+        self.conns += r.conns;
+        if let Some(e) = &r.error {
+            bail!("{:?} {test:?} with {} rules: load generator failed: {e}", self.cfg, self.rules);
+        }
+        Ok(r)
+    }
+
+    /// Was the intended path taken? Our counters, iptables counters, the
+    /// proxy's own counts, and nothing stray.
+    fn verify(&mut self, rep: usize, accel: &mut BTreeMap<String, u64>, accel_rows: &mut bool) -> Check {
+        let mut problems = Vec::new();
+        let mut facts = Vec::new();
+        let conns = self.conns;
+        let topo = self.topo.as_ref().expect("topology");
+        let pod = topo.pod.name.clone();
+        let pod_path = topo.pod.path();
+        let cgroup = topo.cgroup.path.clone();
+        let inode = std::fs::metadata(&pod_path).map(|m| std::os::unix::fs::MetadataExt::ino(&m)).unwrap_or(0);
+
+        // iptables: rules in the pod netns (nft and legacy backends).
+        let save = netns_exec(&pod, &["iptables-save", "-c", "-t", "nat"]).unwrap_or_default();
+        let rule_lines = save.lines().filter(|l| l.contains("-A ")).count();
+        let legacy = netns_exec(&pod, &["iptables-legacy-save"]).unwrap_or_default();
+        let legacy_lines = legacy.lines().filter(|l| l.starts_with("-A ")).count();
+        if legacy_lines > 0 {
+            problems.push(format!("{legacy_lines} iptables-legacy rules in the pod netns"));
+        }
+        // BPF: programs effective on the pod's cgroup, links on its netns.
+        let effective = Command::new("bpftool").args(["-j", "cgroup", "show"]).arg(&cgroup).arg("effective").output();
+        let cg_progs: Vec<String> = effective
+            .ok()
+            .and_then(|o| serde_json::from_slice::<Vec<serde_json::Value>>(&o.stdout).ok())
+            .unwrap_or_default()
+            .iter()
+            .map(|p| p["attach_type"].as_str().unwrap_or("?").to_string())
+            .collect();
+        let links = Command::new("bpftool").args(["-j", "link", "show"]).output();
+        let netns_links = links
+            .ok()
+            .and_then(|o| serde_json::from_slice::<Vec<serde_json::Value>>(&o.stdout).ok())
+            .unwrap_or_default()
+            .iter()
+            .filter(|l| l["netns_ino"].as_u64() == Some(inode))
+            .count();
+        let proxy = self.proxy.as_mut().and_then(Sidecar::counters);
+        // TCP retransmissions in the pod: any here would put RTO-sized
+        // (200 ms+) stalls into the tails.
+        let retrans = tcp_retrans(&pod);
+        if retrans > 0 {
+            facts.push(format!("{retrans} TCP segments retransmitted in the pod"));
+        }
+        match self.cfg {
+            Cfg::A | Cfg::B => {
+                if rule_lines > 0 {
+                    problems.push(format!("{rule_lines} nat rules in the pod netns"));
+                }
+                if !cg_progs.is_empty() || netns_links > 0 {
+                    problems.push(format!("BPF attached to the pod: cgroup {cg_progs:?}, {netns_links} netns links"));
+                }
+            }
+            Cfg::C => {
+                let redirected = save
+                    .lines()
+                    .find(|l| l.contains("-A ISTIO_REDIRECT") && l.contains("--to-ports 15001"))
+                    .and_then(|l| l.strip_prefix('[')?.split(':').next()?.parse::<u64>().ok());
+                match redirected {
+                    Some(n) if n >= conns => facts.push(format!("iptables REDIRECT to 15001 counted {n} packets for {conns} app connections")),
+                    Some(n) => problems.push(format!("iptables REDIRECT counted {n} packets, fewer than the {conns} app connections")),
+                    None => problems.push("no ISTIO_REDIRECT REDIRECT rule found by iptables-save".into()),
+                }
+                let want = 19 + self.rules;
+                if rule_lines != want {
+                    problems.push(format!("{rule_lines} nat rules in the pod netns, {want} expected"));
+                }
+                if !cg_progs.is_empty() || netns_links > 0 {
+                    problems.push(format!("BPF attached to the pod: cgroup {cg_progs:?}, {netns_links} netns links"));
+                }
+            }
+            Cfg::D | Cfg::E => {
+                if rule_lines > 0 {
+                    problems.push(format!("{rule_lines} stray nat rules in the pod netns"));
+                }
+                if !cg_progs.iter().any(|p| p.contains("inet4_connect")) {
+                    problems.push(format!("no inet4_connect program effective on the pod cgroup ({cg_progs:?})"));
+                }
+                if netns_links != 1 {
+                    problems.push(format!("{netns_links} BPF links on the pod netns, 1 (sk_lookup) expected"));
+                }
+                match self.stats() {
+                    Ok(rows) => {
+                        let count = |chain: &str, rule: &str| rows.iter().find(|r| r["chain"] == chain && r["rule"] == rule).and_then(|r| r["count"].as_u64());
+                        match count("OUTPUT", "captured") {
+                            Some(n) if n == conns => facts.push(format!("OUTPUT/captured = {n} = app connections")),
+                            n => problems.push(format!("OUTPUT/captured = {n:?}, {conns} app connections made")),
+                        }
+                        if let Some(n) = count("OUTPUT", "skip_excluded_cidr").filter(|n| *n > 0) {
+                            problems.push(format!("{n} connections matched an exclusion entry"));
+                        }
+                        let accel_now: Vec<(String, u64)> = rows
+                            .iter()
+                            .filter(|r| r["chain"] == "ACCEL")
+                            .map(|r| (r["rule"].as_str().unwrap_or("?").to_string(), r["count"].as_u64().unwrap_or(0)))
+                            .collect();
+                        if self.cfg == Cfg::E {
+                            *accel_rows |= !accel_now.is_empty();
+                            for (k, v) in &accel_now {
+                                *accel.entry(k.clone()).or_default() += v;
+                            }
+                            facts.push(format!("ACCEL rows: {accel_now:?}"));
+                        } else if accel_now.iter().any(|(_, v)| *v > 0) {
+                            problems.push(format!("D ran with --no-accel but ACCEL counters moved: {accel_now:?}"));
+                        }
+                    }
+                    Err(e) => problems.push(format!("redirect stats: {e:#}")),
+                }
+            }
+        }
+        if let Some(c) = proxy {
+            let (accepted, orig) = (c["accepted"].as_u64().unwrap_or(0), c["orig_dst_ok"].as_u64().unwrap_or(0));
+            let (want_fixed, want_orig) = if self.cfg == Cfg::B { (conns, 0) } else { (0, conns) };
+            // B's proxy also served the readiness probe of nothing: exact counts.
+            if c["fixed"].as_u64().unwrap_or(0) != want_fixed || orig != want_orig {
+                problems.push(format!("proxy counted {accepted} accepted, {orig} SO_ORIGINAL_DST, {} fixed; {conns} app connections", c["fixed"]));
+            } else {
+                facts.push(format!("proxy: {accepted} accepted, {orig} via SO_ORIGINAL_DST"));
+            }
+        } else if self.cfg == Cfg::A {
+            facts.push("no proxy".into());
+        }
+        let ok = problems.is_empty();
+        let mut detail = problems;
+        detail.extend(facts);
+        Check { rep, cfg: self.cfg, rules: self.rules, ok, detail: detail.join("; ") }
+    }
+
+    fn stats(&self) -> Result<Vec<serde_json::Value>> {
+        let pin = self.pin_dir.as_ref().context("no pin dir")?;
+        let out = Command::new(redirect_bin()).arg("--pin-dir").arg(pin).args(["stats", "--json", "--netns"]).arg(self.topo().pod.path()).output()?;
+        if !out.status.success() {
+            bail!("{}", String::from_utf8_lossy(&out.stderr));
+        }
+        let v: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout)?;
+        Ok(v.first().and_then(|p| p["rules"].as_array().cloned()).unwrap_or_default())
+    }
+}
+
+/// `Tcp: RetransSegs` of a netns (/proc/net/snmp is per netns).
+fn tcp_retrans(ns: &str) -> u64 {
+    let snmp = netns_exec(ns, &["cat", "/proc/net/snmp"]).unwrap_or_default();
+    let mut tcp = snmp.lines().filter(|l| l.starts_with("Tcp:"));
+    let (Some(names), Some(values)) = (tcp.next(), tcp.next()) else { return 0 };
+    names.split_whitespace().zip(values.split_whitespace()).find(|(n, _)| *n == "RetransSegs").and_then(|(_, v)| v.parse().ok()).unwrap_or(0)
+}
+
+fn sample(rep: usize, cfg: Cfg, place: Place, test: Test, rules: usize, r: LoadResult) -> Sample {
+    let h = hist::from_buckets(&r.hist);
+    let has = !h.is_empty();
+    Sample {
+        rep,
+        cfg,
+        place,
+        test,
+        rules,
+        rate: r.rate,
+        p50_us: if has { hist::us(&h, 0.5) } else { 0.0 },
+        p99_us: if has { hist::us(&h, 0.99) } else { 0.0 },
+        p999_us: if has { hist::us(&h, 0.999) } else { 0.0 },
+        gbit_s: r.gbit_s,
+        cpu_s_per_gb: if r.bytes > 0 { r.cpu_s / (r.bytes as f64 / 1e9) } else { 0.0 },
+        conns: r.conns,
+        hist: r.hist,
+    }
+}
+
+fn load_avg() -> String {
+    std::fs::read_to_string("/proc/loadavg").unwrap_or_default().split_whitespace().take(3).collect::<Vec<_>>().join(" ")
+}
+
+/// Run the whole benchmark and write the report. Returns the report path
+/// and whether every path check passed.
+pub fn run(o: &Options) -> Result<(PathBuf, bool)> {
+    if !crate::sys::check_privileges().is_ok() {
+        bail!("the benchmark needs root (namespaces, cgroups, iptables, BPF)");
+    }
+    for b in [kit_bin(), redirect_bin()] {
+        if !b.exists() {
+            bail!("{} missing: build with `cargo xtask build` (or run `cargo xtask bench`)", b.display());
+        }
+    }
+    unsafe {
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+    }
+    let s = settings(o);
+    let t0 = Instant::now();
+    let started = report::utc_now();
+    let load_before = load_avg();
+    let mut samples = Vec::new();
+    let mut checks = Vec::new();
+    let mut accel = BTreeMap::new();
+    let mut accel_rows = false;
+    let rounds = s.reps + usize::from(s.warmup_round);
+    let log = |msg: String| {
+        eprintln!("[{:6.1}s] {msg}", t0.elapsed().as_secs_f64());
+    };
+    for round in 0..rounds {
+        // Round 0 of a full run warms caches, page tables and the BPF
+        // object load path; it is measured and then discarded.
+        let warm = s.warmup_round && round == 0;
+        let rep = if s.warmup_round { round } else { round + 1 };
+        let mut units: Vec<(Cfg, usize)> = Cfg::ALL.iter().map(|c| (*c, 0)).collect();
+        for n in &s.rule_counts {
+            units.extend(Cfg::SCALED.iter().map(|c| (*c, *n)));
+        }
+        for (cfg, rules) in units {
+            stopped()?;
+            let tests: &[Test] = if rules == 0 { &Test::ALL } else { &[Test::Conn] };
+            log(format!("{} {cfg:?} rules={rules}", if warm { "warm-up".to_string() } else { format!("rep {rep}/{}", s.reps) }));
+            let mut env = Env::new(cfg, rules, s.proxy).with_context(|| format!("setting up {cfg:?} with {rules} rules"))?;
+            for place in &s.places {
+                let cpu = env.place(*place)?;
+                for t in tests {
+                    stopped()?;
+                    let r = env.load(*t, cpu, &s)?;
+                    if !warm {
+                        samples.push(sample(rep, cfg, *place, *t, rules, r));
+                    }
+                }
+            }
+            let c = env.verify(rep, &mut accel, &mut accel_rows);
+            if !c.ok {
+                log(format!("CHECK FAILED {cfg:?} rules={rules}: {}", c.detail));
+            }
+            if !warm {
+                checks.push(c);
+            }
+        }
+    }
+    let run = Run {
+        settings: s,
+        samples,
+        checks,
+        accel,
+        accel_rows_present: accel_rows,
+        machine: report::Machine::probe(),
+        started,
+        elapsed_s: t0.elapsed().as_secs_f64(),
+        load_before,
+        load_after: load_avg(),
+    };
+    let ok = run.checks.iter().all(|c| c.ok);
+    let path = report::write(&run, &o.out)?;
+    Ok((path, ok))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ten_thousand_exclusions_fit_in_one_argument() {
+        let a = exclusion_addrs(10_000);
+        let set: std::collections::HashSet<_> = a.iter().collect();
+        assert_eq!(set.len(), 10_000);
+        assert!(a.iter().all(|x| x.octets()[0] == 198 && (18..=19).contains(&x.octets()[1])));
+        let arg = a.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(",");
+        // MAX_ARG_STRLEN: one execve argument is at most 32 pages.
+        assert!(arg.len() < 131_072, "{}", arg.len());
+    }
+
+    #[test]
+    fn nat_table_is_istio_init_plus_extra_rules_before_the_redirect() {
+        let extra = exclusion_addrs(3);
+        let t = istio_nat_rules(&extra);
+        assert_eq!(t.lines().filter(|l| l.starts_with("-A ")).count(), 19 + 3);
+        let pos = |needle: &str| t.find(needle).unwrap_or_else(|| panic!("{needle} missing"));
+        assert!(pos("-A ISTIO_OUTPUT -d 127.0.0.1/32 -j RETURN") < pos(&format!("-d {}/32", extra[0])));
+        assert!(pos(&format!("-d {}/32", extra[2])) < pos("-A ISTIO_OUTPUT -j ISTIO_REDIRECT"));
+        assert!(t.ends_with("COMMIT\n"));
+    }
+}
