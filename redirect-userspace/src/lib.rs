@@ -5,6 +5,7 @@ pub mod bench;
 pub mod bpf;
 pub mod config;
 pub mod error;
+pub mod fuzzing;
 pub mod kit;
 pub mod maps;
 pub mod pins;
