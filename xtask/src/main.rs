@@ -5,6 +5,7 @@
 //! * `build`      eBPF object plus the host binaries
 //! * `test`       build in debug, then run the workspace tests
 //! * `demo`       release build, then `redirect demo`
+//! * `bench`      release build, then the eBPF-vs-iptables benchmark
 //!
 //! Every external command is echoed as `==> cmd` before it runs.
 
@@ -59,6 +60,19 @@ enum Task {
     },
     /// Release build, then run `target/release/redirect demo`.
     Demo,
+    /// Release build, then the benchmark of BENCHMARK.md (eBPF vs iptables),
+    /// as root; writes results/<timestamp>/report.md and SVG plots.
+    Bench {
+        /// Smoke run: 2 short repetitions, under 2 minutes.
+        #[arg(long)]
+        quick: bool,
+        /// Sidecar proxy: `kit` (the workspace's) or `haproxy` (Debian's).
+        #[arg(long, default_value = "kit")]
+        proxy: String,
+        /// Results directory (default: <workspace>/results).
+        #[arg(long)]
+        out: Option<std::path::PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -87,6 +101,7 @@ fn run(task: Task) -> Result<ExitCode> {
         Task::Build { debug } => tasks::build(&setup::setup(false)?, debug)?,
         Task::Test { args } => return tasks::test(&setup::setup(false)?, &args),
         Task::Demo => tasks::demo(&setup::setup(false)?)?,
+        Task::Bench { quick, proxy, out } => tasks::bench(&setup::setup(false)?, quick, &proxy, out)?,
     }
     Ok(ExitCode::SUCCESS)
 }

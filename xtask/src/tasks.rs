@@ -235,3 +235,27 @@ pub fn demo(toolchain: &Toolchain) -> Result<()> {
         )
     })
 }
+
+/// Release build, then replaces xtask with `redirect-kit bench` (which
+/// handles Ctrl-C by cleaning up), so its output and exit code are ours.
+pub fn bench(toolchain: &Toolchain, quick: bool, proxy: &str, out: Option<PathBuf>) -> Result<()> {
+    if !cmd::is_root() {
+        bail!("the benchmark creates namespaces, cgroups, iptables rules and BPF programs: run it as root");
+    }
+    build(toolchain, false)?;
+    let out = match out {
+        Some(dir) if dir.is_relative() => env::current_dir()?.join(dir),
+        Some(dir) => dir,
+        None => workspace_root().join("results"),
+    };
+    let binary = target_dir().join("release/redirect-kit");
+    let mut bench = Command::new(&binary);
+    bench
+        .current_dir(workspace_root())
+        .args(["bench", "--proxy", proxy, "--out"])
+        .arg(&out);
+    if quick {
+        bench.arg("--quick");
+    }
+    Err(cmd::exec(&mut bench)).with_context(|| format!("could not run {}", binary.display()))
+}

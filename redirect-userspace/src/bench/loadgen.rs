@@ -72,6 +72,24 @@ fn connect(target: SocketAddr) -> io::Result<TcpStream> {
     Ok(s)
 }
 
+/// `read_exact` that retries a spurious `EAGAIN`: with sockmap
+/// acceleration a blocking read woken by a packet on the normal path (a
+/// FIN, data sent before pairing) can return it while the redirected queue
+/// is empty (see README, "Acceleration"). A real timeout still fails.
+fn read_full(s: &mut TcpStream, buf: &mut [u8]) -> io::Result<()> {
+    let start = Instant::now();
+    let mut off = 0;
+    while off < buf.len() {
+        match s.read(&mut buf[off..]) {
+            Ok(0) => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, format!("peer closed after {off} of {} bytes", buf.len()))),
+            Ok(n) => off += n,
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) && start.elapsed() < TIMEOUT => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 fn ns(d: Duration) -> u64 {
     d.as_nanos().min(u64::MAX as u128) as u64
 }
@@ -104,7 +122,7 @@ fn rr(a: &LoadArgs, r: &mut LoadResult) -> io::Result<()> {
     while last < end {
         let t0 = Instant::now();
         s.write_all(&msg)?;
-        s.read_exact(&mut back)?;
+        read_full(&mut s, &mut back)?;
         last = Instant::now();
         if t0 >= measure {
             h.saturating_record(ns(last - t0));
@@ -126,7 +144,7 @@ fn conn(a: &LoadArgs, r: &mut LoadResult) -> io::Result<()> {
     let one = |back: &mut [u8; 64]| -> io::Result<()> {
         let mut s = connect(a.target)?;
         s.write_all(&msg)?;
-        s.read_exact(back)
+        read_full(&mut s, back)
     };
     while last < end {
         let t0 = Instant::now();
@@ -184,7 +202,7 @@ fn bulk(a: &LoadArgs, r: &mut LoadResult) -> io::Result<()> {
     }
     s.shutdown(Shutdown::Write)?;
     let mut total = [0u8; 8];
-    s.read_exact(&mut total)?;
+    read_full(&mut s, &mut total)?;
     let (t1, c1) = (Instant::now(), busy_cpu_s());
     let total = u64::from_be_bytes(total);
     if total != sent {
@@ -214,7 +232,7 @@ fn open(a: &LoadArgs, r: &mut LoadResult) -> io::Result<()> {
         let mut buf = [0u8; SIZE];
         let mut last = start;
         for i in 0..total {
-            reader.read_exact(&mut buf)?;
+            read_full(&mut reader, &mut buf)?;
             last = Instant::now();
             if i >= warm_n {
                 h.saturating_record(ns(last.saturating_duration_since(sched(i))));
