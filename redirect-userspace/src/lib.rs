@@ -1,8 +1,10 @@
 //! Userspace side of redirect: flag parsing, loading and attaching the
 //! kernel programs, pod registration, counters and status.
+pub mod agent;
 pub mod attach;
 pub mod bench;
 pub mod bpf;
+pub mod cni;
 pub mod config;
 pub mod error;
 pub mod fuzzing;

@@ -25,8 +25,13 @@ enum Command {
     Status(cmd::status::Args),
     /// Per-pod counters, laid out like `iptables -t nat -L -n -v`.
     Stats(cmd::stats::Args),
-    /// Remove every program, link and pin of this install.
-    Uninstall,
+    /// Remove every program, link and pin of this install (and, when
+    /// named, the redirect-cni conflist entry and binary).
+    Uninstall(cmd::uninstall::Args),
+    /// The node agent: keeps the install loaded, captures and releases
+    /// pods for the redirect-cni plugin over a unix socket, serves
+    /// Prometheus metrics.
+    Daemon(cmd::daemon::Args),
     /// Build a demo pod (app + sidecar proxy as uid 1337) and an upstream
     /// server in network namespaces on this host, capture it, send
     /// traffic, print the counters and clean up.
@@ -44,17 +49,21 @@ enum Command {
 fn main() -> ExitCode {
     // `redirect stats | head` must end quietly, like any Unix tool.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    // The agent logs what it does; the one-shot commands only warnings.
+    let default_filter = if matches!(cli.command, Command::Daemon(_)) { "info" } else { "warn" };
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default_filter.into()))
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
     let r = match cli.command {
         Command::Attach(a) => cmd::attach::run(&cli.pin_dir, a),
         Command::Detach(a) => cmd::detach::run(&cli.pin_dir, a),
         Command::Status(a) => cmd::status::run(&cli.pin_dir, a),
         Command::Stats(a) => cmd::stats::run(&cli.pin_dir, a),
-        Command::Uninstall => cmd::uninstall::run(&cli.pin_dir),
+        Command::Uninstall(a) => cmd::uninstall::run(&cli.pin_dir, a),
+        Command::Daemon(a) => cmd::daemon::run(&cli.pin_dir, a),
         Command::Demo(a) => cmd::demo::run(a),
         Command::Validate(a) => cmd::validate::run(&cli.pin_dir, a),
         Command::ValidateInside(a) => cmd::validate::run_inside(a),

@@ -1,0 +1,459 @@
+//! The node agent behind `redirect daemon`: one loaded [`Installation`]
+//! shared by every request, the cgroup programs attached once, pods
+//! captured and released on request over a root-only unix socket (the CNI
+//! plugin is its client), and Prometheus metrics.
+//!
+//! All state is on bpffs (the kernel maps plus the agent's pod records),
+//! so the agent can stop and start at any time: nothing is detached when it
+//! exits, and a new agent picks up where the old one left off.
+
+pub mod http;
+pub mod metrics;
+pub mod proto;
+pub mod records;
+
+use std::{
+    collections::BTreeMap,
+    io::{BufRead, BufReader, Read, Write},
+    os::fd::AsRawFd,
+    os::unix::{
+        fs::{MetadataExt, PermissionsExt},
+        net::{UnixListener, UnixStream},
+    },
+    path::{Path, PathBuf},
+    sync::{Condvar, Mutex},
+    time::Duration,
+};
+
+use serde_json::json;
+
+use crate::{
+    attach::{self, Installation},
+    error::{Error, Result},
+    maps::Maps,
+    pins::Pins,
+    sys::{self, Netns},
+};
+use proto::{check_netns_path, Request, MAX_LINE};
+use records::{Record, Records};
+
+/// Counters the agent keeps about itself (the kernel's are read from the
+/// maps at scrape time).
+#[derive(Default)]
+pub struct AgentCounters {
+    /// (op, result) → count, for every request served.
+    pub requests: BTreeMap<(&'static str, &'static str), u64>,
+    pub attach_ok: u64,
+    pub attach_errors: u64,
+    pub detach_ok: u64,
+    pub detach_errors: u64,
+    pub reconcile_released: u64,
+}
+
+struct Inner {
+    inst: Installation,
+    records: Records,
+}
+
+/// Requests being served, and whether new ones are still accepted.
+#[derive(Default)]
+struct Gate {
+    stopping: bool,
+    inflight: usize,
+}
+
+pub struct Agent {
+    pub pins: Pins,
+    pub cgroup: PathBuf,
+    inner: Mutex<Inner>,
+    pub counters: Mutex<AgentCounters>,
+    gate: Mutex<Gate>,
+    idle: Condvar,
+    /// The agent's own netns: never captured.
+    own_netns_inode: u64,
+}
+
+/// What reconciliation did at start.
+#[derive(Debug, Default, serde::Serialize)]
+pub struct Reconciled {
+    pub kept: Vec<u64>,
+    pub released: Vec<u64>,
+    pub stale_records: Vec<u64>,
+}
+
+impl Agent {
+    /// Load the install (creating it if needed), attach the cgroup
+    /// programs (once per cgroup: an existing attachment is kept), open the
+    /// pod records.
+    pub fn start(pin_dir: &Path, cgroup: &Path) -> Result<(Agent, bool)> {
+        sys::open_cgroup(cgroup)?;
+        let mut inst = Installation::open(pin_dir)?;
+        let newly = inst.attach_cgroup(cgroup)?;
+        let records = Records::open_or_create(&inst.pins)?;
+        let own = std::fs::metadata("/proc/self/ns/net").map_err(|e| Error::io("reading", "/proc/self/ns/net", e))?.ino();
+        Ok((
+            Agent {
+                pins: inst.pins.clone(),
+                cgroup: cgroup.to_path_buf(),
+                inner: Mutex::new(Inner { inst, records }),
+                counters: Mutex::new(AgentCounters::default()),
+                gate: Mutex::new(Gate::default()),
+                idle: Condvar::new(),
+                own_netns_inode: own,
+            },
+            newly,
+        ))
+    }
+
+    fn inner(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn counters(&self) -> std::sync::MutexGuard<'_, AgentCounters> {
+        self.counters.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Release the pods whose network namespace no longer exists (their
+    /// DEL was missed while no agent ran) and forget records of pods that
+    /// are no longer captured.
+    pub fn reconcile(&self) -> Result<Reconciled> {
+        let mut inner = self.inner();
+        let maps = Maps::open(&self.pins)?;
+        let mut out = Reconciled::default();
+        for (cookie, cfg) in maps.pods() {
+            let hint = inner.records.get(cookie).and_then(|r| records::netns_path(&r));
+            if netns_alive(cookie, cfg.netns_inode as u64, hint.as_deref()) {
+                out.kept.push(cookie);
+                continue;
+            }
+            match attach::release_pod(&self.pins, cookie) {
+                Ok(()) | Err(Error::NotCaptured(_)) => {
+                    let rec = inner.records.get(cookie).unwrap_or_default();
+                    tracing::info!(cookie, pod = %rec.pod, container_id = %rec.container_id, netns = %rec.netns, "released pod whose network namespace is gone");
+                    inner.records.remove(cookie);
+                    out.released.push(cookie);
+                }
+                Err(e) => tracing::warn!(cookie, error = %format!("{e:#}"), "could not release pod whose network namespace is gone"),
+            }
+        }
+        let captured: Vec<u64> = maps.pods().into_iter().map(|(c, _)| c).collect();
+        for (cookie, _) in inner.records.all() {
+            if !captured.contains(&cookie) {
+                inner.records.remove(cookie);
+                out.stale_records.push(cookie);
+            }
+        }
+        drop(inner);
+        self.counters().reconcile_released += out.released.len() as u64;
+        Ok(out)
+    }
+
+    /// Serve one request; the reply is a JSON object with `ok`.
+    pub fn handle(&self, req: &Request) -> serde_json::Value {
+        let r = match req {
+            Request::Add { netns, pod, container_id, config } => self.add(netns, pod.as_deref(), container_id.as_deref(), config.as_ref()),
+            Request::Del { netns, pod, container_id } => self.del(netns.as_deref(), pod.as_deref(), container_id.as_deref()),
+            Request::Check { netns, .. } => self.check(netns),
+            Request::List => self.list(),
+        };
+        let result = if r.is_ok() { "ok" } else { "error" };
+        *self.counters().requests.entry((req.op(), result)).or_default() += 1;
+        match r {
+            Ok(mut v) => {
+                v["ok"] = json!(true);
+                v
+            }
+            Err(e) => json!({"ok": false, "error": e}),
+        }
+    }
+
+    fn add(&self, netns: &Path, pod: Option<&str>, container_id: Option<&str>, config: Option<&proto::CaptureConfig>) -> Result<serde_json::Value, String> {
+        let pod = pod.unwrap_or("");
+        let cid = container_id.unwrap_or("");
+        let span = tracing::info_span!("add", pod = %pod, container_id = %cid, netns = %netns.display());
+        let _g = span.enter();
+        let r = (|| -> Result<serde_json::Value, String> {
+            check_netns_path(netns)?;
+            let spec = config.cloned().unwrap_or_default().to_flags().to_spec().map_err(|e| e.to_string())?;
+            let ns = Netns::open(netns).map_err(|e| e.to_string())?;
+            if ns.inode == self.own_netns_inode {
+                return Err(format!("refusing to capture {}: it is the agent's own (host) network namespace", netns.display()));
+            }
+            let mut inner = self.inner();
+            // Repair the install if something removed it underneath us
+            // (`redirect uninstall`): reload, reattach.
+            if !self.pins.is_installed() {
+                tracing::warn!("install at {} is gone: loading it again", self.pins.root.display());
+                inner.inst = Installation::open(&self.pins.root).map_err(|e| format!("{e:#}"))?;
+                inner.records = Records::open_or_create(&self.pins).map_err(|e| format!("{e:#}"))?;
+            }
+            inner.inst.attach_cgroup(&self.cgroup).map_err(|e| format!("{e:#}"))?;
+            let info = inner.inst.register_pod(&ns, &spec).map_err(|e| format!("{e:#}"))?;
+            let rec = Record { container_id: cid.into(), pod: pod.into(), netns: netns.display().to_string() };
+            if let Err(e) = inner.records.put(info.cookie, &rec) {
+                tracing::warn!(error = %format!("{e:#}"), "pod captured but not recorded (a DEL after its netns is gone will not find it; the next agent start releases it)");
+            }
+            tracing::info!(cookie = info.cookie, addresses = ?info.addresses, config = %spec.istio_args(), "captured pod");
+            Ok(json!({"cookie": info.cookie, "netns": netns, "addresses": info.addresses, "istio_iptables_args": spec.istio_args()}))
+        })();
+        let mut c = self.counters();
+        match &r {
+            Ok(_) => c.attach_ok += 1,
+            Err(e) => {
+                c.attach_errors += 1;
+                tracing::warn!(error = %e, "capture failed");
+            }
+        }
+        r
+    }
+
+    fn del(&self, netns: Option<&Path>, pod: Option<&str>, container_id: Option<&str>) -> Result<serde_json::Value, String> {
+        let cid = container_id.unwrap_or("");
+        let span = tracing::info_span!("del", pod = %pod.unwrap_or(""), container_id = %cid, netns = %netns.map(|p| p.display().to_string()).unwrap_or_default());
+        let _g = span.enter();
+        let mut cookies = Vec::new();
+        if let Some(p) = netns {
+            match check_netns_path(p) {
+                Ok(()) => {
+                    if let Ok(ns) = Netns::open(p) {
+                        if ns.inode != self.own_netns_inode {
+                            if let Ok(c) = ns.cookie() {
+                                cookies.push(c);
+                            }
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "ignoring the netns path of a DEL"),
+            }
+        }
+        let mut inner = self.inner();
+        if !cid.is_empty() {
+            for c in inner.records.by_container(cid) {
+                if !cookies.contains(&c) {
+                    cookies.push(c);
+                }
+            }
+        }
+        let mut released = Vec::new();
+        let mut errors = Vec::new();
+        for cookie in cookies {
+            match attach::release_pod(&self.pins, cookie) {
+                Ok(()) => {
+                    inner.records.remove(cookie);
+                    released.push(cookie);
+                }
+                Err(Error::NotCaptured(_)) | Err(Error::NotInstalled(_)) => inner.records.remove(cookie),
+                Err(e) => errors.push(format!("{e:#}")),
+            }
+        }
+        drop(inner);
+        let mut c = self.counters();
+        c.detach_ok += released.len() as u64;
+        c.detach_errors += errors.len() as u64;
+        drop(c);
+        if !errors.is_empty() {
+            tracing::warn!(errors = ?errors, "release failed");
+            return Err(errors.join("; "));
+        }
+        if released.is_empty() {
+            tracing::debug!("nothing to release");
+        } else {
+            tracing::info!(cookies = ?released, "released pod");
+        }
+        Ok(json!({"released": released}))
+    }
+
+    fn check(&self, netns: &Path) -> Result<serde_json::Value, String> {
+        check_netns_path(netns)?;
+        let ns = Netns::open(netns).map_err(|e| e.to_string())?;
+        let cookie = ns.cookie().map_err(|e| e.to_string())?;
+        let maps = Maps::open(&self.pins).map_err(|e| e.to_string())?;
+        if maps.pod(cookie).is_none() {
+            return Err(format!("{} (netns cookie {cookie}) is not captured", netns.display()));
+        }
+        if !self.pins.sk_lookup_link(cookie).exists() {
+            return Err(format!("{} (netns cookie {cookie}) has no inbound link", netns.display()));
+        }
+        Ok(json!({"cookie": cookie}))
+    }
+
+    fn list(&self) -> Result<serde_json::Value, String> {
+        let st = crate::report::status(&self.pins).map_err(|e| e.to_string())?;
+        let inner = self.inner();
+        let pods: Vec<_> = st
+            .pods
+            .iter()
+            .map(|p| {
+                let rec = inner.records.get(p.netns_cookie).unwrap_or_default();
+                json!({
+                    "cookie": p.netns_cookie,
+                    "pod": rec.pod,
+                    "container_id": rec.container_id,
+                    "netns": if rec.netns.is_empty() { p.netns.clone().unwrap_or_default() } else { rec.netns.clone() },
+                    "istio_iptables_args": p.istio_iptables_args,
+                    "addresses": p.pod_addresses,
+                    "inbound_attached": p.inbound_attached,
+                    "inbound_listeners": p.inbound_listeners,
+                })
+            })
+            .collect();
+        Ok(json!({"pods": pods, "cgroups": st.cgroups}))
+    }
+
+    /// Pod names by cookie, for metric labels.
+    pub fn pod_names(&self) -> BTreeMap<u64, String> {
+        self.inner().records.all().into_iter().map(|(c, r)| (c, r.pod)).collect()
+    }
+
+    /// Admit a request unless shutting down.
+    fn enter(&self) -> bool {
+        let mut g = self.gate.lock().unwrap_or_else(|p| p.into_inner());
+        if g.stopping {
+            return false;
+        }
+        g.inflight += 1;
+        true
+    }
+
+    fn leave(&self) {
+        let mut g = self.gate.lock().unwrap_or_else(|p| p.into_inner());
+        g.inflight -= 1;
+        if g.inflight == 0 {
+            self.idle.notify_all();
+        }
+    }
+
+    /// Refuse new requests and wait (up to `timeout`) for those being served.
+    pub fn drain(&self, timeout: Duration) -> bool {
+        let mut g = self.gate.lock().unwrap_or_else(|p| p.into_inner());
+        g.stopping = true;
+        let (g, _) = self
+            .idle
+            .wait_timeout_while(g, timeout, |g| g.inflight > 0)
+            .unwrap_or_else(|p| p.into_inner());
+        g.inflight == 0
+    }
+
+    /// Serve one client connection: request lines in, reply lines out.
+    pub fn serve_conn(&self, s: UnixStream) {
+        if let Err(why) = peer_is_root(&s) {
+            tracing::warn!(%why, "refused a connection on the agent socket");
+            let _ = (&s).write_all(format!("{}\n", json!({"ok": false, "error": why})).as_bytes());
+            return;
+        }
+        let _ = s.set_read_timeout(Some(Duration::from_secs(60)));
+        let _ = s.set_write_timeout(Some(Duration::from_secs(10)));
+        let mut r = BufReader::new(&s);
+        loop {
+            let mut line = String::new();
+            match (&mut r).take(MAX_LINE as u64 + 1).read_line(&mut line) {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+            if line.len() > MAX_LINE {
+                let _ = (&s).write_all(format!("{}\n", json!({"ok": false, "error": format!("request longer than {MAX_LINE} bytes")})).as_bytes());
+                return;
+            }
+            if line.trim().is_empty() {
+                continue;
+            }
+            let reply = match serde_json::from_str::<Request>(&line) {
+                Err(e) => json!({"ok": false, "error": format!("bad request: {e}")}),
+                Ok(req) => {
+                    if !self.enter() {
+                        json!({"ok": false, "error": "agent is shutting down"})
+                    } else {
+                        let v = self.handle(&req);
+                        self.leave();
+                        v
+                    }
+                }
+            };
+            if (&s).write_all(format!("{reply}\n").as_bytes()).is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// Only root may talk to the agent (the socket is 0600 too).
+fn peer_is_root(s: &UnixStream) -> std::result::Result<(), String> {
+    let mut cred: libc::ucred = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    let r = unsafe { libc::getsockopt(s.as_raw_fd(), libc::SOL_SOCKET, libc::SO_PEERCRED, (&mut cred as *mut libc::ucred).cast(), &mut len) };
+    if r != 0 {
+        return Err(format!("SO_PEERCRED: {}", std::io::Error::last_os_error()));
+    }
+    if cred.uid != 0 {
+        return Err(format!("peer uid {} (pid {}) is not root", cred.uid, cred.pid));
+    }
+    Ok(())
+}
+
+/// Bind the agent socket: 0600, owned by root, in a directory created
+/// 0700 when missing. A stale socket file is replaced; a live agent on it
+/// is an error.
+pub fn bind_socket(path: &Path) -> Result<UnixListener> {
+    if !path.is_absolute() {
+        return Err(Error::io("the agent socket path must be absolute", path, std::io::Error::from(std::io::ErrorKind::InvalidInput)));
+    }
+    if let Some(dir) = path.parent() {
+        if !dir.exists() {
+            sys::create_private_dir(dir)?;
+        }
+    }
+    if let Ok(m) = std::fs::symlink_metadata(path) {
+        use std::os::unix::fs::FileTypeExt;
+        if !m.file_type().is_socket() {
+            return Err(Error::io("refusing to replace a non-socket file", path, std::io::Error::from(std::io::ErrorKind::AlreadyExists)));
+        }
+        if UnixStream::connect(path).is_ok() {
+            return Err(Error::io("another agent is already serving", path, std::io::Error::from(std::io::ErrorKind::AddrInUse)));
+        }
+        std::fs::remove_file(path).map_err(|e| Error::io("removing stale socket", path, e))?;
+    }
+    // No window where the socket is reachable with wider permissions.
+    let old = unsafe { libc::umask(0o177) };
+    let l = UnixListener::bind(path);
+    unsafe { libc::umask(old) };
+    let l = l.map_err(|e| Error::io("binding the agent socket", path, e))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(|e| Error::io("chmod 0600", path, e))?;
+    std::os::unix::fs::chown(path, Some(0), Some(0)).map_err(|e| Error::io("chown root:root", path, e))?;
+    Ok(l)
+}
+
+/// Is the netns with this cookie still alive? It is found through its
+/// recorded path, the named netns directories, nsfs bind mounts, or a
+/// process inside it; the inode narrows the candidates and the cookie
+/// (never reused) decides.
+pub fn netns_alive(cookie: u64, inode: u64, hint: Option<&Path>) -> bool {
+    let matches = |p: &Path| -> bool {
+        let same_inode = std::fs::metadata(p).map(|m| m.ino() as u32 as u64 == inode as u32 as u64).unwrap_or(false);
+        same_inode && Netns::open(p).and_then(|n| n.cookie()).map(|c| c == cookie).unwrap_or(false)
+    };
+    if hint.is_some_and(matches) {
+        return true;
+    }
+    let mut candidates: Vec<PathBuf> = Vec::new();
+    for dir in ["/run/netns", "/var/run/netns"] {
+        candidates.extend(crate::pins::read_dir(Path::new(dir)));
+    }
+    if let Ok(mi) = std::fs::read_to_string("/proc/self/mountinfo") {
+        for l in mi.lines() {
+            // ... mount-point ... - fstype source options
+            let (left, right) = l.split_once(" - ").unwrap_or((l, ""));
+            if right.split_whitespace().next() == Some("nsfs") {
+                if let Some(mp) = left.split_whitespace().nth(4) {
+                    candidates.push(PathBuf::from(mp.replace("\\040", " ")));
+                }
+            }
+        }
+    }
+    if candidates.iter().any(|p| matches(p)) {
+        return true;
+    }
+    crate::pins::read_dir(Path::new("/proc"))
+        .iter()
+        .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit())))
+        .any(|p| matches(&p.join("ns/net")))
+}

@@ -1,0 +1,176 @@
+//! `redirect daemon`: the node agent (see `redirect_userspace::agent`).
+//!
+//! Start: load the install and attach the cgroup programs (once), release
+//! pods whose netns is gone, serve the socket and the metrics, then install
+//! the CNI plugin binary and add it to the named conflist. SIGTERM/SIGINT:
+//! stop taking requests, finish those in flight, remove the socket (and,
+//! with --cni-cleanup, the conflist entry) and exit. Nothing is ever
+//! detached on exit: captured pods stay captured and a new agent takes over.
+use std::{
+    net::{SocketAddr, TcpListener},
+    path::{Path, PathBuf},
+    sync::{atomic::{AtomicBool, Ordering}, Arc},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result};
+use redirect_userspace::{
+    agent::{self, Agent},
+    cni::conflist,
+    sandbox::sibling_binary,
+    sys,
+};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Unix socket the CNI plugin (and `redirect` tooling) talks to; 0600, root only.
+    #[arg(long, default_value = "/run/redirect/agent.sock")]
+    pub socket: PathBuf,
+    /// Address of the /metrics, /healthz and /readyz HTTP endpoint.
+    #[arg(long, default_value = "127.0.0.1:15099")]
+    pub metrics_addr: SocketAddr,
+    /// cgroup2 directory the programs attach to (default: the cgroup2 root).
+    #[arg(long)]
+    pub cgroup: Option<PathBuf>,
+    /// Directory of the CNI network configs.
+    #[arg(long, default_value = "/etc/cni/net.d")]
+    pub cni_conf_dir: PathBuf,
+    /// Directory the CNI plugin binary is installed into.
+    #[arg(long, default_value = "/opt/cni/bin")]
+    pub cni_bin_dir: PathBuf,
+    /// Conflist (a file name in --cni-conf-dir, or a path) to chain
+    /// redirect-cni into. Without it no CNI file is installed or changed.
+    #[arg(long)]
+    pub cni_conflist: Option<PathBuf>,
+    /// The plugin binary to install (default: redirect-cni next to this binary).
+    #[arg(long)]
+    pub cni_plugin: Option<PathBuf>,
+    /// Write `"captureAll": true` into the conflist entry: every Kubernetes
+    /// pod is captured (CNI_ARGS REDIRECT_CAPTURE=false opts out). Without
+    /// it only pods with REDIRECT_CAPTURE=true are.
+    #[arg(long)]
+    pub cni_capture_all: bool,
+    /// Remove the conflist entry on shutdown (new pods then start
+    /// uncaptured; use when uninstalling the agent, not for restarts).
+    #[arg(long)]
+    pub cni_cleanup: bool,
+}
+
+/// Removes the socket file when the daemon ends, however it ends.
+struct SocketFile(PathBuf);
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn block_signals() -> libc::sigset_t {
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    }
+}
+
+pub fn run(pin_dir: &Path, a: Args) -> Result<()> {
+    sys::check_privileges()?;
+    // Before any thread exists, so every thread inherits the mask and the
+    // signals are only taken by sigwait below.
+    let sigs = block_signals();
+    let cgroup = match &a.cgroup {
+        Some(c) => c.clone(),
+        None => sys::cgroup2_mount()?,
+    };
+    let plugin_src = a.cni_plugin.clone().unwrap_or_else(|| sibling_binary("redirect-cni"));
+    let conflist_path = a.cni_conflist.as_ref().map(|c| conflist::conflist_path(&a.cni_conf_dir, c));
+    if let Some(p) = &conflist_path {
+        anyhow::ensure!(p.exists(), "conflist {} does not exist: redirect-cni is chained into an existing network", p.display());
+        anyhow::ensure!(plugin_src.exists(), "plugin binary {} is missing (build it, or pass --cni-plugin)", plugin_src.display());
+    }
+
+    // Endpoints first: a port or socket conflict changes nothing.
+    let http = TcpListener::bind(a.metrics_addr).with_context(|| format!("binding the metrics endpoint {}", a.metrics_addr))?;
+    let metrics_addr = http.local_addr()?;
+    let unix = agent::bind_socket(&a.socket)?;
+    let _socket_file = SocketFile(a.socket.clone());
+
+    let t0 = Instant::now();
+    let (agent, newly) = Agent::start(pin_dir, &cgroup)?;
+    let agent = Arc::new(agent);
+    tracing::info!(pin_dir = %pin_dir.display(), cgroup = %cgroup.display(), newly_attached = newly, elapsed_ms = t0.elapsed().as_millis() as u64, "install loaded, cgroup programs attached");
+    let reconciled = agent.reconcile()?;
+    tracing::info!(kept = reconciled.kept.len(), released = reconciled.released.len(), stale_records = reconciled.stale_records.len(), "reconciled captured pods");
+
+    let ready = Arc::new(AtomicBool::new(false));
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let (agent, ready, stop) = (agent.clone(), ready.clone(), stop.clone());
+        std::thread::Builder::new().name("metrics".into()).spawn(move || agent::http::serve(http, agent, ready, stop))?;
+    }
+    {
+        let agent = agent.clone();
+        std::thread::Builder::new().name("socket".into()).spawn(move || {
+            for conn in unix.incoming() {
+                match conn {
+                    Ok(c) => {
+                        let agent = agent.clone();
+                        let _ = std::thread::Builder::new().name("conn".into()).spawn(move || agent.serve_conn(c));
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept on the agent socket failed");
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                }
+            }
+        })?;
+    }
+
+    if let Some(p) = &conflist_path {
+        let bin = conflist::install_binary(&plugin_src, &a.cni_bin_dir)?;
+        let changed = conflist::install_entry(p, &a.socket, a.cni_capture_all)?;
+        tracing::info!(binary = %bin.display(), conflist = %p.display(), changed, capture_all = a.cni_capture_all, "CNI plugin installed");
+    }
+
+    ready.store(true, Ordering::SeqCst);
+    tracing::info!(socket = %a.socket.display(), metrics = %metrics_addr, "ready");
+    println!(
+        "{}",
+        serde_json::json!({
+            "event": "ready",
+            "socket": a.socket,
+            "metrics_addr": metrics_addr.to_string(),
+            "pin_dir": pin_dir,
+            "cgroup": cgroup,
+            "cgroup_newly_attached": newly,
+            "reconciled": reconciled,
+            "cni_conflist": conflist_path,
+        })
+    );
+    use std::io::Write as _;
+    let _ = std::io::stdout().flush();
+
+    let mut sig: libc::c_int = 0;
+    unsafe { libc::sigwait(&sigs, &mut sig) };
+    tracing::info!(signal = sig, "shutting down: captured pods stay captured");
+    ready.store(false, Ordering::SeqCst);
+    stop.store(true, Ordering::SeqCst);
+    // New clients find no socket (a CNI ADD then fails closed).
+    let _ = std::fs::remove_file(&a.socket);
+    if a.cni_cleanup {
+        if let Some(p) = &conflist_path {
+            match conflist::remove_entry(p) {
+                Ok(removed) => tracing::info!(conflist = %p.display(), removed, "CNI entry removed (--cni-cleanup)"),
+                Err(e) => tracing::warn!(error = %e, "could not remove the CNI entry"),
+            }
+        }
+    }
+    if !agent.drain(Duration::from_secs(20)) {
+        tracing::warn!("requests still in flight after 20 s; exiting anyway");
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
