@@ -4,7 +4,9 @@
 //! Each step checks first and only acts when something is missing, so a
 //! ready machine gets through in well under a second:
 //!
-//! * apt packages whose commands are missing (ip, iptables, bpftool, haproxy, jq);
+//! * apt packages whose commands are missing (ip, iptables, bpftool, haproxy, jq,
+//!   and podman, runc, conmon, the CNI plugins and busybox-static for the
+//!   real-runtime test);
 //! * the nightly toolchain with `rust-src` (the eBPF crate uses `-Z build-std`);
 //! * `bpf-linker`, built against the nightly's own libLLVM so no system LLVM
 //!   is needed;
@@ -23,13 +25,22 @@ use anyhow::{bail, Context, Result};
 
 use crate::cmd::{self, find_executable, is_executable, is_root};
 
-/// Command that must be on the machine, and the Debian package providing it.
+/// Command that must be on the machine (or an absolute path to an
+/// executable), and the Debian package providing it.
 const APT_PACKAGES: &[(&str, &str)] = &[
     ("ip", "iproute2"),
     ("iptables", "iptables"),
     ("bpftool", "bpftool"),
     ("haproxy", "haproxy"),
     ("jq", "jq"),
+    // The real-runtime test of the node agent and redirect-cni: podman
+    // (runc, conmon) with the CNI reference plugins, and a static busybox
+    // for the local image (no registry).
+    ("podman", "podman"),
+    ("runc", "runc"),
+    ("conmon", "conmon"),
+    ("/usr/lib/cni/bridge", "containernetworking-plugins"),
+    ("busybox", "busybox-static"),
 ];
 
 /// What later build steps need to know about the prepared toolchain.
