@@ -276,7 +276,7 @@ fn pods_whose_netns_is_gone_are_released() {
 
 #[test]
 fn agent_socket_is_root_only_and_checks_requests() {
-    let s = Setup::new("agsock");
+    let mut s = Setup::new("agsock");
     let sock = s.socket();
     let m = std::fs::metadata(&sock).unwrap();
     assert_eq!((m.permissions().mode() & 0o777, m.uid(), m.gid()), (0o600, 0, 0));
@@ -321,6 +321,22 @@ fn agent_socket_is_root_only_and_checks_requests() {
     }
     assert_eq!(call_raw(&sock, r#"{"op":"del","container_id":"nobody"}"#)["ok"], true);
     assert!(s.daemon().list().is_empty());
+    // Clients that hang up before reading the reply (a CNI plugin killed at
+    // its timeout, an impatient scraper) do not take the agent down.
+    for _ in 0..5 {
+        use std::io::Write;
+        let c = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+        let _ = (&c).write_all("{\"op\":\"list\"}\n".repeat(50).as_bytes());
+        drop(c);
+        let t = std::net::TcpStream::connect(s.daemon().metrics_addr()).unwrap();
+        let _ = (&t).write_all(b"GET /metrics HTTP/1.1\r\n\r\n");
+        drop(t);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let mut d = s.daemon.take().unwrap();
+    assert!(d.child.try_wait().unwrap().is_none(), "the agent died: {}", d.log_text());
+    assert!(d.list().is_empty());
+    s.daemon = Some(d);
 }
 
 #[test]

@@ -78,6 +78,10 @@ fn block_signals() -> libc::sigset_t {
 
 pub fn run(pin_dir: &Path, a: Args) -> Result<()> {
     sys::check_privileges()?;
+    // A long-running server: a closed log pipe or a client that hung up is
+    // an error to handle, not a reason to die (main sets SIGPIPE to default
+    // for the one-shot commands).
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
     // Before any thread exists, so every thread inherits the mask and the
     // signals are only taken by sigwait below.
     let sigs = block_signals();
