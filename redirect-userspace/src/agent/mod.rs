@@ -172,6 +172,7 @@ impl Agent {
         let cid = container_id.unwrap_or("");
         let span = tracing::info_span!("add", pod = %pod, container_id = %cid, netns = %netns.display());
         let _g = span.enter();
+        let t0 = std::time::Instant::now();
         let r = (|| -> Result<serde_json::Value, String> {
             check_netns_path(netns)?;
             let spec = config.cloned().unwrap_or_default().to_flags().to_spec().map_err(|e| e.to_string())?;
@@ -193,8 +194,9 @@ impl Agent {
             if let Err(e) = inner.records.put(info.cookie, &rec) {
                 tracing::warn!(error = %format!("{e:#}"), "pod captured but not recorded (a DEL after its netns is gone will not find it; the next agent start releases it)");
             }
-            tracing::info!(cookie = info.cookie, addresses = ?info.addresses, config = %spec.istio_args(), "captured pod");
-            Ok(json!({"cookie": info.cookie, "netns": netns, "addresses": info.addresses, "istio_iptables_args": spec.istio_args()}))
+            let elapsed_ms = t0.elapsed().as_secs_f64() * 1000.0;
+            tracing::info!(cookie = info.cookie, addresses = ?info.addresses, config = %spec.istio_args(), elapsed_ms, "captured pod");
+            Ok(json!({"cookie": info.cookie, "netns": netns, "addresses": info.addresses, "istio_iptables_args": spec.istio_args(), "elapsed_ms": elapsed_ms}))
         })();
         let mut c = self.counters();
         match &r {
