@@ -206,7 +206,7 @@ const ROWS: [(&str, Test, Metric); 17] = [
     ("connection p50 (µs)", Test::Conn, Metric::P50),
     ("connection p99 (µs)", Test::Conn, Metric::P99),
     ("bulk (Gbit/s)", Test::Bulk, Metric::Gbit),
-    ("bulk CPU (s per GB, whole machine)", Test::Bulk, Metric::CpuPerGb),
+    ("bulk CPU (s per GB: client + proxy + server)", Test::Bulk, Metric::CpuPerGb),
     ("open loop p50 (µs)", Test::Open, Metric::P50),
     ("open loop p99 (µs)", Test::Open, Metric::P99),
     ("open loop p99.9 (µs)", Test::Open, Metric::P999),
@@ -580,7 +580,7 @@ pub fn markdown(run: &Run) -> String {
         o,
         "\nTopology: a pod netns and an upstream netns joined by veth (10.200.0.2 ↔ 10.200.0.1), a child cgroup for the pod, all created for each configuration of each repetition and removed after it. The app (load generator) runs as uid 1000 in the pod netns and cgroup, the sidecar as uid/gid 1337 in the pod, the servers (echo on :7001, sink on :7002) in the upstream netns. C installs the exact DESIGN.md §2 nat table with `iptables-restore` inside the pod netns; D and E run the real `redirect attach` with Istio's injected flags (`-p 15001 -z 15006 -u 1337 -m REDIRECT -i '*' -b '*' -d 15090,15021,15020`) into a private pin directory, uninstalled afterwards.\n\
          \n\
-         Measurements: request/response: one connection, closed loop, write N bytes and read them back. Connections: closed loop of connect + 64 B exchange + close, one client. Bulk: one connection streaming 256 KiB writes into the sink; the sink's byte count at EOF ends the window; CPU is the whole machine's busy time from /proc/stat over that window. Open loop: 64 B requests at a fixed {}/s on one connection, each timed from its scheduled send time (no coordinated omission).\n\
+         Measurements: request/response: one connection, closed loop, write N bytes and read them back. Connections: closed loop of connect + 64 B exchange + close, one client. Bulk: one connection streaming 256 KiB writes into the sink; the sink's byte count at EOF ends the window; CPU per GB is the user + system time of the load generator, the sidecar and the servers over the whole transfer (the kernel's tick accounting charges the softirq work to the task it interrupts, i.e. to these), divided by every byte sent. Open loop: 64 B requests at a fixed {}/s on one connection, each timed from its scheduled send time (no coordinated omission).\n\
          \n\
          CPU placement: `sched_setaffinity` on the load generator, and on every thread of the sidecar and the servers, per placement. Every benchmark process runs at nice -20 so that other load on the machine delays its wake-ups less; the load average above says how busy the machine was.",
         num(s.open_rate as f64)

@@ -571,9 +571,18 @@ impl Env {
                 Ok(())
             });
         }
+        // Bulk CPU: the sidecar's and the server's CPU time over the load
+        // generator's life (tick accounting charges softirq work to the
+        // task it interrupts: here, these), plus the generator's own.
+        let pids: Vec<u32> = self.server.iter().map(ChildGuard::pid).chain(self.proxy.iter().map(Sidecar::pid)).collect();
+        let cpu0: f64 = pids.iter().map(|p| proc_cpu_s(*p)).sum();
         let out = cmd.stdin(Stdio::null()).output().context("running the load generator")?;
-        let r: LoadResult = serde_json::from_slice(&out.stdout)
+        let others = pids.iter().map(|p| proc_cpu_s(*p)).sum::<f64>() - cpu0;
+        let mut r: LoadResult = serde_json::from_slice(&out.stdout)
             .with_context(|| format!("load generator output {:?} {:?}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))?;
+        if r.total_bytes > 0 {
+            r.cpu_s = r.self_cpu_s + others;
+        }
         self.conns += r.conns;
         if let Some(e) = &r.error {
             bail!("{:?} {test:?} with {} rules: load generator failed: {e}", self.cfg, self.rules);
@@ -720,6 +729,16 @@ impl Env {
     }
 }
 
+/// User + system CPU seconds of a process, all its threads (live and exited).
+fn proc_cpu_s(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<f64> = rest.split_whitespace().filter_map(|v| v.parse().ok()).collect();
+    // After "(comm)": state ppid ... utime is field 14 and stime 15 of the line.
+    let ticks = f.get(10).copied().unwrap_or(0.0) + f.get(11).copied().unwrap_or(0.0);
+    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64
+}
+
 /// `Tcp: RetransSegs` of a netns (/proc/net/snmp is per netns).
 fn tcp_retrans(ns: &str) -> u64 {
     let snmp = netns_exec(ns, &["cat", "/proc/net/snmp"]).unwrap_or_default();
@@ -742,7 +761,7 @@ fn sample(rep: usize, cfg: Cfg, place: Place, test: Test, rules: usize, r: LoadR
         p99_us: if has { hist::us(&h, 0.99) } else { 0.0 },
         p999_us: if has { hist::us(&h, 0.999) } else { 0.0 },
         gbit_s: r.gbit_s,
-        cpu_s_per_gb: if r.bytes > 0 { r.cpu_s / (r.bytes as f64 / 1e9) } else { 0.0 },
+        cpu_s_per_gb: if r.total_bytes > 0 { r.cpu_s / (r.total_bytes as f64 / 1e9) } else { 0.0 },
         conns: r.conns,
         hist: r.hist,
     }
@@ -766,6 +785,14 @@ pub fn run(o: &Options) -> Result<(PathBuf, bool)> {
     unsafe {
         libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
         libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+    }
+    // One benchmark at a time on a machine: two would measure each other.
+    let lock = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open("/run/lock/redirect-bench.lock").context("opening /run/lock/redirect-bench.lock")?;
+    if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        eprintln!("bench: another benchmark run holds /run/lock/redirect-bench.lock; waiting for it");
+        if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) } != 0 {
+            bail!("locking /run/lock/redirect-bench.lock: {}", std::io::Error::last_os_error());
+        }
     }
     let s = settings(o);
     let t0 = Instant::now();
