@@ -304,3 +304,6 @@ pub fn payload(n: usize) -> Vec<u8> {
         })
         .collect()
 }
+
+/// Stress tools of the acceleration correctness tests.
+pub mod stress;

@@ -329,3 +329,127 @@ pub fn stats_rule<'a>(pod_stats: &'a serde_json::Value, chain: &str, rule: &str)
         .find(|r| r["chain"] == chain && r["rule"] == rule)
         .unwrap_or_else(|| panic!("no counter {chain}/{rule} in {pod_stats}"))
 }
+
+// ------------------------------------------------- stress-test helpers
+
+/// A kit tool run to completion: stdout/stderr, and whether it had to be
+/// killed at the timeout (a hang).
+pub struct KitRun {
+    pub status: Option<std::process::ExitStatus>,
+    pub stdout: String,
+    pub stderr: String,
+    pub timed_out: bool,
+}
+
+impl KitRun {
+    /// The last JSON line of stdout (the tool's report).
+    pub fn report(&self) -> serde_json::Value {
+        self.stdout
+            .lines()
+            .rev()
+            .find_map(|l| serde_json::from_str(l).ok())
+            .unwrap_or_else(|| panic!("no JSON report (timed out: {}); stdout {:?} stderr {:?}", self.timed_out, self.stdout, self.stderr))
+    }
+}
+
+/// Run `redirect-kit <args>` placed as asked; killed (by PID) if still
+/// running after `timeout`.
+pub fn run_kit(p: &Placement, args: &[&str], timeout: Duration) -> KitRun {
+    use std::io::Read;
+    let mut cmd = Command::new(kit_bin());
+    cmd.args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    redirect_userspace::sandbox::place(&mut cmd, p).expect("placing kit tool");
+    let mut child = cmd.spawn().expect("starting redirect-kit");
+    let mut out = child.stdout.take().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let t_out = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = out.read_to_string(&mut s);
+        s
+    });
+    let t_err = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        s
+    });
+    let deadline = std::time::Instant::now() + timeout;
+    let mut timed_out = false;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(st)) => break Some(st),
+            Ok(None) if std::time::Instant::now() > deadline => {
+                timed_out = true;
+                let _ = child.kill();
+                break child.wait().ok();
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(10)),
+            Err(_) => break None,
+        }
+    };
+    KitRun {
+        status,
+        stdout: t_out.join().unwrap_or_default(),
+        stderr: t_err.join().unwrap_or_default(),
+        timed_out,
+    }
+}
+
+/// JSON lines a started kit tool prints, waiting up to `timeout` until
+/// `want` of them (parsed) arrived since the last call.
+pub fn child_json_lines(child: &mut ChildGuard, want: usize, timeout: Duration) -> Vec<serde_json::Value> {
+    let deadline = std::time::Instant::now() + timeout;
+    let mut got = Vec::new();
+    loop {
+        got.extend(child.take_lines().iter().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()));
+        if got.len() >= want || std::time::Instant::now() > deadline {
+            return got;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Entries of one map as `redirect status --json` reports them
+/// (`map_usage`).
+pub fn map_usage(pod: &Pod, map: &str) -> u64 {
+    let out = pod.redirect(&["status", "--json"]);
+    assert!(out.status.success(), "status: {}", String::from_utf8_lossy(&out.stderr));
+    let st: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status json");
+    st["map_usage"]
+        .as_array()
+        .expect("map_usage")
+        .iter()
+        .find(|m| m["map"] == map)
+        .unwrap_or_else(|| panic!("no {map} in map_usage: {st}"))["entries"]
+        .as_u64()
+        .expect("entries")
+}
+
+/// Entries of a pinned map of this pod's install, counted with bpftool
+/// (for maps `redirect status` does not report).
+pub fn pinned_map_len(pod: &Pod, map: &str) -> usize {
+    let path = pod.pin_dir.join("maps").join(map);
+    let out = Command::new("bpftool")
+        .args(["-j", "map", "dump", "pinned"])
+        .arg(&path)
+        .output()
+        .expect("running bpftool (cargo xtask setup installs it)");
+    assert!(out.status.success(), "bpftool map dump {}: {}", path.display(), String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bpftool json");
+    v.as_array().map(|a| a.len()).unwrap_or(0)
+}
+
+/// Count and bytes of one `ACCEL` counter of the pod.
+pub fn accel_counter(pod: &Pod, rule: &str) -> (u64, u64) {
+    let s = pod.stats();
+    let r = stats_rule(&s[0], "ACCEL", rule);
+    (r["count"].as_u64().unwrap(), r["bytes"].as_u64().unwrap())
+}
+
+/// Raise this process's RLIMIT_NOFILE soft limit to the hard limit; the
+/// tools started afterwards (proxy, servers) inherit it.
+pub fn raise_nofile() {
+    redirect_userspace::kit::stress::raise_nofile();
+}

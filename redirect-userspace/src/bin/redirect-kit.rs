@@ -88,6 +88,10 @@ enum Tool {
         #[arg(long)]
         rate: Option<u64>,
     },
+    /// Stress tools of the acceleration tests (xfer, stress-server,
+    /// epoll-echo, churn, fan).
+    #[command(flatten)]
+    Stress(kit::stress::StressTool),
 }
 
 fn main() -> ExitCode {
@@ -114,6 +118,7 @@ fn main() -> ExitCode {
             println!("{}", serde_json::to_string(&r).expect("serializable"));
             if r.error.is_none() { ExitCode::SUCCESS } else { ExitCode::FAILURE }
         }
+        Tool::Stress(t) => t.run(),
         Tool::Bench { quick, proxy, out, reps, rate } => {
             let o = bench::runner::Options { quick, proxy, out, reps, rate };
             match bench::runner::run(&o) {
