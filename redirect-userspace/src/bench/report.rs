@@ -320,12 +320,16 @@ fn why_ratio(v: &View, cfg: Cfg, place: Place, test: Test, m: Metric, need: f64,
             ));
         } else if r(Cfg::D).is_some_and(|d| if lower_is_better { x > d } else { x < d }) {
             let cpu = |c: Cfg| v.agg(c, place, Test::Bulk, 0, Metric::CpuPerGb).map(|a| num(a.med)).unwrap_or_default();
-            why.push(format!(
-                "acceleration makes this worse: E is at {x:.2}× of C, D (same hooks, no sk_msg) at {:.2}×; in bulk E spends {} CPU s/GB against D's {}: sk_msg redirection into the proxy's ingress queue moves large transfers less efficiently than loopback TCP with GSO/GRO on this kernel",
-                r(Cfg::D).unwrap_or(0.0),
-                cpu(Cfg::E),
-                cpu(Cfg::D)
-            ));
+            let d = r(Cfg::D).unwrap_or(0.0);
+            why.push(if test == Test::Bulk {
+                format!(
+                    "acceleration makes this worse: E is at {x:.2}× of C, D (same hooks, no sk_msg) at {d:.2}×; E spends {} CPU s/GB against D's {}: sk_msg redirection into the proxy's ingress queue moves large transfers less efficiently than loopback TCP with GSO/GRO on this kernel",
+                    cpu(Cfg::E),
+                    cpu(Cfg::D)
+                )
+            } else {
+                format!("E is at {x:.2}× of C, behind D (same hooks, no sk_msg) at {d:.2}×: here acceleration did not pay")
+            });
         } else {
             why.push(format!(
                 "E is at {x:.2}× of C, B (proxy, no capture) at {b:.2}×, A (no proxy at all) at {a:.2}×: acceleration removes the app↔proxy TCP leg, not the proxy's relay work (its wake-ups, copies and the upstream leg), which is what stands between E and {need}×"
