@@ -49,6 +49,60 @@ pub fn cidr(data: &[u8]) {
     }
 }
 
+/// Arbitrary bytes as a Pod: JSON when it parses as JSON (`{...}`), else
+/// NUL-separated values for the capture annotations (and the proxy's
+/// runAsUser/runAsGroup) of an injected pod. Never panics; a pod that is
+/// captured gives the same spec through the agent protocol's config, and
+/// every error names an annotation or field.
+pub fn annotations(data: &[u8]) {
+    use crate::annotations::{self as a, AnnotationError, PodCapture};
+    let pod = match serde_json::from_slice::<serde_json::Value>(data) {
+        Ok(v) => v,
+        Err(_) => {
+            let mut fields = data.split(|b| *b == 0).map(|f| String::from_utf8_lossy(f).into_owned());
+            let mut ann = serde_json::Map::new();
+            for key in [
+                a::INTERCEPTION_MODE,
+                a::INCLUDE_INBOUND_PORTS,
+                a::EXCLUDE_INBOUND_PORTS,
+                a::INCLUDE_OUTBOUND_IP_RANGES,
+                a::EXCLUDE_OUTBOUND_IP_RANGES,
+                a::INCLUDE_OUTBOUND_PORTS,
+                a::EXCLUDE_OUTBOUND_PORTS,
+                a::STATUS_PORT,
+                a::INJECT,
+            ] {
+                match fields.next() {
+                    Some(v) if v == "-" => {}
+                    Some(v) => {
+                        ann.insert(key.into(), v.into());
+                    }
+                    None => break,
+                }
+            }
+            let id = |s: Option<String>| s.and_then(|s| s.parse::<i64>().ok()).map_or(serde_json::Value::Null, Into::into);
+            serde_json::json!({
+                "kind": "Pod",
+                "metadata": {"name": "fuzz", "namespace": "default", "annotations": ann},
+                "spec": {"containers": [
+                    {"name": "app"},
+                    {"name": "istio-proxy", "securityContext": {"runAsUser": id(fields.next()), "runAsGroup": id(fields.next())}},
+                ]},
+            })
+        }
+    };
+    match a::from_pod(&pod) {
+        Ok(PodCapture::Mesh(m)) => {
+            let again = m.capture_config().to_flags().to_spec().expect("a captured pod's agent config is valid");
+            assert_eq!(again, m.spec, "agent config changed the spec");
+            let _ = m.spec.istio_args();
+        }
+        Ok(PodCapture::NotInMesh { reason, .. }) => assert!(!reason.is_empty()),
+        Err(AnnotationError::Invalid { annotation, .. }) => assert!(!annotation.is_empty()),
+        Err(AnnotationError::NotAPod(why)) => assert!(!why.is_empty()),
+    }
+}
+
 /// The kept corpus: `fuzz/corpus/<target>/*`, replayed by the tests.
 pub fn corpus_dir(target: &str) -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus").join(target)

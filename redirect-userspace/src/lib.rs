@@ -1,6 +1,7 @@
 //! Userspace side of redirect: flag parsing, loading and attaching the
 //! kernel programs, pod registration, counters and status.
 pub mod agent;
+pub mod annotations;
 pub mod attach;
 pub mod bench;
 pub mod bpf;

@@ -35,3 +35,11 @@ fn oversized_and_hostile_inputs() {
     fuzzing::cidr("1.2.3.4/".repeat(1000).as_bytes());
     fuzzing::flags("15001\u{0}15006\u{0}15008\u{0}1,2,3,4,5,6,7,8,9\u{0}REDIRECT".as_bytes());
 }
+
+#[test]
+fn annotations_corpus_never_panics() {
+    replay("annotations", fuzzing::annotations);
+    fuzzing::annotations(&vec![0u8; 1 << 16]);
+    fuzzing::annotations(format!("{{\"kind\":\"Pod\",\"metadata\":{{\"annotations\":{{}}}},\"spec\":{{\"containers\":{}}}}}", "[".repeat(100)).as_bytes());
+    fuzzing::annotations(&["8080,"; 20_000].concat().into_bytes());
+}

@@ -1,0 +1,429 @@
+//! Kubernetes Pod → capture config, as Istio's sidecar injector derives the
+//! `istio-init` arguments from the pod's annotations.
+//!
+//! Input is the Pod object as JSON (what the API server returns for
+//! `GET /api/v1/namespaces/<ns>/pods/<name>`, or a watch event's `object`).
+//! The output is either "not in mesh" (with the reason) or the same
+//! [`CaptureFlags`]/[`PodSpec`] that `redirect attach` would get from the
+//! init container's arguments, plus the agent protocol's [`CaptureConfig`].
+//!
+//! What the injector's template does, and so what this does:
+//!
+//! | istio-iptables flag | source | default |
+//! |---|---|---|
+//! | `-p` / `-z` | mesh config (not per pod) | 15001 / 15006 |
+//! | `-u` | the `istio-proxy` container's `securityContext.runAsUser` (else the pod's) | 1337 |
+//! | `-g` | its `runAsGroup` (else the pod's) | the `-u` list |
+//! | `-m` | `sidecar.istio.io/interceptionMode` | REDIRECT |
+//! | `-i` | `traffic.sidecar.istio.io/includeOutboundIPRanges` | `*` |
+//! | `-x` | `traffic.sidecar.istio.io/excludeOutboundIPRanges` | empty |
+//! | `-b` | `traffic.sidecar.istio.io/includeInboundPorts` | `*` |
+//! | `-d` | `15090,15021,` + `traffic.sidecar.istio.io/excludeInboundPorts`, then `status.sidecar.istio.io/port` appended unless already listed or `0` | `15090,15021,15020` |
+//! | `-q` | `traffic.sidecar.istio.io/includeOutboundPorts` | empty |
+//! | `-o` | `traffic.sidecar.istio.io/excludeOutboundPorts` | empty |
+//!
+//! An annotation that is present wins over the default even when it is
+//! empty (the template's `annotation` helper): `includeInboundPorts: ""`
+//! captures no inbound port, as with Istio.
+//!
+//! Not in mesh: `hostNetwork` pods, pods whose `sidecar.istio.io/inject`
+//! annotation or label is not a true value (Istio: `y`, `yes`, `true`, `on`,
+//! any case; anything else turns injection off), pods with no `istio-proxy`
+//! container (nor an `istio-proxy` native sidecar in `initContainers`), and
+//! `interceptionMode: NONE` (Istio injects no `istio-init` then).
+//! `interceptionMode: TPROXY` is refused (redirect replaces REDIRECT mode).
+
+use serde_json::Value;
+
+use crate::{
+    agent::proto::{CaptureConfig, FlagValue},
+    config::{CaptureFlags, PodSpec},
+    error::Error,
+};
+
+pub const INJECT: &str = "sidecar.istio.io/inject";
+pub const INTERCEPTION_MODE: &str = "sidecar.istio.io/interceptionMode";
+pub const STATUS_PORT: &str = "status.sidecar.istio.io/port";
+pub const INCLUDE_INBOUND_PORTS: &str = "traffic.sidecar.istio.io/includeInboundPorts";
+pub const EXCLUDE_INBOUND_PORTS: &str = "traffic.sidecar.istio.io/excludeInboundPorts";
+pub const INCLUDE_OUTBOUND_IP_RANGES: &str = "traffic.sidecar.istio.io/includeOutboundIPRanges";
+pub const EXCLUDE_OUTBOUND_IP_RANGES: &str = "traffic.sidecar.istio.io/excludeOutboundIPRanges";
+pub const INCLUDE_OUTBOUND_PORTS: &str = "traffic.sidecar.istio.io/includeOutboundPorts";
+pub const EXCLUDE_OUTBOUND_PORTS: &str = "traffic.sidecar.istio.io/excludeOutboundPorts";
+
+/// The sidecar container's name in an injected pod.
+pub const PROXY_CONTAINER: &str = "istio-proxy";
+/// Ports the injector always puts in `-d` (Envoy's Prometheus port and the
+/// health port), before the annotation's and the status port.
+pub const ALWAYS_EXCLUDED_INBOUND: &str = "15090,15021";
+/// The agent's status port (`-d` gets it unless the pod says otherwise).
+pub const DEFAULT_STATUS_PORT: &str = "15020";
+
+/// A pod that is captured: where it came from and what it gets.
+#[derive(Debug, Clone)]
+pub struct MeshPod {
+    /// `namespace/name`.
+    pub pod: String,
+    /// `metadata.uid`, when the object has one.
+    pub uid: Option<String>,
+    /// The istio-iptables flag values, exactly as the injector would pass them.
+    pub flags: CaptureFlags,
+    /// The validated result.
+    pub spec: PodSpec,
+}
+
+impl MeshPod {
+    /// The `config` of an agent `add` request for this pod.
+    pub fn capture_config(&self) -> CaptureConfig {
+        let f = &self.flags;
+        let v = |s: &str| Some(FlagValue(s.to_string()));
+        CaptureConfig {
+            proxy_port: v(&f.proxy_port),
+            inbound_port: v(&f.inbound_port),
+            tunnel_port: v(&f.tunnel_port),
+            proxy_uid: v(&f.proxy_uid),
+            proxy_gid: f.proxy_gid.as_deref().and_then(v),
+            mode: v(&f.mode),
+            include_cidrs: v(&f.include_cidrs),
+            exclude_cidrs: v(&f.exclude_cidrs),
+            include_out_ports: v(&f.include_out_ports),
+            exclude_out_ports: v(&f.exclude_out_ports),
+            include_in_ports: v(&f.include_in_ports),
+            exclude_in_ports: v(&f.exclude_in_ports),
+            accel: None,
+        }
+    }
+}
+
+/// What a pod object means for capture.
+#[derive(Debug, Clone)]
+pub enum PodCapture {
+    /// Capture it with this config.
+    Mesh(Box<MeshPod>),
+    /// Leave it alone; the reason says why (for logs).
+    NotInMesh { pod: String, reason: String },
+}
+
+impl PodCapture {
+    pub fn mesh(&self) -> Option<&MeshPod> {
+        match self {
+            PodCapture::Mesh(m) => Some(m),
+            PodCapture::NotInMesh { .. } => None,
+        }
+    }
+}
+
+/// Why a pod object could not be turned into a config.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum AnnotationError {
+    /// An annotation (or the proxy container's securityContext field) has a
+    /// value istio-init would not accept.
+    #[error("pod {pod}: invalid {annotation} value {value:?}: {reason}")]
+    Invalid {
+        pod: String,
+        annotation: String,
+        value: String,
+        reason: String,
+    },
+    /// The object is not a Pod as the API server returns it.
+    #[error("not a Kubernetes Pod object: {0}")]
+    NotAPod(String),
+}
+
+/// The pod's `namespace/name` (for messages), `?` for missing parts.
+pub fn pod_name(pod: &Value) -> String {
+    let m = &pod["metadata"];
+    let ns = m["namespace"].as_str().unwrap_or("?");
+    let name = m["name"].as_str().or_else(|| m["generateName"].as_str()).unwrap_or("?");
+    format!("{ns}/{name}")
+}
+
+/// A string-valued map (annotations, labels); `None` when absent or null.
+fn string_map<'a>(pod: &'a Value, key: &str, name: &str) -> Result<Option<&'a serde_json::Map<String, Value>>, AnnotationError> {
+    match &pod["metadata"][key] {
+        Value::Null => Ok(None),
+        Value::Object(m) => {
+            if let Some((k, v)) = m.iter().find(|(_, v)| !v.is_string()) {
+                return Err(AnnotationError::Invalid {
+                    pod: name.to_string(),
+                    annotation: format!("metadata.{key}.{k}"),
+                    value: v.to_string(),
+                    reason: "Kubernetes annotation and label values are strings".into(),
+                });
+            }
+            Ok(Some(m))
+        }
+        other => Err(AnnotationError::NotAPod(format!("metadata.{key} is {other}, not an object"))),
+    }
+}
+
+/// Istio's reading of `sidecar.istio.io/inject`: true values inject, an
+/// empty value means "use the default", anything else turns injection off.
+fn inject_off(v: &str) -> bool {
+    !matches!(v.to_ascii_lowercase().as_str(), "y" | "yes" | "true" | "on" | "")
+}
+
+/// The `istio-proxy` container: a regular container, or a native sidecar
+/// (an init container with `restartPolicy: Always`, Istio 1.19+).
+fn proxy_container(pod: &Value) -> Option<&Value> {
+    let spec = &pod["spec"];
+    let named = |c: &&Value| c["name"].as_str() == Some(PROXY_CONTAINER);
+    spec["containers"]
+        .as_array()
+        .and_then(|cs| cs.iter().find(named))
+        .or_else(|| {
+            spec["initContainers"]
+                .as_array()
+                .and_then(|cs| cs.iter().filter(named).find(|c| c["restartPolicy"].as_str() == Some("Always")))
+        })
+}
+
+/// A securityContext id (`runAsUser`/`runAsGroup`): the container's, else
+/// the pod's. Kubernetes stores int64; the kernel's ids are u32.
+fn security_id(pod: &Value, proxy: &Value, field: &str, name: &str) -> Result<Option<String>, AnnotationError> {
+    for (where_, v) in [
+        (format!("spec.containers[{PROXY_CONTAINER}].securityContext.{field}"), &proxy["securityContext"][field]),
+        (format!("spec.securityContext.{field}"), &pod["spec"]["securityContext"][field]),
+    ] {
+        if v.is_null() {
+            continue;
+        }
+        return match v.as_u64().and_then(|n| u32::try_from(n).ok()) {
+            Some(n) => Ok(Some(n.to_string())),
+            None => Err(AnnotationError::Invalid {
+                pod: name.to_string(),
+                annotation: where_,
+                value: v.to_string(),
+                reason: "expected a numeric id (0-4294967295)".into(),
+            }),
+        };
+    }
+    Ok(None)
+}
+
+/// Istio's `excludeInboundPort(statusPort, excluded)`: the status port is
+/// appended unless it is empty, `0`, or already listed.
+fn exclude_inbound_port(status_port: &str, excluded: &str) -> String {
+    let port = status_port.trim();
+    if port.is_empty() || port == "0" {
+        return excluded.to_string();
+    }
+    let mut out = Vec::new();
+    for p in excluded.split(',') {
+        if p == port {
+            return excluded.to_string();
+        }
+        let p = p.trim();
+        if !p.is_empty() {
+            out.push(p);
+        }
+    }
+    out.push(port);
+    out.join(",")
+}
+
+/// Which annotation feeds a flag (by the flag's `InvalidFlag` field name).
+fn annotation_of(field: &str) -> &'static str {
+    match field.split('/').next().unwrap_or("") {
+        "-m" => INTERCEPTION_MODE,
+        "-i" => INCLUDE_OUTBOUND_IP_RANGES,
+        "-x" => EXCLUDE_OUTBOUND_IP_RANGES,
+        "-b" => INCLUDE_INBOUND_PORTS,
+        "-d" => EXCLUDE_INBOUND_PORTS,
+        "-q" => INCLUDE_OUTBOUND_PORTS,
+        "-o" => EXCLUDE_OUTBOUND_PORTS,
+        "-u" => "spec.containers[istio-proxy].securityContext.runAsUser",
+        "-g" => "spec.containers[istio-proxy].securityContext.runAsGroup",
+        _ => "mesh defaults",
+    }
+}
+
+/// Turn a Pod object into its capture config, as Istio's injector would.
+pub fn from_pod(pod: &Value) -> Result<PodCapture, AnnotationError> {
+    if !pod.is_object() {
+        return Err(AnnotationError::NotAPod(format!("expected a JSON object, got {}", short(pod))));
+    }
+    if let Some(kind) = pod.get("kind").and_then(Value::as_str) {
+        if kind != "Pod" {
+            return Err(AnnotationError::NotAPod(format!("kind is {kind:?}")));
+        }
+    }
+    if !pod["metadata"].is_object() {
+        return Err(AnnotationError::NotAPod("no metadata object".into()));
+    }
+    let name = pod_name(pod);
+    let not = |reason: String| Ok(PodCapture::NotInMesh { pod: name.clone(), reason });
+    let annotations = string_map(pod, "annotations", &name)?;
+    let labels = string_map(pod, "labels", &name)?;
+    let ann = |k: &str| annotations.and_then(|m| m.get(k)).and_then(Value::as_str);
+
+    if pod["spec"]["hostNetwork"].as_bool() == Some(true) {
+        return not("hostNetwork pod: Istio does not inject it, and its netns is the node's".into());
+    }
+    for (what, v) in [("label", labels.and_then(|m| m.get(INJECT)).and_then(Value::as_str)), ("annotation", ann(INJECT))] {
+        if let Some(v) = v {
+            if inject_off(v) {
+                return not(format!("{INJECT} {what} is {v:?}"));
+            }
+        }
+    }
+    let Some(proxy) = proxy_container(pod) else {
+        return not(format!("no {PROXY_CONTAINER} container"));
+    };
+
+    let mode = ann(INTERCEPTION_MODE).unwrap_or("REDIRECT");
+    let invalid = |annotation: &str, value: &str, reason: String| AnnotationError::Invalid {
+        pod: name.clone(),
+        annotation: annotation.to_string(),
+        value: value.to_string(),
+        reason,
+    };
+    match mode {
+        "REDIRECT" => {}
+        "NONE" => return not(format!("{INTERCEPTION_MODE} is NONE: Istio injects no istio-init, nothing is captured")),
+        "TPROXY" => {
+            return Err(invalid(
+                INTERCEPTION_MODE,
+                mode,
+                "TPROXY is not supported: redirect replaces istio-init's REDIRECT mode (remove the annotation or set REDIRECT)".into(),
+            ))
+        }
+        _ => return Err(invalid(INTERCEPTION_MODE, mode, "expected REDIRECT, TPROXY or NONE (Istio's modes)".into())),
+    }
+
+    let status_port = ann(STATUS_PORT).unwrap_or(DEFAULT_STATUS_PORT);
+    let sp = status_port.trim();
+    if !sp.is_empty() && sp.parse::<u16>().is_err() {
+        return Err(invalid(STATUS_PORT, status_port, "expected a port number (0 leaves -d without a status port)".into()));
+    }
+    let exclude_in = exclude_inbound_port(status_port, ann(EXCLUDE_INBOUND_PORTS).unwrap_or(""));
+    let exclude_in_ports = if exclude_in.is_empty() {
+        ALWAYS_EXCLUDED_INBOUND.to_string()
+    } else {
+        format!("{ALWAYS_EXCLUDED_INBOUND},{exclude_in}")
+    };
+
+    let uid = security_id(pod, proxy, "runAsUser", &name)?;
+    let gid = security_id(pod, proxy, "runAsGroup", &name)?;
+    let flags = CaptureFlags {
+        proxy_uid: uid.unwrap_or_else(|| "1337".into()),
+        proxy_gid: gid,
+        mode: mode.to_string(),
+        include_cidrs: ann(INCLUDE_OUTBOUND_IP_RANGES).unwrap_or("*").to_string(),
+        exclude_cidrs: ann(EXCLUDE_OUTBOUND_IP_RANGES).unwrap_or("").to_string(),
+        include_in_ports: ann(INCLUDE_INBOUND_PORTS).unwrap_or("*").to_string(),
+        exclude_in_ports,
+        include_out_ports: ann(INCLUDE_OUTBOUND_PORTS).unwrap_or("").to_string(),
+        exclude_out_ports: ann(EXCLUDE_OUTBOUND_PORTS).unwrap_or("").to_string(),
+        ..CaptureFlags::defaults()
+    };
+    let spec = flags.to_spec().map_err(|e| match e {
+        Error::InvalidFlag { field, value, reason } => {
+            let annotation = annotation_of(field);
+            // Name the annotation's own value, not the composed flag.
+            let value = match annotation {
+                EXCLUDE_INBOUND_PORTS => ann(EXCLUDE_INBOUND_PORTS).map(str::to_string).unwrap_or(value),
+                _ => value,
+            };
+            invalid(annotation, &value, format!("{reason} (istio-init {field})"))
+        }
+        other => invalid("mesh defaults", "", other.to_string()),
+    })?;
+    Ok(PodCapture::Mesh(Box::new(MeshPod {
+        pod: name.clone(),
+        uid: pod["metadata"]["uid"].as_str().map(str::to_string),
+        flags,
+        spec,
+    })))
+}
+
+fn short(v: &Value) -> String {
+    let s = v.to_string();
+    if s.len() > 60 {
+        format!("{}...", &s[..s.char_indices().take_while(|(i, _)| *i < 60).last().map_or(0, |(i, c)| i + c.len_utf8())])
+    } else {
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn pod(annotations: Value) -> Value {
+        json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "p", "namespace": "ns", "annotations": annotations},
+            "spec": {"containers": [
+                {"name": "app", "image": "app"},
+                {"name": "istio-proxy", "image": "proxyv2", "securityContext": {"runAsUser": 1337, "runAsGroup": 1337}}
+            ]}
+        })
+    }
+
+    fn args(p: &Value) -> String {
+        from_pod(p).unwrap().mesh().unwrap().spec.istio_args()
+    }
+
+    #[test]
+    fn status_port_rule_is_istios() {
+        assert_eq!(exclude_inbound_port("15020", ""), "15020");
+        assert_eq!(exclude_inbound_port("15020", "8080"), "8080,15020");
+        assert_eq!(exclude_inbound_port("15020", "15020,8080"), "15020,8080");
+        assert_eq!(exclude_inbound_port("0", "8080"), "8080");
+        assert_eq!(exclude_inbound_port("", ""), "");
+        assert_eq!(exclude_inbound_port("15020", " 8080 , ,9090"), "8080,9090,15020");
+    }
+
+    #[test]
+    fn defaults_are_the_injected_args() {
+        let m = from_pod(&pod(json!({}))).unwrap();
+        let m = m.mesh().unwrap();
+        assert_eq!(m.spec, CaptureFlags {
+            include_cidrs: "*".into(),
+            include_in_ports: "*".into(),
+            exclude_in_ports: "15090,15021,15020".into(),
+            proxy_gid: Some("1337".into()),
+            ..CaptureFlags::defaults()
+        }
+        .to_spec()
+        .unwrap());
+        assert!(m.spec.warnings().is_empty(), "{:?}", m.spec.warnings());
+        // The agent config gives the same spec.
+        assert_eq!(m.capture_config().to_flags().to_spec().unwrap(), m.spec);
+    }
+
+    #[test]
+    fn empty_annotation_wins_over_default() {
+        let a = args(&pod(json!({INCLUDE_INBOUND_PORTS: ""})));
+        assert!(a.contains("-b ''"), "{a}");
+    }
+
+    #[test]
+    fn non_string_annotation_is_an_error() {
+        let e = from_pod(&pod(json!({EXCLUDE_INBOUND_PORTS: 8080}))).unwrap_err().to_string();
+        assert!(e.contains(EXCLUDE_INBOUND_PORTS) && e.contains("8080"), "{e}");
+    }
+
+    #[test]
+    fn not_objects() {
+        assert!(matches!(from_pod(&json!([])), Err(AnnotationError::NotAPod(_))));
+        assert!(matches!(from_pod(&json!({"kind": "Service", "metadata": {}})), Err(AnnotationError::NotAPod(_))));
+        assert!(matches!(from_pod(&json!({"kind": "Pod"})), Err(AnnotationError::NotAPod(_))));
+    }
+
+    #[test]
+    fn inject_values() {
+        for v in ["false", "False", "no", "n", "off", "0", "nope"] {
+            let mut p = pod(json!({INJECT: v}));
+            assert!(from_pod(&p).unwrap().mesh().is_none(), "{v}");
+            p["metadata"]["annotations"] = json!({});
+            p["metadata"]["labels"] = json!({INJECT: v});
+            assert!(from_pod(&p).unwrap().mesh().is_none(), "label {v}");
+        }
+        for v in ["true", "YES", "y", "on", ""] {
+            assert!(from_pod(&pod(json!({INJECT: v}))).unwrap().mesh().is_some(), "{v}");
+        }
+    }
+}
