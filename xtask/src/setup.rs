@@ -10,6 +10,9 @@
 //! * the nightly toolchain with `rust-src` (the eBPF crate uses `-Z build-std`);
 //! * `bpf-linker`, built against the nightly's own libLLVM so no system LLVM
 //!   is needed;
+//! * `kubernetes-validate` (PyPI; it bundles the Kubernetes JSON schemas, so
+//!   it validates offline) in a venv under target/tools/, for the test that
+//!   validates deploy/*.yaml;
 //! * warnings when the kernel lacks a cgroup2 mount or BTF.
 //!
 //! Failures say what failed and what to run by hand.
@@ -54,6 +57,7 @@ pub fn setup(reinstall_bpf_linker: bool) -> Result<Toolchain> {
     ensure_apt_packages()?;
     let sysroot = ensure_nightly()?;
     let bpf_linker = ensure_bpf_linker(&sysroot, reinstall_bpf_linker)?;
+    ensure_kubernetes_validate()?;
     check_kernel();
     eprintln!("setup: toolchain and tools ready");
     Ok(Toolchain { bpf_linker })
@@ -101,6 +105,50 @@ fn ensure_apt_packages() -> Result<()> {
             "apt-get succeeded but these commands are still not on PATH: {}; check PATH (they usually live in /usr/bin and /usr/sbin)",
             still_missing.join(", ")
         );
+    }
+    Ok(())
+}
+
+/// The pinned `kubernetes-validate` release (its schemas go up to this
+/// Kubernetes minor version).
+const KUBERNETES_VALIDATE: &str = "kubernetes-validate==1.37.0";
+
+/// The venv holding `kubernetes-validate`; tests/tests/deploy.rs looks here.
+pub fn kubernetes_validate_venv() -> PathBuf {
+    cmd::workspace_root().join("target/tools/kubernetes-validate")
+}
+
+/// Installs `kubernetes-validate` into a venv under target/tools/ unless it
+/// already runs there. Needs python3 with venv (apt: python3-venv).
+fn ensure_kubernetes_validate() -> Result<()> {
+    let venv = kubernetes_validate_venv();
+    let bin = venv.join("bin/kubernetes-validate");
+    let runs = |bin: &Path| Command::new(bin).arg("--version").output().is_ok_and(|o| o.status.success());
+    if runs(&bin) {
+        return Ok(());
+    }
+    let by_hand = format!("python3 -m venv {0} && {0}/bin/pip install {KUBERNETES_VALIDATE}", venv.display());
+    let make_venv = || Command::new("python3").args(["-m", "venv", "--clear"]).arg(&venv).output().is_ok_and(|o| o.status.success());
+    if !make_venv() {
+        // Debian's python3 has no venv/ensurepip without python3-venv.
+        if find_executable("apt-get").is_none() || !is_root() {
+            bail!("cannot create a python3 venv at {}; install python3 and python3-venv, then run: {by_hand}", venv.display());
+        }
+        cmd::run(Command::new("apt-get").arg("update")).context("`apt-get update` failed")?;
+        cmd::run(
+            Command::new("apt-get")
+                .env("DEBIAN_FRONTEND", "noninteractive")
+                .args(["install", "-y", "python3", "python3-venv"]),
+        )
+        .with_context(|| format!("installing python3-venv failed; run: apt-get install -y python3 python3-venv && {by_hand}"))?;
+        if !make_venv() {
+            bail!("`python3 -m venv {}` still fails; run by hand: {by_hand}", venv.display());
+        }
+    }
+    cmd::run(Command::new(venv.join("bin/pip")).args(["install", "--quiet", "--disable-pip-version-check", KUBERNETES_VALIDATE]))
+        .with_context(|| format!("installing {KUBERNETES_VALIDATE} failed; check access to PyPI, then run: {by_hand}"))?;
+    if !runs(&bin) {
+        bail!("{} does not run after installing it; run by hand: {by_hand}", bin.display());
     }
     Ok(())
 }

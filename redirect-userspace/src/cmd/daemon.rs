@@ -21,38 +21,41 @@ use redirect_userspace::{
     sys,
 };
 
+/// Every flag can also be set from the environment (`REDIRECT_SOCKET`,
+/// `REDIRECT_CNI_CONFLIST`, ...: the DaemonSet's ConfigMap in deploy/ does);
+/// a flag on the command line wins.
 #[derive(clap::Args)]
 pub struct Args {
     /// Unix socket the CNI plugin (and `redirect` tooling) talks to; 0600, root only.
-    #[arg(long, default_value = "/run/redirect/agent.sock")]
+    #[arg(long, env = "REDIRECT_SOCKET", default_value = "/run/redirect/agent.sock")]
     pub socket: PathBuf,
     /// Address of the /metrics, /healthz and /readyz HTTP endpoint.
-    #[arg(long, default_value = "127.0.0.1:15099")]
+    #[arg(long, env = "REDIRECT_METRICS_ADDR", default_value = "127.0.0.1:15099")]
     pub metrics_addr: SocketAddr,
     /// cgroup2 directory the programs attach to (default: the cgroup2 root).
-    #[arg(long)]
+    #[arg(long, env = "REDIRECT_CGROUP")]
     pub cgroup: Option<PathBuf>,
     /// Directory of the CNI network configs.
-    #[arg(long, default_value = "/etc/cni/net.d")]
+    #[arg(long, env = "REDIRECT_CNI_CONF_DIR", default_value = "/etc/cni/net.d")]
     pub cni_conf_dir: PathBuf,
     /// Directory the CNI plugin binary is installed into.
-    #[arg(long, default_value = "/opt/cni/bin")]
+    #[arg(long, env = "REDIRECT_CNI_BIN_DIR", default_value = "/opt/cni/bin")]
     pub cni_bin_dir: PathBuf,
     /// Conflist (a file name in --cni-conf-dir, or a path) to chain
     /// redirect-cni into. Without it no CNI file is installed or changed.
-    #[arg(long)]
+    #[arg(long, env = "REDIRECT_CNI_CONFLIST")]
     pub cni_conflist: Option<PathBuf>,
     /// The plugin binary to install (default: redirect-cni next to this binary).
-    #[arg(long)]
+    #[arg(long, env = "REDIRECT_CNI_PLUGIN")]
     pub cni_plugin: Option<PathBuf>,
     /// Write `"captureAll": true` into the conflist entry: every Kubernetes
     /// pod is captured (CNI_ARGS REDIRECT_CAPTURE=false opts out). Without
     /// it only pods with REDIRECT_CAPTURE=true are.
-    #[arg(long)]
+    #[arg(long, env = "REDIRECT_CNI_CAPTURE_ALL")]
     pub cni_capture_all: bool,
     /// Remove the conflist entry on shutdown (new pods then start
     /// uncaptured; use when uninstalling the agent, not for restarts).
-    #[arg(long)]
+    #[arg(long, env = "REDIRECT_CNI_CLEANUP")]
     pub cni_cleanup: bool,
 }
 
