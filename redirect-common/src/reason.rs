@@ -102,14 +102,13 @@ impl Reason {
         match self {
             Reason::OutCaptured | Reason::OutCapturedPort => "REDIRECT",
             Reason::OutProxyToSelf | Reason::InCaptured => "REDIRECT",
-            Reason::InNoListener => "REJECT",
+            Reason::InNoListener | Reason::ErrOrigMapFull => "REJECT",
             Reason::OrigDstOutbound | Reason::OrigDstInbound | Reason::PeerNameRewritten => {
                 "ANSWER"
             }
             Reason::OrigDstMissing => "MISSING",
             Reason::InListenerRegistered => "LISTEN",
-            Reason::ErrOrigMapFull
-            | Reason::ErrTupleMapFull
+            Reason::ErrTupleMapFull
             | Reason::ErrListenerMapFull
             | Reason::ErrSockMapFull => "ERROR",
             Reason::AccelInserted => "SOCKMAP",
@@ -173,8 +172,8 @@ impl Reason {
             Reason::OrigDstInbound => "SO_ORIGINAL_DST answered (inbound)",
             Reason::OrigDstMissing => "SO_ORIGINAL_DST asked, no record",
             Reason::PeerNameRewritten => "getpeername shows original peer",
-            Reason::ErrOrigMapFull => "original-destination map full",
-            Reason::ErrTupleMapFull => "tuple map full",
+            Reason::ErrOrigMapFull => "original-destination map full (connect refused, EPERM)",
+            Reason::ErrTupleMapFull => "tuple map full (proxy gets no SO_ORIGINAL_DST)",
             Reason::ErrListenerMapFull => "listener map update failed",
             Reason::ErrSockMapFull => "acceleration sockhash update failed (normal path used)",
             Reason::AccelInserted => "app/proxy sockets put in the sockhash",

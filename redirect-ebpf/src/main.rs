@@ -12,7 +12,7 @@ use aya_ebpf::{
         bpf_sock_ops_cb_flags_set,
     },
     macros::{cgroup_sock_addr, cgroup_sockopt, map, sk_lookup, sk_msg, sock_ops},
-    maps::{lpm_trie::Key, HashMap, LpmTrie, LruHashMap, PerCpuHashMap, SockHash},
+    maps::{lpm_trie::Key, HashMap, LpmTrie, PerCpuHashMap, SockHash},
     programs::{SkLookupContext, SkMsgContext, SockAddrContext, SockOpsContext, SockoptContext},
 };
 use redirect_common::{
@@ -33,14 +33,19 @@ static REDIRECT_COUNTERS: PerCpuHashMap<CounterKey, CounterValue> =
     PerCpuHashMap::pinned(MAX_COUNTERS, 0);
 /// Original destination of a redirected app socket, by socket cookie
 /// (getpeername, and the hand-over to the tuple map when established).
+/// A plain hash, not LRU: when it is full the insert fails and connect4
+/// refuses the connection (counted), where an LRU map would silently
+/// evict the record of a live connection.
 #[map]
-static REDIRECT_ORIG_BY_COOKIE: LruHashMap<u64, OrigDst> =
-    LruHashMap::pinned(MAX_TRACKED_SOCKETS, 0);
+static REDIRECT_ORIG_BY_COOKIE: HashMap<u64, OrigDst> =
+    HashMap::pinned(MAX_TRACKED_SOCKETS, 0);
 /// Original destination by the app socket's 4-tuple: what the proxy's
-/// accepted socket asks for with SO_ORIGINAL_DST.
+/// accepted socket asks for with SO_ORIGINAL_DST. A plain hash for the
+/// same reason (a failed insert is counted; the proxy then gets no answer
+/// and refuses the connection).
 #[map]
-static REDIRECT_ORIG_BY_TUPLE: LruHashMap<TupleKey, OrigDst> =
-    LruHashMap::pinned(MAX_TRACKED_SOCKETS, 0);
+static REDIRECT_ORIG_BY_TUPLE: HashMap<TupleKey, OrigDst> =
+    HashMap::pinned(MAX_TRACKED_SOCKETS, 0);
 /// Accelerated app↔proxy sockets, keyed by their own 4-tuple (local →
 /// remote) and netns cookie; the sk_msg program redirects to the peer.
 #[map]
@@ -63,6 +68,7 @@ const SK_PASS: u32 = 1;
 const SK_DROP: u32 = 0;
 const LOOPBACK_IFINDEX: u32 = 1;
 const TCP_CLOSE: u32 = 7;
+const BPF_SOCK_OPS_TCP_CONNECT_CB: u32 = 3;
 const BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB: u32 = 4;
 const BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB: u32 = 5;
 const BPF_SOCK_OPS_STATE_CB: u32 = 10;
@@ -208,29 +214,33 @@ unsafe fn set_user_ip6(sa: *mut aya_ebpf::bindings::bpf_sock_addr, addr: &[u8; 1
 
 // ---------------------------------------------------------------- connect
 
+/// connect4/6 verdicts: go on (rewritten or not), or refuse (EPERM).
+const CONNECT_PROCEED: i32 = 1;
+const CONNECT_REFUSE: i32 = 0;
+
 #[cgroup_sock_addr(connect4)]
 pub fn redirect_connect4(ctx: SockAddrContext) -> i32 {
-    unsafe { connect(&ctx, false) };
-    1
+    unsafe { connect(&ctx, false) }
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn redirect_connect6(ctx: SockAddrContext) -> i32 {
-    unsafe { connect(&ctx, true) };
-    1
+    unsafe { connect(&ctx, true) }
 }
 
-/// The OUTPUT chain. Never refuses a connect: it only rewrites or leaves.
+/// The OUTPUT chain: rewrites or leaves. It refuses a connect only when a
+/// connection it must redirect cannot be recorded (original-destination
+/// map full): fail closed, counted, never a bypass of the proxy.
 #[inline(always)]
-unsafe fn connect(ctx: &SockAddrContext, v6: bool) {
+unsafe fn connect(ctx: &SockAddrContext, v6: bool) -> i32 {
     let sa = ctx.sock_addr;
     let netns = bpf_get_netns_cookie(sa as *mut c_void);
     let Some(cfg) = REDIRECT_PODS.get(&netns) else {
-        return;
+        return CONNECT_PROCEED;
     };
     if (*sa).protocol != IPPROTO_TCP {
         count(netns, Reason::OutNotTcp);
-        return;
+        return CONNECT_PROCEED;
     }
     let sk: *mut bpf_sock = (*sa).__bindgen_anon_1.sk;
     let (mut family, mut dst, mut src) = if v6 {
@@ -266,7 +276,7 @@ unsafe fn connect(ctx: &SockAddrContext, v6: bool) {
     let verdict = outbound_verdict(cfg, &conn, &Maps { netns });
     count(netns, verdict.reason());
     let port = match verdict {
-        Verdict::Untouched(_) => return,
+        Verdict::Untouched(_) => return CONNECT_PROCEED,
         Verdict::ToOutbound(_) => cfg.proxy_port,
         Verdict::ToInbound(_) => cfg.inbound_port,
     };
@@ -277,10 +287,12 @@ unsafe fn connect(ctx: &SockAddrContext, v6: bool) {
         reason: verdict.reason() as u32,
     };
     let cookie = bpf_get_socket_cookie(sa as *mut c_void);
-    // Fail closed: a connection we cannot record still goes to the proxy
-    // (which then refuses it) rather than bypassing it.
+    // Fail closed: a connection we cannot record is refused here (the app
+    // gets EPERM at once), neither sent to a proxy that could not route it
+    // nor let past the proxy. Counted under the verdict above and here.
     if REDIRECT_ORIG_BY_COOKIE.insert(&cookie, &orig, 0).is_err() {
         count(netns, Reason::ErrOrigMapFull);
+        return CONNECT_REFUSE;
     }
     (*sa).user_port = (port.to_be()) as u32;
     if !v6 {
@@ -296,6 +308,7 @@ unsafe fn connect(ctx: &SockAddrContext, v6: bool) {
         };
         set_user_ip6(sa, &target);
     }
+    CONNECT_PROCEED
 }
 
 // ------------------------------------------------------------ getpeername
@@ -344,6 +357,7 @@ unsafe fn getpeername(ctx: &SockAddrContext, v6: bool) {
 pub fn redirect_sockops(ctx: SockOpsContext) -> u32 {
     unsafe {
         match ctx.op() {
+            BPF_SOCK_OPS_TCP_CONNECT_CB => connecting(&ctx),
             BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => active_established(&ctx),
             BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => passive_established(&ctx),
             BPF_SOCK_OPS_TCP_LISTEN_CB => listening(&ctx),
@@ -356,6 +370,19 @@ pub fn redirect_sockops(ctx: SockOpsContext) -> u32 {
         }
     }
     1
+}
+
+/// A redirected app socket sends its SYN: ask for its state changes from
+/// now on, so a connect that never completes (nothing listening on the
+/// proxy port, timeout, RST) still removes its record on close. The
+/// original-destination maps are plain hashes with no LRU backstop.
+#[inline(always)]
+unsafe fn connecting(ctx: &SockOpsContext) {
+    let ops = ctx.ops;
+    let cookie = bpf_get_socket_cookie(ops as *mut c_void);
+    if REDIRECT_ORIG_BY_COOKIE.get(&cookie).is_some() {
+        let _ = bpf_sock_ops_cb_flags_set(ops, BPF_SOCK_OPS_STATE_CB_FLAG);
+    }
 }
 
 /// The socket's 4-tuple as (local, remote, local port, remote port), with

@@ -25,6 +25,7 @@ use crate::{
     config::PodSpec,
     error::{Error, Result},
     maps::Maps,
+    mapsize::MapSizes,
     pins::Pins,
     sys::{self, Netns},
 };
@@ -72,13 +73,23 @@ impl Installation {
     /// Preflight checks, bpffs, then load the object reusing (or creating)
     /// the pinned maps. Programs are loaded lazily, only when attached.
     pub fn open(pin_dir: &Path) -> Result<Installation> {
+        Self::open_with(pin_dir, &MapSizes::default())
+    }
+
+    /// `open`, creating missing maps with `sizes` (`--map-size`). An
+    /// existing install is first checked: its pinned maps must have this
+    /// object's layout, and the sizes asked for (if any) must be theirs.
+    pub fn open_with(pin_dir: &Path, sizes: &MapSizes) -> Result<Installation> {
         sys::check_privileges()?;
         sys::check_btf()?;
         sys::ensure_bpffs(pin_dir)?;
         let pins = Pins::new(pin_dir);
         sys::create_private_dir(&pins.maps_dir())?;
-        let ebpf = EbpfLoader::new()
-            .default_map_pin_directory(pins.maps_dir())
+        crate::mapsize::check_install(OBJECT, &pins.maps_dir(), sizes)?;
+        let mut loader = EbpfLoader::new();
+        loader.default_map_pin_directory(pins.maps_dir());
+        sizes.apply(&mut loader);
+        let ebpf = loader
             .load(OBJECT)
             .map_err(|e| Error::bpf(format!("loading the kernel object with maps pinned in {}", pins.maps_dir().display()), e))?;
         Ok(Installation { pins, ebpf })
@@ -133,9 +144,40 @@ impl Installation {
             .ok_or_else(|| Error::bpf("kernel object", std::io::Error::other(format!("program {name} missing: rebuild with `cargo xtask build-ebpf`"))))
     }
 
+    /// Upgrade in place (the agent does this at start): every cgroup link
+    /// of this install whose program has other code than this binary's (an
+    /// older or newer version) is switched to this binary's program,
+    /// atomically (see `upgrade`). Returns `<cgroup-id>/<program>` of each
+    /// link switched.
+    pub fn update_cgroup_programs(&mut self) -> Result<Vec<String>> {
+        let mut out = Vec::new();
+        for dir in crate::pins::read_dir(&self.pins.cgroups_dir()) {
+            for name in CGROUP_PROGRAMS {
+                let link = dir.join(name);
+                if !link.exists() {
+                    continue;
+                }
+                let (fd, _) = self.loaded_cgroup_program(name)?;
+                if crate::upgrade::replace_if_changed(&link, fd.as_fd()).map_err(|e| Error::io("switching to this version's program the link", &link, e))? {
+                    let cg = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                    out.push(format!("{cg}/{name}"));
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// Load (once) and link one cgroup program; the link fd is returned
     /// for pinning.
     fn attach_one(&mut self, name: &str, cg: &std::fs::File) -> Result<OwnedFd> {
+        let (fd, attach_type) = self.loaded_cgroup_program(name)?;
+        crate::bpf::link_create(fd.as_fd(), cg.as_fd(), attach_type)
+            .map_err(|e| Error::bpf(format!("attaching program {name} (bpf_link_create)"), e))
+    }
+
+    /// One cgroup program of this object, loaded on first use: its fd and
+    /// attach type.
+    fn loaded_cgroup_program(&mut self, name: &str) -> Result<(OwnedFd, u32)> {
         let verr = |what: &str, e: aya::programs::ProgramError| Error::bpf(format!("{what} program {name}"), e);
         let prog = self.program(name)?;
         let (fd, attach_type) = match prog {
@@ -166,8 +208,7 @@ impl Installation {
             _ => unreachable!("{name} is a cgroup program"),
         };
         let fd = fd.map_err(|e| Error::bpf(format!("duplicating fd of {name}"), e))?;
-        crate::bpf::link_create(fd.as_fd(), cg.as_fd(), attach_type)
-            .map_err(|e| Error::bpf(format!("attaching program {name} (bpf_link_create)"), e))
+        Ok((fd, attach_type))
     }
 
     /// Attach inbound steering (sk_lookup) to the pod's netns, once.

@@ -25,6 +25,17 @@ pub enum Error {
     NotCaptured(String),
     #[error("nothing is installed under '{0}' (no pinned maps): run `redirect attach` first")]
     NotInstalled(PathBuf),
+    /// An install's pinned maps do not fit this binary (see `mapsize`).
+    #[error("{0}")]
+    Layout(String),
+    /// A map has no room for the entry (the kernel said E2BIG).
+    #[error("map {map} is full ({max_entries} entries): {what}. Free entries (release pods) or size it for the node: `--map-size {knob}=<n>` on a new install (`redirect uninstall` first)")]
+    MapFull {
+        map: &'static str,
+        max_entries: u32,
+        knob: &'static str,
+        what: String,
+    },
     #[error("{what} '{path}'")]
     Io {
         what: &'static str,

@@ -118,18 +118,18 @@ impl Maps {
         let old_cidrs = self.cidr_entries(cookie);
         let result = (|| -> Result<()> {
             for p in ports {
-                self.ports
-                    .insert(Self::port_key(cookie, *p), 1, 0)
-                    .map_err(|e| Error::bpf(format!("adding port {} to {MAP_PORTS}", p.1), e))?;
+                self.ports.insert(Self::port_key(cookie, *p), 1, 0).map_err(|e| full_or(e, MAP_PORTS, capacity(&self.ports), "ports", format!("adding port {} to {MAP_PORTS}", p.1)))?;
             }
             for c in cidrs {
-                self.cidrs
-                    .insert(&Self::cidr_key(cookie, *c), 1, 0)
-                    .map_err(|e| Error::bpf(format!("adding CIDR {} to {MAP_CIDRS}", c.1), e))?;
+                self.cidrs.insert(&Self::cidr_key(cookie, *c), 1, 0).map_err(|e| full_or(e, MAP_CIDRS, capacity(&self.cidrs), "cidrs", format!("adding CIDR {} to {MAP_CIDRS}", c.1)))?;
             }
-            self.pods
-                .insert(cookie, cfg, 0)
-                .map_err(|e| Error::bpf(format!("adding pod config to {MAP_PODS}"), e))
+            self.pods.insert(cookie, cfg, 0).map_err(|e| {
+                if crate::mapsize::is_full(&e) {
+                    Error::MapFull { map: MAP_PODS, max_entries: self.pods_capacity(), knob: "pods", what: format!("no room for the config of the pod with netns cookie {cookie}, which is not captured") }
+                } else {
+                    Error::bpf(format!("adding pod config to {MAP_PODS}"), e)
+                }
+            })
         })();
         let (stale_ports, stale_cidrs): (Vec<_>, Vec<_>) = match &result {
             // Success: drop what the new config no longer lists.
@@ -150,6 +150,11 @@ impl Maps {
             let _ = self.cidrs.remove(&Self::cidr_key(cookie, c));
         }
         result
+    }
+
+    /// Capacity of the pinned pod-config map.
+    pub fn pods_capacity(&self) -> u32 {
+        capacity(&self.pods)
     }
 
     /// Remove everything keyed by this pod. Config first, so capture stops
@@ -224,4 +229,18 @@ fn lru<K: aya::Pod, V: aya::Pod>(pins: &Pins, name: &str) -> Result<HashMap<MapD
             std::io::Error::other("unexpected map type (an install from another version? run `redirect uninstall`)"),
         )),
     }
+}
+
+/// A map-full error (naming the map, its capacity and the knob) when the
+/// kernel said E2BIG, else the plain error.
+fn full_or(e: aya::maps::MapError, map: &'static str, max_entries: u32, knob: &'static str, what: String) -> Error {
+    if crate::mapsize::is_full(&e) {
+        return Error::MapFull { map, max_entries, knob, what: format!("{what}: no room") };
+    }
+    Error::bpf(what, e)
+}
+
+/// max_entries of an open map (0 if the kernel does not say).
+pub fn capacity<K: aya::Pod, V, M: aya::maps::IterableMap<K, V>>(m: &M) -> u32 {
+    m.map().info().map(|i| i.max_entries()).unwrap_or(0)
 }

@@ -101,11 +101,13 @@ pub fn status(pins: &Pins) -> Result<Status> {
     }
     pods.sort_by_key(|p| p.netns_cookie);
     let (by_cookie, by_tuple) = maps.tracked_sockets();
+    // Capacities as pinned (`--map-size` may have changed them).
+    let cap = |m| crate::mapsize::pinned_max_entries(&pins.maps_dir(), m);
     let map_usage = vec![
-        MapUsage { map: redirect_common::MAP_PODS, entries: pods.len(), max_entries: redirect_common::MAX_PODS },
-        MapUsage { map: redirect_common::MAP_ORIG_BY_COOKIE, entries: by_cookie, max_entries: redirect_common::MAX_TRACKED_SOCKETS },
-        MapUsage { map: redirect_common::MAP_ORIG_BY_TUPLE, entries: by_tuple, max_entries: redirect_common::MAX_TRACKED_SOCKETS },
-        MapUsage { map: redirect_common::MAP_SOCKS, entries: maps.accelerated_sockets(), max_entries: redirect_common::MAX_TRACKED_SOCKETS },
+        MapUsage { map: redirect_common::MAP_PODS, entries: pods.len(), max_entries: cap(redirect_common::MAP_PODS) },
+        MapUsage { map: redirect_common::MAP_ORIG_BY_COOKIE, entries: by_cookie, max_entries: cap(redirect_common::MAP_ORIG_BY_COOKIE) },
+        MapUsage { map: redirect_common::MAP_ORIG_BY_TUPLE, entries: by_tuple, max_entries: cap(redirect_common::MAP_ORIG_BY_TUPLE) },
+        MapUsage { map: redirect_common::MAP_SOCKS, entries: maps.accelerated_sockets(), max_entries: cap(redirect_common::MAP_SOCKS) },
     ];
     Ok(Status {
         pin_dir: pins.root.display().to_string(),

@@ -48,6 +48,8 @@ pub struct AgentCounters {
     pub detach_ok: u64,
     pub detach_errors: u64,
     pub reconcile_released: u64,
+    /// Captures refused because a map was full, by map name.
+    pub map_full: BTreeMap<&'static str, u64>,
 }
 
 struct Inner {
@@ -71,6 +73,10 @@ pub struct Agent {
     idle: Condvar,
     /// The agent's own netns: never captured.
     own_netns_inode: u64,
+    /// `--map-size`: used when the install is (re)created.
+    sizes: crate::mapsize::MapSizes,
+    /// Links switched to this version's programs at start (`upgrade`).
+    pub programs_updated: Vec<String>,
 }
 
 /// What reconciliation did at start.
@@ -86,8 +92,15 @@ impl Agent {
     /// programs (once per cgroup: an existing attachment is kept), open the
     /// pod records.
     pub fn start(pin_dir: &Path, cgroup: &Path) -> Result<(Agent, bool)> {
+        Self::start_with(pin_dir, cgroup, &crate::mapsize::MapSizes::default())
+    }
+
+    /// `start`, creating a new install's maps with `sizes` (an existing
+    /// install must match them, see `mapsize::check_install`).
+    pub fn start_with(pin_dir: &Path, cgroup: &Path, sizes: &crate::mapsize::MapSizes) -> Result<(Agent, bool)> {
         sys::open_cgroup(cgroup)?;
-        let mut inst = Installation::open(pin_dir)?;
+        let mut inst = Installation::open_with(pin_dir, sizes)?;
+        let programs_updated = inst.update_cgroup_programs()?;
         let newly = inst.attach_cgroup(cgroup)?;
         let records = Records::open_or_create(&inst.pins)?;
         let own = std::fs::metadata("/proc/self/ns/net").map_err(|e| Error::io("reading", "/proc/self/ns/net", e))?.ino();
@@ -100,6 +113,8 @@ impl Agent {
                 gate: Mutex::new(Gate::default()),
                 idle: Condvar::new(),
                 own_netns_inode: own,
+                sizes: sizes.clone(),
+                programs_updated,
             },
             newly,
         ))
@@ -185,11 +200,16 @@ impl Agent {
             // (`redirect uninstall`): reload, reattach.
             if !self.pins.is_installed() {
                 tracing::warn!("install at {} is gone: loading it again", self.pins.root.display());
-                inner.inst = Installation::open(&self.pins.root).map_err(|e| format!("{e:#}"))?;
+                inner.inst = Installation::open_with(&self.pins.root, &self.sizes).map_err(|e| format!("{e:#}"))?;
                 inner.records = Records::open_or_create(&self.pins).map_err(|e| format!("{e:#}"))?;
             }
             inner.inst.attach_cgroup(&self.cgroup).map_err(|e| format!("{e:#}"))?;
-            let info = inner.inst.register_pod(&ns, &spec).map_err(|e| format!("{e:#}"))?;
+            let info = inner.inst.register_pod(&ns, &spec).map_err(|e| {
+                if let Error::MapFull { map, .. } = &e {
+                    *self.counters().map_full.entry(map).or_default() += 1;
+                }
+                format!("{e:#}")
+            })?;
             let rec = Record { container_id: cid.into(), pod: pod.into(), netns: netns.display().to_string() };
             if let Err(e) = inner.records.put(info.cookie, &rec) {
                 tracing::warn!(error = %format!("{e:#}"), "pod captured but not recorded (a DEL after its netns is gone will not find it; the next agent start releases it)");

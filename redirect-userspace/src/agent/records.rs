@@ -86,7 +86,9 @@ impl Records {
     pub fn open_or_create(pins: &Pins) -> Result<Records> {
         let path = pins.map(MAP_AGENT_PODS);
         if !path.exists() {
-            match create_pinned(&path) {
+            // As many records as the install has pod slots (`--map-size pods=`).
+            let capacity = crate::mapsize::pinned_max_entries(&pins.maps_dir(), redirect_common::MAP_PODS);
+            match create_pinned(&path, capacity) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
                 Err(e) => return Err(Error::io("creating the agent's pinned pod map", &path, e)),
@@ -136,7 +138,7 @@ impl Records {
 }
 
 /// BPF_MAP_CREATE a hash map (u64 → RawRecord, not preallocated) and pin it.
-fn create_pinned(path: &Path) -> io::Result<()> {
+fn create_pinned(path: &Path, capacity: u32) -> io::Result<()> {
     const BPF_MAP_CREATE: libc::c_long = 0;
     const BPF_OBJ_PIN: libc::c_long = 6;
     const BPF_MAP_TYPE_HASH: u32 = 1;
@@ -148,7 +150,7 @@ fn create_pinned(path: &Path) -> io::Result<()> {
         BPF_MAP_TYPE_HASH,
         8,
         std::mem::size_of::<RawRecord>() as u32,
-        redirect_common::MAX_PODS,
+        capacity,
         BPF_F_NO_PREALLOC,
     ];
     for (i, w) in words.iter().enumerate() {

@@ -16,6 +16,11 @@ pub struct Args {
     /// Print the result as JSON.
     #[arg(long)]
     pub json: bool,
+    /// Map sizes of a new install, `<map>=<entries>` (pods, orig, sockhash,
+    /// ports, cidrs, counters), comma separated or repeated. An existing
+    /// install keeps its sizes; a different size here is an error.
+    #[arg(long = "map-size", value_name = "MAP=N", value_delimiter = ',')]
+    pub map_size: Vec<String>,
     #[command(flatten)]
     pub flags: CaptureFlags,
 }
@@ -23,6 +28,7 @@ pub struct Args {
 pub fn run(pin_dir: &Path, a: Args) -> Result<()> {
     // Everything is validated before anything is touched.
     let spec = a.flags.to_spec()?;
+    let sizes = redirect_userspace::mapsize::MapSizes::parse(&a.map_size)?;
     let netns = sys::Netns::open(&a.pod.netns)?;
     let cgroup = a.pod.cgroup()?;
     for w in spec.warnings() {
@@ -50,7 +56,7 @@ pub fn run(pin_dir: &Path, a: Args) -> Result<()> {
             let _ = attach::detach_cgroup(&pins, &cgroup);
         }
     };
-    let mut inst = match Installation::open(pin_dir) {
+    let mut inst = match Installation::open_with(pin_dir, &sizes) {
         Ok(i) => i,
         Err(e) => {
             undo(false);

@@ -57,6 +57,11 @@ pub struct Args {
     /// uncaptured; use when uninstalling the agent, not for restarts).
     #[arg(long, env = "REDIRECT_CNI_CLEANUP")]
     pub cni_cleanup: bool,
+    /// Map sizes of a new install, `<map>=<entries>` (pods, orig, sockhash,
+    /// ports, cidrs, counters), comma separated or repeated. An existing
+    /// install keeps its sizes; a different size here is an error.
+    #[arg(long = "map-size", env = "REDIRECT_MAP_SIZE", value_name = "MAP=N", value_delimiter = ',')]
+    pub map_size: Vec<String>,
 }
 
 /// Removes the socket file when the daemon ends, however it ends.
@@ -88,6 +93,7 @@ pub fn run(pin_dir: &Path, a: Args) -> Result<()> {
     // Before any thread exists, so every thread inherits the mask and the
     // signals are only taken by sigwait below.
     let sigs = block_signals();
+    let sizes = redirect_userspace::mapsize::MapSizes::parse(&a.map_size)?;
     let cgroup = match &a.cgroup {
         Some(c) => c.clone(),
         None => sys::cgroup2_mount()?,
@@ -106,9 +112,9 @@ pub fn run(pin_dir: &Path, a: Args) -> Result<()> {
     let _socket_file = SocketFile(a.socket.clone());
 
     let t0 = Instant::now();
-    let (agent, newly) = Agent::start(pin_dir, &cgroup)?;
+    let (agent, newly) = Agent::start_with(pin_dir, &cgroup, &sizes)?;
     let agent = Arc::new(agent);
-    tracing::info!(pin_dir = %pin_dir.display(), cgroup = %cgroup.display(), newly_attached = newly, elapsed_ms = t0.elapsed().as_millis() as u64, "install loaded, cgroup programs attached");
+    tracing::info!(pin_dir = %pin_dir.display(), cgroup = %cgroup.display(), newly_attached = newly, programs_updated = ?agent.programs_updated, elapsed_ms = t0.elapsed().as_millis() as u64, "install loaded, cgroup programs attached");
     let reconciled = agent.reconcile()?;
     tracing::info!(kept = reconciled.kept.len(), released = reconciled.released.len(), stale_records = reconciled.stale_records.len(), "reconciled captured pods");
 
@@ -153,6 +159,7 @@ pub fn run(pin_dir: &Path, a: Args) -> Result<()> {
             "pin_dir": pin_dir,
             "cgroup": cgroup,
             "cgroup_newly_attached": newly,
+            "programs_updated": agent.programs_updated,
             "reconciled": reconciled,
             "cni_conflist": conflist_path,
         })

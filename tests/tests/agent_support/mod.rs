@@ -62,8 +62,13 @@ impl Daemon {
 
     /// Start; Err carries the daemon's log when it did not get ready.
     pub fn try_start(pin_dir: &Path, cgroup: &Path, socket: &Path, log: &Path, extra: &[&str]) -> Result<Daemon, String> {
+        Daemon::try_start_bin(&redirect_bin(), pin_dir, cgroup, socket, log, extra)
+    }
+
+    /// `try_start` with another `redirect` binary (an upgrade).
+    pub fn try_start_bin(bin: &Path, pin_dir: &Path, cgroup: &Path, socket: &Path, log: &Path, extra: &[&str]) -> Result<Daemon, String> {
         let logf = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
-        let mut cmd = Command::new(redirect_bin());
+        let mut cmd = Command::new(bin);
         cmd.arg("--pin-dir")
             .arg(pin_dir)
             .arg("daemon")

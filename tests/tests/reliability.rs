@@ -1,0 +1,453 @@
+//! Reliability of the node agent under steady traffic: two captured pods
+//! (captured through the real redirect-cni binary by a real `redirect
+//! daemon`), outbound (app → proxy → upstream) and inbound (outside →
+//! proxy → app) traffic flowing the whole time, every byte of every
+//! connection checked end to end (FNV-1a hash or byte-for-byte echo). The
+//! agent is killed with SIGKILL and started again, then replaced by
+//! another binary (an upgrade). Zero failed connections, zero lost or
+//! corrupted bytes, CNI ADD/DEL served right after each start, records and
+//! pins consistent.
+
+mod agent_support;
+
+use std::{
+    path::PathBuf,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use agent_support::*;
+use redirect_tests::{map_usage, redirect_bin, run_kit, NetnsGuard, Placement, Pod, APP_UID, POD_V4, PROXY_UID, UPSTREAM_V4};
+use serde_json::{json, Value};
+
+/// Per pod: its upstream echo port (distinct, so a connection that ended
+/// up at the other pod's upstream would show) and its app server port.
+const UP_PORTS: [u16; 2] = [9001, 9002];
+const APP_PORT: u16 = 9080;
+
+/// What one traffic loop saw.
+#[derive(Default, Debug)]
+struct Tally {
+    conns: u64,
+    failures: u64,
+    bytes: u64,
+    errors: Vec<String>,
+    runs: u64,
+}
+
+impl Tally {
+    fn add(&mut self, o: &Tally) {
+        self.conns += o.conns;
+        self.failures += o.failures;
+        self.bytes += o.bytes;
+        self.runs += o.runs;
+        self.errors.extend(o.errors.iter().take(5).cloned());
+    }
+}
+
+/// Run `args` again and again until `stop`; `score` turns each report
+/// into (connections ok, failures, verified bytes, error).
+fn traffic_loop(p: Placement, args: Vec<String>, stop: Arc<AtomicBool>, score: fn(&Value) -> (u64, u64, u64, Option<String>)) -> std::thread::JoinHandle<Tally> {
+    std::thread::spawn(move || {
+        let mut t = Tally::default();
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        while !stop.load(Ordering::SeqCst) {
+            let run = run_kit(&p, &refs, Duration::from_secs(60));
+            t.runs += 1;
+            if run.timed_out {
+                t.failures += 1;
+                t.errors.push(format!("{args:?} timed out: {}", run.stderr));
+                continue;
+            }
+            let (ok, failed, bytes, err) = score(&run.report());
+            t.conns += ok;
+            t.failures += failed;
+            t.bytes += bytes;
+            if let Some(e) = err {
+                t.errors.push(e);
+            }
+        }
+        t
+    })
+}
+
+/// churn: `count` connections, each `rounds` exchanges of `size` bytes
+/// echoed and compared byte for byte.
+fn churn_args(dst: &str, count: u64, size: usize) -> Vec<String> {
+    ["churn", "--connect", dst, "--count", &count.to_string(), "--concurrency", "2", "--size", &size.to_string(), "--rounds", "2", "--timeout-ms", "10000"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+}
+
+fn churn_score(r: &Value) -> (u64, u64, u64, Option<String>) {
+    let done = r["done"].as_u64().unwrap_or(0);
+    let failures = r["failures"].as_u64().unwrap_or(1);
+    // Sent and received, 2 rounds of 4096 bytes.
+    let err = (failures > 0).then(|| r["errors"].to_string());
+    (done, failures, done * 2 * 2 * 4096, err)
+}
+
+/// xfer: one long connection (paced, ~1.5 s) whose echo is checked by hash.
+fn xfer_args(dst: &str) -> Vec<String> {
+    ["xfer", "--connect", dst, "--size", "2097152", "--chunks", "8192,1000,16384", "--pause-us", "5000", "--pause-every", "1", "--timeout-ms", "10000"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+}
+
+fn xfer_score(r: &Value) -> (u64, u64, u64, Option<String>) {
+    let ok = r["ok"] == true && r["sent"] == 2097152 && r["received"] == 2097152 && r["recv_hash"] == r["sent_hash"];
+    if ok {
+        (1, 0, 2 * 2097152, None)
+    } else {
+        (0, 1, 0, Some(r.to_string()))
+    }
+}
+
+struct Cluster {
+    pods: Vec<Pod>,
+    proxies: Vec<usize>,
+    tmp: TempDir,
+    extra: NetnsGuard,
+}
+
+impl Cluster {
+    fn socket(&self) -> PathBuf {
+        self.tmp.join("agent.sock")
+    }
+
+    /// Every pod's processes go into pod 0's cgroup: the one the agent
+    /// attaches to (each in its own netns).
+    fn placement(&self, i: usize, uid: u32) -> Placement {
+        Placement { netns: Some(self.pods[i].pod_netns()), cgroup: Some(self.pods[0].topo.cgroup.path.clone()), uid: Some(uid), gid: Some(uid) }
+    }
+
+    fn netns(&self, i: usize) -> String {
+        self.pods[i].pod_netns().display().to_string()
+    }
+
+    fn cni(&self, command: &str, container: &str, netns: &str) -> CniRun {
+        let args = format!("K8S_POD_NAMESPACE=rel;K8S_POD_NAME=pod-{container};REDIRECT_CAPTURE=true");
+        cni(&pod_vars(command, container, netns, &args), plugin_conf(&self.socket(), json!({})).as_bytes())
+    }
+
+    fn start_daemon(&self, bin: &std::path::Path, log: &str) -> Daemon {
+        let p = &self.pods[0];
+        Daemon::try_start_bin(bin, &p.pin_dir, &p.topo.cgroup.path, &self.socket(), &self.tmp.join(log), &[]).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// ADD then DEL of a third, short-lived pod: the agent serves CNI.
+    fn add_del_extra(&self, d: &Daemon, container: &str) -> Duration {
+        let t0 = Instant::now();
+        let ns = self.extra.path().display().to_string();
+        let add = self.cni("ADD", container, &ns);
+        assert_eq!(add.code, 0, "ADD right after start: {add:?}\n{}", d.log_text());
+        let took = t0.elapsed();
+        assert_eq!(d.list().len(), 3);
+        let del = self.cni("DEL", container, &ns);
+        assert_eq!(del.code, 0, "{del:?}");
+        assert_eq!(d.list().len(), 2);
+        took
+    }
+}
+
+/// The pods in the agent's list, as (cookie, pod, container id).
+fn listed(d: &Daemon) -> Vec<(u64, String, String)> {
+    let mut v: Vec<_> = d
+        .list()
+        .iter()
+        .map(|p| (p["cookie"].as_u64().unwrap(), p["pod"].as_str().unwrap().to_string(), p["container_id"].as_str().unwrap().to_string()))
+        .collect();
+    v.sort();
+    v
+}
+
+/// A copy of the `redirect` binary at another path, with a build note
+/// appended (a different file, inode and hash), standing for the new
+/// version a DaemonSet update starts.
+fn upgraded_binary(dir: &TempDir) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let p = dir.join("redirect-upgraded");
+    let mut bytes = std::fs::read(redirect_bin()).unwrap();
+    bytes.extend_from_slice(format!("\nredirect-upgrade-build-{}\n", std::process::id()).as_bytes());
+    std::fs::write(&p, &bytes).unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    assert_ne!(std::fs::read(&p).unwrap(), std::fs::read(redirect_bin()).unwrap());
+    p
+}
+
+#[test]
+fn agent_sigkill_and_upgrade_under_traffic_lose_nothing() {
+    redirect_tests::raise_nofile();
+    let pods = vec![Pod::new("rel0"), Pod::new("rel1")];
+    let tmp = TempDir::new("rel");
+    let extra = NetnsGuard::new(&redirect_userspace::sandbox::unique("rdp-relx-")).unwrap();
+    let mut c = Cluster { pods, proxies: Vec::new(), tmp, extra };
+    for i in 0..2 {
+        let up = c.pods[i].topo.in_upstream();
+        let listen = format!("{UPSTREAM_V4}:{}", UP_PORTS[i]);
+        c.pods[i].spawn("upstream-echo", &["epoll-echo", "--listen", &listen], &up);
+        let app = c.placement(i, APP_UID);
+        let app_listen = [format!("0.0.0.0:{APP_PORT}")];
+        c.pods[i].spawn("app-echo", &["epoll-echo", "--listen", &app_listen[0]], &app);
+        let px = c.placement(i, PROXY_UID);
+        c.pods[i].spawn("proxy", &["proxy"], &px);
+        let idx = c.pods[i].children.len() - 1;
+        c.proxies.push(idx);
+    }
+
+    // v1 agent; both pods captured through redirect-cni.
+    let d = c.start_daemon(&redirect_bin(), "v1.log");
+    for i in 0..2 {
+        let add = c.cni("ADD", &format!("ctr{i}"), &c.netns(i));
+        assert_eq!(add.code, 0, "{add:?}\n{}", d.log_text());
+    }
+    let pods_before = listed(&d);
+    assert_eq!(pods_before.len(), 2);
+    let cookies: Vec<u64> = pods_before.iter().map(|p| p.0).collect();
+
+    // Steady traffic, per pod: short outbound connections, long paced
+    // outbound transfers, short inbound connections from outside.
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut loops: Vec<(String, std::thread::JoinHandle<Tally>)> = Vec::new();
+    for i in 0..2 {
+        let up = format!("{UPSTREAM_V4}:{}", UP_PORTS[i]);
+        let app = c.placement(i, APP_UID);
+        loops.push((format!("pod{i} outbound short"), traffic_loop(app.clone(), churn_args(&up, 40, 4096), stop.clone(), churn_score)));
+        loops.push((format!("pod{i} outbound long"), traffic_loop(app, xfer_args(&up), stop.clone(), xfer_score)));
+        let inbound_dst = format!("{POD_V4}:{APP_PORT}");
+        loops.push((format!("pod{i} inbound short"), traffic_loop(c.pods[i].topo.in_upstream(), churn_args(&inbound_dst, 40, 4096), stop.clone(), churn_score)));
+    }
+    let t0 = Instant::now();
+    std::thread::sleep(Duration::from_millis(1500));
+
+    // 1. SIGKILL mid-traffic. While it is down, a new pod's ADD fails
+    //    closed; captured pods keep flowing.
+    let mut d = d;
+    d.child.kill().unwrap();
+    let st = d.child.wait().unwrap();
+    assert_eq!(std::os::unix::process::ExitStatusExt::signal(&st), Some(libc::SIGKILL));
+    let ns_extra = c.extra.path().display().to_string();
+    let down = c.cni("ADD", "ctr-extra-down", &ns_extra);
+    assert_eq!(down.error_code(), 11, "agent down: the ADD fails closed");
+    std::thread::sleep(Duration::from_millis(1000));
+
+    // 2. Start again (same binary): takes over the pins and the records.
+    let t_restart = Instant::now();
+    let d = c.start_daemon(&redirect_bin(), "v1-again.log");
+    let restart_ready = t_restart.elapsed();
+    assert_eq!(d.ready["cgroup_newly_attached"], false, "programs stayed attached through the kill");
+    assert_eq!(sorted(&d.ready["reconciled"]["kept"]), cookies, "{}", d.ready);
+    assert_eq!(listed(&d), pods_before, "records survive SIGKILL");
+    let add_after_kill = c.add_del_extra(&d, "ctr-extra-1");
+    std::thread::sleep(Duration::from_millis(1500));
+
+    // 3. Upgrade: the running agent gets SIGTERM (a DaemonSet rolling
+    //    update), a different binary starts on the same pins.
+    assert!(d.stop().success());
+    let new_bin = upgraded_binary(&c.tmp);
+    std::thread::sleep(Duration::from_millis(500));
+    let t_up = Instant::now();
+    let d = c.start_daemon(&new_bin, "v2.log");
+    let upgrade_ready = t_up.elapsed();
+    assert_eq!(d.ready["cgroup_newly_attached"], false);
+    assert_eq!(d.ready["programs_updated"], json!([]), "same kernel code: no link to switch");
+    assert_eq!(sorted(&d.ready["reconciled"]["kept"]), cookies, "{}", d.ready);
+    assert_eq!(listed(&d), pods_before, "records survive the upgrade");
+    let add_after_upgrade = c.add_del_extra(&d, "ctr-extra-2");
+    std::thread::sleep(Duration::from_millis(1500));
+
+    // 4. SIGKILL the new version too, and start it again.
+    let mut d = d;
+    d.child.kill().unwrap();
+    let _ = d.child.wait();
+    std::thread::sleep(Duration::from_millis(500));
+    let d = c.start_daemon(&new_bin, "v2-again.log");
+    assert_eq!(listed(&d), pods_before);
+    c.add_del_extra(&d, "ctr-extra-3");
+    std::thread::sleep(Duration::from_millis(1000));
+
+    stop.store(true, Ordering::SeqCst);
+    let mut total = Tally::default();
+    let mut per_loop = Vec::new();
+    for (name, h) in loops {
+        let t = h.join().expect("traffic loop");
+        per_loop.push(format!("{name}: {} connections, {} bytes verified, {} failed ({} runs)", t.conns, t.bytes, t.failures, t.runs));
+        assert!(t.conns > 0, "{name}: no traffic");
+        total.add(&t);
+    }
+    let elapsed = t0.elapsed();
+    println!(
+        "reliability: {:.1} s of traffic, 2 SIGKILLs, 1 restart, 1 upgrade: {} connections, {} bytes verified end to end, {} failed; ready after restart {} ms, after upgrade {} ms; CNI ADD after restart {} ms, after upgrade {} ms\n  {}",
+        elapsed.as_secs_f64(),
+        total.conns,
+        total.bytes,
+        total.failures,
+        restart_ready.as_millis(),
+        upgrade_ready.as_millis(),
+        add_after_kill.as_millis(),
+        add_after_upgrade.as_millis(),
+        per_loop.join("\n  ")
+    );
+    assert_eq!(total.failures, 0, "failed connections: {:?}", total.errors);
+    assert!(total.conns >= 200, "too little traffic: {}", total.conns);
+
+    // Every connection was captured (no bypass while the agent was away)
+    // and went where it asked to: each proxy saw only its own pod's
+    // upstream as original destination.
+    let by_cookie: std::collections::BTreeMap<u64, Value> = {
+        let out = c.pods[0].redirect(&["stats", "--json"]);
+        assert!(out.status.success());
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        v.as_array().unwrap().iter().map(|p| (p["netns_cookie"].as_u64().unwrap(), p.clone())).collect()
+    };
+    let mut captured_out = 0;
+    let mut captured_in = 0;
+    for (i, cookie) in cookies.iter().enumerate() {
+        let s = by_cookie.get(cookie).unwrap_or_else(|| panic!("no stats for pod {i}"));
+        captured_out += redirect_tests::stats_rule(s, "OUTPUT", "captured")["count"].as_u64().unwrap();
+        captured_in += redirect_tests::stats_rule(s, "PREROUTING", "captured")["count"].as_u64().unwrap();
+        assert_eq!(redirect_tests::stats_rule(s, "ORIGINAL_DST", "orig_dst_missing")["count"], 0);
+        for (chain, rule) in [("ERRORS", "error_orig_map_full"), ("ERRORS", "error_tuple_map_full"), ("PREROUTING", "no_listener")] {
+            assert_eq!(redirect_tests::stats_rule(s, chain, rule)["count"], 0, "pod {i} {chain}/{rule}");
+        }
+        let idx = c.proxies[i];
+        let log = c.pods[i].proxy_log(idx);
+        let want_up = format!("{UPSTREAM_V4}:{}", UP_PORTS[i]);
+        let outbound: Vec<&Value> = log.iter().filter(|l| l["dir"] == "outbound").collect();
+        assert!(outbound.iter().all(|l| l["event"] == "conn" && l["orig"] == want_up.as_str()), "pod {i}: a connection went elsewhere");
+        assert!(log.iter().all(|l| l["event"] == "conn"), "pod {i}: proxy errors: {:?}", log.iter().filter(|l| l["event"] != "conn").collect::<Vec<_>>());
+    }
+    assert_eq!(captured_out + captured_in, total.conns, "every connection captured, once");
+
+    // Records and pins consistent: 2 pods, their inbound links, one
+    // cgroup with its 6 links; no socket-tracking entry left behind.
+    let st: Value = serde_json::from_slice(&c.pods[0].redirect(&["status", "--json"]).stdout).unwrap();
+    let pods = st["pods"].as_array().unwrap();
+    assert_eq!(pods.len(), 2);
+    assert!(pods.iter().all(|p| p["inbound_attached"] == true && p["inbound_listeners"].as_array().map(|a| !a.is_empty()).unwrap_or(false)), "{st}");
+    let pin = &c.pods[0].pin_dir;
+    let mut netns_dirs: Vec<u64> = std::fs::read_dir(pin.join("netns")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().parse().unwrap()).collect();
+    netns_dirs.sort();
+    assert_eq!(netns_dirs, cookies);
+    let cg: Vec<_> = std::fs::read_dir(pin.join("cgroups")).unwrap().collect();
+    assert_eq!(cg.len(), 1);
+    assert_eq!(std::fs::read_dir(cg[0].as_ref().unwrap().path()).unwrap().count(), 6);
+    eventually("socket-tracking maps back to zero", || {
+        map_usage(&c.pods[0], "REDIRECT_ORIG_BY_COOKIE") == 0 && map_usage(&c.pods[0], "REDIRECT_ORIG_BY_TUPLE") == 0
+    });
+    assert_eq!(map_usage(&c.pods[0], "REDIRECT_PODS"), 2);
+
+    // And the pods are released by DEL through the upgraded agent.
+    for i in 0..2 {
+        assert_eq!(c.cni("DEL", &format!("ctr{i}"), &c.netns(i)).code, 0);
+    }
+    assert!(d.list().is_empty());
+    assert_eq!(std::fs::read_dir(pin.join("netns")).unwrap().count(), 0);
+}
+
+fn sorted(v: &Value) -> Vec<u64> {
+    let mut x: Vec<u64> = v.as_array().map(|a| a.iter().filter_map(Value::as_u64).collect()).unwrap_or_default();
+    x.sort();
+    x
+}
+
+/// A cgroup/connect4 program that lets every connect through untouched
+/// (`r0 = 1; exit`): another version's code under the install's link.
+fn load_other_connect4() -> std::os::fd::OwnedFd {
+    use std::os::fd::FromRawFd;
+    let insns: [u8; 16] = [0xb7, 0, 0, 0, 1, 0, 0, 0, 0x95, 0, 0, 0, 0, 0, 0, 0];
+    let license = b"GPL\0";
+    let mut attr = [0u8; 128];
+    // { u32 prog_type; u32 insn_cnt; u64 insns; u64 license; ...;
+    //   char prog_name[16] @48; u32 prog_ifindex @64; u32 expected_attach_type @68 }
+    attr[0..4].copy_from_slice(&18u32.to_ne_bytes()); // BPF_PROG_TYPE_CGROUP_SOCK_ADDR
+    attr[4..8].copy_from_slice(&2u32.to_ne_bytes());
+    attr[8..16].copy_from_slice(&(insns.as_ptr() as u64).to_ne_bytes());
+    attr[16..24].copy_from_slice(&(license.as_ptr() as u64).to_ne_bytes());
+    attr[48..48 + 14].copy_from_slice(b"redirect_old_c");
+    attr[68..72].copy_from_slice(&10u32.to_ne_bytes()); // BPF_CGROUP_INET4_CONNECT
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, 5 as libc::c_long, attr.as_mut_ptr(), attr.len()) };
+    assert!(fd >= 0, "BPF_PROG_LOAD: {}", std::io::Error::last_os_error());
+    unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) }
+}
+
+#[test]
+fn upgrade_switches_changed_programs_in_place() {
+    use std::os::fd::AsFd;
+    use redirect_userspace::upgrade;
+    let mut pod = Pod::new("relup");
+    pod.start_upstream(8080);
+    let proxy = pod.start_proxy();
+    let tmp = TempDir::new("relup");
+    let sock = tmp.join("agent.sock");
+    let dst = format!("{UPSTREAM_V4}:8080");
+    let d = Daemon::start(&pod.pin_dir, &pod.topo.cgroup.path, &sock, &tmp.join("d1.log"), &[]);
+    assert_eq!(d.ready["programs_updated"], json!([]), "{}", d.ready);
+    let ns = pod.pod_netns().display().to_string();
+    let add = cni(&pod_vars("ADD", "ctr-up", &ns, "K8S_POD_NAME=up;REDIRECT_CAPTURE=true"), plugin_conf(&sock, json!({})).as_bytes());
+    assert_eq!(add.code, 0, "{add:?}");
+    let proxied = |pod: &mut Pod| pod.proxy_log(proxy).into_iter().filter(|l| l["dir"] == "outbound").count();
+    assert!(pod.app_client(&dst).ok);
+    assert_eq!(proxied(&mut pod), 1);
+    assert!(d.stop().success());
+
+    // The install now runs other code under its connect4 link (what an
+    // install made by another version looks like): nothing is captured.
+    let cgdirs: Vec<_> = std::fs::read_dir(pod.pin_dir.join("cgroups")).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(cgdirs.len(), 1);
+    let cg_id = cgdirs[0].file_name().unwrap().to_string_lossy().into_owned();
+    let link = upgrade::obj_get(&cgdirs[0].join("redirect_connect4")).unwrap();
+    let ours = upgrade::prog_by_id(upgrade::link_prog_id(link.as_fd()).unwrap()).unwrap();
+    let tag_before = upgrade::prog_tag(ours.as_fd()).unwrap();
+    let other = load_other_connect4();
+    assert_ne!(upgrade::prog_tag(ours.as_fd()).unwrap(), upgrade::prog_tag(other.as_fd()).unwrap());
+    upgrade::link_update(link.as_fd(), other.as_fd(), None).unwrap();
+    drop((ours, other));
+    assert!(pod.app_client(&dst).ok);
+    assert_eq!(proxied(&mut pod), 0, "the other code does not capture");
+
+    // The new agent (another binary) switches the link to its program at
+    // start, atomically, while the app keeps connecting.
+    let placement = pod.topo.in_pod(APP_UID, APP_UID);
+    let stop = Arc::new(AtomicBool::new(false));
+    let client = {
+        let (stop, dst, p) = (stop.clone(), dst.clone(), placement.clone());
+        std::thread::spawn(move || {
+            let mut n = (0, Vec::new());
+            while !stop.load(Ordering::SeqCst) {
+                let r = redirect_tests::client_sized(&p, &dst, 20_000);
+                n.0 += 1;
+                if !r.ok {
+                    n.1.push(format!("{r:?}"));
+                }
+            }
+            n
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let bin = upgraded_binary(&tmp);
+    let d = Daemon::try_start_bin(&bin, &pod.pin_dir, &pod.topo.cgroup.path, &sock, &tmp.join("d2.log"), &[]).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(d.ready["programs_updated"], json!([format!("{cg_id}/redirect_connect4")]), "{}", d.ready);
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::SeqCst);
+    let (n, failed) = client.join().unwrap();
+    assert!(n >= 3 && failed.is_empty(), "{} of {n} connections failed across the switch: {failed:?}", failed.len());
+    let _ = pod.proxy_log(proxy);
+    assert!(pod.app_client(&dst).ok);
+    assert_eq!(proxied(&mut pod), 1, "captured again by this version's program");
+    // The link runs this version's program again (the same code as the
+    // other five links' programs, loaded from the same object).
+    let link = upgrade::obj_get(&cgdirs[0].join("redirect_connect4")).unwrap();
+    let now = upgrade::prog_by_id(upgrade::link_prog_id(link.as_fd()).unwrap()).unwrap();
+    assert_eq!(upgrade::prog_tag(now.as_fd()).unwrap(), tag_before, "this version's program is back");
+    // Same binary again: nothing to switch.
+    assert!(d.stop().success());
+    let d = Daemon::try_start_bin(&bin, &pod.pin_dir, &pod.topo.cgroup.path, &sock, &tmp.join("d3.log"), &[]).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(d.ready["programs_updated"], json!([]), "{}", d.ready);
+    assert_eq!(d.list().len(), 1);
+}
