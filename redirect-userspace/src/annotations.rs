@@ -114,7 +114,7 @@ impl PodCapture {
 }
 
 /// Why a pod object could not be turned into a config.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum AnnotationError {
     /// An annotation (or the proxy container's securityContext field) has a
     /// value istio-init would not accept.

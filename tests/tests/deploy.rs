@@ -162,6 +162,10 @@ fn manifests_agree_with_each_other_and_the_daemon() {
     assert_eq!(c["securityContext"]["privileged"], true);
     assert_eq!(c["envFrom"][0]["configMapRef"]["name"], cm["metadata"]["name"]);
     assert_eq!(c["args"][0], "daemon");
+    // The pod watch's node name, from the downward API.
+    let node_env = c["env"].as_array().unwrap().iter().find(|e| e["name"] == "REDIRECT_NODE_NAME").expect("REDIRECT_NODE_NAME in the DaemonSet env");
+    assert_eq!(node_env["valueFrom"]["fieldRef"]["fieldPath"], "spec.nodeName");
+    assert!(known.contains("REDIRECT_NODE_NAME"));
 
     // Probes: the daemon's endpoint, on the address it binds.
     let addr: std::net::SocketAddr = get("REDIRECT_METRICS_ADDR").parse().unwrap();

@@ -41,6 +41,10 @@ pub fn render(agent: &Agent, ready: bool) -> String {
     }
     drop(c);
 
+    if let Some(w) = agent.k8s.get() {
+        super::k8s::render_metrics(&mut out, w, agent);
+    }
+
     let names = agent.pod_names();
     match report::stats(&agent.pins, None) {
         Ok(pods) => {

@@ -8,6 +8,7 @@
 //! exits, and a new agent picks up where the old one left off.
 
 pub mod http;
+pub mod k8s;
 pub mod metrics;
 pub mod proto;
 pub mod records;
@@ -73,6 +74,8 @@ pub struct Agent {
     idle: Condvar,
     /// The agent's own netns: never captured.
     own_netns_inode: u64,
+    /// The Kubernetes pod watch, when the agent uses the API.
+    pub k8s: std::sync::OnceLock<std::sync::Arc<k8s::PodWatch>>,
     /// `--map-size`: used when the install is (re)created.
     sizes: crate::mapsize::MapSizes,
     /// Links switched to this version's programs at start (`upgrade`).
@@ -113,6 +116,7 @@ impl Agent {
                 gate: Mutex::new(Gate::default()),
                 idle: Condvar::new(),
                 own_netns_inode: own,
+                k8s: std::sync::OnceLock::new(),
                 sizes: sizes.clone(),
                 programs_updated,
             },
@@ -166,8 +170,15 @@ impl Agent {
     /// Serve one request; the reply is a JSON object with `ok`.
     pub fn handle(&self, req: &Request) -> serde_json::Value {
         let r = match req {
-            Request::Add { netns, pod, container_id, config } => self.add(netns, pod.as_deref(), container_id.as_deref(), config.as_ref()),
-            Request::Del { netns, pod, container_id } => self.del(netns.as_deref(), pod.as_deref(), container_id.as_deref()),
+            Request::Add { netns, pod, container_id, kubernetes: true, pod_uid, .. } => self.add_from_api(netns, pod.as_deref(), container_id.as_deref(), pod_uid.as_deref()),
+            Request::Add { netns, pod, container_id, config, .. } => self.add(netns, pod.as_deref(), container_id.as_deref(), config.as_ref()),
+            Request::Del { netns, pod, container_id } => {
+                if let Some(w) = self.k8s.get() {
+                    w.forget(netns.as_deref(), container_id.as_deref());
+                }
+                self.del(netns.as_deref(), pod.as_deref(), container_id.as_deref())
+            }
+            Request::Check { netns, pod, kubernetes: true, .. } => self.check_from_api(netns, pod.as_deref()),
             Request::Check { netns, .. } => self.check(netns),
             Request::List => self.list(),
         };
@@ -319,7 +330,13 @@ impl Agent {
                 })
             })
             .collect();
-        Ok(json!({"pods": pods, "cgroups": st.cgroups}))
+        drop(inner);
+        let mut v = json!({"pods": pods, "cgroups": st.cgroups});
+        if let Some(w) = self.k8s.get() {
+            // Running mesh pods on this node that are not captured (repair).
+            v["uncaptured"] = w.uncaptured(self).into_iter().map(|(pod, uid)| json!({"pod": pod, "uid": uid})).collect();
+        }
+        Ok(v)
     }
 
     /// Pod names by cookie, for metric labels.

@@ -6,6 +6,7 @@
 //!
 //! ```text
 //! {"op":"add","netns":"/run/netns/x","pod":"ns/name","container_id":"...","config":{...}}
+//! {"op":"add","netns":"/run/netns/x","pod":"ns/name","container_id":"...","kubernetes":true,"pod_uid":"..."}
 //! {"op":"del","netns":"/run/netns/x","container_id":"..."}      (netns may be gone or absent)
 //! {"op":"check","netns":"/run/netns/x"}
 //! {"op":"list"}
@@ -161,6 +162,16 @@ pub enum Request {
         container_id: Option<String>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         config: Option<CaptureConfig>,
+        /// Decide from the Kubernetes API instead of `config`: the agent
+        /// looks `pod` (`namespace/name`) up in its pod watch and captures
+        /// it with the config of its Istio annotations, or passes it
+        /// through when it has no sidecar (see `agent::k8s`).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        kubernetes: bool,
+        /// `K8S_POD_UID` of CNI_ARGS: the pod object must be this one (not
+        /// an earlier pod of the same name).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pod_uid: Option<String>,
     },
     Del {
         #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -176,6 +187,9 @@ pub enum Request {
         pod: Option<String>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         container_id: Option<String>,
+        /// A pod the Kubernetes API says is not in the mesh passes.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        kubernetes: bool,
     },
     List,
 }

@@ -57,6 +57,32 @@ pub struct Args {
     /// uncaptured; use when uninstalling the agent, not for restarts).
     #[arg(long, env = "REDIRECT_CNI_CLEANUP")]
     pub cni_cleanup: bool,
+    /// Kubernetes API server URL, without credentials (tests, `kubectl
+    /// proxy`). With it, --kubeconfig, or KUBERNETES_SERVICE_HOST set (in a
+    /// cluster: the service account), the agent watches this node's pods
+    /// and captures those whose Istio annotations put them in the mesh.
+    #[arg(long, env = "REDIRECT_API_SERVER", conflicts_with = "kubeconfig")]
+    pub api_server: Option<String>,
+    /// Kubeconfig file for the Kubernetes API (its current context).
+    #[arg(long, env = "REDIRECT_KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Do not use the Kubernetes API even when KUBERNETES_SERVICE_HOST is set.
+    #[arg(long, env = "REDIRECT_NO_KUBERNETES", conflicts_with_all = ["api_server", "kubeconfig"])]
+    pub no_kubernetes: bool,
+    /// This node's name: only pods with this spec.nodeName are watched
+    /// (the DaemonSet sets it from the downward API).
+    #[arg(long, env = "REDIRECT_NODE_NAME")]
+    pub node_name: Option<String>,
+    /// How long a CNI ADD waits for the pod watch to know the pod before
+    /// it fails (closed).
+    #[arg(long, env = "REDIRECT_POD_WAIT_MS", default_value_t = 2000, value_parser = clap::value_parser!(u64).range(0..=60_000))]
+    pub pod_wait_ms: u64,
+    /// Running mesh pods of this node that are not captured (started before
+    /// the agent): `report` (log, metric, `list`), or `delete` them too so
+    /// their controller recreates them captured (needs the `delete` verb on
+    /// pods in the ClusterRole).
+    #[arg(long, env = "REDIRECT_REPAIR", default_value = "report", value_parser = ["report", "delete"])]
+    pub repair: String,
     /// Map sizes of a new install, `<map>=<entries>` (pods, orig, sockhash,
     /// ports, cidrs, counters), comma separated or repeated. An existing
     /// install keeps its sizes; a different size here is an error.
@@ -105,6 +131,8 @@ pub fn run(pin_dir: &Path, a: Args) -> Result<()> {
         anyhow::ensure!(plugin_src.exists(), "plugin binary {} is missing (build it, or pass --cni-plugin)", plugin_src.display());
     }
 
+    // Checked before anything is bound or loaded.
+    let kube_opts = kubernetes_options(&a)?;
     // Endpoints first: a port or socket conflict changes nothing.
     let http = TcpListener::bind(a.metrics_addr).with_context(|| format!("binding the metrics endpoint {}", a.metrics_addr))?;
     let metrics_addr = http.local_addr()?;
@@ -116,6 +144,9 @@ pub fn run(pin_dir: &Path, a: Args) -> Result<()> {
     let agent = Arc::new(agent);
     tracing::info!(pin_dir = %pin_dir.display(), cgroup = %cgroup.display(), newly_attached = newly, programs_updated = ?agent.programs_updated, elapsed_ms = t0.elapsed().as_millis() as u64, "install loaded, cgroup programs attached");
     let reconciled = agent.reconcile()?;
+    if let Some(o) = &kube_opts {
+        agent::k8s::PodWatch::start(agent.clone(), o.clone()).context("starting the Kubernetes pod watch")?;
+    }
     tracing::info!(kept = reconciled.kept.len(), released = reconciled.released.len(), stale_records = reconciled.stale_records.len(), "reconciled captured pods");
 
     let ready = Arc::new(AtomicBool::new(false));
@@ -144,7 +175,7 @@ pub fn run(pin_dir: &Path, a: Args) -> Result<()> {
 
     if let Some(p) = &conflist_path {
         let bin = conflist::install_binary(&plugin_src, &a.cni_bin_dir)?;
-        let changed = conflist::install_entry(p, &a.socket, a.cni_capture_all)?;
+        let changed = conflist::install_entry_k8s(p, &a.socket, a.cni_capture_all, kube_opts.is_some())?;
         tracing::info!(binary = %bin.display(), conflist = %p.display(), changed, capture_all = a.cni_capture_all, "CNI plugin installed");
     }
 
@@ -162,6 +193,7 @@ pub fn run(pin_dir: &Path, a: Args) -> Result<()> {
             "programs_updated": agent.programs_updated,
             "reconciled": reconciled,
             "cni_conflist": conflist_path,
+            "kubernetes": kube_opts.as_ref().map(|o| serde_json::json!({"node": o.node_name, "pod_wait_ms": o.pod_wait.as_millis() as u64, "repair": format!("{:?}", o.repair).to_lowercase()})),
         })
     );
     use std::io::Write as _;
@@ -187,4 +219,25 @@ pub fn run(pin_dir: &Path, a: Args) -> Result<()> {
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The Kubernetes API side's options, when it is on: `--api-server`,
+/// `--kubeconfig`, or in a cluster (`KUBERNETES_SERVICE_HOST`).
+fn kubernetes_options(a: &Args) -> Result<Option<agent::k8s::Options>> {
+    let in_cluster = std::env::var("KUBERNETES_SERVICE_HOST").is_ok_and(|h| !h.is_empty());
+    if a.no_kubernetes || (a.api_server.is_none() && a.kubeconfig.is_none() && !in_cluster) {
+        return Ok(None);
+    }
+    let node_name = a
+        .node_name
+        .clone()
+        .filter(|n| !n.is_empty())
+        .context("the Kubernetes API is configured but the node name is not: set --node-name or REDIRECT_NODE_NAME (the DaemonSet sets it from spec.nodeName)")?;
+    Ok(Some(agent::k8s::Options {
+        api_server: a.api_server.clone(),
+        kubeconfig: a.kubeconfig.clone(),
+        node_name,
+        pod_wait: Duration::from_millis(a.pod_wait_ms),
+        repair: if a.repair == "delete" { agent::k8s::Repair::Delete } else { agent::k8s::Repair::Report },
+    }))
 }

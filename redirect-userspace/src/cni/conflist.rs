@@ -42,9 +42,18 @@ fn io(what: &'static str, path: &Path, source: std::io::Error) -> ConflistError 
 /// The entry the agent writes: `{"type":"redirect-cni","socket":...}`,
 /// plus `"captureAll":true` when asked.
 pub fn entry(socket: &Path, capture_all: bool) -> String {
+    entry_with(socket, capture_all, false)
+}
+
+/// The entry, with `"kubernetes": true` when the agent decides from the
+/// Kubernetes API.
+pub fn entry_with(socket: &Path, capture_all: bool, kubernetes: bool) -> String {
     let mut s = format!("{{\"type\":\"{PLUGIN_TYPE}\",\"socket\":{}", Value::String(socket.display().to_string()));
     if capture_all {
         s.push_str(",\"captureAll\":true");
+    }
+    if kubernetes {
+        s.push_str(",\"kubernetes\":true");
     }
     s.push('}');
     s
@@ -84,6 +93,13 @@ fn layout(text: &str) -> Result<Layout, String> {
 /// values, updated in place keeping its other fields). None: nothing to
 /// change.
 pub fn with_entry(text: &str, socket: &Path, capture_all: bool) -> Result<Option<String>, String> {
+    with_entry_k8s(text, socket, capture_all, false)
+}
+
+/// [`with_entry`], and `"kubernetes"` set to `kubernetes` (the key is
+/// removed when false, so an agent started without the API never gets
+/// API-mode requests from an old entry).
+pub fn with_entry_k8s(text: &str, socket: &Path, capture_all: bool, kubernetes: bool) -> Result<Option<String>, String> {
     let l = layout(text)?;
     let ours: Vec<_> = l.items.iter().filter(|(_, v)| v["type"] == PLUGIN_TYPE).collect();
     if ours.len() > 1 {
@@ -98,6 +114,16 @@ pub fn with_entry(text: &str, socket: &Path, capture_all: bool) -> Result<Option
             v["captureAll"] = Value::Bool(true);
             changed = true;
         }
+        if kubernetes && v["kubernetes"] != Value::Bool(true) {
+            v["kubernetes"] = Value::Bool(true);
+            changed = true;
+        }
+        if !kubernetes && v.get("kubernetes").is_some() {
+            if let Some(o) = v.as_object_mut() {
+                o.remove("kubernetes");
+            }
+            changed = true;
+        }
         if !changed {
             return Ok(None);
         }
@@ -109,11 +135,11 @@ pub fn with_entry(text: &str, socket: &Path, capture_all: bool) -> Result<Option
         let line_start = text[..last_start].rfind('\n').map(|i| i + 1).unwrap_or(last_start);
         let indent = &text[line_start..last_start];
         let sep = if indent.chars().all(char::is_whitespace) && line_start != last_start { format!(",\n{indent}") } else { ", ".into() };
-        format!("{}{sep}{}{}", &text[..*last_end], entry(socket, capture_all), &text[*last_end..])
+        format!("{}{sep}{}{}", &text[..*last_end], entry_with(socket, capture_all, kubernetes), &text[*last_end..])
     } else {
         // Empty array: right after '['.
         let at = l.array.0 + 1;
-        format!("{}{}{}", &text[..at], entry(socket, capture_all), &text[at..])
+        format!("{}{}{}", &text[..at], entry_with(socket, capture_all, kubernetes), &text[at..])
     };
     layout(&new).map_err(|e| format!("edit produced an invalid conflist (bug): {e}"))?;
     Ok(Some(new))
@@ -171,8 +197,13 @@ fn write_atomic(path: &Path, text: &str) -> Result<(), ConflistError> {
 
 /// Add (or update) the entry in the conflist file. True when changed.
 pub fn install_entry(path: &Path, socket: &Path, capture_all: bool) -> Result<bool, ConflistError> {
+    install_entry_k8s(path, socket, capture_all, false)
+}
+
+/// [`install_entry`] with the `"kubernetes"` key (see [`with_entry_k8s`]).
+pub fn install_entry_k8s(path: &Path, socket: &Path, capture_all: bool, kubernetes: bool) -> Result<bool, ConflistError> {
     let text = std::fs::read_to_string(path).map_err(|e| io("reading conflist", path, e))?;
-    match with_entry(&text, socket, capture_all).map_err(|e| invalid(path, e))? {
+    match with_entry_k8s(&text, socket, capture_all, kubernetes).map_err(|e| invalid(path, e))? {
         Some(new) => write_atomic(path, &new).map(|()| true),
         None => Ok(false),
     }
@@ -254,6 +285,20 @@ mod tests {
         assert_eq!(without_entry(&a).unwrap().unwrap(), empty);
         let first = r#"{"cniVersion":"1.0.0","plugins":[{"type":"redirect-cni","socket":"/s"}, {"type":"x"}]}"#;
         assert_eq!(without_entry(first).unwrap().unwrap(), r#"{"cniVersion":"1.0.0","plugins":[{"type":"x"}]}"#);
+    }
+
+    #[test]
+    fn kubernetes_key_follows_the_agent() {
+        let s = Path::new("/s");
+        let compact = r#"{"cniVersion":"1.0.0","plugins":[{"type":"bridge"}]}"#;
+        let a = with_entry_k8s(compact, s, false, true).unwrap().unwrap();
+        assert_eq!(a, r#"{"cniVersion":"1.0.0","plugins":[{"type":"bridge"}, {"type":"redirect-cni","socket":"/s","kubernetes":true}]}"#);
+        assert_eq!(with_entry_k8s(&a, s, false, true).unwrap(), None, "idempotent");
+        // An agent without the API takes the key out again.
+        let b = with_entry_k8s(&a, s, false, false).unwrap().unwrap();
+        let v: Value = serde_json::from_str(&b).unwrap();
+        assert!(v["plugins"][1].get("kubernetes").is_none(), "{b}");
+        assert_eq!(without_entry(&a).unwrap().unwrap(), compact);
     }
 
     #[test]

@@ -48,6 +48,10 @@ pub mod code {
     pub const CAPTURE_FAILED: u32 = 100;
     /// Plugin-specific: CHECK found the pod not captured.
     pub const NOT_CAPTURED: u32 = 101;
+    /// Plugin-specific (`"kubernetes": true`): the agent has no view of
+    /// the pod from the Kubernetes API (the pod is not known to its watch
+    /// after the agent's bounded wait, or the API is unreachable).
+    pub const POD_UNKNOWN: u32 = 102;
     /// Plugin-specific: an internal error (a bug).
     pub const INTERNAL: u32 = 999;
 }
@@ -156,6 +160,12 @@ pub struct NetConf {
     pub capture: Option<Value>,
     #[serde(default)]
     pub capture_all: Option<bool>,
+    /// The agent decides from the Kubernetes API: every pod with
+    /// `K8S_POD_NAME` is sent to it, and it captures those whose
+    /// annotations put them in the mesh (`capture` and `captureAll` are
+    /// then not used).
+    #[serde(default)]
+    pub kubernetes: Option<bool>,
     #[serde(default)]
     pub prev_result: Option<Value>,
 }
@@ -213,8 +223,9 @@ pub fn parse_conf(stdin: &[u8], cni_version: &mut String) -> Result<NetConf, Cni
     Ok(conf)
 }
 
-/// Is this pod to be captured? (`K8S_POD_NAME` and captureAll or
-/// `REDIRECT_CAPTURE=true`.)
+/// Is this pod to be captured (or, with `"kubernetes": true`, sent to
+/// the agent for it to decide)? (`K8S_POD_NAME` and captureAll,
+/// `kubernetes` or `REDIRECT_CAPTURE=true`.)
 pub fn selected(env: &Env, conf: &NetConf) -> Result<bool, CniError> {
     if env.arg("K8S_POD_NAME").is_none_or(str::is_empty) {
         return Ok(false);
@@ -223,9 +234,14 @@ pub fn selected(env: &Env, conf: &NetConf) -> Result<bool, CniError> {
         Some("true") => Ok(true),
         Some("false") => Ok(false),
         Some(other) => Err(CniError::new(code::INVALID_ENV, "invalid CNI_ARGS", format!("REDIRECT_CAPTURE={other:?}: expected true or false"))),
-        None => Ok(conf.capture_all.unwrap_or(false)),
+        None => Ok(conf.capture_all.unwrap_or(false) || conf.kubernetes.unwrap_or(false)),
     }
 }
+
+/// Prefix of the agent's errors about its Kubernetes API view of a pod
+/// (unknown pod, API unreachable): the plugin reports them as
+/// [`code::POD_UNKNOWN`].
+pub const KUBERNETES_ERROR_PREFIX: &str = "kubernetes: ";
 
 /// `namespace/name` from the Kubernetes keys of CNI_ARGS.
 pub fn pod_name(env: &Env) -> String {
@@ -291,7 +307,8 @@ fn run_inner(get_env: &dyn Fn(&str) -> Option<String>, stdin: &[u8], agent: &dyn
         Command::Version => unreachable!(),
         Command::Add => {
             let out = prev()?;
-            let capture = conf.capture_config()?;
+            let kubernetes = conf.kubernetes.unwrap_or(false);
+            let capture = if kubernetes { None } else { Some(conf.capture_config()?) };
             if !selected(&env, &conf)? {
                 return Ok(out);
             }
@@ -301,27 +318,44 @@ fn run_inner(get_env: &dyn Fn(&str) -> Option<String>, stdin: &[u8], agent: &dyn
                 netns,
                 pod: Some(pod_name(&env)),
                 container_id: Some(env.container_id.clone()),
-                config: Some(capture),
+                config: capture,
+                kubernetes,
+                pod_uid: if kubernetes { env.arg("K8S_POD_UID").filter(|s| !s.is_empty()).map(str::to_string) } else { None },
             };
-            agent.call(&conf.socket(), &req, ADD_TIMEOUT).map_err(|e| match e {
+            let reply = agent.call(&conf.socket(), &req, ADD_TIMEOUT).map_err(|e| match e {
                 CallError::Unreachable(d) => CniError::new(
                     code::TRY_AGAIN_LATER,
                     "redirect agent unreachable: refusing to start the pod uncaptured",
                     d,
                 ),
+                CallError::Refused(d) if kubernetes && d.starts_with(KUBERNETES_ERROR_PREFIX) => CniError::new(
+                    code::POD_UNKNOWN,
+                    "redirect agent cannot see the pod in the Kubernetes API: refusing to start it uncaptured",
+                    d,
+                ),
                 CallError::Refused(d) | CallError::Protocol(d) => CniError::new(code::CAPTURE_FAILED, "redirect agent could not capture the pod", d),
             })?;
+            if reply.get("captured") == Some(&Value::Bool(false)) {
+                stderr.push_str(&format!(
+                    "redirect-cni: {} passes through: {}\n",
+                    pod_name(&env),
+                    reply.get("reason").and_then(Value::as_str).unwrap_or("not in the mesh")
+                ));
+            }
             Ok(out)
         }
         Command::Check => {
             let out = prev()?;
-            conf.capture_config()?;
+            let kubernetes = conf.kubernetes.unwrap_or(false);
+            if !kubernetes {
+                conf.capture_config()?;
+            }
             if !selected(&env, &conf)? {
                 return Ok(out);
             }
             let netns = env.netns.clone().expect("checked by parse_env");
             proto::check_netns_path(&netns).map_err(|e| CniError::new(code::INVALID_ENV, "invalid CNI_NETNS", e))?;
-            let req = Request::Check { netns, pod: Some(pod_name(&env)), container_id: Some(env.container_id.clone()) };
+            let req = Request::Check { netns, pod: Some(pod_name(&env)), container_id: Some(env.container_id.clone()), kubernetes };
             agent.call(&conf.socket(), &req, ADD_TIMEOUT).map_err(|e| match e {
                 CallError::Unreachable(d) => CniError::new(code::TRY_AGAIN_LATER, "redirect agent unreachable", d),
                 CallError::Refused(d) | CallError::Protocol(d) => CniError::new(code::NOT_CAPTURED, "pod is not captured", d),
@@ -421,7 +455,7 @@ mod tests {
         let o = run_with(&add_env("IgnoreUnknown=1;K8S_POD_NAMESPACE=shop;K8S_POD_NAME=cart;REDIRECT_CAPTURE=true"), CONF, &f);
         assert_eq!(o.exit_code, 0, "{o:?}");
         let calls = f.calls.borrow();
-        let Request::Add { netns, pod, container_id, config } = &calls[0] else { panic!() };
+        let Request::Add { netns, pod, container_id, config, .. } = &calls[0] else { panic!() };
         assert_eq!((netns.to_str().unwrap(), pod.as_deref(), container_id.as_deref()), ("/run/netns/p", Some("shop/cart"), Some("c1")));
         assert_eq!(config.clone().unwrap().to_flags().to_spec().unwrap(), crate::config::PodSpec::istio_default());
         // captureAll selects too
@@ -429,6 +463,36 @@ mod tests {
         let f = ok_fake();
         assert_eq!(run_with(&add_env("K8S_POD_NAME=x"), &conf, &f).exit_code, 0);
         assert_eq!(f.calls.borrow().len(), 1);
+    }
+
+    #[test]
+    fn kubernetes_mode_sends_every_pod_for_the_agent_to_decide() {
+        let conf = CONF.replace("\"socket\"", "\"kubernetes\":true,\"capture\":{\"d\":\"not-a-port\"},\"socket\"");
+        let f = ok_fake();
+        let o = run_with(&add_env("IgnoreUnknown=1;K8S_POD_NAMESPACE=shop;K8S_POD_NAME=cart;K8S_POD_UID=u-1"), &conf, &f);
+        assert_eq!(o.exit_code, 0, "{o:?}");
+        let calls = f.calls.borrow();
+        let Request::Add { pod, config, kubernetes, pod_uid, .. } = &calls[0] else { panic!() };
+        // No config sent (and "capture" is not used): the annotations decide.
+        assert_eq!((pod.as_deref(), config.is_none(), *kubernetes, pod_uid.as_deref()), (Some("shop/cart"), true, true, Some("u-1")));
+        // Not a Kubernetes pod, or opted out: not sent.
+        let f = ok_fake();
+        for args in ["", "K8S_POD_NAME=x;REDIRECT_CAPTURE=false"] {
+            assert_eq!(run_with(&add_env(args), &conf, &f).exit_code, 0);
+        }
+        assert!(f.calls.borrow().is_empty());
+        // A pod the agent lets through: ADD succeeds, said on stderr.
+        let pass = Fake { reply: Ok(json!({"ok": true, "captured": false, "reason": "no istio-proxy container"})), calls: RefCell::new(Vec::new()) };
+        let o = run_with(&add_env("K8S_POD_NAME=dns"), &conf, &pass);
+        assert_eq!(o.exit_code, 0, "{o:?}");
+        assert!(o.stderr.contains("default/dns passes through: no istio-proxy container"), "{o:?}");
+        // The agent cannot see the pod: code 102; other refusals: 100.
+        let unknown = Fake { reply: Err(|| CallError::Refused(format!("{KUBERNETES_ERROR_PREFIX}pod shop/cart is not known"))), calls: RefCell::new(Vec::new()) };
+        assert_eq!(code_of(&run_with(&add_env("K8S_POD_NAME=cart"), &conf, &unknown)), code::POD_UNKNOWN as u64);
+        let refused = Fake { reply: Err(|| CallError::Refused("invalid annotation".into())), calls: RefCell::new(Vec::new()) };
+        assert_eq!(code_of(&run_with(&add_env("K8S_POD_NAME=cart"), &conf, &refused)), code::CAPTURE_FAILED as u64);
+        let down = Fake { reply: Err(|| CallError::Unreachable("no socket".into())), calls: RefCell::new(Vec::new()) };
+        assert_eq!(code_of(&run_with(&add_env("K8S_POD_NAME=cart"), &conf, &down)), code::TRY_AGAIN_LATER as u64);
     }
 
     #[test]
