@@ -40,12 +40,16 @@ impl Setup {
         let tmp = TempDir::new(tag);
         let api = ApiFixture::start();
         let mut s = Setup { daemon: None, proxy, tmp, pod, api };
-        let url = s.api.url();
+        s.start_daemon(extra);
+        s
+    }
+
+    fn start_daemon(&mut self, extra: &[&str]) {
+        let url = self.api.url();
         let mut args = vec!["--api-server", url.as_str(), "--node-name", NODE];
         args.extend_from_slice(extra);
-        let d = Daemon::start(&s.pod.pin_dir, &s.pod.topo.cgroup.path, &s.tmp.join("agent.sock"), &s.tmp.join("daemon.log"), &args);
-        s.daemon = Some(d);
-        s
+        let d = Daemon::start(&self.pod.pin_dir, &self.pod.topo.cgroup.path, &self.tmp.join("agent.sock"), &self.tmp.join("daemon.log"), &args);
+        self.daemon = Some(d);
     }
 
     fn daemon(&self) -> &Daemon {
@@ -350,4 +354,41 @@ fn recorded_contract_repair_delete() {
     s.api.play(&watch_events()[5]);
     s.wait_metric("redirect_agent_repair_total{action=\"reported\"}", 2);
     assert_eq!(s.api.requests().iter().filter(|r| r.method == "DELETE").count(), 1);
+}
+
+/// Annotations changed while no agent ran: the restarted agent's first
+/// list brings the captured pod (known from its pinned records) in line,
+/// and a relist with unchanged annotations touches nothing.
+#[test]
+fn recorded_contract_changes_while_the_agent_was_down_apply_at_start() {
+    let mut s = Setup::new("kapis", &[]);
+    s.wait_metric("redirect_agent_kubernetes_synced", 1);
+    let cart = name_of("cart-");
+    let add = s.cni("ADD", "ctr-cart", &k8s_args("shop", &cart, Some(&uid_of("cart-"))));
+    assert_eq!(add.code, 0, "{add:?}\n{}", s.log());
+    assert_eq!(s.routes(), ("proxy", "direct"));
+
+    let st = s.daemon.take().unwrap().stop();
+    assert!(st.success(), "{st:?}");
+    // excludeOutboundPorts 8081 -> 8080 while no agent watches.
+    s.api.play(&watch_events()[0]);
+    assert_eq!(s.routes(), ("proxy", "direct"), "the pod stays as it was while no agent runs");
+
+    s.start_daemon(&[]);
+    s.wait_metric("redirect_agent_kubernetes_updates_total{result=\"updated\"}", 1);
+    let pods = s.captured();
+    assert_eq!(pods.len(), 1, "{pods:?}");
+    assert_eq!(pods[0]["pod"], format!("shop/{cart}"));
+    assert!(pods[0]["istio_iptables_args"].as_str().unwrap().contains("-o '8080'"), "{pods:?}");
+    assert_eq!(s.routes(), ("direct", "proxy"));
+    // Nothing is uncaptured but ratings.
+    assert_eq!(s.metric("redirect_agent_uncaptured_pods"), 1);
+
+    // A relist with the same annotations changes nothing.
+    s.api.wait_watching(2);
+    s.api.play(&watch_events()[5]);
+    s.wait_metric("redirect_agent_kubernetes_events_total{type=\"init_done\"}", 2);
+    assert_eq!(s.metric("redirect_agent_kubernetes_updates_total{result=\"updated\"}"), 1);
+    let del = s.cni("DEL", "ctr-cart", &k8s_args("shop", &cart, None));
+    assert_eq!(del.code, 0, "{del:?}");
 }
