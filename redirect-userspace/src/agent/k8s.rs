@@ -242,9 +242,8 @@ impl PodWatch {
 
     async fn run(self: Arc<Self>, agent: Arc<Agent>, client: Client) {
         let api: Api<Pod> = Api::all(client.clone());
-        let wc = watcher::Config::default().fields(&format!("spec.nodeName={}", self.opts.node_name));
         let sel = format!("spec.nodeName={}", self.opts.node_name);
-        let probe_api: Api<Pod> = Api::all(client.clone());
+        let wc = watcher::Config::default().fields(&sel);
         let mut stream = watcher(api.clone(), wc.clone()).default_backoff().boxed();
         tracing::info!(node = %self.opts.node_name, "watching the pods of this node");
         loop {
@@ -268,7 +267,7 @@ impl PodWatch {
                         !st.connected && st.synced
                     };
                     if failing {
-                        let r = probe_api.list_metadata(&ListParams::default().fields(&sel).limit(1)).await;
+                        let r = api.list_metadata(&ListParams::default().fields(&sel).limit(1)).await;
                         let mut st = lock(&self.state);
                         match r {
                             Ok(_) => {
