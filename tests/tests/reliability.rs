@@ -199,6 +199,8 @@ fn agent_sigkill_and_upgrade_under_traffic_lose_nothing() {
         let idx = c.pods[i].children.len() - 1;
         c.proxies.push(idx);
     }
+    // A greeting echo server (it reports what it sees) for getpeername checks.
+    c.pods[0].start_upstream(8080);
 
     // v1 agent; both pods captured through redirect-cni.
     let d = c.start_daemon(&redirect_bin(), "v1.log");
@@ -246,6 +248,25 @@ fn agent_sigkill_and_upgrade_under_traffic_lose_nothing() {
     let add_after_kill = c.add_del_extra(&d, "ctr-extra-1");
     std::thread::sleep(Duration::from_millis(1500));
 
+    // The install runs other code in one of its links, as after an older
+    // version: getpeername4 that leaves the address alone (it is not on
+    // the data path, so traffic goes on). The app sees the proxy's
+    // address as its peer.
+    let greet = format!("{UPSTREAM_V4}:8080");
+    let peer = |c: &Cluster| c.pods[0].client(&c.placement(0, APP_UID), &greet, None);
+    let r = peer(&c);
+    assert_eq!((r.ok, r.peer.as_deref()), (true, Some(greet.as_str())), "{r:?}");
+    let cg_dir = std::fs::read_dir(c.pods[0].pin_dir.join("cgroups")).unwrap().next().unwrap().unwrap().path();
+    let cg_id = cg_dir.file_name().unwrap().to_string_lossy().into_owned();
+    {
+        use std::os::fd::AsFd;
+        let link = redirect_userspace::upgrade::obj_get(&cg_dir.join("redirect_getpeername4")).unwrap();
+        let other = load_other_sock_addr(29); // BPF_CGROUP_INET4_GETPEERNAME
+        redirect_userspace::upgrade::link_update(link.as_fd(), other.as_fd(), None).unwrap();
+    }
+    let r = peer(&c);
+    assert_eq!((r.ok, r.peer.as_deref()), (true, Some("127.0.0.1:15001")), "{r:?}");
+
     // 3. Upgrade: the running agent gets SIGTERM (a DaemonSet rolling
     //    update), a different binary starts on the same pins.
     assert!(d.stop().success());
@@ -255,7 +276,9 @@ fn agent_sigkill_and_upgrade_under_traffic_lose_nothing() {
     let d = c.start_daemon(&new_bin, "v2.log");
     let upgrade_ready = t_up.elapsed();
     assert_eq!(d.ready["cgroup_newly_attached"], false);
-    assert_eq!(d.ready["programs_updated"], json!([]), "same kernel code: no link to switch");
+    assert_eq!(d.ready["programs_updated"], json!([format!("{cg_id}/redirect_getpeername4")]), "the link with other code is switched, under traffic: {}", d.ready);
+    let r = peer(&c);
+    assert_eq!((r.ok, r.peer.as_deref()), (true, Some(greet.as_str())), "this version's getpeername4 again: {r:?}");
     assert_eq!(sorted(&d.ready["reconciled"]["kept"]), cookies, "{}", d.ready);
     assert_eq!(listed(&d), pods_before, "records survive the upgrade");
     let add_after_upgrade = c.add_del_extra(&d, "ctr-extra-2");
@@ -267,6 +290,7 @@ fn agent_sigkill_and_upgrade_under_traffic_lose_nothing() {
     let _ = d.child.wait();
     std::thread::sleep(Duration::from_millis(500));
     let d = c.start_daemon(&new_bin, "v2-again.log");
+    assert_eq!(d.ready["programs_updated"], json!([]), "same code: nothing to switch");
     assert_eq!(listed(&d), pods_before);
     c.add_del_extra(&d, "ctr-extra-3");
     std::thread::sleep(Duration::from_millis(1000));
@@ -318,11 +342,14 @@ fn agent_sigkill_and_upgrade_under_traffic_lose_nothing() {
         let idx = c.proxies[i];
         let log = c.pods[i].proxy_log(idx);
         let want_up = format!("{UPSTREAM_V4}:{}", UP_PORTS[i]);
-        let outbound: Vec<&Value> = log.iter().filter(|l| l["dir"] == "outbound").collect();
+        // Pod 0 also made the 3 getpeername checks to the greeting server.
+        let checks = if i == 0 { 3 } else { 0 };
+        let outbound: Vec<&Value> = log.iter().filter(|l| l["dir"] == "outbound" && l["orig"] != greet.as_str()).collect();
+        assert_eq!(log.iter().filter(|l| l["dir"] == "outbound" && l["orig"] == greet.as_str()).count(), checks, "pod {i}");
         assert!(outbound.iter().all(|l| l["event"] == "conn" && l["orig"] == want_up.as_str()), "pod {i}: a connection went elsewhere");
         assert!(log.iter().all(|l| l["event"] == "conn"), "pod {i}: proxy errors: {:?}", log.iter().filter(|l| l["event"] != "conn").collect::<Vec<_>>());
     }
-    assert_eq!(captured_out + captured_in, total.conns, "every connection captured, once");
+    assert_eq!(captured_out + captured_in, total.conns + 3, "every connection captured, once (+ the 3 getpeername checks)");
 
     // Records and pins consistent: 2 pods, their inbound links, one
     // cgroup with its 6 links; no socket-tracking entry left behind.
@@ -359,6 +386,11 @@ fn sorted(v: &Value) -> Vec<u64> {
 /// A cgroup/connect4 program that lets every connect through untouched
 /// (`r0 = 1; exit`): another version's code under the install's link.
 fn load_other_connect4() -> std::os::fd::OwnedFd {
+    load_other_sock_addr(10) // BPF_CGROUP_INET4_CONNECT
+}
+
+/// `r0 = 1; exit` as a cgroup sock_addr program of `attach_type`.
+fn load_other_sock_addr(attach_type: u32) -> std::os::fd::OwnedFd {
     use std::os::fd::FromRawFd;
     let insns: [u8; 16] = [0xb7, 0, 0, 0, 1, 0, 0, 0, 0x95, 0, 0, 0, 0, 0, 0, 0];
     let license = b"GPL\0";
@@ -370,7 +402,7 @@ fn load_other_connect4() -> std::os::fd::OwnedFd {
     attr[8..16].copy_from_slice(&(insns.as_ptr() as u64).to_ne_bytes());
     attr[16..24].copy_from_slice(&(license.as_ptr() as u64).to_ne_bytes());
     attr[48..48 + 14].copy_from_slice(b"redirect_old_c");
-    attr[68..72].copy_from_slice(&10u32.to_ne_bytes()); // BPF_CGROUP_INET4_CONNECT
+    attr[68..72].copy_from_slice(&attach_type.to_ne_bytes());
     let fd = unsafe { libc::syscall(libc::SYS_bpf, 5 as libc::c_long, attr.as_mut_ptr(), attr.len()) };
     assert!(fd >= 0, "BPF_PROG_LOAD: {}", std::io::Error::last_os_error());
     unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) }
