@@ -13,6 +13,7 @@
 //! removed by the guards, even on failure.
 
 mod agent_support;
+mod kube_support;
 
 use std::{
     path::{Path, PathBuf},
@@ -49,11 +50,15 @@ impl Podman {
             assert!(found, "{tool} missing: run `cargo xtask setup` (apt-get install podman runc conmon containernetworking-plugins busybox-static)");
         }
         let id = unique("");
-        let n: u32 = std::process::id() % 200 + 20;
+        // Bridge and subnet unique per instance too: the tests of this
+        // file run in parallel in one process.
+        static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let n: u32 = (std::process::id() + seq * 97) % 200 + 20;
         let p = Podman {
             dir: std::env::temp_dir().join(format!("rdt-podman-{id}")),
             net: format!("rdtnet{id}"),
-            bridge: format!("rdtb{}", std::process::id() % 100_000),
+            bridge: format!("rdtb{}x{seq}", std::process::id() % 100_000),
             subnet: format!("10.203.{n}.0/24"),
             cgroup_parent: format!("redirect-podman-{id}"),
         };
@@ -363,4 +368,103 @@ fn podman_pod_is_captured_from_its_first_connection() {
     assert_eq!(d.ready["reconciled"]["kept"], serde_json::json!([]));
     assert!(d.stop().success());
     assert_eq!(std::fs::read_to_string(pm.conflist()).unwrap(), original);
+}
+
+/// RECORDED-CONTRACT (the Kubernetes API is `kube_support::ApiFixture`,
+/// serving the recorded Istio-injected pod renamed to the podman pod: no
+/// kube-apiserver runs here) with the real runtime: the agent watches the
+/// fixture, its conflist entry says `"kubernetes": true`, and podman's
+/// pod is captured from its annotations (`excludeOutboundPorts: "8081"`
+/// really excluded from its very first connections); the server container
+/// is a pod without a sidecar and passes through; a pod the API does not
+/// know does not start.
+#[test]
+fn podman_pod_is_captured_from_its_annotations() {
+    let pins = Pins(PathBuf::from(format!("/sys/fs/bpf/{}", unique("rdt-podman-"))));
+    let pm = Podman::new();
+    pm.write_conflist();
+    pm.import_image();
+    let id = unique("");
+    let srv = format!("rdt-ksrv-{id}");
+    let pod = format!("rdt-kpod-{id}");
+    // The API's view: the recorded injected pod as this podman pod, and
+    // the recorded sidecar-less pod as the server container.
+    let mut cart = kube_support::listed_pod("cart-");
+    cart["metadata"]["name"] = pod.clone().into();
+    let mut plain = kube_support::listed_pod("coredns-");
+    plain["metadata"]["name"] = srv.clone().into();
+    plain["metadata"]["namespace"] = "default".into();
+    let api = kube_support::ApiFixture::start_with(vec![cart, plain]);
+    let url = api.url();
+    let tmp = TempDir::new("podman-kube");
+    let socket = tmp.join("agent.sock");
+    let conf_dir = pm.dir.join("net.d").to_str().unwrap().to_string();
+    let bin_dir = pm.dir.join("cni-bin").to_str().unwrap().to_string();
+    let conflist = pm.conflist().file_name().unwrap().to_str().unwrap().to_string();
+    let args = [
+        "--cni-conf-dir", &conf_dir, "--cni-bin-dir", &bin_dir, "--cni-conflist", &conflist,
+        "--api-server", &url, "--node-name", "node-a",
+    ];
+    let daemon = Daemon::start(&pins.0, &pm.cgroup2_parent(), &socket, &tmp.join("daemon.log"), &args);
+    let fail = |what: &str| -> String { format!("{what}\ndaemon log:\n{}\nAPI requests: {:?}", daemon.log_text(), api.requests()) };
+    let conf: Value = serde_json::from_str(&std::fs::read_to_string(pm.conflist()).unwrap()).unwrap();
+    assert_eq!(conf["plugins"][1]["kubernetes"], true, "{conf}");
+
+    pm.ok(&["run", "-d", "--name", &srv, "--network", &pm.net, "--user", "1000:1000", "-v", &pm.kit_mount(), IMAGE, KIT_IN_CTR, "echo", "--listen", "0.0.0.0:8080", "--listen", "0.0.0.0:8081"]);
+    let srv_ip = pm.ok(&["inspect", "-f", &format!("{{{{(index .NetworkSettings.Networks \"{}\").IPAddress}}}}", pm.net), &srv]);
+    eventually("the server to listen", || pm.logs(&srv).iter().any(|l| l.contains("ready")));
+    assert!(daemon.list().is_empty(), "{}", fail("the server (no sidecar) was captured"));
+    assert!(daemon.log_text().contains("pod passes through: not in the mesh"), "{}", fail("no pass-through"));
+
+    let cg = format!("/{}", pm.cgroup_parent);
+    pm.ok(&["pod", "create", "--name", &pod, "--network", &pm.net, "--infra-image", IMAGE, "--infra-command", "/pause", "--cgroup-parent", &cg]);
+    pm.ok(&["create", "--pod", &pod, "--name", &format!("{pod}-proxy"), "--user", "1337:1337", "-v", &pm.kit_mount(), IMAGE, KIT_IN_CTR, "proxy"]);
+    let app_script = format!(
+        "i=0; until grep -q ':3A99 00000000:0000 0A' /proc/net/tcp; do i=$((i+1)); [ $i -gt 200 ] && exit 3; sleep 0.1; done; \
+         {KIT_IN_CTR} client --connect {srv_ip}:8080 --payload first; {KIT_IN_CTR} client --connect {srv_ip}:8081 --payload second"
+    );
+    let app = format!("{pod}-app");
+    pm.ok(&["create", "--pod", &pod, "--name", &app, "--user", "1000:1000", "-v", &pm.kit_mount(), IMAGE, "/bin/sh", "-c", &app_script]);
+    let start = pm.command(&["pod", "start", &pod]).env("CNI_ARGS", "K8S_POD_NAMESPACE=shop").output().unwrap();
+    assert!(start.status.success(), "{}", fail(&format!("pod start: {}", text(&start))));
+    let infra = pm.ok(&["pod", "inspect", "-f", "{{.InfraContainerID}}", &pod]);
+    let netns = pm.ok(&["inspect", "-f", "{{.NetworkSettings.SandboxKey}}", &infra]);
+    let pods = daemon.list();
+    assert_eq!(pods.len(), 1, "{pods:?}");
+    assert_eq!(pods[0]["pod"], format!("shop/{pod}"));
+    assert!(pods[0]["istio_iptables_args"].as_str().unwrap().contains("-o '8081'"), "{pods:?}");
+
+    let exit = pm.ok(&["wait", &app]);
+    let app_log = pm.logs(&app);
+    assert_eq!(exit, "0", "{}", fail(&format!("app exit {exit}: {app_log:?}")));
+    let reports: Vec<Value> = app_log.iter().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    assert_eq!(reports.len(), 2, "{app_log:?}");
+    assert!(reports.iter().all(|r| r["ok"] == true), "{reports:?}");
+    // Only the 8080 connection went through the sidecar.
+    let proxied: Vec<Value> = pm
+        .logs(&format!("{pod}-proxy"))
+        .iter()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|l| l["event"] == "conn")
+        .collect();
+    assert_eq!(proxied.len(), 1, "{proxied:?}");
+    assert_eq!(proxied[0]["orig"], format!("{srv_ip}:8080"), "{proxied:?}");
+    let st = stats(&pins.0, &netns);
+    let count = |rule: &str| redirect_tests::stats_rule(&st[0], "OUTPUT", rule)["count"].as_u64().unwrap();
+    assert_eq!((count("captured"), count("skip_excluded_port")), (1, 1), "{st}");
+    pm.ok(&["pod", "rm", "-f", "-t", "0", &pod]);
+    assert!(daemon.list().is_empty(), "{}", fail("pod removal did not release"));
+
+    // A pod the API does not know: its ADD fails closed, it never runs.
+    let ghost = format!("rdt-kghost-{id}");
+    pm.ok(&["pod", "create", "--name", &ghost, "--network", &pm.net, "--infra-image", IMAGE, "--infra-command", "/pause", "--cgroup-parent", &cg]);
+    let app2 = format!("{ghost}-app");
+    pm.ok(&["create", "--pod", &ghost, "--name", &app2, "--user", "1000:1000", "-v", &pm.kit_mount(), IMAGE, KIT_IN_CTR, "client", "--connect", &format!("{srv_ip}:8080")]);
+    let start2 = pm.command(&["pod", "start", &ghost]).env("CNI_ARGS", "K8S_POD_NAMESPACE=shop").output().unwrap();
+    assert!(!start2.status.success(), "a pod unknown to the API started: {}", text(&start2));
+    assert!(text(&start2).contains("cannot see the pod in the Kubernetes API"), "{}", text(&start2));
+    assert_eq!(pm.state(&app2), "created", "the app never ran");
+    pm.ok(&["pod", "rm", "-f", "-t", "0", &ghost]);
+    pm.ok(&["rm", "-f", "-t", "0", &srv]);
+    assert!(daemon.stop().success());
 }

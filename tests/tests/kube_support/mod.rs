@@ -123,9 +123,13 @@ fn decode(s: &str) -> String {
 impl ApiFixture {
     /// Serve the recorded list on 127.0.0.1 (a free port).
     pub fn start() -> ApiFixture {
-        let list = pod_list();
-        let pods = list["items"].as_array().unwrap().iter().map(|p| (key(p), p.clone())).collect();
-        let rv = list["metadata"]["resourceVersion"].as_str().unwrap().to_string();
+        ApiFixture::start_with(pod_list()["items"].as_array().unwrap().clone())
+    }
+
+    /// Serve these pods (recorded ones, renamed for a test) as the list.
+    pub fn start_with(items: Vec<Value>) -> ApiFixture {
+        let pods = items.iter().map(|p| (key(p), p.clone())).collect();
+        let rv = pod_list()["metadata"]["resourceVersion"].as_str().unwrap().to_string();
         let shared = Arc::new(Mutex::new(Shared { pods, resource_version: rv, requests: Vec::new(), watches: Vec::new(), conns: Vec::new() }));
         let l = TcpListener::bind("127.0.0.1:0").expect("binding the API fixture on 127.0.0.1");
         let addr = l.local_addr().unwrap();
