@@ -88,6 +88,10 @@ pub struct Options {
 /// One pod as the watch last saw it.
 struct CachedPod {
     uid: String,
+    /// A static pod's own uid (its mirror pod in the API has another one
+    /// and names the static pod's in `kubernetes.io/config.mirror`): the
+    /// kubelet passes that one as `K8S_POD_UID`.
+    mirror_of: Option<String>,
     resource_version: String,
     running: bool,
     decision: Result<PodCapture, AnnotationError>,
@@ -179,6 +183,9 @@ fn comparable(s: &PodSpec) -> Comparable {
         inbound: (inbound, set(&s.exclude_inbound_ports)),
     }
 }
+
+/// On a mirror pod: the uid of the static pod it mirrors.
+const MIRROR_ANNOTATION: &str = "kubernetes.io/config.mirror";
 
 /// `namespace/name` of a pod object.
 fn key_of(p: &Pod) -> String {
@@ -377,6 +384,7 @@ impl PodWatch {
                 key.clone(),
                 CachedPod {
                     uid: p.metadata.uid.clone().unwrap_or_default(),
+                    mirror_of: p.metadata.annotations.as_ref().and_then(|a| a.get(MIRROR_ANNOTATION)).cloned(),
                     resource_version: p.metadata.resource_version.clone().unwrap_or_default(),
                     running: p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"),
                     decision,
@@ -495,7 +503,7 @@ impl PodWatch {
             let found = st.pods.get(key);
             if st.connected && st.synced {
                 if let Some(p) = found {
-                    if uid.is_none_or(|u| u == p.uid) {
+                    if uid.is_none_or(|u| u == p.uid || p.mirror_of.as_deref() == Some(u)) {
                         return Ok(());
                     }
                 }
@@ -715,6 +723,7 @@ mod tests {
             key_of(&typed),
             CachedPod {
                 uid: typed.metadata.uid.clone().unwrap(),
+                mirror_of: typed.metadata.annotations.as_ref().and_then(|a| a.get(MIRROR_ANNOTATION)).cloned(),
                 resource_version: "7".into(),
                 running: true,
                 decision: annotations::from_pod(&serde_json::to_value(&typed).unwrap()),
@@ -799,6 +808,14 @@ mod tests {
         let (what, msg) = w.wait_pod("shop/cart-1", Some("u-2")).unwrap_err();
         assert_eq!(what, "unknown");
         assert!(msg.contains("not K8S_POD_UID u-2"), "{msg}");
+        // A static pod: the API holds its mirror pod, whose annotation names
+        // the static pod's uid (what the kubelet passes).
+        let mut mirror = pod(json!({MIRROR_ANNOTATION: "static-uid-9"}));
+        mirror["metadata"]["name"] = json!("etcd-node-a");
+        cache(&w, &mirror);
+        assert!(w.wait_pod("shop/etcd-node-a", Some("static-uid-9")).is_ok());
+        assert!(w.wait_pod("shop/etcd-node-a", Some("u-1")).is_ok(), "its own uid too");
+        assert!(w.wait_pod("shop/etcd-node-a", Some("other")).is_err());
         // The API went away: even a cached pod is refused.
         {
             let mut st = lock(&w.state);
