@@ -299,6 +299,21 @@ fn recorded_contract_unknown_pod_and_api_down_fail_closed() {
     assert!(s.captured().is_empty());
     assert_eq!(s.routes(), ("direct", "direct"));
 
+    // Bad API-mode requests on the socket are refused by name, never a panic.
+    let ns = s.pod.pod_netns().display().to_string();
+    for (req, want) in [
+        (json!({"op": "add", "netns": ns, "kubernetes": true}), "needs \"pod\""),
+        (json!({"op": "add", "netns": ns, "kubernetes": true, "pod": "no-namespace"}), "needs \"pod\""),
+        (json!({"op": "add", "netns": "/etc/passwd", "kubernetes": true, "pod": "shop/x"}), "is refused"),
+        (json!({"op": "add", "netns": ns, "kubernetes": "yes", "pod": "shop/x"}), "bad request"),
+        (json!({"op": "add", "netns": ns, "kubernetes": true, "pod": "shop/x", "pod_uid": 7}), "bad request"),
+    ] {
+        let r = s.daemon().call(&req);
+        assert_eq!(r["ok"], false, "{req} -> {r}");
+        assert!(r["error"].as_str().unwrap().contains(want), "{req} -> {r}");
+    }
+    assert!(s.captured().is_empty());
+
     let cart = name_of("cart-");
     let add = s.cni("ADD", "ctr-cart", &k8s_args("shop", &cart, Some("11111111-2222-4333-8444-555555555555")));
     assert_eq!(add.error_code(), 102, "{add:?}");
