@@ -167,6 +167,52 @@ impl Installation {
         Ok(out)
     }
 
+    /// Upgrade in place: the cgroup links (`update_cgroup_programs`) and
+    /// the acceleration verdict program attached to the sockhash. Returns
+    /// what was switched (`<cgroup-id>/<program>`, `programs/<program>`).
+    pub fn update_programs(&mut self) -> Result<Vec<String>> {
+        let mut out = self.update_cgroup_programs()?;
+        if self.update_sk_msg_program()? {
+            out.push(format!("programs/{SK_MSG_PROGRAM}"));
+        }
+        Ok(out)
+    }
+
+    /// The sk_msg program pinned under `programs/` (attached to
+    /// REDIRECT_SOCKS): when its code is not this binary's, attach this
+    /// binary's instead (the sockhash holds one verdict program: attaching
+    /// replaces it; sockets inserted from then on run the new one) and
+    /// re-pin. True when switched.
+    fn update_sk_msg_program(&mut self) -> Result<bool> {
+        let pin = self.pins.sk_msg_program();
+        if !pin.exists() {
+            return Ok(false);
+        }
+        let old = crate::upgrade::obj_get(&pin).map_err(|e| Error::io("opening pinned program", &pin, e))?;
+        let prog: &mut aya::programs::SkMsg = self
+            .program(SK_MSG_PROGRAM)?
+            .try_into()
+            .map_err(|e| Error::bpf("sk_msg program", e))?;
+        if prog.fd().is_err() {
+            prog.load().map_err(|e| Error::bpf("loading sk_msg program", e))?;
+        }
+        let new = prog.fd().map_err(|e| Error::bpf("sk_msg program fd", e))?.as_fd().try_clone_to_owned().map_err(|e| Error::bpf("sk_msg fd", e))?;
+        let tags = crate::upgrade::prog_tag(old.as_fd()).and_then(|o| Ok((o, crate::upgrade::prog_tag(new.as_fd())?)));
+        let (old_tag, new_tag) = tags.map_err(|e| Error::io("reading the tag of pinned program", &pin, e))?;
+        if old_tag == new_tag {
+            return Ok(false);
+        }
+        let map_fd = match self.ebpf.map(redirect_common::MAP_SOCKS) {
+            Some(aya::maps::Map::SockHash(m)) => m.fd().as_fd().try_clone_to_owned().map_err(|e| Error::bpf("sockhash fd", e))?,
+            _ => return Err(Error::bpf("kernel object", std::io::Error::other("REDIRECT_SOCKS sockhash missing: rebuild with `cargo xtask build-ebpf`"))),
+        };
+        crate::bpf::prog_attach(new.as_fd(), map_fd.as_fd(), crate::bpf::BPF_SK_MSG_VERDICT)
+            .map_err(|e| Error::bpf("attaching this version's sk_msg to the REDIRECT_SOCKS sockhash", e))?;
+        std::fs::remove_file(&pin).map_err(|e| Error::io("removing the previous program's pin", &pin, e))?;
+        crate::bpf::obj_pin(new.as_fd(), &pin).map_err(|e| Error::io("pinning program", &pin, e))?;
+        Ok(true)
+    }
+
     /// Load (once) and link one cgroup program; the link fd is returned
     /// for pinning.
     fn attach_one(&mut self, name: &str, cg: &std::fs::File) -> Result<OwnedFd> {

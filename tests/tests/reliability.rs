@@ -483,3 +483,65 @@ fn upgrade_switches_changed_programs_in_place() {
     assert_eq!(d.ready["programs_updated"], json!([]), "{}", d.ready);
     assert_eq!(d.list().len(), 1);
 }
+
+/// `r0 = SK_PASS; exit` as an sk_msg program: another version's
+/// acceleration verdict, which redirects nothing.
+fn load_other_sk_msg() -> std::os::fd::OwnedFd {
+    use std::os::fd::FromRawFd;
+    let insns: [u8; 16] = [0xb7, 0, 0, 0, 1, 0, 0, 0, 0x95, 0, 0, 0, 0, 0, 0, 0];
+    let license = b"GPL\0";
+    let mut attr = [0u8; 128];
+    attr[0..4].copy_from_slice(&16u32.to_ne_bytes()); // BPF_PROG_TYPE_SK_MSG
+    attr[4..8].copy_from_slice(&2u32.to_ne_bytes());
+    attr[8..16].copy_from_slice(&(insns.as_ptr() as u64).to_ne_bytes());
+    attr[16..24].copy_from_slice(&(license.as_ptr() as u64).to_ne_bytes());
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, 5 as libc::c_long, attr.as_mut_ptr(), attr.len()) };
+    assert!(fd >= 0, "BPF_PROG_LOAD: {}", std::io::Error::last_os_error());
+    unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) }
+}
+
+#[test]
+fn upgrade_switches_the_sk_msg_program() {
+    use redirect_userspace::upgrade;
+    use std::os::fd::AsFd;
+    let mut pod = Pod::new("relmsg");
+    pod.start_upstream(8080);
+    pod.start_proxy();
+    let tmp = TempDir::new("relmsg");
+    let sock = tmp.join("agent.sock");
+    let dst = format!("{UPSTREAM_V4}:8080");
+    let d = Daemon::start(&pod.pin_dir, &pod.topo.cgroup.path, &sock, &tmp.join("d1.log"), &[]);
+    let ns = pod.pod_netns().display().to_string();
+    let add = cni(&pod_vars("ADD", "ctr-msg", &ns, "K8S_POD_NAME=msg;REDIRECT_CAPTURE=true"), plugin_conf(&sock, json!({"capture": {"accel": true}})).as_bytes());
+    assert_eq!(add.code, 0, "{add:?}");
+    let app = pod.topo.in_pod(APP_UID, APP_UID);
+    let redirected = |pod: &Pod| redirect_tests::accel_counter(pod, "messages_redirected").0;
+    assert!(redirect_tests::client_sized(&app, &dst, 10_000).ok);
+    let r1 = redirected(&pod);
+    assert!(r1 > 0, "accelerated: {}", String::from_utf8_lossy(&pod.redirect(&["stats"]).stdout));
+    let pin = pod.pin_dir.join("programs").join("redirect_sk_msg");
+    let ours = upgrade::prog_tag(upgrade::obj_get(&pin).unwrap().as_fd()).unwrap();
+    assert!(d.stop().success());
+
+    // Another version's verdict program on the sockhash, pinned where the
+    // install keeps it: nothing is redirected any more.
+    let other = load_other_sk_msg();
+    let socks = upgrade::obj_get(&pod.pin_dir.join("maps").join("REDIRECT_SOCKS")).unwrap();
+    redirect_userspace::bpf::prog_attach(other.as_fd(), socks.as_fd(), redirect_userspace::bpf::BPF_SK_MSG_VERDICT).unwrap();
+    std::fs::remove_file(&pin).unwrap();
+    redirect_userspace::bpf::obj_pin(other.as_fd(), &pin).unwrap();
+    drop(other);
+    assert!(redirect_tests::client_sized(&app, &dst, 10_000).ok);
+    assert_eq!(redirected(&pod), r1, "the other program redirects nothing");
+
+    // The new agent puts its own program back.
+    let bin = upgraded_binary(&tmp);
+    let d = Daemon::try_start_bin(&bin, &pod.pin_dir, &pod.topo.cgroup.path, &sock, &tmp.join("d2.log"), &[]).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(d.ready["programs_updated"], json!(["programs/redirect_sk_msg"]), "{}", d.ready);
+    assert_eq!(upgrade::prog_tag(upgrade::obj_get(&pin).unwrap().as_fd()).unwrap(), ours);
+    assert!(redirect_tests::client_sized(&app, &dst, 10_000).ok);
+    assert!(redirected(&pod) > r1, "accelerated again");
+    assert!(d.stop().success());
+    let d = Daemon::try_start_bin(&bin, &pod.pin_dir, &pod.topo.cgroup.path, &sock, &tmp.join("d3.log"), &[]).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(d.ready["programs_updated"], json!([]));
+}

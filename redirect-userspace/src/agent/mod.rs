@@ -103,7 +103,7 @@ impl Agent {
     pub fn start_with(pin_dir: &Path, cgroup: &Path, sizes: &crate::mapsize::MapSizes) -> Result<(Agent, bool)> {
         sys::open_cgroup(cgroup)?;
         let mut inst = Installation::open_with(pin_dir, sizes)?;
-        let programs_updated = inst.update_cgroup_programs()?;
+        let programs_updated = inst.update_programs()?;
         let newly = inst.attach_cgroup(cgroup)?;
         let records = Records::open_or_create(&inst.pins)?;
         let own = std::fs::metadata("/proc/self/ns/net").map_err(|e| Error::io("reading", "/proc/self/ns/net", e))?.ino();
