@@ -350,7 +350,8 @@ fn recorded_contract_unknown_pod_and_api_down_fail_closed() {
 
 /// `--repair delete`: the running mesh pod that is not captured is deleted
 /// through the API (with a uid precondition) so its controller recreates
-/// it captured; once only, even after a relist.
+/// it captured, at start and as soon as another one starts running
+/// uncaptured; once only, even after a relist.
 #[test]
 fn recorded_contract_repair_delete() {
     let s = Setup::new("kapir", &["--repair", "delete"]);
@@ -363,12 +364,22 @@ fn recorded_contract_repair_delete() {
     assert_eq!(body["preconditions"]["uid"], uid_of("ratings-"), "{body}");
     assert!(s.log().contains("deleted the uncaptured pod"), "{}", s.log());
 
-    // A relist (410) finds it again (the fixture does not delete it), but
-    // it is not deleted twice.
+    // A pod that starts running in the mesh without having been captured
+    // (cart's MODIFIED to Running, with no CNI ADD: as if the plugin had
+    // been cut out of the conflist) is found at once, not at the next list.
     s.api.wait_watching(1);
+    s.api.play(&watch_events()[0]);
+    s.wait_metric("redirect_agent_repair_total{action=\"deleted\"}", 2);
+    let dels: Vec<Req> = s.api.requests().into_iter().filter(|r| r.method == "DELETE").collect();
+    assert_eq!(dels[1].path, format!("/api/v1/namespaces/shop/pods/{}", name_of("cart-")), "{dels:?}");
+    assert_eq!(s.metric("redirect_agent_repair_total{action=\"reported\"}"), 2);
+
+    // A relist (410) finds both again (the fixture does not delete them),
+    // but neither is deleted twice.
     s.api.play(&watch_events()[5]);
-    s.wait_metric("redirect_agent_repair_total{action=\"reported\"}", 2);
-    assert_eq!(s.api.requests().iter().filter(|r| r.method == "DELETE").count(), 1);
+    s.wait_metric("redirect_agent_repair_total{action=\"reported\"}", 4);
+    assert_eq!(s.api.requests().iter().filter(|r| r.method == "DELETE").count(), 2);
+    assert_eq!(s.metric("redirect_agent_uncaptured_pods"), 2);
 }
 
 /// Annotations changed while no agent ran: the restarted agent's first

@@ -21,9 +21,10 @@
 //!   value is logged and counted with the annotation and value, and the
 //!   pod keeps the config it has.
 //! * **Repair**: after each complete list (start, and every relist after a
-//!   410 Gone or a broken watch), running pods in the mesh on this node
-//!   that the agent has not captured (started before the agent, or while
-//!   the plugin was not chained) are logged, counted and listed; with
+//!   410 Gone or a broken watch), and for a pod as soon as it starts
+//!   running or its annotations change, running pods in the mesh on this
+//!   node that the agent has not captured (started before the agent, or
+//!   while the plugin was not chained) are logged, counted and listed; with
 //!   `--repair delete` they are also deleted (uid precondition) so their
 //!   controller recreates them, captured.
 //!
@@ -292,9 +293,8 @@ impl PodWatch {
             };
             match ev {
                 Ok(e) => {
-                    let repair = self.on_event(&agent, e);
-                    if repair {
-                        self.repair(&agent, &client).await;
+                    if let Some(only) = self.on_event(&agent, e) {
+                        self.repair(&agent, &client, only.as_deref()).await;
                     }
                 }
                 Err(e) => {
@@ -313,9 +313,11 @@ impl PodWatch {
         }
     }
 
-    /// Apply one watch event to the cache and to the captured pods. True
-    /// when a complete list just ended (time for a repair scan).
-    fn on_event(&self, agent: &Agent, e: watcher::Event<Pod>) -> bool {
+    /// Apply one watch event to the cache and to the captured pods. Then
+    /// a repair scan is due: `Some(None)` of every pod when a complete
+    /// list just ended, `Some(Some(pod))` of one pod that just started
+    /// running or changed.
+    fn on_event(&self, agent: &Agent, e: watcher::Event<Pod>) -> Option<Option<String>> {
         {
             let mut st = lock(&self.state);
             if !st.connected && st.last_error.is_some() {
@@ -324,7 +326,7 @@ impl PodWatch {
             st.connected = true;
             st.last_error = None;
         }
-        let mut relisted = false;
+        let mut scan = None;
         match e {
             watcher::Event::Init => {
                 self.count(|c| &mut c.events, "init");
@@ -332,11 +334,14 @@ impl PodWatch {
             }
             watcher::Event::InitApply(p) => {
                 self.count(|c| &mut c.events, "init_apply");
+                // Repair waits for the whole list (InitDone).
                 self.on_apply(agent, &p);
             }
             watcher::Event::Apply(p) => {
                 self.count(|c| &mut c.events, "apply");
-                self.on_apply(agent, &p);
+                if self.on_apply(agent, &p) {
+                    scan = Some(Some(key_of(&p)));
+                }
             }
             watcher::Event::Delete(p) => {
                 self.count(|c| &mut c.events, "delete");
@@ -357,27 +362,31 @@ impl PodWatch {
                 }
                 st.synced = true;
                 tracing::info!(pods = st.pods.len(), dropped = gone.len(), "pod list complete");
-                relisted = true;
+                scan = Some(None);
             }
         }
         self.changed.notify_all();
-        relisted
+        scan
     }
 
     /// A pod was added or changed (or listed): cache it, and bring its
-    /// capture in line with its annotations when they changed.
-    fn on_apply(&self, agent: &Agent, p: &Pod) {
+    /// capture in line with its annotations when they changed. True when
+    /// its decision changed or it just started running (worth a repair
+    /// check: a pod that runs in the mesh uncaptured, e.g. because the
+    /// plugin was cut out of the conflist, is found at once).
+    fn on_apply(&self, agent: &Agent, p: &Pod) -> bool {
         let key = key_of(p);
         let value = match serde_json::to_value(p) {
             Ok(v) => v,
             Err(e) => {
                 tracing::warn!(pod = %key, error = %e, "pod object could not be read");
-                return;
+                return false;
             }
         };
         let decision = annotations::from_pod(&value);
         let new_key = decision_key(&decision);
-        let changed = {
+        let running = p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
+        let (changed, started) = {
             let mut st = lock(&self.state);
             let generation = st.generation;
             let old = st.pods.insert(
@@ -386,18 +395,20 @@ impl PodWatch {
                     uid: p.metadata.uid.clone().unwrap_or_default(),
                     mirror_of: p.metadata.annotations.as_ref().and_then(|a| a.get(MIRROR_ANNOTATION)).cloned(),
                     resource_version: p.metadata.resource_version.clone().unwrap_or_default(),
-                    running: p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"),
+                    running,
                     decision,
                     generation,
                 },
             );
             // First sight (agent start, relist) is checked too: the
             // annotations may have changed while no agent watched.
-            old.map(|o| decision_key(&o.decision)) != Some(new_key)
+            let started = running && old.as_ref().is_some_and(|o| !o.running);
+            (old.map(|o| decision_key(&o.decision)) != Some(new_key), started)
         };
         if changed {
             self.reconcile_pod(agent, &key);
         }
+        changed || started
     }
 
     /// Make the pod's capture match its cached decision.
@@ -553,10 +564,11 @@ impl PodWatch {
         v
     }
 
-    /// After a complete list: report (and with `--repair delete`, delete)
+    /// After a complete list (or for `only`, a pod that just started
+    /// running or changed): report (and with `--repair delete`, delete)
     /// the running mesh pods that are not captured.
-    async fn repair(&self, agent: &Agent, client: &Client) {
-        let pods = self.uncaptured(agent);
+    async fn repair(&self, agent: &Agent, client: &Client, only: Option<&str>) {
+        let pods: Vec<(String, String)> = self.uncaptured(agent).into_iter().filter(|(k, _)| only.is_none_or(|o| o == k)).collect();
         if pods.is_empty() {
             return;
         }
