@@ -418,3 +418,40 @@ fn recorded_contract_changes_while_the_agent_was_down_apply_at_start() {
     let del = s.cni("DEL", "ctr-cart", &k8s_args("shop", &cart, None));
     assert_eq!(del.code, 0, "{del:?}");
 }
+
+/// The API answers, but refuses (RBAC without `list` on pods): the same
+/// rule as an unreachable API, with the API's reason in the CNI error; the
+/// watch recovers once the verb is granted.
+#[test]
+fn recorded_contract_forbidden_is_fail_closed() {
+    let api = ApiFixture::start();
+    api.set_forbidden(true);
+    let mut pod = Pod::new("kapif");
+    pod.start_upstream(8080);
+    pod.start_upstream(8081);
+    let proxy = pod.start_proxy();
+    let tmp = TempDir::new("kapif");
+    let mut s = Setup { daemon: None, proxy, tmp, pod, api };
+    s.start_daemon(&["--pod-wait-ms", "500"]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while s.metric("redirect_agent_kubernetes_events_total{type=\"error\"}") == 0 {
+        assert!(Instant::now() < deadline, "no watch error\n{}", s.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let cart = name_of("cart-");
+    let args = k8s_args("shop", &cart, Some(&uid_of("cart-")));
+    let add = s.cni("ADD", "ctr-cart", &args);
+    assert_eq!(add.error_code(), 102, "{add:?}");
+    let details = add.json()["details"].as_str().unwrap().to_string();
+    assert!(details.contains("Kubernetes API unreachable") && details.contains("cannot list resource"), "{details}");
+    assert!(s.captured().is_empty());
+    assert_eq!(s.metric("redirect_agent_kubernetes_synced"), 0);
+
+    s.api.set_forbidden(false);
+    s.wait_metric("redirect_agent_kubernetes_synced", 1);
+    let add = s.cni("ADD", "ctr-cart", &args);
+    assert_eq!(add.code, 0, "{add:?}\n{}", s.log());
+    assert_eq!(s.routes(), ("proxy", "direct"));
+    let del = s.cni("DEL", "ctr-cart", &k8s_args("shop", &cart, None));
+    assert_eq!(del.code, 0, "{del:?}");
+}

@@ -82,6 +82,8 @@ struct Shared {
     watches: Vec<mpsc::Sender<Option<String>>>,
     /// Open connections, shut down by `shutdown`.
     conns: Vec<TcpStream>,
+    /// Answer pod lists and watches with 403 (RBAC without `list`).
+    forbidden: bool,
 }
 
 pub struct ApiFixture {
@@ -130,7 +132,7 @@ impl ApiFixture {
     pub fn start_with(items: Vec<Value>) -> ApiFixture {
         let pods = items.iter().map(|p| (key(p), p.clone())).collect();
         let rv = pod_list()["metadata"]["resourceVersion"].as_str().unwrap().to_string();
-        let shared = Arc::new(Mutex::new(Shared { pods, resource_version: rv, requests: Vec::new(), watches: Vec::new(), conns: Vec::new() }));
+        let shared = Arc::new(Mutex::new(Shared { pods, resource_version: rv, requests: Vec::new(), watches: Vec::new(), conns: Vec::new(), forbidden: false }));
         let l = TcpListener::bind("127.0.0.1:0").expect("binding the API fixture on 127.0.0.1");
         let addr = l.local_addr().unwrap();
         let mut f = ApiFixture { addr, shared, stop: Arc::new(AtomicBool::new(false)), accept: None };
@@ -197,6 +199,12 @@ impl ApiFixture {
 
     pub fn watches(&self) -> Vec<Req> {
         self.requests().into_iter().filter(|r| r.is_watch()).collect()
+    }
+
+    /// From now on, pod lists and watches get the API server's 403 for a
+    /// service account without the verb (or not, with `false`).
+    pub fn set_forbidden(&self, on: bool) {
+        self.shared.lock().unwrap().forbidden = on;
     }
 
     /// Number of watch streams open now.
@@ -308,7 +316,13 @@ fn serve_one(r: &mut BufReader<TcpStream>, c: &mut TcpStream, shared: &Mutex<Sha
     let req = Req { method: method.clone(), path: path.to_string(), query, body: String::from_utf8_lossy(&body).into_owned() };
     shared.lock().unwrap().requests.push(req.clone());
 
+    let forbidden = shared.lock().unwrap().forbidden;
     match (method.as_str(), path) {
+        ("GET", "/api/v1/pods") if forbidden => {
+            let verb = if req.is_watch() { "watch" } else { "list" };
+            let msg = format!("pods is forbidden: User \"system:serviceaccount:redirect-system:redirect-agent\" cannot {verb} resource \"pods\" in API group \"\" at the cluster scope");
+            respond(c, "403 Forbidden", &status_body(403, "Forbidden", &msg))
+        }
         ("GET", "/api/v1/pods") if !req.is_watch() => {
             let s = shared.lock().unwrap();
             // Only this node's pods: the fixture's pods all run on node-a.
