@@ -237,7 +237,7 @@ fn recorded_contract_annotations_drive_capture_and_live_changes() {
     // 5. REDIRECT again, no exclusion: captured again, live.
     s.api.play(&events[4]);
     s.wait_metric("redirect_agent_kubernetes_updates_total{result=\"captured\"}", 1);
-    assert_eq!(s.captured()[0]["istio_iptables_args"].as_str().unwrap().contains("-o ''"), true, "{:?}", s.captured());
+    assert!(s.captured()[0]["istio_iptables_args"].as_str().unwrap().contains("-o ''"), "{:?}", s.captured());
     assert_eq!(s.routes(), ("proxy", "proxy"));
 
     // 6. 410 Gone: the client relists (the list now has the changes) and

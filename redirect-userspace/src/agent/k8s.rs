@@ -148,7 +148,10 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 struct Comparable {
     ports: (u16, u16, u16),
     ids: (Vec<u32>, Vec<u32>),
-    outbound: (bool, bool, Vec<(std::net::IpAddr, u8)>, Vec<(std::net::IpAddr, u8)>, Vec<u16>, Vec<u16>),
+    include_all: (bool, bool),
+    include_cidrs: Vec<(std::net::IpAddr, u8)>,
+    exclude_cidrs: Vec<(std::net::IpAddr, u8)>,
+    outbound_ports: (Vec<u16>, Vec<u16>),
     inbound: (String, Vec<u16>),
 }
 
@@ -173,14 +176,10 @@ fn comparable(s: &PodSpec) -> Comparable {
     Comparable {
         ports: (s.proxy_port, s.inbound_port, s.tunnel_port),
         ids: (s.proxy_uids.clone(), s.proxy_gids.clone()),
-        outbound: (
-            s.include_all_outbound,
-            s.include_has_loopback,
-            cidrs(&s.include_cidrs),
-            cidrs(&s.exclude_cidrs),
-            set(&s.include_outbound_ports),
-            set(&s.exclude_outbound_ports),
-        ),
+        include_all: (s.include_all_outbound, s.include_has_loopback),
+        include_cidrs: cidrs(&s.include_cidrs),
+        exclude_cidrs: cidrs(&s.exclude_cidrs),
+        outbound_ports: (set(&s.include_outbound_ports), set(&s.exclude_outbound_ports)),
         inbound: (inbound, set(&s.exclude_inbound_ports)),
     }
 }
