@@ -172,10 +172,66 @@ impl Installation {
     /// what was switched (`<cgroup-id>/<program>`, `programs/<program>`).
     pub fn update_programs(&mut self) -> Result<Vec<String>> {
         let mut out = self.update_cgroup_programs()?;
+        out.extend(self.update_sk_lookup_programs()?);
         if self.update_sk_msg_program()? {
             out.push(format!("programs/{SK_MSG_PROGRAM}"));
         }
         Ok(out)
+    }
+
+    /// The per-pod sk_lookup links (`netns/<cookie>/sk_lookup`) whose
+    /// program has other code than this binary's: each gets a new instance
+    /// for its pod (the cookie is a constant of the instance), switched in
+    /// atomically. One instance is loaded to learn this binary's tag; a
+    /// pod whose program already has it costs nothing more.
+    fn update_sk_lookup_programs(&mut self) -> Result<Vec<String>> {
+        use crate::upgrade;
+        let links: Vec<(u64, PathBuf)> = crate::pins::read_dir(&self.pins.netns_root())
+            .into_iter()
+            .filter_map(|d| {
+                let cookie = d.file_name()?.to_str()?.parse().ok()?;
+                let link = d.join("sk_lookup");
+                link.exists().then_some((cookie, link))
+            })
+            .collect();
+        let mut ours: Option<[u8; 8]> = None;
+        let mut out = Vec::new();
+        for (cookie, path) in links {
+            let ioerr = |e| Error::io("switching to this version's program the link", &path, e);
+            let link = upgrade::obj_get(&path).map_err(ioerr)?;
+            let old = upgrade::prog_by_id(upgrade::link_prog_id(link.as_fd()).map_err(ioerr)?).map_err(ioerr)?;
+            let old_tag = upgrade::prog_tag(old.as_fd()).map_err(ioerr)?;
+            if ours == Some(old_tag) {
+                continue;
+            }
+            let (_ebpf, new) = self.sk_lookup_instance(cookie)?;
+            let new_tag = upgrade::prog_tag(new.as_fd()).map_err(ioerr)?;
+            ours = Some(new_tag);
+            if new_tag == old_tag {
+                continue;
+            }
+            upgrade::link_update(link.as_fd(), new.as_fd(), Some(old.as_fd())).map_err(ioerr)?;
+            out.push(format!("netns/{cookie}/sk_lookup"));
+        }
+        Ok(out)
+    }
+
+    /// A loaded sk_lookup instance for the pod with this netns cookie (its
+    /// fd; the `Ebpf` holding it is returned to keep it open).
+    fn sk_lookup_instance(&self, cookie: u64) -> Result<(Ebpf, OwnedFd)> {
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(self.pins.maps_dir())
+            .override_global("REDIRECT_SK_LOOKUP_NETNS", &cookie, true)
+            .load(OBJECT)
+            .map_err(|e| Error::bpf("loading the kernel object for sk_lookup", e))?;
+        let prog: &mut aya::programs::SkLookup = ebpf
+            .program_mut(SK_LOOKUP_PROGRAM)
+            .ok_or_else(|| Error::bpf("kernel object", std::io::Error::other("sk_lookup program missing")))?
+            .try_into()
+            .map_err(|e| Error::bpf("sk_lookup program", e))?;
+        prog.load().map_err(|e| Error::bpf(format!("loading sk_lookup for netns cookie {cookie}"), e))?;
+        let fd = prog.fd().map_err(|e| Error::bpf("sk_lookup program fd", e))?.as_fd().try_clone_to_owned().map_err(|e| Error::bpf("sk_lookup fd", e))?;
+        Ok((ebpf, fd))
     }
 
     /// The sk_msg program pinned under `programs/` (attached to

@@ -414,7 +414,15 @@ fn upgrade_switches_changed_programs_in_place() {
     use redirect_userspace::upgrade;
     let mut pod = Pod::new("relup");
     pod.start_upstream(8080);
+    pod.start_app_server(9080);
     let proxy = pod.start_proxy();
+    // Inbound from outside the pod: the app sees the proxy's passthrough
+    // source 127.0.0.6 when captured, the client's address when not.
+    let inbound_peer = |pod: &Pod| {
+        let r = pod.client(&pod.topo.in_upstream(), &format!("{POD_V4}:9080"), None);
+        assert!(r.ok, "{r:?}");
+        r.banner.unwrap_or_default().split_whitespace().next().unwrap_or_default().split(':').next().unwrap_or_default().to_string()
+    };
     let tmp = TempDir::new("relup");
     let sock = tmp.join("agent.sock");
     let dst = format!("{UPSTREAM_V4}:8080");
@@ -426,6 +434,8 @@ fn upgrade_switches_changed_programs_in_place() {
     let proxied = |pod: &mut Pod| pod.proxy_log(proxy).into_iter().filter(|l| l["dir"] == "outbound").count();
     assert!(pod.app_client(&dst).ok);
     assert_eq!(proxied(&mut pod), 1);
+    assert_eq!(inbound_peer(&pod), "peer=127.0.0.6");
+    let cookie = d.list()[0]["cookie"].as_u64().unwrap();
     assert!(d.stop().success());
 
     // The install now runs other code under its connect4 link (what an
@@ -440,8 +450,14 @@ fn upgrade_switches_changed_programs_in_place() {
     assert_ne!(upgrade::prog_tag(ours.as_fd()).unwrap(), upgrade::prog_tag(other.as_fd()).unwrap());
     upgrade::link_update(link.as_fd(), other.as_fd(), None).unwrap();
     drop((ours, other));
+    // And the pod's inbound steering too.
+    let sk_link = upgrade::obj_get(&pod.pin_dir.join("netns").join(cookie.to_string()).join("sk_lookup")).unwrap();
+    let other_sk = load_other_sk_lookup();
+    upgrade::link_update(sk_link.as_fd(), other_sk.as_fd(), None).unwrap();
+    drop((sk_link, other_sk));
     assert!(pod.app_client(&dst).ok);
     assert_eq!(proxied(&mut pod), 0, "the other code does not capture");
+    assert_eq!(inbound_peer(&pod), format!("peer={UPSTREAM_V4}"), "the other code does not steer inbound");
 
     // The new agent (another binary) switches the link to its program at
     // start, atomically, while the app keeps connecting.
@@ -464,7 +480,7 @@ fn upgrade_switches_changed_programs_in_place() {
     std::thread::sleep(Duration::from_millis(300));
     let bin = upgraded_binary(&tmp);
     let d = Daemon::try_start_bin(&bin, &pod.pin_dir, &pod.topo.cgroup.path, &sock, &tmp.join("d2.log"), &[]).unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(d.ready["programs_updated"], json!([format!("{cg_id}/redirect_connect4")]), "{}", d.ready);
+    assert_eq!(d.ready["programs_updated"], json!([format!("{cg_id}/redirect_connect4"), format!("netns/{cookie}/sk_lookup")]), "{}", d.ready);
     std::thread::sleep(Duration::from_millis(300));
     stop.store(true, Ordering::SeqCst);
     let (n, failed) = client.join().unwrap();
@@ -472,6 +488,7 @@ fn upgrade_switches_changed_programs_in_place() {
     let _ = pod.proxy_log(proxy);
     assert!(pod.app_client(&dst).ok);
     assert_eq!(proxied(&mut pod), 1, "captured again by this version's program");
+    assert_eq!(inbound_peer(&pod), "peer=127.0.0.6", "inbound steered again");
     // The link runs this version's program again (the same code as the
     // other five links' programs, loaded from the same object).
     let link = upgrade::obj_get(&cgdirs[0].join("redirect_connect4")).unwrap();
@@ -482,6 +499,22 @@ fn upgrade_switches_changed_programs_in_place() {
     let d = Daemon::try_start_bin(&bin, &pod.pin_dir, &pod.topo.cgroup.path, &sock, &tmp.join("d3.log"), &[]).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(d.ready["programs_updated"], json!([]), "{}", d.ready);
     assert_eq!(d.list().len(), 1);
+}
+
+/// `r0 = SK_PASS; exit` as an sk_lookup program (steers nothing).
+fn load_other_sk_lookup() -> std::os::fd::OwnedFd {
+    use std::os::fd::FromRawFd;
+    let insns: [u8; 16] = [0xb7, 0, 0, 0, 1, 0, 0, 0, 0x95, 0, 0, 0, 0, 0, 0, 0];
+    let license = b"GPL\0";
+    let mut attr = [0u8; 128];
+    attr[0..4].copy_from_slice(&30u32.to_ne_bytes()); // BPF_PROG_TYPE_SK_LOOKUP
+    attr[4..8].copy_from_slice(&2u32.to_ne_bytes());
+    attr[8..16].copy_from_slice(&(insns.as_ptr() as u64).to_ne_bytes());
+    attr[16..24].copy_from_slice(&(license.as_ptr() as u64).to_ne_bytes());
+    attr[68..72].copy_from_slice(&36u32.to_ne_bytes()); // BPF_SK_LOOKUP
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, 5 as libc::c_long, attr.as_mut_ptr(), attr.len()) };
+    assert!(fd >= 0, "BPF_PROG_LOAD: {}", std::io::Error::last_os_error());
+    unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) }
 }
 
 /// `r0 = SK_PASS; exit` as an sk_msg program: another version's
