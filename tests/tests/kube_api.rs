@@ -46,7 +46,10 @@ impl Setup {
 
     fn start_daemon(&mut self, extra: &[&str]) {
         let url = self.api.url();
-        let mut args = vec!["--api-server", url.as_str(), "--node-name", NODE];
+        let mut args = vec!["--node-name", NODE];
+        if !extra.contains(&"--kubeconfig") {
+            args.extend_from_slice(&["--api-server", url.as_str()]);
+        }
         args.extend_from_slice(extra);
         let d = Daemon::start(&self.pod.pin_dir, &self.pod.topo.cgroup.path, &self.tmp.join("agent.sock"), &self.tmp.join("daemon.log"), &args);
         self.daemon = Some(d);
@@ -346,6 +349,14 @@ fn recorded_contract_unknown_pod_and_api_down_fail_closed() {
     assert_eq!(add.error_code(), 100, "{add:?}");
     assert!(add.json()["details"].as_str().unwrap().contains("does not watch the Kubernetes API"), "{add:?}");
     assert!(d.ready["kubernetes"].is_null(), "{}", d.ready);
+    drop(d);
+
+    // The API configured without a node name: refused at start, by name.
+    let url = s.api.url();
+    let e = Daemon::try_start(&s.pod.pin_dir, &s.pod.topo.cgroup.path, &tmp.join("agent3.sock"), &tmp.join("daemon3.log"), &["--api-server", &url])
+        .err()
+        .expect("started without a node name");
+    assert!(e.contains("--node-name") && e.contains("REDIRECT_NODE_NAME"), "{e}");
 }
 
 /// `--repair delete`: the running mesh pod that is not captured is deleted
@@ -354,7 +365,24 @@ fn recorded_contract_unknown_pod_and_api_down_fail_closed() {
 /// uncaptured; once only, even after a relist.
 #[test]
 fn recorded_contract_repair_delete() {
-    let s = Setup::new("kapir", &["--repair", "delete"]);
+    // This one reaches the API through a kubeconfig file (its current
+    // context), as an agent outside a cluster would.
+    let api = ApiFixture::start();
+    let mut pod = Pod::new("kapir");
+    pod.start_upstream(8080);
+    let proxy = pod.start_proxy();
+    let tmp = TempDir::new("kapir");
+    let kubeconfig = tmp.join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fixture\n  cluster:\n    server: {}\ncontexts:\n- name: agent\n  context:\n    cluster: fixture\n    user: agent\ncurrent-context: agent\nusers:\n- name: agent\n  user: {{}}\n",
+            api.url()
+        ),
+    )
+    .unwrap();
+    let mut s = Setup { daemon: None, proxy, tmp, pod, api };
+    s.start_daemon(&["--repair", "delete", "--kubeconfig", kubeconfig.to_str().unwrap()]);
     s.wait_metric("redirect_agent_repair_total{action=\"deleted\"}", 1);
     let ratings = name_of("ratings-");
     let dels: Vec<Req> = s.api.requests().into_iter().filter(|r| r.method == "DELETE").collect();
