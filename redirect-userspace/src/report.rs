@@ -108,6 +108,11 @@ pub fn status(pins: &Pins) -> Result<Status> {
         MapUsage { map: redirect_common::MAP_ORIG_BY_COOKIE, entries: by_cookie, max_entries: cap(redirect_common::MAP_ORIG_BY_COOKIE) },
         MapUsage { map: redirect_common::MAP_ORIG_BY_TUPLE, entries: by_tuple, max_entries: cap(redirect_common::MAP_ORIG_BY_TUPLE) },
         MapUsage { map: redirect_common::MAP_SOCKS, entries: maps.accelerated_sockets(), max_entries: cap(redirect_common::MAP_SOCKS) },
+        // Full, these refuse captures (ports, CIDRs) or lose counts
+        // (counters, which has no counter of its own): watch them here.
+        MapUsage { map: redirect_common::MAP_PORTS, entries: maps.ports.keys().count(), max_entries: cap(redirect_common::MAP_PORTS) },
+        MapUsage { map: redirect_common::MAP_CIDRS, entries: maps.cidrs.keys().count(), max_entries: cap(redirect_common::MAP_CIDRS) },
+        MapUsage { map: redirect_common::MAP_COUNTERS, entries: maps.counters.keys().count(), max_entries: cap(redirect_common::MAP_COUNTERS) },
     ];
     Ok(Status {
         pin_dir: pins.root.display().to_string(),

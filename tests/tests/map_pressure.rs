@@ -288,6 +288,12 @@ fn map_size_flag_is_validated_before_anything_changes() {
     for (m, n) in want {
         assert_eq!(pinned_max_entries(&pod, m), n, "{m}");
     }
+    // `status` (and the agent's metrics) report them as pinned, with their use.
+    for (m, n) in [("REDIRECT_PODS", 10), ("REDIRECT_ORIG_BY_COOKIE", 100), ("REDIRECT_SOCKS", 50), ("REDIRECT_PORTS", 300), ("REDIRECT_CIDRS", 200), ("REDIRECT_COUNTERS", 1000)] {
+        assert_eq!(map_usage_max(&pod, m), n, "{m}");
+    }
+    assert_eq!(map_usage(&pod, "REDIRECT_PODS"), 1);
+    assert!(map_usage(&pod, "REDIRECT_CIDRS") >= 1, "the -i '*' and pod address entries");
     // The same sizes again, or none, reuse the install; another size is refused.
     pod.attach(&["-i", "*", "--map-size", "orig=100"]);
     pod.attach(&["-i", "*"]);
