@@ -491,6 +491,7 @@ pub fn uninstall(pins: &Pins) -> Result<Removed> {
     for p in crate::pins::read_dir(&pins.programs_dir()) {
         std::fs::remove_file(&p).map_err(|e| Error::io("removing program pin", &p, e))?;
     }
+    crate::mapsize::remove_probes(&pins.root, true);
     for d in [pins.cgroups_dir(), pins.netns_root(), pins.maps_dir(), pins.programs_dir(), pins.root.clone()] {
         if d.exists() {
             std::fs::remove_dir(&d).map_err(|e| Error::io("removing directory (something else is pinned there?)", &d, e))?;

@@ -176,6 +176,7 @@ pub fn pinned_layout(map_path: &Path) -> Result<Option<Layout>> {
 /// unpinned-by-name under a scratch directory with 1 entry each, read,
 /// and removed).
 pub fn object_layouts(object: &[u8], bpffs_dir: &Path) -> Result<BTreeMap<&'static str, Layout>> {
+    remove_probes(bpffs_dir, false);
     let scratch = scratch_dir(bpffs_dir);
     crate::sys::create_private_dir(&scratch)?;
     let result = (|| {
@@ -201,6 +202,24 @@ pub fn object_layouts(object: &[u8], bpffs_dir: &Path) -> Result<BTreeMap<&'stat
     }
     let _ = std::fs::remove_dir(&scratch);
     result
+}
+
+/// Remove the scratch directories of probes (`layout-probe-<pid>-<n>`) in
+/// `dir`: all of them, or only those whose process is gone (killed in the
+/// middle of a probe).
+pub fn remove_probes(dir: &Path, all: bool) {
+    for d in crate::pins::read_dir(dir) {
+        let Some(name) = d.file_name().and_then(|n| n.to_str()).map(str::to_string) else { continue };
+        let Some(rest) = name.strip_prefix("layout-probe-") else { continue };
+        let pid = rest.split('-').next().unwrap_or_default();
+        if !all && (pid.is_empty() || Path::new("/proc").join(pid).exists()) {
+            continue;
+        }
+        for p in crate::pins::read_dir(&d) {
+            let _ = std::fs::remove_file(p);
+        }
+        let _ = std::fs::remove_dir(&d);
+    }
 }
 
 fn scratch_dir(bpffs_dir: &Path) -> PathBuf {

@@ -340,6 +340,19 @@ fn incompatible_pinned_map_layout_is_a_clear_error() {
     assert_eq!(outbound_conns(&mut pod, proxy).len(), 1);
     assert!(!std::fs::read_dir(pod.pin_dir.join("maps")).unwrap().any(|e| e.unwrap().file_name().to_string_lossy().starts_with('.')));
     assert!(!std::fs::read_dir(&pod.pin_dir).unwrap().any(|e| e.unwrap().file_name().to_string_lossy().starts_with("layout-probe")), "probe maps removed");
+    // A probe killed in the middle leaves its scratch directory: the next
+    // probe removes it (its process is gone), and so does `uninstall`.
+    let stale = |n: u32| {
+        let dir = pod.pin_dir.join(format!("layout-probe-4194303999-{n}"));
+        std::fs::create_dir(&dir).unwrap();
+        let out = std::process::Command::new("bpftool").args(["map", "create"]).arg(dir.join("REDIRECT_PODS")).args(["type", "hash", "key", "8", "value", "8", "entries", "1", "name", "stale"]).output().unwrap();
+        assert!(out.status.success(), "{out:?}");
+        dir
+    };
+    let dir = stale(1);
+    let _ = pod.redirect(&["attach", "--netns", &ns, "--cgroup", &cg, "-i", "*"]);
+    assert!(!dir.exists(), "a dead probe's directory is removed by the next probe");
+    stale(2);
     // `redirect uninstall` still cleans it all up (Pod's drop checks it).
     let out = pod.redirect(&["uninstall"]);
     assert!(out.status.success(), "{out:?}");
