@@ -48,9 +48,12 @@ impl Tally {
     }
 }
 
+/// (connections ok, failures, verified bytes, error) of one tool report.
+type Score = fn(&Value) -> (u64, u64, u64, Option<String>);
+
 /// Run `args` again and again until `stop`; `score` turns each report
-/// into (connections ok, failures, verified bytes, error).
-fn traffic_loop(p: Placement, args: Vec<String>, stop: Arc<AtomicBool>, score: fn(&Value) -> (u64, u64, u64, Option<String>)) -> std::thread::JoinHandle<Tally> {
+/// into its figures.
+fn traffic_loop(p: Placement, args: Vec<String>, stop: Arc<AtomicBool>, score: Score) -> std::thread::JoinHandle<Tally> {
     std::thread::spawn(move || {
         let mut t = Tally::default();
         let refs: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -187,9 +190,9 @@ fn agent_sigkill_and_upgrade_under_traffic_lose_nothing() {
     let tmp = TempDir::new("rel");
     let extra = NetnsGuard::new(&redirect_userspace::sandbox::unique("rdp-relx-")).unwrap();
     let mut c = Cluster { pods, proxies: Vec::new(), tmp, extra };
-    for i in 0..2 {
+    for (i, port) in UP_PORTS.iter().enumerate() {
         let up = c.pods[i].topo.in_upstream();
-        let listen = format!("{UPSTREAM_V4}:{}", UP_PORTS[i]);
+        let listen = format!("{UPSTREAM_V4}:{port}");
         c.pods[i].spawn("upstream-echo", &["epoll-echo", "--listen", &listen], &up);
         let app = c.placement(i, APP_UID);
         let app_listen = [format!("0.0.0.0:{APP_PORT}")];
@@ -216,8 +219,8 @@ fn agent_sigkill_and_upgrade_under_traffic_lose_nothing() {
     // outbound transfers, short inbound connections from outside.
     let stop = Arc::new(AtomicBool::new(false));
     let mut loops: Vec<(String, std::thread::JoinHandle<Tally>)> = Vec::new();
-    for i in 0..2 {
-        let up = format!("{UPSTREAM_V4}:{}", UP_PORTS[i]);
+    for (i, port) in UP_PORTS.iter().enumerate() {
+        let up = format!("{UPSTREAM_V4}:{port}");
         let app = c.placement(i, APP_UID);
         loops.push((format!("pod{i} outbound short"), traffic_loop(app.clone(), churn_args(&up, 40, 4096), stop.clone(), churn_score)));
         loops.push((format!("pod{i} outbound long"), traffic_loop(app, xfer_args(&up), stop.clone(), xfer_score)));
