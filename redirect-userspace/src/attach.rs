@@ -245,6 +245,30 @@ impl Installation {
             return Ok(false);
         }
         let old = crate::upgrade::obj_get(&pin).map_err(|e| Error::io("opening pinned program", &pin, e))?;
+        let new = self.sk_msg_program_fd()?;
+        let tags = crate::upgrade::prog_tag(old.as_fd()).and_then(|o| Ok((o, crate::upgrade::prog_tag(new.as_fd())?)));
+        let (old_tag, new_tag) = tags.map_err(|e| Error::io("reading the tag of pinned program", &pin, e))?;
+        if old_tag == new_tag {
+            return Ok(false);
+        }
+        let map_fd = self.socks_map_fd()?;
+        crate::bpf::prog_attach(new.as_fd(), map_fd.as_fd(), crate::bpf::BPF_SK_MSG_VERDICT)
+            .map_err(|e| Error::bpf("attaching this version's sk_msg to the REDIRECT_SOCKS sockhash", e))?;
+        std::fs::remove_file(&pin).map_err(|e| Error::io("removing the previous program's pin", &pin, e))?;
+        crate::bpf::obj_pin(new.as_fd(), &pin).map_err(|e| Error::io("pinning program", &pin, e))?;
+        Ok(true)
+    }
+
+    /// The acceleration sockhash (REDIRECT_SOCKS) of this install.
+    fn socks_map_fd(&self) -> Result<OwnedFd> {
+        match self.ebpf.map(redirect_common::MAP_SOCKS) {
+            Some(aya::maps::Map::SockHash(m)) => m.fd().as_fd().try_clone_to_owned().map_err(|e| Error::bpf("sockhash fd", e)),
+            _ => Err(Error::bpf("kernel object", std::io::Error::other("REDIRECT_SOCKS sockhash missing: rebuild with `cargo xtask build-ebpf`"))),
+        }
+    }
+
+    /// The sk_msg verdict program of this object, loaded on first use.
+    fn sk_msg_program_fd(&mut self) -> Result<OwnedFd> {
         let prog: &mut aya::programs::SkMsg = self
             .program(SK_MSG_PROGRAM)?
             .try_into()
@@ -252,21 +276,7 @@ impl Installation {
         if prog.fd().is_err() {
             prog.load().map_err(|e| Error::bpf("loading sk_msg program", e))?;
         }
-        let new = prog.fd().map_err(|e| Error::bpf("sk_msg program fd", e))?.as_fd().try_clone_to_owned().map_err(|e| Error::bpf("sk_msg fd", e))?;
-        let tags = crate::upgrade::prog_tag(old.as_fd()).and_then(|o| Ok((o, crate::upgrade::prog_tag(new.as_fd())?)));
-        let (old_tag, new_tag) = tags.map_err(|e| Error::io("reading the tag of pinned program", &pin, e))?;
-        if old_tag == new_tag {
-            return Ok(false);
-        }
-        let map_fd = match self.ebpf.map(redirect_common::MAP_SOCKS) {
-            Some(aya::maps::Map::SockHash(m)) => m.fd().as_fd().try_clone_to_owned().map_err(|e| Error::bpf("sockhash fd", e))?,
-            _ => return Err(Error::bpf("kernel object", std::io::Error::other("REDIRECT_SOCKS sockhash missing: rebuild with `cargo xtask build-ebpf`"))),
-        };
-        crate::bpf::prog_attach(new.as_fd(), map_fd.as_fd(), crate::bpf::BPF_SK_MSG_VERDICT)
-            .map_err(|e| Error::bpf("attaching this version's sk_msg to the REDIRECT_SOCKS sockhash", e))?;
-        std::fs::remove_file(&pin).map_err(|e| Error::io("removing the previous program's pin", &pin, e))?;
-        crate::bpf::obj_pin(new.as_fd(), &pin).map_err(|e| Error::io("pinning program", &pin, e))?;
-        Ok(true)
+        prog.fd().map_err(|e| Error::bpf("sk_msg program fd", e))?.as_fd().try_clone_to_owned().map_err(|e| Error::bpf("sk_msg fd", e))
     }
 
     /// Load (once) and link one cgroup program; the link fd is returned
@@ -347,18 +357,8 @@ impl Installation {
         if pin.exists() {
             return Ok(());
         }
-        let map_fd = match self.ebpf.map(redirect_common::MAP_SOCKS) {
-            Some(aya::maps::Map::SockHash(m)) => m.fd().as_fd().try_clone_to_owned().map_err(|e| Error::bpf("sockhash fd", e))?,
-            _ => return Err(Error::bpf("kernel object", std::io::Error::other("REDIRECT_SOCKS sockhash missing: rebuild with `cargo xtask build-ebpf`"))),
-        };
-        let prog: &mut aya::programs::SkMsg = self
-            .program(SK_MSG_PROGRAM)?
-            .try_into()
-            .map_err(|e| Error::bpf("sk_msg program", e))?;
-        if prog.fd().is_err() {
-            prog.load().map_err(|e| Error::bpf("loading sk_msg program", e))?;
-        }
-        let fd = prog.fd().map_err(|e| Error::bpf("sk_msg program fd", e))?.as_fd().try_clone_to_owned().map_err(|e| Error::bpf("sk_msg fd", e))?;
+        let map_fd = self.socks_map_fd()?;
+        let fd = self.sk_msg_program_fd()?;
         crate::bpf::prog_attach(fd.as_fd(), map_fd.as_fd(), crate::bpf::BPF_SK_MSG_VERDICT)
             .map_err(|e| Error::bpf("attaching sk_msg to the REDIRECT_SOCKS sockhash", e))?;
         sys::create_private_dir(&self.pins.programs_dir())?;

@@ -264,7 +264,7 @@ fn agent_sigkill_and_upgrade_under_traffic_lose_nothing() {
     {
         use std::os::fd::AsFd;
         let link = redirect_userspace::upgrade::obj_get(&cg_dir.join("redirect_getpeername4")).unwrap();
-        let other = load_other_sock_addr(29); // BPF_CGROUP_INET4_GETPEERNAME
+        let other = load_other_code(PROG_CGROUP_SOCK_ADDR, ATTACH_INET4_GETPEERNAME);
         redirect_userspace::upgrade::link_update(link.as_fd(), other.as_fd(), None).unwrap();
     }
     let r = peer(&c);
@@ -386,30 +386,35 @@ fn sorted(v: &Value) -> Vec<u64> {
     x
 }
 
-/// A cgroup/connect4 program that lets every connect through untouched
-/// (`r0 = 1; exit`): another version's code under the install's link.
-fn load_other_connect4() -> std::os::fd::OwnedFd {
-    load_other_sock_addr(10) // BPF_CGROUP_INET4_CONNECT
-}
-
-/// `r0 = 1; exit` as a cgroup sock_addr program of `attach_type`.
-fn load_other_sock_addr(attach_type: u32) -> std::os::fd::OwnedFd {
+/// `r0 = 1; exit` loaded as a program of `prog_type` (with
+/// `expected_attach_type`): another version's code for a link. As a
+/// connect4 or getpeername4 program it lets everything through untouched,
+/// as sk_lookup or sk_msg it returns SK_PASS (steers, redirects nothing).
+fn load_other_code(prog_type: u32, expected_attach_type: u32) -> std::os::fd::OwnedFd {
     use std::os::fd::FromRawFd;
     let insns: [u8; 16] = [0xb7, 0, 0, 0, 1, 0, 0, 0, 0x95, 0, 0, 0, 0, 0, 0, 0];
     let license = b"GPL\0";
     let mut attr = [0u8; 128];
     // { u32 prog_type; u32 insn_cnt; u64 insns; u64 license; ...;
     //   char prog_name[16] @48; u32 prog_ifindex @64; u32 expected_attach_type @68 }
-    attr[0..4].copy_from_slice(&18u32.to_ne_bytes()); // BPF_PROG_TYPE_CGROUP_SOCK_ADDR
+    attr[0..4].copy_from_slice(&prog_type.to_ne_bytes());
     attr[4..8].copy_from_slice(&2u32.to_ne_bytes());
     attr[8..16].copy_from_slice(&(insns.as_ptr() as u64).to_ne_bytes());
     attr[16..24].copy_from_slice(&(license.as_ptr() as u64).to_ne_bytes());
-    attr[48..48 + 14].copy_from_slice(b"redirect_old_c");
-    attr[68..72].copy_from_slice(&attach_type.to_ne_bytes());
+    attr[48..48 + 14].copy_from_slice(b"redirect_other");
+    attr[68..72].copy_from_slice(&expected_attach_type.to_ne_bytes());
     let fd = unsafe { libc::syscall(libc::SYS_bpf, 5 as libc::c_long, attr.as_mut_ptr(), attr.len()) };
     assert!(fd >= 0, "BPF_PROG_LOAD: {}", std::io::Error::last_os_error());
     unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) }
 }
+
+// enum bpf_prog_type / bpf_attach_type (uapi/linux/bpf.h)
+const PROG_CGROUP_SOCK_ADDR: u32 = 18;
+const PROG_SK_MSG: u32 = 16;
+const PROG_SK_LOOKUP: u32 = 30;
+const ATTACH_INET4_CONNECT: u32 = 10;
+const ATTACH_INET4_GETPEERNAME: u32 = 29;
+const ATTACH_SK_LOOKUP: u32 = 36;
 
 #[test]
 fn upgrade_switches_changed_programs_in_place() {
@@ -449,13 +454,13 @@ fn upgrade_switches_changed_programs_in_place() {
     let link = upgrade::obj_get(&cgdirs[0].join("redirect_connect4")).unwrap();
     let ours = upgrade::prog_by_id(upgrade::link_prog_id(link.as_fd()).unwrap()).unwrap();
     let tag_before = upgrade::prog_tag(ours.as_fd()).unwrap();
-    let other = load_other_connect4();
+    let other = load_other_code(PROG_CGROUP_SOCK_ADDR, ATTACH_INET4_CONNECT);
     assert_ne!(upgrade::prog_tag(ours.as_fd()).unwrap(), upgrade::prog_tag(other.as_fd()).unwrap());
     upgrade::link_update(link.as_fd(), other.as_fd(), None).unwrap();
     drop((ours, other));
     // And the pod's inbound steering too.
     let sk_link = upgrade::obj_get(&pod.pin_dir.join("netns").join(cookie.to_string()).join("sk_lookup")).unwrap();
-    let other_sk = load_other_sk_lookup();
+    let other_sk = load_other_code(PROG_SK_LOOKUP, ATTACH_SK_LOOKUP);
     upgrade::link_update(sk_link.as_fd(), other_sk.as_fd(), None).unwrap();
     drop((sk_link, other_sk));
     assert!(pod.app_client(&dst).ok);
@@ -504,38 +509,6 @@ fn upgrade_switches_changed_programs_in_place() {
     assert_eq!(d.list().len(), 1);
 }
 
-/// `r0 = SK_PASS; exit` as an sk_lookup program (steers nothing).
-fn load_other_sk_lookup() -> std::os::fd::OwnedFd {
-    use std::os::fd::FromRawFd;
-    let insns: [u8; 16] = [0xb7, 0, 0, 0, 1, 0, 0, 0, 0x95, 0, 0, 0, 0, 0, 0, 0];
-    let license = b"GPL\0";
-    let mut attr = [0u8; 128];
-    attr[0..4].copy_from_slice(&30u32.to_ne_bytes()); // BPF_PROG_TYPE_SK_LOOKUP
-    attr[4..8].copy_from_slice(&2u32.to_ne_bytes());
-    attr[8..16].copy_from_slice(&(insns.as_ptr() as u64).to_ne_bytes());
-    attr[16..24].copy_from_slice(&(license.as_ptr() as u64).to_ne_bytes());
-    attr[68..72].copy_from_slice(&36u32.to_ne_bytes()); // BPF_SK_LOOKUP
-    let fd = unsafe { libc::syscall(libc::SYS_bpf, 5 as libc::c_long, attr.as_mut_ptr(), attr.len()) };
-    assert!(fd >= 0, "BPF_PROG_LOAD: {}", std::io::Error::last_os_error());
-    unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) }
-}
-
-/// `r0 = SK_PASS; exit` as an sk_msg program: another version's
-/// acceleration verdict, which redirects nothing.
-fn load_other_sk_msg() -> std::os::fd::OwnedFd {
-    use std::os::fd::FromRawFd;
-    let insns: [u8; 16] = [0xb7, 0, 0, 0, 1, 0, 0, 0, 0x95, 0, 0, 0, 0, 0, 0, 0];
-    let license = b"GPL\0";
-    let mut attr = [0u8; 128];
-    attr[0..4].copy_from_slice(&16u32.to_ne_bytes()); // BPF_PROG_TYPE_SK_MSG
-    attr[4..8].copy_from_slice(&2u32.to_ne_bytes());
-    attr[8..16].copy_from_slice(&(insns.as_ptr() as u64).to_ne_bytes());
-    attr[16..24].copy_from_slice(&(license.as_ptr() as u64).to_ne_bytes());
-    let fd = unsafe { libc::syscall(libc::SYS_bpf, 5 as libc::c_long, attr.as_mut_ptr(), attr.len()) };
-    assert!(fd >= 0, "BPF_PROG_LOAD: {}", std::io::Error::last_os_error());
-    unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) }
-}
-
 #[test]
 fn upgrade_switches_the_sk_msg_program() {
     use redirect_userspace::upgrade;
@@ -561,7 +534,7 @@ fn upgrade_switches_the_sk_msg_program() {
 
     // Another version's verdict program on the sockhash, pinned where the
     // install keeps it: nothing is redirected any more.
-    let other = load_other_sk_msg();
+    let other = load_other_code(PROG_SK_MSG, 0);
     let socks = upgrade::obj_get(&pod.pin_dir.join("maps").join("REDIRECT_SOCKS")).unwrap();
     redirect_userspace::bpf::prog_attach(other.as_fd(), socks.as_fd(), redirect_userspace::bpf::BPF_SK_MSG_VERDICT).unwrap();
     std::fs::remove_file(&pin).unwrap();
