@@ -9,8 +9,8 @@ use std::{
 
 use aya::{
     programs::{
-        links::{FdLink, PinnedLink},
-        Program, SkLookup,
+        links::PinnedLink,
+        Program,
     },
     Ebpf, EbpfLoader,
 };
@@ -27,6 +27,7 @@ use crate::{
     maps::Maps,
     mapsize::MapSizes,
     pins::Pins,
+    sklookup::SkLookupTemplate,
     sys::{self, Netns},
 };
 
@@ -52,6 +53,8 @@ pub const SK_MSG_PROGRAM: &str = "redirect_sk_msg";
 pub struct Installation {
     pub pins: Pins,
     ebpf: Ebpf,
+    /// The per-pod sk_lookup program, relocated once (on first use).
+    sk_lookup: Option<SkLookupTemplate>,
 }
 
 /// What `register_pod` did.
@@ -92,7 +95,7 @@ impl Installation {
         let ebpf = loader
             .load(OBJECT)
             .map_err(|e| Error::bpf(format!("loading the kernel object with maps pinned in {}", pins.maps_dir().display()), e))?;
-        Ok(Installation { pins, ebpf })
+        Ok(Installation { pins, ebpf, sk_lookup: None })
     }
 
     pub fn maps(&self) -> Result<Maps> {
@@ -331,22 +334,16 @@ impl Installation {
         }
         sys::create_private_dir(&self.pins.netns_dir(cookie))?;
         // sk_lookup cannot ask for its netns cookie: each pod gets its own
-        // instance with the cookie set as a constant (maps stay shared).
-        let mut ebpf = EbpfLoader::new()
-            .default_map_pin_directory(self.pins.maps_dir())
-            .override_global("REDIRECT_SK_LOOKUP_NETNS", &cookie, true)
-            .load(OBJECT)
-            .map_err(|e| Error::bpf("loading the kernel object for sk_lookup", e))?;
-        let prog: &mut SkLookup = ebpf
-            .program_mut(SK_LOOKUP_PROGRAM)
-            .ok_or_else(|| Error::bpf("kernel object", std::io::Error::other("sk_lookup program missing")))?
-            .try_into()
-            .map_err(|e| Error::bpf("sk_lookup program", e))?;
+        // instance with the cookie set as a constant (maps stay shared),
+        // loaded from instructions relocated once (see sklookup.rs).
+        if self.sk_lookup.is_none() {
+            self.sk_lookup = Some(SkLookupTemplate::new(OBJECT, &self.pins.maps_dir(), SK_LOOKUP_PROGRAM, "REDIRECT_SK_LOOKUP_NETNS")?);
+        }
+        let template = self.sk_lookup.as_ref().expect("set above");
         let verr = |what: &str, e| Error::bpf(format!("{what} sk_lookup on netns {}", netns.path.display()), e);
-        prog.load().map_err(|e| verr("loading", e))?;
-        let id = prog.attach(&netns.file).map_err(|e| verr("attaching", e))?;
-        let link: FdLink = prog.take_link(id).map_err(|e| verr("taking link of", e))?.into();
-        link.pin(&path).map_err(|e| Error::bpf(format!("pinning link {}", path.display()), e))?;
+        let prog = template.load(cookie).map_err(|e| verr("loading", e))?;
+        let link = crate::bpf::link_create(prog.as_fd(), netns.file.as_fd(), crate::sklookup::BPF_SK_LOOKUP).map_err(|e| verr("attaching (bpf_link_create)", e))?;
+        crate::bpf::obj_pin(link.as_fd(), &path).map_err(|e| Error::io("pinning link", &path, e))?;
         Ok(true)
     }
 
@@ -370,6 +367,7 @@ impl Installation {
     /// attached, an already-listening proxy registered. Acceleration is on
     /// when asked for and the kernel supports it.
     pub fn register_pod(&mut self, netns: &Netns, spec: &PodSpec) -> Result<PodInfo> {
+        let t0 = std::time::Instant::now();
         let mut spec = spec.clone();
         let mut accel_unavailable = None;
         if spec.accel {
@@ -379,21 +377,16 @@ impl Installation {
             }
         }
         let spec = &spec;
-        let cookie = netns.cookie()?;
-        if netns.addresses()?.iter().any(|a| a.is_ipv6()) {
-            // As istio-iptables does: the proxy's IPv6 inbound passthrough
-            // source ::6 must be a local address.
-            netns.run(|| {
-                let st = std::process::Command::new("ip")
-                    .args(["-6", "addr", "replace", "::6/128", "dev", "lo", "nodad"])
-                    .status()?;
-                if st.success() { Ok(()) } else { Err(std::io::Error::other("ip -6 addr replace ::6/128 dev lo failed")) }
-            })?;
-        }
-        let addresses = netns.addresses()?;
+        let t_accel = t0.elapsed();
+        // One visit inside the netns, no subprocess: cookie, addresses, ::6
+        // on lo when the pod has IPv6 (the proxy's IPv6 inbound passthrough
+        // source, as istio-iptables adds it).
+        let crate::podns::PodNs { cookie, addresses } = crate::podns::visit(netns)?;
+        let t_netns = t0.elapsed();
         let mut maps = self.maps()?;
         let cfg = spec.pod_config(netns.inode as u32);
         maps.put_pod(cookie, &cfg, &spec.port_entries(), &spec.cidr_entries(&addresses))?;
+        let t_maps = t0.elapsed();
         let inbound_attached = match self.attach_netns(netns, cookie) {
             Ok(a) => a,
             Err(e) => {
@@ -401,7 +394,23 @@ impl Installation {
                 return Err(e);
             }
         };
-        let listener_seeded = seed_listeners(&mut maps, netns, cookie, spec.inbound_port)?;
+        // A proxy already listening never goes through sockops' listen
+        // hook: find it (a /proc walk) only when a listener exists.
+        let t_sk_lookup = t0.elapsed();
+        let listener_seeded = if crate::podns::listening(netns, spec.inbound_port)? { seed_listeners(&mut maps, netns, cookie, spec.inbound_port)? } else { Vec::new() };
+        // Where the time of a capture goes (ms, per phase), for the churn
+        // benchmark and for anyone chasing a slow attach.
+        let ms = |a: std::time::Duration, b: std::time::Duration| (b.saturating_sub(a)).as_secs_f64() * 1000.0;
+        let t_end = t0.elapsed();
+        tracing::debug!(
+            cookie,
+            accel_ms = ms(Default::default(), t_accel),
+            netns_ms = ms(t_accel, t_netns),
+            maps_ms = ms(t_netns, t_maps),
+            sk_lookup_ms = ms(t_maps, t_sk_lookup),
+            listener_ms = ms(t_sk_lookup, t_end),
+            "pod registered"
+        );
         Ok(PodInfo {
             netns: netns.path.clone(),
             cookie,

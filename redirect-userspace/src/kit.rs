@@ -306,4 +306,5 @@ pub fn payload(n: usize) -> Vec<u8> {
 }
 
 /// Stress tools of the acceleration correctness tests.
+pub mod podchurn;
 pub mod stress;

@@ -72,6 +72,14 @@ enum Task {
         /// Results directory (default: <workspace>/results).
         #[arg(long)]
         out: Option<std::path::PathBuf>,
+        /// Instead: pod churn against a real agent (attach/detach time per
+        /// pod, leak checks, agent memory); writes <out>/latest/churn.md
+        /// and churn.json.
+        #[arg(long)]
+        churn: bool,
+        /// Pods for --churn.
+        #[arg(long, default_value = "1000")]
+        pods: usize,
     },
 }
 
@@ -101,7 +109,8 @@ fn run(task: Task) -> Result<ExitCode> {
         Task::Build { debug } => tasks::build(&setup::setup(false)?, debug)?,
         Task::Test { args } => return tasks::test(&setup::setup(false)?, &args),
         Task::Demo => tasks::demo(&setup::setup(false)?)?,
-        Task::Bench { quick, proxy, out } => tasks::bench(&setup::setup(false)?, quick, &proxy, out)?,
+        Task::Bench { churn: true, out, pods, .. } => tasks::bench_churn(&setup::setup(false)?, pods, out)?,
+        Task::Bench { quick, proxy, out, .. } => tasks::bench(&setup::setup(false)?, quick, &proxy, out)?,
     }
     Ok(ExitCode::SUCCESS)
 }

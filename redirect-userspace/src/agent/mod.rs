@@ -244,13 +244,14 @@ impl Agent {
         let cid = container_id.unwrap_or("");
         let span = tracing::info_span!("del", pod = %pod.unwrap_or(""), container_id = %cid, netns = %netns.map(|p| p.display().to_string()).unwrap_or_default());
         let _g = span.enter();
+        let t0 = std::time::Instant::now();
         let mut cookies = Vec::new();
         if let Some(p) = netns {
             match check_netns_path(p) {
                 Ok(()) => {
                     if let Ok(ns) = Netns::open(p) {
                         if ns.inode != self.own_netns_inode {
-                            if let Ok(c) = ns.cookie() {
+                            if let Ok(c) = crate::podns::cookie(&ns) {
                                 cookies.push(c);
                             }
                         }
@@ -291,9 +292,10 @@ impl Agent {
         if released.is_empty() {
             tracing::debug!("nothing to release");
         } else {
-            tracing::info!(cookies = ?released, "released pod");
+            let elapsed_ms = t0.elapsed().as_secs_f64() * 1000.0;
+            tracing::info!(cookies = ?released, elapsed_ms, "released pod");
         }
-        Ok(json!({"released": released}))
+        Ok(json!({"released": released, "elapsed_ms": t0.elapsed().as_secs_f64() * 1000.0}))
     }
 
     fn check(&self, netns: &Path) -> Result<serde_json::Value, String> {

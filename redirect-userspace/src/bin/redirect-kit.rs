@@ -88,6 +88,24 @@ enum Tool {
         #[arg(long)]
         rate: Option<u64>,
     },
+    /// Pod churn against a real agent: N pods captured and released through
+    /// redirect-cni under steady traffic; timings and leak checks (as root;
+    /// `cargo xtask bench --churn` runs this).
+    PodChurn {
+        #[arg(long, default_value = "1000")]
+        pods: usize,
+        /// Write churn.md and churn.json here.
+        #[arg(long)]
+        out: Option<std::path::PathBuf>,
+    },
+    /// Inside a churned pod: one redirected connection, checked.
+    #[command(hide = true)]
+    PodProbe {
+        #[arg(long)]
+        dst: SocketAddr,
+        #[arg(long, default_value = "16384")]
+        size: usize,
+    },
     /// Stress tools of the acceleration tests (xfer, stress-server,
     /// epoll-echo, churn, fan).
     #[command(flatten)]
@@ -119,6 +137,22 @@ fn main() -> ExitCode {
             if r.error.is_none() { ExitCode::SUCCESS } else { ExitCode::FAILURE }
         }
         Tool::Stress(t) => t.run(),
+        Tool::PodProbe { dst, size } => {
+            let v = kit::podchurn::pod_probe(dst, size);
+            println!("{v}");
+            if v["ok"] == true { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+        }
+        Tool::PodChurn { pods, out } => match kit::podchurn::run(&kit::podchurn::Options { pods, out, redirect: None }) {
+            Ok(r) => {
+                eprint!("{}", kit::podchurn::markdown(&r));
+                println!("{}", serde_json::to_string(&r).expect("serializable"));
+                if r.ok { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+            }
+            Err(e) => {
+                eprintln!("redirect-kit pod-churn: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Tool::Bench { quick, proxy, out, reps, rate } => {
             let o = bench::runner::Options { quick, proxy, out, reps, rate };
             match bench::runner::run(&o) {

@@ -1,0 +1,259 @@
+//! What capturing a pod needs to learn and set inside its network
+//! namespace, done in one visit (one thread that enters the netns) and
+//! without running a program: its cookie, its addresses, `::6/128` on `lo`
+//! when it has IPv6 (as istio-iptables does, over rtnetlink rather than
+//! `ip`). And, once the pod's config is in, whether any TCP socket listens
+//! on the inbound capture port (only then can there be a proxy listener to
+//! register, and only then is `/proc` searched for it).
+
+use std::{
+    io,
+    net::{IpAddr, Ipv6Addr},
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+};
+
+use crate::{error::Result, sys::Netns};
+
+const SO_NETNS_COOKIE: libc::c_int = 71;
+/// The IPv6 source of the proxy's inbound passthrough (istio-iptables adds
+/// it to `lo`).
+pub const PASSTHROUGH_V6: Ipv6Addr = Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6);
+
+/// What one visit found.
+#[derive(Debug, Clone)]
+pub struct PodNs {
+    pub cookie: u64,
+    /// Non-loopback addresses (after `::6` was added, so it is listed).
+    pub addresses: Vec<IpAddr>,
+}
+
+/// Visit `netns`: see the module docs.
+pub fn visit(netns: &Netns) -> Result<PodNs> {
+    on_this_thread(netns, || {
+        let cookie = current_cookie()?;
+        let mut addresses = non_loopback()?;
+        if addresses.iter().any(|a| a.is_ipv6()) && !addresses.contains(&IpAddr::V6(PASSTHROUGH_V6)) {
+            add_lo_address_v6(PASSTHROUGH_V6)?;
+            addresses = non_loopback()?;
+        }
+        Ok(PodNs { cookie, addresses })
+    })
+}
+
+/// The netns cookie of `netns` (as `Netns::cookie`, without a thread).
+pub fn cookie(netns: &Netns) -> Result<u64> {
+    on_this_thread(netns, current_cookie)
+}
+
+/// Does a TCP socket of `netns` listen on `port`? Asked after the pod's
+/// config is in: from then on sockops registers any new listener, so a
+/// proxy is either seen here or registered by the kernel.
+pub fn listening(netns: &Netns, port: u16) -> Result<bool> {
+    on_this_thread(netns, || tcp_listening(port))
+}
+
+/// Run `f` with the calling thread inside `netns`, then put the thread
+/// back in its own netns (also when `f` panics). Unlike `Netns::run` no
+/// thread is started: on a busy node a new thread waits for a CPU (up to
+/// the scheduler's slice, ~3 ms), and a capture did that twice.
+fn on_this_thread<R>(netns: &Netns, f: impl FnOnce() -> io::Result<R>) -> Result<R> {
+    let err = |e| crate::error::Error::io("working inside network namespace", &netns.path, e);
+    let home = std::fs::File::open("/proc/thread-self/ns/net").map_err(err)?;
+    if unsafe { libc::setns(netns.file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(err(io::Error::last_os_error()));
+    }
+    struct Back(std::fs::File);
+    impl Drop for Back {
+        fn drop(&mut self) {
+            if unsafe { libc::setns(self.0.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                // A thread left in a pod's netns must not go on.
+                eprintln!("redirect: could not return to the agent's network namespace: {}", io::Error::last_os_error());
+                std::process::abort();
+            }
+        }
+    }
+    let back = Back(home);
+    let r = f();
+    drop(back);
+    r.map_err(err)
+}
+
+fn non_loopback() -> io::Result<Vec<IpAddr>> {
+    Ok(crate::sys::local_addresses()?.into_iter().filter(|a| !a.is_loopback()).collect())
+}
+
+/// The cookie of the calling thread's netns.
+fn current_cookie() -> io::Result<u64> {
+    let s = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if s < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let s = unsafe { OwnedFd::from_raw_fd(s) };
+    let mut v: u64 = 0;
+    let mut len = 8 as libc::socklen_t;
+    if unsafe { libc::getsockopt(s.as_raw_fd(), libc::SOL_SOCKET, SO_NETNS_COOKIE, (&mut v as *mut u64).cast(), &mut len) } != 0 {
+        let e = io::Error::last_os_error();
+        return Err(io::Error::other(format!("SO_NETNS_COOKIE (kernel 5.14+ needed): {e}")));
+    }
+    Ok(v)
+}
+
+/// Does a TCP socket of the calling thread's netns listen on `port`? Asked
+/// with a sock_diag dump of LISTEN sockets only, which walks the listening
+/// hash alone; `/proc/net/tcp` would walk the whole established hash
+/// (~4 ms on a 24 GiB machine, whatever the netns holds).
+fn tcp_listening(port: u16) -> io::Result<bool> {
+    for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
+        if diag_listeners(family)?.contains(&port) {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// Local ports of the TCP sockets in LISTEN of one family, in the calling
+/// thread's netns (NETLINK_SOCK_DIAG, inet_diag_req_v2 dump).
+fn diag_listeners(family: u8) -> io::Result<Vec<u16>> {
+    const SOCK_DIAG_BY_FAMILY: u16 = 20;
+    const NLMSG_ERROR: u16 = 2;
+    const NLMSG_DONE: u16 = 3;
+    const NLM_F_REQUEST: u16 = 0x1;
+    const NLM_F_DUMP: u16 = 0x300;
+    const TCP_LISTEN: u32 = 10;
+
+    let fd = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, libc::NETLINK_SOCK_DIAG) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut msg: Vec<u8> = Vec::with_capacity(72);
+    msg.extend_from_slice(&72u32.to_ne_bytes());
+    msg.extend_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
+    msg.extend_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
+    msg.extend_from_slice(&1u32.to_ne_bytes());
+    msg.extend_from_slice(&0u32.to_ne_bytes());
+    // struct inet_diag_req_v2 { family, protocol, ext, pad, states, sockid (48 bytes) }
+    msg.extend_from_slice(&[family, libc::IPPROTO_TCP as u8, 0, 0]);
+    msg.extend_from_slice(&(1u32 << TCP_LISTEN).to_ne_bytes());
+    msg.extend_from_slice(&[0u8; 48]);
+    send_nl(&fd, &msg)?;
+    let mut ports = Vec::new();
+    let mut buf = vec![0u8; 32 * 1024];
+    loop {
+        let n = recv_nl(&fd, &mut buf)?;
+        let mut off = 0;
+        while off + 16 <= n {
+            let mlen = u32::from_ne_bytes(buf[off..off + 4].try_into().unwrap()) as usize;
+            let mtype = u16::from_ne_bytes(buf[off + 4..off + 6].try_into().unwrap());
+            match mtype {
+                NLMSG_DONE => return Ok(ports),
+                NLMSG_ERROR => {
+                    let err = if off + 20 <= n { i32::from_ne_bytes(buf[off + 16..off + 20].try_into().unwrap()) } else { -libc::EIO };
+                    return Err(io::Error::from_raw_os_error(-err));
+                }
+                // struct inet_diag_msg { family, state, timer, retrans, id { sport (be16) ... } }
+                _ if off + 22 <= n => ports.push(u16::from_be_bytes([buf[off + 20], buf[off + 21]])),
+                _ => {}
+            }
+            if mlen < 16 {
+                return Err(io::Error::other("malformed sock_diag reply"));
+            }
+            off += (mlen + 3) & !3;
+        }
+    }
+}
+
+fn send_nl(fd: &OwnedFd, msg: &[u8]) -> io::Result<()> {
+    let mut sa: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+    sa.nl_family = libc::AF_NETLINK as u16;
+    let sent = unsafe {
+        libc::sendto(fd.as_raw_fd(), msg.as_ptr().cast(), msg.len(), 0, (&sa as *const libc::sockaddr_nl).cast(), std::mem::size_of::<libc::sockaddr_nl>() as u32)
+    };
+    if sent < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn recv_nl(fd: &OwnedFd, buf: &mut [u8]) -> io::Result<usize> {
+    loop {
+        let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// `ip -6 addr replace <addr>/128 dev lo nodad` in the calling thread's
+/// netns, as one RTM_NEWADDR request over rtnetlink.
+fn add_lo_address_v6(addr: Ipv6Addr) -> io::Result<()> {
+    const RTM_NEWADDR: u16 = 20;
+    const NLMSG_ERROR: u16 = 2;
+    const NLM_F_REQUEST: u16 = 0x1;
+    const NLM_F_ACK: u16 = 0x4;
+    const NLM_F_REPLACE: u16 = 0x100;
+    const NLM_F_CREATE: u16 = 0x400;
+    const IFA_ADDRESS: u16 = 1;
+    const IFA_LOCAL: u16 = 2;
+    const IFA_FLAGS: u16 = 8;
+    const IFA_F_NODAD: u32 = 0x02;
+
+    let lo = unsafe { libc::if_nametoindex(c"lo".as_ptr()) };
+    if lo == 0 {
+        return Err(io::Error::other(format!("no lo interface: {}", io::Error::last_os_error())));
+    }
+    let mut msg: Vec<u8> = Vec::with_capacity(80);
+    msg.extend_from_slice(&0u32.to_ne_bytes()); // length, set below
+    msg.extend_from_slice(&RTM_NEWADDR.to_ne_bytes());
+    msg.extend_from_slice(&(NLM_F_REQUEST | NLM_F_ACK | NLM_F_REPLACE | NLM_F_CREATE).to_ne_bytes());
+    msg.extend_from_slice(&1u32.to_ne_bytes()); // seq
+    msg.extend_from_slice(&0u32.to_ne_bytes()); // pid: the kernel
+    // struct ifaddrmsg { family, prefixlen, flags, scope, index }
+    msg.extend_from_slice(&[libc::AF_INET6 as u8, 128, IFA_F_NODAD as u8, 0]);
+    msg.extend_from_slice(&lo.to_ne_bytes());
+    let mut attr = |ty: u16, data: &[u8]| {
+        msg.extend_from_slice(&((4 + data.len()) as u16).to_ne_bytes());
+        msg.extend_from_slice(&ty.to_ne_bytes());
+        msg.extend_from_slice(data);
+        while msg.len() % 4 != 0 {
+            msg.push(0);
+        }
+    };
+    attr(IFA_LOCAL, &addr.octets());
+    attr(IFA_ADDRESS, &addr.octets());
+    attr(IFA_FLAGS, &IFA_F_NODAD.to_ne_bytes());
+    let len = msg.len() as u32;
+    msg[..4].copy_from_slice(&len.to_ne_bytes());
+
+    let fd = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, libc::NETLINK_ROUTE) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    send_nl(&fd, &msg)?;
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = recv_nl(&fd, &mut buf)?;
+        let mut off = 0;
+        while off + 16 <= n {
+            let mlen = u32::from_ne_bytes(buf[off..off + 4].try_into().unwrap()) as usize;
+            let mtype = u16::from_ne_bytes(buf[off + 4..off + 6].try_into().unwrap());
+            if mtype == NLMSG_ERROR && off + 20 <= n {
+                let err = i32::from_ne_bytes(buf[off + 16..off + 20].try_into().unwrap());
+                if err == 0 {
+                    return Ok(());
+                }
+                let e = io::Error::from_raw_os_error(-err);
+                return Err(io::Error::new(e.kind(), format!("adding {addr}/128 to lo (RTM_NEWADDR): {e}")));
+            }
+            if mlen < 16 {
+                break;
+            }
+            off += (mlen + 3) & !3;
+        }
+    }
+}
