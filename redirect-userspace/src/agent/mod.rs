@@ -379,6 +379,11 @@ impl Agent {
     pub fn serve_conn(&self, s: UnixStream) {
         if let Err(why) = peer_is_root(&s) {
             tracing::warn!(%why, "refused a connection on the agent socket");
+            // Take the request line first (bounded in size and time), so the
+            // refusal is not lost to a reset of a socket closed unread.
+            let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+            let _ = s.set_write_timeout(Some(Duration::from_millis(500)));
+            let _ = BufReader::new(&s).take(MAX_LINE as u64 + 1).read_line(&mut String::new());
             let _ = (&s).write_all(format!("{}\n", json!({"ok": false, "error": why})).as_bytes());
             return;
         }
