@@ -274,13 +274,17 @@ pub fn call(socket: &Path, req: &Request, timeout: Duration) -> Result<serde_jso
     s.set_write_timeout(Some(timeout)).map_err(|e| unreachable("configuring", e))?;
     let mut line = serde_json::to_string(req).expect("requests serialize");
     line.push('\n');
-    (&s).write_all(line.as_bytes()).map_err(|e| unreachable("writing to", e))?;
+    // An agent that refuses the peer answers at once and closes without
+    // reading the request: the write may then fail (EPIPE) while the
+    // refusal is already waiting to be read. Read it before giving up.
+    let written = (&s).write_all(line.as_bytes());
     let mut reply = String::new();
-    BufReader::new(&s)
-        .take(MAX_LINE as u64)
-        .read_line(&mut reply)
-        .map_err(|e| unreachable("reading the reply from", e))?;
+    let read = BufReader::new(&s).take(MAX_LINE as u64).read_line(&mut reply);
     if reply.is_empty() {
+        if let Err(e) = written {
+            return Err(unreachable("writing to", e));
+        }
+        read.map_err(|e| unreachable("reading the reply from", e))?;
         return Err(CallError::Unreachable(format!("{} closed the connection without a reply", socket.display())));
     }
     let v: serde_json::Value = serde_json::from_str(&reply).map_err(|e| CallError::Protocol(format!("{e}: {reply:?}")))?;
