@@ -53,6 +53,18 @@ pub const SOL_IPV6: i32 = 41;
 /// `SO_ORIGINAL_DST` (SOL_IP) and `IP6T_SO_ORIGINAL_DST` (SOL_IPV6) share the number.
 pub const SO_ORIGINAL_DST: i32 = 80;
 
+/// Acceleration's bulk switch: a message of at least this many bytes
+/// (one large write) moves its socket to the normal TCP path for good, so
+/// bulk writers are flow-controlled by TCP again (redirected data is not,
+/// README "Acceleration"). Small request/response messages stay below it.
+pub const ACCEL_BULK_MSG_BYTES: u32 = 64 * 1024;
+
+/// Does a message of `size` bytes switch its socket to the normal path?
+#[inline(always)]
+pub fn accel_is_bulk(size: u32) -> bool {
+    size >= ACCEL_BULK_MSG_BYTES
+}
+
 /// `PodConfig::flags` bits.
 pub mod flags {
     /// `-i '*'`: every outbound destination is included.
@@ -64,8 +76,14 @@ pub mod flags {
     pub const IN_CAPTURE_ALL: u32 = 1 << 2;
     /// `-b p1,p2`: only the listed inbound ports.
     pub const IN_CAPTURE_LISTED: u32 = 1 << 3;
-    /// sockops/sk_msg acceleration wanted for this pod.
+    /// sockops/sk_msg acceleration on for this pod (the programs read
+    /// only this bit).
     pub const ACCEL: u32 = 1 << 4;
+    /// `--accel`: acceleration forced on, whatever the kernel probe said.
+    pub const ACCEL_FORCED: u32 = 1 << 5;
+    /// `--no-accel`: acceleration off by request. With neither bit, it is
+    /// on where the kernel probe passed.
+    pub const ACCEL_OFF: u32 = 1 << 6;
 }
 
 /// Per-pod configuration, keyed by network namespace cookie.

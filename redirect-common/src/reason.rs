@@ -38,6 +38,7 @@ pub enum Reason {
     AccelInserted = 50,
     AccelRedirected = 51,
     AccelFallback = 52,
+    AccelBulk = 53,
 }
 
 /// Which chain a reason belongs to, for the `redirect stats` layout.
@@ -51,7 +52,7 @@ pub enum Chain {
 }
 
 impl Reason {
-    pub const ALL: [Reason; 29] = [
+    pub const ALL: [Reason; 30] = [
         Reason::OutCaptured,
         Reason::OutCapturedPort,
         Reason::OutProxyToSelf,
@@ -81,6 +82,7 @@ impl Reason {
         Reason::AccelInserted,
         Reason::AccelRedirected,
         Reason::AccelFallback,
+        Reason::AccelBulk,
     ];
 
     pub fn from_u32(v: u32) -> Option<Reason> {
@@ -114,6 +116,7 @@ impl Reason {
             Reason::AccelInserted => "SOCKMAP",
             Reason::AccelRedirected => "REDIRECT",
             Reason::AccelFallback => "PASS",
+            Reason::AccelBulk => "PASS",
             _ => "RETURN",
         }
     }
@@ -144,6 +147,7 @@ impl Reason {
             Reason::AccelInserted => "sockets_inserted",
             Reason::AccelRedirected => "messages_redirected",
             Reason::AccelFallback => "messages_fallback",
+            Reason::AccelBulk => "messages_bulk",
             Reason::InCaptured => "captured",
             Reason::InExcludedPort => "skip_excluded_port",
             Reason::InNotIncluded => "skip_not_included",
@@ -179,6 +183,7 @@ impl Reason {
             Reason::AccelInserted => "app/proxy sockets put in the sockhash",
             Reason::AccelRedirected => "messages sent straight to the peer socket (sk_msg)",
             Reason::AccelFallback => "messages on the normal path (peer not accelerated)",
+            Reason::AccelBulk => "messages on the normal path after a bulk message (≥ 64 KiB)",
             Reason::InCaptured => "captured -> inbound port",
             Reason::InExcludedPort => "excluded port (-d; ssh 22 with -b *)",
             Reason::InNotIncluded => "not included (-b)",

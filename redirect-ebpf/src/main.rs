@@ -735,6 +735,10 @@ pub fn redirect_sk_msg(ctx: SkMsgContext) -> u32 {
     unsafe { sk_msg_redirect(&ctx) }
 }
 
+/// REDIRECT_ACCEL_FALLBACK values: why a socket is on the normal path.
+const FALLBACK_PEER_MISSING: u8 = 1;
+const FALLBACK_BULK: u8 = 2;
+
 #[inline(always)]
 unsafe fn sk_msg_redirect(ctx: &SkMsgContext) -> u32 {
     let m = ctx.msg;
@@ -752,15 +756,29 @@ unsafe fn sk_msg_redirect(ctx: &SkMsgContext) -> u32 {
         }
     };
     let own = own_key(netns, &t);
-    if REDIRECT_ACCEL_FALLBACK.get(&own).is_some() {
+    let size = (*m).size as u64;
+    match REDIRECT_ACCEL_FALLBACK.get(&own) {
+        Some(&FALLBACK_BULK) => {
+            bump(netns, Reason::AccelBulk as u32, 1, size);
+            return SK_PASS;
+        }
+        Some(_) => return SK_PASS,
+        None => {}
+    }
+    // Bulk: a large message moves the socket to the normal path for good,
+    // where TCP flow control holds a writer back (the peer's sockmap queue
+    // has none). The receiver reads what was already redirected before it
+    // reads the normal path's bytes, so the order is kept.
+    if redirect_common::accel_is_bulk((*m).size) {
+        let _ = REDIRECT_ACCEL_FALLBACK.insert(&own, &FALLBACK_BULK, 0);
+        bump(netns, Reason::AccelBulk as u32, 1, size);
         return SK_PASS;
     }
-    let size = (*m).size as u64;
     if REDIRECT_SOCKS.redirect_msg(ctx, peer_key(netns, &t), BPF_F_INGRESS as u64) == SK_PASS as i64 {
         bump(netns, Reason::AccelRedirected as u32, 1, size);
         return SK_PASS;
     }
-    let _ = REDIRECT_ACCEL_FALLBACK.insert(&own, &1, 0);
+    let _ = REDIRECT_ACCEL_FALLBACK.insert(&own, &FALLBACK_PEER_MISSING, 0);
     bump(netns, Reason::AccelFallback as u32, 1, size);
     SK_PASS
 }

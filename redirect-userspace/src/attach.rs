@@ -22,11 +22,12 @@ use crate::bpf::{
 };
 
 use crate::{
-    config::PodSpec,
+    config::{AccelMode, PodSpec},
     error::{Error, Result},
     maps::Maps,
     mapsize::MapSizes,
     pins::Pins,
+    probe,
     sklookup::SkLookupTemplate,
     sys::{self, Netns},
 };
@@ -66,10 +67,11 @@ pub struct PodInfo {
     pub addresses: Vec<std::net::IpAddr>,
     pub inbound_attached: bool,
     pub listener_seeded: Vec<String>,
-    /// Acceleration active for this pod (asked for and supported).
+    /// Acceleration active for this pod.
     pub accel: bool,
-    /// Why acceleration was asked for but is off.
-    pub accel_unavailable: Option<String>,
+    /// The decision in words: on or off, and why (the kernel probe, a
+    /// flag, or an error).
+    pub accel_decision: String,
 }
 
 impl Installation {
@@ -369,13 +371,8 @@ impl Installation {
     pub fn register_pod(&mut self, netns: &Netns, spec: &PodSpec) -> Result<PodInfo> {
         let t0 = std::time::Instant::now();
         let mut spec = spec.clone();
-        let mut accel_unavailable = None;
-        if spec.accel {
-            if let Err(e) = self.ensure_accel() {
-                accel_unavailable = Some(format!("{e:#}"));
-                spec.accel = false;
-            }
-        }
+        let (accel, accel_decision) = self.decide_accel(spec.accel_mode);
+        spec.accel = accel;
         let spec = &spec;
         let t_accel = t0.elapsed();
         // One visit inside the netns, no subprocess: cookie, addresses, ::6
@@ -419,10 +416,73 @@ impl Installation {
             inbound_attached,
             listener_seeded,
             accel: spec.accel,
-            accel_unavailable,
+            accel_decision,
         })
     }
+
+    /// Acceleration for a pod: off when asked, on when forced, else on
+    /// exactly where the kernel probe (cached in the install) passed.
+    /// Never silent: the decision comes back in words, and is logged when
+    /// acceleration is off for any reason but `--no-accel`.
+    fn decide_accel(&mut self, mode: AccelMode) -> (bool, String) {
+        let pins = Pins::new(self.pins.root.clone());
+        let probed = match mode {
+            AccelMode::Off => return (false, probe::describe(mode, false, None)),
+            AccelMode::Forced => Ok(probe::cached(&pins)),
+            AccelMode::Auto => probe::result(&pins, self).map(Some),
+        };
+        let decision = match probed {
+            Ok(p) if mode == AccelMode::Forced || p.as_ref().is_some_and(|p| p.passed) => match self.ensure_accel() {
+                Ok(()) => (true, probe::describe(mode, true, p.as_ref())),
+                Err(e) => (false, format!("off: the sk_msg program could not be attached: {e:#}")),
+            },
+            Ok(p) => (false, probe::describe(mode, false, p.as_ref())),
+            Err(e) => (false, format!("off: the kernel probe did not complete ({e}); --accel forces it on")),
+        };
+        if !decision.0 {
+            tracing::warn!("acceleration {}", decision.1);
+        }
+        decision
+    }
 }
+
+/// The probe runs against this install: its namespace becomes a pod with
+/// acceleration forced, in its own cgroup, for the time of the checks.
+impl probe::ProbeHost for Installation {
+    fn capture(&mut self, netns: &Path, cgroup: &Path) -> Result<u64> {
+        let ns = Netns::open(netns)?;
+        self.attach_cgroup(cgroup)?;
+        let mut spec = PodSpec::istio_default();
+        spec.accel_mode = AccelMode::Forced;
+        match self.register_pod(&ns, &spec) {
+            Ok(info) if info.accel => Ok(info.cookie),
+            Ok(info) => {
+                self.release(info.cookie, cgroup);
+                Err(Error::Kernel(format!("acceleration for the probe: {}", info.accel_decision)))
+            }
+            Err(e) => {
+                let _ = detach_cgroup(&self.pins, cgroup);
+                Err(e)
+            }
+        }
+    }
+
+    fn accel_counts(&self, cookie: u64) -> (u64, u64) {
+        let c = self.maps().map(|m| m.counters()).unwrap_or_default();
+        let get = |r: redirect_common::Reason| c.get(&cookie).and_then(|m| m.get(&r)).map(|v| v.count).unwrap_or(0);
+        (get(redirect_common::Reason::AccelInserted), get(redirect_common::Reason::AccelRedirected))
+    }
+
+    fn release(&mut self, cookie: u64, cgroup: &Path) {
+        if let Err(e) = release_pod(&self.pins, cookie) {
+            tracing::warn!("releasing the acceleration probe's namespace: {e:#}");
+        }
+        if let Err(e) = detach_cgroup(&self.pins, cgroup) {
+            tracing::warn!("detaching from the acceleration probe's cgroup: {e:#}");
+        }
+    }
+}
+
 
 /// Release a pod: config and tables removed, inbound link unpinned.
 pub fn release_pod(pins: &Pins, cookie: u64) -> Result<()> {

@@ -53,15 +53,30 @@ pub struct CaptureFlags {
     /// Print the resulting pod config and change nothing.
     #[arg(short = 'n', long = "dry-run")]
     pub dry_run: bool,
-    /// Turn on socket-level (sockops/sk_msg) acceleration between app and
-    /// proxy. Off by default: on this kernel generation a blocking read on
-    /// an accelerated socket can fail with EAGAIN when the peer's FIN
-    /// arrives (see README, "Acceleration").
+    /// Force socket-level (sockops/sk_msg) acceleration between app and
+    /// proxy on, even where the kernel probe failed (README,
+    /// "Acceleration": the application can then see spurious EAGAIN on
+    /// blocking reads, EOF instead of ECONNRESET, and no flow control).
+    /// Without --accel/--no-accel, acceleration is on exactly where the
+    /// kernel probe passed.
     #[arg(long = "accel", conflicts_with = "no_accel")]
     pub accel: bool,
-    /// Acceleration off (the default; kept for explicit configs).
+    /// Acceleration off for this pod (the kernel probe is not run).
     #[arg(long = "no-accel")]
     pub no_accel: bool,
+}
+
+/// How a pod's acceleration was asked for.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AccelMode {
+    /// On where the kernel probe passed (the default).
+    #[default]
+    Auto,
+    /// `--accel`: on whatever the probe says.
+    Forced,
+    /// `--no-accel`.
+    Off,
 }
 
 /// A CIDR with its host bits cleared.
@@ -157,7 +172,10 @@ pub struct PodSpec {
     pub exclude_outbound_ports: Vec<u16>,
     pub inbound_ports: InboundPorts,
     pub exclude_inbound_ports: Vec<u16>,
+    /// Acceleration in effect for the pod (decided by `register_pod`).
     pub accel: bool,
+    /// How it was asked for.
+    pub accel_mode: AccelMode,
 }
 
 fn bad(field: &'static str, value: &str, why: impl Into<String>) -> Error {
@@ -292,7 +310,12 @@ impl CaptureFlags {
             exclude_outbound_ports,
             inbound_ports,
             exclude_inbound_ports,
-            accel: self.accel && !self.no_accel,
+            accel: false,
+            accel_mode: match (self.accel, self.no_accel) {
+                (true, _) => AccelMode::Forced,
+                (false, true) => AccelMode::Off,
+                (false, false) => AccelMode::Auto,
+            },
         })
     }
 }
@@ -332,6 +355,11 @@ impl PodSpec {
         }
         if self.accel {
             f |= flags::ACCEL;
+        }
+        match self.accel_mode {
+            AccelMode::Forced => f |= flags::ACCEL_FORCED,
+            AccelMode::Off => f |= flags::ACCEL_OFF,
+            AccelMode::Auto => {}
         }
         let mut uids = [0; MAX_IDS];
         let mut gids = [0; MAX_IDS];
@@ -417,6 +445,13 @@ impl PodSpec {
             inbound_ports,
             exclude_inbound_ports: pick(port_kind::IN_EXCLUDE),
             accel: cfg.has(flags::ACCEL),
+            accel_mode: if cfg.has(flags::ACCEL_FORCED) {
+                AccelMode::Forced
+            } else if cfg.has(flags::ACCEL_OFF) {
+                AccelMode::Off
+            } else {
+                AccelMode::Auto
+            },
         }
     }
 
@@ -456,7 +491,11 @@ impl PodSpec {
             join(&self.exclude_outbound_ports),
             inbound,
             join(&self.exclude_inbound_ports),
-            if self.accel { " --accel" } else { "" },
+            match self.accel_mode {
+                AccelMode::Forced => " --accel",
+                AccelMode::Off => " --no-accel",
+                AccelMode::Auto => "",
+            },
         )
     }
 }
@@ -554,6 +593,26 @@ mod tests {
         .unwrap();
         let back = PodSpec::from_kernel(&s.pod_config(7), &s.port_entries(), &s.cidr_entries(&[]));
         assert_eq!(back, s);
+    }
+
+    #[test]
+    fn accel_modes_parse_and_survive_the_kernel_map() {
+        for (accel, no_accel, mode, arg) in [(false, false, AccelMode::Auto, ""), (true, false, AccelMode::Forced, " --accel"), (false, true, AccelMode::Off, " --no-accel")] {
+            let mut s = flags(|c| {
+                c.accel = accel;
+                c.no_accel = no_accel;
+            })
+            .unwrap();
+            assert_eq!((s.accel_mode, s.accel), (mode, false), "decided by register_pod, not here");
+            assert!(s.istio_args().ends_with(&format!("-d ''{arg}")), "{}", s.istio_args());
+            for on in [false, true] {
+                s.accel = on;
+                let cfg = s.pod_config(1);
+                assert_eq!(cfg.has(flags::ACCEL), on, "the programs read only this bit");
+                let back = PodSpec::from_kernel(&cfg, &[], &[]);
+                assert_eq!((back.accel, back.accel_mode), (on, mode));
+            }
+        }
     }
 
     #[test]

@@ -13,6 +13,7 @@ pub mod kit;
 pub mod maps;
 pub mod mapsize;
 pub mod pins;
+pub mod probe;
 pub mod podns;
 pub mod report;
 pub mod sandbox;

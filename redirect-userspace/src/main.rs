@@ -44,6 +44,9 @@ enum Command {
     /// The part of `validate` that runs inside the pod (internal).
     #[command(hide = true)]
     ValidateInside(cmd::validate::InsideArgs),
+    /// The acceleration kernel probe's sandboxed half (internal).
+    #[command(hide = true, name = "accel-probe-inside")]
+    AccelProbeInside,
 }
 
 fn main() -> ExitCode {
@@ -67,6 +70,7 @@ fn main() -> ExitCode {
         Command::Demo(a) => cmd::demo::run(a),
         Command::Validate(a) => cmd::validate::run(&cli.pin_dir, a),
         Command::ValidateInside(a) => cmd::validate::run_inside(a),
+        Command::AccelProbeInside => redirect_userspace::probe::inside().map_err(|e| anyhow::anyhow!("acceleration probe: {e}")),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

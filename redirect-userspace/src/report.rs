@@ -47,6 +47,8 @@ pub struct PodStatus {
     pub pod_addresses: Vec<String>,
     pub inbound_attached: bool,
     pub inbound_listeners: Vec<&'static str>,
+    /// Acceleration on or off for this pod, and why.
+    pub acceleration: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -54,6 +56,8 @@ pub struct Status {
     pub pin_dir: String,
     pub cgroups: Vec<String>,
     pub pods: Vec<PodStatus>,
+    /// The install's acceleration kernel probe (None: not run yet).
+    pub accel_probe: Option<crate::probe::ProbeResult>,
     /// Entries in use / capacity of the maps that grow with traffic.
     pub map_usage: Vec<MapUsage>,
 }
@@ -80,6 +84,7 @@ pub fn status(pins: &Pins) -> Result<Status> {
         })
         .collect();
     let mut pods = Vec::new();
+    let probe = crate::probe::cached(pins);
     for (cookie, cfg) in maps.pods() {
         let cidrs = maps.cidr_entries(cookie);
         let spec = PodSpec::from_kernel(&cfg, &maps.port_entries(cookie), &cidrs);
@@ -93,6 +98,7 @@ pub fn status(pins: &Pins) -> Result<Status> {
             netns_inode: cfg.netns_inode,
             netns: sys::netns_name(cfg.netns_inode as u64),
             istio_iptables_args: spec.istio_args(),
+            acceleration: crate::probe::describe(spec.accel_mode, spec.accel, probe.as_ref()),
             config: spec,
             pod_addresses,
             inbound_attached: pins.sk_lookup_link(cookie).exists(),
@@ -118,6 +124,7 @@ pub fn status(pins: &Pins) -> Result<Status> {
         pin_dir: pins.root.display().to_string(),
         cgroups,
         pods,
+        accel_probe: probe,
         map_usage,
     })
 }
@@ -145,6 +152,14 @@ impl Status {
         let mut s = String::new();
         let _ = writeln!(s, "install: {}", self.pin_dir);
         let _ = writeln!(s, "attached cgroups: {}", if self.cgroups.is_empty() { "none".into() } else { self.cgroups.join(", ") });
+        let _ = writeln!(
+            s,
+            "acceleration kernel probe: {}",
+            match &self.accel_probe {
+                Some(p) => p.summary(),
+                None => "not run (runs at the first attach without --accel/--no-accel)".into(),
+            }
+        );
         let _ = writeln!(s, "captured pods: {}", self.pods.len());
         for p in &self.pods {
             let _ = writeln!(s);
@@ -164,7 +179,7 @@ impl Status {
                 p.config.inbound_port,
                 if p.inbound_listeners.is_empty() { "none yet".into() } else { p.inbound_listeners.join(", ") }
             );
-            let _ = writeln!(s, "  acceleration: {}", if p.config.accel { "on (sockops + sk_msg)" } else { "off" });
+            let _ = writeln!(s, "  acceleration: {}", p.acceleration);
         }
         let _ = writeln!(s);
         for m in &self.map_usage {
@@ -188,6 +203,8 @@ pub struct RuleCount {
 pub struct PodStats {
     pub netns_cookie: u64,
     pub netns: Option<String>,
+    /// Acceleration on or off for this pod, and why.
+    pub acceleration: String,
     pub rules: Vec<RuleCount>,
 }
 
@@ -195,6 +212,7 @@ pub struct PodStats {
 pub fn stats(pins: &Pins, only: Option<u64>) -> Result<Vec<PodStats>> {
     let maps = Maps::open(pins)?;
     let counters = maps.counters();
+    let probe = crate::probe::cached(pins);
     let mut out = Vec::new();
     for (cookie, cfg) in maps.pods() {
         if only.is_some_and(|c| c != cookie) {
@@ -222,6 +240,10 @@ pub fn stats(pins: &Pins, only: Option<u64>) -> Result<Vec<PodStats>> {
         out.push(PodStats {
             netns_cookie: cookie,
             netns: sys::netns_name(cfg.netns_inode as u64),
+            acceleration: {
+                let spec = PodSpec::from_kernel(&cfg, &[], &[]);
+                crate::probe::describe(spec.accel_mode, spec.accel, probe.as_ref())
+            },
             rules,
         });
     }
@@ -256,6 +278,7 @@ pub fn render_stats(pods: &[PodStats]) -> String {
     }
     for p in pods {
         let _ = writeln!(s, "Pod {} (netns cookie {})", p.netns.as_deref().unwrap_or("<no path found>"), p.netns_cookie);
+        let _ = writeln!(s, "acceleration: {}", p.acceleration);
         let mut chain = "";
         for r in &p.rules {
             if r.chain != chain {

@@ -19,8 +19,10 @@
 //! (a close with unread redirected data sends FIN, not RST: the app sees a
 //! clean EOF and its data is silently dropped), `accel::proxy_closes_first_then_app_writes`
 //! (the same, in the keep-alive race) and `accel::slow_reader_holds_the_writer_back`
-//! (no flow control: redirected data is queued at the receiver without
-//! limit, the writer never blocks).
+//! (no flow control for writes below the bulk switch: redirected data is
+//! queued at the receiver without limit, the writer never blocks). The
+//! kernel probe (`accel_probe.rs`) checks for these behaviours; where
+//! they exist, acceleration is off unless `--accel` forces it.
 use std::time::Duration;
 
 use redirect_tests::*;
@@ -45,11 +47,7 @@ fn v6(ip: &str, port: u16) -> String {
 }
 
 fn attach(pod: &Pod, accel: bool) {
-    if accel {
-        pod.attach_istio_default_with(&["--accel"]);
-    } else {
-        pod.attach_istio_default();
-    }
+    pod.attach_istio_default_with(&[if accel { "--accel" } else { "--no-accel" }]);
 }
 
 fn app(pod: &Pod) -> Placement {
@@ -129,14 +127,16 @@ fn check_accel(pod: &Pod, accel: bool, conns: u64) {
     }
 }
 
-/// With acceleration, at least `min` bytes went through sk_msg straight
-/// to the peer (so a send path that bypassed sk_msg, e.g. sendfile, would
-/// show here even though the data arrived).
+/// With acceleration, at least `min` bytes went through sk_msg: straight
+/// to the peer, or on the normal path after the bulk switch (so a send
+/// path that bypassed sk_msg, e.g. sendfile, would show here even though
+/// the data arrived).
 fn check_redirected_bytes(pod: &Pod, accel: bool, min: u64) {
     if accel {
         let (msgs, bytes) = accel_counter(pod, "messages_redirected");
+        let (bulk_msgs, bulk) = accel_counter(pod, "messages_bulk");
         let fallback = accel_counter(pod, "messages_fallback");
-        assert!(bytes >= min, "only {bytes} bytes ({msgs} messages) redirected, expected at least {min}; fallback {fallback:?}");
+        assert!(bytes + bulk >= min, "only {bytes} bytes ({msgs} messages) redirected and {bulk} ({bulk_msgs} messages) after the bulk switch, expected at least {min}; fallback {fallback:?}");
     }
 }
 
@@ -346,7 +346,9 @@ fn rst_from_proxy_with_answer_unread(accel: bool) {
 
 /// The app writes 8 MiB and closes at once (close(2), no shutdown); the
 /// receiver starts reading only 300 ms later, in small reads. It must get
-/// every byte, then EOF — at the hop and through the proxy.
+/// every byte, then EOF — at the hop and through the proxy. With
+/// acceleration the small head waits in the sockmap queue and the rest,
+/// after the bulk switch, in the TCP receive queue.
 fn close_with_data_in_flight(accel: bool) {
     for direct in [false, true] {
         let mut pod = Pod::new(if direct { "acd" } else { "acp" });
@@ -360,7 +362,7 @@ fn close_with_data_in_flight(accel: bool) {
         };
         attach(&pod, accel);
         let size = 8 * MIB;
-        let r = xfer(&app(&pod), &v4(UPSTREAM_V4, 8080), &["--size", &size.to_string(), "--expect", "none", "--end", "close", "--chunks", "65537,4093,1000000"]);
+        let r = xfer(&app(&pod), &v4(UPSTREAM_V4, 8080), &["--size", &size.to_string(), "--expect", "none", "--end", "close", "--chunks", "4093,1000,65537,4093,1000000"]);
         assert_xfer_ok(&r, "write then close");
         let c = &server_conns(&mut pod, srv, 1)[0];
         assert_eq!(
@@ -382,7 +384,7 @@ fn rst_with_data_in_flight(accel: bool) {
     let srv = start_as_proxy(&mut pod, &["stress-server", "--reply", "none", "--read-delay-ms", "300", "--read-chunks", SMALL_READS]);
     attach(&pod, accel);
     let size = 8 * MIB;
-    let r = xfer(&app(&pod), &v4(UPSTREAM_V4, 8080), &["--size", &size.to_string(), "--expect", "none", "--end", "rst"]);
+    let r = xfer(&app(&pod), &v4(UPSTREAM_V4, 8080), &["--size", &size.to_string(), "--expect", "none", "--end", "rst", "--chunks", "4093,1000,16384,65537"]);
     let c = &server_conns(&mut pod, srv, 1)[0];
     let got = c["bytes"].as_u64().unwrap() as usize;
     eprintln!("rst with 8 MiB in flight (accel {accel}): app wrote {} bytes ({}), receiver got {got} then {}", r["sent"], r["write_error"], c["end"]);
@@ -467,7 +469,8 @@ fn proxy_closes_with_unread_data(accel: bool) {
     let mut pod = Pod::new("aun");
     let srv = start_as_proxy(&mut pod, &["stress-server", "--reply", "none", "--read-limit", "1000"]);
     attach(&pod, accel);
-    let r = xfer(&app(&pod), &v4(UPSTREAM_V4, 8080), &["--size", "200000", "--expect", "echo", "--timeout-ms", "5000"]);
+    // Writes below the bulk switch: the data stays on the redirected path.
+    let r = xfer(&app(&pod), &v4(UPSTREAM_V4, 8080), &["--size", "200000", "--expect", "echo", "--timeout-ms", "5000", "--chunks", "16384"]);
     let c = &server_conns(&mut pod, srv, 1)[0];
     assert_eq!((c["bytes"].as_u64(), c["end"].as_str()), (Some(1000), Some("limit")), "{c}");
     eprintln!("proxy closed with unread data (accel {accel}): app {r}");
@@ -485,15 +488,31 @@ fn proxy_closes_with_unread_data(accel: bool) {
 /// write blocks until the proxy reads (and kernel memory for the
 /// connection stays bounded). Then every byte arrives.
 fn slow_reader_holds_the_writer_back(accel: bool) {
-    let mut pod = Pod::new("abp");
+    slow_reader_case(accel, "16384", "abp");
+}
+
+/// The same with large writes (256 KiB): with acceleration the first one
+/// moves the socket to the normal path (bulk switch), where TCP flow
+/// control holds the writer back again.
+fn slow_reader_holds_a_bulk_writer_back(accel: bool) {
+    slow_reader_case(accel, "262144", "abq");
+}
+
+fn slow_reader_case(accel: bool, chunks: &str, tag: &str) {
+    let mut pod = Pod::new(tag);
     let srv = start_as_proxy(&mut pod, &["stress-server", "--reply", "none", "--read-delay-ms", "2000"]);
     attach(&pod, accel);
     let size = 32 * MIB;
-    let r = xfer(&app(&pod), &v4(UPSTREAM_V4, 8080), &["--size", &size.to_string(), "--expect", "none", "--end", "close"]);
+    let r = xfer(&app(&pod), &v4(UPSTREAM_V4, 8080), &["--size", &size.to_string(), "--expect", "none", "--end", "close", "--chunks", chunks]);
     assert_xfer_ok(&r, "32 MiB to a slow reader");
     let c = &server_conns(&mut pod, srv, 1)[0];
     assert_eq!((c["bytes"].as_u64(), c["hash"].as_str(), c["end"].as_str()), (Some(size as u64), r["sent_hash"].as_str(), Some("eof")), "{c}");
-    check_accel(&pod, accel, 1);
+    if chunks == "16384" {
+        check_accel(&pod, accel, 1);
+    } else if accel {
+        assert_eq!(accel_counter(&pod, "sockets_inserted").0, 2);
+        assert!(accel_counter(&pod, "messages_bulk").1 >= size as u64, "the writes did not go through the bulk switch");
+    }
     wait_maps_empty(&pod);
     let ms = r["write_ms"].as_u64().unwrap();
     eprintln!("32 MiB to a reader that waits 2 s (accel {accel}): the app's writes took {ms} ms");
@@ -523,6 +542,72 @@ fn proxy_peeks_before_reading(accel: bool) {
     // more data between peeks.
     assert!(conns.iter().any(|c| c["peeks"].as_u64().unwrap() > 1), "one peek was always enough; the pauses did not split the head: {conns:?}");
     check_accel(&pod, accel, sizes.len() as u64);
+    wait_maps_empty(&pod);
+}
+
+// ----------------------------------------------------------- bulk switch
+
+/// Writes below and above the bulk threshold (64 KiB), interleaved.
+const BULK_MIX: &str = "1000,7,4093,100,200000,5,65536,1,70001";
+
+/// The bulk switch keeps the byte order. Small messages are redirected and
+/// wait, unread, in the receiver's sockmap queue (the receiver starts
+/// reading only after 300 ms) when a large message moves the socket to
+/// the normal path for good; the receiver must read every redirected byte
+/// before the normal path's. Several MiB, hash-checked, sent by write,
+/// sendfile, splice and all three in turn, ending with a half-close; the
+/// answer or the echo comes back the same way (echo: the replying side
+/// switches too). At the hop and through the proxy.
+fn bulk_switch_keeps_order(accel: bool) {
+    let size = 3 * MIB + 17;
+    let sent = hash(&payload(size));
+    for direct in [false, true] {
+        let mut pod = Pod::new(if direct { "abkd" } else { "abkp" });
+        let srv_args = ["stress-server", "--reply", "hash", "--read-chunks", SMALL_READS, "--read-delay-ms", "300"];
+        let srv = if direct {
+            start_as_proxy(&mut pod, &srv_args)
+        } else {
+            let i = start_upstream_tool(&mut pod, 8080, &srv_args);
+            pod.start_proxy();
+            i
+        };
+        attach(&pod, accel);
+        let app = app(&pod);
+        let modes = ["write", "sendfile", "splice", "mixed"];
+        for send in modes {
+            let r = xfer(&app, &v4(UPSTREAM_V4, 8080), &["--size", &size.to_string(), "--send", send, "--chunks", BULK_MIX, "--expect", "hash", "--end", "shutdown", "--read-chunks", "1,2,3"]);
+            assert_xfer_ok(&r, &format!("{send}, {size} bytes, half-close (direct hop: {direct})"));
+            assert_eq!(r["eof"], true, "{r}");
+        }
+        for c in server_conns(&mut pod, srv, modes.len()) {
+            assert_eq!((c["bytes"].as_u64(), c["hash"].as_str(), c["end"].as_str()), (Some(size as u64), Some(sent.as_str()), Some("eof")), "server saw {c}");
+        }
+        check_accel(&pod, accel, modes.len() as u64);
+        check_redirected_bytes(&pod, accel, (modes.len() * size) as u64);
+        if accel {
+            // Both paths were taken: the small head redirected, then the
+            // switch (once per connection's app socket at least).
+            let (switched, _) = accel_counter(&pod, "messages_bulk");
+            let (redirected, head) = accel_counter(&pod, "messages_redirected");
+            assert!(switched >= modes.len() as u64 && redirected > 0 && head >= (modes.len() * 5200) as u64, "bulk {switched} messages, redirected {redirected} messages / {head} bytes");
+        }
+        wait_maps_empty(&pod);
+    }
+
+    // Echo at the hop: the server writes back in mixed sizes too, after a
+    // delay, while the app reads in small pieces; both directions switch.
+    let mut pod = Pod::new("abke");
+    start_as_proxy(&mut pod, &["stress-server", "--reply", "echo", "--read-chunks", SMALL_READS, "--write-chunks", BULK_MIX, "--read-delay-ms", "300"]);
+    attach(&pod, accel);
+    for send in ["write", "mixed"] {
+        let r = xfer(&app(&pod), &v6(UPSTREAM_V6, 8080), &["--size", &size.to_string(), "--send", send, "--chunks", BULK_MIX, "--read-chunks", SMALL_READS]);
+        assert_xfer_ok(&r, &format!("echo, {send}"));
+    }
+    check_accel(&pod, accel, 2);
+    check_redirected_bytes(&pod, accel, (2 * 2 * size) as u64);
+    if accel {
+        assert!(accel_counter(&pod, "messages_bulk").0 >= 4, "both directions of both connections switch");
+    }
     wait_maps_empty(&pod);
 }
 
@@ -562,7 +647,9 @@ in_both_modes!(
     close_with_data_in_flight,
     rst_with_data_in_flight,
     epoll_servers_lose_no_wakeups,
-    proxy_peeks_before_reading;
+    proxy_peeks_before_reading,
+    bulk_switch_keeps_order,
+    slow_reader_holds_a_bulk_writer_back;
     known_accel_limits:
     proxy_closes_first_then_app_writes,
     proxy_closes_with_unread_data,

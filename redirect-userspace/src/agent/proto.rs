@@ -145,7 +145,9 @@ impl CaptureConfig {
         set(&mut f.exclude_out_ports, &self.exclude_out_ports);
         set(&mut f.include_in_ports, &self.include_in_ports);
         set(&mut f.exclude_in_ports, &self.exclude_in_ports);
-        f.accel = self.accel.unwrap_or(false);
+        // true: --accel, false: --no-accel, absent: as the kernel probe says.
+        f.accel = self.accel == Some(true);
+        f.no_accel = self.accel == Some(false);
         f
     }
 }
@@ -327,7 +329,13 @@ mod tests {
         assert_eq!(c.exclude_in_ports, Some(FlagValue("15090,15021".into())));
         assert_eq!(c.proxy_port, Some(FlagValue("15001".into())));
         let f = c.to_flags();
-        assert_eq!((f.include_cidrs.as_str(), f.accel), ("*", true));
+        assert_eq!((f.include_cidrs.as_str(), f.accel, f.no_accel), ("*", true, false));
+        let off: CaptureConfig = serde_json::from_str(r#"{"accel":false}"#).unwrap();
+        let f = off.to_flags();
+        assert_eq!((f.accel, f.no_accel), (false, true));
+        let auto: CaptureConfig = serde_json::from_str("{}").unwrap();
+        let f = auto.to_flags();
+        assert_eq!((f.accel, f.no_accel), (false, false));
         assert!(serde_json::from_str::<CaptureConfig>(r#"{"exclude-inbound-portz":"1"}"#).is_err());
         assert!(serde_json::from_str::<CaptureConfig>(r#"{"d":{"a":1}}"#).is_err());
         let merged = CaptureConfig { exclude_in_ports: Some(FlagValue("".into())), ..Default::default() }.over(&CaptureConfig::istio_injected());

@@ -98,10 +98,9 @@ pub fn run(pin_dir: &Path, a: Args) -> Result<()> {
             cgroup.display(),
             if newly { "attached now" } else { "already attached" }
         );
-        match (&info.accel, &info.accel_unavailable) {
-            (true, _) => println!("  acceleration: on (sockops + sk_msg)"),
-            (false, Some(why)) => eprintln!("redirect: warning: acceleration unavailable, continuing without: {why}"),
-            (false, None) => println!("  acceleration: off (--accel turns it on)"),
+        println!("  acceleration: {}", info.accel_decision);
+        if info.accel && spec.accel_mode == redirect_userspace::config::AccelMode::Forced && info.accel_decision.contains("probe failed") {
+            eprintln!("redirect: warning: acceleration forced on a kernel that failed the probe (README, \"Acceleration\")");
         }
         if !info.listener_seeded.is_empty() {
             println!("  proxy listener found: {}", info.listener_seeded.join(", "));
