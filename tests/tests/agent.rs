@@ -339,6 +339,60 @@ fn agent_socket_is_root_only_and_checks_requests() {
     s.daemon = Some(d);
 }
 
+/// A network plugin that rewrites its conflist drops our entry (and a
+/// node cleanup may delete the binary): the running agent puts both back
+/// within --cni-recheck-secs, counts and logs it, and stops doing so
+/// before --cni-cleanup removes the entry at shutdown.
+#[test]
+fn daemon_restores_a_conflist_entry_removed_while_it_runs() {
+    let mut s = Setup::new("agguard");
+    let tmp = TempDir::new("agguard-cni");
+    let (conf_dir, bin_dir) = (tmp.join("net.d"), tmp.join("bin"));
+    std::fs::create_dir_all(&conf_dir).unwrap();
+    let original = "{\n  \"cniVersion\": \"1.0.0\",\n  \"name\": \"rdguard\",\n  \"plugins\": [\n    {\n      \"type\": \"bridge\",\n      \"bridge\": \"rdtbr8\"\n    }\n  ]\n}\n";
+    let conflist = conf_dir.join("50-rdguard.conflist");
+    std::fs::write(&conflist, original).unwrap();
+    let args = ["--cni-conf-dir", conf_dir.to_str().unwrap(), "--cni-bin-dir", bin_dir.to_str().unwrap(), "--cni-conflist", "50-rdguard.conflist", "--cni-recheck-secs", "1", "--cni-cleanup"];
+    assert!(s.daemon.take().unwrap().stop().success());
+    s.start_daemon(&args);
+    let bin = bin_dir.join("redirect-cni");
+    let installed = std::fs::read_to_string(&conflist).unwrap();
+    assert_ne!(installed, original);
+    let metric = |series: &str| -> u64 {
+        let (code, m) = redirect_userspace::agent::http::get(s.daemon().metrics_addr(), "/metrics").unwrap();
+        assert_eq!(code, 200);
+        m.lines().find_map(|l| l.strip_prefix(series).and_then(|r| r.strip_prefix(' ')).map(|v| v.trim().parse::<u64>().unwrap())).unwrap_or(0)
+    };
+    let wait = |what: &str, f: &dyn Fn() -> bool| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        while !f() {
+            assert!(std::time::Instant::now() < deadline, "{what}\nlog:\n{}", s.daemon().log_text());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    assert_eq!(metric("redirect_agent_cni_restored_total{what=\"entry\"}"), 0);
+    // The network plugin rewrites its file without us.
+    std::fs::write(&conflist, original).unwrap();
+    wait("entry restored", &|| std::fs::read_to_string(&conflist).unwrap() == installed);
+    wait("entry restore counted", &|| metric("redirect_agent_cni_restored_total{what=\"entry\"}") == 1);
+    // The binary deleted.
+    std::fs::remove_file(&bin).unwrap();
+    wait("binary restored", &|| bin.exists());
+    assert_eq!(std::fs::read(&bin).unwrap(), std::fs::read(cni_bin()).unwrap());
+    wait("binary restore counted", &|| metric("redirect_agent_cni_restored_total{what=\"binary\"}") == 1);
+    // A broken file is counted as a failed check, never clobbered.
+    std::fs::write(&conflist, "{ not json").unwrap();
+    wait("check error counted", &|| metric("redirect_agent_cni_check_errors_total") >= 1);
+    assert_eq!(std::fs::read_to_string(&conflist).unwrap(), "{ not json");
+    assert!(s.daemon().log_text().contains("cannot check or restore the CNI entry"));
+    std::fs::write(&conflist, original).unwrap();
+    wait("entry restored after the broken file", &|| std::fs::read_to_string(&conflist).unwrap() == installed);
+    // Shutdown with --cni-cleanup: the entry goes and stays gone.
+    assert!(s.daemon.take().unwrap().stop().success());
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(std::fs::read_to_string(&conflist).unwrap(), original);
+}
+
 #[test]
 fn daemon_installs_the_plugin_and_its_conflist_entry() {
     let mut s = Setup::new("agconf");

@@ -69,6 +69,10 @@ impl Setup {
         cni(&pod_vars(command, container, &ns, args), plugin_conf(&self.daemon().socket, json!({"kubernetes": true})).as_bytes())
     }
 
+    fn readyz(&self) -> (u16, String) {
+        redirect_userspace::agent::http::get(self.daemon().metrics_addr(), "/readyz").unwrap()
+    }
+
     fn metrics(&self) -> String {
         let (code, m) = redirect_userspace::agent::http::get(self.daemon().metrics_addr(), "/metrics").unwrap();
         assert_eq!(code, 200);
@@ -290,6 +294,7 @@ fn recorded_contract_annotations_drive_capture_and_live_changes() {
 fn recorded_contract_unknown_pod_and_api_down_fail_closed() {
     let mut s = Setup::new("kapiu", &["--pod-wait-ms", "1000"]);
     s.wait_metric("redirect_agent_kubernetes_synced", 1);
+    assert_eq!(s.readyz(), (200, "ready\n".to_string()));
 
     let t0 = Instant::now();
     let add = s.cni("ADD", "ctr-ghost", &k8s_args("shop", "ghost-5f6d7c8b9-abcde", None));
@@ -326,6 +331,11 @@ fn recorded_contract_unknown_pod_and_api_down_fail_closed() {
     // The API goes away: the watch notices, ADDs fail closed.
     s.api.shutdown();
     s.wait_metric("redirect_agent_kubernetes_connected", 0);
+    // Not ready while ADDs of mesh pods cannot be decided; still healthy.
+    let (code, body) = s.readyz();
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("Kubernetes API is unreachable"), "{body}");
+    assert_eq!(redirect_userspace::agent::http::get(s.daemon().metrics_addr(), "/healthz").unwrap().0, 200);
     let add = s.cni("ADD", "ctr-cart", &k8s_args("shop", &cart, Some(&uid_of("cart-"))));
     assert_eq!(add.error_code(), 102, "{add:?}");
     assert!(add.json()["details"].as_str().unwrap().contains("Kubernetes API unreachable"), "{add:?}");
@@ -335,6 +345,7 @@ fn recorded_contract_unknown_pod_and_api_down_fail_closed() {
     // Back: the watch reconnects and the same ADD captures.
     s.api.restart();
     s.wait_metric("redirect_agent_kubernetes_connected", 1);
+    assert_eq!(s.readyz().0, 200);
     let add = s.cni("ADD", "ctr-cart", &k8s_args("shop", &cart, Some(&uid_of("cart-"))));
     assert_eq!(add.code, 0, "{add:?}\n{}", s.log());
     assert_eq!(s.routes(), ("proxy", "direct"));

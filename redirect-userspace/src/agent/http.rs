@@ -69,15 +69,32 @@ fn handle(conn: TcpStream, agent: &Agent, ready: &AtomicBool) {
     let _ = match path {
         "/metrics" => respond(&conn, "200 OK", "text/plain; version=0.0.4; charset=utf-8", &super::metrics::render(agent, ready.load(Ordering::SeqCst)), head),
         "/healthz" => respond(&conn, "200 OK", "text/plain", "ok\n", head),
-        "/readyz" => {
-            if ready.load(Ordering::SeqCst) {
-                respond(&conn, "200 OK", "text/plain", "ready\n", head)
-            } else {
-                respond(&conn, "503 Service Unavailable", "text/plain", "not ready\n", head)
-            }
-        }
+        "/readyz" => match readiness(agent, ready.load(Ordering::SeqCst)) {
+            Ok(()) => respond(&conn, "200 OK", "text/plain", "ready\n", head),
+            Err(why) => respond(&conn, "503 Service Unavailable", "text/plain", &format!("not ready: {why}\n"), head),
+        },
         _ => respond(&conn, "404 Not Found", "text/plain", "not found: try /metrics, /healthz or /readyz\n", head),
     };
+}
+
+/// Ready when the agent serves its socket with the programs attached and,
+/// if it uses the Kubernetes API, its pod watch is connected and has listed
+/// this node's pods: only then can it decide a CNI ADD (otherwise ADDs fail
+/// closed, and the probe says why).
+pub fn readiness(agent: &Agent, serving: bool) -> Result<(), &'static str> {
+    if !serving {
+        return Err("the agent is starting or stopping");
+    }
+    if let Some(w) = agent.k8s.get() {
+        let (connected, synced, _) = w.gauges();
+        if !connected {
+            return Err("the Kubernetes API is unreachable (CNI ADDs of mesh pods fail closed)");
+        }
+        if !synced {
+            return Err("the pod watch has not listed this node's pods yet");
+        }
+    }
+    Ok(())
 }
 
 fn respond(mut conn: &TcpStream, status: &str, ctype: &str, body: &str, head: bool) -> std::io::Result<()> {

@@ -35,6 +35,12 @@ pub fn render(agent: &Agent, ready: bool) -> String {
     let _ = writeln!(out, "redirect_agent_detach_total{{result=\"error\"}} {}", c.detach_errors);
     header(&mut out, "redirect_agent_reconcile_released_total", "counter", "Pods released at agent start because their network namespace was gone.");
     let _ = writeln!(out, "redirect_agent_reconcile_released_total {}", c.reconcile_released);
+    header(&mut out, "redirect_agent_cni_restored_total", "counter", "CNI conflist entry or plugin binary restored after something else removed it, by what.");
+    for what in ["entry", "binary"] {
+        let _ = writeln!(out, "redirect_agent_cni_restored_total{{what=\"{what}\"}} {}", c.cni_restored.get(what).copied().unwrap_or(0));
+    }
+    header(&mut out, "redirect_agent_cni_check_errors_total", "counter", "Checks of the CNI conflist entry that failed (file unreadable or invalid).");
+    let _ = writeln!(out, "redirect_agent_cni_check_errors_total {}", c.cni_check_errors);
     header(&mut out, "redirect_agent_map_full_total", "counter", "Pod captures refused because a map was full (fail closed: the CNI ADD fails), by map.");
     for map in [redirect_common::MAP_PODS, redirect_common::MAP_PORTS, redirect_common::MAP_CIDRS] {
         let _ = writeln!(out, "redirect_agent_map_full_total{{map=\"{map}\"}} {}", c.map_full.get(map).copied().unwrap_or(0));

@@ -51,6 +51,11 @@ pub struct AgentCounters {
     pub reconcile_released: u64,
     /// Captures refused because a map was full, by map name.
     pub map_full: BTreeMap<&'static str, u64>,
+    /// CNI conflist entry / plugin binary put back after something else
+    /// removed them, by what ("entry", "binary").
+    pub cni_restored: BTreeMap<&'static str, u64>,
+    /// Failed checks of the conflist entry (unreadable or invalid file).
+    pub cni_check_errors: u64,
 }
 
 struct Inner {

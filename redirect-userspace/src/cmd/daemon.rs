@@ -83,6 +83,12 @@ pub struct Args {
     /// pods in the ClusterRole).
     #[arg(long, env = "REDIRECT_REPAIR", default_value = "report", value_parser = ["report", "delete"])]
     pub repair: String,
+    /// How often (seconds) the agent checks that its conflist entry and
+    /// plugin binary are still in place and restores them (a network
+    /// plugin that rewrites its conflist drops foreign entries: new pods
+    /// would then start uncaptured). 0 turns the check off.
+    #[arg(long, env = "REDIRECT_CNI_RECHECK_SECS", default_value_t = 5, value_parser = clap::value_parser!(u64).range(0..=3600))]
+    pub cni_recheck_secs: u64,
     /// Map sizes of a new install, `<map>=<entries>` (pods, orig, sockhash,
     /// ports, cidrs, counters), comma separated or repeated. An existing
     /// install keeps its sizes; a different size here is an error.
@@ -173,10 +179,25 @@ pub fn run(pin_dir: &Path, a: Args) -> Result<()> {
         })?;
     }
 
+    let mut guard = None;
     if let Some(p) = &conflist_path {
         let bin = conflist::install_binary(&plugin_src, &a.cni_bin_dir)?;
         let changed = conflist::install_entry_k8s(p, &a.socket, a.cni_capture_all, kube_opts.is_some())?;
         tracing::info!(binary = %bin.display(), conflist = %p.display(), changed, capture_all = a.cni_capture_all, "CNI plugin installed");
+        if a.cni_recheck_secs > 0 {
+            let g = CniGuard {
+                conflist: p.clone(),
+                plugin_src: plugin_src.clone(),
+                bin: bin.clone(),
+                bin_dir: a.cni_bin_dir.clone(),
+                socket: a.socket.clone(),
+                capture_all: a.cni_capture_all,
+                kubernetes: kube_opts.is_some(),
+                every: Duration::from_secs(a.cni_recheck_secs),
+            };
+            let (agent, stop) = (agent.clone(), stop.clone());
+            guard = Some(std::thread::Builder::new().name("cni-guard".into()).spawn(move || g.run(&agent, &stop))?);
+        }
     }
 
     ready.store(true, Ordering::SeqCst);
@@ -206,6 +227,10 @@ pub fn run(pin_dir: &Path, a: Args) -> Result<()> {
     stop.store(true, Ordering::SeqCst);
     // New clients find no socket (a CNI ADD then fails closed).
     let _ = std::fs::remove_file(&a.socket);
+    // Stopped before --cni-cleanup, so it cannot put the entry back.
+    if let Some(g) = guard {
+        let _ = g.join();
+    }
     if a.cni_cleanup {
         if let Some(p) = &conflist_path {
             match conflist::remove_entry(p) {
@@ -240,4 +265,65 @@ fn kubernetes_options(a: &Args) -> Result<Option<agent::k8s::Options>> {
         pod_wait: Duration::from_millis(a.pod_wait_ms),
         repair: if a.repair == "delete" { agent::k8s::Repair::Delete } else { agent::k8s::Repair::Report },
     }))
+}
+
+/// Keeps the conflist entry and the plugin binary in place while the agent
+/// runs, restoring them when something else removed them (counted, logged).
+struct CniGuard {
+    conflist: PathBuf,
+    plugin_src: PathBuf,
+    bin: PathBuf,
+    bin_dir: PathBuf,
+    socket: PathBuf,
+    capture_all: bool,
+    kubernetes: bool,
+    every: Duration,
+}
+
+impl CniGuard {
+    fn run(&self, agent: &Agent, stop: &AtomicBool) {
+        let mut failing = false;
+        loop {
+            // Sleep in short steps so shutdown is not delayed.
+            let until = Instant::now() + self.every;
+            while Instant::now() < until {
+                if stop.load(Ordering::SeqCst) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(100).min(self.every));
+            }
+            match self.check() {
+                Ok(restored) => {
+                    if failing {
+                        tracing::info!(conflist = %self.conflist.display(), "CNI entry check succeeds again");
+                        failing = false;
+                    }
+                    for what in restored {
+                        agent.counters().cni_restored.entry(what).and_modify(|n| *n += 1).or_insert(1);
+                        tracing::warn!(conflist = %self.conflist.display(), binary = %self.bin.display(), restored = what, "the CNI {what} had been removed by something else; restored it (pods created meanwhile may be uncaptured: see the repair metric)");
+                    }
+                }
+                Err(e) => {
+                    agent.counters().cni_check_errors += 1;
+                    if !failing {
+                        tracing::warn!(conflist = %self.conflist.display(), error = %e, "cannot check or restore the CNI entry (retrying)");
+                        failing = true;
+                    }
+                }
+            }
+        }
+    }
+
+    /// What had to be put back: "entry" and/or "binary".
+    fn check(&self) -> Result<Vec<&'static str>> {
+        let mut restored = Vec::new();
+        if !self.bin.exists() {
+            conflist::install_binary(&self.plugin_src, &self.bin_dir)?;
+            restored.push("binary");
+        }
+        if conflist::install_entry_k8s(&self.conflist, &self.socket, self.capture_all, self.kubernetes)? {
+            restored.push("entry");
+        }
+        Ok(restored)
+    }
 }
