@@ -80,6 +80,9 @@ enum Task {
         /// Pods for --churn.
         #[arg(long, default_value = "1000")]
         pods: usize,
+        /// Pods kept captured through the --churn run.
+        #[arg(long, default_value = "100")]
+        resident: usize,
     },
 }
 
@@ -109,7 +112,7 @@ fn run(task: Task) -> Result<ExitCode> {
         Task::Build { debug } => tasks::build(&setup::setup(false)?, debug)?,
         Task::Test { args } => return tasks::test(&setup::setup(false)?, &args),
         Task::Demo => tasks::demo(&setup::setup(false)?)?,
-        Task::Bench { churn: true, out, pods, .. } => tasks::bench_churn(&setup::setup(false)?, pods, out)?,
+        Task::Bench { churn: true, out, pods, resident, .. } => tasks::bench_churn(&setup::setup(false)?, pods, resident, out)?,
         Task::Bench { quick, proxy, out, .. } => tasks::bench(&setup::setup(false)?, quick, &proxy, out)?,
     }
     Ok(ExitCode::SUCCESS)

@@ -262,7 +262,7 @@ pub fn bench(toolchain: &Toolchain, quick: bool, proxy: &str, out: Option<PathBu
 
 /// Release build, then `redirect-kit pod-churn`: results in
 /// `<out>/latest/churn.md` and `churn.json`.
-pub fn bench_churn(toolchain: &Toolchain, pods: usize, out: Option<PathBuf>) -> Result<()> {
+pub fn bench_churn(toolchain: &Toolchain, pods: usize, resident: usize, out: Option<PathBuf>) -> Result<()> {
     if !cmd::is_root() {
         bail!("the churn benchmark creates namespaces, cgroups and BPF programs and runs the agent: run it as root");
     }
@@ -274,6 +274,6 @@ pub fn bench_churn(toolchain: &Toolchain, pods: usize, out: Option<PathBuf>) -> 
     };
     let binary = target_dir().join("release/redirect-kit");
     let mut churn = Command::new(&binary);
-    churn.current_dir(workspace_root()).args(["pod-churn", "--pods", &pods.to_string(), "--out"]).arg(out.join("latest"));
+    churn.current_dir(workspace_root()).args(["pod-churn", "--pods", &pods.to_string(), "--resident", &resident.to_string(), "--out"]).arg(out.join("latest"));
     Err(cmd::exec(&mut churn)).with_context(|| format!("could not run {}", binary.display()))
 }

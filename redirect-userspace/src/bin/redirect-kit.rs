@@ -97,6 +97,10 @@ enum Tool {
         /// Write churn.md and churn.json here.
         #[arg(long)]
         out: Option<std::path::PathBuf>,
+        /// Pods kept captured through the churn (a node's resident pods;
+        /// 100: about a full node at kubelet's default of 110 pods).
+        #[arg(long, default_value = "100")]
+        resident: usize,
     },
     /// Inside a churned pod: one redirected connection, checked.
     #[command(hide = true)]
@@ -142,7 +146,7 @@ fn main() -> ExitCode {
             println!("{v}");
             if v["ok"] == true { ExitCode::SUCCESS } else { ExitCode::FAILURE }
         }
-        Tool::PodChurn { pods, out } => match kit::podchurn::run(&kit::podchurn::Options { pods, out, redirect: None }) {
+        Tool::PodChurn { pods, out, resident } => match kit::podchurn::run(&kit::podchurn::Options { pods, out, redirect: None, resident }) {
             Ok(r) => {
                 eprint!("{}", kit::podchurn::markdown(&r));
                 println!("{}", serde_json::to_string(&r).expect("serializable"));

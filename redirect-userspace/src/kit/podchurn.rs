@@ -10,6 +10,10 @@
 //! baseline, no pod netns or cgroup directory left, the agent's memory
 //! flat, and zero failed connections.
 //!
+//! Resident pods (`--resident`, 100 by default) are captured before the
+//! baseline and kept through the churn, so the maps hold a full node's
+//! entries while the churned pods come and go.
+//!
 //! Each churned pod is what a runtime makes: a named netns with a veth
 //! (10.202.0.2/24, fd00:202::2/64) and its own cgroup directory (a child of
 //! the cgroup the agent attached to). Between ADD and DEL a process in the
@@ -60,6 +64,10 @@ pub struct Options {
     pub out: Option<PathBuf>,
     /// The `redirect` binary (default: next to this one).
     pub redirect: Option<PathBuf>,
+    /// Pods captured before the churn and kept captured through it (a
+    /// node's resident pods: the maps hold their entries while the churned
+    /// pods come and go). Released at the end, after the checks.
+    pub resident: usize,
 }
 
 #[derive(Debug, Default, Serialize, Clone)]
@@ -103,6 +111,7 @@ pub struct Steady {
 #[derive(Debug, Default, Serialize)]
 pub struct Report {
     pub pods: usize,
+    pub resident: usize,
     pub elapsed_s: f64,
     pub build: &'static str,
     pub kernel: String,
@@ -525,6 +534,18 @@ pub fn run(o: &Options) -> Result<Report, String> {
             prev = now;
         }
     };
+    // Resident pods, captured for the whole churn.
+    let mut residents: Vec<(NetnsGuard, String)> = Vec::new();
+    for j in 0..o.resident {
+        let name = format!("{}r{j}", unique("rdch"));
+        let ns = make_pod_netns(&name).map_err(|e| format!("resident pod {j}: {e}"))?;
+        let path = ns.path().display().to_string();
+        let (code, out, _) = cni(&plugin, "ADD", &format!("resident-{j}"), &path, &select(&format!("r{j}")), &conf);
+        if code != 0 {
+            return Err(format!("CNI ADD of resident pod {j} failed: {out}"));
+        }
+        residents.push((ns, path));
+    }
     let maps_baseline = settle(None);
     let pins_baseline = listing(&pin_dir);
     let fds_baseline = fds_of(agent_pid);
@@ -533,7 +554,7 @@ pub fn run(o: &Options) -> Result<Report, String> {
     let stop = Arc::new(AtomicBool::new(false));
     let steady = steady_loop(kitbin.clone(), app.clone(), stop.clone());
 
-    let mut rep = Report { pods: o.pods, load_avg: (load_avg(), 0.0), build: if cfg!(debug_assertions) { "debug" } else { "release" }, kernel: kernel(), cpus: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1), ..Report::default() };
+    let mut rep = Report { pods: o.pods, resident: o.resident, load_avg: (load_avg(), 0.0), build: if cfg!(debug_assertions) { "debug" } else { "release" }, kernel: kernel(), cpus: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1), ..Report::default() };
     let (mut add_cni, mut del_cni) = (Vec::new(), Vec::new());
     let mut created: Vec<raw::KernelIds> = Vec::new();
     let mut peak = maps_baseline.clone();
@@ -711,6 +732,10 @@ pub fn run(o: &Options) -> Result<Report, String> {
     if !rep.ok {
         eprintln!("pod-churn: agent log tail:\n{}", text.lines().rev().take(30).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n"));
     }
+    for (j, (ns, path)) in residents.into_iter().enumerate() {
+        let _ = cni(&plugin, "DEL", &format!("resident-{j}"), &path, &format!("K8S_POD_NAMESPACE=churn;K8S_POD_NAME=r{j}"), &conf);
+        drop(ns);
+    }
     drop(agent);
     drop(children);
     if let Some(dir) = &o.out {
@@ -732,9 +757,12 @@ pub fn rss_tolerance_kib(pods: usize) -> u64 {
 pub fn markdown(r: &Report) -> String {
     let row = |name: &str, s: &Stats| format!("| {name} | {} | {:.2} | {:.2} | {:.2} | {:.2} |\n", s.n, s.p50, s.p90, s.p99, s.max);
     let mut m = format!(
-        "# Pod churn\n\n{} pods created, captured (CNI ADD through `redirect-cni` to a running `redirect daemon`), checked with traffic, released (CNI DEL) and removed, while steady traffic flowed through a long-lived captured pod. {} build, Linux {}, {} CPUs, load average {:.1} at the start and {:.1} at the end (the machine may be shared), {:.0} s.\n\n\
+        "# Pod churn\n\n{} pods created{}, captured (CNI ADD through `redirect-cni` to a running `redirect daemon`), checked with traffic, released (CNI DEL) and removed, while steady traffic flowed through a long-lived captured pod. {} build, Linux {}, {} CPUs, load average {:.1} at the start and {:.1} at the end (the machine may be shared), {:.0} s.\n\n\
          ## Attach and detach time per pod (ms)\n\n| | n | p50 | p90 | p99 | max |\n|---|---|---|---|---|---|\n",
-        r.pods, r.build, r.kernel, r.cpus, r.load_avg.0, r.load_avg.1, r.elapsed_s
+        r.pods,
+        if r.resident > 0 { format!(" (with {} resident pods captured throughout)", r.resident) } else { String::new() },
+        r.build,
+        r.kernel, r.cpus, r.load_avg.0, r.load_avg.1, r.elapsed_s
     );
     m += &row("ADD, inside the agent", &r.add_agent_ms);
     m += &row("DEL, inside the agent", &r.del_agent_ms);
