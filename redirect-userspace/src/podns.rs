@@ -219,7 +219,7 @@ fn add_lo_address_v6(addr: Ipv6Addr) -> io::Result<()> {
         msg.extend_from_slice(&((4 + data.len()) as u16).to_ne_bytes());
         msg.extend_from_slice(&ty.to_ne_bytes());
         msg.extend_from_slice(data);
-        while msg.len() % 4 != 0 {
+        while !msg.len().is_multiple_of(4) {
             msg.push(0);
         }
     };

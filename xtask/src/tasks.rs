@@ -193,6 +193,24 @@ fn run_counting(test: &mut Command) -> Result<(std::process::ExitStatus, Totals)
     Ok((status, totals))
 }
 
+/// Release build, then `redirect-kit pod-churn`: results in
+/// `<out>/latest/churn.md` and `churn.json`.
+pub fn bench_churn(toolchain: &Toolchain, pods: usize, resident: usize, out: Option<PathBuf>) -> Result<()> {
+    if !cmd::is_root() {
+        bail!("the churn benchmark creates namespaces, cgroups and BPF programs and runs the agent: run it as root");
+    }
+    build(toolchain, false)?;
+    let out = match out {
+        Some(dir) if dir.is_relative() => env::current_dir()?.join(dir),
+        Some(dir) => dir,
+        None => workspace_root().join("results"),
+    };
+    let binary = target_dir().join("release/redirect-kit");
+    let mut churn = Command::new(&binary);
+    churn.current_dir(workspace_root()).args(["pod-churn", "--pods", &pods.to_string(), "--resident", &resident.to_string(), "--out"]).arg(out.join("latest"));
+    Err(cmd::exec(&mut churn)).with_context(|| format!("could not run {}", binary.display()))
+}
+
 #[cfg(test)]
 mod totals_tests {
     use super::Totals;
@@ -258,22 +276,4 @@ pub fn bench(toolchain: &Toolchain, quick: bool, proxy: &str, out: Option<PathBu
         bench.arg("--quick");
     }
     Err(cmd::exec(&mut bench)).with_context(|| format!("could not run {}", binary.display()))
-}
-
-/// Release build, then `redirect-kit pod-churn`: results in
-/// `<out>/latest/churn.md` and `churn.json`.
-pub fn bench_churn(toolchain: &Toolchain, pods: usize, resident: usize, out: Option<PathBuf>) -> Result<()> {
-    if !cmd::is_root() {
-        bail!("the churn benchmark creates namespaces, cgroups and BPF programs and runs the agent: run it as root");
-    }
-    build(toolchain, false)?;
-    let out = match out {
-        Some(dir) if dir.is_relative() => env::current_dir()?.join(dir),
-        Some(dir) => dir,
-        None => workspace_root().join("results"),
-    };
-    let binary = target_dir().join("release/redirect-kit");
-    let mut churn = Command::new(&binary);
-    churn.current_dir(workspace_root()).args(["pod-churn", "--pods", &pods.to_string(), "--resident", &resident.to_string(), "--out"]).arg(out.join("latest"));
-    Err(cmd::exec(&mut churn)).with_context(|| format!("could not run {}", binary.display()))
 }

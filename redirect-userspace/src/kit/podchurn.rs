@@ -346,7 +346,7 @@ fn agent_times(log: &str, what: &str, name: &str) -> BTreeMap<String, f64> {
     let mut out = BTreeMap::new();
     let key = format!(" {name}=");
     for l in log.lines().filter(|l| l.contains(what)) {
-        let field = |k: &str| l.split(k).nth(1).map(|r| r.split(|c: char| c == ' ' || c == '}' || c == ':').next().unwrap_or("").to_string());
+        let field = |k: &str| l.split(k).nth(1).map(|r| r.split([' ', '}', ':']).next().unwrap_or("").to_string());
         if let (Some(cid), Some(ms)) = (field("container_id="), field(&key).and_then(|v| v.parse::<f64>().ok())) {
             out.insert(cid, ms);
         }
@@ -397,13 +397,13 @@ fn steady_loop(kit: PathBuf, p: Placement, stop: Arc<AtomicBool>) -> std::thread
         while !stop.load(Ordering::SeqCst) {
             i += 1;
             s.runs += 1;
-            let r = if i % 4 == 0 { run_kit(&kit, &p, &xfer, Duration::from_secs(60)) } else { run_kit(&kit, &p, &churn, Duration::from_secs(60)) };
+            let r = if i.is_multiple_of(4) { run_kit(&kit, &p, &xfer, Duration::from_secs(60)) } else { run_kit(&kit, &p, &churn, Duration::from_secs(60)) };
             match r {
                 Err(e) => {
                     s.failures += 1;
                     s.errors.push(e);
                 }
-                Ok(v) if i % 4 == 0 => {
+                Ok(v) if i.is_multiple_of(4) => {
                     if v["ok"] == true && v["sent"] == 2097152 && v["received"] == 2097152 && v["recv_hash"] == v["sent_hash"] {
                         s.connections += 1;
                         s.bytes_checked += 2 * 2097152;
