@@ -338,7 +338,7 @@ impl Installation {
         // sk_lookup cannot ask for its netns cookie: each pod gets its own
         // instance with the cookie set as a constant (maps stay shared),
         // loaded from instructions relocated once (see sklookup.rs).
-        if self.sk_lookup.is_none() {
+        if !self.sk_lookup.as_ref().is_some_and(|t| t.is_current()) {
             self.sk_lookup = Some(SkLookupTemplate::new(OBJECT, &self.pins.maps_dir(), SK_LOOKUP_PROGRAM, "REDIRECT_SK_LOOKUP_NETNS")?);
         }
         let template = self.sk_lookup.as_ref().expect("set above");

@@ -25,7 +25,7 @@ use std::{
     ffi::CString,
     io,
     os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd},
-    path::Path,
+    path::{Path, PathBuf},
 };
 
 use aya_obj::{
@@ -67,8 +67,8 @@ pub struct SkLookupTemplate {
     license: CString,
     name: [u8; 16],
     /// The pinned maps the instructions name by fd, open as long as the
-    /// template lives.
-    _maps: Vec<OwnedFd>,
+    /// template lives, with their pin path and map id.
+    maps: Vec<(OwnedFd, PathBuf, u32)>,
 }
 
 impl SkLookupTemplate {
@@ -100,7 +100,8 @@ impl SkLookupTemplate {
                 let path = maps_dir.join(name);
                 let fd = obj_get(&path).map_err(|e| Error::io("opening pinned map", &path, e))?;
                 let raw = fd.as_raw_fd();
-                keep.push(fd);
+                let id = map_id(fd.as_fd()).map_err(|e| Error::io("reading the id of pinned map", &path, e))?;
+                keep.push((fd, path, id));
                 raw
             } else {
                 OTHER_MARK
@@ -135,7 +136,15 @@ impl SkLookupTemplate {
         for (d, s) in name.iter_mut().zip(program.bytes().take(15)) {
             *d = s;
         }
-        Ok(SkLookupTemplate { insns, rodata_refs, rodata, cookie_offset, license: prog.license.clone(), name, _maps: keep })
+        Ok(SkLookupTemplate { insns, rodata_refs, rodata, cookie_offset, license: prog.license.clone(), name, maps: keep })
+    }
+
+    /// Are the maps pinned now the ones the instructions refer to? Not
+    /// when the install was removed and made again (`redirect uninstall`,
+    /// then a new `attach`) under a running agent: the template must then
+    /// be made again, or new pods' instances would read the old maps.
+    pub fn is_current(&self) -> bool {
+        self.maps.iter().all(|(_, path, id)| obj_get(path).and_then(|fd| map_id(fd.as_fd())).map(|now| now == *id).unwrap_or(false))
     }
 
     /// Load an instance for the pod with this netns cookie; the returned
@@ -181,6 +190,18 @@ fn fd(r: i32) -> OwnedFd {
 fn put(attr: &mut [u64; 16], off: usize, b: &[u8]) {
     let bytes = unsafe { std::slice::from_raw_parts_mut(attr.as_mut_ptr().cast::<u8>(), 128) };
     bytes[off..off + b.len()].copy_from_slice(b);
+}
+
+/// The id of a map (BPF_OBJ_GET_INFO_BY_FD, `bpf_map_info.id`).
+fn map_id(map: BorrowedFd<'_>) -> io::Result<u32> {
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    let mut info = [0u8; 80];
+    let mut attr = [0u64; 16];
+    // { u32 bpf_fd; u32 info_len; u64 info }
+    attr[0] = map.as_raw_fd() as u32 as u64 | ((info.len() as u64) << 32);
+    attr[1] = info.as_mut_ptr() as u64;
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    Ok(u32::from_ne_bytes([info[4], info[5], info[6], info[7]]))
 }
 
 fn obj_get(path: &Path) -> io::Result<OwnedFd> {
