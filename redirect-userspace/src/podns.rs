@@ -115,85 +115,31 @@ fn tcp_listening(port: u16) -> io::Result<bool> {
 /// thread's netns (NETLINK_SOCK_DIAG, inet_diag_req_v2 dump).
 fn diag_listeners(family: u8) -> io::Result<Vec<u16>> {
     const SOCK_DIAG_BY_FAMILY: u16 = 20;
-    const NLMSG_ERROR: u16 = 2;
-    const NLMSG_DONE: u16 = 3;
-    const NLM_F_REQUEST: u16 = 0x1;
     const NLM_F_DUMP: u16 = 0x300;
     const TCP_LISTEN: u32 = 10;
-
-    let fd = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, libc::NETLINK_SOCK_DIAG) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let mut msg: Vec<u8> = Vec::with_capacity(72);
-    msg.extend_from_slice(&72u32.to_ne_bytes());
-    msg.extend_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
-    msg.extend_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
-    msg.extend_from_slice(&1u32.to_ne_bytes());
-    msg.extend_from_slice(&0u32.to_ne_bytes());
+    let mut msg = nl_header(SOCK_DIAG_BY_FAMILY, NLM_F_DUMP);
     // struct inet_diag_req_v2 { family, protocol, ext, pad, states, sockid (48 bytes) }
     msg.extend_from_slice(&[family, libc::IPPROTO_TCP as u8, 0, 0]);
     msg.extend_from_slice(&(1u32 << TCP_LISTEN).to_ne_bytes());
     msg.extend_from_slice(&[0u8; 48]);
-    send_nl(&fd, &msg)?;
     let mut ports = Vec::new();
-    let mut buf = vec![0u8; 32 * 1024];
-    loop {
-        let n = recv_nl(&fd, &mut buf)?;
-        let mut off = 0;
-        while off + 16 <= n {
-            let mlen = u32::from_ne_bytes(buf[off..off + 4].try_into().unwrap()) as usize;
-            let mtype = u16::from_ne_bytes(buf[off + 4..off + 6].try_into().unwrap());
-            match mtype {
-                NLMSG_DONE => return Ok(ports),
-                NLMSG_ERROR => {
-                    let err = if off + 20 <= n { i32::from_ne_bytes(buf[off + 16..off + 20].try_into().unwrap()) } else { -libc::EIO };
-                    return Err(io::Error::from_raw_os_error(-err));
-                }
-                // struct inet_diag_msg { family, state, timer, retrans, id { sport (be16) ... } }
-                _ if off + 22 <= n => ports.push(u16::from_be_bytes([buf[off + 20], buf[off + 21]])),
-                _ => {}
-            }
-            if mlen < 16 {
-                return Err(io::Error::other("malformed sock_diag reply"));
-            }
-            off += (mlen + 3) & !3;
+    nl_exchange(libc::NETLINK_SOCK_DIAG, msg, |ty, body| {
+        match ty {
+            NLMSG_DONE => return Some(Ok(())),
+            NLMSG_ERROR => return Some(nl_error(body)),
+            // struct inet_diag_msg { family, state, timer, retrans, id { sport (be16) ... } }
+            _ if body.len() >= 6 => ports.push(u16::from_be_bytes([body[4], body[5]])),
+            _ => {}
         }
-    }
-}
-
-fn send_nl(fd: &OwnedFd, msg: &[u8]) -> io::Result<()> {
-    let mut sa: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-    sa.nl_family = libc::AF_NETLINK as u16;
-    let sent = unsafe {
-        libc::sendto(fd.as_raw_fd(), msg.as_ptr().cast(), msg.len(), 0, (&sa as *const libc::sockaddr_nl).cast(), std::mem::size_of::<libc::sockaddr_nl>() as u32)
-    };
-    if sent < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-fn recv_nl(fd: &OwnedFd, buf: &mut [u8]) -> io::Result<usize> {
-    loop {
-        let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-        if n >= 0 {
-            return Ok(n as usize);
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
-        }
-    }
+        None
+    })?;
+    Ok(ports)
 }
 
 /// `ip -6 addr replace <addr>/128 dev lo nodad` in the calling thread's
 /// netns, as one RTM_NEWADDR request over rtnetlink.
 fn add_lo_address_v6(addr: Ipv6Addr) -> io::Result<()> {
     const RTM_NEWADDR: u16 = 20;
-    const NLMSG_ERROR: u16 = 2;
-    const NLM_F_REQUEST: u16 = 0x1;
     const NLM_F_ACK: u16 = 0x4;
     const NLM_F_REPLACE: u16 = 0x100;
     const NLM_F_CREATE: u16 = 0x400;
@@ -206,52 +152,85 @@ fn add_lo_address_v6(addr: Ipv6Addr) -> io::Result<()> {
     if lo == 0 {
         return Err(io::Error::other(format!("no lo interface: {}", io::Error::last_os_error())));
     }
-    let mut msg: Vec<u8> = Vec::with_capacity(80);
-    msg.extend_from_slice(&0u32.to_ne_bytes()); // length, set below
-    msg.extend_from_slice(&RTM_NEWADDR.to_ne_bytes());
-    msg.extend_from_slice(&(NLM_F_REQUEST | NLM_F_ACK | NLM_F_REPLACE | NLM_F_CREATE).to_ne_bytes());
-    msg.extend_from_slice(&1u32.to_ne_bytes()); // seq
-    msg.extend_from_slice(&0u32.to_ne_bytes()); // pid: the kernel
+    let mut msg = nl_header(RTM_NEWADDR, NLM_F_ACK | NLM_F_REPLACE | NLM_F_CREATE);
     // struct ifaddrmsg { family, prefixlen, flags, scope, index }
     msg.extend_from_slice(&[libc::AF_INET6 as u8, 128, IFA_F_NODAD as u8, 0]);
     msg.extend_from_slice(&lo.to_ne_bytes());
-    let mut attr = |ty: u16, data: &[u8]| {
+    for (ty, data) in [(IFA_LOCAL, &addr.octets()[..]), (IFA_ADDRESS, &addr.octets()[..]), (IFA_FLAGS, &IFA_F_NODAD.to_ne_bytes()[..])] {
         msg.extend_from_slice(&((4 + data.len()) as u16).to_ne_bytes());
         msg.extend_from_slice(&ty.to_ne_bytes());
         msg.extend_from_slice(data);
         while !msg.len().is_multiple_of(4) {
             msg.push(0);
         }
-    };
-    attr(IFA_LOCAL, &addr.octets());
-    attr(IFA_ADDRESS, &addr.octets());
-    attr(IFA_FLAGS, &IFA_F_NODAD.to_ne_bytes());
+    }
+    nl_exchange(libc::NETLINK_ROUTE, msg, |ty, body| (ty == NLMSG_ERROR).then(|| nl_error(body)))
+        .map_err(|e| io::Error::new(e.kind(), format!("adding {addr}/128 to lo (RTM_NEWADDR): {e}")))
+}
+
+const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
+
+/// A netlink request header (its length is set by `nl_exchange`).
+fn nl_header(ty: u16, flags: u16) -> Vec<u8> {
+    const NLM_F_REQUEST: u16 = 0x1;
+    let mut msg = Vec::with_capacity(80);
+    msg.extend_from_slice(&0u32.to_ne_bytes()); // length
+    msg.extend_from_slice(&ty.to_ne_bytes());
+    msg.extend_from_slice(&(NLM_F_REQUEST | flags).to_ne_bytes());
+    msg.extend_from_slice(&1u32.to_ne_bytes()); // seq
+    msg.extend_from_slice(&0u32.to_ne_bytes()); // pid: the kernel
+    msg
+}
+
+/// The errno of an NLMSG_ERROR body (0: an ACK).
+fn nl_error(body: &[u8]) -> io::Result<()> {
+    match body.get(..4).map(|b| i32::from_ne_bytes(b.try_into().unwrap())) {
+        Some(0) => Ok(()),
+        Some(err) => Err(io::Error::from_raw_os_error(-err)),
+        None => Err(io::Error::other("truncated netlink error")),
+    }
+}
+
+/// Send one request on a new netlink socket of `protocol`, then hand each
+/// reply message (type, body after the header) to `on_msg` until it
+/// returns a result.
+fn nl_exchange(protocol: libc::c_int, mut msg: Vec<u8>, mut on_msg: impl FnMut(u16, &[u8]) -> Option<io::Result<()>>) -> io::Result<()> {
     let len = msg.len() as u32;
     msg[..4].copy_from_slice(&len.to_ne_bytes());
-
-    let fd = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, libc::NETLINK_ROUTE) };
+    let fd = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, protocol) };
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    send_nl(&fd, &msg)?;
-    let mut buf = [0u8; 4096];
+    let mut sa: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+    sa.nl_family = libc::AF_NETLINK as u16;
+    let sent = unsafe {
+        libc::sendto(fd.as_raw_fd(), msg.as_ptr().cast(), msg.len(), 0, (&sa as *const libc::sockaddr_nl).cast(), std::mem::size_of::<libc::sockaddr_nl>() as u32)
+    };
+    if sent < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut buf = vec![0u8; 32 * 1024];
     loop {
-        let n = recv_nl(&fd, &mut buf)?;
+        let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        let n = n as usize;
         let mut off = 0;
         while off + 16 <= n {
             let mlen = u32::from_ne_bytes(buf[off..off + 4].try_into().unwrap()) as usize;
-            let mtype = u16::from_ne_bytes(buf[off + 4..off + 6].try_into().unwrap());
-            if mtype == NLMSG_ERROR && off + 20 <= n {
-                let err = i32::from_ne_bytes(buf[off + 16..off + 20].try_into().unwrap());
-                if err == 0 {
-                    return Ok(());
-                }
-                let e = io::Error::from_raw_os_error(-err);
-                return Err(io::Error::new(e.kind(), format!("adding {addr}/128 to lo (RTM_NEWADDR): {e}")));
+            let ty = u16::from_ne_bytes(buf[off + 4..off + 6].try_into().unwrap());
+            if mlen < 16 || off + mlen > n {
+                return Err(io::Error::other("malformed netlink reply"));
             }
-            if mlen < 16 {
-                break;
+            if let Some(r) = on_msg(ty, &buf[off + 16..off + mlen]) {
+                return r;
             }
             off += (mlen + 3) & !3;
         }

@@ -193,6 +193,16 @@ fn run_counting(test: &mut Command) -> Result<(std::process::ExitStatus, Totals)
     Ok((status, totals))
 }
 
+/// Where benchmark results go: `out` (relative to the current directory)
+/// or `<workspace>/results`.
+fn results_dir(out: Option<PathBuf>) -> Result<PathBuf> {
+    Ok(match out {
+        Some(dir) if dir.is_relative() => env::current_dir()?.join(dir),
+        Some(dir) => dir,
+        None => workspace_root().join("results"),
+    })
+}
+
 /// Release build, then `redirect-kit pod-churn`: results in
 /// `<out>/latest/churn.md` and `churn.json`.
 pub fn bench_churn(toolchain: &Toolchain, pods: usize, resident: usize, out: Option<PathBuf>) -> Result<()> {
@@ -200,11 +210,7 @@ pub fn bench_churn(toolchain: &Toolchain, pods: usize, resident: usize, out: Opt
         bail!("the churn benchmark creates namespaces, cgroups and BPF programs and runs the agent: run it as root");
     }
     build(toolchain, false)?;
-    let out = match out {
-        Some(dir) if dir.is_relative() => env::current_dir()?.join(dir),
-        Some(dir) => dir,
-        None => workspace_root().join("results"),
-    };
+    let out = results_dir(out)?;
     let binary = target_dir().join("release/redirect-kit");
     let mut churn = Command::new(&binary);
     churn.current_dir(workspace_root()).args(["pod-churn", "--pods", &pods.to_string(), "--resident", &resident.to_string(), "--out"]).arg(out.join("latest"));
@@ -261,11 +267,7 @@ pub fn bench(toolchain: &Toolchain, quick: bool, proxy: &str, out: Option<PathBu
         bail!("the benchmark creates namespaces, cgroups, iptables rules and BPF programs: run it as root");
     }
     build(toolchain, false)?;
-    let out = match out {
-        Some(dir) if dir.is_relative() => env::current_dir()?.join(dir),
-        Some(dir) => dir,
-        None => workspace_root().join("results"),
-    };
+    let out = results_dir(out)?;
     let binary = target_dir().join("release/redirect-kit");
     let mut bench = Command::new(&binary);
     bench
