@@ -477,12 +477,15 @@ impl probe::ProbeHost for Installation {
         if let Err(e) = release_pod(&self.pins, cookie) {
             tracing::warn!("releasing the acceleration probe's namespace: {e:#}");
         }
+        self.forget_cgroup(cgroup);
+    }
+
+    fn forget_cgroup(&mut self, cgroup: &Path) {
         if let Err(e) = detach_cgroup(&self.pins, cgroup) {
             tracing::warn!("detaching from the acceleration probe's cgroup: {e:#}");
         }
     }
 }
-
 
 /// Release a pod: config and tables removed, inbound link unpinned.
 pub fn release_pod(pins: &Pins, cookie: u64) -> Result<()> {

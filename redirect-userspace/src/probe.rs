@@ -202,6 +202,27 @@ pub trait ProbeHost {
     fn accel_counts(&self, cookie: u64) -> (u64, u64);
     /// Release the pod and detach from the cgroup.
     fn release(&mut self, cookie: u64, cgroup: &Path);
+    /// Detach from the cgroup of a probe that died midway.
+    fn forget_cgroup(&mut self, cgroup: &Path);
+}
+
+/// Child cgroups of probes whose process is gone (killed midway): their
+/// processes killed, this install's links to them removed, the
+/// directories removed.
+fn remove_stale_cgroups(host: &mut dyn ProbeHost) {
+    let Ok(root) = crate::sys::cgroup2_mount() else { return };
+    for dir in crate::pins::read_dir(&root) {
+        let Some(name) = dir.file_name().and_then(|n| n.to_str()) else { continue };
+        let Some(pid) = name.strip_prefix("redirect-accel-probe-").and_then(|r| r.split('x').next()).and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        if Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        tracing::warn!("removing {} left by an acceleration probe that did not finish", dir.display());
+        host.forget_cgroup(&dir);
+        drop(CgroupGuard { path: dir });
+    }
 }
 
 /// The cached result, or run the probe now (and cache it when
@@ -248,6 +269,7 @@ fn run(host: &mut dyn ProbeHost) -> std::result::Result<ProbeResult, String> {
         return Err("the acceleration probe does not run inside itself".into());
     }
     let exe = redirect_binary()?;
+    remove_stale_cgroups(host);
     let cg = CgroupGuard::new(&sandbox::unique("redirect-accel-probe-")).map_err(|e| format!("creating the probe's child cgroup: {e}"))?;
     let mut cmd = Command::new(&exe);
     cmd.arg(INSIDE_COMMAND).env(INSIDE_ENV, "1");
@@ -328,6 +350,10 @@ pub fn inside() -> std::io::Result<()> {
     std::io::stdout().flush()?;
     let mut go = String::new();
     std::io::stdin().read_line(&mut go)?;
+    if go.trim() != "go" {
+        // The probing process went away before capturing the namespace.
+        return Err(std::io::Error::other("the probe was abandoned"));
+    }
     let plain: SocketAddr = "127.0.0.1:15001".parse().unwrap();
     let redirected: SocketAddr = PROBE_DST.parse().unwrap();
     type Check = fn(TcpStream, TcpStream) -> Option<String>;

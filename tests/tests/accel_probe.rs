@@ -130,3 +130,23 @@ fn forced_modes_override_the_probe_and_are_visible() {
     assert_eq!(accel_counter(&pod, "sockets_inserted").0, 2);
     assert_probe_left_nothing(&pod);
 }
+
+/// A probe killed midway (its process gone) leaves a child cgroup; the
+/// next probe removes it and says so.
+#[test]
+fn the_next_probe_removes_what_a_killed_probe_left() {
+    let mut dead = std::process::Command::new("true").spawn().expect("true");
+    let pid = dead.id();
+    dead.wait().unwrap();
+    let stale = redirect_userspace::sys::cgroup2_mount().unwrap().join(format!("redirect-accel-probe-{pid}x0"));
+    std::fs::create_dir(&stale).expect("stale cgroup");
+    // Removed even if the test fails.
+    let _guard = redirect_userspace::sandbox::CgroupGuard { path: stale.clone() };
+    let pod = Pod::new("aps");
+    let out = pod.attach_istio_default();
+    let (_, stderr) = text(&out);
+    assert!(!stale.exists(), "{} still there: {stderr}", stale.display());
+    assert!(stderr.contains("left by an acceleration probe that did not finish"), "{stderr}");
+    assert!(status(&pod)["accel_probe"].is_object());
+    assert_probe_left_nothing(&pod);
+}
