@@ -573,11 +573,21 @@ fn bulk_switch_keeps_order(accel: bool) {
         };
         attach(&pod, accel);
         let app = app(&pod);
-        let modes = ["write", "sendfile", "splice", "mixed"];
-        for send in modes {
-            let r = xfer(&app, &v4(UPSTREAM_V4, 8080), &["--size", &size.to_string(), "--send", send, "--chunks", BULK_MIX, "--expect", "hash", "--end", "shutdown", "--read-chunks", "1,2,3"]);
-            assert_xfer_ok(&r, &format!("{send}, {size} bytes, half-close (direct hop: {direct})"));
+        // The last case: non-blocking writes into a 4 KiB send buffer,
+        // so writes are partial around the switch.
+        let modes = ["write", "sendfile", "splice", "mixed", "write"];
+        let size_arg = size.to_string();
+        for (i, send) in modes.iter().enumerate() {
+            let mut args = vec!["--size", &size_arg, "--send", send, "--chunks", BULK_MIX, "--expect", "hash", "--end", "shutdown", "--read-chunks", "1,2,3"];
+            if i == modes.len() - 1 {
+                args.extend(["--nonblock", "--sndbuf", "4096"]);
+            }
+            let r = xfer(&app, &v4(UPSTREAM_V4, 8080), &args);
+            assert_xfer_ok(&r, &format!("{send} {args:?}, half-close (direct hop: {direct})"));
             assert_eq!(r["eof"], true, "{r}");
+            if i == modes.len() - 1 {
+                assert!(r["short_writes"].as_u64().unwrap() > 0, "no partial write: {r}");
+            }
         }
         for c in server_conns(&mut pod, srv, modes.len()) {
             assert_eq!((c["bytes"].as_u64(), c["hash"].as_str(), c["end"].as_str()), (Some(size as u64), Some(sent.as_str()), Some("eof")), "server saw {c}");
