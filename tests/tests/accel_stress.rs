@@ -84,6 +84,18 @@ fn start_app_tool(pod: &mut Pod, port: u16, args: &[&str]) -> usize {
     pod.children.len() - 1
 }
 
+/// The tool that receives the app's connections to the upstream's port
+/// 8080: at the hop (as the proxy) when `direct`, else upstream behind the
+/// kit proxy. Its child index.
+fn start_receiver(pod: &mut Pod, direct: bool, args: &[&str]) -> usize {
+    if direct {
+        return start_as_proxy(pod, args);
+    }
+    let i = start_upstream_tool(pod, 8080, args);
+    pod.start_proxy();
+    i
+}
+
 /// `redirect-kit xfer --connect dst <extra>`; its JSON report.
 fn xfer(p: &Placement, dst: &str, extra: &[&str]) -> Value {
     let mut args = vec!["xfer", "--connect", dst];
@@ -228,13 +240,7 @@ fn sendfile_and_splice(accel: bool) {
     for direct in [false, true] {
         let mut pod = Pod::new(if direct { "asfd" } else { "asfp" });
         let srv_args = ["stress-server", "--reply", "echo", "--read-chunks", SMALL_READS, "--write-chunks", ODD];
-        let srv = if direct {
-            start_as_proxy(&mut pod, &srv_args)
-        } else {
-            let i = start_upstream_tool(&mut pod, 8080, &srv_args);
-            pod.start_proxy();
-            i
-        };
+        let srv = start_receiver(&mut pod, direct, &srv_args);
         attach(&pod, accel);
         let app = app(&pod);
         let size = (4 * MIB).to_string();
@@ -263,13 +269,7 @@ fn half_close(accel: bool) {
     for direct in [false, true] {
         let mut pod = Pod::new(if direct { "ahd" } else { "ahp" });
         let srv_args = ["stress-server", "--reply", "hash", "--read-chunks", SMALL_READS];
-        let srv = if direct {
-            start_as_proxy(&mut pod, &srv_args)
-        } else {
-            let i = start_upstream_tool(&mut pod, 8080, &srv_args);
-            pod.start_proxy();
-            i
-        };
+        let srv = start_receiver(&mut pod, direct, &srv_args);
         attach(&pod, accel);
         let app = app(&pod);
         let sizes = [1usize, 300_000, 2 * MIB];
@@ -297,13 +297,7 @@ fn rst_from_app_after_data(accel: bool) {
     for direct in [false, true] {
         let mut pod = Pod::new(if direct { "ard" } else { "arp" });
         let srv_args = ["stress-server", "--reply", "none", "--read-chunks", SMALL_READS];
-        let srv = if direct {
-            start_as_proxy(&mut pod, &srv_args)
-        } else {
-            let i = start_upstream_tool(&mut pod, 8080, &srv_args);
-            pod.start_proxy();
-            i
-        };
+        let srv = start_receiver(&mut pod, direct, &srv_args);
         attach(&pod, accel);
         let r = xfer(&app(&pod), &v4(UPSTREAM_V4, 8080), &["--size", "1000", "--expect", "none", "--end", "rst", "--close-delay-ms", "300"]);
         assert_xfer_ok(&r, "send then RST");
@@ -353,13 +347,7 @@ fn close_with_data_in_flight(accel: bool) {
     for direct in [false, true] {
         let mut pod = Pod::new(if direct { "acd" } else { "acp" });
         let srv_args = ["stress-server", "--reply", "none", "--read-delay-ms", "300", "--read-chunks", SMALL_READS];
-        let srv = if direct {
-            start_as_proxy(&mut pod, &srv_args)
-        } else {
-            let i = start_upstream_tool(&mut pod, 8080, &srv_args);
-            pod.start_proxy();
-            i
-        };
+        let srv = start_receiver(&mut pod, direct, &srv_args);
         attach(&pod, accel);
         let size = 8 * MIB;
         let r = xfer(&app(&pod), &v4(UPSTREAM_V4, 8080), &["--size", &size.to_string(), "--expect", "none", "--end", "close", "--chunks", "4093,1000,65537,4093,1000000"]);
@@ -564,13 +552,7 @@ fn bulk_switch_keeps_order(accel: bool) {
     for direct in [false, true] {
         let mut pod = Pod::new(if direct { "abkd" } else { "abkp" });
         let srv_args = ["stress-server", "--reply", "hash", "--read-chunks", SMALL_READS, "--read-delay-ms", "300"];
-        let srv = if direct {
-            start_as_proxy(&mut pod, &srv_args)
-        } else {
-            let i = start_upstream_tool(&mut pod, 8080, &srv_args);
-            pod.start_proxy();
-            i
-        };
+        let srv = start_receiver(&mut pod, direct, &srv_args);
         attach(&pod, accel);
         let app = app(&pod);
         // The last case: non-blocking writes into a 4 KiB send buffer,
