@@ -485,6 +485,10 @@ impl probe::ProbeHost for Installation {
             tracing::warn!("detaching from the acceleration probe's cgroup: {e:#}");
         }
     }
+
+    fn owns_cgroup(&self, cgroup: &Path) -> bool {
+        std::fs::metadata(cgroup).map(|m| self.pins.cgroup_dir(m.ino()).exists()).unwrap_or(false)
+    }
 }
 
 /// Release a pod: config and tables removed, inbound link unpinned.

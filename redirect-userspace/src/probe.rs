@@ -204,22 +204,44 @@ pub trait ProbeHost {
     fn release(&mut self, cookie: u64, cgroup: &Path);
     /// Detach from the cgroup of a probe that died midway.
     fn forget_cgroup(&mut self, cgroup: &Path);
+    /// This install has programs attached to `cgroup`.
+    fn owns_cgroup(&self, cgroup: &Path) -> bool;
 }
 
+/// Name prefix of the probe's child cgroup, `<prefix><pid>x<n>` (the pid
+/// of the probing process). Once its namespace is captured, the cgroup
+/// holds a marker child `c<netns cookie>`.
+const STALE_PREFIX: &str = "redirect-accel-probe-";
+
 /// Child cgroups of probes whose process is gone (killed midway): their
-/// processes killed, this install's links to them removed, the
-/// directories removed.
+/// pod released and this install's links to them removed, their
+/// processes killed, the directories removed. A cgroup with a captured
+/// pod is left to the install that attached to it.
 fn remove_stale_cgroups(host: &mut dyn ProbeHost) {
     let Ok(root) = crate::sys::cgroup2_mount() else { return };
     for dir in crate::pins::read_dir(&root) {
         let Some(name) = dir.file_name().and_then(|n| n.to_str()) else { continue };
-        let Some(pid) = name.strip_prefix("redirect-accel-probe-").and_then(|r| r.split('x').next()).and_then(|p| p.parse::<u32>().ok()) else {
+        let Some(pid) = name.strip_prefix(STALE_PREFIX).and_then(|r| r.split('x').next()).and_then(|p| p.parse::<u32>().ok()) else {
             continue;
         };
         if Path::new(&format!("/proc/{pid}")).exists() {
             continue;
         }
+        let markers: Vec<(std::path::PathBuf, u64)> = crate::pins::read_dir(&dir)
+            .into_iter()
+            .filter_map(|m| {
+                let c = m.file_name()?.to_str()?.strip_prefix('c')?.parse().ok()?;
+                Some((m, c))
+            })
+            .collect();
+        if !markers.is_empty() && !host.owns_cgroup(&dir) {
+            continue;
+        }
         tracing::warn!("removing {} left by an acceleration probe that did not finish", dir.display());
+        for (m, cookie) in &markers {
+            host.release(*cookie, &dir);
+            let _ = std::fs::remove_dir(m);
+        }
         host.forget_cgroup(&dir);
         drop(CgroupGuard { path: dir });
     }
@@ -270,7 +292,7 @@ fn run(host: &mut dyn ProbeHost) -> std::result::Result<ProbeResult, String> {
     }
     let exe = redirect_binary()?;
     remove_stale_cgroups(host);
-    let cg = CgroupGuard::new(&sandbox::unique("redirect-accel-probe-")).map_err(|e| format!("creating the probe's child cgroup: {e}"))?;
+    let cg = CgroupGuard::new(&sandbox::unique(STALE_PREFIX)).map_err(|e| format!("creating the probe's child cgroup: {e}"))?;
     let mut cmd = Command::new(&exe);
     cmd.arg(INSIDE_COMMAND).env(INSIDE_ENV, "1");
     sandbox::place(&mut cmd, &Placement { cgroup: Some(cg.path.clone()), ..Default::default() }).map_err(|e| format!("placing the probe: {e}"))?;
@@ -290,6 +312,10 @@ fn run(host: &mut dyn ProbeHost) -> std::result::Result<ProbeResult, String> {
         }
         let netns = std::path::PathBuf::from(format!("/proc/{pid}/ns/net"));
         let cookie = host.capture(&netns, &cg.path).map_err(|e| format!("capturing the probe's namespace: {e:#}"))?;
+        // A marker in the cgroup names the pod (cgroup v2 cannot rename):
+        // a probe killed from here on has its pod released by the next.
+        let marker = cg.path.join(format!("c{cookie}"));
+        let _ = std::fs::create_dir(&marker);
         let report = (|| {
             writeln!(child.stdin.as_mut().expect("piped"), "go").map_err(|e| format!("starting the checks: {e}"))?;
             line.clear();
@@ -298,6 +324,7 @@ fn run(host: &mut dyn ProbeHost) -> std::result::Result<ProbeResult, String> {
         })();
         let counts = host.accel_counts(cookie);
         host.release(cookie, &cg.path);
+        let _ = std::fs::remove_dir(&marker);
         Ok((report?, counts))
     })();
     let _ = child.kill();

@@ -5,6 +5,23 @@
 use redirect_tests::*;
 use serde_json::Value;
 
+/// Cgroup directories removed on drop, in order, if they still exist
+/// (the test's fakes, when the probe under test did not remove them).
+struct Leftover(Vec<std::path::PathBuf>);
+
+impl Drop for Leftover {
+    fn drop(&mut self) {
+        for d in self.0.drain(..) {
+            if d.exists() {
+                drop(redirect_userspace::sandbox::CgroupGuard { path: d });
+            }
+        }
+    }
+}
+
+/// Pids named by the fake leftovers of `the_next_probe_removes_what_a_killed_probe_left`.
+static FAKE_PIDS: std::sync::Mutex<Vec<u32>> = std::sync::Mutex::new(Vec::new());
+
 fn status(pod: &Pod) -> Value {
     let out = pod.redirect(&["status", "--json"]);
     assert!(out.status.success(), "{out:?}");
@@ -35,8 +52,19 @@ fn assert_probe_left_nothing(pod: &Pod) {
     assert_eq!(netns_dirs, 1, "netns link dirs left in {}", pod.pin_dir.display());
     let cgroup_dirs = std::fs::read_dir(pod.pin_dir.join("cgroups")).map(|d| d.count()).unwrap_or(0);
     assert_eq!(cgroup_dirs, 1, "cgroup link dirs left in {}", pod.pin_dir.display());
-    let mine = format!("redirect-accel-probe-{}x", std::process::id());
-    assert!(probe_cgroups().iter().all(|c| !c.starts_with(&mine)), "probe cgroups left: {:?}", probe_cgroups());
+    // A probe cgroup is named after the attach process that made it; that
+    // process has exited, so any of its cgroups left would be a leftover
+    // (except the fakes of the test below, pid of an exited `true`).
+    let fakes = FAKE_PIDS.lock().unwrap().clone();
+    let dead: Vec<String> = probe_cgroups()
+        .into_iter()
+        .filter(|c| !fakes.iter().any(|p| c.starts_with(&format!("redirect-accel-probe-{p}x"))))
+        .filter(|c| {
+            let pid = c.trim_start_matches("redirect-accel-probe-").split('x').next().unwrap_or("").to_string();
+            !std::path::Path::new(&format!("/proc/{pid}")).exists()
+        })
+        .collect();
+    assert!(dead.is_empty(), "probe cgroups left: {dead:?}");
     for m in st["map_usage"].as_array().unwrap() {
         if ["REDIRECT_SOCKS", "REDIRECT_ORIG_BY_COOKIE", "REDIRECT_ORIG_BY_TUPLE"].contains(&m["map"].as_str().unwrap()) {
             assert_eq!(m["entries"], 0, "{m}");
@@ -131,22 +159,44 @@ fn forced_modes_override_the_probe_and_are_visible() {
     assert_probe_left_nothing(&pod);
 }
 
-/// A probe killed midway (its process gone) leaves a child cgroup; the
-/// next probe removes it and says so.
+/// A probe killed midway (its process gone) leaves a child cgroup, and,
+/// when killed after capturing its namespace, a pod and links to that
+/// cgroup in the install; the next probe removes all of it and says so.
 #[test]
 fn the_next_probe_removes_what_a_killed_probe_left() {
     let mut dead = std::process::Command::new("true").spawn().expect("true");
     let pid = dead.id();
     dead.wait().unwrap();
-    let stale = redirect_userspace::sys::cgroup2_mount().unwrap().join(format!("redirect-accel-probe-{pid}x0"));
-    std::fs::create_dir(&stale).expect("stale cgroup");
-    // Removed even if the test fails.
-    let _guard = redirect_userspace::sandbox::CgroupGuard { path: stale.clone() };
+    FAKE_PIDS.lock().unwrap().push(pid);
+    let root = redirect_userspace::sys::cgroup2_mount().unwrap();
+    // Killed before capturing: only the cgroup.
+    let early = root.join(format!("redirect-accel-probe-{pid}x0"));
+    std::fs::create_dir(&early).expect("stale cgroup");
+    let _early_guard = Leftover(vec![early.clone()]);
+    // Killed after capturing: its namespace captured into this install,
+    // its cgroup attached and named after the pod's cookie.
     let pod = Pod::new("aps");
+    let ns = NetnsGuard::new(&redirect_userspace::sandbox::unique("rdps-")).expect("netns");
+    let captured = root.join(format!("redirect-accel-probe-{pid}x1"));
+    std::fs::create_dir(&captured).expect("stale cgroup");
+    let out = pod.redirect(&["attach", "--netns", ns.path().to_str().unwrap(), "--cgroup", captured.to_str().unwrap(), "-i", "*", "--no-accel", "--json"]);
+    assert!(out.status.success(), "{out:?}");
+    let info: Value = serde_json::from_slice(&out.stdout).expect("attach json");
+    let cookie = info["pod"]["cookie"].as_u64().unwrap();
+    // The marker the probe leaves in its cgroup once it has captured.
+    let marker = captured.join(format!("c{cookie}"));
+    std::fs::create_dir(&marker).unwrap();
+    let _captured_guard = Leftover(vec![marker.clone(), captured.clone()]);
+    assert_eq!(status(&pod)["pods"].as_array().unwrap().len(), 1);
+
     let out = pod.attach_istio_default();
     let (_, stderr) = text(&out);
-    assert!(!stale.exists(), "{} still there: {stderr}", stale.display());
-    assert!(stderr.contains("left by an acceleration probe that did not finish"), "{stderr}");
+    // The captured one is this install's to clean (its links are here);
+    // the early one any probe may have removed already.
+    assert!(!captured.exists(), "stale probe cgroup still there: {stderr}");
+    assert!(stderr.contains(&format!("removing {} left by an acceleration probe that did not finish", captured.display())), "{stderr}");
+    assert!(!early.exists(), "{stderr}");
     assert!(status(&pod)["accel_probe"].is_object());
+    // Only the real pod and its cgroup are left in the install.
     assert_probe_left_nothing(&pod);
 }
