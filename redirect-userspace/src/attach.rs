@@ -420,6 +420,14 @@ impl Installation {
         })
     }
 
+    /// The install's acceleration probe result, running the probe now if
+    /// no conclusive result is cached (the agent does this at start, so no
+    /// pod's ADD waits for it).
+    pub fn probe_accel(&mut self) -> std::result::Result<probe::ProbeResult, String> {
+        let pins = Pins::new(self.pins.root.clone());
+        probe::result(&pins, self)
+    }
+
     /// Acceleration for a pod: off when asked, on when forced, else on
     /// exactly where the kernel probe (cached in the install) passed.
     /// Never silent: the decision comes back in words, and is logged when

@@ -83,6 +83,10 @@ const SELECT: &str = "IgnoreUnknown=1;K8S_POD_NAMESPACE=shop;K8S_POD_NAME=cart;R
 #[test]
 fn cni_add_captures_and_del_releases() {
     let mut s = Setup::new("agadd");
+    // The acceleration probe ran at start (not in the first ADD), and the
+    // ready line says what it found on this kernel.
+    let probe = s.daemon().ready["accel_probe"].as_str().unwrap_or_else(|| panic!("no probe result: {}", s.daemon().ready)).to_string();
+    assert!(probe.starts_with("kernel probe "), "{probe}");
     // Before ADD: the app goes direct.
     assert!(s.pod.app_client(&upstream()).ok);
     assert!(s.proxied().is_empty());

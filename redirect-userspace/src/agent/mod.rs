@@ -85,6 +85,8 @@ pub struct Agent {
     sizes: crate::mapsize::MapSizes,
     /// Links switched to this version's programs at start (`upgrade`).
     pub programs_updated: Vec<String>,
+    /// The install's acceleration probe result (None: did not complete).
+    pub accel_probe: Option<crate::probe::ProbeResult>,
 }
 
 /// What reconciliation did at start.
@@ -110,6 +112,16 @@ impl Agent {
         let mut inst = Installation::open_with(pin_dir, sizes)?;
         let programs_updated = inst.update_programs()?;
         let newly = inst.attach_cgroup(cgroup)?;
+        // The acceleration probe (once per install, ~1 s) runs now rather
+        // than in the first pod's ADD. Not fatal: without a conclusive
+        // result pods start with acceleration off (and say why).
+        let accel_probe = match inst.probe_accel() {
+            Ok(r) => Some(r),
+            Err(e) => {
+                tracing::warn!("acceleration probe did not complete: {e}; pods get acceleration only when forced");
+                None
+            }
+        };
         let records = Records::open_or_create(&inst.pins)?;
         let own = std::fs::metadata("/proc/self/ns/net").map_err(|e| Error::io("reading", "/proc/self/ns/net", e))?.ino();
         Ok((
@@ -124,6 +136,7 @@ impl Agent {
                 k8s: std::sync::OnceLock::new(),
                 sizes: sizes.clone(),
                 programs_updated,
+                accel_probe,
             },
             newly,
         ))

@@ -212,6 +212,7 @@ pub fn run(pin_dir: &Path, a: Args) -> Result<()> {
             "cgroup": cgroup,
             "cgroup_newly_attached": newly,
             "programs_updated": agent.programs_updated,
+            "accel_probe": agent.accel_probe.as_ref().map(|p| p.summary()),
             "reconciled": reconciled,
             "cni_conflist": conflist_path,
             "kubernetes": kube_opts.as_ref().map(|o| serde_json::json!({"node": o.node_name, "pod_wait_ms": o.pod_wait.as_millis() as u64, "repair": format!("{:?}", o.repair).to_lowercase()})),
