@@ -176,6 +176,35 @@ impl Podman {
     fn state(&self, ctr: &str) -> String {
         self.ok(&["inspect", "-f", "{{.State.Status}}", ctr])
     }
+
+    /// The IPv4 address of a container (or pod infra container) on this
+    /// instance's network.
+    fn ip_of(&self, ctr: &str) -> String {
+        self.ok(&["inspect", "-f", &format!("{{{{(index .NetworkSettings.Networks \"{}\").IPAddress}}}}", self.net), ctr])
+    }
+
+    /// Create (not start) an empty pod (infra container only) on this
+    /// instance's network, under its cgroup parent.
+    fn create_pod(&self, pod: &str) {
+        let cg = format!("/{}", self.cgroup_parent);
+        self.ok(&["pod", "create", "--name", pod, "--network", &self.net, "--infra-image", IMAGE, "--infra-command", "/pause", "--cgroup-parent", &cg]);
+    }
+
+    /// Create (not start) a mesh pod: the sidecar (kit proxy as 1337:1337)
+    /// and the app (uid 1000), which waits for the proxy to listen
+    /// (reading /proc/net/tcp: no connection) and then makes its first two
+    /// connections, to `first` and `second`. Returns the app's name.
+    fn create_mesh_pod(&self, pod: &str, first: &str, second: &str) -> String {
+        self.create_pod(pod);
+        self.ok(&["create", "--pod", pod, "--name", &format!("{pod}-proxy"), "--user", "1337:1337", "-v", &self.kit_mount(), IMAGE, KIT_IN_CTR, "proxy"]);
+        let app_script = format!(
+            "i=0; until grep -q ':3A99 00000000:0000 0A' /proc/net/tcp; do i=$((i+1)); [ $i -gt 200 ] && exit 3; sleep 0.1; done; \
+             {KIT_IN_CTR} client --connect {first} --payload first; {KIT_IN_CTR} client --connect {second} --payload second"
+        );
+        let app = format!("{pod}-app");
+        self.ok(&["create", "--pod", pod, "--name", &app, "--user", "1000:1000", "-v", &self.kit_mount(), IMAGE, "/bin/sh", "-c", &app_script]);
+        app
+    }
 }
 
 impl Drop for Podman {
@@ -280,29 +309,20 @@ fn podman_pod_is_captured_from_its_first_connection() {
     let id = unique("");
     let srv = format!("rdt-srv-{id}");
     pm.ok(&["run", "-d", "--name", &srv, "--network", &pm.net, "--user", "1000:1000", "-v", &pm.kit_mount(), IMAGE, KIT_IN_CTR, "echo", "--listen", "0.0.0.0:8080"]);
-    let srv_ip = pm.ok(&["inspect", "-f", &format!("{{{{(index .NetworkSettings.Networks \"{}\").IPAddress}}}}", pm.net), &srv]);
+    let srv_ip = pm.ip_of(&srv);
     assert!(srv_ip.starts_with("10.203."), "server ip {srv_ip:?}");
     eventually("the server to listen", || pm.logs(&srv).iter().any(|l| l.contains("ready")));
     assert!(daemon.list().is_empty(), "the server container was not captured");
 
-    // The pod: the sidecar (kit proxy as 1337:1337) and the app, which
-    // waits for the proxy to listen (reading /proc/net/tcp: no connection)
-    // and then makes its first two connections to the server.
+    // The pod: the sidecar and the app, whose first two connections go to
+    // the server.
     let pod = format!("rdt-pod-{id}");
-    let cg = format!("/{}", pm.cgroup_parent);
-    pm.ok(&["pod", "create", "--name", &pod, "--network", &pm.net, "--infra-image", IMAGE, "--infra-command", "/pause", "--cgroup-parent", &cg]);
-    pm.ok(&["create", "--pod", &pod, "--name", &format!("{pod}-proxy"), "--user", "1337:1337", "-v", &pm.kit_mount(), IMAGE, KIT_IN_CTR, "proxy"]);
-    let app_script = format!(
-        "i=0; until grep -q ':3A99 00000000:0000 0A' /proc/net/tcp; do i=$((i+1)); [ $i -gt 200 ] && exit 3; sleep 0.1; done; \
-         {KIT_IN_CTR} client --connect {srv_ip}:8080 --payload first; {KIT_IN_CTR} client --connect {srv_ip}:8080 --payload second"
-    );
-    let app = format!("{pod}-app");
-    pm.ok(&["create", "--pod", &pod, "--name", &app, "--user", "1000:1000", "-v", &pm.kit_mount(), IMAGE, "/bin/sh", "-c", &app_script]);
+    let app = pm.create_mesh_pod(&pod, &format!("{srv_ip}:8080"), &format!("{srv_ip}:8080"));
     let start = pm.command(&["pod", "start", &pod]).env("CNI_ARGS", "K8S_POD_NAMESPACE=shop;REDIRECT_CAPTURE=true").output().unwrap();
     assert!(start.status.success(), "{}", fail(&format!("pod start: {}", text(&start)), &daemon));
     let infra = pm.ok(&["pod", "inspect", "-f", "{{.InfraContainerID}}", &pod]);
     let netns = pm.ok(&["inspect", "-f", "{{.NetworkSettings.SandboxKey}}", &infra]);
-    let pod_ip = pm.ok(&["inspect", "-f", &format!("{{{{(index .NetworkSettings.Networks \"{}\").IPAddress}}}}", pm.net), &infra]);
+    let pod_ip = pm.ip_of(&infra);
 
     let pods = daemon.list();
     assert_eq!(pods.len(), 1, "{pods:?}");
@@ -346,7 +366,7 @@ fn podman_pod_is_captured_from_its_first_connection() {
     // With the agent stopped, a selected pod does not start.
     assert!(daemon.stop().success());
     let pod2 = format!("rdt-pod2-{id}");
-    pm.ok(&["pod", "create", "--name", &pod2, "--network", &pm.net, "--infra-image", IMAGE, "--infra-command", "/pause", "--cgroup-parent", &cg]);
+    pm.create_pod(&pod2);
     let app2 = format!("{pod2}-app");
     pm.ok(&["create", "--pod", &pod2, "--name", &app2, "--user", "1000:1000", "-v", &pm.kit_mount(), IMAGE, KIT_IN_CTR, "client", "--connect", &format!("{srv_ip}:8080")]);
     let start2 = pm.command(&["pod", "start", &pod2]).env("CNI_ARGS", "REDIRECT_CAPTURE=true").output().unwrap();
@@ -356,7 +376,7 @@ fn podman_pod_is_captured_from_its_first_connection() {
     pm.ok(&["pod", "rm", "-f", "-t", "0", &pod2]);
     // An unselected pod still starts with the agent down.
     let pod3 = format!("rdt-pod3-{id}");
-    pm.ok(&["pod", "create", "--name", &pod3, "--network", &pm.net, "--infra-image", IMAGE, "--infra-command", "/pause", "--cgroup-parent", &cg]);
+    pm.create_pod(&pod3);
     pm.ok(&["pod", "start", &pod3]);
     pm.ok(&["pod", "rm", "-f", "-t", "0", &pod3]);
 
@@ -411,20 +431,12 @@ fn podman_pod_is_captured_from_its_annotations() {
     assert_eq!(conf["plugins"][1]["kubernetes"], true, "{conf}");
 
     pm.ok(&["run", "-d", "--name", &srv, "--network", &pm.net, "--user", "1000:1000", "-v", &pm.kit_mount(), IMAGE, KIT_IN_CTR, "echo", "--listen", "0.0.0.0:8080", "--listen", "0.0.0.0:8081"]);
-    let srv_ip = pm.ok(&["inspect", "-f", &format!("{{{{(index .NetworkSettings.Networks \"{}\").IPAddress}}}}", pm.net), &srv]);
+    let srv_ip = pm.ip_of(&srv);
     eventually("the server to listen", || pm.logs(&srv).iter().any(|l| l.contains("ready")));
     assert!(daemon.list().is_empty(), "{}", fail("the server (no sidecar) was captured"));
     assert!(daemon.log_text().contains("pod passes through: not in the mesh"), "{}", fail("no pass-through"));
 
-    let cg = format!("/{}", pm.cgroup_parent);
-    pm.ok(&["pod", "create", "--name", &pod, "--network", &pm.net, "--infra-image", IMAGE, "--infra-command", "/pause", "--cgroup-parent", &cg]);
-    pm.ok(&["create", "--pod", &pod, "--name", &format!("{pod}-proxy"), "--user", "1337:1337", "-v", &pm.kit_mount(), IMAGE, KIT_IN_CTR, "proxy"]);
-    let app_script = format!(
-        "i=0; until grep -q ':3A99 00000000:0000 0A' /proc/net/tcp; do i=$((i+1)); [ $i -gt 200 ] && exit 3; sleep 0.1; done; \
-         {KIT_IN_CTR} client --connect {srv_ip}:8080 --payload first; {KIT_IN_CTR} client --connect {srv_ip}:8081 --payload second"
-    );
-    let app = format!("{pod}-app");
-    pm.ok(&["create", "--pod", &pod, "--name", &app, "--user", "1000:1000", "-v", &pm.kit_mount(), IMAGE, "/bin/sh", "-c", &app_script]);
+    let app = pm.create_mesh_pod(&pod, &format!("{srv_ip}:8080"), &format!("{srv_ip}:8081"));
     let start = pm.command(&["pod", "start", &pod]).env("CNI_ARGS", "K8S_POD_NAMESPACE=shop").output().unwrap();
     assert!(start.status.success(), "{}", fail(&format!("pod start: {}", text(&start))));
     let infra = pm.ok(&["pod", "inspect", "-f", "{{.InfraContainerID}}", &pod]);
@@ -457,7 +469,7 @@ fn podman_pod_is_captured_from_its_annotations() {
 
     // A pod the API does not know: its ADD fails closed, it never runs.
     let ghost = format!("rdt-kghost-{id}");
-    pm.ok(&["pod", "create", "--name", &ghost, "--network", &pm.net, "--infra-image", IMAGE, "--infra-command", "/pause", "--cgroup-parent", &cg]);
+    pm.create_pod(&ghost);
     let app2 = format!("{ghost}-app");
     pm.ok(&["create", "--pod", &ghost, "--name", &app2, "--user", "1000:1000", "-v", &pm.kit_mount(), IMAGE, KIT_IN_CTR, "client", "--connect", &format!("{srv_ip}:8080")]);
     let start2 = pm.command(&["pod", "start", &ghost]).env("CNI_ARGS", "K8S_POD_NAMESPACE=shop").output().unwrap();
