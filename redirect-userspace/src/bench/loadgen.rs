@@ -2,6 +2,8 @@
 //! one process per measurement, one JSON [`LoadResult`] line on stdout.
 //!
 //! * `rr`: one connection, closed loop: write `size` bytes, read them back.
+//! * `unix`: the same over an AF_UNIX stream socket (abstract name
+//!   `--unix`), the reference for the app↔proxy leg.
 //! * `conn`: closed loop of connect + one 64 B exchange + close.
 //! * `bulk`: one connection streaming to the sink for the duration; the
 //!   sink's byte count at EOF marks the end.
@@ -24,6 +26,7 @@ use super::hist;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
 pub enum Mode {
     Rr,
+    Unix,
     Conn,
     Bulk,
     Open,
@@ -38,6 +41,8 @@ pub struct LoadArgs {
     pub warmup: Duration,
     /// Requests per second (open loop).
     pub rate: u64,
+    /// `unix` mode: the echo's abstract socket name (no leading NUL).
+    pub unix: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -80,7 +85,7 @@ fn connect(target: SocketAddr) -> io::Result<TcpStream> {
 /// acceleration a blocking read woken by a packet on the normal path (a
 /// FIN, data sent before pairing) can return it while the redirected queue
 /// is empty (see README, "Acceleration"). A real timeout still fails.
-fn read_full(s: &mut TcpStream, buf: &mut [u8]) -> io::Result<()> {
+fn read_full(s: &mut impl Read, buf: &mut [u8]) -> io::Result<()> {
     let start = Instant::now();
     let mut off = 0;
     while off < buf.len() {
@@ -101,7 +106,8 @@ fn ns(d: Duration) -> u64 {
 pub fn run(a: &LoadArgs) -> LoadResult {
     let mut r = LoadResult::default();
     if let Err(e) = match a.mode {
-        Mode::Rr => rr(a, &mut r),
+        Mode::Rr => connect(a.target).and_then(|s| rr(s, a, &mut r)),
+        Mode::Unix => unix_connect(a).and_then(|s| rr(s, a, &mut r)),
         Mode::Conn => conn(a, &mut r),
         Mode::Bulk => bulk(a, &mut r),
         Mode::Open => open(a, &mut r),
@@ -114,9 +120,19 @@ pub fn run(a: &LoadArgs) -> LoadResult {
     r
 }
 
-fn rr(a: &LoadArgs, r: &mut LoadResult) -> io::Result<()> {
+fn unix_connect(a: &LoadArgs) -> io::Result<std::os::unix::net::UnixStream> {
+    use std::os::linux::net::SocketAddrExt;
+    let name = a.unix.as_deref().ok_or_else(|| io::Error::other("unix mode needs --unix NAME"))?;
+    let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())?;
+    let s = std::os::unix::net::UnixStream::connect_addr(&addr)?;
+    s.set_read_timeout(Some(TIMEOUT))?;
+    s.set_write_timeout(Some(TIMEOUT))?;
+    Ok(s)
+}
+
+/// Closed-loop request/response on one connected stream (TCP or AF_UNIX).
+fn rr<S: Read + Write>(mut s: S, a: &LoadArgs, r: &mut LoadResult) -> io::Result<()> {
     let mut h = hist::new();
-    let mut s = connect(a.target)?;
     r.conns = 1;
     let msg = vec![0x5au8; a.size];
     let mut back = vec![0u8; a.size];
@@ -278,4 +294,36 @@ fn open(a: &LoadArgs, r: &mut LoadResult) -> io::Result<()> {
     r.elapsed_s = last.saturating_duration_since(sched(warm_n)).as_secs_f64();
     r.hist = hist::to_buckets(&h);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unix_mode_measures_round_trips_through_an_abstract_echo() {
+        use std::os::linux::net::SocketAddrExt;
+        let name = format!("rdb-loadgen-test-{}", std::process::id());
+        let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
+        let l = std::os::unix::net::UnixListener::bind_addr(&addr).unwrap();
+        let echo = std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            let mut b = [0u8; 64];
+            while s.read_exact(&mut b).is_ok() {
+                if s.write_all(&b).is_err() {
+                    break;
+                }
+            }
+        });
+        let a = LoadArgs { mode: Mode::Unix, target: SocketAddr::from(([0, 0, 0, 0], 0)), size: 64, duration: Duration::from_millis(50), warmup: Duration::from_millis(10), rate: 0, unix: Some(name) };
+        let r = run(&a);
+        assert!(r.error.is_none(), "{:?}", r.error);
+        assert_eq!(r.conns, 1);
+        assert!(r.ops > 0 && r.rate > 0.0);
+        assert_eq!(hist::from_buckets(&r.hist).len(), r.ops);
+        echo.join().unwrap();
+        // Without a name the mode fails with a message, not a panic.
+        let r = run(&LoadArgs { unix: None, ..a });
+        assert!(r.error.unwrap().contains("--unix"));
+    }
 }

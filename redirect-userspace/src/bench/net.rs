@@ -120,6 +120,19 @@ impl Loop {
         Ok(())
     }
 
+    /// An echo listener on an AF_UNIX stream socket with an abstract name
+    /// (per netns, so only processes of this netns can reach it).
+    fn listen_unix_echo(&mut self, name: &str) -> io::Result<()> {
+        use std::os::linux::net::SocketAddrExt;
+        let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())?;
+        let l = std::os::unix::net::UnixListener::bind_addr(&addr).map_err(|e| io::Error::new(e.kind(), format!("listening on @{name}: {e}")))?;
+        l.set_nonblocking(true)?;
+        let fd = l.into_raw_fd();
+        self.ctl(libc::EPOLL_CTL_ADD, fd, libc::EPOLLIN as u32, LISTENER + self.listeners.len() as u64)?;
+        self.listeners.push((fd, Role::Echo));
+        Ok(())
+    }
+
     fn buffer(&mut self) -> Vec<u8> {
         self.pool.pop().unwrap_or_else(|| vec![0u8; BUF])
     }
@@ -395,6 +408,11 @@ fn interest(c: &Conn) -> [u32; 2] {
 /// Run the event loop over `listeners` forever. Prints `{"event":"ready"}`
 /// once listening, and a `{"event":"stats",...}` line on every SIGUSR1.
 pub fn serve(listeners: &[(SocketAddr, Role)]) -> io::Result<()> {
+    serve_all(listeners, &[])
+}
+
+/// [`serve`], plus echo listeners on the abstract AF_UNIX names `unix_echo`.
+pub fn serve_all(listeners: &[(SocketAddr, Role)], unix_echo: &[String]) -> io::Result<()> {
     let mut lp = Loop::new()?;
     let sfd = unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
@@ -406,6 +424,9 @@ pub fn serve(listeners: &[(SocketAddr, Role)]) -> io::Result<()> {
     lp.ctl(libc::EPOLL_CTL_ADD, sfd, libc::EPOLLIN as u32, SIGNAL)?;
     for (a, r) in listeners {
         lp.listen(*a, *r)?;
+    }
+    for n in unix_echo {
+        lp.listen_unix_echo(n)?;
     }
     println!("{{\"event\":\"ready\"}}");
     io::stdout().flush()?;

@@ -154,6 +154,131 @@ impl View<'_> {
     fn accel_active(&self) -> bool {
         self.run.accel.values().any(|v| *v > 0)
     }
+
+    /// One app↔proxy leg variant (samples of the leg environments).
+    fn leg(&self, l: Leg, place: Place, m: Metric) -> Option<Agg> {
+        let (cfg, test) = l.key();
+        self.agg(cfg, place, test, 0, m)
+    }
+
+    fn leg_accel_active(&self) -> bool {
+        self.run.leg_accel.values().any(|v| *v > 0)
+    }
+}
+
+/// The variants of the app↔proxy leg measurement (issue 4: "app↔proxy
+/// round trip no slower than an AF_UNIX round trip"): app (uid 1000) ↔ an
+/// echo standing in for the proxy (uid 1337) in the pod netns, 64 B
+/// request/response on one connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Leg {
+    /// Through capture, acceleration forced on (`--accel`).
+    E,
+    /// Through capture, no acceleration (`--no-accel`).
+    D,
+    /// AF_UNIX stream pair between the same two processes.
+    Unix,
+    /// Plain loopback TCP to 127.0.0.1:15001, no capture (reference).
+    Tcp,
+}
+
+impl Leg {
+    pub const ALL: [Leg; 4] = [Leg::E, Leg::D, Leg::Unix, Leg::Tcp];
+
+    /// Where its samples are: (configuration of the leg environment, test).
+    fn key(self) -> (Cfg, Test) {
+        match self {
+            Leg::E => (Cfg::E, Test::Leg64),
+            Leg::D => (Cfg::D, Test::Leg64),
+            Leg::Unix => (Cfg::A, Test::Unix64),
+            Leg::Tcp => (Cfg::A, Test::Leg64),
+        }
+    }
+
+    fn describe(self) -> &'static str {
+        match self {
+            Leg::E => "E: TCP through capture, acceleration **forced on** (`--accel`)",
+            Leg::D => "D: TCP through capture, no acceleration (`--no-accel`)",
+            Leg::Unix => "AF_UNIX stream pair, same two processes",
+            Leg::Tcp => "loopback TCP to 127.0.0.1:15001, no capture (reference)",
+        }
+    }
+}
+
+/// The verdict of "E leg p50 ≤ AF_UNIX p50", with the spread rule of the
+/// ratio targets: met or missed only when the two min–max ranges do not
+/// overlap, otherwise no result.
+fn leg_verdict(e: &Agg, unix: &Agg) -> Verdict {
+    match (e.med <= unix.med, !e.overlaps(unix)) {
+        (true, true) => Verdict::Met,
+        (_, false) => Verdict::NoResult,
+        (false, true) => Verdict::Missed,
+    }
+}
+
+/// Why E's leg is not at AF_UNIX's p50 (medians in µs), in terms of the
+/// other variants of the same run.
+fn why_leg(e: f64, unix: f64, d: Option<f64>, tcp: Option<f64>, accel_active: bool, accel_rows: bool) -> String {
+    let mut why = Vec::new();
+    if !accel_active {
+        why.push(if accel_rows {
+            "acceleration was not active in the leg (its ACCEL counters stayed at 0), so E ran as D".to_string()
+        } else {
+            "acceleration is not in this build (no ACCEL counters in `redirect stats`), so E ran as D".to_string()
+        });
+    }
+    let mut line = format!("E's round trip is {} µs against AF_UNIX's {} µs ({}{})", num(e), num(unix), if e < unix { "−" } else { "+" }, num((e - unix).abs()));
+    let saved = accel_active && d.is_some_and(|d| d > e);
+    if let Some(d) = d {
+        let _ = write!(line, "; D, the same capture over loopback TCP, is at {} µs", num(d));
+        if saved {
+            let _ = write!(line, ", so acceleration took {} µs off the TCP/IP stack", num(d - e));
+        } else if accel_active {
+            line.push_str(", so this run shows no saving from acceleration in this placement");
+        }
+    }
+    if let Some(t) = tcp {
+        let _ = write!(line, "; plain loopback TCP without capture is at {} µs", num(t));
+    }
+    why.push(line);
+    if saved && e > unix {
+        why.push(
+            "what is left is most likely (not profiled here) tcp_bpf's path per message (tcp_bpf_sendmsg copies the data into an sk_msg, runs the sk_msg program and its sockhash lookup, queues it on the peer's psock; tcp_bpf_recvmsg reads it from there) and the TCP socket layer around it, against AF_UNIX's one skb queued straight on the peer"
+                .to_string(),
+        );
+    }
+    why.join("; ")
+}
+
+fn leg_target(v: &View, place: Place) -> Option<Target> {
+    let (e, unix) = (v.leg(Leg::E, place, Metric::P50)?, v.leg(Leg::Unix, place, Metric::P50)?);
+    let verdict = leg_verdict(&e, &unix);
+    let why = || {
+        let med = |l: Leg| v.leg(l, place, Metric::P50).map(|a| a.med);
+        why_leg(e.med, unix.med, med(Leg::D), med(Leg::Tcp), v.leg_accel_active(), v.run.leg_accel_rows_present)
+    };
+    let why = match verdict {
+        Verdict::Met => String::new(),
+        Verdict::NoResult => format!("E and AF_UNIX overlap run to run ({}–{} vs {}–{} µs); {}", num(e.min), num(e.max), num(unix.min), num(unix.max), why()),
+        Verdict::Missed => why(),
+    };
+    let value = if unix.med > 0.0 { format!("{} vs {} µs ({:.2}×)", num(e.med), num(unix.med), e.med / unix.med) } else { format!("{} vs {} µs", num(e.med), num(unix.med)) };
+    Some(Target { name: "E app↔proxy RR 64 B p50 ≤ AF_UNIX RR p50".into(), value, verdict, why })
+}
+
+fn leg_table(v: &View, place: Place, out: &mut String) {
+    let _ = writeln!(out, "| variant | p50 (µs) | p99 (µs) | p99.9 (µs) | p50 / AF_UNIX |");
+    let _ = writeln!(out, "|---|---|---|---|---|");
+    let unix = v.leg(Leg::Unix, place, Metric::P50);
+    for l in Leg::ALL {
+        let p50 = v.leg(l, place, Metric::P50);
+        let ratio = match (p50, unix) {
+            _ if l == Leg::Unix => "1 (reference)".into(),
+            (Some(a), Some(u)) if u.med > 0.0 => ratio_cell(Some((a.med / u.med, !a.overlaps(&u)))),
+            _ => "–".into(),
+        };
+        let _ = writeln!(out, "| {} | {} | {} | {} | {ratio} |", l.describe(), cell(p50), cell(v.leg(l, place, Metric::P99)), cell(v.leg(l, place, Metric::P999)));
+    }
 }
 
 /// 3 significant digits, thousands grouped for large values.
@@ -411,6 +536,7 @@ fn targets(v: &View, place: Place) -> Vec<Target> {
             }
         }
     }
+    t.extend(leg_target(v, place));
     t.push(Target {
         name: "no configuration's p99 worse than C's".into(),
         value: if worse.is_empty() { "none worse".into() } else { format!("{} worse", worse.len()) },
@@ -495,6 +621,10 @@ fn short(c: Cfg) -> &'static str {
     }
 }
 
+fn sandbox_upstream() -> String {
+    format!("{}:{}", crate::sandbox::UPSTREAM_V4, super::runner::ECHO_PORT)
+}
+
 fn git_commit() -> String {
     std::process::Command::new("git")
         .args(["rev-parse", "--short", "HEAD"])
@@ -519,7 +649,7 @@ pub fn markdown(run: &Run) -> String {
     let _ = writeln!(o, "- Sidecar proxy in B–E: {proxy}");
     let _ = writeln!(
         o,
-        "- {} measured repetitions, interleaved A B C D E (then C D E per rule count){}; each measurement {} ms after a {} ms warm-up that is discarded",
+        "- {} measured repetitions, interleaved A B C D E (then C D E per rule count, then the app↔proxy leg's A D E){}; each measurement {} ms after a {} ms warm-up that is discarded",
         s.reps,
         if s.warmup_round { ", after one whole warm-up round that is discarded" } else { "" },
         s.duration_ms,
@@ -534,6 +664,14 @@ pub fn markdown(run: &Run) -> String {
         "**not in this build**: `redirect stats` has no ACCEL counters, so E measured the same path as D".into()
     };
     let _ = writeln!(o, "- Acceleration (sockops/sk_msg): {accel}");
+    let leg_accel = if v.leg_accel_active() {
+        format!("**active** (ACCEL counters: {})", run.leg_accel.iter().map(|(k, n)| format!("{k} {n}")).collect::<Vec<_>>().join(", "))
+    } else if run.leg_accel_rows_present {
+        "**not active**: its ACCEL counters stayed at 0, so E measured D's path".into()
+    } else {
+        "**not in this build** (no ACCEL counters)".into()
+    };
+    let _ = writeln!(o, "- Acceleration is **forced on** in E (`redirect attach --accel`), whatever the kernel probe says: by default it follows the probe, which fails on Linux 6.18 (README, Acceleration), so a default attach there has it off. In the app↔proxy leg's E: {leg_accel}");
     let failed: Vec<_> = run.checks.iter().filter(|c| !c.ok).collect();
     let _ = writeln!(o, "- Path checks: {} of {} passed{}\n", run.checks.len() - failed.len(), run.checks.len(), if failed.is_empty() { "" } else { " — **see Path checks below**" });
 
@@ -555,6 +693,18 @@ pub fn markdown(run: &Run) -> String {
         o.push('\n');
     }
 
+    let _ = writeln!(o, "## App↔proxy leg\n");
+    let _ = writeln!(
+        o,
+        "The hop acceleration replaces, alone: the app (uid 1000, pod netns and cgroup) and an echo standing in for the proxy (uid/gid 1337, pod netns and cgroup, listening on :15001 and on an abstract AF_UNIX name), 64 B request/response on one connection, closed loop, same durations and placements as above (the echo where the proxy is). E and D: fresh pods captured with `--accel` / `--no-accel`, the app addressing {} so that capture takes it to the echo; AF_UNIX and loopback TCP: a pod without capture. Interleaved after the main configurations in every repetition (A, D, E leg environments). Target (issue 4): E's p50 no higher than AF_UNIX's.\n",
+        sandbox_upstream()
+    );
+    for p in &s.places {
+        let _ = writeln!(o, "### {}\n", p.describe());
+        leg_table(&v, *p, &mut o);
+        o.push('\n');
+    }
+
     let _ = writeln!(o, "## Rule-count scaling\n");
     let _ = writeln!(o, "Connection rate with extra never-matching `-d 198.18.x.y/32 -j RETURN` rules in C's ISTIO_OUTPUT (where istio-iptables puts `-x` exclusions: every app connection walks them before the REDIRECT), and the same addresses as `-x` exclusion entries in D and E.\n");
     for p in &s.places {
@@ -568,14 +718,14 @@ pub fn markdown(run: &Run) -> String {
     let _ = writeln!(o, "![connection rate vs rule count](conn-rate-vs-rules.svg)\n");
 
     let _ = writeln!(o, "## Path checks\n");
-    let _ = writeln!(o, "After every configuration: our counters (`redirect stats`: OUTPUT/captured must equal the app's connections, no exclusion hit, ACCEL rows), the iptables counters (the REDIRECT rule counted at least one packet per app connection), the proxy's own counts (SO_ORIGINAL_DST answers or fixed-upstream connections equal the app's connections), no stray rules (no nat rules in D/E; no iptables-legacy rules anywhere), and no BPF effective on the pod's cgroup or linked to its netns in A, B and C.\n");
+    let _ = writeln!(o, "After every configuration: our counters (`redirect stats`: OUTPUT/captured must equal the app's connections, no exclusion hit, ACCEL rows), the iptables counters (the REDIRECT rule counted at least one packet per app connection), the proxy's own counts (SO_ORIGINAL_DST answers or fixed-upstream connections equal the app's connections), no stray rules (no nat rules in D/E; no iptables-legacy rules anywhere), and no BPF effective on the pod's cgroup or linked to its netns in A, B and C. The app↔proxy leg's environments (\"leg\") get the same checks, with the echo's accepted connections (TCP and AF_UNIX) in place of the proxy's counts.\n");
     let _ = writeln!(o, "| rep | config | rules | ok | detail |");
     let _ = writeln!(o, "|---|---|---|---|---|");
     let mut shown = 0;
     for c in &run.checks {
         // All failures, and every check of the first repetition as a sample.
         if !c.ok || c.rep == 1 {
-            let _ = writeln!(o, "| {} | {:?} | {} | {} | {} |", c.rep, c.cfg, c.rules, if c.ok { "yes" } else { "**NO**" }, c.detail.replace('|', "/"));
+            let _ = writeln!(o, "| {} | {:?}{} | {} | {} | {} |", c.rep, c.cfg, if c.leg { " leg" } else { "" }, c.rules, if c.ok { "yes" } else { "**NO**" }, c.detail.replace('|', "/"));
             shown += 1;
         }
     }
@@ -637,6 +787,53 @@ mod tests {
         assert!(!a.overlaps(&b));
         assert!(a.overlaps(&Agg::of(vec![2.5, 9.0]).unwrap()));
         assert!(Agg::of(vec![]).is_none());
+    }
+
+    fn agg(v: &[f64]) -> Agg {
+        Agg::of(v.to_vec()).unwrap()
+    }
+
+    #[test]
+    fn leg_verdict_uses_the_spread() {
+        // Below AF_UNIX beyond the spread: met; above it: missed.
+        assert!(leg_verdict(&agg(&[4.0, 4.1]), &agg(&[4.5, 4.6])) == Verdict::Met);
+        assert!(leg_verdict(&agg(&[4.77, 4.78]), &agg(&[4.47, 4.64])) == Verdict::Missed);
+        // Ranges overlap: no result, whichever median is lower.
+        assert!(leg_verdict(&agg(&[45.2, 47.4]), &agg(&[42.9, 45.5])) == Verdict::NoResult);
+        assert!(leg_verdict(&agg(&[4.0, 4.6]), &agg(&[4.5, 4.7])) == Verdict::NoResult);
+        // Equal medians with touching ranges are within the spread.
+        assert!(leg_verdict(&agg(&[5.0]), &agg(&[5.0])) == Verdict::NoResult);
+    }
+
+    #[test]
+    fn leg_why_names_the_gap_and_the_other_variants() {
+        let w = why_leg(4.78, 4.56, Some(6.73), Some(6.72), true, true);
+        assert!(w.starts_with("E's round trip is 4.78 µs against AF_UNIX's 4.56 µs (+0.22)"), "{w}");
+        assert!(w.contains("D, the same capture over loopback TCP, is at 6.73 µs, so acceleration took 1.95 µs off"), "{w}");
+        assert!(w.contains("plain loopback TCP without capture is at 6.72 µs"), "{w}");
+        assert!(w.contains("tcp_bpf_sendmsg"), "{w}");
+        assert!(!w.contains("not active"), "{w}");
+        // Acceleration that did not engage is named first, and no claim
+        // about what it saved is made.
+        let w = why_leg(6.8, 4.5, Some(6.7), None, false, true);
+        assert!(w.starts_with("acceleration was not active in the leg"), "{w}");
+        assert!(!w.contains("took") && !w.contains("tcp_bpf_sendmsg") && !w.contains("plain loopback"), "{w}");
+        assert!(why_leg(6.8, 4.5, None, None, false, false).starts_with("acceleration is not in this build"));
+        // Active but not faster than D: no saving claimed.
+        let w = why_leg(68.7, 51.0, Some(50.8), Some(55.3), true, true);
+        assert!(w.contains("shows no saving") && !w.contains("took") && !w.contains("tcp_bpf_sendmsg"), "{w}");
+        // Below AF_UNIX (a no-result within the spread): signed gap, no
+        // explanation of a gap that is not there.
+        let w = why_leg(72.1, 72.6, Some(75.3), None, true, true);
+        assert!(w.contains("(−0.50)") && w.contains("took 3.20 µs") && !w.contains("tcp_bpf_sendmsg"), "{w}");
+    }
+
+    #[test]
+    fn leg_variants_map_to_distinct_samples() {
+        let keys: std::collections::HashSet<_> = Leg::ALL.iter().map(|l| l.key()).collect();
+        assert_eq!(keys.len(), Leg::ALL.len());
+        assert_eq!(Leg::Unix.key(), (Cfg::A, Test::Unix64));
+        assert!(Leg::E.describe().contains("forced on"));
     }
 
     #[test]

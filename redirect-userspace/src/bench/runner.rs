@@ -26,8 +26,13 @@ use crate::sandbox::{self, ChildGuard, Topology, UPSTREAM_V4};
 
 pub const APP_UID: u32 = 1000;
 pub const PROXY_UID: u32 = 1337;
-const ECHO_PORT: u16 = 7001;
+pub const ECHO_PORT: u16 = 7001;
 const SINK_PORT: u16 = 7002;
+/// The proxy-side echo of the app↔proxy leg listens on the outbound port.
+const LEG_PORT: u16 = 15001;
+/// The leg configurations, interleaved after the main ones in each round:
+/// A = no capture (plain loopback TCP and AF_UNIX), D, E = through capture.
+pub const LEG_CFGS: [Cfg; 3] = [Cfg::A, Cfg::D, Cfg::E];
 /// Configuration B: the proxy's fixed-upstream listeners on 127.0.0.1.
 const FIXED_ECHO: u16 = 15101;
 const FIXED_SINK: u16 = 15102;
@@ -108,6 +113,12 @@ pub enum Test {
     Conn,
     Bulk,
     Open,
+    /// App↔proxy leg: app (uid 1000) → proxy-side echo (uid 1337, :15001)
+    /// in the pod, 64 B request/response: through capture in D and E,
+    /// plain loopback TCP to 127.0.0.1:15001 in A (no capture).
+    Leg64,
+    /// The same two processes over an AF_UNIX stream pair (A only).
+    Unix64,
 }
 
 impl Test {
@@ -121,6 +132,8 @@ impl Test {
             Test::Conn => "connection (connect + 64 B exchange + close)",
             Test::Bulk => "bulk upload",
             Test::Open => "open loop 64 B",
+            Test::Leg64 => "app↔proxy leg request/response 64 B (TCP)",
+            Test::Unix64 => "app↔proxy leg request/response 64 B (AF_UNIX)",
         }
     }
 
@@ -132,6 +145,8 @@ impl Test {
             Test::Conn => (Mode::Conn, 64),
             Test::Bulk => (Mode::Bulk, 0),
             Test::Open => (Mode::Open, 64),
+            Test::Leg64 => (Mode::Rr, 64),
+            Test::Unix64 => (Mode::Unix, 64),
         }
     }
 }
@@ -194,6 +209,8 @@ pub struct Check {
     pub rep: usize,
     pub cfg: Cfg,
     pub rules: usize,
+    /// An app↔proxy leg environment (echo as the proxy).
+    pub leg: bool,
     pub ok: bool,
     pub detail: String,
 }
@@ -206,6 +223,9 @@ pub struct Run {
     /// "ACCEL" counter rows seen in E (rule → count), summed over runs.
     pub accel: BTreeMap<String, u64>,
     pub accel_rows_present: bool,
+    /// The same for the E leg environments.
+    pub leg_accel: BTreeMap<String, u64>,
+    pub leg_accel_rows_present: bool,
     pub machine: report::Machine,
     pub started: String,
     pub elapsed_s: f64,
@@ -444,6 +464,10 @@ impl Sidecar {
 struct Env {
     cfg: Cfg,
     rules: usize,
+    /// App↔proxy leg: the "proxy" is an echo (TCP :15001 and AF_UNIX
+    /// `unix`), no upstream server.
+    leg: bool,
+    unix: String,
     server: Option<ChildGuard>,
     proxy: Option<Sidecar>,
     pin_dir: Option<PathBuf>,
@@ -469,19 +493,29 @@ impl Drop for Env {
 }
 
 impl Env {
-    fn new(cfg: Cfg, rules: usize, proxy: ProxyKind) -> Result<Env> {
+    fn new(cfg: Cfg, rules: usize, proxy: ProxyKind, leg: bool) -> Result<Env> {
         let topo = Topology::new("bench").context("creating the pod and upstream namespaces")?;
-        let mut env = Env { cfg, rules, server: None, proxy: None, pin_dir: None, topo: None, conns: 0 };
+        let mut env = Env { cfg, rules, leg, unix: sandbox::unique("rdb-leg-"), server: None, proxy: None, pin_dir: None, topo: None, conns: 0 };
         for ns in [&topo.pod.name, &topo.upstream.name] {
             // Connection-rate runs leave tens of thousands of TIME_WAIT
             // sockets: widen the port range and reuse them (per netns).
             netns_exec(ns, &["sysctl", "-q", "-w", "net.ipv4.ip_local_port_range=10000 65000", "net.ipv4.tcp_tw_reuse=1"])?;
         }
-        let mut server = Command::new(kit_bin());
-        boost(&mut server);
-        server.args(["bench-server", "--echo", &format!("{UPSTREAM_V4}:{ECHO_PORT}"), "--sink", &format!("{UPSTREAM_V4}:{SINK_PORT}")]);
-        env.server = Some(ChildGuard::spawn("bench-server", server, &topo.in_upstream(), true)?);
-        if cfg != Cfg::A {
+        if leg {
+            // The proxy side of the leg: an echo as uid/gid 1337 in the pod
+            // (netns and cgroup), on the outbound capture port and on an
+            // abstract AF_UNIX name (abstract names are per netns).
+            let mut e = Command::new(kit_bin());
+            boost(&mut e);
+            e.args(["bench-server", "--echo", &format!("0.0.0.0:{LEG_PORT}"), "--unix-echo", &env.unix]);
+            env.proxy = Some(Sidecar::Kit(ChildGuard::spawn("bench-leg-echo", e, &topo.in_pod(PROXY_UID, PROXY_UID), true)?));
+        } else {
+            let mut server = Command::new(kit_bin());
+            boost(&mut server);
+            server.args(["bench-server", "--echo", &format!("{UPSTREAM_V4}:{ECHO_PORT}"), "--sink", &format!("{UPSTREAM_V4}:{SINK_PORT}")]);
+            env.server = Some(ChildGuard::spawn("bench-server", server, &topo.in_upstream(), true)?);
+        }
+        if cfg != Cfg::A && !leg {
             env.proxy = Some(match proxy {
                 ProxyKind::Kit => {
                     let mut p = Command::new(kit_bin());
@@ -544,6 +578,12 @@ impl Env {
 
     fn targets(&self) -> (SocketAddr, SocketAddr) {
         let up: Ipv4Addr = UPSTREAM_V4.parse().expect("address");
+        if self.leg {
+            // A: plain loopback to the echo; D/E: the upstream address,
+            // which capture sends to the echo on :15001 instead.
+            let t = if self.cfg == Cfg::A { SocketAddr::from(([127, 0, 0, 1], LEG_PORT)) } else { SocketAddr::from((up, ECHO_PORT)) };
+            return (t, t);
+        }
         match self.cfg {
             Cfg::B => (SocketAddr::from(([127, 0, 0, 1], FIXED_ECHO)), SocketAddr::from(([127, 0, 0, 1], FIXED_SINK))),
             _ => (SocketAddr::from((up, ECHO_PORT)), SocketAddr::from((up, SINK_PORT))),
@@ -559,6 +599,9 @@ impl Env {
         cmd.arg("bench-load")
             .args(["--mode", &format!("{mode:?}").to_lowercase(), "--target", &target.to_string(), "--size", &size.to_string()])
             .args(["--duration-ms", &s.duration_ms.to_string(), "--warmup-ms", &s.warmup_ms.to_string(), "--rate", &s.open_rate.to_string()]);
+        if mode == Mode::Unix {
+            cmd.args(["--unix", &self.unix]);
+        }
         boost(&mut cmd);
         sandbox::place(&mut cmd, &self.topo().in_pod(APP_UID, APP_UID))?;
         unsafe {
@@ -700,7 +743,16 @@ impl Env {
                 }
             }
         }
-        if let Some(c) = proxy {
+        if let (true, Some(c)) = (self.leg, &proxy) {
+            // The leg's echo: every app connection (TCP and AF_UNIX) and
+            // nothing else; no relay work.
+            let accepted = c["accepted"].as_u64().unwrap_or(0);
+            if accepted != conns {
+                problems.push(format!("leg echo accepted {accepted} connections; {conns} app connections"));
+            } else {
+                facts.push(format!("leg echo: {accepted} accepted"));
+            }
+        } else if let Some(c) = proxy {
             let (accepted, orig) = (c["accepted"].as_u64().unwrap_or(0), c["orig_dst_ok"].as_u64().unwrap_or(0));
             let (want_fixed, want_orig) = if self.cfg == Cfg::B { (conns, 0) } else { (0, conns) };
             // B's proxy also served the readiness probe of nothing: exact counts.
@@ -715,7 +767,7 @@ impl Env {
         let ok = problems.is_empty();
         let mut detail = problems;
         detail.extend(facts);
-        Check { rep, cfg: self.cfg, rules: self.rules, ok, detail: detail.join("; ") }
+        Check { rep, cfg: self.cfg, rules: self.rules, leg: self.leg, ok, detail: detail.join("; ") }
     }
 
     fn stats(&self) -> Result<Vec<serde_json::Value>> {
@@ -802,6 +854,8 @@ pub fn run(o: &Options) -> Result<(PathBuf, bool)> {
     let mut checks = Vec::new();
     let mut accel = BTreeMap::new();
     let mut accel_rows = false;
+    let mut leg_accel = BTreeMap::new();
+    let mut leg_rows = false;
     let rounds = s.reps + usize::from(s.warmup_round);
     let log = |msg: String| {
         eprintln!("[{:6.1}s] {msg}", t0.elapsed().as_secs_f64());
@@ -811,15 +865,22 @@ pub fn run(o: &Options) -> Result<(PathBuf, bool)> {
         // object load path; it is measured and then discarded.
         let warm = s.warmup_round && round == 0;
         let rep = if s.warmup_round { round } else { round + 1 };
-        let mut units: Vec<(Cfg, usize)> = Cfg::ALL.iter().map(|c| (*c, 0)).collect();
+        let mut units: Vec<(Cfg, usize, bool)> = Cfg::ALL.iter().map(|c| (*c, 0, false)).collect();
         for n in &s.rule_counts {
-            units.extend(Cfg::SCALED.iter().map(|c| (*c, *n)));
+            units.extend(Cfg::SCALED.iter().map(|c| (*c, *n, false)));
         }
-        for (cfg, rules) in units {
+        // The app↔proxy leg (issue 4: no slower than AF_UNIX), A D E.
+        units.extend(LEG_CFGS.iter().map(|c| (*c, 0, true)));
+        for (cfg, rules, leg) in units {
             stopped()?;
-            let tests: &[Test] = if rules == 0 { &Test::ALL } else { &[Test::Conn] };
-            log(format!("{} {cfg:?} rules={rules}", if warm { "warm-up".to_string() } else { format!("rep {rep}/{}", s.reps) }));
-            let mut env = Env::new(cfg, rules, s.proxy).with_context(|| format!("setting up {cfg:?} with {rules} rules"))?;
+            let tests: &[Test] = match (leg, cfg, rules) {
+                (true, Cfg::A, _) => &[Test::Leg64, Test::Unix64],
+                (true, _, _) => &[Test::Leg64],
+                (false, _, 0) => &Test::ALL,
+                (false, _, _) => &[Test::Conn],
+            };
+            log(format!("{} {cfg:?}{} rules={rules}", if warm { "warm-up".to_string() } else { format!("rep {rep}/{}", s.reps) }, if leg { " leg" } else { "" }));
+            let mut env = Env::new(cfg, rules, s.proxy, leg).with_context(|| format!("setting up {cfg:?}{} with {rules} rules", if leg { " leg" } else { "" }))?;
             for place in &s.places {
                 let cpu = env.place(*place)?;
                 for t in tests {
@@ -830,9 +891,9 @@ pub fn run(o: &Options) -> Result<(PathBuf, bool)> {
                     }
                 }
             }
-            let c = env.verify(rep, &mut accel, &mut accel_rows);
+            let c = if leg { env.verify(rep, &mut leg_accel, &mut leg_rows) } else { env.verify(rep, &mut accel, &mut accel_rows) };
             if !c.ok {
-                log(format!("CHECK FAILED {cfg:?} rules={rules}: {}", c.detail));
+                log(format!("CHECK FAILED {cfg:?}{} rules={rules}: {}", if leg { " leg" } else { "" }, c.detail));
             }
             if !warm {
                 checks.push(c);
@@ -845,6 +906,8 @@ pub fn run(o: &Options) -> Result<(PathBuf, bool)> {
         checks,
         accel,
         accel_rows_present: accel_rows,
+        leg_accel,
+        leg_accel_rows_present: leg_rows,
         machine: report::Machine::probe(),
         started,
         elapsed_s: t0.elapsed().as_secs_f64(),

@@ -55,14 +55,20 @@ enum Tool {
         echo: Vec<SocketAddr>,
         #[arg(long)]
         sink: Vec<SocketAddr>,
+        /// Echo on an AF_UNIX stream socket with this abstract name.
+        #[arg(long)]
+        unix_echo: Vec<String>,
     },
     /// Benchmark load generator: one measurement, one JSON line.
     #[command(hide = true)]
     BenchLoad {
         #[arg(long, value_enum)]
         mode: bench::loadgen::Mode,
+        #[arg(long, required_unless_present = "unix")]
+        target: Option<SocketAddr>,
+        /// `--mode unix`: the echo's abstract AF_UNIX name.
         #[arg(long)]
-        target: SocketAddr,
+        unix: Option<String>,
         #[arg(long, default_value = "64")]
         size: usize,
         #[arg(long, default_value = "1000")]
@@ -130,12 +136,13 @@ fn main() -> ExitCode {
             if r.ok { ExitCode::SUCCESS } else { ExitCode::FAILURE }
         }
         Tool::BenchProxy { port, fixed } => report(bench::net::proxy(port, &fixed)),
-        Tool::BenchServer { echo, sink } => {
+        Tool::BenchServer { echo, sink, unix_echo } => {
             let l: Vec<_> = echo.iter().map(|a| (*a, bench::net::Role::Echo)).chain(sink.iter().map(|a| (*a, bench::net::Role::Sink))).collect();
-            report(bench::net::serve(&l))
+            report(bench::net::serve_all(&l, &unix_echo))
         }
-        Tool::BenchLoad { mode, target, size, duration_ms, warmup_ms, rate } => {
-            let a = bench::loadgen::LoadArgs { mode, target, size, duration: Duration::from_millis(duration_ms), warmup: Duration::from_millis(warmup_ms), rate };
+        Tool::BenchLoad { mode, target, unix, size, duration_ms, warmup_ms, rate } => {
+            let target = target.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
+            let a = bench::loadgen::LoadArgs { mode, target, unix, size, duration: Duration::from_millis(duration_ms), warmup: Duration::from_millis(warmup_ms), rate };
             let r = bench::loadgen::run(&a);
             println!("{}", serde_json::to_string(&r).expect("serializable"));
             if r.error.is_none() { ExitCode::SUCCESS } else { ExitCode::FAILURE }
