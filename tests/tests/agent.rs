@@ -343,6 +343,28 @@ fn agent_socket_is_root_only_and_checks_requests() {
     s.daemon = Some(d);
 }
 
+/// A CNI config dir with one conflist `50-<name>.conflist` (a bridge
+/// network) and an empty bin dir, in a temp dir.
+struct CniDirs {
+    tmp: TempDir,
+    conf_dir: std::path::PathBuf,
+    bin_dir: std::path::PathBuf,
+    conflist: std::path::PathBuf,
+    original: String,
+}
+
+impl CniDirs {
+    fn new(name: &str, bridge: &str) -> CniDirs {
+        let tmp = TempDir::new(&format!("{name}-cni"));
+        let (conf_dir, bin_dir) = (tmp.join("net.d"), tmp.join("bin"));
+        std::fs::create_dir_all(&conf_dir).unwrap();
+        let original = format!("{{\n  \"cniVersion\": \"1.0.0\",\n  \"name\": \"{name}\",\n  \"plugins\": [\n    {{\n      \"type\": \"bridge\",\n      \"bridge\": \"{bridge}\"\n    }}\n  ]\n}}\n");
+        let conflist = conf_dir.join(format!("50-{name}.conflist"));
+        std::fs::write(&conflist, &original).unwrap();
+        CniDirs { tmp, conf_dir, bin_dir, conflist, original }
+    }
+}
+
 /// A network plugin that rewrites its conflist drops our entry (and a
 /// node cleanup may delete the binary): the running agent puts both back
 /// within --cni-recheck-secs, counts and logs it, and stops doing so
@@ -350,12 +372,8 @@ fn agent_socket_is_root_only_and_checks_requests() {
 #[test]
 fn daemon_restores_a_conflist_entry_removed_while_it_runs() {
     let mut s = Setup::new("agguard");
-    let tmp = TempDir::new("agguard-cni");
-    let (conf_dir, bin_dir) = (tmp.join("net.d"), tmp.join("bin"));
-    std::fs::create_dir_all(&conf_dir).unwrap();
-    let original = "{\n  \"cniVersion\": \"1.0.0\",\n  \"name\": \"rdguard\",\n  \"plugins\": [\n    {\n      \"type\": \"bridge\",\n      \"bridge\": \"rdtbr8\"\n    }\n  ]\n}\n";
-    let conflist = conf_dir.join("50-rdguard.conflist");
-    std::fs::write(&conflist, original).unwrap();
+    let CniDirs { tmp: _tmp, conf_dir, bin_dir, conflist, original } = CniDirs::new("rdguard", "rdtbr8");
+    let original = original.as_str();
     let args = ["--cni-conf-dir", conf_dir.to_str().unwrap(), "--cni-bin-dir", bin_dir.to_str().unwrap(), "--cni-conflist", "50-rdguard.conflist", "--cni-recheck-secs", "1", "--cni-cleanup"];
     assert!(s.daemon.take().unwrap().stop().success());
     s.start_daemon(&args);
@@ -400,12 +418,8 @@ fn daemon_restores_a_conflist_entry_removed_while_it_runs() {
 #[test]
 fn daemon_installs_the_plugin_and_its_conflist_entry() {
     let mut s = Setup::new("agconf");
-    let tmp = TempDir::new("agconf-cni");
-    let (conf_dir, bin_dir) = (tmp.join("net.d"), tmp.join("bin"));
-    std::fs::create_dir_all(&conf_dir).unwrap();
-    let original = "{\n  \"cniVersion\": \"1.0.0\",\n  \"name\": \"rdtest\",\n  \"plugins\": [\n    {\n      \"type\": \"bridge\",\n      \"bridge\": \"rdtbr9\"\n    }\n  ]\n}\n";
-    let conflist = conf_dir.join("50-rdtest.conflist");
-    std::fs::write(&conflist, original).unwrap();
+    let CniDirs { tmp, conf_dir, bin_dir, conflist, original } = CniDirs::new("rdtest", "rdtbr9");
+    let original = original.as_str();
     let args = ["--cni-conf-dir", conf_dir.to_str().unwrap(), "--cni-bin-dir", bin_dir.to_str().unwrap(), "--cni-conflist", "50-rdtest.conflist"];
     assert!(s.daemon.take().unwrap().stop().success());
     s.start_daemon(&args);
