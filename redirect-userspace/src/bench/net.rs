@@ -114,7 +114,10 @@ impl Loop {
     fn listen(&mut self, addr: SocketAddr, role: Role) -> io::Result<()> {
         let l = kit::listen(addr).map_err(|e| io::Error::new(e.kind(), format!("listening on {addr}: {e}")))?;
         l.set_nonblocking(true)?;
-        let fd = l.into_raw_fd();
+        self.add_listener(l.into_raw_fd(), role)
+    }
+
+    fn add_listener(&mut self, fd: RawFd, role: Role) -> io::Result<()> {
         self.ctl(libc::EPOLL_CTL_ADD, fd, libc::EPOLLIN as u32, LISTENER + self.listeners.len() as u64)?;
         self.listeners.push((fd, role));
         Ok(())
@@ -127,10 +130,7 @@ impl Loop {
         let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())?;
         let l = std::os::unix::net::UnixListener::bind_addr(&addr).map_err(|e| io::Error::new(e.kind(), format!("listening on @{name}: {e}")))?;
         l.set_nonblocking(true)?;
-        let fd = l.into_raw_fd();
-        self.ctl(libc::EPOLL_CTL_ADD, fd, libc::EPOLLIN as u32, LISTENER + self.listeners.len() as u64)?;
-        self.listeners.push((fd, Role::Echo));
-        Ok(())
+        self.add_listener(l.into_raw_fd(), Role::Echo)
     }
 
     fn buffer(&mut self) -> Vec<u8> {

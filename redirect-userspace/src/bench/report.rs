@@ -621,6 +621,10 @@ fn short(c: Cfg) -> &'static str {
     }
 }
 
+fn counters(m: &std::collections::BTreeMap<String, u64>) -> String {
+    m.iter().map(|(k, n)| format!("{k} {n}")).collect::<Vec<_>>().join(", ")
+}
+
 fn sandbox_upstream() -> String {
     format!("{}:{}", crate::sandbox::UPSTREAM_V4, super::runner::ECHO_PORT)
 }
@@ -657,7 +661,7 @@ pub fn markdown(run: &Run) -> String {
     );
     let _ = writeln!(o, "- Load average (1, 5, 15 min) before: {}, after: {}", run.load_before, run.load_after);
     let accel = if v.accel_active() {
-        format!("**active** in E (ACCEL counters: {})", run.accel.iter().map(|(k, n)| format!("{k} {n}")).collect::<Vec<_>>().join(", "))
+        format!("**active** in E (ACCEL counters: {})", counters(&run.accel))
     } else if run.accel_rows_present {
         "**not active**: E's ACCEL counters stayed at 0, so E measured the same path as D".into()
     } else {
@@ -665,7 +669,7 @@ pub fn markdown(run: &Run) -> String {
     };
     let _ = writeln!(o, "- Acceleration (sockops/sk_msg): {accel}");
     let leg_accel = if v.leg_accel_active() {
-        format!("**active** (ACCEL counters: {})", run.leg_accel.iter().map(|(k, n)| format!("{k} {n}")).collect::<Vec<_>>().join(", "))
+        format!("**active** (ACCEL counters: {})", counters(&run.leg_accel))
     } else if run.leg_accel_rows_present {
         "**not active**: its ACCEL counters stayed at 0, so E measured D's path".into()
     } else {
