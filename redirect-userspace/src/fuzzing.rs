@@ -103,6 +103,73 @@ pub fn annotations(data: &[u8]) {
     }
 }
 
+/// Arbitrary bytes as a port list (`-b/-d/-o/-q`): a list that parses is
+/// sorted, without duplicates or port 0, holds only ports written in the
+/// input, and prints back to itself; an error names the flag.
+pub fn ports(data: &[u8]) {
+    let s = String::from_utf8_lossy(data);
+    const FIELD: &str = "-d/--istio-local-exclude-ports";
+    match crate::config::parse_ports(FIELD, &s) {
+        Ok(v) => {
+            assert!(v.windows(2).all(|w| w[0] < w[1]), "sorted and unique: {v:?}");
+            assert!(v.iter().all(|p| *p > 0), "no port 0: {v:?}");
+            let written: Vec<&str> = s.split(',').map(str::trim).collect();
+            assert!(v.iter().all(|p| written.iter().any(|w| w.parse::<u16>().ok() == Some(*p))), "only written ports: {v:?}");
+            let printed = v.iter().map(u16::to_string).collect::<Vec<_>>().join(",");
+            assert_eq!(crate::config::parse_ports(FIELD, &printed).expect("a printed list parses"), v);
+        }
+        Err(e) => assert!(e.to_string().contains(FIELD), "error names the flag: {e}"),
+    }
+}
+
+/// MOCK agent for the `cni` fuzz target: no agent can run inside the
+/// fuzzer's loop, so the socket call answers from the input (the real
+/// socket path is covered by tests/tests/cni.rs and agent.rs).
+struct MockAgent(u8);
+
+impl crate::cni::AgentClient for MockAgent {
+    fn call(&self, _s: &std::path::Path, _req: &crate::agent::proto::Request, _t: std::time::Duration) -> Result<serde_json::Value, crate::agent::proto::CallError> {
+        use crate::agent::proto::CallError;
+        match self.0 % 4 {
+            0 => Ok(serde_json::json!({"ok": true})),
+            1 => Err(CallError::Unreachable("mock: agent down".into())),
+            2 => Err(CallError::Refused("mock: refused".into())),
+            _ => Err(CallError::Protocol("mock: garbage".into())),
+        }
+    }
+}
+
+/// Arbitrary bytes as one CNI plugin invocation: the first line holds the
+/// environment (`KEY=value` fields separated by NUL; the first byte also
+/// picks the mock agent's answer), the rest is the network config on
+/// stdin. Never panics; stdout is always one JSON document; a failure is a
+/// CNI error result with a code and a message.
+pub fn cni(data: &[u8]) {
+    let (env_part, stdin) = match data.iter().position(|b| *b == b'\n') {
+        Some(i) => (&data[..i], &data[i + 1..]),
+        None => (data, &[][..]),
+    };
+    let agent = MockAgent(env_part.first().copied().unwrap_or(0));
+    let env: std::collections::HashMap<String, String> = env_part
+        .split(|b| *b == 0)
+        .filter_map(|f| {
+            let f = String::from_utf8_lossy(f);
+            let (k, v) = f.split_once('=')?;
+            Some((k.to_string(), v.to_string()))
+        })
+        .collect();
+    let get = |k: &str| env.get(k).cloned();
+    let out = crate::cni::run(&get, stdin, &agent);
+    if out.exit_code == 0 && out.stdout.is_empty() {
+        return; // DEL prints nothing on success
+    }
+    let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {:?}", out.stdout));
+    if out.exit_code != 0 {
+        assert!(v["code"].as_u64().is_some(), "error result without a code: {v}");
+        assert!(v["msg"].as_str().is_some_and(|m| !m.is_empty()), "error result without a message: {v}");
+    }
+}
+
 /// The kept corpus: `fuzz/corpus/<target>/*`, replayed by the tests.
 pub fn corpus_dir(target: &str) -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus").join(target)

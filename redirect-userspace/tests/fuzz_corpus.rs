@@ -43,3 +43,21 @@ fn annotations_corpus_never_panics() {
     fuzzing::annotations(format!("{{\"kind\":\"Pod\",\"metadata\":{{\"annotations\":{{}}}},\"spec\":{{\"containers\":{}}}}}", "[".repeat(100)).as_bytes());
     fuzzing::annotations(&["8080,"; 20_000].concat().into_bytes());
 }
+
+#[test]
+fn ports_corpus_never_panics() {
+    replay("ports", fuzzing::ports);
+    fuzzing::ports(&["65535,"; 50_000].concat().into_bytes());
+    fuzzing::ports(&vec![b','; 1 << 20]);
+}
+
+#[test]
+fn cni_corpus_never_panics() {
+    replay("cni", fuzzing::cni);
+    // Oversized environment and stdin.
+    let mut big = b"\0CNI_COMMAND=ADD\0CNI_ARGS=".to_vec();
+    big.extend(std::iter::repeat_n(b"A=B;".as_slice(), 100_000).flatten());
+    big.push(b'\n');
+    big.extend(std::iter::repeat_n(b'{', 1 << 16));
+    fuzzing::cni(&big);
+}
