@@ -284,7 +284,7 @@ pub fn render_stats(pods: &[PodStats]) -> String {
             if r.chain != chain {
                 chain = r.chain;
                 let _ = writeln!(s, "{}", chain_title(chain));
-                let _ = writeln!(s, "{:>9} {:>9} {:<9} {}", "conns", "bytes", "target", "rule");
+                let _ = writeln!(s, "{:>9} {:>9} {:<9} rule", "conns", "bytes", "target");
             }
             let _ = writeln!(s, "{:>9} {:>9} {:<9} {}", human(r.count), human(r.bytes), r.target, r.description);
         }

@@ -117,6 +117,51 @@ pub struct Placement {
     pub gid: Option<u32>,
 }
 
+/// How a program run by [`run_placed`] ended.
+#[derive(Debug)]
+pub struct Finished {
+    /// None when it could not be waited for.
+    pub status: Option<std::process::ExitStatus>,
+    pub stdout: String,
+    pub stderr: String,
+    /// Killed (by PID) at the timeout.
+    pub timed_out: bool,
+}
+
+/// Run `program args` placed as asked, collecting its output; killed (by
+/// PID) if still running after `timeout`. Err only when it cannot start.
+pub fn run_placed(program: &Path, args: &[&str], p: &Placement, timeout: Duration) -> io::Result<Finished> {
+    use std::io::Read;
+    let mut cmd = Command::new(program);
+    cmd.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    place(&mut cmd, p)?;
+    let mut child = cmd.spawn()?;
+    let drain = |mut r: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = r.read_to_string(&mut s);
+            s
+        })
+    };
+    let t_out = drain(Box::new(child.stdout.take().expect("piped")));
+    let t_err = drain(Box::new(child.stderr.take().expect("piped")));
+    let deadline = Instant::now() + timeout;
+    let mut timed_out = false;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(st)) => break Some(st),
+            Ok(None) if Instant::now() > deadline => {
+                timed_out = true;
+                let _ = child.kill();
+                break child.wait().ok();
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(5)),
+            Err(_) => break None,
+        }
+    };
+    Ok(Finished { status, stdout: t_out.join().unwrap_or_default(), stderr: t_err.join().unwrap_or_default(), timed_out })
+}
+
 /// Prepare `cmd` to start inside the placement: it joins the cgroup
 /// first, then the netns, then drops to the uid/gid (supplementary groups
 /// cleared).

@@ -355,45 +355,12 @@ impl KitRun {
 /// Run `redirect-kit <args>` placed as asked; killed (by PID) if still
 /// running after `timeout`.
 pub fn run_kit(p: &Placement, args: &[&str], timeout: Duration) -> KitRun {
-    use std::io::Read;
-    let mut cmd = Command::new(kit_bin());
-    cmd.args(args)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped());
-    redirect_userspace::sandbox::place(&mut cmd, p).expect("placing kit tool");
-    let mut child = cmd.spawn().expect("starting redirect-kit");
-    let mut out = child.stdout.take().unwrap();
-    let mut err = child.stderr.take().unwrap();
-    let t_out = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = out.read_to_string(&mut s);
-        s
-    });
-    let t_err = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = err.read_to_string(&mut s);
-        s
-    });
-    let deadline = std::time::Instant::now() + timeout;
-    let mut timed_out = false;
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(st)) => break Some(st),
-            Ok(None) if std::time::Instant::now() > deadline => {
-                timed_out = true;
-                let _ = child.kill();
-                break child.wait().ok();
-            }
-            Ok(None) => std::thread::sleep(Duration::from_millis(10)),
-            Err(_) => break None,
-        }
-    };
+    let f = redirect_userspace::sandbox::run_placed(&kit_bin(), args, p, timeout).expect("starting redirect-kit");
     KitRun {
-        status,
-        stdout: t_out.join().unwrap_or_default(),
-        stderr: t_err.join().unwrap_or_default(),
-        timed_out,
+        status: f.status,
+        stdout: f.stdout,
+        stderr: f.stderr,
+        timed_out: f.timed_out,
     }
 }
 

@@ -217,20 +217,6 @@ pub fn bench_churn(toolchain: &Toolchain, pods: usize, resident: usize, out: Opt
     Err(cmd::exec(&mut churn)).with_context(|| format!("could not run {}", binary.display()))
 }
 
-#[cfg(test)]
-mod totals_tests {
-    use super::Totals;
-
-    #[test]
-    fn sums_result_lines() {
-        let mut t = Totals::default();
-        t.add_line("test result: ok. 14 passed; 0 failed; 2 ignored; 0 measured; 0 filtered out; finished in 0.01s");
-        t.add_line("test result: FAILED. 1 passed; 3 failed; 0 ignored; 0 measured; 0 filtered out");
-        t.add_line("running 3 tests");
-        assert_eq!(t, Totals { passed: 15, failed: 3, ignored: 2 });
-    }
-}
-
 fn test_threads() -> Result<usize> {
     match env::var("REDIRECT_TEST_THREADS") {
         Ok(value) => value
@@ -278,4 +264,18 @@ pub fn bench(toolchain: &Toolchain, quick: bool, proxy: &str, out: Option<PathBu
         bench.arg("--quick");
     }
     Err(cmd::exec(&mut bench)).with_context(|| format!("could not run {}", binary.display()))
+}
+
+#[cfg(test)]
+mod totals_tests {
+    use super::Totals;
+
+    #[test]
+    fn sums_result_lines() {
+        let mut t = Totals::default();
+        t.add_line("test result: ok. 14 passed; 0 failed; 2 ignored; 0 measured; 0 filtered out; finished in 0.01s");
+        t.add_line("test result: FAILED. 1 passed; 3 failed; 0 ignored; 0 measured; 0 filtered out");
+        t.add_line("running 3 tests");
+        assert_eq!(t, Totals { passed: 15, failed: 3, ignored: 2 });
+    }
 }

@@ -354,7 +354,7 @@ fn results_table(v: &View, place: Place, out: &mut String) {
 }
 
 fn rules_label(n: usize) -> String {
-    if n >= 1000 && n % 1000 == 0 {
+    if n >= 1000 && n.is_multiple_of(1000) {
         format!("{}k", n / 1000)
     } else {
         n.to_string()

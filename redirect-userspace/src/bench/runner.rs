@@ -826,7 +826,7 @@ fn load_avg() -> String {
 /// Run the whole benchmark and write the report. Returns the report path
 /// and whether every path check passed.
 pub fn run(o: &Options) -> Result<(PathBuf, bool)> {
-    if !crate::sys::check_privileges().is_ok() {
+    if crate::sys::check_privileges().is_err() {
         bail!("the benchmark needs root (namespaces, cgroups, iptables, BPF)");
     }
     for b in [kit_bin(), redirect_bin()] {

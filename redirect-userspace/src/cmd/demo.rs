@@ -39,7 +39,7 @@ fn client(kit: &PathBuf, p: &Placement, dst: &str) -> Result<ClientReport> {
     cmd.args(["client", "--connect", dst, "--payload", "hello through the mesh"]);
     redirect_userspace::sandbox::place(&mut cmd, p)?;
     let out = cmd.output().with_context(|| format!("running client to {dst}"))?;
-    Ok(serde_json::from_slice(&out.stdout).with_context(|| format!("client output {:?}", String::from_utf8_lossy(&out.stderr)))?)
+    serde_json::from_slice(&out.stdout).with_context(|| format!("client output {:?}", String::from_utf8_lossy(&out.stderr)))
 }
 
 pub fn run(a: Args) -> Result<()> {

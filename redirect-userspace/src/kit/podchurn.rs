@@ -44,7 +44,7 @@ use serde_json::{json, Value};
 use crate::{
     kit,
     pins::Pins,
-    sandbox::{place, sibling_binary, unique, ChildGuard, NetnsGuard, Placement, Topology, UPSTREAM_V4},
+    sandbox::{sibling_binary, unique, ChildGuard, NetnsGuard, Placement, Topology, UPSTREAM_V4},
     sys::Netns,
 };
 
@@ -255,40 +255,15 @@ fn cni(plugin: &Path, command: &str, container: &str, netns: &str, args: &str, c
 /// Run a redirect-kit tool placed as asked; its last JSON line, or an
 /// error. Killed (by PID) at the timeout.
 fn run_kit(kit: &Path, p: &Placement, args: &[&str], timeout: Duration) -> Result<Value, String> {
-    let mut cmd = Command::new(kit);
-    cmd.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
-    place(&mut cmd, p).map_err(|e| e.to_string())?;
-    let mut child = cmd.spawn().map_err(|e| format!("starting redirect-kit {args:?}: {e}"))?;
-    let mut out = child.stdout.take().unwrap();
-    let mut err = child.stderr.take().unwrap();
-    let t_out = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = out.read_to_string(&mut s);
-        s
-    });
-    let t_err = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = err.read_to_string(&mut s);
-        s
-    });
-    let deadline = Instant::now() + timeout;
-    let timed_out = loop {
-        match child.try_wait() {
-            Ok(Some(_)) => break false,
-            Ok(None) if Instant::now() > deadline => {
-                let _ = child.kill();
-                let _ = child.wait();
-                break true;
-            }
-            Ok(None) => std::thread::sleep(Duration::from_millis(5)),
-            Err(_) => break false,
-        }
-    };
-    let (so, se) = (t_out.join().unwrap_or_default(), t_err.join().unwrap_or_default());
-    if timed_out {
-        return Err(format!("redirect-kit {args:?} timed out: {se}"));
+    let f = crate::sandbox::run_placed(kit, args, p, timeout).map_err(|e| format!("starting redirect-kit {args:?}: {e}"))?;
+    if f.timed_out {
+        return Err(format!("redirect-kit {args:?} timed out: {}", f.stderr));
     }
-    so.lines().rev().find_map(|l| serde_json::from_str(l).ok()).ok_or_else(|| format!("redirect-kit {args:?}: no report; stdout {so:?} stderr {se:?}"))
+    f.stdout
+        .lines()
+        .rev()
+        .find_map(|l| serde_json::from_str(l).ok())
+        .ok_or_else(|| format!("redirect-kit {args:?}: no report; stdout {:?} stderr {:?}", f.stdout, f.stderr))
 }
 
 /// Entry counts of every map pinned in `maps_dir` (BPF_MAP_GET_NEXT_KEY

@@ -191,7 +191,7 @@ struct Pacer {
 impl Pacer {
     fn tick(&mut self) {
         self.n += 1;
-        if !self.pause.is_zero() && self.every > 0 && self.n % self.every == 0 {
+        if !self.pause.is_zero() && self.every > 0 && self.n.is_multiple_of(self.every) {
             std::thread::sleep(self.pause);
         }
     }
@@ -867,10 +867,7 @@ pub fn epoll_echo(addrs: &[SocketAddr], edge: bool, close_after: u64) -> io::Res
                 continue;
             }
             let Some(c) = conns.get_mut(&fd) else { continue };
-            let done = match service(c, &mut buf, close_after) {
-                Ok(done) => done,
-                Err(_) => true,
-            };
+            let done = service(c, &mut buf, close_after).unwrap_or(true);
             if done {
                 let c = conns.remove(&fd).expect("present");
                 let _ = ctl(ep.as_raw_fd(), libc::EPOLL_CTL_DEL, fd, 0);
