@@ -190,6 +190,20 @@ impl Podman {
         self.ok(&["pod", "create", "--name", pod, "--network", &self.net, "--infra-image", IMAGE, "--infra-command", "/pause", "--cgroup-parent", &cg]);
     }
 
+    /// A pod whose app would connect to `dst`, started with `cni_args`:
+    /// the start must fail with `why` (fail closed) and the app never run.
+    /// The pod is removed afterwards.
+    fn pod_never_starts(&self, pod: &str, dst: &str, cni_args: &str, why: &str) {
+        self.create_pod(pod);
+        let app = format!("{pod}-app");
+        self.ok(&["create", "--pod", pod, "--name", &app, "--user", "1000:1000", "-v", &self.kit_mount(), IMAGE, KIT_IN_CTR, "client", "--connect", dst]);
+        let start = self.command(&["pod", "start", pod]).env("CNI_ARGS", cni_args).output().unwrap();
+        assert!(!start.status.success(), "pod {pod} started ({cni_args}): {}", text(&start));
+        assert!(text(&start).contains(why), "{}", text(&start));
+        assert_eq!(self.state(&app), "created", "the app never ran");
+        self.ok(&["pod", "rm", "-f", "-t", "0", pod]);
+    }
+
     /// Create (not start) a mesh pod: the sidecar (kit proxy as 1337:1337)
     /// and the app (uid 1000), which waits for the proxy to listen
     /// (reading /proc/net/tcp: no connection) and then makes its first two
@@ -365,15 +379,7 @@ fn podman_pod_is_captured_from_its_first_connection() {
 
     // With the agent stopped, a selected pod does not start.
     assert!(daemon.stop().success());
-    let pod2 = format!("rdt-pod2-{id}");
-    pm.create_pod(&pod2);
-    let app2 = format!("{pod2}-app");
-    pm.ok(&["create", "--pod", &pod2, "--name", &app2, "--user", "1000:1000", "-v", &pm.kit_mount(), IMAGE, KIT_IN_CTR, "client", "--connect", &format!("{srv_ip}:8080")]);
-    let start2 = pm.command(&["pod", "start", &pod2]).env("CNI_ARGS", "REDIRECT_CAPTURE=true").output().unwrap();
-    assert!(!start2.status.success(), "pod started without the agent: {}", text(&start2));
-    assert!(text(&start2).contains("redirect agent unreachable"), "{}", text(&start2));
-    assert_eq!(pm.state(&app2), "created", "the app never ran");
-    pm.ok(&["pod", "rm", "-f", "-t", "0", &pod2]);
+    pm.pod_never_starts(&format!("rdt-pod2-{id}"), &format!("{srv_ip}:8080"), "REDIRECT_CAPTURE=true", "redirect agent unreachable");
     // An unselected pod still starts with the agent down.
     let pod3 = format!("rdt-pod3-{id}");
     pm.create_pod(&pod3);
@@ -468,15 +474,7 @@ fn podman_pod_is_captured_from_its_annotations() {
     assert!(daemon.list().is_empty(), "{}", fail("pod removal did not release"));
 
     // A pod the API does not know: its ADD fails closed, it never runs.
-    let ghost = format!("rdt-kghost-{id}");
-    pm.create_pod(&ghost);
-    let app2 = format!("{ghost}-app");
-    pm.ok(&["create", "--pod", &ghost, "--name", &app2, "--user", "1000:1000", "-v", &pm.kit_mount(), IMAGE, KIT_IN_CTR, "client", "--connect", &format!("{srv_ip}:8080")]);
-    let start2 = pm.command(&["pod", "start", &ghost]).env("CNI_ARGS", "K8S_POD_NAMESPACE=shop").output().unwrap();
-    assert!(!start2.status.success(), "a pod unknown to the API started: {}", text(&start2));
-    assert!(text(&start2).contains("cannot see the pod in the Kubernetes API"), "{}", text(&start2));
-    assert_eq!(pm.state(&app2), "created", "the app never ran");
-    pm.ok(&["pod", "rm", "-f", "-t", "0", &ghost]);
+    pm.pod_never_starts(&format!("rdt-kghost-{id}"), &format!("{srv_ip}:8080"), "K8S_POD_NAMESPACE=shop", "cannot see the pod in the Kubernetes API");
     pm.ok(&["rm", "-f", "-t", "0", &srv]);
     assert!(daemon.stop().success());
 }

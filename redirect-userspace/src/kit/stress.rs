@@ -336,27 +336,33 @@ fn sendfile_chunk(s: &TcpStream, file: &std::fs::File, off: usize, n: usize, tim
     let mut left = n;
     let mut short = 0;
     while left > 0 {
-        let k = unsafe { libc::sendfile(sfd, ffd, &mut pos, left) };
-        if k < 0 {
-            let e = io::Error::last_os_error();
-            match e.kind() {
-                io::ErrorKind::Interrupted => continue,
-                io::ErrorKind::WouldBlock => {
-                    poll_fd(sfd, libc::POLLOUT, timeout)?;
-                    continue;
-                }
-                _ => return Err(io::Error::new(e.kind(), format!("sendfile: {e}"))),
-            }
-        }
-        if k == 0 {
-            return Err(io::Error::other("sendfile returned 0 before the end of the file"));
-        }
+        let k = to_socket(sfd, timeout, "sendfile", || unsafe { libc::sendfile(sfd, ffd, &mut pos, left) })?;
         if (k as usize) < left {
             short += 1;
         }
         left -= k as usize;
     }
     Ok(short)
+}
+
+/// One call that moves bytes into socket `sfd` (sendfile, splice), retried
+/// on EINTR and, after waiting for POLLOUT, on EAGAIN; the bytes moved (> 0).
+fn to_socket(sfd: i32, timeout: Duration, what: &str, mut call: impl FnMut() -> isize) -> io::Result<usize> {
+    loop {
+        let k = call();
+        if k > 0 {
+            return Ok(k as usize);
+        }
+        if k == 0 {
+            return Err(io::Error::other(format!("{what} returned 0 before the end of the data")));
+        }
+        let e = io::Error::last_os_error();
+        match e.kind() {
+            io::ErrorKind::Interrupted => {}
+            io::ErrorKind::WouldBlock => poll_fd(sfd, libc::POLLOUT, timeout)?,
+            _ => return Err(io::Error::new(e.kind(), format!("{what}: {e}"))),
+        }
+    }
 }
 
 /// splice(2) file bytes [off, off+n) into the pipe, then pipe → socket
@@ -384,21 +390,9 @@ fn splice_chunk(s: &TcpStream, file: &std::fs::File, (pr, pw): &(OwnedFd, OwnedF
         }
         let mut in_pipe = got as usize;
         while in_pipe > 0 {
-            let k = unsafe { libc::splice(pr.as_raw_fd(), std::ptr::null_mut(), sfd, std::ptr::null_mut(), in_pipe, libc::SPLICE_F_MOVE) };
-            if k < 0 {
-                let e = io::Error::last_os_error();
-                match e.kind() {
-                    io::ErrorKind::Interrupted => continue,
-                    io::ErrorKind::WouldBlock => {
-                        poll_fd(sfd, libc::POLLOUT, timeout)?;
-                        continue;
-                    }
-                    _ => return Err(io::Error::new(e.kind(), format!("splice pipe→socket: {e}"))),
-                }
-            }
-            if k == 0 {
-                return Err(io::Error::other("splice pipe→socket returned 0"));
-            }
+            let k = to_socket(sfd, timeout, "splice pipe→socket", || unsafe {
+                libc::splice(pr.as_raw_fd(), std::ptr::null_mut(), sfd, std::ptr::null_mut(), in_pipe, libc::SPLICE_F_MOVE)
+            })?;
             if (k as usize) < in_pipe {
                 short += 1;
             }
