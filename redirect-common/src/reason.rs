@@ -39,6 +39,7 @@ pub enum Reason {
     AccelRedirected = 51,
     AccelFallback = 52,
     AccelBulk = 53,
+    AccelSkippedShort = 54,
 }
 
 /// Which chain a reason belongs to, for the `redirect stats` layout.
@@ -52,7 +53,7 @@ pub enum Chain {
 }
 
 impl Reason {
-    pub const ALL: [Reason; 30] = [
+    pub const ALL: [Reason; 31] = [
         Reason::OutCaptured,
         Reason::OutCapturedPort,
         Reason::OutProxyToSelf,
@@ -83,6 +84,7 @@ impl Reason {
         Reason::AccelRedirected,
         Reason::AccelFallback,
         Reason::AccelBulk,
+        Reason::AccelSkippedShort,
     ];
 
     pub fn from_u32(v: u32) -> Option<Reason> {
@@ -117,6 +119,7 @@ impl Reason {
             Reason::AccelRedirected => "REDIRECT",
             Reason::AccelFallback => "PASS",
             Reason::AccelBulk => "PASS",
+            Reason::AccelSkippedShort => "RETURN",
             _ => "RETURN",
         }
     }
@@ -148,6 +151,7 @@ impl Reason {
             Reason::AccelRedirected => "messages_redirected",
             Reason::AccelFallback => "messages_fallback",
             Reason::AccelBulk => "messages_bulk",
+            Reason::AccelSkippedShort => "connections_short_skipped",
             Reason::InCaptured => "captured",
             Reason::InExcludedPort => "skip_excluded_port",
             Reason::InNotIncluded => "skip_not_included",
@@ -181,9 +185,10 @@ impl Reason {
             Reason::ErrListenerMapFull => "listener map update failed",
             Reason::ErrSockMapFull => "acceleration sockhash update failed (normal path used)",
             Reason::AccelInserted => "app/proxy sockets put in the sockhash",
-            Reason::AccelRedirected => "messages sent straight to the peer socket (sk_msg)",
+            Reason::AccelRedirected => "sent straight to the peer socket (sk_msg verdicts, each for up to 16 KiB)",
             Reason::AccelFallback => "messages on the normal path (peer not accelerated)",
             Reason::AccelBulk => "messages on the normal path after a bulk message (≥ 64 KiB)",
+            Reason::AccelSkippedShort => "connections not accelerated: their port's last 4 connections lived < 10 ms",
             Reason::InCaptured => "captured -> inbound port",
             Reason::InExcludedPort => "excluded port (-d; ssh 22 with -b *)",
             Reason::InNotIncluded => "not included (-b)",

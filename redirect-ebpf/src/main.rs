@@ -12,13 +12,13 @@ use aya_ebpf::{
         bpf_sock_ops_cb_flags_set,
     },
     macros::{cgroup_sock_addr, cgroup_sockopt, map, sk_lookup, sk_msg, sock_ops},
-    maps::{lpm_trie::Key, HashMap, LpmTrie, PerCpuHashMap, SockHash},
+    maps::{lpm_trie::Key, HashMap, LpmTrie, LruHashMap, PerCpuHashMap, SockHash},
     programs::{SkLookupContext, SkMsgContext, SockAddrContext, SockOpsContext, SockoptContext},
 };
 use redirect_common::{
     flags, inbound_verdict, outbound_verdict, CidrKeyData, CounterKey, CounterValue, ListenerKey,
     Lookup, OrigDst, Outbound, PodConfig, PortKey, Reason, TupleKey, Verdict, AF_INET, AF_INET6,
-    CIDR_KEY_FIXED_BITS, IPPROTO_TCP, MAX_CIDRS, MAX_COUNTERS, MAX_LISTENERS, MAX_PODS,
+    CIDR_KEY_FIXED_BITS, IPPROTO_TCP, MAX_ACCEL_PORTS, MAX_CIDRS, MAX_COUNTERS, MAX_LISTENERS, MAX_PODS,
     MAX_PORTS, MAX_TRACKED_SOCKETS, SOL_IP, SOL_IPV6, SO_ORIGINAL_DST,
 };
 
@@ -54,6 +54,11 @@ static REDIRECT_SOCKS: SockHash<TupleKey> = SockHash::pinned(MAX_TRACKED_SOCKETS
 /// yet): they stay on it, so bytes can never overtake each other.
 #[map]
 static REDIRECT_ACCEL_FALLBACK: HashMap<TupleKey, u8> = HashMap::pinned(MAX_TRACKED_SOCKETS, 0);
+/// Per pod and destination port: how many of its latest connections in a
+/// row lived less than ACCEL_SHORT_CONN_NS (acceleration skips the port
+/// from ACCEL_SHORT_SKIP_AFTER on). Soft state, hence LRU.
+#[map]
+static REDIRECT_ACCEL_PORTS: LruHashMap<PortKey, u32> = LruHashMap::pinned(MAX_ACCEL_PORTS, 0);
 /// The proxy's listener on the inbound capture port, per netns and family.
 #[map]
 static REDIRECT_LISTENERS: SockHash<ListenerKey> = SockHash::pinned(MAX_LISTENERS, 0);
@@ -447,6 +452,47 @@ unsafe fn accelerate(ops: *mut bpf_sock_ops, netns: u64, key: TupleKey) {
     }
 }
 
+/// Does acceleration pay for a new connection of this pod to `port`? Not
+/// once its latest connections were short-lived in a row (redirect_common::
+/// accel_pays).
+#[inline(always)]
+fn accel_pays(netns: u64, cfg: &PodConfig, port: u16) -> bool {
+    if cfg.has(flags::ACCEL_SHORT_CONNS) {
+        return true;
+    }
+    let key = PortKey { netns, kind: redirect_common::port_kind::ACCEL_SHORT, port, _pad: 0 };
+    match unsafe { REDIRECT_ACCEL_PORTS.get(&key) } {
+        Some(n) => redirect_common::accel_pays(*n),
+        None => true,
+    }
+}
+
+/// The active side of an app↔proxy connection (the app's socket, or the
+/// proxy's passthrough socket): accelerated unless the port's latest
+/// connections were short-lived. Either way its storage records when it
+/// was established and its port, so its close teaches the port.
+#[inline(always)]
+unsafe fn accelerate_active(ops: *mut bpf_sock_ops, netns: u64, cfg: &PodConfig, t: &(u16, [u8; 16], [u8; 16], u16, u16), port: u16) {
+    let pays = accel_pays(netns, cfg, port);
+    let sk = (*ops).__bindgen_anon_2.sk;
+    if !sk.is_null() {
+        let mut init = AccelSock {
+            peer: peer_key(netns, t),
+            state: if pays { ACCEL_ON } else { ACCEL_SKIPPED },
+            uncounted: 0,
+            born_ns: aya_ebpf::helpers::generated::bpf_ktime_get_ns(),
+            learn_port: port,
+            _pad: [0; 3],
+        };
+        let _ = accel_state(sk, &mut init);
+    }
+    if pays {
+        accelerate(ops, netns, own_key(netns, t));
+    } else {
+        count(netns, Reason::AccelSkippedShort);
+    }
+}
+
 /// Is this loopback connection the proxy's inbound passthrough to the app
 /// (one end bound to 127.0.0.6 / ::6, the other an address of the pod)?
 #[inline(always)]
@@ -475,14 +521,15 @@ unsafe fn active_established(ctx: &SockOpsContext) {
                 count(netns, Reason::ErrTupleMapFull);
             }
             if accel {
-                accelerate(ops, netns, own_key(netns, &t));
+                accelerate_active(ops, netns, &cfg, &t, orig.port);
             }
         }
         None => {
             if !(accel && is_passthrough_pair(netns, t.0, &t.1, &t.2)) {
                 return;
             }
-            accelerate(ops, netns, own_key(netns, &t));
+            // The proxy's passthrough to the app: the app's port.
+            accelerate_active(ops, netns, &cfg, &t, t.4);
         }
     }
     // Clean up (cookie entry, fallback mark) when the socket closes.
@@ -500,8 +547,12 @@ unsafe fn passive_established(ctx: &SockOpsContext) {
         return;
     };
     let t = ops_tuple(ops);
-    let redirected = REDIRECT_ORIG_BY_TUPLE.get(&peer_key(netns, &t)).is_some();
-    let accel = cfg.has(flags::ACCEL) && (redirected || is_passthrough_pair(netns, t.0, &t.2, &t.1));
+    let orig_port = REDIRECT_ORIG_BY_TUPLE.get(&peer_key(netns, &t)).map(|o| o.port);
+    let redirected = orig_port.is_some();
+    // The same port as the active side decided on: the original
+    // destination's, or for the passthrough the app's (this side's own).
+    let port = orig_port.unwrap_or(t.3);
+    let accel = cfg.has(flags::ACCEL) && (redirected || is_passthrough_pair(netns, t.0, &t.2, &t.1)) && accel_pays(netns, cfg, port);
     if accel {
         accelerate(ops, netns, own_key(netns, &t));
     }
@@ -523,8 +574,25 @@ unsafe fn closed(ctx: &SockOpsContext) {
     }
     let t = ops_tuple(ops);
     let _ = REDIRECT_ORIG_BY_TUPLE.remove(&peer_key(netns, &t));
-    // The sockhash drops closed sockets itself; the fallback mark is ours.
+    // The sockhash drops closed sockets itself (and the kernel the socket's
+    // storage); the fallback mark is ours.
     let _ = REDIRECT_ACCEL_FALLBACK.remove(&own_key(netns, &t));
+    // An active app↔proxy socket teaches its port how long connections
+    // to it live.
+    let sk = (*ops).__bindgen_anon_2.sk;
+    if !sk.is_null() {
+        let st = accel_state(sk, core::ptr::null_mut());
+        if !st.is_null() && (*st).learn_port != 0 {
+            let lifetime = aya_ebpf::helpers::generated::bpf_ktime_get_ns().wrapping_sub((*st).born_ns);
+            let key = PortKey { netns, kind: redirect_common::port_kind::ACCEL_SHORT, port: (*st).learn_port, _pad: 0 };
+            let old = REDIRECT_ACCEL_PORTS.get(&key).copied().unwrap_or(0);
+            let new = redirect_common::accel_short_count_after(old, lifetime);
+            if new != old {
+                let _ = REDIRECT_ACCEL_PORTS.insert(&key, &new, 0);
+            }
+            (*st).learn_port = 0;
+        }
+    }
 }
 
 /// A socket starts listening: if it is the pod's inbound capture port,
@@ -727,20 +795,179 @@ unsafe fn sk_lookup_inbound(ctx: &SkLookupContext) -> u32 {
 
 // ------------------------------------------------------------------ sk_msg
 
-/// Acceleration: each message an accelerated socket sends goes straight to
-/// its peer's receive queue, skipping the loopback TCP/IP stack. Falls back
-/// to the normal path (for good, for that socket) when the peer is absent.
+/// Per-socket acceleration state (socket-local storage): the peer's key,
+/// where this socket's bytes go, and how much of the last verdict's budget
+/// is not counted yet. Made by the socket's first message, so a verdict
+/// after it costs one storage lookup and the redirect, with no key to
+/// rebuild and no hash lookup of our own.
+#[repr(C)]
+pub struct AccelSock {
+    /// The peer's sockhash key (carries the netns cookie).
+    peer: TupleKey,
+    /// ACCEL_ON, or the FALLBACK_* reason this socket is on the normal path.
+    state: u32,
+    /// Bytes of the last verdict's budget beyond the message it was made
+    /// for: counted when the next verdict shows the budget was used up.
+    uncounted: u32,
+    /// Active side only (0 otherwise): when the connection was
+    /// established and the port its lifetime is learned for.
+    born_ns: u64,
+    learn_port: u16,
+    _pad: [u16; 3],
+}
+
+/// A BTF map definition (`.maps`): socket-local storage needs BTF for its
+/// value type. Pinned by name like the other maps, so every program and
+/// every version of them sees the same state.
+#[repr(C)]
+pub struct SkStorageDef {
+    r#type: *const [i32; aya_ebpf::bindings::bpf_map_type::BPF_MAP_TYPE_SK_STORAGE as usize],
+    key: *const i32,
+    value: *const AccelSock,
+    max_entries: *const [i32; 0],
+    map_flags: *const [i32; aya_ebpf::bindings::BPF_F_NO_PREALLOC as usize],
+    /// LIBBPF_PIN_BY_NAME.
+    pinning: *const [i32; 1],
+}
+// SAFETY: placeholder pointers the loader reads from BTF; never dereferenced.
+unsafe impl Sync for SkStorageDef {}
+
+#[unsafe(link_section = ".maps")]
+#[unsafe(export_name = "REDIRECT_ACCEL_SK")]
+static REDIRECT_ACCEL_SK: SkStorageDef = SkStorageDef {
+    r#type: core::ptr::null(),
+    key: core::ptr::null(),
+    value: core::ptr::null(),
+    max_entries: core::ptr::null(),
+    map_flags: core::ptr::null(),
+    pinning: core::ptr::null(),
+};
+
+/// `bpf_sk_storage_get` on REDIRECT_ACCEL_SK (with `init`: create it from
+/// `init` when absent).
+#[inline(always)]
+unsafe fn accel_state(sk: *mut bpf_sock, init: *mut AccelSock) -> *mut AccelSock {
+    let flags = if init.is_null() { 0 } else { aya_ebpf::bindings::BPF_SK_STORAGE_GET_F_CREATE as u64 };
+    aya_ebpf::helpers::generated::bpf_sk_storage_get(
+        &REDIRECT_ACCEL_SK as *const SkStorageDef as *mut c_void,
+        sk as *mut c_void,
+        init as *mut c_void,
+        flags,
+    ) as *mut AccelSock
+}
+
+/// The counter of a socket state.
+#[inline(always)]
+fn accel_reason(state: u32) -> u32 {
+    match state {
+        ACCEL_ON => Reason::AccelRedirected as u32,
+        FALLBACK_BULK => Reason::AccelBulk as u32,
+        _ => Reason::AccelFallback as u32,
+    }
+}
+
+/// Acceleration: the bytes an accelerated socket sends go straight to its
+/// peer's receive queue, skipping the loopback TCP/IP stack. Falls back to
+/// the normal path (for good, for that socket) when the peer is absent or
+/// a message is bulk.
 #[sk_msg]
 pub fn redirect_sk_msg(ctx: SkMsgContext) -> u32 {
     unsafe { sk_msg_redirect(&ctx) }
 }
 
-/// REDIRECT_ACCEL_FALLBACK values: why a socket is on the normal path.
-const FALLBACK_PEER_MISSING: u8 = 1;
-const FALLBACK_BULK: u8 = 2;
+/// AccelSock states; the FALLBACK_* values are also the
+/// REDIRECT_ACCEL_FALLBACK marks (why a socket is on the normal path).
+const ACCEL_ON: u32 = 0;
+const FALLBACK_PEER_MISSING: u32 = 1;
+const FALLBACK_BULK: u32 = 2;
+/// An active socket left out of the sockhash (its port's connections are
+/// short-lived); its storage is there only to time it.
+const ACCEL_SKIPPED: u32 = 3;
+
+/// One verdict of this program covers this many bytes of the socket
+/// (`bpf_msg_apply_bytes`): the kernel applies it to the socket's next
+/// messages without running the program again until they add up to the
+/// budget. Per message that leaves tcp_bpf's own path, with no program run,
+/// storage or sockhash lookup (redirect_common::ACCEL_VERDICT_BYTES).
+const BUDGET: u32 = redirect_common::ACCEL_VERDICT_BYTES;
 
 #[inline(always)]
 unsafe fn sk_msg_redirect(ctx: &SkMsgContext) -> u32 {
+    let m = ctx.msg;
+    let sk = (*m).__bindgen_anon_3.sk;
+    if sk.is_null() {
+        return SK_PASS;
+    }
+    let mut st = accel_state(sk, core::ptr::null_mut());
+    if st.is_null() {
+        st = first_message(ctx, sk);
+        if st.is_null() {
+            return SK_PASS;
+        }
+    }
+    let size = (*m).size;
+    let was = (*st).state;
+    if was == ACCEL_ON {
+        // Bulk: a large message moves the socket to the normal path for
+        // good, where TCP flow control holds a writer back (the peer's
+        // sockmap queue has none). The receiver reads what was already
+        // redirected before it reads the normal path's bytes, so the order
+        // is kept.
+        if redirect_common::accel_is_bulk(size) {
+            leave_accel(st, FALLBACK_BULK);
+        } else if REDIRECT_SOCKS.redirect_msg(ctx, (*st).peer, BPF_F_INGRESS as u64) != SK_PASS as i64 {
+            leave_accel(st, FALLBACK_PEER_MISSING);
+        }
+    }
+    // A redirect verdict covers the next BUDGET bytes: this program runs
+    // again only once they are used up, so the last verdict's rest is
+    // counted now, under the reason it was made for, and this message (the
+    // part of it the verdict covers) at once. On the normal path the
+    // program runs for every message (bulk messages are large, so that
+    // costs little) and counts each exactly.
+    let now = (*st).state;
+    let (covered, rest) = if now == ACCEL_ON { redirect_common::accel_verdict_split(size) } else { (size, 0) };
+    let netns = (*st).peer.netns;
+    if now == was {
+        bump(netns, accel_reason(was), 1, (*st).uncounted as u64 + covered as u64);
+    } else {
+        if (*st).uncounted != 0 {
+            bump(netns, accel_reason(was), 0, (*st).uncounted as u64);
+        }
+        bump(netns, accel_reason(now), 1, covered as u64);
+    }
+    (*st).uncounted = rest;
+    if now == ACCEL_ON {
+        aya_ebpf::helpers::generated::bpf_msg_apply_bytes(m, BUDGET);
+    }
+    SK_PASS
+}
+
+/// The socket goes to the normal path for good (`why`: FALLBACK_*); the
+/// pinned mark keeps it there across program versions (whose storage
+/// starts empty).
+#[inline(always)]
+unsafe fn leave_accel(st: *mut AccelSock, why: u32) {
+    (*st).state = why;
+    let own = TupleKey {
+        netns: (*st).peer.netns,
+        src: (*st).peer.dst,
+        dst: (*st).peer.src,
+        sport: (*st).peer.dport,
+        dport: (*st).peer.sport,
+        family: (*st).peer.family,
+        _pad: 0,
+    };
+    let _ = REDIRECT_ACCEL_FALLBACK.insert(&own, &(why as u8), 0);
+}
+
+/// A socket's first message (since this program version): work out its
+/// peer's key and whether an earlier version put it on the normal path,
+/// and make its storage. Null when the kernel cannot allocate it: the
+/// message then takes the normal path and the socket is marked to stay on
+/// it, so no later message can overtake this one.
+#[inline(always)]
+unsafe fn first_message(ctx: &SkMsgContext, sk: *mut bpf_sock) -> *mut AccelSock {
     let m = ctx.msg;
     let netns = bpf_get_netns_cookie(m as *mut c_void);
     let lport = (*m).local_port as u16;
@@ -755,32 +982,17 @@ unsafe fn sk_msg_redirect(ctx: &SkMsgContext) -> u32 {
             _ => (AF_INET6, l, r, lport, rport),
         }
     };
-    let own = own_key(netns, &t);
-    let size = (*m).size as u64;
-    match REDIRECT_ACCEL_FALLBACK.get(&own) {
-        Some(&FALLBACK_BULK) => {
-            bump(netns, Reason::AccelBulk as u32, 1, size);
-            return SK_PASS;
-        }
-        Some(_) => return SK_PASS,
-        None => {}
+    let state = match REDIRECT_ACCEL_FALLBACK.get(&own_key(netns, &t)) {
+        Some(&why) => why as u32,
+        None => ACCEL_ON,
+    };
+    let mut init = AccelSock { peer: peer_key(netns, &t), state, uncounted: 0, born_ns: 0, learn_port: 0, _pad: [0; 3] };
+    let st = accel_state(sk, &mut init);
+    if st.is_null() {
+        let _ = REDIRECT_ACCEL_FALLBACK.insert(&own_key(netns, &t), &(FALLBACK_PEER_MISSING as u8), 0);
+        bump(netns, Reason::AccelFallback as u32, 1, (*m).size as u64);
     }
-    // Bulk: a large message moves the socket to the normal path for good,
-    // where TCP flow control holds a writer back (the peer's sockmap queue
-    // has none). The receiver reads what was already redirected before it
-    // reads the normal path's bytes, so the order is kept.
-    if redirect_common::accel_is_bulk((*m).size) {
-        let _ = REDIRECT_ACCEL_FALLBACK.insert(&own, &FALLBACK_BULK, 0);
-        bump(netns, Reason::AccelBulk as u32, 1, size);
-        return SK_PASS;
-    }
-    if REDIRECT_SOCKS.redirect_msg(ctx, peer_key(netns, &t), BPF_F_INGRESS as u64) == SK_PASS as i64 {
-        bump(netns, Reason::AccelRedirected as u32, 1, size);
-        return SK_PASS;
-    }
-    let _ = REDIRECT_ACCEL_FALLBACK.insert(&own, &FALLBACK_PEER_MISSING, 0);
-    bump(netns, Reason::AccelFallback as u32, 1, size);
-    SK_PASS
+    st
 }
 
 #[cfg(not(test))]

@@ -462,6 +462,8 @@ impl probe::ProbeHost for Installation {
         self.attach_cgroup(cgroup)?;
         let mut spec = PodSpec::istio_default();
         spec.accel_mode = AccelMode::Forced;
+        // Every check's connection must be accelerated, however short.
+        spec.accel_short_conns = true;
         match self.register_pod(&ns, &spec) {
             Ok(info) if info.accel => Ok(info.cookie),
             Ok(info) => {

@@ -64,6 +64,13 @@ pub struct CaptureFlags {
     /// Acceleration off for this pod (the kernel probe is not run).
     #[arg(long = "no-accel")]
     pub no_accel: bool,
+    /// Accelerate short-lived connections too. By default a port whose
+    /// last 4 connections lived under 10 ms is left on the normal path
+    /// until one of its connections lives longer: setting up and tearing
+    /// down sockmap state costs each such connection more than it saves
+    /// (README, "Acceleration").
+    #[arg(long = "accel-short-conns", conflicts_with = "no_accel")]
+    pub accel_short_conns: bool,
 }
 
 /// How a pod's acceleration was asked for.
@@ -176,6 +183,8 @@ pub struct PodSpec {
     pub accel: bool,
     /// How it was asked for.
     pub accel_mode: AccelMode,
+    /// `--accel-short-conns`: no learning of short-lived ports.
+    pub accel_short_conns: bool,
 }
 
 fn bad(field: &'static str, value: &str, why: impl Into<String>) -> Error {
@@ -316,6 +325,7 @@ impl CaptureFlags {
                 (false, true) => AccelMode::Off,
                 (false, false) => AccelMode::Auto,
             },
+            accel_short_conns: self.accel_short_conns,
         })
     }
 }
@@ -360,6 +370,9 @@ impl PodSpec {
             AccelMode::Forced => f |= flags::ACCEL_FORCED,
             AccelMode::Off => f |= flags::ACCEL_OFF,
             AccelMode::Auto => {}
+        }
+        if self.accel_short_conns {
+            f |= flags::ACCEL_SHORT_CONNS;
         }
         let mut uids = [0; MAX_IDS];
         let mut gids = [0; MAX_IDS];
@@ -452,6 +465,7 @@ impl PodSpec {
             } else {
                 AccelMode::Auto
             },
+            accel_short_conns: cfg.has(flags::ACCEL_SHORT_CONNS),
         }
     }
 
@@ -479,7 +493,7 @@ impl PodSpec {
             InboundPorts::None => String::new(),
         };
         format!(
-            "-p {} -z {} -e {} -u '{}' -g '{}' -m REDIRECT -i '{}' -x '{}' -q '{}' -o '{}' -b '{}' -d '{}'{}",
+            "-p {} -z {} -e {} -u '{}' -g '{}' -m REDIRECT -i '{}' -x '{}' -q '{}' -o '{}' -b '{}' -d '{}'{}{}",
             self.proxy_port,
             self.inbound_port,
             self.tunnel_port,
@@ -496,6 +510,7 @@ impl PodSpec {
                 AccelMode::Off => " --no-accel",
                 AccelMode::Auto => "",
             },
+            if self.accel_short_conns { " --accel-short-conns" } else { "" },
         )
     }
 }

@@ -27,6 +27,9 @@ pub struct Maps {
     pub socks: SockHash<MapData, TupleKey>,
     pub orig_by_cookie: HashMap<MapData, u64, OrigDst>,
     pub orig_by_tuple: HashMap<MapData, TupleKey, OrigDst>,
+    /// Learned per pod and port (acceleration skips short-lived ports);
+    /// None for an install made before it existed.
+    pub accel_ports: Option<HashMap<MapData, PortKey, u32>>,
 }
 
 fn open(pins: &Pins, name: &str) -> Result<Map> {
@@ -61,6 +64,7 @@ impl Maps {
             socks: typed!(pins, MAP_SOCKS),
             orig_by_cookie: lru(pins, MAP_ORIG_BY_COOKIE)?,
             orig_by_tuple: lru(pins, MAP_ORIG_BY_TUPLE)?,
+            accel_ports: if pins.map(redirect_common::MAP_ACCEL_PORTS).exists() { Some(lru(pins, redirect_common::MAP_ACCEL_PORTS)?) } else { None },
         })
     }
 
@@ -173,6 +177,12 @@ impl Maps {
         let keys: Vec<_> = self.counters.keys().filter_map(|k| k.ok()).filter(|k| k.netns == cookie).collect();
         for k in keys {
             let _ = self.counters.remove(&k);
+        }
+        if let Some(m) = self.accel_ports.as_mut() {
+            let keys: Vec<_> = m.keys().filter_map(|k| k.ok()).filter(|k| k.netns == cookie).collect();
+            for k in keys {
+                let _ = m.remove(&k);
+            }
         }
     }
 

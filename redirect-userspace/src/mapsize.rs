@@ -18,8 +18,8 @@ use std::{collections::BTreeMap, path::{Path, PathBuf}};
 
 use aya::maps::MapData;
 use redirect_common::{
-    ALL_MAPS, MAP_ACCEL_FALLBACK, MAP_CIDRS, MAP_COUNTERS, MAP_LISTENERS, MAP_ORIG_BY_COOKIE,
-    MAP_ORIG_BY_TUPLE, MAP_PODS, MAP_PORTS, MAP_SOCKS, MAX_CIDRS, MAX_COUNTERS, MAX_PODS, MAX_PORTS,
+    ALL_MAPS, MAP_ACCEL_FALLBACK, MAP_ACCEL_PORTS, MAP_ACCEL_SK, MAP_CIDRS, MAP_COUNTERS, MAP_LISTENERS, MAP_ORIG_BY_COOKIE,
+    MAP_ORIG_BY_TUPLE, MAP_PODS, MAP_PORTS, MAP_SOCKS, MAX_ACCEL_PORTS, MAX_CIDRS, MAX_COUNTERS, MAX_PODS, MAX_PORTS,
     MAX_TRACKED_SOCKETS,
 };
 
@@ -27,6 +27,18 @@ use crate::error::{Error, Result};
 
 /// The flag as users type it (error messages name it).
 pub const FLAG: &str = "--map-size";
+
+/// Maps whose pinned layout must match this binary's: the sized ones and
+/// the acceleration's socket storage (its value is the sk_msg state).
+const LAYOUT_MAPS: [&str; ALL_MAPS.len() + 1] = {
+    let mut out = [MAP_ACCEL_SK; ALL_MAPS.len() + 1];
+    let mut i = 0;
+    while i < ALL_MAPS.len() {
+        out[i] = ALL_MAPS[i];
+        i += 1;
+    }
+    out
+};
 
 /// Largest accepted size (16 Mi entries): beyond that a single
 /// preallocated map takes gigabytes.
@@ -41,13 +53,14 @@ pub struct Knob {
     pub what: &'static str,
 }
 
-pub const KNOBS: [Knob; 6] = [
+pub const KNOBS: [Knob; 7] = [
     Knob { name: "pods", maps: &[(MAP_PODS, 1), (MAP_LISTENERS, 2)], default: MAX_PODS, what: "captured pods (REDIRECT_PODS; REDIRECT_LISTENERS gets twice as many)" },
     Knob { name: "orig", maps: &[(MAP_ORIG_BY_COOKIE, 1), (MAP_ORIG_BY_TUPLE, 1)], default: MAX_TRACKED_SOCKETS, what: "redirected connections open at once on the node (REDIRECT_ORIG_BY_COOKIE and REDIRECT_ORIG_BY_TUPLE)" },
     Knob { name: "sockhash", maps: &[(MAP_SOCKS, 1), (MAP_ACCEL_FALLBACK, 1)], default: MAX_TRACKED_SOCKETS, what: "accelerated sockets (REDIRECT_SOCKS and REDIRECT_ACCEL_FALLBACK)" },
     Knob { name: "ports", maps: &[(MAP_PORTS, 1)], default: MAX_PORTS, what: "port entries of all pods (-o, -q, -b, -d)" },
     Knob { name: "cidrs", maps: &[(MAP_CIDRS, 1)], default: MAX_CIDRS, what: "CIDR entries of all pods (-i, -x, pod addresses)" },
     Knob { name: "counters", maps: &[(MAP_COUNTERS, 1)], default: MAX_COUNTERS, what: "counter slots (pods x reasons)" },
+    Knob { name: "accel-ports", maps: &[(MAP_ACCEL_PORTS, 1)], default: MAX_ACCEL_PORTS, what: "pod ports whose short-lived connections acceleration learned to skip (REDIRECT_ACCEL_PORTS, LRU: the oldest entries are forgotten)" },
 ];
 
 /// The knob that sizes `map`.
@@ -153,6 +166,7 @@ fn type_name(t: u32) -> String {
         9 => "lru_hash".into(),
         11 => "lpm_trie".into(),
         18 => "sockhash".into(),
+        24 => "sk_storage".into(),
         t => format!("map type {t}"),
     }
 }
@@ -187,7 +201,7 @@ pub fn object_layouts(object: &[u8], bpffs_dir: &Path) -> Result<BTreeMap<&'stat
         }
         let ebpf = loader.load(object).map_err(|e| Error::bpf("loading the kernel object to read its map layout", e))?;
         let mut out = BTreeMap::new();
-        for m in ALL_MAPS {
+        for m in LAYOUT_MAPS {
             let Some(map) = ebpf.map(m) else { continue };
             let fd = map_fd(map).map_err(|e| Error::bpf(format!("map {m} of the kernel object"), e))?;
             let data = MapData::from_fd(fd).map_err(|e| Error::bpf(format!("map {m} of the kernel object"), e))?;
@@ -232,7 +246,7 @@ fn map_fd(map: &aya::maps::Map) -> std::io::Result<std::os::fd::OwnedFd> {
     use aya::maps::Map;
     use std::os::fd::AsFd;
     let fd = match map {
-        Map::HashMap(d) | Map::LruHashMap(d) | Map::PerCpuHashMap(d) | Map::LpmTrie(d) | Map::SockHash(d) | Map::Array(d) | Map::PerCpuArray(d) | Map::SockMap(d) => d.fd().as_fd(),
+        Map::HashMap(d) | Map::LruHashMap(d) | Map::PerCpuHashMap(d) | Map::LpmTrie(d) | Map::SockHash(d) | Map::Array(d) | Map::PerCpuArray(d) | Map::SockMap(d) | Map::SkStorage(d) => d.fd().as_fd(),
         _ => return Err(std::io::Error::other("unexpected map kind")),
     };
     fd.try_clone_to_owned()
@@ -242,7 +256,7 @@ fn map_fd(map: &aya::maps::Map) -> std::io::Result<std::os::fd::OwnedFd> {
 /// this object's layout, and its size must be the one asked for (when
 /// asked). `maps_dir` is the install's map directory.
 pub fn check_install(object: &[u8], maps_dir: &Path, sizes: &MapSizes) -> Result<()> {
-    let pinned: Vec<(&'static str, Layout)> = ALL_MAPS
+    let pinned: Vec<(&'static str, Layout)> = LAYOUT_MAPS
         .iter()
         .map(|m| pinned_layout(&maps_dir.join(m)).map(|l| l.map(|l| (*m, l))))
         .collect::<Result<Vec<_>>>()?

@@ -119,6 +119,8 @@ pub fn status(pins: &Pins) -> Result<Status> {
         MapUsage { map: redirect_common::MAP_PORTS, entries: maps.ports.keys().count(), max_entries: cap(redirect_common::MAP_PORTS) },
         MapUsage { map: redirect_common::MAP_CIDRS, entries: maps.cidrs.keys().count(), max_entries: cap(redirect_common::MAP_CIDRS) },
         MapUsage { map: redirect_common::MAP_COUNTERS, entries: maps.counters.keys().count(), max_entries: cap(redirect_common::MAP_COUNTERS) },
+        // Soft state (LRU): what acceleration learned about short-lived ports.
+        MapUsage { map: redirect_common::MAP_ACCEL_PORTS, entries: maps.accel_ports.as_ref().map_or(0, |m| m.keys().count()), max_entries: cap(redirect_common::MAP_ACCEL_PORTS) },
     ];
     Ok(Status {
         pin_dir: pins.root.display().to_string(),

@@ -415,6 +415,20 @@ pub fn accel_counter(pod: &Pod, rule: &str) -> (u64, u64) {
     (r["count"].as_u64().unwrap(), r["bytes"].as_u64().unwrap())
 }
 
+/// Bytes that went through the pod's sk_msg verdicts (straight to the
+/// peer, or on the normal path after the bulk switch), as counted, plus
+/// what the counters may not show yet: a redirect verdict covers up to
+/// `ACCEL_VERDICT_BYTES` of its socket's next messages and its rest is
+/// counted by the socket's next verdict, so each accelerated socket can
+/// hold back up to that much (README, Acceleration, Counters).
+pub fn accel_bytes_upper(pod: &Pod) -> (u64, u64) {
+    let (_, redirected) = accel_counter(pod, "messages_redirected");
+    let (_, bulk) = accel_counter(pod, "messages_bulk");
+    let sockets = accel_counter(pod, "sockets_inserted").0;
+    let counted = redirected + bulk;
+    (counted, counted + sockets * redirect_common::ACCEL_VERDICT_BYTES as u64)
+}
+
 /// Raise this process's RLIMIT_NOFILE soft limit to the hard limit; the
 /// tools started afterwards (proxy, servers) inherit it.
 pub fn raise_nofile() {

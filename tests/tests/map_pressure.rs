@@ -152,7 +152,7 @@ fn failed_connects_leave_no_record() {
 fn sockhash_full_falls_back_to_the_normal_path() {
     redirect_tests::raise_nofile();
     let (mut pod, proxy) = pod_with_echo("mpsock");
-    pod.attach_istio_default_with(&["--accel", "--map-size", "sockhash=4"]);
+    pod.attach_istio_default_with(&["--accel", "--accel-short-conns", "--map-size", "sockhash=4"]);
     assert_eq!(map_usage_max(&pod, "REDIRECT_SOCKS"), 4);
     // Each accelerated connection puts 2 sockets in the sockhash (the
     // app's and the proxy's accepted one): 2 held connections fill it.

@@ -52,7 +52,14 @@ pub fn build_ebpf(toolchain: &Toolchain, debug: bool) -> Result<PathBuf> {
             EBPF_TARGET,
             "-Z",
             "build-std=core",
+            // BTF: the socket-local storage map needs its value type, and
+            // every function called from a program (compiler_builtins'
+            // memset/memcpy too) needs its func_info, hence debug info for
+            // every crate of the object.
+            "--config",
+            "profile.release.package.\"*\".debug=2",
         ])
+        .env("CARGO_TARGET_BPFEL_UNKNOWN_NONE_RUSTFLAGS", "-C link-arg=--btf")
         .arg("--target-dir")
         .arg(&target_dir);
     if !debug {
