@@ -40,6 +40,7 @@ pub enum Reason {
     AccelFallback = 52,
     AccelBulk = 53,
     AccelSkippedShort = 54,
+    AccelRemoved = 55,
 }
 
 /// Which chain a reason belongs to, for the `redirect stats` layout.
@@ -53,7 +54,7 @@ pub enum Chain {
 }
 
 impl Reason {
-    pub const ALL: [Reason; 31] = [
+    pub const ALL: [Reason; 32] = [
         Reason::OutCaptured,
         Reason::OutCapturedPort,
         Reason::OutProxyToSelf,
@@ -81,6 +82,7 @@ impl Reason {
         Reason::InTunnelPort,
         Reason::InListenerRegistered,
         Reason::AccelInserted,
+        Reason::AccelRemoved,
         Reason::AccelRedirected,
         Reason::AccelFallback,
         Reason::AccelBulk,
@@ -120,6 +122,7 @@ impl Reason {
             Reason::AccelFallback => "PASS",
             Reason::AccelBulk => "PASS",
             Reason::AccelSkippedShort => "RETURN",
+            Reason::AccelRemoved => "SOCKMAP",
             _ => "RETURN",
         }
     }
@@ -152,6 +155,7 @@ impl Reason {
             Reason::AccelFallback => "messages_fallback",
             Reason::AccelBulk => "messages_bulk",
             Reason::AccelSkippedShort => "connections_short_skipped",
+            Reason::AccelRemoved => "sockets_removed",
             Reason::InCaptured => "captured",
             Reason::InExcludedPort => "skip_excluded_port",
             Reason::InNotIncluded => "skip_not_included",
@@ -189,6 +193,7 @@ impl Reason {
             Reason::AccelFallback => "messages on the normal path (peer not accelerated)",
             Reason::AccelBulk => "messages on the normal path after a bulk message (≥ 64 KiB)",
             Reason::AccelSkippedShort => "connections not accelerated: their port's last 4 connections lived < 10 ms",
+            Reason::AccelRemoved => "app/proxy sockets out of the sockhash again (closed)",
             Reason::InCaptured => "captured -> inbound port",
             Reason::InExcludedPort => "excluded port (-d; ssh 22 with -b *)",
             Reason::InNotIncluded => "not included (-b)",

@@ -444,11 +444,17 @@ fn peer_key(netns: u64, t: &(u16, [u8; 16], [u8; 16], u16, u16)) -> TupleKey {
 /// Put an established app↔proxy socket into the acceleration sockhash
 /// (before any data flows: this runs inside the handshake).
 #[inline(always)]
-unsafe fn accelerate(ops: *mut bpf_sock_ops, netns: u64, key: TupleKey) {
+unsafe fn accelerate(ops: *mut bpf_sock_ops, netns: u64, key: TupleKey) -> bool {
     let mut key = key;
     match REDIRECT_SOCKS.update(&mut key, &mut *ops, BPF_ANY as u64) {
-        Ok(()) => count(netns, Reason::AccelInserted),
-        Err(_) => count(netns, Reason::ErrSockMapFull),
+        Ok(()) => {
+            count(netns, Reason::AccelInserted);
+            true
+        }
+        Err(_) => {
+            count(netns, Reason::ErrSockMapFull);
+            false
+        }
     }
 }
 
@@ -475,6 +481,7 @@ fn accel_pays(netns: u64, cfg: &PodConfig, port: u16) -> bool {
 unsafe fn accelerate_active(ops: *mut bpf_sock_ops, netns: u64, cfg: &PodConfig, t: &(u16, [u8; 16], [u8; 16], u16, u16), port: u16) {
     let pays = accel_pays(netns, cfg, port);
     let sk = (*ops).__bindgen_anon_2.sk;
+    let mut st = core::ptr::null_mut();
     if !sk.is_null() {
         let mut init = AccelSock {
             peer: peer_key(netns, t),
@@ -482,14 +489,15 @@ unsafe fn accelerate_active(ops: *mut bpf_sock_ops, netns: u64, cfg: &PodConfig,
             uncounted: 0,
             born_ns: aya_ebpf::helpers::generated::bpf_ktime_get_ns(),
             learn_port: port,
-            _pad: [0; 3],
+            inserted: 0,
+            _pad: [0; 2],
         };
-        let _ = accel_state(sk, &mut init);
+        st = accel_state(sk, &mut init);
     }
-    if pays {
-        accelerate(ops, netns, own_key(netns, t));
-    } else {
+    if !pays {
         count(netns, Reason::AccelSkippedShort);
+    } else if accelerate(ops, netns, own_key(netns, t)) && !st.is_null() {
+        (*st).inserted = 1;
     }
 }
 
@@ -553,8 +561,14 @@ unsafe fn passive_established(ctx: &SockOpsContext) {
     // destination's, or for the passthrough the app's (this side's own).
     let port = orig_port.unwrap_or(t.3);
     let accel = cfg.has(flags::ACCEL) && (redirected || is_passthrough_pair(netns, t.0, &t.2, &t.1)) && accel_pays(netns, cfg, port);
-    if accel {
-        accelerate(ops, netns, own_key(netns, &t));
+    if accel && accelerate(ops, netns, own_key(netns, &t)) {
+        // Its state from the start (sk_msg would make it at the first
+        // message), so its close is counted.
+        let sk = (*ops).__bindgen_anon_2.sk;
+        if !sk.is_null() {
+            let mut init = AccelSock { peer: peer_key(netns, &t), state: ACCEL_ON, uncounted: 0, born_ns: 0, learn_port: 0, inserted: 1, _pad: [0; 2] };
+            let _ = accel_state(sk, &mut init);
+        }
     }
     if redirected || accel {
         let _ = bpf_sock_ops_cb_flags_set(ops, BPF_SOCK_OPS_STATE_CB_FLAG);
@@ -582,6 +596,11 @@ unsafe fn closed(ctx: &SockOpsContext) {
     let sk = (*ops).__bindgen_anon_2.sk;
     if !sk.is_null() {
         let st = accel_state(sk, core::ptr::null_mut());
+        if !st.is_null() && (*st).inserted != 0 {
+            // The kernel took it out of the sockhash as it closed.
+            count(netns, Reason::AccelRemoved);
+            (*st).inserted = 0;
+        }
         if !st.is_null() && (*st).learn_port != 0 {
             let lifetime = aya_ebpf::helpers::generated::bpf_ktime_get_ns().wrapping_sub((*st).born_ns);
             let key = PortKey { netns, kind: redirect_common::port_kind::ACCEL_SHORT, port: (*st).learn_port, _pad: 0 };
@@ -813,7 +832,10 @@ pub struct AccelSock {
     /// established and the port its lifetime is learned for.
     born_ns: u64,
     learn_port: u16,
-    _pad: [u16; 3],
+    /// 1 while the socket is in REDIRECT_SOCKS (inserted by this version):
+    /// its close is counted as a removal.
+    inserted: u16,
+    _pad: [u16; 2],
 }
 
 /// A BTF map definition (`.maps`): socket-local storage needs BTF for its
@@ -986,7 +1008,7 @@ unsafe fn first_message(ctx: &SkMsgContext, sk: *mut bpf_sock) -> *mut AccelSock
         Some(&why) => why as u32,
         None => ACCEL_ON,
     };
-    let mut init = AccelSock { peer: peer_key(netns, &t), state, uncounted: 0, born_ns: 0, learn_port: 0, _pad: [0; 3] };
+    let mut init = AccelSock { peer: peer_key(netns, &t), state, uncounted: 0, born_ns: 0, learn_port: 0, inserted: 0, _pad: [0; 2] };
     let st = accel_state(sk, &mut init);
     if st.is_null() {
         let _ = REDIRECT_ACCEL_FALLBACK.insert(&own_key(netns, &t), &(FALLBACK_PEER_MISSING as u8), 0);

@@ -181,6 +181,15 @@ fn wait_maps_empty(pod: &Pod) {
         }
     }
     assert_eq!(pinned_map_len(pod, "REDIRECT_ACCEL_FALLBACK"), 0, "fallback marks left behind");
+    // Every socket that went in was counted out again.
+    loop {
+        let (inserted, removed) = (accel_counter(pod, "sockets_inserted").0, accel_counter(pod, "sockets_removed").0);
+        if inserted == removed {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{inserted} sockets inserted, {removed} counted as removed");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 // ------------------------------------------- partial writes, short reads
