@@ -91,6 +91,7 @@ impl MeshPod {
             include_in_ports: v(&f.include_in_ports),
             exclude_in_ports: v(&f.exclude_in_ports),
             accel: None,
+            accel_short_conns: None,
         }
     }
 }

@@ -269,6 +269,11 @@ fn parse_cidrs(field: &'static str, s: &str, star_ok: bool) -> Result<CidrList, 
 impl CaptureFlags {
     /// Validate every flag; the first bad one is reported by name and value.
     pub fn to_spec(&self) -> Result<PodSpec, Error> {
+        // clap refuses the pair on the command line; the agent's capture
+        // config comes here without clap.
+        if self.accel_short_conns && self.no_accel {
+            return Err(bad("--accel-short-conns", "true", "conflicts with --no-accel (acceleration off): drop one of them"));
+        }
         match self.mode.as_str() {
             "REDIRECT" => {}
             "TPROXY" => {
@@ -628,6 +633,27 @@ mod tests {
                 assert_eq!((back.accel, back.accel_mode), (on, mode));
             }
         }
+    }
+
+    #[test]
+    fn accel_short_conns_survives_the_kernel_map_and_conflicts_with_no_accel() {
+        let s = flags(|c| {
+            c.accel = true;
+            c.accel_short_conns = true;
+        })
+        .unwrap();
+        assert!(s.istio_args().ends_with(" --accel --accel-short-conns"), "{}", s.istio_args());
+        let cfg = s.pod_config(1);
+        assert!(cfg.has(flags::ACCEL_SHORT_CONNS));
+        assert!(PodSpec::from_kernel(&cfg, &[], &[]).accel_short_conns);
+        assert!(!flags(|_| {}).unwrap().pod_config(1).has(flags::ACCEL_SHORT_CONNS));
+        let e = flags(|c| {
+            c.no_accel = true;
+            c.accel_short_conns = true;
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("--accel-short-conns") && e.contains("--no-accel"), "{e}");
     }
 
     #[test]

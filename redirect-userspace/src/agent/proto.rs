@@ -93,6 +93,9 @@ pub struct CaptureConfig {
     pub exclude_in_ports: Option<FlagValue>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub accel: Option<bool>,
+    /// `true`: `--accel-short-conns`.
+    #[serde(rename = "accel-short-conns", skip_serializing_if = "Option::is_none", default)]
+    pub accel_short_conns: Option<bool>,
 }
 
 impl CaptureConfig {
@@ -119,7 +122,7 @@ impl CaptureConfig {
         macro_rules! pick {
             ($($f:ident),*) => { CaptureConfig { $($f: self.$f.clone().or_else(|| base.$f.clone())),* } };
         }
-        pick!(proxy_port, inbound_port, tunnel_port, proxy_uid, proxy_gid, mode, include_cidrs, exclude_cidrs, include_out_ports, exclude_out_ports, include_in_ports, exclude_in_ports, accel)
+        pick!(proxy_port, inbound_port, tunnel_port, proxy_uid, proxy_gid, mode, include_cidrs, exclude_cidrs, include_out_ports, exclude_out_ports, include_in_ports, exclude_in_ports, accel, accel_short_conns)
     }
 
     /// The flags, with istio-iptables' defaults for what is not set (as
@@ -148,6 +151,7 @@ impl CaptureConfig {
         // true: --accel, false: --no-accel, absent: as the kernel probe says.
         f.accel = self.accel == Some(true);
         f.no_accel = self.accel == Some(false);
+        f.accel_short_conns = self.accel_short_conns == Some(true);
         f
     }
 }
@@ -337,7 +341,11 @@ mod tests {
         assert_eq!((f.accel, f.no_accel), (false, true));
         let auto: CaptureConfig = serde_json::from_str("{}").unwrap();
         let f = auto.to_flags();
-        assert_eq!((f.accel, f.no_accel), (false, false));
+        assert_eq!((f.accel, f.no_accel, f.accel_short_conns), (false, false, false));
+        let all: CaptureConfig = serde_json::from_str(r#"{"accel":true,"accel-short-conns":true}"#).unwrap();
+        assert!(all.to_flags().to_spec().unwrap().accel_short_conns);
+        let e = serde_json::from_str::<CaptureConfig>(r#"{"accel":false,"accel-short-conns":true}"#).unwrap().to_flags().to_spec().unwrap_err().to_string();
+        assert!(e.contains("--accel-short-conns") && e.contains("--no-accel"), "{e}");
         assert!(serde_json::from_str::<CaptureConfig>(r#"{"exclude-inbound-portz":"1"}"#).is_err());
         assert!(serde_json::from_str::<CaptureConfig>(r#"{"d":{"a":1}}"#).is_err());
         let merged = CaptureConfig { exclude_in_ports: Some(FlagValue("".into())), ..Default::default() }.over(&CaptureConfig::istio_injected());
