@@ -816,9 +816,10 @@ unsafe fn sk_lookup_inbound(ctx: &SkLookupContext) -> u32 {
 
 /// Per-socket acceleration state (socket-local storage): the peer's key,
 /// where this socket's bytes go, and how much of the last verdict's budget
-/// is not counted yet. Made by the socket's first message, so a verdict
-/// after it costs one storage lookup and the redirect, with no key to
-/// rebuild and no hash lookup of our own.
+/// is not counted yet. Made by sockops in the handshake (by the first
+/// message for a socket an earlier version inserted), so a verdict costs
+/// one storage lookup and the redirect, with no key to rebuild and no hash
+/// lookup of our own. The kernel frees it with the socket.
 #[repr(C)]
 pub struct AccelSock {
     /// The peer's sockhash key (carries the netns cookie).
