@@ -268,7 +268,7 @@ fn chain_title(c: &str) -> &'static str {
         "OUTPUT" => "Chain OUTPUT (cgroup/connect4, cgroup/connect6: new TCP connections made in the pod)",
         "PREROUTING" => "Chain PREROUTING (sk_lookup in the pod netns: new TCP connections from outside)",
         "ORIGINAL_DST" => "Original destination (cgroup/getsockopt SO_ORIGINAL_DST, cgroup/getpeername)",
-        "ACCEL" => "Acceleration (sockops + sk_msg between app and proxy; messages and bytes)",
+        "ACCEL" => "Acceleration (sockops + sk_msg between app and proxy; sockets, connections, sk_msg verdicts or messages, and bytes)",
         _ => "Errors",
     }
 }
