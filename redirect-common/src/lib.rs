@@ -36,6 +36,9 @@ pub const MAP_ACCEL_PORTS: &str = "REDIRECT_ACCEL_PORTS";
 /// Socket-local storage of accelerated sockets (sk_msg state); not sized,
 /// not in ALL_MAPS (no `--map-size` knob), but its layout is checked too.
 pub const MAP_ACCEL_SK: &str = "REDIRECT_ACCEL_SK";
+/// Counter updates lost to a full REDIRECT_COUNTERS (one per-CPU slot; not
+/// sized, not in ALL_MAPS, layout checked).
+pub const MAP_COUNTERS_LOST: &str = "REDIRECT_COUNTERS_LOST";
 pub const ALL_MAPS: [&str; 10] = [
     MAP_PODS,
     MAP_CIDRS,

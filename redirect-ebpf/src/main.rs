@@ -12,7 +12,7 @@ use aya_ebpf::{
         bpf_sock_ops_cb_flags_set,
     },
     macros::{cgroup_sock_addr, cgroup_sockopt, map, sk_lookup, sk_msg, sock_ops},
-    maps::{lpm_trie::Key, HashMap, LpmTrie, LruHashMap, PerCpuHashMap, SockHash},
+    maps::{lpm_trie::Key, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, SockHash},
     programs::{SkLookupContext, SkMsgContext, SockAddrContext, SockOpsContext, SockoptContext},
 };
 use redirect_common::{
@@ -31,6 +31,10 @@ static REDIRECT_PORTS: HashMap<PortKey, u8> = HashMap::pinned(MAX_PORTS, 0);
 #[map]
 static REDIRECT_COUNTERS: PerCpuHashMap<CounterKey, CounterValue> =
     PerCpuHashMap::pinned(MAX_COUNTERS, 0);
+/// Counter updates lost because REDIRECT_COUNTERS was full (the slot of a
+/// pod and reason did not exist yet and could not be made). One slot.
+#[map]
+static REDIRECT_COUNTERS_LOST: PerCpuArray<u64> = PerCpuArray::pinned(1, 0);
 /// Original destination of a redirected app socket, by socket cookie
 /// (getpeername, and the hand-over to the tuple map when established).
 /// A plain hash, not LRU: when it is full the insert fails and connect4
@@ -94,7 +98,11 @@ fn bump(netns: u64, reason: u32, conns: u64, bytes: u64) {
             (*v).bytes += bytes;
         },
         None => {
-            let _ = REDIRECT_COUNTERS.insert(&key, &CounterValue { count: conns, bytes }, 0);
+            if REDIRECT_COUNTERS.insert(&key, &CounterValue { count: conns, bytes }, 0).is_err() {
+                if let Some(lost) = REDIRECT_COUNTERS_LOST.get_ptr_mut(0) {
+                    unsafe { *lost += 1 };
+                }
+            }
         }
     }
 }

@@ -30,6 +30,9 @@ pub struct Maps {
     /// Learned per pod and port (acceleration skips short-lived ports);
     /// None for an install made before it existed.
     pub accel_ports: Option<HashMap<MapData, PortKey, u32>>,
+    /// Counter updates lost to a full REDIRECT_COUNTERS; None for an
+    /// install made before it existed.
+    pub counters_lost: Option<aya::maps::PerCpuArray<MapData, u64>>,
 }
 
 fn open(pins: &Pins, name: &str) -> Result<Map> {
@@ -65,6 +68,7 @@ impl Maps {
             orig_by_cookie: lru(pins, MAP_ORIG_BY_COOKIE)?,
             orig_by_tuple: lru(pins, MAP_ORIG_BY_TUPLE)?,
             accel_ports: if pins.map(redirect_common::MAP_ACCEL_PORTS).exists() { Some(lru(pins, redirect_common::MAP_ACCEL_PORTS)?) } else { None },
+            counters_lost: if pins.map(redirect_common::MAP_COUNTERS_LOST).exists() { Some(typed!(pins, redirect_common::MAP_COUNTERS_LOST)) } else { None },
         })
     }
 
@@ -184,6 +188,12 @@ impl Maps {
                 let _ = m.remove(&k);
             }
         }
+    }
+
+    /// Counter updates the programs could not record because
+    /// REDIRECT_COUNTERS was full (summed over CPUs).
+    pub fn counters_lost(&self) -> u64 {
+        self.counters_lost.as_ref().and_then(|m| m.get(&0, 0).ok()).map_or(0, |v| v.iter().sum())
     }
 
     /// Counters summed over CPUs, per pod and reason.

@@ -18,7 +18,7 @@ use std::{collections::BTreeMap, path::{Path, PathBuf}};
 
 use aya::maps::MapData;
 use redirect_common::{
-    ALL_MAPS, MAP_ACCEL_FALLBACK, MAP_ACCEL_PORTS, MAP_ACCEL_SK, MAP_CIDRS, MAP_COUNTERS, MAP_LISTENERS, MAP_ORIG_BY_COOKIE,
+    ALL_MAPS, MAP_ACCEL_FALLBACK, MAP_ACCEL_PORTS, MAP_ACCEL_SK, MAP_CIDRS, MAP_COUNTERS_LOST, MAP_COUNTERS, MAP_LISTENERS, MAP_ORIG_BY_COOKIE,
     MAP_ORIG_BY_TUPLE, MAP_PODS, MAP_PORTS, MAP_SOCKS, MAX_ACCEL_PORTS, MAX_CIDRS, MAX_COUNTERS, MAX_PODS, MAX_PORTS,
     MAX_TRACKED_SOCKETS,
 };
@@ -28,10 +28,12 @@ use crate::error::{Error, Result};
 /// The flag as users type it (error messages name it).
 pub const FLAG: &str = "--map-size";
 
-/// Maps whose pinned layout must match this binary's: the sized ones and
-/// the acceleration's socket storage (its value is the sk_msg state).
-const LAYOUT_MAPS: [&str; ALL_MAPS.len() + 1] = {
-    let mut out = [MAP_ACCEL_SK; ALL_MAPS.len() + 1];
+/// Maps whose pinned layout must match this binary's: the sized ones, the
+/// acceleration's socket storage (its value is the sk_msg state) and the
+/// lost-counter slot.
+const LAYOUT_MAPS: [&str; ALL_MAPS.len() + 2] = {
+    let mut out = [MAP_ACCEL_SK; ALL_MAPS.len() + 2];
+    out[ALL_MAPS.len() + 1] = MAP_COUNTERS_LOST;
     let mut i = 0;
     while i < ALL_MAPS.len() {
         out[i] = ALL_MAPS[i];
@@ -163,6 +165,7 @@ fn type_name(t: u32) -> String {
     match t {
         1 => "hash".into(),
         5 => "percpu_hash".into(),
+        6 => "percpu_array".into(),
         9 => "lru_hash".into(),
         11 => "lpm_trie".into(),
         18 => "sockhash".into(),

@@ -60,6 +60,8 @@ pub struct Status {
     pub accel_probe: Option<crate::probe::ProbeResult>,
     /// Entries in use / capacity of the maps that grow with traffic.
     pub map_usage: Vec<MapUsage>,
+    /// Counter updates lost because REDIRECT_COUNTERS was full.
+    pub counters_lost: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -128,6 +130,7 @@ pub fn status(pins: &Pins) -> Result<Status> {
         pods,
         accel_probe: probe,
         map_usage,
+        counters_lost: maps.counters_lost(),
     })
 }
 
@@ -187,6 +190,9 @@ impl Status {
         for m in &self.map_usage {
             let _ = writeln!(s, "map {}: {} / {} entries", m.map, m.entries, m.max_entries);
         }
+        if self.counters_lost > 0 {
+            let _ = writeln!(s, "{}", counters_lost_warning(self.counters_lost));
+        }
         s
     }
 }
@@ -208,6 +214,19 @@ pub struct PodStats {
     /// Acceleration on or off for this pod, and why.
     pub acceleration: String,
     pub rules: Vec<RuleCount>,
+}
+
+/// What to tell a user when counter updates were lost.
+pub fn counters_lost_warning(n: u64) -> String {
+    format!(
+        "{n} counter updates lost: {} is full (a pod's counter for a reason it had not counted yet could not be made; the decisions themselves were applied). Its size is set when the install is created: --map-size counters=<n>",
+        redirect_common::MAP_COUNTERS
+    )
+}
+
+/// Counter updates lost to a full REDIRECT_COUNTERS, for `stats`.
+pub fn counters_lost(pins: &Pins) -> Result<u64> {
+    Ok(Maps::open(pins)?.counters_lost())
 }
 
 /// Counters of every pod (or of `only`), zero rows included as iptables does.

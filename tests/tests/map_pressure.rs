@@ -191,6 +191,38 @@ fn sockhash_full_falls_back_to_the_normal_path() {
     eventually("sockhash empty at the end", || map_usage(&pod, "REDIRECT_SOCKS") == 0);
 }
 
+/// `counters=2`: the pod's first two reasons get their counter slots, the
+/// rest cannot; every connection is still redirected (the proxy sees each
+/// with its original destination, bytes hash-checked), and the lost
+/// updates are counted: `status --json` `counters_lost`, a warning on
+/// `stats`, and (by the same status) the agent's
+/// `redirect_counters_lost_total`.
+#[test]
+fn counters_map_full_loses_counts_not_decisions_and_says_so() {
+    let (mut pod, proxy) = pod_with_echo("mpcnt");
+    pod.attach_istio_default_with(&["--map-size", "counters=2"]);
+    assert_eq!(map_usage_max(&pod, "REDIRECT_COUNTERS"), 2);
+    for _ in 0..3 {
+        let x = xfer(&pod, 100_000);
+        assert_eq!(x["ok"], true, "{x}");
+    }
+    let conns = outbound_conns(&mut pod, proxy);
+    assert_eq!(conns.len(), 3);
+    assert!(conns.iter().all(|c| c["orig"] == echo_dst()), "{conns:?}");
+    // Captured (app), proxy uid (the proxy's upstream connections), the
+    // SO_ORIGINAL_DST answers, ...: more reasons than slots.
+    let st = status(&pod);
+    assert_eq!(map_usage(&pod, "REDIRECT_COUNTERS"), 2);
+    let lost = st["counters_lost"].as_u64().unwrap();
+    assert!(lost >= 3, "counter updates lost: {lost}: {st}");
+    let out = pod.redirect(&["stats"]);
+    assert!(out.status.success(), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("counter updates lost: REDIRECT_COUNTERS is full") && err.contains("--map-size counters="), "{err}");
+    let text = String::from_utf8_lossy(&pod.redirect(&["status"]).stdout).into_owned();
+    assert!(text.contains("counter updates lost"), "{text}");
+}
+
 /// A bare extra pod netns (loopback only) for capture-count tests.
 fn extra_netns(tag: &str) -> NetnsGuard {
     NetnsGuard::new(&redirect_userspace::sandbox::unique(&format!("rdp-{tag}-"))).expect("netns")

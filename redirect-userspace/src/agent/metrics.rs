@@ -88,6 +88,8 @@ pub fn render(agent: &Agent, ready: bool) -> String {
             for m in &st.map_usage {
                 let _ = writeln!(out, "redirect_map_max_entries{{map=\"{}\"}} {}", m.map, m.max_entries);
             }
+            header(&mut out, "redirect_counters_lost_total", "counter", "Counter updates lost because REDIRECT_COUNTERS was full (the decisions were applied; only their counts are missing).");
+            let _ = writeln!(out, "redirect_counters_lost_total {}", st.counters_lost);
         }
         Err(e) => {
             let _ = writeln!(out, "# map usage unavailable: {}", e.to_string().replace('\n', " "));

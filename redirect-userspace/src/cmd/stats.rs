@@ -30,5 +30,11 @@ pub fn run(pin_dir: &Path, a: Args) -> Result<()> {
     } else {
         print!("{}", report::render_stats(&pods));
     }
+    // The counts above are short by this much: say so, on stderr so the
+    // JSON stays a list of pods (`status --json` has `counters_lost`).
+    let lost = report::counters_lost(&pins)?;
+    if lost > 0 {
+        eprintln!("redirect: warning: {}", report::counters_lost_warning(lost));
+    }
     Ok(())
 }
