@@ -11,9 +11,9 @@ use aya_ebpf::{
         bpf_get_current_uid_gid, bpf_get_netns_cookie, bpf_get_socket_cookie,
         bpf_sock_ops_cb_flags_set,
     },
-    macros::{cgroup_sock_addr, cgroup_sockopt, map, sk_lookup, sk_msg, sock_ops},
+    macros::{cgroup_sock, cgroup_sock_addr, cgroup_sockopt, map, sk_lookup, sk_msg, sock_ops},
     maps::{lpm_trie::Key, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, SockHash},
-    programs::{SkLookupContext, SkMsgContext, SockAddrContext, SockOpsContext, SockoptContext},
+    programs::{SkLookupContext, SkMsgContext, SockAddrContext, SockContext, SockOpsContext, SockoptContext},
 };
 use redirect_common::{
     flags, inbound_verdict, outbound_verdict, CidrKeyData, CounterKey, CounterValue, ListenerKey,
@@ -620,6 +620,24 @@ unsafe fn closed(ctx: &SockOpsContext) {
             (*st).learn_port = 0;
         }
     }
+}
+
+/// A socket is released (its last fd closed). A redirected app socket
+/// whose connect never got as far as the SYN (failed with
+/// EADDRNOTAVAIL on local port exhaustion, say) is still in TCP_CLOSE
+/// here and never reaches sockops: drop its original-destination record,
+/// which nothing else would. Any other socket keeps its record until its
+/// state callback (its bytes are counted there).
+#[cgroup_sock(sock_release)]
+pub fn redirect_sock_release(ctx: SockContext) -> i32 {
+    unsafe {
+        let sk = ctx.sock;
+        if (*sk).protocol == IPPROTO_TCP && (*sk).state == TCP_CLOSE {
+            let cookie = bpf_get_socket_cookie(sk as *mut c_void);
+            let _ = REDIRECT_ORIG_BY_COOKIE.remove(&cookie);
+        }
+    }
+    1
 }
 
 /// A socket starts listening: if it is the pod's inbound capture port,

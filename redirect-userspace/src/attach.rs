@@ -18,7 +18,7 @@ use redirect_common::ListenerKey;
 
 use crate::bpf::{
     BPF_CGROUP_GETSOCKOPT, BPF_CGROUP_INET4_CONNECT, BPF_CGROUP_INET4_GETPEERNAME,
-    BPF_CGROUP_INET6_CONNECT, BPF_CGROUP_INET6_GETPEERNAME, BPF_CGROUP_SOCK_OPS,
+    BPF_CGROUP_INET6_CONNECT, BPF_CGROUP_INET6_GETPEERNAME, BPF_CGROUP_INET_SOCK_RELEASE, BPF_CGROUP_SOCK_OPS,
 };
 
 use crate::{
@@ -39,13 +39,14 @@ pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(
 ));
 
 /// Programs attached to each cgroup (the OUTPUT side and the helpers).
-pub const CGROUP_PROGRAMS: [&str; 6] = [
+pub const CGROUP_PROGRAMS: [&str; 7] = [
     "redirect_connect4",
     "redirect_connect6",
     "redirect_getpeername4",
     "redirect_getpeername6",
     "redirect_getsockopt",
     "redirect_sockops",
+    "redirect_sock_release",
 ];
 pub const SK_LOOKUP_PROGRAM: &str = "redirect_sk_lookup";
 pub const SK_MSG_PROGRAM: &str = "redirect_sk_msg";
@@ -321,6 +322,12 @@ impl Installation {
                     p.load().map_err(|e| verr("loading", e))?;
                 }
                 (p.fd().map_err(|e| verr("fd of", e))?.as_fd().try_clone_to_owned(), BPF_CGROUP_SOCK_OPS)
+            }
+            Program::CgroupSock(p) => {
+                if p.fd().is_err() {
+                    p.load().map_err(|e| verr("loading", e))?;
+                }
+                (p.fd().map_err(|e| verr("fd of", e))?.as_fd().try_clone_to_owned(), BPF_CGROUP_INET_SOCK_RELEASE)
             }
             _ => unreachable!("{name} is a cgroup program"),
         };

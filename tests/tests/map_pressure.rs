@@ -191,6 +191,34 @@ fn sockhash_full_falls_back_to_the_normal_path() {
     eventually("sockhash empty at the end", || map_usage(&pod, "REDIRECT_SOCKS") == 0);
 }
 
+/// A connect that fails before its SYN leaves (local port exhaustion:
+/// EADDRNOTAVAIL after connect4 made the record) never reaches sockops;
+/// its record goes when the socket is released (cgroup sock_release).
+/// The pod has one local port, held by an open connection to the proxy,
+/// so every further app connect fails that way.
+#[test]
+fn connects_failing_before_the_syn_leave_no_record() {
+    let (mut pod, _proxy) = pod_with_echo("mpport");
+    pod.attach_istio_default();
+    let ns = pod.pod_netns();
+    let name = ns.file_name().unwrap().to_string_lossy().into_owned();
+    let set = std::process::Command::new("ip").args(["netns", "exec", &name, "sysctl", "-q", "-w", "net.ipv4.ip_local_port_range=40000 40000"]).output().unwrap();
+    assert!(set.status.success(), "{set:?}");
+    let fan = hold_open(&mut pod, 1, Duration::from_secs(8));
+    eventually("the held connection's record", || map_usage(&pod, "REDIRECT_ORIG_BY_COOKIE") == 1);
+    let before = counter(&pod, "OUTPUT", "captured");
+    for _ in 0..10 {
+        let r = xfer(&pod, 10);
+        assert_eq!(r["ok"], false, "{r}");
+        assert!(r["error"].as_str().unwrap_or_default().contains("Cannot assign requested address") || r["error"].as_str().unwrap_or_default().contains("os error 99"), "{r}");
+    }
+    assert_eq!(counter(&pod, "OUTPUT", "captured"), before + 10, "each failed connect was captured (and recorded) first");
+    assert_eq!(map_usage(&pod, "REDIRECT_ORIG_BY_COOKIE"), 1, "only the held connection's record is left");
+    let last = wait_exit(&mut pod, fan, Duration::from_secs(30));
+    assert_eq!(last.last().map(|l| l["failures"].as_u64()), Some(Some(0)), "{last:?}");
+    eventually("no record left", || map_usage(&pod, "REDIRECT_ORIG_BY_COOKIE") == 0 && map_usage(&pod, "REDIRECT_ORIG_BY_TUPLE") == 0);
+}
+
 /// `counters=2`: the pod's first two reasons get their counter slots, the
 /// rest cannot; every connection is still redirected (the proxy sees each
 /// with its original destination, bytes hash-checked), and the lost
