@@ -11,6 +11,7 @@ use std::{
     process::{Command, Output, Stdio},
 };
 
+use redirect_userspace::attach::CGROUP_PROGRAMS;
 use redirect_tests::*;
 use redirect_userspace::{
     kit::ClientReport,
@@ -560,7 +561,7 @@ fn reattach_with_other_flags_replaces_the_config() {
     assert_eq!(ex.as_array().map(Vec::len), Some(1), "{ex}");
     assert!(ex.to_string().contains("10.200.0.1"), "{ex}");
     assert_eq!(sk_lookup_links(&ns), 1, "one inbound link per pod");
-    assert_eq!(cgroup_programs(&pod.topo.cgroup.path).len(), 6, "one set of cgroup programs");
+    assert_eq!(cgroup_programs(&pod.topo.cgroup.path).len(), CGROUP_PROGRAMS.len(), "one set of cgroup programs");
 
     // Back to the defaults: the exclusion is gone, not left behind.
     pod.attach_istio_default();
@@ -590,8 +591,8 @@ fn uninstall_leaves_nothing_and_connections_go_direct() {
     assert_eq!(sk_lookup_links(&ns), 0);
     assert!(links_on(&cgp, &ns).is_empty());
     pod.attach_istio_default();
-    assert_eq!(cgroup_programs(&cgp).len(), 6, "{:?}", cgroup_programs(&cgp));
-    assert_eq!(links_on(&cgp, &ns).len(), 7, "6 cgroup links + 1 sk_lookup");
+    assert_eq!(cgroup_programs(&cgp).len(), CGROUP_PROGRAMS.len(), "{:?}", cgroup_programs(&cgp));
+    assert_eq!(links_on(&cgp, &ns).len(), CGROUP_PROGRAMS.len() + 1, "the cgroup links + 1 sk_lookup");
     for dst in [v4_dst(), v6_dst()] {
         assert_captured(&pod.app_client(&dst), &dst, "installed");
     }
@@ -717,7 +718,7 @@ fn two_pods_share_the_cgroup_attachment_and_detach_separately() {
     let r2 = redirect(&pod, &args).ok("attach second pod").json();
     assert_eq!(r2["cgroup_newly_attached"], false, "the second pod must reuse the cgroup attachment: {r2}");
     assert_ne!(r1["pod"]["cookie"], r2["pod"]["cookie"]);
-    assert_eq!(cgroup_programs(&cgp).len(), 6, "one set of programs for both pods: {:?}", cgroup_programs(&cgp));
+    assert_eq!(cgroup_programs(&cgp).len(), CGROUP_PROGRAMS.len(), "one set of programs for both pods: {:?}", cgroup_programs(&cgp));
     let st = redirect(&pod, &["status", "--json"]).ok("status").json();
     assert_eq!(st["pods"].as_array().unwrap().len(), 2, "{st:#}");
     assert_eq!(st["cgroups"].as_array().unwrap().len(), 1, "{st:#}");
@@ -738,7 +739,7 @@ fn two_pods_share_the_cgroup_attachment_and_detach_separately() {
     assert_captured(&pod.client(&in2(APP_UID), dst2, None), dst2, "pod 2 after pod 1's detach");
     assert_eq!(proxy_conns(&mut pod, proxy1), Vec::<String>::new());
     assert_eq!(proxy_conns(&mut pod, proxy2), vec![dst2.to_string()]);
-    assert_eq!(cgroup_programs(&cgp).len(), 6, "pod 2 still needs the cgroup programs");
+    assert_eq!(cgroup_programs(&cgp).len(), CGROUP_PROGRAMS.len(), "pod 2 still needs the cgroup programs");
     assert_eq!(sk_lookup_links(&ns1), 0);
     assert_eq!(sk_lookup_links(&ns2p), 1);
     let st = redirect(&pod, &["status", "--json"]).ok("status").json();

@@ -366,7 +366,7 @@ fn agent_sigkill_and_upgrade_under_traffic_lose_nothing() {
     assert_eq!(netns_dirs, cookies);
     let cg: Vec<_> = std::fs::read_dir(pin.join("cgroups")).unwrap().collect();
     assert_eq!(cg.len(), 1);
-    assert_eq!(std::fs::read_dir(cg[0].as_ref().unwrap().path()).unwrap().count(), 6);
+    assert_eq!(std::fs::read_dir(cg[0].as_ref().unwrap().path()).unwrap().count(), redirect_userspace::attach::CGROUP_PROGRAMS.len());
     eventually("socket-tracking maps back to zero", || {
         map_usage(&c.pods[0], "REDIRECT_ORIG_BY_COOKIE") == 0 && map_usage(&c.pods[0], "REDIRECT_ORIG_BY_TUPLE") == 0
     });
