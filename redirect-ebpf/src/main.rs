@@ -492,13 +492,9 @@ unsafe fn accelerate_active(ops: *mut bpf_sock_ops, netns: u64, cfg: &PodConfig,
     let mut st = core::ptr::null_mut();
     if !sk.is_null() {
         let mut init = AccelSock {
-            peer: peer_key(netns, t),
-            state: if pays { ACCEL_ON } else { ACCEL_SKIPPED },
-            uncounted: 0,
             born_ns: aya_ebpf::helpers::generated::bpf_ktime_get_ns(),
             learn_port: port,
-            inserted: 0,
-            _pad: [0; 2],
+            ..AccelSock::new(peer_key(netns, t), if pays { ACCEL_ON } else { ACCEL_SKIPPED })
         };
         st = accel_state(sk, &mut init);
     }
@@ -574,7 +570,7 @@ unsafe fn passive_established(ctx: &SockOpsContext) {
         // message), so its close is counted.
         let sk = (*ops).__bindgen_anon_2.sk;
         if !sk.is_null() {
-            let mut init = AccelSock { peer: peer_key(netns, &t), state: ACCEL_ON, uncounted: 0, born_ns: 0, learn_port: 0, inserted: 1, _pad: [0; 2] };
+            let mut init = AccelSock { inserted: 1, ..AccelSock::new(peer_key(netns, &t), ACCEL_ON) };
             let _ = accel_state(sk, &mut init);
         }
     }
@@ -599,26 +595,30 @@ unsafe fn closed(ctx: &SockOpsContext) {
     // The sockhash drops closed sockets itself (and the kernel the socket's
     // storage); the fallback mark is ours.
     let _ = REDIRECT_ACCEL_FALLBACK.remove(&own_key(netns, &t));
-    // An active app↔proxy socket teaches its port how long connections
-    // to it live.
+    // An accelerated socket is counted out; an active app↔proxy socket
+    // teaches its port how long connections to it live.
     let sk = (*ops).__bindgen_anon_2.sk;
-    if !sk.is_null() {
-        let st = accel_state(sk, core::ptr::null_mut());
-        if !st.is_null() && (*st).inserted != 0 {
-            // The kernel took it out of the sockhash as it closed.
-            count(netns, Reason::AccelRemoved);
-            (*st).inserted = 0;
+    if sk.is_null() {
+        return;
+    }
+    let st = accel_state(sk, core::ptr::null_mut());
+    if st.is_null() {
+        return;
+    }
+    if (*st).inserted != 0 {
+        // The kernel took it out of the sockhash as it closed.
+        count(netns, Reason::AccelRemoved);
+        (*st).inserted = 0;
+    }
+    if (*st).learn_port != 0 {
+        let lifetime = aya_ebpf::helpers::generated::bpf_ktime_get_ns().wrapping_sub((*st).born_ns);
+        let key = PortKey { netns, kind: redirect_common::port_kind::ACCEL_SHORT, port: (*st).learn_port, _pad: 0 };
+        let old = REDIRECT_ACCEL_PORTS.get(&key).copied().unwrap_or(0);
+        let new = redirect_common::accel_short_count_after(old, lifetime);
+        if new != old {
+            let _ = REDIRECT_ACCEL_PORTS.insert(&key, &new, 0);
         }
-        if !st.is_null() && (*st).learn_port != 0 {
-            let lifetime = aya_ebpf::helpers::generated::bpf_ktime_get_ns().wrapping_sub((*st).born_ns);
-            let key = PortKey { netns, kind: redirect_common::port_kind::ACCEL_SHORT, port: (*st).learn_port, _pad: 0 };
-            let old = REDIRECT_ACCEL_PORTS.get(&key).copied().unwrap_or(0);
-            let new = redirect_common::accel_short_count_after(old, lifetime);
-            if new != old {
-                let _ = REDIRECT_ACCEL_PORTS.insert(&key, &new, 0);
-            }
-            (*st).learn_port = 0;
-        }
+        (*st).learn_port = 0;
     }
 }
 
@@ -865,6 +865,15 @@ pub struct AccelSock {
     _pad: [u16; 2],
 }
 
+impl AccelSock {
+    /// State for a socket sending to `peer`: nothing counted, not timed,
+    /// not marked as inserted.
+    #[inline(always)]
+    fn new(peer: TupleKey, state: u32) -> Self {
+        AccelSock { peer, state, uncounted: 0, born_ns: 0, learn_port: 0, inserted: 0, _pad: [0; 2] }
+    }
+}
+
 /// A BTF map definition (`.maps`): socket-local storage needs BTF for its
 /// value type. Pinned by name like the other maps, so every program and
 /// every version of them sees the same state.
@@ -1035,7 +1044,7 @@ unsafe fn first_message(ctx: &SkMsgContext, sk: *mut bpf_sock) -> *mut AccelSock
         Some(&why) => why as u32,
         None => ACCEL_ON,
     };
-    let mut init = AccelSock { peer: peer_key(netns, &t), state, uncounted: 0, born_ns: 0, learn_port: 0, inserted: 0, _pad: [0; 2] };
+    let mut init = AccelSock::new(peer_key(netns, &t), state);
     let st = accel_state(sk, &mut init);
     if st.is_null() {
         let _ = REDIRECT_ACCEL_FALLBACK.insert(&own_key(netns, &t), &(FALLBACK_PEER_MISSING as u8), 0);

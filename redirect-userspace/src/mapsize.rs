@@ -31,16 +31,11 @@ pub const FLAG: &str = "--map-size";
 /// Maps whose pinned layout must match this binary's: the sized ones, the
 /// acceleration's socket storage (its value is the sk_msg state) and the
 /// lost-counter slot.
-const LAYOUT_MAPS: [&str; ALL_MAPS.len() + 2] = {
-    let mut out = [MAP_ACCEL_SK; ALL_MAPS.len() + 2];
-    out[ALL_MAPS.len() + 1] = MAP_COUNTERS_LOST;
-    let mut i = 0;
-    while i < ALL_MAPS.len() {
-        out[i] = ALL_MAPS[i];
-        i += 1;
-    }
-    out
-};
+const LAYOUT_EXTRA: [&str; 2] = [MAP_ACCEL_SK, MAP_COUNTERS_LOST];
+
+fn layout_maps() -> impl Iterator<Item = &'static str> {
+    ALL_MAPS.into_iter().chain(LAYOUT_EXTRA)
+}
 
 /// Largest accepted size (16 Mi entries): beyond that a single
 /// preallocated map takes gigabytes.
@@ -204,7 +199,7 @@ pub fn object_layouts(object: &[u8], bpffs_dir: &Path) -> Result<BTreeMap<&'stat
         }
         let ebpf = loader.load(object).map_err(|e| Error::bpf("loading the kernel object to read its map layout", e))?;
         let mut out = BTreeMap::new();
-        for m in LAYOUT_MAPS {
+        for m in layout_maps() {
             let Some(map) = ebpf.map(m) else { continue };
             let fd = map_fd(map).map_err(|e| Error::bpf(format!("map {m} of the kernel object"), e))?;
             let data = MapData::from_fd(fd).map_err(|e| Error::bpf(format!("map {m} of the kernel object"), e))?;
@@ -259,9 +254,8 @@ fn map_fd(map: &aya::maps::Map) -> std::io::Result<std::os::fd::OwnedFd> {
 /// this object's layout, and its size must be the one asked for (when
 /// asked). `maps_dir` is the install's map directory.
 pub fn check_install(object: &[u8], maps_dir: &Path, sizes: &MapSizes) -> Result<()> {
-    let pinned: Vec<(&'static str, Layout)> = LAYOUT_MAPS
-        .iter()
-        .map(|m| pinned_layout(&maps_dir.join(m)).map(|l| l.map(|l| (*m, l))))
+    let pinned: Vec<(&'static str, Layout)> = layout_maps()
+        .map(|m| pinned_layout(&maps_dir.join(m)).map(|l| l.map(|l| (m, l))))
         .collect::<Result<Vec<_>>>()?
         .into_iter()
         .flatten()
