@@ -1,7 +1,8 @@
 //! The userspace binary embeds the kernel object: fail early, with the
 //! command to run, when it has not been built.
 fn main() {
-    let obj = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bpfel-unknown-none/release/redirect");
+    let obj = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../target/bpfel-unknown-none/release/redirect");
     println!("cargo:rerun-if-changed={}", obj.display());
     if !obj.exists() {
         panic!(

@@ -1,9 +1,7 @@
 //! The decision logic of DESIGN.md §2, shared by the kernel programs and the
 //! host tests. The kernel provides map lookups through [`Lookup`].
 
-use crate::{
-    cidr_kind, flags, port_kind, PodConfig, Reason, AF_INET, AF_INET6, MAX_IDS,
-};
+use crate::{cidr_kind, flags, port_kind, PodConfig, Reason, AF_INET, AF_INET6, MAX_IDS};
 
 /// Map lookups the decision needs, per pod.
 pub trait Lookup {

@@ -84,7 +84,11 @@ pub const ACCEL_VERDICT_BYTES: u32 = 16 * 1024;
 /// next verdict, which runs only once the budget is used up).
 #[inline(always)]
 pub fn accel_verdict_split(size: u32) -> (u32, u32) {
-    let covered = if size < ACCEL_VERDICT_BYTES { size } else { ACCEL_VERDICT_BYTES };
+    let covered = if size < ACCEL_VERDICT_BYTES {
+        size
+    } else {
+        ACCEL_VERDICT_BYTES
+    };
     (covered, ACCEL_VERDICT_BYTES - covered)
 }
 
@@ -308,9 +312,18 @@ mod accel_tests {
     #[test]
     fn a_verdict_covers_its_message_up_to_the_budget() {
         assert_eq!(accel_verdict_split(64), (64, ACCEL_VERDICT_BYTES - 64));
-        assert_eq!(accel_verdict_split(ACCEL_VERDICT_BYTES - 1), (ACCEL_VERDICT_BYTES - 1, 1));
-        assert_eq!(accel_verdict_split(ACCEL_VERDICT_BYTES), (ACCEL_VERDICT_BYTES, 0));
-        assert_eq!(accel_verdict_split(3 * ACCEL_VERDICT_BYTES), (ACCEL_VERDICT_BYTES, 0));
+        assert_eq!(
+            accel_verdict_split(ACCEL_VERDICT_BYTES - 1),
+            (ACCEL_VERDICT_BYTES - 1, 1)
+        );
+        assert_eq!(
+            accel_verdict_split(ACCEL_VERDICT_BYTES),
+            (ACCEL_VERDICT_BYTES, 0)
+        );
+        assert_eq!(
+            accel_verdict_split(3 * ACCEL_VERDICT_BYTES),
+            (ACCEL_VERDICT_BYTES, 0)
+        );
         // A verdict always covers at least its own message (or the budget),
         // and never more than the budget in all.
         for size in [0, 1, 1000, 70_000, u32::MAX] {

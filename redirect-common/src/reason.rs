@@ -114,9 +114,9 @@ impl Reason {
             }
             Reason::OrigDstMissing => "MISSING",
             Reason::InListenerRegistered => "LISTEN",
-            Reason::ErrTupleMapFull
-            | Reason::ErrListenerMapFull
-            | Reason::ErrSockMapFull => "ERROR",
+            Reason::ErrTupleMapFull | Reason::ErrListenerMapFull | Reason::ErrSockMapFull => {
+                "ERROR"
+            }
             Reason::AccelInserted => "SOCKMAP",
             Reason::AccelRedirected => "REDIRECT",
             Reason::AccelFallback => "PASS",
@@ -170,7 +170,9 @@ impl Reason {
         match self {
             Reason::OutCaptured => "captured -> outbound port (-i)",
             Reason::OutCapturedPort => "captured -> outbound port (-q port)",
-            Reason::OutProxyToSelf => "proxy to own non-127.0.0.1 address -> inbound port (rules 2/5)",
+            Reason::OutProxyToSelf => {
+                "proxy to own non-127.0.0.1 address -> inbound port (rules 2/5)"
+            }
             Reason::OutExcludedPort => "excluded port (-o)",
             Reason::OutPassthrough => "source 127.0.0.6/::6 via lo (rule 1)",
             Reason::OutProxyUid => "proxy uid (rule 4)",
@@ -189,10 +191,14 @@ impl Reason {
             Reason::ErrListenerMapFull => "listener map update failed",
             Reason::ErrSockMapFull => "acceleration sockhash update failed (normal path used)",
             Reason::AccelInserted => "app/proxy sockets put in the sockhash",
-            Reason::AccelRedirected => "sent straight to the peer socket (sk_msg verdicts, each for up to 16 KiB)",
+            Reason::AccelRedirected => {
+                "sent straight to the peer socket (sk_msg verdicts, each for up to 16 KiB)"
+            }
             Reason::AccelFallback => "messages on the normal path (peer not accelerated)",
             Reason::AccelBulk => "messages on the normal path after a bulk message (≥ 64 KiB)",
-            Reason::AccelSkippedShort => "connections not accelerated: their port's last 4 connections lived < 10 ms",
+            Reason::AccelSkippedShort => {
+                "connections not accelerated: their port's last 4 connections lived < 10 ms"
+            }
             Reason::AccelRemoved => "app/proxy sockets out of the sockhash again (closed)",
             Reason::InCaptured => "captured -> inbound port",
             Reason::InExcludedPort => "excluded port (-d; ssh 22 with -b *)",

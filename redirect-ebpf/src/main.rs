@@ -13,13 +13,15 @@ use aya_ebpf::{
     },
     macros::{cgroup_sock, cgroup_sock_addr, cgroup_sockopt, map, sk_lookup, sk_msg, sock_ops},
     maps::{lpm_trie::Key, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, SockHash},
-    programs::{SkLookupContext, SkMsgContext, SockAddrContext, SockContext, SockOpsContext, SockoptContext},
+    programs::{
+        SkLookupContext, SkMsgContext, SockAddrContext, SockContext, SockOpsContext, SockoptContext,
+    },
 };
 use redirect_common::{
     flags, inbound_verdict, outbound_verdict, CidrKeyData, CounterKey, CounterValue, ListenerKey,
     Lookup, OrigDst, Outbound, PodConfig, PortKey, Reason, TupleKey, Verdict, AF_INET, AF_INET6,
-    CIDR_KEY_FIXED_BITS, IPPROTO_TCP, MAX_ACCEL_PORTS, MAX_CIDRS, MAX_COUNTERS, MAX_LISTENERS, MAX_PODS,
-    MAX_PORTS, MAX_TRACKED_SOCKETS, SOL_IP, SOL_IPV6, SO_ORIGINAL_DST,
+    CIDR_KEY_FIXED_BITS, IPPROTO_TCP, MAX_ACCEL_PORTS, MAX_CIDRS, MAX_COUNTERS, MAX_LISTENERS,
+    MAX_PODS, MAX_PORTS, MAX_TRACKED_SOCKETS, SOL_IP, SOL_IPV6, SO_ORIGINAL_DST,
 };
 
 #[map]
@@ -41,15 +43,13 @@ static REDIRECT_COUNTERS_LOST: PerCpuArray<u64> = PerCpuArray::pinned(1, 0);
 /// refuses the connection (counted), where an LRU map would silently
 /// evict the record of a live connection.
 #[map]
-static REDIRECT_ORIG_BY_COOKIE: HashMap<u64, OrigDst> =
-    HashMap::pinned(MAX_TRACKED_SOCKETS, 0);
+static REDIRECT_ORIG_BY_COOKIE: HashMap<u64, OrigDst> = HashMap::pinned(MAX_TRACKED_SOCKETS, 0);
 /// Original destination by the app socket's 4-tuple: what the proxy's
 /// accepted socket asks for with SO_ORIGINAL_DST. A plain hash for the
 /// same reason (a failed insert is counted; the proxy then gets no answer
 /// and refuses the connection).
 #[map]
-static REDIRECT_ORIG_BY_TUPLE: HashMap<TupleKey, OrigDst> =
-    HashMap::pinned(MAX_TRACKED_SOCKETS, 0);
+static REDIRECT_ORIG_BY_TUPLE: HashMap<TupleKey, OrigDst> = HashMap::pinned(MAX_TRACKED_SOCKETS, 0);
 /// Accelerated app↔proxy sockets, keyed by their own 4-tuple (local →
 /// remote) and netns cookie; the sk_msg program redirects to the peer.
 #[map]
@@ -98,7 +98,17 @@ fn bump(netns: u64, reason: u32, conns: u64, bytes: u64) {
             (*v).bytes += bytes;
         },
         None => {
-            if REDIRECT_COUNTERS.insert(&key, &CounterValue { count: conns, bytes }, 0).is_err() {
+            if REDIRECT_COUNTERS
+                .insert(
+                    &key,
+                    &CounterValue {
+                        count: conns,
+                        bytes,
+                    },
+                    0,
+                )
+                .is_err()
+            {
                 if let Some(lost) = REDIRECT_COUNTERS_LOST.get_ptr_mut(0) {
                     unsafe { *lost += 1 };
                 }
@@ -351,7 +361,8 @@ unsafe fn getpeername(ctx: &SockAddrContext, v6: bool) {
         if orig.family != AF_INET {
             return;
         }
-        (*sa).user_ip4 = u32::from_ne_bytes([orig.addr[0], orig.addr[1], orig.addr[2], orig.addr[3]]);
+        (*sa).user_ip4 =
+            u32::from_ne_bytes([orig.addr[0], orig.addr[1], orig.addr[2], orig.addr[3]]);
     } else {
         let addr = if orig.family == AF_INET {
             mapped(&orig.addr)
@@ -474,7 +485,12 @@ fn accel_pays(netns: u64, cfg: &PodConfig, port: u16) -> bool {
     if cfg.has(flags::ACCEL_SHORT_CONNS) {
         return true;
     }
-    let key = PortKey { netns, kind: redirect_common::port_kind::ACCEL_SHORT, port, _pad: 0 };
+    let key = PortKey {
+        netns,
+        kind: redirect_common::port_kind::ACCEL_SHORT,
+        port,
+        _pad: 0,
+    };
     match unsafe { REDIRECT_ACCEL_PORTS.get(&key) } {
         Some(n) => redirect_common::accel_pays(*n),
         None => true,
@@ -486,7 +502,13 @@ fn accel_pays(netns: u64, cfg: &PodConfig, port: u16) -> bool {
 /// connections were short-lived. Either way its storage records when it
 /// was established and its port, so its close teaches the port.
 #[inline(always)]
-unsafe fn accelerate_active(ops: *mut bpf_sock_ops, netns: u64, cfg: &PodConfig, t: &(u16, [u8; 16], [u8; 16], u16, u16), port: u16) {
+unsafe fn accelerate_active(
+    ops: *mut bpf_sock_ops,
+    netns: u64,
+    cfg: &PodConfig,
+    t: &(u16, [u8; 16], [u8; 16], u16, u16),
+    port: u16,
+) {
     let pays = accel_pays(netns, cfg, port);
     let sk = (*ops).__bindgen_anon_2.sk;
     let mut st = core::ptr::null_mut();
@@ -494,7 +516,10 @@ unsafe fn accelerate_active(ops: *mut bpf_sock_ops, netns: u64, cfg: &PodConfig,
         let mut init = AccelSock {
             born_ns: aya_ebpf::helpers::generated::bpf_ktime_get_ns(),
             learn_port: port,
-            ..AccelSock::new(peer_key(netns, t), if pays { ACCEL_ON } else { ACCEL_SKIPPED })
+            ..AccelSock::new(
+                peer_key(netns, t),
+                if pays { ACCEL_ON } else { ACCEL_SKIPPED },
+            )
         };
         st = accel_state(sk, &mut init);
     }
@@ -529,7 +554,10 @@ unsafe fn active_established(ctx: &SockOpsContext) {
     let accel = cfg.has(flags::ACCEL);
     match REDIRECT_ORIG_BY_COOKIE.get(&cookie) {
         Some(orig) => {
-            if REDIRECT_ORIG_BY_TUPLE.insert(&own_key(netns, &t), orig, BPF_ANY as u64).is_err() {
+            if REDIRECT_ORIG_BY_TUPLE
+                .insert(&own_key(netns, &t), orig, BPF_ANY as u64)
+                .is_err()
+            {
                 count(netns, Reason::ErrTupleMapFull);
             }
             if accel {
@@ -559,18 +587,25 @@ unsafe fn passive_established(ctx: &SockOpsContext) {
         return;
     };
     let t = ops_tuple(ops);
-    let orig_port = REDIRECT_ORIG_BY_TUPLE.get(&peer_key(netns, &t)).map(|o| o.port);
+    let orig_port = REDIRECT_ORIG_BY_TUPLE
+        .get(&peer_key(netns, &t))
+        .map(|o| o.port);
     let redirected = orig_port.is_some();
     // The same port as the active side decided on: the original
     // destination's, or for the passthrough the app's (this side's own).
     let port = orig_port.unwrap_or(t.3);
-    let accel = cfg.has(flags::ACCEL) && (redirected || is_passthrough_pair(netns, t.0, &t.2, &t.1)) && accel_pays(netns, cfg, port);
+    let accel = cfg.has(flags::ACCEL)
+        && (redirected || is_passthrough_pair(netns, t.0, &t.2, &t.1))
+        && accel_pays(netns, cfg, port);
     if accel && accelerate(ops, netns, own_key(netns, &t)) {
         // Its state from the start (sk_msg would make it at the first
         // message), so its close is counted.
         let sk = (*ops).__bindgen_anon_2.sk;
         if !sk.is_null() {
-            let mut init = AccelSock { inserted: 1, ..AccelSock::new(peer_key(netns, &t), ACCEL_ON) };
+            let mut init = AccelSock {
+                inserted: 1,
+                ..AccelSock::new(peer_key(netns, &t), ACCEL_ON)
+            };
             let _ = accel_state(sk, &mut init);
         }
     }
@@ -587,7 +622,11 @@ unsafe fn closed(ctx: &SockOpsContext) {
     if let Some(orig) = REDIRECT_ORIG_BY_COOKIE.get(&cookie) {
         // The app side of a redirected connection: account its bytes
         // (both directions) to the rule that redirected it.
-        add_bytes(netns, orig.reason, (*ops).bytes_received + (*ops).bytes_acked);
+        add_bytes(
+            netns,
+            orig.reason,
+            (*ops).bytes_received + (*ops).bytes_acked,
+        );
         let _ = REDIRECT_ORIG_BY_COOKIE.remove(&cookie);
     }
     let t = ops_tuple(ops);
@@ -612,7 +651,12 @@ unsafe fn closed(ctx: &SockOpsContext) {
     }
     if (*st).learn_port != 0 {
         let lifetime = aya_ebpf::helpers::generated::bpf_ktime_get_ns().wrapping_sub((*st).born_ns);
-        let key = PortKey { netns, kind: redirect_common::port_kind::ACCEL_SHORT, port: (*st).learn_port, _pad: 0 };
+        let key = PortKey {
+            netns,
+            kind: redirect_common::port_kind::ACCEL_SHORT,
+            port: (*st).learn_port,
+            _pad: 0,
+        };
         let old = REDIRECT_ACCEL_PORTS.get(&key).copied().unwrap_or(0);
         let new = redirect_common::accel_short_count_after(old, lifetime);
         if new != old {
@@ -738,7 +782,11 @@ unsafe fn getsockopt(ctx: &SockoptContext) {
             )
         }
     };
-    let want = if orig.family == AF_INET { SOL_IP } else { SOL_IPV6 };
+    let want = if orig.family == AF_INET {
+        SOL_IP
+    } else {
+        SOL_IPV6
+    };
     if level != want {
         count(netns, Reason::OrigDstMissing);
         return;
@@ -752,8 +800,22 @@ unsafe fn getsockopt(ctx: &SockoptContext) {
         }
         let fam = AF_INET.to_ne_bytes();
         let b: [u8; 16] = [
-            fam[0], fam[1], port[0], port[1], orig.addr[0], orig.addr[1], orig.addr[2],
-            orig.addr[3], 0, 0, 0, 0, 0, 0, 0, 0,
+            fam[0],
+            fam[1],
+            port[0],
+            port[1],
+            orig.addr[0],
+            orig.addr[1],
+            orig.addr[2],
+            orig.addr[3],
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
         ];
         core::ptr::write_unaligned(optval as *mut [u8; 16], b);
         (*so).optlen = 16;
@@ -802,7 +864,11 @@ unsafe fn sk_lookup_inbound(ctx: &SkLookupContext) -> u32 {
         ip6_bytes((*l).remote_ip6)
     };
     let maps = Maps { netns };
-    let fam = if family == AF_INET as u32 { AF_INET } else { AF_INET6 };
+    let fam = if family == AF_INET as u32 {
+        AF_INET
+    } else {
+        AF_INET6
+    };
     if redirect_common::is_local(fam, &src, &maps) {
         return SK_PASS;
     }
@@ -870,7 +936,15 @@ impl AccelSock {
     /// not marked as inserted.
     #[inline(always)]
     fn new(peer: TupleKey, state: u32) -> Self {
-        AccelSock { peer, state, uncounted: 0, born_ns: 0, learn_port: 0, inserted: 0, _pad: [0; 2] }
+        AccelSock {
+            peer,
+            state,
+            uncounted: 0,
+            born_ns: 0,
+            learn_port: 0,
+            inserted: 0,
+            _pad: [0; 2],
+        }
     }
 }
 
@@ -905,7 +979,11 @@ static REDIRECT_ACCEL_SK: SkStorageDef = SkStorageDef {
 /// `init` when absent).
 #[inline(always)]
 unsafe fn accel_state(sk: *mut bpf_sock, init: *mut AccelSock) -> *mut AccelSock {
-    let flags = if init.is_null() { 0 } else { aya_ebpf::bindings::BPF_SK_STORAGE_GET_F_CREATE as u64 };
+    let flags = if init.is_null() {
+        0
+    } else {
+        aya_ebpf::bindings::BPF_SK_STORAGE_GET_F_CREATE as u64
+    };
     aya_ebpf::helpers::generated::bpf_sk_storage_get(
         &REDIRECT_ACCEL_SK as *const SkStorageDef as *mut c_void,
         sk as *mut c_void,
@@ -973,7 +1051,9 @@ unsafe fn sk_msg_redirect(ctx: &SkMsgContext) -> u32 {
         // is kept.
         if redirect_common::accel_is_bulk(size) {
             leave_accel(st, FALLBACK_BULK);
-        } else if REDIRECT_SOCKS.redirect_msg(ctx, (*st).peer, BPF_F_INGRESS as u64) != SK_PASS as i64 {
+        } else if REDIRECT_SOCKS.redirect_msg(ctx, (*st).peer, BPF_F_INGRESS as u64)
+            != SK_PASS as i64
+        {
             leave_accel(st, FALLBACK_PEER_MISSING);
         }
     }
@@ -984,10 +1064,19 @@ unsafe fn sk_msg_redirect(ctx: &SkMsgContext) -> u32 {
     // program runs for every message (bulk messages are large, so that
     // costs little) and counts each exactly.
     let now = (*st).state;
-    let (covered, rest) = if now == ACCEL_ON { redirect_common::accel_verdict_split(size) } else { (size, 0) };
+    let (covered, rest) = if now == ACCEL_ON {
+        redirect_common::accel_verdict_split(size)
+    } else {
+        (size, 0)
+    };
     let netns = (*st).peer.netns;
     if now == was {
-        bump(netns, accel_reason(was), 1, (*st).uncounted as u64 + covered as u64);
+        bump(
+            netns,
+            accel_reason(was),
+            1,
+            (*st).uncounted as u64 + covered as u64,
+        );
     } else {
         if (*st).uncounted != 0 {
             bump(netns, accel_reason(was), 0, (*st).uncounted as u64);
@@ -1031,7 +1120,13 @@ unsafe fn first_message(ctx: &SkMsgContext, sk: *mut bpf_sock) -> *mut AccelSock
     let lport = (*m).local_port as u16;
     let rport = u16::from_be(((*m).remote_port >> 16) as u16);
     let t = if (*m).family == AF_INET as u32 {
-        (AF_INET, ip4_bytes((*m).local_ip4), ip4_bytes((*m).remote_ip4), lport, rport)
+        (
+            AF_INET,
+            ip4_bytes((*m).local_ip4),
+            ip4_bytes((*m).remote_ip4),
+            lport,
+            rport,
+        )
     } else {
         let l = ip6_bytes((*m).local_ip6);
         let r = ip6_bytes((*m).remote_ip6);
@@ -1047,7 +1142,8 @@ unsafe fn first_message(ctx: &SkMsgContext, sk: *mut bpf_sock) -> *mut AccelSock
     let mut init = AccelSock::new(peer_key(netns, &t), state);
     let st = accel_state(sk, &mut init);
     if st.is_null() {
-        let _ = REDIRECT_ACCEL_FALLBACK.insert(&own_key(netns, &t), &(FALLBACK_PEER_MISSING as u8), 0);
+        let _ =
+            REDIRECT_ACCEL_FALLBACK.insert(&own_key(netns, &t), &(FALLBACK_PEER_MISSING as u8), 0);
         bump(netns, Reason::AccelFallback as u32, 1, (*m).size as u64);
     }
     st

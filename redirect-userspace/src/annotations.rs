@@ -135,12 +135,19 @@ pub enum AnnotationError {
 pub fn pod_name(pod: &Value) -> String {
     let m = &pod["metadata"];
     let ns = m["namespace"].as_str().unwrap_or("?");
-    let name = m["name"].as_str().or_else(|| m["generateName"].as_str()).unwrap_or("?");
+    let name = m["name"]
+        .as_str()
+        .or_else(|| m["generateName"].as_str())
+        .unwrap_or("?");
     format!("{ns}/{name}")
 }
 
 /// A string-valued map (annotations, labels); `None` when absent or null.
-fn string_map<'a>(pod: &'a Value, key: &str, name: &str) -> Result<Option<&'a serde_json::Map<String, Value>>, AnnotationError> {
+fn string_map<'a>(
+    pod: &'a Value,
+    key: &str,
+    name: &str,
+) -> Result<Option<&'a serde_json::Map<String, Value>>, AnnotationError> {
     match &pod["metadata"][key] {
         Value::Null => Ok(None),
         Value::Object(m) => {
@@ -154,14 +161,19 @@ fn string_map<'a>(pod: &'a Value, key: &str, name: &str) -> Result<Option<&'a se
             }
             Ok(Some(m))
         }
-        other => Err(AnnotationError::NotAPod(format!("metadata.{key} is {other}, not an object"))),
+        other => Err(AnnotationError::NotAPod(format!(
+            "metadata.{key} is {other}, not an object"
+        ))),
     }
 }
 
 /// Istio's reading of `sidecar.istio.io/inject`: true values inject, an
 /// empty value means "use the default", anything else turns injection off.
 fn inject_off(v: &str) -> bool {
-    !matches!(v.to_ascii_lowercase().as_str(), "y" | "yes" | "true" | "on" | "")
+    !matches!(
+        v.to_ascii_lowercase().as_str(),
+        "y" | "yes" | "true" | "on" | ""
+    )
 }
 
 /// The `istio-proxy` container: a regular container, or a native sidecar
@@ -173,18 +185,31 @@ fn proxy_container(pod: &Value) -> Option<&Value> {
         .as_array()
         .and_then(|cs| cs.iter().find(named))
         .or_else(|| {
-            spec["initContainers"]
-                .as_array()
-                .and_then(|cs| cs.iter().filter(named).find(|c| c["restartPolicy"].as_str() == Some("Always")))
+            spec["initContainers"].as_array().and_then(|cs| {
+                cs.iter()
+                    .filter(named)
+                    .find(|c| c["restartPolicy"].as_str() == Some("Always"))
+            })
         })
 }
 
 /// A securityContext id (`runAsUser`/`runAsGroup`): the container's, else
 /// the pod's. Kubernetes stores int64; the kernel's ids are u32.
-fn security_id(pod: &Value, proxy: &Value, field: &str, name: &str) -> Result<Option<String>, AnnotationError> {
+fn security_id(
+    pod: &Value,
+    proxy: &Value,
+    field: &str,
+    name: &str,
+) -> Result<Option<String>, AnnotationError> {
     for (where_, v) in [
-        (format!("spec.containers[{PROXY_CONTAINER}].securityContext.{field}"), &proxy["securityContext"][field]),
-        (format!("spec.securityContext.{field}"), &pod["spec"]["securityContext"][field]),
+        (
+            format!("spec.containers[{PROXY_CONTAINER}].securityContext.{field}"),
+            &proxy["securityContext"][field],
+        ),
+        (
+            format!("spec.securityContext.{field}"),
+            &pod["spec"]["securityContext"][field],
+        ),
     ] {
         if v.is_null() {
             continue;
@@ -242,7 +267,10 @@ fn annotation_of(field: &str) -> &'static str {
 /// Turn a Pod object into its capture config, as Istio's injector would.
 pub fn from_pod(pod: &Value) -> Result<PodCapture, AnnotationError> {
     if !pod.is_object() {
-        return Err(AnnotationError::NotAPod(format!("expected a JSON object, got {}", short(pod))));
+        return Err(AnnotationError::NotAPod(format!(
+            "expected a JSON object, got {}",
+            short(pod)
+        )));
     }
     if let Some(kind) = pod.get("kind").and_then(Value::as_str) {
         if kind != "Pod" {
@@ -253,15 +281,28 @@ pub fn from_pod(pod: &Value) -> Result<PodCapture, AnnotationError> {
         return Err(AnnotationError::NotAPod("no metadata object".into()));
     }
     let name = pod_name(pod);
-    let not = |reason: String| Ok(PodCapture::NotInMesh { pod: name.clone(), reason });
+    let not = |reason: String| {
+        Ok(PodCapture::NotInMesh {
+            pod: name.clone(),
+            reason,
+        })
+    };
     let annotations = string_map(pod, "annotations", &name)?;
     let labels = string_map(pod, "labels", &name)?;
     let ann = |k: &str| annotations.and_then(|m| m.get(k)).and_then(Value::as_str);
 
     if pod["spec"]["hostNetwork"].as_bool() == Some(true) {
-        return not("hostNetwork pod: Istio does not inject it, and its netns is the node's".into());
+        return not(
+            "hostNetwork pod: Istio does not inject it, and its netns is the node's".into(),
+        );
     }
-    for (what, v) in [("label", labels.and_then(|m| m.get(INJECT)).and_then(Value::as_str)), ("annotation", ann(INJECT))] {
+    for (what, v) in [
+        (
+            "label",
+            labels.and_then(|m| m.get(INJECT)).and_then(Value::as_str),
+        ),
+        ("annotation", ann(INJECT)),
+    ] {
         if let Some(v) = v {
             if inject_off(v) {
                 return not(format!("{INJECT} {what} is {v:?}"));
@@ -295,7 +336,11 @@ pub fn from_pod(pod: &Value) -> Result<PodCapture, AnnotationError> {
     let status_port = ann(STATUS_PORT).unwrap_or(DEFAULT_STATUS_PORT);
     let sp = status_port.trim();
     if !sp.is_empty() && sp.parse::<u16>().is_err() {
-        return Err(invalid(STATUS_PORT, status_port, "expected a port number (0 leaves -d without a status port)".into()));
+        return Err(invalid(
+            STATUS_PORT,
+            status_port,
+            "expected a port number (0 leaves -d without a status port)".into(),
+        ));
     }
     let exclude_in = exclude_inbound_port(status_port, ann(EXCLUDE_INBOUND_PORTS).unwrap_or(""));
     let exclude_in_ports = if exclude_in.is_empty() {
@@ -319,11 +364,17 @@ pub fn from_pod(pod: &Value) -> Result<PodCapture, AnnotationError> {
         ..CaptureFlags::defaults()
     };
     let spec = flags.to_spec().map_err(|e| match e {
-        Error::InvalidFlag { field, value, reason } => {
+        Error::InvalidFlag {
+            field,
+            value,
+            reason,
+        } => {
             let annotation = annotation_of(field);
             // Name the annotation's own value, not the composed flag.
             let value = match annotation {
-                EXCLUDE_INBOUND_PORTS => ann(EXCLUDE_INBOUND_PORTS).map(str::to_string).unwrap_or(value),
+                EXCLUDE_INBOUND_PORTS => ann(EXCLUDE_INBOUND_PORTS)
+                    .map(str::to_string)
+                    .unwrap_or(value),
                 _ => value,
             };
             invalid(annotation, &value, format!("{reason} (istio-init {field})"))
@@ -341,7 +392,14 @@ pub fn from_pod(pod: &Value) -> Result<PodCapture, AnnotationError> {
 fn short(v: &Value) -> String {
     let s = v.to_string();
     if s.len() > 60 {
-        format!("{}...", &s[..s.char_indices().take_while(|(i, _)| *i < 60).last().map_or(0, |(i, c)| i + c.len_utf8())])
+        format!(
+            "{}...",
+            &s[..s
+                .char_indices()
+                .take_while(|(i, _)| *i < 60)
+                .last()
+                .map_or(0, |(i, c)| i + c.len_utf8())]
+        )
     } else {
         s
     }
@@ -374,22 +432,28 @@ mod tests {
         assert_eq!(exclude_inbound_port("15020", "15020,8080"), "15020,8080");
         assert_eq!(exclude_inbound_port("0", "8080"), "8080");
         assert_eq!(exclude_inbound_port("", ""), "");
-        assert_eq!(exclude_inbound_port("15020", " 8080 , ,9090"), "8080,9090,15020");
+        assert_eq!(
+            exclude_inbound_port("15020", " 8080 , ,9090"),
+            "8080,9090,15020"
+        );
     }
 
     #[test]
     fn defaults_are_the_injected_args() {
         let m = from_pod(&pod(json!({}))).unwrap();
         let m = m.mesh().unwrap();
-        assert_eq!(m.spec, CaptureFlags {
-            include_cidrs: "*".into(),
-            include_in_ports: "*".into(),
-            exclude_in_ports: "15090,15021,15020".into(),
-            proxy_gid: Some("1337".into()),
-            ..CaptureFlags::defaults()
-        }
-        .to_spec()
-        .unwrap());
+        assert_eq!(
+            m.spec,
+            CaptureFlags {
+                include_cidrs: "*".into(),
+                include_in_ports: "*".into(),
+                exclude_in_ports: "15090,15021,15020".into(),
+                proxy_gid: Some("1337".into()),
+                ..CaptureFlags::defaults()
+            }
+            .to_spec()
+            .unwrap()
+        );
         assert!(m.spec.warnings().is_empty(), "{:?}", m.spec.warnings());
         // The agent config gives the same spec.
         assert_eq!(m.capture_config().to_flags().to_spec().unwrap(), m.spec);
@@ -403,15 +467,29 @@ mod tests {
 
     #[test]
     fn non_string_annotation_is_an_error() {
-        let e = from_pod(&pod(json!({EXCLUDE_INBOUND_PORTS: 8080}))).unwrap_err().to_string();
-        assert!(e.contains(EXCLUDE_INBOUND_PORTS) && e.contains("8080"), "{e}");
+        let e = from_pod(&pod(json!({EXCLUDE_INBOUND_PORTS: 8080})))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(EXCLUDE_INBOUND_PORTS) && e.contains("8080"),
+            "{e}"
+        );
     }
 
     #[test]
     fn not_objects() {
-        assert!(matches!(from_pod(&json!([])), Err(AnnotationError::NotAPod(_))));
-        assert!(matches!(from_pod(&json!({"kind": "Service", "metadata": {}})), Err(AnnotationError::NotAPod(_))));
-        assert!(matches!(from_pod(&json!({"kind": "Pod"})), Err(AnnotationError::NotAPod(_))));
+        assert!(matches!(
+            from_pod(&json!([])),
+            Err(AnnotationError::NotAPod(_))
+        ));
+        assert!(matches!(
+            from_pod(&json!({"kind": "Service", "metadata": {}})),
+            Err(AnnotationError::NotAPod(_))
+        ));
+        assert!(matches!(
+            from_pod(&json!({"kind": "Pod"})),
+            Err(AnnotationError::NotAPod(_))
+        ));
     }
 
     #[test]
@@ -424,7 +502,10 @@ mod tests {
             assert!(from_pod(&p).unwrap().mesh().is_none(), "label {v}");
         }
         for v in ["true", "YES", "y", "on", ""] {
-            assert!(from_pod(&pod(json!({INJECT: v}))).unwrap().mesh().is_some(), "{v}");
+            assert!(
+                from_pod(&pod(json!({INJECT: v}))).unwrap().mesh().is_some(),
+                "{v}"
+            );
         }
     }
 }

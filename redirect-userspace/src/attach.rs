@@ -8,17 +8,15 @@ use std::{
 };
 
 use aya::{
-    programs::{
-        links::PinnedLink,
-        Program,
-    },
+    programs::{links::PinnedLink, Program},
     Ebpf, EbpfLoader,
 };
 use redirect_common::ListenerKey;
 
 use crate::bpf::{
     BPF_CGROUP_GETSOCKOPT, BPF_CGROUP_INET4_CONNECT, BPF_CGROUP_INET4_GETPEERNAME,
-    BPF_CGROUP_INET6_CONNECT, BPF_CGROUP_INET6_GETPEERNAME, BPF_CGROUP_INET_SOCK_RELEASE, BPF_CGROUP_SOCK_OPS,
+    BPF_CGROUP_INET6_CONNECT, BPF_CGROUP_INET6_GETPEERNAME, BPF_CGROUP_INET_SOCK_RELEASE,
+    BPF_CGROUP_SOCK_OPS,
 };
 
 use crate::{
@@ -95,10 +93,20 @@ impl Installation {
         let mut loader = EbpfLoader::new();
         loader.default_map_pin_directory(pins.maps_dir());
         sizes.apply(&mut loader);
-        let ebpf = loader
-            .load(OBJECT)
-            .map_err(|e| Error::bpf(format!("loading the kernel object with maps pinned in {}", pins.maps_dir().display()), e))?;
-        Ok(Installation { pins, ebpf, sk_lookup: None })
+        let ebpf = loader.load(OBJECT).map_err(|e| {
+            Error::bpf(
+                format!(
+                    "loading the kernel object with maps pinned in {}",
+                    pins.maps_dir().display()
+                ),
+                e,
+            )
+        })?;
+        Ok(Installation {
+            pins,
+            ebpf,
+            sk_lookup: None,
+        })
     }
 
     pub fn maps(&self) -> Result<Maps> {
@@ -110,7 +118,10 @@ impl Installation {
     /// Returns true when it attached.
     pub fn attach_cgroup(&mut self, cgroup: &Path) -> Result<bool> {
         let cg = sys::open_cgroup(cgroup)?;
-        let id = cg.metadata().map_err(|e| Error::io("reading", cgroup, e))?.ino();
+        let id = cg
+            .metadata()
+            .map_err(|e| Error::io("reading", cgroup, e))?
+            .ino();
         let dir = self.pins.cgroup_dir(id);
         if CGROUP_PROGRAMS.iter().all(|p| dir.join(p).exists()) {
             return Ok(false);
@@ -130,7 +141,8 @@ impl Installation {
                     },
                     e => e,
                 })?;
-                crate::bpf::obj_pin(link.as_fd(), &path).map_err(|e| Error::io("pinning link", &path, e))?;
+                crate::bpf::obj_pin(link.as_fd(), &path)
+                    .map_err(|e| Error::io("pinning link", &path, e))?;
                 made.push(path);
             }
             Ok(())
@@ -145,9 +157,14 @@ impl Installation {
     }
 
     fn program(&mut self, name: &str) -> Result<&mut Program> {
-        self.ebpf
-            .program_mut(name)
-            .ok_or_else(|| Error::bpf("kernel object", std::io::Error::other(format!("program {name} missing: rebuild with `cargo xtask build-ebpf`"))))
+        self.ebpf.program_mut(name).ok_or_else(|| {
+            Error::bpf(
+                "kernel object",
+                std::io::Error::other(format!(
+                    "program {name} missing: rebuild with `cargo xtask build-ebpf`"
+                )),
+            )
+        })
     }
 
     /// Upgrade in place (the agent does this at start): every cgroup link
@@ -164,8 +181,13 @@ impl Installation {
                     continue;
                 }
                 let (fd, _) = self.loaded_cgroup_program(name)?;
-                if crate::upgrade::replace_if_changed(&link, fd.as_fd()).map_err(|e| Error::io("switching to this version's program the link", &link, e))? {
-                    let cg = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                if crate::upgrade::replace_if_changed(&link, fd.as_fd()).map_err(|e| {
+                    Error::io("switching to this version's program the link", &link, e)
+                })? {
+                    let cg = dir
+                        .file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_default();
                     out.push(format!("{cg}/{name}"));
                 }
             }
@@ -205,7 +227,8 @@ impl Installation {
         for (cookie, path) in links {
             let ioerr = |e| Error::io("switching to this version's program the link", &path, e);
             let link = upgrade::obj_get(&path).map_err(ioerr)?;
-            let old = upgrade::prog_by_id(upgrade::link_prog_id(link.as_fd()).map_err(ioerr)?).map_err(ioerr)?;
+            let old = upgrade::prog_by_id(upgrade::link_prog_id(link.as_fd()).map_err(ioerr)?)
+                .map_err(ioerr)?;
             let old_tag = upgrade::prog_tag(old.as_fd()).map_err(ioerr)?;
             if ours == Some(old_tag) {
                 continue;
@@ -232,11 +255,22 @@ impl Installation {
             .map_err(|e| Error::bpf("loading the kernel object for sk_lookup", e))?;
         let prog: &mut aya::programs::SkLookup = ebpf
             .program_mut(SK_LOOKUP_PROGRAM)
-            .ok_or_else(|| Error::bpf("kernel object", std::io::Error::other("sk_lookup program missing")))?
+            .ok_or_else(|| {
+                Error::bpf(
+                    "kernel object",
+                    std::io::Error::other("sk_lookup program missing"),
+                )
+            })?
             .try_into()
             .map_err(|e| Error::bpf("sk_lookup program", e))?;
-        prog.load().map_err(|e| Error::bpf(format!("loading sk_lookup for netns cookie {cookie}"), e))?;
-        let fd = prog.fd().map_err(|e| Error::bpf("sk_lookup program fd", e))?.as_fd().try_clone_to_owned().map_err(|e| Error::bpf("sk_lookup fd", e))?;
+        prog.load()
+            .map_err(|e| Error::bpf(format!("loading sk_lookup for netns cookie {cookie}"), e))?;
+        let fd = prog
+            .fd()
+            .map_err(|e| Error::bpf("sk_lookup program fd", e))?
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|e| Error::bpf("sk_lookup fd", e))?;
         Ok((ebpf, fd))
     }
 
@@ -250,26 +284,45 @@ impl Installation {
         if !pin.exists() {
             return Ok(false);
         }
-        let old = crate::upgrade::obj_get(&pin).map_err(|e| Error::io("opening pinned program", &pin, e))?;
+        let old = crate::upgrade::obj_get(&pin)
+            .map_err(|e| Error::io("opening pinned program", &pin, e))?;
         let new = self.sk_msg_program_fd()?;
-        let tags = crate::upgrade::prog_tag(old.as_fd()).and_then(|o| Ok((o, crate::upgrade::prog_tag(new.as_fd())?)));
-        let (old_tag, new_tag) = tags.map_err(|e| Error::io("reading the tag of pinned program", &pin, e))?;
+        let tags = crate::upgrade::prog_tag(old.as_fd())
+            .and_then(|o| Ok((o, crate::upgrade::prog_tag(new.as_fd())?)));
+        let (old_tag, new_tag) =
+            tags.map_err(|e| Error::io("reading the tag of pinned program", &pin, e))?;
         if old_tag == new_tag {
             return Ok(false);
         }
         let map_fd = self.socks_map_fd()?;
         crate::bpf::prog_attach(new.as_fd(), map_fd.as_fd(), crate::bpf::BPF_SK_MSG_VERDICT)
-            .map_err(|e| Error::bpf("attaching this version's sk_msg to the REDIRECT_SOCKS sockhash", e))?;
-        std::fs::remove_file(&pin).map_err(|e| Error::io("removing the previous program's pin", &pin, e))?;
-        crate::bpf::obj_pin(new.as_fd(), &pin).map_err(|e| Error::io("pinning program", &pin, e))?;
+            .map_err(|e| {
+                Error::bpf(
+                    "attaching this version's sk_msg to the REDIRECT_SOCKS sockhash",
+                    e,
+                )
+            })?;
+        std::fs::remove_file(&pin)
+            .map_err(|e| Error::io("removing the previous program's pin", &pin, e))?;
+        crate::bpf::obj_pin(new.as_fd(), &pin)
+            .map_err(|e| Error::io("pinning program", &pin, e))?;
         Ok(true)
     }
 
     /// The acceleration sockhash (REDIRECT_SOCKS) of this install.
     fn socks_map_fd(&self) -> Result<OwnedFd> {
         match self.ebpf.map(redirect_common::MAP_SOCKS) {
-            Some(aya::maps::Map::SockHash(m)) => m.fd().as_fd().try_clone_to_owned().map_err(|e| Error::bpf("sockhash fd", e)),
-            _ => Err(Error::bpf("kernel object", std::io::Error::other("REDIRECT_SOCKS sockhash missing: rebuild with `cargo xtask build-ebpf`"))),
+            Some(aya::maps::Map::SockHash(m)) => m
+                .fd()
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(|e| Error::bpf("sockhash fd", e)),
+            _ => Err(Error::bpf(
+                "kernel object",
+                std::io::Error::other(
+                    "REDIRECT_SOCKS sockhash missing: rebuild with `cargo xtask build-ebpf`",
+                ),
+            )),
         }
     }
 
@@ -280,9 +333,14 @@ impl Installation {
             .try_into()
             .map_err(|e| Error::bpf("sk_msg program", e))?;
         if prog.fd().is_err() {
-            prog.load().map_err(|e| Error::bpf("loading sk_msg program", e))?;
+            prog.load()
+                .map_err(|e| Error::bpf("loading sk_msg program", e))?;
         }
-        prog.fd().map_err(|e| Error::bpf("sk_msg program fd", e))?.as_fd().try_clone_to_owned().map_err(|e| Error::bpf("sk_msg fd", e))
+        prog.fd()
+            .map_err(|e| Error::bpf("sk_msg program fd", e))?
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|e| Error::bpf("sk_msg fd", e))
     }
 
     /// Load (once) and link one cgroup program; the link fd is returned
@@ -296,7 +354,9 @@ impl Installation {
     /// One cgroup program of this object, loaded on first use: its fd and
     /// attach type.
     fn loaded_cgroup_program(&mut self, name: &str) -> Result<(OwnedFd, u32)> {
-        let verr = |what: &str, e: aya::programs::ProgramError| Error::bpf(format!("{what} program {name}"), e);
+        let verr = |what: &str, e: aya::programs::ProgramError| {
+            Error::bpf(format!("{what} program {name}"), e)
+        };
         let prog = self.program(name)?;
         let (fd, attach_type) = match prog {
             Program::CgroupSockAddr(p) => {
@@ -309,25 +369,49 @@ impl Installation {
                     "redirect_getpeername4" => BPF_CGROUP_INET4_GETPEERNAME,
                     _ => BPF_CGROUP_INET6_GETPEERNAME,
                 };
-                (p.fd().map_err(|e| verr("fd of", e))?.as_fd().try_clone_to_owned(), t)
+                (
+                    p.fd()
+                        .map_err(|e| verr("fd of", e))?
+                        .as_fd()
+                        .try_clone_to_owned(),
+                    t,
+                )
             }
             Program::CgroupSockopt(p) => {
                 if p.fd().is_err() {
                     p.load().map_err(|e| verr("loading", e))?;
                 }
-                (p.fd().map_err(|e| verr("fd of", e))?.as_fd().try_clone_to_owned(), BPF_CGROUP_GETSOCKOPT)
+                (
+                    p.fd()
+                        .map_err(|e| verr("fd of", e))?
+                        .as_fd()
+                        .try_clone_to_owned(),
+                    BPF_CGROUP_GETSOCKOPT,
+                )
             }
             Program::SockOps(p) => {
                 if p.fd().is_err() {
                     p.load().map_err(|e| verr("loading", e))?;
                 }
-                (p.fd().map_err(|e| verr("fd of", e))?.as_fd().try_clone_to_owned(), BPF_CGROUP_SOCK_OPS)
+                (
+                    p.fd()
+                        .map_err(|e| verr("fd of", e))?
+                        .as_fd()
+                        .try_clone_to_owned(),
+                    BPF_CGROUP_SOCK_OPS,
+                )
             }
             Program::CgroupSock(p) => {
                 if p.fd().is_err() {
                     p.load().map_err(|e| verr("loading", e))?;
                 }
-                (p.fd().map_err(|e| verr("fd of", e))?.as_fd().try_clone_to_owned(), BPF_CGROUP_INET_SOCK_RELEASE)
+                (
+                    p.fd()
+                        .map_err(|e| verr("fd of", e))?
+                        .as_fd()
+                        .try_clone_to_owned(),
+                    BPF_CGROUP_INET_SOCK_RELEASE,
+                )
             }
             _ => unreachable!("{name} is a cgroup program"),
         };
@@ -346,13 +430,29 @@ impl Installation {
         // instance with the cookie set as a constant (maps stay shared),
         // loaded from instructions relocated once (see sklookup.rs).
         if !self.sk_lookup.as_ref().is_some_and(|t| t.is_current()) {
-            self.sk_lookup = Some(SkLookupTemplate::new(OBJECT, &self.pins.maps_dir(), SK_LOOKUP_PROGRAM, "REDIRECT_SK_LOOKUP_NETNS")?);
+            self.sk_lookup = Some(SkLookupTemplate::new(
+                OBJECT,
+                &self.pins.maps_dir(),
+                SK_LOOKUP_PROGRAM,
+                "REDIRECT_SK_LOOKUP_NETNS",
+            )?);
         }
         let template = self.sk_lookup.as_ref().expect("set above");
-        let verr = |what: &str, e| Error::bpf(format!("{what} sk_lookup on netns {}", netns.path.display()), e);
+        let verr = |what: &str, e| {
+            Error::bpf(
+                format!("{what} sk_lookup on netns {}", netns.path.display()),
+                e,
+            )
+        };
         let prog = template.load(cookie).map_err(|e| verr("loading", e))?;
-        let link = crate::bpf::link_create(prog.as_fd(), netns.file.as_fd(), crate::sklookup::BPF_SK_LOOKUP).map_err(|e| verr("attaching (bpf_link_create)", e))?;
-        crate::bpf::obj_pin(link.as_fd(), &path).map_err(|e| Error::io("pinning link", &path, e))?;
+        let link = crate::bpf::link_create(
+            prog.as_fd(),
+            netns.file.as_fd(),
+            crate::sklookup::BPF_SK_LOOKUP,
+        )
+        .map_err(|e| verr("attaching (bpf_link_create)", e))?;
+        crate::bpf::obj_pin(link.as_fd(), &path)
+            .map_err(|e| Error::io("pinning link", &path, e))?;
         Ok(true)
     }
 
@@ -389,7 +489,12 @@ impl Installation {
         let t_netns = t0.elapsed();
         let mut maps = self.maps()?;
         let cfg = spec.pod_config(netns.inode as u32);
-        maps.put_pod(cookie, &cfg, &spec.port_entries(), &spec.cidr_entries(&addresses))?;
+        maps.put_pod(
+            cookie,
+            &cfg,
+            &spec.port_entries(),
+            &spec.cidr_entries(&addresses),
+        )?;
         let t_maps = t0.elapsed();
         let inbound_attached = match self.attach_netns(netns, cookie) {
             Ok(a) => a,
@@ -401,10 +506,16 @@ impl Installation {
         // A proxy already listening never goes through sockops' listen
         // hook: find it (a /proc walk) only when a listener exists.
         let t_sk_lookup = t0.elapsed();
-        let listener_seeded = if crate::podns::listening(netns, spec.inbound_port)? { seed_listeners(&mut maps, netns, cookie, spec.inbound_port)? } else { Vec::new() };
+        let listener_seeded = if crate::podns::listening(netns, spec.inbound_port)? {
+            seed_listeners(&mut maps, netns, cookie, spec.inbound_port)?
+        } else {
+            Vec::new()
+        };
         // Where the time of a capture goes (ms, per phase), for the churn
         // benchmark and for anyone chasing a slow attach.
-        let ms = |a: std::time::Duration, b: std::time::Duration| (b.saturating_sub(a)).as_secs_f64() * 1000.0;
+        let ms = |a: std::time::Duration, b: std::time::Duration| {
+            (b.saturating_sub(a)).as_secs_f64() * 1000.0
+        };
         let t_end = t0.elapsed();
         tracing::debug!(
             cookie,
@@ -447,12 +558,20 @@ impl Installation {
             AccelMode::Auto => probe::result(&pins, self).map(Some),
         };
         let decision = match probed {
-            Ok(p) if mode == AccelMode::Forced || p.as_ref().is_some_and(|p| p.passed) => match self.ensure_accel() {
-                Ok(()) => (true, probe::describe(mode, true, p.as_ref())),
-                Err(e) => (false, format!("off: the sk_msg program could not be attached: {e:#}")),
-            },
+            Ok(p) if mode == AccelMode::Forced || p.as_ref().is_some_and(|p| p.passed) => {
+                match self.ensure_accel() {
+                    Ok(()) => (true, probe::describe(mode, true, p.as_ref())),
+                    Err(e) => (
+                        false,
+                        format!("off: the sk_msg program could not be attached: {e:#}"),
+                    ),
+                }
+            }
             Ok(p) => (false, probe::describe(mode, false, p.as_ref())),
-            Err(e) => (false, format!("off: the kernel probe did not complete ({e}); --accel forces it on")),
+            Err(e) => (
+                false,
+                format!("off: the kernel probe did not complete ({e}); --accel forces it on"),
+            ),
         };
         if !decision.0 {
             tracing::warn!("acceleration {}", decision.1);
@@ -475,7 +594,10 @@ impl probe::ProbeHost for Installation {
             Ok(info) if info.accel => Ok(info.cookie),
             Ok(info) => {
                 self.release(info.cookie, cgroup);
-                Err(Error::Kernel(format!("acceleration for the probe: {}", info.accel_decision)))
+                Err(Error::Kernel(format!(
+                    "acceleration for the probe: {}",
+                    info.accel_decision
+                )))
             }
             Err(e) => {
                 let _ = detach_cgroup(&self.pins, cgroup);
@@ -486,8 +608,16 @@ impl probe::ProbeHost for Installation {
 
     fn accel_counts(&self, cookie: u64) -> (u64, u64) {
         let c = self.maps().map(|m| m.counters()).unwrap_or_default();
-        let get = |r: redirect_common::Reason| c.get(&cookie).and_then(|m| m.get(&r)).map(|v| v.count).unwrap_or(0);
-        (get(redirect_common::Reason::AccelInserted), get(redirect_common::Reason::AccelRedirected))
+        let get = |r: redirect_common::Reason| {
+            c.get(&cookie)
+                .and_then(|m| m.get(&r))
+                .map(|v| v.count)
+                .unwrap_or(0)
+        };
+        (
+            get(redirect_common::Reason::AccelInserted),
+            get(redirect_common::Reason::AccelRedirected),
+        )
     }
 
     fn release(&mut self, cookie: u64, cgroup: &Path) {
@@ -504,7 +634,9 @@ impl probe::ProbeHost for Installation {
     }
 
     fn owns_cgroup(&self, cgroup: &Path) -> bool {
-        std::fs::metadata(cgroup).map(|m| self.pins.cgroup_dir(m.ino()).exists()).unwrap_or(false)
+        std::fs::metadata(cgroup)
+            .map(|m| self.pins.cgroup_dir(m.ino()).exists())
+            .unwrap_or(false)
     }
 }
 
@@ -525,7 +657,9 @@ pub fn release_pod(pins: &Pins, cookie: u64) -> Result<()> {
 
 /// Detach this install's programs from one cgroup.
 pub fn detach_cgroup(pins: &Pins, cgroup: &Path) -> Result<()> {
-    let id = std::fs::metadata(cgroup).map_err(|e| Error::io("reading", cgroup, e))?.ino();
+    let id = std::fs::metadata(cgroup)
+        .map_err(|e| Error::io("reading", cgroup, e))?
+        .ino();
     let dir = pins.cgroup_dir(id);
     for link in crate::pins::read_dir(&dir) {
         unpin_link(&link)?;
@@ -538,14 +672,19 @@ pub fn detach_cgroup(pins: &Pins, cgroup: &Path) -> Result<()> {
 pub fn unpin_link(path: &Path) -> Result<()> {
     match PinnedLink::from_pin(path) {
         Ok(l) => {
-            let fd = l.unpin().map_err(|e| Error::io("unpinning link", path, e))?;
+            let fd = l
+                .unpin()
+                .map_err(|e| Error::io("unpinning link", path, e))?;
             drop(fd);
             Ok(())
         }
         Err(e) => {
             // Not a link (or stale): remove the file anyway.
             std::fs::remove_file(path).map_err(|io| Error::io("removing pin", path, io))?;
-            tracing::warn!("removed {} which was not a valid link pin: {e}", path.display());
+            tracing::warn!(
+                "removed {} which was not a valid link pin: {e}",
+                path.display()
+            );
             Ok(())
         }
     }
@@ -585,9 +724,21 @@ pub fn uninstall(pins: &Pins) -> Result<Removed> {
         std::fs::remove_file(&p).map_err(|e| Error::io("removing program pin", &p, e))?;
     }
     crate::mapsize::remove_probes(&pins.root, true);
-    for d in [pins.cgroups_dir(), pins.netns_root(), pins.maps_dir(), pins.programs_dir(), pins.root.clone()] {
+    for d in [
+        pins.cgroups_dir(),
+        pins.netns_root(),
+        pins.maps_dir(),
+        pins.programs_dir(),
+        pins.root.clone(),
+    ] {
         if d.exists() {
-            std::fs::remove_dir(&d).map_err(|e| Error::io("removing directory (something else is pinned there?)", &d, e))?;
+            std::fs::remove_dir(&d).map_err(|e| {
+                Error::io(
+                    "removing directory (something else is pinned there?)",
+                    &d,
+                    e,
+                )
+            })?;
         }
     }
     Ok(r)
@@ -624,11 +775,22 @@ fn seed_listeners(maps: &mut Maps, netns: &Netns, cookie: u64, port: u16) -> Res
             let Some(family) = tcp_listener_on(&sock, port) else {
                 continue;
             };
-            let key = ListenerKey { netns: cookie, family, _pad: 0 };
-            maps.listeners
-                .insert(key, sock.as_fd(), 0)
-                .map_err(|e| Error::bpf(format!("registering the listener of pid {pid} on port {port}"), e))?;
-            let name = if family == libc::AF_INET as u32 { "ipv4" } else { "ipv6" };
+            let key = ListenerKey {
+                netns: cookie,
+                family,
+                _pad: 0,
+            };
+            maps.listeners.insert(key, sock.as_fd(), 0).map_err(|e| {
+                Error::bpf(
+                    format!("registering the listener of pid {pid} on port {port}"),
+                    e,
+                )
+            })?;
+            let name = if family == libc::AF_INET as u32 {
+                "ipv4"
+            } else {
+                "ipv6"
+            };
             if !seeded.iter().any(|s: &String| s.ends_with(name)) {
                 seeded.push(format!("pid {pid} {name}"));
             }
@@ -641,7 +803,11 @@ fn pids_in_netns(inode: u64) -> Vec<u32> {
     crate::pins::read_dir(Path::new("/proc"))
         .iter()
         .filter_map(|p| p.file_name()?.to_str()?.parse::<u32>().ok())
-        .filter(|pid| std::fs::metadata(format!("/proc/{pid}/ns/net")).map(|m| m.ino() == inode).unwrap_or(false))
+        .filter(|pid| {
+            std::fs::metadata(format!("/proc/{pid}/ns/net"))
+                .map(|m| m.ino() == inode)
+                .unwrap_or(false)
+        })
         .collect()
 }
 
@@ -650,15 +816,32 @@ fn tcp_listener_on(fd: &OwnedFd, port: u16) -> Option<u32> {
     let get = |level, opt| -> Option<i32> {
         let mut v: i32 = 0;
         let mut len = 4 as libc::socklen_t;
-        let r = unsafe { libc::getsockopt(fd.as_raw_fd(), level, opt, (&mut v as *mut i32).cast(), &mut len) };
+        let r = unsafe {
+            libc::getsockopt(
+                fd.as_raw_fd(),
+                level,
+                opt,
+                (&mut v as *mut i32).cast(),
+                &mut len,
+            )
+        };
         (r == 0).then_some(v)
     };
-    if get(libc::SOL_SOCKET, libc::SO_ACCEPTCONN)? != 1 || get(libc::SOL_SOCKET, libc::SO_PROTOCOL)? != libc::IPPROTO_TCP {
+    if get(libc::SOL_SOCKET, libc::SO_ACCEPTCONN)? != 1
+        || get(libc::SOL_SOCKET, libc::SO_PROTOCOL)? != libc::IPPROTO_TCP
+    {
         return None;
     }
     let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-    if unsafe { libc::getsockname(fd.as_raw_fd(), (&mut ss as *mut libc::sockaddr_storage).cast(), &mut len) } != 0 {
+    if unsafe {
+        libc::getsockname(
+            fd.as_raw_fd(),
+            (&mut ss as *mut libc::sockaddr_storage).cast(),
+            &mut len,
+        )
+    } != 0
+    {
         return None;
     }
     let (family, p) = match ss.ss_family as i32 {

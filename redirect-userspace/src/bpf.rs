@@ -23,7 +23,14 @@ const BPF_PROG_ATTACH: libc::c_long = 8;
 const BPF_LINK_CREATE: libc::c_long = 28;
 
 fn bpf(cmd: libc::c_long, attr: &mut [u64; 16]) -> io::Result<i32> {
-    let r = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), std::mem::size_of_val(attr)) };
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr.as_mut_ptr(),
+            std::mem::size_of_val(attr),
+        )
+    };
     if r < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -31,7 +38,11 @@ fn bpf(cmd: libc::c_long, attr: &mut [u64; 16]) -> io::Result<i32> {
 }
 
 /// BPF_LINK_CREATE for a cgroup attach type (links coexist with others).
-pub fn link_create(prog: BorrowedFd<'_>, cgroup: BorrowedFd<'_>, attach_type: u32) -> io::Result<OwnedFd> {
+pub fn link_create(
+    prog: BorrowedFd<'_>,
+    cgroup: BorrowedFd<'_>,
+    attach_type: u32,
+) -> io::Result<OwnedFd> {
     let mut attr = [0u64; 16];
     // { u32 prog_fd; u32 target_fd; u32 attach_type; u32 flags; }
     attr[0] = prog.as_raw_fd() as u32 as u64 | ((cgroup.as_raw_fd() as u32 as u64) << 32);
@@ -53,7 +64,11 @@ pub fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
 
 /// BPF_PROG_ATTACH of a program to a map (sk_msg verdict on a sockhash).
 /// The attachment lives as long as the map, whatever happens to our fds.
-pub fn prog_attach(prog: BorrowedFd<'_>, target: BorrowedFd<'_>, attach_type: u32) -> io::Result<()> {
+pub fn prog_attach(
+    prog: BorrowedFd<'_>,
+    target: BorrowedFd<'_>,
+    attach_type: u32,
+) -> io::Result<()> {
     let mut attr = [0u64; 16];
     // { u32 target_fd; u32 attach_bpf_fd; u32 attach_type; u32 attach_flags; }
     attr[0] = target.as_raw_fd() as u32 as u64 | ((prog.as_raw_fd() as u32 as u64) << 32);

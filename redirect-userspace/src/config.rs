@@ -15,7 +15,12 @@ use crate::error::Error;
 #[derive(Args, Debug, Clone, Default)]
 pub struct CaptureFlags {
     /// Outbound capture port (Envoy's outbound listener).
-    #[arg(short = 'p', long = "envoy-port", visible_alias = "proxy-port", default_value = "15001")]
+    #[arg(
+        short = 'p',
+        long = "envoy-port",
+        visible_alias = "proxy-port",
+        default_value = "15001"
+    )]
     pub proxy_port: String,
     /// Inbound capture port.
     #[arg(short = 'z', long = "inbound-capture-port", default_value = "15006")]
@@ -30,25 +35,59 @@ pub struct CaptureFlags {
     #[arg(short = 'g', long = "proxy-gid")]
     pub proxy_gid: Option<String>,
     /// Inbound interception mode: REDIRECT (TPROXY is not supported).
-    #[arg(short = 'm', long = "istio-inbound-interception-mode", default_value = "REDIRECT")]
+    #[arg(
+        short = 'm',
+        long = "istio-inbound-interception-mode",
+        default_value = "REDIRECT"
+    )]
     pub mode: String,
     /// Outbound CIDRs to capture, comma separated, `*` for all.
-    #[arg(short = 'i', long = "istio-service-cidr", visible_alias = "include-outbound-ip-ranges", default_value = "")]
+    #[arg(
+        short = 'i',
+        long = "istio-service-cidr",
+        visible_alias = "include-outbound-ip-ranges",
+        default_value = ""
+    )]
     pub include_cidrs: String,
     /// Outbound CIDRs never captured.
-    #[arg(short = 'x', long = "istio-service-exclude-cidr", visible_alias = "exclude-outbound-ip-ranges", default_value = "")]
+    #[arg(
+        short = 'x',
+        long = "istio-service-exclude-cidr",
+        visible_alias = "exclude-outbound-ip-ranges",
+        default_value = ""
+    )]
     pub exclude_cidrs: String,
     /// Outbound ports captured even when `-i` does not include the destination.
-    #[arg(short = 'q', long = "istio-include-outbound-ports", visible_alias = "include-outbound-ports", default_value = "")]
+    #[arg(
+        short = 'q',
+        long = "istio-include-outbound-ports",
+        visible_alias = "include-outbound-ports",
+        default_value = ""
+    )]
     pub include_out_ports: String,
     /// Outbound ports never captured.
-    #[arg(short = 'o', long = "istio-local-outbound-ports-exclude", visible_alias = "exclude-outbound-ports", default_value = "")]
+    #[arg(
+        short = 'o',
+        long = "istio-local-outbound-ports-exclude",
+        visible_alias = "exclude-outbound-ports",
+        default_value = ""
+    )]
     pub exclude_out_ports: String,
     /// Inbound ports to capture, comma separated, `*` for all.
-    #[arg(short = 'b', long = "istio-inbound-ports", visible_alias = "include-inbound-ports", default_value = "")]
+    #[arg(
+        short = 'b',
+        long = "istio-inbound-ports",
+        visible_alias = "include-inbound-ports",
+        default_value = ""
+    )]
     pub include_in_ports: String,
     /// Inbound ports not captured when `-b '*'`.
-    #[arg(short = 'd', long = "istio-local-exclude-ports", visible_alias = "exclude-inbound-ports", default_value = "")]
+    #[arg(
+        short = 'd',
+        long = "istio-local-exclude-ports",
+        visible_alias = "exclude-inbound-ports",
+        default_value = ""
+    )]
     pub exclude_in_ports: String,
     /// Print the resulting pod config and change nothing.
     #[arg(short = 'n', long = "dry-run")]
@@ -130,11 +169,19 @@ impl Cidr {
 fn mask(addr: IpAddr, len: u8) -> IpAddr {
     match addr {
         IpAddr::V4(a) => {
-            let m = if len == 0 { 0 } else { u32::MAX << (32 - len as u32) };
+            let m = if len == 0 {
+                0
+            } else {
+                u32::MAX << (32 - len as u32)
+            };
             IpAddr::V4((u32::from(a) & m).into())
         }
         IpAddr::V6(a) => {
-            let m = if len == 0 { 0 } else { u128::MAX << (128 - len as u32) };
+            let m = if len == 0 {
+                0
+            } else {
+                u128::MAX << (128 - len as u32)
+            };
             IpAddr::V6((u128::from(a) & m).into())
         }
     }
@@ -198,7 +245,11 @@ fn bad(field: &'static str, value: &str, why: impl Into<String>) -> Error {
 fn parse_port(field: &'static str, whole: &str, s: &str) -> Result<u16, Error> {
     match s.trim().parse::<u16>() {
         Ok(p) if p > 0 => Ok(p),
-        _ => Err(bad(field, whole, format!("'{s}' is not a port number (1-65535)"))),
+        _ => Err(bad(
+            field,
+            whole,
+            format!("'{s}' is not a port number (1-65535)"),
+        )),
     }
 }
 
@@ -227,7 +278,11 @@ fn parse_ids(field: &'static str, s: &str) -> Result<Vec<u32>, Error> {
         }
     }
     if out.len() > MAX_IDS {
-        return Err(bad(field, s, format!("at most {MAX_IDS} ids are supported")));
+        return Err(bad(
+            field,
+            s,
+            format!("at most {MAX_IDS} ids are supported"),
+        ));
     }
     Ok(out)
 }
@@ -243,7 +298,11 @@ struct CidrList {
 }
 
 fn parse_cidrs(field: &'static str, s: &str, star_ok: bool) -> Result<CidrList, Error> {
-    let mut list = CidrList { all: false, cidrs: Vec::new(), names_loopback: false };
+    let mut list = CidrList {
+        all: false,
+        cidrs: Vec::new(),
+        names_loopback: false,
+    };
     if s.trim() == "*" {
         if !star_ok {
             return Err(bad(field, s, "'*' is only accepted by -i"));
@@ -253,10 +312,15 @@ fn parse_cidrs(field: &'static str, s: &str, star_ok: bool) -> Result<CidrList, 
     }
     for c in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         if c == "*" {
-            let why = if star_ok { "'*' must be the whole value (it means every destination)" } else { "'*' is only accepted by -i" };
+            let why = if star_ok {
+                "'*' must be the whole value (it means every destination)"
+            } else {
+                "'*' is only accepted by -i"
+            };
             return Err(bad(field, s, why));
         }
-        let cidr = Cidr::parse(c).map_err(|why| bad(field, s, format!("invalid CIDR '{c}': {why}")))?;
+        let cidr =
+            Cidr::parse(c).map_err(|why| bad(field, s, format!("invalid CIDR '{c}': {why}")))?;
         let written: Option<IpAddr> = c.split('/').next().and_then(|a| a.parse().ok());
         list.names_loopback |= written.is_some_and(|a| a.is_loopback());
         if !list.cidrs.contains(&cidr) {
@@ -272,7 +336,11 @@ impl CaptureFlags {
         // clap refuses the pair on the command line; the agent's capture
         // config comes here without clap.
         if self.accel_short_conns && self.no_accel {
-            return Err(bad("--accel-short-conns", "true", "conflicts with --no-accel (acceleration off): drop one of them"));
+            return Err(bad(
+                "--accel-short-conns",
+                "true",
+                "conflicts with --no-accel (acceleration off): drop one of them",
+            ));
         }
         match self.mode.as_str() {
             "REDIRECT" => {}
@@ -286,8 +354,16 @@ impl CaptureFlags {
             _ => return Err(bad("-m/--istio-inbound-interception-mode", &self.mode, "expected REDIRECT")),
         }
         let proxy_port = parse_port("-p/--envoy-port", &self.proxy_port, &self.proxy_port)?;
-        let inbound_port = parse_port("-z/--inbound-capture-port", &self.inbound_port, &self.inbound_port)?;
-        let tunnel_port = parse_port("-e/--inbound-tunnel-port", &self.tunnel_port, &self.tunnel_port)?;
+        let inbound_port = parse_port(
+            "-z/--inbound-capture-port",
+            &self.inbound_port,
+            &self.inbound_port,
+        )?;
+        let tunnel_port = parse_port(
+            "-e/--inbound-tunnel-port",
+            &self.tunnel_port,
+            &self.tunnel_port,
+        )?;
         let proxy_uids = parse_ids("-u/--proxy-uid", &self.proxy_uid)?;
         let proxy_gids = match &self.proxy_gid {
             Some(g) => parse_ids("-g/--proxy-gid", g)?,
@@ -301,15 +377,25 @@ impl CaptureFlags {
             ));
         }
         let include = parse_cidrs("-i/--istio-service-cidr", &self.include_cidrs, true)?;
-        let exclude_cidrs = parse_cidrs("-x/--istio-service-exclude-cidr", &self.exclude_cidrs, false)?.cidrs;
-        let include_outbound_ports = parse_ports("-q/--istio-include-outbound-ports", &self.include_out_ports)?;
-        let exclude_outbound_ports = parse_ports("-o/--istio-local-outbound-ports-exclude", &self.exclude_out_ports)?;
+        let exclude_cidrs = parse_cidrs(
+            "-x/--istio-service-exclude-cidr",
+            &self.exclude_cidrs,
+            false,
+        )?
+        .cidrs;
+        let include_outbound_ports =
+            parse_ports("-q/--istio-include-outbound-ports", &self.include_out_ports)?;
+        let exclude_outbound_ports = parse_ports(
+            "-o/--istio-local-outbound-ports-exclude",
+            &self.exclude_out_ports,
+        )?;
         let inbound_ports = match self.include_in_ports.trim() {
             "*" => InboundPorts::All,
             "" => InboundPorts::None,
             s => InboundPorts::Listed(parse_ports("-b/--istio-inbound-ports", s)?),
         };
-        let exclude_inbound_ports = parse_ports("-d/--istio-local-exclude-ports", &self.exclude_in_ports)?;
+        let exclude_inbound_ports =
+            parse_ports("-d/--istio-local-exclude-ports", &self.exclude_in_ports)?;
         Ok(PodSpec {
             proxy_port,
             inbound_port,
@@ -399,12 +485,24 @@ impl PodSpec {
 
     pub fn port_entries(&self) -> Vec<PortEntry> {
         let mut v = Vec::new();
-        v.extend(self.exclude_outbound_ports.iter().map(|p| (port_kind::OUT_EXCLUDE, *p)));
-        v.extend(self.include_outbound_ports.iter().map(|p| (port_kind::OUT_INCLUDE, *p)));
+        v.extend(
+            self.exclude_outbound_ports
+                .iter()
+                .map(|p| (port_kind::OUT_EXCLUDE, *p)),
+        );
+        v.extend(
+            self.include_outbound_ports
+                .iter()
+                .map(|p| (port_kind::OUT_INCLUDE, *p)),
+        );
         if let InboundPorts::Listed(ps) = &self.inbound_ports {
             v.extend(ps.iter().map(|p| (port_kind::IN_INCLUDE, *p)));
         }
-        v.extend(self.exclude_inbound_ports.iter().map(|p| (port_kind::IN_EXCLUDE, *p)));
+        v.extend(
+            self.exclude_inbound_ports
+                .iter()
+                .map(|p| (port_kind::IN_EXCLUDE, *p)),
+        );
         v
     }
 
@@ -430,7 +528,11 @@ impl PodSpec {
     /// Rebuild the spec from what the kernel maps hold.
     pub fn from_kernel(cfg: &PodConfig, ports: &[PortEntry], cidrs: &[CidrEntry]) -> PodSpec {
         let pick = |k: u16| {
-            let mut v: Vec<u16> = ports.iter().filter(|(kk, _)| *kk == k).map(|(_, p)| *p).collect();
+            let mut v: Vec<u16> = ports
+                .iter()
+                .filter(|(kk, _)| *kk == k)
+                .map(|(_, p)| *p)
+                .collect();
             v.sort_unstable();
             v
         };
@@ -477,11 +579,17 @@ impl PodSpec {
     /// Warnings for configurations that capture nothing in one direction.
     pub fn warnings(&self) -> Vec<String> {
         let mut w = Vec::new();
-        if !self.include_all_outbound && self.include_cidrs.is_empty() && self.include_outbound_ports.is_empty() {
+        if !self.include_all_outbound
+            && self.include_cidrs.is_empty()
+            && self.include_outbound_ports.is_empty()
+        {
             w.push("no -i or -q given: no outbound connection will be captured (istio-init passes -i '*')".into());
         }
         if self.inbound_ports == InboundPorts::None {
-            w.push("no -b given: no inbound connection will be captured (istio-init passes -b '*')".into());
+            w.push(
+                "no -b given: no inbound connection will be captured (istio-init passes -b '*')"
+                    .into(),
+            );
         }
         w
     }
@@ -491,7 +599,11 @@ impl PodSpec {
         let join = |v: &[u16]| v.iter().map(u16::to_string).collect::<Vec<_>>().join(",");
         let ids = |v: &[u32]| v.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
         let cidrs = |v: &[Cidr]| v.iter().map(Cidr::to_string).collect::<Vec<_>>().join(",");
-        let include = if self.include_all_outbound { "*".to_string() } else { cidrs(&self.include_cidrs) };
+        let include = if self.include_all_outbound {
+            "*".to_string()
+        } else {
+            cidrs(&self.include_cidrs)
+        };
         let inbound = match &self.inbound_ports {
             InboundPorts::All => "*".to_string(),
             InboundPorts::Listed(p) => join(p),
@@ -548,7 +660,10 @@ mod tests {
     #[test]
     fn defaults_match_istio_iptables() {
         let s = flags(|_| {}).unwrap();
-        assert_eq!((s.proxy_port, s.inbound_port, s.tunnel_port), (15001, 15006, 15008));
+        assert_eq!(
+            (s.proxy_port, s.inbound_port, s.tunnel_port),
+            (15001, 15006, 15008)
+        );
         assert_eq!(s.proxy_uids, vec![1337]);
         assert_eq!(s.proxy_gids, vec![1337]);
         assert_eq!(s.inbound_ports, InboundPorts::None);
@@ -558,24 +673,49 @@ mod tests {
 
     #[test]
     fn bad_cidr_names_field_and_value() {
-        let e = flags(|c| c.include_cidrs = "10.0.0.300/33".into()).unwrap_err().to_string();
+        let e = flags(|c| c.include_cidrs = "10.0.0.300/33".into())
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("-i/--istio-service-cidr"), "{e}");
         assert!(e.contains("10.0.0.300/33"), "{e}");
-        let e = flags(|c| c.exclude_cidrs = "10.0.0.0/33".into()).unwrap_err().to_string();
+        let e = flags(|c| c.exclude_cidrs = "10.0.0.0/33".into())
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("/33") && e.contains("-x"), "{e}");
-        let e = flags(|c| c.exclude_cidrs = "*".into()).unwrap_err().to_string();
+        let e = flags(|c| c.exclude_cidrs = "*".into())
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("only accepted by -i"), "{e}");
     }
 
     #[test]
     fn bad_ports_and_ids() {
         for (set, field) in [
-            (Box::new(|c: &mut CaptureFlags| c.proxy_port = "0".into()) as Box<dyn Fn(&mut CaptureFlags)>, "-p"),
-            (Box::new(|c: &mut CaptureFlags| c.inbound_port = "70000".into()), "-z"),
-            (Box::new(|c: &mut CaptureFlags| c.exclude_out_ports = "80,http".into()), "-o"),
-            (Box::new(|c: &mut CaptureFlags| c.include_in_ports = "80,*".into()), "-b"),
-            (Box::new(|c: &mut CaptureFlags| c.proxy_uid = "root".into()), "-u"),
-            (Box::new(|c: &mut CaptureFlags| c.mode = "TPROXY".into()), "-m"),
+            (
+                Box::new(|c: &mut CaptureFlags| c.proxy_port = "0".into())
+                    as Box<dyn Fn(&mut CaptureFlags)>,
+                "-p",
+            ),
+            (
+                Box::new(|c: &mut CaptureFlags| c.inbound_port = "70000".into()),
+                "-z",
+            ),
+            (
+                Box::new(|c: &mut CaptureFlags| c.exclude_out_ports = "80,http".into()),
+                "-o",
+            ),
+            (
+                Box::new(|c: &mut CaptureFlags| c.include_in_ports = "80,*".into()),
+                "-b",
+            ),
+            (
+                Box::new(|c: &mut CaptureFlags| c.proxy_uid = "root".into()),
+                "-u",
+            ),
+            (
+                Box::new(|c: &mut CaptureFlags| c.mode = "TPROXY".into()),
+                "-m",
+            ),
         ] {
             let e = flags(set).unwrap_err().to_string();
             assert!(e.contains(field), "{field}: {e}");
@@ -595,7 +735,9 @@ mod tests {
         assert!(!s.include_has_loopback);
         let s = flags(|c| c.include_cidrs = "::1/128".into()).unwrap();
         assert!(s.include_has_loopback);
-        let e = flags(|c| c.include_cidrs = "*,10.0.0.0/8".into()).unwrap_err().to_string();
+        let e = flags(|c| c.include_cidrs = "*,10.0.0.0/8".into())
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("whole value"), "{e}");
     }
 
@@ -617,14 +759,26 @@ mod tests {
 
     #[test]
     fn accel_modes_parse_and_survive_the_kernel_map() {
-        for (accel, no_accel, mode, arg) in [(false, false, AccelMode::Auto, ""), (true, false, AccelMode::Forced, " --accel"), (false, true, AccelMode::Off, " --no-accel")] {
+        for (accel, no_accel, mode, arg) in [
+            (false, false, AccelMode::Auto, ""),
+            (true, false, AccelMode::Forced, " --accel"),
+            (false, true, AccelMode::Off, " --no-accel"),
+        ] {
             let mut s = flags(|c| {
                 c.accel = accel;
                 c.no_accel = no_accel;
             })
             .unwrap();
-            assert_eq!((s.accel_mode, s.accel), (mode, false), "decided by register_pod, not here");
-            assert!(s.istio_args().ends_with(&format!("-d ''{arg}")), "{}", s.istio_args());
+            assert_eq!(
+                (s.accel_mode, s.accel),
+                (mode, false),
+                "decided by register_pod, not here"
+            );
+            assert!(
+                s.istio_args().ends_with(&format!("-d ''{arg}")),
+                "{}",
+                s.istio_args()
+            );
             for on in [false, true] {
                 s.accel = on;
                 let cfg = s.pod_config(1);
@@ -642,18 +796,28 @@ mod tests {
             c.accel_short_conns = true;
         })
         .unwrap();
-        assert!(s.istio_args().ends_with(" --accel --accel-short-conns"), "{}", s.istio_args());
+        assert!(
+            s.istio_args().ends_with(" --accel --accel-short-conns"),
+            "{}",
+            s.istio_args()
+        );
         let cfg = s.pod_config(1);
         assert!(cfg.has(flags::ACCEL_SHORT_CONNS));
         assert!(PodSpec::from_kernel(&cfg, &[], &[]).accel_short_conns);
-        assert!(!flags(|_| {}).unwrap().pod_config(1).has(flags::ACCEL_SHORT_CONNS));
+        assert!(!flags(|_| {})
+            .unwrap()
+            .pod_config(1)
+            .has(flags::ACCEL_SHORT_CONNS));
         let e = flags(|c| {
             c.no_accel = true;
             c.accel_short_conns = true;
         })
         .unwrap_err()
         .to_string();
-        assert!(e.contains("--accel-short-conns") && e.contains("--no-accel"), "{e}");
+        assert!(
+            e.contains("--accel-short-conns") && e.contains("--no-accel"),
+            "{e}"
+        );
     }
 
     #[test]

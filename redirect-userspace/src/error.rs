@@ -60,7 +60,10 @@ impl Error {
         }
     }
 
-    pub fn bpf(what: impl Into<String>, source: impl std::error::Error + Send + Sync + 'static) -> Error {
+    pub fn bpf(
+        what: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Error {
         Error::Bpf {
             what: what.into(),
             source: Box::new(source),

@@ -8,7 +8,9 @@ use crate::config::{CaptureFlags, Cidr, PodSpec};
 /// separated by NUL). A value that parses must survive the trip through
 /// the kernel map format unchanged, and print as istio-iptables args.
 pub fn flags(data: &[u8]) {
-    let mut fields = data.split(|b| *b == 0).map(|f| String::from_utf8_lossy(f).into_owned());
+    let mut fields = data
+        .split(|b| *b == 0)
+        .map(|f| String::from_utf8_lossy(f).into_owned());
     let mut f = CaptureFlags::defaults();
     for slot in [
         &mut f.proxy_port,
@@ -32,7 +34,11 @@ pub fn flags(data: &[u8]) {
     let Ok(spec) = f.to_spec() else {
         return;
     };
-    let back = PodSpec::from_kernel(&spec.pod_config(1), &spec.port_entries(), &spec.cidr_entries(&[]));
+    let back = PodSpec::from_kernel(
+        &spec.pod_config(1),
+        &spec.port_entries(),
+        &spec.cidr_entries(&[]),
+    );
     assert_eq!(back, spec, "kernel round trip changed the spec");
     let _ = spec.istio_args();
     let _ = spec.warnings();
@@ -59,7 +65,9 @@ pub fn annotations(data: &[u8]) {
     let pod = match serde_json::from_slice::<serde_json::Value>(data) {
         Ok(v) => v,
         Err(_) => {
-            let mut fields = data.split(|b| *b == 0).map(|f| String::from_utf8_lossy(f).into_owned());
+            let mut fields = data
+                .split(|b| *b == 0)
+                .map(|f| String::from_utf8_lossy(f).into_owned());
             let mut ann = serde_json::Map::new();
             for key in [
                 a::INTERCEPTION_MODE,
@@ -80,7 +88,10 @@ pub fn annotations(data: &[u8]) {
                     None => break,
                 }
             }
-            let id = |s: Option<String>| s.and_then(|s| s.parse::<i64>().ok()).map_or(serde_json::Value::Null, Into::into);
+            let id = |s: Option<String>| {
+                s.and_then(|s| s.parse::<i64>().ok())
+                    .map_or(serde_json::Value::Null, Into::into)
+            };
             serde_json::json!({
                 "kind": "Pod",
                 "metadata": {"name": "fuzz", "namespace": "default", "annotations": ann},
@@ -93,7 +104,11 @@ pub fn annotations(data: &[u8]) {
     };
     match a::from_pod(&pod) {
         Ok(PodCapture::Mesh(m)) => {
-            let again = m.capture_config().to_flags().to_spec().expect("a captured pod's agent config is valid");
+            let again = m
+                .capture_config()
+                .to_flags()
+                .to_spec()
+                .expect("a captured pod's agent config is valid");
             assert_eq!(again, m.spec, "agent config changed the spec");
             let _ = m.spec.istio_args();
         }
@@ -111,12 +126,22 @@ pub fn ports(data: &[u8]) {
     const FIELD: &str = "-d/--istio-local-exclude-ports";
     match crate::config::parse_ports(FIELD, &s) {
         Ok(v) => {
-            assert!(v.windows(2).all(|w| w[0] < w[1]), "sorted and unique: {v:?}");
+            assert!(
+                v.windows(2).all(|w| w[0] < w[1]),
+                "sorted and unique: {v:?}"
+            );
             assert!(v.iter().all(|p| *p > 0), "no port 0: {v:?}");
             let written: Vec<&str> = s.split(',').map(str::trim).collect();
-            assert!(v.iter().all(|p| written.iter().any(|w| w.parse::<u16>().ok() == Some(*p))), "only written ports: {v:?}");
+            assert!(
+                v.iter()
+                    .all(|p| written.iter().any(|w| w.parse::<u16>().ok() == Some(*p))),
+                "only written ports: {v:?}"
+            );
             let printed = v.iter().map(u16::to_string).collect::<Vec<_>>().join(",");
-            assert_eq!(crate::config::parse_ports(FIELD, &printed).expect("a printed list parses"), v);
+            assert_eq!(
+                crate::config::parse_ports(FIELD, &printed).expect("a printed list parses"),
+                v
+            );
         }
         Err(e) => assert!(e.to_string().contains(FIELD), "error names the flag: {e}"),
     }
@@ -128,7 +153,12 @@ pub fn ports(data: &[u8]) {
 struct MockAgent(u8);
 
 impl crate::cni::AgentClient for MockAgent {
-    fn call(&self, _s: &std::path::Path, _req: &crate::agent::proto::Request, _t: std::time::Duration) -> Result<serde_json::Value, crate::agent::proto::CallError> {
+    fn call(
+        &self,
+        _s: &std::path::Path,
+        _req: &crate::agent::proto::Request,
+        _t: std::time::Duration,
+    ) -> Result<serde_json::Value, crate::agent::proto::CallError> {
         use crate::agent::proto::CallError;
         match self.0 % 4 {
             0 => Ok(serde_json::json!({"ok": true})),
@@ -163,14 +193,23 @@ pub fn cni(data: &[u8]) {
     if out.exit_code == 0 && out.stdout.is_empty() {
         return; // DEL prints nothing on success
     }
-    let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {:?}", out.stdout));
+    let v: serde_json::Value = serde_json::from_str(&out.stdout)
+        .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {:?}", out.stdout));
     if out.exit_code != 0 {
-        assert!(v["code"].as_u64().is_some(), "error result without a code: {v}");
-        assert!(v["msg"].as_str().is_some_and(|m| !m.is_empty()), "error result without a message: {v}");
+        assert!(
+            v["code"].as_u64().is_some(),
+            "error result without a code: {v}"
+        );
+        assert!(
+            v["msg"].as_str().is_some_and(|m| !m.is_empty()),
+            "error result without a message: {v}"
+        );
     }
 }
 
 /// The kept corpus: `fuzz/corpus/<target>/*`, replayed by the tests.
 pub fn corpus_dir(target: &str) -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus").join(target)
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../fuzz/corpus")
+        .join(target)
 }

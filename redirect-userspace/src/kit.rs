@@ -35,20 +35,36 @@ pub fn original_dst(s: &TcpStream) -> io::Result<SocketAddr> {
         std::mem::size_of::<libc::sockaddr_in>()
     } as libc::socklen_t;
     let level = if v6 { libc::SOL_IPV6 } else { libc::SOL_IP };
-    let r = unsafe { libc::getsockopt(s.as_raw_fd(), level, 80, (&mut ss as *mut libc::sockaddr_storage).cast(), &mut len) };
+    let r = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            level,
+            80,
+            (&mut ss as *mut libc::sockaddr_storage).cast(),
+            &mut len,
+        )
+    };
     if r != 0 {
         return Err(io::Error::last_os_error());
     }
     match ss.ss_family as i32 {
         libc::AF_INET => {
             let a = unsafe { &*(&ss as *const _ as *const libc::sockaddr_in) };
-            Ok(SocketAddr::new(Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr)).into(), u16::from_be(a.sin_port)))
+            Ok(SocketAddr::new(
+                Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr)).into(),
+                u16::from_be(a.sin_port),
+            ))
         }
         libc::AF_INET6 => {
             let a = unsafe { &*(&ss as *const _ as *const libc::sockaddr_in6) };
-            Ok(SocketAddr::new(Ipv6Addr::from(a.sin6_addr.s6_addr).into(), u16::from_be(a.sin6_port)))
+            Ok(SocketAddr::new(
+                Ipv6Addr::from(a.sin6_addr.s6_addr).into(),
+                u16::from_be(a.sin6_port),
+            ))
         }
-        f => Err(io::Error::other(format!("SO_ORIGINAL_DST returned address family {f}"))),
+        f => Err(io::Error::other(format!(
+            "SO_ORIGINAL_DST returned address family {f}"
+        ))),
     }
 }
 
@@ -92,11 +108,23 @@ impl Read for PollRead<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         loop {
             match (&mut &*self.s).read(buf) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted => {
-                    let mut pfd = libc::pollfd { fd: self.s.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+                Err(e)
+                    if e.kind() == io::ErrorKind::WouldBlock
+                        || e.kind() == io::ErrorKind::Interrupted =>
+                {
+                    let mut pfd = libc::pollfd {
+                        fd: self.s.as_raw_fd(),
+                        events: libc::POLLIN,
+                        revents: 0,
+                    };
                     let ms = self.timeout.as_millis().min(i32::MAX as u128) as i32;
                     match unsafe { libc::poll(&mut pfd, 1, ms) } {
-                        0 => return Err(io::Error::new(io::ErrorKind::TimedOut, "no data before the timeout")),
+                        0 => {
+                            return Err(io::Error::new(
+                                io::ErrorKind::TimedOut,
+                                "no data before the timeout",
+                            ))
+                        }
                         n if n < 0 => {
                             let e = io::Error::last_os_error();
                             if e.kind() != io::ErrorKind::Interrupted {
@@ -126,21 +154,34 @@ pub enum Direction {
 pub fn proxy(outbound_port: u16, inbound_port: u16) -> io::Result<()> {
     let log = Arc::new(Mutex::new(io::stdout()));
     let mut threads = Vec::new();
-    for (port, dir) in [(outbound_port, Direction::Outbound), (inbound_port, Direction::Inbound)] {
-        for ip in [IpAddr::V4(Ipv4Addr::UNSPECIFIED), IpAddr::V6(Ipv6Addr::UNSPECIFIED)] {
+    for (port, dir) in [
+        (outbound_port, Direction::Outbound),
+        (inbound_port, Direction::Inbound),
+    ] {
+        for ip in [
+            IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+        ] {
             let l = match listen(SocketAddr::new(ip, port)) {
                 Ok(l) => l,
                 Err(e) if ip.is_ipv6() => {
                     eprintln!("proxy: no IPv6 listener on {port}: {e}");
                     continue;
                 }
-                Err(e) => return Err(io::Error::new(e.kind(), format!("listening on {ip}:{port}: {e}"))),
+                Err(e) => {
+                    return Err(io::Error::new(
+                        e.kind(),
+                        format!("listening on {ip}:{port}: {e}"),
+                    ))
+                }
             };
             let log = log.clone();
             threads.push(std::thread::spawn(move || accept_loop(l, dir, log)));
         }
     }
-    println!("{{\"event\":\"ready\",\"outbound_port\":{outbound_port},\"inbound_port\":{inbound_port}}}");
+    println!(
+        "{{\"event\":\"ready\",\"outbound_port\":{outbound_port},\"inbound_port\":{inbound_port}}}"
+    );
     let _ = io::stdout().flush();
     for t in threads {
         let _ = t.join();
@@ -158,10 +199,18 @@ fn accept_loop(l: TcpListener, dir: Direction, log: Arc<Mutex<io::Stdout>>) {
 
 fn handle(conn: TcpStream, dir: Direction, log: Arc<Mutex<io::Stdout>>) {
     let peer = conn.peer_addr().map(|a| a.to_string()).unwrap_or_default();
-    let name = if dir == Direction::Outbound { "outbound" } else { "inbound" };
+    let name = if dir == Direction::Outbound {
+        "outbound"
+    } else {
+        "inbound"
+    };
     let result = original_dst(&conn).and_then(|orig| {
         let up = if dir == Direction::Inbound {
-            let src: IpAddr = if orig.is_ipv4() { Ipv4Addr::new(127, 0, 0, 6).into() } else { "::6".parse().unwrap() };
+            let src: IpAddr = if orig.is_ipv4() {
+                Ipv4Addr::new(127, 0, 0, 6).into()
+            } else {
+                "::6".parse().unwrap()
+            };
             connect_from(src, orig)
         } else {
             TcpStream::connect_timeout(&orig, Duration::from_secs(5))
@@ -169,8 +218,12 @@ fn handle(conn: TcpStream, dir: Direction, log: Arc<Mutex<io::Stdout>>) {
         up.map(|u| (orig, u))
     });
     let line = match &result {
-        Ok((orig, _)) => format!("{{\"event\":\"conn\",\"dir\":\"{name}\",\"peer\":\"{peer}\",\"orig\":\"{orig}\"}}"),
-        Err(e) => format!("{{\"event\":\"error\",\"dir\":\"{name}\",\"peer\":\"{peer}\",\"error\":\"{e}\"}}"),
+        Ok((orig, _)) => format!(
+            "{{\"event\":\"conn\",\"dir\":\"{name}\",\"peer\":\"{peer}\",\"orig\":\"{orig}\"}}"
+        ),
+        Err(e) => format!(
+            "{{\"event\":\"error\",\"dir\":\"{name}\",\"peer\":\"{peer}\",\"error\":\"{e}\"}}"
+        ),
     };
     if let Ok(mut out) = log.lock() {
         let _ = writeln!(out, "{line}");
@@ -200,7 +253,8 @@ fn connect_from(src: IpAddr, dst: SocketAddr) -> io::Result<TcpStream> {
 pub fn echo(addrs: &[SocketAddr]) -> io::Result<()> {
     let mut threads = Vec::new();
     for a in addrs {
-        let l = listen(*a).map_err(|e| io::Error::new(e.kind(), format!("listening on {a}: {e}")))?;
+        let l =
+            listen(*a).map_err(|e| io::Error::new(e.kind(), format!("listening on {a}: {e}")))?;
         threads.push(std::thread::spawn(move || {
             for c in l.incoming().flatten() {
                 std::thread::spawn(move || {
@@ -238,7 +292,12 @@ pub struct ClientReport {
 
 /// Connect, read the greeting, send `payload` (while reading the echo, so
 /// payloads of any size work), half-close, check the echo byte for byte.
-pub fn client(dst: SocketAddr, bind: Option<IpAddr>, payload: &[u8], timeout: Duration) -> ClientReport {
+pub fn client(
+    dst: SocketAddr,
+    bind: Option<IpAddr>,
+    payload: &[u8],
+    timeout: Duration,
+) -> ClientReport {
     let mut rep = ClientReport {
         ok: false,
         error: None,

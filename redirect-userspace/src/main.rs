@@ -6,7 +6,11 @@ use clap::{Parser, Subcommand};
 mod cmd;
 
 #[derive(Parser)]
-#[command(name = "redirect", version, about = "Transparent sidecar traffic redirection with eBPF (replaces istio-init's iptables rules)")]
+#[command(
+    name = "redirect",
+    version,
+    about = "Transparent sidecar traffic redirection with eBPF (replaces istio-init's iptables rules)"
+)]
 struct Cli {
     /// bpffs directory holding this install's pinned maps and links.
     #[arg(long, global = true, env = "REDIRECT_PIN_DIR", default_value = redirect_userspace::pins::DEFAULT_PIN_DIR)]
@@ -54,9 +58,16 @@ fn main() -> ExitCode {
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let cli = Cli::parse();
     // The agent logs what it does; the one-shot commands only warnings.
-    let default_filter = if matches!(cli.command, Command::Daemon(_)) { "info" } else { "warn" };
+    let default_filter = if matches!(cli.command, Command::Daemon(_)) {
+        "info"
+    } else {
+        "warn"
+    };
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default_filter.into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| default_filter.into()),
+        )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
@@ -70,7 +81,8 @@ fn main() -> ExitCode {
         Command::Demo(a) => cmd::demo::run(a),
         Command::Validate(a) => cmd::validate::run(&cli.pin_dir, a),
         Command::ValidateInside(a) => cmd::validate::run_inside(a),
-        Command::AccelProbeInside => redirect_userspace::probe::inside().map_err(|e| anyhow::anyhow!("acceleration probe: {e}")),
+        Command::AccelProbeInside => redirect_userspace::probe::inside()
+            .map_err(|e| anyhow::anyhow!("acceleration probe: {e}")),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

@@ -9,7 +9,7 @@ use aya::maps::{
 use redirect_common::{
     cidr_kind, CidrKeyData, CounterKey, CounterValue, ListenerKey, OrigDst, PodConfig, PortKey,
     Reason, TupleKey, AF_INET, AF_INET6, CIDR_KEY_FIXED_BITS, MAP_CIDRS, MAP_COUNTERS,
-    MAP_LISTENERS, MAP_ORIG_BY_COOKIE, MAP_SOCKS, MAP_ORIG_BY_TUPLE, MAP_PODS, MAP_PORTS,
+    MAP_LISTENERS, MAP_ORIG_BY_COOKIE, MAP_ORIG_BY_TUPLE, MAP_PODS, MAP_PORTS, MAP_SOCKS,
 };
 
 use crate::{
@@ -37,8 +37,10 @@ pub struct Maps {
 
 fn open(pins: &Pins, name: &str) -> Result<Map> {
     let path = pins.map(name);
-    let data = MapData::from_pin(&path).map_err(|e| Error::bpf(format!("opening pinned map {}", path.display()), e))?;
-    Map::from_map_data(data).map_err(|e| Error::bpf(format!("reading pinned map {}", path.display()), e))
+    let data = MapData::from_pin(&path)
+        .map_err(|e| Error::bpf(format!("opening pinned map {}", path.display()), e))?;
+    Map::from_map_data(data)
+        .map_err(|e| Error::bpf(format!("reading pinned map {}", path.display()), e))
 }
 
 macro_rules! typed {
@@ -67,8 +69,16 @@ impl Maps {
             socks: typed!(pins, MAP_SOCKS),
             orig_by_cookie: lru(pins, MAP_ORIG_BY_COOKIE)?,
             orig_by_tuple: lru(pins, MAP_ORIG_BY_TUPLE)?,
-            accel_ports: if pins.map(redirect_common::MAP_ACCEL_PORTS).exists() { Some(lru(pins, redirect_common::MAP_ACCEL_PORTS)?) } else { None },
-            counters_lost: if pins.map(redirect_common::MAP_COUNTERS_LOST).exists() { Some(typed!(pins, redirect_common::MAP_COUNTERS_LOST)) } else { None },
+            accel_ports: if pins.map(redirect_common::MAP_ACCEL_PORTS).exists() {
+                Some(lru(pins, redirect_common::MAP_ACCEL_PORTS)?)
+            } else {
+                None
+            },
+            counters_lost: if pins.map(redirect_common::MAP_COUNTERS_LOST).exists() {
+                Some(typed!(pins, redirect_common::MAP_COUNTERS_LOST))
+            } else {
+                None
+            },
         })
     }
 
@@ -111,25 +121,59 @@ impl Maps {
     }
 
     fn port_key(cookie: u64, (kind, port): PortEntry) -> PortKey {
-        PortKey { netns: cookie, kind, port, _pad: 0 }
+        PortKey {
+            netns: cookie,
+            kind,
+            port,
+            _pad: 0,
+        }
     }
 
     fn cidr_key(cookie: u64, (kind, c): CidrEntry) -> Key<CidrKeyData> {
-        Key::new(CIDR_KEY_FIXED_BITS + c.len as u32, CidrKeyData::new(cookie, kind, addr_bytes(c.addr)))
+        Key::new(
+            CIDR_KEY_FIXED_BITS + c.len as u32,
+            CidrKeyData::new(cookie, kind, addr_bytes(c.addr)),
+        )
     }
 
     /// Install a pod's entries and, last, its config (the commit point: the
     /// programs ignore a netns until its config exists). On re-attach the
     /// old entries stay valid until the new config is in, then go.
-    pub fn put_pod(&mut self, cookie: u64, cfg: &PodConfig, ports: &[PortEntry], cidrs: &[CidrEntry]) -> Result<()> {
+    pub fn put_pod(
+        &mut self,
+        cookie: u64,
+        cfg: &PodConfig,
+        ports: &[PortEntry],
+        cidrs: &[CidrEntry],
+    ) -> Result<()> {
         let old_ports = self.port_entries(cookie);
         let old_cidrs = self.cidr_entries(cookie);
         let result = (|| -> Result<()> {
             for p in ports {
-                self.ports.insert(Self::port_key(cookie, *p), 1, 0).map_err(|e| full_or(e, MAP_PORTS, capacity(&self.ports), "ports", format!("adding port {} to {MAP_PORTS}", p.1)))?;
+                self.ports
+                    .insert(Self::port_key(cookie, *p), 1, 0)
+                    .map_err(|e| {
+                        full_or(
+                            e,
+                            MAP_PORTS,
+                            capacity(&self.ports),
+                            "ports",
+                            format!("adding port {} to {MAP_PORTS}", p.1),
+                        )
+                    })?;
             }
             for c in cidrs {
-                self.cidrs.insert(&Self::cidr_key(cookie, *c), 1, 0).map_err(|e| full_or(e, MAP_CIDRS, capacity(&self.cidrs), "cidrs", format!("adding CIDR {} to {MAP_CIDRS}", c.1)))?;
+                self.cidrs
+                    .insert(&Self::cidr_key(cookie, *c), 1, 0)
+                    .map_err(|e| {
+                        full_or(
+                            e,
+                            MAP_CIDRS,
+                            capacity(&self.cidrs),
+                            "cidrs",
+                            format!("adding CIDR {} to {MAP_CIDRS}", c.1),
+                        )
+                    })?;
             }
             self.pods.insert(cookie, cfg, 0).map_err(|e| {
                 if crate::mapsize::is_full(&e) {
@@ -142,13 +186,29 @@ impl Maps {
         let (stale_ports, stale_cidrs): (Vec<_>, Vec<_>) = match &result {
             // Success: drop what the new config no longer lists.
             Ok(()) => (
-                old_ports.iter().filter(|p| !ports.contains(p)).copied().collect(),
-                old_cidrs.iter().filter(|c| !cidrs.contains(c)).copied().collect(),
+                old_ports
+                    .iter()
+                    .filter(|p| !ports.contains(p))
+                    .copied()
+                    .collect(),
+                old_cidrs
+                    .iter()
+                    .filter(|c| !cidrs.contains(c))
+                    .copied()
+                    .collect(),
             ),
             // Failure: drop what we added, keep the old pod as it was.
             Err(_) => (
-                ports.iter().filter(|p| !old_ports.contains(p)).copied().collect(),
-                cidrs.iter().filter(|c| !old_cidrs.contains(c)).copied().collect(),
+                ports
+                    .iter()
+                    .filter(|p| !old_ports.contains(p))
+                    .copied()
+                    .collect(),
+                cidrs
+                    .iter()
+                    .filter(|c| !old_cidrs.contains(c))
+                    .copied()
+                    .collect(),
             ),
         };
         for p in stale_ports {
@@ -176,14 +236,27 @@ impl Maps {
             let _ = self.cidrs.remove(&Self::cidr_key(cookie, c));
         }
         for family in [AF_INET as u32, AF_INET6 as u32] {
-            let _ = self.listeners.remove(&ListenerKey { netns: cookie, family, _pad: 0 });
+            let _ = self.listeners.remove(&ListenerKey {
+                netns: cookie,
+                family,
+                _pad: 0,
+            });
         }
-        let keys: Vec<_> = self.counters.keys().filter_map(|k| k.ok()).filter(|k| k.netns == cookie).collect();
+        let keys: Vec<_> = self
+            .counters
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| k.netns == cookie)
+            .collect();
         for k in keys {
             let _ = self.counters.remove(&k);
         }
         if let Some(m) = self.accel_ports.as_mut() {
-            let keys: Vec<_> = m.keys().filter_map(|k| k.ok()).filter(|k| k.netns == cookie).collect();
+            let keys: Vec<_> = m
+                .keys()
+                .filter_map(|k| k.ok())
+                .filter(|k| k.netns == cookie)
+                .collect();
             for k in keys {
                 let _ = m.remove(&k);
             }
@@ -193,7 +266,10 @@ impl Maps {
     /// Counter updates the programs could not record because
     /// REDIRECT_COUNTERS was full (summed over CPUs).
     pub fn counters_lost(&self) -> u64 {
-        self.counters_lost.as_ref().and_then(|m| m.get(&0, 0).ok()).map_or(0, |v| v.iter().sum())
+        self.counters_lost
+            .as_ref()
+            .and_then(|m| m.get(&0, 0).ok())
+            .map_or(0, |v| v.iter().sum())
     }
 
     /// Counters summed over CPUs, per pod and reason.
@@ -203,10 +279,12 @@ impl Maps {
             let Some(reason) = Reason::from_u32(k.reason) else {
                 continue;
             };
-            let sum = per_cpu.iter().fold(CounterValue::default(), |a, v| CounterValue {
-                count: a.count + v.count,
-                bytes: a.bytes + v.bytes,
-            });
+            let sum = per_cpu
+                .iter()
+                .fold(CounterValue::default(), |a, v| CounterValue {
+                    count: a.count + v.count,
+                    bytes: a.bytes + v.bytes,
+                });
             let slot = out.entry(k.netns).or_default().entry(reason).or_default();
             slot.count += sum.count;
             slot.bytes += sum.bytes;
@@ -221,14 +299,23 @@ impl Maps {
         let keys: Vec<ListenerKey> = self.listeners.keys().filter_map(|k| k.ok()).collect();
         [(AF_INET, "ipv4"), (AF_INET6, "ipv6")]
             .into_iter()
-            .filter(|(f, _)| keys.contains(&ListenerKey { netns: cookie, family: *f as u32, _pad: 0 }))
+            .filter(|(f, _)| {
+                keys.contains(&ListenerKey {
+                    netns: cookie,
+                    family: *f as u32,
+                    _pad: 0,
+                })
+            })
             .map(|(_, name)| name)
             .collect()
     }
 
     /// Entry counts of the socket-tracking maps (for leak checks).
     pub fn tracked_sockets(&self) -> (usize, usize) {
-        (self.orig_by_cookie.keys().count(), self.orig_by_tuple.keys().count())
+        (
+            self.orig_by_cookie.keys().count(),
+            self.orig_by_tuple.keys().count(),
+        )
     }
 
     /// Accelerated sockets currently in the sockhash (the kernel removes
@@ -241,21 +328,33 @@ impl Maps {
 /// LRU hash maps are read like hash maps.
 fn lru<K: aya::Pod, V: aya::Pod>(pins: &Pins, name: &str) -> Result<HashMap<MapData, K, V>> {
     match open(pins, name)? {
-        Map::LruHashMap(m) | Map::HashMap(m) => {
-            HashMap::try_from(Map::HashMap(m)).map_err(|e| Error::bpf(format!("pinned map {name}"), e))
-        }
+        Map::LruHashMap(m) | Map::HashMap(m) => HashMap::try_from(Map::HashMap(m))
+            .map_err(|e| Error::bpf(format!("pinned map {name}"), e)),
         _ => Err(Error::bpf(
             format!("pinned map {name}"),
-            std::io::Error::other("unexpected map type (an install from another version? run `redirect uninstall`)"),
+            std::io::Error::other(
+                "unexpected map type (an install from another version? run `redirect uninstall`)",
+            ),
         )),
     }
 }
 
 /// A map-full error (naming the map, its capacity and the knob) when the
 /// kernel said E2BIG, else the plain error.
-fn full_or(e: aya::maps::MapError, map: &'static str, max_entries: u32, knob: &'static str, what: String) -> Error {
+fn full_or(
+    e: aya::maps::MapError,
+    map: &'static str,
+    max_entries: u32,
+    knob: &'static str,
+    what: String,
+) -> Error {
     if crate::mapsize::is_full(&e) {
-        return Error::MapFull { map, max_entries, knob, what: format!("{what}: no room") };
+        return Error::MapFull {
+            map,
+            max_entries,
+            knob,
+            what: format!("{what}: no room"),
+        };
     }
     Error::bpf(what, e)
 }

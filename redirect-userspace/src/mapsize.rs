@@ -14,13 +14,16 @@
 //! and a different map type (LRU vs plain hash) silently changes what
 //! "full" means. So it is refused, naming the map and both layouts.
 
-use std::{collections::BTreeMap, path::{Path, PathBuf}};
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+};
 
 use aya::maps::MapData;
 use redirect_common::{
-    ALL_MAPS, MAP_ACCEL_FALLBACK, MAP_ACCEL_PORTS, MAP_ACCEL_SK, MAP_CIDRS, MAP_COUNTERS_LOST, MAP_COUNTERS, MAP_LISTENERS, MAP_ORIG_BY_COOKIE,
-    MAP_ORIG_BY_TUPLE, MAP_PODS, MAP_PORTS, MAP_SOCKS, MAX_ACCEL_PORTS, MAX_CIDRS, MAX_COUNTERS, MAX_PODS, MAX_PORTS,
-    MAX_TRACKED_SOCKETS,
+    ALL_MAPS, MAP_ACCEL_FALLBACK, MAP_ACCEL_PORTS, MAP_ACCEL_SK, MAP_CIDRS, MAP_COUNTERS,
+    MAP_COUNTERS_LOST, MAP_LISTENERS, MAP_ORIG_BY_COOKIE, MAP_ORIG_BY_TUPLE, MAP_PODS, MAP_PORTS,
+    MAP_SOCKS, MAX_ACCEL_PORTS, MAX_CIDRS, MAX_COUNTERS, MAX_PODS, MAX_PORTS, MAX_TRACKED_SOCKETS,
 };
 
 use crate::error::{Error, Result};
@@ -76,17 +79,35 @@ impl MapSizes {
     pub fn parse<S: AsRef<str>>(values: &[S]) -> Result<MapSizes> {
         let mut out = BTreeMap::new();
         for v in values {
-            for item in v.as_ref().split(',').map(str::trim).filter(|s| !s.is_empty()) {
-                let bad = |reason: String| Error::InvalidFlag { field: FLAG, value: item.to_string(), reason };
-                let (name, n) = item.split_once('=').ok_or_else(|| bad(format!("expected <map>=<entries>, <map> one of {}", names())))?;
+            for item in v
+                .as_ref()
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+            {
+                let bad = |reason: String| Error::InvalidFlag {
+                    field: FLAG,
+                    value: item.to_string(),
+                    reason,
+                };
+                let (name, n) = item.split_once('=').ok_or_else(|| {
+                    bad(format!(
+                        "expected <map>=<entries>, <map> one of {}",
+                        names()
+                    ))
+                })?;
                 let knob = KNOBS
                     .iter()
                     .find(|k| k.name == name.trim())
-                    .ok_or_else(|| bad(format!("unknown map '{}': one of {}", name.trim(), names())))?;
-                let n: u32 = n
-                    .trim()
-                    .parse()
-                    .map_err(|_| bad(format!("'{}' is not a number of entries (1-{MAX_SIZE})", n.trim())))?;
+                    .ok_or_else(|| {
+                        bad(format!("unknown map '{}': one of {}", name.trim(), names()))
+                    })?;
+                let n: u32 = n.trim().parse().map_err(|_| {
+                    bad(format!(
+                        "'{}' is not a number of entries (1-{MAX_SIZE})",
+                        n.trim()
+                    ))
+                })?;
                 if n == 0 || n > MAX_SIZE {
                     return Err(bad(format!("{n} entries is out of range (1-{MAX_SIZE})")));
                 }
@@ -172,7 +193,13 @@ fn type_name(t: u32) -> String {
 fn layout_of(data: &MapData) -> std::result::Result<Layout, aya::maps::MapError> {
     let i = data.info()?;
     let map_type = i.map_type().map(|t| t as u32).unwrap_or(u32::MAX);
-    Ok(Layout { map_type, key_size: i.key_size(), value_size: i.value_size(), flags: i.map_flags(), max_entries: i.max_entries() })
+    Ok(Layout {
+        map_type,
+        key_size: i.key_size(),
+        value_size: i.value_size(),
+        flags: i.map_flags(),
+        max_entries: i.max_entries(),
+    })
 }
 
 /// The pinned map's layout, None when it is not pinned.
@@ -180,8 +207,14 @@ pub fn pinned_layout(map_path: &Path) -> Result<Option<Layout>> {
     if !map_path.exists() {
         return Ok(None);
     }
-    let data = MapData::from_pin(map_path).map_err(|e| Error::bpf(format!("opening pinned map {}", map_path.display()), e))?;
-    layout_of(&data).map(Some).map_err(|e| Error::bpf(format!("reading the layout of pinned map {}", map_path.display()), e))
+    let data = MapData::from_pin(map_path)
+        .map_err(|e| Error::bpf(format!("opening pinned map {}", map_path.display()), e))?;
+    layout_of(&data).map(Some).map_err(|e| {
+        Error::bpf(
+            format!("reading the layout of pinned map {}", map_path.display()),
+            e,
+        )
+    })
 }
 
 /// The layout of every shared map in `object` (the maps are created
@@ -197,14 +230,28 @@ pub fn object_layouts(object: &[u8], bpffs_dir: &Path) -> Result<BTreeMap<&'stat
         for m in ALL_MAPS {
             loader.map_max_entries(m, 1);
         }
-        let ebpf = loader.load(object).map_err(|e| Error::bpf("loading the kernel object to read its map layout", e))?;
+        let ebpf = loader
+            .load(object)
+            .map_err(|e| Error::bpf("loading the kernel object to read its map layout", e))?;
         let mut out = BTreeMap::new();
         for m in layout_maps() {
             let Some(map) = ebpf.map(m) else { continue };
-            let fd = map_fd(map).map_err(|e| Error::bpf(format!("map {m} of the kernel object"), e))?;
-            let data = MapData::from_fd(fd).map_err(|e| Error::bpf(format!("map {m} of the kernel object"), e))?;
-            let mut l = layout_of(&data).map_err(|e| Error::bpf(format!("layout of map {m} of the kernel object"), e))?;
-            l.max_entries = knob_of(m).map(|k| k.default * k.maps.iter().find(|(x, _)| *x == m).map(|(_, x)| *x).unwrap_or(1)).unwrap_or(l.max_entries);
+            let fd =
+                map_fd(map).map_err(|e| Error::bpf(format!("map {m} of the kernel object"), e))?;
+            let data = MapData::from_fd(fd)
+                .map_err(|e| Error::bpf(format!("map {m} of the kernel object"), e))?;
+            let mut l = layout_of(&data)
+                .map_err(|e| Error::bpf(format!("layout of map {m} of the kernel object"), e))?;
+            l.max_entries = knob_of(m)
+                .map(|k| {
+                    k.default
+                        * k.maps
+                            .iter()
+                            .find(|(x, _)| *x == m)
+                            .map(|(_, x)| *x)
+                            .unwrap_or(1)
+                })
+                .unwrap_or(l.max_entries);
             out.insert(m, l);
         }
         Ok(out)
@@ -221,8 +268,12 @@ pub fn object_layouts(object: &[u8], bpffs_dir: &Path) -> Result<BTreeMap<&'stat
 /// middle of a probe).
 pub fn remove_probes(dir: &Path, all: bool) {
     for d in crate::pins::read_dir(dir) {
-        let Some(name) = d.file_name().and_then(|n| n.to_str()).map(str::to_string) else { continue };
-        let Some(rest) = name.strip_prefix("layout-probe-") else { continue };
+        let Some(name) = d.file_name().and_then(|n| n.to_str()).map(str::to_string) else {
+            continue;
+        };
+        let Some(rest) = name.strip_prefix("layout-probe-") else {
+            continue;
+        };
         let pid = rest.split('-').next().unwrap_or_default();
         if !all && (pid.is_empty() || Path::new("/proc").join(pid).exists()) {
             continue;
@@ -244,7 +295,15 @@ fn map_fd(map: &aya::maps::Map) -> std::io::Result<std::os::fd::OwnedFd> {
     use aya::maps::Map;
     use std::os::fd::AsFd;
     let fd = match map {
-        Map::HashMap(d) | Map::LruHashMap(d) | Map::PerCpuHashMap(d) | Map::LpmTrie(d) | Map::SockHash(d) | Map::Array(d) | Map::PerCpuArray(d) | Map::SockMap(d) | Map::SkStorage(d) => d.fd().as_fd(),
+        Map::HashMap(d)
+        | Map::LruHashMap(d)
+        | Map::PerCpuHashMap(d)
+        | Map::LpmTrie(d)
+        | Map::SockHash(d)
+        | Map::Array(d)
+        | Map::PerCpuArray(d)
+        | Map::SockMap(d)
+        | Map::SkStorage(d) => d.fd().as_fd(),
         _ => return Err(std::io::Error::other("unexpected map kind")),
     };
     fd.try_clone_to_owned()
@@ -267,7 +326,8 @@ pub fn check_install(object: &[u8], maps_dir: &Path, sizes: &MapSizes) -> Result
     let want = object_layouts(object, install)?;
     for (m, have) in &pinned {
         let Some(w) = want.get(m) else { continue };
-        let same = (have.map_type, have.key_size, have.value_size, have.flags) == (w.map_type, w.key_size, w.value_size, w.flags);
+        let same = (have.map_type, have.key_size, have.value_size, have.flags)
+            == (w.map_type, w.key_size, w.value_size, w.flags);
         if !same {
             return Err(Error::Layout(format!(
                 "pinned map {m} of the install at {} is {have}, but this binary's kernel object needs {w}: the install was made by an incompatible version. Its programs keep running; run `redirect uninstall` (this releases every pod) and install again with this version",
@@ -299,7 +359,18 @@ pub fn pinned_max_entries(maps_dir: &Path, map: &str) -> u32 {
         .ok()
         .flatten()
         .map(|l| l.max_entries)
-        .unwrap_or_else(|| knob_of(map).map(|k| k.default * k.maps.iter().find(|(x, _)| *x == map).map(|(_, x)| *x).unwrap_or(1)).unwrap_or(0))
+        .unwrap_or_else(|| {
+            knob_of(map)
+                .map(|k| {
+                    k.default
+                        * k.maps
+                            .iter()
+                            .find(|(x, _)| *x == map)
+                            .map(|(_, x)| *x)
+                            .unwrap_or(1)
+                })
+                .unwrap_or(0)
+        })
 }
 
 /// Is this aya map error the kernel's "map full" (E2BIG on update)?
@@ -316,7 +387,11 @@ mod tests {
         let s = MapSizes::parse(&["pods=64,orig=128", "sockhash=2"]).unwrap();
         assert_eq!(s.0.get("pods"), Some(&64));
         let m = s.map_entries();
-        assert!(m.contains(&(MAP_LISTENERS, 128)) && m.contains(&(MAP_ORIG_BY_TUPLE, 128)) && m.contains(&(MAP_ACCEL_FALLBACK, 2)));
+        assert!(
+            m.contains(&(MAP_LISTENERS, 128))
+                && m.contains(&(MAP_ORIG_BY_TUPLE, 128))
+                && m.contains(&(MAP_ACCEL_FALLBACK, 2))
+        );
         assert!(MapSizes::parse::<&str>(&[]).unwrap().is_empty());
         assert_eq!(MapSizes::parse(&["pods=8", "pods=8"]).unwrap().0.len(), 1);
         for (bad, want) in [
@@ -338,7 +413,14 @@ mod tests {
     #[test]
     fn every_map_has_one_knob() {
         for m in ALL_MAPS {
-            assert_eq!(KNOBS.iter().filter(|k| k.maps.iter().any(|(x, _)| *x == m)).count(), 1, "{m}");
+            assert_eq!(
+                KNOBS
+                    .iter()
+                    .filter(|k| k.maps.iter().any(|(x, _)| *x == m))
+                    .count(),
+                1,
+                "{m}"
+            );
         }
     }
 }

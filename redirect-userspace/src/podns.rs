@@ -32,7 +32,8 @@ pub fn visit(netns: &Netns) -> Result<PodNs> {
     on_this_thread(netns, || {
         let cookie = current_cookie()?;
         let mut addresses = non_loopback()?;
-        if addresses.iter().any(|a| a.is_ipv6()) && !addresses.contains(&IpAddr::V6(PASSTHROUGH_V6)) {
+        if addresses.iter().any(|a| a.is_ipv6()) && !addresses.contains(&IpAddr::V6(PASSTHROUGH_V6))
+        {
             add_lo_address_v6(PASSTHROUGH_V6)?;
             addresses = non_loopback()?;
         }
@@ -67,7 +68,10 @@ fn on_this_thread<R>(netns: &Netns, f: impl FnOnce() -> io::Result<R>) -> Result
         fn drop(&mut self) {
             if unsafe { libc::setns(self.0.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
                 // A thread left in a pod's netns must not go on.
-                eprintln!("redirect: could not return to the agent's network namespace: {}", io::Error::last_os_error());
+                eprintln!(
+                    "redirect: could not return to the agent's network namespace: {}",
+                    io::Error::last_os_error()
+                );
                 std::process::abort();
             }
         }
@@ -79,7 +83,10 @@ fn on_this_thread<R>(netns: &Netns, f: impl FnOnce() -> io::Result<R>) -> Result
 }
 
 fn non_loopback() -> io::Result<Vec<IpAddr>> {
-    Ok(crate::sys::local_addresses()?.into_iter().filter(|a| !a.is_loopback()).collect())
+    Ok(crate::sys::local_addresses()?
+        .into_iter()
+        .filter(|a| !a.is_loopback())
+        .collect())
 }
 
 /// The cookie of the calling thread's netns.
@@ -91,9 +98,20 @@ fn current_cookie() -> io::Result<u64> {
     let s = unsafe { OwnedFd::from_raw_fd(s) };
     let mut v: u64 = 0;
     let mut len = 8 as libc::socklen_t;
-    if unsafe { libc::getsockopt(s.as_raw_fd(), libc::SOL_SOCKET, SO_NETNS_COOKIE, (&mut v as *mut u64).cast(), &mut len) } != 0 {
+    if unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&mut v as *mut u64).cast(),
+            &mut len,
+        )
+    } != 0
+    {
         let e = io::Error::last_os_error();
-        return Err(io::Error::other(format!("SO_NETNS_COOKIE (kernel 5.14+ needed): {e}")));
+        return Err(io::Error::other(format!(
+            "SO_NETNS_COOKIE (kernel 5.14+ needed): {e}"
+        )));
     }
     Ok(v)
 }
@@ -150,13 +168,20 @@ fn add_lo_address_v6(addr: Ipv6Addr) -> io::Result<()> {
 
     let lo = unsafe { libc::if_nametoindex(c"lo".as_ptr()) };
     if lo == 0 {
-        return Err(io::Error::other(format!("no lo interface: {}", io::Error::last_os_error())));
+        return Err(io::Error::other(format!(
+            "no lo interface: {}",
+            io::Error::last_os_error()
+        )));
     }
     let mut msg = nl_header(RTM_NEWADDR, NLM_F_ACK | NLM_F_REPLACE | NLM_F_CREATE);
     // struct ifaddrmsg { family, prefixlen, flags, scope, index }
     msg.extend_from_slice(&[libc::AF_INET6 as u8, 128, IFA_F_NODAD as u8, 0]);
     msg.extend_from_slice(&lo.to_ne_bytes());
-    for (ty, data) in [(IFA_LOCAL, &addr.octets()[..]), (IFA_ADDRESS, &addr.octets()[..]), (IFA_FLAGS, &IFA_F_NODAD.to_ne_bytes()[..])] {
+    for (ty, data) in [
+        (IFA_LOCAL, &addr.octets()[..]),
+        (IFA_ADDRESS, &addr.octets()[..]),
+        (IFA_FLAGS, &IFA_F_NODAD.to_ne_bytes()[..]),
+    ] {
         msg.extend_from_slice(&((4 + data.len()) as u16).to_ne_bytes());
         msg.extend_from_slice(&ty.to_ne_bytes());
         msg.extend_from_slice(data);
@@ -164,8 +189,15 @@ fn add_lo_address_v6(addr: Ipv6Addr) -> io::Result<()> {
             msg.push(0);
         }
     }
-    nl_exchange(libc::NETLINK_ROUTE, msg, |ty, body| (ty == NLMSG_ERROR).then(|| nl_error(body)))
-        .map_err(|e| io::Error::new(e.kind(), format!("adding {addr}/128 to lo (RTM_NEWADDR): {e}")))
+    nl_exchange(libc::NETLINK_ROUTE, msg, |ty, body| {
+        (ty == NLMSG_ERROR).then(|| nl_error(body))
+    })
+    .map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("adding {addr}/128 to lo (RTM_NEWADDR): {e}"),
+        )
+    })
 }
 
 const NLMSG_ERROR: u16 = 2;
@@ -185,7 +217,10 @@ fn nl_header(ty: u16, flags: u16) -> Vec<u8> {
 
 /// The errno of an NLMSG_ERROR body (0: an ACK).
 fn nl_error(body: &[u8]) -> io::Result<()> {
-    match body.get(..4).map(|b| i32::from_ne_bytes(b.try_into().unwrap())) {
+    match body
+        .get(..4)
+        .map(|b| i32::from_ne_bytes(b.try_into().unwrap()))
+    {
         Some(0) => Ok(()),
         Some(err) => Err(io::Error::from_raw_os_error(-err)),
         None => Err(io::Error::other("truncated netlink error")),
@@ -195,10 +230,20 @@ fn nl_error(body: &[u8]) -> io::Result<()> {
 /// Send one request on a new netlink socket of `protocol`, then hand each
 /// reply message (type, body after the header) to `on_msg` until it
 /// returns a result.
-fn nl_exchange(protocol: libc::c_int, mut msg: Vec<u8>, mut on_msg: impl FnMut(u16, &[u8]) -> Option<io::Result<()>>) -> io::Result<()> {
+fn nl_exchange(
+    protocol: libc::c_int,
+    mut msg: Vec<u8>,
+    mut on_msg: impl FnMut(u16, &[u8]) -> Option<io::Result<()>>,
+) -> io::Result<()> {
     let len = msg.len() as u32;
     msg[..4].copy_from_slice(&len.to_ne_bytes());
-    let fd = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, protocol) };
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            protocol,
+        )
+    };
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -206,7 +251,14 @@ fn nl_exchange(protocol: libc::c_int, mut msg: Vec<u8>, mut on_msg: impl FnMut(u
     let mut sa: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
     sa.nl_family = libc::AF_NETLINK as u16;
     let sent = unsafe {
-        libc::sendto(fd.as_raw_fd(), msg.as_ptr().cast(), msg.len(), 0, (&sa as *const libc::sockaddr_nl).cast(), std::mem::size_of::<libc::sockaddr_nl>() as u32)
+        libc::sendto(
+            fd.as_raw_fd(),
+            msg.as_ptr().cast(),
+            msg.len(),
+            0,
+            (&sa as *const libc::sockaddr_nl).cast(),
+            std::mem::size_of::<libc::sockaddr_nl>() as u32,
+        )
     };
     if sent < 0 {
         return Err(io::Error::last_os_error());

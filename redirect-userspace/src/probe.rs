@@ -80,12 +80,26 @@ pub struct ProbeResult {
 
 impl ProbeResult {
     fn from_mask(mask: u64, at: u64) -> ProbeResult {
-        let failed: Vec<String> = CHECKS.iter().enumerate().filter(|(i, _)| mask & (1 << i) != 0).map(|(_, (n, _))| n.to_string()).collect();
-        ProbeResult { passed: failed.is_empty(), failed, at }
+        let failed: Vec<String> = CHECKS
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| mask & (1 << i) != 0)
+            .map(|(_, (n, _))| n.to_string())
+            .collect();
+        ProbeResult {
+            passed: failed.is_empty(),
+            failed,
+            at,
+        }
     }
 
     fn mask(&self) -> u64 {
-        CHECKS.iter().enumerate().filter(|(_, (n, _))| self.failed.iter().any(|f| f == n)).map(|(i, _)| 1 << i).sum()
+        CHECKS
+            .iter()
+            .enumerate()
+            .filter(|(_, (n, _))| self.failed.iter().any(|f| f == n))
+            .map(|(i, _)| 1 << i)
+            .sum()
     }
 
     /// One line: what failed, in words.
@@ -97,11 +111,20 @@ impl ProbeResult {
             .failed
             .iter()
             .map(|f| {
-                let d = CHECKS.iter().find(|(n, _)| n == f).map(|(_, d)| *d).unwrap_or("");
+                let d = CHECKS
+                    .iter()
+                    .find(|(n, _)| n == f)
+                    .map(|(_, d)| *d)
+                    .unwrap_or("");
                 format!("{f}: {d}")
             })
             .collect();
-        format!("kernel probe failed on {} {}: {}", uname_release(), if why.len() == 1 { "check" } else { "checks" }, why.join("; "))
+        format!(
+            "kernel probe failed on {} {}: {}",
+            uname_release(),
+            if why.len() == 1 { "check" } else { "checks" },
+            why.join("; ")
+        )
     }
 }
 
@@ -110,18 +133,26 @@ impl ProbeResult {
 pub fn describe(mode: AccelMode, on: bool, probe: Option<&ProbeResult>) -> String {
     match (mode, on, probe) {
         (AccelMode::Off, _, _) => "off (--no-accel)".into(),
-        (AccelMode::Forced, true, Some(p)) if !p.passed => format!("on, forced with --accel although the {}", p.summary()),
+        (AccelMode::Forced, true, Some(p)) if !p.passed => {
+            format!("on, forced with --accel although the {}", p.summary())
+        }
         (AccelMode::Forced, true, _) => "on, forced with --accel".into(),
         (AccelMode::Auto, true, _) => "on (kernel probe passed)".into(),
-        (AccelMode::Auto, false, Some(p)) if !p.passed => format!("off: {}; --accel forces it on", p.summary()),
-        (AccelMode::Auto, false, None) => "off: the kernel probe did not complete; --accel forces it on".into(),
+        (AccelMode::Auto, false, Some(p)) if !p.passed => {
+            format!("off: {}; --accel forces it on", p.summary())
+        }
+        (AccelMode::Auto, false, None) => {
+            "off: the kernel probe did not complete; --accel forces it on".into()
+        }
         (_, false, _) => "off: the sk_msg program could not be attached".into(),
     }
 }
 
 /// The running kernel's release string.
 pub fn uname_release() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/osrelease").map(|s| s.trim().to_string()).unwrap_or_else(|_| "this kernel".into())
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "this kernel".into())
 }
 
 // ------------------------------------------------------------ the cache
@@ -142,14 +173,17 @@ pub fn cached(pins: &Pins) -> Option<ProbeResult> {
 
 fn open_cache(pins: &Pins) -> Result<Array<MapData, u64>> {
     let path = pins.map(PROBE_MAP);
-    let data = MapData::from_pin(&path).map_err(|e| Error::bpf(format!("opening {}", path.display()), e))?;
-    Array::try_from(Map::Array(data)).map_err(|e| Error::bpf(format!("{} is not the probe cache", path.display()), e))
+    let data = MapData::from_pin(&path)
+        .map_err(|e| Error::bpf(format!("opening {}", path.display()), e))?;
+    Array::try_from(Map::Array(data))
+        .map_err(|e| Error::bpf(format!("{} is not the probe cache", path.display()), e))
 }
 
 fn store(pins: &Pins, r: &ProbeResult) -> Result<()> {
     let path = pins.map(PROBE_MAP);
     if !path.exists() {
-        let fd = array_create().map_err(|e| Error::bpf("creating the acceleration probe cache map", e))?;
+        let fd = array_create()
+            .map_err(|e| Error::bpf("creating the acceleration probe cache map", e))?;
         if let Err(e) = crate::bpf::obj_pin(std::os::fd::AsFd::as_fd(&fd), &path) {
             // Another attach pinned it meanwhile: use theirs.
             if e.kind() != std::io::ErrorKind::AlreadyExists {
@@ -159,7 +193,8 @@ fn store(pins: &Pins, r: &ProbeResult) -> Result<()> {
     }
     let mut arr = open_cache(pins)?;
     let v = PROBE_VERSION | (r.mask() << 16) | ((r.at & 0xffff_ffff) << 32);
-    arr.set(0, v, 0).map_err(|e| Error::bpf(format!("writing {}", path.display()), e))
+    arr.set(0, v, 0)
+        .map_err(|e| Error::bpf(format!("writing {}", path.display()), e))
 }
 
 /// BPF_MAP_CREATE: an array of one u64.
@@ -168,7 +203,14 @@ fn array_create() -> std::io::Result<OwnedFd> {
     // { u32 map_type; u32 key_size; u32 value_size; u32 max_entries; ... }
     attr[0] = 2 /* BPF_MAP_TYPE_ARRAY */ | (4u64 << 32);
     attr[1] = 8 | (1u64 << 32);
-    let r = unsafe { libc::syscall(libc::SYS_bpf, 0 /* BPF_MAP_CREATE */, attr.as_mut_ptr(), std::mem::size_of_val(&attr)) };
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            0, /* BPF_MAP_CREATE */
+            attr.as_mut_ptr(),
+            std::mem::size_of_val(&attr),
+        )
+    };
     if r < 0 {
         return Err(std::io::Error::last_os_error());
     }
@@ -218,10 +260,18 @@ const STALE_PREFIX: &str = "redirect-accel-probe-";
 /// processes killed, the directories removed. A cgroup with a captured
 /// pod is left to the install that attached to it.
 fn remove_stale_cgroups(host: &mut dyn ProbeHost) {
-    let Ok(root) = crate::sys::cgroup2_mount() else { return };
+    let Ok(root) = crate::sys::cgroup2_mount() else {
+        return;
+    };
     for dir in crate::pins::read_dir(&root) {
-        let Some(name) = dir.file_name().and_then(|n| n.to_str()) else { continue };
-        let Some(pid) = name.strip_prefix(STALE_PREFIX).and_then(|r| r.split('x').next()).and_then(|p| p.parse::<u32>().ok()) else {
+        let Some(name) = dir.file_name().and_then(|n| n.to_str()) else {
+            continue;
+        };
+        let Some(pid) = name
+            .strip_prefix(STALE_PREFIX)
+            .and_then(|r| r.split('x').next())
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
             continue;
         };
         if Path::new(&format!("/proc/{pid}")).exists() {
@@ -237,7 +287,10 @@ fn remove_stale_cgroups(host: &mut dyn ProbeHost) {
         if !markers.is_empty() && !host.owns_cgroup(&dir) {
             continue;
         }
-        tracing::warn!("removing {} left by an acceleration probe that did not finish", dir.display());
+        tracing::warn!(
+            "removing {} left by an acceleration probe that did not finish",
+            dir.display()
+        );
         for (m, cookie) in &markers {
             host.release(*cookie, &dir);
             let _ = std::fs::remove_dir(m);
@@ -280,10 +333,12 @@ fn redirect_binary() -> std::result::Result<std::path::PathBuf, String> {
             candidates.push(up.join("redirect"));
         }
     }
-    candidates
-        .into_iter()
-        .find(|p| p.is_file())
-        .ok_or_else(|| format!("no `redirect` binary next to {} to run the probe with (set REDIRECT_BIN_DIR)", exe.display()))
+    candidates.into_iter().find(|p| p.is_file()).ok_or_else(|| {
+        format!(
+            "no `redirect` binary next to {} to run the probe with (set REDIRECT_BIN_DIR)",
+            exe.display()
+        )
+    })
 }
 
 fn run(host: &mut dyn ProbeHost) -> std::result::Result<ProbeResult, String> {
@@ -292,35 +347,59 @@ fn run(host: &mut dyn ProbeHost) -> std::result::Result<ProbeResult, String> {
     }
     let exe = redirect_binary()?;
     remove_stale_cgroups(host);
-    let cg = CgroupGuard::new(&sandbox::unique(STALE_PREFIX)).map_err(|e| format!("creating the probe's child cgroup: {e}"))?;
+    let cg = CgroupGuard::new(&sandbox::unique(STALE_PREFIX))
+        .map_err(|e| format!("creating the probe's child cgroup: {e}"))?;
     let mut cmd = Command::new(&exe);
     cmd.arg(INSIDE_COMMAND).env(INSIDE_ENV, "1");
-    sandbox::place(&mut cmd, &Placement { cgroup: Some(cg.path.clone()), ..Default::default() }).map_err(|e| format!("placing the probe: {e}"))?;
+    sandbox::place(
+        &mut cmd,
+        &Placement {
+            cgroup: Some(cg.path.clone()),
+            ..Default::default()
+        },
+    )
+    .map_err(|e| format!("placing the probe: {e}"))?;
     // A network namespace of its own, gone when the process is.
     unsafe {
-        cmd.pre_exec(|| if libc::unshare(libc::CLONE_NEWNET) != 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) });
+        cmd.pre_exec(|| {
+            if libc::unshare(libc::CLONE_NEWNET) != 0 {
+                Err(std::io::Error::last_os_error())
+            } else {
+                Ok(())
+            }
+        });
     }
-    cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::inherit());
-    let mut child = cmd.spawn().map_err(|e| format!("starting {} {INSIDE_COMMAND}: {e}", exe.display()))?;
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| format!("starting {} {INSIDE_COMMAND}: {e}", exe.display()))?;
     let pid = child.id();
     let outcome = (|| {
         let mut out = BufReader::new(child.stdout.take().expect("piped"));
         let mut line = String::new();
-        out.read_line(&mut line).map_err(|e| format!("reading the probe: {e}"))?;
+        out.read_line(&mut line)
+            .map_err(|e| format!("reading the probe: {e}"))?;
         if line.trim() != "ready" {
             return Err(format!("the probe did not start: {line:?}"));
         }
         let netns = std::path::PathBuf::from(format!("/proc/{pid}/ns/net"));
-        let cookie = host.capture(&netns, &cg.path).map_err(|e| format!("capturing the probe's namespace: {e:#}"))?;
+        let cookie = host
+            .capture(&netns, &cg.path)
+            .map_err(|e| format!("capturing the probe's namespace: {e:#}"))?;
         // A marker in the cgroup names the pod (cgroup v2 cannot rename):
         // a probe killed from here on has its pod released by the next.
         let marker = cg.path.join(format!("c{cookie}"));
         let _ = std::fs::create_dir(&marker);
         let report = (|| {
-            writeln!(child.stdin.as_mut().expect("piped"), "go").map_err(|e| format!("starting the checks: {e}"))?;
+            writeln!(child.stdin.as_mut().expect("piped"), "go")
+                .map_err(|e| format!("starting the checks: {e}"))?;
             line.clear();
-            out.read_line(&mut line).map_err(|e| format!("reading the probe's report: {e}"))?;
-            serde_json::from_str::<InsideReport>(&line).map_err(|e| format!("the probe's report {line:?}: {e}"))
+            out.read_line(&mut line)
+                .map_err(|e| format!("reading the probe's report: {e}"))?;
+            serde_json::from_str::<InsideReport>(&line)
+                .map_err(|e| format!("the probe's report {line:?}: {e}"))
         })();
         let counts = host.accel_counts(cookie);
         host.release(cookie, &cg.path);
@@ -335,12 +414,22 @@ fn run(host: &mut dyn ProbeHost) -> std::result::Result<ProbeResult, String> {
 }
 
 /// Turn the sandbox's report and the pod's counters into a result.
-pub fn judge(report: &InsideReport, inserted: u64, redirected: u64) -> std::result::Result<ProbeResult, String> {
+pub fn judge(
+    report: &InsideReport,
+    inserted: u64,
+    redirected: u64,
+) -> std::result::Result<ProbeResult, String> {
     let mut mask = 0;
     for (i, (name, _)) in CHECKS.iter().enumerate() {
-        let c = report.checks.iter().find(|c| c.name == *name).ok_or_else(|| format!("probe inconclusive: check {name} did not run"))?;
+        let c = report
+            .checks
+            .iter()
+            .find(|c| c.name == *name)
+            .ok_or_else(|| format!("probe inconclusive: check {name} did not run"))?;
         if let Some(why) = &c.control {
-            return Err(format!("probe inconclusive: check {name} failed on plain TCP too ({why})"));
+            return Err(format!(
+                "probe inconclusive: check {name} failed on plain TCP too ({why})"
+            ));
         }
         if c.accel.is_some() {
             mask |= 1 << i;
@@ -351,7 +440,10 @@ pub fn judge(report: &InsideReport, inserted: u64, redirected: u64) -> std::resu
     if inserted != want || redirected == 0 {
         return Err(format!("probe inconclusive: {inserted} sockets accelerated (expected {want}), {redirected} messages redirected"));
     }
-    let at = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
     let r = ProbeResult::from_mask(mask, at);
     for c in &report.checks {
         if let Some(why) = &c.accel {
@@ -369,7 +461,9 @@ pub fn judge(report: &InsideReport, inserted: u64, redirected: u64) -> std::resu
 /// connection and on a redirected one, prints one JSON line.
 pub fn inside() -> std::io::Result<()> {
     if std::env::var_os(INSIDE_ENV).is_none() {
-        return Err(std::io::Error::other(format!("internal command: run only by the acceleration probe ({INSIDE_ENV} unset)")));
+        return Err(std::io::Error::other(format!(
+            "internal command: run only by the acceleration probe ({INSIDE_ENV} unset)"
+        )));
     }
     lo_up()?;
     let listener = TcpListener::bind("127.0.0.1:15001")?;
@@ -384,7 +478,11 @@ pub fn inside() -> std::io::Result<()> {
     let plain: SocketAddr = "127.0.0.1:15001".parse().unwrap();
     let redirected: SocketAddr = PROBE_DST.parse().unwrap();
     type Check = fn(TcpStream, TcpStream) -> Option<String>;
-    let checks: [(&str, Check); 3] = [("blocking-read", check_blocking_read), ("rst-on-unread-close", check_rst), ("flow-control", check_flow)];
+    let checks: [(&str, Check); 3] = [
+        ("blocking-read", check_blocking_read),
+        ("rst-on-unread-close", check_rst),
+        ("flow-control", check_flow),
+    ];
     let mut report = InsideReport { checks: Vec::new() };
     for (name, check) in checks {
         let run = |dst: SocketAddr| -> Option<String> {
@@ -400,9 +498,16 @@ pub fn inside() -> std::io::Result<()> {
         };
         let control = run(plain);
         let accel = run(redirected);
-        report.checks.push(CheckOutcome { name: name.into(), control, accel });
+        report.checks.push(CheckOutcome {
+            name: name.into(),
+            control,
+            accel,
+        });
     }
-    println!("{}", serde_json::to_string(&report).map_err(std::io::Error::other)?);
+    println!(
+        "{}",
+        serde_json::to_string(&report).map_err(std::io::Error::other)?
+    );
     Ok(())
 }
 
@@ -434,14 +539,20 @@ fn check_blocking_read(app: TcpStream, proxy: TcpStream) -> Option<String> {
     match res {
         Ok(b) if b == b"pong" => None,
         Ok(b) => Some(format!("read() returned {b:?} instead of the answer")),
-        Err(e) => Some(format!("read() failed after {} ms with {e} instead of waiting for the answer", took.as_millis())),
+        Err(e) => Some(format!(
+            "read() failed after {} ms with {e} instead of waiting for the answer",
+            took.as_millis()
+        )),
     }
 }
 
 fn sleeping(tid: i32) -> bool {
     std::fs::read_to_string(format!("/proc/self/task/{tid}/stat"))
         .ok()
-        .and_then(|s| s.rsplit_once(')').map(|(_, rest)| rest.trim_start().starts_with('S')))
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .map(|(_, rest)| rest.trim_start().starts_with('S'))
+        })
         .unwrap_or(false)
 }
 
@@ -457,14 +568,17 @@ fn check_rst(app: TcpStream, proxy: TcpStream) -> Option<String> {
     match a.read(&mut buf) {
         Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => None,
         Ok(0) => Some("the peer saw EOF instead of ECONNRESET".into()),
-        other => Some(format!("the peer's read returned {other:?} instead of ECONNRESET")),
+        other => Some(format!(
+            "the peer's read returned {other:?} instead of ECONNRESET"
+        )),
     }
 }
 
 /// The proxy never reads; the app writes, blocking, with a send timeout.
 /// Plain TCP: the write blocks (then times out) after a few MiB.
 fn check_flow(app: TcpStream, proxy: TcpStream) -> Option<String> {
-    app.set_write_timeout(Some(Duration::from_millis(100))).ok()?;
+    app.set_write_timeout(Some(Duration::from_millis(100)))
+        .ok()?;
     // Below the bulk switch (which would move the socket to the normal
     // path, flow-controlled): the kernel's redirected path is probed.
     let chunk = vec![1u8; 16 << 10];
@@ -475,7 +589,10 @@ fn check_flow(app: TcpStream, proxy: TcpStream) -> Option<String> {
             Ok(n) => {
                 total += n;
                 if total >= FLOW_LIMIT {
-                    break Some(format!("{} MiB accepted for a peer that never reads", total >> 20));
+                    break Some(format!(
+                        "{} MiB accepted for a peer that never reads",
+                        total >> 20
+                    ));
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break None,
@@ -516,7 +633,11 @@ mod tests {
             checks: CHECKS
                 .iter()
                 .zip(control.iter().zip(accel.iter()))
-                .map(|((n, _), (c, a))| CheckOutcome { name: n.to_string(), control: c.map(String::from), accel: a.map(String::from) })
+                .map(|((n, _), (c, a))| CheckOutcome {
+                    name: n.to_string(),
+                    control: c.map(String::from),
+                    accel: a.map(String::from),
+                })
                 .collect(),
         }
     }
@@ -527,7 +648,12 @@ mod tests {
         assert_eq!(r.failed, vec!["blocking-read", "flow-control"]);
         assert!(!r.passed);
         assert_eq!(r.mask(), 0b101);
-        assert!(r.summary().contains("blocking-read: a blocking read()") && r.summary().contains("flow-control: no flow control"), "{}", r.summary());
+        assert!(
+            r.summary().contains("blocking-read: a blocking read()")
+                && r.summary().contains("flow-control: no flow control"),
+            "{}",
+            r.summary()
+        );
         assert!(ProbeResult::from_mask(0, 7).passed);
     }
 
@@ -536,10 +662,14 @@ mod tests {
         let ok = report([None; 3], [None, Some("eof"), None]);
         let r = judge(&ok, 6, 3).unwrap();
         assert_eq!(r.failed, vec!["rst-on-unread-close"]);
-        assert!(judge(&ok, 4, 3).unwrap_err().contains("4 sockets accelerated"));
+        assert!(judge(&ok, 4, 3)
+            .unwrap_err()
+            .contains("4 sockets accelerated"));
         assert!(judge(&ok, 6, 0).is_err());
         let bad_control = report([None, None, Some("x")], [None; 3]);
-        assert!(judge(&bad_control, 6, 3).unwrap_err().contains("plain TCP too"));
+        assert!(judge(&bad_control, 6, 3)
+            .unwrap_err()
+            .contains("plain TCP too"));
         let missing = InsideReport { checks: Vec::new() };
         assert!(judge(&missing, 6, 3).is_err());
     }

@@ -2,16 +2,10 @@
 
 use std::fmt::Write as _;
 
-use redirect_common::{reason::Chain, cidr_kind, CounterValue, Reason};
+use redirect_common::{cidr_kind, reason::Chain, CounterValue, Reason};
 use serde::Serialize;
 
-use crate::{
-    config::PodSpec,
-    error::Result,
-    maps::Maps,
-    pins::Pins,
-    sys,
-};
+use crate::{config::PodSpec, error::Result, maps::Maps, pins::Pins, sys};
 
 /// Display order: the order of the rules they stand for.
 const OUTPUT_ORDER: [Reason; 12] = [
@@ -112,17 +106,49 @@ pub fn status(pins: &Pins) -> Result<Status> {
     // Capacities as pinned (`--map-size` may have changed them).
     let cap = |m| crate::mapsize::pinned_max_entries(&pins.maps_dir(), m);
     let map_usage = vec![
-        MapUsage { map: redirect_common::MAP_PODS, entries: pods.len(), max_entries: cap(redirect_common::MAP_PODS) },
-        MapUsage { map: redirect_common::MAP_ORIG_BY_COOKIE, entries: by_cookie, max_entries: cap(redirect_common::MAP_ORIG_BY_COOKIE) },
-        MapUsage { map: redirect_common::MAP_ORIG_BY_TUPLE, entries: by_tuple, max_entries: cap(redirect_common::MAP_ORIG_BY_TUPLE) },
-        MapUsage { map: redirect_common::MAP_SOCKS, entries: maps.accelerated_sockets(), max_entries: cap(redirect_common::MAP_SOCKS) },
+        MapUsage {
+            map: redirect_common::MAP_PODS,
+            entries: pods.len(),
+            max_entries: cap(redirect_common::MAP_PODS),
+        },
+        MapUsage {
+            map: redirect_common::MAP_ORIG_BY_COOKIE,
+            entries: by_cookie,
+            max_entries: cap(redirect_common::MAP_ORIG_BY_COOKIE),
+        },
+        MapUsage {
+            map: redirect_common::MAP_ORIG_BY_TUPLE,
+            entries: by_tuple,
+            max_entries: cap(redirect_common::MAP_ORIG_BY_TUPLE),
+        },
+        MapUsage {
+            map: redirect_common::MAP_SOCKS,
+            entries: maps.accelerated_sockets(),
+            max_entries: cap(redirect_common::MAP_SOCKS),
+        },
         // Full, these refuse captures (ports, CIDRs) or lose counts
         // (counters, which has no counter of its own): watch them here.
-        MapUsage { map: redirect_common::MAP_PORTS, entries: maps.ports.keys().count(), max_entries: cap(redirect_common::MAP_PORTS) },
-        MapUsage { map: redirect_common::MAP_CIDRS, entries: maps.cidrs.keys().count(), max_entries: cap(redirect_common::MAP_CIDRS) },
-        MapUsage { map: redirect_common::MAP_COUNTERS, entries: maps.counters.keys().count(), max_entries: cap(redirect_common::MAP_COUNTERS) },
+        MapUsage {
+            map: redirect_common::MAP_PORTS,
+            entries: maps.ports.keys().count(),
+            max_entries: cap(redirect_common::MAP_PORTS),
+        },
+        MapUsage {
+            map: redirect_common::MAP_CIDRS,
+            entries: maps.cidrs.keys().count(),
+            max_entries: cap(redirect_common::MAP_CIDRS),
+        },
+        MapUsage {
+            map: redirect_common::MAP_COUNTERS,
+            entries: maps.counters.keys().count(),
+            max_entries: cap(redirect_common::MAP_COUNTERS),
+        },
         // Soft state (LRU): what acceleration learned about short-lived ports.
-        MapUsage { map: redirect_common::MAP_ACCEL_PORTS, entries: maps.accel_ports.as_ref().map_or(0, |m| m.keys().count()), max_entries: cap(redirect_common::MAP_ACCEL_PORTS) },
+        MapUsage {
+            map: redirect_common::MAP_ACCEL_PORTS,
+            entries: maps.accel_ports.as_ref().map_or(0, |m| m.keys().count()),
+            max_entries: cap(redirect_common::MAP_ACCEL_PORTS),
+        },
     ];
     Ok(Status {
         pin_dir: pins.root.display().to_string(),
@@ -156,7 +182,15 @@ impl Status {
     pub fn render(&self) -> String {
         let mut s = String::new();
         let _ = writeln!(s, "install: {}", self.pin_dir);
-        let _ = writeln!(s, "attached cgroups: {}", if self.cgroups.is_empty() { "none".into() } else { self.cgroups.join(", ") });
+        let _ = writeln!(
+            s,
+            "attached cgroups: {}",
+            if self.cgroups.is_empty() {
+                "none".into()
+            } else {
+                self.cgroups.join(", ")
+            }
+        );
         let _ = writeln!(
             s,
             "acceleration kernel probe: {}",
@@ -180,15 +214,27 @@ impl Status {
             let _ = writeln!(
                 s,
                 "  inbound: {}; proxy listener on {}: {}",
-                if p.inbound_attached { "sk_lookup attached" } else { "NOT attached" },
+                if p.inbound_attached {
+                    "sk_lookup attached"
+                } else {
+                    "NOT attached"
+                },
                 p.config.inbound_port,
-                if p.inbound_listeners.is_empty() { "none yet".into() } else { p.inbound_listeners.join(", ") }
+                if p.inbound_listeners.is_empty() {
+                    "none yet".into()
+                } else {
+                    p.inbound_listeners.join(", ")
+                }
             );
             let _ = writeln!(s, "  acceleration: {}", p.acceleration);
         }
         let _ = writeln!(s);
         for m in &self.map_usage {
-            let _ = writeln!(s, "map {}: {} / {} entries", m.map, m.entries, m.max_entries);
+            let _ = writeln!(
+                s,
+                "map {}: {} / {} entries",
+                m.map, m.entries, m.max_entries
+            );
         }
         if self.counters_lost > 0 {
             let _ = writeln!(s, "{}", counters_lost_warning(self.counters_lost));
@@ -298,7 +344,12 @@ pub fn render_stats(pods: &[PodStats]) -> String {
         s.push_str("no captured pods\n");
     }
     for p in pods {
-        let _ = writeln!(s, "Pod {} (netns cookie {})", p.netns.as_deref().unwrap_or("<no path found>"), p.netns_cookie);
+        let _ = writeln!(
+            s,
+            "Pod {} (netns cookie {})",
+            p.netns.as_deref().unwrap_or("<no path found>"),
+            p.netns_cookie
+        );
         let _ = writeln!(s, "acceleration: {}", p.acceleration);
         let mut chain = "";
         for r in &p.rules {
@@ -307,7 +358,14 @@ pub fn render_stats(pods: &[PodStats]) -> String {
                 let _ = writeln!(s, "{}", chain_title(chain));
                 let _ = writeln!(s, "{:>9} {:>9} {:<9} rule", "conns", "bytes", "target");
             }
-            let _ = writeln!(s, "{:>9} {:>9} {:<9} {}", human(r.count), human(r.bytes), r.target, r.description);
+            let _ = writeln!(
+                s,
+                "{:>9} {:>9} {:<9} {}",
+                human(r.count),
+                human(r.bytes),
+                r.target,
+                r.description
+            );
         }
         s.push('\n');
     }

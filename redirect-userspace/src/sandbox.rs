@@ -22,7 +22,11 @@ static SEQ: AtomicU32 = AtomicU32::new(0);
 /// A name unique to this process and call: `<prefix><pid>x<n>` (short
 /// enough for interface names when prefix is ≤ 4 chars).
 pub fn unique(prefix: &str) -> String {
-    format!("{prefix}{}x{}", std::process::id(), SEQ.fetch_add(1, Ordering::SeqCst))
+    format!(
+        "{prefix}{}x{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::SeqCst)
+    )
 }
 
 /// Run a command, failing with its stderr.
@@ -130,10 +134,18 @@ pub struct Finished {
 
 /// Run `program args` placed as asked, collecting its output; killed (by
 /// PID) if still running after `timeout`. Err only when it cannot start.
-pub fn run_placed(program: &Path, args: &[&str], p: &Placement, timeout: Duration) -> io::Result<Finished> {
+pub fn run_placed(
+    program: &Path,
+    args: &[&str],
+    p: &Placement,
+    timeout: Duration,
+) -> io::Result<Finished> {
     use std::io::Read;
     let mut cmd = Command::new(program);
-    cmd.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     place(&mut cmd, p)?;
     let mut child = cmd.spawn()?;
     let drain = |mut r: Box<dyn Read + Send>| {
@@ -159,7 +171,12 @@ pub fn run_placed(program: &Path, args: &[&str], p: &Placement, timeout: Duratio
             Err(_) => break None,
         }
     };
-    Ok(Finished { status, stdout: t_out.join().unwrap_or_default(), stderr: t_err.join().unwrap_or_default(), timed_out })
+    Ok(Finished {
+        status,
+        stdout: t_out.join().unwrap_or_default(),
+        stderr: t_err.join().unwrap_or_default(),
+        timed_out,
+    })
 }
 
 /// Prepare `cmd` to start inside the placement: it joins the cgroup
@@ -167,7 +184,11 @@ pub fn run_placed(program: &Path, args: &[&str], p: &Placement, timeout: Duratio
 /// cleared).
 pub fn place(cmd: &mut Command, p: &Placement) -> io::Result<()> {
     let procs = match &p.cgroup {
-        Some(cg) => Some(std::fs::OpenOptions::new().write(true).open(cg.join("cgroup.procs"))?),
+        Some(cg) => Some(
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(cg.join("cgroup.procs"))?,
+        ),
         None => None,
     };
     let ns = match &p.netns {
@@ -213,18 +234,36 @@ pub struct ChildGuard {
 impl ChildGuard {
     /// Start `cmd` placed as asked, stdout piped; wait for its first stdout
     /// line when `wait_ready` (the kit tools print one when listening).
-    pub fn spawn(name: &str, mut cmd: Command, p: &Placement, wait_ready: bool) -> io::Result<ChildGuard> {
+    pub fn spawn(
+        name: &str,
+        mut cmd: Command,
+        p: &Placement,
+        wait_ready: bool,
+    ) -> io::Result<ChildGuard> {
         place(&mut cmd, p)?;
-        cmd.stdin(Stdio::null()).stdout(if wait_ready { Stdio::piped() } else { Stdio::null() });
-        let child = cmd.spawn().map_err(|e| io::Error::new(e.kind(), format!("starting {name}: {e}")))?;
-        let mut g = ChildGuard { child, name: name.into(), lines: None };
+        cmd.stdin(Stdio::null()).stdout(if wait_ready {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        });
+        let child = cmd
+            .spawn()
+            .map_err(|e| io::Error::new(e.kind(), format!("starting {name}: {e}")))?;
+        let mut g = ChildGuard {
+            child,
+            name: name.into(),
+            lines: None,
+        };
         if wait_ready {
             let out = g.child.stdout.take().expect("piped");
             let mut r = BufReader::new(out);
             let mut line = String::new();
             r.read_line(&mut line)?;
             if !line.contains("ready") {
-                return Err(io::Error::other(format!("{name} did not start: {line:?} {:?}", g.child.try_wait())));
+                return Err(io::Error::other(format!(
+                    "{name} did not start: {line:?} {:?}",
+                    g.child.try_wait()
+                )));
             }
             // Keep draining so the child never blocks on a full pipe.
             let (tx, rx) = std::sync::mpsc::channel::<String>();
@@ -295,16 +334,47 @@ impl Topology {
         // The pair is created in our netns first, so use unique temporary
         // names there, then rename to eth0 inside each namespace.
         let (a, b) = (unique("va"), unique("vb"));
-        run("ip", &["link", "add", &a, "netns", &pod.name, "type", "veth", "peer", "name", &b, "netns", &upstream.name])?;
+        run(
+            "ip",
+            &[
+                "link",
+                "add",
+                &a,
+                "netns",
+                &pod.name,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &b,
+                "netns",
+                &upstream.name,
+            ],
+        )?;
         pod.ip(&["link", "set", &a, "name", "eth0"])?;
         upstream.ip(&["link", "set", &b, "name", "eth0"])?;
-        for (ns, v4, v6) in [(&pod, POD_V4, POD_V6), (&upstream, UPSTREAM_V4, UPSTREAM_V6)] {
+        for (ns, v4, v6) in [
+            (&pod, POD_V4, POD_V6),
+            (&upstream, UPSTREAM_V4, UPSTREAM_V6),
+        ] {
             ns.ip(&["addr", "add", &format!("{v4}/24"), "dev", "eth0"])?;
-            ns.ip(&["-6", "addr", "add", &format!("{v6}/64"), "dev", "eth0", "nodad"])?;
+            ns.ip(&[
+                "-6",
+                "addr",
+                "add",
+                &format!("{v6}/64"),
+                "dev",
+                "eth0",
+                "nodad",
+            ])?;
             ns.ip(&["link", "set", "eth0", "up"])?;
         }
         let cgroup = CgroupGuard::new(&format!("redirect-{tag}-{id}"))?;
-        Ok(Topology { pod, upstream, cgroup })
+        Ok(Topology {
+            pod,
+            upstream,
+            cgroup,
+        })
     }
 
     pub fn in_pod(&self, uid: u32, gid: u32) -> Placement {
@@ -323,4 +393,3 @@ impl Topology {
         }
     }
 }
-

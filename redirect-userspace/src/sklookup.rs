@@ -74,22 +74,34 @@ pub struct SkLookupTemplate {
 impl SkLookupTemplate {
     /// Parse `object` and relocate `program` against the maps pinned in
     /// `maps_dir`; `global` is the u64 set per instance.
-    pub fn new(object: &[u8], maps_dir: &Path, program: &str, global: &str) -> Result<SkLookupTemplate> {
+    pub fn new(
+        object: &[u8],
+        maps_dir: &Path,
+        program: &str,
+        global: &str,
+    ) -> Result<SkLookupTemplate> {
         let what = |s: &str| format!("preparing the {program} program: {s}");
-        let mut obj = Object::parse(object).map_err(|e| Error::bpf(what("parsing the kernel object"), e))?;
+        let mut obj =
+            Object::parse(object).map_err(|e| Error::bpf(what("parsing the kernel object"), e))?;
         let sentinel = SENTINEL.to_ne_bytes();
         obj.patch_map_data(HashMap::from([(global, (&sentinel[..], true))]))
             .map_err(|e| Error::bpf(what(&format!("no global {global} in the kernel object (rebuild with `cargo xtask build-ebpf`)")), e))?;
         let mut section = None;
         for (name, m) in &obj.maps {
             let data = m.data();
-            let hits: Vec<usize> = (0..data.len().saturating_sub(7)).filter(|&i| data[i..i + 8] == sentinel).collect();
+            let hits: Vec<usize> = (0..data.len().saturating_sub(7))
+                .filter(|&i| data[i..i + 8] == sentinel)
+                .collect();
             if let [off] = hits[..] {
                 section = Some((name.clone(), off, data.to_vec()));
             }
         }
-        let (section, cookie_offset, rodata) =
-            section.ok_or_else(|| Error::bpf(what(&format!("global {global} not found once in a data section")), io::Error::other("layout")))?;
+        let (section, cookie_offset, rodata) = section.ok_or_else(|| {
+            Error::bpf(
+                what(&format!("global {global} not found once in a data section")),
+                io::Error::other("layout"),
+            )
+        })?;
 
         let mut fds: Vec<(String, RawFd)> = Vec::new();
         let mut keep = Vec::new();
@@ -100,7 +112,8 @@ impl SkLookupTemplate {
                 let path = maps_dir.join(name);
                 let fd = obj_get(&path).map_err(|e| Error::io("opening pinned map", &path, e))?;
                 let raw = fd.as_raw_fd();
-                let id = map_id(fd.as_fd()).map_err(|e| Error::io("reading the id of pinned map", &path, e))?;
+                let id = map_id(fd.as_fd())
+                    .map_err(|e| Error::io("reading the id of pinned map", &path, e))?;
                 keep.push((fd, path, id));
                 raw
             } else {
@@ -111,32 +124,55 @@ impl SkLookupTemplate {
         let text_sections: HashSet<usize> = obj.functions.keys().map(|(s, _)| *s).collect();
         let by_name: HashMap<String, RawFd> = fds.into_iter().collect();
         // relocate_maps takes &mut obj: hand it a copy of the map table.
-        let maps_owned: Vec<(String, RawFd, aya_obj::Map)> = obj.maps.iter().map(|(n, m)| (n.clone(), by_name[n], m.clone())).collect();
-        obj.relocate_maps(maps_owned.iter().map(|(n, f, m)| (n.as_str(), *f, m)), &text_sections)
-            .map_err(|e| Error::bpf(what("relocating map references"), e))?;
-        obj.relocate_calls(&text_sections).map_err(|e| Error::bpf(what("linking functions"), e))?;
-        let prog = obj
-            .programs
-            .get(program)
-            .ok_or_else(|| Error::bpf(what("missing from the kernel object (rebuild with `cargo xtask build-ebpf`)"), io::Error::other("no such program")))?;
+        let maps_owned: Vec<(String, RawFd, aya_obj::Map)> = obj
+            .maps
+            .iter()
+            .map(|(n, m)| (n.clone(), by_name[n], m.clone()))
+            .collect();
+        obj.relocate_maps(
+            maps_owned.iter().map(|(n, f, m)| (n.as_str(), *f, m)),
+            &text_sections,
+        )
+        .map_err(|e| Error::bpf(what("relocating map references"), e))?;
+        obj.relocate_calls(&text_sections)
+            .map_err(|e| Error::bpf(what("linking functions"), e))?;
+        let prog = obj.programs.get(program).ok_or_else(|| {
+            Error::bpf(
+                what("missing from the kernel object (rebuild with `cargo xtask build-ebpf`)"),
+                io::Error::other("no such program"),
+            )
+        })?;
         let insns = obj.functions[&prog.function_key()].instructions.clone();
         let refers = |mark: RawFd| {
             (0..insns.len())
                 .filter(|&i| {
                     let s = insns[i].src_reg() as u32;
-                    insns[i].code == LD_IMM64 && (s == BPF_PSEUDO_MAP_FD || s == BPF_PSEUDO_MAP_VALUE) && insns[i].imm == mark
+                    insns[i].code == LD_IMM64
+                        && (s == BPF_PSEUDO_MAP_FD || s == BPF_PSEUDO_MAP_VALUE)
+                        && insns[i].imm == mark
                 })
                 .collect::<Vec<_>>()
         };
         if !refers(OTHER_MARK).is_empty() {
-            return Err(Error::bpf(what("it uses a map that is not pinned"), io::Error::other("unsupported map")));
+            return Err(Error::bpf(
+                what("it uses a map that is not pinned"),
+                io::Error::other("unsupported map"),
+            ));
         }
         let rodata_refs = refers(RODATA_MARK);
         let mut name = [0u8; 16];
         for (d, s) in name.iter_mut().zip(program.bytes().take(15)) {
             *d = s;
         }
-        Ok(SkLookupTemplate { insns, rodata_refs, rodata, cookie_offset, license: prog.license.clone(), name, maps: keep })
+        Ok(SkLookupTemplate {
+            insns,
+            rodata_refs,
+            rodata,
+            cookie_offset,
+            license: prog.license.clone(),
+            name,
+            maps: keep,
+        })
     }
 
     /// Are the maps pinned now the ones the instructions refer to? Not
@@ -144,7 +180,12 @@ impl SkLookupTemplate {
     /// then a new `attach`) under a running agent: the template must then
     /// be made again, or new pods' instances would read the old maps.
     pub fn is_current(&self) -> bool {
-        self.maps.iter().all(|(_, path, id)| obj_get(path).and_then(|fd| map_id(fd.as_fd())).map(|now| now == *id).unwrap_or(false))
+        self.maps.iter().all(|(_, path, id)| {
+            obj_get(path)
+                .and_then(|fd| map_id(fd.as_fd()))
+                .map(|now| now == *id)
+                .unwrap_or(false)
+        })
     }
 
     /// Load an instance for the pod with this netns cookie; the returned
@@ -152,7 +193,14 @@ impl SkLookupTemplate {
     pub fn load(&self, cookie: u64) -> io::Result<OwnedFd> {
         let mut data = self.rodata.clone();
         data[self.cookie_offset..self.cookie_offset + 8].copy_from_slice(&cookie.to_ne_bytes());
-        let map = map_create(BPF_MAP_TYPE_ARRAY, 4, data.len() as u32, 1, BPF_F_RDONLY_PROG, b".rodata")?;
+        let map = map_create(
+            BPF_MAP_TYPE_ARRAY,
+            4,
+            data.len() as u32,
+            1,
+            BPF_F_RDONLY_PROG,
+            b".rodata",
+        )?;
         map_update(map.as_fd(), &0u32.to_ne_bytes(), &data)?;
         map_freeze(map.as_fd())?;
         let mut insns = self.insns.clone();
@@ -167,15 +215,35 @@ impl SkLookupTemplate {
                 let _ = prog_load(&insns, &self.license, &self.name, Some(&mut log));
                 let end = log.iter().position(|&b| b == 0).unwrap_or(log.len());
                 let text = String::from_utf8_lossy(&log[..end]);
-                let tail: Vec<&str> = text.lines().rev().take(20).collect::<Vec<_>>().into_iter().rev().collect();
-                Err(io::Error::new(e.kind(), format!("BPF_PROG_LOAD: {e}; verifier log (tail):\n{}", tail.join("\n"))))
+                let tail: Vec<&str> = text
+                    .lines()
+                    .rev()
+                    .take(20)
+                    .collect::<Vec<_>>()
+                    .into_iter()
+                    .rev()
+                    .collect();
+                Err(io::Error::new(
+                    e.kind(),
+                    format!(
+                        "BPF_PROG_LOAD: {e}; verifier log (tail):\n{}",
+                        tail.join("\n")
+                    ),
+                ))
             }
         }
     }
 }
 
 fn bpf(cmd: libc::c_long, attr: &mut [u64; 16]) -> io::Result<i32> {
-    let r = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), std::mem::size_of_val(attr)) };
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr.as_mut_ptr(),
+            std::mem::size_of_val(attr),
+        )
+    };
     if r < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -211,10 +279,20 @@ fn obj_get(path: &Path) -> io::Result<OwnedFd> {
     bpf(BPF_OBJ_GET, &mut attr).map(fd)
 }
 
-fn map_create(map_type: u32, key_size: u32, value_size: u32, max_entries: u32, flags: u32, name: &[u8]) -> io::Result<OwnedFd> {
+fn map_create(
+    map_type: u32,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+    flags: u32,
+    name: &[u8],
+) -> io::Result<OwnedFd> {
     let mut attr = [0u64; 16];
     // { map_type, key_size, value_size, max_entries, map_flags, inner_map_fd, numa_node, map_name[16] @28 }
-    for (i, v) in [map_type, key_size, value_size, max_entries, flags].into_iter().enumerate() {
+    for (i, v) in [map_type, key_size, value_size, max_entries, flags]
+        .into_iter()
+        .enumerate()
+    {
         put(&mut attr, i * 4, &v.to_ne_bytes());
     }
     put(&mut attr, 28, &name[..name.len().min(15)]);
@@ -236,7 +314,12 @@ fn map_freeze(map: BorrowedFd<'_>) -> io::Result<()> {
     bpf(BPF_MAP_FREEZE, &mut attr).map(drop)
 }
 
-fn prog_load(insns: &[bpf_insn], license: &CString, name: &[u8; 16], log: Option<&mut Vec<u8>>) -> io::Result<OwnedFd> {
+fn prog_load(
+    insns: &[bpf_insn],
+    license: &CString,
+    name: &[u8; 16],
+    log: Option<&mut Vec<u8>>,
+) -> io::Result<OwnedFd> {
     let mut attr = [0u64; 16];
     // { u32 prog_type; u32 insn_cnt; u64 insns @8; u64 license @16;
     //   u32 log_level @24; u32 log_size @28; u64 log_buf @32;

@@ -31,14 +31,19 @@ fn statfs_type(path: &Path) -> std::io::Result<i64> {
 /// Effective capabilities needed to load, attach and pin, and to take a
 /// proxy's listener from another process.
 pub fn check_privileges() -> Result<()> {
-    let status = std::fs::read_to_string("/proc/self/status").map_err(|e| Error::io("reading", "/proc/self/status", e))?;
+    let status = std::fs::read_to_string("/proc/self/status")
+        .map_err(|e| Error::io("reading", "/proc/self/status", e))?;
     let caps = status
         .lines()
         .find_map(|l| l.strip_prefix("CapEff:"))
         .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
         .unwrap_or(0);
     let need = [(21, "CAP_SYS_ADMIN"), (12, "CAP_NET_ADMIN")];
-    let missing: Vec<_> = need.iter().filter(|(b, _)| caps & (1 << b) == 0).map(|(_, n)| *n).collect();
+    let missing: Vec<_> = need
+        .iter()
+        .filter(|(b, _)| caps & (1 << b) == 0)
+        .map(|(_, n)| *n)
+        .collect();
     let bpf_ok = caps & (1 << 39) != 0 || caps & (1 << 21) != 0;
     if !missing.is_empty() || !bpf_ok {
         let mut missing = missing;
@@ -64,7 +69,8 @@ pub fn check_btf() -> Result<()> {
 /// The cgroup2 mount point, read from /proc/mounts (hybrid layouts put it
 /// at /sys/fs/cgroup/unified, unified ones at /sys/fs/cgroup).
 pub fn cgroup2_mount() -> Result<PathBuf> {
-    let mounts = std::fs::read_to_string("/proc/mounts").map_err(|e| Error::io("reading", "/proc/mounts", e))?;
+    let mounts = std::fs::read_to_string("/proc/mounts")
+        .map_err(|e| Error::io("reading", "/proc/mounts", e))?;
     mounts
         .lines()
         .filter_map(|l| {
@@ -83,7 +89,12 @@ pub fn open_cgroup(path: &Path) -> Result<File> {
         Ok(_) => {
             return Err(Error::NotCgroup2 {
                 path: path.into(),
-                reason: format!("it is not on the cgroup2 filesystem (cgroup2 is mounted at {})", cgroup2_mount().map(|p| p.display().to_string()).unwrap_or_else(|_| "nowhere".into())),
+                reason: format!(
+                    "it is not on the cgroup2 filesystem (cgroup2 is mounted at {})",
+                    cgroup2_mount()
+                        .map(|p| p.display().to_string())
+                        .unwrap_or_else(|_| "nowhere".into())
+                ),
             })
         }
         Err(e) => {
@@ -102,11 +113,28 @@ pub fn ensure_bpffs(pin_dir: &Path) -> Result<()> {
     let bpffs = Path::new(DEFAULT_BPFFS);
     if pin_dir.starts_with(bpffs) && statfs_type(bpffs).ok() != Some(BPF_FS_MAGIC) {
         std::fs::create_dir_all(bpffs).map_err(|e| Error::io("creating", bpffs, e))?;
-        let (src, dst, ty, data) = (c"bpf", CString::new(DEFAULT_BPFFS).unwrap(), c"bpf", c"mode=0700");
-        if unsafe { libc::mount(src.as_ptr(), dst.as_ptr(), ty.as_ptr(), 0, data.as_ptr().cast()) } != 0 {
+        let (src, dst, ty, data) = (
+            c"bpf",
+            CString::new(DEFAULT_BPFFS).unwrap(),
+            c"bpf",
+            c"mode=0700",
+        );
+        if unsafe {
+            libc::mount(
+                src.as_ptr(),
+                dst.as_ptr(),
+                ty.as_ptr(),
+                0,
+                data.as_ptr().cast(),
+            )
+        } != 0
+        {
             return Err(Error::NotBpffs {
                 path: pin_dir.into(),
-                reason: format!("mounting bpffs at {DEFAULT_BPFFS} failed: {}", std::io::Error::last_os_error()),
+                reason: format!(
+                    "mounting bpffs at {DEFAULT_BPFFS} failed: {}",
+                    std::io::Error::last_os_error()
+                ),
             });
         }
     }
@@ -154,7 +182,9 @@ impl Netns {
         };
         let file = File::open(path).map_err(|e| not(e.to_string()))?;
         let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-        if unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) } != 0 || st.f_type as i64 != NSFS_MAGIC {
+        if unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) } != 0
+            || st.f_type as i64 != NSFS_MAGIC
+        {
             return Err(not("not a namespace file (nsfs)".into()));
         }
         let ty = unsafe { libc::ioctl(file.as_raw_fd(), NS_GET_NSTYPE) };
@@ -186,17 +216,28 @@ impl Netns {
     /// The netns cookie the kernel programs key pods by.
     pub fn cookie(&self) -> Result<u64> {
         self.run(|| {
-            let s = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+            let s =
+                unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
             if s < 0 {
                 return Err(std::io::Error::last_os_error());
             }
             let mut v: u64 = 0;
             let mut len = 8 as libc::socklen_t;
-            let r = unsafe { libc::getsockopt(s, libc::SOL_SOCKET, SO_NETNS_COOKIE, (&mut v as *mut u64).cast(), &mut len) };
+            let r = unsafe {
+                libc::getsockopt(
+                    s,
+                    libc::SOL_SOCKET,
+                    SO_NETNS_COOKIE,
+                    (&mut v as *mut u64).cast(),
+                    &mut len,
+                )
+            };
             let err = std::io::Error::last_os_error();
             unsafe { libc::close(s) };
             if r != 0 {
-                return Err(std::io::Error::other(format!("SO_NETNS_COOKIE (kernel 5.14+ needed): {err}")));
+                return Err(std::io::Error::other(format!(
+                    "SO_NETNS_COOKIE (kernel 5.14+ needed): {err}"
+                )));
             }
             Ok(v)
         })
@@ -204,7 +245,12 @@ impl Netns {
 
     /// The addresses configured inside the netns, loopback ones excluded.
     pub fn addresses(&self) -> Result<Vec<IpAddr>> {
-        self.run(|| Ok(local_addresses()?.into_iter().filter(|a| !a.is_loopback()).collect()))
+        self.run(|| {
+            Ok(local_addresses()?
+                .into_iter()
+                .filter(|a| !a.is_loopback())
+                .collect())
+        })
     }
 }
 
@@ -259,7 +305,10 @@ pub fn netns_name(inode: u64) -> Option<String> {
     for dir in ["/run/netns", "/var/run/netns"] {
         if let Ok(rd) = std::fs::read_dir(dir) {
             for e in rd.flatten() {
-                if std::fs::metadata(e.path()).map(|m| m.ino() == inode).unwrap_or(false) {
+                if std::fs::metadata(e.path())
+                    .map(|m| m.ino() == inode)
+                    .unwrap_or(false)
+                {
                     return Some(e.path().display().to_string());
                 }
             }
@@ -268,11 +317,17 @@ pub fn netns_name(inode: u64) -> Option<String> {
     let rd = std::fs::read_dir("/proc").ok()?;
     for e in rd.flatten() {
         let name = e.file_name();
-        let Some(pid) = name.to_str().filter(|n| n.bytes().all(|b| b.is_ascii_digit())) else {
+        let Some(pid) = name
+            .to_str()
+            .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        else {
             continue;
         };
         let p = format!("/proc/{pid}/ns/net");
-        if std::fs::metadata(&p).map(|m| m.ino() == inode).unwrap_or(false) {
+        if std::fs::metadata(&p)
+            .map(|m| m.ino() == inode)
+            .unwrap_or(false)
+        {
             return Some(p);
         }
     }

@@ -86,7 +86,11 @@ pub fn prog_tag(prog: BorrowedFd<'_>) -> io::Result<[u8; 8]> {
 
 /// BPF_LINK_UPDATE: the link runs `new` from now on. With `old`, only if
 /// it still runs `old` (BPF_F_REPLACE).
-pub fn link_update(link: BorrowedFd<'_>, new: BorrowedFd<'_>, old: Option<BorrowedFd<'_>>) -> io::Result<()> {
+pub fn link_update(
+    link: BorrowedFd<'_>,
+    new: BorrowedFd<'_>,
+    old: Option<BorrowedFd<'_>>,
+) -> io::Result<()> {
     let mut attr = [0u8; 128];
     // { u32 link_fd; u32 new_prog_fd; u32 flags; u32 old_prog_fd; }
     put32(&mut attr, 0, link.as_raw_fd() as u32);

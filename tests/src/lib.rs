@@ -20,13 +20,21 @@ pub const PROXY_UID: u32 = 1337;
 
 pub fn redirect_bin() -> PathBuf {
     let p = sibling_binary("redirect");
-    assert!(p.exists(), "{} missing: run `cargo xtask test` (it builds the binaries first)", p.display());
+    assert!(
+        p.exists(),
+        "{} missing: run `cargo xtask test` (it builds the binaries first)",
+        p.display()
+    );
     p
 }
 
 pub fn kit_bin() -> PathBuf {
     let p = sibling_binary("redirect-kit");
-    assert!(p.exists(), "{} missing: run `cargo xtask test`", p.display());
+    assert!(
+        p.exists(),
+        "{} missing: run `cargo xtask test`",
+        p.display()
+    );
     p
 }
 
@@ -40,7 +48,10 @@ pub struct Pod {
 impl Pod {
     pub fn new(tag: &str) -> Pod {
         let topo = Topology::new(tag).unwrap_or_else(|e| panic!("creating topology {tag}: {e}"));
-        let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{}", redirect_userspace::sandbox::unique("rdt-")));
+        let pin_dir = PathBuf::from(format!(
+            "/sys/fs/bpf/{}",
+            redirect_userspace::sandbox::unique("rdt-")
+        ));
         Pod {
             topo,
             pin_dir,
@@ -66,7 +77,13 @@ impl Pod {
     pub fn attach(&self, flags: &[&str]) -> Output {
         let ns = self.pod_netns();
         let cg = self.topo.cgroup.path.clone();
-        let mut args = vec!["attach", "--netns", ns.to_str().unwrap(), "--cgroup", cg.to_str().unwrap()];
+        let mut args = vec![
+            "attach",
+            "--netns",
+            ns.to_str().unwrap(),
+            "--cgroup",
+            cg.to_str().unwrap(),
+        ];
         args.extend_from_slice(flags);
         let out = self.redirect(&args);
         assert!(
@@ -85,7 +102,24 @@ impl Pod {
 
     /// Istio's injected flags plus `extra`.
     pub fn attach_istio_default_with(&self, extra: &[&str]) -> Output {
-        let mut flags = vec!["-p", "15001", "-z", "15006", "-u", "1337", "-m", "REDIRECT", "-i", "*", "-x", "", "-b", "*", "-d", "15090,15021,15020"];
+        let mut flags = vec![
+            "-p",
+            "15001",
+            "-z",
+            "15006",
+            "-u",
+            "1337",
+            "-m",
+            "REDIRECT",
+            "-i",
+            "*",
+            "-x",
+            "",
+            "-b",
+            "*",
+            "-d",
+            "15090,15021,15020",
+        ];
         flags.extend_from_slice(extra);
         self.attach(&flags)
     }
@@ -107,7 +141,10 @@ impl Pod {
 
     /// Echo server in the upstream netns on `port`, v4 and v6.
     pub fn start_upstream(&mut self, port: u16) {
-        let (a, b) = (format!("{UPSTREAM_V4}:{port}"), format!("[{UPSTREAM_V6}]:{port}"));
+        let (a, b) = (
+            format!("{UPSTREAM_V4}:{port}"),
+            format!("[{UPSTREAM_V6}]:{port}"),
+        );
         let p = self.topo.in_upstream();
         self.spawn("upstream", &["echo", "--listen", &a, "--listen", &b], &p);
     }
@@ -128,8 +165,13 @@ impl Pod {
         }
         redirect_userspace::sandbox::place(&mut cmd, p).expect("placing client");
         let out = cmd.output().expect("running client");
-        serde_json::from_slice(&out.stdout)
-            .unwrap_or_else(|e| panic!("client output {:?} {:?}: {e}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "client output {:?} {:?}: {e}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
     }
 
     /// One kit client connection sending `size` bytes of a deterministic
@@ -157,14 +199,20 @@ impl Pod {
     pub fn stats(&self) -> serde_json::Value {
         let ns = self.pod_netns();
         let out = self.redirect(&["stats", "--netns", ns.to_str().unwrap(), "--json"]);
-        assert!(out.status.success(), "stats: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "stats: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         serde_json::from_slice(&out.stdout).expect("stats json")
     }
 
     /// One counter: chain ("OUTPUT", "PREROUTING", "ORIGINAL_DST",
     /// "ERRORS") and rule name (see `Reason::name`).
     pub fn counter(&self, chain: &str, rule: &str) -> u64 {
-        stats_rule(&self.stats()[0], chain, rule)["count"].as_u64().expect("count")
+        stats_rule(&self.stats()[0], chain, rule)["count"]
+            .as_u64()
+            .expect("count")
     }
 }
 
@@ -174,7 +222,11 @@ impl Drop for Pod {
         if self.pin_dir.exists() {
             let out = self.redirect(&["uninstall"]);
             if !out.status.success() {
-                eprintln!("uninstall of {} failed: {}", self.pin_dir.display(), String::from_utf8_lossy(&out.stderr));
+                eprintln!(
+                    "uninstall of {} failed: {}",
+                    self.pin_dir.display(),
+                    String::from_utf8_lossy(&out.stderr)
+                );
                 let _ = std::fs::remove_dir_all(&self.pin_dir);
             }
         }
@@ -185,11 +237,24 @@ impl Drop for Pod {
 /// pattern; the echo is checked byte for byte.
 pub fn client_sized(p: &Placement, dst: &str, size: usize) -> ClientReport {
     let mut cmd = Command::new(kit_bin());
-    cmd.args(["client", "--connect", dst, "--timeout-ms", "10000", "--size", &size.to_string()]);
+    cmd.args([
+        "client",
+        "--connect",
+        dst,
+        "--timeout-ms",
+        "10000",
+        "--size",
+        &size.to_string(),
+    ]);
     redirect_userspace::sandbox::place(&mut cmd, p).expect("placing client");
     let out = cmd.output().expect("running client");
-    serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("client output {:?} {:?}: {e}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "client output {:?} {:?}: {e}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
 }
 
 /// True when the client reached the upstream server through our proxy:
@@ -218,7 +283,10 @@ const HAPROXY_MONITOR_PORT: u16 = 15998;
 impl Haproxy {
     pub fn start(pod: &Pod, proxies: &str) -> Haproxy {
         use std::os::unix::fs::PermissionsExt;
-        assert!(std::path::Path::new(HAPROXY).exists(), "{HAPROXY} missing: run `cargo xtask setup` (or apt-get install -y haproxy)");
+        assert!(
+            std::path::Path::new(HAPROXY).exists(),
+            "{HAPROXY} missing: run `cargo xtask setup` (or apt-get install -y haproxy)"
+        );
         let dir = std::env::temp_dir().join(redirect_userspace::sandbox::unique("rdt-haproxy-"));
         std::fs::create_dir(&dir).expect("haproxy temp dir");
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -231,7 +299,12 @@ impl Haproxy {
         );
         std::fs::write(&cfg, format!("{common}{proxies}")).unwrap();
         std::fs::set_permissions(&cfg, std::fs::Permissions::from_mode(0o644)).unwrap();
-        let check = Command::new(HAPROXY).arg("-c").arg("-f").arg(&cfg).output().expect("running haproxy -c");
+        let check = Command::new(HAPROXY)
+            .arg("-c")
+            .arg("-f")
+            .arg(&cfg)
+            .output()
+            .expect("running haproxy -c");
         if !check.status.success() {
             let _ = std::fs::remove_dir_all(&dir);
             panic!("haproxy config: {}", String::from_utf8_lossy(&check.stderr));
@@ -241,7 +314,8 @@ impl Haproxy {
         cmd.stdin(std::process::Stdio::null())
             .stdout(std::fs::File::create(dir.join("stdout.log")).unwrap())
             .stderr(std::fs::File::create(dir.join("stderr.log")).unwrap());
-        redirect_userspace::sandbox::place(&mut cmd, &pod.topo.in_pod(PROXY_UID, PROXY_UID)).expect("placing haproxy");
+        redirect_userspace::sandbox::place(&mut cmd, &pod.topo.in_pod(PROXY_UID, PROXY_UID))
+            .expect("placing haproxy");
         let child = match cmd.spawn() {
             Ok(c) => c,
             Err(e) => {
@@ -249,7 +323,11 @@ impl Haproxy {
                 panic!("starting haproxy: {e}");
             }
         };
-        let mut h = Haproxy { child, dir, netns: pod.pod_netns() };
+        let mut h = Haproxy {
+            child,
+            dir,
+            netns: pod.pod_netns(),
+        };
         h.wait_ready();
         h
     }
@@ -267,7 +345,8 @@ impl Haproxy {
             let ready = netns
                 .run(|| {
                     let addr = std::net::SocketAddr::from(([127, 0, 0, 1], HAPROXY_MONITOR_PORT));
-                    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200))?;
+                    let mut s =
+                        std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200))?;
                     s.set_read_timeout(Some(Duration::from_secs(1)))?;
                     s.write_all(b"GET /ready HTTP/1.0\r\n\r\n")?;
                     let mut resp = String::new();
@@ -278,7 +357,11 @@ impl Haproxy {
             if ready {
                 return;
             }
-            assert!(std::time::Instant::now() < deadline, "haproxy not ready after 10s: {}", self.output());
+            assert!(
+                std::time::Instant::now() < deadline,
+                "haproxy not ready after 10s: {}",
+                self.output()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -286,7 +369,11 @@ impl Haproxy {
     /// Everything haproxy printed, for failure messages.
     pub fn output(&self) -> String {
         let read = |n: &str| std::fs::read_to_string(self.dir.join(n)).unwrap_or_default();
-        format!("stdout:\n{}\nstderr:\n{}", read("stdout.log"), read("stderr.log"))
+        format!(
+            "stdout:\n{}\nstderr:\n{}",
+            read("stdout.log"),
+            read("stderr.log")
+        )
     }
 
     /// Connection log lines, in order, of one frontend (or of all with
@@ -321,7 +408,11 @@ impl Drop for Haproxy {
 }
 
 /// One row of `redirect stats --json` output for a pod.
-pub fn stats_rule<'a>(pod_stats: &'a serde_json::Value, chain: &str, rule: &str) -> &'a serde_json::Value {
+pub fn stats_rule<'a>(
+    pod_stats: &'a serde_json::Value,
+    chain: &str,
+    rule: &str,
+) -> &'a serde_json::Value {
     pod_stats["rules"]
         .as_array()
         .expect("rules")
@@ -348,14 +439,20 @@ impl KitRun {
             .lines()
             .rev()
             .find_map(|l| serde_json::from_str(l).ok())
-            .unwrap_or_else(|| panic!("no JSON report (timed out: {}); stdout {:?} stderr {:?}", self.timed_out, self.stdout, self.stderr))
+            .unwrap_or_else(|| {
+                panic!(
+                    "no JSON report (timed out: {}); stdout {:?} stderr {:?}",
+                    self.timed_out, self.stdout, self.stderr
+                )
+            })
     }
 }
 
 /// Run `redirect-kit <args>` placed as asked; killed (by PID) if still
 /// running after `timeout`.
 pub fn run_kit(p: &Placement, args: &[&str], timeout: Duration) -> KitRun {
-    let f = redirect_userspace::sandbox::run_placed(&kit_bin(), args, p, timeout).expect("starting redirect-kit");
+    let f = redirect_userspace::sandbox::run_placed(&kit_bin(), args, p, timeout)
+        .expect("starting redirect-kit");
     KitRun {
         status: f.status,
         stdout: f.stdout,
@@ -366,11 +463,20 @@ pub fn run_kit(p: &Placement, args: &[&str], timeout: Duration) -> KitRun {
 
 /// JSON lines a started kit tool prints, waiting up to `timeout` until
 /// `want` of them (parsed) arrived since the last call.
-pub fn child_json_lines(child: &mut ChildGuard, want: usize, timeout: Duration) -> Vec<serde_json::Value> {
+pub fn child_json_lines(
+    child: &mut ChildGuard,
+    want: usize,
+    timeout: Duration,
+) -> Vec<serde_json::Value> {
     let deadline = std::time::Instant::now() + timeout;
     let mut got = Vec::new();
     loop {
-        got.extend(child.take_lines().iter().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()));
+        got.extend(
+            child
+                .take_lines()
+                .iter()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()),
+        );
         if got.len() >= want || std::time::Instant::now() > deadline {
             return got;
         }
@@ -382,7 +488,11 @@ pub fn child_json_lines(child: &mut ChildGuard, want: usize, timeout: Duration) 
 /// (`map_usage`).
 pub fn map_usage(pod: &Pod, map: &str) -> u64 {
     let out = pod.redirect(&["status", "--json"]);
-    assert!(out.status.success(), "status: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "status: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let st: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status json");
     st["map_usage"]
         .as_array()
@@ -403,7 +513,12 @@ pub fn pinned_map_len(pod: &Pod, map: &str) -> usize {
         .arg(&path)
         .output()
         .expect("running bpftool (cargo xtask setup installs it)");
-    assert!(out.status.success(), "bpftool map dump {}: {}", path.display(), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "bpftool map dump {}: {}",
+        path.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bpftool json");
     v.as_array().map(|a| a.len()).unwrap_or(0)
 }
@@ -426,7 +541,10 @@ pub fn accel_bytes_upper(pod: &Pod) -> (u64, u64) {
     let (_, bulk) = accel_counter(pod, "messages_bulk");
     let sockets = accel_counter(pod, "sockets_inserted").0;
     let counted = redirected + bulk;
-    (counted, counted + sockets * redirect_common::ACCEL_VERDICT_BYTES as u64)
+    (
+        counted,
+        counted + sockets * redirect_common::ACCEL_VERDICT_BYTES as u64,
+    )
 }
 
 /// Raise this process's RLIMIT_NOFILE soft limit to the hard limit; the

@@ -41,7 +41,10 @@ fn wait_sockhash_empty(pod: &Pod) {
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    panic!("accelerated sockets still in the map after close: {}", accelerated_now(pod));
+    panic!(
+        "accelerated sockets still in the map after close: {}",
+        accelerated_now(pod)
+    );
 }
 
 const SIZES: [usize; 5] = [1, 1000, 64 * 1024, 1024 * 1024, 4 * 1024 * 1024];
@@ -52,7 +55,10 @@ fn outbound_payloads_from_1_byte_to_mib_arrive_intact() {
     pod.start_upstream(8080);
     pod.start_proxy();
     let out = pod.attach_istio_default_with(&["--accel", "--accel-short-conns"]);
-    assert!(String::from_utf8_lossy(&out.stdout).contains("acceleration: on"), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("acceleration: on"),
+        "{out:?}"
+    );
     let app = pod.topo.in_pod(APP_UID, APP_UID);
     let mut total = 0;
     for size in SIZES {
@@ -91,7 +97,10 @@ fn inbound_passthrough_is_accelerated_and_intact() {
             assert_ok(&r, &format!("{size} bytes to {dst}"));
             // The app saw the proxy's passthrough source.
             let banner = r.banner.as_deref().unwrap();
-            assert!(banner.starts_with("peer=127.0.0.6:") || banner.starts_with("peer=[::6]:"), "{banner}");
+            assert!(
+                banner.starts_with("peer=127.0.0.6:") || banner.starts_with("peer=[::6]:"),
+                "{banner}"
+            );
         }
     }
     let conns = (SIZES.len() * 2) as u64;
@@ -139,7 +148,13 @@ fn many_concurrent_connections_and_no_map_growth() {
     let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     // The maps that grow with connections (the others hold pod config).
     for m in st["map_usage"].as_array().unwrap() {
-        if ["REDIRECT_SOCKS", "REDIRECT_ORIG_BY_COOKIE", "REDIRECT_ORIG_BY_TUPLE"].contains(&m["map"].as_str().unwrap()) {
+        if [
+            "REDIRECT_SOCKS",
+            "REDIRECT_ORIG_BY_COOKIE",
+            "REDIRECT_ORIG_BY_TUPLE",
+        ]
+        .contains(&m["map"].as_str().unwrap())
+        {
             assert_eq!(m["entries"], 0, "{m} not back to empty");
         }
     }
@@ -175,7 +190,11 @@ fn short_lived_ports_are_left_out_until_a_connection_lives_longer() {
     let mut pod = Pod::new("acsh");
     let upstream = pod.topo.in_upstream();
     for port in [8080, 8081] {
-        pod.spawn("upstream", &["epoll-echo", "--listen", &v4(UPSTREAM_V4, port)], &upstream);
+        pod.spawn(
+            "upstream",
+            &["epoll-echo", "--listen", &v4(UPSTREAM_V4, port)],
+            &upstream,
+        );
     }
     pod.start_proxy();
     pod.attach_istio_default_with(&["--accel"]);
@@ -183,8 +202,29 @@ fn short_lived_ports_are_left_out_until_a_connection_lives_longer() {
     let app = pod.topo.in_pod(APP_UID, APP_UID);
     // One connection (100 bytes echoed), held open `hold_ms` before close.
     let conn = |dst: &str, hold_ms: u32| {
-        let r = run_kit(&app, &["fan", "--connect", dst, "--count", "1", "--threads", "1", "--size", "100", "--hold-ms", &hold_ms.to_string()], std::time::Duration::from_secs(20));
-        assert!(!r.timed_out && r.report()["done"] == 1 && r.report()["failures"] == 0, "{dst}: {} {}", r.stdout, r.stderr);
+        let r = run_kit(
+            &app,
+            &[
+                "fan",
+                "--connect",
+                dst,
+                "--count",
+                "1",
+                "--threads",
+                "1",
+                "--size",
+                "100",
+                "--hold-ms",
+                &hold_ms.to_string(),
+            ],
+            std::time::Duration::from_secs(20),
+        );
+        assert!(
+            !r.timed_out && r.report()["done"] == 1 && r.report()["failures"] == 0,
+            "{dst}: {} {}",
+            r.stdout,
+            r.stderr
+        );
     };
     let inserted = |pod: &Pod| accel(pod, "sockets_inserted").0;
     let skipped = |pod: &Pod| accel(pod, "connections_short_skipped").0;
@@ -192,14 +232,22 @@ fn short_lived_ports_are_left_out_until_a_connection_lives_longer() {
     // 10 ms by a busy machine starts the count again, so no fixed number).
     let mut n = 0;
     while skipped(&pod) < 3 {
-        assert!(n < 200, "{n} short connections and still accelerated: {}", String::from_utf8_lossy(&pod.redirect(&["stats"]).stdout));
+        assert!(
+            n < 200,
+            "{n} short connections and still accelerated: {}",
+            String::from_utf8_lossy(&pod.redirect(&["stats"]).stdout)
+        );
         conn(&short, 0);
         n += 1;
     }
     assert!(n >= 4 + 3, "skipped after only {n} connections");
     // Each connection was either accelerated (2 sockets) or skipped.
     assert_eq!(inserted(&pod) + 2 * skipped(&pod), 2 * n);
-    assert_eq!(pinned_map_len(&pod, "REDIRECT_ACCEL_PORTS"), 1, "one port learned");
+    assert_eq!(
+        pinned_map_len(&pod, "REDIRECT_ACCEL_PORTS"),
+        1,
+        "one port learned"
+    );
 
     // Another port of the same pod is not affected.
     let before = inserted(&pod);

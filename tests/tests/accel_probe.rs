@@ -29,7 +29,10 @@ fn status(pod: &Pod) -> Value {
 }
 
 fn text(out: &std::process::Output) -> (String, String) {
-    (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 fn probe_cgroups() -> Vec<String> {
@@ -48,30 +51,64 @@ fn assert_probe_left_nothing(pod: &Pod) {
     let st = status(pod);
     assert_eq!(st["pods"].as_array().unwrap().len(), 1, "{st}");
     assert_eq!(st["cgroups"].as_array().unwrap().len(), 1, "{st}");
-    let netns_dirs = std::fs::read_dir(pod.pin_dir.join("netns")).map(|d| d.count()).unwrap_or(0);
-    assert_eq!(netns_dirs, 1, "netns link dirs left in {}", pod.pin_dir.display());
-    let cgroup_dirs = std::fs::read_dir(pod.pin_dir.join("cgroups")).map(|d| d.count()).unwrap_or(0);
-    assert_eq!(cgroup_dirs, 1, "cgroup link dirs left in {}", pod.pin_dir.display());
+    let netns_dirs = std::fs::read_dir(pod.pin_dir.join("netns"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(
+        netns_dirs,
+        1,
+        "netns link dirs left in {}",
+        pod.pin_dir.display()
+    );
+    let cgroup_dirs = std::fs::read_dir(pod.pin_dir.join("cgroups"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(
+        cgroup_dirs,
+        1,
+        "cgroup link dirs left in {}",
+        pod.pin_dir.display()
+    );
     // A probe cgroup is named after the attach process that made it; that
     // process has exited, so any of its cgroups left would be a leftover
     // (except the fakes of the test below, pid of an exited `true`).
     let fakes = FAKE_PIDS.lock().unwrap().clone();
     let dead: Vec<String> = probe_cgroups()
         .into_iter()
-        .filter(|c| !fakes.iter().any(|p| c.starts_with(&format!("redirect-accel-probe-{p}x"))))
         .filter(|c| {
-            let pid = c.trim_start_matches("redirect-accel-probe-").split('x').next().unwrap_or("").to_string();
+            !fakes
+                .iter()
+                .any(|p| c.starts_with(&format!("redirect-accel-probe-{p}x")))
+        })
+        .filter(|c| {
+            let pid = c
+                .trim_start_matches("redirect-accel-probe-")
+                .split('x')
+                .next()
+                .unwrap_or("")
+                .to_string();
             !std::path::Path::new(&format!("/proc/{pid}")).exists()
         })
         .collect();
     assert!(dead.is_empty(), "probe cgroups left: {dead:?}");
     for m in st["map_usage"].as_array().unwrap() {
-        if ["REDIRECT_SOCKS", "REDIRECT_ORIG_BY_COOKIE", "REDIRECT_ORIG_BY_TUPLE"].contains(&m["map"].as_str().unwrap()) {
+        if [
+            "REDIRECT_SOCKS",
+            "REDIRECT_ORIG_BY_COOKIE",
+            "REDIRECT_ORIG_BY_TUPLE",
+        ]
+        .contains(&m["map"].as_str().unwrap())
+        {
             assert_eq!(m["entries"], 0, "{m}");
         }
     }
-    let stats: Value = serde_json::from_slice(&pod.redirect(&["stats", "--json"]).stdout).expect("stats json");
-    assert_eq!(stats.as_array().map(|a| a.len()), Some(1), "counters of the probe's pod left: {stats}");
+    let stats: Value =
+        serde_json::from_slice(&pod.redirect(&["stats", "--json"]).stdout).expect("stats json");
+    assert_eq!(
+        stats.as_array().map(|a| a.len()),
+        Some(1),
+        "counters of the probe's pod left: {stats}"
+    );
 }
 
 /// Default attach runs the probe; the pod's acceleration is exactly the
@@ -87,34 +124,70 @@ fn default_attach_follows_the_kernel_probe_and_says_why() {
     let (stdout, stderr) = text(&out);
     let st = status(&pod);
     let probe = &st["accel_probe"];
-    assert!(probe.is_object(), "no probe result after a default attach: {st}");
+    assert!(
+        probe.is_object(),
+        "no probe result after a default attach: {st}"
+    );
     let passed = probe["passed"].as_bool().unwrap();
-    let failed: Vec<&str> = probe["failed"].as_array().unwrap().iter().map(|f| f.as_str().unwrap()).collect();
+    let failed: Vec<&str> = probe["failed"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f.as_str().unwrap())
+        .collect();
     assert_eq!(passed, failed.is_empty(), "{probe}");
     let p = &st["pods"][0];
     assert_eq!(p["config"]["accel"], passed, "{p}");
     assert_eq!(p["config"]["accel_mode"], "auto", "{p}");
     let decision = p["acceleration"].as_str().unwrap();
-    let line = stdout.lines().find(|l| l.trim_start().starts_with("acceleration:")).unwrap_or_else(|| panic!("no acceleration line: {stdout}"));
-    assert!(line.contains(decision), "attach said {line:?}, status {decision:?}");
+    let line = stdout
+        .lines()
+        .find(|l| l.trim_start().starts_with("acceleration:"))
+        .unwrap_or_else(|| panic!("no acceleration line: {stdout}"));
+    assert!(
+        line.contains(decision),
+        "attach said {line:?}, status {decision:?}"
+    );
     if passed {
         assert_eq!(decision, "on (kernel probe passed)");
     } else {
-        assert!(decision.starts_with("off: kernel probe failed"), "{decision}");
+        assert!(
+            decision.starts_with("off: kernel probe failed"),
+            "{decision}"
+        );
         for f in &failed {
             assert!(decision.contains(f), "{decision} does not name {f}");
         }
-        assert!(stderr.contains("acceleration off: kernel probe failed"), "no log line: {stderr}");
-        assert!(stderr.contains("acceleration kernel probe"), "no per-check log: {stderr}");
+        assert!(
+            stderr.contains("acceleration off: kernel probe failed"),
+            "no log line: {stderr}"
+        );
+        assert!(
+            stderr.contains("acceleration kernel probe"),
+            "no per-check log: {stderr}"
+        );
     }
     let stats = pod.redirect(&["stats"]);
-    assert!(text(&stats).0.contains(&format!("acceleration: {decision}")), "{}", text(&stats).0);
+    assert!(
+        text(&stats)
+            .0
+            .contains(&format!("acceleration: {decision}")),
+        "{}",
+        text(&stats).0
+    );
     let human = text(&pod.redirect(&["status"])).0;
-    assert!(human.contains("acceleration kernel probe: kernel probe"), "{human}");
+    assert!(
+        human.contains("acceleration kernel probe: kernel probe"),
+        "{human}"
+    );
 
     assert_ok(&pod.app_client(&format!("{UPSTREAM_V4}:8080")), "client");
     let inserted = accel_counter(&pod, "sockets_inserted").0;
-    assert_eq!(inserted, if passed { 2 } else { 0 }, "counters disagree with the decision");
+    assert_eq!(
+        inserted,
+        if passed { 2 } else { 0 },
+        "counters disagree with the decision"
+    );
     assert_probe_left_nothing(&pod);
 }
 
@@ -128,9 +201,15 @@ fn forced_modes_override_the_probe_and_are_visible() {
     pod.start_proxy();
     // --no-accel: no probe at all.
     let out = pod.attach_istio_default_with(&["--no-accel"]);
-    assert!(text(&out).0.contains("acceleration: off (--no-accel)"), "{out:?}");
+    assert!(
+        text(&out).0.contains("acceleration: off (--no-accel)"),
+        "{out:?}"
+    );
     let st = status(&pod);
-    assert!(st["accel_probe"].is_null(), "--no-accel ran the probe: {st}");
+    assert!(
+        st["accel_probe"].is_null(),
+        "--no-accel ran the probe: {st}"
+    );
     assert_eq!(st["pods"][0]["config"]["accel_mode"], "off");
     assert_ok(&pod.app_client(&format!("{UPSTREAM_V4}:8080")), "client");
     assert_eq!(accel_counter(&pod, "sockets_inserted").0, 0);
@@ -145,15 +224,31 @@ fn forced_modes_override_the_probe_and_are_visible() {
     let st = status(&pod);
     assert_eq!(st["accel_probe"]["at"], at, "the cached probe ran again");
     let p = &st["pods"][0];
-    assert_eq!((p["config"]["accel"].as_bool(), p["config"]["accel_mode"].as_str()), (Some(true), Some("forced")), "{p}");
+    assert_eq!(
+        (
+            p["config"]["accel"].as_bool(),
+            p["config"]["accel_mode"].as_str()
+        ),
+        (Some(true), Some("forced")),
+        "{p}"
+    );
     let decision = p["acceleration"].as_str().unwrap();
-    assert!(decision.starts_with("on, forced with --accel"), "{decision}");
+    assert!(
+        decision.starts_with("on, forced with --accel"),
+        "{decision}"
+    );
     assert!(stdout.contains(decision), "{stdout}");
     if probe["passed"] == false {
         assert!(decision.contains("kernel probe failed"), "{decision}");
         assert!(stderr.contains("warning: acceleration forced"), "{stderr}");
     }
-    assert!(p["istio_iptables_args"].as_str().unwrap().ends_with(" --accel"), "{p}");
+    assert!(
+        p["istio_iptables_args"]
+            .as_str()
+            .unwrap()
+            .ends_with(" --accel"),
+        "{p}"
+    );
     assert_ok(&pod.app_client(&format!("{UPSTREAM_V4}:8080")), "client");
     assert_eq!(accel_counter(&pod, "sockets_inserted").0, 2);
     assert_probe_left_nothing(&pod);
@@ -179,7 +274,17 @@ fn the_next_probe_removes_what_a_killed_probe_left() {
     let ns = NetnsGuard::new(&redirect_userspace::sandbox::unique("rdps-")).expect("netns");
     let captured = root.join(format!("redirect-accel-probe-{pid}x1"));
     std::fs::create_dir(&captured).expect("stale cgroup");
-    let out = pod.redirect(&["attach", "--netns", ns.path().to_str().unwrap(), "--cgroup", captured.to_str().unwrap(), "-i", "*", "--no-accel", "--json"]);
+    let out = pod.redirect(&[
+        "attach",
+        "--netns",
+        ns.path().to_str().unwrap(),
+        "--cgroup",
+        captured.to_str().unwrap(),
+        "-i",
+        "*",
+        "--no-accel",
+        "--json",
+    ]);
     assert!(out.status.success(), "{out:?}");
     let info: Value = serde_json::from_slice(&out.stdout).expect("attach json");
     let cookie = info["pod"]["cookie"].as_u64().unwrap();
@@ -193,8 +298,17 @@ fn the_next_probe_removes_what_a_killed_probe_left() {
     let (_, stderr) = text(&out);
     // The captured one is this install's to clean (its links are here);
     // the early one any probe may have removed already.
-    assert!(!captured.exists(), "stale probe cgroup still there: {stderr}");
-    assert!(stderr.contains(&format!("removing {} left by an acceleration probe that did not finish", captured.display())), "{stderr}");
+    assert!(
+        !captured.exists(),
+        "stale probe cgroup still there: {stderr}"
+    );
+    assert!(
+        stderr.contains(&format!(
+            "removing {} left by an acceleration probe that did not finish",
+            captured.display()
+        )),
+        "{stderr}"
+    );
     assert!(!early.exists(), "{stderr}");
     assert!(status(&pod)["accel_probe"].is_object());
     // Only the real pod and its cgroup are left in the install.

@@ -108,7 +108,11 @@ fn xfer(p: &Placement, dst: &str, extra: &[&str]) -> Value {
     let mut args = vec!["xfer", "--connect", dst];
     args.extend_from_slice(extra);
     let r = run_kit(p, &args, RUN);
-    assert!(!r.timed_out, "xfer {args:?} hung: {} {}", r.stdout, r.stderr);
+    assert!(
+        !r.timed_out,
+        "xfer {args:?} hung: {} {}",
+        r.stdout, r.stderr
+    );
     let rep = r.report();
     if rep["spurious_eagain"].as_u64().unwrap_or(0) > 0 {
         eprintln!("note: blocking reads of xfer {args:?} returned EAGAIN {} times (known sockmap behaviour, retried)", rep["spurious_eagain"]);
@@ -124,7 +128,12 @@ fn assert_xfer_ok(r: &Value, what: &str) {
 fn server_conns(pod: &mut Pod, idx: usize, n: usize) -> Vec<Value> {
     let lines = child_json_lines(&mut pod.children[idx], n, Duration::from_secs(20));
     let conns: Vec<Value> = lines.into_iter().filter(|l| l["event"] == "conn").collect();
-    assert_eq!(conns.len(), n, "server reported {} of {n} connections: {conns:?}", conns.len());
+    assert_eq!(
+        conns.len(),
+        n,
+        "server reported {} of {n} connections: {conns:?}",
+        conns.len()
+    );
     for c in &conns {
         if c["spurious_eagain"].as_u64().unwrap_or(0) > 0 {
             eprintln!("note: blocking reads of the server returned EAGAIN {} times (known sockmap behaviour, retried): {c}", c["spurious_eagain"]);
@@ -140,9 +149,16 @@ fn check_accel(pod: &Pod, accel: bool, conns: u64) {
     let (msgs, bytes) = accel_counter(pod, "messages_redirected");
     if accel {
         assert_eq!(inserted, 2 * conns, "sockets inserted");
-        assert!(msgs > 0 && bytes > 0, "nothing redirected: {msgs} messages, {bytes} bytes");
+        assert!(
+            msgs > 0 && bytes > 0,
+            "nothing redirected: {msgs} messages, {bytes} bytes"
+        );
     } else {
-        assert_eq!((inserted, msgs), (0, 0), "acceleration is off, yet sockets were inserted or messages redirected");
+        assert_eq!(
+            (inserted, msgs),
+            (0, 0),
+            "acceleration is off, yet sockets were inserted or messages redirected"
+        );
     }
 }
 
@@ -167,27 +183,49 @@ fn check_redirected_bytes(pod: &Pod, accel: bool, min: u64) {
 /// which can be a little after close(2) took them out of the sockhash).
 fn wait_maps_empty(pod: &Pod) {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    for m in ["REDIRECT_SOCKS", "REDIRECT_ORIG_BY_COOKIE", "REDIRECT_ORIG_BY_TUPLE"] {
+    for m in [
+        "REDIRECT_SOCKS",
+        "REDIRECT_ORIG_BY_COOKIE",
+        "REDIRECT_ORIG_BY_TUPLE",
+    ] {
         loop {
             let n = map_usage(pod, m);
             if n == 0 {
                 break;
             }
             if std::time::Instant::now() > deadline {
-                let dump = std::process::Command::new("bpftool").args(["-j", "map", "dump", "pinned"]).arg(pod.pin_dir.join("maps").join(m)).output().map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
-                panic!("{n} entries still in {m} 10 s after every connection closed: {}", &dump[..dump.len().min(3000)]);
+                let dump = std::process::Command::new("bpftool")
+                    .args(["-j", "map", "dump", "pinned"])
+                    .arg(pod.pin_dir.join("maps").join(m))
+                    .output()
+                    .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                    .unwrap_or_default();
+                panic!(
+                    "{n} entries still in {m} 10 s after every connection closed: {}",
+                    &dump[..dump.len().min(3000)]
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
     }
-    assert_eq!(pinned_map_len(pod, "REDIRECT_ACCEL_FALLBACK"), 0, "fallback marks left behind");
+    assert_eq!(
+        pinned_map_len(pod, "REDIRECT_ACCEL_FALLBACK"),
+        0,
+        "fallback marks left behind"
+    );
     // Every socket that went in was counted out again.
     loop {
-        let (inserted, removed) = (accel_counter(pod, "sockets_inserted").0, accel_counter(pod, "sockets_removed").0);
+        let (inserted, removed) = (
+            accel_counter(pod, "sockets_inserted").0,
+            accel_counter(pod, "sockets_removed").0,
+        );
         if inserted == removed {
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "{inserted} sockets inserted, {removed} counted as removed");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{inserted} sockets inserted, {removed} counted as removed"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -199,16 +237,43 @@ fn wait_maps_empty(pod: &Pod) {
 /// proxy to servers that also read small and write odd-sized chunks.
 fn odd_chunks_and_short_reads_via_proxy(accel: bool) {
     let mut pod = Pod::new("aso");
-    let srv = ["stress-server", "--reply", "echo", "--read-chunks", SMALL_READS, "--write-chunks", ODD, "--pause-us", "300", "--pause-every", "16"];
+    let srv = [
+        "stress-server",
+        "--reply",
+        "echo",
+        "--read-chunks",
+        SMALL_READS,
+        "--write-chunks",
+        ODD,
+        "--pause-us",
+        "300",
+        "--pause-every",
+        "16",
+    ];
     start_upstream_tool(&mut pod, 8080, &srv);
     start_app_tool(&mut pod, 9080, &srv);
     pod.start_proxy();
     attach(&pod, accel);
     let size = MIB.to_string();
-    let base = ["--size", &size, "--chunks", ODD, "--pause-us", "300", "--pause-every", "8", "--read-chunks", SMALL_READS];
+    let base = [
+        "--size",
+        &size,
+        "--chunks",
+        ODD,
+        "--pause-us",
+        "300",
+        "--pause-every",
+        "8",
+        "--read-chunks",
+        SMALL_READS,
+    ];
     let app = app(&pod);
     let outside = pod.topo.in_upstream();
-    let nonblock: Vec<&str> = base.iter().copied().chain(["--nonblock", "--sndbuf", "4096"]).collect();
+    let nonblock: Vec<&str> = base
+        .iter()
+        .copied()
+        .chain(["--nonblock", "--sndbuf", "4096"])
+        .collect();
     let cases: [(&Placement, String, &[&str]); 5] = [
         (&app, v4(UPSTREAM_V4, 8080), &base),
         (&app, v6(UPSTREAM_V6, 8080), &base),
@@ -229,20 +294,58 @@ fn odd_chunks_and_short_reads_via_proxy(accel: bool) {
 /// The same at the accelerated hop itself: both ends are stress tools.
 fn odd_chunks_and_short_reads_direct_hop(accel: bool) {
     let mut pod = Pod::new("asd");
-    let srv = start_as_proxy(&mut pod, &["stress-server", "--reply", "echo", "--read-chunks", SMALL_READS, "--write-chunks", ODD, "--pause-us", "300", "--pause-every", "16"]);
+    let srv = start_as_proxy(
+        &mut pod,
+        &[
+            "stress-server",
+            "--reply",
+            "echo",
+            "--read-chunks",
+            SMALL_READS,
+            "--write-chunks",
+            ODD,
+            "--pause-us",
+            "300",
+            "--pause-every",
+            "16",
+        ],
+    );
     attach(&pod, accel);
     let app = app(&pod);
     let size = MIB.to_string();
-    let base = ["--size", &size, "--chunks", ODD, "--pause-us", "300", "--pause-every", "8", "--read-chunks", SMALL_READS];
-    let nonblock: Vec<&str> = base.iter().copied().chain(["--nonblock", "--sndbuf", "4096"]).collect();
-    let cases: [(String, &[&str]); 3] = [(v4(UPSTREAM_V4, 8080), &base), (v6(UPSTREAM_V6, 8080), &base), (v4(UPSTREAM_V4, 8080), &nonblock)];
+    let base = [
+        "--size",
+        &size,
+        "--chunks",
+        ODD,
+        "--pause-us",
+        "300",
+        "--pause-every",
+        "8",
+        "--read-chunks",
+        SMALL_READS,
+    ];
+    let nonblock: Vec<&str> = base
+        .iter()
+        .copied()
+        .chain(["--nonblock", "--sndbuf", "4096"])
+        .collect();
+    let cases: [(String, &[&str]); 3] = [
+        (v4(UPSTREAM_V4, 8080), &base),
+        (v6(UPSTREAM_V6, 8080), &base),
+        (v4(UPSTREAM_V4, 8080), &nonblock),
+    ];
     for (dst, extra) in &cases {
         let r = xfer(&app, dst, extra);
         assert_xfer_ok(&r, &format!("{dst} {extra:?}"));
     }
     let sent = hash(&payload(MIB));
     for c in server_conns(&mut pod, srv, cases.len()) {
-        assert_eq!((c["bytes"].as_u64(), c["hash"].as_str(), c["end"].as_str()), (Some(MIB as u64), Some(sent.as_str()), Some("eof")), "server saw {c}");
+        assert_eq!(
+            (c["bytes"].as_u64(), c["hash"].as_str(), c["end"].as_str()),
+            (Some(MIB as u64), Some(sent.as_str()), Some("eof")),
+            "server saw {c}"
+        );
     }
     check_accel(&pod, accel, cases.len() as u64);
     check_redirected_bytes(&pod, accel, 2 * (cases.len() * MIB) as u64);
@@ -258,7 +361,15 @@ fn odd_chunks_and_short_reads_direct_hop(accel: bool) {
 fn sendfile_and_splice(accel: bool) {
     for direct in [false, true] {
         let mut pod = Pod::new(if direct { "asfd" } else { "asfp" });
-        let srv_args = ["stress-server", "--reply", "echo", "--read-chunks", SMALL_READS, "--write-chunks", ODD];
+        let srv_args = [
+            "stress-server",
+            "--reply",
+            "echo",
+            "--read-chunks",
+            SMALL_READS,
+            "--write-chunks",
+            ODD,
+        ];
         let srv = start_receiver(&mut pod, direct, &srv_args);
         attach(&pod, accel);
         let app = app(&pod);
@@ -266,13 +377,34 @@ fn sendfile_and_splice(accel: bool) {
         let modes = ["sendfile", "splice", "mixed"];
         for send in modes {
             for dst in [v4(UPSTREAM_V4, 8080), v6(UPSTREAM_V6, 8080)] {
-                let r = xfer(&app, &dst, &["--size", &size, "--send", send, "--chunks", "65536,4093,1,100000,7,1000000,300", "--pause-us", "200", "--pause-every", "4", "--read-chunks", SMALL_READS]);
+                let r = xfer(
+                    &app,
+                    &dst,
+                    &[
+                        "--size",
+                        &size,
+                        "--send",
+                        send,
+                        "--chunks",
+                        "65536,4093,1,100000,7,1000000,300",
+                        "--pause-us",
+                        "200",
+                        "--pause-every",
+                        "4",
+                        "--read-chunks",
+                        SMALL_READS,
+                    ],
+                );
                 assert_xfer_ok(&r, &format!("{send} to {dst} (direct hop: {direct})"));
             }
         }
         let sent = hash(&payload(4 * MIB));
         for c in server_conns(&mut pod, srv, modes.len() * 2) {
-            assert_eq!((c["bytes"].as_u64(), c["hash"].as_str()), (Some(4 * MIB as u64), Some(sent.as_str())), "server saw {c}");
+            assert_eq!(
+                (c["bytes"].as_u64(), c["hash"].as_str()),
+                (Some(4 * MIB as u64), Some(sent.as_str())),
+                "server saw {c}"
+            );
         }
         check_accel(&pod, accel, (modes.len() * 2) as u64);
         check_redirected_bytes(&pod, accel, 2 * (modes.len() * 2 * 4 * MIB) as u64);
@@ -287,18 +419,46 @@ fn sendfile_and_splice(accel: bool) {
 fn half_close(accel: bool) {
     for direct in [false, true] {
         let mut pod = Pod::new(if direct { "ahd" } else { "ahp" });
-        let srv_args = ["stress-server", "--reply", "hash", "--read-chunks", SMALL_READS];
+        let srv_args = [
+            "stress-server",
+            "--reply",
+            "hash",
+            "--read-chunks",
+            SMALL_READS,
+        ];
         let srv = start_receiver(&mut pod, direct, &srv_args);
         attach(&pod, accel);
         let app = app(&pod);
         let sizes = [1usize, 300_000, 2 * MIB];
         for size in sizes {
-            let r = xfer(&app, &v4(UPSTREAM_V4, 8080), &["--size", &size.to_string(), "--expect", "hash", "--end", "shutdown", "--chunks", ODD, "--read-chunks", "1,2,3"]);
-            assert_xfer_ok(&r, &format!("{size} bytes, half-close (direct hop: {direct})"));
+            let r = xfer(
+                &app,
+                &v4(UPSTREAM_V4, 8080),
+                &[
+                    "--size",
+                    &size.to_string(),
+                    "--expect",
+                    "hash",
+                    "--end",
+                    "shutdown",
+                    "--chunks",
+                    ODD,
+                    "--read-chunks",
+                    "1,2,3",
+                ],
+            );
+            assert_xfer_ok(
+                &r,
+                &format!("{size} bytes, half-close (direct hop: {direct})"),
+            );
             assert_eq!(r["eof"], true, "{r}");
         }
         for (c, size) in server_conns(&mut pod, srv, sizes.len()).iter().zip(sizes) {
-            assert_eq!((c["bytes"].as_u64(), c["end"].as_str()), (Some(size as u64), Some("eof")), "server saw {c}");
+            assert_eq!(
+                (c["bytes"].as_u64(), c["end"].as_str()),
+                (Some(size as u64), Some("eof")),
+                "server saw {c}"
+            );
         }
         check_accel(&pod, accel, sizes.len() as u64);
         wait_maps_empty(&pod);
@@ -315,16 +475,43 @@ fn half_close(accel: bool) {
 fn rst_from_app_after_data(accel: bool) {
     for direct in [false, true] {
         let mut pod = Pod::new(if direct { "ard" } else { "arp" });
-        let srv_args = ["stress-server", "--reply", "none", "--read-chunks", SMALL_READS];
+        let srv_args = [
+            "stress-server",
+            "--reply",
+            "none",
+            "--read-chunks",
+            SMALL_READS,
+        ];
         let srv = start_receiver(&mut pod, direct, &srv_args);
         attach(&pod, accel);
-        let r = xfer(&app(&pod), &v4(UPSTREAM_V4, 8080), &["--size", "1000", "--expect", "none", "--end", "rst", "--close-delay-ms", "300"]);
+        let r = xfer(
+            &app(&pod),
+            &v4(UPSTREAM_V4, 8080),
+            &[
+                "--size",
+                "1000",
+                "--expect",
+                "none",
+                "--end",
+                "rst",
+                "--close-delay-ms",
+                "300",
+            ],
+        );
         assert_xfer_ok(&r, "send then RST");
         let c = &server_conns(&mut pod, srv, 1)[0];
         assert_eq!(c["bytes"], 1000, "{c}");
-        assert_eq!(c["hash"].as_str(), Some(hash(&payload(1000)).as_str()), "{c}");
+        assert_eq!(
+            c["hash"].as_str(),
+            Some(hash(&payload(1000)).as_str()),
+            "{c}"
+        );
         if direct {
-            assert_eq!((c["end"].as_str(), c["errno"].as_i64()), (Some("error"), Some(ECONNRESET)), "the server must see ECONNRESET after the data: {c}");
+            assert_eq!(
+                (c["end"].as_str(), c["errno"].as_i64()),
+                (Some("error"), Some(ECONNRESET)),
+                "the server must see ECONNRESET after the data: {c}"
+            );
         } else {
             assert_eq!(c["end"], "eof", "{c}");
         }
@@ -340,11 +527,31 @@ fn rst_from_app_after_data(accel: bool) {
 /// then gets ECONNRESET.
 fn rst_from_proxy_with_answer_unread(accel: bool) {
     let mut pod = Pod::new("arr");
-    let srv = start_as_proxy(&mut pod, &["stress-server", "--reply", "hash", "--end", "rst"]);
+    let srv = start_as_proxy(
+        &mut pod,
+        &["stress-server", "--reply", "hash", "--end", "rst"],
+    );
     attach(&pod, accel);
-    let r = xfer(&app(&pod), &v4(UPSTREAM_V4, 8080), &["--size", "1000", "--expect", "hash", "--end", "shutdown", "--read-delay-ms", "300"]);
+    let r = xfer(
+        &app(&pod),
+        &v4(UPSTREAM_V4, 8080),
+        &[
+            "--size",
+            "1000",
+            "--expect",
+            "hash",
+            "--end",
+            "shutdown",
+            "--read-delay-ms",
+            "300",
+        ],
+    );
     let c = &server_conns(&mut pod, srv, 1)[0];
-    assert_eq!((c["bytes"].as_u64(), c["end"].as_str()), (Some(1000), Some("eof")), "server saw {c}");
+    assert_eq!(
+        (c["bytes"].as_u64(), c["end"].as_str()),
+        (Some(1000), Some("eof")),
+        "server saw {c}"
+    );
     let want = format!("1000 {}", hash(&payload(1000)));
     assert_eq!(
         (r["reply"].as_str(), r["read_errno"].as_i64()),
@@ -365,11 +572,32 @@ fn rst_from_proxy_with_answer_unread(accel: bool) {
 fn close_with_data_in_flight(accel: bool) {
     for direct in [false, true] {
         let mut pod = Pod::new(if direct { "acd" } else { "acp" });
-        let srv_args = ["stress-server", "--reply", "none", "--read-delay-ms", "300", "--read-chunks", SMALL_READS];
+        let srv_args = [
+            "stress-server",
+            "--reply",
+            "none",
+            "--read-delay-ms",
+            "300",
+            "--read-chunks",
+            SMALL_READS,
+        ];
         let srv = start_receiver(&mut pod, direct, &srv_args);
         attach(&pod, accel);
         let size = 8 * MIB;
-        let r = xfer(&app(&pod), &v4(UPSTREAM_V4, 8080), &["--size", &size.to_string(), "--expect", "none", "--end", "close", "--chunks", "4093,1000,65537,4093,1000000"]);
+        let r = xfer(
+            &app(&pod),
+            &v4(UPSTREAM_V4, 8080),
+            &[
+                "--size",
+                &size.to_string(),
+                "--expect",
+                "none",
+                "--end",
+                "close",
+                "--chunks",
+                "4093,1000,65537,4093,1000000",
+            ],
+        );
         assert_xfer_ok(&r, "write then close");
         let c = &server_conns(&mut pod, srv, 1)[0];
         assert_eq!(
@@ -388,16 +616,48 @@ fn close_with_data_in_flight(accel: bool) {
 /// bytes, never EOF, never a hang.
 fn rst_with_data_in_flight(accel: bool) {
     let mut pod = Pod::new("arf");
-    let srv = start_as_proxy(&mut pod, &["stress-server", "--reply", "none", "--read-delay-ms", "300", "--read-chunks", SMALL_READS]);
+    let srv = start_as_proxy(
+        &mut pod,
+        &[
+            "stress-server",
+            "--reply",
+            "none",
+            "--read-delay-ms",
+            "300",
+            "--read-chunks",
+            SMALL_READS,
+        ],
+    );
     attach(&pod, accel);
     let size = 8 * MIB;
-    let r = xfer(&app(&pod), &v4(UPSTREAM_V4, 8080), &["--size", &size.to_string(), "--expect", "none", "--end", "rst", "--chunks", "4093,1000,16384,65537"]);
+    let r = xfer(
+        &app(&pod),
+        &v4(UPSTREAM_V4, 8080),
+        &[
+            "--size",
+            &size.to_string(),
+            "--expect",
+            "none",
+            "--end",
+            "rst",
+            "--chunks",
+            "4093,1000,16384,65537",
+        ],
+    );
     let c = &server_conns(&mut pod, srv, 1)[0];
     let got = c["bytes"].as_u64().unwrap() as usize;
     eprintln!("rst with 8 MiB in flight (accel {accel}): app wrote {} bytes ({}), receiver got {got} then {}", r["sent"], r["write_error"], c["end"]);
     assert!(got <= size, "{c}");
-    assert_eq!(c["hash"].as_str(), Some(hash(&payload(size)[..got]).as_str()), "the received prefix is corrupted: {c}");
-    assert_eq!((c["end"].as_str(), c["errno"].as_i64()), (Some("error"), Some(ECONNRESET)), "{c}");
+    assert_eq!(
+        c["hash"].as_str(),
+        Some(hash(&payload(size)[..got]).as_str()),
+        "the received prefix is corrupted: {c}"
+    );
+    assert_eq!(
+        (c["end"].as_str(), c["errno"].as_i64()),
+        (Some("error"), Some(ECONNRESET)),
+        "{c}"
+    );
     check_accel(&pod, accel, 1);
     wait_maps_empty(&pod);
 }
@@ -414,12 +674,50 @@ fn epoll_servers_lose_no_wakeups(accel: bool) {
     start_as_proxy(&mut pod, &["epoll-echo", "--edge"]);
     attach(&pod, accel);
     let app = app(&pod);
-    let churn = run_kit(&app, &["churn", "--connect", &v4(UPSTREAM_V4, 8080), "--count", "40", "--concurrency", "4", "--rounds", "250", "--size", "100", "--timeout-ms", "5000"], RUN);
+    let churn = run_kit(
+        &app,
+        &[
+            "churn",
+            "--connect",
+            &v4(UPSTREAM_V4, 8080),
+            "--count",
+            "40",
+            "--concurrency",
+            "4",
+            "--rounds",
+            "250",
+            "--size",
+            "100",
+            "--timeout-ms",
+            "5000",
+        ],
+        RUN,
+    );
     let rep = churn.report();
-    assert!(!churn.timed_out && rep["ok"] == true && rep["done"] == 40, "ping-pong through an epoll proxy: {rep}");
+    assert!(
+        !churn.timed_out && rep["ok"] == true && rep["done"] == 40,
+        "ping-pong through an epoll proxy: {rep}"
+    );
     let size = (2 * MIB).to_string();
     for dst in [v4(UPSTREAM_V4, 8080), v6(UPSTREAM_V6, 8080)] {
-        let r = xfer(&app, &dst, &["--size", &size, "--chunks", ODD, "--pause-us", "200", "--pause-every", "8", "--read-chunks", SMALL_READS, "--timeout-ms", "5000"]);
+        let r = xfer(
+            &app,
+            &dst,
+            &[
+                "--size",
+                &size,
+                "--chunks",
+                ODD,
+                "--pause-us",
+                "200",
+                "--pause-every",
+                "8",
+                "--read-chunks",
+                SMALL_READS,
+                "--timeout-ms",
+                "5000",
+            ],
+        );
         assert_xfer_ok(&r, &format!("2 MiB echo by the epoll proxy via {dst}"));
     }
     check_accel(&pod, accel, 42);
@@ -431,10 +729,44 @@ fn epoll_servers_lose_no_wakeups(accel: bool) {
     pod.start_proxy();
     attach(&pod, accel);
     let outside = pod.topo.in_upstream();
-    let churn = run_kit(&outside, &["churn", "--connect", &v4(POD_V4, 9080), "--count", "20", "--concurrency", "4", "--rounds", "100", "--size", "100", "--timeout-ms", "5000"], RUN);
+    let churn = run_kit(
+        &outside,
+        &[
+            "churn",
+            "--connect",
+            &v4(POD_V4, 9080),
+            "--count",
+            "20",
+            "--concurrency",
+            "4",
+            "--rounds",
+            "100",
+            "--size",
+            "100",
+            "--timeout-ms",
+            "5000",
+        ],
+        RUN,
+    );
     let rep = churn.report();
-    assert!(!churn.timed_out && rep["ok"] == true && rep["done"] == 20, "ping-pong with an epoll app server: {rep}");
-    let r = xfer(&outside, &v6(POD_V6, 9080), &["--size", &size, "--chunks", ODD, "--read-chunks", SMALL_READS, "--timeout-ms", "5000"]);
+    assert!(
+        !churn.timed_out && rep["ok"] == true && rep["done"] == 20,
+        "ping-pong with an epoll app server: {rep}"
+    );
+    let r = xfer(
+        &outside,
+        &v6(POD_V6, 9080),
+        &[
+            "--size",
+            &size,
+            "--chunks",
+            ODD,
+            "--read-chunks",
+            SMALL_READS,
+            "--timeout-ms",
+            "5000",
+        ],
+    );
     assert_xfer_ok(&r, "2 MiB echo by the epoll app server");
     check_accel(&pod, accel, 21);
     wait_maps_empty(&pod);
@@ -450,10 +782,32 @@ fn proxy_closes_first_then_app_writes(accel: bool) {
     start_as_proxy(&mut pod, &["epoll-echo", "--edge", "--close-after", "32"]);
     attach(&pod, accel);
     let n = 800u64;
-    let churn = run_kit(&app(&pod), &["churn", "--connect", &v4(UPSTREAM_V4, 8080), "--count", &n.to_string(), "--concurrency", "8", "--size", "32", "--late-write", "--second-write-after-ms", "10", "--timeout-ms", "5000"], RUN);
+    let churn = run_kit(
+        &app(&pod),
+        &[
+            "churn",
+            "--connect",
+            &v4(UPSTREAM_V4, 8080),
+            "--count",
+            &n.to_string(),
+            "--concurrency",
+            "8",
+            "--size",
+            "32",
+            "--late-write",
+            "--second-write-after-ms",
+            "10",
+            "--timeout-ms",
+            "5000",
+        ],
+        RUN,
+    );
     let rep = churn.report();
     eprintln!("late writes (accel {accel}): {}", rep["outcomes"]);
-    assert!(!churn.timed_out && rep["ok"] == true && rep["done"] == n, "{rep}");
+    assert!(
+        !churn.timed_out && rep["ok"] == true && rep["done"] == n,
+        "{rep}"
+    );
     let want = serde_json::json!({
         "1 read after the exchange: eof": n,
         "2 late write: ok": n,
@@ -462,10 +816,16 @@ fn proxy_closes_first_then_app_writes(accel: bool) {
     });
     check_accel(&pod, accel, n);
     if accel {
-        eprintln!("late writes on the normal path: {} of {n}", accel_counter(&pod, "messages_fallback").0);
+        eprintln!(
+            "late writes on the normal path: {} of {n}",
+            accel_counter(&pod, "messages_fallback").0
+        );
     }
     wait_maps_empty(&pod);
-    assert_eq!(rep["outcomes"], want, "what the app saw after the proxy closed: {rep}");
+    assert_eq!(
+        rep["outcomes"], want,
+        "what the app saw after the proxy closed: {rep}"
+    );
 }
 
 /// The proxy reads 1000 bytes of a 200 kB request and closes (close(2),
@@ -474,12 +834,32 @@ fn proxy_closes_first_then_app_writes(accel: bool) {
 /// its reads end in ECONNRESET, not in a clean EOF.
 fn proxy_closes_with_unread_data(accel: bool) {
     let mut pod = Pod::new("aun");
-    let srv = start_as_proxy(&mut pod, &["stress-server", "--reply", "none", "--read-limit", "1000"]);
+    let srv = start_as_proxy(
+        &mut pod,
+        &["stress-server", "--reply", "none", "--read-limit", "1000"],
+    );
     attach(&pod, accel);
     // Writes below the bulk switch: the data stays on the redirected path.
-    let r = xfer(&app(&pod), &v4(UPSTREAM_V4, 8080), &["--size", "200000", "--expect", "echo", "--timeout-ms", "5000", "--chunks", "16384"]);
+    let r = xfer(
+        &app(&pod),
+        &v4(UPSTREAM_V4, 8080),
+        &[
+            "--size",
+            "200000",
+            "--expect",
+            "echo",
+            "--timeout-ms",
+            "5000",
+            "--chunks",
+            "16384",
+        ],
+    );
     let c = &server_conns(&mut pod, srv, 1)[0];
-    assert_eq!((c["bytes"].as_u64(), c["end"].as_str()), (Some(1000), Some("limit")), "{c}");
+    assert_eq!(
+        (c["bytes"].as_u64(), c["end"].as_str()),
+        (Some(1000), Some("limit")),
+        "{c}"
+    );
     eprintln!("proxy closed with unread data (accel {accel}): app {r}");
     check_accel(&pod, accel, 1);
     wait_maps_empty(&pod);
@@ -507,18 +887,47 @@ fn slow_reader_holds_a_bulk_writer_back(accel: bool) {
 
 fn slow_reader_case(accel: bool, chunks: &str, tag: &str) {
     let mut pod = Pod::new(tag);
-    let srv = start_as_proxy(&mut pod, &["stress-server", "--reply", "none", "--read-delay-ms", "2000"]);
+    let srv = start_as_proxy(
+        &mut pod,
+        &[
+            "stress-server",
+            "--reply",
+            "none",
+            "--read-delay-ms",
+            "2000",
+        ],
+    );
     attach(&pod, accel);
     let size = 32 * MIB;
-    let r = xfer(&app(&pod), &v4(UPSTREAM_V4, 8080), &["--size", &size.to_string(), "--expect", "none", "--end", "close", "--chunks", chunks]);
+    let r = xfer(
+        &app(&pod),
+        &v4(UPSTREAM_V4, 8080),
+        &[
+            "--size",
+            &size.to_string(),
+            "--expect",
+            "none",
+            "--end",
+            "close",
+            "--chunks",
+            chunks,
+        ],
+    );
     assert_xfer_ok(&r, "32 MiB to a slow reader");
     let c = &server_conns(&mut pod, srv, 1)[0];
-    assert_eq!((c["bytes"].as_u64(), c["hash"].as_str(), c["end"].as_str()), (Some(size as u64), r["sent_hash"].as_str(), Some("eof")), "{c}");
+    assert_eq!(
+        (c["bytes"].as_u64(), c["hash"].as_str(), c["end"].as_str()),
+        (Some(size as u64), r["sent_hash"].as_str(), Some("eof")),
+        "{c}"
+    );
     if chunks == "16384" {
         check_accel(&pod, accel, 1);
     } else if accel {
         assert_eq!(accel_counter(&pod, "sockets_inserted").0, 2);
-        assert!(accel_counter(&pod, "messages_bulk").1 >= size as u64, "the writes did not go through the bulk switch");
+        assert!(
+            accel_counter(&pod, "messages_bulk").1 >= size as u64,
+            "the writes did not go through the bulk switch"
+        );
     }
     wait_maps_empty(&pod);
     let ms = r["write_ms"].as_u64().unwrap();
@@ -534,20 +943,59 @@ fn slow_reader_case(accel: bool, chunks: &str, tag: &str) {
 /// peeked ones and the echo is intact.
 fn proxy_peeks_before_reading(accel: bool) {
     let mut pod = Pod::new("apk");
-    let srv = start_as_proxy(&mut pod, &["stress-server", "--reply", "echo", "--peek", "5000", "--read-chunks", SMALL_READS]);
+    let srv = start_as_proxy(
+        &mut pod,
+        &[
+            "stress-server",
+            "--reply",
+            "echo",
+            "--peek",
+            "5000",
+            "--read-chunks",
+            SMALL_READS,
+        ],
+    );
     attach(&pod, accel);
     let sizes = [5000usize, 300_000];
     for size in sizes {
-        let r = xfer(&app(&pod), &v4(UPSTREAM_V4, 8080), &["--size", &size.to_string(), "--chunks", "1,3,7,100,1000,4093,65536", "--pause-us", "20000", "--pause-every", "1", "--read-chunks", SMALL_READS, "--timeout-ms", "5000"]);
+        let r = xfer(
+            &app(&pod),
+            &v4(UPSTREAM_V4, 8080),
+            &[
+                "--size",
+                &size.to_string(),
+                "--chunks",
+                "1,3,7,100,1000,4093,65536",
+                "--pause-us",
+                "20000",
+                "--pause-every",
+                "1",
+                "--read-chunks",
+                SMALL_READS,
+                "--timeout-ms",
+                "5000",
+            ],
+        );
         assert_xfer_ok(&r, &format!("{size} bytes to a peeking proxy"));
     }
     let conns = server_conns(&mut pod, srv, sizes.len());
     for c in &conns {
-        assert_eq!((c["peeked"].as_u64(), c["peek_matches"].as_bool(), c["end"].as_str()), (Some(5000), Some(true), Some("eof")), "{c}");
+        assert_eq!(
+            (
+                c["peeked"].as_u64(),
+                c["peek_matches"].as_bool(),
+                c["end"].as_str()
+            ),
+            (Some(5000), Some(true), Some("eof")),
+            "{c}"
+        );
     }
     // The head came in 20 ms apart pieces: the proxy had to wait for
     // more data between peeks.
-    assert!(conns.iter().any(|c| c["peeks"].as_u64().unwrap() > 1), "one peek was always enough; the pauses did not split the head: {conns:?}");
+    assert!(
+        conns.iter().any(|c| c["peeks"].as_u64().unwrap() > 1),
+        "one peek was always enough; the pauses did not split the head: {conns:?}"
+    );
     check_accel(&pod, accel, sizes.len() as u64);
     wait_maps_empty(&pod);
 }
@@ -570,7 +1018,15 @@ fn bulk_switch_keeps_order(accel: bool) {
     let sent = hash(&payload(size));
     for direct in [false, true] {
         let mut pod = Pod::new(if direct { "abkd" } else { "abkp" });
-        let srv_args = ["stress-server", "--reply", "hash", "--read-chunks", SMALL_READS, "--read-delay-ms", "300"];
+        let srv_args = [
+            "stress-server",
+            "--reply",
+            "hash",
+            "--read-chunks",
+            SMALL_READS,
+            "--read-delay-ms",
+            "300",
+        ];
         let srv = start_receiver(&mut pod, direct, &srv_args);
         attach(&pod, accel);
         let app = app(&pod);
@@ -579,19 +1035,42 @@ fn bulk_switch_keeps_order(accel: bool) {
         let modes = ["write", "sendfile", "splice", "mixed", "write"];
         let size_arg = size.to_string();
         for (i, send) in modes.iter().enumerate() {
-            let mut args = vec!["--size", &size_arg, "--send", send, "--chunks", BULK_MIX, "--expect", "hash", "--end", "shutdown", "--read-chunks", "1,2,3"];
+            let mut args = vec![
+                "--size",
+                &size_arg,
+                "--send",
+                send,
+                "--chunks",
+                BULK_MIX,
+                "--expect",
+                "hash",
+                "--end",
+                "shutdown",
+                "--read-chunks",
+                "1,2,3",
+            ];
             if i == modes.len() - 1 {
                 args.extend(["--nonblock", "--sndbuf", "4096"]);
             }
             let r = xfer(&app, &v4(UPSTREAM_V4, 8080), &args);
-            assert_xfer_ok(&r, &format!("{send} {args:?}, half-close (direct hop: {direct})"));
+            assert_xfer_ok(
+                &r,
+                &format!("{send} {args:?}, half-close (direct hop: {direct})"),
+            );
             assert_eq!(r["eof"], true, "{r}");
             if i == modes.len() - 1 {
-                assert!(r["short_writes"].as_u64().unwrap() > 0, "no partial write: {r}");
+                assert!(
+                    r["short_writes"].as_u64().unwrap() > 0,
+                    "no partial write: {r}"
+                );
             }
         }
         for c in server_conns(&mut pod, srv, modes.len()) {
-            assert_eq!((c["bytes"].as_u64(), c["hash"].as_str(), c["end"].as_str()), (Some(size as u64), Some(sent.as_str()), Some("eof")), "server saw {c}");
+            assert_eq!(
+                (c["bytes"].as_u64(), c["hash"].as_str(), c["end"].as_str()),
+                (Some(size as u64), Some(sent.as_str()), Some("eof")),
+                "server saw {c}"
+            );
         }
         check_accel(&pod, accel, modes.len() as u64);
         check_redirected_bytes(&pod, accel, (modes.len() * size) as u64);
@@ -600,7 +1079,12 @@ fn bulk_switch_keeps_order(accel: bool) {
             // switch (once per connection's app socket at least).
             let (switched, _) = accel_counter(&pod, "messages_bulk");
             let (redirected, head) = accel_counter(&pod, "messages_redirected");
-            assert!(switched >= modes.len() as u64 && redirected > 0 && head >= (modes.len() * 5200) as u64, "bulk {switched} messages, redirected {redirected} messages / {head} bytes");
+            assert!(
+                switched >= modes.len() as u64
+                    && redirected > 0
+                    && head >= (modes.len() * 5200) as u64,
+                "bulk {switched} messages, redirected {redirected} messages / {head} bytes"
+            );
         }
         wait_maps_empty(&pod);
     }
@@ -608,16 +1092,45 @@ fn bulk_switch_keeps_order(accel: bool) {
     // Echo at the hop: the server writes back in mixed sizes too, after a
     // delay, while the app reads in small pieces; both directions switch.
     let mut pod = Pod::new("abke");
-    start_as_proxy(&mut pod, &["stress-server", "--reply", "echo", "--read-chunks", SMALL_READS, "--write-chunks", BULK_MIX, "--read-delay-ms", "300"]);
+    start_as_proxy(
+        &mut pod,
+        &[
+            "stress-server",
+            "--reply",
+            "echo",
+            "--read-chunks",
+            SMALL_READS,
+            "--write-chunks",
+            BULK_MIX,
+            "--read-delay-ms",
+            "300",
+        ],
+    );
     attach(&pod, accel);
     for send in ["write", "mixed"] {
-        let r = xfer(&app(&pod), &v6(UPSTREAM_V6, 8080), &["--size", &size.to_string(), "--send", send, "--chunks", BULK_MIX, "--read-chunks", SMALL_READS]);
+        let r = xfer(
+            &app(&pod),
+            &v6(UPSTREAM_V6, 8080),
+            &[
+                "--size",
+                &size.to_string(),
+                "--send",
+                send,
+                "--chunks",
+                BULK_MIX,
+                "--read-chunks",
+                SMALL_READS,
+            ],
+        );
         assert_xfer_ok(&r, &format!("echo, {send}"));
     }
     check_accel(&pod, accel, 2);
     check_redirected_bytes(&pod, accel, (2 * 2 * size) as u64);
     if accel {
-        assert!(accel_counter(&pod, "messages_bulk").0 >= 4, "both directions of both connections switch");
+        assert!(
+            accel_counter(&pod, "messages_bulk").0 >= 4,
+            "both directions of both connections switch"
+        );
     }
     wait_maps_empty(&pod);
 }
@@ -679,20 +1192,46 @@ in_both_modes!(
 fn one_verdict_covers_a_budget_of_small_messages() {
     let budget = redirect_common::ACCEL_VERDICT_BYTES as u64;
     let mut pod = Pod::new("avb");
-    let srv = start_as_proxy(&mut pod, &["stress-server", "--reply", "echo", "--read-chunks", "64", "--write-chunks", "64"]);
+    let srv = start_as_proxy(
+        &mut pod,
+        &[
+            "stress-server",
+            "--reply",
+            "echo",
+            "--read-chunks",
+            "64",
+            "--write-chunks",
+            "64",
+        ],
+    );
     attach(&pod, true);
     let size = MIB.to_string();
-    let r = xfer(&app(&pod), &v4(UPSTREAM_V4, 8080), &["--size", &size, "--chunks", "64", "--read-chunks", "64"]);
+    let r = xfer(
+        &app(&pod),
+        &v4(UPSTREAM_V4, 8080),
+        &["--size", &size, "--chunks", "64", "--read-chunks", "64"],
+    );
     assert_xfer_ok(&r, "1 MiB in 64-byte writes");
     let sent = hash(&payload(MIB));
     for c in server_conns(&mut pod, srv, 1) {
-        assert_eq!((c["bytes"].as_u64(), c["hash"].as_str()), (Some(MIB as u64), Some(sent.as_str())), "server saw {c}");
+        assert_eq!(
+            (c["bytes"].as_u64(), c["hash"].as_str()),
+            (Some(MIB as u64), Some(sent.as_str())),
+            "server saw {c}"
+        );
     }
     let (verdicts, bytes) = accel_counter(&pod, "messages_redirected");
     let per_direction = MIB as u64 / budget;
     assert!((2 * per_direction..=2 * (per_direction + 1)).contains(&verdicts), "{verdicts} verdicts for 2 x {} messages of 64 bytes: expected about {per_direction} per direction", MIB / 64);
-    assert!(bytes <= 2 * MIB as u64 && bytes + 2 * budget >= 2 * MIB as u64, "counted {bytes} of {} bytes", 2 * MIB);
-    assert_eq!(accel_counter(&pod, "messages_fallback").0 + accel_counter(&pod, "messages_bulk").0, 0);
+    assert!(
+        bytes <= 2 * MIB as u64 && bytes + 2 * budget >= 2 * MIB as u64,
+        "counted {bytes} of {} bytes",
+        2 * MIB
+    );
+    assert_eq!(
+        accel_counter(&pod, "messages_fallback").0 + accel_counter(&pod, "messages_bulk").0,
+        0
+    );
     wait_maps_empty(&pod);
 }
 
@@ -709,14 +1248,45 @@ fn two_thousand_concurrent_connections_through_the_proxy() {
     attach(&pod, true);
     let app = app(&pod);
     let dst = v4(UPSTREAM_V4, 8080);
-    pod.spawn("fan", &["fan", "--connect", &dst, "--count", "2000", "--threads", "16", "--size", "1000", "--hold-ms", "2000", "--deadline-ms", "90000"], &app);
+    pod.spawn(
+        "fan",
+        &[
+            "fan",
+            "--connect",
+            &dst,
+            "--count",
+            "2000",
+            "--threads",
+            "16",
+            "--size",
+            "1000",
+            "--hold-ms",
+            "2000",
+            "--deadline-ms",
+            "90000",
+        ],
+        &app,
+    );
     let fan = pod.children.len() - 1;
     // Ready: every connection open and echoed once; they are held open now.
     let held = map_usage(&pod, "REDIRECT_SOCKS");
     let done = child_json_lines(&mut pod.children[fan], 1, Duration::from_secs(60));
-    let done = done.last().unwrap_or_else(|| panic!("fan printed no final report"));
-    assert_eq!((done["open"].as_u64(), done["done"].as_u64(), done["failures"].as_u64()), (Some(2000), Some(2000), Some(0)), "{done}");
-    assert_eq!(held, 4000, "app + proxy socket of each of the 2000 open connections in REDIRECT_SOCKS");
+    let done = done
+        .last()
+        .unwrap_or_else(|| panic!("fan printed no final report"));
+    assert_eq!(
+        (
+            done["open"].as_u64(),
+            done["done"].as_u64(),
+            done["failures"].as_u64()
+        ),
+        (Some(2000), Some(2000), Some(0)),
+        "{done}"
+    );
+    assert_eq!(
+        held, 4000,
+        "app + proxy socket of each of the 2000 open connections in REDIRECT_SOCKS"
+    );
     assert_eq!(accel_counter(&pod, "sockets_inserted").0, 4000);
     wait_maps_empty(&pod);
 }
@@ -734,10 +1304,29 @@ fn sockets_leave_the_maps_after_100k_short_connections() {
     attach(&pod, true);
     let n = 100_000u64;
     let t = std::time::Instant::now();
-    let churn = run_kit(&app(&pod), &["churn", "--connect", &v4(UPSTREAM_V4, 8080), "--count", &n.to_string(), "--concurrency", "8", "--size", "16", "--timeout-ms", "5000"], Duration::from_secs(180));
+    let churn = run_kit(
+        &app(&pod),
+        &[
+            "churn",
+            "--connect",
+            &v4(UPSTREAM_V4, 8080),
+            "--count",
+            &n.to_string(),
+            "--concurrency",
+            "8",
+            "--size",
+            "16",
+            "--timeout-ms",
+            "5000",
+        ],
+        Duration::from_secs(180),
+    );
     let rep = churn.report();
     eprintln!("100k connections in {:?}: {rep}", t.elapsed());
-    assert!(!churn.timed_out && rep["ok"] == true && rep["done"] == n, "{rep}");
+    assert!(
+        !churn.timed_out && rep["ok"] == true && rep["done"] == n,
+        "{rep}"
+    );
     let s = pod.stats();
     eprintln!(
         "ACCEL: {} / {} / {}",
@@ -746,7 +1335,12 @@ fn sockets_leave_the_maps_after_100k_short_connections() {
         stats_rule(&s[0], "ACCEL", "messages_fallback")
     );
     assert_eq!(accel_counter(&pod, "sockets_inserted").0, 2 * n);
-    for r in s[0]["rules"].as_array().unwrap().iter().filter(|r| r["chain"] == "ERRORS") {
+    for r in s[0]["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["chain"] == "ERRORS")
+    {
         assert_eq!(r["count"], 0, "{r}");
     }
     wait_maps_empty(&pod);
@@ -758,14 +1352,40 @@ fn sockets_leave_the_maps_after_100k_short_connections() {
     // go by the cached verdict to the closed peer and fail with EPIPE).
     pod.children.clear();
     let budget = redirect_common::ACCEL_VERDICT_BYTES.to_string();
-    start_as_proxy(&mut pod, &["epoll-echo", "--edge", "--close-after", &budget]);
+    start_as_proxy(
+        &mut pod,
+        &["epoll-echo", "--edge", "--close-after", &budget],
+    );
     let m = 20_000u64;
-    let churn = run_kit(&app(&pod), &["churn", "--connect", &v4(UPSTREAM_V4, 8080), "--count", &m.to_string(), "--concurrency", "8", "--size", &budget, "--late-write", "--timeout-ms", "5000"], Duration::from_secs(60));
+    let churn = run_kit(
+        &app(&pod),
+        &[
+            "churn",
+            "--connect",
+            &v4(UPSTREAM_V4, 8080),
+            "--count",
+            &m.to_string(),
+            "--concurrency",
+            "8",
+            "--size",
+            &budget,
+            "--late-write",
+            "--timeout-ms",
+            "5000",
+        ],
+        Duration::from_secs(60),
+    );
     let rep = churn.report();
-    assert!(!churn.timed_out && rep["ok"] == true && rep["done"] == m, "{rep}");
+    assert!(
+        !churn.timed_out && rep["ok"] == true && rep["done"] == m,
+        "{rep}"
+    );
     let fallbacks = accel_counter(&pod, "messages_fallback").0;
     eprintln!("20k late writes: {fallbacks} on the normal path");
-    assert!(fallbacks > 0, "no late write fell back: the fallback map was not exercised");
+    assert!(
+        fallbacks > 0,
+        "no late write fell back: the fallback map was not exercised"
+    );
     wait_maps_empty(&pod);
 }
 
@@ -786,33 +1406,87 @@ fn nothing_outside_captured_pods_is_inserted() {
 
     let twin = NetnsGuard::new(&redirect_userspace::sandbox::unique("rdx-")).expect("netns");
     // The pod's addresses, on a veth pair of its own.
-    twin.ip(&["link", "add", "e0", "type", "veth", "peer", "name", "e1"]).unwrap();
-    twin.ip(&["addr", "add", &format!("{POD_V4}/24"), "dev", "e0"]).unwrap();
-    twin.ip(&["-6", "addr", "add", &format!("{POD_V6}/64"), "dev", "e0", "nodad"]).unwrap();
+    twin.ip(&["link", "add", "e0", "type", "veth", "peer", "name", "e1"])
+        .unwrap();
+    twin.ip(&["addr", "add", &format!("{POD_V4}/24"), "dev", "e0"])
+        .unwrap();
+    twin.ip(&[
+        "-6",
+        "addr",
+        "add",
+        &format!("{POD_V6}/64"),
+        "dev",
+        "e0",
+        "nodad",
+    ])
+    .unwrap();
     twin.ip(&["link", "set", "e0", "up"]).unwrap();
     twin.ip(&["link", "set", "e1", "up"]).unwrap();
     // The proxy's IPv6 passthrough source, as attach adds it to a pod.
-    twin.ip(&["-6", "addr", "add", "::6/128", "dev", "lo", "nodad"]).unwrap();
-    let in_twin = |uid| Placement { netns: Some(twin.path()), cgroup: Some(pod.topo.cgroup.path.clone()), uid: Some(uid), gid: Some(uid) };
+    twin.ip(&["-6", "addr", "add", "::6/128", "dev", "lo", "nodad"])
+        .unwrap();
+    let in_twin = |uid| Placement {
+        netns: Some(twin.path()),
+        cgroup: Some(pod.topo.cgroup.path.clone()),
+        uid: Some(uid),
+        gid: Some(uid),
+    };
     let mut cmd = std::process::Command::new(kit_bin());
-    cmd.args(["epoll-echo", "--listen", "127.0.0.1:15001", "--listen", "[::1]:15001", "--listen", "0.0.0.0:9080", "--listen", "[::]:9080"]);
-    let _srv = ChildGuard::spawn("twin-server", cmd, &in_twin(PROXY_UID), true).expect("twin server");
+    cmd.args([
+        "epoll-echo",
+        "--listen",
+        "127.0.0.1:15001",
+        "--listen",
+        "[::1]:15001",
+        "--listen",
+        "0.0.0.0:9080",
+        "--listen",
+        "[::]:9080",
+    ]);
+    let _srv =
+        ChildGuard::spawn("twin-server", cmd, &in_twin(PROXY_UID), true).expect("twin server");
     let mut cmd = std::process::Command::new(kit_bin());
-    cmd.args(["fan", "--connect", "127.0.0.1:15001", "--count", "100", "--threads", "4", "--hold-ms", "1500"]);
+    cmd.args([
+        "fan",
+        "--connect",
+        "127.0.0.1:15001",
+        "--count",
+        "100",
+        "--threads",
+        "4",
+        "--hold-ms",
+        "1500",
+    ]);
     let mut fan = ChildGuard::spawn("twin-fan", cmd, &in_twin(APP_UID), true).expect("twin fan");
     // 100 connections open now.
     let held = map_usage(&pod, "REDIRECT_SOCKS");
     for (dst, src) in [(v4(POD_V4, 9080), "127.0.0.6"), (v6(POD_V6, 9080), "::6")] {
-        let r = xfer(&in_twin(PROXY_UID), &dst, &["--bind", src, "--size", "100000", "--chunks", ODD]);
+        let r = xfer(
+            &in_twin(PROXY_UID),
+            &dst,
+            &["--bind", src, "--size", "100000", "--chunks", ODD],
+        );
         assert_xfer_ok(&r, &format!("twin passthrough-shaped {src} → {dst}"));
         let r = xfer(&in_twin(APP_UID), &dst, &["--size", "100000"]);
         assert_xfer_ok(&r, &format!("twin app → {dst}"));
     }
     let done = child_json_lines(&mut fan, 1, Duration::from_secs(30));
-    assert_eq!(done.last().map(|d| d["done"].clone()), Some(Value::from(100)), "twin fan: {done:?}");
+    assert_eq!(
+        done.last().map(|d| d["done"].clone()),
+        Some(Value::from(100)),
+        "twin fan: {done:?}"
+    );
     assert_eq!(held, 0, "sockets of an unmanaged netns were inserted");
     assert_eq!(map_usage(&pod, "REDIRECT_SOCKS"), 0);
-    assert_eq!(accel_counter(&pod, "sockets_inserted").0, 2, "pod counter moved");
-    assert_eq!(accel_counter(&pod, "messages_redirected"), redirected, "pod counter moved");
+    assert_eq!(
+        accel_counter(&pod, "sockets_inserted").0,
+        2,
+        "pod counter moved"
+    );
+    assert_eq!(
+        accel_counter(&pod, "messages_redirected"),
+        redirected,
+        "pod counter moved"
+    );
     assert_eq!(pinned_map_len(&pod, "REDIRECT_ACCEL_FALLBACK"), 0);
 }

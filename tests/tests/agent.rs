@@ -33,7 +33,12 @@ impl Setup {
         pod.start_upstream(8080);
         let proxy = pod.start_proxy();
         let tmp = TempDir::new(tag);
-        let mut s = Setup { daemon: None, proxy, tmp, pod };
+        let mut s = Setup {
+            daemon: None,
+            proxy,
+            tmp,
+            pod,
+        };
         s.start_daemon(&[]);
         s
     }
@@ -43,7 +48,13 @@ impl Setup {
     }
 
     fn start_daemon(&mut self, extra: &[&str]) -> &Daemon {
-        let d = Daemon::start(&self.pod.pin_dir, &self.pod.topo.cgroup.path, &self.socket(), &self.tmp.join("daemon.log"), extra);
+        let d = Daemon::start(
+            &self.pod.pin_dir,
+            &self.pod.topo.cgroup.path,
+            &self.socket(),
+            &self.tmp.join("daemon.log"),
+            extra,
+        );
         self.daemon = Some(d);
         self.daemon.as_ref().unwrap()
     }
@@ -58,13 +69,20 @@ impl Setup {
 
     fn cni(&self, command: &str, container: &str, args: &str, extra_conf: Value) -> CniRun {
         let ns = self.netns();
-        cni(&pod_vars(command, container, &ns, args), plugin_conf(&self.socket(), extra_conf).as_bytes())
+        cni(
+            &pod_vars(command, container, &ns, args),
+            plugin_conf(&self.socket(), extra_conf).as_bytes(),
+        )
     }
 
     /// Outbound proxy connections logged since the last call.
     fn proxied(&mut self) -> Vec<Value> {
         let idx = self.proxy;
-        self.pod.proxy_log(idx).into_iter().filter(|l| l["event"] == "conn" && l["dir"] == "outbound").collect()
+        self.pod
+            .proxy_log(idx)
+            .into_iter()
+            .filter(|l| l["event"] == "conn" && l["dir"] == "outbound")
+            .collect()
     }
 }
 
@@ -78,14 +96,18 @@ impl Drop for Setup {
     }
 }
 
-const SELECT: &str = "IgnoreUnknown=1;K8S_POD_NAMESPACE=shop;K8S_POD_NAME=cart;REDIRECT_CAPTURE=true";
+const SELECT: &str =
+    "IgnoreUnknown=1;K8S_POD_NAMESPACE=shop;K8S_POD_NAME=cart;REDIRECT_CAPTURE=true";
 
 #[test]
 fn cni_add_captures_and_del_releases() {
     let mut s = Setup::new("agadd");
     // The acceleration probe ran at start (not in the first ADD), and the
     // ready line says what it found on this kernel.
-    let probe = s.daemon().ready["accel_probe"].as_str().unwrap_or_else(|| panic!("no probe result: {}", s.daemon().ready)).to_string();
+    let probe = s.daemon().ready["accel_probe"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no probe result: {}", s.daemon().ready))
+        .to_string();
     assert!(probe.starts_with("kernel probe "), "{probe}");
     // Before ADD: the app goes direct.
     assert!(s.pod.app_client(&upstream()).ok);
@@ -93,12 +115,20 @@ fn cni_add_captures_and_del_releases() {
 
     let add = s.cni("ADD", "ctr-1", SELECT, json!({}));
     assert_eq!(add.code, 0, "{add:?}\n{}", s.daemon().log_text());
-    assert_eq!(add.json(), serde_json::from_str::<Value>(PREV_RESULT).unwrap(), "ADD echoes prevResult");
+    assert_eq!(
+        add.json(),
+        serde_json::from_str::<Value>(PREV_RESULT).unwrap(),
+        "ADD echoes prevResult"
+    );
 
     // Captured: v4 and v6 through the proxy, with the original destination.
     let r = s.pod.app_client(&upstream());
     assert!(r.ok, "{r:?}");
-    assert_eq!(r.peer.as_deref(), Some(upstream().as_str()), "getpeername shows the original peer");
+    assert_eq!(
+        r.peer.as_deref(),
+        Some(upstream().as_str()),
+        "getpeername shows the original peer"
+    );
     let r6 = s.pod.app_client(&format!("[{UPSTREAM_V6}]:8080"));
     assert!(r6.ok, "{r6:?}");
     let conns = s.proxied();
@@ -109,21 +139,37 @@ fn cni_add_captures_and_del_releases() {
     // The agent knows the pod by name and container id.
     let pods = s.daemon().list();
     assert_eq!(pods.len(), 1, "{pods:?}");
-    assert_eq!((pods[0]["pod"].as_str(), pods[0]["container_id"].as_str()), (Some("shop/cart"), Some("ctr-1")));
+    assert_eq!(
+        (pods[0]["pod"].as_str(), pods[0]["container_id"].as_str()),
+        (Some("shop/cart"), Some("ctr-1"))
+    );
     assert_eq!(pods[0]["netns"], s.netns());
     assert_eq!(pods[0]["istio_iptables_args"], "-p 15001 -z 15006 -e 15008 -u '1337' -g '1337' -m REDIRECT -i '*' -x '' -q '' -o '' -b '*' -d '15020,15021,15090'");
 
     // Metrics: the decision counters per pod, attach counts, map usage.
-    let (code, m) = redirect_userspace::agent::http::get(s.daemon().metrics_addr(), "/metrics").unwrap();
+    let (code, m) =
+        redirect_userspace::agent::http::get(s.daemon().metrics_addr(), "/metrics").unwrap();
     assert_eq!(code, 200);
     let cookie = pods[0]["cookie"].as_u64().unwrap();
     let want = format!("redirect_decisions_total{{pod=\"shop/cart\",netns_cookie=\"{cookie}\",chain=\"OUTPUT\",rule=\"captured\",target=\"REDIRECT\"}} 2");
     assert!(m.lines().any(|l| l == want), "{want} not in\n{m}");
-    assert!(m.contains("redirect_agent_attach_total{result=\"ok\"} 1\n"), "{m}");
-    assert!(m.contains("redirect_map_entries{map=\"REDIRECT_PODS\"} 1\n"), "{m}");
+    assert!(
+        m.contains("redirect_agent_attach_total{result=\"ok\"} 1\n"),
+        "{m}"
+    );
+    assert!(
+        m.contains("redirect_map_entries{map=\"REDIRECT_PODS\"} 1\n"),
+        "{m}"
+    );
     assert!(m.contains("redirect_pods 1\n"), "{m}");
     for (path, want) in [("/healthz", 200), ("/readyz", 200), ("/nope", 404)] {
-        assert_eq!(redirect_userspace::agent::http::get(s.daemon().metrics_addr(), path).unwrap().0, want, "{path}");
+        assert_eq!(
+            redirect_userspace::agent::http::get(s.daemon().metrics_addr(), path)
+                .unwrap()
+                .0,
+            want,
+            "{path}"
+        );
     }
 
     // CHECK passes while captured.
@@ -131,18 +177,36 @@ fn cni_add_captures_and_del_releases() {
     assert_eq!(check.code, 0, "{check:?}");
 
     // DEL releases: direct again, nothing left in the pins for the pod.
-    let del = s.cni("DEL", "ctr-1", "K8S_POD_NAMESPACE=shop;K8S_POD_NAME=cart", json!({}));
+    let del = s.cni(
+        "DEL",
+        "ctr-1",
+        "K8S_POD_NAMESPACE=shop;K8S_POD_NAME=cart",
+        json!({}),
+    );
     assert_eq!((del.code, del.stdout.as_str()), (0, ""), "{del:?}");
     assert!(s.daemon().list().is_empty());
-    assert!(!s.pod.pin_dir.join("netns").join(cookie.to_string()).exists());
+    assert!(!s
+        .pod
+        .pin_dir
+        .join("netns")
+        .join(cookie.to_string())
+        .exists());
     let r = s.pod.app_client(&upstream());
     assert!(r.ok, "{r:?}");
     assert!(s.proxied().is_empty(), "released pod still captured");
-    let (_, m) = redirect_userspace::agent::http::get(s.daemon().metrics_addr(), "/metrics").unwrap();
-    assert!(m.contains("redirect_agent_detach_total{result=\"ok\"} 1\n") && m.contains("redirect_pods 0\n"), "{m}");
+    let (_, m) =
+        redirect_userspace::agent::http::get(s.daemon().metrics_addr(), "/metrics").unwrap();
+    assert!(
+        m.contains("redirect_agent_detach_total{result=\"ok\"} 1\n")
+            && m.contains("redirect_pods 0\n"),
+        "{m}"
+    );
 
     // DEL is idempotent; CHECK now fails.
-    assert_eq!(s.cni("DEL", "ctr-1", "K8S_POD_NAME=cart", json!({})).code, 0);
+    assert_eq!(
+        s.cni("DEL", "ctr-1", "K8S_POD_NAME=cart", json!({})).code,
+        0
+    );
     assert_eq!(s.cni("CHECK", "ctr-1", SELECT, json!({})).error_code(), 101);
 }
 
@@ -161,10 +225,31 @@ fn cni_capture_config_reaches_the_pod() {
     assert!(s.pod.app_client(&format!("[{UPSTREAM_V6}]:8080")).ok);
     assert_eq!(s.proxied().len(), 1);
     // captureAll without the CNI_ARGS key selects too; REDIRECT_CAPTURE=false opts out.
-    assert_eq!(s.cni("DEL", "ctr-cfg", "K8S_POD_NAME=cart", json!({})).code, 0);
-    assert_eq!(s.cni("ADD", "ctr-cfg", "K8S_POD_NAME=cart;REDIRECT_CAPTURE=false", json!({"captureAll": true})).code, 0);
+    assert_eq!(
+        s.cni("DEL", "ctr-cfg", "K8S_POD_NAME=cart", json!({})).code,
+        0
+    );
+    assert_eq!(
+        s.cni(
+            "ADD",
+            "ctr-cfg",
+            "K8S_POD_NAME=cart;REDIRECT_CAPTURE=false",
+            json!({"captureAll": true})
+        )
+        .code,
+        0
+    );
     assert!(s.daemon().list().is_empty());
-    assert_eq!(s.cni("ADD", "ctr-cfg", "K8S_POD_NAME=cart", json!({"captureAll": true})).code, 0);
+    assert_eq!(
+        s.cni(
+            "ADD",
+            "ctr-cfg",
+            "K8S_POD_NAME=cart",
+            json!({"captureAll": true})
+        )
+        .code,
+        0
+    );
     assert_eq!(s.daemon().list().len(), 1);
 }
 
@@ -177,12 +262,19 @@ fn cni_add_fails_closed_when_the_agent_is_down() {
 
     let add = s.cni("ADD", "ctr-down", SELECT, json!({}));
     assert_eq!(add.error_code(), 11, "agent unreachable: try again later");
-    assert!(add.json()["msg"].as_str().unwrap().contains("uncaptured"), "{add:?}");
+    assert!(
+        add.json()["msg"].as_str().unwrap().contains("uncaptured"),
+        "{add:?}"
+    );
     // Nothing was captured: the app goes direct (no install exists at all).
     assert!(s.pod.app_client(&upstream()).ok);
     assert!(s.proxied().is_empty());
     // Pods that are not selected pass through without the agent.
-    assert_eq!(s.cni("ADD", "ctr-other", "K8S_POD_NAME=other", json!({})).code, 0);
+    assert_eq!(
+        s.cni("ADD", "ctr-other", "K8S_POD_NAME=other", json!({}))
+            .code,
+        0
+    );
     // DEL succeeds without the agent.
     let del = s.cni("DEL", "ctr-down", "K8S_POD_NAME=cart", json!({}));
     assert_eq!(del.code, 0, "{del:?}");
@@ -197,7 +289,11 @@ fn cni_add_fails_closed_when_the_agent_is_down() {
         &pod_vars("ADD", "ctr-host", &host_netns, SELECT),
         plugin_conf(&s.socket(), json!({})).as_bytes(),
     );
-    assert_eq!(refused.error_code(), 100, "capturing the host netns is refused: {refused:?}");
+    assert_eq!(
+        refused.error_code(),
+        100,
+        "capturing the host netns is refused: {refused:?}"
+    );
     assert!(refused.stdout.contains("host"), "{refused:?}");
 }
 
@@ -206,7 +302,10 @@ fn daemon_restart_during_traffic_fails_no_connection() {
     let mut s = Setup::new("agrst");
     assert_eq!(s.cni("ADD", "ctr-rst", SELECT, json!({})).code, 0);
     let cookie = s.daemon().list()[0]["cookie"].as_u64().unwrap();
-    let placement = s.pod.topo.in_pod(redirect_tests::APP_UID, redirect_tests::APP_UID);
+    let placement = s
+        .pod
+        .topo
+        .in_pod(redirect_tests::APP_UID, redirect_tests::APP_UID);
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let client = {
         let stop = stop.clone();
@@ -214,7 +313,10 @@ fn daemon_restart_during_traffic_fails_no_connection() {
         std::thread::spawn(move || {
             let mut results = Vec::new();
             let deadline = Instant::now() + Duration::from_secs(60);
-            while !stop.load(std::sync::atomic::Ordering::SeqCst) && Instant::now() < deadline && results.len() < 2000 {
+            while !stop.load(std::sync::atomic::Ordering::SeqCst)
+                && Instant::now() < deadline
+                && results.len() < 2000
+            {
                 results.push(redirect_tests::client_sized(&placement, &dst, 1000));
             }
             results
@@ -225,19 +327,35 @@ fn daemon_restart_during_traffic_fails_no_connection() {
     assert!(old.stop().success());
     std::thread::sleep(Duration::from_millis(300));
     let new = s.start_daemon(&[]);
-    assert_eq!(new.ready["cgroup_newly_attached"], false, "the cgroup programs stayed attached");
-    assert_eq!(new.ready["reconciled"]["kept"], json!([cookie]), "{}", new.ready);
+    assert_eq!(
+        new.ready["cgroup_newly_attached"], false,
+        "the cgroup programs stayed attached"
+    );
+    assert_eq!(
+        new.ready["reconciled"]["kept"],
+        json!([cookie]),
+        "{}",
+        new.ready
+    );
     std::thread::sleep(Duration::from_millis(500));
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     let results = client.join().unwrap();
     let failed: Vec<_> = results.iter().filter(|r| !r.ok).collect();
     assert!(results.len() >= 5, "only {} connections", results.len());
-    assert!(failed.is_empty(), "{} of {} connections failed: {failed:?}", failed.len(), results.len());
+    assert!(
+        failed.is_empty(),
+        "{} of {} connections failed: {failed:?}",
+        failed.len(),
+        results.len()
+    );
     // Every one of them was captured.
     assert_eq!(s.pod.counter("OUTPUT", "captured") as usize, results.len());
     // The new agent knows the pod (records are pinned) and releases it.
     assert_eq!(s.daemon().list()[0]["pod"], "shop/cart");
-    assert_eq!(s.cni("DEL", "ctr-rst", "K8S_POD_NAME=cart", json!({})).code, 0);
+    assert_eq!(
+        s.cni("DEL", "ctr-rst", "K8S_POD_NAME=cart", json!({})).code,
+        0
+    );
     assert!(s.daemon().list().is_empty());
 }
 
@@ -247,32 +365,63 @@ fn pods_whose_netns_is_gone_are_released() {
     // DEL after the netns is gone finds the pod by container id.
     let ns = NetnsGuard::new(&redirect_userspace::sandbox::unique("rdt-gone-")).unwrap();
     let p = ns.path().display().to_string();
-    let add = cni(&pod_vars("ADD", "ctr-gone-1", &p, SELECT), plugin_conf(&s.socket(), json!({})).as_bytes());
+    let add = cni(
+        &pod_vars("ADD", "ctr-gone-1", &p, SELECT),
+        plugin_conf(&s.socket(), json!({})).as_bytes(),
+    );
     assert_eq!(add.code, 0, "{add:?}");
     assert_eq!(s.daemon().list().len(), 1);
     drop(ns);
-    let del = cni(&pod_vars("DEL", "ctr-gone-1", &p, "K8S_POD_NAME=cart"), plugin_conf(&s.socket(), json!({})).as_bytes());
+    let del = cni(
+        &pod_vars("DEL", "ctr-gone-1", &p, "K8S_POD_NAME=cart"),
+        plugin_conf(&s.socket(), json!({})).as_bytes(),
+    );
     assert_eq!(del.code, 0, "{del:?}");
     assert!(s.daemon().list().is_empty(), "released by container id");
 
     // A pod whose DEL was missed while no agent ran is released on start.
     let ns = NetnsGuard::new(&redirect_userspace::sandbox::unique("rdt-gone-")).unwrap();
     let p = ns.path().display().to_string();
-    assert_eq!(cni(&pod_vars("ADD", "ctr-gone-2", &p, SELECT), plugin_conf(&s.socket(), json!({})).as_bytes()).code, 0);
+    assert_eq!(
+        cni(
+            &pod_vars("ADD", "ctr-gone-2", &p, SELECT),
+            plugin_conf(&s.socket(), json!({})).as_bytes()
+        )
+        .code,
+        0
+    );
     assert_eq!(s.cni("ADD", "ctr-alive", SELECT, json!({})).code, 0);
     let pods = s.daemon().list();
-    let gone = pods.iter().find(|x| x["container_id"] == "ctr-gone-2").unwrap()["cookie"].as_u64().unwrap();
-    let alive = pods.iter().find(|x| x["container_id"] == "ctr-alive").unwrap()["cookie"].as_u64().unwrap();
+    let gone = pods
+        .iter()
+        .find(|x| x["container_id"] == "ctr-gone-2")
+        .unwrap()["cookie"]
+        .as_u64()
+        .unwrap();
+    let alive = pods
+        .iter()
+        .find(|x| x["container_id"] == "ctr-alive")
+        .unwrap()["cookie"]
+        .as_u64()
+        .unwrap();
     assert!(s.daemon.take().unwrap().stop().success());
     drop(ns);
     let d = s.start_daemon(&[]);
-    assert_eq!(d.ready["reconciled"]["released"], json!([gone]), "{}", d.ready);
+    assert_eq!(
+        d.ready["reconciled"]["released"],
+        json!([gone]),
+        "{}",
+        d.ready
+    );
     assert_eq!(d.ready["reconciled"]["kept"], json!([alive]), "{}", d.ready);
     let pods = d.list();
     assert_eq!(pods.len(), 1);
     assert_eq!(pods[0]["container_id"], "ctr-alive");
     let (_, m) = redirect_userspace::agent::http::get(d.metrics_addr(), "/metrics").unwrap();
-    assert!(m.contains("redirect_agent_reconcile_released_total 1\n"), "{m}");
+    assert!(
+        m.contains("redirect_agent_reconcile_released_total 1\n"),
+        "{m}"
+    );
     // The live pod is still captured.
     assert!(s.pod.app_client(&upstream()).ok);
     assert_eq!(s.proxied().len(), 1);
@@ -283,10 +432,19 @@ fn agent_socket_is_root_only_and_checks_requests() {
     let mut s = Setup::new("agsock");
     let sock = s.socket();
     let m = std::fs::metadata(&sock).unwrap();
-    assert_eq!((m.permissions().mode() & 0o777, m.uid(), m.gid()), (0o600, 0, 0));
+    assert_eq!(
+        (m.permissions().mode() & 0o777, m.uid(), m.gid()),
+        (0o600, 0, 0)
+    );
     // A second daemon on the same socket refuses to start.
     let tmp = TempDir::new("agsock2");
-    let second = Daemon::try_start(&s.pod.pin_dir, &s.pod.topo.cgroup.path, &sock, &tmp.join("log"), &[]);
+    let second = Daemon::try_start(
+        &s.pod.pin_dir,
+        &s.pod.topo.cgroup.path,
+        &sock,
+        &tmp.join("log"),
+        &[],
+    );
     assert!(second.is_err());
     assert!(second.err().unwrap().contains("another agent"));
     assert!(sock.exists(), "the running agent keeps its socket");
@@ -296,34 +454,71 @@ fn agent_socket_is_root_only_and_checks_requests() {
     for (k, v) in pod_vars("ADD", "ctr-u", &s.netns(), SELECT) {
         cmd.env(k, v);
     }
-    redirect_userspace::sandbox::place(&mut cmd, &redirect_userspace::sandbox::Placement { uid: Some(1000), gid: Some(1000), ..Default::default() }).unwrap();
+    redirect_userspace::sandbox::place(
+        &mut cmd,
+        &redirect_userspace::sandbox::Placement {
+            uid: Some(1000),
+            gid: Some(1000),
+            ..Default::default()
+        },
+    )
+    .unwrap();
     let out = {
         use std::io::Write;
-        let mut c = cmd.stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped()).spawn().unwrap();
-        c.stdin.take().unwrap().write_all(plugin_conf(&sock, json!({})).as_bytes()).unwrap();
+        let mut c = cmd
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        c.stdin
+            .take()
+            .unwrap()
+            .write_all(plugin_conf(&sock, json!({})).as_bytes())
+            .unwrap();
         c.wait_with_output().unwrap()
     };
     assert!(!out.status.success());
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["code"], 11, "{v}");
     // Bad requests get an error reply; the connection and the agent go on.
-    let host_add = format!(r#"{{"op":"add","netns":"/proc/{}/ns/net"}}"#, std::process::id());
+    let host_add = format!(
+        r#"{{"op":"add","netns":"/proc/{}/ns/net"}}"#,
+        std::process::id()
+    );
     for (req, want) in [
         ("not json", "bad request"),
         (r#"{"op":"explode"}"#, "bad request"),
         (r#"{"op":"add","netns":"/etc/passwd"}"#, "refused"),
-        (r#"{"op":"add","netns":"/run/netns/../../etc/passwd"}"#, "refused"),
-        (r#"{"op":"add","netns":"/run/netns/does-not-exist-xyz"}"#, "not a network namespace"),
+        (
+            r#"{"op":"add","netns":"/run/netns/../../etc/passwd"}"#,
+            "refused",
+        ),
+        (
+            r#"{"op":"add","netns":"/run/netns/does-not-exist-xyz"}"#,
+            "not a network namespace",
+        ),
         (host_add.as_str(), "host"),
-        (r#"{"op":"add","netns":"/run/netns/x","config":{"envoy-port":"0"}}"#, "-p/--envoy-port"),
-        (r#"{"op":"add","netns":"/run/netns/x","config":{"bogus":"1"}}"#, "bad request"),
-        (r#"{"op":"check","netns":"/run/netns/does-not-exist-xyz"}"#, "not a network namespace"),
+        (
+            r#"{"op":"add","netns":"/run/netns/x","config":{"envoy-port":"0"}}"#,
+            "-p/--envoy-port",
+        ),
+        (
+            r#"{"op":"add","netns":"/run/netns/x","config":{"bogus":"1"}}"#,
+            "bad request",
+        ),
+        (
+            r#"{"op":"check","netns":"/run/netns/does-not-exist-xyz"}"#,
+            "not a network namespace",
+        ),
     ] {
         let r = call_raw(&sock, req);
         assert_eq!(r["ok"], false, "{req}: {r}");
         assert!(r["error"].as_str().unwrap().contains(want), "{req}: {r}");
     }
-    assert_eq!(call_raw(&sock, r#"{"op":"del","container_id":"nobody"}"#)["ok"], true);
+    assert_eq!(
+        call_raw(&sock, r#"{"op":"del","container_id":"nobody"}"#)["ok"],
+        true
+    );
     assert!(s.daemon().list().is_empty());
     // Clients that hang up before reading the reply (a CNI plugin killed at
     // its timeout, an impatient scraper) do not take the agent down.
@@ -338,7 +533,11 @@ fn agent_socket_is_root_only_and_checks_requests() {
     }
     std::thread::sleep(Duration::from_millis(300));
     let mut d = s.daemon.take().unwrap();
-    assert!(d.child.try_wait().unwrap().is_none(), "the agent died: {}", d.log_text());
+    assert!(
+        d.child.try_wait().unwrap().is_none(),
+        "the agent died: {}",
+        d.log_text()
+    );
     assert!(d.list().is_empty());
     s.daemon = Some(d);
 }
@@ -361,7 +560,13 @@ impl CniDirs {
         let original = format!("{{\n  \"cniVersion\": \"1.0.0\",\n  \"name\": \"{name}\",\n  \"plugins\": [\n    {{\n      \"type\": \"bridge\",\n      \"bridge\": \"{bridge}\"\n    }}\n  ]\n}}\n");
         let conflist = conf_dir.join(format!("50-{name}.conflist"));
         std::fs::write(&conflist, &original).unwrap();
-        CniDirs { tmp, conf_dir, bin_dir, conflist, original }
+        CniDirs {
+            tmp,
+            conf_dir,
+            bin_dir,
+            conflist,
+            original,
+        }
     }
 }
 
@@ -372,43 +577,89 @@ impl CniDirs {
 #[test]
 fn daemon_restores_a_conflist_entry_removed_while_it_runs() {
     let mut s = Setup::new("agguard");
-    let CniDirs { tmp: _tmp, conf_dir, bin_dir, conflist, original } = CniDirs::new("rdguard", "rdtbr8");
+    let CniDirs {
+        tmp: _tmp,
+        conf_dir,
+        bin_dir,
+        conflist,
+        original,
+    } = CniDirs::new("rdguard", "rdtbr8");
     let original = original.as_str();
-    let args = ["--cni-conf-dir", conf_dir.to_str().unwrap(), "--cni-bin-dir", bin_dir.to_str().unwrap(), "--cni-conflist", "50-rdguard.conflist", "--cni-recheck-secs", "1", "--cni-cleanup"];
+    let args = [
+        "--cni-conf-dir",
+        conf_dir.to_str().unwrap(),
+        "--cni-bin-dir",
+        bin_dir.to_str().unwrap(),
+        "--cni-conflist",
+        "50-rdguard.conflist",
+        "--cni-recheck-secs",
+        "1",
+        "--cni-cleanup",
+    ];
     assert!(s.daemon.take().unwrap().stop().success());
     s.start_daemon(&args);
     let bin = bin_dir.join("redirect-cni");
     let installed = std::fs::read_to_string(&conflist).unwrap();
     assert_ne!(installed, original);
     let metric = |series: &str| -> u64 {
-        let (code, m) = redirect_userspace::agent::http::get(s.daemon().metrics_addr(), "/metrics").unwrap();
+        let (code, m) =
+            redirect_userspace::agent::http::get(s.daemon().metrics_addr(), "/metrics").unwrap();
         assert_eq!(code, 200);
-        m.lines().find_map(|l| l.strip_prefix(series).and_then(|r| r.strip_prefix(' ')).map(|v| v.trim().parse::<u64>().unwrap())).unwrap_or(0)
+        m.lines()
+            .find_map(|l| {
+                l.strip_prefix(series)
+                    .and_then(|r| r.strip_prefix(' '))
+                    .map(|v| v.trim().parse::<u64>().unwrap())
+            })
+            .unwrap_or(0)
     };
     let wait = |what: &str, f: &dyn Fn() -> bool| {
         let deadline = std::time::Instant::now() + Duration::from_secs(15);
         while !f() {
-            assert!(std::time::Instant::now() < deadline, "{what}\nlog:\n{}", s.daemon().log_text());
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{what}\nlog:\n{}",
+                s.daemon().log_text()
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     };
-    assert_eq!(metric("redirect_agent_cni_restored_total{what=\"entry\"}"), 0);
+    assert_eq!(
+        metric("redirect_agent_cni_restored_total{what=\"entry\"}"),
+        0
+    );
     // The network plugin rewrites its file without us.
     std::fs::write(&conflist, original).unwrap();
-    wait("entry restored", &|| std::fs::read_to_string(&conflist).unwrap() == installed);
-    wait("entry restore counted", &|| metric("redirect_agent_cni_restored_total{what=\"entry\"}") == 1);
+    wait("entry restored", &|| {
+        std::fs::read_to_string(&conflist).unwrap() == installed
+    });
+    wait("entry restore counted", &|| {
+        metric("redirect_agent_cni_restored_total{what=\"entry\"}") == 1
+    });
     // The binary deleted.
     std::fs::remove_file(&bin).unwrap();
     wait("binary restored", &|| bin.exists());
-    assert_eq!(std::fs::read(&bin).unwrap(), std::fs::read(cni_bin()).unwrap());
-    wait("binary restore counted", &|| metric("redirect_agent_cni_restored_total{what=\"binary\"}") == 1);
+    assert_eq!(
+        std::fs::read(&bin).unwrap(),
+        std::fs::read(cni_bin()).unwrap()
+    );
+    wait("binary restore counted", &|| {
+        metric("redirect_agent_cni_restored_total{what=\"binary\"}") == 1
+    });
     // A broken file is counted as a failed check, never clobbered.
     std::fs::write(&conflist, "{ not json").unwrap();
-    wait("check error counted", &|| metric("redirect_agent_cni_check_errors_total") >= 1);
+    wait("check error counted", &|| {
+        metric("redirect_agent_cni_check_errors_total") >= 1
+    });
     assert_eq!(std::fs::read_to_string(&conflist).unwrap(), "{ not json");
-    assert!(s.daemon().log_text().contains("cannot check or restore the CNI entry"));
+    assert!(s
+        .daemon()
+        .log_text()
+        .contains("cannot check or restore the CNI entry"));
     std::fs::write(&conflist, original).unwrap();
-    wait("entry restored after the broken file", &|| std::fs::read_to_string(&conflist).unwrap() == installed);
+    wait("entry restored after the broken file", &|| {
+        std::fs::read_to_string(&conflist).unwrap() == installed
+    });
     // Shutdown with --cni-cleanup: the entry goes and stays gone.
     assert!(s.daemon.take().unwrap().stop().success());
     std::thread::sleep(Duration::from_millis(1500));
@@ -418,18 +669,43 @@ fn daemon_restores_a_conflist_entry_removed_while_it_runs() {
 #[test]
 fn daemon_installs_the_plugin_and_its_conflist_entry() {
     let mut s = Setup::new("agconf");
-    let CniDirs { tmp, conf_dir, bin_dir, conflist, original } = CniDirs::new("rdtest", "rdtbr9");
+    let CniDirs {
+        tmp,
+        conf_dir,
+        bin_dir,
+        conflist,
+        original,
+    } = CniDirs::new("rdtest", "rdtbr9");
     let original = original.as_str();
-    let args = ["--cni-conf-dir", conf_dir.to_str().unwrap(), "--cni-bin-dir", bin_dir.to_str().unwrap(), "--cni-conflist", "50-rdtest.conflist"];
+    let args = [
+        "--cni-conf-dir",
+        conf_dir.to_str().unwrap(),
+        "--cni-bin-dir",
+        bin_dir.to_str().unwrap(),
+        "--cni-conflist",
+        "50-rdtest.conflist",
+    ];
     assert!(s.daemon.take().unwrap().stop().success());
     s.start_daemon(&args);
     let bin = bin_dir.join("redirect-cni");
-    assert_eq!(std::fs::metadata(&bin).unwrap().permissions().mode() & 0o777, 0o755);
-    assert_eq!(std::fs::read(&bin).unwrap(), std::fs::read(cni_bin()).unwrap());
+    assert_eq!(
+        std::fs::metadata(&bin).unwrap().permissions().mode() & 0o777,
+        0o755
+    );
+    assert_eq!(
+        std::fs::read(&bin).unwrap(),
+        std::fs::read(cni_bin()).unwrap()
+    );
     let text = std::fs::read_to_string(&conflist).unwrap();
     let v: Value = serde_json::from_str(&text).unwrap();
-    assert_eq!(v["plugins"][0], json!({"type": "bridge", "bridge": "rdtbr9"}));
-    assert_eq!(v["plugins"][1], json!({"type": "redirect-cni", "socket": s.socket()}));
+    assert_eq!(
+        v["plugins"][0],
+        json!({"type": "bridge", "bridge": "rdtbr9"})
+    );
+    assert_eq!(
+        v["plugins"][1],
+        json!({"type": "redirect-cni", "socket": s.socket()})
+    );
     // A restart leaves the file alone; a stop without --cni-cleanup keeps the entry.
     assert!(s.daemon.take().unwrap().stop().success());
     assert_eq!(std::fs::read_to_string(&conflist).unwrap(), text);
@@ -446,13 +722,32 @@ fn daemon_installs_the_plugin_and_its_conflist_entry() {
     s.start_daemon(&args);
     assert!(s.daemon.take().unwrap().stop().success());
     assert_ne!(std::fs::read_to_string(&conflist).unwrap(), original);
-    let out = s.pod.redirect(&["uninstall", "--cni-conf-dir", conf_dir.to_str().unwrap(), "--cni-conflist", "50-rdtest.conflist", "--cni-bin-dir", bin_dir.to_str().unwrap()]);
+    let out = s.pod.redirect(&[
+        "uninstall",
+        "--cni-conf-dir",
+        conf_dir.to_str().unwrap(),
+        "--cni-conflist",
+        "50-rdtest.conflist",
+        "--cni-bin-dir",
+        bin_dir.to_str().unwrap(),
+    ]);
     assert!(out.status.success(), "{out:?}");
     assert_eq!(std::fs::read_to_string(&conflist).unwrap(), original);
     assert!(!bin.exists());
     assert!(!s.pod.pin_dir.exists(), "uninstall removed the pins");
     // A missing conflist is an error at start, before anything changes.
-    let e = Daemon::try_start(&s.pod.pin_dir, &s.pod.topo.cgroup.path, &s.socket(), &tmp.join("log"), &["--cni-conf-dir", conf_dir.to_str().unwrap(), "--cni-conflist", "missing.conflist"]);
+    let e = Daemon::try_start(
+        &s.pod.pin_dir,
+        &s.pod.topo.cgroup.path,
+        &s.socket(),
+        &tmp.join("log"),
+        &[
+            "--cni-conf-dir",
+            conf_dir.to_str().unwrap(),
+            "--cni-conflist",
+            "missing.conflist",
+        ],
+    );
     assert!(e.err().unwrap().contains("does not exist"));
     assert!(!s.pod.pin_dir.exists());
 }

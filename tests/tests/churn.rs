@@ -20,20 +20,31 @@ use redirect_tests::{kit_bin, run_kit, Placement};
 use serde_json::Value;
 
 fn pods() -> usize {
-    std::env::var("REDIRECT_CHURN_PODS").ok().and_then(|v| v.parse().ok()).unwrap_or(1000)
+    std::env::var("REDIRECT_CHURN_PODS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1000)
 }
 
 #[test]
 fn churn_of_pods_leaves_nothing_behind_and_memory_flat() {
     assert!(kit_bin().exists());
     let n = pods();
-    let run = run_kit(&Placement::default(), &["pod-churn", "--pods", &n.to_string()], Duration::from_secs(900));
+    let run = run_kit(
+        &Placement::default(),
+        &["pod-churn", "--pods", &n.to_string()],
+        Duration::from_secs(900),
+    );
     assert!(!run.timed_out, "pod-churn hung; stderr:\n{}", run.stderr);
     eprintln!("{}", run.stderr);
     let r: Value = run.report();
     let checks = r["checks"].as_array().expect("checks");
     let failed: Vec<&Value> = checks.iter().filter(|c| c["ok"] != true).collect();
-    assert!(failed.is_empty(), "failed checks: {failed:#?}\nstderr:\n{}", run.stderr);
+    assert!(
+        failed.is_empty(),
+        "failed checks: {failed:#?}\nstderr:\n{}",
+        run.stderr
+    );
     // The checks that must have run (a report without them proves nothing).
     for want in [
         "every pinned map back to its baseline entry count",
@@ -45,17 +56,32 @@ fn churn_of_pods_leaves_nothing_behind_and_memory_flat() {
         "agent memory flat",
         "steady traffic: zero failed connections, every byte checked",
     ] {
-        assert!(checks.iter().any(|c| c["name"] == want), "check {want:?} missing from {checks:#?}");
+        assert!(
+            checks.iter().any(|c| c["name"] == want),
+            "check {want:?} missing from {checks:#?}"
+        );
     }
     assert_eq!(r["ok"], true);
     assert_eq!(r["pods"].as_u64(), Some(n as u64));
-    assert_eq!(r["pod_traffic_ok"].as_u64(), Some(n as u64), "every churned pod's connection was redirected and checked");
+    assert_eq!(
+        r["pod_traffic_ok"].as_u64(),
+        Some(n as u64),
+        "every churned pod's connection was redirected and checked"
+    );
     assert_eq!(r["kernel_objects_created"].as_u64(), Some(n as u64));
     assert!(r["steady"]["connections"].as_u64().unwrap() > 0);
     // The churned pods really filled the maps in between (the baseline
     // comparison is not vacuous).
-    for m in ["REDIRECT_PODS", "REDIRECT_PORTS", "REDIRECT_CIDRS", "REDIRECT_COUNTERS"] {
-        let (base, peak) = (r["maps_baseline"][m].as_u64().unwrap(), r["maps_peak"][m].as_u64().unwrap());
+    for m in [
+        "REDIRECT_PODS",
+        "REDIRECT_PORTS",
+        "REDIRECT_CIDRS",
+        "REDIRECT_COUNTERS",
+    ] {
+        let (base, peak) = (
+            r["maps_baseline"][m].as_u64().unwrap(),
+            r["maps_peak"][m].as_u64().unwrap(),
+        );
         assert!(peak > base, "{m}: peak {peak} not above baseline {base}");
     }
     assert_eq!(r["add_agent_ms"]["n"].as_u64(), Some(n as u64));

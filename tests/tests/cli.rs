@@ -11,8 +11,8 @@ use std::{
     process::{Command, Output, Stdio},
 };
 
-use redirect_userspace::attach::CGROUP_PROGRAMS;
 use redirect_tests::*;
+use redirect_userspace::attach::CGROUP_PROGRAMS;
 use redirect_userspace::{
     kit::ClientReport,
     sandbox::{place, unique},
@@ -63,7 +63,9 @@ fn redirect_as(pod: &Pod, p: &Placement, args: &[&str]) -> Run {
 }
 
 fn ino(p: &Path) -> u64 {
-    std::fs::metadata(p).unwrap_or_else(|e| panic!("stat {}: {e}", p.display())).ino()
+    std::fs::metadata(p)
+        .unwrap_or_else(|e| panic!("stat {}: {e}", p.display()))
+        .ino()
 }
 
 /// `bpftool -j link show` entries on this cgroup or this netns.
@@ -91,25 +93,58 @@ fn cgroup_programs(cgroup: &Path) -> Vec<String> {
     let tree: Vec<Value> = serde_json::from_str(&out).expect("bpftool json");
     tree.iter()
         .flat_map(|c| c["programs"].as_array().cloned().unwrap_or_default())
-        .map(|p| format!("{} {}", p["attach_type"].as_str().unwrap_or("?"), p["name"].as_str().unwrap_or("?")))
+        .map(|p| {
+            format!(
+                "{} {}",
+                p["attach_type"].as_str().unwrap_or("?"),
+                p["name"].as_str().unwrap_or("?")
+            )
+        })
         .collect()
 }
 
 /// Nothing of ours exists: no pin dir, no program on the test cgroup, no
 /// link on the test cgroup or the pod netns.
 fn assert_untouched(pod: &Pod, what: &str) {
-    assert!(!pod.pin_dir.exists(), "{what}: pin dir {} was created", pod.pin_dir.display());
+    assert!(
+        !pod.pin_dir.exists(),
+        "{what}: pin dir {} was created",
+        pod.pin_dir.display()
+    );
     let progs = cgroup_programs(&pod.topo.cgroup.path);
-    assert!(progs.is_empty(), "{what}: programs attached to the test cgroup: {progs:?}");
+    assert!(
+        progs.is_empty(),
+        "{what}: programs attached to the test cgroup: {progs:?}"
+    );
     let links = links_on(&pod.topo.cgroup.path, &pod.pod_netns());
-    assert!(links.is_empty(), "{what}: links on the test cgroup/netns: {links:?}");
+    assert!(
+        links.is_empty(),
+        "{what}: links on the test cgroup/netns: {links:?}"
+    );
 }
 
 fn cg(pod: &Pod) -> PathBuf {
     pod.topo.cgroup.path.clone()
 }
 
-const ISTIO: [&str; 16] = ["-p", "15001", "-z", "15006", "-u", "1337", "-m", "REDIRECT", "-i", "*", "-x", "", "-b", "*", "-d", "15090,15021,15020"];
+const ISTIO: [&str; 16] = [
+    "-p",
+    "15001",
+    "-z",
+    "15006",
+    "-u",
+    "1337",
+    "-m",
+    "REDIRECT",
+    "-i",
+    "*",
+    "-x",
+    "",
+    "-b",
+    "*",
+    "-d",
+    "15090,15021,15020",
+];
 
 fn v4_dst() -> String {
     format!("{UPSTREAM_V4}:8080")
@@ -122,19 +157,37 @@ fn v6_dst() -> String {
 /// capture port) while getpeername shows the original destination.
 fn assert_captured(r: &ClientReport, dst: &str, what: &str) {
     assert_ok(r, what);
-    assert_eq!(r.peer.as_deref(), Some(dst), "{what}: getpeername must show the original destination");
+    assert_eq!(
+        r.peer.as_deref(),
+        Some(dst),
+        "{what}: getpeername must show the original destination"
+    );
     let local = r.local.as_deref().unwrap_or_default();
-    assert!(local.starts_with("127.0.0.1:") || local.starts_with("[::1]:"), "{what}: expected a captured (loopback) socket: {r:?}");
+    assert!(
+        local.starts_with("127.0.0.1:") || local.starts_with("[::1]:"),
+        "{what}: expected a captured (loopback) socket: {r:?}"
+    );
 }
 
 /// Went direct: the socket leaves from the pod's own address, getpeername
 /// is the real server, and the server saw exactly this socket.
 fn assert_direct(r: &ClientReport, dst: &str, what: &str) {
     assert_ok(r, what);
-    assert_eq!(r.peer.as_deref(), Some(dst), "{what}: getpeername must be the real server");
+    assert_eq!(
+        r.peer.as_deref(),
+        Some(dst),
+        "{what}: getpeername must be the real server"
+    );
     let local = r.local.clone().unwrap_or_default();
-    assert!(!local.starts_with("127.") && !local.starts_with("[::1]"), "{what}: connection still captured: {r:?}");
-    assert_eq!(r.banner.as_deref(), Some(format!("peer={local} local={dst}").as_str()), "{what}: the server must see the app's own socket: {r:?}");
+    assert!(
+        !local.starts_with("127.") && !local.starts_with("[::1]"),
+        "{what}: connection still captured: {r:?}"
+    );
+    assert_eq!(
+        r.banner.as_deref(),
+        Some(format!("peer={local} local={dst}").as_str()),
+        "{what}: the server must see the app's own socket: {r:?}"
+    );
 }
 
 fn proxy_conns(pod: &mut Pod, idx: usize) -> Vec<String> {
@@ -147,7 +200,9 @@ fn proxy_conns(pod: &mut Pod, idx: usize) -> Vec<String> {
 
 /// Count of one rule in one pod's entry of `stats --json`.
 fn rule_count(pod_stats: &Value, chain: &str, rule: &str) -> u64 {
-    stats_rule(pod_stats, chain, rule)["count"].as_u64().expect("count")
+    stats_rule(pod_stats, chain, rule)["count"]
+        .as_u64()
+        .expect("count")
 }
 
 // ---------------------------------------------------------------- bad input
@@ -161,13 +216,47 @@ fn bad_input_is_refused_by_name_and_touches_nothing() {
     let cases: Vec<(Vec<&str>, Vec<&str>)> = vec![
         (vec!["--bogus-flag"], vec!["--bogus-flag", "--help"]),
         (vec!["-p", "0"], vec!["-p/--envoy-port", "'0'", "1-65535"]),
-        (vec!["-p", "70000"], vec!["-p/--envoy-port", "70000", "1-65535"]),
-        (vec!["-z", "abc"], vec!["-z/--inbound-capture-port", "abc", "1-65535"]),
-        (vec!["-i", "10.0.0.300/33"], vec!["-i/--istio-service-cidr", "10.0.0.300/33", "not an IPv4 or IPv6 address"]),
-        (vec!["-i", "10.0.0.0/33"], vec!["-i/--istio-service-cidr", "10.0.0.0/33", "0..=32"]),
-        (vec!["-x", "*"], vec!["-x/--istio-service-exclude-cidr", "'*'", "only accepted by -i"]),
-        (vec!["-m", "TPROXY"], vec!["-m/--istio-inbound-interception-mode", "TPROXY", "not supported", "-m REDIRECT"]),
-        (vec!["-u", "root"], vec!["-u/--proxy-uid", "root", "numeric"]),
+        (
+            vec!["-p", "70000"],
+            vec!["-p/--envoy-port", "70000", "1-65535"],
+        ),
+        (
+            vec!["-z", "abc"],
+            vec!["-z/--inbound-capture-port", "abc", "1-65535"],
+        ),
+        (
+            vec!["-i", "10.0.0.300/33"],
+            vec![
+                "-i/--istio-service-cidr",
+                "10.0.0.300/33",
+                "not an IPv4 or IPv6 address",
+            ],
+        ),
+        (
+            vec!["-i", "10.0.0.0/33"],
+            vec!["-i/--istio-service-cidr", "10.0.0.0/33", "0..=32"],
+        ),
+        (
+            vec!["-x", "*"],
+            vec![
+                "-x/--istio-service-exclude-cidr",
+                "'*'",
+                "only accepted by -i",
+            ],
+        ),
+        (
+            vec!["-m", "TPROXY"],
+            vec![
+                "-m/--istio-inbound-interception-mode",
+                "TPROXY",
+                "not supported",
+                "-m REDIRECT",
+            ],
+        ),
+        (
+            vec!["-u", "root"],
+            vec!["-u/--proxy-uid", "root", "numeric"],
+        ),
     ];
     let mut failures = Vec::new();
     let mut check = |args: Vec<&str>, want: Vec<&str>| {
@@ -195,14 +284,59 @@ fn bad_input_is_refused_by_name_and_touches_nothing() {
         check(args, want);
     }
     let not_netns = "is not a network namespace";
-    check(vec!["attach", "--netns", "/tmp", "--cgroup", s(&cgp), "-i", "*"], vec!["'/tmp'", not_netns, "not a namespace file", "/var/run/netns/"]);
-    check(vec!["attach", "--netns", "/nonexistent", "--cgroup", s(&cgp), "-i", "*"], vec!["'/nonexistent'", not_netns, "No such file"]);
-    check(vec!["attach", "--netns", "/proc/self/ns/uts", "--cgroup", s(&cgp), "-i", "*"], vec!["'/proc/self/ns/uts'", "a namespace, but not a network namespace"]);
-    check(vec!["attach", "--netns", s(&ns), "--cgroup", "/tmp", "-i", "*"], vec!["'/tmp'", "is not a cgroup2 directory", "cgroup2 is mounted at"]);
+    check(
+        vec!["attach", "--netns", "/tmp", "--cgroup", s(&cgp), "-i", "*"],
+        vec![
+            "'/tmp'",
+            not_netns,
+            "not a namespace file",
+            "/var/run/netns/",
+        ],
+    );
+    check(
+        vec![
+            "attach",
+            "--netns",
+            "/nonexistent",
+            "--cgroup",
+            s(&cgp),
+            "-i",
+            "*",
+        ],
+        vec!["'/nonexistent'", not_netns, "No such file"],
+    );
+    check(
+        vec![
+            "attach",
+            "--netns",
+            "/proc/self/ns/uts",
+            "--cgroup",
+            s(&cgp),
+            "-i",
+            "*",
+        ],
+        vec![
+            "'/proc/self/ns/uts'",
+            "a namespace, but not a network namespace",
+        ],
+    );
+    check(
+        vec!["attach", "--netns", s(&ns), "--cgroup", "/tmp", "-i", "*"],
+        vec![
+            "'/tmp'",
+            "is not a cgroup2 directory",
+            "cgroup2 is mounted at",
+        ],
+    );
     // A subcommand that does not exist, and attach without --netns.
     check(vec!["atach", "--netns", s(&ns)], vec!["atach"]);
     check(vec!["attach", "-i", "*"], vec!["--netns"]);
-    assert!(failures.is_empty(), "{} problems:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} problems:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }
 
 #[test]
@@ -221,8 +355,16 @@ fn non_root_attach_detach_uninstall_get_privilege_error_and_touch_nothing() {
         let r = redirect_as(&pod, &user, &args);
         let what = format!("uid {APP_UID}: redirect {}", args.join(" "));
         assert_eq!(r.code, Some(1), "{what}: {r:#?}");
-        assert!(r.stderr.contains("missing privilege"), "{what}: want a privilege error: {}", r.stderr);
-        assert!(r.stderr.contains("run redirect as root"), "{what}: want the fix: {}", r.stderr);
+        assert!(
+            r.stderr.contains("missing privilege"),
+            "{what}: want a privilege error: {}",
+            r.stderr
+        );
+        assert!(
+            r.stderr.contains("run redirect as root"),
+            "{what}: want the fix: {}",
+            r.stderr
+        );
         assert_untouched(&pod, &what);
     }
 }
@@ -240,17 +382,33 @@ fn non_root_status_and_stats_report_privilege_not_absence() {
     };
     let ns = pod.pod_netns();
     let mut problems = Vec::new();
-    for args in [vec!["status"], vec!["status", "--json"], vec!["stats"], vec!["stats", "--netns", s(&ns)]] {
+    for args in [
+        vec!["status"],
+        vec!["status", "--json"],
+        vec!["stats"],
+        vec!["stats", "--netns", s(&ns)],
+    ] {
         let r = redirect_as(&pod, &user, &args);
         let what = format!("uid {APP_UID}: redirect {}", args.join(" "));
-        if r.code != Some(1) || !r.stderr.contains("privilege") || r.stderr.contains("nothing is installed") {
-            problems.push(format!("{what}: exit {:?}, stderr: {}", r.code, r.stderr.trim()));
+        if r.code != Some(1)
+            || !r.stderr.contains("privilege")
+            || r.stderr.contains("nothing is installed")
+        {
+            problems.push(format!(
+                "{what}: exit {:?}, stderr: {}",
+                r.code,
+                r.stderr.trim()
+            ));
         }
     }
     // Still installed and captured: the refused calls changed nothing.
     let st = redirect(&pod, &["status", "--json"]).ok("status").json();
     assert_eq!(st["pods"].as_array().map(Vec::len), Some(1));
-    assert!(problems.is_empty(), "misleading answers for an unprivileged user:\n{}", problems.join("\n"));
+    assert!(
+        problems.is_empty(),
+        "misleading answers for an unprivileged user:\n{}",
+        problems.join("\n")
+    );
 }
 
 /// An OS error is stated once: `<what> '<path>': <cause>`, not
@@ -267,14 +425,32 @@ fn error_messages_state_the_cause_once() {
     let o = Command::new(redirect_bin())
         .arg("--pin-dir")
         .arg(&bad_pin)
-        .args(["attach", "--netns", s(&ns), "--cgroup", s(&cgp), "-i", "*", "-b", "*"])
+        .args([
+            "attach",
+            "--netns",
+            s(&ns),
+            "--cgroup",
+            s(&cgp),
+            "-i",
+            "*",
+            "-b",
+            "*",
+        ])
         .output()
         .unwrap();
     let r = Run::of(o);
     assert_eq!(r.code, Some(1), "{r:#?}");
     let cause = "Not a directory (os error 20)";
-    assert!(r.stderr.contains(s(&bad_pin)) && r.stderr.contains(cause), "{r:#?}");
-    assert_eq!(r.stderr.matches(cause).count(), 1, "cause repeated: {}", r.stderr.trim());
+    assert!(
+        r.stderr.contains(s(&bad_pin)) && r.stderr.contains(cause),
+        "{r:#?}"
+    );
+    assert_eq!(
+        r.stderr.matches(cause).count(),
+        1,
+        "cause repeated: {}",
+        r.stderr.trim()
+    );
 }
 
 // ---------------------------------------------------------------- dry run
@@ -294,20 +470,53 @@ fn dry_run_prints_config_and_istio_equivalent_and_touches_nothing() {
             "dry run must print the istio-iptables equivalent: {}",
             r.stdout
         );
-        assert!(r.stdout.contains("\"proxy_port\": 15001") && r.stdout.contains("\"inbound_port\": 15006"), "dry run must print the config: {}", r.stdout);
-        assert!(r.stdout.contains(s(&ns)) && r.stdout.contains(s(&cgp)), "dry run must say what it would capture where: {}", r.stdout);
+        assert!(
+            r.stdout.contains("\"proxy_port\": 15001")
+                && r.stdout.contains("\"inbound_port\": 15006"),
+            "dry run must print the config: {}",
+            r.stdout
+        );
+        assert!(
+            r.stdout.contains(s(&ns)) && r.stdout.contains(s(&cgp)),
+            "dry run must say what it would capture where: {}",
+            r.stdout
+        );
         assert_untouched(&pod, &format!("attach {dry}"));
     }
     // JSON form.
-    let mut args = vec!["attach", "-n", "--json", "--netns", s(&ns), "--cgroup", s(&cgp)];
+    let mut args = vec![
+        "attach",
+        "-n",
+        "--json",
+        "--netns",
+        s(&ns),
+        "--cgroup",
+        s(&cgp),
+    ];
     args.extend(ISTIO);
     let j = redirect(&pod, &args).ok("dry run --json").json();
     assert_eq!(j["dry_run"], true, "{j}");
     assert_eq!(j["config"]["proxy_port"], 15001, "{j}");
-    assert_eq!(j["config"]["exclude_inbound_ports"], serde_json::json!([15020, 15021, 15090]), "{j}");
+    assert_eq!(
+        j["config"]["exclude_inbound_ports"],
+        serde_json::json!([15020, 15021, 15090]),
+        "{j}"
+    );
     assert_untouched(&pod, "attach -n --json");
     // A dry run still validates.
-    let r = redirect(&pod, &["attach", "-n", "--netns", s(&ns), "--cgroup", s(&cgp), "-p", "0"]);
+    let r = redirect(
+        &pod,
+        &[
+            "attach",
+            "-n",
+            "--netns",
+            s(&ns),
+            "--cgroup",
+            s(&cgp),
+            "-p",
+            "0",
+        ],
+    );
     assert_eq!(r.code, Some(1), "{r:#?}");
     assert!(r.stderr.contains("-p/--envoy-port"), "{r:#?}");
     assert_untouched(&pod, "attach -n -p 0");
@@ -315,11 +524,23 @@ fn dry_run_prints_config_and_istio_equivalent_and_touches_nothing() {
     // Over an existing install, a dry run changes nothing either.
     pod.attach_istio_default();
     let before = redirect(&pod, &["status", "--json"]).ok("status").json();
-    let mut args = vec!["attach", "-n", "--netns", s(&ns), "--cgroup", s(&cgp), "-x", "10.200.0.1/32"];
+    let mut args = vec![
+        "attach",
+        "-n",
+        "--netns",
+        s(&ns),
+        "--cgroup",
+        s(&cgp),
+        "-x",
+        "10.200.0.1/32",
+    ];
     args.extend(&ISTIO[..10]);
     redirect(&pod, &args).ok("dry run over install");
     let after = redirect(&pod, &["status", "--json"]).ok("status").json();
-    assert_eq!(before["pods"], after["pods"], "a dry run changed the installed config");
+    assert_eq!(
+        before["pods"], after["pods"],
+        "a dry run changed the installed config"
+    );
 }
 
 // ------------------------------------------------------------ status, stats
@@ -348,15 +569,34 @@ fn status_and_stats_list_the_captured_pod() {
         assert!(t.stdout.contains(want), "status lacks {want:?}:\n{}", t.stdout);
     }
     // -d ports in any order (the kernel map does not keep the flag's order).
-    let d = t.stdout.split("-d '").nth(1).and_then(|r| r.split('\'').next()).unwrap_or_default();
+    let d = t
+        .stdout
+        .split("-d '")
+        .nth(1)
+        .and_then(|r| r.split('\'').next())
+        .unwrap_or_default();
     let mut d: Vec<&str> = d.split(',').collect();
     d.sort();
-    assert_eq!(d, vec!["15020", "15021", "15090"], "status -d:\n{}", t.stdout);
+    assert_eq!(
+        d,
+        vec!["15020", "15021", "15090"],
+        "status -d:\n{}",
+        t.stdout
+    );
 
     // JSON.
-    let st = redirect(&pod, &["status", "--json"]).ok("status --json").json();
+    let st = redirect(&pod, &["status", "--json"])
+        .ok("status --json")
+        .json();
     assert_eq!(st["pin_dir"], s(&pod.pin_dir), "{st:#}");
-    assert!(st["cgroups"].as_array().unwrap().iter().any(|c| c == s(&cgp)), "cgroup missing: {st:#}");
+    assert!(
+        st["cgroups"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c == s(&cgp)),
+        "cgroup missing: {st:#}"
+    );
     let pods = st["pods"].as_array().expect("pods");
     assert_eq!(pods.len(), 1, "{st:#}");
     let p = &pods[0];
@@ -370,16 +610,31 @@ fn status_and_stats_list_the_captured_pod() {
     assert_eq!(c["proxy_gids"], serde_json::json!([1337]));
     assert_eq!(c["include_all_outbound"], true);
     assert_eq!(c["inbound_ports"], "all");
-    let mut ex: Vec<u64> = c["exclude_inbound_ports"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+    let mut ex: Vec<u64> = c["exclude_inbound_ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect();
     ex.sort();
     assert_eq!(ex, vec![15020, 15021, 15090], "{c:#}");
-    let addrs: Vec<&str> = p["pod_addresses"].as_array().unwrap().iter().map(|a| a.as_str().unwrap()).collect();
-    assert!(addrs.contains(&POD_V4) && addrs.contains(&POD_V6), "pod addresses {addrs:?}");
+    let addrs: Vec<&str> = p["pod_addresses"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    assert!(
+        addrs.contains(&POD_V4) && addrs.contains(&POD_V6),
+        "pod addresses {addrs:?}"
+    );
     assert_eq!(p["inbound_attached"], true);
     let cookie = p["netns_cookie"].as_u64().expect("cookie");
 
     // stats --json: one entry per pod, iptables-like rows, stable order.
-    let stats = redirect(&pod, &["stats", "--json"]).ok("stats --json").json();
+    let stats = redirect(&pod, &["stats", "--json"])
+        .ok("stats --json")
+        .json();
     let arr = stats.as_array().expect("array of pods");
     assert_eq!(arr.len(), 1, "{stats:#}");
     let ps = &arr[0];
@@ -389,7 +644,14 @@ fn status_and_stats_list_the_captured_pod() {
     let mut chains: Vec<&str> = Vec::new();
     let mut seen = std::collections::HashSet::new();
     for r in rules {
-        for (k, is) in [("chain", r["chain"].is_string()), ("rule", r["rule"].is_string()), ("target", r["target"].is_string()), ("description", r["description"].is_string()), ("count", r["count"].is_u64()), ("bytes", r["bytes"].is_u64())] {
+        for (k, is) in [
+            ("chain", r["chain"].is_string()),
+            ("rule", r["rule"].is_string()),
+            ("target", r["target"].is_string()),
+            ("description", r["description"].is_string()),
+            ("count", r["count"].is_u64()),
+            ("bytes", r["bytes"].is_u64()),
+        ] {
             assert!(is, "rule field {k} missing or mistyped: {r}");
         }
         let ch = r["chain"].as_str().unwrap();
@@ -397,26 +659,50 @@ fn status_and_stats_list_the_captured_pod() {
             assert!(!chains.contains(&ch), "chain {ch} rows are not contiguous");
             chains.push(ch);
         }
-        assert!(seen.insert((ch.to_string(), r["rule"].as_str().unwrap().to_string())), "duplicate row {r}");
+        assert!(
+            seen.insert((ch.to_string(), r["rule"].as_str().unwrap().to_string())),
+            "duplicate row {r}"
+        );
     }
-    assert_eq!(chains, vec!["OUTPUT", "PREROUTING", "ORIGINAL_DST", "ACCEL", "ERRORS"]);
-    for rule in ["captured", "captured_include_port", "skip_excluded_port", "skip_excluded_cidr", "skip_proxy_uid", "skip_proxy_gid", "skip_loopback", "skip_not_included"] {
+    assert_eq!(
+        chains,
+        vec!["OUTPUT", "PREROUTING", "ORIGINAL_DST", "ACCEL", "ERRORS"]
+    );
+    for rule in [
+        "captured",
+        "captured_include_port",
+        "skip_excluded_port",
+        "skip_excluded_cidr",
+        "skip_proxy_uid",
+        "skip_proxy_gid",
+        "skip_loopback",
+        "skip_not_included",
+    ] {
         rule_count(ps, "OUTPUT", rule);
     }
     assert_eq!(rule_count(ps, "OUTPUT", "captured"), 1);
     assert_eq!(rule_count(ps, "ORIGINAL_DST", "orig_dst_outbound"), 1);
     // The same through --netns.
-    let only = redirect(&pod, &["stats", "--json", "--netns", s(&ns)]).ok("stats --netns").json();
+    let only = redirect(&pod, &["stats", "--json", "--netns", s(&ns)])
+        .ok("stats --netns")
+        .json();
     assert_eq!(only, stats);
     // Text form, laid out like iptables -L -v.
     let text = redirect(&pod, &["stats"]).ok("stats");
-    assert!(text.stdout.contains("Chain OUTPUT") && text.stdout.contains("Chain PREROUTING"), "{}", text.stdout);
+    assert!(
+        text.stdout.contains("Chain OUTPUT") && text.stdout.contains("Chain PREROUTING"),
+        "{}",
+        text.stdout
+    );
 
     // An uncaptured netns: clear error naming it.
     let up = pod.topo.upstream.path();
     let r = redirect(&pod, &["stats", "--netns", s(&up)]);
     assert_eq!(r.code, Some(1), "{r:#?}");
-    assert!(r.stderr.contains(s(&up)) && r.stderr.contains("not captured"), "{r:#?}");
+    assert!(
+        r.stderr.contains(s(&up)) && r.stderr.contains("not captured"),
+        "{r:#?}"
+    );
     assert!(r.stdout.is_empty(), "{r:#?}");
     // Not a netns at all.
     let r = redirect(&pod, &["stats", "--netns", "/tmp"]);
@@ -424,11 +710,23 @@ fn status_and_stats_list_the_captured_pod() {
     assert!(r.stderr.contains("not a network namespace"), "{r:#?}");
     // Nothing installed under that pin dir.
     let empty = PathBuf::from(format!("/sys/fs/bpf/{}", unique("rdt-none-")));
-    for args in [vec!["stats"], vec!["stats", "--netns", s(&ns)], vec!["status"]] {
-        let o = Command::new(redirect_bin()).arg("--pin-dir").arg(&empty).args(&args).output().unwrap();
+    for args in [
+        vec!["stats"],
+        vec!["stats", "--netns", s(&ns)],
+        vec!["status"],
+    ] {
+        let o = Command::new(redirect_bin())
+            .arg("--pin-dir")
+            .arg(&empty)
+            .args(&args)
+            .output()
+            .unwrap();
         let r = Run::of(o);
         assert_eq!(r.code, Some(1), "{args:?}: {r:#?}");
-        assert!(r.stderr.contains("nothing is installed") && r.stderr.contains("redirect attach"), "{args:?}: {r:#?}");
+        assert!(
+            r.stderr.contains("nothing is installed") && r.stderr.contains("redirect attach"),
+            "{args:?}: {r:#?}"
+        );
         assert!(!empty.exists(), "{args:?} created {}", empty.display());
     }
 }
@@ -441,14 +739,28 @@ fn status_shows_the_registered_inbound_listener() {
     pod.start_app_server(9080);
     let proxy = pod.start_proxy();
     let out = Run::of(pod.attach_istio_default());
-    assert!(out.stdout.contains("proxy listener found"), "attach should find the running proxy: {out:#?}");
+    assert!(
+        out.stdout.contains("proxy listener found"),
+        "attach should find the running proxy: {out:#?}"
+    );
     // Inbound really goes through the proxy: the app sees 127.0.0.6.
     let dst = format!("{POD_V4}:9080");
     let r = pod.client(&pod.topo.in_upstream(), &dst, None);
     assert_ok(&r, "inbound");
-    assert!(r.banner.as_deref().unwrap_or_default().starts_with("peer=127.0.0.6:"), "inbound not via the proxy: {r:?}");
-    assert!(pod.proxy_log(proxy).iter().any(|l| l["dir"] == "inbound"), "proxy saw no inbound connection");
-    let st = redirect(&pod, &["status", "--json"]).ok("status --json").json();
+    assert!(
+        r.banner
+            .as_deref()
+            .unwrap_or_default()
+            .starts_with("peer=127.0.0.6:"),
+        "inbound not via the proxy: {r:?}"
+    );
+    assert!(
+        pod.proxy_log(proxy).iter().any(|l| l["dir"] == "inbound"),
+        "proxy saw no inbound connection"
+    );
+    let st = redirect(&pod, &["status", "--json"])
+        .ok("status --json")
+        .json();
     let fams = &st["pods"][0]["inbound_listeners"];
     let text = redirect(&pod, &["status"]).ok("status").stdout;
     assert!(
@@ -464,7 +776,11 @@ fn status_shows_the_registered_inbound_listener() {
 fn output_to_a_closed_pipe_does_not_panic() {
     let pod = Pod::new("clipipe");
     pod.attach_istio_default();
-    for args in [vec!["stats"], vec!["stats", "--json"], vec!["status", "--json"]] {
+    for args in [
+        vec!["stats"],
+        vec!["stats", "--json"],
+        vec!["status", "--json"],
+    ] {
         let mut fds = [0; 2];
         assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
         unsafe { libc::close(fds[0]) };
@@ -478,7 +794,11 @@ fn output_to_a_closed_pipe_does_not_panic() {
             .output()
             .unwrap();
         let err = String::from_utf8_lossy(&o.stderr);
-        assert!(!err.contains("panicked"), "redirect {args:?} into a closed pipe panicked (status {:?}):\n{err}", o.status);
+        assert!(
+            !err.contains("panicked"),
+            "redirect {args:?} into a closed pipe panicked (status {:?}):\n{err}",
+            o.status
+        );
     }
 }
 
@@ -504,21 +824,40 @@ fn detach_restores_direct_connections_and_twice_is_an_error() {
     for dst in [v4_dst(), v6_dst()] {
         assert_direct(&pod.app_client(&dst), &dst, &format!("after detach {dst}"));
     }
-    assert_eq!(proxy_conns(&mut pod, proxy), Vec::<String>::new(), "the proxy saw connections after detach");
+    assert_eq!(
+        proxy_conns(&mut pod, proxy),
+        Vec::<String>::new(),
+        "the proxy saw connections after detach"
+    );
     // The pod and its counters are gone.
     let r = redirect(&pod, &["stats", "--netns", s(&ns)]);
     assert_eq!(r.code, Some(1), "stats of a detached pod: {r:#?}");
     assert!(r.stderr.contains("not captured"), "{r:#?}");
     let all = redirect(&pod, &["stats", "--json"]).ok("stats").json();
-    assert!(!all.as_array().unwrap().iter().any(|p| p["netns_cookie"].as_u64() == Some(cookie)), "{all:#}");
+    assert!(
+        !all.as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["netns_cookie"].as_u64() == Some(cookie)),
+        "{all:#}"
+    );
     let st = redirect(&pod, &["status", "--json"]).ok("status").json();
     assert_eq!(st["pods"].as_array().map(Vec::len), Some(0), "{st:#}");
-    assert_eq!(sk_lookup_links(&ns), 0, "the pod's sk_lookup link must go with detach");
+    assert_eq!(
+        sk_lookup_links(&ns),
+        0,
+        "the pod's sk_lookup link must go with detach"
+    );
 
     // Twice: a clear error naming the netns.
     let r = redirect(&pod, &["detach", "--netns", s(&ns)]);
     assert_eq!(r.code, Some(1), "second detach: {r:#?}");
-    assert!(r.stderr.contains(s(&ns)) && r.stderr.contains("not captured") && r.stderr.contains("redirect status"), "{r:#?}");
+    assert!(
+        r.stderr.contains(s(&ns))
+            && r.stderr.contains("not captured")
+            && r.stderr.contains("redirect status"),
+        "{r:#?}"
+    );
     // By cookie too.
     let r = redirect(&pod, &["detach", "--cookie", &cookie.to_string()]);
     assert_eq!(r.code, Some(1), "detach --cookie of a released pod: {r:#?}");
@@ -527,8 +866,16 @@ fn detach_restores_direct_connections_and_twice_is_an_error() {
     // Captured again, counting from zero (old counters were dropped).
     pod.attach_istio_default();
     let fresh = pod.stats();
-    let nonzero: Vec<_> = fresh[0]["rules"].as_array().unwrap().iter().filter(|r| r["count"].as_u64() != Some(0)).collect();
-    assert!(nonzero.is_empty(), "re-attached pod starts with old counters: {nonzero:?}");
+    let nonzero: Vec<_> = fresh[0]["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["count"].as_u64() != Some(0))
+        .collect();
+    assert!(
+        nonzero.is_empty(),
+        "re-attached pod starts with old counters: {nonzero:?}"
+    );
     assert_captured(&pod.app_client(&v4_dst()), &v4_dst(), "re-attached");
     assert_eq!(pod.counter("OUTPUT", "captured"), 1);
 }
@@ -549,26 +896,41 @@ fn reattach_with_other_flags_replaces_the_config() {
     let mut flags = ISTIO.to_vec();
     flags[11] = "10.200.0.1/32";
     let r = Run::of(pod.attach(&flags));
-    assert!(r.stdout.contains("already attached"), "re-attach must reuse the cgroup attachment: {r:#?}");
+    assert!(
+        r.stdout.contains("already attached"),
+        "re-attach must reuse the cgroup attachment: {r:#?}"
+    );
     assert!(r.stdout.contains("-x '10.200.0.1/32'"), "{r:#?}");
     assert_direct(&pod.app_client(&v4_dst()), &v4_dst(), "with -x upstream/32");
     assert_captured(&pod.app_client(&v6_dst()), &v6_dst(), "v6 with -x v4/32");
     assert_eq!(proxy_conns(&mut pod, proxy), vec![v6_dst()]);
     assert_eq!(pod.counter("OUTPUT", "skip_excluded_cidr"), 1);
     let st = redirect(&pod, &["status", "--json"]).ok("status").json();
-    assert_eq!(st["pods"].as_array().unwrap().len(), 1, "re-attach must not add a second pod: {st:#}");
+    assert_eq!(
+        st["pods"].as_array().unwrap().len(),
+        1,
+        "re-attach must not add a second pod: {st:#}"
+    );
     let ex = &st["pods"][0]["config"]["exclude_cidrs"];
     assert_eq!(ex.as_array().map(Vec::len), Some(1), "{ex}");
     assert!(ex.to_string().contains("10.200.0.1"), "{ex}");
     assert_eq!(sk_lookup_links(&ns), 1, "one inbound link per pod");
-    assert_eq!(cgroup_programs(&pod.topo.cgroup.path).len(), CGROUP_PROGRAMS.len(), "one set of cgroup programs");
+    assert_eq!(
+        cgroup_programs(&pod.topo.cgroup.path).len(),
+        CGROUP_PROGRAMS.len(),
+        "one set of cgroup programs"
+    );
 
     // Back to the defaults: the exclusion is gone, not left behind.
     pod.attach_istio_default();
     assert_captured(&pod.app_client(&v4_dst()), &v4_dst(), "exclusion removed");
     assert_eq!(proxy_conns(&mut pod, proxy), vec![v4_dst()]);
     let st = redirect(&pod, &["status", "--json"]).ok("status").json();
-    assert_eq!(st["pods"][0]["config"]["exclude_cidrs"], serde_json::json!([]), "{st:#}");
+    assert_eq!(
+        st["pods"][0]["config"]["exclude_cidrs"],
+        serde_json::json!([]),
+        "{st:#}"
+    );
 
     // Only the listed CIDR captured (-i upstream/32 -x ""), then another.
     let mut flags = ISTIO.to_vec();
@@ -591,19 +953,34 @@ fn uninstall_leaves_nothing_and_connections_go_direct() {
     assert_eq!(sk_lookup_links(&ns), 0);
     assert!(links_on(&cgp, &ns).is_empty());
     pod.attach_istio_default();
-    assert_eq!(cgroup_programs(&cgp).len(), CGROUP_PROGRAMS.len(), "{:?}", cgroup_programs(&cgp));
-    assert_eq!(links_on(&cgp, &ns).len(), CGROUP_PROGRAMS.len() + 1, "the cgroup links + 1 sk_lookup");
+    assert_eq!(
+        cgroup_programs(&cgp).len(),
+        CGROUP_PROGRAMS.len(),
+        "{:?}",
+        cgroup_programs(&cgp)
+    );
+    assert_eq!(
+        links_on(&cgp, &ns).len(),
+        CGROUP_PROGRAMS.len() + 1,
+        "the cgroup links + 1 sk_lookup"
+    );
     for dst in [v4_dst(), v6_dst()] {
         assert_captured(&pod.app_client(&dst), &dst, "installed");
     }
     assert_eq!(proxy_conns(&mut pod, proxy).len(), 2);
     // Kernel objects of this install: the attached programs and the maps.
-    let prog_ids: Vec<u64> = links_on(&cgp, &ns).iter().map(|l| l["prog_id"].as_u64().unwrap()).collect();
+    let prog_ids: Vec<u64> = links_on(&cgp, &ns)
+        .iter()
+        .map(|l| l["prog_id"].as_u64().unwrap())
+        .collect();
     let map_ids: Vec<u64> = std::fs::read_dir(pod.pin_dir.join("maps"))
         .expect("maps dir")
         .flatten()
         .map(|e| {
-            let j: Value = serde_json::from_str(&run("bpftool", &["-j", "map", "show", "pinned", s(&e.path())]).unwrap()).unwrap();
+            let j: Value = serde_json::from_str(
+                &run("bpftool", &["-j", "map", "show", "pinned", s(&e.path())]).unwrap(),
+            )
+            .unwrap();
             j["id"].as_u64().unwrap()
         })
         .collect();
@@ -611,25 +988,59 @@ fn uninstall_leaves_nothing_and_connections_go_direct() {
 
     let r = redirect(&pod, &["uninstall"]).ok("uninstall");
     assert!(r.stdout.contains("uninstalled"), "{r:#?}");
-    assert!(!pod.pin_dir.exists(), "pin dir left: {:?}", std::fs::read_dir(&pod.pin_dir).map(|d| d.flatten().map(|e| e.path()).collect::<Vec<_>>()));
-    assert_eq!(cgroup_programs(&cgp), Vec::<String>::new(), "bpftool cgroup tree {}", cgp.display());
-    assert_eq!(links_on(&cgp, &ns), Vec::<Value>::new(), "links left on the test cgroup/netns");
+    assert!(
+        !pod.pin_dir.exists(),
+        "pin dir left: {:?}",
+        std::fs::read_dir(&pod.pin_dir).map(|d| d.flatten().map(|e| e.path()).collect::<Vec<_>>())
+    );
+    assert_eq!(
+        cgroup_programs(&cgp),
+        Vec::<String>::new(),
+        "bpftool cgroup tree {}",
+        cgp.display()
+    );
+    assert_eq!(
+        links_on(&cgp, &ns),
+        Vec::<Value>::new(),
+        "links left on the test cgroup/netns"
+    );
     assert_eq!(sk_lookup_links(&ns), 0);
     // Programs and maps are freed, not just unpinned (the kernel frees them
     // after an RCU grace period: poll briefly).
     let alive = |kind: &str, ids: &[u64]| -> Vec<u64> {
-        ids.iter().copied().filter(|id| run("bpftool", &[kind, "show", "id", &id.to_string()]).is_ok()).collect()
+        ids.iter()
+            .copied()
+            .filter(|id| run("bpftool", &[kind, "show", "id", &id.to_string()]).is_ok())
+            .collect()
     };
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
-    while (!alive("prog", &prog_ids).is_empty() || !alive("map", &map_ids).is_empty()) && std::time::Instant::now() < deadline {
+    while (!alive("prog", &prog_ids).is_empty() || !alive("map", &map_ids).is_empty())
+        && std::time::Instant::now() < deadline
+    {
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
-    assert_eq!(alive("prog", &prog_ids), Vec::<u64>::new(), "programs still loaded after uninstall");
-    assert_eq!(alive("map", &map_ids), Vec::<u64>::new(), "maps still alive after uninstall");
+    assert_eq!(
+        alive("prog", &prog_ids),
+        Vec::<u64>::new(),
+        "programs still loaded after uninstall"
+    );
+    assert_eq!(
+        alive("map", &map_ids),
+        Vec::<u64>::new(),
+        "maps still alive after uninstall"
+    );
     for dst in [v4_dst(), v6_dst()] {
-        assert_direct(&pod.app_client(&dst), &dst, &format!("after uninstall {dst}"));
+        assert_direct(
+            &pod.app_client(&dst),
+            &dst,
+            &format!("after uninstall {dst}"),
+        );
     }
-    assert_eq!(proxy_conns(&mut pod, proxy), Vec::<String>::new(), "the proxy saw connections after uninstall");
+    assert_eq!(
+        proxy_conns(&mut pod, proxy),
+        Vec::<String>::new(),
+        "the proxy saw connections after uninstall"
+    );
 
     // Nothing installed: success, and says so.
     let r = redirect(&pod, &["uninstall"]).ok("second uninstall");
@@ -653,7 +1064,17 @@ fn counters_survive_cli_restarts_and_only_grow() {
             .as_array()
             .unwrap()
             .iter()
-            .map(|r| (format!("{}/{}", r["chain"].as_str().unwrap(), r["rule"].as_str().unwrap()), r["count"].as_u64().unwrap(), r["bytes"].as_u64().unwrap()))
+            .map(|r| {
+                (
+                    format!(
+                        "{}/{}",
+                        r["chain"].as_str().unwrap(),
+                        r["rule"].as_str().unwrap()
+                    ),
+                    r["count"].as_u64().unwrap(),
+                    r["bytes"].as_u64().unwrap(),
+                )
+            })
             .collect()
     };
     let a = counts(&pod.stats());
@@ -669,7 +1090,10 @@ fn counters_survive_cli_restarts_and_only_grow() {
     assert_captured(&pod.app_client(&v6_dst()), &v6_dst(), "v6");
     let c = counts(&pod.stats());
     for ((k, n1, b1), (_, n2, b2)) in b.iter().zip(&c) {
-        assert!(n2 >= n1 && b2 >= b1, "{k} went down: {n1}/{b1} -> {n2}/{b2}");
+        assert!(
+            n2 >= n1 && b2 >= b1,
+            "{k} went down: {n1}/{b1} -> {n2}/{b2}"
+        );
     }
     assert_eq!(get(&c, "OUTPUT/captured"), 4);
     assert_eq!(get(&c, "ORIGINAL_DST/orig_dst_outbound"), 4);
@@ -682,11 +1106,32 @@ fn counters_survive_cli_restarts_and_only_grow() {
 fn second_pod(pod: &Pod) -> NetnsGuard {
     let ns = NetnsGuard::new(&unique("rdp2-")).expect("second pod netns");
     let (a, b) = (unique("vc"), unique("vd"));
-    run("ip", &["link", "add", &a, "netns", &ns.name, "type", "veth", "peer", "name", &b, "netns", &pod.topo.upstream.name]).expect("veth");
+    run(
+        "ip",
+        &[
+            "link",
+            "add",
+            &a,
+            "netns",
+            &ns.name,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &b,
+            "netns",
+            &pod.topo.upstream.name,
+        ],
+    )
+    .expect("veth");
     ns.ip(&["link", "set", &a, "name", "eth0"]).unwrap();
-    ns.ip(&["addr", "add", "10.201.0.2/24", "dev", "eth0"]).unwrap();
+    ns.ip(&["addr", "add", "10.201.0.2/24", "dev", "eth0"])
+        .unwrap();
     ns.ip(&["link", "set", "eth0", "up"]).unwrap();
-    pod.topo.upstream.ip(&["addr", "add", "10.201.0.1/24", "dev", &b]).unwrap();
+    pod.topo
+        .upstream
+        .ip(&["addr", "add", "10.201.0.1/24", "dev", &b])
+        .unwrap();
     pod.topo.upstream.ip(&["link", "set", &b, "up"]).unwrap();
     ns
 }
@@ -699,7 +1144,11 @@ fn two_pods_share_the_cgroup_attachment_and_detach_separately() {
     let ns2p = ns2.path();
     let cgp = cg(&pod);
     pod.start_upstream(8080);
-    pod.spawn("upstream2", &["echo", "--listen", "10.201.0.1:8081"], &pod.topo.in_upstream());
+    pod.spawn(
+        "upstream2",
+        &["echo", "--listen", "10.201.0.1:8081"],
+        &pod.topo.in_upstream(),
+    );
     let proxy1 = pod.start_proxy();
     let in2 = |uid: u32| Placement {
         netns: Some(ns2.path()),
@@ -716,9 +1165,17 @@ fn two_pods_share_the_cgroup_attachment_and_detach_separately() {
     let mut args = vec!["attach", "--json", "--netns", s(&ns2p), "--cgroup", s(&cgp)];
     args.extend(ISTIO);
     let r2 = redirect(&pod, &args).ok("attach second pod").json();
-    assert_eq!(r2["cgroup_newly_attached"], false, "the second pod must reuse the cgroup attachment: {r2}");
+    assert_eq!(
+        r2["cgroup_newly_attached"], false,
+        "the second pod must reuse the cgroup attachment: {r2}"
+    );
     assert_ne!(r1["pod"]["cookie"], r2["pod"]["cookie"]);
-    assert_eq!(cgroup_programs(&cgp).len(), CGROUP_PROGRAMS.len(), "one set of programs for both pods: {:?}", cgroup_programs(&cgp));
+    assert_eq!(
+        cgroup_programs(&cgp).len(),
+        CGROUP_PROGRAMS.len(),
+        "one set of programs for both pods: {:?}",
+        cgroup_programs(&cgp)
+    );
     let st = redirect(&pod, &["status", "--json"]).ok("status").json();
     assert_eq!(st["pods"].as_array().unwrap().len(), 2, "{st:#}");
     assert_eq!(st["cgroups"].as_array().unwrap().len(), 1, "{st:#}");
@@ -735,17 +1192,31 @@ fn two_pods_share_the_cgroup_attachment_and_detach_separately() {
 
     // Release pod 1: pod 2 stays captured, the cgroup programs stay.
     redirect(&pod, &["detach", "--netns", s(&ns1)]).ok("detach pod 1");
-    assert_direct(&pod.app_client(&v4_dst()), &v4_dst(), "pod 1 after its detach");
-    assert_captured(&pod.client(&in2(APP_UID), dst2, None), dst2, "pod 2 after pod 1's detach");
+    assert_direct(
+        &pod.app_client(&v4_dst()),
+        &v4_dst(),
+        "pod 1 after its detach",
+    );
+    assert_captured(
+        &pod.client(&in2(APP_UID), dst2, None),
+        dst2,
+        "pod 2 after pod 1's detach",
+    );
     assert_eq!(proxy_conns(&mut pod, proxy1), Vec::<String>::new());
     assert_eq!(proxy_conns(&mut pod, proxy2), vec![dst2.to_string()]);
-    assert_eq!(cgroup_programs(&cgp).len(), CGROUP_PROGRAMS.len(), "pod 2 still needs the cgroup programs");
+    assert_eq!(
+        cgroup_programs(&cgp).len(),
+        CGROUP_PROGRAMS.len(),
+        "pod 2 still needs the cgroup programs"
+    );
     assert_eq!(sk_lookup_links(&ns1), 0);
     assert_eq!(sk_lookup_links(&ns2p), 1);
     let st = redirect(&pod, &["status", "--json"]).ok("status").json();
     let pods = st["pods"].as_array().unwrap();
     assert_eq!(pods.len(), 1, "{st:#}");
     assert_eq!(pods[0]["netns"], s(&ns2p));
-    let r = redirect(&pod, &["stats", "--json", "--netns", s(&ns2p)]).ok("stats pod 2").json();
+    let r = redirect(&pod, &["stats", "--json", "--netns", s(&ns2p)])
+        .ok("stats pod 2")
+        .json();
     assert_eq!(rule_count(&r[0], "OUTPUT", "captured"), 2);
 }

@@ -25,7 +25,10 @@ fn version_lists_supported_versions() {
     assert_eq!(r.code, 0, "{r:?}");
     let v = r.json();
     assert_eq!(v["cniVersion"], "1.0.0");
-    assert_eq!(v["supportedVersions"], json!(["0.3.0", "0.3.1", "0.4.0", "1.0.0"]));
+    assert_eq!(
+        v["supportedVersions"],
+        json!(["0.3.0", "0.3.1", "0.4.0", "1.0.0"])
+    );
     // VERSION needs no config at all.
     assert_eq!(cni(&[("CNI_COMMAND", "VERSION")], b"").code, 0);
 }
@@ -38,7 +41,10 @@ fn bad_environment_is_code_4() {
     assert_eq!(cni(&[("CNI_COMMAND", "GC")], c.as_bytes()).error_code(), 4);
     assert_eq!(cni(&[("CNI_COMMAND", "add")], c.as_bytes()).error_code(), 4);
     for missing in ["CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME"] {
-        let vars: Vec<_> = pod_vars("ADD", "ctr", "/run/netns/p", SELECT).into_iter().filter(|(k, _)| *k != missing).collect();
+        let vars: Vec<_> = pod_vars("ADD", "ctr", "/run/netns/p", SELECT)
+            .into_iter()
+            .filter(|(k, _)| *k != missing)
+            .collect();
         let r = cni(&vars, c.as_bytes());
         assert_eq!(r.error_code(), 4, "{missing}");
         assert!(r.json()["msg"].as_str().unwrap().contains(missing), "{r:?}");
@@ -46,19 +52,36 @@ fn bad_environment_is_code_4() {
     // Malformed CNI_ARGS, bad selection value.
     assert_eq!(add("/run/netns/p", "K8S_POD_NAME", &c).error_code(), 4);
     assert_eq!(add("/run/netns/p", "=x", &c).error_code(), 4);
-    assert_eq!(add("/run/netns/p", "K8S_POD_NAME=a;REDIRECT_CAPTURE=1", &c).error_code(), 4);
+    assert_eq!(
+        add("/run/netns/p", "K8S_POD_NAME=a;REDIRECT_CAPTURE=1", &c).error_code(),
+        4
+    );
 }
 
 #[test]
 fn netns_outside_the_runtime_dirs_is_refused() {
     let c = conf(json!({}));
-    for ns in ["/etc/passwd", "/tmp/netns", "/run/netns/../../etc/shadow", "/proc/self/ns/net", "/proc/1/ns/mnt", "relative/netns", "/run/netns/a/b"] {
+    for ns in [
+        "/etc/passwd",
+        "/tmp/netns",
+        "/run/netns/../../etc/shadow",
+        "/proc/self/ns/net",
+        "/proc/1/ns/mnt",
+        "relative/netns",
+        "/run/netns/a/b",
+    ] {
         let r = add(ns, SELECT, &c);
         assert_eq!(r.error_code(), 4, "{ns}: {r:?}");
-        assert!(r.json()["details"].as_str().unwrap().contains("refused"), "{r:?}");
+        assert!(
+            r.json()["details"].as_str().unwrap().contains("refused"),
+            "{r:?}"
+        );
     }
     // CHECK too.
-    let r = cni(&pod_vars("CHECK", "ctr", "/etc/passwd", SELECT), c.as_bytes());
+    let r = cni(
+        &pod_vars("CHECK", "ctr", "/etc/passwd", SELECT),
+        c.as_bytes(),
+    );
     assert_eq!(r.error_code(), 4);
     // An accepted path gets as far as the (absent) agent: fail closed.
     assert_eq!(add("/run/netns/some-pod", SELECT, &c).error_code(), 11);
@@ -70,31 +93,80 @@ fn netns_outside_the_runtime_dirs_is_refused() {
 fn bad_config_is_decode_or_config_error() {
     let ns = "/run/netns/p";
     // Not JSON, not an object: 6 (failed to decode).
-    for stdin in ["", "{", "not json", "[1,2]", "42", "\"x\"", "{\"cniVersion\":\"1.0.0\",}"] {
+    for stdin in [
+        "",
+        "{",
+        "not json",
+        "[1,2]",
+        "42",
+        "\"x\"",
+        "{\"cniVersion\":\"1.0.0\",}",
+    ] {
         assert_eq!(add(ns, SELECT, stdin).error_code(), 6, "{stdin:?}");
     }
     // Invalid UTF-8 and deep nesting are decode errors, not crashes.
-    assert_eq!(cni(&pod_vars("ADD", "ctr", ns, SELECT), b"{\"cniVersion\":\"\xff\xfe\"}").error_code(), 6);
-    let deep = format!("{{\"cniVersion\":\"1.0.0\",\"x\":{}{}}}", "[".repeat(100_000), "]".repeat(100_000));
+    assert_eq!(
+        cni(
+            &pod_vars("ADD", "ctr", ns, SELECT),
+            b"{\"cniVersion\":\"\xff\xfe\"}"
+        )
+        .error_code(),
+        6
+    );
+    let deep = format!(
+        "{{\"cniVersion\":\"1.0.0\",\"x\":{}{}}}",
+        "[".repeat(100_000),
+        "]".repeat(100_000)
+    );
     assert_eq!(add(ns, SELECT, &deep).error_code(), 6);
     // Valid JSON, invalid config: 7; unknown version: 1.
-    assert_eq!(add(ns, SELECT, r#"{"name":"n","type":"redirect-cni"}"#).error_code(), 7);
-    assert_eq!(add(ns, SELECT, r#"{"cniVersion":1,"name":"n"}"#).error_code(), 7);
-    assert_eq!(add(ns, SELECT, &conf(json!({"cniVersion": "2.0.0"}))).error_code(), 1);
-    assert_eq!(add(ns, SELECT, &conf(json!({"type": "bridge"}))).error_code(), 7);
+    assert_eq!(
+        add(ns, SELECT, r#"{"name":"n","type":"redirect-cni"}"#).error_code(),
+        7
+    );
+    assert_eq!(
+        add(ns, SELECT, r#"{"cniVersion":1,"name":"n"}"#).error_code(),
+        7
+    );
+    assert_eq!(
+        add(ns, SELECT, &conf(json!({"cniVersion": "2.0.0"}))).error_code(),
+        1
+    );
+    assert_eq!(
+        add(ns, SELECT, &conf(json!({"type": "bridge"}))).error_code(),
+        7
+    );
     assert_eq!(add(ns, SELECT, &conf(json!({"socket": 5}))).error_code(), 7);
-    assert_eq!(add(ns, SELECT, &conf(json!({"captureAll": "yes"}))).error_code(), 7);
-    assert_eq!(add(ns, SELECT, &conf(json!({"prevResult": [1]}))).error_code(), 7);
+    assert_eq!(
+        add(ns, SELECT, &conf(json!({"captureAll": "yes"}))).error_code(),
+        7
+    );
+    assert_eq!(
+        add(ns, SELECT, &conf(json!({"prevResult": [1]}))).error_code(),
+        7
+    );
     let no_prev = r#"{"cniVersion":"1.0.0","name":"n","type":"redirect-cni"}"#;
     let r = add(ns, SELECT, no_prev);
     assert_eq!(r.error_code(), 7);
-    assert!(r.json()["msg"].as_str().unwrap().contains("chained"), "{r:?}");
+    assert!(
+        r.json()["msg"].as_str().unwrap().contains("chained"),
+        "{r:?}"
+    );
     // The capture knobs are checked like `redirect attach` checks its flags.
     for (capture, names) in [
         (json!({"envoy-port": "0"}), "-p/--envoy-port"),
-        (json!({"istio-service-cidr": "10.0.0.0/33"}), "-i/--istio-service-cidr"),
-        (json!({"istio-inbound-interception-mode": "TPROXY"}), "TPROXY"),
-        (json!({"exclude-inbound-portz": "15021"}), "exclude-inbound-portz"),
+        (
+            json!({"istio-service-cidr": "10.0.0.0/33"}),
+            "-i/--istio-service-cidr",
+        ),
+        (
+            json!({"istio-inbound-interception-mode": "TPROXY"}),
+            "TPROXY",
+        ),
+        (
+            json!({"exclude-inbound-portz": "15021"}),
+            "exclude-inbound-portz",
+        ),
         (json!({"d": {"nested": true}}), "string"),
         (json!("not an object"), "capture"),
     ] {
@@ -104,28 +176,56 @@ fn bad_config_is_decode_or_config_error() {
     }
     // Also for pods that are not selected: a broken config is reported
     // on every ADD, not only on the first captured pod.
-    assert_eq!(add(ns, "K8S_POD_NAME=other", &conf(json!({"capture": {"envoy-port": "0"}}))).error_code(), 7);
+    assert_eq!(
+        add(
+            ns,
+            "K8S_POD_NAME=other",
+            &conf(json!({"capture": {"envoy-port": "0"}}))
+        )
+        .error_code(),
+        7
+    );
 }
 
 #[test]
 fn error_replies_use_the_config_version() {
-    let r = add("/etc/passwd", SELECT, &conf(json!({"cniVersion": "0.4.0", "prevResult": {"cniVersion": "0.4.0"}})));
+    let r = add(
+        "/etc/passwd",
+        SELECT,
+        &conf(json!({"cniVersion": "0.4.0", "prevResult": {"cniVersion": "0.4.0"}})),
+    );
     assert_eq!(r.error_code(), 4);
     assert_eq!(r.json()["cniVersion"], "0.4.0");
 }
 
 #[test]
 fn unselected_pods_pass_through_untouched() {
-    for args in ["", "IgnoreUnknown=1", "K8S_POD_NAME=app", "REDIRECT_CAPTURE=true", "K8S_POD_NAME=app;REDIRECT_CAPTURE=false"] {
+    for args in [
+        "",
+        "IgnoreUnknown=1",
+        "K8S_POD_NAME=app",
+        "REDIRECT_CAPTURE=true",
+        "K8S_POD_NAME=app;REDIRECT_CAPTURE=false",
+    ] {
         let r = add("/run/netns/p", args, &conf(json!({})));
         assert_eq!(r.code, 0, "{args}: {r:?}");
-        assert_eq!(r.json(), serde_json::from_str::<Value>(PREV_RESULT).unwrap(), "prevResult echoed");
+        assert_eq!(
+            r.json(),
+            serde_json::from_str::<Value>(PREV_RESULT).unwrap(),
+            "prevResult echoed"
+        );
         assert!(r.stderr.is_empty(), "{r:?}");
-        let r = cni(&pod_vars("CHECK", "ctr", "/run/netns/p", args), conf(json!({})).as_bytes());
+        let r = cni(
+            &pod_vars("CHECK", "ctr", "/run/netns/p", args),
+            conf(json!({})).as_bytes(),
+        );
         assert_eq!(r.code, 0, "{args}: {r:?}");
     }
     // Even a netns path we would refuse is not looked at for them.
-    assert_eq!(add("/etc/passwd", "K8S_POD_NAME=app", &conf(json!({}))).code, 0);
+    assert_eq!(
+        add("/etc/passwd", "K8S_POD_NAME=app", &conf(json!({}))).code,
+        0
+    );
 }
 
 #[test]
@@ -136,7 +236,15 @@ fn selected_pod_without_agent_fails_closed() {
     assert!(v["msg"].as_str().unwrap().contains("uncaptured"), "{v}");
     assert!(v["details"].as_str().unwrap().contains(SOCK), "{v}");
     // captureAll selects every Kubernetes pod.
-    assert_eq!(add("/run/netns/p", "K8S_POD_NAME=app", &conf(json!({"captureAll": true}))).error_code(), 11);
+    assert_eq!(
+        add(
+            "/run/netns/p",
+            "K8S_POD_NAME=app",
+            &conf(json!({"captureAll": true}))
+        )
+        .error_code(),
+        11
+    );
     // The default socket is used when none is configured.
     let mut c: Value = serde_json::from_str(&conf(json!({}))).unwrap();
     c.as_object_mut().unwrap().remove("socket");
@@ -160,11 +268,25 @@ fn del_is_idempotent_and_tolerant() {
             vars.retain(|(k, _)| *k != "CNI_NETNS");
         }
         let r = cni(&vars, conf(json!({"prevResult": null})).as_bytes());
-        assert_eq!((r.code, r.stdout.as_str()), (0, ""), "{netns} {args}: {r:?}");
+        assert_eq!(
+            (r.code, r.stdout.as_str()),
+            (0, ""),
+            "{netns} {args}: {r:?}"
+        );
     }
     // Garbage is still an error on DEL (the runtime gave us nothing to act on).
-    assert_eq!(cni(&pod_vars("DEL", "ctr", "/run/netns/p", "K8S_POD_NAME=app"), b"{").error_code(), 6);
-    let vars: Vec<_> = pod_vars("DEL", "ctr", "/run/netns/p", "").into_iter().filter(|(k, _)| *k != "CNI_CONTAINERID").collect();
+    assert_eq!(
+        cni(
+            &pod_vars("DEL", "ctr", "/run/netns/p", "K8S_POD_NAME=app"),
+            b"{"
+        )
+        .error_code(),
+        6
+    );
+    let vars: Vec<_> = pod_vars("DEL", "ctr", "/run/netns/p", "")
+        .into_iter()
+        .filter(|(k, _)| *k != "CNI_CONTAINERID")
+        .collect();
     assert_eq!(cni(&vars, conf(json!({})).as_bytes()).error_code(), 4);
 }
 
@@ -187,12 +309,23 @@ fn garbage_never_panics() {
             let alphabet = b"{}[]\",:0a\\ \x00\xff";
             bytes[at] = alphabet[next() as usize % alphabet.len()];
         }
-        let args = ["K8S_POD_NAME=a;REDIRECT_CAPTURE=true", ";;;", "a=b=c;K8S_POD_NAME=", "K8S_POD_NAME=a;REDIRECT_CAPTURE=true;x"][i % 4];
-        let r = cni(&pod_vars(["ADD", "DEL", "CHECK"][i % 3], "ctr", "/run/netns/p", args), &bytes);
+        let args = [
+            "K8S_POD_NAME=a;REDIRECT_CAPTURE=true",
+            ";;;",
+            "a=b=c;K8S_POD_NAME=",
+            "K8S_POD_NAME=a;REDIRECT_CAPTURE=true;x",
+        ][i % 4];
+        let r = cni(
+            &pod_vars(["ADD", "DEL", "CHECK"][i % 3], "ctr", "/run/netns/p", args),
+            &bytes,
+        );
         assert!(r.code == 0 || r.code == 1, "{r:?}");
         if r.code == 1 {
             let code = r.error_code();
-            assert!([1, 2, 4, 6, 7, 11].contains(&code), "unexpected code {code}: {r:?}");
+            assert!(
+                [1, 2, 4, 6, 7, 11].contains(&code),
+                "unexpected code {code}: {r:?}"
+            );
         }
         assert!(!r.stderr.contains("panicked"), "{r:?}");
     }

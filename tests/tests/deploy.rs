@@ -14,7 +14,10 @@ use std::{
 use serde_json::Value;
 
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 fn venv() -> PathBuf {
@@ -41,7 +44,10 @@ fn validate(files: &[PathBuf]) -> Output {
     } else {
         Command::new(validator())
     };
-    c.args(["--strict", "--no-warn"]).args(files).output().expect("running kubernetes-validate")
+    c.args(["--strict", "--no-warn"])
+        .args(files)
+        .output()
+        .expect("running kubernetes-validate")
 }
 
 fn manifests() -> Vec<PathBuf> {
@@ -63,7 +69,12 @@ fn documents() -> Vec<Value> {
             .arg(&f)
             .output()
             .unwrap();
-        assert!(o.status.success(), "{}: {}", f.display(), String::from_utf8_lossy(&o.stderr));
+        assert!(
+            o.status.success(),
+            "{}: {}",
+            f.display(),
+            String::from_utf8_lossy(&o.stderr)
+        );
         let docs: Vec<Value> = serde_json::from_slice(&o.stdout).unwrap();
         out.extend(docs);
     }
@@ -79,12 +90,24 @@ fn one<'a>(docs: &'a [Value], kind: &str) -> &'a Value {
 #[test]
 fn every_manifest_validates_offline() {
     let files = manifests();
-    let names: BTreeSet<String> = files.iter().map(|f| f.file_name().unwrap().to_string_lossy().into_owned()).collect();
-    for want in ["configmap.yaml", "daemonset.yaml", "namespace.yaml", "rbac.yaml"] {
+    let names: BTreeSet<String> = files
+        .iter()
+        .map(|f| f.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    for want in [
+        "configmap.yaml",
+        "daemonset.yaml",
+        "namespace.yaml",
+        "rbac.yaml",
+    ] {
         assert!(names.contains(want), "deploy/{want} missing: {names:?}");
     }
     let o = validate(&files);
-    let out = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    let out = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
     assert!(o.status.success(), "deploy/ does not validate:\n{out}");
     // One "passed" line per resource: ns, sa, clusterrole, binding, cm, ds.
     let passed = out.lines().filter(|l| l.contains(" passed ")).count();
@@ -97,19 +120,51 @@ fn broken_copies_fail() {
     std::fs::create_dir_all(&dir).unwrap();
     let ds = std::fs::read_to_string(root().join("deploy/daemonset.yaml")).unwrap();
     let cases = [
-        ("wrong-type.yaml", ds.replace("hostPID: true", "hostPID: \"yes\""), "hostPID"),
-        ("unknown-field.yaml", ds.replace("hostNetwork: true", "hostNetwork: true\n      hostNetworking: true"), "hostNetworking"),
-        ("missing-required.yaml", ds.replace("      containers:\n        - name: agent\n", "      containers:\n        - nam: agent\n"), "name"),
-        ("not-a-number.yaml", ds.replace("terminationGracePeriodSeconds: 30", "terminationGracePeriodSeconds: thirty"), "thirty"),
+        (
+            "wrong-type.yaml",
+            ds.replace("hostPID: true", "hostPID: \"yes\""),
+            "hostPID",
+        ),
+        (
+            "unknown-field.yaml",
+            ds.replace(
+                "hostNetwork: true",
+                "hostNetwork: true\n      hostNetworking: true",
+            ),
+            "hostNetworking",
+        ),
+        (
+            "missing-required.yaml",
+            ds.replace(
+                "      containers:\n        - name: agent\n",
+                "      containers:\n        - nam: agent\n",
+            ),
+            "name",
+        ),
+        (
+            "not-a-number.yaml",
+            ds.replace(
+                "terminationGracePeriodSeconds: 30",
+                "terminationGracePeriodSeconds: thirty",
+            ),
+            "thirty",
+        ),
     ];
     for (name, text, why) in cases {
         assert_ne!(text, ds, "{name}: the edit did not apply");
         let p = dir.join(name);
         std::fs::write(&p, text).unwrap();
         let o = validate(&[p]);
-        let out = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+        let out = format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
         assert!(!o.status.success(), "{name} validated:\n{out}");
-        assert!(out.contains(why), "{name}: error does not name {why}:\n{out}");
+        assert!(
+            out.contains(why),
+            "{name}: error does not name {why}:\n{out}"
+        );
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
@@ -118,7 +173,10 @@ fn broken_copies_fail() {
 /// --pin-dir), read from the source.
 fn daemon_env_names() -> BTreeSet<String> {
     let mut names = BTreeSet::new();
-    for f in ["redirect-userspace/src/cmd/daemon.rs", "redirect-userspace/src/main.rs"] {
+    for f in [
+        "redirect-userspace/src/cmd/daemon.rs",
+        "redirect-userspace/src/main.rs",
+    ] {
         let src = std::fs::read_to_string(root().join(f)).unwrap();
         for part in src.split("env = \"").skip(1) {
             names.insert(part.split('"').next().unwrap().to_string());
@@ -130,8 +188,14 @@ fn daemon_env_names() -> BTreeSet<String> {
 #[test]
 fn manifests_agree_with_each_other_and_the_daemon() {
     let docs = documents();
-    let ns = one(&docs, "Namespace")["metadata"]["name"].as_str().unwrap().to_string();
-    assert_eq!(one(&docs, "Namespace")["metadata"]["labels"]["pod-security.kubernetes.io/enforce"], "privileged");
+    let ns = one(&docs, "Namespace")["metadata"]["name"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        one(&docs, "Namespace")["metadata"]["labels"]["pod-security.kubernetes.io/enforce"],
+        "privileged"
+    );
     let cm = one(&docs, "ConfigMap");
     let sa = one(&docs, "ServiceAccount");
     let ds = one(&docs, "DaemonSet");
@@ -141,16 +205,25 @@ fn manifests_agree_with_each_other_and_the_daemon() {
 
     // RBAC: get/list/watch on pods, nothing else, bound to the agent's SA.
     let role = one(&docs, "ClusterRole");
-    assert_eq!(role["rules"], serde_json::json!([{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}]));
+    assert_eq!(
+        role["rules"],
+        serde_json::json!([{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}])
+    );
     let binding = one(&docs, "ClusterRoleBinding");
     assert_eq!(binding["roleRef"]["name"], role["metadata"]["name"]);
-    assert_eq!(binding["subjects"], serde_json::json!([{"kind": "ServiceAccount", "name": sa["metadata"]["name"], "namespace": ns}]));
+    assert_eq!(
+        binding["subjects"],
+        serde_json::json!([{"kind": "ServiceAccount", "name": sa["metadata"]["name"], "namespace": ns}])
+    );
 
     // The ConfigMap holds daemon flags only (RUST_LOG aside).
     let data = cm["data"].as_object().unwrap();
     let known = daemon_env_names();
     for k in data.keys().filter(|k| *k != "RUST_LOG") {
-        assert!(known.contains(k), "ConfigMap key {k} is no daemon flag's variable (known: {known:?})");
+        assert!(
+            known.contains(k),
+            "ConfigMap key {k} is no daemon flag's variable (known: {known:?})"
+        );
     }
     let get = |k: &str| data[k].as_str().unwrap().to_string();
 
@@ -160,11 +233,22 @@ fn manifests_agree_with_each_other_and_the_daemon() {
     assert_eq!(pod["hostPID"], true);
     let c = &pod["containers"][0];
     assert_eq!(c["securityContext"]["privileged"], true);
-    assert_eq!(c["envFrom"][0]["configMapRef"]["name"], cm["metadata"]["name"]);
+    assert_eq!(
+        c["envFrom"][0]["configMapRef"]["name"],
+        cm["metadata"]["name"]
+    );
     assert_eq!(c["args"][0], "daemon");
     // The pod watch's node name, from the downward API.
-    let node_env = c["env"].as_array().unwrap().iter().find(|e| e["name"] == "REDIRECT_NODE_NAME").expect("REDIRECT_NODE_NAME in the DaemonSet env");
-    assert_eq!(node_env["valueFrom"]["fieldRef"]["fieldPath"], "spec.nodeName");
+    let node_env = c["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "REDIRECT_NODE_NAME")
+        .expect("REDIRECT_NODE_NAME in the DaemonSet env");
+    assert_eq!(
+        node_env["valueFrom"]["fieldRef"]["fieldPath"],
+        "spec.nodeName"
+    );
     assert!(known.contains("REDIRECT_NODE_NAME"));
 
     // Probes: the daemon's endpoint, on the address it binds.
@@ -182,7 +266,15 @@ fn manifests_agree_with_each_other_and_the_daemon() {
         .as_array()
         .unwrap()
         .iter()
-        .map(|v| (v["name"].as_str().unwrap().to_string(), v["hostPath"]["path"].as_str().expect("hostPath volumes only").to_string()))
+        .map(|v| {
+            (
+                v["name"].as_str().unwrap().to_string(),
+                v["hostPath"]["path"]
+                    .as_str()
+                    .expect("hostPath volumes only")
+                    .to_string(),
+            )
+        })
         .collect();
     let mounts: Vec<(String, String)> = c["volumeMounts"]
         .as_array()
@@ -190,31 +282,66 @@ fn manifests_agree_with_each_other_and_the_daemon() {
         .iter()
         .map(|m| {
             let name = m["name"].as_str().unwrap();
-            let host = &volumes.iter().find(|(n, _)| n == name).unwrap_or_else(|| panic!("mount {name} has no volume")).1;
+            let host = &volumes
+                .iter()
+                .find(|(n, _)| n == name)
+                .unwrap_or_else(|| panic!("mount {name} has no volume"))
+                .1;
             (host.clone(), m["mountPath"].as_str().unwrap().to_string())
         })
         .collect();
-    for host in ["/sys/fs/bpf", "/sys/fs/cgroup", "/run/netns", "/var/run/netns", "/proc", "/opt/cni/bin", "/etc/cni/net.d", "/run/redirect"] {
-        assert!(mounts.iter().any(|(h, _)| h == host), "host {host} is not mounted: {mounts:?}");
+    for host in [
+        "/sys/fs/bpf",
+        "/sys/fs/cgroup",
+        "/run/netns",
+        "/var/run/netns",
+        "/proc",
+        "/opt/cni/bin",
+        "/etc/cni/net.d",
+        "/run/redirect",
+    ] {
+        assert!(
+            mounts.iter().any(|(h, _)| h == host),
+            "host {host} is not mounted: {mounts:?}"
+        );
     }
     let mounted = |p: &str| mounts.iter().any(|(_, m)| Path::new(p).starts_with(m));
-    for k in ["REDIRECT_PIN_DIR", "REDIRECT_CGROUP", "REDIRECT_CNI_CONF_DIR", "REDIRECT_CNI_BIN_DIR"] {
+    for k in [
+        "REDIRECT_PIN_DIR",
+        "REDIRECT_CGROUP",
+        "REDIRECT_CNI_CONF_DIR",
+        "REDIRECT_CNI_BIN_DIR",
+    ] {
         assert!(mounted(&get(k)), "{k}={} is not under a mount", get(k));
     }
     let socket = get("REDIRECT_SOCKET");
-    assert!(mounted(Path::new(&socket).parent().unwrap().to_str().unwrap()), "socket {socket} is not on a mount");
+    assert!(
+        mounted(Path::new(&socket).parent().unwrap().to_str().unwrap()),
+        "socket {socket} is not on a mount"
+    );
     // The CNI plugin (on the host) dials the same path the agent serves.
-    assert!(mounts.iter().any(|(h, m)| h == m && Path::new(&socket).starts_with(m)), "socket dir must be the same path on host and in the pod");
+    assert!(
+        mounts
+            .iter()
+            .any(|(h, m)| h == m && Path::new(&socket).starts_with(m)),
+        "socket dir must be the same path on host and in the pod"
+    );
     assert_eq!(socket, redirect_userspace::cni::DEFAULT_SOCKET);
 
     // The image: both binaries, built with cargo xtask build.
     let dockerfile = std::fs::read_to_string(root().join("deploy/Dockerfile")).unwrap();
     assert!(dockerfile.contains("cargo xtask build"));
     for bin in ["redirect", "redirect-cni"] {
-        assert!(dockerfile.contains(&format!("target/release/{bin} ")), "Dockerfile does not copy {bin}");
+        assert!(
+            dockerfile.contains(&format!("target/release/{bin} ")),
+            "Dockerfile does not copy {bin}"
+        );
     }
     let image_cmd = c["command"][0].as_str().unwrap();
-    assert!(dockerfile.contains(image_cmd), "command {image_cmd} is not where the Dockerfile puts redirect");
+    assert!(
+        dockerfile.contains(image_cmd),
+        "command {image_cmd} is not where the Dockerfile puts redirect"
+    );
 }
 
 /// `redirect daemon` accepts every ConfigMap value as its environment: with
@@ -238,8 +365,15 @@ fn daemon_parses_the_configmap() {
     let o = c.output().unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success());
-    assert!(err.contains("/nonexistent-redirect-deploy-test/") && err.contains("does not exist"), "{err}");
+    assert!(
+        err.contains("/nonexistent-redirect-deploy-test/") && err.contains("does not exist"),
+        "{err}"
+    );
     // A bad value is refused by name.
-    let o = Command::new(&bin).arg("daemon").env("REDIRECT_CNI_CAPTURE_ALL", "maybe").output().unwrap();
+    let o = Command::new(&bin)
+        .arg("daemon")
+        .env("REDIRECT_CNI_CAPTURE_ALL", "maybe")
+        .output()
+        .unwrap();
     assert!(String::from_utf8_lossy(&o.stderr).contains("--cni-capture-all"));
 }

@@ -34,37 +34,62 @@ fn from_outside(pod: &Pod, dst: &str) -> ClientReport {
 /// The `peer=` part of the app's greeting: who the app saw.
 fn app_saw(r: &ClientReport) -> String {
     let b = r.banner.as_deref().unwrap_or_default();
-    b.split_whitespace().find_map(|w| w.strip_prefix("peer=")).unwrap_or_default().to_string()
+    b.split_whitespace()
+        .find_map(|w| w.strip_prefix("peer="))
+        .unwrap_or_default()
+        .to_string()
 }
 
 /// The client went through the proxy: the app saw the passthrough source.
 fn assert_via_proxy(r: &ClientReport, dst: &str) {
     assert_ok(r, dst);
     let peer = app_saw(r);
-    let want = if dst.starts_with('[') { "[::6]:" } else { "127.0.0.6:" };
-    assert!(peer.starts_with(want), "{dst}: app should see the proxy's {want}*, saw {peer} ({r:?})");
+    let want = if dst.starts_with('[') {
+        "[::6]:"
+    } else {
+        "127.0.0.6:"
+    };
+    assert!(
+        peer.starts_with(want),
+        "{dst}: app should see the proxy's {want}*, saw {peer} ({r:?})"
+    );
     let local = r.banner.as_deref().unwrap_or_default();
-    assert!(local.ends_with(&format!("local={dst}")), "{dst}: app's local address should be the original destination: {r:?}");
+    assert!(
+        local.ends_with(&format!("local={dst}")),
+        "{dst}: app's local address should be the original destination: {r:?}"
+    );
 }
 
 /// The client reached the app directly: the app saw the client itself.
 fn assert_direct(r: &ClientReport, dst: &str) {
     assert_ok(r, dst);
     let peer = app_saw(r);
-    assert_eq!(Some(peer.as_str()), r.local.as_deref(), "{dst}: app should see the client's own address: {r:?}");
+    assert_eq!(
+        Some(peer.as_str()),
+        r.local.as_deref(),
+        "{dst}: app should see the client's own address: {r:?}"
+    );
 }
 
 fn assert_refused(r: &ClientReport, dst: &str) {
     assert!(!r.ok, "{dst} should be refused: {r:?}");
     let e = r.error.as_deref().unwrap_or_default();
-    assert!(e.contains("refused"), "{dst} should be refused (as REDIRECT to a closed 15006), got {e:?}");
+    assert!(
+        e.contains("refused"),
+        "{dst} should be refused (as REDIRECT to a closed 15006), got {e:?}"
+    );
 }
 
 /// Inbound connections the proxy logged: (peer, orig).
 fn inbound_conns(log: &[serde_json::Value]) -> Vec<(String, String)> {
     log.iter()
         .filter(|l| l["event"] == "conn" && l["dir"] == "inbound")
-        .map(|l| (l["peer"].as_str().unwrap().to_string(), l["orig"].as_str().unwrap().to_string()))
+        .map(|l| {
+            (
+                l["peer"].as_str().unwrap().to_string(),
+                l["orig"].as_str().unwrap().to_string(),
+            )
+        })
         .collect()
 }
 
@@ -73,10 +98,16 @@ fn assert_no_rules(namespaces: &[&str]) {
     for ns in namespaces {
         for tool in ["iptables-save", "ip6tables-save"] {
             let out = run("ip", &["netns", "exec", ns, tool]).unwrap_or_default();
-            assert!(!out.lines().any(|l| l.starts_with("-A ")), "{tool} in {ns} shows rules: {out}");
+            assert!(
+                !out.lines().any(|l| l.starts_with("-A ")),
+                "{tool} in {ns} shows rules: {out}"
+            );
         }
         let nft = run("ip", &["netns", "exec", ns, "nft", "list", "ruleset"]).unwrap_or_default();
-        assert!(!nft.contains("redirect") && !nft.contains("dnat") && !nft.contains("tproxy"), "nft ruleset in {ns}: {nft}");
+        assert!(
+            !nft.contains("redirect") && !nft.contains("dnat") && !nft.contains("tproxy"),
+            "nft ruleset in {ns}: {nft}"
+        );
     }
 }
 
@@ -89,7 +120,10 @@ fn wait_for_registered(pod: &Pod, n: u64) {
         if have >= n {
             return;
         }
-        assert!(Instant::now() < deadline, "only {have} of {n} inbound listeners registered");
+        assert!(
+            Instant::now() < deadline,
+            "only {have} of {n} inbound listeners registered"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -111,7 +145,10 @@ fn inbound_reaches_app_through_proxy_v4_v6() {
     let proxy = pod.start_proxy();
     // The proxy listens before attach: attach finds and registers it.
     let out = pod.attach_istio_default();
-    assert!(String::from_utf8_lossy(&out.stdout).contains("proxy listener found"), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("proxy listener found"),
+        "{out:?}"
+    );
     let mut clients = Vec::new();
     for dst in [v4(APP_PORT), v6(APP_PORT)] {
         let r = from_outside(&pod, &dst);
@@ -142,18 +179,48 @@ fn proxy_socket_keeps_original_addresses() {
     for dst in [v4(APP_PORT), v6(APP_PORT)] {
         let addr: SocketAddr = dst.parse().unwrap();
         // A socket made inside the upstream netns: the client is outside the pod.
-        let s = upstream.run(move || TcpStream::connect_timeout(&addr, Duration::from_secs(2))).unwrap();
+        let s = upstream
+            .run(move || TcpStream::connect_timeout(&addr, Duration::from_secs(2)))
+            .unwrap();
         s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
         let mut greeting = String::new();
         BufReader::new(&s).read_line(&mut greeting).unwrap();
         let client = s.local_addr().unwrap().to_string();
-        assert!(greeting.starts_with("peer=127.0.0.6:") || greeting.starts_with("peer=[::6]:"), "{greeting}");
-        let ss = run("ip", &["netns", "exec", &pod.topo.pod.name, "ss", "-Htne", "state", "established"]).unwrap();
-        let proxy_side: Vec<&str> = ss.lines().filter(|l| l.contains(&format!(" {client} "))).collect();
-        assert_eq!(proxy_side.len(), 1, "one accepted socket with peer {client}: {ss}");
+        assert!(
+            greeting.starts_with("peer=127.0.0.6:") || greeting.starts_with("peer=[::6]:"),
+            "{greeting}"
+        );
+        let ss = run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &pod.topo.pod.name,
+                "ss",
+                "-Htne",
+                "state",
+                "established",
+            ],
+        )
+        .unwrap();
+        let proxy_side: Vec<&str> = ss
+            .lines()
+            .filter(|l| l.contains(&format!(" {client} ")))
+            .collect();
+        assert_eq!(
+            proxy_side.len(),
+            1,
+            "one accepted socket with peer {client}: {ss}"
+        );
         let fields: Vec<&str> = proxy_side[0].split_whitespace().collect();
-        assert_eq!(fields[2], dst, "local address of the proxy's accepted socket: {ss}");
-        assert!(proxy_side[0].contains("uid:1337"), "accepted by the proxy (uid 1337): {ss}");
+        assert_eq!(
+            fields[2], dst,
+            "local address of the proxy's accepted socket: {ss}"
+        );
+        assert!(
+            proxy_side[0].contains("uid:1337"),
+            "accepted by the proxy (uid 1337): {ss}"
+        );
         (&s).write_all(b"x").unwrap();
         drop(s);
     }
@@ -167,7 +234,22 @@ fn include_all_honours_exclusions_tunnel_and_istio_defaults() {
         pod.start_app_server(p);
     }
     let proxy = pod.start_proxy();
-    pod.attach(&["-p", "15001", "-z", "15006", "-u", "1337", "-m", "REDIRECT", "-i", "*", "-b", "*", "-d", "15090,15021,15020,9090"]);
+    pod.attach(&[
+        "-p",
+        "15001",
+        "-z",
+        "15006",
+        "-u",
+        "1337",
+        "-m",
+        "REDIRECT",
+        "-i",
+        "*",
+        "-b",
+        "*",
+        "-d",
+        "15090,15021,15020,9090",
+    ]);
     for dst in [v4(APP_PORT), v6(APP_PORT)] {
         assert_via_proxy(&from_outside(&pod, &dst), &dst);
     }
@@ -221,7 +303,10 @@ fn include_list_captures_only_listed_ports() {
     for dst in [v4(15008), v6(15008)] {
         assert_direct(&from_outside(&pod, &dst), &dst);
     }
-    let origs: Vec<String> = inbound_conns(&pod.proxy_log(proxy)).into_iter().map(|(_, o)| o).collect();
+    let origs: Vec<String> = inbound_conns(&pod.proxy_log(proxy))
+        .into_iter()
+        .map(|(_, o)| o)
+        .collect();
     assert_eq!(origs, vec![v4(APP_PORT), v6(APP_PORT), v4(9443), v6(9443)]);
     assert_eq!(pod.counter("PREROUTING", "captured"), 4);
     assert_eq!(pod.counter("PREROUTING", "skip_not_included"), 2);
@@ -251,12 +336,23 @@ fn loopback_inside_pod_is_not_captured() {
     pod.start_app_server(APP_PORT);
     let proxy = pod.start_proxy();
     pod.attach_istio_default();
-    for dst in [v4(APP_PORT), v6(APP_PORT), format!("127.0.0.1:{APP_PORT}"), format!("[::1]:{APP_PORT}")] {
+    for dst in [
+        v4(APP_PORT),
+        v6(APP_PORT),
+        format!("127.0.0.1:{APP_PORT}"),
+        format!("[::1]:{APP_PORT}"),
+    ] {
         let r = pod.app_client(&dst);
         assert_direct(&r, &dst);
     }
     assert!(inbound_conns(&pod.proxy_log(proxy)).is_empty());
-    for rule in ["captured", "no_listener", "skip_excluded_port", "skip_not_included", "skip_tunnel_port"] {
+    for rule in [
+        "captured",
+        "no_listener",
+        "skip_excluded_port",
+        "skip_not_included",
+        "skip_tunnel_port",
+    ] {
         assert_eq!(pod.counter("PREROUTING", rule), 0, "PREROUTING {rule}");
     }
     // And from outside the same port is captured.
@@ -276,7 +372,11 @@ fn proxy_absent_late_and_restarted() {
         let t = Instant::now();
         let r = from_outside(&pod, &dst);
         assert_refused(&r, &dst);
-        assert!(t.elapsed() < Duration::from_millis(1500), "refusal took {:?}", t.elapsed());
+        assert!(
+            t.elapsed() < Duration::from_millis(1500),
+            "refusal took {:?}",
+            t.elapsed()
+        );
     }
     assert_eq!(pod.counter("PREROUTING", "no_listener"), 2);
 
@@ -322,18 +422,35 @@ fn unmanaged_netns_is_untouched() {
     };
     let mut guards = Vec::new();
     let mut echo = Command::new(kit_bin());
-    echo.args(["echo", "--listen", &format!("0.0.0.0:{APP_PORT}"), "--listen", &format!("[::]:{APP_PORT}")]);
+    echo.args([
+        "echo",
+        "--listen",
+        &format!("0.0.0.0:{APP_PORT}"),
+        "--listen",
+        &format!("[::]:{APP_PORT}"),
+    ]);
     guards.push(ChildGuard::spawn("other app", echo, &in_attached_cgroup(APP_UID), true).unwrap());
     let mut other_proxy = Command::new(kit_bin());
     other_proxy.arg("proxy");
-    guards.push(ChildGuard::spawn("other proxy", other_proxy, &in_attached_cgroup(PROXY_UID), true).unwrap());
+    guards.push(
+        ChildGuard::spawn(
+            "other proxy",
+            other_proxy,
+            &in_attached_cgroup(PROXY_UID),
+            true,
+        )
+        .unwrap(),
+    );
 
     for dst in [v4(APP_PORT), v6(APP_PORT)] {
         let r = pod.client(&other.in_upstream(), &dst, None);
         assert_direct(&r, &dst);
     }
     std::thread::sleep(Duration::from_millis(50));
-    assert!(guards[1].take_lines().is_empty(), "the unmanaged netns' proxy got connections");
+    assert!(
+        guards[1].take_lines().is_empty(),
+        "the unmanaged netns' proxy got connections"
+    );
     assert!(inbound_conns(&pod.proxy_log(proxy)).is_empty());
     // Nothing of it reached the managed pod's counters or listener map.
     assert_eq!(pod.counter("PREROUTING", "listener_registered"), 0);
@@ -374,18 +491,30 @@ fn haproxy_as_inbound_proxy_v4_v6() {
     for dst in [v4(APP_PORT), v6(APP_PORT)] {
         let r = from_outside(&pod, &dst);
         assert_via_proxy(&r, &dst);
-        want.push(format!("client={} dst={dst}", r.local.clone().unwrap().replace(['[', ']'], "")));
+        want.push(format!(
+            "client={} dst={dst}",
+            r.local.clone().unwrap().replace(['[', ']'], "")
+        ));
     }
     let log = hap.conns(None, 2);
     assert_eq!(log.len(), 2, "haproxy log: {log:?}");
     for (line, w) in log.iter().zip(&want) {
         // haproxy prints v6 addresses bare: client=fd00:200::1:port.
         let w = w.replace(['[', ']'], "");
-        assert!(line.contains(&format!(" {w} ")), "haproxy saw {line:?}, want {w:?}");
+        assert!(
+            line.contains(&format!(" {w} ")),
+            "haproxy saw {line:?}, want {w:?}"
+        );
     }
-    assert!(log[0].contains("src=127.0.0.6:") && log[1].contains("src=::6:"), "{log:?}");
+    assert!(
+        log[0].contains("src=127.0.0.6:") && log[1].contains("src=::6:"),
+        "{log:?}"
+    );
     assert_eq!(pod.counter("PREROUTING", "captured"), 2);
-    assert!(pod.counter("ORIGINAL_DST", "orig_dst_inbound") >= 1, "haproxy asks SO_ORIGINAL_DST for IPv4");
+    assert!(
+        pod.counter("ORIGINAL_DST", "orig_dst_inbound") >= 1,
+        "haproxy asks SO_ORIGINAL_DST for IPv4"
+    );
     assert_no_rules(&[&pod.topo.pod.name]);
     // haproxy gone: its listeners leave the map, as after a crash.
     drop(hap);
@@ -400,11 +529,26 @@ fn validate_passes_before_the_proxy_starts() {
     pod.attach_istio_default();
     let ns = pod.pod_netns();
     let cg = pod.topo.cgroup.path.clone();
-    let args = ["validate", "--netns", ns.to_str().unwrap(), "--cgroup", cg.to_str().unwrap()];
+    let args = [
+        "validate",
+        "--netns",
+        ns.to_str().unwrap(),
+        "--cgroup",
+        cg.to_str().unwrap(),
+    ];
     let out = redirect_ok(&pod.redirect(&args), "validate");
     assert_eq!(out.lines().count(), 1, "one line: {out}");
     assert!(out.starts_with("validation ok: "), "{out}");
-    for want in ["127.0.0.6:15002", "[::6]:15002", "127.0.0.1:15006", "[::1]:15006", "uid 1337", "inbound from outside", &v4(80), &v6(80)] {
+    for want in [
+        "127.0.0.6:15002",
+        "[::6]:15002",
+        "127.0.0.1:15006",
+        "[::1]:15006",
+        "uid 1337",
+        "inbound from outside",
+        &v4(80),
+        &v6(80),
+    ] {
         assert!(out.contains(want), "summary lacks {want}: {out}");
     }
     assert_eq!(pod.counter("OUTPUT", "proxy_to_self_inbound"), 2);
@@ -423,7 +567,10 @@ fn validate_passes_before_the_proxy_starts() {
     let out = pod.redirect(&args);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("already in use") && err.contains("15001"), "{err}");
+    assert!(
+        err.contains("already in use") && err.contains("15001"),
+        "{err}"
+    );
     // ...and it did not disturb the proxy.
     assert_via_proxy(&from_outside(&pod, &v4(APP_PORT)), &v4(APP_PORT));
 }
@@ -434,9 +581,20 @@ fn validate_fails_with_a_clear_reason() {
     let ns = pod.pod_netns();
     let cg = pod.topo.cgroup.path.clone();
     let validate = |pod: &Pod, ns: &std::path::Path, cg: &std::path::Path| {
-        let out = pod.redirect(&["validate", "--netns", ns.to_str().unwrap(), "--cgroup", cg.to_str().unwrap(), "--timeout-ms", "1000"]);
+        let out = pod.redirect(&[
+            "validate",
+            "--netns",
+            ns.to_str().unwrap(),
+            "--cgroup",
+            cg.to_str().unwrap(),
+            "--timeout-ms",
+            "1000",
+        ]);
         assert!(!out.status.success(), "validate should fail: {out:?}");
-        assert!(out.stdout.is_empty() || !String::from_utf8_lossy(&out.stdout).contains("validation ok"));
+        assert!(
+            out.stdout.is_empty()
+                || !String::from_utf8_lossy(&out.stdout).contains("validation ok")
+        );
         String::from_utf8_lossy(&out.stderr).into_owned()
     };
     // Nothing installed.
@@ -444,7 +602,10 @@ fn validate_fails_with_a_clear_reason() {
     // Excluding the probe port (-o 15002) breaks rule 2 for it.
     pod.attach(&["-u", "1337", "-i", "*", "-b", "*", "-o", "15002"]);
     let err = validate(&pod, &ns, &cg);
-    assert!(err.contains("127.0.0.6:15002") && err.contains("not sent to the inbound port"), "{err}");
+    assert!(
+        err.contains("127.0.0.6:15002") && err.contains("not sent to the inbound port"),
+        "{err}"
+    );
     // Probe from a cgroup without the hooks.
     let other = Topology::new("inbvalo").unwrap();
     let err = validate(&pod, &ns, &other.cgroup.path);
@@ -453,7 +614,10 @@ fn validate_fails_with_a_clear_reason() {
     let err = validate(&pod, &other.pod.path(), &cg);
     assert!(err.contains("is not captured"), "{err}");
     // After detach, the pod is not captured either.
-    redirect_ok(&pod.redirect(&["detach", "--netns", ns.to_str().unwrap()]), "detach");
+    redirect_ok(
+        &pod.redirect(&["detach", "--netns", ns.to_str().unwrap()]),
+        "detach",
+    );
     assert!(validate(&pod, &ns, &cg).contains("is not captured"));
 }
 
@@ -469,12 +633,21 @@ fn haproxy_dual_stack_listener_serves_both_families() {
     for (dst, mapped) in [(v4(APP_PORT), "::ffff:"), (v6(APP_PORT), "")] {
         let r = from_outside(&pod, &dst);
         assert_via_proxy(&r, &dst);
-        want.push(format!("client={mapped}{} dst={mapped}{dst}", r.local.clone().unwrap()).replace(['[', ']'], ""));
+        want.push(
+            format!(
+                "client={mapped}{} dst={mapped}{dst}",
+                r.local.clone().unwrap()
+            )
+            .replace(['[', ']'], ""),
+        );
     }
     let log = hap.conns(None, 2);
     assert_eq!(log.len(), 2, "haproxy log: {log:?}");
     for (line, w) in log.iter().zip(&want) {
-        assert!(line.contains(&format!(" {w} ")), "haproxy saw {line:?}, want {w:?}");
+        assert!(
+            line.contains(&format!(" {w} ")),
+            "haproxy saw {line:?}, want {w:?}"
+        );
     }
     assert_eq!(pod.counter("PREROUTING", "listener_registered"), 1);
     assert_eq!(pod.counter("PREROUTING", "captured"), 2);
@@ -495,7 +668,10 @@ fn reattach_and_detach_change_inbound_at_once() {
     pod.attach(&["-u", "1337", "-i", "*", "-b", "9080"]);
     assert_via_proxy(&from_outside(&pod, &v4(APP_PORT)), &v4(APP_PORT));
     let ns = pod.pod_netns();
-    redirect_ok(&pod.redirect(&["detach", "--netns", ns.to_str().unwrap()]), "detach");
+    redirect_ok(
+        &pod.redirect(&["detach", "--netns", ns.to_str().unwrap()]),
+        "detach",
+    );
     for dst in [v4(APP_PORT), v6(APP_PORT)] {
         assert_direct(&from_outside(&pod, &dst), &dst);
     }

@@ -39,7 +39,13 @@ impl Setup {
         let proxy = pod.start_proxy();
         let tmp = TempDir::new(tag);
         let api = ApiFixture::start();
-        let mut s = Setup { daemon: None, proxy, tmp, pod, api };
+        let mut s = Setup {
+            daemon: None,
+            proxy,
+            tmp,
+            pod,
+            api,
+        };
         s.start_daemon(extra);
         s
     }
@@ -51,7 +57,13 @@ impl Setup {
             args.extend_from_slice(&["--api-server", url.as_str()]);
         }
         args.extend_from_slice(extra);
-        let d = Daemon::start(&self.pod.pin_dir, &self.pod.topo.cgroup.path, &self.tmp.join("agent.sock"), &self.tmp.join("daemon.log"), &args);
+        let d = Daemon::start(
+            &self.pod.pin_dir,
+            &self.pod.topo.cgroup.path,
+            &self.tmp.join("agent.sock"),
+            &self.tmp.join("daemon.log"),
+            &args,
+        );
         self.daemon = Some(d);
     }
 
@@ -66,7 +78,10 @@ impl Setup {
     /// redirect-cni for this pod netns, in the API mode (`"kubernetes": true`).
     fn cni(&self, command: &str, container: &str, args: &str) -> CniRun {
         let ns = self.pod.pod_netns().display().to_string();
-        cni(&pod_vars(command, container, &ns, args), plugin_conf(&self.daemon().socket, json!({"kubernetes": true})).as_bytes())
+        cni(
+            &pod_vars(command, container, &ns, args),
+            plugin_conf(&self.daemon().socket, json!({"kubernetes": true})).as_bytes(),
+        )
     }
 
     fn readyz(&self) -> (u16, String) {
@@ -74,7 +89,8 @@ impl Setup {
     }
 
     fn metrics(&self) -> String {
-        let (code, m) = redirect_userspace::agent::http::get(self.daemon().metrics_addr(), "/metrics").unwrap();
+        let (code, m) =
+            redirect_userspace::agent::http::get(self.daemon().metrics_addr(), "/metrics").unwrap();
         assert_eq!(code, 200);
         m
     }
@@ -83,7 +99,11 @@ impl Setup {
     fn metric(&self, series: &str) -> u64 {
         self.metrics()
             .lines()
-            .find_map(|l| l.strip_prefix(series).and_then(|r| r.strip_prefix(' ')).map(|v| v.trim().parse::<u64>().unwrap()))
+            .find_map(|l| {
+                l.strip_prefix(series)
+                    .and_then(|r| r.strip_prefix(' '))
+                    .map(|v| v.trim().parse::<u64>().unwrap())
+            })
             .unwrap_or(0)
     }
 
@@ -94,7 +114,12 @@ impl Setup {
             if got == want {
                 return;
             }
-            assert!(Instant::now() < deadline, "{series} is {got}, want {want}\n{}\nlog:\n{}", self.metrics(), self.log());
+            assert!(
+                Instant::now() < deadline,
+                "{series} is {got}, want {want}\n{}\nlog:\n{}",
+                self.metrics(),
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -106,7 +131,12 @@ impl Setup {
         let r = self.pod.app_client(&dst);
         assert!(r.ok, "app -> {dst}: {r:?}");
         let idx = self.proxy;
-        let conns: Vec<Value> = self.pod.proxy_log(idx).into_iter().filter(|l| l["event"] == "conn" && l["dir"] == "outbound").collect();
+        let conns: Vec<Value> = self
+            .pod
+            .proxy_log(idx)
+            .into_iter()
+            .filter(|l| l["event"] == "conn" && l["dir"] == "outbound")
+            .collect();
         match conns.as_slice() {
             [] => "direct",
             [c] if c["orig"] == dst.as_str() => "proxy",
@@ -136,15 +166,23 @@ impl Drop for Setup {
 }
 
 fn name_of(prefix: &str) -> String {
-    listed_pod(prefix)["metadata"]["name"].as_str().unwrap().to_string()
+    listed_pod(prefix)["metadata"]["name"]
+        .as_str()
+        .unwrap()
+        .to_string()
 }
 
 fn uid_of(prefix: &str) -> String {
-    listed_pod(prefix)["metadata"]["uid"].as_str().unwrap().to_string()
+    listed_pod(prefix)["metadata"]["uid"]
+        .as_str()
+        .unwrap()
+        .to_string()
 }
 
 fn k8s_args(ns: &str, name: &str, uid: Option<&str>) -> String {
-    let mut s = format!("IgnoreUnknown=1;K8S_POD_NAMESPACE={ns};K8S_POD_NAME={name};K8S_POD_INFRA_CONTAINER_ID=ctr");
+    let mut s = format!(
+        "IgnoreUnknown=1;K8S_POD_NAMESPACE={ns};K8S_POD_NAME={name};K8S_POD_INFRA_CONTAINER_ID=ctr"
+    );
     if let Some(u) = uid {
         s.push_str(&format!(";K8S_POD_UID={u}"));
     }
@@ -160,7 +198,11 @@ fn k8s_args(ns: &str, name: &str, uid: Option<&str>) -> String {
 fn recorded_contract_annotations_drive_capture_and_live_changes() {
     let mut s = Setup::new("kapi", &[]);
     let events = watch_events();
-    assert_eq!(events.len(), 8, "the fixture stream (see tests/fixtures/kube/README.md)");
+    assert_eq!(
+        events.len(),
+        8,
+        "the fixture stream (see tests/fixtures/kube/README.md)"
+    );
 
     // The client side of the contract: one list of this node's pods, then
     // a watch from the list's resourceVersion with bookmarks.
@@ -168,11 +210,27 @@ fn recorded_contract_annotations_drive_capture_and_live_changes() {
     s.api.wait_watching(1);
     let lists = s.api.lists();
     assert_eq!(lists.len(), 1, "{lists:?}");
-    assert_eq!(lists[0].query.get("fieldSelector").map(String::as_str), Some("spec.nodeName=node-a"), "{lists:?}");
+    assert_eq!(
+        lists[0].query.get("fieldSelector").map(String::as_str),
+        Some("spec.nodeName=node-a"),
+        "{lists:?}"
+    );
     let w = &s.api.watches()[0];
-    assert_eq!(w.query.get("fieldSelector").map(String::as_str), Some("spec.nodeName=node-a"), "{w:?}");
-    assert_eq!(w.query.get("resourceVersion").map(String::as_str), Some("48250"), "{w:?}");
-    assert_eq!(w.query.get("allowWatchBookmarks").map(String::as_str), Some("true"), "{w:?}");
+    assert_eq!(
+        w.query.get("fieldSelector").map(String::as_str),
+        Some("spec.nodeName=node-a"),
+        "{w:?}"
+    );
+    assert_eq!(
+        w.query.get("resourceVersion").map(String::as_str),
+        Some("48250"),
+        "{w:?}"
+    );
+    assert_eq!(
+        w.query.get("allowWatchBookmarks").map(String::as_str),
+        Some("true"),
+        "{w:?}"
+    );
     assert_eq!(s.metric("redirect_agent_kubernetes_pods"), 3);
     assert_eq!(s.daemon().ready["kubernetes"]["node"], NODE);
 
@@ -182,14 +240,29 @@ fn recorded_contract_annotations_drive_capture_and_live_changes() {
     s.wait_metric("redirect_agent_repair_total{action=\"reported\"}", 1);
     assert_eq!(s.metric("redirect_agent_uncaptured_pods"), 1);
     let l = s.daemon().call(&json!({"op": "list"}));
-    assert_eq!(l["uncaptured"], json!([{"pod": format!("shop/{ratings}"), "uid": uid_of("ratings-")}]), "{l}");
-    assert!(s.log().contains("running pod in the mesh is not captured") && s.log().contains(&ratings), "{}", s.log());
+    assert_eq!(
+        l["uncaptured"],
+        json!([{"pod": format!("shop/{ratings}"), "uid": uid_of("ratings-")}]),
+        "{l}"
+    );
+    assert!(
+        s.log().contains("running pod in the mesh is not captured") && s.log().contains(&ratings),
+        "{}",
+        s.log()
+    );
 
     // A pod without a sidecar passes through: ADD succeeds, nothing captured.
     let coredns = name_of("coredns-");
-    let add = s.cni("ADD", "ctr-dns", &k8s_args("kube-system", &coredns, Some(&uid_of("coredns-"))));
+    let add = s.cni(
+        "ADD",
+        "ctr-dns",
+        &k8s_args("kube-system", &coredns, Some(&uid_of("coredns-"))),
+    );
     assert_eq!(add.code, 0, "{add:?}");
-    assert!(add.stderr.contains("passes through") && add.stderr.contains("no istio-proxy container"), "{add:?}");
+    assert!(
+        add.stderr.contains("passes through") && add.stderr.contains("no istio-proxy container"),
+        "{add:?}"
+    );
     assert!(s.captured().is_empty());
     assert_eq!(s.routes(), ("direct", "direct"));
     let del = s.cni("DEL", "ctr-dns", &k8s_args("kube-system", &coredns, None));
@@ -207,17 +280,37 @@ fn recorded_contract_annotations_drive_capture_and_live_changes() {
     assert_eq!(pods[0]["istio_iptables_args"], "-p 15001 -z 15006 -e 15008 -u '1337' -g '1337' -m REDIRECT -i '*' -x '' -q '' -o '8081' -b '*' -d '15020,15021,15090'");
     assert_eq!(s.routes(), ("proxy", "direct"));
     assert_eq!(s.pod.counter("OUTPUT", "skip_excluded_port"), 1);
-    assert_eq!(s.metric("redirect_agent_kubernetes_adds_total{result=\"captured\"}"), 1);
-    assert_eq!(s.metric("redirect_agent_kubernetes_adds_total{result=\"not_in_mesh\"}"), 1);
+    assert_eq!(
+        s.metric("redirect_agent_kubernetes_adds_total{result=\"captured\"}"),
+        1
+    );
+    assert_eq!(
+        s.metric("redirect_agent_kubernetes_adds_total{result=\"not_in_mesh\"}"),
+        1
+    );
     // CHECK agrees.
     assert_eq!(s.cni("CHECK", "ctr-cart", &cart_args).code, 0);
 
     // 1. MODIFIED: excludeOutboundPorts 8081 -> 8080, applied live.
     s.api.play(&events[0]);
-    s.wait_metric("redirect_agent_kubernetes_updates_total{result=\"updated\"}", 1);
-    assert!(s.captured()[0]["istio_iptables_args"].as_str().unwrap().contains("-o '8080'"), "{:?}", s.captured());
+    s.wait_metric(
+        "redirect_agent_kubernetes_updates_total{result=\"updated\"}",
+        1,
+    );
+    assert!(
+        s.captured()[0]["istio_iptables_args"]
+            .as_str()
+            .unwrap()
+            .contains("-o '8080'"),
+        "{:?}",
+        s.captured()
+    );
     assert_eq!(s.routes(), ("direct", "proxy"));
-    assert!(s.log().contains("annotation change applied live"), "{}", s.log());
+    assert!(
+        s.log().contains("annotation change applied live"),
+        "{}",
+        s.log()
+    );
 
     // 2. BOOKMARK: nothing changes, the watch goes on.
     let applies = s.metric("redirect_agent_kubernetes_events_total{type=\"apply\"}");
@@ -225,38 +318,79 @@ fn recorded_contract_annotations_drive_capture_and_live_changes() {
     // 3. MODIFIED with an invalid value: rejected, named, counted; the
     //    pod keeps the config it has.
     s.api.play(&events[2]);
-    s.wait_metric("redirect_agent_kubernetes_updates_total{result=\"rejected\"}", 1);
-    assert_eq!(s.metric("redirect_agent_kubernetes_events_total{type=\"apply\"}"), applies + 1, "the bookmark is not a pod change");
+    s.wait_metric(
+        "redirect_agent_kubernetes_updates_total{result=\"rejected\"}",
+        1,
+    );
+    assert_eq!(
+        s.metric("redirect_agent_kubernetes_events_total{type=\"apply\"}"),
+        applies + 1,
+        "the bookmark is not a pod change"
+    );
     let log = s.log();
     assert!(
-        log.lines().any(|l| l.contains("rejected annotation change") && l.contains("traffic.sidecar.istio.io/excludeOutboundPorts") && l.contains("8080,http")),
+        log.lines().any(|l| l.contains("rejected annotation change")
+            && l.contains("traffic.sidecar.istio.io/excludeOutboundPorts")
+            && l.contains("8080,http")),
         "{log}"
     );
-    assert!(s.captured()[0]["istio_iptables_args"].as_str().unwrap().contains("-o '8080'"));
+    assert!(s.captured()[0]["istio_iptables_args"]
+        .as_str()
+        .unwrap()
+        .contains("-o '8080'"));
     assert_eq!(s.routes(), ("direct", "proxy"));
 
     // 4. interceptionMode NONE: the pod leaves the mesh, released live.
     s.api.play(&events[3]);
-    s.wait_metric("redirect_agent_kubernetes_updates_total{result=\"released\"}", 1);
+    s.wait_metric(
+        "redirect_agent_kubernetes_updates_total{result=\"released\"}",
+        1,
+    );
     assert!(s.captured().is_empty());
     assert_eq!(s.routes(), ("direct", "direct"));
 
     // 5. REDIRECT again, no exclusion: captured again, live.
     s.api.play(&events[4]);
-    s.wait_metric("redirect_agent_kubernetes_updates_total{result=\"captured\"}", 1);
-    assert!(s.captured()[0]["istio_iptables_args"].as_str().unwrap().contains("-o ''"), "{:?}", s.captured());
+    s.wait_metric(
+        "redirect_agent_kubernetes_updates_total{result=\"captured\"}",
+        1,
+    );
+    assert!(
+        s.captured()[0]["istio_iptables_args"]
+            .as_str()
+            .unwrap()
+            .contains("-o ''"),
+        "{:?}",
+        s.captured()
+    );
     assert_eq!(s.routes(), ("proxy", "proxy"));
 
     // 6. 410 Gone: the client relists (the list now has the changes) and
     //    watches again from the new resourceVersion; repair runs again.
     s.api.play(&events[5]);
-    s.wait_metric("redirect_agent_kubernetes_events_total{type=\"init_done\"}", 2);
+    s.wait_metric(
+        "redirect_agent_kubernetes_events_total{type=\"init_done\"}",
+        2,
+    );
     s.api.wait_watching(2);
     assert_eq!(s.api.lists().len(), 2, "{:?}", s.api.requests());
-    assert_eq!(s.api.watches()[1].query.get("resourceVersion").map(String::as_str), Some("48470"));
+    assert_eq!(
+        s.api.watches()[1]
+            .query
+            .get("resourceVersion")
+            .map(String::as_str),
+        Some("48470")
+    );
     s.wait_metric("redirect_agent_repair_total{action=\"reported\"}", 2);
-    assert_eq!(s.routes(), ("proxy", "proxy"), "a relist with the same config changes nothing");
-    assert_eq!(s.metric("redirect_agent_kubernetes_updates_total{result=\"updated\"}"), 1);
+    assert_eq!(
+        s.routes(),
+        ("proxy", "proxy"),
+        "a relist with the same config changes nothing"
+    );
+    assert_eq!(
+        s.metric("redirect_agent_kubernetes_updates_total{result=\"updated\"}"),
+        1
+    );
 
     // 7. ADDED checkout (excludeOutboundPorts 8080), 8. DELETED cart.
     s.api.play(&events[6]);
@@ -272,12 +406,22 @@ fn recorded_contract_annotations_drive_capture_and_live_changes() {
     // The deleted pod is now unknown: its ADD fails closed.
     let add = s.cni("ADD", "ctr-cart2", &cart_args);
     assert_eq!(add.error_code(), 102, "{add:?}");
-    assert!(add.json()["details"].as_str().unwrap().contains("is not known to the Kubernetes API"), "{add:?}");
+    assert!(
+        add.json()["details"]
+            .as_str()
+            .unwrap()
+            .contains("is not known to the Kubernetes API"),
+        "{add:?}"
+    );
     assert!(s.captured().is_empty());
     // The new pod on the same netns: captured with its own annotations.
     let checkout = events[6]["object"]["metadata"]["name"].as_str().unwrap();
     let uid = events[6]["object"]["metadata"]["uid"].as_str().unwrap();
-    let add = s.cni("ADD", "ctr-checkout", &k8s_args("shop", checkout, Some(uid)));
+    let add = s.cni(
+        "ADD",
+        "ctr-checkout",
+        &k8s_args("shop", checkout, Some(uid)),
+    );
     assert_eq!(add.code, 0, "{add:?}\n{}", s.log());
     assert_eq!(s.captured()[0]["pod"], format!("shop/{checkout}"));
     assert_eq!(s.routes(), ("direct", "proxy"));
@@ -297,24 +441,58 @@ fn recorded_contract_unknown_pod_and_api_down_fail_closed() {
     assert_eq!(s.readyz(), (200, "ready\n".to_string()));
 
     let t0 = Instant::now();
-    let add = s.cni("ADD", "ctr-ghost", &k8s_args("shop", "ghost-5f6d7c8b9-abcde", None));
+    let add = s.cni(
+        "ADD",
+        "ctr-ghost",
+        &k8s_args("shop", "ghost-5f6d7c8b9-abcde", None),
+    );
     let waited = t0.elapsed();
     assert_eq!(add.error_code(), 102, "{add:?}");
     let v = add.json();
-    assert!(v["msg"].as_str().unwrap().contains("refusing to start it uncaptured"), "{v}");
-    assert!(v["details"].as_str().unwrap().contains("pod shop/ghost-5f6d7c8b9-abcde is not known to the Kubernetes API"), "{v}");
-    assert!(waited >= Duration::from_millis(1000) && waited < Duration::from_secs(10), "waited {waited:?}");
+    assert!(
+        v["msg"]
+            .as_str()
+            .unwrap()
+            .contains("refusing to start it uncaptured"),
+        "{v}"
+    );
+    assert!(
+        v["details"]
+            .as_str()
+            .unwrap()
+            .contains("pod shop/ghost-5f6d7c8b9-abcde is not known to the Kubernetes API"),
+        "{v}"
+    );
+    assert!(
+        waited >= Duration::from_millis(1000) && waited < Duration::from_secs(10),
+        "waited {waited:?}"
+    );
     assert!(s.captured().is_empty());
     assert_eq!(s.routes(), ("direct", "direct"));
 
     // Bad API-mode requests on the socket are refused by name, never a panic.
     let ns = s.pod.pod_netns().display().to_string();
     for (req, want) in [
-        (json!({"op": "add", "netns": ns, "kubernetes": true}), "needs \"pod\""),
-        (json!({"op": "add", "netns": ns, "kubernetes": true, "pod": "no-namespace"}), "needs \"pod\""),
-        (json!({"op": "add", "netns": "/etc/passwd", "kubernetes": true, "pod": "shop/x"}), "is refused"),
-        (json!({"op": "add", "netns": ns, "kubernetes": "yes", "pod": "shop/x"}), "bad request"),
-        (json!({"op": "add", "netns": ns, "kubernetes": true, "pod": "shop/x", "pod_uid": 7}), "bad request"),
+        (
+            json!({"op": "add", "netns": ns, "kubernetes": true}),
+            "needs \"pod\"",
+        ),
+        (
+            json!({"op": "add", "netns": ns, "kubernetes": true, "pod": "no-namespace"}),
+            "needs \"pod\"",
+        ),
+        (
+            json!({"op": "add", "netns": "/etc/passwd", "kubernetes": true, "pod": "shop/x"}),
+            "is refused",
+        ),
+        (
+            json!({"op": "add", "netns": ns, "kubernetes": "yes", "pod": "shop/x"}),
+            "bad request",
+        ),
+        (
+            json!({"op": "add", "netns": ns, "kubernetes": true, "pod": "shop/x", "pod_uid": 7}),
+            "bad request",
+        ),
     ] {
         let r = s.daemon().call(&req);
         assert_eq!(r["ok"], false, "{req} -> {r}");
@@ -323,10 +501,23 @@ fn recorded_contract_unknown_pod_and_api_down_fail_closed() {
     assert!(s.captured().is_empty());
 
     let cart = name_of("cart-");
-    let add = s.cni("ADD", "ctr-cart", &k8s_args("shop", &cart, Some("11111111-2222-4333-8444-555555555555")));
+    let add = s.cni(
+        "ADD",
+        "ctr-cart",
+        &k8s_args("shop", &cart, Some("11111111-2222-4333-8444-555555555555")),
+    );
     assert_eq!(add.error_code(), 102, "{add:?}");
-    assert!(add.json()["details"].as_str().unwrap().contains("not K8S_POD_UID"), "{add:?}");
-    assert_eq!(s.metric("redirect_agent_kubernetes_adds_total{result=\"unknown\"}"), 2);
+    assert!(
+        add.json()["details"]
+            .as_str()
+            .unwrap()
+            .contains("not K8S_POD_UID"),
+        "{add:?}"
+    );
+    assert_eq!(
+        s.metric("redirect_agent_kubernetes_adds_total{result=\"unknown\"}"),
+        2
+    );
 
     // The API goes away: the watch notices, ADDs fail closed.
     s.api.shutdown();
@@ -335,10 +526,25 @@ fn recorded_contract_unknown_pod_and_api_down_fail_closed() {
     let (code, body) = s.readyz();
     assert_eq!(code, 503, "{body}");
     assert!(body.contains("Kubernetes API is unreachable"), "{body}");
-    assert_eq!(redirect_userspace::agent::http::get(s.daemon().metrics_addr(), "/healthz").unwrap().0, 200);
-    let add = s.cni("ADD", "ctr-cart", &k8s_args("shop", &cart, Some(&uid_of("cart-"))));
+    assert_eq!(
+        redirect_userspace::agent::http::get(s.daemon().metrics_addr(), "/healthz")
+            .unwrap()
+            .0,
+        200
+    );
+    let add = s.cni(
+        "ADD",
+        "ctr-cart",
+        &k8s_args("shop", &cart, Some(&uid_of("cart-"))),
+    );
     assert_eq!(add.error_code(), 102, "{add:?}");
-    assert!(add.json()["details"].as_str().unwrap().contains("Kubernetes API unreachable"), "{add:?}");
+    assert!(
+        add.json()["details"]
+            .as_str()
+            .unwrap()
+            .contains("Kubernetes API unreachable"),
+        "{add:?}"
+    );
     assert!(s.captured().is_empty());
     assert!(s.metric("redirect_agent_kubernetes_adds_total{result=\"unreachable\"}") >= 1);
 
@@ -346,7 +552,11 @@ fn recorded_contract_unknown_pod_and_api_down_fail_closed() {
     s.api.restart();
     s.wait_metric("redirect_agent_kubernetes_connected", 1);
     assert_eq!(s.readyz().0, 200);
-    let add = s.cni("ADD", "ctr-cart", &k8s_args("shop", &cart, Some(&uid_of("cart-"))));
+    let add = s.cni(
+        "ADD",
+        "ctr-cart",
+        &k8s_args("shop", &cart, Some(&uid_of("cart-"))),
+    );
     assert_eq!(add.code, 0, "{add:?}\n{}", s.log());
     assert_eq!(s.routes(), ("proxy", "direct"));
     let del = s.cni("DEL", "ctr-cart", &k8s_args("shop", &cart, None));
@@ -354,20 +564,44 @@ fn recorded_contract_unknown_pod_and_api_down_fail_closed() {
 
     // An agent without the API refuses API-mode ADDs (fail closed too).
     let tmp = TempDir::new("kapiu2");
-    let d = Daemon::start(&s.pod.pin_dir, &s.pod.topo.cgroup.path, &tmp.join("agent.sock"), &tmp.join("daemon.log"), &["--no-kubernetes"]);
+    let d = Daemon::start(
+        &s.pod.pin_dir,
+        &s.pod.topo.cgroup.path,
+        &tmp.join("agent.sock"),
+        &tmp.join("daemon.log"),
+        &["--no-kubernetes"],
+    );
     let ns = s.pod.pod_netns().display().to_string();
-    let add = cni(&pod_vars("ADD", "ctr-x", &ns, &k8s_args("shop", &cart, None)), plugin_conf(&d.socket, json!({"kubernetes": true})).as_bytes());
+    let add = cni(
+        &pod_vars("ADD", "ctr-x", &ns, &k8s_args("shop", &cart, None)),
+        plugin_conf(&d.socket, json!({"kubernetes": true})).as_bytes(),
+    );
     assert_eq!(add.error_code(), 100, "{add:?}");
-    assert!(add.json()["details"].as_str().unwrap().contains("does not watch the Kubernetes API"), "{add:?}");
+    assert!(
+        add.json()["details"]
+            .as_str()
+            .unwrap()
+            .contains("does not watch the Kubernetes API"),
+        "{add:?}"
+    );
     assert!(d.ready["kubernetes"].is_null(), "{}", d.ready);
     drop(d);
 
     // The API configured without a node name: refused at start, by name.
     let url = s.api.url();
-    let e = Daemon::try_start(&s.pod.pin_dir, &s.pod.topo.cgroup.path, &tmp.join("agent3.sock"), &tmp.join("daemon3.log"), &["--api-server", &url])
-        .err()
-        .expect("started without a node name");
-    assert!(e.contains("--node-name") && e.contains("REDIRECT_NODE_NAME"), "{e}");
+    let e = Daemon::try_start(
+        &s.pod.pin_dir,
+        &s.pod.topo.cgroup.path,
+        &tmp.join("agent3.sock"),
+        &tmp.join("daemon3.log"),
+        &["--api-server", &url],
+    )
+    .err()
+    .expect("started without a node name");
+    assert!(
+        e.contains("--node-name") && e.contains("REDIRECT_NODE_NAME"),
+        "{e}"
+    );
 }
 
 /// `--repair delete`: the running mesh pod that is not captured is deleted
@@ -392,16 +626,40 @@ fn recorded_contract_repair_delete() {
         ),
     )
     .unwrap();
-    let mut s = Setup { daemon: None, proxy, tmp, pod, api };
-    s.start_daemon(&["--repair", "delete", "--kubeconfig", kubeconfig.to_str().unwrap()]);
+    let mut s = Setup {
+        daemon: None,
+        proxy,
+        tmp,
+        pod,
+        api,
+    };
+    s.start_daemon(&[
+        "--repair",
+        "delete",
+        "--kubeconfig",
+        kubeconfig.to_str().unwrap(),
+    ]);
     s.wait_metric("redirect_agent_repair_total{action=\"deleted\"}", 1);
     let ratings = name_of("ratings-");
-    let dels: Vec<Req> = s.api.requests().into_iter().filter(|r| r.method == "DELETE").collect();
+    let dels: Vec<Req> = s
+        .api
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "DELETE")
+        .collect();
     assert_eq!(dels.len(), 1, "{dels:?}");
-    assert_eq!(dels[0].path, format!("/api/v1/namespaces/shop/pods/{ratings}"));
-    let body: Value = serde_json::from_str(&dels[0].body).unwrap_or_else(|e| panic!("{e}: {:?}", dels[0].body));
+    assert_eq!(
+        dels[0].path,
+        format!("/api/v1/namespaces/shop/pods/{ratings}")
+    );
+    let body: Value =
+        serde_json::from_str(&dels[0].body).unwrap_or_else(|e| panic!("{e}: {:?}", dels[0].body));
     assert_eq!(body["preconditions"]["uid"], uid_of("ratings-"), "{body}");
-    assert!(s.log().contains("deleted the uncaptured pod"), "{}", s.log());
+    assert!(
+        s.log().contains("deleted the uncaptured pod"),
+        "{}",
+        s.log()
+    );
 
     // A pod that starts running in the mesh without having been captured
     // (cart's MODIFIED to Running, with no CNI ADD: as if the plugin had
@@ -409,15 +667,34 @@ fn recorded_contract_repair_delete() {
     s.api.wait_watching(1);
     s.api.play(&watch_events()[0]);
     s.wait_metric("redirect_agent_repair_total{action=\"deleted\"}", 2);
-    let dels: Vec<Req> = s.api.requests().into_iter().filter(|r| r.method == "DELETE").collect();
-    assert_eq!(dels[1].path, format!("/api/v1/namespaces/shop/pods/{}", name_of("cart-")), "{dels:?}");
-    assert_eq!(s.metric("redirect_agent_repair_total{action=\"reported\"}"), 2);
+    let dels: Vec<Req> = s
+        .api
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "DELETE")
+        .collect();
+    assert_eq!(
+        dels[1].path,
+        format!("/api/v1/namespaces/shop/pods/{}", name_of("cart-")),
+        "{dels:?}"
+    );
+    assert_eq!(
+        s.metric("redirect_agent_repair_total{action=\"reported\"}"),
+        2
+    );
 
     // A relist (410) finds both again (the fixture does not delete them),
     // but neither is deleted twice.
     s.api.play(&watch_events()[5]);
     s.wait_metric("redirect_agent_repair_total{action=\"reported\"}", 4);
-    assert_eq!(s.api.requests().iter().filter(|r| r.method == "DELETE").count(), 2);
+    assert_eq!(
+        s.api
+            .requests()
+            .iter()
+            .filter(|r| r.method == "DELETE")
+            .count(),
+        2
+    );
     assert_eq!(s.metric("redirect_agent_uncaptured_pods"), 2);
 }
 
@@ -429,7 +706,11 @@ fn recorded_contract_changes_while_the_agent_was_down_apply_at_start() {
     let mut s = Setup::new("kapis", &[]);
     s.wait_metric("redirect_agent_kubernetes_synced", 1);
     let cart = name_of("cart-");
-    let add = s.cni("ADD", "ctr-cart", &k8s_args("shop", &cart, Some(&uid_of("cart-"))));
+    let add = s.cni(
+        "ADD",
+        "ctr-cart",
+        &k8s_args("shop", &cart, Some(&uid_of("cart-"))),
+    );
     assert_eq!(add.code, 0, "{add:?}\n{}", s.log());
     assert_eq!(s.routes(), ("proxy", "direct"));
 
@@ -437,14 +718,27 @@ fn recorded_contract_changes_while_the_agent_was_down_apply_at_start() {
     assert!(st.success(), "{st:?}");
     // excludeOutboundPorts 8081 -> 8080 while no agent watches.
     s.api.play(&watch_events()[0]);
-    assert_eq!(s.routes(), ("proxy", "direct"), "the pod stays as it was while no agent runs");
+    assert_eq!(
+        s.routes(),
+        ("proxy", "direct"),
+        "the pod stays as it was while no agent runs"
+    );
 
     s.start_daemon(&[]);
-    s.wait_metric("redirect_agent_kubernetes_updates_total{result=\"updated\"}", 1);
+    s.wait_metric(
+        "redirect_agent_kubernetes_updates_total{result=\"updated\"}",
+        1,
+    );
     let pods = s.captured();
     assert_eq!(pods.len(), 1, "{pods:?}");
     assert_eq!(pods[0]["pod"], format!("shop/{cart}"));
-    assert!(pods[0]["istio_iptables_args"].as_str().unwrap().contains("-o '8080'"), "{pods:?}");
+    assert!(
+        pods[0]["istio_iptables_args"]
+            .as_str()
+            .unwrap()
+            .contains("-o '8080'"),
+        "{pods:?}"
+    );
     assert_eq!(s.routes(), ("direct", "proxy"));
     // Nothing is uncaptured but ratings.
     assert_eq!(s.metric("redirect_agent_uncaptured_pods"), 1);
@@ -452,8 +746,14 @@ fn recorded_contract_changes_while_the_agent_was_down_apply_at_start() {
     // A relist with the same annotations changes nothing.
     s.api.wait_watching(2);
     s.api.play(&watch_events()[5]);
-    s.wait_metric("redirect_agent_kubernetes_events_total{type=\"init_done\"}", 2);
-    assert_eq!(s.metric("redirect_agent_kubernetes_updates_total{result=\"updated\"}"), 1);
+    s.wait_metric(
+        "redirect_agent_kubernetes_events_total{type=\"init_done\"}",
+        2,
+    );
+    assert_eq!(
+        s.metric("redirect_agent_kubernetes_updates_total{result=\"updated\"}"),
+        1
+    );
     let del = s.cni("DEL", "ctr-cart", &k8s_args("shop", &cart, None));
     assert_eq!(del.code, 0, "{del:?}");
 }
@@ -470,7 +770,13 @@ fn recorded_contract_forbidden_is_fail_closed() {
     pod.start_upstream(8081);
     let proxy = pod.start_proxy();
     let tmp = TempDir::new("kapif");
-    let mut s = Setup { daemon: None, proxy, tmp, pod, api };
+    let mut s = Setup {
+        daemon: None,
+        proxy,
+        tmp,
+        pod,
+        api,
+    };
     s.start_daemon(&["--pod-wait-ms", "500"]);
     let deadline = Instant::now() + Duration::from_secs(20);
     while s.metric("redirect_agent_kubernetes_events_total{type=\"error\"}") == 0 {
@@ -482,7 +788,10 @@ fn recorded_contract_forbidden_is_fail_closed() {
     let add = s.cni("ADD", "ctr-cart", &args);
     assert_eq!(add.error_code(), 102, "{add:?}");
     let details = add.json()["details"].as_str().unwrap().to_string();
-    assert!(details.contains("Kubernetes API unreachable") && details.contains("cannot list resource"), "{details}");
+    assert!(
+        details.contains("Kubernetes API unreachable") && details.contains("cannot list resource"),
+        "{details}"
+    );
     assert!(s.captured().is_empty());
     assert_eq!(s.metric("redirect_agent_kubernetes_synced"), 0);
 

@@ -34,14 +34,30 @@ fn pod_with_echo(tag: &str) -> (Pod, usize) {
 }
 
 fn outbound_conns(pod: &mut Pod, proxy: usize) -> Vec<Value> {
-    pod.proxy_log(proxy).into_iter().filter(|l| l["dir"] == "outbound").collect()
+    pod.proxy_log(proxy)
+        .into_iter()
+        .filter(|l| l["dir"] == "outbound")
+        .collect()
 }
 
 /// One app connection (uid 1000 in the pod) sending `size` bytes, echo
 /// checked by hash.
 fn xfer(pod: &Pod, size: usize) -> Value {
     let p = pod.topo.in_pod(APP_UID, APP_UID);
-    run_kit(&p, &["xfer", "--connect", &echo_dst(), "--size", &size.to_string(), "--timeout-ms", "5000"], Duration::from_secs(20)).report()
+    run_kit(
+        &p,
+        &[
+            "xfer",
+            "--connect",
+            &echo_dst(),
+            "--size",
+            &size.to_string(),
+            "--timeout-ms",
+            "5000",
+        ],
+        Duration::from_secs(20),
+    )
+    .report()
 }
 
 /// `count` short app connections, each exchange checked byte for byte.
@@ -51,14 +67,43 @@ fn churn(pod: &Pod, count: u64) -> Value {
 
 fn churn_with(pod: &Pod, count: u64, concurrency: usize) -> Value {
     let p = pod.topo.in_pod(APP_UID, APP_UID);
-    run_kit(&p, &["churn", "--connect", &echo_dst(), "--count", &count.to_string(), "--concurrency", &concurrency.to_string(), "--size", "512", "--rounds", "2"], Duration::from_secs(120)).report()
+    run_kit(
+        &p,
+        &[
+            "churn",
+            "--connect",
+            &echo_dst(),
+            "--count",
+            &count.to_string(),
+            "--concurrency",
+            &concurrency.to_string(),
+            "--size",
+            "512",
+            "--rounds",
+            "2",
+        ],
+        Duration::from_secs(120),
+    )
+    .report()
 }
 
 /// `n` app connections held open (after one checked exchange each) for
 /// `hold`; returns once all are open.
 fn hold_open(pod: &mut Pod, n: u64, hold: Duration) -> usize {
     let p = pod.topo.in_pod(APP_UID, APP_UID);
-    let args = ["fan", "--connect", &echo_dst(), "--count", &n.to_string(), "--threads", "2", "--size", "256", "--hold-ms", &hold.as_millis().to_string()];
+    let args = [
+        "fan",
+        "--connect",
+        &echo_dst(),
+        "--count",
+        &n.to_string(),
+        "--threads",
+        "2",
+        "--size",
+        "256",
+        "--hold-ms",
+        &hold.as_millis().to_string(),
+    ];
     let owned: Vec<String> = args.iter().map(|s| s.to_string()).collect();
     let refs: Vec<&str> = owned.iter().map(String::as_str).collect();
     pod.spawn("fan", &refs, &p);
@@ -101,32 +146,72 @@ fn orig_dst_map_full_refuses_new_connections_and_recovers() {
         let r = xfer(&pod, 1000);
         assert_eq!(r["ok"], false, "{r}");
         let err = r["error"].as_str().unwrap_or_default();
-        assert!(err.contains("Operation not permitted"), "refused with EPERM: {r}");
+        assert!(
+            err.contains("Operation not permitted"),
+            "refused with EPERM: {r}"
+        );
         assert_eq!(r["sent"], 0, "{r}");
     }
     assert_eq!(counter(&pod, "ERRORS", "error_orig_map_full"), 3);
-    assert_eq!(counter(&pod, "OUTPUT", "captured"), captured_before + 3, "the rule matched, then the connect was refused");
-    assert!(outbound_conns(&mut pod, proxy).is_empty(), "a refused connection reached the proxy");
-    assert_eq!(map_usage(&pod, "REDIRECT_ORIG_BY_COOKIE"), 8, "nothing recorded for refused connections");
+    assert_eq!(
+        counter(&pod, "OUTPUT", "captured"),
+        captured_before + 3,
+        "the rule matched, then the connect was refused"
+    );
+    assert!(
+        outbound_conns(&mut pod, proxy).is_empty(),
+        "a refused connection reached the proxy"
+    );
+    assert_eq!(
+        map_usage(&pod, "REDIRECT_ORIG_BY_COOKIE"),
+        8,
+        "nothing recorded for refused connections"
+    );
     let text = pod.redirect(&["stats", "--netns", pod.pod_netns().to_str().unwrap()]);
-    assert!(String::from_utf8_lossy(&text.stdout).lines().any(|l| l.contains("REJECT") && l.contains("original-destination map full") && l.trim_start().starts_with('3')), "{}", String::from_utf8_lossy(&text.stdout));
+    assert!(
+        String::from_utf8_lossy(&text.stdout)
+            .lines()
+            .any(|l| l.contains("REJECT")
+                && l.contains("original-destination map full")
+                && l.trim_start().starts_with('3')),
+        "{}",
+        String::from_utf8_lossy(&text.stdout)
+    );
 
     // The held connections were not disturbed: every echo checked.
     let fan_report = wait_exit(&mut pod, fan, Duration::from_secs(20));
     let last = fan_report.last().expect("fan report");
-    assert_eq!((last["done"].as_u64(), last["failures"].as_u64()), (Some(8), Some(0)), "{last}");
+    assert_eq!(
+        (last["done"].as_u64(), last["failures"].as_u64()),
+        (Some(8), Some(0)),
+        "{last}"
+    );
 
     // Recovery: closing frees the entries, new connections go through the
     // proxy to the destination they asked for.
-    eventually("original-destination maps empty", || map_usage(&pod, "REDIRECT_ORIG_BY_COOKIE") == 0 && map_usage(&pod, "REDIRECT_ORIG_BY_TUPLE") == 0);
+    eventually("original-destination maps empty", || {
+        map_usage(&pod, "REDIRECT_ORIG_BY_COOKIE") == 0
+            && map_usage(&pod, "REDIRECT_ORIG_BY_TUPLE") == 0
+    });
     let r = churn(&pod, 40);
-    assert_eq!((r["done"].as_u64(), r["failures"].as_u64()), (Some(40), Some(0)), "{r}");
+    assert_eq!(
+        (r["done"].as_u64(), r["failures"].as_u64()),
+        (Some(40), Some(0)),
+        "{r}"
+    );
     let conns = outbound_conns(&mut pod, proxy);
     assert_eq!(conns.len(), 40);
     assert!(conns.iter().all(|c| c["orig"] == echo_dst()), "{conns:?}");
-    assert_eq!(counter(&pod, "ERRORS", "error_orig_map_full"), 3, "no refusal once there is room");
+    assert_eq!(
+        counter(&pod, "ERRORS", "error_orig_map_full"),
+        3,
+        "no refusal once there is room"
+    );
     assert_eq!(counter(&pod, "ORIGINAL_DST", "orig_dst_missing"), 0);
-    eventually("maps empty again", || map_usage(&pod, "REDIRECT_ORIG_BY_COOKIE") == 0 && map_usage(&pod, "REDIRECT_ORIG_BY_TUPLE") == 0);
+    eventually("maps empty again", || {
+        map_usage(&pod, "REDIRECT_ORIG_BY_COOKIE") == 0
+            && map_usage(&pod, "REDIRECT_ORIG_BY_TUPLE") == 0
+    });
 }
 
 #[test]
@@ -140,10 +225,17 @@ fn failed_connects_leave_no_record() {
     for _ in 0..20 {
         let r = xfer(&pod, 10);
         assert_eq!(r["ok"], false);
-        assert!(r["error"].as_str().unwrap_or_default().contains("refused"), "{r}");
+        assert!(
+            r["error"].as_str().unwrap_or_default().contains("refused"),
+            "{r}"
+        );
     }
     assert_eq!(counter(&pod, "OUTPUT", "captured"), 20);
-    assert_eq!(counter(&pod, "ERRORS", "error_orig_map_full"), 0, "records of failed connects were removed");
+    assert_eq!(
+        counter(&pod, "ERRORS", "error_orig_map_full"),
+        0,
+        "records of failed connects were removed"
+    );
     assert_eq!(map_usage(&pod, "REDIRECT_ORIG_BY_COOKIE"), 0);
     assert_eq!(map_usage(&pod, "REDIRECT_ORIG_BY_TUPLE"), 0);
 }
@@ -162,20 +254,36 @@ fn sockhash_full_falls_back_to_the_normal_path() {
     assert_eq!(inserted, 4);
     // Full: more connections work, on the normal path, every byte checked.
     let r = churn(&pod, 30);
-    assert_eq!((r["done"].as_u64(), r["failures"].as_u64()), (Some(30), Some(0)), "{r}");
+    assert_eq!(
+        (r["done"].as_u64(), r["failures"].as_u64()),
+        (Some(30), Some(0)),
+        "{r}"
+    );
     for _ in 0..3 {
         let x = xfer(&pod, 3 << 20);
         assert_eq!(x["ok"], true, "{x}");
         assert_eq!(x["recv_hash"], x["sent_hash"]);
     }
-    assert_eq!(counter(&pod, "ERRORS", "error_sockmap_update"), 2 * 33, "both sockets of each new connection counted");
-    assert_eq!(redirect_tests::accel_counter(&pod, "sockets_inserted").0, 4, "nothing inserted while full");
+    assert_eq!(
+        counter(&pod, "ERRORS", "error_sockmap_update"),
+        2 * 33,
+        "both sockets of each new connection counted"
+    );
+    assert_eq!(
+        redirect_tests::accel_counter(&pod, "sockets_inserted").0,
+        4,
+        "nothing inserted while full"
+    );
     let conns = outbound_conns(&mut pod, proxy);
     assert_eq!(conns.len(), 2 + 33);
     assert!(conns.iter().all(|c| c["orig"] == echo_dst()), "{conns:?}");
     let last = wait_exit(&mut pod, fan, Duration::from_secs(30));
     let last = last.last().expect("fan report");
-    assert_eq!((last["done"].as_u64(), last["failures"].as_u64()), (Some(2), Some(0)), "{last}");
+    assert_eq!(
+        (last["done"].as_u64(), last["failures"].as_u64()),
+        (Some(2), Some(0)),
+        "{last}"
+    );
 
     // Recovery: the kernel drops closed sockets from the sockhash; new
     // connections are accelerated again.
@@ -184,11 +292,24 @@ fn sockhash_full_falls_back_to_the_normal_path() {
     // still be closing): accelerated again, every byte checked.
     let (_, redirected_before) = redirect_tests::accel_counter(&pod, "messages_redirected");
     let r = churn_with(&pod, 10, 1);
-    assert_eq!((r["done"].as_u64(), r["failures"].as_u64()), (Some(10), Some(0)), "{r}");
+    assert_eq!(
+        (r["done"].as_u64(), r["failures"].as_u64()),
+        (Some(10), Some(0)),
+        "{r}"
+    );
     let inserted = redirect_tests::accel_counter(&pod, "sockets_inserted").0;
-    assert!(inserted >= 4 + 10, "sockets inserted again: {}", String::from_utf8_lossy(&pod.redirect(&["stats"]).stdout));
-    assert!(redirect_tests::accel_counter(&pod, "messages_redirected").1 > redirected_before, "accelerated again");
-    eventually("sockhash empty at the end", || map_usage(&pod, "REDIRECT_SOCKS") == 0);
+    assert!(
+        inserted >= 4 + 10,
+        "sockets inserted again: {}",
+        String::from_utf8_lossy(&pod.redirect(&["stats"]).stdout)
+    );
+    assert!(
+        redirect_tests::accel_counter(&pod, "messages_redirected").1 > redirected_before,
+        "accelerated again"
+    );
+    eventually("sockhash empty at the end", || {
+        map_usage(&pod, "REDIRECT_SOCKS") == 0
+    });
 }
 
 /// A connect that fails before its SYN leaves (local port exhaustion:
@@ -202,21 +323,59 @@ fn connects_failing_before_the_syn_leave_no_record() {
     pod.attach_istio_default();
     let ns = pod.pod_netns();
     let name = ns.file_name().unwrap().to_string_lossy().into_owned();
-    let set = std::process::Command::new("ip").args(["netns", "exec", &name, "sysctl", "-q", "-w", "net.ipv4.ip_local_port_range=40000 40000"]).output().unwrap();
+    let set = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &name,
+            "sysctl",
+            "-q",
+            "-w",
+            "net.ipv4.ip_local_port_range=40000 40000",
+        ])
+        .output()
+        .unwrap();
     assert!(set.status.success(), "{set:?}");
     let fan = hold_open(&mut pod, 1, Duration::from_secs(8));
-    eventually("the held connection's record", || map_usage(&pod, "REDIRECT_ORIG_BY_COOKIE") == 1);
+    eventually("the held connection's record", || {
+        map_usage(&pod, "REDIRECT_ORIG_BY_COOKIE") == 1
+    });
     let before = counter(&pod, "OUTPUT", "captured");
     for _ in 0..10 {
         let r = xfer(&pod, 10);
         assert_eq!(r["ok"], false, "{r}");
-        assert!(r["error"].as_str().unwrap_or_default().contains("Cannot assign requested address") || r["error"].as_str().unwrap_or_default().contains("os error 99"), "{r}");
+        assert!(
+            r["error"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("Cannot assign requested address")
+                || r["error"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .contains("os error 99"),
+            "{r}"
+        );
     }
-    assert_eq!(counter(&pod, "OUTPUT", "captured"), before + 10, "each failed connect was captured (and recorded) first");
-    assert_eq!(map_usage(&pod, "REDIRECT_ORIG_BY_COOKIE"), 1, "only the held connection's record is left");
+    assert_eq!(
+        counter(&pod, "OUTPUT", "captured"),
+        before + 10,
+        "each failed connect was captured (and recorded) first"
+    );
+    assert_eq!(
+        map_usage(&pod, "REDIRECT_ORIG_BY_COOKIE"),
+        1,
+        "only the held connection's record is left"
+    );
     let last = wait_exit(&mut pod, fan, Duration::from_secs(30));
-    assert_eq!(last.last().map(|l| l["failures"].as_u64()), Some(Some(0)), "{last:?}");
-    eventually("no record left", || map_usage(&pod, "REDIRECT_ORIG_BY_COOKIE") == 0 && map_usage(&pod, "REDIRECT_ORIG_BY_TUPLE") == 0);
+    assert_eq!(
+        last.last().map(|l| l["failures"].as_u64()),
+        Some(Some(0)),
+        "{last:?}"
+    );
+    eventually("no record left", || {
+        map_usage(&pod, "REDIRECT_ORIG_BY_COOKIE") == 0
+            && map_usage(&pod, "REDIRECT_ORIG_BY_TUPLE") == 0
+    });
 }
 
 /// `counters=2`: the pod's first two reasons get their counter slots, the
@@ -246,7 +405,11 @@ fn counters_map_full_loses_counts_not_decisions_and_says_so() {
     let out = pod.redirect(&["stats"]);
     assert!(out.status.success(), "{out:?}");
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("counter updates lost: REDIRECT_COUNTERS is full") && err.contains("--map-size counters="), "{err}");
+    assert!(
+        err.contains("counter updates lost: REDIRECT_COUNTERS is full")
+            && err.contains("--map-size counters="),
+        "{err}"
+    );
     let text = String::from_utf8_lossy(&pod.redirect(&["status"]).stdout).into_owned();
     assert!(text.contains("counter updates lost"), "{text}");
 }
@@ -261,24 +424,58 @@ fn pod_config_map_full_fails_closed_and_recovers() {
     let pod = Pod::new("mppods");
     let tmp = TempDir::new("mppods");
     let sock = tmp.join("agent.sock");
-    let daemon = Daemon::start(&pod.pin_dir, &pod.topo.cgroup.path, &sock, &tmp.join("daemon.log"), &["--map-size", "pods=2"]);
+    let daemon = Daemon::start(
+        &pod.pin_dir,
+        &pod.topo.cgroup.path,
+        &sock,
+        &tmp.join("daemon.log"),
+        &["--map-size", "pods=2"],
+    );
     let nss: Vec<NetnsGuard> = (0..2).map(|_| extra_netns("mppods")).collect();
-    let paths: Vec<String> = std::iter::once(pod.pod_netns()).chain(nss.iter().map(|n| n.path())).map(|p| p.display().to_string()).collect();
-    let add = |i: usize| cni(&pod_vars("ADD", &format!("ctr-{i}"), &paths[i], "K8S_POD_NAME=p;REDIRECT_CAPTURE=true"), plugin_conf(&sock, json!({})).as_bytes());
-    let del = |i: usize| cni(&pod_vars("DEL", &format!("ctr-{i}"), &paths[i], "K8S_POD_NAME=p"), plugin_conf(&sock, json!({})).as_bytes());
+    let paths: Vec<String> = std::iter::once(pod.pod_netns())
+        .chain(nss.iter().map(|n| n.path()))
+        .map(|p| p.display().to_string())
+        .collect();
+    let add = |i: usize| {
+        cni(
+            &pod_vars(
+                "ADD",
+                &format!("ctr-{i}"),
+                &paths[i],
+                "K8S_POD_NAME=p;REDIRECT_CAPTURE=true",
+            ),
+            plugin_conf(&sock, json!({})).as_bytes(),
+        )
+    };
+    let del = |i: usize| {
+        cni(
+            &pod_vars("DEL", &format!("ctr-{i}"), &paths[i], "K8S_POD_NAME=p"),
+            plugin_conf(&sock, json!({})).as_bytes(),
+        )
+    };
     assert_eq!(add(0).code, 0);
     assert_eq!(add(1).code, 0);
     // Full: the third ADD fails closed (the runtime does not start the
     // pod), naming the map, its size and the knob.
     let third = add(2);
     assert_eq!(third.error_code(), 100, "{third:?}");
-    let msg = third.json()["details"].as_str().unwrap_or_default().to_string() + third.json()["msg"].as_str().unwrap_or_default();
+    let msg = third.json()["details"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+        + third.json()["msg"].as_str().unwrap_or_default();
     for want in ["REDIRECT_PODS is full", "2 entries", "--map-size pods="] {
         assert!(msg.contains(want), "{want:?} not in {msg}");
     }
     let (_, m) = redirect_userspace::agent::http::get(daemon.metrics_addr(), "/metrics").unwrap();
-    assert!(m.contains("redirect_agent_map_full_total{map=\"REDIRECT_PODS\"} 1\n"), "{m}");
-    assert!(m.contains("redirect_map_max_entries{map=\"REDIRECT_PODS\"} 2\n"), "{m}");
+    assert!(
+        m.contains("redirect_agent_map_full_total{map=\"REDIRECT_PODS\"} 1\n"),
+        "{m}"
+    );
+    assert!(
+        m.contains("redirect_map_max_entries{map=\"REDIRECT_PODS\"} 2\n"),
+        "{m}"
+    );
     // Nothing half-done for the refused pod: no config, no tables, no link.
     assert_eq!(daemon.list().len(), 2);
     let st = status(&pod);
@@ -286,14 +483,31 @@ fn pod_config_map_full_fails_closed_and_recovers() {
     let ports_before = redirect_tests::pinned_map_len(&pod, "REDIRECT_PORTS");
     let cidrs_before = redirect_tests::pinned_map_len(&pod, "REDIRECT_CIDRS");
     assert_eq!(add(2).error_code(), 100);
-    assert_eq!(redirect_tests::pinned_map_len(&pod, "REDIRECT_PORTS"), ports_before, "port entries of the refused pod were rolled back");
-    assert_eq!(redirect_tests::pinned_map_len(&pod, "REDIRECT_CIDRS"), cidrs_before);
-    assert_eq!(std::fs::read_dir(pod.pin_dir.join("netns")).unwrap().count(), 2);
+    assert_eq!(
+        redirect_tests::pinned_map_len(&pod, "REDIRECT_PORTS"),
+        ports_before,
+        "port entries of the refused pod were rolled back"
+    );
+    assert_eq!(
+        redirect_tests::pinned_map_len(&pod, "REDIRECT_CIDRS"),
+        cidrs_before
+    );
+    assert_eq!(
+        std::fs::read_dir(pod.pin_dir.join("netns"))
+            .unwrap()
+            .count(),
+        2
+    );
     // The CLI says the same.
     let cg = pod.topo.cgroup.path.display().to_string();
-    let out = pod.redirect(&["attach", "--netns", &paths[2], "--cgroup", &cg, "-i", "*", "-b", "*"]);
+    let out = pod.redirect(&[
+        "attach", "--netns", &paths[2], "--cgroup", &cg, "-i", "*", "-b", "*",
+    ]);
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("REDIRECT_PODS is full (2 entries)"), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("REDIRECT_PODS is full (2 entries)"),
+        "{out:?}"
+    );
 
     // Recovery: a DEL frees a slot and the waiting pod is captured.
     assert_eq!(del(1).code, 0);
@@ -313,9 +527,27 @@ fn pod_config_map_full_fails_closed_and_recovers() {
     // refused and changes nothing; without --map-size the pinned sizes
     // are used.
     assert!(daemon.stop().success());
-    let e = Daemon::try_start(&pod.pin_dir, &pod.topo.cgroup.path, &sock, &tmp.join("daemon2.log"), &["--map-size", "pods=4"]).err().expect("refused");
-    assert!(e.contains("--map-size pods=4 does not match") && e.contains("REDIRECT_PODS is pinned with 2 entries"), "{e}");
-    let d = Daemon::start(&pod.pin_dir, &pod.topo.cgroup.path, &sock, &tmp.join("daemon3.log"), &[]);
+    let e = Daemon::try_start(
+        &pod.pin_dir,
+        &pod.topo.cgroup.path,
+        &sock,
+        &tmp.join("daemon2.log"),
+        &["--map-size", "pods=4"],
+    )
+    .err()
+    .expect("refused");
+    assert!(
+        e.contains("--map-size pods=4 does not match")
+            && e.contains("REDIRECT_PODS is pinned with 2 entries"),
+        "{e}"
+    );
+    let d = Daemon::start(
+        &pod.pin_dir,
+        &pod.topo.cgroup.path,
+        &sock,
+        &tmp.join("daemon3.log"),
+        &[],
+    );
     assert_eq!(d.list().len(), 2, "pods kept across the refused start");
     drop(nss);
 }
@@ -332,35 +564,98 @@ fn map_size_flag_is_validated_before_anything_changes() {
         ("orig", "expected <map>=<entries>"),
         ("orig=99999999", "out of range"),
     ] {
-        let out = pod.redirect(&["attach", "--netns", &ns, "--cgroup", &cg, "-i", "*", "--map-size", v]);
+        let out = pod.redirect(&[
+            "attach",
+            "--netns",
+            &ns,
+            "--cgroup",
+            &cg,
+            "-i",
+            "*",
+            "--map-size",
+            v,
+        ]);
         assert!(!out.status.success(), "{v}");
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(want), "{v}: {err}");
         assert!(!pod.pin_dir.exists(), "{v}: the install was created");
         let tmp = TempDir::new("mpflag");
-        let e = Daemon::try_start(&pod.pin_dir, &pod.topo.cgroup.path, &tmp.join("s.sock"), &tmp.join("log"), &["--map-size", v]).err().expect("daemon refused");
+        let e = Daemon::try_start(
+            &pod.pin_dir,
+            &pod.topo.cgroup.path,
+            &tmp.join("s.sock"),
+            &tmp.join("log"),
+            &["--map-size", v],
+        )
+        .err()
+        .expect("daemon refused");
         assert!(e.contains(want), "{v}: {e}");
         assert!(!pod.pin_dir.exists());
     }
     // A valid size on a fresh install is applied to every map it names.
-    pod.attach(&["-i", "*", "--map-size", "pods=10,orig=100", "--map-size", "sockhash=50,ports=300,cidrs=200,counters=1000"]);
-    let want = [("REDIRECT_PODS", 10), ("REDIRECT_LISTENERS", 20), ("REDIRECT_ORIG_BY_COOKIE", 100), ("REDIRECT_ORIG_BY_TUPLE", 100), ("REDIRECT_SOCKS", 50), ("REDIRECT_ACCEL_FALLBACK", 50), ("REDIRECT_PORTS", 300), ("REDIRECT_CIDRS", 200), ("REDIRECT_COUNTERS", 1000)];
+    pod.attach(&[
+        "-i",
+        "*",
+        "--map-size",
+        "pods=10,orig=100",
+        "--map-size",
+        "sockhash=50,ports=300,cidrs=200,counters=1000",
+    ]);
+    let want = [
+        ("REDIRECT_PODS", 10),
+        ("REDIRECT_LISTENERS", 20),
+        ("REDIRECT_ORIG_BY_COOKIE", 100),
+        ("REDIRECT_ORIG_BY_TUPLE", 100),
+        ("REDIRECT_SOCKS", 50),
+        ("REDIRECT_ACCEL_FALLBACK", 50),
+        ("REDIRECT_PORTS", 300),
+        ("REDIRECT_CIDRS", 200),
+        ("REDIRECT_COUNTERS", 1000),
+    ];
     for (m, n) in want {
         assert_eq!(pinned_max_entries(&pod, m), n, "{m}");
     }
     // `status` (and the agent's metrics) report them as pinned, with their use.
-    for (m, n) in [("REDIRECT_PODS", 10), ("REDIRECT_ORIG_BY_COOKIE", 100), ("REDIRECT_SOCKS", 50), ("REDIRECT_PORTS", 300), ("REDIRECT_CIDRS", 200), ("REDIRECT_COUNTERS", 1000)] {
+    for (m, n) in [
+        ("REDIRECT_PODS", 10),
+        ("REDIRECT_ORIG_BY_COOKIE", 100),
+        ("REDIRECT_SOCKS", 50),
+        ("REDIRECT_PORTS", 300),
+        ("REDIRECT_CIDRS", 200),
+        ("REDIRECT_COUNTERS", 1000),
+    ] {
         assert_eq!(map_usage_max(&pod, m), n, "{m}");
     }
     assert_eq!(map_usage(&pod, "REDIRECT_PODS"), 1);
-    assert!(map_usage(&pod, "REDIRECT_CIDRS") >= 1, "the -i '*' and pod address entries");
+    assert!(
+        map_usage(&pod, "REDIRECT_CIDRS") >= 1,
+        "the -i '*' and pod address entries"
+    );
     // The same sizes again, or none, reuse the install; another size is refused.
     pod.attach(&["-i", "*", "--map-size", "orig=100"]);
     pod.attach(&["-i", "*"]);
-    let out = pod.redirect(&["attach", "--netns", &ns, "--cgroup", &cg, "-i", "*", "--map-size", "orig=101"]);
+    let out = pod.redirect(&[
+        "attach",
+        "--netns",
+        &ns,
+        "--cgroup",
+        &cg,
+        "-i",
+        "*",
+        "--map-size",
+        "orig=101",
+    ]);
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("REDIRECT_ORIG_BY_COOKIE is pinned with 100 entries"), "{out:?}");
-    assert_eq!(status(&pod)["pods"].as_array().unwrap().len(), 1, "the captured pod stays");
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("REDIRECT_ORIG_BY_COOKIE is pinned with 100 entries"),
+        "{out:?}"
+    );
+    assert_eq!(
+        status(&pod)["pods"].as_array().unwrap().len(),
+        1,
+        "the captured pod stays"
+    );
 }
 
 #[test]
@@ -378,7 +673,18 @@ fn incompatible_pinned_map_layout_is_a_clear_error() {
     let out = std::process::Command::new("bpftool")
         .args(["map", "create"])
         .arg(&pin)
-        .args(["type", "lru_hash", "key", "8", "value", "24", "entries", "1024", "name", "REDIRECT_ORIG_BY"])
+        .args([
+            "type",
+            "lru_hash",
+            "key",
+            "8",
+            "value",
+            "24",
+            "entries",
+            "1024",
+            "name",
+            "REDIRECT_ORIG_BY",
+        ])
         .output()
         .expect("bpftool");
     assert!(out.status.success(), "{out:?}");
@@ -387,31 +693,66 @@ fn incompatible_pinned_map_layout_is_a_clear_error() {
     let out = pod.redirect(&["attach", "--netns", &ns, "--cgroup", &cg, "-i", "*"]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    for want in ["pinned map REDIRECT_ORIG_BY_COOKIE", "lru_hash key 8 B, value 24 B", "needs hash key 8 B, value 24 B", "redirect uninstall"] {
+    for want in [
+        "pinned map REDIRECT_ORIG_BY_COOKIE",
+        "lru_hash key 8 B, value 24 B",
+        "needs hash key 8 B, value 24 B",
+        "redirect uninstall",
+    ] {
         assert!(err.contains(want), "{want:?} not in {err}");
     }
     let tmp = TempDir::new("mplayout");
-    let e = Daemon::try_start(&pod.pin_dir, &pod.topo.cgroup.path, &tmp.join("s.sock"), &tmp.join("log"), &[]).err().expect("daemon refused");
-    assert!(e.contains("pinned map REDIRECT_ORIG_BY_COOKIE") && e.contains("incompatible version"), "{e}");
+    let e = Daemon::try_start(
+        &pod.pin_dir,
+        &pod.topo.cgroup.path,
+        &tmp.join("s.sock"),
+        &tmp.join("log"),
+        &[],
+    )
+    .err()
+    .expect("daemon refused");
+    assert!(
+        e.contains("pinned map REDIRECT_ORIG_BY_COOKIE") && e.contains("incompatible version"),
+        "{e}"
+    );
     // The running install is untouched: the pod is still captured (its
     // programs hold the map they were loaded with).
     let r = pod.app_client(&format!("{UPSTREAM_V4}:8080"));
     assert!(r.ok, "{r:?}");
     assert_eq!(outbound_conns(&mut pod, proxy).len(), 1);
-    assert!(!std::fs::read_dir(pod.pin_dir.join("maps")).unwrap().any(|e| e.unwrap().file_name().to_string_lossy().starts_with('.')));
-    assert!(!std::fs::read_dir(&pod.pin_dir).unwrap().any(|e| e.unwrap().file_name().to_string_lossy().starts_with("layout-probe")), "probe maps removed");
+    assert!(!std::fs::read_dir(pod.pin_dir.join("maps"))
+        .unwrap()
+        .any(|e| e.unwrap().file_name().to_string_lossy().starts_with('.')));
+    assert!(
+        !std::fs::read_dir(&pod.pin_dir).unwrap().any(|e| e
+            .unwrap()
+            .file_name()
+            .to_string_lossy()
+            .starts_with("layout-probe")),
+        "probe maps removed"
+    );
     // A probe killed in the middle leaves its scratch directory: the next
     // probe removes it (its process is gone), and so does `uninstall`.
     let stale = |n: u32| {
         let dir = pod.pin_dir.join(format!("layout-probe-4194303999-{n}"));
         std::fs::create_dir(&dir).unwrap();
-        let out = std::process::Command::new("bpftool").args(["map", "create"]).arg(dir.join("REDIRECT_PODS")).args(["type", "hash", "key", "8", "value", "8", "entries", "1", "name", "stale"]).output().unwrap();
+        let out = std::process::Command::new("bpftool")
+            .args(["map", "create"])
+            .arg(dir.join("REDIRECT_PODS"))
+            .args([
+                "type", "hash", "key", "8", "value", "8", "entries", "1", "name", "stale",
+            ])
+            .output()
+            .unwrap();
         assert!(out.status.success(), "{out:?}");
         dir
     };
     let dir = stale(1);
     let _ = pod.redirect(&["attach", "--netns", &ns, "--cgroup", &cg, "-i", "*"]);
-    assert!(!dir.exists(), "a dead probe's directory is removed by the next probe");
+    assert!(
+        !dir.exists(),
+        "a dead probe's directory is removed by the next probe"
+    );
     stale(2);
     // `redirect uninstall` still cleans it all up (Pod's drop checks it).
     let out = pod.redirect(&["uninstall"]);
@@ -426,11 +767,22 @@ fn status(pod: &Pod) -> Value {
 }
 
 fn map_usage_max(pod: &Pod, map: &str) -> u64 {
-    status(pod)["map_usage"].as_array().unwrap().iter().find(|m| m["map"] == map).unwrap()["max_entries"].as_u64().unwrap()
+    status(pod)["map_usage"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["map"] == map)
+        .unwrap()["max_entries"]
+        .as_u64()
+        .unwrap()
 }
 
 fn pinned_max_entries(pod: &Pod, map: &str) -> u64 {
-    let out = std::process::Command::new("bpftool").args(["-j", "map", "show", "pinned"]).arg(pod.pin_dir.join("maps").join(map)).output().expect("bpftool");
+    let out = std::process::Command::new("bpftool")
+        .args(["-j", "map", "show", "pinned"])
+        .arg(pod.pin_dir.join("maps").join(map))
+        .output()
+        .expect("bpftool");
     assert!(out.status.success(), "{out:?}");
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     v["max_entries"].as_u64().unwrap()

@@ -58,11 +58,16 @@ const NOT_TCP: &str = "skip_not_tcp";
 
 /// `ip:port`, bracketed for IPv6.
 fn sa(ip: &str, port: u16) -> String {
-    SocketAddr::new(ip.parse::<IpAddr>().unwrap_or_else(|e| panic!("{ip}: {e}")), port).to_string()
+    SocketAddr::new(
+        ip.parse::<IpAddr>().unwrap_or_else(|e| panic!("{ip}: {e}")),
+        port,
+    )
+    .to_string()
 }
 
 fn parse_sa(s: &str) -> SocketAddr {
-    s.parse().unwrap_or_else(|e| panic!("{s:?} is not a socket address: {e}"))
+    s.parse()
+        .unwrap_or_else(|e| panic!("{s:?} is not a socket address: {e}"))
 }
 
 /// v4-mapped IPv6 folded to IPv4: what the wire (and iptables) sees.
@@ -145,14 +150,29 @@ impl Rig {
         let mut pod = Pod::new(tag);
         let up = &pod.topo.upstream;
         for a in [UP2_V4, UP3_V4] {
-            up.ip(&["addr", "add", &format!("{a}/32"), "dev", "eth0"]).expect("upstream v4 address");
+            up.ip(&["addr", "add", &format!("{a}/32"), "dev", "eth0"])
+                .expect("upstream v4 address");
         }
         for a in [UP2_V6, UP3_V6] {
-            up.ip(&["-6", "addr", "add", &format!("{a}/128"), "dev", "eth0", "nodad"]).expect("upstream v6 address");
+            up.ip(&[
+                "-6",
+                "addr",
+                "add",
+                &format!("{a}/128"),
+                "dev",
+                "eth0",
+                "nodad",
+            ])
+            .expect("upstream v6 address");
         }
         let mut listen = Vec::new();
         for p in [UP_PORT, UP_PORT2] {
-            listen.extend(["--listen".to_string(), format!("0.0.0.0:{p}"), "--listen".into(), format!("[::]:{p}")]);
+            listen.extend([
+                "--listen".to_string(),
+                format!("0.0.0.0:{p}"),
+                "--listen".into(),
+                format!("[::]:{p}"),
+            ]);
         }
         let mut args = vec!["echo"];
         args.extend(listen.iter().map(String::as_str));
@@ -206,14 +226,24 @@ impl Rig {
             .iter()
             .map(|l| {
                 assert_eq!(l["event"], "conn", "proxy reported: {l}");
-                format!("{} {}", l["dir"].as_str().unwrap(), l["orig"].as_str().unwrap())
+                format!(
+                    "{} {}",
+                    l["dir"].as_str().unwrap(),
+                    l["orig"].as_str().unwrap()
+                )
             })
             .collect()
     }
 
     /// One connection by `who` (bound to `bind`) to `dst`, checked against
     /// `want` from the client, the server, the proxy and the counters.
-    fn check(&mut self, who: &Placement, bind: Option<&str>, dst: &str, want: Expect) -> ClientReport {
+    fn check(
+        &mut self,
+        who: &Placement,
+        bind: Option<&str>,
+        dst: &str,
+        want: Expect,
+    ) -> ClientReport {
         let what = format!("uid {:?} gid {:?} bind {bind:?} -> {dst}", who.uid, who.gid);
         let before = self.counters();
         let r = self.pod.client(who, dst, bind);
@@ -250,7 +280,11 @@ impl Rig {
 /// shows it), and that server saw the connection come from `from`.
 fn check_reached(r: &ClientReport, dst: &str, from: &str, what: &str) {
     assert!(r.ok, "{what}: {r:?}");
-    assert_eq!(r.peer.as_deref().map(parse_sa), Some(parse_sa(dst)), "{what}: getpeername: {r:?}");
+    assert_eq!(
+        r.peer.as_deref().map(parse_sa),
+        Some(parse_sa(dst)),
+        "{what}: getpeername: {r:?}"
+    );
     let banner = r.banner.as_deref().unwrap_or_default();
     let field = |name: &str| {
         banner
@@ -259,9 +293,17 @@ fn check_reached(r: &ClientReport, dst: &str, from: &str, what: &str) {
             .map(parse_sa)
             .unwrap_or_else(|| panic!("{what}: no {name} in greeting {banner:?}"))
     };
-    assert_eq!(canon(field("local=")), canon(parse_sa(dst)), "{what}: server reached at: {banner}");
+    assert_eq!(
+        canon(field("local=")),
+        canon(parse_sa(dst)),
+        "{what}: server reached at: {banner}"
+    );
     let from: IpAddr = from.parse().unwrap();
-    assert_eq!(field("peer=").ip().to_canonical(), from, "{what}: server saw the connection from: {banner}");
+    assert_eq!(
+        field("peer=").ip().to_canonical(),
+        from,
+        "{what}: server saw the connection from: {banner}"
+    );
 }
 
 fn upstreams() -> [String; 2] {
@@ -278,7 +320,12 @@ fn pod_app_addrs(port: u16) -> [String; 2] {
 fn include_all_captures_v4_v6_and_getpeername_shows_original() {
     let mut rig = Rig::new("iall", &["-i", "*"]);
     let app = rig.app();
-    for dst in [sa(UPSTREAM_V4, UP_PORT), sa(UPSTREAM_V6, UP_PORT), sa(UP2_V4, UP_PORT2), sa(UP2_V6, UP_PORT2)] {
+    for dst in [
+        sa(UPSTREAM_V4, UP_PORT),
+        sa(UPSTREAM_V6, UP_PORT),
+        sa(UP2_V4, UP_PORT2),
+        sa(UP2_V6, UP_PORT2),
+    ] {
         rig.check(&app, None, &dst, captured(&dst, CAPTURED, SKIP_UID));
     }
 }
@@ -321,7 +368,17 @@ fn include_cidr_list_of_one_family_leaves_the_other_alone() {
 
 #[test]
 fn exclude_cidr_goes_direct_even_for_include_port() {
-    let mut rig = Rig::new("xcidr", &["-i", "*", "-x", "10.200.0.0/28,fd00:200::/124", "-q", "8080"]);
+    let mut rig = Rig::new(
+        "xcidr",
+        &[
+            "-i",
+            "*",
+            "-x",
+            "10.200.0.0/28,fd00:200::/124",
+            "-q",
+            "8080",
+        ],
+    );
     let app = rig.app();
     // -x (rule 5) comes before -q (rule 6) and -i (rule 7).
     for ip in [UPSTREAM_V4, UP3_V4, UPSTREAM_V6, UP3_V6] {
@@ -343,7 +400,12 @@ fn exclude_cidr_goes_direct_even_for_include_port() {
 
 #[test]
 fn include_port_captures_outside_include_cidrs() {
-    let mut rig = Rig::custom("qport", &[APP_PORT, UP_PORT], &[], &["-i", "10.200.0.16/28,fd00:200::10/124", "-q", "8080,9999"]);
+    let mut rig = Rig::custom(
+        "qport",
+        &[APP_PORT, UP_PORT],
+        &[],
+        &["-i", "10.200.0.16/28,fd00:200::10/124", "-q", "8080,9999"],
+    );
     let app = rig.app();
     for ip in [UPSTREAM_V4, UPSTREAM_V6] {
         let dst = sa(ip, UP_PORT);
@@ -379,7 +441,12 @@ fn include_port_alone_captures_that_port_only() {
 
 #[test]
 fn exclude_port_wins_over_everything() {
-    let mut rig = Rig::custom("oport", &[APP_PORT, UP_PORT], &[], &["-i", "*", "-q", "8080", "-o", "8080,9999"]);
+    let mut rig = Rig::custom(
+        "oport",
+        &[APP_PORT, UP_PORT],
+        &[],
+        &["-i", "*", "-q", "8080", "-o", "8080,9999"],
+    );
     let (app, proxy) = (rig.app(), rig.proxy_user());
     for ip in [UPSTREAM_V4, UPSTREAM_V6] {
         // Over -q and -i '*'.
@@ -411,7 +478,10 @@ fn proxy_uid_outbound_is_untouched() {
         rig.check(&proxy, None, &dst, direct(pod_ip_for(&dst), SKIP_UID));
     }
     // 127.0.0.1 / ::1: not "inbound" (rule 2 excludes them), rule 4.
-    for (dst, from) in [(sa("127.0.0.1", APP_PORT), "127.0.0.1"), (sa("::1", APP_PORT), "::1")] {
+    for (dst, from) in [
+        (sa("127.0.0.1", APP_PORT), "127.0.0.1"),
+        (sa("::1", APP_PORT), "::1"),
+    ] {
         rig.check(&proxy, None, &dst, direct(from, SKIP_UID));
     }
     // -g defaults to the -u list: gid 1337 alone is the proxy too (rule 7).
@@ -444,7 +514,12 @@ fn gid_proxy_identity_with_other_uid() {
 
 #[test]
 fn gid_only_proxy_identity_rules_5_6_7() {
-    let mut rig = Rig::custom("gido", &[APP_PORT, TUNNEL_PORT], &[], &["-i", "*", "-u", "", "-g", "1337"]);
+    let mut rig = Rig::custom(
+        "gido",
+        &[APP_PORT, TUNNEL_PORT],
+        &[],
+        &["-i", "*", "-u", "", "-g", "1337"],
+    );
     let (app, gid_only) = (rig.app(), rig.user(4242, PROXY_UID));
     for dst in pod_app_addrs(APP_PORT) {
         // (5) the proxy gid to its own address → inbound port.
@@ -466,7 +541,12 @@ fn gid_only_proxy_identity_rules_5_6_7() {
 fn several_proxy_uids() {
     // -g defaults to the same list.
     let mut rig = Rig::new("uids", &["-i", "*", "-u", "1337,2000"]);
-    let (app, proxy, uid2000, gid2000) = (rig.app(), rig.proxy_user(), rig.user(2000, 2000), rig.user(4242, 2000));
+    let (app, proxy, uid2000, gid2000) = (
+        rig.app(),
+        rig.proxy_user(),
+        rig.user(2000, 2000),
+        rig.user(4242, 2000),
+    );
     for dst in upstreams() {
         rig.check(&uid2000, None, &dst, direct(pod_ip_for(&dst), SKIP_UID));
         rig.check(&gid2000, None, &dst, direct(pod_ip_for(&dst), SKIP_GID));
@@ -494,7 +574,10 @@ fn passthrough_source_is_untouched() {
         // Rule 1 does not look at the owner.
         rig.check(&app, Some(src), &dst, direct(src, PASSTHROUGH));
     }
-    for (dst, src) in [(sa("127.0.0.5", APP_PORT), PASS_V4), (sa(PASS_V6, APP_PORT), PASS_V6)] {
+    for (dst, src) in [
+        (sa("127.0.0.5", APP_PORT), PASS_V4),
+        (sa(PASS_V6, APP_PORT), PASS_V6),
+    ] {
         rig.check(&proxy, Some(src), &dst, direct(src, PASSTHROUGH));
     }
 }
@@ -531,7 +614,12 @@ fn tunnel_port_is_not_sent_to_inbound() {
     // Default -e 15008, then a custom one.
     for (tag, flags, tunnel, other) in [
         ("tun", &["-i", "*"][..], TUNNEL_PORT, APP_PORT),
-        ("tune", &["-i", "*", "-e", "9080"][..], APP_PORT, TUNNEL_PORT),
+        (
+            "tune",
+            &["-i", "*", "-e", "9080"][..],
+            APP_PORT,
+            TUNNEL_PORT,
+        ),
     ] {
         let mut rig = Rig::custom(tag, &[APP_PORT, TUNNEL_PORT], &[], flags);
         let proxy = rig.proxy_user();
@@ -552,7 +640,11 @@ fn app_to_local_addresses_is_untouched() {
         rig.check(&app, None, &dst, direct(pod_ip_for(&dst), APP_LOCAL));
     }
     // 127.0.0.1 / ::1 meet rule 3 before rule 8, as under iptables.
-    for (ip, from) in [("127.0.0.1", "127.0.0.1"), ("127.0.0.5", "127.0.0.1"), ("::1", "::1")] {
+    for (ip, from) in [
+        ("127.0.0.1", "127.0.0.1"),
+        ("127.0.0.5", "127.0.0.1"),
+        ("::1", "::1"),
+    ] {
         rig.check(&app, None, &sa(ip, APP_PORT), direct(from, APP_LOCAL));
     }
 }
@@ -598,7 +690,12 @@ fn include_default_routes_keep_app_local_rule() {
     for dst in pod_app_addrs(APP_PORT) {
         rig.check(&app, None, &dst, direct(pod_ip_for(&dst), APP_LOCAL));
     }
-    rig.check(&app, None, &sa("127.0.0.5", APP_PORT), direct("127.0.0.1", APP_LOCAL));
+    rig.check(
+        &app,
+        None,
+        &sa("127.0.0.5", APP_PORT),
+        direct("127.0.0.1", APP_LOCAL),
+    );
 }
 
 // ------------------------------------------------------ v4-mapped IPv6
@@ -659,7 +756,12 @@ fn custom_capture_ports_p_z() {
 fn in_netns<T: Send + 'static>(ns: PathBuf, f: impl FnOnce() -> T + Send + 'static) -> T {
     std::thread::spawn(move || {
         let file = std::fs::File::open(&ns).unwrap_or_else(|e| panic!("{}: {e}", ns.display()));
-        assert_eq!(unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) }, 0, "setns {}", ns.display());
+        assert_eq!(
+            unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) },
+            0,
+            "setns {}",
+            ns.display()
+        );
         f()
     })
     .join()
@@ -671,7 +773,9 @@ fn udp_is_not_captured() {
     let rig = Rig::new("udp", &["-i", "*"]);
     for ip in [UPSTREAM_V4, UPSTREAM_V6] {
         let dst = SocketAddr::new(ip.parse().unwrap(), 5353);
-        let sock = in_netns(rig.pod.topo.upstream.path(), move || UdpSocket::bind(dst).expect("udp bind in upstream"));
+        let sock = in_netns(rig.pod.topo.upstream.path(), move || {
+            UdpSocket::bind(dst).expect("udp bind in upstream")
+        });
         sock.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
         let before = rig.counters();
         // bash's /dev/udp connect()s a UDP socket: the connect hook runs.
@@ -681,12 +785,27 @@ fn udp_is_not_captured() {
         let st = cmd.status().expect("bash");
         assert!(st.success(), "udp send to {dst}: {st}");
         let mut buf = [0u8; 64];
-        let (n, from) = sock.recv_from(&mut buf).unwrap_or_else(|e| panic!("nothing arrived at {dst}: {e}"));
+        let (n, from) = sock
+            .recv_from(&mut buf)
+            .unwrap_or_else(|e| panic!("nothing arrived at {dst}: {e}"));
         assert_eq!(&buf[..n], b"ping\n");
-        assert_eq!(from.ip(), pod_ip_for(&dst.to_string()).parse::<IpAddr>().unwrap());
+        assert_eq!(
+            from.ip(),
+            pod_ip_for(&dst.to_string()).parse::<IpAddr>().unwrap()
+        );
         let after = rig.counters();
-        let changed: Vec<_> = after.iter().filter(|(k, v)| before.get(*k) != Some(v)).collect();
-        assert_eq!(changed, vec![(&format!("OUTPUT/{NOT_TCP}"), &(before[&format!("OUTPUT/{NOT_TCP}")] + 1))], "{dst}");
+        let changed: Vec<_> = after
+            .iter()
+            .filter(|(k, v)| before.get(*k) != Some(v))
+            .collect();
+        assert_eq!(
+            changed,
+            vec![(
+                &format!("OUTPUT/{NOT_TCP}"),
+                &(before[&format!("OUTPUT/{NOT_TCP}")] + 1)
+            )],
+            "{dst}"
+        );
     }
 }
 
@@ -696,13 +815,23 @@ fn dry_run_changes_nothing() {
     pod.start_upstream(UP_PORT);
     let proxy = pod.start_proxy();
     let out = pod.attach(&["-n", "-i", "*"]);
-    assert!(String::from_utf8_lossy(&out.stdout).contains("dry run"), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("dry run"),
+        "{out:?}"
+    );
     for dst in upstreams() {
         let r = pod.app_client(&dst);
         check_reached(&r, &dst, pod_ip_for(&dst), &dst);
     }
-    assert!(pod.proxy_log(proxy).is_empty(), "the proxy saw a connection");
-    assert!(!pod.pin_dir.exists(), "dry run created {}", pod.pin_dir.display());
+    assert!(
+        pod.proxy_log(proxy).is_empty(),
+        "the proxy saw a connection"
+    );
+    assert!(
+        !pod.pin_dir.exists(),
+        "dry run created {}",
+        pod.pin_dir.display()
+    );
 }
 
 // -------------------------------------------------- unmanaged netns
@@ -714,11 +843,28 @@ fn unmanaged_netns_in_pod_cgroup_is_untouched() {
     let x = NetnsGuard::new(&unique("rdx-")).expect("netns");
     let y = NetnsGuard::new(&unique("rdy-")).expect("netns");
     let (a, b) = (unique("vxa"), unique("vxb"));
-    run("ip", &["link", "add", &a, "netns", &x.name, "type", "veth", "peer", "name", &b, "netns", &y.name]).expect("veth");
+    run(
+        "ip",
+        &[
+            "link", "add", &a, "netns", &x.name, "type", "veth", "peer", "name", &b, "netns",
+            &y.name,
+        ],
+    )
+    .expect("veth");
     for (ns, dev, v4, v6) in [(&x, &a, POD_V4, POD_V6), (&y, &b, UPSTREAM_V4, UPSTREAM_V6)] {
         ns.ip(&["link", "set", dev, "name", "eth0"]).unwrap();
-        ns.ip(&["addr", "add", &format!("{v4}/24"), "dev", "eth0"]).unwrap();
-        ns.ip(&["-6", "addr", "add", &format!("{v6}/64"), "dev", "eth0", "nodad"]).unwrap();
+        ns.ip(&["addr", "add", &format!("{v4}/24"), "dev", "eth0"])
+            .unwrap();
+        ns.ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{v6}/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ])
+        .unwrap();
         ns.ip(&["link", "set", "eth0", "up"]).unwrap();
     }
     // Port 8082: only the twin serves it, so a capture by mistake (through

@@ -20,7 +20,10 @@ use std::{
 };
 
 use agent_support::*;
-use redirect_tests::{map_usage, redirect_bin, run_kit, NetnsGuard, Placement, Pod, APP_UID, POD_V4, PROXY_UID, UPSTREAM_V4};
+use redirect_tests::{
+    map_usage, redirect_bin, run_kit, NetnsGuard, Placement, Pod, APP_UID, POD_V4, PROXY_UID,
+    UPSTREAM_V4,
+};
 use serde_json::{json, Value};
 
 /// Per pod: its upstream echo port (distinct, so a connection that ended
@@ -53,7 +56,12 @@ type Score = fn(&Value) -> (u64, u64, u64, Option<String>);
 
 /// Run `args` again and again until `stop`; `score` turns each report
 /// into its figures.
-fn traffic_loop(p: Placement, args: Vec<String>, stop: Arc<AtomicBool>, score: Score) -> std::thread::JoinHandle<Tally> {
+fn traffic_loop(
+    p: Placement,
+    args: Vec<String>,
+    stop: Arc<AtomicBool>,
+    score: Score,
+) -> std::thread::JoinHandle<Tally> {
     std::thread::spawn(move || {
         let mut t = Tally::default();
         let refs: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -80,10 +88,24 @@ fn traffic_loop(p: Placement, args: Vec<String>, stop: Arc<AtomicBool>, score: S
 /// churn: `count` connections, each `rounds` exchanges of `size` bytes
 /// echoed and compared byte for byte.
 fn churn_args(dst: &str, count: u64, size: usize) -> Vec<String> {
-    ["churn", "--connect", dst, "--count", &count.to_string(), "--concurrency", "2", "--size", &size.to_string(), "--rounds", "2", "--timeout-ms", "10000"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
+    [
+        "churn",
+        "--connect",
+        dst,
+        "--count",
+        &count.to_string(),
+        "--concurrency",
+        "2",
+        "--size",
+        &size.to_string(),
+        "--rounds",
+        "2",
+        "--timeout-ms",
+        "10000",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
 }
 
 fn churn_score(r: &Value) -> (u64, u64, u64, Option<String>) {
@@ -96,14 +118,31 @@ fn churn_score(r: &Value) -> (u64, u64, u64, Option<String>) {
 
 /// xfer: one long connection (paced, ~1.5 s) whose echo is checked by hash.
 fn xfer_args(dst: &str) -> Vec<String> {
-    ["xfer", "--connect", dst, "--size", "2097152", "--chunks", "8192,1000,16384", "--pause-us", "5000", "--pause-every", "1", "--timeout-ms", "10000"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
+    [
+        "xfer",
+        "--connect",
+        dst,
+        "--size",
+        "2097152",
+        "--chunks",
+        "8192,1000,16384",
+        "--pause-us",
+        "5000",
+        "--pause-every",
+        "1",
+        "--timeout-ms",
+        "10000",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
 }
 
 fn xfer_score(r: &Value) -> (u64, u64, u64, Option<String>) {
-    let ok = r["ok"] == true && r["sent"] == 2097152 && r["received"] == 2097152 && r["recv_hash"] == r["sent_hash"];
+    let ok = r["ok"] == true
+        && r["sent"] == 2097152
+        && r["received"] == 2097152
+        && r["recv_hash"] == r["sent_hash"];
     if ok {
         (1, 0, 2 * 2097152, None)
     } else {
@@ -126,7 +165,12 @@ impl Cluster {
     /// Every pod's processes go into pod 0's cgroup: the one the agent
     /// attaches to (each in its own netns).
     fn placement(&self, i: usize, uid: u32) -> Placement {
-        Placement { netns: Some(self.pods[i].pod_netns()), cgroup: Some(self.pods[0].topo.cgroup.path.clone()), uid: Some(uid), gid: Some(uid) }
+        Placement {
+            netns: Some(self.pods[i].pod_netns()),
+            cgroup: Some(self.pods[0].topo.cgroup.path.clone()),
+            uid: Some(uid),
+            gid: Some(uid),
+        }
     }
 
     fn netns(&self, i: usize) -> String {
@@ -134,13 +178,25 @@ impl Cluster {
     }
 
     fn cni(&self, command: &str, container: &str, netns: &str) -> CniRun {
-        let args = format!("K8S_POD_NAMESPACE=rel;K8S_POD_NAME=pod-{container};REDIRECT_CAPTURE=true");
-        cni(&pod_vars(command, container, netns, &args), plugin_conf(&self.socket(), json!({})).as_bytes())
+        let args =
+            format!("K8S_POD_NAMESPACE=rel;K8S_POD_NAME=pod-{container};REDIRECT_CAPTURE=true");
+        cni(
+            &pod_vars(command, container, netns, &args),
+            plugin_conf(&self.socket(), json!({})).as_bytes(),
+        )
     }
 
     fn start_daemon(&self, bin: &std::path::Path, log: &str) -> Daemon {
         let p = &self.pods[0];
-        Daemon::try_start_bin(bin, &p.pin_dir, &p.topo.cgroup.path, &self.socket(), &self.tmp.join(log), &[]).unwrap_or_else(|e| panic!("{e}"))
+        Daemon::try_start_bin(
+            bin,
+            &p.pin_dir,
+            &p.topo.cgroup.path,
+            &self.socket(),
+            &self.tmp.join(log),
+            &[],
+        )
+        .unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// ADD then DEL of a third, short-lived pod: the agent serves CNI.
@@ -148,7 +204,12 @@ impl Cluster {
         let t0 = Instant::now();
         let ns = self.extra.path().display().to_string();
         let add = self.cni("ADD", container, &ns);
-        assert_eq!(add.code, 0, "ADD right after start: {add:?}\n{}", d.log_text());
+        assert_eq!(
+            add.code,
+            0,
+            "ADD right after start: {add:?}\n{}",
+            d.log_text()
+        );
         let took = t0.elapsed();
         assert_eq!(d.list().len(), 3);
         let del = self.cni("DEL", container, &ns);
@@ -163,7 +224,13 @@ fn listed(d: &Daemon) -> Vec<(u64, String, String)> {
     let mut v: Vec<_> = d
         .list()
         .iter()
-        .map(|p| (p["cookie"].as_u64().unwrap(), p["pod"].as_str().unwrap().to_string(), p["container_id"].as_str().unwrap().to_string()))
+        .map(|p| {
+            (
+                p["cookie"].as_u64().unwrap(),
+                p["pod"].as_str().unwrap().to_string(),
+                p["container_id"].as_str().unwrap().to_string(),
+            )
+        })
         .collect();
     v.sort();
     v
@@ -176,10 +243,14 @@ fn upgraded_binary(dir: &TempDir) -> PathBuf {
     use std::os::unix::fs::PermissionsExt;
     let p = dir.join("redirect-upgraded");
     let mut bytes = std::fs::read(redirect_bin()).unwrap();
-    bytes.extend_from_slice(format!("\nredirect-upgrade-build-{}\n", std::process::id()).as_bytes());
+    bytes
+        .extend_from_slice(format!("\nredirect-upgrade-build-{}\n", std::process::id()).as_bytes());
     std::fs::write(&p, &bytes).unwrap();
     std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
-    assert_ne!(std::fs::read(&p).unwrap(), std::fs::read(redirect_bin()).unwrap());
+    assert_ne!(
+        std::fs::read(&p).unwrap(),
+        std::fs::read(redirect_bin()).unwrap()
+    );
     p
 }
 
@@ -189,14 +260,23 @@ fn agent_sigkill_and_upgrade_under_traffic_lose_nothing() {
     let pods = vec![Pod::new("rel0"), Pod::new("rel1")];
     let tmp = TempDir::new("rel");
     let extra = NetnsGuard::new(&redirect_userspace::sandbox::unique("rdp-relx-")).unwrap();
-    let mut c = Cluster { pods, proxies: Vec::new(), tmp, extra };
+    let mut c = Cluster {
+        pods,
+        proxies: Vec::new(),
+        tmp,
+        extra,
+    };
     for (i, port) in UP_PORTS.iter().enumerate() {
         let up = c.pods[i].topo.in_upstream();
         let listen = format!("{UPSTREAM_V4}:{port}");
         c.pods[i].spawn("upstream-echo", &["epoll-echo", "--listen", &listen], &up);
         let app = c.placement(i, APP_UID);
         let app_listen = [format!("0.0.0.0:{APP_PORT}")];
-        c.pods[i].spawn("app-echo", &["epoll-echo", "--listen", &app_listen[0]], &app);
+        c.pods[i].spawn(
+            "app-echo",
+            &["epoll-echo", "--listen", &app_listen[0]],
+            &app,
+        );
         let px = c.placement(i, PROXY_UID);
         c.pods[i].spawn("proxy", &["proxy"], &px);
         let idx = c.pods[i].children.len() - 1;
@@ -222,10 +302,29 @@ fn agent_sigkill_and_upgrade_under_traffic_lose_nothing() {
     for (i, port) in UP_PORTS.iter().enumerate() {
         let up = format!("{UPSTREAM_V4}:{port}");
         let app = c.placement(i, APP_UID);
-        loops.push((format!("pod{i} outbound short"), traffic_loop(app.clone(), churn_args(&up, 40, 4096), stop.clone(), churn_score)));
-        loops.push((format!("pod{i} outbound long"), traffic_loop(app, xfer_args(&up), stop.clone(), xfer_score)));
+        loops.push((
+            format!("pod{i} outbound short"),
+            traffic_loop(
+                app.clone(),
+                churn_args(&up, 40, 4096),
+                stop.clone(),
+                churn_score,
+            ),
+        ));
+        loops.push((
+            format!("pod{i} outbound long"),
+            traffic_loop(app, xfer_args(&up), stop.clone(), xfer_score),
+        ));
         let inbound_dst = format!("{POD_V4}:{APP_PORT}");
-        loops.push((format!("pod{i} inbound short"), traffic_loop(c.pods[i].topo.in_upstream(), churn_args(&inbound_dst, 40, 4096), stop.clone(), churn_score)));
+        loops.push((
+            format!("pod{i} inbound short"),
+            traffic_loop(
+                c.pods[i].topo.in_upstream(),
+                churn_args(&inbound_dst, 40, 4096),
+                stop.clone(),
+                churn_score,
+            ),
+        ));
     }
     let t0 = Instant::now();
     std::thread::sleep(Duration::from_millis(1500));
@@ -235,7 +334,10 @@ fn agent_sigkill_and_upgrade_under_traffic_lose_nothing() {
     let mut d = d;
     d.child.kill().unwrap();
     let st = d.child.wait().unwrap();
-    assert_eq!(std::os::unix::process::ExitStatusExt::signal(&st), Some(libc::SIGKILL));
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&st),
+        Some(libc::SIGKILL)
+    );
     let ns_extra = c.extra.path().display().to_string();
     let down = c.cni("ADD", "ctr-extra-down", &ns_extra);
     assert_eq!(down.error_code(), 11, "agent down: the ADD fails closed");
@@ -245,8 +347,16 @@ fn agent_sigkill_and_upgrade_under_traffic_lose_nothing() {
     let t_restart = Instant::now();
     let d = c.start_daemon(&redirect_bin(), "v1-again.log");
     let restart_ready = t_restart.elapsed();
-    assert_eq!(d.ready["cgroup_newly_attached"], false, "programs stayed attached through the kill");
-    assert_eq!(sorted(&d.ready["reconciled"]["kept"]), cookies, "{}", d.ready);
+    assert_eq!(
+        d.ready["cgroup_newly_attached"], false,
+        "programs stayed attached through the kill"
+    );
+    assert_eq!(
+        sorted(&d.ready["reconciled"]["kept"]),
+        cookies,
+        "{}",
+        d.ready
+    );
     assert_eq!(listed(&d), pods_before, "records survive SIGKILL");
     let add_after_kill = c.add_del_extra(&d, "ctr-extra-1");
     std::thread::sleep(Duration::from_millis(1500));
@@ -258,17 +368,31 @@ fn agent_sigkill_and_upgrade_under_traffic_lose_nothing() {
     let greet = format!("{UPSTREAM_V4}:8080");
     let peer = |c: &Cluster| c.pods[0].client(&c.placement(0, APP_UID), &greet, None);
     let r = peer(&c);
-    assert_eq!((r.ok, r.peer.as_deref()), (true, Some(greet.as_str())), "{r:?}");
-    let cg_dir = std::fs::read_dir(c.pods[0].pin_dir.join("cgroups")).unwrap().next().unwrap().unwrap().path();
+    assert_eq!(
+        (r.ok, r.peer.as_deref()),
+        (true, Some(greet.as_str())),
+        "{r:?}"
+    );
+    let cg_dir = std::fs::read_dir(c.pods[0].pin_dir.join("cgroups"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
     let cg_id = cg_dir.file_name().unwrap().to_string_lossy().into_owned();
     {
         use std::os::fd::AsFd;
-        let link = redirect_userspace::upgrade::obj_get(&cg_dir.join("redirect_getpeername4")).unwrap();
+        let link =
+            redirect_userspace::upgrade::obj_get(&cg_dir.join("redirect_getpeername4")).unwrap();
         let other = load_other_code(PROG_CGROUP_SOCK_ADDR, ATTACH_INET4_GETPEERNAME);
         redirect_userspace::upgrade::link_update(link.as_fd(), other.as_fd(), None).unwrap();
     }
     let r = peer(&c);
-    assert_eq!((r.ok, r.peer.as_deref()), (true, Some("127.0.0.1:15001")), "{r:?}");
+    assert_eq!(
+        (r.ok, r.peer.as_deref()),
+        (true, Some("127.0.0.1:15001")),
+        "{r:?}"
+    );
 
     // 3. Upgrade: the running agent gets SIGTERM (a DaemonSet rolling
     //    update), a different binary starts on the same pins.
@@ -279,10 +403,24 @@ fn agent_sigkill_and_upgrade_under_traffic_lose_nothing() {
     let d = c.start_daemon(&new_bin, "v2.log");
     let upgrade_ready = t_up.elapsed();
     assert_eq!(d.ready["cgroup_newly_attached"], false);
-    assert_eq!(d.ready["programs_updated"], json!([format!("{cg_id}/redirect_getpeername4")]), "the link with other code is switched, under traffic: {}", d.ready);
+    assert_eq!(
+        d.ready["programs_updated"],
+        json!([format!("{cg_id}/redirect_getpeername4")]),
+        "the link with other code is switched, under traffic: {}",
+        d.ready
+    );
     let r = peer(&c);
-    assert_eq!((r.ok, r.peer.as_deref()), (true, Some(greet.as_str())), "this version's getpeername4 again: {r:?}");
-    assert_eq!(sorted(&d.ready["reconciled"]["kept"]), cookies, "{}", d.ready);
+    assert_eq!(
+        (r.ok, r.peer.as_deref()),
+        (true, Some(greet.as_str())),
+        "this version's getpeername4 again: {r:?}"
+    );
+    assert_eq!(
+        sorted(&d.ready["reconciled"]["kept"]),
+        cookies,
+        "{}",
+        d.ready
+    );
     assert_eq!(listed(&d), pods_before, "records survive the upgrade");
     let add_after_upgrade = c.add_del_extra(&d, "ctr-extra-2");
     std::thread::sleep(Duration::from_millis(1500));
@@ -293,7 +431,11 @@ fn agent_sigkill_and_upgrade_under_traffic_lose_nothing() {
     let _ = d.child.wait();
     std::thread::sleep(Duration::from_millis(500));
     let d = c.start_daemon(&new_bin, "v2-again.log");
-    assert_eq!(d.ready["programs_updated"], json!([]), "same code: nothing to switch");
+    assert_eq!(
+        d.ready["programs_updated"],
+        json!([]),
+        "same code: nothing to switch"
+    );
     assert_eq!(listed(&d), pods_before);
     c.add_del_extra(&d, "ctr-extra-3");
     std::thread::sleep(Duration::from_millis(1000));
@@ -303,7 +445,10 @@ fn agent_sigkill_and_upgrade_under_traffic_lose_nothing() {
     let mut per_loop = Vec::new();
     for (name, h) in loops {
         let t = h.join().expect("traffic loop");
-        per_loop.push(format!("{name}: {} connections, {} bytes verified, {} failed ({} runs)", t.conns, t.bytes, t.failures, t.runs));
+        per_loop.push(format!(
+            "{name}: {} connections, {} bytes verified, {} failed ({} runs)",
+            t.conns, t.bytes, t.failures, t.runs
+        ));
         assert!(t.conns > 0, "{name}: no traffic");
         total.add(&t);
     }
@@ -330,45 +475,107 @@ fn agent_sigkill_and_upgrade_under_traffic_lose_nothing() {
         let out = c.pods[0].redirect(&["stats", "--json"]);
         assert!(out.status.success());
         let v: Value = serde_json::from_slice(&out.stdout).unwrap();
-        v.as_array().unwrap().iter().map(|p| (p["netns_cookie"].as_u64().unwrap(), p.clone())).collect()
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|p| (p["netns_cookie"].as_u64().unwrap(), p.clone()))
+            .collect()
     };
     let mut captured_out = 0;
     let mut captured_in = 0;
     for (i, cookie) in cookies.iter().enumerate() {
-        let s = by_cookie.get(cookie).unwrap_or_else(|| panic!("no stats for pod {i}"));
-        captured_out += redirect_tests::stats_rule(s, "OUTPUT", "captured")["count"].as_u64().unwrap();
-        captured_in += redirect_tests::stats_rule(s, "PREROUTING", "captured")["count"].as_u64().unwrap();
-        assert_eq!(redirect_tests::stats_rule(s, "ORIGINAL_DST", "orig_dst_missing")["count"], 0);
-        for (chain, rule) in [("ERRORS", "error_orig_map_full"), ("ERRORS", "error_tuple_map_full"), ("PREROUTING", "no_listener")] {
-            assert_eq!(redirect_tests::stats_rule(s, chain, rule)["count"], 0, "pod {i} {chain}/{rule}");
+        let s = by_cookie
+            .get(cookie)
+            .unwrap_or_else(|| panic!("no stats for pod {i}"));
+        captured_out += redirect_tests::stats_rule(s, "OUTPUT", "captured")["count"]
+            .as_u64()
+            .unwrap();
+        captured_in += redirect_tests::stats_rule(s, "PREROUTING", "captured")["count"]
+            .as_u64()
+            .unwrap();
+        assert_eq!(
+            redirect_tests::stats_rule(s, "ORIGINAL_DST", "orig_dst_missing")["count"],
+            0
+        );
+        for (chain, rule) in [
+            ("ERRORS", "error_orig_map_full"),
+            ("ERRORS", "error_tuple_map_full"),
+            ("PREROUTING", "no_listener"),
+        ] {
+            assert_eq!(
+                redirect_tests::stats_rule(s, chain, rule)["count"],
+                0,
+                "pod {i} {chain}/{rule}"
+            );
         }
         let idx = c.proxies[i];
         let log = c.pods[i].proxy_log(idx);
         let want_up = format!("{UPSTREAM_V4}:{}", UP_PORTS[i]);
         // Pod 0 also made the 3 getpeername checks to the greeting server.
         let checks = if i == 0 { 3 } else { 0 };
-        let outbound: Vec<&Value> = log.iter().filter(|l| l["dir"] == "outbound" && l["orig"] != greet.as_str()).collect();
-        assert_eq!(log.iter().filter(|l| l["dir"] == "outbound" && l["orig"] == greet.as_str()).count(), checks, "pod {i}");
-        assert!(outbound.iter().all(|l| l["event"] == "conn" && l["orig"] == want_up.as_str()), "pod {i}: a connection went elsewhere");
-        assert!(log.iter().all(|l| l["event"] == "conn"), "pod {i}: proxy errors: {:?}", log.iter().filter(|l| l["event"] != "conn").collect::<Vec<_>>());
+        let outbound: Vec<&Value> = log
+            .iter()
+            .filter(|l| l["dir"] == "outbound" && l["orig"] != greet.as_str())
+            .collect();
+        assert_eq!(
+            log.iter()
+                .filter(|l| l["dir"] == "outbound" && l["orig"] == greet.as_str())
+                .count(),
+            checks,
+            "pod {i}"
+        );
+        assert!(
+            outbound
+                .iter()
+                .all(|l| l["event"] == "conn" && l["orig"] == want_up.as_str()),
+            "pod {i}: a connection went elsewhere"
+        );
+        assert!(
+            log.iter().all(|l| l["event"] == "conn"),
+            "pod {i}: proxy errors: {:?}",
+            log.iter()
+                .filter(|l| l["event"] != "conn")
+                .collect::<Vec<_>>()
+        );
     }
-    assert_eq!(captured_out + captured_in, total.conns + 3, "every connection captured, once (+ the 3 getpeername checks)");
+    assert_eq!(
+        captured_out + captured_in,
+        total.conns + 3,
+        "every connection captured, once (+ the 3 getpeername checks)"
+    );
 
     // Records and pins consistent: 2 pods, their inbound links, one
     // cgroup with its 6 links; no socket-tracking entry left behind.
-    let st: Value = serde_json::from_slice(&c.pods[0].redirect(&["status", "--json"]).stdout).unwrap();
+    let st: Value =
+        serde_json::from_slice(&c.pods[0].redirect(&["status", "--json"]).stdout).unwrap();
     let pods = st["pods"].as_array().unwrap();
     assert_eq!(pods.len(), 2);
-    assert!(pods.iter().all(|p| p["inbound_attached"] == true && p["inbound_listeners"].as_array().map(|a| !a.is_empty()).unwrap_or(false)), "{st}");
+    assert!(
+        pods.iter().all(|p| p["inbound_attached"] == true
+            && p["inbound_listeners"]
+                .as_array()
+                .map(|a| !a.is_empty())
+                .unwrap_or(false)),
+        "{st}"
+    );
     let pin = &c.pods[0].pin_dir;
-    let mut netns_dirs: Vec<u64> = std::fs::read_dir(pin.join("netns")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().parse().unwrap()).collect();
+    let mut netns_dirs: Vec<u64> = std::fs::read_dir(pin.join("netns"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().parse().unwrap())
+        .collect();
     netns_dirs.sort();
     assert_eq!(netns_dirs, cookies);
     let cg: Vec<_> = std::fs::read_dir(pin.join("cgroups")).unwrap().collect();
     assert_eq!(cg.len(), 1);
-    assert_eq!(std::fs::read_dir(cg[0].as_ref().unwrap().path()).unwrap().count(), redirect_userspace::attach::CGROUP_PROGRAMS.len());
+    assert_eq!(
+        std::fs::read_dir(cg[0].as_ref().unwrap().path())
+            .unwrap()
+            .count(),
+        redirect_userspace::attach::CGROUP_PROGRAMS.len()
+    );
     eventually("socket-tracking maps back to zero", || {
-        map_usage(&c.pods[0], "REDIRECT_ORIG_BY_COOKIE") == 0 && map_usage(&c.pods[0], "REDIRECT_ORIG_BY_TUPLE") == 0
+        map_usage(&c.pods[0], "REDIRECT_ORIG_BY_COOKIE") == 0
+            && map_usage(&c.pods[0], "REDIRECT_ORIG_BY_TUPLE") == 0
     });
     assert_eq!(map_usage(&c.pods[0], "REDIRECT_PODS"), 2);
 
@@ -381,7 +588,10 @@ fn agent_sigkill_and_upgrade_under_traffic_lose_nothing() {
 }
 
 fn sorted(v: &Value) -> Vec<u64> {
-    let mut x: Vec<u64> = v.as_array().map(|a| a.iter().filter_map(Value::as_u64).collect()).unwrap_or_default();
+    let mut x: Vec<u64> = v
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_u64).collect())
+        .unwrap_or_default();
     x.sort();
     x
 }
@@ -403,8 +613,19 @@ fn load_other_code(prog_type: u32, expected_attach_type: u32) -> std::os::fd::Ow
     attr[16..24].copy_from_slice(&(license.as_ptr() as u64).to_ne_bytes());
     attr[48..48 + 14].copy_from_slice(b"redirect_other");
     attr[68..72].copy_from_slice(&expected_attach_type.to_ne_bytes());
-    let fd = unsafe { libc::syscall(libc::SYS_bpf, 5 as libc::c_long, attr.as_mut_ptr(), attr.len()) };
-    assert!(fd >= 0, "BPF_PROG_LOAD: {}", std::io::Error::last_os_error());
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            5 as libc::c_long,
+            attr.as_mut_ptr(),
+            attr.len(),
+        )
+    };
+    assert!(
+        fd >= 0,
+        "BPF_PROG_LOAD: {}",
+        std::io::Error::last_os_error()
+    );
     unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) }
 }
 
@@ -418,8 +639,8 @@ const ATTACH_SK_LOOKUP: u32 = 36;
 
 #[test]
 fn upgrade_switches_changed_programs_in_place() {
-    use std::os::fd::AsFd;
     use redirect_userspace::upgrade;
+    use std::os::fd::AsFd;
     let mut pod = Pod::new("relup");
     pod.start_upstream(8080);
     pod.start_app_server(9080);
@@ -429,17 +650,44 @@ fn upgrade_switches_changed_programs_in_place() {
     let inbound_peer = |pod: &Pod| {
         let r = pod.client(&pod.topo.in_upstream(), &format!("{POD_V4}:9080"), None);
         assert!(r.ok, "{r:?}");
-        r.banner.unwrap_or_default().split_whitespace().next().unwrap_or_default().split(':').next().unwrap_or_default().to_string()
+        r.banner
+            .unwrap_or_default()
+            .split_whitespace()
+            .next()
+            .unwrap_or_default()
+            .split(':')
+            .next()
+            .unwrap_or_default()
+            .to_string()
     };
     let tmp = TempDir::new("relup");
     let sock = tmp.join("agent.sock");
     let dst = format!("{UPSTREAM_V4}:8080");
-    let d = Daemon::start(&pod.pin_dir, &pod.topo.cgroup.path, &sock, &tmp.join("d1.log"), &[]);
+    let d = Daemon::start(
+        &pod.pin_dir,
+        &pod.topo.cgroup.path,
+        &sock,
+        &tmp.join("d1.log"),
+        &[],
+    );
     assert_eq!(d.ready["programs_updated"], json!([]), "{}", d.ready);
     let ns = pod.pod_netns().display().to_string();
-    let add = cni(&pod_vars("ADD", "ctr-up", &ns, "K8S_POD_NAME=up;REDIRECT_CAPTURE=true"), plugin_conf(&sock, json!({})).as_bytes());
+    let add = cni(
+        &pod_vars(
+            "ADD",
+            "ctr-up",
+            &ns,
+            "K8S_POD_NAME=up;REDIRECT_CAPTURE=true",
+        ),
+        plugin_conf(&sock, json!({})).as_bytes(),
+    );
     assert_eq!(add.code, 0, "{add:?}");
-    let proxied = |pod: &mut Pod| pod.proxy_log(proxy).into_iter().filter(|l| l["dir"] == "outbound").count();
+    let proxied = |pod: &mut Pod| {
+        pod.proxy_log(proxy)
+            .into_iter()
+            .filter(|l| l["dir"] == "outbound")
+            .count()
+    };
     assert!(pod.app_client(&dst).ok);
     assert_eq!(proxied(&mut pod), 1);
     assert_eq!(inbound_peer(&pod), "peer=127.0.0.6");
@@ -448,24 +696,44 @@ fn upgrade_switches_changed_programs_in_place() {
 
     // The install now runs other code under its connect4 link (what an
     // install made by another version looks like): nothing is captured.
-    let cgdirs: Vec<_> = std::fs::read_dir(pod.pin_dir.join("cgroups")).unwrap().map(|e| e.unwrap().path()).collect();
+    let cgdirs: Vec<_> = std::fs::read_dir(pod.pin_dir.join("cgroups"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
     assert_eq!(cgdirs.len(), 1);
-    let cg_id = cgdirs[0].file_name().unwrap().to_string_lossy().into_owned();
+    let cg_id = cgdirs[0]
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
     let link = upgrade::obj_get(&cgdirs[0].join("redirect_connect4")).unwrap();
     let ours = upgrade::prog_by_id(upgrade::link_prog_id(link.as_fd()).unwrap()).unwrap();
     let tag_before = upgrade::prog_tag(ours.as_fd()).unwrap();
     let other = load_other_code(PROG_CGROUP_SOCK_ADDR, ATTACH_INET4_CONNECT);
-    assert_ne!(upgrade::prog_tag(ours.as_fd()).unwrap(), upgrade::prog_tag(other.as_fd()).unwrap());
+    assert_ne!(
+        upgrade::prog_tag(ours.as_fd()).unwrap(),
+        upgrade::prog_tag(other.as_fd()).unwrap()
+    );
     upgrade::link_update(link.as_fd(), other.as_fd(), None).unwrap();
     drop((ours, other));
     // And the pod's inbound steering too.
-    let sk_link = upgrade::obj_get(&pod.pin_dir.join("netns").join(cookie.to_string()).join("sk_lookup")).unwrap();
+    let sk_link = upgrade::obj_get(
+        &pod.pin_dir
+            .join("netns")
+            .join(cookie.to_string())
+            .join("sk_lookup"),
+    )
+    .unwrap();
     let other_sk = load_other_code(PROG_SK_LOOKUP, ATTACH_SK_LOOKUP);
     upgrade::link_update(sk_link.as_fd(), other_sk.as_fd(), None).unwrap();
     drop((sk_link, other_sk));
     assert!(pod.app_client(&dst).ok);
     assert_eq!(proxied(&mut pod), 0, "the other code does not capture");
-    assert_eq!(inbound_peer(&pod), format!("peer={UPSTREAM_V4}"), "the other code does not steer inbound");
+    assert_eq!(
+        inbound_peer(&pod),
+        format!("peer={UPSTREAM_V4}"),
+        "the other code does not steer inbound"
+    );
 
     // The new agent (another binary) switches the link to its program at
     // start, atomically, while the app keeps connecting.
@@ -487,24 +755,64 @@ fn upgrade_switches_changed_programs_in_place() {
     };
     std::thread::sleep(Duration::from_millis(300));
     let bin = upgraded_binary(&tmp);
-    let d = Daemon::try_start_bin(&bin, &pod.pin_dir, &pod.topo.cgroup.path, &sock, &tmp.join("d2.log"), &[]).unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(d.ready["programs_updated"], json!([format!("{cg_id}/redirect_connect4"), format!("netns/{cookie}/sk_lookup")]), "{}", d.ready);
+    let d = Daemon::try_start_bin(
+        &bin,
+        &pod.pin_dir,
+        &pod.topo.cgroup.path,
+        &sock,
+        &tmp.join("d2.log"),
+        &[],
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        d.ready["programs_updated"],
+        json!([
+            format!("{cg_id}/redirect_connect4"),
+            format!("netns/{cookie}/sk_lookup")
+        ]),
+        "{}",
+        d.ready
+    );
     std::thread::sleep(Duration::from_millis(300));
     stop.store(true, Ordering::SeqCst);
     let (n, failed) = client.join().unwrap();
-    assert!(n >= 3 && failed.is_empty(), "{} of {n} connections failed across the switch: {failed:?}", failed.len());
+    assert!(
+        n >= 3 && failed.is_empty(),
+        "{} of {n} connections failed across the switch: {failed:?}",
+        failed.len()
+    );
     let _ = pod.proxy_log(proxy);
     assert!(pod.app_client(&dst).ok);
-    assert_eq!(proxied(&mut pod), 1, "captured again by this version's program");
-    assert_eq!(inbound_peer(&pod), "peer=127.0.0.6", "inbound steered again");
+    assert_eq!(
+        proxied(&mut pod),
+        1,
+        "captured again by this version's program"
+    );
+    assert_eq!(
+        inbound_peer(&pod),
+        "peer=127.0.0.6",
+        "inbound steered again"
+    );
     // The link runs this version's program again (the same code as the
     // other five links' programs, loaded from the same object).
     let link = upgrade::obj_get(&cgdirs[0].join("redirect_connect4")).unwrap();
     let now = upgrade::prog_by_id(upgrade::link_prog_id(link.as_fd()).unwrap()).unwrap();
-    assert_eq!(upgrade::prog_tag(now.as_fd()).unwrap(), tag_before, "this version's program is back");
+    assert_eq!(
+        upgrade::prog_tag(now.as_fd()).unwrap(),
+        tag_before,
+        "this version's program is back"
+    );
     // Same binary again: nothing to switch.
     assert!(d.stop().success());
-    let d = Daemon::try_start_bin(&bin, &pod.pin_dir, &pod.topo.cgroup.path, &sock, &tmp.join("d3.log"), &[]).unwrap_or_else(|e| panic!("{e}"));
+    let d = Daemon::try_start_bin(
+        &bin,
+        &pod.pin_dir,
+        &pod.topo.cgroup.path,
+        &sock,
+        &tmp.join("d3.log"),
+        &[],
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(d.ready["programs_updated"], json!([]), "{}", d.ready);
     assert_eq!(d.list().len(), 1);
 }
@@ -519,15 +827,33 @@ fn upgrade_switches_the_sk_msg_program() {
     let tmp = TempDir::new("relmsg");
     let sock = tmp.join("agent.sock");
     let dst = format!("{UPSTREAM_V4}:8080");
-    let d = Daemon::start(&pod.pin_dir, &pod.topo.cgroup.path, &sock, &tmp.join("d1.log"), &[]);
+    let d = Daemon::start(
+        &pod.pin_dir,
+        &pod.topo.cgroup.path,
+        &sock,
+        &tmp.join("d1.log"),
+        &[],
+    );
     let ns = pod.pod_netns().display().to_string();
-    let add = cni(&pod_vars("ADD", "ctr-msg", &ns, "K8S_POD_NAME=msg;REDIRECT_CAPTURE=true"), plugin_conf(&sock, json!({"capture": {"accel": true}})).as_bytes());
+    let add = cni(
+        &pod_vars(
+            "ADD",
+            "ctr-msg",
+            &ns,
+            "K8S_POD_NAME=msg;REDIRECT_CAPTURE=true",
+        ),
+        plugin_conf(&sock, json!({"capture": {"accel": true}})).as_bytes(),
+    );
     assert_eq!(add.code, 0, "{add:?}");
     let app = pod.topo.in_pod(APP_UID, APP_UID);
     let redirected = |pod: &Pod| redirect_tests::accel_counter(pod, "messages_redirected").0;
     assert!(redirect_tests::client_sized(&app, &dst, 10_000).ok);
     let r1 = redirected(&pod);
-    assert!(r1 > 0, "accelerated: {}", String::from_utf8_lossy(&pod.redirect(&["stats"]).stdout));
+    assert!(
+        r1 > 0,
+        "accelerated: {}",
+        String::from_utf8_lossy(&pod.redirect(&["stats"]).stdout)
+    );
     let pin = pod.pin_dir.join("programs").join("redirect_sk_msg");
     let ours = upgrade::prog_tag(upgrade::obj_get(&pin).unwrap().as_fd()).unwrap();
     assert!(d.stop().success());
@@ -536,7 +862,12 @@ fn upgrade_switches_the_sk_msg_program() {
     // install keeps it: nothing is redirected any more.
     let other = load_other_code(PROG_SK_MSG, 0);
     let socks = upgrade::obj_get(&pod.pin_dir.join("maps").join("REDIRECT_SOCKS")).unwrap();
-    redirect_userspace::bpf::prog_attach(other.as_fd(), socks.as_fd(), redirect_userspace::bpf::BPF_SK_MSG_VERDICT).unwrap();
+    redirect_userspace::bpf::prog_attach(
+        other.as_fd(),
+        socks.as_fd(),
+        redirect_userspace::bpf::BPF_SK_MSG_VERDICT,
+    )
+    .unwrap();
     std::fs::remove_file(&pin).unwrap();
     redirect_userspace::bpf::obj_pin(other.as_fd(), &pin).unwrap();
     drop(other);
@@ -545,12 +876,36 @@ fn upgrade_switches_the_sk_msg_program() {
 
     // The new agent puts its own program back.
     let bin = upgraded_binary(&tmp);
-    let d = Daemon::try_start_bin(&bin, &pod.pin_dir, &pod.topo.cgroup.path, &sock, &tmp.join("d2.log"), &[]).unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(d.ready["programs_updated"], json!(["programs/redirect_sk_msg"]), "{}", d.ready);
-    assert_eq!(upgrade::prog_tag(upgrade::obj_get(&pin).unwrap().as_fd()).unwrap(), ours);
+    let d = Daemon::try_start_bin(
+        &bin,
+        &pod.pin_dir,
+        &pod.topo.cgroup.path,
+        &sock,
+        &tmp.join("d2.log"),
+        &[],
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        d.ready["programs_updated"],
+        json!(["programs/redirect_sk_msg"]),
+        "{}",
+        d.ready
+    );
+    assert_eq!(
+        upgrade::prog_tag(upgrade::obj_get(&pin).unwrap().as_fd()).unwrap(),
+        ours
+    );
     assert!(redirect_tests::client_sized(&app, &dst, 10_000).ok);
     assert!(redirected(&pod) > r1, "accelerated again");
     assert!(d.stop().success());
-    let d = Daemon::try_start_bin(&bin, &pod.pin_dir, &pod.topo.cgroup.path, &sock, &tmp.join("d3.log"), &[]).unwrap_or_else(|e| panic!("{e}"));
+    let d = Daemon::try_start_bin(
+        &bin,
+        &pod.pin_dir,
+        &pod.topo.cgroup.path,
+        &sock,
+        &tmp.join("d3.log"),
+        &[],
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(d.ready["programs_updated"], json!([]));
 }

@@ -75,7 +75,10 @@ impl Creds {
 /// (saved ids = effective ids). Same order as `sandbox::place`: cgroup,
 /// netns, then groups, gids, uids.
 fn place_as(cmd: &mut Command, netns: Option<&Path>, cgroup: &Path, creds: &Creds) {
-    let procs = std::fs::OpenOptions::new().write(true).open(cgroup.join("cgroup.procs")).expect("cgroup.procs");
+    let procs = std::fs::OpenOptions::new()
+        .write(true)
+        .open(cgroup.join("cgroup.procs"))
+        .expect("cgroup.procs");
     let ns = netns.map(|n| std::fs::File::open(n).expect("netns"));
     let c = creds.clone();
     unsafe {
@@ -134,7 +137,11 @@ impl Rig {
     fn new(tag: &str, extra: &[&str]) -> Rig {
         let mut pod = Pod::new(tag);
         let p = pod.topo.in_upstream();
-        pod.spawn("upstream", &["echo", "--listen", "0.0.0.0:8080", "--listen", "[::]:8080"], &p);
+        pod.spawn(
+            "upstream",
+            &["echo", "--listen", "0.0.0.0:8080", "--listen", "[::]:8080"],
+            &p,
+        );
         let proxy = pod.start_proxy();
         pod.attach_istio_default_with(extra);
         Rig { pod, proxy }
@@ -144,7 +151,11 @@ impl Rig {
         let s = self.pod.stats();
         let mut m = BTreeMap::new();
         for r in s[0]["rules"].as_array().expect("rules") {
-            let k = format!("{}/{}", r["chain"].as_str().unwrap(), r["rule"].as_str().unwrap());
+            let k = format!(
+                "{}/{}",
+                r["chain"].as_str().unwrap(),
+                r["rule"].as_str().unwrap()
+            );
             *m.entry(k).or_insert(0) += r["count"].as_u64().unwrap();
         }
         m
@@ -164,8 +175,14 @@ impl Rig {
         let _ = self.pod.proxy_log(self.proxy);
         let before = self.counters();
         let mut cmd = Command::new(argv[0]);
-        cmd.args(&argv[1..]).env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
-        place_as(&mut cmd, Some(&self.pod.pod_netns()), &self.pod.topo.cgroup.path, creds);
+        cmd.args(&argv[1..])
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
+        place_as(
+            &mut cmd,
+            Some(&self.pod.pod_netns()),
+            &self.pod.topo.cgroup.path,
+            creds,
+        );
         let out = cmd.output().unwrap_or_else(|e| panic!("{what}: {e}"));
         let reports = String::from_utf8_lossy(&out.stdout)
             .lines()
@@ -199,7 +216,10 @@ fn banner_peer(r: &ClientReport, what: &str) -> SocketAddr {
 }
 
 fn local(r: &ClientReport) -> SocketAddr {
-    r.local.as_deref().and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("no local address: {r:?}"))
+    r.local
+        .as_deref()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no local address: {r:?}"))
 }
 
 fn pod_ip(dst: &str) -> &'static str {
@@ -217,19 +237,39 @@ fn pod_ip(dst: &str) -> &'static str {
 /// the proxy's own connection skipped by uid once.
 fn assert_captured_report(s: &Seen, r: &ClientReport, dst: &str) {
     let what = &s.what;
-    assert!(r.ok, "{what}: {r:?} stderr {}", String::from_utf8_lossy(&s.out.stderr));
-    assert_eq!(r.peer.as_deref(), Some(dst), "{what}: getpeername shows the original destination");
+    assert!(
+        r.ok,
+        "{what}: {r:?} stderr {}",
+        String::from_utf8_lossy(&s.out.stderr)
+    );
+    assert_eq!(
+        r.peer.as_deref(),
+        Some(dst),
+        "{what}: getpeername shows the original destination"
+    );
     let l = local(r);
-    assert!(l.ip().is_loopback(), "{what}: the client's socket really goes to the proxy over loopback: {r:?}");
+    assert!(
+        l.ip().is_loopback(),
+        "{what}: the client's socket really goes to the proxy over loopback: {r:?}"
+    );
     let conns: Vec<_> = s.proxied.iter().filter(|c| c["event"] == "conn").collect();
     assert!(
-        conns.iter().any(|c| c["dir"] == "outbound" && c["orig"] == dst && c["peer"] == l.to_string()),
+        conns
+            .iter()
+            .any(|c| c["dir"] == "outbound" && c["orig"] == dst && c["peer"] == l.to_string()),
         "{what}: the proxy did not log this connection ({l}): {:?}",
         s.proxied
     );
     let seen = banner_peer(r, what);
-    assert_eq!(seen.ip().to_string(), pod_ip(dst), "{what}: upstream saw {seen}");
-    assert_ne!(seen, l, "{what}: upstream saw the proxy's socket, not the client's");
+    assert_eq!(
+        seen.ip().to_string(),
+        pod_ip(dst),
+        "{what}: upstream saw {seen}"
+    );
+    assert_ne!(
+        seen, l,
+        "{what}: upstream saw the proxy's socket, not the client's"
+    );
 }
 
 fn assert_captured(s: &Seen, dst: &str) {
@@ -252,10 +292,18 @@ fn assert_captured(s: &Seen, dst: &str) {
 /// upstream saw the client's own socket.
 fn assert_direct_report(s: &Seen, r: &ClientReport, dst: &str) {
     let what = &s.what;
-    assert!(r.ok, "{what}: {r:?} stderr {}", String::from_utf8_lossy(&s.out.stderr));
+    assert!(
+        r.ok,
+        "{what}: {r:?} stderr {}",
+        String::from_utf8_lossy(&s.out.stderr)
+    );
     assert_eq!(r.peer.as_deref(), Some(dst), "{what}");
     let l = local(r);
-    assert_eq!(banner_peer(r, what), l, "{what}: upstream saw the client's own socket");
+    assert_eq!(
+        banner_peer(r, what),
+        l,
+        "{what}: upstream saw the client's own socket"
+    );
     assert_eq!(l.ip().to_string(), pod_ip(dst), "{what}");
 }
 
@@ -263,13 +311,21 @@ fn assert_direct_report(s: &Seen, r: &ClientReport, dst: &str) {
 fn assert_bypassed(s: &Seen, dst: &str, rule: &str) {
     let r = s.one();
     assert_direct_report(s, r, dst);
-    assert!(s.proxied.is_empty(), "{}: proxy saw {:?}", s.what, s.proxied);
+    assert!(
+        s.proxied.is_empty(),
+        "{}: proxy saw {:?}",
+        s.what,
+        s.proxied
+    );
     let want: BTreeMap<String, u64> = [(rule.to_string(), 1)].into_iter().collect();
     assert_eq!(s.delta, want, "{}: counter increments", s.what);
 }
 
 fn upstreams() -> [String; 2] {
-    [format!("{UPSTREAM_V4}:{UP_PORT}"), format!("[{UPSTREAM_V6}]:{UP_PORT}")]
+    [
+        format!("{UPSTREAM_V4}:{UP_PORT}"),
+        format!("[{UPSTREAM_V6}]:{UP_PORT}"),
+    ]
 }
 
 // ------------------------------------------------------------ identities
@@ -312,12 +368,23 @@ fn only_the_proxy_uid_bypasses_root_included() {
 fn proxy_gid_as_supplementary_group_is_captured() {
     let mut rig = Rig::new("secgrp", &["-g", "1337"]);
     // The placement really gives the groups asked for.
-    let id = rig.run_argv(&Creds::user(APP_UID, APP_UID).with_groups(&[PROXY_UID]), &["/usr/bin/id", "-G"], "id -G");
-    let groups: Vec<u32> = String::from_utf8_lossy(&id.out.stdout).split_whitespace().map(|g| g.parse().unwrap()).collect();
+    let id = rig.run_argv(
+        &Creds::user(APP_UID, APP_UID).with_groups(&[PROXY_UID]),
+        &["/usr/bin/id", "-G"],
+        "id -G",
+    );
+    let groups: Vec<u32> = String::from_utf8_lossy(&id.out.stdout)
+        .split_whitespace()
+        .map(|g| g.parse().unwrap())
+        .collect();
     assert_eq!(groups, vec![APP_UID, PROXY_UID], "id -G: {:?}", id.out);
     for dst in upstreams() {
         for groups in [vec![PROXY_UID], vec![0, PROXY_UID, 1338]] {
-            let s = rig.run(&Creds::user(APP_UID, APP_UID).with_groups(&groups), &[], &dst);
+            let s = rig.run(
+                &Creds::user(APP_UID, APP_UID).with_groups(&groups),
+                &[],
+                &dst,
+            );
             assert_captured(&s, &dst);
         }
         // Root with the proxy group as a supplementary group: captured too.
@@ -388,9 +455,18 @@ fn process_that_drops_from_proxy_uid_is_captured() {
             "-c",
             &script,
         ];
-        let s = rig.run_argv(&Creds::user(0, 0), &argv, &format!("1337 then 1000 -> {dst}"));
+        let s = rig.run_argv(
+            &Creds::user(0, 0),
+            &argv,
+            &format!("1337 then 1000 -> {dst}"),
+        );
         assert!(s.out.status.success(), "{}: {:?}", s.what, s.out);
-        assert_eq!(String::from_utf8_lossy(&s.out.stderr).lines().next(), Some("1337"), "{:?}", s.out);
+        assert_eq!(
+            String::from_utf8_lossy(&s.out.stderr).lines().next(),
+            Some("1337"),
+            "{:?}",
+            s.out
+        );
         assert_eq!(s.reports.len(), 2, "{s:?}");
         // First as 1337: direct; then as 1000: through the proxy.
         assert_direct_report(&s, &s.reports[0], &dst);
@@ -426,10 +502,19 @@ fn app_cannot_become_the_proxy() {
         ] {
             let s = rig.run(&app, &change, &dst);
             assert!(!s.out.status.success(), "{}: {:?}", s.what, s.out);
-            assert!(s.reports.is_empty(), "{}: the client must not run: {:?}", s.what, s.reports);
+            assert!(
+                s.reports.is_empty(),
+                "{}: the client must not run: {:?}",
+                s.what,
+                s.reports
+            );
             let err = String::from_utf8_lossy(&s.out.stderr);
             assert!(err.contains("Operation not permitted"), "{}: {err}", s.what);
-            assert!(s.proxied.is_empty() && s.delta.is_empty(), "{}: nothing connected: {s:?}", s.what);
+            assert!(
+                s.proxied.is_empty() && s.delta.is_empty(),
+                "{}: nothing connected: {s:?}",
+                s.what
+            );
         }
         let s = rig.run(&app, &["sh", "-c", "exec \"$@\"", "sh"], &dst);
         assert_captured(&s, &dst);
@@ -461,23 +546,53 @@ fn netns_created_inside_the_pod_is_not_the_pod() {
     let mut holder_cmd = Command::new("unshare");
     holder_cmd.args(["-n", "sleep", "120"]);
     let root_in_pod = rig.pod.topo.in_pod(0, 0);
-    let mut holder = ChildGuard::spawn("holder", holder_cmd, &root_in_pod, false).expect("unshare -n");
+    let mut holder =
+        ChildGuard::spawn("holder", holder_cmd, &root_in_pod, false).expect("unshare -n");
     let pid = holder.pid();
     let pod_ns = std::fs::metadata(rig.pod.pod_netns()).unwrap().ino();
     let proc_ns = format!("/proc/{pid}/ns/net");
     let deadline = Instant::now() + Duration::from_secs(5);
-    while std::fs::metadata(&proc_ns).map(|m| m.ino()).unwrap_or(pod_ns) == pod_ns {
+    while std::fs::metadata(&proc_ns)
+        .map(|m| m.ino())
+        .unwrap_or(pod_ns)
+        == pod_ns
+    {
         assert!(Instant::now() < deadline, "unshare -n did not make a netns");
-        assert!(holder.child.try_wait().unwrap().is_none(), "unshare -n exited");
+        assert!(
+            holder.child.try_wait().unwrap().is_none(),
+            "unshare -n exited"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     let in_cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
-    assert!(in_cgroup.trim_end().ends_with(cg.file_name().unwrap().to_str().unwrap()), "{in_cgroup}");
+    assert!(
+        in_cgroup
+            .trim_end()
+            .ends_with(cg.file_name().unwrap().to_str().unwrap()),
+        "{in_cgroup}"
+    );
     // The test wires it to the upstream netns (only addresses inside the
     // test's namespaces; the pair lives and dies with them).
     let (a, b) = (unique("vn"), unique("vm"));
     let pid_s = pid.to_string();
-    run("ip", &["link", "add", &a, "netns", &pid_s, "type", "veth", "peer", "name", &b, "netns", &rig.pod.topo.upstream.name]).expect("veth");
+    run(
+        "ip",
+        &[
+            "link",
+            "add",
+            &a,
+            "netns",
+            &pid_s,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &b,
+            "netns",
+            &rig.pod.topo.upstream.name,
+        ],
+    )
+    .expect("veth");
     let nsip = |args: &[&str]| {
         let mut v = vec!["-t", pid_s.as_str(), "-n", "ip"];
         v.extend_from_slice(args);
@@ -502,16 +617,44 @@ fn netns_created_inside_the_pod_is_not_the_pod() {
     // nsenter needs root: it enters, then drops to the id asked for.
     for id in ["0", "1000"] {
         let argv = [
-            "nsenter", "-t", pid_s.as_str(), "-n", "-S", id, "-G", id, "--", kit, "client", "--connect", &dst, "--timeout-ms", "2000",
+            "nsenter",
+            "-t",
+            pid_s.as_str(),
+            "-n",
+            "-S",
+            id,
+            "-G",
+            id,
+            "--",
+            kit,
+            "client",
+            "--connect",
+            &dst,
+            "--timeout-ms",
+            "2000",
         ];
-        let s = rig.run_argv(&Creds::user(0, 0), &argv, &format!("uid {id} in the new netns -> {dst}"));
+        let s = rig.run_argv(
+            &Creds::user(0, 0),
+            &argv,
+            &format!("uid {id} in the new netns -> {dst}"),
+        );
         let r = s.one();
         assert!(r.ok, "{}: {r:?} {:?}", s.what, s.out);
         assert_eq!(r.peer.as_deref(), Some(dst.as_str()));
-        assert_eq!(banner_peer(r, &s.what), local(r), "{}: upstream saw the client's own socket", s.what);
+        assert_eq!(
+            banner_peer(r, &s.what),
+            local(r),
+            "{}: upstream saw the client's own socket",
+            s.what
+        );
         assert_eq!(local(r).ip().to_string(), "10.200.1.2", "{}", s.what);
         assert!(s.proxied.is_empty(), "{}: {:?}", s.what, s.proxied);
-        assert!(s.delta.is_empty(), "{}: the pod's counters moved: {:?}", s.what, s.delta);
+        assert!(
+            s.delta.is_empty(),
+            "{}: the pod's counters moved: {:?}",
+            s.what,
+            s.delta
+        );
     }
     drop(holder);
 
@@ -523,7 +666,11 @@ fn netns_created_inside_the_pod_is_not_the_pod() {
         let r = s.one();
         assert!(!r.ok, "{}: {r:?}", s.what);
         let e = r.error.as_deref().unwrap_or_default();
-        assert!(e.contains("unreachable") || e.contains("Cannot assign requested address"), "{}: {r:?}", s.what);
+        assert!(
+            e.contains("unreachable") || e.contains("Cannot assign requested address"),
+            "{}: {r:?}",
+            s.what
+        );
         assert!(s.proxied.is_empty() && s.delta.is_empty(), "{s:?}");
     }
 }
@@ -554,7 +701,12 @@ fn pins_are_root_only() {
     let rig = Rig::new("secpin", &[]);
     let pin = &rig.pod.pin_dir;
     let m = std::fs::metadata(pin).unwrap();
-    assert_eq!((m.permissions().mode() & 0o777, m.uid()), (0o700, 0), "{}", pin.display());
+    assert_eq!(
+        (m.permissions().mode() & 0o777, m.uid()),
+        (0o700, 0),
+        "{}",
+        pin.display()
+    );
     fn walk(p: &Path, out: &mut Vec<PathBuf>) {
         for e in std::fs::read_dir(p).unwrap().flatten() {
             out.push(e.path());
@@ -569,15 +721,27 @@ fn pins_are_root_only() {
     for p in &all {
         let m = std::fs::symlink_metadata(p).unwrap();
         assert_eq!(m.uid(), 0, "{}", p.display());
-        assert_eq!(m.permissions().mode() & 0o077, 0, "{} is open to others: {:o}", p.display(), m.permissions().mode());
+        assert_eq!(
+            m.permissions().mode() & 0o077,
+            0,
+            "{} is open to others: {:o}",
+            p.display(),
+            m.permissions().mode()
+        );
     }
     let pin_s = pin.to_str().unwrap();
     let ls = as_app("ls", &[pin_s]);
     assert!(!ls.status.success(), "ls as uid 1000: {ls:?}");
-    assert!(String::from_utf8_lossy(&ls.stderr).contains("Permission denied"), "{ls:?}");
+    assert!(
+        String::from_utf8_lossy(&ls.stderr).contains("Permission denied"),
+        "{ls:?}"
+    );
     let maps = pin.join("maps/REDIRECT_PODS");
     let cat = as_app("cat", &[maps.to_str().unwrap()]);
-    assert!(!cat.status.success() && String::from_utf8_lossy(&cat.stderr).contains("Permission denied"), "{cat:?}");
+    assert!(
+        !cat.status.success() && String::from_utf8_lossy(&cat.stderr).contains("Permission denied"),
+        "{cat:?}"
+    );
     let ns = rig.pod.pod_netns();
     let ns = ns.to_str().unwrap();
     let bin = redirect_bin();
@@ -592,12 +756,23 @@ fn pins_are_root_only() {
         let mut a = vec!["--pin-dir", pin_s];
         a.extend_from_slice(&args);
         let out = as_app(bin, &a);
-        assert!(!out.status.success(), "redirect {args:?} as uid 1000: {out:?}");
+        assert!(
+            !out.status.success(),
+            "redirect {args:?} as uid 1000: {out:?}"
+        );
         let err = String::from_utf8_lossy(&out.stderr);
-        assert!(err.contains("missing privilege"), "redirect {args:?} as uid 1000: {err}");
+        assert!(
+            err.contains("missing privilege"),
+            "redirect {args:?} as uid 1000: {err}"
+        );
     }
     // Still attached and working after all that.
-    assert_eq!(std::fs::metadata(pin.join("maps/REDIRECT_PODS")).unwrap().uid(), 0);
+    assert_eq!(
+        std::fs::metadata(pin.join("maps/REDIRECT_PODS"))
+            .unwrap()
+            .uid(),
+        0
+    );
     let out = rig.pod.redirect(&["status"]);
     assert!(out.status.success(), "{out:?}");
 }
@@ -613,11 +788,25 @@ fn agent_refuses_non_root_peers_even_on_an_open_socket() {
     let tmp = TempDir::new("secagent");
     std::fs::set_permissions(&tmp.0, std::fs::Permissions::from_mode(0o755)).unwrap();
     let sock = tmp.join("agent.sock");
-    let d = Daemon::start(&pod.pin_dir, &pod.topo.cgroup.path, &sock, &tmp.join("daemon.log"), &[]);
+    let d = Daemon::start(
+        &pod.pin_dir,
+        &pod.topo.cgroup.path,
+        &sock,
+        &tmp.join("daemon.log"),
+        &[],
+    );
     let m = std::fs::metadata(&sock).unwrap();
-    assert_eq!((m.permissions().mode() & 0o777, m.uid(), m.gid()), (0o600, 0, 0));
+    assert_eq!(
+        (m.permissions().mode() & 0o777, m.uid(), m.gid()),
+        (0o600, 0, 0)
+    );
     let netns = pod.pod_netns().display().to_string();
-    let vars = pod_vars("ADD", "ctr-x", &netns, "IgnoreUnknown=1;K8S_POD_NAMESPACE=a;K8S_POD_NAME=b;REDIRECT_CAPTURE=true");
+    let vars = pod_vars(
+        "ADD",
+        "ctr-x",
+        &netns,
+        "IgnoreUnknown=1;K8S_POD_NAMESPACE=a;K8S_POD_NAME=b;REDIRECT_CAPTURE=true",
+    );
     let conf = plugin_conf(&sock, serde_json::json!({}));
     let run_cni_as_app = || {
         use std::io::Write;
@@ -626,7 +815,9 @@ fn agent_refuses_non_root_peers_even_on_an_open_socket() {
         for (k, v) in &vars {
             cmd.env(k, v);
         }
-        cmd.stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+        cmd.stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
         redirect_userspace::sandbox::place(
             &mut cmd,
             &Placement {
@@ -647,9 +838,24 @@ fn agent_refuses_non_root_peers_even_on_an_open_socket() {
     std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o666)).unwrap();
     let out = run_cni_as_app();
     assert!(!out.status.success(), "{out:?}");
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(text.contains("not root"), "the agent's refusal reaches the plugin: {text}");
-    agent_support::eventually("the agent logs the refusal", || d.log_text().contains("is not root"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("not root"),
+        "the agent's refusal reaches the plugin: {text}"
+    );
+    agent_support::eventually("the agent logs the refusal", || {
+        d.log_text().contains("is not root")
+    });
     assert!(d.list().is_empty(), "nothing was captured");
-    assert!(!pod.pin_dir.join("netns").exists() || std::fs::read_dir(pod.pin_dir.join("netns")).unwrap().next().is_none());
+    assert!(
+        !pod.pin_dir.join("netns").exists()
+            || std::fs::read_dir(pod.pin_dir.join("netns"))
+                .unwrap()
+                .next()
+                .is_none()
+    );
 }

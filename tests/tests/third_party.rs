@@ -51,22 +51,46 @@ fn haproxy_outbound_v4_uses_so_original_dst() {
 
     let dst = format!("{UPSTREAM_V4}:8080");
     let r = pod.app_client(&dst);
-    assert_ok(&r, &format!("app -> {dst} through haproxy ({})", haproxy.output()));
+    assert_ok(
+        &r,
+        &format!("app -> {dst} through haproxy ({})", haproxy.output()),
+    );
     // The app sees the original peer; its socket really went to loopback.
     assert_eq!(r.peer.as_deref(), Some(dst.as_str()), "{r:?}");
-    assert!(r.local.as_deref().unwrap_or_default().starts_with("127.0.0.1:"), "not captured: {r:?}");
+    assert!(
+        r.local
+            .as_deref()
+            .unwrap_or_default()
+            .starts_with("127.0.0.1:"),
+        "not captured: {r:?}"
+    );
     // The upstream saw haproxy's connection from the pod address.
     let banner = r.banner.clone().unwrap_or_default();
-    assert!(banner.starts_with(&format!("peer={POD_V4}:")) && banner.ends_with(&format!("local={dst}")), "upstream greeting {banner:?}");
-    assert_ne!(banner, format!("peer={} local={dst}", r.local.as_deref().unwrap()), "the upstream saw the app's own socket");
+    assert!(
+        banner.starts_with(&format!("peer={POD_V4}:")) && banner.ends_with(&format!("local={dst}")),
+        "upstream greeting {banner:?}"
+    );
+    assert_ne!(
+        banner,
+        format!("peer={} local={dst}", r.local.as_deref().unwrap()),
+        "the upstream saw the app's own socket"
+    );
 
     let log = haproxy.conns(Some("outbound"), 1);
     assert_eq!(log.len(), 1, "haproxy log: {}", haproxy.output());
-    assert!(log[0].contains(&format!("dst={dst}")) && log[0].contains(&format!("server={dst}")), "haproxy did not use the original destination: {}", log[0]);
+    assert!(
+        log[0].contains(&format!("dst={dst}")) && log[0].contains(&format!("server={dst}")),
+        "haproxy did not use the original destination: {}",
+        log[0]
+    );
 
     assert_eq!(pod.counter("OUTPUT", "captured"), 1);
     assert_eq!(pod.counter("ORIGINAL_DST", "orig_dst_outbound"), 1);
-    assert_eq!(pod.counter("OUTPUT", "skip_proxy_uid"), 1, "haproxy's own upstream connection");
+    assert_eq!(
+        pod.counter("OUTPUT", "skip_proxy_uid"),
+        1,
+        "haproxy's own upstream connection"
+    );
     assert_eq!(pod.counter("ORIGINAL_DST", "orig_dst_missing"), 0);
 }
 
@@ -78,19 +102,42 @@ fn haproxy_inbound_passthrough_v4_v6() {
     let haproxy = Haproxy::start(&pod, PROXIES);
 
     let upstream = pod.topo.in_upstream();
-    for (dst, passthrough) in [(format!("{POD_V4}:9080"), "127.0.0.6"), (format!("[{POD_V6}]:9080"), "[::6]")] {
+    for (dst, passthrough) in [
+        (format!("{POD_V4}:9080"), "127.0.0.6"),
+        (format!("[{POD_V6}]:9080"), "[::6]"),
+    ] {
         let r = pod.client(&upstream, &dst, None);
-        assert_ok(&r, &format!("upstream -> {dst} through haproxy ({})", haproxy.output()));
+        assert_ok(
+            &r,
+            &format!("upstream -> {dst} through haproxy ({})", haproxy.output()),
+        );
         assert_eq!(r.peer.as_deref(), Some(dst.as_str()), "{r:?}");
         // The app saw haproxy's passthrough connection, on its own address.
         let banner = r.banner.clone().unwrap_or_default();
-        assert!(banner.starts_with(&format!("peer={passthrough}:")) && banner.ends_with(&format!("local={dst}")), "app greeting for {dst}: {banner:?}");
+        assert!(
+            banner.starts_with(&format!("peer={passthrough}:"))
+                && banner.ends_with(&format!("local={dst}")),
+            "app greeting for {dst}: {banner:?}"
+        );
     }
     let v4 = haproxy.conns(Some("inbound4"), 1);
     let v6 = haproxy.conns(Some("inbound6"), 1);
-    assert_eq!((v4.len(), v6.len()), (1, 1), "haproxy log: {}", haproxy.output());
-    assert!(v4[0].contains(&format!("server={POD_V4}:9080")), "{}", v4[0]);
-    assert!(v6[0].contains(&format!("server={POD_V6}:9080")), "{}", v6[0]);
+    assert_eq!(
+        (v4.len(), v6.len()),
+        (1, 1),
+        "haproxy log: {}",
+        haproxy.output()
+    );
+    assert!(
+        v4[0].contains(&format!("server={POD_V4}:9080")),
+        "{}",
+        v4[0]
+    );
+    assert!(
+        v6[0].contains(&format!("server={POD_V6}:9080")),
+        "{}",
+        v6[0]
+    );
 
     assert_eq!(pod.counter("PREROUTING", "captured"), 2);
     assert_eq!(pod.counter("OUTPUT", "skip_passthrough_127_0_0_6"), 2);
@@ -107,19 +154,42 @@ fn haproxy_running_before_attach() {
     let haproxy = Haproxy::start(&pod, PROXIES);
     let out = pod.attach_istio_default();
     let out = String::from_utf8_lossy(&out.stdout);
-    assert!(out.contains("proxy listener found"), "attach did not find haproxy's listener: {out}");
+    assert!(
+        out.contains("proxy listener found"),
+        "attach did not find haproxy's listener: {out}"
+    );
 
     let dst = format!("{UPSTREAM_V4}:8080");
     let r = pod.app_client(&dst);
     assert_ok(&r, &format!("app -> {dst} ({})", haproxy.output()));
-    assert!(r.banner.as_deref().unwrap_or_default().starts_with(&format!("peer={POD_V4}:")), "{r:?}");
-    assert_eq!(haproxy.conns(Some("outbound"), 1).len(), 1, "{}", haproxy.output());
+    assert!(
+        r.banner
+            .as_deref()
+            .unwrap_or_default()
+            .starts_with(&format!("peer={POD_V4}:")),
+        "{r:?}"
+    );
+    assert_eq!(
+        haproxy.conns(Some("outbound"), 1).len(),
+        1,
+        "{}",
+        haproxy.output()
+    );
 
     let upstream = pod.topo.in_upstream();
-    for (dst, passthrough) in [(format!("{POD_V4}:9080"), "127.0.0.6"), (format!("[{POD_V6}]:9080"), "[::6]")] {
+    for (dst, passthrough) in [
+        (format!("{POD_V4}:9080"), "127.0.0.6"),
+        (format!("[{POD_V6}]:9080"), "[::6]"),
+    ] {
         let r = pod.client(&upstream, &dst, None);
         assert_ok(&r, &format!("upstream -> {dst} ({})", haproxy.output()));
-        assert!(r.banner.as_deref().unwrap_or_default().starts_with(&format!("peer={passthrough}:")), "inbound {dst} not through haproxy: {r:?}");
+        assert!(
+            r.banner
+                .as_deref()
+                .unwrap_or_default()
+                .starts_with(&format!("peer={passthrough}:")),
+            "inbound {dst} not through haproxy: {r:?}"
+        );
     }
     assert_eq!(pod.counter("PREROUTING", "captured"), 2);
     assert_eq!(pod.counter("OUTPUT", "captured"), 1);

@@ -112,8 +112,16 @@ fn run(task: Task) -> Result<ExitCode> {
         Task::Build { debug } => tasks::build(&setup::setup(false)?, debug)?,
         Task::Test { args } => return tasks::test(&setup::setup(false)?, &args),
         Task::Demo => tasks::demo(&setup::setup(false)?)?,
-        Task::Bench { churn: true, out, pods, resident, .. } => tasks::bench_churn(&setup::setup(false)?, pods, resident, out)?,
-        Task::Bench { quick, proxy, out, .. } => tasks::bench(&setup::setup(false)?, quick, &proxy, out)?,
+        Task::Bench {
+            churn: true,
+            out,
+            pods,
+            resident,
+            ..
+        } => tasks::bench_churn(&setup::setup(false)?, pods, resident, out)?,
+        Task::Bench {
+            quick, proxy, out, ..
+        } => tasks::bench(&setup::setup(false)?, quick, &proxy, out)?,
     }
     Ok(ExitCode::SUCCESS)
 }

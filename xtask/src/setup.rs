@@ -123,12 +123,26 @@ pub fn kubernetes_validate_venv() -> PathBuf {
 fn ensure_kubernetes_validate() -> Result<()> {
     let venv = kubernetes_validate_venv();
     let bin = venv.join("bin/kubernetes-validate");
-    let runs = |bin: &Path| Command::new(bin).arg("--version").output().is_ok_and(|o| o.status.success());
+    let runs = |bin: &Path| {
+        Command::new(bin)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
     if runs(&bin) {
         return Ok(());
     }
-    let by_hand = format!("python3 -m venv {0} && {0}/bin/pip install {KUBERNETES_VALIDATE}", venv.display());
-    let make_venv = || Command::new("python3").args(["-m", "venv", "--clear"]).arg(&venv).output().is_ok_and(|o| o.status.success());
+    let by_hand = format!(
+        "python3 -m venv {0} && {0}/bin/pip install {KUBERNETES_VALIDATE}",
+        venv.display()
+    );
+    let make_venv = || {
+        Command::new("python3")
+            .args(["-m", "venv", "--clear"])
+            .arg(&venv)
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
     if !make_venv() {
         // Debian's python3 has no venv/ensurepip without python3-venv.
         if find_executable("apt-get").is_none() || !is_root() {
@@ -142,13 +156,28 @@ fn ensure_kubernetes_validate() -> Result<()> {
         )
         .with_context(|| format!("installing python3-venv failed; run: apt-get install -y python3 python3-venv && {by_hand}"))?;
         if !make_venv() {
-            bail!("`python3 -m venv {}` still fails; run by hand: {by_hand}", venv.display());
+            bail!(
+                "`python3 -m venv {}` still fails; run by hand: {by_hand}",
+                venv.display()
+            );
         }
     }
-    cmd::run(Command::new(venv.join("bin/pip")).args(["install", "--quiet", "--disable-pip-version-check", KUBERNETES_VALIDATE]))
-        .with_context(|| format!("installing {KUBERNETES_VALIDATE} failed; check access to PyPI, then run: {by_hand}"))?;
+    cmd::run(Command::new(venv.join("bin/pip")).args([
+        "install",
+        "--quiet",
+        "--disable-pip-version-check",
+        KUBERNETES_VALIDATE,
+    ]))
+    .with_context(|| {
+        format!(
+            "installing {KUBERNETES_VALIDATE} failed; check access to PyPI, then run: {by_hand}"
+        )
+    })?;
     if !runs(&bin) {
-        bail!("{} does not run after installing it; run by hand: {by_hand}", bin.display());
+        bail!(
+            "{} does not run after installing it; run by hand: {by_hand}",
+            bin.display()
+        );
     }
     Ok(())
 }

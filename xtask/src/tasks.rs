@@ -59,7 +59,10 @@ pub fn build_ebpf(toolchain: &Toolchain, debug: bool) -> Result<PathBuf> {
             "--config",
             "profile.release.package.\"*\".debug=2",
         ])
-        .env("CARGO_TARGET_BPFEL_UNKNOWN_NONE_RUSTFLAGS", "-C link-arg=--btf")
+        .env(
+            "CARGO_TARGET_BPFEL_UNKNOWN_NONE_RUSTFLAGS",
+            "-C link-arg=--btf",
+        )
         .arg("--target-dir")
         .arg(&target_dir);
     if !debug {
@@ -212,7 +215,12 @@ fn results_dir(out: Option<PathBuf>) -> Result<PathBuf> {
 
 /// Release build, then `redirect-kit pod-churn`: results in
 /// `<out>/latest/churn.md` and `churn.json`.
-pub fn bench_churn(toolchain: &Toolchain, pods: usize, resident: usize, out: Option<PathBuf>) -> Result<()> {
+pub fn bench_churn(
+    toolchain: &Toolchain,
+    pods: usize,
+    resident: usize,
+    out: Option<PathBuf>,
+) -> Result<()> {
     if !cmd::is_root() {
         bail!("the churn benchmark creates namespaces, cgroups and BPF programs and runs the agent: run it as root");
     }
@@ -220,7 +228,17 @@ pub fn bench_churn(toolchain: &Toolchain, pods: usize, resident: usize, out: Opt
     let out = results_dir(out)?;
     let binary = target_dir().join("release/redirect-kit");
     let mut churn = Command::new(&binary);
-    churn.current_dir(workspace_root()).args(["pod-churn", "--pods", &pods.to_string(), "--resident", &resident.to_string(), "--out"]).arg(out.join("latest"));
+    churn
+        .current_dir(workspace_root())
+        .args([
+            "pod-churn",
+            "--pods",
+            &pods.to_string(),
+            "--resident",
+            &resident.to_string(),
+            "--out",
+        ])
+        .arg(out.join("latest"));
     Err(cmd::exec(&mut churn)).with_context(|| format!("could not run {}", binary.display()))
 }
 
@@ -281,8 +299,17 @@ mod totals_tests {
     fn sums_result_lines() {
         let mut t = Totals::default();
         t.add_line("test result: ok. 14 passed; 0 failed; 2 ignored; 0 measured; 0 filtered out; finished in 0.01s");
-        t.add_line("test result: FAILED. 1 passed; 3 failed; 0 ignored; 0 measured; 0 filtered out");
+        t.add_line(
+            "test result: FAILED. 1 passed; 3 failed; 0 ignored; 0 measured; 0 filtered out",
+        );
         t.add_line("running 3 tests");
-        assert_eq!(t, Totals { passed: 15, failed: 3, ignored: 2 });
+        assert_eq!(
+            t,
+            Totals {
+                passed: 15,
+                failed: 3,
+                ignored: 2
+            }
+        );
     }
 }

@@ -119,19 +119,33 @@ fn excluded_port_wins_over_everything() {
     m.ports.push((port_kind::OUT_INCLUDE, 5432));
     let mut c = conn("10.1.0.5", 5432, 1337, 1337);
     c.src = bytes("127.0.0.6".parse().unwrap());
-    assert_eq!(out(&cfg, &m, c), Verdict::Untouched(Reason::OutExcludedPort));
+    assert_eq!(
+        out(&cfg, &m, c),
+        Verdict::Untouched(Reason::OutExcludedPort)
+    );
 }
 
 #[test]
 fn passthrough_source_via_lo_is_untouched() {
     let (cfg, m) = (istio_cfg(), pod_maps());
-    for (src, dst) in [("127.0.0.6", "10.1.0.5"), ("::6", "fd00::5"), ("127.0.0.6", "127.0.0.1")] {
+    for (src, dst) in [
+        ("127.0.0.6", "10.1.0.5"),
+        ("::6", "fd00::5"),
+        ("127.0.0.6", "127.0.0.1"),
+    ] {
         let mut c = conn(dst, 8080, 1337, 1337);
         c.src = bytes(src.parse().unwrap());
-        assert_eq!(out(&cfg, &m, c), Verdict::Untouched(Reason::OutPassthrough), "{src}->{dst}");
+        assert_eq!(
+            out(&cfg, &m, c),
+            Verdict::Untouched(Reason::OutPassthrough),
+            "{src}->{dst}"
+        );
     }
     // Unbound IPv6 to ::6 gets source ::6 from the kernel: rule 1.
-    assert_eq!(out(&cfg, &m, conn("::6", 8080, 1337, 1337)), Verdict::Untouched(Reason::OutPassthrough));
+    assert_eq!(
+        out(&cfg, &m, conn("::6", 8080, 1337, 1337)),
+        Verdict::Untouched(Reason::OutPassthrough)
+    );
     // 127.0.0.6 as source towards a remote address is not "via lo".
     let mut c = conn("10.2.0.9", 80, 1000, 1000);
     c.src = bytes("127.0.0.6".parse().unwrap());
@@ -201,7 +215,8 @@ fn app_to_local_addresses_stays_local() {
 fn include_with_loopback_drops_rule_3_but_keeps_127_0_0_1() {
     let (mut cfg, mut m) = (istio_cfg(), pod_maps());
     cfg.flags = flags::OUT_INCLUDE_HAS_LOOPBACK;
-    m.cidrs.push((cidr_kind::INCLUDE_V4, "127.0.0.0".parse().unwrap(), 8));
+    m.cidrs
+        .push((cidr_kind::INCLUDE_V4, "127.0.0.0".parse().unwrap(), 8));
     assert_eq!(
         out(&cfg, &m, conn("127.0.0.1", 80, 1000, 1000)),
         Verdict::Untouched(Reason::OutLoopback)
@@ -216,18 +231,36 @@ fn include_with_loopback_drops_rule_3_but_keeps_127_0_0_1() {
 fn exclude_cidr_then_include_port_then_include_cidr() {
     let (mut cfg, mut m) = (istio_cfg(), pod_maps());
     cfg.flags = 0;
-    m.cidrs.push((cidr_kind::EXCLUDE_V4, "10.3.0.0".parse().unwrap(), 16));
-    m.cidrs.push((cidr_kind::INCLUDE_V4, "10.2.0.0".parse().unwrap(), 16));
-    m.cidrs.push((cidr_kind::EXCLUDE_V6, "fd00:3::".parse().unwrap(), 32));
+    m.cidrs
+        .push((cidr_kind::EXCLUDE_V4, "10.3.0.0".parse().unwrap(), 16));
+    m.cidrs
+        .push((cidr_kind::INCLUDE_V4, "10.2.0.0".parse().unwrap(), 16));
+    m.cidrs
+        .push((cidr_kind::EXCLUDE_V6, "fd00:3::".parse().unwrap(), 32));
     m.ports.push((port_kind::OUT_INCLUDE, 443));
     let v = |d, p| out(&cfg, &m, conn(d, p, 1000, 1000));
-    assert_eq!(v("10.3.1.1", 443), Verdict::Untouched(Reason::OutExcludedCidr));
-    assert_eq!(v("fd00:3::1", 443), Verdict::Untouched(Reason::OutExcludedCidr));
-    assert_eq!(v("10.9.1.1", 443), Verdict::ToOutbound(Reason::OutCapturedPort));
+    assert_eq!(
+        v("10.3.1.1", 443),
+        Verdict::Untouched(Reason::OutExcludedCidr)
+    );
+    assert_eq!(
+        v("fd00:3::1", 443),
+        Verdict::Untouched(Reason::OutExcludedCidr)
+    );
+    assert_eq!(
+        v("10.9.1.1", 443),
+        Verdict::ToOutbound(Reason::OutCapturedPort)
+    );
     assert_eq!(v("10.2.1.1", 80), Verdict::ToOutbound(Reason::OutCaptured));
-    assert_eq!(v("10.9.1.1", 80), Verdict::Untouched(Reason::OutNotIncluded));
+    assert_eq!(
+        v("10.9.1.1", 80),
+        Verdict::Untouched(Reason::OutNotIncluded)
+    );
     // v6 has its own include list: none given, so not included.
-    assert_eq!(v("fd00:2::1", 80), Verdict::Untouched(Reason::OutNotIncluded));
+    assert_eq!(
+        v("fd00:2::1", 80),
+        Verdict::Untouched(Reason::OutNotIncluded)
+    );
 }
 
 #[test]
@@ -251,10 +284,22 @@ fn several_uids_follow_istio_rule_order() {
 #[test]
 fn inbound_star_excludes_listed_and_tunnel() {
     let (cfg, m) = (istio_cfg(), pod_maps());
-    assert_eq!(inbound_verdict(&cfg, 8080, &m), Verdict::ToInbound(Reason::InCaptured));
-    assert_eq!(inbound_verdict(&cfg, 15021, &m), Verdict::Untouched(Reason::InExcludedPort));
-    assert_eq!(inbound_verdict(&cfg, 15008, &m), Verdict::Untouched(Reason::InTunnelPort));
-    assert_eq!(inbound_verdict(&cfg, 22, &m), Verdict::Untouched(Reason::InExcludedPort));
+    assert_eq!(
+        inbound_verdict(&cfg, 8080, &m),
+        Verdict::ToInbound(Reason::InCaptured)
+    );
+    assert_eq!(
+        inbound_verdict(&cfg, 15021, &m),
+        Verdict::Untouched(Reason::InExcludedPort)
+    );
+    assert_eq!(
+        inbound_verdict(&cfg, 15008, &m),
+        Verdict::Untouched(Reason::InTunnelPort)
+    );
+    assert_eq!(
+        inbound_verdict(&cfg, 22, &m),
+        Verdict::Untouched(Reason::InExcludedPort)
+    );
 }
 
 #[test]
@@ -262,11 +307,23 @@ fn inbound_list_and_empty() {
     let (mut cfg, mut m) = (istio_cfg(), pod_maps());
     cfg.flags = flags::IN_CAPTURE_LISTED;
     m.ports.push((port_kind::IN_INCLUDE, 80));
-    assert_eq!(inbound_verdict(&cfg, 80, &m), Verdict::ToInbound(Reason::InCaptured));
-    assert_eq!(inbound_verdict(&cfg, 81, &m), Verdict::Untouched(Reason::InNotIncluded));
+    assert_eq!(
+        inbound_verdict(&cfg, 80, &m),
+        Verdict::ToInbound(Reason::InCaptured)
+    );
+    assert_eq!(
+        inbound_verdict(&cfg, 81, &m),
+        Verdict::Untouched(Reason::InNotIncluded)
+    );
     // ssh is only special with '*': a list that names 22 captures it.
     m.ports.push((port_kind::IN_INCLUDE, 22));
-    assert_eq!(inbound_verdict(&cfg, 22, &m), Verdict::ToInbound(Reason::InCaptured));
+    assert_eq!(
+        inbound_verdict(&cfg, 22, &m),
+        Verdict::ToInbound(Reason::InCaptured)
+    );
     cfg.flags = 0;
-    assert_eq!(inbound_verdict(&cfg, 80, &m), Verdict::Untouched(Reason::InNotIncluded));
+    assert_eq!(
+        inbound_verdict(&cfg, 80, &m),
+        Verdict::Untouched(Reason::InNotIncluded)
+    );
 }

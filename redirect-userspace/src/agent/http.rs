@@ -30,7 +30,13 @@ pub fn serve(l: TcpListener, agent: Arc<Agent>, ready: Arc<AtomicBool>, stop: Ar
         };
         if busy.fetch_add(1, Ordering::SeqCst) >= MAX_CONNS {
             busy.fetch_sub(1, Ordering::SeqCst);
-            let _ = respond(&conn, "503 Service Unavailable", "text/plain", "busy\n", false);
+            let _ = respond(
+                &conn,
+                "503 Service Unavailable",
+                "text/plain",
+                "busy\n",
+                false,
+            );
             continue;
         }
         let (agent, ready, busy) = (agent.clone(), ready.clone(), busy.clone());
@@ -62,18 +68,42 @@ fn handle(conn: TcpStream, agent: &Agent, ready: &AtomicBool) {
     let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     let head = method == "HEAD";
     if method != "GET" && !head {
-        let _ = respond(&conn, "405 Method Not Allowed", "text/plain", "only GET and HEAD\n", head);
+        let _ = respond(
+            &conn,
+            "405 Method Not Allowed",
+            "text/plain",
+            "only GET and HEAD\n",
+            head,
+        );
         return;
     }
     let path = target.split('?').next().unwrap_or("");
     let _ = match path {
-        "/metrics" => respond(&conn, "200 OK", "text/plain; version=0.0.4; charset=utf-8", &super::metrics::render(agent, ready.load(Ordering::SeqCst)), head),
+        "/metrics" => respond(
+            &conn,
+            "200 OK",
+            "text/plain; version=0.0.4; charset=utf-8",
+            &super::metrics::render(agent, ready.load(Ordering::SeqCst)),
+            head,
+        ),
         "/healthz" => respond(&conn, "200 OK", "text/plain", "ok\n", head),
         "/readyz" => match readiness(agent, ready.load(Ordering::SeqCst)) {
             Ok(()) => respond(&conn, "200 OK", "text/plain", "ready\n", head),
-            Err(why) => respond(&conn, "503 Service Unavailable", "text/plain", &format!("not ready: {why}\n"), head),
+            Err(why) => respond(
+                &conn,
+                "503 Service Unavailable",
+                "text/plain",
+                &format!("not ready: {why}\n"),
+                head,
+            ),
         },
-        _ => respond(&conn, "404 Not Found", "text/plain", "not found: try /metrics, /healthz or /readyz\n", head),
+        _ => respond(
+            &conn,
+            "404 Not Found",
+            "text/plain",
+            "not found: try /metrics, /healthz or /readyz\n",
+            head,
+        ),
     };
 }
 
@@ -97,7 +127,13 @@ pub fn readiness(agent: &Agent, serving: bool) -> Result<(), &'static str> {
     Ok(())
 }
 
-fn respond(mut conn: &TcpStream, status: &str, ctype: &str, body: &str, head: bool) -> std::io::Result<()> {
+fn respond(
+    mut conn: &TcpStream,
+    status: &str,
+    ctype: &str,
+    body: &str,
+    head: bool,
+) -> std::io::Result<()> {
     write!(
         conn,
         "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
@@ -113,10 +149,20 @@ fn respond(mut conn: &TcpStream, status: &str, ctype: &str, body: &str, head: bo
 pub fn get(addr: std::net::SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
     let mut resp = String::new();
     s.read_to_string(&mut resp)?;
-    let code = resp.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = resp.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let code = resp
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     Ok((code, body))
 }

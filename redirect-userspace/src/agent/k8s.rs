@@ -51,6 +51,7 @@ use k8s_openapi::api::core::v1::Pod;
 use serde_json::{json, Value};
 
 use super::Agent;
+pub use crate::cni::KUBERNETES_ERROR_PREFIX;
 use crate::{
     agent::proto::check_netns_path,
     annotations::{self, AnnotationError, PodCapture},
@@ -60,7 +61,6 @@ use crate::{
     maps::Maps,
     sys::Netns,
 };
-pub use crate::cni::KUBERNETES_ERROR_PREFIX;
 
 /// What to do with running mesh pods the agent has not captured.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -179,7 +179,10 @@ fn comparable(s: &PodSpec) -> Comparable {
         include_all: (s.include_all_outbound, s.include_has_loopback),
         include_cidrs: cidrs(&s.include_cidrs),
         exclude_cidrs: cidrs(&s.exclude_cidrs),
-        outbound_ports: (set(&s.include_outbound_ports), set(&s.exclude_outbound_ports)),
+        outbound_ports: (
+            set(&s.include_outbound_ports),
+            set(&s.exclude_outbound_ports),
+        ),
         inbound: (inbound, set(&s.exclude_inbound_ports)),
     }
 }
@@ -189,7 +192,11 @@ const MIRROR_ANNOTATION: &str = "kubernetes.io/config.mirror";
 
 /// `namespace/name` of a pod object.
 fn key_of(p: &Pod) -> String {
-    format!("{}/{}", p.metadata.namespace.as_deref().unwrap_or(""), p.metadata.name.as_deref().unwrap_or(""))
+    format!(
+        "{}/{}",
+        p.metadata.namespace.as_deref().unwrap_or(""),
+        p.metadata.name.as_deref().unwrap_or("")
+    )
 }
 
 /// What a decision is, for "did it change?" (the args, or the reason).
@@ -205,14 +212,20 @@ fn decision_key(d: &Result<PodCapture, AnnotationError>) -> String {
 /// in-cluster service account.
 pub async fn client_config(o: &Options) -> Result<Config, String> {
     let mut c = if let Some(url) = &o.api_server {
-        Config::new(url.parse().map_err(|e| format!("--api-server {url:?}: {e}"))?)
+        Config::new(
+            url.parse()
+                .map_err(|e| format!("--api-server {url:?}: {e}"))?,
+        )
     } else if let Some(path) = &o.kubeconfig {
-        let kc = Kubeconfig::read_from(path).map_err(|e| format!("--kubeconfig {}: {e}", path.display()))?;
+        let kc = Kubeconfig::read_from(path)
+            .map_err(|e| format!("--kubeconfig {}: {e}", path.display()))?;
         Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
             .await
             .map_err(|e| format!("--kubeconfig {}: {e}", path.display()))?
     } else {
-        Config::incluster().map_err(|e| format!("in-cluster Kubernetes config (KUBERNETES_SERVICE_HOST is set): {e}"))?
+        Config::incluster().map_err(|e| {
+            format!("in-cluster Kubernetes config (KUBERNETES_SERVICE_HOST is set): {e}")
+        })?
     };
     // A dead API server is noticed in seconds, not minutes.
     c.connect_timeout = Some(Duration::from_secs(5));
@@ -225,8 +238,12 @@ impl PodWatch {
     /// API server is not an error here: the watch retries with backoff and
     /// ADDs fail closed meanwhile.
     pub fn start(agent: Arc<Agent>, opts: Options) -> anyhow::Result<Arc<PodWatch>> {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-        let config = rt.block_on(client_config(&opts)).map_err(anyhow::Error::msg)?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let config = rt
+            .block_on(client_config(&opts))
+            .map_err(anyhow::Error::msg)?;
         let client = rt.block_on(async { Client::try_from(config) })?;
         let w = Arc::new(PodWatch {
             opts,
@@ -239,11 +256,17 @@ impl PodWatch {
             anyhow::bail!("the pod watch is already running");
         }
         let w2 = w.clone();
-        std::thread::Builder::new().name("kube-watch".into()).spawn(move || rt.block_on(w2.run(agent, client)))?;
+        std::thread::Builder::new()
+            .name("kube-watch".into())
+            .spawn(move || rt.block_on(w2.run(agent, client)))?;
         Ok(w)
     }
 
-    fn count(&self, which: fn(&mut Counters) -> &mut BTreeMap<&'static str, u64>, what: &'static str) {
+    fn count(
+        &self,
+        which: fn(&mut Counters) -> &mut BTreeMap<&'static str, u64>,
+        what: &'static str,
+    ) {
         *which(&mut lock(&self.counters)).entry(what).or_default() += 1;
     }
 
@@ -274,7 +297,9 @@ impl PodWatch {
                         !st.connected && st.synced
                     };
                     if failing {
-                        let r = api.list_metadata(&ListParams::default().fields(&sel).limit(1)).await;
+                        let r = api
+                            .list_metadata(&ListParams::default().fields(&sel).limit(1))
+                            .await;
                         let mut st = lock(&self.state);
                         match r {
                             Ok(_) => {
@@ -354,13 +379,22 @@ impl PodWatch {
                 self.count(|c| &mut c.events, "init_done");
                 let mut st = lock(&self.state);
                 let g = st.generation;
-                let gone: Vec<String> = st.pods.iter().filter(|(_, p)| p.generation < g).map(|(k, _)| k.clone()).collect();
+                let gone: Vec<String> = st
+                    .pods
+                    .iter()
+                    .filter(|(_, p)| p.generation < g)
+                    .map(|(k, _)| k.clone())
+                    .collect();
                 for k in &gone {
                     st.pods.remove(k);
                     st.passthrough.remove(k);
                 }
                 st.synced = true;
-                tracing::info!(pods = st.pods.len(), dropped = gone.len(), "pod list complete");
+                tracing::info!(
+                    pods = st.pods.len(),
+                    dropped = gone.len(),
+                    "pod list complete"
+                );
                 scan = Some(None);
             }
         }
@@ -392,7 +426,12 @@ impl PodWatch {
                 key.clone(),
                 CachedPod {
                     uid: p.metadata.uid.clone().unwrap_or_default(),
-                    mirror_of: p.metadata.annotations.as_ref().and_then(|a| a.get(MIRROR_ANNOTATION)).cloned(),
+                    mirror_of: p
+                        .metadata
+                        .annotations
+                        .as_ref()
+                        .and_then(|a| a.get(MIRROR_ANNOTATION))
+                        .cloned(),
                     resource_version: p.metadata.resource_version.clone().unwrap_or_default(),
                     running,
                     decision,
@@ -402,7 +441,10 @@ impl PodWatch {
             // First sight (agent start, relist) is checked too: the
             // annotations may have changed while no agent watched.
             let started = running && old.as_ref().is_some_and(|o| !o.running);
-            (old.map(|o| decision_key(&o.decision)) != Some(new_key), started)
+            (
+                old.map(|o| decision_key(&o.decision)) != Some(new_key),
+                started,
+            )
         };
         if changed {
             self.reconcile_pod(agent, &key);
@@ -420,7 +462,13 @@ impl PodWatch {
         };
         let span = tracing::info_span!("pod_update", pod = %key, resource_version = %rv);
         let _g = span.enter();
-        let captured: Vec<(u64, super::records::Record)> = agent.inner().records.all().into_iter().filter(|(_, r)| r.pod == key).collect();
+        let captured: Vec<(u64, super::records::Record)> = agent
+            .inner()
+            .records
+            .all()
+            .into_iter()
+            .filter(|(_, r)| r.pod == key)
+            .collect();
         match decision {
             Err(e) => {
                 if captured.is_empty() {
@@ -429,10 +477,17 @@ impl PodWatch {
                 }
                 self.count(|c| &mut c.updates, "rejected");
                 match &e {
-                    AnnotationError::Invalid { annotation, value, reason, .. } => {
+                    AnnotationError::Invalid {
+                        annotation,
+                        value,
+                        reason,
+                        ..
+                    } => {
                         tracing::warn!(annotation = %annotation, value = %value, reason = %reason, "rejected annotation change: the pod keeps its current config")
                     }
-                    AnnotationError::NotAPod(why) => tracing::warn!(reason = %why, "rejected pod update: the pod keeps its current config"),
+                    AnnotationError::NotAPod(why) => {
+                        tracing::warn!(reason = %why, "rejected pod update: the pod keeps its current config")
+                    }
                 }
             }
             Ok(PodCapture::NotInMesh { reason, .. }) => {
@@ -443,7 +498,10 @@ impl PodWatch {
                             inner.records.remove(cookie);
                             drop(inner);
                             self.count(|c| &mut c.updates, "released");
-                            lock(&self.state).passthrough.insert(key.to_string(), (PathBuf::from(&rec.netns), rec.container_id.clone()));
+                            lock(&self.state).passthrough.insert(
+                                key.to_string(),
+                                (PathBuf::from(&rec.netns), rec.container_id.clone()),
+                            );
                             tracing::info!(cookie, %reason, "pod left the mesh: released");
                         }
                         Err(e) => {
@@ -475,18 +533,31 @@ impl PodWatch {
                 for (cookie, rec) in captured {
                     let r = (|| -> Result<Option<String>, String> {
                         let maps = Maps::open(&agent.pins).map_err(|e| format!("{e:#}"))?;
-                        let Some(cfg) = maps.pod(cookie) else { return Ok(None) };
-                        let cur = PodSpec::from_kernel(&cfg, &maps.port_entries(cookie), &maps.cidr_entries(cookie));
+                        let Some(cfg) = maps.pod(cookie) else {
+                            return Ok(None);
+                        };
+                        let cur = PodSpec::from_kernel(
+                            &cfg,
+                            &maps.port_entries(cookie),
+                            &maps.cidr_entries(cookie),
+                        );
                         drop(maps);
                         if comparable(&cur) == comparable(&m.spec) {
                             return Ok(None);
                         }
-                        let ns = Netns::open(Path::new(&rec.netns)).map_err(|e| format!("{e:#}"))?;
+                        let ns =
+                            Netns::open(Path::new(&rec.netns)).map_err(|e| format!("{e:#}"))?;
                         if ns.cookie().map_err(|e| format!("{e:#}"))? != cookie {
-                            return Err(format!("{} is no longer the pod's network namespace", rec.netns));
+                            return Err(format!(
+                                "{} is no longer the pod's network namespace",
+                                rec.netns
+                            ));
                         }
                         let mut inner = agent.inner();
-                        inner.inst.register_pod(&ns, &m.spec).map_err(|e| format!("{e:#}"))?;
+                        inner
+                            .inst
+                            .register_pod(&ns, &m.spec)
+                            .map_err(|e| format!("{e:#}"))?;
                         Ok(Some(cur.istio_args()))
                     })();
                     match r {
@@ -540,7 +611,11 @@ impl PodWatch {
                     )
                 });
             }
-            st = self.changed.wait_timeout(st, deadline - now).unwrap_or_else(|p| p.into_inner()).0;
+            st = self
+                .changed
+                .wait_timeout(st, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
         }
     }
 
@@ -551,12 +626,20 @@ impl PodWatch {
 
     /// Running pods in the mesh that the agent has not captured.
     pub fn uncaptured(&self, agent: &Agent) -> Vec<(String, String)> {
-        let recorded: HashSet<String> = agent.inner().records.all().into_iter().map(|(_, r)| r.pod).collect();
+        let recorded: HashSet<String> = agent
+            .inner()
+            .records
+            .all()
+            .into_iter()
+            .map(|(_, r)| r.pod)
+            .collect();
         let st = lock(&self.state);
         let mut v: Vec<(String, String)> = st
             .pods
             .iter()
-            .filter(|(k, p)| p.running && matches!(p.decision, Ok(PodCapture::Mesh(_))) && !recorded.contains(*k))
+            .filter(|(k, p)| {
+                p.running && matches!(p.decision, Ok(PodCapture::Mesh(_))) && !recorded.contains(*k)
+            })
             .map(|(k, p)| (k.clone(), p.uid.clone()))
             .collect();
         v.sort();
@@ -567,7 +650,11 @@ impl PodWatch {
     /// running or changed): report (and with `--repair delete`, delete)
     /// the running mesh pods that are not captured.
     async fn repair(&self, agent: &Agent, client: &Client, only: Option<&str>) {
-        let pods: Vec<(String, String)> = self.uncaptured(agent).into_iter().filter(|(k, _)| only.is_none_or(|o| o == k)).collect();
+        let pods: Vec<(String, String)> = self
+            .uncaptured(agent)
+            .into_iter()
+            .filter(|(k, _)| only.is_none_or(|o| o == k))
+            .collect();
         if pods.is_empty() {
             return;
         }
@@ -579,7 +666,13 @@ impl PodWatch {
             }
             let (ns, name) = key.split_once('/').unwrap_or(("", &key));
             let api: Api<Pod> = Api::namespaced(client.clone(), ns);
-            let dp = DeleteParams { preconditions: Some(Preconditions { uid: Some(uid.clone()), resource_version: None }), ..DeleteParams::default() };
+            let dp = DeleteParams {
+                preconditions: Some(Preconditions {
+                    uid: Some(uid.clone()),
+                    resource_version: None,
+                }),
+                ..DeleteParams::default()
+            };
             match api.delete(name, &dp).await {
                 Ok(_) => {
                     lock(&self.state).repaired.insert(uid.clone());
@@ -596,9 +689,10 @@ impl PodWatch {
 
     /// A CNI DEL: forget pods let through in that netns or container.
     pub fn forget(&self, netns: Option<&Path>, container_id: Option<&str>) {
-        lock(&self.state)
-            .passthrough
-            .retain(|_, (n, c)| netns.is_none_or(|p| p != n.as_path()) && container_id.is_none_or(|id| id.is_empty() || id != c.as_str()));
+        lock(&self.state).passthrough.retain(|_, (n, c)| {
+            netns.is_none_or(|p| p != n.as_path())
+                && container_id.is_none_or(|id| id.is_empty() || id != c.as_str())
+        });
     }
 
     /// Gauges for `/metrics`: (connected, synced, cached pods).
@@ -610,12 +704,23 @@ impl PodWatch {
 
 impl Agent {
     /// A CNI ADD decided from the Kubernetes API (see the module docs).
-    pub(super) fn add_from_api(&self, netns: &Path, pod: Option<&str>, container_id: Option<&str>, pod_uid: Option<&str>) -> Result<Value, String> {
+    pub(super) fn add_from_api(
+        &self,
+        netns: &Path,
+        pod: Option<&str>,
+        container_id: Option<&str>,
+        pod_uid: Option<&str>,
+    ) -> Result<Value, String> {
         let Some(w) = self.k8s.get() else {
             return Err("this agent does not watch the Kubernetes API (run it in a cluster, or with --kubeconfig or --api-server): refusing a \"kubernetes\" add".into());
         };
-        let Some(key) = pod.filter(|p| p.split_once('/').is_some_and(|(a, b)| !a.is_empty() && !b.is_empty())) else {
-            return Err(format!("a \"kubernetes\" add needs \"pod\": \"namespace/name\", got {pod:?}"));
+        let Some(key) = pod.filter(|p| {
+            p.split_once('/')
+                .is_some_and(|(a, b)| !a.is_empty() && !b.is_empty())
+        }) else {
+            return Err(format!(
+                "a \"kubernetes\" add needs \"pod\": \"namespace/name\", got {pod:?}"
+            ));
         };
         check_netns_path(netns)?;
         let t0 = Instant::now();
@@ -642,7 +747,10 @@ impl Agent {
             }
             Some(Ok(PodCapture::NotInMesh { reason, .. })) => {
                 w.count(|c| &mut c.adds, "not_in_mesh");
-                lock(&w.state).passthrough.insert(key.to_string(), (netns.to_path_buf(), container_id.unwrap_or("").to_string()));
+                lock(&w.state).passthrough.insert(
+                    key.to_string(),
+                    (netns.to_path_buf(), container_id.unwrap_or("").to_string()),
+                );
                 tracing::info!(pod = %key, netns = %netns.display(), %reason, "pod passes through: not in the mesh");
                 Ok(json!({"captured": false, "reason": reason, "api_wait_ms": waited_ms}))
             }
@@ -677,21 +785,65 @@ pub fn render_metrics(out: &mut String, w: &PodWatch, agent: &Agent) {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
     };
     let (connected, synced, pods) = w.gauges();
-    header(out, "redirect_agent_kubernetes_connected", "gauge", "1 while the Kubernetes pod watch is connected.");
-    let _ = writeln!(out, "redirect_agent_kubernetes_connected {}", u8::from(connected));
-    header(out, "redirect_agent_kubernetes_synced", "gauge", "1 once the pod watch has completed a list of this node's pods.");
+    header(
+        out,
+        "redirect_agent_kubernetes_connected",
+        "gauge",
+        "1 while the Kubernetes pod watch is connected.",
+    );
+    let _ = writeln!(
+        out,
+        "redirect_agent_kubernetes_connected {}",
+        u8::from(connected)
+    );
+    header(
+        out,
+        "redirect_agent_kubernetes_synced",
+        "gauge",
+        "1 once the pod watch has completed a list of this node's pods.",
+    );
     let _ = writeln!(out, "redirect_agent_kubernetes_synced {}", u8::from(synced));
-    header(out, "redirect_agent_kubernetes_pods", "gauge", "Pods of this node in the watch cache.");
+    header(
+        out,
+        "redirect_agent_kubernetes_pods",
+        "gauge",
+        "Pods of this node in the watch cache.",
+    );
     let _ = writeln!(out, "redirect_agent_kubernetes_pods {pods}");
     let uncaptured = w.uncaptured(agent).len();
-    header(out, "redirect_agent_uncaptured_pods", "gauge", "Running pods in the mesh on this node that the agent has not captured.");
+    header(
+        out,
+        "redirect_agent_uncaptured_pods",
+        "gauge",
+        "Running pods in the mesh on this node that the agent has not captured.",
+    );
     let _ = writeln!(out, "redirect_agent_uncaptured_pods {uncaptured}");
     let c = lock(&w.counters);
     for (name, label, help, m) in [
-        ("redirect_agent_kubernetes_events_total", "type", "Pod watch events, by type.", &c.events),
-        ("redirect_agent_kubernetes_adds_total", "result", "CNI ADDs decided from the Kubernetes API, by result.", &c.adds),
-        ("redirect_agent_kubernetes_updates_total", "result", "Live changes of captured pods from annotation changes, by result.", &c.updates),
-        ("redirect_agent_repair_total", "action", "Uncaptured running mesh pods found after a pod list, by action.", &c.repair),
+        (
+            "redirect_agent_kubernetes_events_total",
+            "type",
+            "Pod watch events, by type.",
+            &c.events,
+        ),
+        (
+            "redirect_agent_kubernetes_adds_total",
+            "result",
+            "CNI ADDs decided from the Kubernetes API, by result.",
+            &c.adds,
+        ),
+        (
+            "redirect_agent_kubernetes_updates_total",
+            "result",
+            "Live changes of captured pods from annotation changes, by result.",
+            &c.updates,
+        ),
+        (
+            "redirect_agent_repair_total",
+            "action",
+            "Uncaptured running mesh pods found after a pod list, by action.",
+            &c.repair,
+        ),
     ] {
         header(out, name, "counter", help);
         for (k, n) in m {
@@ -719,7 +871,13 @@ mod tests {
 
     fn watch() -> PodWatch {
         PodWatch {
-            opts: Options { api_server: None, kubeconfig: None, node_name: "node-a".into(), pod_wait: Duration::from_millis(100), repair: Repair::Report },
+            opts: Options {
+                api_server: None,
+                kubeconfig: None,
+                node_name: "node-a".into(),
+                pod_wait: Duration::from_millis(100),
+                repair: Repair::Report,
+            },
             state: Mutex::new(State::default()),
             changed: Condvar::new(),
             apply: Mutex::new(()),
@@ -734,7 +892,12 @@ mod tests {
             key_of(&typed),
             CachedPod {
                 uid: typed.metadata.uid.clone().unwrap(),
-                mirror_of: typed.metadata.annotations.as_ref().and_then(|a| a.get(MIRROR_ANNOTATION)).cloned(),
+                mirror_of: typed
+                    .metadata
+                    .annotations
+                    .as_ref()
+                    .and_then(|a| a.get(MIRROR_ANNOTATION))
+                    .cloned(),
                 resource_version: "7".into(),
                 running: true,
                 decision: annotations::from_pod(&serde_json::to_value(&typed).unwrap()),
@@ -747,7 +910,9 @@ mod tests {
     fn typed_pod_round_trip_keeps_the_annotations_meaning() {
         // The watch decodes into k8s-openapi's Pod and re-encodes for
         // from_pod: the config must be the one of the raw JSON.
-        let raw = pod(json!({"traffic.sidecar.istio.io/excludeOutboundPorts": "8081", "traffic.sidecar.istio.io/includeInboundPorts": ""}));
+        let raw = pod(
+            json!({"traffic.sidecar.istio.io/excludeOutboundPorts": "8081", "traffic.sidecar.istio.io/includeInboundPorts": ""}),
+        );
         let typed: Pod = serde_json::from_value(raw.clone()).unwrap();
         let via = annotations::from_pod(&serde_json::to_value(&typed).unwrap()).unwrap();
         let direct = annotations::from_pod(&raw).unwrap();
@@ -763,14 +928,35 @@ mod tests {
             json!({"traffic.sidecar.istio.io/includeOutboundIPRanges": "10.0.0.0/8,127.0.0.0/8", "traffic.sidecar.istio.io/includeInboundPorts": "9080,8080"}),
             json!({"traffic.sidecar.istio.io/includeInboundPorts": ""}),
         ] {
-            let spec = annotations::from_pod(&pod(ann.clone())).unwrap().mesh().unwrap().spec.clone();
-            let addrs = ["10.244.1.17".parse().unwrap(), "fd00:200::2".parse().unwrap()];
-            let back = PodSpec::from_kernel(&spec.pod_config(42), &spec.port_entries(), &spec.cidr_entries(&addrs));
+            let spec = annotations::from_pod(&pod(ann.clone()))
+                .unwrap()
+                .mesh()
+                .unwrap()
+                .spec
+                .clone();
+            let addrs = [
+                "10.244.1.17".parse().unwrap(),
+                "fd00:200::2".parse().unwrap(),
+            ];
+            let back = PodSpec::from_kernel(
+                &spec.pod_config(42),
+                &spec.port_entries(),
+                &spec.cidr_entries(&addrs),
+            );
             assert_eq!(comparable(&back), comparable(&spec), "{ann}");
         }
-        let a = annotations::from_pod(&pod(json!({"traffic.sidecar.istio.io/excludeOutboundPorts": "8081"}))).unwrap();
-        let b = annotations::from_pod(&pod(json!({"traffic.sidecar.istio.io/excludeOutboundPorts": "8080"}))).unwrap();
-        assert_ne!(comparable(&a.mesh().unwrap().spec), comparable(&b.mesh().unwrap().spec));
+        let a = annotations::from_pod(&pod(
+            json!({"traffic.sidecar.istio.io/excludeOutboundPorts": "8081"}),
+        ))
+        .unwrap();
+        let b = annotations::from_pod(&pod(
+            json!({"traffic.sidecar.istio.io/excludeOutboundPorts": "8080"}),
+        ))
+        .unwrap();
+        assert_ne!(
+            comparable(&a.mesh().unwrap().spec),
+            comparable(&b.mesh().unwrap().spec)
+        );
         assert_ne!(decision_key(&Ok(a.clone())), decision_key(&Ok(b)));
         assert_eq!(decision_key(&Ok(a.clone())), decision_key(&Ok(a)));
     }
@@ -778,12 +964,28 @@ mod tests {
     #[test]
     fn decisions_of_pod_changes() {
         let mesh = annotations::from_pod(&pod(json!({})));
-        assert!(decision_key(&mesh).starts_with("mesh -p 15001"), "{}", decision_key(&mesh));
-        let none = annotations::from_pod(&pod(json!({"sidecar.istio.io/interceptionMode": "NONE"})));
-        assert!(decision_key(&none).starts_with("not in mesh"), "{}", decision_key(&none));
-        let bad = annotations::from_pod(&pod(json!({"traffic.sidecar.istio.io/excludeOutboundPorts": "8080,http"})));
+        assert!(
+            decision_key(&mesh).starts_with("mesh -p 15001"),
+            "{}",
+            decision_key(&mesh)
+        );
+        let none =
+            annotations::from_pod(&pod(json!({"sidecar.istio.io/interceptionMode": "NONE"})));
+        assert!(
+            decision_key(&none).starts_with("not in mesh"),
+            "{}",
+            decision_key(&none)
+        );
+        let bad = annotations::from_pod(&pod(
+            json!({"traffic.sidecar.istio.io/excludeOutboundPorts": "8080,http"}),
+        ));
         let k = decision_key(&bad);
-        assert!(k.starts_with("invalid") && k.contains("traffic.sidecar.istio.io/excludeOutboundPorts") && k.contains("8080,http"), "{k}");
+        assert!(
+            k.starts_with("invalid")
+                && k.contains("traffic.sidecar.istio.io/excludeOutboundPorts")
+                && k.contains("8080,http"),
+            "{k}"
+        );
     }
 
     #[test]
@@ -804,7 +1006,11 @@ mod tests {
         lock(&w.state).synced = true;
         let (what, msg) = w.wait_pod("shop/cart-1", None).unwrap_err();
         assert_eq!(what, "unknown");
-        assert!(msg.contains("shop/cart-1 is not known to the Kubernetes API") && msg.contains("node-a"), "{msg}");
+        assert!(
+            msg.contains("shop/cart-1 is not known to the Kubernetes API")
+                && msg.contains("node-a"),
+            "{msg}"
+        );
         // Arrives while waiting: found.
         let p = pod(json!({}));
         std::thread::scope(|s| {
@@ -825,7 +1031,10 @@ mod tests {
         mirror["metadata"]["name"] = json!("etcd-node-a");
         cache(&w, &mirror);
         assert!(w.wait_pod("shop/etcd-node-a", Some("static-uid-9")).is_ok());
-        assert!(w.wait_pod("shop/etcd-node-a", Some("u-1")).is_ok(), "its own uid too");
+        assert!(
+            w.wait_pod("shop/etcd-node-a", Some("u-1")).is_ok(),
+            "its own uid too"
+        );
         assert!(w.wait_pod("shop/etcd-node-a", Some("other")).is_err());
         // The API went away: even a cached pod is refused.
         {
@@ -843,9 +1052,12 @@ mod tests {
         let w = watch();
         {
             let mut st = lock(&w.state);
-            st.passthrough.insert("a/x".into(), (PathBuf::from("/run/netns/x"), "c1".into()));
-            st.passthrough.insert("a/y".into(), (PathBuf::from("/run/netns/y"), "c2".into()));
-            st.passthrough.insert("a/z".into(), (PathBuf::from("/run/netns/z"), "c3".into()));
+            st.passthrough
+                .insert("a/x".into(), (PathBuf::from("/run/netns/x"), "c1".into()));
+            st.passthrough
+                .insert("a/y".into(), (PathBuf::from("/run/netns/y"), "c2".into()));
+            st.passthrough
+                .insert("a/z".into(), (PathBuf::from("/run/netns/z"), "c3".into()));
         }
         w.forget(Some(Path::new("/run/netns/x")), None);
         w.forget(None, Some("c2"));

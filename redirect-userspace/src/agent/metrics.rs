@@ -8,7 +8,9 @@ use crate::report;
 
 /// Escape a label value (backslash, double quote, newline).
 fn esc(s: &str) -> String {
-    s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 fn header(out: &mut String, name: &str, kind: &str, help: &str) {
@@ -19,31 +21,110 @@ fn header(out: &mut String, name: &str, kind: &str, help: &str) {
 /// The whole `/metrics` page.
 pub fn render(agent: &Agent, ready: bool) -> String {
     let mut out = String::new();
-    header(&mut out, "redirect_agent_ready", "gauge", "1 when the agent serves its socket with the programs attached.");
+    header(
+        &mut out,
+        "redirect_agent_ready",
+        "gauge",
+        "1 when the agent serves its socket with the programs attached.",
+    );
     let _ = writeln!(out, "redirect_agent_ready {}", u8::from(ready));
 
     let c = agent.counters();
-    header(&mut out, "redirect_agent_requests_total", "counter", "Requests served on the agent socket, by operation and result.");
+    header(
+        &mut out,
+        "redirect_agent_requests_total",
+        "counter",
+        "Requests served on the agent socket, by operation and result.",
+    );
     for ((op, result), n) in &c.requests {
-        let _ = writeln!(out, "redirect_agent_requests_total{{op=\"{op}\",result=\"{result}\"}} {n}");
+        let _ = writeln!(
+            out,
+            "redirect_agent_requests_total{{op=\"{op}\",result=\"{result}\"}} {n}"
+        );
     }
-    header(&mut out, "redirect_agent_attach_total", "counter", "Pod captures (add), by result.");
-    let _ = writeln!(out, "redirect_agent_attach_total{{result=\"ok\"}} {}", c.attach_ok);
-    let _ = writeln!(out, "redirect_agent_attach_total{{result=\"error\"}} {}", c.attach_errors);
-    header(&mut out, "redirect_agent_detach_total", "counter", "Pod releases (del), by result.");
-    let _ = writeln!(out, "redirect_agent_detach_total{{result=\"ok\"}} {}", c.detach_ok);
-    let _ = writeln!(out, "redirect_agent_detach_total{{result=\"error\"}} {}", c.detach_errors);
-    header(&mut out, "redirect_agent_reconcile_released_total", "counter", "Pods released at agent start because their network namespace was gone.");
-    let _ = writeln!(out, "redirect_agent_reconcile_released_total {}", c.reconcile_released);
-    header(&mut out, "redirect_agent_cni_restored_total", "counter", "CNI conflist entry or plugin binary restored after something else removed it, by what.");
+    header(
+        &mut out,
+        "redirect_agent_attach_total",
+        "counter",
+        "Pod captures (add), by result.",
+    );
+    let _ = writeln!(
+        out,
+        "redirect_agent_attach_total{{result=\"ok\"}} {}",
+        c.attach_ok
+    );
+    let _ = writeln!(
+        out,
+        "redirect_agent_attach_total{{result=\"error\"}} {}",
+        c.attach_errors
+    );
+    header(
+        &mut out,
+        "redirect_agent_detach_total",
+        "counter",
+        "Pod releases (del), by result.",
+    );
+    let _ = writeln!(
+        out,
+        "redirect_agent_detach_total{{result=\"ok\"}} {}",
+        c.detach_ok
+    );
+    let _ = writeln!(
+        out,
+        "redirect_agent_detach_total{{result=\"error\"}} {}",
+        c.detach_errors
+    );
+    header(
+        &mut out,
+        "redirect_agent_reconcile_released_total",
+        "counter",
+        "Pods released at agent start because their network namespace was gone.",
+    );
+    let _ = writeln!(
+        out,
+        "redirect_agent_reconcile_released_total {}",
+        c.reconcile_released
+    );
+    header(
+        &mut out,
+        "redirect_agent_cni_restored_total",
+        "counter",
+        "CNI conflist entry or plugin binary restored after something else removed it, by what.",
+    );
     for what in ["entry", "binary"] {
-        let _ = writeln!(out, "redirect_agent_cni_restored_total{{what=\"{what}\"}} {}", c.cni_restored.get(what).copied().unwrap_or(0));
+        let _ = writeln!(
+            out,
+            "redirect_agent_cni_restored_total{{what=\"{what}\"}} {}",
+            c.cni_restored.get(what).copied().unwrap_or(0)
+        );
     }
-    header(&mut out, "redirect_agent_cni_check_errors_total", "counter", "Checks of the CNI conflist entry that failed (file unreadable or invalid).");
-    let _ = writeln!(out, "redirect_agent_cni_check_errors_total {}", c.cni_check_errors);
-    header(&mut out, "redirect_agent_map_full_total", "counter", "Pod captures refused because a map was full (fail closed: the CNI ADD fails), by map.");
-    for map in [redirect_common::MAP_PODS, redirect_common::MAP_PORTS, redirect_common::MAP_CIDRS] {
-        let _ = writeln!(out, "redirect_agent_map_full_total{{map=\"{map}\"}} {}", c.map_full.get(map).copied().unwrap_or(0));
+    header(
+        &mut out,
+        "redirect_agent_cni_check_errors_total",
+        "counter",
+        "Checks of the CNI conflist entry that failed (file unreadable or invalid).",
+    );
+    let _ = writeln!(
+        out,
+        "redirect_agent_cni_check_errors_total {}",
+        c.cni_check_errors
+    );
+    header(
+        &mut out,
+        "redirect_agent_map_full_total",
+        "counter",
+        "Pod captures refused because a map was full (fail closed: the CNI ADD fails), by map.",
+    );
+    for map in [
+        redirect_common::MAP_PODS,
+        redirect_common::MAP_PORTS,
+        redirect_common::MAP_CIDRS,
+    ] {
+        let _ = writeln!(
+            out,
+            "redirect_agent_map_full_total{{map=\"{map}\"}} {}",
+            c.map_full.get(map).copied().unwrap_or(0)
+        );
     }
     drop(c);
 
@@ -67,32 +148,67 @@ pub fn render(agent: &Agent, ready: bool) -> String {
                     );
                     let _ = writeln!(out, "redirect_decisions_total{{{labels}}} {}", r.count);
                     if r.bytes > 0 {
-                        let _ = writeln!(bytes, "redirect_decision_bytes_total{{{labels}}} {}", r.bytes);
+                        let _ = writeln!(
+                            bytes,
+                            "redirect_decision_bytes_total{{{labels}}} {}",
+                            r.bytes
+                        );
                     }
                 }
             }
-            header(&mut out, "redirect_decision_bytes_total", "counter", "Bytes per pod and decision (redirected connections, counted when they close).");
+            header(
+                &mut out,
+                "redirect_decision_bytes_total",
+                "counter",
+                "Bytes per pod and decision (redirected connections, counted when they close).",
+            );
             out.push_str(&bytes);
         }
         Err(e) => {
-            let _ = writeln!(out, "# counters unavailable: {}", e.to_string().replace('\n', " "));
+            let _ = writeln!(
+                out,
+                "# counters unavailable: {}",
+                e.to_string().replace('\n', " ")
+            );
         }
     }
     match report::status(&agent.pins) {
         Ok(st) => {
-            header(&mut out, "redirect_map_entries", "gauge", "Entries in use in the maps that grow with pods and traffic.");
+            header(
+                &mut out,
+                "redirect_map_entries",
+                "gauge",
+                "Entries in use in the maps that grow with pods and traffic.",
+            );
             for m in &st.map_usage {
-                let _ = writeln!(out, "redirect_map_entries{{map=\"{}\"}} {}", m.map, m.entries);
+                let _ = writeln!(
+                    out,
+                    "redirect_map_entries{{map=\"{}\"}} {}",
+                    m.map, m.entries
+                );
             }
-            header(&mut out, "redirect_map_max_entries", "gauge", "Capacity of those maps.");
+            header(
+                &mut out,
+                "redirect_map_max_entries",
+                "gauge",
+                "Capacity of those maps.",
+            );
             for m in &st.map_usage {
-                let _ = writeln!(out, "redirect_map_max_entries{{map=\"{}\"}} {}", m.map, m.max_entries);
+                let _ = writeln!(
+                    out,
+                    "redirect_map_max_entries{{map=\"{}\"}} {}",
+                    m.map, m.max_entries
+                );
             }
             header(&mut out, "redirect_counters_lost_total", "counter", "Counter updates lost because REDIRECT_COUNTERS was full (the decisions were applied; only their counts are missing).");
             let _ = writeln!(out, "redirect_counters_lost_total {}", st.counters_lost);
         }
         Err(e) => {
-            let _ = writeln!(out, "# map usage unavailable: {}", e.to_string().replace('\n', " "));
+            let _ = writeln!(
+                out,
+                "# map usage unavailable: {}",
+                e.to_string().replace('\n', " ")
+            );
         }
     }
     out

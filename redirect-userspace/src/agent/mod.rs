@@ -107,7 +107,11 @@ impl Agent {
 
     /// `start`, creating a new install's maps with `sizes` (an existing
     /// install must match them, see `mapsize::check_install`).
-    pub fn start_with(pin_dir: &Path, cgroup: &Path, sizes: &crate::mapsize::MapSizes) -> Result<(Agent, bool)> {
+    pub fn start_with(
+        pin_dir: &Path,
+        cgroup: &Path,
+        sizes: &crate::mapsize::MapSizes,
+    ) -> Result<(Agent, bool)> {
         sys::open_cgroup(cgroup)?;
         let mut inst = Installation::open_with(pin_dir, sizes)?;
         let programs_updated = inst.update_programs()?;
@@ -123,7 +127,9 @@ impl Agent {
             }
         };
         let records = Records::open_or_create(&inst.pins)?;
-        let own = std::fs::metadata("/proc/self/ns/net").map_err(|e| Error::io("reading", "/proc/self/ns/net", e))?.ino();
+        let own = std::fs::metadata("/proc/self/ns/net")
+            .map_err(|e| Error::io("reading", "/proc/self/ns/net", e))?
+            .ino();
         Ok((
             Agent {
                 pins: inst.pins.clone(),
@@ -158,7 +164,10 @@ impl Agent {
         let maps = Maps::open(&self.pins)?;
         let mut out = Reconciled::default();
         for (cookie, cfg) in maps.pods() {
-            let hint = inner.records.get(cookie).and_then(|r| records::netns_path(&r));
+            let hint = inner
+                .records
+                .get(cookie)
+                .and_then(|r| records::netns_path(&r));
             if netns_alive(cookie, cfg.netns_inode as u64, hint.as_deref()) {
                 out.kept.push(cookie);
                 continue;
@@ -170,7 +179,9 @@ impl Agent {
                     inner.records.remove(cookie);
                     out.released.push(cookie);
                 }
-                Err(e) => tracing::warn!(cookie, error = %format!("{e:#}"), "could not release pod whose network namespace is gone"),
+                Err(e) => {
+                    tracing::warn!(cookie, error = %format!("{e:#}"), "could not release pod whose network namespace is gone")
+                }
             }
         }
         let captured: Vec<u64> = maps.pods().into_iter().map(|(c, _)| c).collect();
@@ -188,20 +199,56 @@ impl Agent {
     /// Serve one request; the reply is a JSON object with `ok`.
     pub fn handle(&self, req: &Request) -> serde_json::Value {
         let r = match req {
-            Request::Add { netns, pod, container_id, kubernetes: true, pod_uid, .. } => self.add_from_api(netns, pod.as_deref(), container_id.as_deref(), pod_uid.as_deref()),
-            Request::Add { netns, pod, container_id, config, .. } => self.add(netns, pod.as_deref(), container_id.as_deref(), config.as_ref()),
-            Request::Del { netns, pod, container_id } => {
+            Request::Add {
+                netns,
+                pod,
+                container_id,
+                kubernetes: true,
+                pod_uid,
+                ..
+            } => self.add_from_api(
+                netns,
+                pod.as_deref(),
+                container_id.as_deref(),
+                pod_uid.as_deref(),
+            ),
+            Request::Add {
+                netns,
+                pod,
+                container_id,
+                config,
+                ..
+            } => self.add(
+                netns,
+                pod.as_deref(),
+                container_id.as_deref(),
+                config.as_ref(),
+            ),
+            Request::Del {
+                netns,
+                pod,
+                container_id,
+            } => {
                 if let Some(w) = self.k8s.get() {
                     w.forget(netns.as_deref(), container_id.as_deref());
                 }
                 self.del(netns.as_deref(), pod.as_deref(), container_id.as_deref())
             }
-            Request::Check { netns, pod, kubernetes: true, .. } => self.check_from_api(netns, pod.as_deref()),
+            Request::Check {
+                netns,
+                pod,
+                kubernetes: true,
+                ..
+            } => self.check_from_api(netns, pod.as_deref()),
             Request::Check { netns, .. } => self.check(netns),
             Request::List => self.list(),
         };
         let result = if r.is_ok() { "ok" } else { "error" };
-        *self.counters().requests.entry((req.op(), result)).or_default() += 1;
+        *self
+            .counters()
+            .requests
+            .entry((req.op(), result))
+            .or_default() += 1;
         match r {
             Ok(mut v) => {
                 v["ok"] = json!(true);
@@ -211,41 +258,70 @@ impl Agent {
         }
     }
 
-    fn add(&self, netns: &Path, pod: Option<&str>, container_id: Option<&str>, config: Option<&proto::CaptureConfig>) -> Result<serde_json::Value, String> {
+    fn add(
+        &self,
+        netns: &Path,
+        pod: Option<&str>,
+        container_id: Option<&str>,
+        config: Option<&proto::CaptureConfig>,
+    ) -> Result<serde_json::Value, String> {
         let pod = pod.unwrap_or("");
         let cid = container_id.unwrap_or("");
-        let span = tracing::info_span!("add", pod = %pod, container_id = %cid, netns = %netns.display());
+        let span =
+            tracing::info_span!("add", pod = %pod, container_id = %cid, netns = %netns.display());
         let _g = span.enter();
         let t0 = std::time::Instant::now();
         let r = (|| -> Result<serde_json::Value, String> {
             check_netns_path(netns)?;
-            let spec = config.cloned().unwrap_or_default().to_flags().to_spec().map_err(|e| e.to_string())?;
+            let spec = config
+                .cloned()
+                .unwrap_or_default()
+                .to_flags()
+                .to_spec()
+                .map_err(|e| e.to_string())?;
             let ns = Netns::open(netns).map_err(|e| e.to_string())?;
             if ns.inode == self.own_netns_inode {
-                return Err(format!("refusing to capture {}: it is the agent's own (host) network namespace", netns.display()));
+                return Err(format!(
+                    "refusing to capture {}: it is the agent's own (host) network namespace",
+                    netns.display()
+                ));
             }
             let mut inner = self.inner();
             // Repair the install if something removed it underneath us
             // (`redirect uninstall`): reload, reattach.
             if !self.pins.is_installed() {
-                tracing::warn!("install at {} is gone: loading it again", self.pins.root.display());
-                inner.inst = Installation::open_with(&self.pins.root, &self.sizes).map_err(|e| format!("{e:#}"))?;
-                inner.records = Records::open_or_create(&self.pins).map_err(|e| format!("{e:#}"))?;
+                tracing::warn!(
+                    "install at {} is gone: loading it again",
+                    self.pins.root.display()
+                );
+                inner.inst = Installation::open_with(&self.pins.root, &self.sizes)
+                    .map_err(|e| format!("{e:#}"))?;
+                inner.records =
+                    Records::open_or_create(&self.pins).map_err(|e| format!("{e:#}"))?;
             }
-            inner.inst.attach_cgroup(&self.cgroup).map_err(|e| format!("{e:#}"))?;
+            inner
+                .inst
+                .attach_cgroup(&self.cgroup)
+                .map_err(|e| format!("{e:#}"))?;
             let info = inner.inst.register_pod(&ns, &spec).map_err(|e| {
                 if let Error::MapFull { map, .. } = &e {
                     *self.counters().map_full.entry(map).or_default() += 1;
                 }
                 format!("{e:#}")
             })?;
-            let rec = Record { container_id: cid.into(), pod: pod.into(), netns: netns.display().to_string() };
+            let rec = Record {
+                container_id: cid.into(),
+                pod: pod.into(),
+                netns: netns.display().to_string(),
+            };
             if let Err(e) = inner.records.put(info.cookie, &rec) {
                 tracing::warn!(error = %format!("{e:#}"), "pod captured but not recorded (a DEL after its netns is gone will not find it; the next agent start releases it)");
             }
             let elapsed_ms = t0.elapsed().as_secs_f64() * 1000.0;
             tracing::info!(cookie = info.cookie, addresses = ?info.addresses, config = %spec.istio_args(), elapsed_ms, "captured pod");
-            Ok(json!({"cookie": info.cookie, "netns": netns, "addresses": info.addresses, "istio_iptables_args": spec.istio_args(), "elapsed_ms": elapsed_ms}))
+            Ok(
+                json!({"cookie": info.cookie, "netns": netns, "addresses": info.addresses, "istio_iptables_args": spec.istio_args(), "elapsed_ms": elapsed_ms}),
+            )
         })();
         let mut c = self.counters();
         match &r {
@@ -258,7 +334,12 @@ impl Agent {
         r
     }
 
-    fn del(&self, netns: Option<&Path>, pod: Option<&str>, container_id: Option<&str>) -> Result<serde_json::Value, String> {
+    fn del(
+        &self,
+        netns: Option<&Path>,
+        pod: Option<&str>,
+        container_id: Option<&str>,
+    ) -> Result<serde_json::Value, String> {
         let cid = container_id.unwrap_or("");
         let span = tracing::info_span!("del", pod = %pod.unwrap_or(""), container_id = %cid, netns = %netns.map(|p| p.display().to_string()).unwrap_or_default());
         let _g = span.enter();
@@ -294,7 +375,9 @@ impl Agent {
                     inner.records.remove(cookie);
                     released.push(cookie);
                 }
-                Err(Error::NotCaptured(_)) | Err(Error::NotInstalled(_)) => inner.records.remove(cookie),
+                Err(Error::NotCaptured(_)) | Err(Error::NotInstalled(_)) => {
+                    inner.records.remove(cookie)
+                }
                 Err(e) => errors.push(format!("{e:#}")),
             }
         }
@@ -322,10 +405,16 @@ impl Agent {
         let cookie = ns.cookie().map_err(|e| e.to_string())?;
         let maps = Maps::open(&self.pins).map_err(|e| e.to_string())?;
         if maps.pod(cookie).is_none() {
-            return Err(format!("{} (netns cookie {cookie}) is not captured", netns.display()));
+            return Err(format!(
+                "{} (netns cookie {cookie}) is not captured",
+                netns.display()
+            ));
         }
         if !self.pins.sk_lookup_link(cookie).exists() {
-            return Err(format!("{} (netns cookie {cookie}) has no inbound link", netns.display()));
+            return Err(format!(
+                "{} (netns cookie {cookie}) has no inbound link",
+                netns.display()
+            ));
         }
         Ok(json!({"cookie": cookie}))
     }
@@ -354,14 +443,23 @@ impl Agent {
         let mut v = json!({"pods": pods, "cgroups": st.cgroups});
         if let Some(w) = self.k8s.get() {
             // Running mesh pods on this node that are not captured (repair).
-            v["uncaptured"] = w.uncaptured(self).into_iter().map(|(pod, uid)| json!({"pod": pod, "uid": uid})).collect();
+            v["uncaptured"] = w
+                .uncaptured(self)
+                .into_iter()
+                .map(|(pod, uid)| json!({"pod": pod, "uid": uid}))
+                .collect();
         }
         Ok(v)
     }
 
     /// Pod names by cookie, for metric labels.
     pub fn pod_names(&self) -> BTreeMap<u64, String> {
-        self.inner().records.all().into_iter().map(|(c, r)| (c, r.pod)).collect()
+        self.inner()
+            .records
+            .all()
+            .into_iter()
+            .map(|(c, r)| (c, r.pod))
+            .collect()
     }
 
     /// Admit a request unless shutting down.
@@ -401,7 +499,9 @@ impl Agent {
             // refusal is not lost to a reset of a socket closed unread.
             let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
             let _ = s.set_write_timeout(Some(Duration::from_millis(500)));
-            let _ = BufReader::new(&s).take(MAX_LINE as u64 + 1).read_line(&mut String::new());
+            let _ = BufReader::new(&s)
+                .take(MAX_LINE as u64 + 1)
+                .read_line(&mut String::new());
             let _ = (&s).write_all(format!("{}\n", json!({"ok": false, "error": why})).as_bytes());
             return;
         }
@@ -444,12 +544,23 @@ impl Agent {
 fn peer_is_root(s: &UnixStream) -> std::result::Result<(), String> {
     let mut cred: libc::ucred = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
-    let r = unsafe { libc::getsockopt(s.as_raw_fd(), libc::SOL_SOCKET, libc::SO_PEERCRED, (&mut cred as *mut libc::ucred).cast(), &mut len) };
+    let r = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
     if r != 0 {
         return Err(format!("SO_PEERCRED: {}", std::io::Error::last_os_error()));
     }
     if cred.uid != 0 {
-        return Err(format!("peer uid {} (pid {}) is not root", cred.uid, cred.pid));
+        return Err(format!(
+            "peer uid {} (pid {}) is not root",
+            cred.uid, cred.pid
+        ));
     }
     Ok(())
 }
@@ -459,7 +570,11 @@ fn peer_is_root(s: &UnixStream) -> std::result::Result<(), String> {
 /// is an error.
 pub fn bind_socket(path: &Path) -> Result<UnixListener> {
     if !path.is_absolute() {
-        return Err(Error::io("the agent socket path must be absolute", path, std::io::Error::from(std::io::ErrorKind::InvalidInput)));
+        return Err(Error::io(
+            "the agent socket path must be absolute",
+            path,
+            std::io::Error::from(std::io::ErrorKind::InvalidInput),
+        ));
     }
     if let Some(dir) = path.parent() {
         if !dir.exists() {
@@ -469,10 +584,18 @@ pub fn bind_socket(path: &Path) -> Result<UnixListener> {
     if let Ok(m) = std::fs::symlink_metadata(path) {
         use std::os::unix::fs::FileTypeExt;
         if !m.file_type().is_socket() {
-            return Err(Error::io("refusing to replace a non-socket file", path, std::io::Error::from(std::io::ErrorKind::AlreadyExists)));
+            return Err(Error::io(
+                "refusing to replace a non-socket file",
+                path,
+                std::io::Error::from(std::io::ErrorKind::AlreadyExists),
+            ));
         }
         if UnixStream::connect(path).is_ok() {
-            return Err(Error::io("another agent is already serving", path, std::io::Error::from(std::io::ErrorKind::AddrInUse)));
+            return Err(Error::io(
+                "another agent is already serving",
+                path,
+                std::io::Error::from(std::io::ErrorKind::AddrInUse),
+            ));
         }
         std::fs::remove_file(path).map_err(|e| Error::io("removing stale socket", path, e))?;
     }
@@ -481,8 +604,10 @@ pub fn bind_socket(path: &Path) -> Result<UnixListener> {
     let l = UnixListener::bind(path);
     unsafe { libc::umask(old) };
     let l = l.map_err(|e| Error::io("binding the agent socket", path, e))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(|e| Error::io("chmod 0600", path, e))?;
-    std::os::unix::fs::chown(path, Some(0), Some(0)).map_err(|e| Error::io("chown root:root", path, e))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| Error::io("chmod 0600", path, e))?;
+    std::os::unix::fs::chown(path, Some(0), Some(0))
+        .map_err(|e| Error::io("chown root:root", path, e))?;
     Ok(l)
 }
 
@@ -492,8 +617,14 @@ pub fn bind_socket(path: &Path) -> Result<UnixListener> {
 /// (never reused) decides.
 pub fn netns_alive(cookie: u64, inode: u64, hint: Option<&Path>) -> bool {
     let matches = |p: &Path| -> bool {
-        let same_inode = std::fs::metadata(p).map(|m| m.ino() as u32 as u64 == inode as u32 as u64).unwrap_or(false);
-        same_inode && Netns::open(p).and_then(|n| n.cookie()).map(|c| c == cookie).unwrap_or(false)
+        let same_inode = std::fs::metadata(p)
+            .map(|m| m.ino() as u32 as u64 == inode as u32 as u64)
+            .unwrap_or(false);
+        same_inode
+            && Netns::open(p)
+                .and_then(|n| n.cookie())
+                .map(|c| c == cookie)
+                .unwrap_or(false)
     };
     if hint.is_some_and(matches) {
         return true;
@@ -518,6 +649,10 @@ pub fn netns_alive(cookie: u64, inode: u64, hint: Option<&Path>) -> bool {
     }
     crate::pins::read_dir(Path::new("/proc"))
         .iter()
-        .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit())))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        })
         .any(|p| matches(&p.join("ns/net")))
 }

@@ -52,12 +52,14 @@ impl<'de> Deserialize<'de> for FlagValue {
             One::S(s) => s,
             One::N(n) => n.to_string(),
         };
-        Ok(FlagValue(match V::deserialize(d).map_err(|_| {
-            serde::de::Error::custom("expected a string, a number or a list of them")
-        })? {
-            V::One(o) => s(o),
-            V::List(l) => l.into_iter().map(s).collect::<Vec<_>>().join(","),
-        }))
+        Ok(FlagValue(
+            match V::deserialize(d).map_err(|_| {
+                serde::de::Error::custom("expected a string, a number or a list of them")
+            })? {
+                V::One(o) => s(o),
+                V::List(l) => l.into_iter().map(s).collect::<Vec<_>>().join(","),
+            },
+        ))
     }
 }
 
@@ -67,34 +69,105 @@ impl<'de> Deserialize<'de> for FlagValue {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CaptureConfig {
-    #[serde(rename = "envoy-port", alias = "proxy-port", alias = "p", skip_serializing_if = "Option::is_none", default)]
+    #[serde(
+        rename = "envoy-port",
+        alias = "proxy-port",
+        alias = "p",
+        skip_serializing_if = "Option::is_none",
+        default
+    )]
     pub proxy_port: Option<FlagValue>,
-    #[serde(rename = "inbound-capture-port", alias = "z", skip_serializing_if = "Option::is_none", default)]
+    #[serde(
+        rename = "inbound-capture-port",
+        alias = "z",
+        skip_serializing_if = "Option::is_none",
+        default
+    )]
     pub inbound_port: Option<FlagValue>,
-    #[serde(rename = "inbound-tunnel-port", alias = "e", skip_serializing_if = "Option::is_none", default)]
+    #[serde(
+        rename = "inbound-tunnel-port",
+        alias = "e",
+        skip_serializing_if = "Option::is_none",
+        default
+    )]
     pub tunnel_port: Option<FlagValue>,
-    #[serde(rename = "proxy-uid", alias = "u", skip_serializing_if = "Option::is_none", default)]
+    #[serde(
+        rename = "proxy-uid",
+        alias = "u",
+        skip_serializing_if = "Option::is_none",
+        default
+    )]
     pub proxy_uid: Option<FlagValue>,
-    #[serde(rename = "proxy-gid", alias = "g", skip_serializing_if = "Option::is_none", default)]
+    #[serde(
+        rename = "proxy-gid",
+        alias = "g",
+        skip_serializing_if = "Option::is_none",
+        default
+    )]
     pub proxy_gid: Option<FlagValue>,
-    #[serde(rename = "istio-inbound-interception-mode", alias = "m", skip_serializing_if = "Option::is_none", default)]
+    #[serde(
+        rename = "istio-inbound-interception-mode",
+        alias = "m",
+        skip_serializing_if = "Option::is_none",
+        default
+    )]
     pub mode: Option<FlagValue>,
-    #[serde(rename = "istio-service-cidr", alias = "include-outbound-ip-ranges", alias = "i", skip_serializing_if = "Option::is_none", default)]
+    #[serde(
+        rename = "istio-service-cidr",
+        alias = "include-outbound-ip-ranges",
+        alias = "i",
+        skip_serializing_if = "Option::is_none",
+        default
+    )]
     pub include_cidrs: Option<FlagValue>,
-    #[serde(rename = "istio-service-exclude-cidr", alias = "exclude-outbound-ip-ranges", alias = "x", skip_serializing_if = "Option::is_none", default)]
+    #[serde(
+        rename = "istio-service-exclude-cidr",
+        alias = "exclude-outbound-ip-ranges",
+        alias = "x",
+        skip_serializing_if = "Option::is_none",
+        default
+    )]
     pub exclude_cidrs: Option<FlagValue>,
-    #[serde(rename = "istio-include-outbound-ports", alias = "include-outbound-ports", alias = "q", skip_serializing_if = "Option::is_none", default)]
+    #[serde(
+        rename = "istio-include-outbound-ports",
+        alias = "include-outbound-ports",
+        alias = "q",
+        skip_serializing_if = "Option::is_none",
+        default
+    )]
     pub include_out_ports: Option<FlagValue>,
-    #[serde(rename = "istio-local-outbound-ports-exclude", alias = "exclude-outbound-ports", alias = "o", skip_serializing_if = "Option::is_none", default)]
+    #[serde(
+        rename = "istio-local-outbound-ports-exclude",
+        alias = "exclude-outbound-ports",
+        alias = "o",
+        skip_serializing_if = "Option::is_none",
+        default
+    )]
     pub exclude_out_ports: Option<FlagValue>,
-    #[serde(rename = "istio-inbound-ports", alias = "include-inbound-ports", alias = "b", skip_serializing_if = "Option::is_none", default)]
+    #[serde(
+        rename = "istio-inbound-ports",
+        alias = "include-inbound-ports",
+        alias = "b",
+        skip_serializing_if = "Option::is_none",
+        default
+    )]
     pub include_in_ports: Option<FlagValue>,
-    #[serde(rename = "istio-local-exclude-ports", alias = "exclude-inbound-ports", alias = "d", skip_serializing_if = "Option::is_none", default)]
+    #[serde(
+        rename = "istio-local-exclude-ports",
+        alias = "exclude-inbound-ports",
+        alias = "d",
+        skip_serializing_if = "Option::is_none",
+        default
+    )]
     pub exclude_in_ports: Option<FlagValue>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub accel: Option<bool>,
     /// `true`: `--accel-short-conns`.
-    #[serde(rename = "accel-short-conns", skip_serializing_if = "Option::is_none", default)]
+    #[serde(
+        rename = "accel-short-conns",
+        skip_serializing_if = "Option::is_none",
+        default
+    )]
     pub accel_short_conns: Option<bool>,
 }
 
@@ -122,7 +195,22 @@ impl CaptureConfig {
         macro_rules! pick {
             ($($f:ident),*) => { CaptureConfig { $($f: self.$f.clone().or_else(|| base.$f.clone())),* } };
         }
-        pick!(proxy_port, inbound_port, tunnel_port, proxy_uid, proxy_gid, mode, include_cidrs, exclude_cidrs, include_out_ports, exclude_out_ports, include_in_ports, exclude_in_ports, accel, accel_short_conns)
+        pick!(
+            proxy_port,
+            inbound_port,
+            tunnel_port,
+            proxy_uid,
+            proxy_gid,
+            mode,
+            include_cidrs,
+            exclude_cidrs,
+            include_out_ports,
+            exclude_out_ports,
+            include_in_ports,
+            exclude_in_ports,
+            accel,
+            accel_short_conns
+        )
     }
 
     /// The flags, with istio-iptables' defaults for what is not set (as
@@ -232,7 +320,9 @@ pub fn check_netns_path(p: &Path) -> Result<(), String> {
     let ok = clean
         && match norm.as_slice() {
             ["run", "netns", name] | ["var", "run", "netns", name] => !name.is_empty(),
-            ["proc", pid, "ns", "net"] => !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()),
+            ["proc", pid, "ns", "net"] => {
+                !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit())
+            }
             _ => false,
         };
     if !ok {
@@ -244,7 +334,10 @@ pub fn check_netns_path(p: &Path) -> Result<(), String> {
     if !p.starts_with("/proc") {
         if let Ok(m) = std::fs::symlink_metadata(p) {
             if m.file_type().is_symlink() {
-                return Err(format!("netns path '{}' is refused: it is a symlink", p.display()));
+                return Err(format!(
+                    "netns path '{}' is refused: it is a symlink",
+                    p.display()
+                ));
             }
         }
     }
@@ -275,11 +368,19 @@ impl std::fmt::Display for CallError {
 impl std::error::Error for CallError {}
 
 /// One request, one reply (`ok` true), over the agent socket.
-pub fn call(socket: &Path, req: &Request, timeout: Duration) -> Result<serde_json::Value, CallError> {
-    let unreachable = |what: &str, e: std::io::Error| CallError::Unreachable(format!("{what} {}: {e}", socket.display()));
+pub fn call(
+    socket: &Path,
+    req: &Request,
+    timeout: Duration,
+) -> Result<serde_json::Value, CallError> {
+    let unreachable = |what: &str, e: std::io::Error| {
+        CallError::Unreachable(format!("{what} {}: {e}", socket.display()))
+    };
     let s = UnixStream::connect(socket).map_err(|e| unreachable("connecting to", e))?;
-    s.set_read_timeout(Some(timeout)).map_err(|e| unreachable("configuring", e))?;
-    s.set_write_timeout(Some(timeout)).map_err(|e| unreachable("configuring", e))?;
+    s.set_read_timeout(Some(timeout))
+        .map_err(|e| unreachable("configuring", e))?;
+    s.set_write_timeout(Some(timeout))
+        .map_err(|e| unreachable("configuring", e))?;
     let mut line = serde_json::to_string(req).expect("requests serialize");
     line.push('\n');
     // An agent that refuses the peer answers at once and closes without
@@ -287,19 +388,32 @@ pub fn call(socket: &Path, req: &Request, timeout: Duration) -> Result<serde_jso
     // refusal is already waiting to be read. Read it before giving up.
     let written = (&s).write_all(line.as_bytes());
     let mut reply = String::new();
-    let read = BufReader::new(&s).take(MAX_LINE as u64).read_line(&mut reply);
+    let read = BufReader::new(&s)
+        .take(MAX_LINE as u64)
+        .read_line(&mut reply);
     if reply.is_empty() {
         if let Err(e) = written {
             return Err(unreachable("writing to", e));
         }
         read.map_err(|e| unreachable("reading the reply from", e))?;
-        return Err(CallError::Unreachable(format!("{} closed the connection without a reply", socket.display())));
+        return Err(CallError::Unreachable(format!(
+            "{} closed the connection without a reply",
+            socket.display()
+        )));
     }
-    let v: serde_json::Value = serde_json::from_str(&reply).map_err(|e| CallError::Protocol(format!("{e}: {reply:?}")))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&reply).map_err(|e| CallError::Protocol(format!("{e}: {reply:?}")))?;
     match v.get("ok").and_then(|o| o.as_bool()) {
         Some(true) => Ok(v),
-        Some(false) => Err(CallError::Refused(v.get("error").and_then(|e| e.as_str()).unwrap_or("no reason given").to_string())),
-        None => Err(CallError::Protocol(format!("reply without \"ok\": {reply:?}"))),
+        Some(false) => Err(CallError::Refused(
+            v.get("error")
+                .and_then(|e| e.as_str())
+                .unwrap_or("no reason given")
+                .to_string(),
+        )),
+        None => Err(CallError::Protocol(format!(
+            "reply without \"ok\": {reply:?}"
+        ))),
     }
 }
 
@@ -309,7 +423,11 @@ mod tests {
 
     #[test]
     fn netns_paths() {
-        for ok in ["/run/netns/pod", "/var/run/netns/cni-1234", "/proc/42/ns/net"] {
+        for ok in [
+            "/run/netns/pod",
+            "/var/run/netns/cni-1234",
+            "/proc/42/ns/net",
+        ] {
             assert!(check_netns_path(Path::new(ok)).is_ok(), "{ok}");
         }
         for bad in [
@@ -331,27 +449,56 @@ mod tests {
 
     #[test]
     fn capture_config_values_and_aliases() {
-        let c: CaptureConfig = serde_json::from_str(r#"{"d":[15090,15021],"istio-service-cidr":"*","envoy-port":15001,"accel":true}"#).unwrap();
+        let c: CaptureConfig = serde_json::from_str(
+            r#"{"d":[15090,15021],"istio-service-cidr":"*","envoy-port":15001,"accel":true}"#,
+        )
+        .unwrap();
         assert_eq!(c.exclude_in_ports, Some(FlagValue("15090,15021".into())));
         assert_eq!(c.proxy_port, Some(FlagValue("15001".into())));
         let f = c.to_flags();
-        assert_eq!((f.include_cidrs.as_str(), f.accel, f.no_accel), ("*", true, false));
+        assert_eq!(
+            (f.include_cidrs.as_str(), f.accel, f.no_accel),
+            ("*", true, false)
+        );
         let off: CaptureConfig = serde_json::from_str(r#"{"accel":false}"#).unwrap();
         let f = off.to_flags();
         assert_eq!((f.accel, f.no_accel), (false, true));
         let auto: CaptureConfig = serde_json::from_str("{}").unwrap();
         let f = auto.to_flags();
-        assert_eq!((f.accel, f.no_accel, f.accel_short_conns), (false, false, false));
-        let all: CaptureConfig = serde_json::from_str(r#"{"accel":true,"accel-short-conns":true}"#).unwrap();
+        assert_eq!(
+            (f.accel, f.no_accel, f.accel_short_conns),
+            (false, false, false)
+        );
+        let all: CaptureConfig =
+            serde_json::from_str(r#"{"accel":true,"accel-short-conns":true}"#).unwrap();
         assert!(all.to_flags().to_spec().unwrap().accel_short_conns);
-        let e = serde_json::from_str::<CaptureConfig>(r#"{"accel":false,"accel-short-conns":true}"#).unwrap().to_flags().to_spec().unwrap_err().to_string();
-        assert!(e.contains("--accel-short-conns") && e.contains("--no-accel"), "{e}");
+        let e =
+            serde_json::from_str::<CaptureConfig>(r#"{"accel":false,"accel-short-conns":true}"#)
+                .unwrap()
+                .to_flags()
+                .to_spec()
+                .unwrap_err()
+                .to_string();
+        assert!(
+            e.contains("--accel-short-conns") && e.contains("--no-accel"),
+            "{e}"
+        );
         assert!(serde_json::from_str::<CaptureConfig>(r#"{"exclude-inbound-portz":"1"}"#).is_err());
         assert!(serde_json::from_str::<CaptureConfig>(r#"{"d":{"a":1}}"#).is_err());
-        let merged = CaptureConfig { exclude_in_ports: Some(FlagValue("".into())), ..Default::default() }.over(&CaptureConfig::istio_injected());
+        let merged = CaptureConfig {
+            exclude_in_ports: Some(FlagValue("".into())),
+            ..Default::default()
+        }
+        .over(&CaptureConfig::istio_injected());
         let spec = merged.to_flags().to_spec().unwrap();
         assert!(spec.exclude_inbound_ports.is_empty() && spec.include_all_outbound);
-        assert_eq!(CaptureConfig::istio_injected().to_flags().to_spec().unwrap(), crate::config::PodSpec::istio_default());
+        assert_eq!(
+            CaptureConfig::istio_injected()
+                .to_flags()
+                .to_spec()
+                .unwrap(),
+            crate::config::PodSpec::istio_default()
+        );
     }
 
     #[test]
@@ -361,7 +508,10 @@ mod tests {
         let back: Request = serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
         assert_eq!(back.op(), "add");
         assert!(serde_json::from_str::<Request>(r#"{"op":"explode"}"#).is_err());
-        assert!(matches!(serde_json::from_str::<Request>(r#"{"op":"list"}"#).unwrap(), Request::List));
+        assert!(matches!(
+            serde_json::from_str::<Request>(r#"{"op":"list"}"#).unwrap(),
+            Request::List
+        ));
         assert!(serde_json::from_str::<Request>(r#"{"op":"del"}"#).is_ok());
     }
 }

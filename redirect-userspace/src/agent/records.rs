@@ -62,13 +62,21 @@ fn get(b: &[u8]) -> String {
 
 impl From<&Record> for RawRecord {
     fn from(r: &Record) -> RawRecord {
-        RawRecord { container_id: put(&r.container_id), pod: put(&r.pod), netns: put(&r.netns) }
+        RawRecord {
+            container_id: put(&r.container_id),
+            pod: put(&r.pod),
+            netns: put(&r.netns),
+        }
     }
 }
 
 impl From<&RawRecord> for Record {
     fn from(r: &RawRecord) -> Record {
-        Record { container_id: get(&r.container_id), pod: get(&r.pod), netns: get(&r.netns) }
+        Record {
+            container_id: get(&r.container_id),
+            pod: get(&r.pod),
+            netns: get(&r.netns),
+        }
     }
 }
 
@@ -87,20 +95,27 @@ impl Records {
         let path = pins.map(MAP_AGENT_PODS);
         if !path.exists() {
             // As many records as the install has pod slots (`--map-size pods=`).
-            let capacity = crate::mapsize::pinned_max_entries(&pins.maps_dir(), redirect_common::MAP_PODS);
+            let capacity =
+                crate::mapsize::pinned_max_entries(&pins.maps_dir(), redirect_common::MAP_PODS);
             match create_pinned(&path, capacity) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
                 Err(e) => return Err(Error::io("creating the agent's pinned pod map", &path, e)),
             }
         }
-        let data = MapData::from_pin(&path).map_err(|e| Error::bpf(format!("opening pinned map {}", path.display()), e))?;
-        let map = match Map::from_map_data(data).map_err(|e| Error::bpf(format!("reading pinned map {}", path.display()), e))? {
-            Map::HashMap(m) => HashMap::try_from(Map::HashMap(m)).map_err(|e| Error::bpf(format!("pinned map {}", path.display()), e))?,
+        let data = MapData::from_pin(&path)
+            .map_err(|e| Error::bpf(format!("opening pinned map {}", path.display()), e))?;
+        let map = match Map::from_map_data(data)
+            .map_err(|e| Error::bpf(format!("reading pinned map {}", path.display()), e))?
+        {
+            Map::HashMap(m) => HashMap::try_from(Map::HashMap(m))
+                .map_err(|e| Error::bpf(format!("pinned map {}", path.display()), e))?,
             _ => {
                 return Err(Error::bpf(
                     format!("pinned map {}", path.display()),
-                    io::Error::other("unexpected map type (remove it, or run `redirect uninstall`)"),
+                    io::Error::other(
+                        "unexpected map type (remove it, or run `redirect uninstall`)",
+                    ),
                 ))
             }
         };
@@ -108,7 +123,11 @@ impl Records {
     }
 
     pub fn all(&self) -> Vec<(u64, Record)> {
-        self.map.iter().filter_map(|r| r.ok()).map(|(k, v)| (k, Record::from(&v))).collect()
+        self.map
+            .iter()
+            .filter_map(|r| r.ok())
+            .map(|(k, v)| (k, Record::from(&v)))
+            .collect()
     }
 
     pub fn get(&self, cookie: u64) -> Option<Record> {
@@ -127,7 +146,11 @@ impl Records {
 
     /// Cookies recorded for this container id.
     pub fn by_container(&self, container_id: &str) -> Vec<u64> {
-        let want = RawRecord::from(&Record { container_id: container_id.into(), ..Default::default() }).container_id;
+        let want = RawRecord::from(&Record {
+            container_id: container_id.into(),
+            ..Default::default()
+        })
+        .container_id;
         self.map
             .iter()
             .filter_map(|r| r.ok())
@@ -167,7 +190,8 @@ fn create_pinned(path: &Path, capacity: u32) -> io::Result<()> {
     // { u64 pathname; u32 bpf_fd; u32 file_flags; }
     let mut pin = [0u8; 128];
     pin[..8].copy_from_slice(&(c.as_ptr() as u64).to_ne_bytes());
-    pin[8..12].copy_from_slice(&(std::os::fd::AsRawFd::as_raw_fd(&fd.as_fd()) as u32).to_ne_bytes());
+    pin[8..12]
+        .copy_from_slice(&(std::os::fd::AsRawFd::as_raw_fd(&fd.as_fd()) as u32).to_ne_bytes());
     let r = unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_PIN, pin.as_mut_ptr(), pin.len()) };
     if r < 0 {
         return Err(io::Error::last_os_error());
@@ -186,10 +210,17 @@ mod tests {
 
     #[test]
     fn record_round_trip_and_truncation() {
-        let r = Record { container_id: "abc".into(), pod: "ns/name".into(), netns: "/run/netns/x".into() };
+        let r = Record {
+            container_id: "abc".into(),
+            pod: "ns/name".into(),
+            netns: "/run/netns/x".into(),
+        };
         assert_eq!(Record::from(&RawRecord::from(&r)), r);
         let long = "é".repeat(200);
-        let back = Record::from(&RawRecord::from(&Record { pod: long.clone(), ..r.clone() }));
+        let back = Record::from(&RawRecord::from(&Record {
+            pod: long.clone(),
+            ..r.clone()
+        }));
         assert!(long.starts_with(&back.pod) && back.pod.len() <= POD_LEN);
         assert!(fits(&"a".repeat(128)) && !fits(&"a".repeat(129)));
     }

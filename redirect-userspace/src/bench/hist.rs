@@ -9,7 +9,14 @@ pub fn new() -> Histogram<u64> {
 }
 
 pub fn to_buckets(h: &Histogram<u64>) -> Vec<[u64; 2]> {
-    h.iter_recorded().map(|v| [h.highest_equivalent(v.value_iterated_to()), v.count_at_value()]).collect()
+    h.iter_recorded()
+        .map(|v| {
+            [
+                h.highest_equivalent(v.value_iterated_to()),
+                v.count_at_value(),
+            ]
+        })
+        .collect()
 }
 
 pub fn from_buckets(b: &[[u64; 2]]) -> Histogram<u64> {

@@ -90,9 +90,18 @@ fn read_full(s: &mut impl Read, buf: &mut [u8]) -> io::Result<()> {
     let mut off = 0;
     while off < buf.len() {
         match s.read(&mut buf[off..]) {
-            Ok(0) => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, format!("peer closed after {off} of {} bytes", buf.len()))),
+            Ok(0) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("peer closed after {off} of {} bytes", buf.len()),
+                ))
+            }
             Ok(n) => off += n,
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) && start.elapsed() < TIMEOUT => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                ) && start.elapsed() < TIMEOUT => {}
             Err(e) => return Err(e),
         }
     }
@@ -122,7 +131,10 @@ pub fn run(a: &LoadArgs) -> LoadResult {
 
 fn unix_connect(a: &LoadArgs) -> io::Result<std::os::unix::net::UnixStream> {
     use std::os::linux::net::SocketAddrExt;
-    let name = a.unix.as_deref().ok_or_else(|| io::Error::other("unix mode needs --unix NAME"))?;
+    let name = a
+        .unix
+        .as_deref()
+        .ok_or_else(|| io::Error::other("unix mode needs --unix NAME"))?;
     let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())?;
     let s = std::os::unix::net::UnixStream::connect_addr(&addr)?;
     s.set_read_timeout(Some(TIMEOUT))?;
@@ -179,7 +191,10 @@ fn conn(a: &LoadArgs, r: &mut LoadResult) -> io::Result<()> {
             Err(e) => {
                 r.errors += 1;
                 if r.errors > 100 {
-                    return Err(io::Error::new(e.kind(), format!("more than 100 failed connections, last: {e}")));
+                    return Err(io::Error::new(
+                        e.kind(),
+                        format!("more than 100 failed connections, last: {e}"),
+                    ));
                 }
             }
         }
@@ -193,9 +208,21 @@ fn conn(a: &LoadArgs, r: &mut LoadResult) -> io::Result<()> {
 /// Busy time of all CPUs, in seconds, from the first line of /proc/stat.
 pub fn busy_cpu_s() -> f64 {
     let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let f: Vec<u64> = stat.lines().next().unwrap_or("").split_whitespace().skip(1).filter_map(|v| v.parse().ok()).collect();
+    let f: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
     // user nice system idle iowait irq softirq steal ...
-    let busy: u64 = f.iter().enumerate().filter(|(i, _)| ![3, 4].contains(i) && *i < 8).map(|(_, v)| v).sum();
+    let busy: u64 = f
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| ![3, 4].contains(i) && *i < 8)
+        .map(|(_, v)| v)
+        .sum();
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
     busy as f64 / hz
 }
@@ -234,7 +261,9 @@ fn bulk(a: &LoadArgs, r: &mut LoadResult) -> io::Result<()> {
     let (t1, c1) = (Instant::now(), busy_cpu_s());
     let total = u64::from_be_bytes(total);
     if total != sent {
-        return Err(io::Error::other(format!("sink received {total} bytes, {sent} sent")));
+        return Err(io::Error::other(format!(
+            "sink received {total} bytes, {sent} sent"
+        )));
     }
     let (t0, c0) = cpu0.unwrap_or((start, c1));
     r.bytes = sent - warm;
@@ -257,19 +286,21 @@ fn open(a: &LoadArgs, r: &mut LoadResult) -> io::Result<()> {
     let mut reader = s.try_clone()?;
     let start = Instant::now();
     let sched = move |i: u64| start + Duration::from_nanos((i as f64 * period) as u64);
-    let rd = std::thread::spawn(move || -> io::Result<(hdrhistogram::Histogram<u64>, Instant)> {
-        let mut h = hist::new();
-        let mut buf = [0u8; SIZE];
-        let mut last = start;
-        for i in 0..total {
-            read_full(&mut reader, &mut buf)?;
-            last = Instant::now();
-            if i >= warm_n {
-                h.saturating_record(ns(last.saturating_duration_since(sched(i))));
+    let rd = std::thread::spawn(
+        move || -> io::Result<(hdrhistogram::Histogram<u64>, Instant)> {
+            let mut h = hist::new();
+            let mut buf = [0u8; SIZE];
+            let mut last = start;
+            for i in 0..total {
+                read_full(&mut reader, &mut buf)?;
+                last = Instant::now();
+                if i >= warm_n {
+                    h.saturating_record(ns(last.saturating_duration_since(sched(i))));
+                }
             }
-        }
-        Ok((h, last))
-    });
+            Ok((h, last))
+        },
+    );
     // The sender sleeps to each scheduled time (1 ns timer slack), then
     // sends everything due, in one write when it is late.
     unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong) };
@@ -289,7 +320,9 @@ fn open(a: &LoadArgs, r: &mut LoadResult) -> io::Result<()> {
         w.write_all(&batch[..k * SIZE])?;
         sent += k as u64;
     }
-    let (h, last) = rd.join().map_err(|_| io::Error::other("open-loop reader panicked"))??;
+    let (h, last) = rd
+        .join()
+        .map_err(|_| io::Error::other("open-loop reader panicked"))??;
     r.ops = h.len();
     r.elapsed_s = last.saturating_duration_since(sched(warm_n)).as_secs_f64();
     r.hist = hist::to_buckets(&h);
@@ -315,7 +348,15 @@ mod tests {
                 }
             }
         });
-        let a = LoadArgs { mode: Mode::Unix, target: SocketAddr::from(([0, 0, 0, 0], 0)), size: 64, duration: Duration::from_millis(50), warmup: Duration::from_millis(10), rate: 0, unix: Some(name) };
+        let a = LoadArgs {
+            mode: Mode::Unix,
+            target: SocketAddr::from(([0, 0, 0, 0], 0)),
+            size: 64,
+            duration: Duration::from_millis(50),
+            warmup: Duration::from_millis(10),
+            rate: 0,
+            unix: Some(name),
+        };
         let r = run(&a);
         assert!(r.error.is_none(), "{:?}", r.error);
         assert_eq!(r.conns, 1);

@@ -90,20 +90,41 @@ fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
 
 fn set_nodelay(fd: RawFd) {
     let one: libc::c_int = 1;
-    unsafe { libc::setsockopt(fd, libc::IPPROTO_TCP, libc::TCP_NODELAY, (&one as *const libc::c_int).cast(), 4) };
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_NODELAY,
+            (&one as *const libc::c_int).cast(),
+            4,
+        )
+    };
 }
 
 fn sockaddr(a: &SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
     let s: socket2::SockAddr = (*a).into();
     let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    unsafe { std::ptr::copy_nonoverlapping(s.as_ptr().cast::<u8>(), (&mut ss as *mut libc::sockaddr_storage).cast::<u8>(), s.len() as usize) };
+    unsafe {
+        std::ptr::copy_nonoverlapping(
+            s.as_ptr().cast::<u8>(),
+            (&mut ss as *mut libc::sockaddr_storage).cast::<u8>(),
+            s.len() as usize,
+        )
+    };
     (ss, s.len())
 }
 
 impl Loop {
     fn new() -> io::Result<Loop> {
         let ep = cvt(unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) })?;
-        Ok(Loop { ep, listeners: Vec::new(), conns: Vec::new(), free: Vec::new(), pool: Vec::new(), counters: Counters::default() })
+        Ok(Loop {
+            ep,
+            listeners: Vec::new(),
+            conns: Vec::new(),
+            free: Vec::new(),
+            pool: Vec::new(),
+            counters: Counters::default(),
+        })
     }
 
     fn ctl(&self, op: libc::c_int, fd: RawFd, events: u32, token: u64) -> io::Result<()> {
@@ -112,13 +133,19 @@ impl Loop {
     }
 
     fn listen(&mut self, addr: SocketAddr, role: Role) -> io::Result<()> {
-        let l = kit::listen(addr).map_err(|e| io::Error::new(e.kind(), format!("listening on {addr}: {e}")))?;
+        let l = kit::listen(addr)
+            .map_err(|e| io::Error::new(e.kind(), format!("listening on {addr}: {e}")))?;
         l.set_nonblocking(true)?;
         self.add_listener(l.into_raw_fd(), role)
     }
 
     fn add_listener(&mut self, fd: RawFd, role: Role) -> io::Result<()> {
-        self.ctl(libc::EPOLL_CTL_ADD, fd, libc::EPOLLIN as u32, LISTENER + self.listeners.len() as u64)?;
+        self.ctl(
+            libc::EPOLL_CTL_ADD,
+            fd,
+            libc::EPOLLIN as u32,
+            LISTENER + self.listeners.len() as u64,
+        )?;
         self.listeners.push((fd, role));
         Ok(())
     }
@@ -128,7 +155,8 @@ impl Loop {
     fn listen_unix_echo(&mut self, name: &str) -> io::Result<()> {
         use std::os::linux::net::SocketAddrExt;
         let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())?;
-        let l = std::os::unix::net::UnixListener::bind_addr(&addr).map_err(|e| io::Error::new(e.kind(), format!("listening on @{name}: {e}")))?;
+        let l = std::os::unix::net::UnixListener::bind_addr(&addr)
+            .map_err(|e| io::Error::new(e.kind(), format!("listening on @{name}: {e}")))?;
         l.set_nonblocking(true)?;
         self.add_listener(l.into_raw_fd(), Role::Echo)
     }
@@ -138,7 +166,15 @@ impl Loop {
     }
 
     fn pipe(&mut self, from: usize, to: usize) -> Pipe {
-        Pipe { from, to, buf: self.buffer(), lo: 0, hi: 0, eof: false, shut: false }
+        Pipe {
+            from,
+            to,
+            buf: self.buffer(),
+            lo: 0,
+            hi: 0,
+            eof: false,
+            shut: false,
+        }
     }
 
     fn insert(&mut self, c: Conn) -> usize {
@@ -157,7 +193,14 @@ impl Loop {
     fn accept(&mut self, li: usize) {
         let (lfd, role) = self.listeners[li];
         for _ in 0..64 {
-            let fd = unsafe { libc::accept4(lfd, std::ptr::null_mut(), std::ptr::null_mut(), libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC) };
+            let fd = unsafe {
+                libc::accept4(
+                    lfd,
+                    std::ptr::null_mut(),
+                    std::ptr::null_mut(),
+                    libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                )
+            };
             if fd < 0 {
                 return;
             }
@@ -166,10 +209,28 @@ impl Loop {
             match role {
                 Role::Echo | Role::Sink => {
                     let p = self.pipe(0, 0);
-                    let kind = if matches!(role, Role::Echo) { Kind::Echo } else { Kind::Sink(0) };
-                    let c = Conn { fds: [fd, -1], kind, connecting: false, pipes: vec![p], interest: [libc::EPOLLIN as u32, 0] };
+                    let kind = if matches!(role, Role::Echo) {
+                        Kind::Echo
+                    } else {
+                        Kind::Sink(0)
+                    };
+                    let c = Conn {
+                        fds: [fd, -1],
+                        kind,
+                        connecting: false,
+                        pipes: vec![p],
+                        interest: [libc::EPOLLIN as u32, 0],
+                    };
                     let i = self.insert(c);
-                    if self.ctl(libc::EPOLL_CTL_ADD, fd, libc::EPOLLIN as u32, (i as u64) << 1).is_err() {
+                    if self
+                        .ctl(
+                            libc::EPOLL_CTL_ADD,
+                            fd,
+                            libc::EPOLLIN as u32,
+                            (i as u64) << 1,
+                        )
+                        .is_err()
+                    {
                         self.close(i);
                     }
                 }
@@ -200,11 +261,30 @@ impl Loop {
                     match self.connect(dst) {
                         Ok((up, done)) => {
                             let pipes = vec![self.pipe(0, 1), self.pipe(1, 0)];
-                            let interest = if done { [libc::EPOLLIN as u32; 2] } else { [0, libc::EPOLLOUT as u32] };
-                            let c = Conn { fds: [fd, up], kind: Kind::Relay, connecting: !done, pipes, interest };
+                            let interest = if done {
+                                [libc::EPOLLIN as u32; 2]
+                            } else {
+                                [0, libc::EPOLLOUT as u32]
+                            };
+                            let c = Conn {
+                                fds: [fd, up],
+                                kind: Kind::Relay,
+                                connecting: !done,
+                                pipes,
+                                interest,
+                            };
                             let i = self.insert(c);
-                            let ok = self.ctl(libc::EPOLL_CTL_ADD, fd, interest[0], (i as u64) << 1).is_ok()
-                                && self.ctl(libc::EPOLL_CTL_ADD, up, interest[1], ((i as u64) << 1) | 1).is_ok();
+                            let ok = self
+                                .ctl(libc::EPOLL_CTL_ADD, fd, interest[0], (i as u64) << 1)
+                                .is_ok()
+                                && self
+                                    .ctl(
+                                        libc::EPOLL_CTL_ADD,
+                                        up,
+                                        interest[1],
+                                        ((i as u64) << 1) | 1,
+                                    )
+                                    .is_ok();
                             if !ok {
                                 self.close(i);
                             }
@@ -221,8 +301,18 @@ impl Loop {
 
     /// Non-blocking connect; true when it completed at once.
     fn connect(&self, dst: SocketAddr) -> io::Result<(RawFd, bool)> {
-        let family = if dst.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
-        let fd = cvt(unsafe { libc::socket(family, libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0) })?;
+        let family = if dst.is_ipv4() {
+            libc::AF_INET
+        } else {
+            libc::AF_INET6
+        };
+        let fd = cvt(unsafe {
+            libc::socket(
+                family,
+                libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                0,
+            )
+        })?;
         set_nodelay(fd);
         let (ss, len) = sockaddr(&dst);
         let r = unsafe { libc::connect(fd, (&ss as *const libc::sockaddr_storage).cast(), len) };
@@ -256,7 +346,9 @@ impl Loop {
     fn event(&mut self, token: u64, ev: u32) {
         let i = (token >> 1) as usize;
         let side = (token & 1) as usize;
-        let Some(c) = self.conns[i].as_mut() else { return };
+        let Some(c) = self.conns[i].as_mut() else {
+            return;
+        };
         let err = ev & (libc::EPOLLERR | libc::EPOLLHUP) as u32 != 0;
         let readable = ev & libc::EPOLLIN as u32 != 0 || err;
         let writable = ev & libc::EPOLLOUT as u32 != 0 || err;
@@ -266,7 +358,15 @@ impl Loop {
             }
             let mut e: libc::c_int = 0;
             let mut len = 4 as libc::socklen_t;
-            unsafe { libc::getsockopt(c.fds[1], libc::SOL_SOCKET, libc::SO_ERROR, (&mut e as *mut libc::c_int).cast(), &mut len) };
+            unsafe {
+                libc::getsockopt(
+                    c.fds[1],
+                    libc::SOL_SOCKET,
+                    libc::SO_ERROR,
+                    (&mut e as *mut libc::c_int).cast(),
+                    &mut len,
+                )
+            };
             if e != 0 {
                 self.counters.connect_failed += 1;
                 self.close(i);
@@ -308,7 +408,15 @@ impl Loop {
         }
         for (s, fd) in changes.iter().enumerate() {
             if let Some(fd) = fd {
-                if self.ctl(libc::EPOLL_CTL_MOD, *fd, want[s], ((i as u64) << 1) | s as u64).is_err() {
+                if self
+                    .ctl(
+                        libc::EPOLL_CTL_MOD,
+                        *fd,
+                        want[s],
+                        ((i as u64) << 1) | s as u64,
+                    )
+                    .is_err()
+                {
                     self.close(i);
                     return;
                 }
@@ -326,7 +434,14 @@ fn flush(c: &mut Conn, p: usize) -> io::Result<()> {
     let to = c.fds[c.pipes[p].to];
     let pipe = &mut c.pipes[p];
     while pipe.lo < pipe.hi {
-        let n = unsafe { libc::send(to, pipe.buf[pipe.lo..].as_ptr().cast(), pipe.hi - pipe.lo, libc::MSG_NOSIGNAL) };
+        let n = unsafe {
+            libc::send(
+                to,
+                pipe.buf[pipe.lo..].as_ptr().cast(),
+                pipe.hi - pipe.lo,
+                libc::MSG_NOSIGNAL,
+            )
+        };
         if n < 0 {
             let e = io::Error::last_os_error();
             return if would_block(&e) { Ok(()) } else { Err(e) };
@@ -419,7 +534,11 @@ pub fn serve_all(listeners: &[(SocketAddr, Role)], unix_echo: &[String]) -> io::
         libc::sigemptyset(&mut set);
         libc::sigaddset(&mut set, libc::SIGUSR1);
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-        cvt(libc::signalfd(-1, &set, libc::SFD_NONBLOCK | libc::SFD_CLOEXEC))?
+        cvt(libc::signalfd(
+            -1,
+            &set,
+            libc::SFD_NONBLOCK | libc::SFD_CLOEXEC,
+        ))?
     };
     lp.ctl(libc::EPOLL_CTL_ADD, sfd, libc::EPOLLIN as u32, SIGNAL)?;
     for (a, r) in listeners {
@@ -459,8 +578,13 @@ pub fn serve_all(listeners: &[(SocketAddr, Role)], unix_echo: &[String]) -> io::
 
 /// `--fixed PORT=ADDR` of the proxy.
 pub fn parse_fixed(s: &str) -> Result<(u16, SocketAddr), String> {
-    let (p, a) = s.split_once('=').ok_or_else(|| format!("'{s}' is not PORT=ADDR"))?;
-    Ok((p.parse().map_err(|_| format!("bad port '{p}'"))?, a.parse().map_err(|_| format!("bad address '{a}'"))?))
+    let (p, a) = s
+        .split_once('=')
+        .ok_or_else(|| format!("'{s}' is not PORT=ADDR"))?;
+    Ok((
+        p.parse().map_err(|_| format!("bad port '{p}'"))?,
+        a.parse().map_err(|_| format!("bad address '{a}'"))?,
+    ))
 }
 
 /// The benchmark sidecar: transparent on `port` (all IPv4 addresses),

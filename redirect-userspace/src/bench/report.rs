@@ -29,15 +29,38 @@ pub struct Machine {
 impl Machine {
     pub fn probe() -> Machine {
         let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-        let cpu = cpuinfo.lines().find_map(|l| l.strip_prefix("model name").and_then(|r| r.split_once(':')).map(|(_, v)| v.trim().to_string())).unwrap_or_else(|| "unknown".into());
-        let hypervisor = cpuinfo.lines().any(|l| l.starts_with("flags") && l.split_whitespace().any(|f| f == "hypervisor"));
+        let cpu = cpuinfo
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("model name")
+                    .and_then(|r| r.split_once(':'))
+                    .map(|(_, v)| v.trim().to_string())
+            })
+            .unwrap_or_else(|| "unknown".into());
+        let hypervisor = cpuinfo
+            .lines()
+            .any(|l| l.starts_with("flags") && l.split_whitespace().any(|f| f == "hypervisor"));
         let mem_kib: f64 = std::fs::read_to_string("/proc/meminfo")
             .unwrap_or_default()
             .lines()
-            .find_map(|l| l.strip_prefix("MemTotal:").and_then(|v| v.split_whitespace().next()?.parse().ok()))
+            .find_map(|l| {
+                l.strip_prefix("MemTotal:")
+                    .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            })
             .unwrap_or(0.0);
-        let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_string();
-        Machine { nproc: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1), kernel, cpu, mem_gib: mem_kib / 1048576.0, hypervisor }
+        let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim()
+            .to_string();
+        Machine {
+            nproc: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
+            kernel,
+            cpu,
+            mem_gib: mem_kib / 1048576.0,
+            hypervisor,
+        }
     }
 
     pub fn describe(&self) -> String {
@@ -55,7 +78,10 @@ impl Machine {
 
 /// (year, month, day, hour, minute, second) in UTC.
 fn utc_parts() -> (i64, u32, u32, u32, u32, u32) {
-    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
     let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
     // Howard Hinnant's civil_from_days.
     let z = days + 719_468;
@@ -67,7 +93,14 @@ fn utc_parts() -> (i64, u32, u32, u32, u32, u32) {
     let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
     let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
     let y = yoe + era * 400 + i64::from(m <= 2);
-    (y, m, d, (rem / 3600) as u32, (rem / 60 % 60) as u32, (rem % 60) as u32)
+    (
+        y,
+        m,
+        d,
+        (rem / 3600) as u32,
+        (rem / 60 % 60) as u32,
+        (rem % 60) as u32,
+    )
 }
 
 pub fn utc_now() -> String {
@@ -95,8 +128,16 @@ impl Agg {
         }
         v.sort_by(f64::total_cmp);
         let n = v.len();
-        let med = if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 };
-        Some(Agg { med, min: v[0], max: v[n - 1] })
+        let med = if n % 2 == 1 {
+            v[n / 2]
+        } else {
+            (v[n / 2 - 1] + v[n / 2]) / 2.0
+        };
+        Some(Agg {
+            med,
+            min: v[0],
+            max: v[n - 1],
+        })
     }
 
     /// Ranges overlap: the difference is within the run-to-run spread.
@@ -134,18 +175,40 @@ struct View<'a> {
 
 impl View<'_> {
     fn agg(&self, cfg: Cfg, place: Place, test: Test, rules: usize, m: Metric) -> Option<Agg> {
-        Agg::of(self.run.samples.iter().filter(|s| s.cfg == cfg && s.place == place && s.test == test && s.rules == rules).map(|s| m.get(s)).collect())
+        Agg::of(
+            self.run
+                .samples
+                .iter()
+                .filter(|s| s.cfg == cfg && s.place == place && s.test == test && s.rules == rules)
+                .map(|s| m.get(s))
+                .collect(),
+        )
     }
 
     /// Median ratio cfg/C and whether it is beyond the spread.
-    fn ratio(&self, cfg: Cfg, place: Place, test: Test, rules: usize, m: Metric) -> Option<(f64, bool)> {
-        let (a, c) = (self.agg(cfg, place, test, rules, m)?, self.agg(Cfg::C, place, test, rules, m)?);
+    fn ratio(
+        &self,
+        cfg: Cfg,
+        place: Place,
+        test: Test,
+        rules: usize,
+        m: Metric,
+    ) -> Option<(f64, bool)> {
+        let (a, c) = (
+            self.agg(cfg, place, test, rules, m)?,
+            self.agg(Cfg::C, place, test, rules, m)?,
+        );
         (c.med > 0.0).then(|| (a.med / c.med, !a.overlaps(&c)))
     }
 
     fn merged(&self, cfg: Cfg, place: Place, test: Test) -> Histogram<u64> {
         let mut h = hist::new();
-        for s in self.run.samples.iter().filter(|s| s.cfg == cfg && s.place == place && s.test == test && s.rules == 0) {
+        for s in self
+            .run
+            .samples
+            .iter()
+            .filter(|s| s.cfg == cfg && s.place == place && s.test == test && s.rules == 0)
+        {
             let _ = h.add(hist::from_buckets(&s.hist));
         }
         h
@@ -218,7 +281,14 @@ fn leg_verdict(e: &Agg, unix: &Agg) -> Verdict {
 
 /// Why E's leg is not at AF_UNIX's p50 (medians in µs), in terms of the
 /// other variants of the same run.
-fn why_leg(e: f64, unix: f64, d: Option<f64>, tcp: Option<f64>, accel_active: bool, accel_rows: bool) -> String {
+fn why_leg(
+    e: f64,
+    unix: f64,
+    d: Option<f64>,
+    tcp: Option<f64>,
+    accel_active: bool,
+    accel_rows: bool,
+) -> String {
     let mut why = Vec::new();
     if !accel_active {
         why.push(if accel_rows {
@@ -227,18 +297,36 @@ fn why_leg(e: f64, unix: f64, d: Option<f64>, tcp: Option<f64>, accel_active: bo
             "acceleration is not in this build (no ACCEL counters in `redirect stats`), so E ran as D".to_string()
         });
     }
-    let mut line = format!("E's round trip is {} µs against AF_UNIX's {} µs ({}{})", num(e), num(unix), if e < unix { "−" } else { "+" }, num((e - unix).abs()));
+    let mut line = format!(
+        "E's round trip is {} µs against AF_UNIX's {} µs ({}{})",
+        num(e),
+        num(unix),
+        if e < unix { "−" } else { "+" },
+        num((e - unix).abs())
+    );
     let saved = accel_active && d.is_some_and(|d| d > e);
     if let Some(d) = d {
-        let _ = write!(line, "; D, the same capture over loopback TCP, is at {} µs", num(d));
+        let _ = write!(
+            line,
+            "; D, the same capture over loopback TCP, is at {} µs",
+            num(d)
+        );
         if saved {
-            let _ = write!(line, ", so acceleration took {} µs off the TCP/IP stack", num(d - e));
+            let _ = write!(
+                line,
+                ", so acceleration took {} µs off the TCP/IP stack",
+                num(d - e)
+            );
         } else if accel_active {
             line.push_str(", so this run shows no saving from acceleration in this placement");
         }
     }
     if let Some(t) = tcp {
-        let _ = write!(line, "; plain loopback TCP without capture is at {} µs", num(t));
+        let _ = write!(
+            line,
+            "; plain loopback TCP without capture is at {} µs",
+            num(t)
+        );
     }
     why.push(line);
     if saved && e > unix {
@@ -251,23 +339,57 @@ fn why_leg(e: f64, unix: f64, d: Option<f64>, tcp: Option<f64>, accel_active: bo
 }
 
 fn leg_target(v: &View, place: Place) -> Option<Target> {
-    let (e, unix) = (v.leg(Leg::E, place, Metric::P50)?, v.leg(Leg::Unix, place, Metric::P50)?);
+    let (e, unix) = (
+        v.leg(Leg::E, place, Metric::P50)?,
+        v.leg(Leg::Unix, place, Metric::P50)?,
+    );
     let verdict = leg_verdict(&e, &unix);
     let why = || {
         let med = |l: Leg| v.leg(l, place, Metric::P50).map(|a| a.med);
-        why_leg(e.med, unix.med, med(Leg::D), med(Leg::Tcp), v.leg_accel_active(), v.run.leg_accel_rows_present)
+        why_leg(
+            e.med,
+            unix.med,
+            med(Leg::D),
+            med(Leg::Tcp),
+            v.leg_accel_active(),
+            v.run.leg_accel_rows_present,
+        )
     };
     let why = match verdict {
         Verdict::Met => String::new(),
-        Verdict::NoResult => format!("E and AF_UNIX overlap run to run ({}–{} vs {}–{} µs); {}", num(e.min), num(e.max), num(unix.min), num(unix.max), why()),
+        Verdict::NoResult => format!(
+            "E and AF_UNIX overlap run to run ({}–{} vs {}–{} µs); {}",
+            num(e.min),
+            num(e.max),
+            num(unix.min),
+            num(unix.max),
+            why()
+        ),
         Verdict::Missed => why(),
     };
-    let value = if unix.med > 0.0 { format!("{} vs {} µs ({:.2}×)", num(e.med), num(unix.med), e.med / unix.med) } else { format!("{} vs {} µs", num(e.med), num(unix.med)) };
-    Some(Target { name: "E app↔proxy RR 64 B p50 ≤ AF_UNIX RR p50".into(), value, verdict, why })
+    let value = if unix.med > 0.0 {
+        format!(
+            "{} vs {} µs ({:.2}×)",
+            num(e.med),
+            num(unix.med),
+            e.med / unix.med
+        )
+    } else {
+        format!("{} vs {} µs", num(e.med), num(unix.med))
+    };
+    Some(Target {
+        name: "E app↔proxy RR 64 B p50 ≤ AF_UNIX RR p50".into(),
+        value,
+        verdict,
+        why,
+    })
 }
 
 fn leg_table(v: &View, place: Place, out: &mut String) {
-    let _ = writeln!(out, "| variant | p50 (µs) | p99 (µs) | p99.9 (µs) | p50 / AF_UNIX |");
+    let _ = writeln!(
+        out,
+        "| variant | p50 (µs) | p99 (µs) | p99.9 (µs) | p50 / AF_UNIX |"
+    );
     let _ = writeln!(out, "|---|---|---|---|---|");
     let unix = v.leg(Leg::Unix, place, Metric::P50);
     for l in Leg::ALL {
@@ -277,7 +399,14 @@ fn leg_table(v: &View, place: Place, out: &mut String) {
             (Some(a), Some(u)) if u.med > 0.0 => ratio_cell(Some((a.med / u.med, !a.overlaps(&u)))),
             _ => "–".into(),
         };
-        let _ = writeln!(out, "| {} | {} | {} | {} | {ratio} |", l.describe(), cell(p50), cell(v.leg(l, place, Metric::P99)), cell(v.leg(l, place, Metric::P999)));
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {ratio} |",
+            l.describe(),
+            cell(p50),
+            cell(v.leg(l, place, Metric::P99)),
+            cell(v.leg(l, place, Metric::P999))
+        );
     }
 }
 
@@ -331,17 +460,31 @@ const ROWS: [(&str, Test, Metric); 17] = [
     ("connection p50 (µs)", Test::Conn, Metric::P50),
     ("connection p99 (µs)", Test::Conn, Metric::P99),
     ("bulk (Gbit/s)", Test::Bulk, Metric::Gbit),
-    ("bulk CPU (s per GB: client + proxy + server)", Test::Bulk, Metric::CpuPerGb),
+    (
+        "bulk CPU (s per GB: client + proxy + server)",
+        Test::Bulk,
+        Metric::CpuPerGb,
+    ),
     ("open loop p50 (µs)", Test::Open, Metric::P50),
     ("open loop p99 (µs)", Test::Open, Metric::P99),
     ("open loop p99.9 (µs)", Test::Open, Metric::P999),
 ];
 
 fn results_table(v: &View, place: Place, out: &mut String) {
-    let _ = writeln!(out, "| metric | A | B | C | D | E | A/C | B/C | D/C | E/C |");
+    let _ = writeln!(
+        out,
+        "| metric | A | B | C | D | E | A/C | B/C | D/C | E/C |"
+    );
     let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|");
     for (label, test, m) in ROWS {
-        let label = if test == Test::Open { label.replace("open loop", &format!("open loop {}/s", num(v.run.settings.open_rate as f64))) } else { label.to_string() };
+        let label = if test == Test::Open {
+            label.replace(
+                "open loop",
+                &format!("open loop {}/s", num(v.run.settings.open_rate as f64)),
+            )
+        } else {
+            label.to_string()
+        };
         let mut line = format!("| {label} |");
         for c in Cfg::ALL {
             let _ = write!(line, " {} |", cell(v.agg(c, place, test, 0, m)));
@@ -362,7 +505,9 @@ fn rules_label(n: usize) -> String {
 }
 
 fn scaling_table(v: &View, place: Place, out: &mut String) {
-    let counts: Vec<usize> = std::iter::once(0).chain(v.run.settings.rule_counts.iter().copied()).collect();
+    let counts: Vec<usize> = std::iter::once(0)
+        .chain(v.run.settings.rule_counts.iter().copied())
+        .collect();
     let mut head = "| connections/s |".to_string();
     let mut sep = "|---|".to_string();
     for n in &counts {
@@ -370,19 +515,38 @@ fn scaling_table(v: &View, place: Place, out: &mut String) {
         sep.push_str("---|");
     }
     let last = *counts.last().unwrap_or(&0);
-    let _ = writeln!(out, "{head} {} vs 0 | p50 µs at 0 → {} |", rules_label(last), rules_label(last));
+    let _ = writeln!(
+        out,
+        "{head} {} vs 0 | p50 µs at 0 → {} |",
+        rules_label(last),
+        rules_label(last)
+    );
     let _ = writeln!(out, "{sep}---|---|");
     for c in Cfg::SCALED {
         let mut line = format!("| {c:?} |");
         for n in &counts {
-            let _ = write!(line, " {} |", cell(v.agg(c, place, Test::Conn, *n, Metric::Rate)));
+            let _ = write!(
+                line,
+                " {} |",
+                cell(v.agg(c, place, Test::Conn, *n, Metric::Rate))
+            );
         }
-        let (z, l) = (v.agg(c, place, Test::Conn, 0, Metric::Rate), v.agg(c, place, Test::Conn, last, Metric::Rate));
+        let (z, l) = (
+            v.agg(c, place, Test::Conn, 0, Metric::Rate),
+            v.agg(c, place, Test::Conn, last, Metric::Rate),
+        );
         let change = match (z, l) {
-            (Some(z), Some(l)) if z.med > 0.0 => format!("{:+.1} %{}", (l.med / z.med - 1.0) * 100.0, if z.overlaps(&l) { " n.r." } else { "" }),
+            (Some(z), Some(l)) if z.med > 0.0 => format!(
+                "{:+.1} %{}",
+                (l.med / z.med - 1.0) * 100.0,
+                if z.overlaps(&l) { " n.r." } else { "" }
+            ),
             _ => "–".into(),
         };
-        let (pz, pl) = (v.agg(c, place, Test::Conn, 0, Metric::P50), v.agg(c, place, Test::Conn, last, Metric::P50));
+        let (pz, pl) = (
+            v.agg(c, place, Test::Conn, 0, Metric::P50),
+            v.agg(c, place, Test::Conn, last, Metric::P50),
+        );
         let lat = match (pz, pl) {
             (Some(a), Some(b)) => format!("{} → {}", num(a.med), num(b.med)),
             _ => "–".into(),
@@ -418,7 +582,15 @@ struct Target {
 /// Why a D/E-vs-C ratio target was missed, in terms of the floors the
 /// run measured: B (the same proxy with no capture at all) bounds what
 /// removing iptables can give; A (no proxy) bounds what acceleration can.
-fn why_ratio(v: &View, cfg: Cfg, place: Place, test: Test, m: Metric, need: f64, lower_is_better: bool) -> String {
+fn why_ratio(
+    v: &View,
+    cfg: Cfg,
+    place: Place,
+    test: Test,
+    m: Metric,
+    need: f64,
+    lower_is_better: bool,
+) -> String {
     let mut why = Vec::new();
     if cfg == Cfg::E && !v.accel_active() {
         why.push(if v.run.accel_rows_present {
@@ -444,7 +616,11 @@ fn why_ratio(v: &View, cfg: Cfg, place: Place, test: Test, m: Metric, need: f64,
                 "B (no capture) is at {b:.2}× of C but D at {x:.2}×: what separates D from the target is the cost of its own hooks{extra}, i.e. connect4, the sockops callbacks at both handshakes and both closes, the getsockopt answer and their map updates"
             ));
         } else if r(Cfg::D).is_some_and(|d| if lower_is_better { x > d } else { x < d }) {
-            let cpu = |c: Cfg| v.agg(c, place, Test::Bulk, 0, Metric::CpuPerGb).map(|a| num(a.med)).unwrap_or_default();
+            let cpu = |c: Cfg| {
+                v.agg(c, place, Test::Bulk, 0, Metric::CpuPerGb)
+                    .map(|a| num(a.med))
+                    .unwrap_or_default()
+            };
             let d = r(Cfg::D).unwrap_or(0.0);
             why.push(if test == Test::Bulk {
                 format!(
@@ -466,34 +642,84 @@ fn why_ratio(v: &View, cfg: Cfg, place: Place, test: Test, m: Metric, need: f64,
 
 fn targets(v: &View, place: Place) -> Vec<Target> {
     let mut t = Vec::new();
-    let mut ratio_target = |name: String, cfg: Cfg, test: Test, m: Metric, need: f64, lower: bool| {
-        let Some((r, beyond)) = v.ratio(cfg, place, test, 0, m) else { return };
-        let ok = if lower { r <= need } else { r >= need };
-        let verdict = match (ok, beyond) {
-            (true, true) => Verdict::Met,
-            (_, false) => Verdict::NoResult,
-            (false, true) => Verdict::Missed,
+    let mut ratio_target =
+        |name: String, cfg: Cfg, test: Test, m: Metric, need: f64, lower: bool| {
+            let Some((r, beyond)) = v.ratio(cfg, place, test, 0, m) else {
+                return;
+            };
+            let ok = if lower { r <= need } else { r >= need };
+            let verdict = match (ok, beyond) {
+                (true, true) => Verdict::Met,
+                (_, false) => Verdict::NoResult,
+                (false, true) => Verdict::Missed,
+            };
+            let why = match verdict {
+                Verdict::Met => String::new(),
+                Verdict::NoResult => format!(
+                    "{cfg:?} and C overlap run to run; {}",
+                    why_ratio(v, cfg, place, test, m, need, lower)
+                ),
+                Verdict::Missed => why_ratio(v, cfg, place, test, m, need, lower),
+            };
+            t.push(Target {
+                name,
+                value: format!("{r:.2}×"),
+                verdict,
+                why,
+            });
         };
-        let why = match verdict {
-            Verdict::Met => String::new(),
-            Verdict::NoResult => format!("{cfg:?} and C overlap run to run; {}", why_ratio(v, cfg, place, test, m, need, lower)),
-            Verdict::Missed => why_ratio(v, cfg, place, test, m, need, lower),
-        };
-        t.push(Target { name, value: format!("{r:.2}×"), verdict, why });
-    };
-    ratio_target("D connection rate ≥ 1.25× C".into(), Cfg::D, Test::Conn, Metric::Rate, 1.25, false);
-    for (test, size) in [(Test::Rr64, "64 B"), (Test::Rr1k, "1 KiB"), (Test::Rr16k, "16 KiB")] {
-        ratio_target(format!("D RR {size} p50 ≤ 0.9× C"), Cfg::D, test, Metric::P50, 0.9, true);
+    ratio_target(
+        "D connection rate ≥ 1.25× C".into(),
+        Cfg::D,
+        Test::Conn,
+        Metric::Rate,
+        1.25,
+        false,
+    );
+    for (test, size) in [
+        (Test::Rr64, "64 B"),
+        (Test::Rr1k, "1 KiB"),
+        (Test::Rr16k, "16 KiB"),
+    ] {
+        ratio_target(
+            format!("D RR {size} p50 ≤ 0.9× C"),
+            Cfg::D,
+            test,
+            Metric::P50,
+            0.9,
+            true,
+        );
     }
-    for (test, size) in [(Test::Rr64, "64 B"), (Test::Rr1k, "1 KiB"), (Test::Rr16k, "16 KiB")] {
-        ratio_target(format!("E RR {size} p50 ≤ 0.75× C"), Cfg::E, test, Metric::P50, 0.75, true);
+    for (test, size) in [
+        (Test::Rr64, "64 B"),
+        (Test::Rr1k, "1 KiB"),
+        (Test::Rr16k, "16 KiB"),
+    ] {
+        ratio_target(
+            format!("E RR {size} p50 ≤ 0.75× C"),
+            Cfg::E,
+            test,
+            Metric::P50,
+            0.75,
+            true,
+        );
     }
-    ratio_target("E bulk ≥ 1.5× C".into(), Cfg::E, Test::Bulk, Metric::Gbit, 1.5, false);
+    ratio_target(
+        "E bulk ≥ 1.5× C".into(),
+        Cfg::E,
+        Test::Bulk,
+        Metric::Gbit,
+        1.5,
+        false,
+    );
 
     // Rule-count scaling.
     if let Some(&last) = v.run.settings.rule_counts.last() {
         let change = |c: Cfg| -> Option<(f64, bool, Agg, Agg)> {
-            let (z, l) = (v.agg(c, place, Test::Conn, 0, Metric::Rate)?, v.agg(c, place, Test::Conn, last, Metric::Rate)?);
+            let (z, l) = (
+                v.agg(c, place, Test::Conn, 0, Metric::Rate)?,
+                v.agg(c, place, Test::Conn, last, Metric::Rate)?,
+            );
             Some((l.med / z.med - 1.0, z.overlaps(&l), z, l))
         };
         for c in [Cfg::D, Cfg::E] {
@@ -510,7 +736,15 @@ fn targets(v: &View, place: Place) -> Vec<Target> {
                     Verdict::NoResult => format!("the {:+.1} % change is within the run-to-run spread at 0 and {} entries: the lookup is one LPM-trie walk whatever the size, so this is noise, but the run cannot show it", ch * 100.0, rules_label(last)),
                     Verdict::Missed => format!("{c:?} changed by {:+.1} % beyond the run-to-run spread", ch * 100.0),
                 };
-                t.push(Target { name: format!("{c:?} connection rate within 5 % from 0 to {} exclusion entries", rules_label(last)), value: format!("{:+.1} %", ch * 100.0), verdict, why });
+                t.push(Target {
+                    name: format!(
+                        "{c:?} connection rate within 5 % from 0 to {} exclusion entries",
+                        rules_label(last)
+                    ),
+                    value: format!("{:+.1} %", ch * 100.0),
+                    verdict,
+                    why,
+                });
             }
         }
         if let Some((ch, overlap, _, _)) = change(Cfg::C) {
@@ -518,8 +752,18 @@ fn targets(v: &View, place: Place) -> Vec<Target> {
             t.push(Target {
                 name: format!("… while C degrades with {} extra rules", rules_label(last)),
                 value: format!("{:+.1} %", ch * 100.0),
-                verdict: if degrades { Verdict::Met } else if overlap { Verdict::NoResult } else { Verdict::Missed },
-                why: if degrades { String::new() } else { "C's rate did not fall beyond the spread".into() },
+                verdict: if degrades {
+                    Verdict::Met
+                } else if overlap {
+                    Verdict::NoResult
+                } else {
+                    Verdict::Missed
+                },
+                why: if degrades {
+                    String::new()
+                } else {
+                    "C's rate did not fall beyond the spread".into()
+                },
             });
         }
     }
@@ -527,18 +771,28 @@ fn targets(v: &View, place: Place) -> Vec<Target> {
     // No configuration's p99 worse than C's.
     let mut worse = Vec::new();
     for test in [Test::Rr64, Test::Rr1k, Test::Rr16k, Test::Conn, Test::Open] {
-        let Some(c) = v.agg(Cfg::C, place, test, 0, Metric::P99) else { continue };
+        let Some(c) = v.agg(Cfg::C, place, test, 0, Metric::P99) else {
+            continue;
+        };
         for cfg in [Cfg::A, Cfg::B, Cfg::D, Cfg::E] {
             if let Some(a) = v.agg(cfg, place, test, 0, Metric::P99) {
                 if a.med > c.med && !a.overlaps(&c) {
-                    worse.push(format!("{cfg:?} {}: {} µs vs C {} µs", test.describe(), num(a.med), num(c.med)));
+                    worse.push(format!(
+                        "{cfg:?} {}: {} µs vs C {} µs",
+                        test.describe(),
+                        num(a.med),
+                        num(c.med)
+                    ));
                 }
             }
         }
     }
     t.extend(leg_target(v, place));
     // Issue 4: acceleration must not make the connection-rate tail worse.
-    if let (Some(e), Some(d)) = (v.agg(Cfg::E, place, Test::Conn, 0, Metric::P99), v.agg(Cfg::D, place, Test::Conn, 0, Metric::P99)) {
+    if let (Some(e), Some(d)) = (
+        v.agg(Cfg::E, place, Test::Conn, 0, Metric::P99),
+        v.agg(Cfg::D, place, Test::Conn, 0, Metric::P99),
+    ) {
         let verdict = if e.med <= d.med {
             Verdict::Met
         } else if e.overlaps(&d) {
@@ -551,7 +805,12 @@ fn targets(v: &View, place: Place) -> Vec<Target> {
             Verdict::NoResult => format!("E {} µs against D {} µs, within the run-to-run spread", num(e.med), num(d.med)),
             Verdict::Missed => format!("E {} µs against D {} µs: each accelerated connection sets up and tears down a psock per socket (README, Acceleration); connections to a port whose last 4 lived under 10 ms are left out, so E should match D unless its connections were accelerated anyway", num(e.med), num(d.med)),
         };
-        t.push(Target { name: "E connection p99 no worse than D's".into(), value: format!("{:.2}×", e.med / d.med), verdict, why });
+        t.push(Target {
+            name: "E connection p99 no worse than D's".into(),
+            value: format!("{:.2}×", e.med / d.med),
+            verdict,
+            why,
+        });
     }
     t.push(Target {
         name: "no configuration's p99 worse than C's".into(),
@@ -592,22 +851,48 @@ fn plots(v: &View) -> (String, String) {
         for place in &v.run.settings.places {
             let series = Cfg::ALL
                 .iter()
-                .map(|c| svg::Series { label: format!("{c:?}: {}", short(*c)), color: c.color().into(), dashed: false, points: cdf_points(&v.merged(*c, *place, test)), err: Vec::new() })
+                .map(|c| svg::Series {
+                    label: format!("{c:?}: {}", short(*c)),
+                    color: c.color().into(),
+                    dashed: false,
+                    points: cdf_points(&v.merged(*c, *place, test)),
+                    err: Vec::new(),
+                })
                 .collect();
-            let what = if test == Test::Open { format!("open loop 64 B at {}/s", num(v.run.settings.open_rate as f64)) } else { test.describe().to_string() };
-            panels.push(svg::Panel { title: format!("{what}, {}", place.short()), series });
+            let what = if test == Test::Open {
+                format!(
+                    "open loop 64 B at {}/s",
+                    num(v.run.settings.open_rate as f64)
+                )
+            } else {
+                test.describe().to_string()
+            };
+            panels.push(svg::Panel {
+                title: format!("{what}, {}", place.short()),
+                series,
+            });
         }
     }
     let cols = v.run.settings.places.len();
-    let cdf = svg::cdf("Latency CDF per configuration (all samples of all repetitions)", &panels, cols);
+    let cdf = svg::cdf(
+        "Latency CDF per configuration (all samples of all repetitions)",
+        &panels,
+        cols,
+    );
 
-    let counts: Vec<usize> = std::iter::once(0).chain(v.run.settings.rule_counts.iter().copied()).collect();
+    let counts: Vec<usize> = std::iter::once(0)
+        .chain(v.run.settings.rule_counts.iter().copied())
+        .collect();
     let labels: Vec<String> = counts.iter().map(|n| rules_label(*n)).collect();
     let mut panels = Vec::new();
     for place in &v.run.settings.places {
         let mut series = Vec::new();
         for c in Cfg::SCALED {
-            let aggs: Vec<(usize, Agg)> = counts.iter().enumerate().filter_map(|(i, n)| Some((i, v.agg(c, *place, Test::Conn, *n, Metric::Rate)?))).collect();
+            let aggs: Vec<(usize, Agg)> = counts
+                .iter()
+                .enumerate()
+                .filter_map(|(i, n)| Some((i, v.agg(c, *place, Test::Conn, *n, Metric::Rate)?)))
+                .collect();
             series.push(svg::Series {
                 label: format!("{c:?}: {}", short(c)),
                 color: c.color().into(),
@@ -618,12 +903,26 @@ fn plots(v: &View) -> (String, String) {
         }
         for c in [Cfg::A, Cfg::B] {
             if let Some(a) = v.agg(c, *place, Test::Conn, 0, Metric::Rate) {
-                series.push(svg::Series { label: format!("{c:?}: {} (0 rules)", short(c)), color: c.color().into(), dashed: true, points: vec![(0.0, a.med)], err: Vec::new() });
+                series.push(svg::Series {
+                    label: format!("{c:?}: {} (0 rules)", short(c)),
+                    color: c.color().into(),
+                    dashed: true,
+                    points: vec![(0.0, a.med)],
+                    err: Vec::new(),
+                });
             }
         }
-        panels.push(svg::Panel { title: place.short().to_string(), series });
+        panels.push(svg::Panel {
+            title: place.short().to_string(),
+            series,
+        });
     }
-    let rate = svg::rate("Connection rate vs rule count (median, bars: min–max)", &labels, "connections/s", &panels);
+    let rate = svg::rate(
+        "Connection rate vs rule count (median, bars: min–max)",
+        &labels,
+        "connections/s",
+        &panels,
+    );
     (cdf, rate)
 }
 
@@ -638,11 +937,18 @@ fn short(c: Cfg) -> &'static str {
 }
 
 fn counters(m: &std::collections::BTreeMap<String, u64>) -> String {
-    m.iter().map(|(k, n)| format!("{k} {n}")).collect::<Vec<_>>().join(", ")
+    m.iter()
+        .map(|(k, n)| format!("{k} {n}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn sandbox_upstream() -> String {
-    format!("{}:{}", crate::sandbox::UPSTREAM_V4, super::runner::ECHO_PORT)
+    format!(
+        "{}:{}",
+        crate::sandbox::UPSTREAM_V4,
+        super::runner::ECHO_PORT
+    )
 }
 
 fn git_commit() -> String {
@@ -664,7 +970,18 @@ pub fn markdown(run: &Run) -> String {
         ProxyKind::Kit => "the workspace's event-loop sidecar (`redirect-kit bench-proxy`)",
         ProxyKind::Haproxy => "Debian's haproxy (`server 0.0.0.0:0`, SO_ORIGINAL_DST), one thread",
     };
-    let _ = writeln!(o, "- Run: {} ({}), {:.0} s, commit {}", run.started, if s.quick { "quick smoke run: too short to trust the numbers" } else { "full run" }, run.elapsed_s, git_commit());
+    let _ = writeln!(
+        o,
+        "- Run: {} ({}), {:.0} s, commit {}",
+        run.started,
+        if s.quick {
+            "quick smoke run: too short to trust the numbers"
+        } else {
+            "full run"
+        },
+        run.elapsed_s,
+        git_commit()
+    );
     let _ = writeln!(o, "- Machine: {}", run.machine.describe());
     let _ = writeln!(o, "- Sidecar proxy in B–E: {proxy}");
     let _ = writeln!(
@@ -675,7 +992,11 @@ pub fn markdown(run: &Run) -> String {
         s.duration_ms,
         s.warmup_ms
     );
-    let _ = writeln!(o, "- Load average (1, 5, 15 min) before: {}, after: {}", run.load_before, run.load_after);
+    let _ = writeln!(
+        o,
+        "- Load average (1, 5, 15 min) before: {}, after: {}",
+        run.load_before, run.load_after
+    );
     let accel = if v.accel_active() {
         format!("**active** in E (ACCEL counters: {})", counters(&run.accel))
     } else if run.accel_rows_present {
@@ -693,7 +1014,17 @@ pub fn markdown(run: &Run) -> String {
     };
     let _ = writeln!(o, "- Acceleration is **forced on** in E (`redirect attach --accel`), whatever the kernel probe says: by default it follows the probe, which fails on Linux 6.18 (README, Acceleration), so a default attach there has it off. In the app↔proxy leg's E: {leg_accel}");
     let failed: Vec<_> = run.checks.iter().filter(|c| !c.ok).collect();
-    let _ = writeln!(o, "- Path checks: {} of {} passed{}\n", run.checks.len() - failed.len(), run.checks.len(), if failed.is_empty() { "" } else { " — **see Path checks below**" });
+    let _ = writeln!(
+        o,
+        "- Path checks: {} of {} passed{}\n",
+        run.checks.len() - failed.len(),
+        run.checks.len(),
+        if failed.is_empty() {
+            ""
+        } else {
+            " — **see Path checks below**"
+        }
+    );
 
     let _ = writeln!(o, "Cells are the median over the repetitions with the min–max range in brackets. Ratios are medians over C's median; \"n.r.\" (no result) marks a difference smaller than the run-to-run spread (the two min–max ranges overlap). Latencies are from HDR histograms of every sample.\n");
 
@@ -702,7 +1033,15 @@ pub fn markdown(run: &Run) -> String {
     let _ = writeln!(o, "|---|---|---|---|---|");
     for p in &s.places {
         for t in targets(&v, *p) {
-            let _ = writeln!(o, "| {} | {} | {} | {} | {} |", p.short(), t.name, t.value, t.verdict.word(), t.why);
+            let _ = writeln!(
+                o,
+                "| {} | {} | {} | {} | {} |",
+                p.short(),
+                t.name,
+                t.value,
+                t.verdict.word(),
+                t.why
+            );
         }
     }
     o.push('\n');
@@ -735,7 +1074,10 @@ pub fn markdown(run: &Run) -> String {
 
     let _ = writeln!(o, "## Plots\n");
     let _ = writeln!(o, "![latency CDF](latency-cdf.svg)\n");
-    let _ = writeln!(o, "![connection rate vs rule count](conn-rate-vs-rules.svg)\n");
+    let _ = writeln!(
+        o,
+        "![connection rate vs rule count](conn-rate-vs-rules.svg)\n"
+    );
 
     let _ = writeln!(o, "## Path checks\n");
     let _ = writeln!(o, "After every configuration: our counters (`redirect stats`: OUTPUT/captured must equal the app's connections, no exclusion hit, ACCEL rows), the iptables counters (the REDIRECT rule counted at least one packet per app connection), the proxy's own counts (SO_ORIGINAL_DST answers or fixed-upstream connections equal the app's connections), no stray rules (no nat rules in D/E; no iptables-legacy rules anywhere), and no BPF effective on the pod's cgroup or linked to its netns in A, B and C. The app↔proxy leg's environments (\"leg\") get the same checks, with the echo's accepted connections (TCP and AF_UNIX) in place of the proxy's counts.\n");
@@ -745,12 +1087,25 @@ pub fn markdown(run: &Run) -> String {
     for c in &run.checks {
         // All failures, and every check of the first repetition as a sample.
         if !c.ok || c.rep == 1 {
-            let _ = writeln!(o, "| {} | {:?}{} | {} | {} | {} |", c.rep, c.cfg, if c.leg { " leg" } else { "" }, c.rules, if c.ok { "yes" } else { "**NO**" }, c.detail.replace('|', "/"));
+            let _ = writeln!(
+                o,
+                "| {} | {:?}{} | {} | {} | {} |",
+                c.rep,
+                c.cfg,
+                if c.leg { " leg" } else { "" },
+                c.rules,
+                if c.ok { "yes" } else { "**NO**" },
+                c.detail.replace('|', "/")
+            );
             shown += 1;
         }
     }
     if shown < run.checks.len() {
-        let _ = writeln!(o, "\n({} further checks passed; all are in `checks.json`.)", run.checks.len() - shown);
+        let _ = writeln!(
+            o,
+            "\n({} further checks passed; all are in `checks.json`.)",
+            run.checks.len() - shown
+        );
     }
     o.push('\n');
 
@@ -785,7 +1140,11 @@ pub fn write(run: &Run, out: &Path) -> Result<PathBuf> {
         ("samples.json", serde_json::to_string_pretty(&run.samples)?),
         ("checks.json", serde_json::to_string_pretty(&run.checks)?),
     ];
-    let latest = out.join(if run.settings.quick { "latest-quick" } else { "latest" });
+    let latest = out.join(if run.settings.quick {
+        "latest-quick"
+    } else {
+        "latest"
+    });
     std::fs::create_dir_all(&latest).with_context(|| format!("creating {}", latest.display()))?;
     for (name, body) in &files {
         std::fs::write(dir.join(name), body).with_context(|| format!("writing {name}"))?;
@@ -828,24 +1187,43 @@ mod tests {
     #[test]
     fn leg_why_names_the_gap_and_the_other_variants() {
         let w = why_leg(4.78, 4.56, Some(6.73), Some(6.72), true, true);
-        assert!(w.starts_with("E's round trip is 4.78 µs against AF_UNIX's 4.56 µs (+0.22)"), "{w}");
+        assert!(
+            w.starts_with("E's round trip is 4.78 µs against AF_UNIX's 4.56 µs (+0.22)"),
+            "{w}"
+        );
         assert!(w.contains("D, the same capture over loopback TCP, is at 6.73 µs, so acceleration took 1.95 µs off"), "{w}");
-        assert!(w.contains("plain loopback TCP without capture is at 6.72 µs"), "{w}");
+        assert!(
+            w.contains("plain loopback TCP without capture is at 6.72 µs"),
+            "{w}"
+        );
         assert!(w.contains("tcp_bpf_sendmsg"), "{w}");
         assert!(!w.contains("not active"), "{w}");
         // Acceleration that did not engage is named first, and no claim
         // about what it saved is made.
         let w = why_leg(6.8, 4.5, Some(6.7), None, false, true);
-        assert!(w.starts_with("acceleration was not active in the leg"), "{w}");
-        assert!(!w.contains("took") && !w.contains("tcp_bpf_sendmsg") && !w.contains("plain loopback"), "{w}");
-        assert!(why_leg(6.8, 4.5, None, None, false, false).starts_with("acceleration is not in this build"));
+        assert!(
+            w.starts_with("acceleration was not active in the leg"),
+            "{w}"
+        );
+        assert!(
+            !w.contains("took") && !w.contains("tcp_bpf_sendmsg") && !w.contains("plain loopback"),
+            "{w}"
+        );
+        assert!(why_leg(6.8, 4.5, None, None, false, false)
+            .starts_with("acceleration is not in this build"));
         // Active but not faster than D: no saving claimed.
         let w = why_leg(68.7, 51.0, Some(50.8), Some(55.3), true, true);
-        assert!(w.contains("shows no saving") && !w.contains("took") && !w.contains("tcp_bpf_sendmsg"), "{w}");
+        assert!(
+            w.contains("shows no saving") && !w.contains("took") && !w.contains("tcp_bpf_sendmsg"),
+            "{w}"
+        );
         // Below AF_UNIX (a no-result within the spread): signed gap, no
         // explanation of a gap that is not there.
         let w = why_leg(72.1, 72.6, Some(75.3), None, true, true);
-        assert!(w.contains("(−0.50)") && w.contains("took 3.20 µs") && !w.contains("tcp_bpf_sendmsg"), "{w}");
+        assert!(
+            w.contains("(−0.50)") && w.contains("took 3.20 µs") && !w.contains("tcp_bpf_sendmsg"),
+            "{w}"
+        );
     }
 
     #[test]

@@ -37,7 +37,9 @@ pub const LEG_CFGS: [Cfg; 3] = [Cfg::A, Cfg::D, Cfg::E];
 const FIXED_ECHO: u16 = 15101;
 const FIXED_SINK: u16 = 15102;
 /// Istio's injected init arguments, minus `-x` (added per run).
-const ISTIO_FLAGS: [&str; 12] = ["-p", "15001", "-z", "15006", "-u", "1337", "-m", "REDIRECT", "-i", "*", "-b", "*"];
+const ISTIO_FLAGS: [&str; 12] = [
+    "-p", "15001", "-z", "15006", "-u", "1337", "-m", "REDIRECT", "-i", "*", "-b", "*",
+];
 const ISTIO_EXCLUDE_INBOUND: &str = "15090,15021,15020";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -122,7 +124,14 @@ pub enum Test {
 }
 
 impl Test {
-    pub const ALL: [Test; 6] = [Test::Rr64, Test::Rr1k, Test::Rr16k, Test::Conn, Test::Bulk, Test::Open];
+    pub const ALL: [Test; 6] = [
+        Test::Rr64,
+        Test::Rr1k,
+        Test::Rr16k,
+        Test::Conn,
+        Test::Bulk,
+        Test::Open,
+    ];
 
     pub fn describe(self) -> &'static str {
         match self {
@@ -247,9 +256,19 @@ fn stopped() -> Result<()> {
 }
 
 fn settings(o: &Options) -> Settings {
-    let ncpu = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    let places = if ncpu >= 2 { vec![Place::Same, Place::Split] } else { vec![Place::Same] };
-    let (reps, dur, warm) = if o.quick { (2, 250, 50) } else { (5, 1000, 200) };
+    let ncpu = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let places = if ncpu >= 2 {
+        vec![Place::Same, Place::Split]
+    } else {
+        vec![Place::Same]
+    };
+    let (reps, dur, warm) = if o.quick {
+        (2, 250, 50)
+    } else {
+        (5, 1000, 200)
+    };
     Settings {
         quick: o.quick,
         reps: o.reps.unwrap_or(reps),
@@ -266,7 +285,11 @@ fn settings(o: &Options) -> Settings {
 /// `count` distinct never-used /32s in 198.18.0.0/15 (RFC 2544 benchmark
 /// space), shortest text first so that 10k of them fit in one argument.
 pub fn exclusion_addrs(count: usize) -> Vec<Ipv4Addr> {
-    let mut all: Vec<Ipv4Addr> = (18u8..=19).flat_map(|b| (0..=255u8).flat_map(move |x| (0..=255u8).map(move |y| Ipv4Addr::new(198, b, x, y)))).collect();
+    let mut all: Vec<Ipv4Addr> = (18u8..=19)
+        .flat_map(|b| {
+            (0..=255u8).flat_map(move |x| (0..=255u8).map(move |y| Ipv4Addr::new(198, b, x, y)))
+        })
+        .collect();
     all.sort_by_key(|a| a.to_string().len());
     all.truncate(count);
     all
@@ -317,10 +340,17 @@ fn redirect_bin() -> PathBuf {
 fn pin(pid: u32, cpu: usize) -> Result<()> {
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
     unsafe { libc::CPU_SET(cpu, &mut set) };
-    for t in std::fs::read_dir(format!("/proc/{pid}/task")).with_context(|| format!("threads of {pid}"))? {
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .with_context(|| format!("threads of {pid}"))?
+    {
         let tid: i32 = t?.file_name().to_string_lossy().parse().unwrap_or(0);
-        if unsafe { libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set) } != 0 {
-            bail!("sched_setaffinity({tid}, cpu {cpu}): {}", std::io::Error::last_os_error());
+        if unsafe { libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set) }
+            != 0
+        {
+            bail!(
+                "sched_setaffinity({tid}, cpu {cpu}): {}",
+                std::io::Error::last_os_error()
+            );
         }
     }
     Ok(())
@@ -380,7 +410,9 @@ impl Haproxy {
         std::fs::set_permissions(&cfg, std::fs::Permissions::from_mode(0o644))?;
         let mut cmd = Command::new(HAPROXY);
         cmd.arg("-db").arg("-f").arg(&cfg);
-        cmd.stdin(Stdio::null()).stdout(std::fs::File::create(dir.join("out.log"))?).stderr(std::fs::File::create(dir.join("err.log"))?);
+        cmd.stdin(Stdio::null())
+            .stdout(std::fs::File::create(dir.join("out.log"))?)
+            .stderr(std::fs::File::create(dir.join("err.log"))?);
         boost(&mut cmd);
         sandbox::place(&mut cmd, &topo.in_pod(PROXY_UID, PROXY_UID))?;
         let child = match cmd.spawn() {
@@ -396,11 +428,17 @@ impl Haproxy {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             if let Ok(Some(st)) = h.child.try_wait() {
-                bail!("haproxy exited ({st}): {}", std::fs::read_to_string(h.dir.join("err.log")).unwrap_or_default());
+                bail!(
+                    "haproxy exited ({st}): {}",
+                    std::fs::read_to_string(h.dir.join("err.log")).unwrap_or_default()
+                );
             }
             let up = ns
                 .run(|| {
-                    let mut s = std::net::TcpStream::connect_timeout(&SocketAddr::from(([127, 0, 0, 1], FIXED_ECHO)), Duration::from_millis(200))?;
+                    let mut s = std::net::TcpStream::connect_timeout(
+                        &SocketAddr::from(([127, 0, 0, 1], FIXED_ECHO)),
+                        Duration::from_millis(200),
+                    )?;
                     s.set_read_timeout(Some(Duration::from_millis(500)))?;
                     s.write_all(b"x")?;
                     let mut b = [0u8; 1];
@@ -411,7 +449,10 @@ impl Haproxy {
                 return Ok(h);
             }
             if Instant::now() > deadline {
-                bail!("haproxy not ready after 10 s: {}", std::fs::read_to_string(h.dir.join("err.log")).unwrap_or_default());
+                bail!(
+                    "haproxy not ready after 10 s: {}",
+                    std::fs::read_to_string(h.dir.join("err.log")).unwrap_or_default()
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -482,7 +523,11 @@ impl Drop for Env {
         self.server.take();
         if let Some(p) = self.pin_dir.take() {
             if p.exists() {
-                let out = Command::new(redirect_bin()).arg("--pin-dir").arg(&p).arg("uninstall").output();
+                let out = Command::new(redirect_bin())
+                    .arg("--pin-dir")
+                    .arg(&p)
+                    .arg("uninstall")
+                    .output();
                 if !matches!(&out, Ok(o) if o.status.success()) {
                     eprintln!("bench: uninstall of {} failed: {out:?}", p.display());
                 }
@@ -495,11 +540,30 @@ impl Drop for Env {
 impl Env {
     fn new(cfg: Cfg, rules: usize, proxy: ProxyKind, leg: bool) -> Result<Env> {
         let topo = Topology::new("bench").context("creating the pod and upstream namespaces")?;
-        let mut env = Env { cfg, rules, leg, unix: sandbox::unique("rdb-leg-"), server: None, proxy: None, pin_dir: None, topo: None, conns: 0 };
+        let mut env = Env {
+            cfg,
+            rules,
+            leg,
+            unix: sandbox::unique("rdb-leg-"),
+            server: None,
+            proxy: None,
+            pin_dir: None,
+            topo: None,
+            conns: 0,
+        };
         for ns in [&topo.pod.name, &topo.upstream.name] {
             // Connection-rate runs leave tens of thousands of TIME_WAIT
             // sockets: widen the port range and reuse them (per netns).
-            netns_exec(ns, &["sysctl", "-q", "-w", "net.ipv4.ip_local_port_range=10000 65000", "net.ipv4.tcp_tw_reuse=1"])?;
+            netns_exec(
+                ns,
+                &[
+                    "sysctl",
+                    "-q",
+                    "-w",
+                    "net.ipv4.ip_local_port_range=10000 65000",
+                    "net.ipv4.tcp_tw_reuse=1",
+                ],
+            )?;
         }
         if leg {
             // The proxy side of the leg: an echo as uid/gid 1337 in the pod
@@ -507,13 +571,35 @@ impl Env {
             // abstract AF_UNIX name (abstract names are per netns).
             let mut e = Command::new(kit_bin());
             boost(&mut e);
-            e.args(["bench-server", "--echo", &format!("0.0.0.0:{LEG_PORT}"), "--unix-echo", &env.unix]);
-            env.proxy = Some(Sidecar::Kit(ChildGuard::spawn("bench-leg-echo", e, &topo.in_pod(PROXY_UID, PROXY_UID), true)?));
+            e.args([
+                "bench-server",
+                "--echo",
+                &format!("0.0.0.0:{LEG_PORT}"),
+                "--unix-echo",
+                &env.unix,
+            ]);
+            env.proxy = Some(Sidecar::Kit(ChildGuard::spawn(
+                "bench-leg-echo",
+                e,
+                &topo.in_pod(PROXY_UID, PROXY_UID),
+                true,
+            )?));
         } else {
             let mut server = Command::new(kit_bin());
             boost(&mut server);
-            server.args(["bench-server", "--echo", &format!("{UPSTREAM_V4}:{ECHO_PORT}"), "--sink", &format!("{UPSTREAM_V4}:{SINK_PORT}")]);
-            env.server = Some(ChildGuard::spawn("bench-server", server, &topo.in_upstream(), true)?);
+            server.args([
+                "bench-server",
+                "--echo",
+                &format!("{UPSTREAM_V4}:{ECHO_PORT}"),
+                "--sink",
+                &format!("{UPSTREAM_V4}:{SINK_PORT}"),
+            ]);
+            env.server = Some(ChildGuard::spawn(
+                "bench-server",
+                server,
+                &topo.in_upstream(),
+                true,
+            )?);
         }
         if cfg != Cfg::A && !leg {
             env.proxy = Some(match proxy {
@@ -521,9 +607,20 @@ impl Env {
                     let mut p = Command::new(kit_bin());
                     boost(&mut p);
                     p.args(["bench-proxy", "--port", "15001"]);
-                    p.args(["--fixed", &format!("{FIXED_ECHO}={UPSTREAM_V4}:{ECHO_PORT}")]);
-                    p.args(["--fixed", &format!("{FIXED_SINK}={UPSTREAM_V4}:{SINK_PORT}")]);
-                    Sidecar::Kit(ChildGuard::spawn("bench-proxy", p, &topo.in_pod(PROXY_UID, PROXY_UID), true)?)
+                    p.args([
+                        "--fixed",
+                        &format!("{FIXED_ECHO}={UPSTREAM_V4}:{ECHO_PORT}"),
+                    ]);
+                    p.args([
+                        "--fixed",
+                        &format!("{FIXED_SINK}={UPSTREAM_V4}:{SINK_PORT}"),
+                    ]);
+                    Sidecar::Kit(ChildGuard::spawn(
+                        "bench-proxy",
+                        p,
+                        &topo.in_pod(PROXY_UID, PROXY_UID),
+                        true,
+                    )?)
                 }
                 ProxyKind::Haproxy => Sidecar::Haproxy(Haproxy::start(&topo)?),
             });
@@ -533,12 +630,23 @@ impl Env {
             Cfg::A | Cfg::B => {}
             Cfg::C => {
                 let mut c = Command::new("ip");
-                c.args(["netns", "exec", &topo.pod.name, "iptables-restore"]).stdin(Stdio::piped()).stdout(Stdio::null()).stderr(Stdio::piped());
+                c.args(["netns", "exec", &topo.pod.name, "iptables-restore"])
+                    .stdin(Stdio::piped())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::piped());
                 let mut child = c.spawn().context("starting iptables-restore")?;
-                child.stdin.take().expect("piped").write_all(istio_nat_rules(&extra).as_bytes())?;
+                child
+                    .stdin
+                    .take()
+                    .expect("piped")
+                    .write_all(istio_nat_rules(&extra).as_bytes())?;
                 let out = child.wait_with_output()?;
                 if !out.status.success() {
-                    bail!("iptables-restore in {}: {}", topo.pod.name, String::from_utf8_lossy(&out.stderr));
+                    bail!(
+                        "iptables-restore in {}: {}",
+                        topo.pod.name,
+                        String::from_utf8_lossy(&out.stderr)
+                    );
                 }
             }
             Cfg::D | Cfg::E => {
@@ -548,12 +656,25 @@ impl Env {
                 let x = x.join(",");
                 let ns = topo.pod.path();
                 let mut c = Command::new(redirect_bin());
-                c.arg("--pin-dir").arg(&pin).args(["attach", "--netns"]).arg(&ns).arg("--cgroup").arg(&topo.cgroup.path);
-                c.args(ISTIO_FLAGS).args(["-x", &x, "-d", ISTIO_EXCLUDE_INBOUND]);
-                c.arg(if cfg == Cfg::D { "--no-accel" } else { "--accel" });
+                c.arg("--pin-dir")
+                    .arg(&pin)
+                    .args(["attach", "--netns"])
+                    .arg(&ns)
+                    .arg("--cgroup")
+                    .arg(&topo.cgroup.path);
+                c.args(ISTIO_FLAGS)
+                    .args(["-x", &x, "-d", ISTIO_EXCLUDE_INBOUND]);
+                c.arg(if cfg == Cfg::D {
+                    "--no-accel"
+                } else {
+                    "--accel"
+                });
                 let out = c.output().context("running redirect attach")?;
                 if !out.status.success() {
-                    bail!("redirect attach ({cfg:?}, {rules} exclusions): {}", String::from_utf8_lossy(&out.stderr));
+                    bail!(
+                        "redirect attach ({cfg:?}, {rules} exclusions): {}",
+                        String::from_utf8_lossy(&out.stderr)
+                    );
                 }
             }
         }
@@ -562,7 +683,9 @@ impl Env {
     }
 
     fn topo(&self) -> &Topology {
-        self.topo.as_ref().expect("topology lives as long as the env")
+        self.topo
+            .as_ref()
+            .expect("topology lives as long as the env")
     }
 
     fn place(&self, p: Place) -> Result<usize> {
@@ -581,12 +704,22 @@ impl Env {
         if self.leg {
             // A: plain loopback to the echo; D/E: the upstream address,
             // which capture sends to the echo on :15001 instead.
-            let t = if self.cfg == Cfg::A { SocketAddr::from(([127, 0, 0, 1], LEG_PORT)) } else { SocketAddr::from((up, ECHO_PORT)) };
+            let t = if self.cfg == Cfg::A {
+                SocketAddr::from(([127, 0, 0, 1], LEG_PORT))
+            } else {
+                SocketAddr::from((up, ECHO_PORT))
+            };
             return (t, t);
         }
         match self.cfg {
-            Cfg::B => (SocketAddr::from(([127, 0, 0, 1], FIXED_ECHO)), SocketAddr::from(([127, 0, 0, 1], FIXED_SINK))),
-            _ => (SocketAddr::from((up, ECHO_PORT)), SocketAddr::from((up, SINK_PORT))),
+            Cfg::B => (
+                SocketAddr::from(([127, 0, 0, 1], FIXED_ECHO)),
+                SocketAddr::from(([127, 0, 0, 1], FIXED_SINK)),
+            ),
+            _ => (
+                SocketAddr::from((up, ECHO_PORT)),
+                SocketAddr::from((up, SINK_PORT)),
+            ),
         }
     }
 
@@ -597,8 +730,22 @@ impl Env {
         let target = if mode == Mode::Bulk { sink } else { echo };
         let mut cmd = Command::new(kit_bin());
         cmd.arg("bench-load")
-            .args(["--mode", &format!("{mode:?}").to_lowercase(), "--target", &target.to_string(), "--size", &size.to_string()])
-            .args(["--duration-ms", &s.duration_ms.to_string(), "--warmup-ms", &s.warmup_ms.to_string(), "--rate", &s.open_rate.to_string()]);
+            .args([
+                "--mode",
+                &format!("{mode:?}").to_lowercase(),
+                "--target",
+                &target.to_string(),
+                "--size",
+                &size.to_string(),
+            ])
+            .args([
+                "--duration-ms",
+                &s.duration_ms.to_string(),
+                "--warmup-ms",
+                &s.warmup_ms.to_string(),
+                "--rate",
+                &s.open_rate.to_string(),
+            ]);
         if mode == Mode::Unix {
             cmd.args(["--unix", &self.unix]);
         }
@@ -617,25 +764,47 @@ impl Env {
         // Bulk CPU: the sidecar's and the server's CPU time over the load
         // generator's life (tick accounting charges softirq work to the
         // task it interrupts: here, these), plus the generator's own.
-        let pids: Vec<u32> = self.server.iter().map(ChildGuard::pid).chain(self.proxy.iter().map(Sidecar::pid)).collect();
+        let pids: Vec<u32> = self
+            .server
+            .iter()
+            .map(ChildGuard::pid)
+            .chain(self.proxy.iter().map(Sidecar::pid))
+            .collect();
         let cpu0: f64 = pids.iter().map(|p| proc_cpu_s(*p)).sum();
-        let out = cmd.stdin(Stdio::null()).output().context("running the load generator")?;
+        let out = cmd
+            .stdin(Stdio::null())
+            .output()
+            .context("running the load generator")?;
         let others = pids.iter().map(|p| proc_cpu_s(*p)).sum::<f64>() - cpu0;
-        let mut r: LoadResult = serde_json::from_slice(&out.stdout)
-            .with_context(|| format!("load generator output {:?} {:?}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))?;
+        let mut r: LoadResult = serde_json::from_slice(&out.stdout).with_context(|| {
+            format!(
+                "load generator output {:?} {:?}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })?;
         if r.total_bytes > 0 {
             r.cpu_s = r.self_cpu_s + others;
         }
         self.conns += r.conns;
         if let Some(e) = &r.error {
-            bail!("{:?} {test:?} with {} rules: load generator failed: {e}", self.cfg, self.rules);
+            bail!(
+                "{:?} {test:?} with {} rules: load generator failed: {e}",
+                self.cfg,
+                self.rules
+            );
         }
         Ok(r)
     }
 
     /// Was the intended path taken? Our counters, iptables counters, the
     /// proxy's own counts, and nothing stray.
-    fn verify(&mut self, rep: usize, accel: &mut BTreeMap<String, u64>, accel_rows: &mut bool) -> Check {
+    fn verify(
+        &mut self,
+        rep: usize,
+        accel: &mut BTreeMap<String, u64>,
+        accel_rows: &mut bool,
+    ) -> Check {
         let mut problems = Vec::new();
         let mut facts = Vec::new();
         let conns = self.conns;
@@ -643,7 +812,9 @@ impl Env {
         let pod = topo.pod.name.clone();
         let pod_path = topo.pod.path();
         let cgroup = topo.cgroup.path.clone();
-        let inode = std::fs::metadata(&pod_path).map(|m| std::os::unix::fs::MetadataExt::ino(&m)).unwrap_or(0);
+        let inode = std::fs::metadata(&pod_path)
+            .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+            .unwrap_or(0);
 
         // iptables: rules in the pod netns (nft and legacy backends).
         let save = netns_exec(&pod, &["iptables-save", "-c", "-t", "nat"]).unwrap_or_default();
@@ -651,10 +822,16 @@ impl Env {
         let legacy = netns_exec(&pod, &["iptables-legacy-save"]).unwrap_or_default();
         let legacy_lines = legacy.lines().filter(|l| l.starts_with("-A ")).count();
         if legacy_lines > 0 {
-            problems.push(format!("{legacy_lines} iptables-legacy rules in the pod netns"));
+            problems.push(format!(
+                "{legacy_lines} iptables-legacy rules in the pod netns"
+            ));
         }
         // BPF: programs effective on the pod's cgroup, links on its netns.
-        let effective = Command::new("bpftool").args(["-j", "cgroup", "show"]).arg(&cgroup).arg("effective").output();
+        let effective = Command::new("bpftool")
+            .args(["-j", "cgroup", "show"])
+            .arg(&cgroup)
+            .arg("effective")
+            .output();
         let cg_progs: Vec<String> = effective
             .ok()
             .and_then(|o| serde_json::from_slice::<Vec<serde_json::Value>>(&o.stdout).ok())
@@ -662,7 +839,9 @@ impl Env {
             .iter()
             .map(|p| p["attach_type"].as_str().unwrap_or("?").to_string())
             .collect();
-        let links = Command::new("bpftool").args(["-j", "link", "show"]).output();
+        let links = Command::new("bpftool")
+            .args(["-j", "link", "show"])
+            .output();
         let netns_links = links
             .ok()
             .and_then(|o| serde_json::from_slice::<Vec<serde_json::Value>>(&o.stdout).ok())
@@ -683,7 +862,9 @@ impl Env {
                     problems.push(format!("{rule_lines} nat rules in the pod netns"));
                 }
                 if !cg_progs.is_empty() || netns_links > 0 {
-                    problems.push(format!("BPF attached to the pod: cgroup {cg_progs:?}, {netns_links} netns links"));
+                    problems.push(format!(
+                        "BPF attached to the pod: cgroup {cg_progs:?}, {netns_links} netns links"
+                    ));
                 }
             }
             Cfg::C => {
@@ -698,10 +879,14 @@ impl Env {
                 }
                 let want = 19 + self.rules;
                 if rule_lines != want {
-                    problems.push(format!("{rule_lines} nat rules in the pod netns, {want} expected"));
+                    problems.push(format!(
+                        "{rule_lines} nat rules in the pod netns, {want} expected"
+                    ));
                 }
                 if !cg_progs.is_empty() || netns_links > 0 {
-                    problems.push(format!("BPF attached to the pod: cgroup {cg_progs:?}, {netns_links} netns links"));
+                    problems.push(format!(
+                        "BPF attached to the pod: cgroup {cg_progs:?}, {netns_links} netns links"
+                    ));
                 }
             }
             Cfg::D | Cfg::E => {
@@ -709,17 +894,29 @@ impl Env {
                     problems.push(format!("{rule_lines} stray nat rules in the pod netns"));
                 }
                 if !cg_progs.iter().any(|p| p.contains("inet4_connect")) {
-                    problems.push(format!("no inet4_connect program effective on the pod cgroup ({cg_progs:?})"));
+                    problems.push(format!(
+                        "no inet4_connect program effective on the pod cgroup ({cg_progs:?})"
+                    ));
                 }
                 if netns_links != 1 {
-                    problems.push(format!("{netns_links} BPF links on the pod netns, 1 (sk_lookup) expected"));
+                    problems.push(format!(
+                        "{netns_links} BPF links on the pod netns, 1 (sk_lookup) expected"
+                    ));
                 }
                 match self.stats() {
                     Ok(rows) => {
-                        let count = |chain: &str, rule: &str| rows.iter().find(|r| r["chain"] == chain && r["rule"] == rule).and_then(|r| r["count"].as_u64());
+                        let count = |chain: &str, rule: &str| {
+                            rows.iter()
+                                .find(|r| r["chain"] == chain && r["rule"] == rule)
+                                .and_then(|r| r["count"].as_u64())
+                        };
                         match count("OUTPUT", "captured") {
-                            Some(n) if n == conns => facts.push(format!("OUTPUT/captured = {n} = app connections")),
-                            n => problems.push(format!("OUTPUT/captured = {n:?}, {conns} app connections made")),
+                            Some(n) if n == conns => {
+                                facts.push(format!("OUTPUT/captured = {n} = app connections"))
+                            }
+                            n => problems.push(format!(
+                                "OUTPUT/captured = {n:?}, {conns} app connections made"
+                            )),
                         }
                         if let Some(n) = count("OUTPUT", "skip_excluded_cidr").filter(|n| *n > 0) {
                             problems.push(format!("{n} connections matched an exclusion entry"));
@@ -727,7 +924,12 @@ impl Env {
                         let accel_now: Vec<(String, u64)> = rows
                             .iter()
                             .filter(|r| r["chain"] == "ACCEL")
-                            .map(|r| (r["rule"].as_str().unwrap_or("?").to_string(), r["count"].as_u64().unwrap_or(0)))
+                            .map(|r| {
+                                (
+                                    r["rule"].as_str().unwrap_or("?").to_string(),
+                                    r["count"].as_u64().unwrap_or(0),
+                                )
+                            })
                             .collect();
                         if self.cfg == Cfg::E {
                             *accel_rows |= !accel_now.is_empty();
@@ -736,7 +938,9 @@ impl Env {
                             }
                             facts.push(format!("ACCEL rows: {accel_now:?}"));
                         } else if accel_now.iter().any(|(_, v)| *v > 0) {
-                            problems.push(format!("D ran with --no-accel but ACCEL counters moved: {accel_now:?}"));
+                            problems.push(format!(
+                                "D ran with --no-accel but ACCEL counters moved: {accel_now:?}"
+                            ));
                         }
                     }
                     Err(e) => problems.push(format!("redirect stats: {e:#}")),
@@ -748,18 +952,29 @@ impl Env {
             // nothing else; no relay work.
             let accepted = c["accepted"].as_u64().unwrap_or(0);
             if accepted != conns {
-                problems.push(format!("leg echo accepted {accepted} connections; {conns} app connections"));
+                problems.push(format!(
+                    "leg echo accepted {accepted} connections; {conns} app connections"
+                ));
             } else {
                 facts.push(format!("leg echo: {accepted} accepted"));
             }
         } else if let Some(c) = proxy {
-            let (accepted, orig) = (c["accepted"].as_u64().unwrap_or(0), c["orig_dst_ok"].as_u64().unwrap_or(0));
-            let (want_fixed, want_orig) = if self.cfg == Cfg::B { (conns, 0) } else { (0, conns) };
+            let (accepted, orig) = (
+                c["accepted"].as_u64().unwrap_or(0),
+                c["orig_dst_ok"].as_u64().unwrap_or(0),
+            );
+            let (want_fixed, want_orig) = if self.cfg == Cfg::B {
+                (conns, 0)
+            } else {
+                (0, conns)
+            };
             // B's proxy also served the readiness probe of nothing: exact counts.
             if c["fixed"].as_u64().unwrap_or(0) != want_fixed || orig != want_orig {
                 problems.push(format!("proxy counted {accepted} accepted, {orig} SO_ORIGINAL_DST, {} fixed; {conns} app connections", c["fixed"]));
             } else {
-                facts.push(format!("proxy: {accepted} accepted, {orig} via SO_ORIGINAL_DST"));
+                facts.push(format!(
+                    "proxy: {accepted} accepted, {orig} via SO_ORIGINAL_DST"
+                ));
             }
         } else if self.cfg == Cfg::A {
             facts.push("no proxy".into());
@@ -767,17 +982,31 @@ impl Env {
         let ok = problems.is_empty();
         let mut detail = problems;
         detail.extend(facts);
-        Check { rep, cfg: self.cfg, rules: self.rules, leg: self.leg, ok, detail: detail.join("; ") }
+        Check {
+            rep,
+            cfg: self.cfg,
+            rules: self.rules,
+            leg: self.leg,
+            ok,
+            detail: detail.join("; "),
+        }
     }
 
     fn stats(&self) -> Result<Vec<serde_json::Value>> {
         let pin = self.pin_dir.as_ref().context("no pin dir")?;
-        let out = Command::new(redirect_bin()).arg("--pin-dir").arg(pin).args(["stats", "--json", "--netns"]).arg(self.topo().pod.path()).output()?;
+        let out = Command::new(redirect_bin())
+            .arg("--pin-dir")
+            .arg(pin)
+            .args(["stats", "--json", "--netns"])
+            .arg(self.topo().pod.path())
+            .output()?;
         if !out.status.success() {
             bail!("{}", String::from_utf8_lossy(&out.stderr));
         }
         let v: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout)?;
-        Ok(v.first().and_then(|p| p["rules"].as_array().cloned()).unwrap_or_default())
+        Ok(v.first()
+            .and_then(|p| p["rules"].as_array().cloned())
+            .unwrap_or_default())
     }
 }
 
@@ -785,7 +1014,10 @@ impl Env {
 fn proc_cpu_s(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let f: Vec<f64> = rest.split_whitespace().filter_map(|v| v.parse().ok()).collect();
+    let f: Vec<f64> = rest
+        .split_whitespace()
+        .filter_map(|v| v.parse().ok())
+        .collect();
     // After "(comm)": state ppid ... utime is field 14 and stime 15 of the line.
     let ticks = f.get(10).copied().unwrap_or(0.0) + f.get(11).copied().unwrap_or(0.0);
     ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64
@@ -795,8 +1027,15 @@ fn proc_cpu_s(pid: u32) -> f64 {
 fn tcp_retrans(ns: &str) -> u64 {
     let snmp = netns_exec(ns, &["cat", "/proc/net/snmp"]).unwrap_or_default();
     let mut tcp = snmp.lines().filter(|l| l.starts_with("Tcp:"));
-    let (Some(names), Some(values)) = (tcp.next(), tcp.next()) else { return 0 };
-    names.split_whitespace().zip(values.split_whitespace()).find(|(n, _)| *n == "RetransSegs").and_then(|(_, v)| v.parse().ok()).unwrap_or(0)
+    let (Some(names), Some(values)) = (tcp.next(), tcp.next()) else {
+        return 0;
+    };
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(n, _)| *n == "RetransSegs")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0)
 }
 
 fn sample(rep: usize, cfg: Cfg, place: Place, test: Test, rules: usize, r: LoadResult) -> Sample {
@@ -813,14 +1052,23 @@ fn sample(rep: usize, cfg: Cfg, place: Place, test: Test, rules: usize, r: LoadR
         p99_us: if has { hist::us(&h, 0.99) } else { 0.0 },
         p999_us: if has { hist::us(&h, 0.999) } else { 0.0 },
         gbit_s: r.gbit_s,
-        cpu_s_per_gb: if r.total_bytes > 0 { r.cpu_s / (r.total_bytes as f64 / 1e9) } else { 0.0 },
+        cpu_s_per_gb: if r.total_bytes > 0 {
+            r.cpu_s / (r.total_bytes as f64 / 1e9)
+        } else {
+            0.0
+        },
         conns: r.conns,
         hist: r.hist,
     }
 }
 
 fn load_avg() -> String {
-    std::fs::read_to_string("/proc/loadavg").unwrap_or_default().split_whitespace().take(3).collect::<Vec<_>>().join(" ")
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// Run the whole benchmark and write the report. Returns the report path
@@ -831,7 +1079,10 @@ pub fn run(o: &Options) -> Result<(PathBuf, bool)> {
     }
     for b in [kit_bin(), redirect_bin()] {
         if !b.exists() {
-            bail!("{} missing: build with `cargo xtask build` (or run `cargo xtask bench`)", b.display());
+            bail!(
+                "{} missing: build with `cargo xtask build` (or run `cargo xtask bench`)",
+                b.display()
+            );
         }
     }
     unsafe {
@@ -839,11 +1090,27 @@ pub fn run(o: &Options) -> Result<(PathBuf, bool)> {
         libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
     }
     // One benchmark at a time on a machine: two would measure each other.
-    let lock = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open("/run/lock/redirect-bench.lock").context("opening /run/lock/redirect-bench.lock")?;
-    if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        eprintln!("bench: another benchmark run holds /run/lock/redirect-bench.lock; waiting for it");
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open("/run/lock/redirect-bench.lock")
+        .context("opening /run/lock/redirect-bench.lock")?;
+    if unsafe {
+        libc::flock(
+            std::os::fd::AsRawFd::as_raw_fd(&lock),
+            libc::LOCK_EX | libc::LOCK_NB,
+        )
+    } != 0
+    {
+        eprintln!(
+            "bench: another benchmark run holds /run/lock/redirect-bench.lock; waiting for it"
+        );
         if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) } != 0 {
-            bail!("locking /run/lock/redirect-bench.lock: {}", std::io::Error::last_os_error());
+            bail!(
+                "locking /run/lock/redirect-bench.lock: {}",
+                std::io::Error::last_os_error()
+            );
         }
     }
     let s = settings(o);
@@ -879,8 +1146,21 @@ pub fn run(o: &Options) -> Result<(PathBuf, bool)> {
                 (false, _, 0) => &Test::ALL,
                 (false, _, _) => &[Test::Conn],
             };
-            log(format!("{} {cfg:?}{} rules={rules}", if warm { "warm-up".to_string() } else { format!("rep {rep}/{}", s.reps) }, if leg { " leg" } else { "" }));
-            let mut env = Env::new(cfg, rules, s.proxy, leg).with_context(|| format!("setting up {cfg:?}{} with {rules} rules", if leg { " leg" } else { "" }))?;
+            log(format!(
+                "{} {cfg:?}{} rules={rules}",
+                if warm {
+                    "warm-up".to_string()
+                } else {
+                    format!("rep {rep}/{}", s.reps)
+                },
+                if leg { " leg" } else { "" }
+            ));
+            let mut env = Env::new(cfg, rules, s.proxy, leg).with_context(|| {
+                format!(
+                    "setting up {cfg:?}{} with {rules} rules",
+                    if leg { " leg" } else { "" }
+                )
+            })?;
             for place in &s.places {
                 let cpu = env.place(*place)?;
                 for t in tests {
@@ -891,9 +1171,17 @@ pub fn run(o: &Options) -> Result<(PathBuf, bool)> {
                     }
                 }
             }
-            let c = if leg { env.verify(rep, &mut leg_accel, &mut leg_rows) } else { env.verify(rep, &mut accel, &mut accel_rows) };
+            let c = if leg {
+                env.verify(rep, &mut leg_accel, &mut leg_rows)
+            } else {
+                env.verify(rep, &mut accel, &mut accel_rows)
+            };
             if !c.ok {
-                log(format!("CHECK FAILED {cfg:?}{} rules={rules}: {}", if leg { " leg" } else { "" }, c.detail));
+                log(format!(
+                    "CHECK FAILED {cfg:?}{} rules={rules}: {}",
+                    if leg { " leg" } else { "" },
+                    c.detail
+                ));
             }
             if !warm {
                 checks.push(c);
@@ -928,8 +1216,14 @@ mod tests {
         let a = exclusion_addrs(10_000);
         let set: std::collections::HashSet<_> = a.iter().collect();
         assert_eq!(set.len(), 10_000);
-        assert!(a.iter().all(|x| x.octets()[0] == 198 && (18..=19).contains(&x.octets()[1])));
-        let arg = a.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(",");
+        assert!(a
+            .iter()
+            .all(|x| x.octets()[0] == 198 && (18..=19).contains(&x.octets()[1])));
+        let arg = a
+            .iter()
+            .map(|x| x.to_string())
+            .collect::<Vec<_>>()
+            .join(",");
         // MAX_ARG_STRLEN: one execve argument is at most 32 pages.
         assert!(arg.len() < 131_072, "{}", arg.len());
     }
@@ -940,7 +1234,9 @@ mod tests {
         let t = istio_nat_rules(&extra);
         assert_eq!(t.lines().filter(|l| l.starts_with("-A ")).count(), 19 + 3);
         let pos = |needle: &str| t.find(needle).unwrap_or_else(|| panic!("{needle} missing"));
-        assert!(pos("-A ISTIO_OUTPUT -d 127.0.0.1/32 -j RETURN") < pos(&format!("-d {}/32", extra[0])));
+        assert!(
+            pos("-A ISTIO_OUTPUT -d 127.0.0.1/32 -j RETURN") < pos(&format!("-d {}/32", extra[0]))
+        );
         assert!(pos(&format!("-d {}/32", extra[2])) < pos("-A ISTIO_OUTPUT -j ISTIO_REDIRECT"));
         assert!(t.ends_with("COMMIT\n"));
     }

@@ -26,19 +26,42 @@ const MB: f64 = 46.0;
 const HEAD: f64 = 64.0;
 
 fn esc(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
 }
 
-fn begin(title: &str, cols: usize, rows: usize, legend: &[(String, String, bool)]) -> (String, f64, f64) {
+fn begin(
+    title: &str,
+    cols: usize,
+    rows: usize,
+    legend: &[(String, String, bool)],
+) -> (String, f64, f64) {
     let (w, h) = (cols as f64 * PW, HEAD + rows as f64 * PH);
     let mut s = String::new();
-    let _ = writeln!(s, r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" font-family="sans-serif" font-size="12">"#);
+    let _ = writeln!(
+        s,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" font-family="sans-serif" font-size="12">"#
+    );
     let _ = writeln!(s, r#"<rect width="{w}" height="{h}" fill="white"/>"#);
-    let _ = writeln!(s, r#"<text x="{}" y="20" text-anchor="middle" font-size="15" font-weight="bold">{}</text>"#, w / 2.0, esc(title));
+    let _ = writeln!(
+        s,
+        r#"<text x="{}" y="20" text-anchor="middle" font-size="15" font-weight="bold">{}</text>"#,
+        w / 2.0,
+        esc(title)
+    );
     let mut x = 20.0;
     for (label, color, dashed) in legend {
-        let dash = if *dashed { r#" stroke-dasharray="6 4""# } else { "" };
-        let _ = writeln!(s, r#"<line x1="{x}" y1="44" x2="{}" y2="44" stroke="{color}" stroke-width="3"{dash}/>"#, x + 24.0);
+        let dash = if *dashed {
+            r#" stroke-dasharray="6 4""#
+        } else {
+            ""
+        };
+        let _ = writeln!(
+            s,
+            r#"<line x1="{x}" y1="44" x2="{}" y2="44" stroke="{color}" stroke-width="3"{dash}/>"#,
+            x + 24.0
+        );
         let _ = writeln!(s, r#"<text x="{}" y="48">{}</text>"#, x + 30.0, esc(label));
         x += 36.0 + 6.6 * label.chars().count() as f64;
     }
@@ -47,8 +70,19 @@ fn begin(title: &str, cols: usize, rows: usize, legend: &[(String, String, bool)
 
 fn frame(s: &mut String, ox: f64, oy: f64, title: &str) -> (f64, f64, f64, f64) {
     let (x0, y0, x1, y1) = (ox + ML, oy + MT, ox + PW - MR, oy + PH - MB);
-    let _ = writeln!(s, r##"<rect x="{x0}" y="{y0}" width="{}" height="{}" fill="none" stroke="#333"/>"##, x1 - x0, y1 - y0);
-    let _ = writeln!(s, r#"<text x="{}" y="{}" text-anchor="middle" font-weight="bold">{}</text>"#, (x0 + x1) / 2.0, oy + MT - 8.0, esc(title));
+    let _ = writeln!(
+        s,
+        r##"<rect x="{x0}" y="{y0}" width="{}" height="{}" fill="none" stroke="#333"/>"##,
+        x1 - x0,
+        y1 - y0
+    );
+    let _ = writeln!(
+        s,
+        r#"<text x="{}" y="{}" text-anchor="middle" font-weight="bold">{}</text>"#,
+        (x0 + x1) / 2.0,
+        oy + MT - 8.0,
+        esc(title)
+    );
     (x0, y0, x1, y1)
 }
 
@@ -57,20 +91,41 @@ fn polyline(s: &mut String, pts: &[(f64, f64)], color: &str, dashed: bool) {
         return;
     }
     let p: Vec<String> = pts.iter().map(|(x, y)| format!("{x:.1},{y:.1}")).collect();
-    let dash = if dashed { r#" stroke-dasharray="6 4""# } else { "" };
-    let _ = writeln!(s, r#"<polyline points="{}" fill="none" stroke="{color}" stroke-width="2"{dash}/>"#, p.join(" "));
+    let dash = if dashed {
+        r#" stroke-dasharray="6 4""#
+    } else {
+        ""
+    };
+    let _ = writeln!(
+        s,
+        r#"<polyline points="{}" fill="none" stroke="{color}" stroke-width="2"{dash}/>"#,
+        p.join(" ")
+    );
 }
 
 /// Latency CDFs: x = latency (µs, log scale), y = percentile on a "nines"
 /// scale (-log10(1-q)) so the tail is visible. Panels laid out `cols` wide.
 pub fn cdf(title: &str, panels: &[Panel], cols: usize) -> String {
     let rows = panels.len().div_ceil(cols.max(1));
-    let legend: Vec<(String, String, bool)> = panels.first().map(|p| p.series.iter().map(|s| (s.label.clone(), s.color.clone(), s.dashed)).collect()).unwrap_or_default();
+    let legend: Vec<(String, String, bool)> = panels
+        .first()
+        .map(|p| {
+            p.series
+                .iter()
+                .map(|s| (s.label.clone(), s.color.clone(), s.dashed))
+                .collect()
+        })
+        .unwrap_or_default();
     let (mut s, _, _) = begin(title, cols, rows, &legend);
     for (i, p) in panels.iter().enumerate() {
         let (ox, oy) = ((i % cols) as f64 * PW, HEAD + (i / cols) as f64 * PH);
         let (x0, y0, x1, y1) = frame(&mut s, ox, oy, &p.title);
-        let all: Vec<f64> = p.series.iter().flat_map(|s| s.points.iter().map(|(x, _)| *x)).filter(|x| *x > 0.0).collect();
+        let all: Vec<f64> = p
+            .series
+            .iter()
+            .flat_map(|s| s.points.iter().map(|(x, _)| *x))
+            .filter(|x| *x > 0.0)
+            .collect();
         if all.is_empty() {
             continue;
         }
@@ -88,18 +143,51 @@ pub fn cdf(title: &str, panels: &[Panel], cols: usize) -> String {
                     continue;
                 }
                 let x = xmap(v);
-                let _ = writeln!(s, r##"<line x1="{x:.1}" y1="{y0}" x2="{x:.1}" y2="{y1}" stroke="#ddd"/>"##);
-                let _ = writeln!(s, r#"<text x="{x:.1}" y="{}" text-anchor="middle">{}</text>"#, y1 + 15.0, fmt_num(v));
+                let _ = writeln!(
+                    s,
+                    r##"<line x1="{x:.1}" y1="{y0}" x2="{x:.1}" y2="{y1}" stroke="#ddd"/>"##
+                );
+                let _ = writeln!(
+                    s,
+                    r#"<text x="{x:.1}" y="{}" text-anchor="middle">{}</text>"#,
+                    y1 + 15.0,
+                    fmt_num(v)
+                );
             }
         }
-        for (q, label) in [(0.0, "0%"), (0.5, "50%"), (0.9, "90%"), (0.99, "99%"), (0.999, "99.9%"), (0.9999, "99.99%")] {
+        for (q, label) in [
+            (0.0, "0%"),
+            (0.5, "50%"),
+            (0.9, "90%"),
+            (0.99, "99%"),
+            (0.999, "99.9%"),
+            (0.9999, "99.99%"),
+        ] {
             let y = ymap(-(1.0f64 - q).log10());
-            let _ = writeln!(s, r##"<line x1="{x0}" y1="{y:.1}" x2="{x1}" y2="{y:.1}" stroke="#ddd"/>"##);
-            let _ = writeln!(s, r#"<text x="{}" y="{:.1}" text-anchor="end">{label}</text>"#, x0 - 4.0, y + 4.0);
+            let _ = writeln!(
+                s,
+                r##"<line x1="{x0}" y1="{y:.1}" x2="{x1}" y2="{y:.1}" stroke="#ddd"/>"##
+            );
+            let _ = writeln!(
+                s,
+                r#"<text x="{}" y="{:.1}" text-anchor="end">{label}</text>"#,
+                x0 - 4.0,
+                y + 4.0
+            );
         }
-        let _ = writeln!(s, r#"<text x="{}" y="{}" text-anchor="middle">latency (µs, log scale)</text>"#, (x0 + x1) / 2.0, y1 + 32.0);
+        let _ = writeln!(
+            s,
+            r#"<text x="{}" y="{}" text-anchor="middle">latency (µs, log scale)</text>"#,
+            (x0 + x1) / 2.0,
+            y1 + 32.0
+        );
         for se in &p.series {
-            let pts: Vec<(f64, f64)> = se.points.iter().filter(|(x, _)| *x > 0.0).map(|(x, q)| (xmap(*x), ymap(-(1.0 - q).max(1e-9).log10()))).collect();
+            let pts: Vec<(f64, f64)> = se
+                .points
+                .iter()
+                .filter(|(x, _)| *x > 0.0)
+                .map(|(x, q)| (xmap(*x), ymap(-(1.0 - q).max(1e-9).log10())))
+                .collect();
             polyline(&mut s, &pts, &se.color, se.dashed);
         }
     }
@@ -111,12 +199,29 @@ pub fn cdf(title: &str, panels: &[Panel], cols: usize) -> String {
 /// from 0; error bars from min to max; dashed series are flat references.
 pub fn rate(title: &str, xs: &[String], ylabel: &str, panels: &[Panel]) -> String {
     let cols = panels.len().max(1);
-    let legend: Vec<(String, String, bool)> = panels.first().map(|p| p.series.iter().map(|s| (s.label.clone(), s.color.clone(), s.dashed)).collect()).unwrap_or_default();
+    let legend: Vec<(String, String, bool)> = panels
+        .first()
+        .map(|p| {
+            p.series
+                .iter()
+                .map(|s| (s.label.clone(), s.color.clone(), s.dashed))
+                .collect()
+        })
+        .unwrap_or_default();
     let (mut s, _, _) = begin(title, cols, 1, &legend);
     for (i, p) in panels.iter().enumerate() {
         let (ox, oy) = (i as f64 * PW, HEAD);
         let (x0, y0, x1, y1) = frame(&mut s, ox, oy, &p.title);
-        let top = p.series.iter().flat_map(|s| s.points.iter().map(|(_, y)| *y).chain(s.err.iter().map(|(_, hi)| *hi))).fold(0.0, f64::max);
+        let top = p
+            .series
+            .iter()
+            .flat_map(|s| {
+                s.points
+                    .iter()
+                    .map(|(_, y)| *y)
+                    .chain(s.err.iter().map(|(_, hi)| *hi))
+            })
+            .fold(0.0, f64::max);
         let top = nice_ceiling(top * 1.08);
         let n = xs.len().max(2) as f64;
         let xmap = |i: f64| x0 + (i + 0.5) / n * (x1 - x0);
@@ -124,27 +229,71 @@ pub fn rate(title: &str, xs: &[String], ylabel: &str, panels: &[Panel]) -> Strin
         for k in 0..=5 {
             let v = top * k as f64 / 5.0;
             let y = ymap(v);
-            let _ = writeln!(s, r##"<line x1="{x0}" y1="{y:.1}" x2="{x1}" y2="{y:.1}" stroke="#ddd"/>"##);
-            let _ = writeln!(s, r#"<text x="{}" y="{:.1}" text-anchor="end">{}</text>"#, x0 - 4.0, y + 4.0, fmt_num(v));
+            let _ = writeln!(
+                s,
+                r##"<line x1="{x0}" y1="{y:.1}" x2="{x1}" y2="{y:.1}" stroke="#ddd"/>"##
+            );
+            let _ = writeln!(
+                s,
+                r#"<text x="{}" y="{:.1}" text-anchor="end">{}</text>"#,
+                x0 - 4.0,
+                y + 4.0,
+                fmt_num(v)
+            );
         }
         for (k, l) in xs.iter().enumerate() {
-            let _ = writeln!(s, r#"<text x="{:.1}" y="{}" text-anchor="middle">{}</text>"#, xmap(k as f64), y1 + 15.0, esc(l));
+            let _ = writeln!(
+                s,
+                r#"<text x="{:.1}" y="{}" text-anchor="middle">{}</text>"#,
+                xmap(k as f64),
+                y1 + 15.0,
+                esc(l)
+            );
         }
-        let _ = writeln!(s, r#"<text x="{}" y="{}" text-anchor="middle">extra iptables rules (C) / exclusion entries (D, E)</text>"#, (x0 + x1) / 2.0, y1 + 32.0);
-        let _ = writeln!(s, r#"<text transform="translate({},{}) rotate(-90)" text-anchor="middle">{}</text>"#, ox + 14.0, (y0 + y1) / 2.0, esc(ylabel));
+        let _ = writeln!(
+            s,
+            r#"<text x="{}" y="{}" text-anchor="middle">extra iptables rules (C) / exclusion entries (D, E)</text>"#,
+            (x0 + x1) / 2.0,
+            y1 + 32.0
+        );
+        let _ = writeln!(
+            s,
+            r#"<text transform="translate({},{}) rotate(-90)" text-anchor="middle">{}</text>"#,
+            ox + 14.0,
+            (y0 + y1) / 2.0,
+            esc(ylabel)
+        );
         for se in &p.series {
             if se.dashed {
                 if let Some((_, v)) = se.points.first() {
                     let y = ymap(*v);
-                    let _ = writeln!(s, r#"<line x1="{x0}" y1="{y:.1}" x2="{x1}" y2="{y:.1}" stroke="{}" stroke-width="1.5" stroke-dasharray="6 4"/>"#, se.color);
+                    let _ = writeln!(
+                        s,
+                        r#"<line x1="{x0}" y1="{y:.1}" x2="{x1}" y2="{y:.1}" stroke="{}" stroke-width="1.5" stroke-dasharray="6 4"/>"#,
+                        se.color
+                    );
                 }
                 continue;
             }
-            let pts: Vec<(f64, f64)> = se.points.iter().map(|(i, v)| (xmap(*i), ymap(*v))).collect();
+            let pts: Vec<(f64, f64)> = se
+                .points
+                .iter()
+                .map(|(i, v)| (xmap(*i), ymap(*v)))
+                .collect();
             polyline(&mut s, &pts, &se.color, false);
             for ((px, py), (lo, hi)) in pts.iter().zip(&se.err) {
-                let _ = writeln!(s, r#"<line x1="{px:.1}" y1="{:.1}" x2="{px:.1}" y2="{:.1}" stroke="{}" stroke-width="1.5"/>"#, ymap(*lo), ymap(*hi), se.color);
-                let _ = writeln!(s, r#"<circle cx="{px:.1}" cy="{py:.1}" r="3.5" fill="{}"/>"#, se.color);
+                let _ = writeln!(
+                    s,
+                    r#"<line x1="{px:.1}" y1="{:.1}" x2="{px:.1}" y2="{:.1}" stroke="{}" stroke-width="1.5"/>"#,
+                    ymap(*lo),
+                    ymap(*hi),
+                    se.color
+                );
+                let _ = writeln!(
+                    s,
+                    r#"<circle cx="{px:.1}" cy="{py:.1}" r="3.5" fill="{}"/>"#,
+                    se.color
+                );
             }
         }
     }
@@ -197,11 +346,38 @@ mod tests {
 
     #[test]
     fn plots_are_well_formed() {
-        let se = |c: &str, dashed| Series { label: c.into(), color: "#000".into(), dashed, points: vec![(0.0, 10.0), (1.0, 8.0)], err: vec![(9.0, 11.0), (7.0, 9.0)] };
-        let svg = rate("t", &["0".into(), "1k".into()], "conns/s", &[Panel { title: "p".into(), series: vec![se("C", false), se("B", true)] }]);
+        let se = |c: &str, dashed| Series {
+            label: c.into(),
+            color: "#000".into(),
+            dashed,
+            points: vec![(0.0, 10.0), (1.0, 8.0)],
+            err: vec![(9.0, 11.0), (7.0, 9.0)],
+        };
+        let svg = rate(
+            "t",
+            &["0".into(), "1k".into()],
+            "conns/s",
+            &[Panel {
+                title: "p".into(),
+                series: vec![se("C", false), se("B", true)],
+            }],
+        );
         assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
-        let cdf_series = Series { label: "A".into(), color: "#000".into(), dashed: false, points: vec![(20.0, 0.0), (30.0, 0.9), (80.0, 0.999)], err: vec![] };
-        let svg = cdf("t", &[Panel { title: "p".into(), series: vec![cdf_series] }], 2);
+        let cdf_series = Series {
+            label: "A".into(),
+            color: "#000".into(),
+            dashed: false,
+            points: vec![(20.0, 0.0), (30.0, 0.9), (80.0, 0.999)],
+            err: vec![],
+        };
+        let svg = cdf(
+            "t",
+            &[Panel {
+                title: "p".into(),
+                series: vec![cdf_series],
+            }],
+            2,
+        );
         assert!(svg.contains("<polyline") && svg.trim_end().ends_with("</svg>"));
     }
 }

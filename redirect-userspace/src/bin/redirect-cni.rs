@@ -12,15 +12,31 @@ fn main() {
         let mut stdin = Vec::new();
         // At most 16 MiB of config: anything bigger is not a CNI config.
         if let Err(e) = std::io::stdin().take(16 << 20).read_to_end(&mut stdin) {
-            let err = cni::CniError::new(cni::code::IO_FAILURE, "reading the network config from stdin failed", e.to_string());
-            return cni::Outcome { stdout: err.to_json("1.0.0"), stderr: String::new(), exit_code: 1 };
+            let err = cni::CniError::new(
+                cni::code::IO_FAILURE,
+                "reading the network config from stdin failed",
+                e.to_string(),
+            );
+            return cni::Outcome {
+                stdout: err.to_json("1.0.0"),
+                stderr: String::new(),
+                exit_code: 1,
+            };
         }
         cni::run(&|k| std::env::var(k).ok(), &stdin, &cni::SocketClient)
     })
     .unwrap_or_else(|p| {
-        let what = p.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| p.downcast_ref::<String>().cloned()).unwrap_or_default();
+        let what = p
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| p.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
         let err = cni::CniError::new(cni::code::INTERNAL, "redirect-cni internal error", what);
-        cni::Outcome { stdout: err.to_json("1.0.0"), stderr: String::new(), exit_code: 1 }
+        cni::Outcome {
+            stdout: err.to_json("1.0.0"),
+            stderr: String::new(),
+            exit_code: 1,
+        }
     });
     let _ = std::io::stderr().write_all(outcome.stderr.as_bytes());
     let mut out = std::io::stdout();

@@ -5,7 +5,10 @@ use clap::{Parser, Subcommand};
 use redirect_userspace::{bench, kit};
 
 #[derive(Parser)]
-#[command(name = "redirect-kit", about = "Sidecar proxy, echo server and client used by redirect's demo, tests and benchmark")]
+#[command(
+    name = "redirect-kit",
+    about = "Sidecar proxy, echo server and client used by redirect's demo, tests and benchmark"
+)]
 struct Cli {
     #[command(subcommand)]
     tool: Tool,
@@ -124,48 +127,118 @@ enum Tool {
 
 fn main() -> ExitCode {
     match Cli::parse().tool {
-        Tool::Proxy { outbound_port, inbound_port } => report(kit::proxy(outbound_port, inbound_port)),
+        Tool::Proxy {
+            outbound_port,
+            inbound_port,
+        } => report(kit::proxy(outbound_port, inbound_port)),
         Tool::Echo { listen } => report(kit::echo(&listen)),
-        Tool::Client { connect, bind, payload, size, timeout_ms } => {
+        Tool::Client {
+            connect,
+            bind,
+            payload,
+            size,
+            timeout_ms,
+        } => {
             let bytes = match size {
                 Some(n) => kit::payload(n),
                 None => payload.into_bytes(),
             };
             let r = kit::client(connect, bind, &bytes, Duration::from_millis(timeout_ms));
             println!("{}", serde_json::to_string(&r).expect("serializable"));
-            if r.ok { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+            if r.ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
         }
         Tool::BenchProxy { port, fixed } => report(bench::net::proxy(port, &fixed)),
-        Tool::BenchServer { echo, sink, unix_echo } => {
-            let l: Vec<_> = echo.iter().map(|a| (*a, bench::net::Role::Echo)).chain(sink.iter().map(|a| (*a, bench::net::Role::Sink))).collect();
+        Tool::BenchServer {
+            echo,
+            sink,
+            unix_echo,
+        } => {
+            let l: Vec<_> = echo
+                .iter()
+                .map(|a| (*a, bench::net::Role::Echo))
+                .chain(sink.iter().map(|a| (*a, bench::net::Role::Sink)))
+                .collect();
             report(bench::net::serve_all(&l, &unix_echo))
         }
-        Tool::BenchLoad { mode, target, unix, size, duration_ms, warmup_ms, rate } => {
+        Tool::BenchLoad {
+            mode,
+            target,
+            unix,
+            size,
+            duration_ms,
+            warmup_ms,
+            rate,
+        } => {
             let target = target.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
-            let a = bench::loadgen::LoadArgs { mode, target, unix, size, duration: Duration::from_millis(duration_ms), warmup: Duration::from_millis(warmup_ms), rate };
+            let a = bench::loadgen::LoadArgs {
+                mode,
+                target,
+                unix,
+                size,
+                duration: Duration::from_millis(duration_ms),
+                warmup: Duration::from_millis(warmup_ms),
+                rate,
+            };
             let r = bench::loadgen::run(&a);
             println!("{}", serde_json::to_string(&r).expect("serializable"));
-            if r.error.is_none() { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+            if r.error.is_none() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
         }
         Tool::Stress(t) => t.run(),
         Tool::PodProbe { dst, size } => {
             let v = kit::podchurn::pod_probe(dst, size);
             println!("{v}");
-            if v["ok"] == true { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+            if v["ok"] == true {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
         }
-        Tool::PodChurn { pods, out, resident } => match kit::podchurn::run(&kit::podchurn::Options { pods, out, redirect: None, resident }) {
+        Tool::PodChurn {
+            pods,
+            out,
+            resident,
+        } => match kit::podchurn::run(&kit::podchurn::Options {
+            pods,
+            out,
+            redirect: None,
+            resident,
+        }) {
             Ok(r) => {
                 eprint!("{}", kit::podchurn::markdown(&r));
                 println!("{}", serde_json::to_string(&r).expect("serializable"));
-                if r.ok { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+                if r.ok {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                }
             }
             Err(e) => {
                 eprintln!("redirect-kit pod-churn: {e}");
                 ExitCode::FAILURE
             }
         },
-        Tool::Bench { quick, proxy, out, reps, rate } => {
-            let o = bench::runner::Options { quick, proxy, out, reps, rate };
+        Tool::Bench {
+            quick,
+            proxy,
+            out,
+            reps,
+            rate,
+        } => {
+            let o = bench::runner::Options {
+                quick,
+                proxy,
+                out,
+                reps,
+                rate,
+            };
             match bench::runner::run(&o) {
                 Ok((path, ok)) => {
                     // The head of the report (run, machine, targets), then its path.

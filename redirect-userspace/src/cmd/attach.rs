@@ -36,10 +36,19 @@ pub fn run(pin_dir: &Path, a: Args) -> Result<()> {
     }
     if a.flags.dry_run {
         if a.json {
-            println!("{}", serde_json::json!({"dry_run": true, "netns": a.pod.netns, "cgroup": cgroup, "pin_dir": pin_dir, "config": spec}));
+            println!(
+                "{}",
+                serde_json::json!({"dry_run": true, "netns": a.pod.netns, "cgroup": cgroup, "pin_dir": pin_dir, "config": spec})
+            );
         } else {
             println!("dry run: nothing changed");
-            println!("would capture netns {} (inode {}) via cgroup {}, pins in {}", a.pod.netns.display(), netns.inode, cgroup.display(), pin_dir.display());
+            println!(
+                "would capture netns {} (inode {}) via cgroup {}, pins in {}",
+                a.pod.netns.display(),
+                netns.inode,
+                cgroup.display(),
+                pin_dir.display()
+            );
             println!("istio-iptables {}", spec.istio_args());
             println!("{}", serde_json::to_string_pretty(&spec)?);
         }
@@ -81,7 +90,10 @@ pub fn run(pin_dir: &Path, a: Args) -> Result<()> {
         }
     };
     if a.json {
-        println!("{}", serde_json::json!({"pod": info, "cgroup": cgroup, "cgroup_newly_attached": newly, "config": spec}));
+        println!(
+            "{}",
+            serde_json::json!({"pod": info, "cgroup": cgroup, "cgroup_newly_attached": newly, "config": spec})
+        );
     } else {
         println!(
             "captured {} (netns cookie {}): outbound -> 127.0.0.1:{} / [::1]:{}, inbound -> :{}",
@@ -92,18 +104,35 @@ pub fn run(pin_dir: &Path, a: Args) -> Result<()> {
             spec.inbound_port
         );
         println!("  istio-iptables {}", spec.istio_args());
-        println!("  pod addresses: {}", info.addresses.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(", "));
+        println!(
+            "  pod addresses: {}",
+            info.addresses
+                .iter()
+                .map(|a| a.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
         println!(
             "  cgroup {} {}",
             cgroup.display(),
-            if newly { "attached now" } else { "already attached" }
+            if newly {
+                "attached now"
+            } else {
+                "already attached"
+            }
         );
         println!("  acceleration: {}", info.accel_decision);
-        if info.accel && spec.accel_mode == redirect_userspace::config::AccelMode::Forced && info.accel_decision.contains("probe failed") {
+        if info.accel
+            && spec.accel_mode == redirect_userspace::config::AccelMode::Forced
+            && info.accel_decision.contains("probe failed")
+        {
             eprintln!("redirect: warning: acceleration forced on a kernel that failed the probe (README, \"Acceleration\")");
         }
         if !info.listener_seeded.is_empty() {
-            println!("  proxy listener found: {}", info.listener_seeded.join(", "));
+            println!(
+                "  proxy listener found: {}",
+                info.listener_seeded.join(", ")
+            );
         }
     }
     Ok(())

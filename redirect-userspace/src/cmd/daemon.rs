@@ -9,7 +9,10 @@
 use std::{
     net::{SocketAddr, TcpListener},
     path::{Path, PathBuf},
-    sync::{atomic::{AtomicBool, Ordering}, Arc},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
     time::{Duration, Instant},
 };
 
@@ -27,7 +30,11 @@ use redirect_userspace::{
 #[derive(clap::Args)]
 pub struct Args {
     /// Unix socket the CNI plugin (and `redirect` tooling) talks to; 0600, root only.
-    #[arg(long, env = "REDIRECT_SOCKET", default_value = "/run/redirect/agent.sock")]
+    #[arg(
+        long,
+        env = "REDIRECT_SOCKET",
+        default_value = "/run/redirect/agent.sock"
+    )]
     pub socket: PathBuf,
     /// Address of the /metrics, /healthz and /readyz HTTP endpoint.
     #[arg(long, env = "REDIRECT_METRICS_ADDR", default_value = "127.0.0.1:15099")]
@@ -92,7 +99,12 @@ pub struct Args {
     /// Map sizes of a new install, `<map>=<entries>` (pods, orig, sockhash,
     /// ports, cidrs, counters), comma separated or repeated. An existing
     /// install keeps its sizes; a different size here is an error.
-    #[arg(long = "map-size", env = "REDIRECT_MAP_SIZE", value_name = "MAP=N", value_delimiter = ',')]
+    #[arg(
+        long = "map-size",
+        env = "REDIRECT_MAP_SIZE",
+        value_name = "MAP=N",
+        value_delimiter = ','
+    )]
     pub map_size: Vec<String>,
 }
 
@@ -130,17 +142,32 @@ pub fn run(pin_dir: &Path, a: Args) -> Result<()> {
         Some(c) => c.clone(),
         None => sys::cgroup2_mount()?,
     };
-    let plugin_src = a.cni_plugin.clone().unwrap_or_else(|| sibling_binary("redirect-cni"));
-    let conflist_path = a.cni_conflist.as_ref().map(|c| conflist::conflist_path(&a.cni_conf_dir, c));
+    let plugin_src = a
+        .cni_plugin
+        .clone()
+        .unwrap_or_else(|| sibling_binary("redirect-cni"));
+    let conflist_path = a
+        .cni_conflist
+        .as_ref()
+        .map(|c| conflist::conflist_path(&a.cni_conf_dir, c));
     if let Some(p) = &conflist_path {
-        anyhow::ensure!(p.exists(), "conflist {} does not exist: redirect-cni is chained into an existing network", p.display());
-        anyhow::ensure!(plugin_src.exists(), "plugin binary {} is missing (build it, or pass --cni-plugin)", plugin_src.display());
+        anyhow::ensure!(
+            p.exists(),
+            "conflist {} does not exist: redirect-cni is chained into an existing network",
+            p.display()
+        );
+        anyhow::ensure!(
+            plugin_src.exists(),
+            "plugin binary {} is missing (build it, or pass --cni-plugin)",
+            plugin_src.display()
+        );
     }
 
     // Checked before anything is bound or loaded.
     let kube_opts = kubernetes_options(&a)?;
     // Endpoints first: a port or socket conflict changes nothing.
-    let http = TcpListener::bind(a.metrics_addr).with_context(|| format!("binding the metrics endpoint {}", a.metrics_addr))?;
+    let http = TcpListener::bind(a.metrics_addr)
+        .with_context(|| format!("binding the metrics endpoint {}", a.metrics_addr))?;
     let metrics_addr = http.local_addr()?;
     let unix = agent::bind_socket(&a.socket)?;
     let _socket_file = SocketFile(a.socket.clone());
@@ -151,38 +178,51 @@ pub fn run(pin_dir: &Path, a: Args) -> Result<()> {
     tracing::info!(pin_dir = %pin_dir.display(), cgroup = %cgroup.display(), newly_attached = newly, programs_updated = ?agent.programs_updated, elapsed_ms = t0.elapsed().as_millis() as u64, "install loaded, cgroup programs attached");
     let reconciled = agent.reconcile()?;
     if let Some(o) = &kube_opts {
-        agent::k8s::PodWatch::start(agent.clone(), o.clone()).context("starting the Kubernetes pod watch")?;
+        agent::k8s::PodWatch::start(agent.clone(), o.clone())
+            .context("starting the Kubernetes pod watch")?;
     }
-    tracing::info!(kept = reconciled.kept.len(), released = reconciled.released.len(), stale_records = reconciled.stale_records.len(), "reconciled captured pods");
+    tracing::info!(
+        kept = reconciled.kept.len(),
+        released = reconciled.released.len(),
+        stale_records = reconciled.stale_records.len(),
+        "reconciled captured pods"
+    );
 
     let ready = Arc::new(AtomicBool::new(false));
     let stop = Arc::new(AtomicBool::new(false));
     {
         let (agent, ready, stop) = (agent.clone(), ready.clone(), stop.clone());
-        std::thread::Builder::new().name("metrics".into()).spawn(move || agent::http::serve(http, agent, ready, stop))?;
+        std::thread::Builder::new()
+            .name("metrics".into())
+            .spawn(move || agent::http::serve(http, agent, ready, stop))?;
     }
     {
         let agent = agent.clone();
-        std::thread::Builder::new().name("socket".into()).spawn(move || {
-            for conn in unix.incoming() {
-                match conn {
-                    Ok(c) => {
-                        let agent = agent.clone();
-                        let _ = std::thread::Builder::new().name("conn".into()).spawn(move || agent.serve_conn(c));
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "accept on the agent socket failed");
-                        std::thread::sleep(Duration::from_millis(100));
+        std::thread::Builder::new()
+            .name("socket".into())
+            .spawn(move || {
+                for conn in unix.incoming() {
+                    match conn {
+                        Ok(c) => {
+                            let agent = agent.clone();
+                            let _ = std::thread::Builder::new()
+                                .name("conn".into())
+                                .spawn(move || agent.serve_conn(c));
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "accept on the agent socket failed");
+                            std::thread::sleep(Duration::from_millis(100));
+                        }
                     }
                 }
-            }
-        })?;
+            })?;
     }
 
     let mut guard = None;
     if let Some(p) = &conflist_path {
         let bin = conflist::install_binary(&plugin_src, &a.cni_bin_dir)?;
-        let changed = conflist::install_entry_k8s(p, &a.socket, a.cni_capture_all, kube_opts.is_some())?;
+        let changed =
+            conflist::install_entry_k8s(p, &a.socket, a.cni_capture_all, kube_opts.is_some())?;
         tracing::info!(binary = %bin.display(), conflist = %p.display(), changed, capture_all = a.cni_capture_all, "CNI plugin installed");
         if a.cni_recheck_secs > 0 {
             let g = CniGuard {
@@ -196,7 +236,11 @@ pub fn run(pin_dir: &Path, a: Args) -> Result<()> {
                 every: Duration::from_secs(a.cni_recheck_secs),
             };
             let (agent, stop) = (agent.clone(), stop.clone());
-            guard = Some(std::thread::Builder::new().name("cni-guard".into()).spawn(move || g.run(&agent, &stop))?);
+            guard = Some(
+                std::thread::Builder::new()
+                    .name("cni-guard".into())
+                    .spawn(move || g.run(&agent, &stop))?,
+            );
         }
     }
 
@@ -235,7 +279,9 @@ pub fn run(pin_dir: &Path, a: Args) -> Result<()> {
     if a.cni_cleanup {
         if let Some(p) = &conflist_path {
             match conflist::remove_entry(p) {
-                Ok(removed) => tracing::info!(conflist = %p.display(), removed, "CNI entry removed (--cni-cleanup)"),
+                Ok(removed) => {
+                    tracing::info!(conflist = %p.display(), removed, "CNI entry removed (--cni-cleanup)")
+                }
                 Err(e) => tracing::warn!(error = %e, "could not remove the CNI entry"),
             }
         }
@@ -264,7 +310,11 @@ fn kubernetes_options(a: &Args) -> Result<Option<agent::k8s::Options>> {
         kubeconfig: a.kubeconfig.clone(),
         node_name,
         pod_wait: Duration::from_millis(a.pod_wait_ms),
-        repair: if a.repair == "delete" { agent::k8s::Repair::Delete } else { agent::k8s::Repair::Report },
+        repair: if a.repair == "delete" {
+            agent::k8s::Repair::Delete
+        } else {
+            agent::k8s::Repair::Report
+        },
     }))
 }
 
@@ -300,7 +350,12 @@ impl CniGuard {
                         failing = false;
                     }
                     for what in restored {
-                        agent.counters().cni_restored.entry(what).and_modify(|n| *n += 1).or_insert(1);
+                        agent
+                            .counters()
+                            .cni_restored
+                            .entry(what)
+                            .and_modify(|n| *n += 1)
+                            .or_insert(1);
                         tracing::warn!(conflist = %self.conflist.display(), binary = %self.bin.display(), restored = what, "the CNI {what} had been removed by something else; restored it (pods created meanwhile may be uncaptured: see the repair metric)");
                     }
                 }
@@ -322,7 +377,12 @@ impl CniGuard {
             conflist::install_binary(&self.plugin_src, &self.bin_dir)?;
             restored.push("binary");
         }
-        if conflist::install_entry_k8s(&self.conflist, &self.socket, self.capture_all, self.kubernetes)? {
+        if conflist::install_entry_k8s(
+            &self.conflist,
+            &self.socket,
+            self.capture_all,
+            self.kubernetes,
+        )? {
             restored.push("entry");
         }
         Ok(restored)

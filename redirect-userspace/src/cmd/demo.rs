@@ -36,25 +36,48 @@ impl Drop for PinGuard {
 
 fn client(kit: &PathBuf, p: &Placement, dst: &str) -> Result<ClientReport> {
     let mut cmd = Command::new(kit);
-    cmd.args(["client", "--connect", dst, "--payload", "hello through the mesh"]);
+    cmd.args([
+        "client",
+        "--connect",
+        dst,
+        "--payload",
+        "hello through the mesh",
+    ]);
     redirect_userspace::sandbox::place(&mut cmd, p)?;
-    let out = cmd.output().with_context(|| format!("running client to {dst}"))?;
-    serde_json::from_slice(&out.stdout).with_context(|| format!("client output {:?}", String::from_utf8_lossy(&out.stderr)))
+    let out = cmd
+        .output()
+        .with_context(|| format!("running client to {dst}"))?;
+    serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("client output {:?}", String::from_utf8_lossy(&out.stderr)))
 }
 
 pub fn run(a: Args) -> Result<()> {
     sys::check_privileges()?;
     let kit = sibling_binary("redirect-kit");
     if !kit.exists() {
-        bail!("{} is missing: build it with `cargo build --release` (or run `cargo xtask demo`)", kit.display());
+        bail!(
+            "{} is missing: build it with `cargo build --release` (or run `cargo xtask demo`)",
+            kit.display()
+        );
     }
     println!("== 1. pod netns + upstream netns over veth, pod cgroup");
     let topo = Topology::new("demo")?;
-    println!("   pod {} ({POD_V4}), upstream {} ({UPSTREAM_V4}, {UPSTREAM_V6}), cgroup {}", topo.pod.path().display(), topo.upstream.path().display(), topo.cgroup.path.display());
+    println!(
+        "   pod {} ({POD_V4}), upstream {} ({UPSTREAM_V4}, {UPSTREAM_V6}), cgroup {}",
+        topo.pod.path().display(),
+        topo.upstream.path().display(),
+        topo.cgroup.path.display()
+    );
 
     let port = "8080";
     let mut upstream = Command::new(&kit);
-    upstream.args(["echo", "--listen", &format!("{UPSTREAM_V4}:{port}"), "--listen", &format!("[{UPSTREAM_V6}]:{port}")]);
+    upstream.args([
+        "echo",
+        "--listen",
+        &format!("{UPSTREAM_V4}:{port}"),
+        "--listen",
+        &format!("[{UPSTREAM_V6}]:{port}"),
+    ]);
     let _upstream = ChildGuard::spawn("upstream echo server", upstream, &topo.in_upstream(), true)?;
     let mut app_server = Command::new(&kit);
     app_server.args(["echo", "--listen", "0.0.0.0:9080"]);
@@ -71,14 +94,25 @@ pub fn run(a: Args) -> Result<()> {
     inst.attach_cgroup(&topo.cgroup.path)?;
     let netns = sys::Netns::open(&topo.pod.path())?;
     let info = inst.register_pod(&netns, &spec)?;
-    println!("== 3. redirect attach --netns {} --cgroup {} {}", topo.pod.path().display(), topo.cgroup.path.display(), spec.istio_args());
-    println!("   netns cookie {}, pod addresses {:?}", info.cookie, info.addresses);
+    println!(
+        "== 3. redirect attach --netns {} --cgroup {} {}",
+        topo.pod.path().display(),
+        topo.cgroup.path.display(),
+        spec.istio_args()
+    );
+    println!(
+        "   netns cookie {}, pod addresses {:?}",
+        info.cookie, info.addresses
+    );
 
     println!("== 4. the app (uid 1000) calls the upstream server; no iptables rule exists");
     let app = topo.in_pod(1000, 1000);
     let mut failures = 0;
     for i in 0..a.connections {
-        for dst in [format!("{UPSTREAM_V4}:{port}"), format!("[{UPSTREAM_V6}]:{port}")] {
+        for dst in [
+            format!("{UPSTREAM_V4}:{port}"),
+            format!("[{UPSTREAM_V6}]:{port}"),
+        ] {
             let r = client(&kit, &app, &dst)?;
             println!(
                 "   #{i} app -> {dst}: {} (app's getpeername {}, server greeted \"{}\")",
@@ -91,7 +125,11 @@ pub fn run(a: Args) -> Result<()> {
     }
     println!("== 5. a client outside the pod calls the app on {POD_V4}:9080 (captured to the proxy's 15006)");
     let r = client(&kit, &topo.in_upstream(), &format!("{POD_V4}:9080"))?;
-    println!("   upstream -> {POD_V4}:9080: {} (app greeted \"{}\")", if r.ok { "ok" } else { "FAILED" }, r.banner.as_deref().or(r.error.as_deref()).unwrap_or("-"));
+    println!(
+        "   upstream -> {POD_V4}:9080: {} (app greeted \"{}\")",
+        if r.ok { "ok" } else { "FAILED" },
+        r.banner.as_deref().or(r.error.as_deref()).unwrap_or("-")
+    );
     failures += usize::from(!r.ok);
 
     std::thread::sleep(std::time::Duration::from_millis(100));
@@ -100,7 +138,10 @@ pub fn run(a: Args) -> Result<()> {
         println!("   {l}");
     }
     println!("== 7. redirect stats");
-    print!("{}", report::render_stats(&report::stats(&pins, Some(info.cookie))?));
+    print!(
+        "{}",
+        report::render_stats(&report::stats(&pins, Some(info.cookie))?)
+    );
     println!("== 8. cleanup: uninstall, namespaces, cgroup, processes");
     if failures > 0 {
         bail!("{failures} demo connection(s) failed");

@@ -24,9 +24,16 @@ pub fn run(pin_dir: &Path, a: Args) -> Result<()> {
     };
     let pins = Pins::new(pin_dir);
     attach::release_pod(&pins, cookie).map_err(|e| match (&e, &a.netns) {
-        (redirect_userspace::error::Error::NotCaptured(_), Some(p)) => redirect_userspace::error::Error::NotCaptured(p.display().to_string()),
+        (redirect_userspace::error::Error::NotCaptured(_), Some(p)) => {
+            redirect_userspace::error::Error::NotCaptured(p.display().to_string())
+        }
         _ => e,
     })?;
-    println!("released netns cookie {cookie}{}", a.netns.map(|p| format!(" ({})", p.display())).unwrap_or_default());
+    println!(
+        "released netns cookie {cookie}{}",
+        a.netns
+            .map(|p| format!(" ({})", p.display()))
+            .unwrap_or_default()
+    );
     Ok(())
 }

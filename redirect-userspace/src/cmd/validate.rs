@@ -95,9 +95,20 @@ pub struct InsideArgs {
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 enum Event {
-    Listening { inbound_cookie: u64, uid: u32, gid: u32 },
-    Probe { from: String, dialed: String, accepted_on: String, orig_dst: String },
-    Failed { error: String },
+    Listening {
+        inbound_cookie: u64,
+        uid: u32,
+        gid: u32,
+    },
+    Probe {
+        from: String,
+        dialed: String,
+        accepted_on: String,
+        orig_dst: String,
+    },
+    Failed {
+        error: String,
+    },
 }
 
 fn emit(e: &Event) {
@@ -119,7 +130,9 @@ pub fn run_inside(a: InsideArgs) -> Result<()> {
             Ok(())
         }
         Err(e) => {
-            emit(&Event::Failed { error: format!("{e:#}") });
+            emit(&Event::Failed {
+                error: format!("{e:#}"),
+            });
             Err(e)
         }
     }
@@ -128,9 +141,15 @@ pub fn run_inside(a: InsideArgs) -> Result<()> {
 fn inside(a: &InsideArgs) -> Result<(TcpListener, TcpListener)> {
     let timeout = Duration::from_millis(a.timeout_ms);
     let (lo, probe_dst): (IpAddr, IpAddr) = if a.v6 {
-        (Ipv6Addr::LOCALHOST.into(), "::6".parse::<Ipv6Addr>().unwrap().into())
+        (
+            Ipv6Addr::LOCALHOST.into(),
+            "::6".parse::<Ipv6Addr>().unwrap().into(),
+        )
     } else {
-        (Ipv4Addr::LOCALHOST.into(), Ipv4Addr::new(127, 0, 0, 6).into())
+        (
+            Ipv4Addr::LOCALHOST.into(),
+            Ipv4Addr::new(127, 0, 0, 6).into(),
+        )
     };
     let bind = |port: u16, what: &str| -> Result<TcpListener> {
         let addr = SocketAddr::new(lo, port);
@@ -155,8 +174,13 @@ fn inside(a: &InsideArgs) -> Result<(TcpListener, TcpListener)> {
     });
 
     let dst = SocketAddr::new(probe_dst, a.probe_port);
-    let s = socket2::Socket::new(socket2::Domain::for_address(dst), socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
-    s.bind(&SocketAddr::new(lo, 0).into()).with_context(|| format!("binding the probe socket to {lo}"))?;
+    let s = socket2::Socket::new(
+        socket2::Domain::for_address(dst),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    s.bind(&SocketAddr::new(lo, 0).into())
+        .with_context(|| format!("binding the probe socket to {lo}"))?;
     if let Err(e) = s.connect_timeout(&dst.into(), timeout) {
         bail!(
             "connecting from {lo} to {dst} failed ({e}): the connection was not sent to the inbound port {} \
@@ -178,10 +202,24 @@ fn inside(a: &InsideArgs) -> Result<(TcpListener, TcpListener)> {
             bail!("the probe connection {from} -> {dst} was established but never accepted on {lo}:{} or {lo}:{}", a.inbound_port, a.proxy_port);
         }
         let mut fds = [
-            libc::pollfd { fd: outbound.as_raw_fd(), events: libc::POLLIN, revents: 0 },
-            libc::pollfd { fd: inbound.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+            libc::pollfd {
+                fd: outbound.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: inbound.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
         ];
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, left.as_millis().min(i32::MAX as u128) as i32) };
+        let n = unsafe {
+            libc::poll(
+                fds.as_mut_ptr(),
+                2,
+                left.as_millis().min(i32::MAX as u128) as i32,
+            )
+        };
         if n < 0 {
             let e = io::Error::last_os_error();
             if e.kind() == io::ErrorKind::Interrupted {
@@ -236,8 +274,20 @@ fn socket_cookie(l: &TcpListener) -> Result<u64> {
     const SO_COOKIE: libc::c_int = 57;
     let mut v: u64 = 0;
     let mut len = 8 as libc::socklen_t;
-    if unsafe { libc::getsockopt(l.as_raw_fd(), libc::SOL_SOCKET, SO_COOKIE, (&mut v as *mut u64).cast(), &mut len) } != 0 {
-        return Err(anyhow!("SO_COOKIE of the inbound listener: {}", io::Error::last_os_error()));
+    if unsafe {
+        libc::getsockopt(
+            l.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_COOKIE,
+            (&mut v as *mut u64).cast(),
+            &mut len,
+        )
+    } != 0
+    {
+        return Err(anyhow!(
+            "SO_COOKIE of the inbound listener: {}",
+            io::Error::last_os_error()
+        ));
     }
     Ok(v)
 }
@@ -253,8 +303,11 @@ struct Inside {
 impl Inside {
     fn next(&mut self, timeout: Duration, waiting_for: &str) -> Result<Event> {
         match self.lines.recv_timeout(timeout) {
-            Ok(l) => serde_json::from_str(&l).with_context(|| format!("unexpected output of the validator in the pod: {l:?}")),
-            Err(mpsc::RecvTimeoutError::Timeout) => bail!("the validator in the pod did not report {waiting_for} within {timeout:?}"),
+            Ok(l) => serde_json::from_str(&l)
+                .with_context(|| format!("unexpected output of the validator in the pod: {l:?}")),
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                bail!("the validator in the pod did not report {waiting_for} within {timeout:?}")
+            }
             Err(mpsc::RecvTimeoutError::Disconnected) => {
                 let st = self.child.wait().map(|s| s.to_string()).unwrap_or_default();
                 bail!("the validator in the pod exited ({st}) before reporting {waiting_for}")
@@ -309,10 +362,23 @@ pub fn run(pin_dir: &Path, a: Args) -> Result<()> {
     // Inbound steering: a live sk_lookup link on this very netns.
     let link_path = pins.sk_lookup_link(cookie);
     if !link_path.exists() {
-        return Err(fail(format!("inbound: no sk_lookup link is pinned at {} (attach did not finish?)", link_path.display())));
+        return Err(fail(format!(
+            "inbound: no sk_lookup link is pinned at {} (attach did not finish?)",
+            link_path.display()
+        )));
     }
-    let link = raw::obj_get(&link_path).map_err(|e| fail(format!("inbound: opening the pinned link {}: {e}", link_path.display())))?;
-    let (prog_id, link_netns) = raw::netns_link_info(&link).map_err(|e| fail(format!("inbound: reading link {}: {e}", link_path.display())))?;
+    let link = raw::obj_get(&link_path).map_err(|e| {
+        fail(format!(
+            "inbound: opening the pinned link {}: {e}",
+            link_path.display()
+        ))
+    })?;
+    let (prog_id, link_netns) = raw::netns_link_info(&link).map_err(|e| {
+        fail(format!(
+            "inbound: reading link {}: {e}",
+            link_path.display()
+        ))
+    })?;
     if link_netns != netns.inode as u32 {
         return Err(fail(format!(
             "inbound: the sk_lookup link {} is attached to netns inode {link_netns}, not to this netns (inode {}); it is detached or stale",
@@ -320,11 +386,19 @@ pub fn run(pin_dir: &Path, a: Args) -> Result<()> {
             netns.inode
         )));
     }
-    let prog = raw::prog_by_id(prog_id).map_err(|e| fail(format!("inbound: opening sk_lookup program id {prog_id}: {e}")))?;
+    let prog = raw::prog_by_id(prog_id).map_err(|e| {
+        fail(format!(
+            "inbound: opening sk_lookup program id {prog_id}: {e}"
+        ))
+    })?;
 
     let cidrs = maps.cidr_entries(cookie);
     let addr_of = |kind: u32| -> Option<IpAddr> {
-        cidrs.iter().filter(|(k, _)| *k == kind).map(|(_, c)| c.addr).find(|a| *a != "::6".parse::<IpAddr>().unwrap())
+        cidrs
+            .iter()
+            .filter(|(k, _)| *k == kind)
+            .map(|(_, c)| c.addr)
+            .find(|a| *a != "::6".parse::<IpAddr>().unwrap())
     };
     let (pod_v4, pod_v6) = (addr_of(cidr_kind::LOCAL_V4), addr_of(cidr_kind::LOCAL_V6));
     let mut families = Vec::new();
@@ -348,10 +422,18 @@ pub fn run(pin_dir: &Path, a: Args) -> Result<()> {
             gid: Some(gid),
         };
         let timeout = Duration::from_millis(a.timeout_ms);
-        let mut inside = spawn_inside(&place, &a, &cfg, v6).map_err(|e| fail(format!("{fam}: {e:#}")))?;
+        let mut inside =
+            spawn_inside(&place, &a, &cfg, v6).map_err(|e| fail(format!("{fam}: {e:#}")))?;
         let wait = timeout + Duration::from_secs(2);
-        let listener_cookie = match inside.next(wait, "its listeners").map_err(|e| fail(format!("{fam}: {e:#}")))? {
-            Event::Listening { inbound_cookie, uid: u, gid: g } => {
+        let listener_cookie = match inside
+            .next(wait, "its listeners")
+            .map_err(|e| fail(format!("{fam}: {e:#}")))?
+        {
+            Event::Listening {
+                inbound_cookie,
+                uid: u,
+                gid: g,
+            } => {
                 if (u, g) != (uid, gid) {
                     return Err(fail(format!("{fam}: the validator runs as uid {u} gid {g}, not as the proxy's uid {uid} gid {gid}")));
                 }
@@ -360,8 +442,16 @@ pub fn run(pin_dir: &Path, a: Args) -> Result<()> {
             Event::Failed { error } => return Err(fail(format!("{fam}: {error}"))),
             e => return Err(fail(format!("{fam}: unexpected report {e:?}"))),
         };
-        let probe = match inside.next(wait, "the probe connection").map_err(|e| fail(format!("{fam}: {e:#}")))? {
-            Event::Probe { from, dialed, accepted_on, orig_dst } => (from, dialed, accepted_on, orig_dst),
+        let probe = match inside
+            .next(wait, "the probe connection")
+            .map_err(|e| fail(format!("{fam}: {e:#}")))?
+        {
+            Event::Probe {
+                from,
+                dialed,
+                accepted_on,
+                orig_dst,
+            } => (from, dialed, accepted_on, orig_dst),
             Event::Failed { error } => return Err(fail(format!("{fam}: {error}"))),
             e => return Err(fail(format!("{fam}: unexpected report {e:?}"))),
         };
@@ -377,7 +467,11 @@ pub fn run(pin_dir: &Path, a: Args) -> Result<()> {
         let pod_ip = if v6 { pod_v6 } else { pod_v4 };
         let inbound = match (pod_ip, captured_port) {
             (Some(ip), Some(port)) => {
-                let client: IpAddr = if v6 { "2001:db8::1".parse().unwrap() } else { Ipv4Addr::new(192, 0, 2, 1).into() };
+                let client: IpAddr = if v6 {
+                    "2001:db8::1".parse().unwrap()
+                } else {
+                    Ipv4Addr::new(192, 0, 2, 1).into()
+                };
                 let (retval, selected) = raw::sk_lookup_test_run(&prog, client, 40000, ip, port)
                     .map_err(|e| fail(format!("{fam}: inbound: running the pod's sk_lookup program (BPF_PROG_TEST_RUN): {e}")))?;
                 let shown = SocketAddr::new(ip, port);
@@ -391,7 +485,10 @@ pub fn run(pin_dir: &Path, a: Args) -> Result<()> {
                         if selected == 0 { "no socket: normal delivery".to_string() } else { format!("socket cookie {selected}") }
                     )));
                 }
-                Some(format!("{client} -> {shown} lands on the :{} listener", cfg.inbound_port))
+                Some(format!(
+                    "{client} -> {shown} lands on the :{} listener",
+                    cfg.inbound_port
+                ))
             }
             (None, _) => None,
             (_, None) => None,
@@ -403,7 +500,9 @@ pub fn run(pin_dir: &Path, a: Args) -> Result<()> {
     let mut parts = Vec::new();
     for r in &results {
         let (from, dialed, accepted_on, orig) = &r.probe;
-        parts.push(format!("{from} -> {dialed} accepted on {accepted_on} with original destination {orig}"));
+        parts.push(format!(
+            "{from} -> {dialed} accepted on {accepted_on} with original destination {orig}"
+        ));
     }
     let inbound: Vec<String> = results.iter().filter_map(|r| r.inbound.clone()).collect();
     let inbound = if captured_port.is_none() {
@@ -411,9 +510,15 @@ pub fn run(pin_dir: &Path, a: Args) -> Result<()> {
     } else if inbound.is_empty() {
         "inbound not checked (the pod has no address)".to_string()
     } else {
-        format!("inbound from outside (sk_lookup on the pod netns, test run): {}", inbound.join("; "))
+        format!(
+            "inbound from outside (sk_lookup on the pod netns, test run): {}",
+            inbound.join("; ")
+        )
     };
-    let fams: Vec<&str> = results.iter().map(|r| if r.v6 { "IPv6" } else { "IPv4" }).collect();
+    let fams: Vec<&str> = results
+        .iter()
+        .map(|r| if r.v6 { "IPv6" } else { "IPv4" })
+        .collect();
     println!(
         "validation ok: {} (netns cookie {cookie}) as uid {uid} gid {gid}, {}: {}; {inbound}",
         a.pod.netns.display(),
@@ -435,8 +540,12 @@ fn spawn_inside(place: &Placement, a: &Args, cfg: &PodConfig, v6: bool) -> Resul
         cmd.arg("--v6");
     }
     sandbox::place(&mut cmd, place)?;
-    cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
-    let mut child = cmd.spawn().with_context(|| format!("starting {} validate-inside in the pod", exe.display()))?;
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("starting {} validate-inside in the pod", exe.display()))?;
     let out = child.stdout.take().expect("piped");
     let err = child.stderr.take().expect("piped");
     let (tx, lines) = mpsc::channel();
@@ -463,7 +572,10 @@ fn spawn_inside(place: &Placement, a: &Args, cfg: &PodConfig, v6: bool) -> Resul
 /// kernel answers ENOSPC to every lookup: look at its keys instead.)
 fn listener_registered(maps: &Maps, cookie: u64, v6: bool) -> bool {
     let family = if v6 { libc::AF_INET6 } else { libc::AF_INET } as u32;
-    maps.listeners.keys().filter_map(|k| k.ok()).any(|k| k.netns == cookie && k.family == family)
+    maps.listeners
+        .keys()
+        .filter_map(|k| k.ok())
+        .any(|k| k.netns == cookie && k.family == family)
 }
 
 /// A port a connection from outside would be captured on, if any, by the
@@ -483,7 +595,11 @@ fn inbound_test_port(cfg: &PodConfig, ports: &[(u16, u16)]) -> Option<u16> {
     if let Some(p) = [80, 8080, 9080].into_iter().find(captured) {
         return Some(p);
     }
-    let mut listed: Vec<u16> = ports.iter().filter(|(k, _)| *k == port_kind::IN_INCLUDE).map(|(_, p)| *p).collect();
+    let mut listed: Vec<u16> = ports
+        .iter()
+        .filter(|(k, _)| *k == port_kind::IN_INCLUDE)
+        .map(|(_, p)| *p)
+        .collect();
     listed.sort();
     listed.into_iter().chain(1..=u16::MAX).find(captured)
 }
@@ -523,7 +639,14 @@ mod raw {
     const BPF_LINK_TYPE_NETNS: u32 = 5;
 
     fn bpf(cmd: libc::c_long, attr: &mut [u64; 16]) -> io::Result<i32> {
-        let r = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), std::mem::size_of_val(attr)) };
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                cmd,
+                attr.as_mut_ptr(),
+                std::mem::size_of_val(attr),
+            )
+        };
         if r < 0 {
             return Err(io::Error::last_os_error());
         }
@@ -531,7 +654,8 @@ mod raw {
     }
 
     pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
-        let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(io::Error::other)?;
+        let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+            .map_err(io::Error::other)?;
         let mut attr = [0u64; 16];
         attr[0] = c.as_ptr() as u64;
         let fd = bpf(BPF_OBJ_GET, &mut attr)?;
@@ -548,7 +672,10 @@ mod raw {
         attr[1] = info.as_mut_ptr() as u64;
         bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
         if info[0] != BPF_LINK_TYPE_NETNS {
-            return Err(io::Error::other(format!("not a netns link (link type {})", info[0])));
+            return Err(io::Error::other(format!(
+                "not a netns link (link type {})",
+                info[0]
+            )));
         }
         Ok((info[2], info[4]))
     }
@@ -562,12 +689,22 @@ mod raw {
 
     /// Run an sk_lookup program on a TCP lookup from `remote` to
     /// `local:port`; returns (verdict, cookie of the selected socket or 0).
-    pub fn sk_lookup_test_run(prog: &OwnedFd, remote: IpAddr, rport: u16, local: IpAddr, port: u16) -> io::Result<(u32, u64)> {
+    pub fn sk_lookup_test_run(
+        prog: &OwnedFd,
+        remote: IpAddr,
+        rport: u16,
+        local: IpAddr,
+        port: u16,
+    ) -> io::Result<(u32, u64)> {
         // struct bpf_sk_lookup (72 bytes): cookie@0, family@8, protocol@12,
         // remote_ip4@16, remote_ip6@20, remote_port@36 (be16),
         // local_ip4@40, local_ip6@44, local_port@60, ingress_ifindex@64.
         let mut ctx = [0u8; 72];
-        let family = if local.is_ipv6() { libc::AF_INET6 } else { libc::AF_INET } as u32;
+        let family = if local.is_ipv6() {
+            libc::AF_INET6
+        } else {
+            libc::AF_INET
+        } as u32;
         ctx[8..12].copy_from_slice(&family.to_ne_bytes());
         ctx[12..16].copy_from_slice(&(libc::IPPROTO_TCP as u32).to_ne_bytes());
         match remote {

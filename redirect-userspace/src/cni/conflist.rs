@@ -32,11 +32,18 @@ pub enum ConflistError {
 }
 
 fn invalid(path: &Path, what: impl Into<String>) -> ConflistError {
-    ConflistError::Invalid { path: path.display().to_string(), what: what.into() }
+    ConflistError::Invalid {
+        path: path.display().to_string(),
+        what: what.into(),
+    }
 }
 
 fn io(what: &'static str, path: &Path, source: std::io::Error) -> ConflistError {
-    ConflistError::Io { what, path: path.display().to_string(), source }
+    ConflistError::Io {
+        what,
+        path: path.display().to_string(),
+        source,
+    }
 }
 
 /// The entry the agent writes: `{"type":"redirect-cni","socket":...}`,
@@ -48,7 +55,10 @@ pub fn entry(socket: &Path, capture_all: bool) -> String {
 /// The entry, with `"kubernetes": true` when the agent decides from the
 /// Kubernetes API.
 pub fn entry_with(socket: &Path, capture_all: bool, kubernetes: bool) -> String {
-    let mut s = format!("{{\"type\":\"{PLUGIN_TYPE}\",\"socket\":{}", Value::String(socket.display().to_string()));
+    let mut s = format!(
+        "{{\"type\":\"{PLUGIN_TYPE}\",\"socket\":{}",
+        Value::String(socket.display().to_string())
+    );
     if capture_all {
         s.push_str(",\"captureAll\":true");
     }
@@ -72,12 +82,16 @@ fn span(text: &str, part: &str) -> (usize, usize) {
 }
 
 fn layout(text: &str) -> Result<Layout, String> {
-    let top: BTreeMap<String, &RawValue> = serde_json::from_str(text).map_err(|e| format!("not a JSON object: {e}"))?;
+    let top: BTreeMap<String, &RawValue> =
+        serde_json::from_str(text).map_err(|e| format!("not a JSON object: {e}"))?;
     if !top.contains_key("cniVersion") {
         return Err("no \"cniVersion\": not a CNI conflist".into());
     }
-    let plugins = top.get("plugins").ok_or("no \"plugins\" array: not a conflist (a single-plugin .conf cannot be chained)")?;
-    let items: Vec<&RawValue> = serde_json::from_str(plugins.get()).map_err(|e| format!("\"plugins\" is not an array: {e}"))?;
+    let plugins = top
+        .get("plugins")
+        .ok_or("no \"plugins\" array: not a conflist (a single-plugin .conf cannot be chained)")?;
+    let items: Vec<&RawValue> = serde_json::from_str(plugins.get())
+        .map_err(|e| format!("\"plugins\" is not an array: {e}"))?;
     let mut out = Vec::new();
     for it in items {
         let v: Value = serde_json::from_str(it.get()).map_err(|e| e.to_string())?;
@@ -86,7 +100,10 @@ fn layout(text: &str) -> Result<Layout, String> {
         }
         out.push((span(text, it.get()), v));
     }
-    Ok(Layout { array: span(text, plugins.get()), items: out })
+    Ok(Layout {
+        array: span(text, plugins.get()),
+        items: out,
+    })
 }
 
 /// `text` with the redirect-cni entry added (or, if present with other
@@ -99,9 +116,18 @@ pub fn with_entry(text: &str, socket: &Path, capture_all: bool) -> Result<Option
 /// [`with_entry`], and `"kubernetes"` set to `kubernetes` (the key is
 /// removed when false, so an agent started without the API never gets
 /// API-mode requests from an old entry).
-pub fn with_entry_k8s(text: &str, socket: &Path, capture_all: bool, kubernetes: bool) -> Result<Option<String>, String> {
+pub fn with_entry_k8s(
+    text: &str,
+    socket: &Path,
+    capture_all: bool,
+    kubernetes: bool,
+) -> Result<Option<String>, String> {
     let l = layout(text)?;
-    let ours: Vec<_> = l.items.iter().filter(|(_, v)| v["type"] == PLUGIN_TYPE).collect();
+    let ours: Vec<_> = l
+        .items
+        .iter()
+        .filter(|(_, v)| v["type"] == PLUGIN_TYPE)
+        .collect();
     if ours.len() > 1 {
         return Err(format!("{} entries of type {PLUGIN_TYPE}", ours.len()));
     }
@@ -127,19 +153,41 @@ pub fn with_entry_k8s(text: &str, socket: &Path, capture_all: bool, kubernetes: 
         if !changed {
             return Ok(None);
         }
-        format!("{}{}{}", &text[..*a], serde_json::to_string(&v).expect("serializable"), &text[*b..])
+        format!(
+            "{}{}{}",
+            &text[..*a],
+            serde_json::to_string(&v).expect("serializable"),
+            &text[*b..]
+        )
     } else if let Some(((_, last_end), _)) = l.items.last() {
         // After the last entry, on its own line with the last entry's
         // indentation.
         let (last_start, _) = l.items.last().unwrap().0;
-        let line_start = text[..last_start].rfind('\n').map(|i| i + 1).unwrap_or(last_start);
+        let line_start = text[..last_start]
+            .rfind('\n')
+            .map(|i| i + 1)
+            .unwrap_or(last_start);
         let indent = &text[line_start..last_start];
-        let sep = if indent.chars().all(char::is_whitespace) && line_start != last_start { format!(",\n{indent}") } else { ", ".into() };
-        format!("{}{sep}{}{}", &text[..*last_end], entry_with(socket, capture_all, kubernetes), &text[*last_end..])
+        let sep = if indent.chars().all(char::is_whitespace) && line_start != last_start {
+            format!(",\n{indent}")
+        } else {
+            ", ".into()
+        };
+        format!(
+            "{}{sep}{}{}",
+            &text[..*last_end],
+            entry_with(socket, capture_all, kubernetes),
+            &text[*last_end..]
+        )
     } else {
         // Empty array: right after '['.
         let at = l.array.0 + 1;
-        format!("{}{}{}", &text[..at], entry_with(socket, capture_all, kubernetes), &text[at..])
+        format!(
+            "{}{}{}",
+            &text[..at],
+            entry_with(socket, capture_all, kubernetes),
+            &text[at..]
+        )
     };
     layout(&new).map_err(|e| format!("edit produced an invalid conflist (bug): {e}"))?;
     Ok(Some(new))
@@ -176,13 +224,24 @@ pub fn conflist_path(conf_dir: &Path, conflist: &Path) -> PathBuf {
 
 /// Replace `path` atomically with `text`, keeping its mode.
 fn write_atomic(path: &Path, text: &str) -> Result<(), ConflistError> {
-    let mode = std::fs::metadata(path).map(|m| m.permissions().mode() & 0o7777).unwrap_or(0o644);
+    let mode = std::fs::metadata(path)
+        .map(|m| m.permissions().mode() & 0o7777)
+        .unwrap_or(0o644);
     let dir = path.parent().unwrap_or(Path::new("."));
     // A dot name without a .conf/.conflist/.json extension: runtimes
     // never load it as a network.
-    let tmp = dir.join(format!(".{}.redirect-tmp", path.file_name().and_then(|n| n.to_str()).unwrap_or("conflist")));
+    let tmp = dir.join(format!(
+        ".{}.redirect-tmp",
+        path.file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("conflist")
+    ));
     let r = (|| {
-        let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).open(&tmp)?;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)?;
         f.set_permissions(std::fs::Permissions::from_mode(mode))?;
         f.write_all(text.as_bytes())?;
         f.sync_all()?;
@@ -201,7 +260,12 @@ pub fn install_entry(path: &Path, socket: &Path, capture_all: bool) -> Result<bo
 }
 
 /// [`install_entry`] with the `"kubernetes"` key (see [`with_entry_k8s`]).
-pub fn install_entry_k8s(path: &Path, socket: &Path, capture_all: bool, kubernetes: bool) -> Result<bool, ConflistError> {
+pub fn install_entry_k8s(
+    path: &Path,
+    socket: &Path,
+    capture_all: bool,
+    kubernetes: bool,
+) -> Result<bool, ConflistError> {
     let text = std::fs::read_to_string(path).map_err(|e| io("reading conflist", path, e))?;
     match with_entry_k8s(&text, socket, capture_all, kubernetes).map_err(|e| invalid(path, e))? {
         Some(new) => write_atomic(path, &new).map(|()| true),
@@ -278,13 +342,19 @@ mod tests {
         let s = Path::new("/s");
         let compact = r#"{"cniVersion":"0.4.0","name":"n","plugins":[{"type":"bridge"}]}"#;
         let a = with_entry(compact, s, true).unwrap().unwrap();
-        assert_eq!(a, r#"{"cniVersion":"0.4.0","name":"n","plugins":[{"type":"bridge"}, {"type":"redirect-cni","socket":"/s","captureAll":true}]}"#);
+        assert_eq!(
+            a,
+            r#"{"cniVersion":"0.4.0","name":"n","plugins":[{"type":"bridge"}, {"type":"redirect-cni","socket":"/s","captureAll":true}]}"#
+        );
         assert_eq!(without_entry(&a).unwrap().unwrap(), compact);
         let empty = r#"{"cniVersion":"1.0.0","name":"n","plugins":[]}"#;
         let a = with_entry(empty, s, false).unwrap().unwrap();
         assert_eq!(without_entry(&a).unwrap().unwrap(), empty);
         let first = r#"{"cniVersion":"1.0.0","plugins":[{"type":"redirect-cni","socket":"/s"}, {"type":"x"}]}"#;
-        assert_eq!(without_entry(first).unwrap().unwrap(), r#"{"cniVersion":"1.0.0","plugins":[{"type":"x"}]}"#);
+        assert_eq!(
+            without_entry(first).unwrap().unwrap(),
+            r#"{"cniVersion":"1.0.0","plugins":[{"type":"x"}]}"#
+        );
     }
 
     #[test]
@@ -292,8 +362,15 @@ mod tests {
         let s = Path::new("/s");
         let compact = r#"{"cniVersion":"1.0.0","plugins":[{"type":"bridge"}]}"#;
         let a = with_entry_k8s(compact, s, false, true).unwrap().unwrap();
-        assert_eq!(a, r#"{"cniVersion":"1.0.0","plugins":[{"type":"bridge"}, {"type":"redirect-cni","socket":"/s","kubernetes":true}]}"#);
-        assert_eq!(with_entry_k8s(&a, s, false, true).unwrap(), None, "idempotent");
+        assert_eq!(
+            a,
+            r#"{"cniVersion":"1.0.0","plugins":[{"type":"bridge"}, {"type":"redirect-cni","socket":"/s","kubernetes":true}]}"#
+        );
+        assert_eq!(
+            with_entry_k8s(&a, s, false, true).unwrap(),
+            None,
+            "idempotent"
+        );
         // An agent without the API takes the key out again.
         let b = with_entry_k8s(&a, s, false, false).unwrap().unwrap();
         let v: Value = serde_json::from_str(&b).unwrap();
@@ -313,14 +390,27 @@ mod tests {
 
     #[test]
     fn refuses_non_conflists() {
-        for bad in ["", "[]", r#"{"cniVersion":"1.0.0","type":"bridge"}"#, r#"{"plugins":[]}"#, r#"{"cniVersion":"1.0.0","plugins":{}}"#, r#"{"cniVersion":"1.0.0","plugins":[1]}"#] {
+        for bad in [
+            "",
+            "[]",
+            r#"{"cniVersion":"1.0.0","type":"bridge"}"#,
+            r#"{"plugins":[]}"#,
+            r#"{"cniVersion":"1.0.0","plugins":{}}"#,
+            r#"{"cniVersion":"1.0.0","plugins":[1]}"#,
+        ] {
             assert!(with_entry(bad, Path::new("/s"), false).is_err(), "{bad}");
         }
     }
 
     #[test]
     fn conflist_paths() {
-        assert_eq!(conflist_path(Path::new("/etc/cni/net.d"), Path::new("10-x.conflist")), PathBuf::from("/etc/cni/net.d/10-x.conflist"));
-        assert_eq!(conflist_path(Path::new("/etc/cni/net.d"), Path::new("/tmp/x.conflist")), PathBuf::from("/tmp/x.conflist"));
+        assert_eq!(
+            conflist_path(Path::new("/etc/cni/net.d"), Path::new("10-x.conflist")),
+            PathBuf::from("/etc/cni/net.d/10-x.conflist")
+        );
+        assert_eq!(
+            conflist_path(Path::new("/etc/cni/net.d"), Path::new("/tmp/x.conflist")),
+            PathBuf::from("/tmp/x.conflist")
+        );
     }
 }

@@ -65,7 +65,11 @@ pub struct CniError {
 
 impl CniError {
     pub fn new(code: u32, msg: impl Into<String>, details: impl Into<String>) -> CniError {
-        CniError { code, msg: msg.into(), details: details.into() }
+        CniError {
+            code,
+            msg: msg.into(),
+            details: details.into(),
+        }
     }
 
     pub fn to_json(&self, cni_version: &str) -> String {
@@ -93,7 +97,10 @@ pub struct Env {
 
 impl Env {
     pub fn arg(&self, key: &str) -> Option<&str> {
-        self.args.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+        self.args
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
     }
 }
 
@@ -102,10 +109,18 @@ pub fn parse_cni_args(s: &str) -> Result<Vec<(String, String)>, CniError> {
     let mut out = Vec::new();
     for part in s.split(';').filter(|p| !p.is_empty()) {
         let Some((k, v)) = part.split_once('=') else {
-            return Err(CniError::new(code::INVALID_ENV, "invalid CNI_ARGS", format!("'{part}' is not KEY=VALUE (CNI_ARGS={s:?})")));
+            return Err(CniError::new(
+                code::INVALID_ENV,
+                "invalid CNI_ARGS",
+                format!("'{part}' is not KEY=VALUE (CNI_ARGS={s:?})"),
+            ));
         };
         if k.is_empty() {
-            return Err(CniError::new(code::INVALID_ENV, "invalid CNI_ARGS", format!("empty key in '{part}' (CNI_ARGS={s:?})")));
+            return Err(CniError::new(
+                code::INVALID_ENV,
+                "invalid CNI_ARGS",
+                format!("empty key in '{part}' (CNI_ARGS={s:?})"),
+            ));
         }
         out.push((k.to_string(), v.to_string()));
     }
@@ -114,7 +129,13 @@ pub fn parse_cni_args(s: &str) -> Result<Vec<(String, String)>, CniError> {
 
 /// Read and check the CNI_* variables.
 pub fn parse_env(get: &dyn Fn(&str) -> Option<String>) -> Result<Env, CniError> {
-    let missing = |v: &str| CniError::new(code::INVALID_ENV, format!("{v} is not set"), format!("the runtime must set {v}"));
+    let missing = |v: &str| {
+        CniError::new(
+            code::INVALID_ENV,
+            format!("{v} is not set"),
+            format!("the runtime must set {v}"),
+        )
+    };
     let command = match get("CNI_COMMAND").as_deref() {
         Some("ADD") => Command::Add,
         Some("DEL") => Command::Del,
@@ -124,14 +145,22 @@ pub fn parse_env(get: &dyn Fn(&str) -> Option<String>) -> Result<Env, CniError> 
             return Err(CniError::new(
                 code::INVALID_ENV,
                 "unsupported CNI_COMMAND",
-                format!("CNI_COMMAND={other:?}; redirect-cni implements ADD, DEL, CHECK and VERSION"),
+                format!(
+                    "CNI_COMMAND={other:?}; redirect-cni implements ADD, DEL, CHECK and VERSION"
+                ),
             ))
         }
         None => return Err(missing("CNI_COMMAND")),
     };
     let nonempty = |v: &str| get(v).filter(|s| !s.is_empty());
     if command == Command::Version {
-        return Ok(Env { command, container_id: String::new(), netns: None, ifname: String::new(), args: Vec::new() });
+        return Ok(Env {
+            command,
+            container_id: String::new(),
+            netns: None,
+            ifname: String::new(),
+            args: Vec::new(),
+        });
     }
     let container_id = nonempty("CNI_CONTAINERID").ok_or_else(|| missing("CNI_CONTAINERID"))?;
     let ifname = nonempty("CNI_IFNAME").ok_or_else(|| missing("CNI_IFNAME"))?;
@@ -140,7 +169,13 @@ pub fn parse_env(get: &dyn Fn(&str) -> Option<String>) -> Result<Env, CniError> 
         return Err(missing("CNI_NETNS"));
     }
     let args = parse_cni_args(&get("CNI_ARGS").unwrap_or_default())?;
-    Ok(Env { command, container_id, netns, ifname, args })
+    Ok(Env {
+        command,
+        container_id,
+        netns,
+        ifname,
+        args,
+    })
 }
 
 /// The plugin's network config (plus what the runtime adds to it).
@@ -172,21 +207,31 @@ pub struct NetConf {
 
 impl NetConf {
     pub fn socket(&self) -> PathBuf {
-        self.socket.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET))
+        self.socket
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET))
     }
 
     /// The capture config to send: `capture` over Istio's injected one.
     pub fn capture_config(&self) -> Result<CaptureConfig, CniError> {
         let own: CaptureConfig = match &self.capture {
             None | Some(Value::Null) => CaptureConfig::default(),
-            Some(v) => serde_json::from_value(v.clone())
-                .map_err(|e| CniError::new(code::INVALID_CONFIG, "invalid \"capture\" in the plugin config", e.to_string()))?,
+            Some(v) => serde_json::from_value(v.clone()).map_err(|e| {
+                CniError::new(
+                    code::INVALID_CONFIG,
+                    "invalid \"capture\" in the plugin config",
+                    e.to_string(),
+                )
+            })?,
         };
         let merged = own.over(&CaptureConfig::istio_injected());
-        merged
-            .to_flags()
-            .to_spec()
-            .map_err(|e| CniError::new(code::INVALID_CONFIG, "invalid \"capture\" in the plugin config", e.to_string()))?;
+        merged.to_flags().to_spec().map_err(|e| {
+            CniError::new(
+                code::INVALID_CONFIG,
+                "invalid \"capture\" in the plugin config",
+                e.to_string(),
+            )
+        })?;
         Ok(merged)
     }
 }
@@ -194,31 +239,58 @@ impl NetConf {
 /// Parse stdin as the plugin config. `cni_version` is filled as soon as
 /// it is known, for the error reply.
 pub fn parse_conf(stdin: &[u8], cni_version: &mut String) -> Result<NetConf, CniError> {
-    let v: Value = serde_json::from_slice(stdin)
-        .map_err(|e| CniError::new(code::DECODE_FAILURE, "failed to decode the network config on stdin", e.to_string()))?;
+    let v: Value = serde_json::from_slice(stdin).map_err(|e| {
+        CniError::new(
+            code::DECODE_FAILURE,
+            "failed to decode the network config on stdin",
+            e.to_string(),
+        )
+    })?;
     if !v.is_object() {
-        return Err(CniError::new(code::DECODE_FAILURE, "failed to decode the network config on stdin", "expected a JSON object"));
+        return Err(CniError::new(
+            code::DECODE_FAILURE,
+            "failed to decode the network config on stdin",
+            "expected a JSON object",
+        ));
     }
     if let Some(s) = v.get("cniVersion").and_then(Value::as_str) {
         if SUPPORTED_VERSIONS.contains(&s) {
             *cni_version = s.to_string();
         }
     }
-    let conf: NetConf = serde_json::from_value(v).map_err(|e| CniError::new(code::INVALID_CONFIG, "invalid network config", e.to_string()))?;
+    let conf: NetConf = serde_json::from_value(v).map_err(|e| {
+        CniError::new(
+            code::INVALID_CONFIG,
+            "invalid network config",
+            e.to_string(),
+        )
+    })?;
     if !SUPPORTED_VERSIONS.contains(&conf.cni_version.as_str()) {
         return Err(CniError::new(
             code::INCOMPATIBLE_VERSION,
             "incompatible CNI version",
-            format!("cniVersion {:?}; redirect-cni supports {}", conf.cni_version, SUPPORTED_VERSIONS.join(", ")),
+            format!(
+                "cniVersion {:?}; redirect-cni supports {}",
+                conf.cni_version,
+                SUPPORTED_VERSIONS.join(", ")
+            ),
         ));
     }
     if let Some(t) = &conf.plugin_type {
         if t != PLUGIN_TYPE {
-            return Err(CniError::new(code::INVALID_CONFIG, "invalid network config", format!("type {t:?} is not {PLUGIN_TYPE:?}")));
+            return Err(CniError::new(
+                code::INVALID_CONFIG,
+                "invalid network config",
+                format!("type {t:?} is not {PLUGIN_TYPE:?}"),
+            ));
         }
     }
     if conf.prev_result.as_ref().is_some_and(|p| !p.is_object()) {
-        return Err(CniError::new(code::INVALID_CONFIG, "invalid network config", "prevResult is not an object"));
+        return Err(CniError::new(
+            code::INVALID_CONFIG,
+            "invalid network config",
+            "prevResult is not an object",
+        ));
     }
     Ok(conf)
 }
@@ -233,7 +305,11 @@ pub fn selected(env: &Env, conf: &NetConf) -> Result<bool, CniError> {
     match env.arg("REDIRECT_CAPTURE") {
         Some("true") => Ok(true),
         Some("false") => Ok(false),
-        Some(other) => Err(CniError::new(code::INVALID_ENV, "invalid CNI_ARGS", format!("REDIRECT_CAPTURE={other:?}: expected true or false"))),
+        Some(other) => Err(CniError::new(
+            code::INVALID_ENV,
+            "invalid CNI_ARGS",
+            format!("REDIRECT_CAPTURE={other:?}: expected true or false"),
+        )),
         None => Ok(conf.capture_all.unwrap_or(false) || conf.kubernetes.unwrap_or(false)),
     }
 }
@@ -245,20 +321,33 @@ pub const KUBERNETES_ERROR_PREFIX: &str = "kubernetes: ";
 
 /// `namespace/name` from the Kubernetes keys of CNI_ARGS.
 pub fn pod_name(env: &Env) -> String {
-    let ns = env.arg("K8S_POD_NAMESPACE").filter(|s| !s.is_empty()).unwrap_or("default");
+    let ns = env
+        .arg("K8S_POD_NAMESPACE")
+        .filter(|s| !s.is_empty())
+        .unwrap_or("default");
     format!("{ns}/{}", env.arg("K8S_POD_NAME").unwrap_or(""))
 }
 
 /// How to talk to the agent (a trait so tests can stand in for it).
 pub trait AgentClient {
-    fn call(&self, socket: &std::path::Path, req: &Request, timeout: Duration) -> Result<Value, CallError>;
+    fn call(
+        &self,
+        socket: &std::path::Path,
+        req: &Request,
+        timeout: Duration,
+    ) -> Result<Value, CallError>;
 }
 
 /// The real socket.
 pub struct SocketClient;
 
 impl AgentClient for SocketClient {
-    fn call(&self, socket: &std::path::Path, req: &Request, timeout: Duration) -> Result<Value, CallError> {
+    fn call(
+        &self,
+        socket: &std::path::Path,
+        req: &Request,
+        timeout: Duration,
+    ) -> Result<Value, CallError> {
         proto::call(socket, req, timeout)
     }
 }
@@ -272,25 +361,49 @@ pub struct Outcome {
 }
 
 /// One plugin invocation.
-pub fn run(get_env: &dyn Fn(&str) -> Option<String>, stdin: &[u8], agent: &dyn AgentClient) -> Outcome {
+pub fn run(
+    get_env: &dyn Fn(&str) -> Option<String>,
+    stdin: &[u8],
+    agent: &dyn AgentClient,
+) -> Outcome {
     let mut version = "1.0.0".to_string();
     let mut stderr = String::new();
     match run_inner(get_env, stdin, agent, &mut version, &mut stderr) {
-        Ok(stdout) => Outcome { stdout, stderr, exit_code: 0 },
-        Err(e) => Outcome { stdout: e.to_json(&version), stderr, exit_code: 1 },
+        Ok(stdout) => Outcome {
+            stdout,
+            stderr,
+            exit_code: 0,
+        },
+        Err(e) => Outcome {
+            stdout: e.to_json(&version),
+            stderr,
+            exit_code: 1,
+        },
     }
 }
 
-fn run_inner(get_env: &dyn Fn(&str) -> Option<String>, stdin: &[u8], agent: &dyn AgentClient, version: &mut String, stderr: &mut String) -> Result<String, CniError> {
+fn run_inner(
+    get_env: &dyn Fn(&str) -> Option<String>,
+    stdin: &[u8],
+    agent: &dyn AgentClient,
+    version: &mut String,
+    stderr: &mut String,
+) -> Result<String, CniError> {
     let env = parse_env(get_env)?;
     if env.command == Command::Version {
         // The requested version, when stdin names a known one.
         if let Ok(v) = serde_json::from_slice::<Value>(stdin) {
-            if let Some(s) = v.get("cniVersion").and_then(Value::as_str).filter(|s| SUPPORTED_VERSIONS.contains(s)) {
+            if let Some(s) = v
+                .get("cniVersion")
+                .and_then(Value::as_str)
+                .filter(|s| SUPPORTED_VERSIONS.contains(s))
+            {
                 *version = s.to_string();
             }
         }
-        return Ok(json!({"cniVersion": version, "supportedVersions": SUPPORTED_VERSIONS}).to_string());
+        return Ok(
+            json!({"cniVersion": version, "supportedVersions": SUPPORTED_VERSIONS}).to_string(),
+        );
     }
     let conf = parse_conf(stdin, version)?;
     let prev = || -> Result<String, CniError> {
@@ -308,19 +421,30 @@ fn run_inner(get_env: &dyn Fn(&str) -> Option<String>, stdin: &[u8], agent: &dyn
         Command::Add => {
             let out = prev()?;
             let kubernetes = conf.kubernetes.unwrap_or(false);
-            let capture = if kubernetes { None } else { Some(conf.capture_config()?) };
+            let capture = if kubernetes {
+                None
+            } else {
+                Some(conf.capture_config()?)
+            };
             if !selected(&env, &conf)? {
                 return Ok(out);
             }
             let netns = env.netns.clone().expect("checked by parse_env");
-            proto::check_netns_path(&netns).map_err(|e| CniError::new(code::INVALID_ENV, "invalid CNI_NETNS", e))?;
+            proto::check_netns_path(&netns)
+                .map_err(|e| CniError::new(code::INVALID_ENV, "invalid CNI_NETNS", e))?;
             let req = Request::Add {
                 netns,
                 pod: Some(pod_name(&env)),
                 container_id: Some(env.container_id.clone()),
                 config: capture,
                 kubernetes,
-                pod_uid: if kubernetes { env.arg("K8S_POD_UID").filter(|s| !s.is_empty()).map(str::to_string) } else { None },
+                pod_uid: if kubernetes {
+                    env.arg("K8S_POD_UID")
+                        .filter(|s| !s.is_empty())
+                        .map(str::to_string)
+                } else {
+                    None
+                },
             };
             let reply = agent.call(&conf.socket(), &req, ADD_TIMEOUT).map_err(|e| match e {
                 CallError::Unreachable(d) => CniError::new(
@@ -339,7 +463,10 @@ fn run_inner(get_env: &dyn Fn(&str) -> Option<String>, stdin: &[u8], agent: &dyn
                 stderr.push_str(&format!(
                     "redirect-cni: {} passes through: {}\n",
                     pod_name(&env),
-                    reply.get("reason").and_then(Value::as_str).unwrap_or("not in the mesh")
+                    reply
+                        .get("reason")
+                        .and_then(Value::as_str)
+                        .unwrap_or("not in the mesh")
                 ));
             }
             Ok(out)
@@ -354,12 +481,24 @@ fn run_inner(get_env: &dyn Fn(&str) -> Option<String>, stdin: &[u8], agent: &dyn
                 return Ok(out);
             }
             let netns = env.netns.clone().expect("checked by parse_env");
-            proto::check_netns_path(&netns).map_err(|e| CniError::new(code::INVALID_ENV, "invalid CNI_NETNS", e))?;
-            let req = Request::Check { netns, pod: Some(pod_name(&env)), container_id: Some(env.container_id.clone()), kubernetes };
-            agent.call(&conf.socket(), &req, ADD_TIMEOUT).map_err(|e| match e {
-                CallError::Unreachable(d) => CniError::new(code::TRY_AGAIN_LATER, "redirect agent unreachable", d),
-                CallError::Refused(d) | CallError::Protocol(d) => CniError::new(code::NOT_CAPTURED, "pod is not captured", d),
-            })?;
+            proto::check_netns_path(&netns)
+                .map_err(|e| CniError::new(code::INVALID_ENV, "invalid CNI_NETNS", e))?;
+            let req = Request::Check {
+                netns,
+                pod: Some(pod_name(&env)),
+                container_id: Some(env.container_id.clone()),
+                kubernetes,
+            };
+            agent
+                .call(&conf.socket(), &req, ADD_TIMEOUT)
+                .map_err(|e| match e {
+                    CallError::Unreachable(d) => {
+                        CniError::new(code::TRY_AGAIN_LATER, "redirect agent unreachable", d)
+                    }
+                    CallError::Refused(d) | CallError::Protocol(d) => {
+                        CniError::new(code::NOT_CAPTURED, "pod is not captured", d)
+                    }
+                })?;
             Ok(out)
         }
         Command::Del => {
@@ -374,14 +513,23 @@ fn run_inner(get_env: &dyn Fn(&str) -> Option<String>, stdin: &[u8], agent: &dyn
                 stderr.push_str(&format!("redirect-cni: DEL: no agent socket at {}: nothing released now (the agent releases pods whose netns is gone when it starts)\n", socket.display()));
                 return Ok(String::new());
             }
-            let netns = env.netns.clone().filter(|p| match proto::check_netns_path(p) {
-                Ok(()) => true,
-                Err(e) => {
-                    stderr.push_str(&format!("redirect-cni: DEL: {e}; releasing by container id only\n"));
-                    false
-                }
-            });
-            let req = Request::Del { netns, pod: Some(pod_name(&env)), container_id: Some(env.container_id.clone()) };
+            let netns = env
+                .netns
+                .clone()
+                .filter(|p| match proto::check_netns_path(p) {
+                    Ok(()) => true,
+                    Err(e) => {
+                        stderr.push_str(&format!(
+                            "redirect-cni: DEL: {e}; releasing by container id only\n"
+                        ));
+                        false
+                    }
+                });
+            let req = Request::Del {
+                netns,
+                pod: Some(pod_name(&env)),
+                container_id: Some(env.container_id.clone()),
+            };
             if let Err(e) = agent.call(&socket, &req, DEL_TIMEOUT) {
                 stderr.push_str(&format!("redirect-cni: DEL: {e} (ignored: DEL succeeds)\n"));
             }
@@ -401,14 +549,22 @@ mod tests {
     }
 
     impl AgentClient for Fake {
-        fn call(&self, _s: &std::path::Path, req: &Request, _t: Duration) -> Result<Value, CallError> {
+        fn call(
+            &self,
+            _s: &std::path::Path,
+            req: &Request,
+            _t: Duration,
+        ) -> Result<Value, CallError> {
             self.calls.borrow_mut().push(req.clone());
             self.reply.clone().map_err(|f| f())
         }
     }
 
     fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
-        let m: HashMap<String, String> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let m: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         move |k| m.get(k).cloned()
     }
 
@@ -430,21 +586,35 @@ mod tests {
     }
 
     fn ok_fake() -> Fake {
-        Fake { reply: Ok(json!({"ok": true, "cookie": 7})), calls: RefCell::new(Vec::new()) }
+        Fake {
+            reply: Ok(json!({"ok": true, "cookie": 7})),
+            calls: RefCell::new(Vec::new()),
+        }
     }
 
     fn code_of(o: &Outcome) -> u64 {
         assert_eq!(o.exit_code, 1, "{o:?}");
-        serde_json::from_str::<Value>(&o.stdout).unwrap()["code"].as_u64().unwrap()
+        serde_json::from_str::<Value>(&o.stdout).unwrap()["code"]
+            .as_u64()
+            .unwrap()
     }
 
     #[test]
     fn unselected_pods_pass_through_without_the_agent() {
         let f = ok_fake();
-        for args in ["", "IgnoreUnknown=1", "K8S_POD_NAME=x", "K8S_POD_NAME=x;REDIRECT_CAPTURE=false", "REDIRECT_CAPTURE=true"] {
+        for args in [
+            "",
+            "IgnoreUnknown=1",
+            "K8S_POD_NAME=x",
+            "K8S_POD_NAME=x;REDIRECT_CAPTURE=false",
+            "REDIRECT_CAPTURE=true",
+        ] {
             let o = run_with(&add_env(args), CONF, &f);
             assert_eq!(o.exit_code, 0, "{args}: {o:?}");
-            assert_eq!(serde_json::from_str::<Value>(&o.stdout).unwrap()["ips"][0]["address"], "10.1.0.2/24");
+            assert_eq!(
+                serde_json::from_str::<Value>(&o.stdout).unwrap()["ips"][0]["address"],
+                "10.1.0.2/24"
+            );
         }
         assert!(f.calls.borrow().is_empty());
     }
@@ -452,12 +622,37 @@ mod tests {
     #[test]
     fn selected_pod_is_sent_with_istio_defaults() {
         let f = ok_fake();
-        let o = run_with(&add_env("IgnoreUnknown=1;K8S_POD_NAMESPACE=shop;K8S_POD_NAME=cart;REDIRECT_CAPTURE=true"), CONF, &f);
+        let o = run_with(
+            &add_env(
+                "IgnoreUnknown=1;K8S_POD_NAMESPACE=shop;K8S_POD_NAME=cart;REDIRECT_CAPTURE=true",
+            ),
+            CONF,
+            &f,
+        );
         assert_eq!(o.exit_code, 0, "{o:?}");
         let calls = f.calls.borrow();
-        let Request::Add { netns, pod, container_id, config, .. } = &calls[0] else { panic!() };
-        assert_eq!((netns.to_str().unwrap(), pod.as_deref(), container_id.as_deref()), ("/run/netns/p", Some("shop/cart"), Some("c1")));
-        assert_eq!(config.clone().unwrap().to_flags().to_spec().unwrap(), crate::config::PodSpec::istio_default());
+        let Request::Add {
+            netns,
+            pod,
+            container_id,
+            config,
+            ..
+        } = &calls[0]
+        else {
+            panic!()
+        };
+        assert_eq!(
+            (
+                netns.to_str().unwrap(),
+                pod.as_deref(),
+                container_id.as_deref()
+            ),
+            ("/run/netns/p", Some("shop/cart"), Some("c1"))
+        );
+        assert_eq!(
+            config.clone().unwrap().to_flags().to_spec().unwrap(),
+            crate::config::PodSpec::istio_default()
+        );
         // captureAll selects too
         let conf = CONF.replace("\"socket\"", "\"captureAll\":true,\"socket\"");
         let f = ok_fake();
@@ -467,14 +662,38 @@ mod tests {
 
     #[test]
     fn kubernetes_mode_sends_every_pod_for_the_agent_to_decide() {
-        let conf = CONF.replace("\"socket\"", "\"kubernetes\":true,\"capture\":{\"d\":\"not-a-port\"},\"socket\"");
+        let conf = CONF.replace(
+            "\"socket\"",
+            "\"kubernetes\":true,\"capture\":{\"d\":\"not-a-port\"},\"socket\"",
+        );
         let f = ok_fake();
-        let o = run_with(&add_env("IgnoreUnknown=1;K8S_POD_NAMESPACE=shop;K8S_POD_NAME=cart;K8S_POD_UID=u-1"), &conf, &f);
+        let o = run_with(
+            &add_env("IgnoreUnknown=1;K8S_POD_NAMESPACE=shop;K8S_POD_NAME=cart;K8S_POD_UID=u-1"),
+            &conf,
+            &f,
+        );
         assert_eq!(o.exit_code, 0, "{o:?}");
         let calls = f.calls.borrow();
-        let Request::Add { pod, config, kubernetes, pod_uid, .. } = &calls[0] else { panic!() };
+        let Request::Add {
+            pod,
+            config,
+            kubernetes,
+            pod_uid,
+            ..
+        } = &calls[0]
+        else {
+            panic!()
+        };
         // No config sent (and "capture" is not used): the annotations decide.
-        assert_eq!((pod.as_deref(), config.is_none(), *kubernetes, pod_uid.as_deref()), (Some("shop/cart"), true, true, Some("u-1")));
+        assert_eq!(
+            (
+                pod.as_deref(),
+                config.is_none(),
+                *kubernetes,
+                pod_uid.as_deref()
+            ),
+            (Some("shop/cart"), true, true, Some("u-1"))
+        );
         // Not a Kubernetes pod, or opted out: not sent.
         let f = ok_fake();
         for args in ["", "K8S_POD_NAME=x;REDIRECT_CAPTURE=false"] {
@@ -482,25 +701,63 @@ mod tests {
         }
         assert!(f.calls.borrow().is_empty());
         // A pod the agent lets through: ADD succeeds, said on stderr.
-        let pass = Fake { reply: Ok(json!({"ok": true, "captured": false, "reason": "no istio-proxy container"})), calls: RefCell::new(Vec::new()) };
+        let pass = Fake {
+            reply: Ok(json!({"ok": true, "captured": false, "reason": "no istio-proxy container"})),
+            calls: RefCell::new(Vec::new()),
+        };
         let o = run_with(&add_env("K8S_POD_NAME=dns"), &conf, &pass);
         assert_eq!(o.exit_code, 0, "{o:?}");
-        assert!(o.stderr.contains("default/dns passes through: no istio-proxy container"), "{o:?}");
+        assert!(
+            o.stderr
+                .contains("default/dns passes through: no istio-proxy container"),
+            "{o:?}"
+        );
         // The agent cannot see the pod: code 102; other refusals: 100.
-        let unknown = Fake { reply: Err(|| CallError::Refused(format!("{KUBERNETES_ERROR_PREFIX}pod shop/cart is not known"))), calls: RefCell::new(Vec::new()) };
-        assert_eq!(code_of(&run_with(&add_env("K8S_POD_NAME=cart"), &conf, &unknown)), code::POD_UNKNOWN as u64);
-        let refused = Fake { reply: Err(|| CallError::Refused("invalid annotation".into())), calls: RefCell::new(Vec::new()) };
-        assert_eq!(code_of(&run_with(&add_env("K8S_POD_NAME=cart"), &conf, &refused)), code::CAPTURE_FAILED as u64);
-        let down = Fake { reply: Err(|| CallError::Unreachable("no socket".into())), calls: RefCell::new(Vec::new()) };
-        assert_eq!(code_of(&run_with(&add_env("K8S_POD_NAME=cart"), &conf, &down)), code::TRY_AGAIN_LATER as u64);
+        let unknown = Fake {
+            reply: Err(|| {
+                CallError::Refused(format!(
+                    "{KUBERNETES_ERROR_PREFIX}pod shop/cart is not known"
+                ))
+            }),
+            calls: RefCell::new(Vec::new()),
+        };
+        assert_eq!(
+            code_of(&run_with(&add_env("K8S_POD_NAME=cart"), &conf, &unknown)),
+            code::POD_UNKNOWN as u64
+        );
+        let refused = Fake {
+            reply: Err(|| CallError::Refused("invalid annotation".into())),
+            calls: RefCell::new(Vec::new()),
+        };
+        assert_eq!(
+            code_of(&run_with(&add_env("K8S_POD_NAME=cart"), &conf, &refused)),
+            code::CAPTURE_FAILED as u64
+        );
+        let down = Fake {
+            reply: Err(|| CallError::Unreachable("no socket".into())),
+            calls: RefCell::new(Vec::new()),
+        };
+        assert_eq!(
+            code_of(&run_with(&add_env("K8S_POD_NAME=cart"), &conf, &down)),
+            code::TRY_AGAIN_LATER as u64
+        );
     }
 
     #[test]
     fn add_fails_closed() {
         let sel = add_env("K8S_POD_NAME=x;REDIRECT_CAPTURE=true");
-        let down = Fake { reply: Err(|| CallError::Unreachable("no socket".into())), calls: RefCell::new(Vec::new()) };
-        assert_eq!(code_of(&run_with(&sel, CONF, &down)), code::TRY_AGAIN_LATER as u64);
-        let refused = Fake { reply: Err(|| CallError::Refused("boom".into())), calls: RefCell::new(Vec::new()) };
+        let down = Fake {
+            reply: Err(|| CallError::Unreachable("no socket".into())),
+            calls: RefCell::new(Vec::new()),
+        };
+        assert_eq!(
+            code_of(&run_with(&sel, CONF, &down)),
+            code::TRY_AGAIN_LATER as u64
+        );
+        let refused = Fake {
+            reply: Err(|| CallError::Refused("boom".into())),
+            calls: RefCell::new(Vec::new()),
+        };
         let o = run_with(&sel, CONF, &refused);
         assert_eq!(code_of(&o), code::CAPTURE_FAILED as u64);
         assert!(o.stdout.contains("boom"));
@@ -513,9 +770,19 @@ mod tests {
         e[2].1 = "/etc/passwd".into();
         assert_eq!(code_of(&run_with(&e, CONF, &f)), 4);
         assert_eq!(code_of(&run_with(&add_env("K8S_POD_NAME"), CONF, &f)), 4);
-        assert_eq!(code_of(&run_with(&add_env("K8S_POD_NAME=x;REDIRECT_CAPTURE=yes"), CONF, &f)), 4);
+        assert_eq!(
+            code_of(&run_with(
+                &add_env("K8S_POD_NAME=x;REDIRECT_CAPTURE=yes"),
+                CONF,
+                &f
+            )),
+            4
+        );
         for drop in ["CNI_COMMAND", "CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME"] {
-            let e: Vec<_> = add_env("").into_iter().filter(|(k, _)| *k != drop).collect();
+            let e: Vec<_> = add_env("")
+                .into_iter()
+                .filter(|(k, _)| *k != drop)
+                .collect();
             assert_eq!(code_of(&run_with(&e, CONF, &f)), 4, "{drop}");
         }
         let mut e = add_env("");
@@ -532,20 +799,66 @@ mod tests {
         assert_eq!(code_of(&run_with(&e, "[1]", &f)), 6);
         assert_eq!(code_of(&run_with(&e, "", &f)), 6);
         assert_eq!(code_of(&run_with(&e, r#"{"name":"n"}"#, &f)), 7);
-        assert_eq!(code_of(&run_with(&e, &CONF.replace("1.0.0\",\"name", "9.9.9\",\"name"), &f)), 1);
-        assert_eq!(code_of(&run_with(&e, &CONF.replace("\"socket\"", "\"capture\":{\"envoy-port\":\"0\"},\"socket\""), &f)), 7);
-        assert_eq!(code_of(&run_with(&e, &CONF.replace("\"socket\"", "\"capture\":{\"bogus\":1},\"socket\""), &f)), 7);
-        assert_eq!(code_of(&run_with(&e, r#"{"cniVersion":"1.0.0","type":"redirect-cni"}"#, &f)), 7);
-        assert_eq!(code_of(&run_with(&e, &CONF.replace("redirect-cni", "bridge"), &f)), 7);
+        assert_eq!(
+            code_of(&run_with(
+                &e,
+                &CONF.replace("1.0.0\",\"name", "9.9.9\",\"name"),
+                &f
+            )),
+            1
+        );
+        assert_eq!(
+            code_of(&run_with(
+                &e,
+                &CONF.replace(
+                    "\"socket\"",
+                    "\"capture\":{\"envoy-port\":\"0\"},\"socket\""
+                ),
+                &f
+            )),
+            7
+        );
+        assert_eq!(
+            code_of(&run_with(
+                &e,
+                &CONF.replace("\"socket\"", "\"capture\":{\"bogus\":1},\"socket\""),
+                &f
+            )),
+            7
+        );
+        assert_eq!(
+            code_of(&run_with(
+                &e,
+                r#"{"cniVersion":"1.0.0","type":"redirect-cni"}"#,
+                &f
+            )),
+            7
+        );
+        assert_eq!(
+            code_of(&run_with(&e, &CONF.replace("redirect-cni", "bridge"), &f)),
+            7
+        );
         assert!(f.calls.borrow().is_empty());
         // The error names the version of the config when known.
-        let o = run_with(&e, &CONF.replace("\"socket\"", "\"capture\":{\"bogus\":1},\"socket\"").replace("1.0.0\",\"name", "0.4.0\",\"name"), &f);
-        assert_eq!(serde_json::from_str::<Value>(&o.stdout).unwrap()["cniVersion"], "0.4.0");
+        let o = run_with(
+            &e,
+            &CONF
+                .replace("\"socket\"", "\"capture\":{\"bogus\":1},\"socket\"")
+                .replace("1.0.0\",\"name", "0.4.0\",\"name"),
+            &f,
+        );
+        assert_eq!(
+            serde_json::from_str::<Value>(&o.stdout).unwrap()["cniVersion"],
+            "0.4.0"
+        );
     }
 
     #[test]
     fn del_always_succeeds() {
-        let down = Fake { reply: Err(|| CallError::Unreachable("gone".into())), calls: RefCell::new(Vec::new()) };
+        let down = Fake {
+            reply: Err(|| CallError::Unreachable("gone".into())),
+            calls: RefCell::new(Vec::new()),
+        };
         let mut e = add_env("K8S_POD_NAME=x");
         e[0].1 = "DEL".into();
         // No socket file: not even tried.
@@ -558,10 +871,21 @@ mod tests {
         let sock = dir.join("agent.sock");
         std::fs::write(&sock, "").unwrap();
         let conf = CONF.replace("/nonexistent/agent.sock", sock.to_str().unwrap());
-        let e2: Vec<_> = e.iter().filter(|(k, _)| *k != "CNI_NETNS").cloned().collect();
+        let e2: Vec<_> = e
+            .iter()
+            .filter(|(k, _)| *k != "CNI_NETNS")
+            .cloned()
+            .collect();
         let o = run_with(&e2, &conf, &down);
         assert_eq!(o.exit_code, 0, "{o:?}");
-        let Request::Del { netns, container_id, .. } = &down.calls.borrow()[0] else { panic!() };
+        let Request::Del {
+            netns,
+            container_id,
+            ..
+        } = &down.calls.borrow()[0]
+        else {
+            panic!()
+        };
         assert_eq!((netns.clone(), container_id.as_deref()), (None, Some("c1")));
         std::fs::remove_dir_all(&dir).unwrap();
     }
@@ -571,14 +895,31 @@ mod tests {
         let o = run(&env(&[("CNI_COMMAND", "VERSION")]), b"", &ok_fake());
         let v: Value = serde_json::from_str(&o.stdout).unwrap();
         assert_eq!(v["cniVersion"], "1.0.0");
-        assert!(v["supportedVersions"].as_array().unwrap().contains(&json!("0.4.0")));
-        let o = run(&env(&[("CNI_COMMAND", "VERSION")]), br#"{"cniVersion":"0.4.0"}"#, &ok_fake());
-        assert_eq!(serde_json::from_str::<Value>(&o.stdout).unwrap()["cniVersion"], "0.4.0");
+        assert!(v["supportedVersions"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("0.4.0")));
+        let o = run(
+            &env(&[("CNI_COMMAND", "VERSION")]),
+            br#"{"cniVersion":"0.4.0"}"#,
+            &ok_fake(),
+        );
+        assert_eq!(
+            serde_json::from_str::<Value>(&o.stdout).unwrap()["cniVersion"],
+            "0.4.0"
+        );
     }
 
     #[test]
     fn cni_args() {
-        assert_eq!(parse_cni_args("A=1;B=;C=x=y").unwrap(), vec![("A".into(), "1".into()), ("B".into(), "".into()), ("C".into(), "x=y".into())]);
+        assert_eq!(
+            parse_cni_args("A=1;B=;C=x=y").unwrap(),
+            vec![
+                ("A".into(), "1".into()),
+                ("B".into(), "".into()),
+                ("C".into(), "x=y".into())
+            ]
+        );
         assert!(parse_cni_args("A=1;B").is_err());
         assert!(parse_cni_args("=1").is_err());
     }

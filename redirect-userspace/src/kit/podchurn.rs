@@ -88,7 +88,14 @@ impl Stats {
         let mut s = v.to_vec();
         s.sort_by(|a, b| a.total_cmp(b));
         let q = |p: f64| s[(((s.len() as f64) * p).ceil() as usize).clamp(1, s.len()) - 1];
-        Stats { n: s.len(), p50: q(0.5), p90: q(0.9), p99: q(0.99), max: s[s.len() - 1], mean: s.iter().sum::<f64>() / s.len() as f64 }
+        Stats {
+            n: s.len(),
+            p50: q(0.5),
+            p90: q(0.9),
+            p99: q(0.99),
+            max: s[s.len() - 1],
+            mean: s.iter().sum::<f64>() / s.len() as f64,
+        }
     }
 }
 
@@ -163,7 +170,11 @@ impl PodCgroup {
     fn remove(&self) -> bool {
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
-            for pid in std::fs::read_to_string(self.0.join("cgroup.procs")).unwrap_or_default().lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+            for pid in std::fs::read_to_string(self.0.join("cgroup.procs"))
+                .unwrap_or_default()
+                .lines()
+                .filter_map(|l| l.trim().parse::<i32>().ok())
+            {
                 unsafe { libc::kill(pid, libc::SIGKILL) };
             }
             if std::fs::remove_dir(&self.0).is_ok() || !self.0.exists() {
@@ -215,7 +226,14 @@ struct Install {
 impl Drop for Install {
     fn drop(&mut self) {
         if self.pin_dir.exists() {
-            let ok = Command::new(&self.redirect).arg("--pin-dir").arg(&self.pin_dir).arg("uninstall").stdout(Stdio::null()).status().map(|s| s.success()).unwrap_or(false);
+            let ok = Command::new(&self.redirect)
+                .arg("--pin-dir")
+                .arg(&self.pin_dir)
+                .arg("uninstall")
+                .stdout(Stdio::null())
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false);
             if !ok {
                 let _ = std::fs::remove_dir_all(&self.pin_dir);
             }
@@ -224,7 +242,14 @@ impl Drop for Install {
 }
 
 /// One redirect-cni run: exit code, stdout, wall time.
-fn cni(plugin: &Path, command: &str, container: &str, netns: &str, args: &str, conf: &str) -> (i32, String, f64) {
+fn cni(
+    plugin: &Path,
+    command: &str,
+    container: &str,
+    netns: &str,
+    args: &str,
+    conf: &str,
+) -> (i32, String, f64) {
     let t = Instant::now();
     let mut cmd = Command::new(plugin);
     cmd.env_clear()
@@ -247,7 +272,15 @@ fn cni(plugin: &Path, command: &str, container: &str, netns: &str, args: &str, c
     let out = child.wait_with_output();
     let ms = t.elapsed().as_secs_f64() * 1000.0;
     match out {
-        Ok(o) => (o.status.code().unwrap_or(-1), format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr)), ms),
+        Ok(o) => (
+            o.status.code().unwrap_or(-1),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            ),
+            ms,
+        ),
         Err(e) => (-1, e.to_string(), ms),
     }
 }
@@ -255,7 +288,8 @@ fn cni(plugin: &Path, command: &str, container: &str, netns: &str, args: &str, c
 /// Run a redirect-kit tool placed as asked; its last JSON line, or an
 /// error. Killed (by PID) at the timeout.
 fn run_kit(kit: &Path, p: &Placement, args: &[&str], timeout: Duration) -> Result<Value, String> {
-    let f = crate::sandbox::run_placed(kit, args, p, timeout).map_err(|e| format!("starting redirect-kit {args:?}: {e}"))?;
+    let f = crate::sandbox::run_placed(kit, args, p, timeout)
+        .map_err(|e| format!("starting redirect-kit {args:?}: {e}"))?;
     if f.timed_out {
         return Err(format!("redirect-kit {args:?} timed out: {}", f.stderr));
     }
@@ -263,7 +297,12 @@ fn run_kit(kit: &Path, p: &Placement, args: &[&str], timeout: Duration) -> Resul
         .lines()
         .rev()
         .find_map(|l| serde_json::from_str(l).ok())
-        .ok_or_else(|| format!("redirect-kit {args:?}: no report; stdout {:?} stderr {:?}", f.stdout, f.stderr))
+        .ok_or_else(|| {
+            format!(
+                "redirect-kit {args:?}: no report; stdout {:?} stderr {:?}",
+                f.stdout, f.stderr
+            )
+        })
 }
 
 /// Entry counts of every map pinned in `maps_dir` (BPF_MAP_GET_NEXT_KEY
@@ -274,7 +313,11 @@ fn run_kit(kit: &Path, p: &Placement, args: &[&str], timeout: Duration) -> Resul
 pub fn map_entry_counts(maps_dir: &Path, steady: u64) -> BTreeMap<String, u64> {
     let mut out = BTreeMap::new();
     for p in crate::pins::read_dir(maps_dir) {
-        let name = p.file_name().unwrap_or_default().to_string_lossy().into_owned();
+        let name = p
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned();
         let skip = (name == redirect_common::MAP_COUNTERS).then_some(steady);
         if let Ok(n) = raw::count_keys(&p, skip) {
             out.insert(name, n);
@@ -311,7 +354,14 @@ fn vm_rss_kib(pid: u32) -> u64 {
 /// (open fds, of which sockets) of a process.
 fn fds_of(pid: u32) -> (usize, usize) {
     let fds = crate::pins::read_dir(Path::new(&format!("/proc/{pid}/fd")));
-    let sockets = fds.iter().filter(|f| std::fs::read_link(f).map(|t| t.to_string_lossy().starts_with("socket:")).unwrap_or(false)).count();
+    let sockets = fds
+        .iter()
+        .filter(|f| {
+            std::fs::read_link(f)
+                .map(|t| t.to_string_lossy().starts_with("socket:"))
+                .unwrap_or(false)
+        })
+        .count();
     (fds.len(), sockets)
 }
 
@@ -321,8 +371,15 @@ fn agent_times(log: &str, what: &str, name: &str) -> BTreeMap<String, f64> {
     let mut out = BTreeMap::new();
     let key = format!(" {name}=");
     for l in log.lines().filter(|l| l.contains(what)) {
-        let field = |k: &str| l.split(k).nth(1).map(|r| r.split([' ', '}', ':']).next().unwrap_or("").to_string());
-        if let (Some(cid), Some(ms)) = (field("container_id="), field(&key).and_then(|v| v.parse::<f64>().ok())) {
+        let field = |k: &str| {
+            l.split(k)
+                .nth(1)
+                .map(|r| r.split([' ', '}', ':']).next().unwrap_or("").to_string())
+        };
+        if let (Some(cid), Some(ms)) = (
+            field("container_id="),
+            field(&key).and_then(|v| v.parse::<f64>().ok()),
+        ) {
             out.insert(cid, ms);
         }
     }
@@ -330,11 +387,19 @@ fn agent_times(log: &str, what: &str, name: &str) -> BTreeMap<String, f64> {
 }
 
 fn load_avg() -> f64 {
-    std::fs::read_to_string("/proc/loadavg").unwrap_or_default().split_whitespace().next().and_then(|v| v.parse().ok()).unwrap_or(0.0)
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .next()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
 }
 
 fn kernel() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_string()
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .unwrap_or_default()
+        .trim()
+        .to_string()
 }
 
 /// Set up a pod netns as a runtime's bridge plugin would (a veth eth0 with
@@ -346,11 +411,19 @@ fn make_pod_netns(name: &str) -> std::io::Result<NetnsGuard> {
                  addr add fd00:202::2/64 dev eth0 nodad\n\
                  link set eth0 up\n\
                  link set peer0 up\n";
-    let mut c = Command::new("ip").args(["-n", name, "-batch", "-"]).stdin(Stdio::piped()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn()?;
+    let mut c = Command::new("ip")
+        .args(["-n", name, "-batch", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()?;
     c.stdin.take().unwrap().write_all(batch.as_bytes())?;
     let o = c.wait_with_output()?;
     if !o.status.success() {
-        return Err(std::io::Error::other(format!("ip -n {name} -batch: {}", String::from_utf8_lossy(&o.stderr))));
+        return Err(std::io::Error::other(format!(
+            "ip -n {name} -batch: {}",
+            String::from_utf8_lossy(&o.stderr)
+        )));
     }
     Ok(ns)
 }
@@ -362,24 +435,60 @@ fn make_pod_netns(name: &str) -> std::io::Result<NetnsGuard> {
 /// back to back it saturates both vCPUs and, with TIME_WAIT, exhausts the
 /// proxy's ephemeral ports towards the one upstream address within a
 /// minute.
-fn steady_loop(kit: PathBuf, p: Placement, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<Steady> {
+fn steady_loop(
+    kit: PathBuf,
+    p: Placement,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<Steady> {
     std::thread::spawn(move || {
         let dst = format!("{UPSTREAM_V4}:8080");
-        let churn = ["churn", "--connect", &dst, "--count", "20", "--concurrency", "1", "--size", "4096", "--rounds", "2", "--timeout-ms", "10000"];
-        let xfer = ["xfer", "--connect", &dst, "--size", "2097152", "--chunks", "65536,1000,16384", "--timeout-ms", "10000"];
+        let churn = [
+            "churn",
+            "--connect",
+            &dst,
+            "--count",
+            "20",
+            "--concurrency",
+            "1",
+            "--size",
+            "4096",
+            "--rounds",
+            "2",
+            "--timeout-ms",
+            "10000",
+        ];
+        let xfer = [
+            "xfer",
+            "--connect",
+            &dst,
+            "--size",
+            "2097152",
+            "--chunks",
+            "65536,1000,16384",
+            "--timeout-ms",
+            "10000",
+        ];
         let mut s = Steady::default();
         let mut i = 0u64;
         while !stop.load(Ordering::SeqCst) {
             i += 1;
             s.runs += 1;
-            let r = if i.is_multiple_of(4) { run_kit(&kit, &p, &xfer, Duration::from_secs(60)) } else { run_kit(&kit, &p, &churn, Duration::from_secs(60)) };
+            let r = if i.is_multiple_of(4) {
+                run_kit(&kit, &p, &xfer, Duration::from_secs(60))
+            } else {
+                run_kit(&kit, &p, &churn, Duration::from_secs(60))
+            };
             match r {
                 Err(e) => {
                     s.failures += 1;
                     s.errors.push(e);
                 }
                 Ok(v) if i.is_multiple_of(4) => {
-                    if v["ok"] == true && v["sent"] == 2097152 && v["received"] == 2097152 && v["recv_hash"] == v["sent_hash"] {
+                    if v["ok"] == true
+                        && v["sent"] == 2097152
+                        && v["received"] == 2097152
+                        && v["recv_hash"] == v["sent_hash"]
+                    {
                         s.connections += 1;
                         s.bytes_checked += 2 * 2097152;
                     } else {
@@ -389,7 +498,8 @@ fn steady_loop(kit: PathBuf, p: Placement, stop: Arc<AtomicBool>) -> std::thread
                 }
                 Ok(v) => {
                     let done = v["done"].as_u64().unwrap_or(0);
-                    let failed = v["failures"].as_u64().unwrap_or(1) + 20u64.saturating_sub(done + v["failures"].as_u64().unwrap_or(0));
+                    let failed = v["failures"].as_u64().unwrap_or(1)
+                        + 20u64.saturating_sub(done + v["failures"].as_u64().unwrap_or(0));
                     s.connections += done;
                     s.bytes_checked += done * 2 * 2 * 4096;
                     if failed > 0 {
@@ -415,7 +525,10 @@ fn steady_loop(kit: PathBuf, p: Placement, stop: Arc<AtomicBool>) -> std::thread
 pub fn run(o: &Options) -> Result<Report, String> {
     kit::stress::raise_nofile();
     let t_start = Instant::now();
-    let redirect = o.redirect.clone().unwrap_or_else(|| sibling_binary("redirect"));
+    let redirect = o
+        .redirect
+        .clone()
+        .unwrap_or_else(|| sibling_binary("redirect"));
     let plugin = sibling_binary("redirect-cni");
     let kitbin = std::env::current_exe().map_err(|e| e.to_string())?;
     for b in [&redirect, &plugin] {
@@ -427,7 +540,10 @@ pub fn run(o: &Options) -> Result<Report, String> {
     let tmp = TempDir(std::env::temp_dir().join(unique("rdchurn-")));
     std::fs::create_dir_all(&tmp.0).map_err(|e| e.to_string())?;
     let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{}", unique("rdchurn-")));
-    let _install = Install { redirect: redirect.clone(), pin_dir: pin_dir.clone() };
+    let _install = Install {
+        redirect: redirect.clone(),
+        pin_dir: pin_dir.clone(),
+    };
     let pins = Pins::new(&pin_dir);
     let socket = tmp.0.join("agent.sock");
     let log = tmp.0.join("agent.log");
@@ -440,17 +556,35 @@ pub fn run(o: &Options) -> Result<Report, String> {
         ChildGuard::spawn(args[0], c, p, true).map_err(|e| e.to_string())
     };
     let up = format!("{UPSTREAM_V4}:8080");
-    children.push(spawn(&["epoll-echo", "--listen", &up], &topo.in_upstream())?);
+    children.push(spawn(
+        &["epoll-echo", "--listen", &up],
+        &topo.in_upstream(),
+    )?);
     children.push(spawn(&["proxy"], &topo.in_pod(PROXY_UID, PROXY_UID))?);
 
     // The agent.
     let logf = std::fs::File::create(&log).map_err(|e| e.to_string())?;
     let mut cmd = Command::new(&redirect);
-    cmd.arg("--pin-dir").arg(&pin_dir).arg("daemon").arg("--socket").arg(&socket).args(["--metrics-addr", "127.0.0.1:0"]).arg("--cgroup").arg(&topo.cgroup.path);
-    cmd.env("RUST_LOG", "info,redirect_userspace::attach=debug").stdin(Stdio::null()).stdout(Stdio::piped()).stderr(logf);
-    let mut child = cmd.spawn().map_err(|e| format!("starting the agent: {e}"))?;
+    cmd.arg("--pin-dir")
+        .arg(&pin_dir)
+        .arg("daemon")
+        .arg("--socket")
+        .arg(&socket)
+        .args(["--metrics-addr", "127.0.0.1:0"])
+        .arg("--cgroup")
+        .arg(&topo.cgroup.path);
+    cmd.env("RUST_LOG", "info,redirect_userspace::attach=debug")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(logf);
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| format!("starting the agent: {e}"))?;
     let out = child.stdout.take().unwrap();
-    let mut agent = Agent { child, log: log.clone() };
+    let mut agent = Agent {
+        child,
+        log: log.clone(),
+    };
     let mut r = BufReader::new(out);
     let mut line = String::new();
     let _ = r.read_line(&mut line);
@@ -461,7 +595,10 @@ pub fn run(o: &Options) -> Result<Report, String> {
         }
     });
     if !line.contains("\"ready\"") {
-        return Err(format!("the agent did not get ready: {line:?}\n{}", std::fs::read_to_string(&agent.log).unwrap_or_default()));
+        return Err(format!(
+            "the agent did not get ready: {line:?}\n{}",
+            std::fs::read_to_string(&agent.log).unwrap_or_default()
+        ));
     }
     let agent_pid = agent.child.id();
 
@@ -470,13 +607,25 @@ pub fn run(o: &Options) -> Result<Report, String> {
         "prevResult": {"cniVersion": "1.0.0", "interfaces": [{"name": "eth0", "sandbox": "/run/netns/x"}], "ips": [{"address": "10.202.0.2/24", "interface": 0}]},
     })
     .to_string();
-    let select = |pod: &str| format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=churn;K8S_POD_NAME={pod};REDIRECT_CAPTURE=true");
+    let select = |pod: &str| {
+        format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=churn;K8S_POD_NAME={pod};REDIRECT_CAPTURE=true")
+    };
 
     // The long-lived pod, captured, warmed up with the same traffic mix.
     let steady_ns = topo.pod.path().display().to_string();
-    let (code, out, _) = cni(&plugin, "ADD", "steady", &steady_ns, &select("steady"), &conf);
+    let (code, out, _) = cni(
+        &plugin,
+        "ADD",
+        "steady",
+        &steady_ns,
+        &select("steady"),
+        &conf,
+    );
     if code != 0 {
-        return Err(format!("CNI ADD of the long-lived pod failed: {out}\n{}", std::fs::read_to_string(&log).unwrap_or_default()));
+        return Err(format!(
+            "CNI ADD of the long-lived pod failed: {out}\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        ));
     }
     let app = topo.in_pod(APP_UID, APP_UID);
     let warm = Arc::new(AtomicBool::new(false));
@@ -487,12 +636,17 @@ pub fn run(o: &Options) -> Result<Report, String> {
         warm.store(true, Ordering::SeqCst);
         let s = s.join().unwrap_or_default();
         if s.failures > 0 || s.connections == 0 {
-            return Err(format!("warm-up traffic through the long-lived pod failed: {:?}", s.errors));
+            return Err(format!(
+                "warm-up traffic through the long-lived pod failed: {:?}",
+                s.errors
+            ));
         }
     }
     // Baseline: no connection in flight.
     let maps_dir = pins.maps_dir();
-    let steady_cookie = Netns::open(&topo.pod.path()).and_then(|n| n.cookie()).map_err(|e| format!("cookie of the long-lived pod: {e}"))?;
+    let steady_cookie = Netns::open(&topo.pod.path())
+        .and_then(|n| n.cookie())
+        .map_err(|e| format!("cookie of the long-lived pod: {e}"))?;
     let settle = |want: Option<&BTreeMap<String, u64>>| -> BTreeMap<String, u64> {
         let deadline = Instant::now() + Duration::from_secs(10);
         let mut prev = map_entry_counts(&maps_dir, steady_cookie);
@@ -515,7 +669,14 @@ pub fn run(o: &Options) -> Result<Report, String> {
         let name = format!("{}r{j}", unique("rdch"));
         let ns = make_pod_netns(&name).map_err(|e| format!("resident pod {j}: {e}"))?;
         let path = ns.path().display().to_string();
-        let (code, out, _) = cni(&plugin, "ADD", &format!("resident-{j}"), &path, &select(&format!("r{j}")), &conf);
+        let (code, out, _) = cni(
+            &plugin,
+            "ADD",
+            &format!("resident-{j}"),
+            &path,
+            &select(&format!("r{j}")),
+            &conf,
+        );
         if code != 0 {
             return Err(format!("CNI ADD of resident pod {j} failed: {out}"));
         }
@@ -529,7 +690,21 @@ pub fn run(o: &Options) -> Result<Report, String> {
     let stop = Arc::new(AtomicBool::new(false));
     let steady = steady_loop(kitbin.clone(), app.clone(), stop.clone());
 
-    let mut rep = Report { pods: o.pods, resident: o.resident, load_avg: (load_avg(), 0.0), build: if cfg!(debug_assertions) { "debug" } else { "release" }, kernel: kernel(), cpus: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1), ..Report::default() };
+    let mut rep = Report {
+        pods: o.pods,
+        resident: o.resident,
+        load_avg: (load_avg(), 0.0),
+        build: if cfg!(debug_assertions) {
+            "debug"
+        } else {
+            "release"
+        },
+        kernel: kernel(),
+        cpus: std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1),
+        ..Report::default()
+    };
     let (mut add_cni, mut del_cni) = (Vec::new(), Vec::new());
     let mut created: Vec<raw::KernelIds> = Vec::new();
     let mut peak = maps_baseline.clone();
@@ -552,20 +727,40 @@ pub fn run(o: &Options) -> Result<Report, String> {
         }
         let path = ns.path().display().to_string();
         let cookie = Netns::open(&ns.path()).and_then(|n| n.cookie()).ok();
-        let (code, out, ms) = cni(&plugin, "ADD", &cid, &path, &select(&format!("p{i}")), &conf);
+        let (code, out, ms) = cni(
+            &plugin,
+            "ADD",
+            &cid,
+            &path,
+            &select(&format!("p{i}")),
+            &conf,
+        );
         add_cni.push(ms);
         if code != 0 {
             rep.pod_traffic_failed += 1;
-            rep.pod_traffic_errors.push(format!("pod {i}: CNI ADD failed: {out}"));
+            rep.pod_traffic_errors
+                .push(format!("pod {i}: CNI ADD failed: {out}"));
         } else {
             if let Some(ids) = cookie.and_then(|c| raw::ids_of_link(&pins.sk_lookup_link(c)).ok()) {
                 created.push(ids);
             } else {
-                rep.pod_traffic_errors.push(format!("pod {i}: no readable sk_lookup link pinned after ADD"));
+                rep.pod_traffic_errors.push(format!(
+                    "pod {i}: no readable sk_lookup link pinned after ADD"
+                ));
                 rep.pod_traffic_failed += 1;
             }
-            let p = Placement { netns: Some(ns.path()), cgroup: Some(cg.0.clone()), uid: Some(0), gid: Some(0) };
-            match run_kit(&kitbin, &p, &["pod-probe", "--dst", CHURN_DST, "--size", "16384"], Duration::from_secs(20)) {
+            let p = Placement {
+                netns: Some(ns.path()),
+                cgroup: Some(cg.0.clone()),
+                uid: Some(0),
+                gid: Some(0),
+            };
+            match run_kit(
+                &kitbin,
+                &p,
+                &["pod-probe", "--dst", CHURN_DST, "--size", "16384"],
+                Duration::from_secs(20),
+            ) {
                 Ok(v) if v["ok"] == true => rep.pod_traffic_ok += 1,
                 Ok(v) => {
                     rep.pod_traffic_failed += 1;
@@ -583,13 +778,24 @@ pub fn run(o: &Options) -> Result<Report, String> {
                 *e = (*e).max(v);
             }
         }
-        let (code, out, ms) = cni(&plugin, "DEL", &cid, &path, &format!("K8S_POD_NAMESPACE=churn;K8S_POD_NAME=p{i}"), &conf);
+        let (code, out, ms) = cni(
+            &plugin,
+            "DEL",
+            &cid,
+            &path,
+            &format!("K8S_POD_NAMESPACE=churn;K8S_POD_NAME=p{i}"),
+            &conf,
+        );
         del_cni.push(ms);
         if code != 0 {
-            rep.pod_traffic_errors.push(format!("pod {i}: CNI DEL failed: {out}"));
+            rep.pod_traffic_errors
+                .push(format!("pod {i}: CNI DEL failed: {out}"));
         }
         if !cg.remove() {
-            rep.pod_traffic_errors.push(format!("pod {i}: cgroup {} could not be removed", cg.0.display()));
+            rep.pod_traffic_errors.push(format!(
+                "pod {i}: cgroup {} could not be removed",
+                cg.0.display()
+            ));
         }
         drop(ns);
         let rss = vm_rss_kib(agent_pid);
@@ -598,7 +804,11 @@ pub fn run(o: &Options) -> Result<Report, String> {
             rep.rss_kib.push((i + 1, rss));
         }
         if i % 100 == 0 {
-            eprintln!("pod-churn: {i}/{} pods, agent RSS {} KiB", o.pods, vm_rss_kib(agent_pid));
+            eprintln!(
+                "pod-churn: {i}/{} pods, agent RSS {} KiB",
+                o.pods,
+                vm_rss_kib(agent_pid)
+            );
         }
         rep.pod_traffic_errors.truncate(20);
     }
@@ -635,7 +845,11 @@ pub fn run(o: &Options) -> Result<Report, String> {
         .filter_map(|p| p.file_name()?.to_str().map(str::to_string))
         .filter(|n| n.starts_with(&netns_prefix))
         .collect();
-    let cgroups_left: Vec<String> = crate::pins::read_dir(&topo.cgroup.path).iter().filter(|p| p.is_dir()).map(|p| p.display().to_string()).collect();
+    let cgroups_left: Vec<String> = crate::pins::read_dir(&topo.cgroup.path)
+        .iter()
+        .filter(|p| p.is_dir())
+        .map(|p| p.display().to_string())
+        .collect();
     let agent_alive = matches!(agent.child.try_wait(), Ok(None));
 
     // Memory: median of an early window (after the first 10% warm the
@@ -656,36 +870,127 @@ pub fn run(o: &Options) -> Result<Report, String> {
     let text = std::fs::read_to_string(&log).unwrap_or_default();
     let adds = agent_times(&text, "captured pod", "elapsed_ms");
     let dels = agent_times(&text, "released pod", "elapsed_ms");
-    let pick = |m: &BTreeMap<String, f64>| -> Vec<f64> { m.iter().filter(|(k, _)| k.starts_with("churn-")).map(|(_, v)| *v).collect() };
+    let pick = |m: &BTreeMap<String, f64>| -> Vec<f64> {
+        m.iter()
+            .filter(|(k, _)| k.starts_with("churn-"))
+            .map(|(_, v)| *v)
+            .collect()
+    };
     rep.add_agent_ms = Stats::of(&pick(&adds));
     rep.del_agent_ms = Stats::of(&pick(&dels));
-    for phase in ["accel_ms", "netns_ms", "maps_ms", "sk_lookup_ms", "listener_ms"] {
-        rep.add_phases_ms.push((phase.trim_end_matches("_ms").to_string(), Stats::of(&pick(&agent_times(&text, "pod registered", phase)))));
+    for phase in [
+        "accel_ms",
+        "netns_ms",
+        "maps_ms",
+        "sk_lookup_ms",
+        "listener_ms",
+    ] {
+        rep.add_phases_ms.push((
+            phase.trim_end_matches("_ms").to_string(),
+            Stats::of(&pick(&agent_times(&text, "pod registered", phase))),
+        ));
     }
 
     let mut checks = Vec::new();
-    let mut check = |name: &str, ok: bool, detail: String| checks.push(Check { name: name.into(), ok, detail });
+    let mut check = |name: &str, ok: bool, detail: String| {
+        checks.push(Check {
+            name: name.into(),
+            ok,
+            detail,
+        })
+    };
     check("setup", setup_errors.is_empty(), setup_errors.join("; "));
-    check("every pod captured, its traffic redirected with the right original destination, intact", rep.pod_traffic_failed == 0 && rep.pod_traffic_ok == o.pods as u64, format!("{} ok, {} failed: {:?}", rep.pod_traffic_ok, rep.pod_traffic_failed, rep.pod_traffic_errors));
-    check("every ADD and DEL timed by the agent", rep.add_agent_ms.n == o.pods && rep.del_agent_ms.n == o.pods, format!("{} ADD, {} DEL in the agent log", rep.add_agent_ms.n, rep.del_agent_ms.n));
-    check("steady traffic: zero failed connections, every byte checked", rep.steady.failures == 0 && rep.steady.connections > 0, format!("{} connections, {} failures, {} bytes checked: {:?}", rep.steady.connections, rep.steady.failures, rep.steady.bytes_checked, rep.steady.errors));
-    let diff: Vec<String> = rep.maps_baseline.iter().chain(rep.maps_after.iter()).filter(|(k, _)| rep.maps_baseline.get(*k) != rep.maps_after.get(*k)).map(|(k, _)| format!("{k}: {:?} -> {:?}", rep.maps_baseline.get(k), rep.maps_after.get(k))).collect();
-    check("every pinned map back to its baseline entry count", diff.is_empty(), if diff.is_empty() { format!("{} maps", rep.maps_after.len()) } else { diff.join(", ") });
-    let extra: Vec<&String> = pins_after.iter().filter(|p| !pins_baseline.contains(p)).collect();
-    let gone: Vec<&String> = pins_baseline.iter().filter(|p| !pins_after.contains(p)).collect();
-    check("pin directory back to its baseline listing", extra.is_empty() && gone.is_empty(), format!("{} entries; extra {extra:?}, missing {gone:?}", pins_after.len()));
+    check(
+        "every pod captured, its traffic redirected with the right original destination, intact",
+        rep.pod_traffic_failed == 0 && rep.pod_traffic_ok == o.pods as u64,
+        format!(
+            "{} ok, {} failed: {:?}",
+            rep.pod_traffic_ok, rep.pod_traffic_failed, rep.pod_traffic_errors
+        ),
+    );
+    check(
+        "every ADD and DEL timed by the agent",
+        rep.add_agent_ms.n == o.pods && rep.del_agent_ms.n == o.pods,
+        format!(
+            "{} ADD, {} DEL in the agent log",
+            rep.add_agent_ms.n, rep.del_agent_ms.n
+        ),
+    );
+    check(
+        "steady traffic: zero failed connections, every byte checked",
+        rep.steady.failures == 0 && rep.steady.connections > 0,
+        format!(
+            "{} connections, {} failures, {} bytes checked: {:?}",
+            rep.steady.connections,
+            rep.steady.failures,
+            rep.steady.bytes_checked,
+            rep.steady.errors
+        ),
+    );
+    let diff: Vec<String> = rep
+        .maps_baseline
+        .iter()
+        .chain(rep.maps_after.iter())
+        .filter(|(k, _)| rep.maps_baseline.get(*k) != rep.maps_after.get(*k))
+        .map(|(k, _)| {
+            format!(
+                "{k}: {:?} -> {:?}",
+                rep.maps_baseline.get(k),
+                rep.maps_after.get(k)
+            )
+        })
+        .collect();
+    check(
+        "every pinned map back to its baseline entry count",
+        diff.is_empty(),
+        if diff.is_empty() {
+            format!("{} maps", rep.maps_after.len())
+        } else {
+            diff.join(", ")
+        },
+    );
+    let extra: Vec<&String> = pins_after
+        .iter()
+        .filter(|p| !pins_baseline.contains(p))
+        .collect();
+    let gone: Vec<&String> = pins_baseline
+        .iter()
+        .filter(|p| !pins_after.contains(p))
+        .collect();
+    check(
+        "pin directory back to its baseline listing",
+        extra.is_empty() && gone.is_empty(),
+        format!(
+            "{} entries; extra {extra:?}, missing {gone:?}",
+            pins_after.len()
+        ),
+    );
     check(
         "every per-pod sk_lookup link, program and .rodata map freed",
         rep.kernel_objects_left.is_empty() && rep.kernel_objects_created == o.pods,
-        format!("{} pods' objects recorded; still alive: {:?}", rep.kernel_objects_created, rep.kernel_objects_left),
+        format!(
+            "{} pods' objects recorded; still alive: {:?}",
+            rep.kernel_objects_created, rep.kernel_objects_left
+        ),
     );
     check(
         "agent fds and sockets back to baseline",
         rep.agent_fds_after.0 <= fds_baseline.0 && rep.agent_fds_after.1 <= fds_baseline.1,
-        format!("fds/sockets {:?} -> {:?}", fds_baseline, rep.agent_fds_after),
+        format!(
+            "fds/sockets {:?} -> {:?}",
+            fds_baseline, rep.agent_fds_after
+        ),
     );
-    check("no pod netns left", netns_left.is_empty(), format!("{netns_left:?}"));
-    check("no pod cgroup directory left", cgroups_left.is_empty(), format!("{cgroups_left:?}"));
+    check(
+        "no pod netns left",
+        netns_left.is_empty(),
+        format!("{netns_left:?}"),
+    );
+    check(
+        "no pod cgroup directory left",
+        cgroups_left.is_empty(),
+        format!("{cgroups_left:?}"),
+    );
     check(
         "agent memory flat",
         n >= 10 && rep.rss_late_kib <= rep.rss_early_kib + rep.rss_tolerance_kib,
@@ -697,7 +1002,11 @@ pub fn run(o: &Options) -> Result<Report, String> {
             n / 10,
             rep.rss_late_kib,
             rep.rss_tolerance_kib,
-            if n < 10 { " (at least 10 pods are needed)" } else { "" }
+            if n < 10 {
+                " (at least 10 pods are needed)"
+            } else {
+                ""
+            }
         ),
     );
     check("agent still running", agent_alive, String::new());
@@ -705,17 +1014,38 @@ pub fn run(o: &Options) -> Result<Report, String> {
     rep.ok = rep.checks.iter().all(|c| c.ok);
     rep.elapsed_s = t_start.elapsed().as_secs_f64();
     if !rep.ok {
-        eprintln!("pod-churn: agent log tail:\n{}", text.lines().rev().take(30).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n"));
+        eprintln!(
+            "pod-churn: agent log tail:\n{}",
+            text.lines()
+                .rev()
+                .take(30)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
     }
     for (j, (ns, path)) in residents.into_iter().enumerate() {
-        let _ = cni(&plugin, "DEL", &format!("resident-{j}"), &path, &format!("K8S_POD_NAMESPACE=churn;K8S_POD_NAME=r{j}"), &conf);
+        let _ = cni(
+            &plugin,
+            "DEL",
+            &format!("resident-{j}"),
+            &path,
+            &format!("K8S_POD_NAMESPACE=churn;K8S_POD_NAME=r{j}"),
+            &conf,
+        );
         drop(ns);
     }
     drop(agent);
     drop(children);
     if let Some(dir) = &o.out {
         std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
-        std::fs::write(dir.join("churn.json"), serde_json::to_string_pretty(&rep).unwrap()).map_err(|e| e.to_string())?;
+        std::fs::write(
+            dir.join("churn.json"),
+            serde_json::to_string_pretty(&rep).unwrap(),
+        )
+        .map_err(|e| e.to_string())?;
         std::fs::write(dir.join("churn.md"), markdown(&rep)).map_err(|e| e.to_string())?;
     }
     Ok(rep)
@@ -730,7 +1060,12 @@ pub fn rss_tolerance_kib(pods: usize) -> u64 {
 }
 
 pub fn markdown(r: &Report) -> String {
-    let row = |name: &str, s: &Stats| format!("| {name} | {} | {:.2} | {:.2} | {:.2} | {:.2} |\n", s.n, s.p50, s.p90, s.p99, s.max);
+    let row = |name: &str, s: &Stats| {
+        format!(
+            "| {name} | {} | {:.2} | {:.2} | {:.2} | {:.2} |\n",
+            s.n, s.p50, s.p90, s.p99, s.max
+        )
+    };
     let mut m = format!(
         "# Pod churn\n\n{} pods created{}, captured (CNI ADD through `redirect-cni` to a running `redirect daemon`), checked with traffic, released (CNI DEL) and removed, while steady traffic flowed through a long-lived captured pod. {} build, Linux {}, {} CPUs, load average {:.1} at the start and {:.1} at the end (the machine may be shared), {:.0} s.\n\n\
          ## Attach and detach time per pod (ms)\n\n| | n | p50 | p90 | p99 | max |\n|---|---|---|---|---|---|\n",
@@ -745,7 +1080,10 @@ pub fn markdown(r: &Report) -> String {
     m += &row("DEL, `redirect-cni` process end to end", &r.del_cni_ms);
     m += "\nADD inside the agent, by phase (`register_pod`; the rest of the ADD is the request itself: parsing, netns open, cgroup check, record):\n\n| phase | p50 | p90 | p99 | max |\n|---|---|---|---|---|\n";
     for (name, s) in &r.add_phases_ms {
-        m += &format!("| {name} | {:.2} | {:.2} | {:.2} | {:.2} |\n", s.p50, s.p90, s.p99, s.max);
+        m += &format!(
+            "| {name} | {:.2} | {:.2} | {:.2} | {:.2} |\n",
+            s.p50, s.p90, s.p99, s.max
+        );
     }
     m += &format!(
         "\n## Traffic\n\n- churned pods: {} redirected and checked, {} failed\n- long-lived pod: {} connections, {} failed, {:.1} MiB echoed and compared\n\n## Agent memory (VmRSS)\n\nearly {} KiB, late {} KiB (tolerance {} KiB); every 100 pods: {}\n\n## Maps (entries)\n\n{} counts the keys of other pods than the long-lived one (whose traffic may hit a new reason at any time).\n\n| map | baseline | peak | after |\n|---|---|---|---|\n",
@@ -761,11 +1099,23 @@ pub fn markdown(r: &Report) -> String {
         redirect_common::MAP_COUNTERS
     );
     for (k, v) in &r.maps_baseline {
-        m += &format!("| {k} | {v} | {} | {} |\n", r.maps_peak.get(k).copied().unwrap_or(0), r.maps_after.get(k).map(|v| v.to_string()).unwrap_or("-".into()));
+        m += &format!(
+            "| {k} | {v} | {} | {} |\n",
+            r.maps_peak.get(k).copied().unwrap_or(0),
+            r.maps_after
+                .get(k)
+                .map(|v| v.to_string())
+                .unwrap_or("-".into())
+        );
     }
     m += "\n## Checks\n\n";
     for c in &r.checks {
-        m += &format!("- {} {}: {}\n", if c.ok { "PASS" } else { "FAIL" }, c.name, c.detail);
+        m += &format!(
+            "- {} {}: {}\n",
+            if c.ok { "PASS" } else { "FAIL" },
+            c.name,
+            c.detail
+        );
     }
     m
 }
@@ -780,7 +1130,8 @@ pub fn pod_probe(dst: SocketAddr, size: usize) -> Value {
     let r = (|| -> Result<Value, String> {
         let out = TcpListener::bind("127.0.0.1:15001").map_err(|e| format!("listen 15001: {e}"))?;
         let _inbound = TcpListener::bind("[::]:15006").map_err(|e| format!("listen 15006: {e}"))?;
-        let c = TcpStream::connect_timeout(&dst, Duration::from_secs(5)).map_err(|e| format!("connect {dst}: {e}"))?;
+        let c = TcpStream::connect_timeout(&dst, Duration::from_secs(5))
+            .map_err(|e| format!("connect {dst}: {e}"))?;
         let (a, _) = out.accept().map_err(|e| format!("accept: {e}"))?;
         let orig = original_dst(&a).map_err(|e| format!("SO_ORIGINAL_DST: {e}"))?;
         let peer = c.peer_addr().map_err(|e| e.to_string())?;
@@ -792,16 +1143,20 @@ pub fn pod_probe(dst: SocketAddr, size: usize) -> Value {
         let d2 = data.clone();
         let w = std::thread::spawn(move || c2.write_all(&d2));
         let mut got = vec![0u8; size];
-        a2.read_exact(&mut got).map_err(|e| format!("reading at the listener: {e}"))?;
+        a2.read_exact(&mut got)
+            .map_err(|e| format!("reading at the listener: {e}"))?;
         w.join().unwrap().map_err(|e| format!("writing: {e}"))?;
         let w = std::thread::spawn(move || a2.write_all(&got));
         let mut back = vec![0u8; size];
         let mut c3 = c.try_clone().unwrap();
         c3.set_read_timeout(Some(t)).ok();
-        c3.read_exact(&mut back).map_err(|e| format!("reading the echo: {e}"))?;
+        c3.read_exact(&mut back)
+            .map_err(|e| format!("reading the echo: {e}"))?;
         w.join().unwrap().map_err(|e| format!("echoing: {e}"))?;
         let ok = orig == dst && peer == dst && kit::stress::hash(&back) == kit::stress::hash(&data);
-        Ok(json!({"ok": ok, "orig": orig.to_string(), "peer": peer.to_string(), "hash": kit::stress::hash(&back), "want_hash": kit::stress::hash(&data)}))
+        Ok(
+            json!({"ok": ok, "orig": orig.to_string(), "peer": peer.to_string(), "hash": kit::stress::hash(&back), "want_hash": kit::stress::hash(&data)}),
+        )
     })();
     r.unwrap_or_else(|e| json!({"ok": false, "error": e}))
 }
@@ -809,10 +1164,22 @@ pub fn pod_probe(dst: SocketAddr, size: usize) -> Value {
 fn original_dst(s: &TcpStream) -> std::io::Result<SocketAddr> {
     let mut sa: libc::sockaddr_in = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-    if unsafe { libc::getsockopt(s.as_raw_fd(), libc::SOL_IP, 80, (&mut sa as *mut libc::sockaddr_in).cast(), &mut len) } != 0 {
+    if unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::SOL_IP,
+            80,
+            (&mut sa as *mut libc::sockaddr_in).cast(),
+            &mut len,
+        )
+    } != 0
+    {
         return Err(std::io::Error::last_os_error());
     }
-    Ok(SocketAddr::from((u32::from_be(sa.sin_addr.s_addr).to_be_bytes(), u16::from_be(sa.sin_port))))
+    Ok(SocketAddr::from((
+        u32::from_be(sa.sin_addr.s_addr).to_be_bytes(),
+        u16::from_be(sa.sin_port),
+    )))
 }
 
 // ------------------------------------------------------------- raw bpf(2)
@@ -828,7 +1195,14 @@ mod raw {
     const BPF_LINK_GET_FD_BY_ID: libc::c_long = 30;
 
     fn bpf(cmd: libc::c_long, attr: &mut [u64; 16]) -> std::io::Result<i32> {
-        let r = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), std::mem::size_of_val(attr)) };
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                cmd,
+                attr.as_mut_ptr(),
+                std::mem::size_of_val(attr),
+            )
+        };
         if r < 0 {
             return Err(std::io::Error::last_os_error());
         }
@@ -836,7 +1210,8 @@ mod raw {
     }
 
     fn obj_get(path: &Path) -> std::io::Result<OwnedFd> {
-        let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(std::io::Error::other)?;
+        let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+            .map_err(std::io::Error::other)?;
         let mut attr = [0u64; 16];
         attr[0] = c.as_ptr() as u64;
         bpf(BPF_OBJ_GET, &mut attr).map(|fd| unsafe { OwnedFd::from_raw_fd(fd) })
@@ -872,7 +1247,8 @@ mod raw {
             attr[2] = next.as_mut_ptr() as u64;
             match bpf(BPF_MAP_GET_NEXT_KEY, &mut attr) {
                 Ok(_) => {
-                    let skipped = skip.is_some_and(|c| next.len() >= 8 && next[..8] == c.to_ne_bytes());
+                    let skipped =
+                        skip.is_some_and(|c| next.len() >= 8 && next[..8] == c.to_ne_bytes());
                     n += u64::from(!skipped);
                     first = false;
                     std::mem::swap(&mut key, &mut next);
@@ -900,7 +1276,8 @@ mod raw {
         let (link_id, prog_id) = (u32_at(&li, 4), u32_at(&li, 8));
         let mut attr = [0u64; 16];
         attr[0] = prog_id as u64;
-        let prog = bpf(BPF_PROG_GET_FD_BY_ID, &mut attr).map(|fd| unsafe { OwnedFd::from_raw_fd(fd) })?;
+        let prog =
+            bpf(BPF_PROG_GET_FD_BY_ID, &mut attr).map(|fd| unsafe { OwnedFd::from_raw_fd(fd) })?;
         let mut ids = [0u32; 32];
         let mut pi = [0u8; 232];
         // bpf_prog_info: nr_map_ids @52, map_ids @56
@@ -908,7 +1285,12 @@ mod raw {
         pi[56..64].copy_from_slice(&(ids.as_mut_ptr() as u64).to_ne_bytes());
         info(&prog, &mut pi)?;
         let n = (u32_at(&pi, 52) as usize).min(ids.len());
-        let maps_dir = path.parent().and_then(Path::parent).and_then(Path::parent).map(|r| r.join("maps")).unwrap_or_default();
+        let maps_dir = path
+            .parent()
+            .and_then(Path::parent)
+            .and_then(Path::parent)
+            .map(|r| r.join("maps"))
+            .unwrap_or_default();
         let mut shared = Vec::new();
         for p in crate::pins::read_dir(&maps_dir) {
             if let Ok(fd) = obj_get(&p) {
@@ -918,8 +1300,16 @@ mod raw {
                 }
             }
         }
-        let maps = ids[..n].iter().copied().filter(|id| !shared.contains(id)).collect();
-        Ok(KernelIds { link: link_id, prog: prog_id, maps })
+        let maps = ids[..n]
+            .iter()
+            .copied()
+            .filter(|id| !shared.contains(id))
+            .collect();
+        Ok(KernelIds {
+            link: link_id,
+            prog: prog_id,
+            maps,
+        })
     }
 
     fn alive(cmd: libc::c_long, id: u32) -> bool {

@@ -89,12 +89,23 @@ fn poll_fd(fd: RawFd, events: i16, timeout: Duration) -> io::Result<()> {
     let deadline = Instant::now() + timeout;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
-        let mut pfd = libc::pollfd { fd, events, revents: 0 };
+        let mut pfd = libc::pollfd {
+            fd,
+            events,
+            revents: 0,
+        };
         let ms = left.as_millis().min(i32::MAX as u128) as i32;
         match unsafe { libc::poll(&mut pfd, 1, ms) } {
             0 => {
-                let what = if events == libc::POLLIN { "no data" } else { "not writable" };
-                return Err(io::Error::new(io::ErrorKind::TimedOut, format!("{what} within {} ms", timeout.as_millis())));
+                let what = if events == libc::POLLIN {
+                    "no data"
+                } else {
+                    "not writable"
+                };
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("{what} within {} ms", timeout.as_millis()),
+                ));
             }
             n if n < 0 => {
                 let e = io::Error::last_os_error();
@@ -118,7 +129,12 @@ pub struct Reader<'a> {
 
 impl<'a> Reader<'a> {
     pub fn new(s: &'a TcpStream, timeout: Duration, blocking: bool) -> Self {
-        Reader { s, timeout, blocking, spurious_eagain: 0 }
+        Reader {
+            s,
+            timeout,
+            blocking,
+            spurious_eagain: 0,
+        }
     }
 }
 
@@ -153,7 +169,9 @@ fn write_fully(s: &TcpStream, mut b: &[u8], timeout: Duration) -> io::Result<u64
                 b = &b[n..];
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => poll_fd(s.as_raw_fd(), libc::POLLOUT, timeout)?,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                poll_fd(s.as_raw_fd(), libc::POLLOUT, timeout)?
+            }
             Err(e) => return Err(e),
         }
     }
@@ -305,9 +323,21 @@ pub struct XferReport {
 /// or splice (or each in turn), with pauses.
 fn send_payload(s: &TcpStream, data: &[u8], o: &XferOpts) -> io::Result<u64> {
     let mut sizes = Sizes::new(&o.chunks);
-    let mut pacer = Pacer { pause: o.pause, every: o.pause_every, n: 0 };
-    let file = if o.send == SendMode::Write { None } else { Some(payload_file(data)?) };
-    let pipe = if matches!(o.send, SendMode::Splice | SendMode::Mixed) { Some(pipe()?) } else { None };
+    let mut pacer = Pacer {
+        pause: o.pause,
+        every: o.pause_every,
+        n: 0,
+    };
+    let file = if o.send == SendMode::Write {
+        None
+    } else {
+        Some(payload_file(data)?)
+    };
+    let pipe = if matches!(o.send, SendMode::Splice | SendMode::Mixed) {
+        Some(pipe()?)
+    } else {
+        None
+    };
     let mut short = 0;
     let mut off = 0;
     let mut i = 0;
@@ -318,8 +348,17 @@ fn send_payload(s: &TcpStream, data: &[u8], o: &XferOpts) -> io::Result<u64> {
             m => m,
         };
         short += match mode {
-            SendMode::Sendfile => sendfile_chunk(s, file.as_ref().expect("file"), off, n, o.timeout)?,
-            SendMode::Splice => splice_chunk(s, file.as_ref().expect("file"), pipe.as_ref().expect("pipe"), off, n, o.timeout)?,
+            SendMode::Sendfile => {
+                sendfile_chunk(s, file.as_ref().expect("file"), off, n, o.timeout)?
+            }
+            SendMode::Splice => splice_chunk(
+                s,
+                file.as_ref().expect("file"),
+                pipe.as_ref().expect("pipe"),
+                off,
+                n,
+                o.timeout,
+            )?,
             _ => write_fully(s, &data[off..off + n], o.timeout)?,
         };
         off += n;
@@ -330,13 +369,21 @@ fn send_payload(s: &TcpStream, data: &[u8], o: &XferOpts) -> io::Result<u64> {
 }
 
 /// sendfile(2) of file bytes [off, off+n) to the socket.
-fn sendfile_chunk(s: &TcpStream, file: &std::fs::File, off: usize, n: usize, timeout: Duration) -> io::Result<u64> {
+fn sendfile_chunk(
+    s: &TcpStream,
+    file: &std::fs::File,
+    off: usize,
+    n: usize,
+    timeout: Duration,
+) -> io::Result<u64> {
     let (ffd, sfd) = (file.as_raw_fd(), s.as_raw_fd());
     let mut pos = off as libc::off_t;
     let mut left = n;
     let mut short = 0;
     while left > 0 {
-        let k = to_socket(sfd, timeout, "sendfile", || unsafe { libc::sendfile(sfd, ffd, &mut pos, left) })?;
+        let k = to_socket(sfd, timeout, "sendfile", || unsafe {
+            libc::sendfile(sfd, ffd, &mut pos, left)
+        })?;
         if (k as usize) < left {
             short += 1;
         }
@@ -347,14 +394,21 @@ fn sendfile_chunk(s: &TcpStream, file: &std::fs::File, off: usize, n: usize, tim
 
 /// One call that moves bytes into socket `sfd` (sendfile, splice), retried
 /// on EINTR and, after waiting for POLLOUT, on EAGAIN; the bytes moved (> 0).
-fn to_socket(sfd: i32, timeout: Duration, what: &str, mut call: impl FnMut() -> isize) -> io::Result<usize> {
+fn to_socket(
+    sfd: i32,
+    timeout: Duration,
+    what: &str,
+    mut call: impl FnMut() -> isize,
+) -> io::Result<usize> {
     loop {
         let k = call();
         if k > 0 {
             return Ok(k as usize);
         }
         if k == 0 {
-            return Err(io::Error::other(format!("{what} returned 0 before the end of the data")));
+            return Err(io::Error::other(format!(
+                "{what} returned 0 before the end of the data"
+            )));
         }
         let e = io::Error::last_os_error();
         match e.kind() {
@@ -367,14 +421,30 @@ fn to_socket(sfd: i32, timeout: Duration, what: &str, mut call: impl FnMut() -> 
 
 /// splice(2) file bytes [off, off+n) into the pipe, then pipe → socket
 /// (at most the pipe's capacity at a time).
-fn splice_chunk(s: &TcpStream, file: &std::fs::File, (pr, pw): &(OwnedFd, OwnedFd), off: usize, n: usize, timeout: Duration) -> io::Result<u64> {
+fn splice_chunk(
+    s: &TcpStream,
+    file: &std::fs::File,
+    (pr, pw): &(OwnedFd, OwnedFd),
+    off: usize,
+    n: usize,
+    timeout: Duration,
+) -> io::Result<u64> {
     let (ffd, sfd) = (file.as_raw_fd(), s.as_raw_fd());
     let mut pos = off as libc::off_t;
     let end = (off + n) as libc::off_t;
     let mut short = 0;
     while pos < end {
         let want = (end - pos) as usize;
-        let got = unsafe { libc::splice(ffd, &mut pos, pw.as_raw_fd(), std::ptr::null_mut(), want, libc::SPLICE_F_MOVE) };
+        let got = unsafe {
+            libc::splice(
+                ffd,
+                &mut pos,
+                pw.as_raw_fd(),
+                std::ptr::null_mut(),
+                want,
+                libc::SPLICE_F_MOVE,
+            )
+        };
         if got < 0 {
             let e = io::Error::last_os_error();
             if e.kind() == io::ErrorKind::Interrupted {
@@ -391,7 +461,14 @@ fn splice_chunk(s: &TcpStream, file: &std::fs::File, (pr, pw): &(OwnedFd, OwnedF
         let mut in_pipe = got as usize;
         while in_pipe > 0 {
             let k = to_socket(sfd, timeout, "splice pipe→socket", || unsafe {
-                libc::splice(pr.as_raw_fd(), std::ptr::null_mut(), sfd, std::ptr::null_mut(), in_pipe, libc::SPLICE_F_MOVE)
+                libc::splice(
+                    pr.as_raw_fd(),
+                    std::ptr::null_mut(),
+                    sfd,
+                    std::ptr::null_mut(),
+                    in_pipe,
+                    libc::SPLICE_F_MOVE,
+                )
             })?;
             if (k as usize) < in_pipe {
                 short += 1;
@@ -405,7 +482,11 @@ fn splice_chunk(s: &TcpStream, file: &std::fs::File, (pr, pw): &(OwnedFd, OwnedF
 /// The payload in an unlinked regular file (what sendfile/splice read).
 fn payload_file(data: &[u8]) -> io::Result<std::fs::File> {
     let path = std::env::temp_dir().join(crate::sandbox::unique("redirect-kit-xfer-"));
-    let mut f = std::fs::OpenOptions::new().read(true).write(true).create_new(true).open(&path)?;
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&path)?;
     let _ = std::fs::remove_file(&path);
     f.write_all(data)?;
     f.flush()?;
@@ -431,12 +512,25 @@ struct ReadResult {
     spurious_eagain: u64,
 }
 
-fn read_all(s: &TcpStream, chunks: &[usize], timeout: Duration, blocking: bool, keep: bool) -> ReadResult {
+fn read_all(
+    s: &TcpStream,
+    chunks: &[usize],
+    timeout: Duration,
+    blocking: bool,
+    keep: bool,
+) -> ReadResult {
     let mut r = Reader::new(s, timeout, blocking);
     let mut sizes = Sizes::new(chunks);
     let mut buf = vec![0u8; chunks.iter().copied().max().unwrap_or(64 * 1024).max(1)];
     let mut h = Fnv::default();
-    let mut out = ReadResult { bytes: 0, hash: String::new(), kept: Vec::new(), eof: false, error: None, spurious_eagain: 0 };
+    let mut out = ReadResult {
+        bytes: 0,
+        hash: String::new(),
+        kept: Vec::new(),
+        eof: false,
+        error: None,
+        spurious_eagain: 0,
+    };
     loop {
         let n = sizes.next().min(buf.len());
         match r.read(&mut buf[..n]) {
@@ -467,7 +561,10 @@ fn read_all(s: &TcpStream, chunks: &[usize], timeout: Duration, blocking: bool, 
 pub fn xfer(o: &XferOpts) -> XferReport {
     let start = Instant::now();
     let data = payload(o.size);
-    let mut rep = XferReport { sent_hash: hash(&data), ..XferReport::default() };
+    let mut rep = XferReport {
+        sent_hash: hash(&data),
+        ..XferReport::default()
+    };
     let s = match connect(o.dst, o.bind, o.timeout) {
         Ok(s) => s,
         Err(e) => {
@@ -497,7 +594,13 @@ pub fn xfer(o: &XferOpts) -> XferReport {
         });
         let rres = if reads {
             std::thread::sleep(o.read_delay);
-            Some(read_all(&s, &o.read_chunks, o.timeout, !o.nonblock, o.expect == Expect::Hash))
+            Some(read_all(
+                &s,
+                &o.read_chunks,
+                o.timeout,
+                !o.nonblock,
+                o.expect == Expect::Hash,
+            ))
         } else {
             None
         };
@@ -542,7 +645,11 @@ pub fn xfer(o: &XferOpts) -> XferReport {
         && rep.read_error.is_none()
         && match o.expect {
             Expect::Echo => rep.eof && rep.received == rep.sent && rep.recv_hash == rep.sent_hash,
-            Expect::Hash => rep.eof && rep.reply.as_deref() == Some(format!("{} {}", rep.sent, rep.sent_hash).as_str()),
+            Expect::Hash => {
+                rep.eof
+                    && rep.reply.as_deref()
+                        == Some(format!("{} {}", rep.sent, rep.sent_hash).as_str())
+            }
             Expect::None => true,
         };
     if !rep.ok && rep.error.is_none() {
@@ -550,7 +657,12 @@ pub fn xfer(o: &XferOpts) -> XferReport {
             rep.write_error
                 .clone()
                 .or_else(|| rep.read_error.clone())
-                .unwrap_or_else(|| format!("mismatch: sent {} bytes ({}), got {} ({}), eof {}, reply {:?}", rep.sent, rep.sent_hash, rep.received, rep.recv_hash, rep.eof, rep.reply)),
+                .unwrap_or_else(|| {
+                    format!(
+                        "mismatch: sent {} bytes ({}), got {} ({}), eof {}, reply {:?}",
+                        rep.sent, rep.sent_hash, rep.received, rep.recv_hash, rep.eof, rep.reply
+                    )
+                }),
         );
     }
     rep.elapsed_ms = start.elapsed().as_millis() as u64;
@@ -629,11 +741,23 @@ fn peek_first(c: &TcpStream, n: usize, timeout: Duration) -> io::Result<(Vec<u8>
         return Err(io::Error::last_os_error());
     }
     let ep = unsafe { OwnedFd::from_raw_fd(ep) };
-    ctl(ep.as_raw_fd(), libc::EPOLL_CTL_ADD, c.as_raw_fd(), (libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLET) as u32)?;
+    ctl(
+        ep.as_raw_fd(),
+        libc::EPOLL_CTL_ADD,
+        c.as_raw_fd(),
+        (libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLET) as u32,
+    )?;
     let mut buf = vec![0u8; n];
     let mut peeks = 0;
     loop {
-        let k = unsafe { libc::recv(c.as_raw_fd(), buf.as_mut_ptr().cast(), n, libc::MSG_PEEK | libc::MSG_DONTWAIT) };
+        let k = unsafe {
+            libc::recv(
+                c.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                n,
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        };
         peeks += 1;
         if k < 0 {
             let e = io::Error::last_os_error();
@@ -647,7 +771,15 @@ fn peek_first(c: &TcpStream, n: usize, timeout: Duration) -> io::Result<(Vec<u8>
         let mut ev = [libc::epoll_event { events: 0, u64: 0 }];
         let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
         match unsafe { libc::epoll_wait(ep.as_raw_fd(), ev.as_mut_ptr(), 1, ms) } {
-            0 => return Err(io::Error::new(io::ErrorKind::TimedOut, format!("peek: no new data within {} ms (had {k} of {n} bytes)", timeout.as_millis()))),
+            0 => {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "peek: no new data within {} ms (had {k} of {n} bytes)",
+                        timeout.as_millis()
+                    ),
+                ))
+            }
             r if r < 0 => {
                 let e = io::Error::last_os_error();
                 if e.kind() != io::ErrorKind::Interrupted {
@@ -666,7 +798,8 @@ pub fn stress_server(o: ServerOpts) -> io::Result<()> {
     let o = Arc::new(o);
     let mut threads = Vec::new();
     for a in &o.listen {
-        let l = listen(*a).map_err(|e| io::Error::new(e.kind(), format!("listening on {a}: {e}")))?;
+        let l =
+            listen(*a).map_err(|e| io::Error::new(e.kind(), format!("listening on {a}: {e}")))?;
         let o = o.clone();
         threads.push(std::thread::spawn(move || {
             for c in l.incoming().flatten() {
@@ -713,8 +846,20 @@ fn serve(c: TcpStream, o: &ServerOpts) {
     let mut r = Reader::new(&c, o.timeout, true);
     let mut rsizes = Sizes::new(&o.read_chunks);
     let mut wsizes = Sizes::new(&o.write_chunks);
-    let mut pacer = Pacer { pause: o.pause, every: o.pause_every, n: 0 };
-    let mut buf = vec![0u8; o.read_chunks.iter().copied().max().unwrap_or(64 * 1024).max(1)];
+    let mut pacer = Pacer {
+        pause: o.pause,
+        every: o.pause_every,
+        n: 0,
+    };
+    let mut buf = vec![
+        0u8;
+        o.read_chunks
+            .iter()
+            .copied()
+            .max()
+            .unwrap_or(64 * 1024)
+            .max(1)
+    ];
     let mut h = Fnv::default();
     let mut eof = false;
     let mut limited = false;
@@ -816,9 +961,15 @@ pub fn epoll_echo(addrs: &[SocketAddr], edge: bool, close_after: u64) -> io::Res
     let ep = unsafe { OwnedFd::from_raw_fd(ep) };
     let mut listeners = HashMap::new();
     for a in addrs {
-        let l = listen(*a).map_err(|e| io::Error::new(e.kind(), format!("listening on {a}: {e}")))?;
+        let l =
+            listen(*a).map_err(|e| io::Error::new(e.kind(), format!("listening on {a}: {e}")))?;
         l.set_nonblocking(true)?;
-        ctl(ep.as_raw_fd(), libc::EPOLL_CTL_ADD, l.as_raw_fd(), libc::EPOLLIN as u32)?;
+        ctl(
+            ep.as_raw_fd(),
+            libc::EPOLL_CTL_ADD,
+            l.as_raw_fd(),
+            libc::EPOLLIN as u32,
+        )?;
         listeners.insert(l.as_raw_fd(), l);
     }
     println!("{{\"event\":\"ready\"}}");
@@ -832,7 +983,9 @@ pub fn epoll_echo(addrs: &[SocketAddr], edge: bool, close_after: u64) -> io::Res
     let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 256];
     let mut buf = vec![0u8; 64 * 1024];
     loop {
-        let n = unsafe { libc::epoll_wait(ep.as_raw_fd(), events.as_mut_ptr(), events.len() as i32, -1) };
+        let n = unsafe {
+            libc::epoll_wait(ep.as_raw_fd(), events.as_mut_ptr(), events.len() as i32, -1)
+        };
         if n < 0 {
             let e = io::Error::last_os_error();
             if e.kind() == io::ErrorKind::Interrupted {
@@ -851,7 +1004,15 @@ pub fn epoll_echo(addrs: &[SocketAddr], edge: bool, close_after: u64) -> io::Res
                             }
                             let cfd = s.as_raw_fd();
                             if ctl(ep.as_raw_fd(), libc::EPOLL_CTL_ADD, cfd, conn_events).is_ok() {
-                                conns.insert(cfd, Conn { s, pending: Vec::new(), read_eof: false, echoed: 0 });
+                                conns.insert(
+                                    cfd,
+                                    Conn {
+                                        s,
+                                        pending: Vec::new(),
+                                        read_eof: false,
+                                        echoed: 0,
+                                    },
+                                );
                             }
                         }
                         Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -860,14 +1021,20 @@ pub fn epoll_echo(addrs: &[SocketAddr], edge: bool, close_after: u64) -> io::Res
                 }
                 continue;
             }
-            let Some(c) = conns.get_mut(&fd) else { continue };
+            let Some(c) = conns.get_mut(&fd) else {
+                continue;
+            };
             let done = service(c, &mut buf, close_after).unwrap_or(true);
             if done {
                 let c = conns.remove(&fd).expect("present");
                 let _ = ctl(ep.as_raw_fd(), libc::EPOLL_CTL_DEL, fd, 0);
                 drop(c);
             } else if !edge {
-                let want = if !c.pending.is_empty() { libc::EPOLLOUT } else { libc::EPOLLIN };
+                let want = if !c.pending.is_empty() {
+                    libc::EPOLLOUT
+                } else {
+                    libc::EPOLLIN
+                };
                 let _ = ctl(ep.as_raw_fd(), libc::EPOLL_CTL_MOD, fd, want as u32);
             }
         }
@@ -875,7 +1042,10 @@ pub fn epoll_echo(addrs: &[SocketAddr], edge: bool, close_after: u64) -> io::Res
 }
 
 fn ctl(ep: RawFd, op: i32, fd: RawFd, events: u32) -> io::Result<()> {
-    let mut ev = libc::epoll_event { events, u64: fd as u64 };
+    let mut ev = libc::epoll_event {
+        events,
+        u64: fd as u64,
+    };
     if unsafe { libc::epoll_ctl(ep, op, fd, &mut ev) } != 0 {
         return Err(io::Error::last_os_error());
     }
@@ -901,7 +1071,11 @@ fn service(c: &mut Conn, buf: &mut [u8], close_after: u64) -> io::Result<bool> {
             let _ = c.s.shutdown(Shutdown::Write);
             return Ok(true);
         }
-        let want = if close_after > 0 { buf.len().min((close_after - c.echoed) as usize) } else { buf.len() };
+        let want = if close_after > 0 {
+            buf.len().min((close_after - c.echoed) as usize)
+        } else {
+            buf.len()
+        };
         match (&c.s).read(&mut buf[..want]) {
             Ok(0) => c.read_eof = true,
             Ok(n) => c.pending.extend_from_slice(&buf[..n]),
@@ -943,7 +1117,13 @@ struct Tally {
 
 impl Tally {
     fn new() -> Tally {
-        Tally { done: AtomicU64::new(0), failures: AtomicU64::new(0), eagain: AtomicU64::new(0), errors: Mutex::new(Vec::new()), outcomes: Mutex::new(Default::default()) }
+        Tally {
+            done: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+            eagain: AtomicU64::new(0),
+            errors: Mutex::new(Vec::new()),
+            outcomes: Mutex::new(Default::default()),
+        }
     }
 
     fn outcome(&self, what: String) {
@@ -983,7 +1163,12 @@ fn message(i: u64, r: u64, size: usize) -> Vec<u8> {
 }
 
 /// Write `msg`, read the same number of bytes back, compare.
-fn exchange(s: &TcpStream, msg: &[u8], timeout: Duration, eagain: &AtomicU64) -> Result<(), String> {
+fn exchange(
+    s: &TcpStream,
+    msg: &[u8],
+    timeout: Duration,
+    eagain: &AtomicU64,
+) -> Result<(), String> {
     write_fully(s, msg, timeout).map_err(|e| format!("write: {e}"))?;
     let mut back = vec![0u8; msg.len()];
     let mut r = Reader::new(s, timeout, true);
@@ -1019,22 +1204,47 @@ fn late_write(s: &TcpStream, timeout: Duration, second_after: Option<Duration>, 
     let first = r.read(&mut b);
     t.outcome(format!("1 read after the exchange: {}", outcome_of(&first)));
     let w = (&mut &*s).write(b"x");
-    t.outcome(format!("2 late write: {}", if w.is_ok() { "ok".into() } else { outcome_of(&w) }));
+    t.outcome(format!(
+        "2 late write: {}",
+        if w.is_ok() {
+            "ok".into()
+        } else {
+            outcome_of(&w)
+        }
+    ));
     let second = r.read(&mut b);
-    t.outcome(format!("3 read after the late write: {}", outcome_of(&second)));
+    t.outcome(format!(
+        "3 read after the late write: {}",
+        outcome_of(&second)
+    ));
     t.eagain.fetch_add(r.spurious_eagain, Ordering::Relaxed);
     if let Some(d) = second_after {
         // By now the peer's answer to the late write (an RST) has arrived.
         std::thread::sleep(d);
         let w = (&mut &*s).write(b"y");
-        t.outcome(format!("4 second late write: {}", if w.is_ok() { "ok".into() } else { outcome_of(&w) }));
+        t.outcome(format!(
+            "4 second late write: {}",
+            if w.is_ok() {
+                "ok".into()
+            } else {
+                outcome_of(&w)
+            }
+        ));
     }
 }
 
 /// `count` short connections, `concurrency` at a time: connect, `rounds`
 /// exchanges of `size` bytes, (`late_write`), close. Every read has
 /// `timeout`.
-pub fn churn(dst: SocketAddr, count: u64, concurrency: usize, size: usize, rounds: u64, late: Option<Option<Duration>>, timeout: Duration) -> ManyReport {
+pub fn churn(
+    dst: SocketAddr,
+    count: u64,
+    concurrency: usize,
+    size: usize,
+    rounds: u64,
+    late: Option<Option<Duration>>,
+    timeout: Duration,
+) -> ManyReport {
     raise_nofile();
     let start = Instant::now();
     let next = AtomicU64::new(0);
@@ -1080,7 +1290,14 @@ pub fn churn(dst: SocketAddr, count: u64, concurrency: usize, size: usize, round
 /// exchange of `size` bytes on each while all are open; prints a "ready"
 /// line (with the tally so far) once every exchange is done, holds them
 /// `hold` longer, then closes them all. Returns the final tally.
-pub fn fan(dst: SocketAddr, count: u64, threads: usize, size: usize, hold: Duration, timeout: Duration) -> ManyReport {
+pub fn fan(
+    dst: SocketAddr,
+    count: u64,
+    threads: usize,
+    size: usize,
+    hold: Duration,
+    timeout: Duration,
+) -> ManyReport {
     raise_nofile();
     let start = Instant::now();
     let threads = threads.max(1);
@@ -1091,7 +1308,9 @@ pub fn fan(dst: SocketAddr, count: u64, threads: usize, size: usize, hold: Durat
         for k in 0..threads {
             let (t, opened, barrier) = (&t, &opened, &barrier);
             scope.spawn(move || {
-                let mine: Vec<u64> = (0..count).filter(|i| i % threads as u64 == k as u64).collect();
+                let mine: Vec<u64> = (0..count)
+                    .filter(|i| i % threads as u64 == k as u64)
+                    .collect();
                 let mut socks = Vec::with_capacity(mine.len());
                 for &i in &mine {
                     match TcpStream::connect_timeout(&dst, timeout) {
@@ -1329,7 +1548,19 @@ impl StressTool {
                 let ok = r.ok;
                 print_json(&r, ok)
             }
-            StressTool::StressServer { listen, reply, read_chunks, write_chunks, pause_us, pause_every, read_delay_ms, read_limit, peek, end, timeout_ms } => served(stress_server(ServerOpts {
+            StressTool::StressServer {
+                listen,
+                reply,
+                read_chunks,
+                write_chunks,
+                pause_us,
+                pause_every,
+                read_delay_ms,
+                read_limit,
+                peek,
+                end,
+                timeout_ms,
+            } => served(stress_server(ServerOpts {
                 listen,
                 reply,
                 read_chunks,
@@ -1342,15 +1573,45 @@ impl StressTool {
                 end,
                 timeout: ms(timeout_ms),
             })),
-            StressTool::EpollEcho { listen, edge, close_after } => served(epoll_echo(&listen, edge, close_after)),
-            StressTool::Churn { connect, count, concurrency, size, rounds, late_write, second_write_after_ms, timeout_ms, deadline_ms } => {
+            StressTool::EpollEcho {
+                listen,
+                edge,
+                close_after,
+            } => served(epoll_echo(&listen, edge, close_after)),
+            StressTool::Churn {
+                connect,
+                count,
+                concurrency,
+                size,
+                rounds,
+                late_write,
+                second_write_after_ms,
+                timeout_ms,
+                deadline_ms,
+            } => {
                 watchdog(ms(deadline_ms), "churn");
                 let late = late_write.then(|| second_write_after_ms.map(ms));
-                let r = churn(connect, count, concurrency, size, rounds, late, ms(timeout_ms));
+                let r = churn(
+                    connect,
+                    count,
+                    concurrency,
+                    size,
+                    rounds,
+                    late,
+                    ms(timeout_ms),
+                );
                 let ok = r.ok && r.done == count;
                 print_json(&r, ok)
             }
-            StressTool::Fan { connect, count, threads, size, hold_ms, timeout_ms, deadline_ms } => {
+            StressTool::Fan {
+                connect,
+                count,
+                threads,
+                size,
+                hold_ms,
+                timeout_ms,
+                deadline_ms,
+            } => {
                 watchdog(ms(deadline_ms), "fan");
                 let r = fan(connect, count, threads, size, ms(hold_ms), ms(timeout_ms));
                 let ok = r.ok && r.done == count;

@@ -17,7 +17,11 @@ use serde_json::{json, Value};
 
 pub fn cni_bin() -> PathBuf {
     let p = sibling_binary("redirect-cni");
-    assert!(p.exists(), "{} missing: run `cargo xtask test` (it builds the binaries first)", p.display());
+    assert!(
+        p.exists(),
+        "{} missing: run `cargo xtask test` (it builds the binaries first)",
+        p.display()
+    );
     p
 }
 
@@ -53,7 +57,13 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    pub fn start(pin_dir: &Path, cgroup: &Path, socket: &Path, log: &Path, extra: &[&str]) -> Daemon {
+    pub fn start(
+        pin_dir: &Path,
+        cgroup: &Path,
+        socket: &Path,
+        log: &Path,
+        extra: &[&str],
+    ) -> Daemon {
         match Daemon::try_start(pin_dir, cgroup, socket, log, extra) {
             Ok(d) => d,
             Err(e) => panic!("{e}"),
@@ -61,13 +71,30 @@ impl Daemon {
     }
 
     /// Start; Err carries the daemon's log when it did not get ready.
-    pub fn try_start(pin_dir: &Path, cgroup: &Path, socket: &Path, log: &Path, extra: &[&str]) -> Result<Daemon, String> {
+    pub fn try_start(
+        pin_dir: &Path,
+        cgroup: &Path,
+        socket: &Path,
+        log: &Path,
+        extra: &[&str],
+    ) -> Result<Daemon, String> {
         Daemon::try_start_bin(&redirect_bin(), pin_dir, cgroup, socket, log, extra)
     }
 
     /// `try_start` with another `redirect` binary (an upgrade).
-    pub fn try_start_bin(bin: &Path, pin_dir: &Path, cgroup: &Path, socket: &Path, log: &Path, extra: &[&str]) -> Result<Daemon, String> {
-        let logf = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
+    pub fn try_start_bin(
+        bin: &Path,
+        pin_dir: &Path,
+        cgroup: &Path,
+        socket: &Path,
+        log: &Path,
+        extra: &[&str],
+    ) -> Result<Daemon, String> {
+        let logf = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap();
         let mut cmd = Command::new(bin);
         cmd.arg("--pin-dir")
             .arg(pin_dir)
@@ -102,15 +129,27 @@ impl Daemon {
             Err(_) => {
                 let _ = child.kill();
                 let _ = child.wait();
-                return Err(format!("daemon did not get ready: {line:?}\nlog:\n{}", std::fs::read_to_string(log).unwrap_or_default()));
+                return Err(format!(
+                    "daemon did not get ready: {line:?}\nlog:\n{}",
+                    std::fs::read_to_string(log).unwrap_or_default()
+                ));
             }
         };
         assert_eq!(ready["event"], "ready", "{ready}");
-        Ok(Daemon { child, ready, socket: socket.to_path_buf(), log: log.to_path_buf() })
+        Ok(Daemon {
+            child,
+            ready,
+            socket: socket.to_path_buf(),
+            log: log.to_path_buf(),
+        })
     }
 
     pub fn metrics_addr(&self) -> std::net::SocketAddr {
-        self.ready["metrics_addr"].as_str().unwrap().parse().unwrap()
+        self.ready["metrics_addr"]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap()
     }
 
     pub fn pid(&self) -> i32 {
@@ -125,7 +164,11 @@ impl Daemon {
             if let Some(st) = self.child.try_wait().unwrap() {
                 return st;
             }
-            assert!(Instant::now() < deadline, "daemon ignored SIGTERM for 10 s; log:\n{}", self.log_text());
+            assert!(
+                Instant::now() < deadline,
+                "daemon ignored SIGTERM for 10 s; log:\n{}",
+                self.log_text()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -157,7 +200,8 @@ impl Drop for Daemon {
 
 /// Send one line, read one reply line.
 pub fn call_raw(socket: &Path, line: &str) -> Value {
-    let s = UnixStream::connect(socket).unwrap_or_else(|e| panic!("connecting to {}: {e}", socket.display()));
+    let s = UnixStream::connect(socket)
+        .unwrap_or_else(|e| panic!("connecting to {}: {e}", socket.display()));
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     (&s).write_all(format!("{line}\n").as_bytes()).unwrap();
     let mut reply = String::new();
@@ -175,7 +219,8 @@ pub struct CniRun {
 
 impl CniRun {
     pub fn json(&self) -> Value {
-        serde_json::from_str(&self.stdout).unwrap_or_else(|e| panic!("redirect-cni stdout is not JSON ({e}): {self:?}"))
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("redirect-cni stdout is not JSON ({e}): {self:?}"))
     }
 
     /// The CNI error code (the run must have failed).
@@ -195,7 +240,9 @@ pub fn cni(vars: &[(&str, &str)], stdin: &[u8]) -> CniRun {
     for (k, v) in vars {
         cmd.env(k, v);
     }
-    cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     let mut child = cmd.spawn().expect("running redirect-cni");
     let mut inp = child.stdin.take().unwrap();
     let data = stdin.to_vec();
@@ -229,7 +276,12 @@ pub fn plugin_conf(socket: &Path, extra: Value) -> String {
 }
 
 /// CNI_* variables of one pod operation.
-pub fn pod_vars<'a>(command: &'a str, container_id: &'a str, netns: &'a str, args: &'a str) -> Vec<(&'a str, &'a str)> {
+pub fn pod_vars<'a>(
+    command: &'a str,
+    container_id: &'a str,
+    netns: &'a str,
+    args: &'a str,
+) -> Vec<(&'a str, &'a str)> {
     vec![
         ("CNI_COMMAND", command),
         ("CNI_CONTAINERID", container_id),

@@ -40,7 +40,10 @@ pub fn fixture_dir() -> PathBuf {
 /// The recorded pod list.
 pub fn pod_list() -> Value {
     let p = fixture_dir().join("pod-list.json");
-    serde_json::from_str(&std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))).unwrap()
+    serde_json::from_str(
+        &std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display())),
+    )
+    .unwrap()
 }
 
 /// The recorded watch events, in order (one JSON object per line).
@@ -56,7 +59,13 @@ pub fn watch_events() -> Vec<Value> {
 
 /// A pod of the list fixture by name prefix (`cart-`, `ratings-`, ...).
 pub fn listed_pod(prefix: &str) -> Value {
-    pod_list()["items"].as_array().unwrap().iter().find(|p| p["metadata"]["name"].as_str().unwrap().starts_with(prefix)).cloned().unwrap_or_else(|| panic!("no {prefix} pod in the fixture"))
+    pod_list()["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["metadata"]["name"].as_str().unwrap().starts_with(prefix))
+        .cloned()
+        .unwrap_or_else(|| panic!("no {prefix} pod in the fixture"))
 }
 
 #[derive(Debug, Clone)]
@@ -94,7 +103,11 @@ pub struct ApiFixture {
 }
 
 fn key(p: &Value) -> String {
-    format!("{}/{}", p["metadata"]["namespace"].as_str().unwrap_or(""), p["metadata"]["name"].as_str().unwrap_or(""))
+    format!(
+        "{}/{}",
+        p["metadata"]["namespace"].as_str().unwrap_or(""),
+        p["metadata"]["name"].as_str().unwrap_or("")
+    )
 }
 
 fn decode(s: &str) -> String {
@@ -104,7 +117,9 @@ fn decode(s: &str) -> String {
     while i < b.len() {
         match b[i] {
             b'%' if i + 2 < b.len() => {
-                let h = std::str::from_utf8(&b[i + 1..i + 3]).ok().and_then(|h| u8::from_str_radix(h, 16).ok());
+                let h = std::str::from_utf8(&b[i + 1..i + 3])
+                    .ok()
+                    .and_then(|h| u8::from_str_radix(h, 16).ok());
                 match h {
                     Some(c) => {
                         out.push(c);
@@ -131,11 +146,26 @@ impl ApiFixture {
     /// Serve these pods (recorded ones, renamed for a test) as the list.
     pub fn start_with(items: Vec<Value>) -> ApiFixture {
         let pods = items.iter().map(|p| (key(p), p.clone())).collect();
-        let rv = pod_list()["metadata"]["resourceVersion"].as_str().unwrap().to_string();
-        let shared = Arc::new(Mutex::new(Shared { pods, resource_version: rv, requests: Vec::new(), watches: Vec::new(), conns: Vec::new(), forbidden: false }));
+        let rv = pod_list()["metadata"]["resourceVersion"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let shared = Arc::new(Mutex::new(Shared {
+            pods,
+            resource_version: rv,
+            requests: Vec::new(),
+            watches: Vec::new(),
+            conns: Vec::new(),
+            forbidden: false,
+        }));
         let l = TcpListener::bind("127.0.0.1:0").expect("binding the API fixture on 127.0.0.1");
         let addr = l.local_addr().unwrap();
-        let mut f = ApiFixture { addr, shared, stop: Arc::new(AtomicBool::new(false)), accept: None };
+        let mut f = ApiFixture {
+            addr,
+            shared,
+            stop: Arc::new(AtomicBool::new(false)),
+            accept: None,
+        };
         f.serve(l);
         f
     }
@@ -194,11 +224,21 @@ impl ApiFixture {
     /// The lists of the watch (not the one-item probes the daemon makes
     /// while its watch is failing).
     pub fn lists(&self) -> Vec<Req> {
-        self.requests().into_iter().filter(|r| r.method == "GET" && !r.is_watch() && r.query.get("limit").map(String::as_str) != Some("1")).collect()
+        self.requests()
+            .into_iter()
+            .filter(|r| {
+                r.method == "GET"
+                    && !r.is_watch()
+                    && r.query.get("limit").map(String::as_str) != Some("1")
+            })
+            .collect()
     }
 
     pub fn watches(&self) -> Vec<Req> {
-        self.requests().into_iter().filter(|r| r.is_watch()).collect()
+        self.requests()
+            .into_iter()
+            .filter(|r| r.is_watch())
+            .collect()
     }
 
     /// From now on, pod lists and watches get the API server's 403 for a
@@ -216,7 +256,11 @@ impl ApiFixture {
     pub fn wait_watching(&self, n: usize) {
         let deadline = Instant::now() + Duration::from_secs(20);
         while self.watches().len() < n || self.open_watches() == 0 {
-            assert!(Instant::now() < deadline, "no watch #{n} from the daemon; requests: {:?}", self.requests());
+            assert!(
+                Instant::now() < deadline,
+                "no watch #{n} from the daemon; requests: {:?}",
+                self.requests()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -261,7 +305,13 @@ impl Drop for ApiFixture {
 }
 
 fn respond(c: &mut TcpStream, status: &str, body: &str) -> bool {
-    write!(c, "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()).is_ok() && c.flush().is_ok()
+    write!(
+        c,
+        "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .is_ok()
+        && c.flush().is_ok()
 }
 
 fn status_body(code: u16, reason: &str, msg: &str) -> String {
@@ -278,7 +328,12 @@ fn handle(mut c: TcpStream, shared: &Mutex<Shared>, stop: &AtomicBool) {
 }
 
 /// Serve one request; false when the connection is done.
-fn serve_one(r: &mut BufReader<TcpStream>, c: &mut TcpStream, shared: &Mutex<Shared>, stop: &AtomicBool) -> bool {
+fn serve_one(
+    r: &mut BufReader<TcpStream>,
+    c: &mut TcpStream,
+    shared: &Mutex<Shared>,
+    stop: &AtomicBool,
+) -> bool {
     let mut line = String::new();
     if r.read_line(&mut line).unwrap_or(0) == 0 {
         return false;
@@ -303,7 +358,10 @@ fn serve_one(r: &mut BufReader<TcpStream>, c: &mut TcpStream, shared: &Mutex<Sha
         return false;
     }
     let mut parts = line.split_whitespace();
-    let (method, target) = (parts.next().unwrap_or("").to_string(), parts.next().unwrap_or(""));
+    let (method, target) = (
+        parts.next().unwrap_or("").to_string(),
+        parts.next().unwrap_or(""),
+    );
     let (path, q) = target.split_once('?').unwrap_or((target, ""));
     let query: BTreeMap<String, String> = q
         .split('&')
@@ -313,7 +371,12 @@ fn serve_one(r: &mut BufReader<TcpStream>, c: &mut TcpStream, shared: &Mutex<Sha
             (decode(k), decode(v))
         })
         .collect();
-    let req = Req { method: method.clone(), path: path.to_string(), query, body: String::from_utf8_lossy(&body).into_owned() };
+    let req = Req {
+        method: method.clone(),
+        path: path.to_string(),
+        query,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    };
     shared.lock().unwrap().requests.push(req.clone());
 
     let forbidden = shared.lock().unwrap().forbidden;
@@ -326,7 +389,9 @@ fn serve_one(r: &mut BufReader<TcpStream>, c: &mut TcpStream, shared: &Mutex<Sha
         ("GET", "/api/v1/pods") if !req.is_watch() => {
             let s = shared.lock().unwrap();
             // Only this node's pods: the fixture's pods all run on node-a.
-            let items: Vec<Value> = if req.query.get("fieldSelector").map(String::as_str) == Some("spec.nodeName=node-a") {
+            let items: Vec<Value> = if req.query.get("fieldSelector").map(String::as_str)
+                == Some("spec.nodeName=node-a")
+            {
                 s.pods.values().cloned().collect()
             } else {
                 Vec::new()
@@ -344,7 +409,9 @@ fn serve_one(r: &mut BufReader<TcpStream>, c: &mut TcpStream, shared: &Mutex<Sha
             while !stop.load(Ordering::SeqCst) {
                 match rx.recv_timeout(Duration::from_millis(100)) {
                     Ok(Some(line)) => {
-                        if write!(c, "{:x}\r\n{line}\r\n", line.len()).is_err() || c.flush().is_err() {
+                        if write!(c, "{:x}\r\n{line}\r\n", line.len()).is_err()
+                            || c.flush().is_err()
+                        {
                             return false;
                         }
                     }
@@ -358,7 +425,12 @@ fn serve_one(r: &mut BufReader<TcpStream>, c: &mut TcpStream, shared: &Mutex<Sha
         ("DELETE", p) if p.starts_with("/api/v1/namespaces/") && p.contains("/pods/") => {
             let rest = &p["/api/v1/namespaces/".len()..];
             let (ns, name) = rest.split_once("/pods/").unwrap_or(("", ""));
-            let pod = shared.lock().unwrap().pods.get(&format!("{ns}/{name}")).cloned();
+            let pod = shared
+                .lock()
+                .unwrap()
+                .pods
+                .get(&format!("{ns}/{name}"))
+                .cloned();
             match pod {
                 Some(mut pod) => {
                     pod["kind"] = json!("Pod");
@@ -367,9 +439,21 @@ fn serve_one(r: &mut BufReader<TcpStream>, c: &mut TcpStream, shared: &Mutex<Sha
                     pod["metadata"]["deletionGracePeriodSeconds"] = json!(30);
                     respond(c, "200 OK", &pod.to_string())
                 }
-                None => respond(c, "404 Not Found", &status_body(404, "NotFound", &format!("pods \"{name}\" not found"))),
+                None => respond(
+                    c,
+                    "404 Not Found",
+                    &status_body(404, "NotFound", &format!("pods \"{name}\" not found")),
+                ),
             }
         }
-        _ => respond(c, "404 Not Found", &status_body(404, "NotFound", "the server could not find the requested resource")),
+        _ => respond(
+            c,
+            "404 Not Found",
+            &status_body(
+                404,
+                "NotFound",
+                "the server could not find the requested resource",
+            ),
+        ),
     }
 }
