@@ -5,9 +5,11 @@
 
 pub mod decision;
 pub mod reason;
+pub mod tuple;
 
 pub use decision::*;
 pub use reason::Reason;
+pub use tuple::{v4_mapped, v4_to_mapped, SockTuple};
 
 /// Maximum number of proxy uids and of proxy gids per pod (istio-iptables
 /// takes comma lists; real deployments use one or two).

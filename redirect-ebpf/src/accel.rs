@@ -11,11 +11,11 @@ use aya_ebpf::{
     macros::sk_msg,
     programs::SkMsgContext,
 };
-use redirect_common::{flags, PodConfig, PortKey, Reason, TupleKey, AF_INET, AF_INET6};
+use redirect_common::{flags, PodConfig, PortKey, Reason, SockTuple, TupleKey};
 
 use crate::{
     abi::SK_PASS,
-    addr::{ip4_bytes, ip6_bytes, own_key, peer_key, v4_mapped},
+    addr::msg_tuple,
     counters::{bump, count},
     maps::{
         accel_state, AccelSock, PodMaps, REDIRECT_ACCEL_FALLBACK, REDIRECT_ACCEL_PORTS,
@@ -88,7 +88,7 @@ pub unsafe fn accelerate_active(
     ops: *mut bpf_sock_ops,
     netns: u64,
     cfg: &PodConfig,
-    t: &(u16, [u8; 16], [u8; 16], u16, u16),
+    t: &SockTuple,
     port: u16,
 ) {
     let pays = accel_pays(netns, cfg, port);
@@ -99,7 +99,7 @@ pub unsafe fn accelerate_active(
             born_ns: aya_ebpf::helpers::generated::bpf_ktime_get_ns(),
             learn_port: port,
             ..AccelSock::new(
-                peer_key(netns, t),
+                t.peer_key(netns),
                 if pays { ACCEL_ON } else { ACCEL_SKIPPED },
             )
         };
@@ -107,7 +107,7 @@ pub unsafe fn accelerate_active(
     }
     if !pays {
         count(netns, Reason::AccelSkippedShort);
-    } else if accelerate(ops, netns, own_key(netns, t)) && !st.is_null() {
+    } else if accelerate(ops, netns, t.own_key(netns)) && !st.is_null() {
         (*st).inserted = 1;
     }
 }
@@ -130,24 +130,24 @@ pub unsafe fn accelerate_passive(
     ops: *mut bpf_sock_ops,
     netns: u64,
     cfg: &PodConfig,
-    t: &(u16, [u8; 16], [u8; 16], u16, u16),
+    t: &SockTuple,
     orig_port: Option<u16>,
 ) -> bool {
     let redirected = orig_port.is_some();
     // The same port as the active side decided on: the original
     // destination's, or for the passthrough the app's (this side's own).
-    let port = orig_port.unwrap_or(t.3);
+    let port = orig_port.unwrap_or(t.local_port);
     let accel = cfg.has(flags::ACCEL)
-        && (redirected || is_passthrough_pair(netns, t.0, &t.2, &t.1))
+        && (redirected || is_passthrough_pair(netns, t.family, &t.remote, &t.local))
         && accel_pays(netns, cfg, port);
-    if accel && accelerate(ops, netns, own_key(netns, t)) {
+    if accel && accelerate(ops, netns, t.own_key(netns)) {
         // Its state from the start (sk_msg would make it at the first
         // message), so its close is counted.
         let sk = (*ops).__bindgen_anon_2.sk;
         if !sk.is_null() {
             let mut init = AccelSock {
                 inserted: 1,
-                ..AccelSock::new(peer_key(netns, t), ACCEL_ON)
+                ..AccelSock::new(t.peer_key(netns), ACCEL_ON)
             };
             let _ = accel_state(sk, &mut init);
         }
@@ -159,10 +159,10 @@ pub unsafe fn accelerate_passive(
 /// counted out, an active app↔proxy socket teaches its port how long
 /// connections to it live.
 #[inline(always)]
-pub unsafe fn closed(ops: *mut bpf_sock_ops, netns: u64, t: &(u16, [u8; 16], [u8; 16], u16, u16)) {
+pub unsafe fn closed(ops: *mut bpf_sock_ops, netns: u64, t: &SockTuple) {
     // The sockhash drops closed sockets itself (and the kernel the socket's
     // storage); the fallback mark is ours.
-    let _ = REDIRECT_ACCEL_FALLBACK.remove(&own_key(netns, t));
+    let _ = REDIRECT_ACCEL_FALLBACK.remove(&t.own_key(netns));
     // An accelerated socket is counted out; an active app↔proxy socket
     // teaches its port how long connections to it live.
     let sk = (*ops).__bindgen_anon_2.sk;
@@ -285,15 +285,7 @@ unsafe fn sk_msg_redirect(ctx: &SkMsgContext) -> u32 {
 #[inline(always)]
 unsafe fn leave_accel(st: *mut AccelSock, why: u32) {
     (*st).state = why;
-    let own = TupleKey {
-        netns: (*st).peer.netns,
-        src: (*st).peer.dst,
-        dst: (*st).peer.src,
-        sport: (*st).peer.dport,
-        dport: (*st).peer.sport,
-        family: (*st).peer.family,
-        _pad: 0,
-    };
+    let own = (*st).peer.reversed();
     let _ = REDIRECT_ACCEL_FALLBACK.insert(&own, &(why as u8), 0);
 }
 
@@ -306,33 +298,16 @@ unsafe fn leave_accel(st: *mut AccelSock, why: u32) {
 unsafe fn first_message(ctx: &SkMsgContext, sk: *mut bpf_sock) -> *mut AccelSock {
     let m = ctx.msg;
     let netns = netns::of_msg(m);
-    let lport = (*m).local_port as u16;
-    let rport = u16::from_be(((*m).remote_port >> 16) as u16);
-    let t = if (*m).family == AF_INET as u32 {
-        (
-            AF_INET,
-            ip4_bytes((*m).local_ip4),
-            ip4_bytes((*m).remote_ip4),
-            lport,
-            rport,
-        )
-    } else {
-        let l = ip6_bytes((*m).local_ip6);
-        let r = ip6_bytes((*m).remote_ip6);
-        match (v4_mapped(&l), v4_mapped(&r)) {
-            (Some(l4), Some(r4)) => (AF_INET, l4, r4, lport, rport),
-            _ => (AF_INET6, l, r, lport, rport),
-        }
-    };
-    let state = match REDIRECT_ACCEL_FALLBACK.get(&own_key(netns, &t)) {
+    let t = msg_tuple(m);
+    let state = match REDIRECT_ACCEL_FALLBACK.get(&t.own_key(netns)) {
         Some(&why) => why as u32,
         None => ACCEL_ON,
     };
-    let mut init = AccelSock::new(peer_key(netns, &t), state);
+    let mut init = AccelSock::new(t.peer_key(netns), state);
     let st = accel_state(sk, &mut init);
     if st.is_null() {
         let _ =
-            REDIRECT_ACCEL_FALLBACK.insert(&own_key(netns, &t), &(FALLBACK_PEER_MISSING as u8), 0);
+            REDIRECT_ACCEL_FALLBACK.insert(&t.own_key(netns), &(FALLBACK_PEER_MISSING as u8), 0);
         bump(netns, Reason::AccelFallback as u32, 1, (*m).size as u64);
     }
     st

@@ -1,9 +1,10 @@
 //! Addresses in and out of the program contexts: the kernel's 32-bit
-//! words to network-order bytes (v4 in the first 4), v4-mapped IPv6
-//! folding, sock_addr writes, and a socket's 4-tuple.
+//! words to network-order bytes (v4 in the first 4), sock_addr writes, and
+//! a socket's 4-tuple ([`SockTuple`], v4-mapped IPv6 folded to IPv4) out of
+//! each context that carries one.
 
-use aya_ebpf::bindings::{bpf_sock_addr, bpf_sock_ops};
-use redirect_common::{TupleKey, AF_INET, AF_INET6};
+use aya_ebpf::bindings::{bpf_sock, bpf_sock_addr, bpf_sock_ops, sk_msg_md};
+use redirect_common::{SockTuple, AF_INET};
 
 #[inline(always)]
 pub fn ip6_bytes(w: [u32; 4]) -> [u8; 16] {
@@ -41,39 +42,6 @@ fn words(b: &[u8; 16]) -> [u32; 4] {
     ]
 }
 
-/// `::ffff:a.b.c.d` → Some(a.b.c.d in the first 4 bytes).
-#[inline(always)]
-pub fn v4_mapped(b: &[u8; 16]) -> Option<[u8; 16]> {
-    let mut i = 0;
-    while i < 10 {
-        if b[i] != 0 {
-            return None;
-        }
-        i += 1;
-    }
-    if b[10] != 0xff || b[11] != 0xff {
-        return None;
-    }
-    let mut v4 = [0u8; 16];
-    v4[0] = b[12];
-    v4[1] = b[13];
-    v4[2] = b[14];
-    v4[3] = b[15];
-    Some(v4)
-}
-
-#[inline(always)]
-pub fn mapped(v4: &[u8; 16]) -> [u8; 16] {
-    let mut b = [0u8; 16];
-    b[10] = 0xff;
-    b[11] = 0xff;
-    b[12] = v4[0];
-    b[13] = v4[1];
-    b[14] = v4[2];
-    b[15] = v4[3];
-    b
-}
-
 /// Write an IPv6 address into a sock_addr context (32-bit stores only).
 #[inline(always)]
 pub unsafe fn set_user_ip6(sa: *mut bpf_sock_addr, addr: &[u8; 16]) {
@@ -84,53 +52,65 @@ pub unsafe fn set_user_ip6(sa: *mut bpf_sock_addr, addr: &[u8; 16]) {
     (*sa).user_ip6[3] = w[3];
 }
 
-/// The socket's 4-tuple as (local, remote, local port, remote port), with
-/// v4-mapped v6 addresses folded to v4 (matching the connect hook).
+/// A sock_ops socket's 4-tuple.
 #[inline(always)]
-pub unsafe fn ops_tuple(ops: *mut bpf_sock_ops) -> (u16, [u8; 16], [u8; 16], u16, u16) {
+pub unsafe fn ops_tuple(ops: *mut bpf_sock_ops) -> SockTuple {
     let lport = (*ops).local_port as u16;
     let rport = u16::from_be(((*ops).remote_port >> 16) as u16);
     if (*ops).family == AF_INET as u32 {
-        return (
-            AF_INET,
+        return SockTuple::v4(
             ip4_bytes((*ops).local_ip4),
             ip4_bytes((*ops).remote_ip4),
             lport,
             rport,
         );
     }
-    let l = ip6_bytes((*ops).local_ip6);
-    let r = ip6_bytes((*ops).remote_ip6);
-    match (v4_mapped(&l), v4_mapped(&r)) {
-        (Some(l4), Some(r4)) => (AF_INET, l4, r4, lport, rport),
-        _ => (AF_INET6, l, r, lport, rport),
-    }
+    SockTuple::v6(
+        ip6_bytes((*ops).local_ip6),
+        ip6_bytes((*ops).remote_ip6),
+        lport,
+        rport,
+    )
 }
 
-/// The socket's own key in the sockhash (local → remote).
+/// An sk_msg socket's 4-tuple (the fields of sock_ops, in sk_msg_md).
 #[inline(always)]
-pub fn own_key(netns: u64, t: &(u16, [u8; 16], [u8; 16], u16, u16)) -> TupleKey {
-    TupleKey {
-        netns,
-        src: t.1,
-        dst: t.2,
-        sport: t.3,
-        dport: t.4,
-        family: t.0,
-        _pad: 0,
+pub unsafe fn msg_tuple(m: *mut sk_msg_md) -> SockTuple {
+    let lport = (*m).local_port as u16;
+    let rport = u16::from_be(((*m).remote_port >> 16) as u16);
+    if (*m).family == AF_INET as u32 {
+        return SockTuple::v4(
+            ip4_bytes((*m).local_ip4),
+            ip4_bytes((*m).remote_ip4),
+            lport,
+            rport,
+        );
     }
+    SockTuple::v6(
+        ip6_bytes((*m).local_ip6),
+        ip6_bytes((*m).remote_ip6),
+        lport,
+        rport,
+    )
 }
 
-/// The peer's key: the same connection seen from the other end.
+/// A `bpf_sock`'s 4-tuple (getsockopt's socket).
 #[inline(always)]
-pub fn peer_key(netns: u64, t: &(u16, [u8; 16], [u8; 16], u16, u16)) -> TupleKey {
-    TupleKey {
-        netns,
-        src: t.2,
-        dst: t.1,
-        sport: t.4,
-        dport: t.3,
-        family: t.0,
-        _pad: 0,
+pub unsafe fn sock_tuple(sk: *mut bpf_sock) -> SockTuple {
+    let lport = (*sk).src_port as u16;
+    let rport = u16::from_be((*sk).dst_port);
+    if (*sk).family == AF_INET as u32 {
+        return SockTuple::v4(
+            ip4_bytes((*sk).src_ip4),
+            ip4_bytes((*sk).dst_ip4),
+            lport,
+            rport,
+        );
     }
+    SockTuple::v6(
+        ip6_bytes((*sk).src_ip6),
+        ip6_bytes((*sk).dst_ip6),
+        lport,
+        rport,
+    )
 }

@@ -14,11 +14,12 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use redirect_common::{
-    outbound_verdict, OrigDst, Outbound, Reason, Verdict, AF_INET, AF_INET6, IPPROTO_TCP,
+    outbound_verdict, v4_mapped, v4_to_mapped, OrigDst, Outbound, Reason, Verdict, AF_INET,
+    AF_INET6, IPPROTO_TCP,
 };
 
 use crate::{
-    addr::{ip4_bytes, ip6_bytes, mapped, set_user_ip6, v4_mapped},
+    addr::{ip4_bytes, ip6_bytes, set_user_ip6},
     counters::count,
     maps::{PodMaps, REDIRECT_ORIG_BY_COOKIE, REDIRECT_PODS},
     netns,
@@ -112,7 +113,7 @@ unsafe fn connect(ctx: &SockAddrContext, v6: bool) -> i32 {
             let mut lo = [0u8; 16];
             lo[0] = 127;
             lo[3] = 1;
-            mapped(&lo)
+            v4_to_mapped(&lo)
         } else {
             redirect_common::V6_LOCALHOST
         };

@@ -16,11 +16,11 @@ use aya_ebpf::{
     programs::{SockAddrContext, SockoptContext},
 };
 use redirect_common::{
-    OrigDst, Reason, TupleKey, AF_INET, AF_INET6, SOL_IP, SOL_IPV6, SO_ORIGINAL_DST,
+    v4_to_mapped, OrigDst, Reason, AF_INET, AF_INET6, SOL_IP, SOL_IPV6, SO_ORIGINAL_DST,
 };
 
 use crate::{
-    addr::{ip4_bytes, ip6_bytes, mapped, set_user_ip6, v4_mapped},
+    addr::{set_user_ip6, sock_tuple},
     counters::count,
     maps::{REDIRECT_ORIG_BY_COOKIE, REDIRECT_ORIG_BY_TUPLE, REDIRECT_PODS},
     netns,
@@ -57,7 +57,7 @@ unsafe fn getpeername(ctx: &SockAddrContext, v6: bool) {
             u32::from_ne_bytes([orig.addr[0], orig.addr[1], orig.addr[2], orig.addr[3]]);
     } else {
         let addr = if orig.family == AF_INET {
-            mapped(&orig.addr)
+            v4_to_mapped(&orig.addr)
         } else {
             orig.addr
         };
@@ -94,38 +94,18 @@ unsafe fn getsockopt(ctx: &SockoptContext) {
     if sk.is_null() {
         return;
     }
-    let lport = (*sk).src_port as u16;
-    let rport = u16::from_be((*sk).dst_port);
-    let (mut family, mut local, mut remote) = if (*sk).family == AF_INET as u32 {
-        (AF_INET, ip4_bytes((*sk).src_ip4), ip4_bytes((*sk).dst_ip4))
-    } else {
-        (AF_INET6, ip6_bytes((*sk).src_ip6), ip6_bytes((*sk).dst_ip6))
-    };
-    if family == AF_INET6 {
-        if let (Some(l), Some(r)) = (v4_mapped(&local), v4_mapped(&remote)) {
-            family = AF_INET;
-            local = l;
-            remote = r;
-        }
-    }
-    let key = TupleKey {
-        netns,
-        src: remote,
-        dst: local,
-        sport: rport,
-        dport: lport,
-        family,
-        _pad: 0,
-    };
-    let (orig, reason) = match REDIRECT_ORIG_BY_TUPLE.get(&key) {
+    // The proxy's accepted socket: its peer is the app socket, whose own
+    // 4-tuple keys the record.
+    let t = sock_tuple(sk);
+    let (orig, reason) = match REDIRECT_ORIG_BY_TUPLE.get(&t.peer_key(netns)) {
         Some(o) => (*o, Reason::OrigDstOutbound),
         None => {
             // Inbound steering keeps the original local address on the
             // accepted socket: that is the original destination.
-            let loopback = if family == AF_INET {
-                local[0] == 127
+            let loopback = if t.family == AF_INET {
+                t.local[0] == 127
             } else {
-                local == redirect_common::V6_LOCALHOST
+                t.local == redirect_common::V6_LOCALHOST
             };
             if loopback {
                 count(netns, Reason::OrigDstMissing);
@@ -133,9 +113,9 @@ unsafe fn getsockopt(ctx: &SockoptContext) {
             }
             (
                 OrigDst {
-                    addr: local,
-                    port: lport,
-                    family,
+                    addr: t.local,
+                    port: t.local_port,
+                    family: t.family,
                     reason: Reason::InCaptured as u32,
                 },
                 Reason::OrigDstInbound,

@@ -27,7 +27,7 @@ use crate::{
         BPF_SOCK_OPS_TCP_LISTEN_CB, TCP_CLOSE,
     },
     accel,
-    addr::{ops_tuple, own_key, peer_key},
+    addr::ops_tuple,
     counters::{add_bytes, count},
     inbound,
     maps::{REDIRECT_ORIG_BY_COOKIE, REDIRECT_ORIG_BY_TUPLE, REDIRECT_PODS},
@@ -83,7 +83,7 @@ unsafe fn active_established(ctx: &SockOpsContext) {
     match REDIRECT_ORIG_BY_COOKIE.get(&cookie) {
         Some(orig) => {
             if REDIRECT_ORIG_BY_TUPLE
-                .insert(&own_key(netns, &t), orig, BPF_ANY as u64)
+                .insert(&t.own_key(netns), orig, BPF_ANY as u64)
                 .is_err()
             {
                 count(netns, Reason::ErrTupleMapFull);
@@ -93,11 +93,11 @@ unsafe fn active_established(ctx: &SockOpsContext) {
             }
         }
         None => {
-            if !(accel && accel::is_passthrough_pair(netns, t.0, &t.1, &t.2)) {
+            if !(accel && accel::is_passthrough_pair(netns, t.family, &t.local, &t.remote)) {
                 return;
             }
             // The proxy's passthrough to the app: the app's port.
-            accel::accelerate_active(ops, netns, &cfg, &t, t.4);
+            accel::accelerate_active(ops, netns, &cfg, &t, t.remote_port);
         }
     }
     // Clean up (cookie entry, fallback mark) when the socket closes.
@@ -116,7 +116,7 @@ unsafe fn passive_established(ctx: &SockOpsContext) {
     };
     let t = ops_tuple(ops);
     let orig_port = REDIRECT_ORIG_BY_TUPLE
-        .get(&peer_key(netns, &t))
+        .get(&t.peer_key(netns))
         .map(|o| o.port);
     let redirected = orig_port.is_some();
     let accel = accel::accelerate_passive(ops, netns, cfg, &t, orig_port);
@@ -143,6 +143,6 @@ unsafe fn closed(ctx: &SockOpsContext) {
         let _ = REDIRECT_ORIG_BY_COOKIE.remove(&cookie);
     }
     let t = ops_tuple(ops);
-    let _ = REDIRECT_ORIG_BY_TUPLE.remove(&peer_key(netns, &t));
+    let _ = REDIRECT_ORIG_BY_TUPLE.remove(&t.peer_key(netns));
     accel::closed(ops, netns, &t);
 }
