@@ -4,41 +4,27 @@
 //! sk_msg program sends each message of such a socket straight to its
 //! peer's receive queue. A socket falls back to the normal path for good
 //! when its peer is missing or a message is bulk; ports whose connections
-//! are short-lived are learned and left out.
+//! are short-lived are learned and left out. The decisions and the
+//! per-socket state machine are `redirect_common::accel` (host-tested);
+//! this file reads the contexts and maps, and applies them.
 
 use aya_ebpf::{
-    bindings::{bpf_sock, bpf_sock_ops, BPF_ANY, BPF_F_INGRESS},
+    bindings::{bpf_sock, bpf_sock_ops, sk_msg_md, BPF_ANY, BPF_F_INGRESS},
     macros::sk_msg,
     programs::SkMsgContext,
 };
-use redirect_common::{flags, PodConfig, PortKey, Reason, SockTuple, TupleKey};
+use redirect_common::{
+    accel_unstored_message, flags, AccelSock, MsgEffects, PodConfig, PortKey, Reason, SockTuple,
+    TupleKey,
+};
 
 use crate::{
     abi::SK_PASS,
     addr::msg_tuple,
     counters::{bump, count},
-    maps::{
-        accel_state, AccelSock, PodMaps, REDIRECT_ACCEL_FALLBACK, REDIRECT_ACCEL_PORTS,
-        REDIRECT_SOCKS,
-    },
+    maps::{accel_storage, PodMaps, REDIRECT_ACCEL_FALLBACK, REDIRECT_ACCEL_PORTS, REDIRECT_SOCKS},
     netns,
 };
-
-/// AccelSock states; the FALLBACK_* values are also the
-/// REDIRECT_ACCEL_FALLBACK marks (why a socket is on the normal path).
-const ACCEL_ON: u32 = 0;
-const FALLBACK_PEER_MISSING: u32 = 1;
-const FALLBACK_BULK: u32 = 2;
-/// An active socket left out of the sockhash (its port's connections are
-/// short-lived); its storage is there only to time it.
-const ACCEL_SKIPPED: u32 = 3;
-
-/// One verdict of this program covers this many bytes of the socket
-/// (`bpf_msg_apply_bytes`): the kernel applies it to the socket's next
-/// messages without running the program again until they add up to the
-/// budget. Per message that leaves tcp_bpf's own path, with no program run,
-/// storage or sockhash lookup (redirect_common::ACCEL_VERDICT_BYTES).
-const BUDGET: u32 = redirect_common::ACCEL_VERDICT_BYTES;
 
 // ----------------------------------------------------- sockops: insertion
 
@@ -95,15 +81,13 @@ pub unsafe fn accelerate_active(
     let sk = (*ops).__bindgen_anon_2.sk;
     let mut st = core::ptr::null_mut();
     if !sk.is_null() {
-        let mut init = AccelSock {
-            born_ns: aya_ebpf::helpers::generated::bpf_ktime_get_ns(),
-            learn_port: port,
-            ..AccelSock::new(
-                t.peer_key(netns),
-                if pays { ACCEL_ON } else { ACCEL_SKIPPED },
-            )
-        };
-        st = accel_state(sk, &mut init);
+        let mut init = AccelSock::active(
+            t.peer_key(netns),
+            pays,
+            aya_ebpf::helpers::generated::bpf_ktime_get_ns(),
+            port,
+        );
+        st = accel_storage(sk, &mut init);
     }
     if !pays {
         count(netns, Reason::AccelSkippedShort);
@@ -145,11 +129,8 @@ pub unsafe fn accelerate_passive(
         // message), so its close is counted.
         let sk = (*ops).__bindgen_anon_2.sk;
         if !sk.is_null() {
-            let mut init = AccelSock {
-                inserted: 1,
-                ..AccelSock::new(t.peer_key(netns), ACCEL_ON)
-            };
-            let _ = accel_state(sk, &mut init);
+            let mut init = AccelSock::passive(t.peer_key(netns));
+            let _ = accel_storage(sk, &mut init);
         }
     }
     accel
@@ -169,21 +150,20 @@ pub unsafe fn closed(ops: *mut bpf_sock_ops, netns: u64, t: &SockTuple) {
     if sk.is_null() {
         return;
     }
-    let st = accel_state(sk, core::ptr::null_mut());
+    let st = accel_storage(sk, core::ptr::null_mut());
     if st.is_null() {
         return;
     }
-    if (*st).inserted != 0 {
+    let close = (*st).on_close(|| aya_ebpf::helpers::generated::bpf_ktime_get_ns());
+    if close.removed {
         // The kernel took it out of the sockhash as it closed.
         count(netns, Reason::AccelRemoved);
-        (*st).inserted = 0;
     }
-    if (*st).learn_port != 0 {
-        let lifetime = aya_ebpf::helpers::generated::bpf_ktime_get_ns().wrapping_sub((*st).born_ns);
+    if let Some((port, lifetime)) = close.learn {
         let key = PortKey {
             netns,
             kind: redirect_common::port_kind::ACCEL_SHORT,
-            port: (*st).learn_port,
+            port,
             _pad: 0,
         };
         let old = REDIRECT_ACCEL_PORTS.get(&key).copied().unwrap_or(0);
@@ -191,26 +171,15 @@ pub unsafe fn closed(ops: *mut bpf_sock_ops, netns: u64, t: &SockTuple) {
         if new != old {
             let _ = REDIRECT_ACCEL_PORTS.insert(&key, &new, 0);
         }
-        (*st).learn_port = 0;
     }
 }
 
 // ------------------------------------------------------------------ sk_msg
 
-/// The counter of a socket state.
-#[inline(always)]
-fn accel_reason(state: u32) -> u32 {
-    match state {
-        ACCEL_ON => Reason::AccelRedirected as u32,
-        FALLBACK_BULK => Reason::AccelBulk as u32,
-        _ => Reason::AccelFallback as u32,
-    }
-}
-
 /// Acceleration: the bytes an accelerated socket sends go straight to its
 /// peer's receive queue, skipping the loopback TCP/IP stack. Falls back to
 /// the normal path (for good, for that socket) when the peer is absent or
-/// a message is bulk.
+/// a message is bulk. The state machine is `AccelSock::on_message`.
 #[sk_msg]
 pub fn redirect_sk_msg(ctx: SkMsgContext) -> u32 {
     unsafe { sk_msg_redirect(&ctx) }
@@ -223,92 +192,63 @@ unsafe fn sk_msg_redirect(ctx: &SkMsgContext) -> u32 {
     if sk.is_null() {
         return SK_PASS;
     }
-    let mut st = accel_state(sk, core::ptr::null_mut());
+    let mut fx = MsgKernel { ctx };
+    let mut st = accel_storage(sk, core::ptr::null_mut());
     if st.is_null() {
-        st = first_message(ctx, sk);
+        st = first_message(m, sk, &mut fx);
         if st.is_null() {
             return SK_PASS;
         }
     }
-    let size = (*m).size;
-    let was = (*st).state;
-    if was == ACCEL_ON {
-        // Bulk: a large message moves the socket to the normal path for
-        // good, where TCP flow control holds a writer back (the peer's
-        // sockmap queue has none). The receiver reads what was already
-        // redirected before it reads the normal path's bytes, so the order
-        // is kept.
-        if redirect_common::accel_is_bulk(size) {
-            leave_accel(st, FALLBACK_BULK);
-        } else if REDIRECT_SOCKS.redirect_msg(ctx, (*st).peer, BPF_F_INGRESS as u64)
-            != SK_PASS as i64
-        {
-            leave_accel(st, FALLBACK_PEER_MISSING);
-        }
-    }
-    // A redirect verdict covers the next BUDGET bytes: this program runs
-    // again only once they are used up, so the last verdict's rest is
-    // counted now, under the reason it was made for, and this message (the
-    // part of it the verdict covers) at once. On the normal path the
-    // program runs for every message (bulk messages are large, so that
-    // costs little) and counts each exactly.
-    let now = (*st).state;
-    let (covered, rest) = if now == ACCEL_ON {
-        redirect_common::accel_verdict_split(size)
-    } else {
-        (size, 0)
-    };
-    let netns = (*st).peer.netns;
-    if now == was {
-        bump(
-            netns,
-            accel_reason(was),
-            1,
-            (*st).uncounted as u64 + covered as u64,
-        );
-    } else {
-        if (*st).uncounted != 0 {
-            bump(netns, accel_reason(was), 0, (*st).uncounted as u64);
-        }
-        bump(netns, accel_reason(now), 1, covered as u64);
-    }
-    (*st).uncounted = rest;
-    if now == ACCEL_ON {
-        aya_ebpf::helpers::generated::bpf_msg_apply_bytes(m, BUDGET);
-    }
+    (*st).on_message((*m).size, &mut fx);
     SK_PASS
 }
 
-/// The socket goes to the normal path for good (`why`: FALLBACK_*); the
-/// pinned mark keeps it there across program versions (whose storage
-/// starts empty).
-#[inline(always)]
-unsafe fn leave_accel(st: *mut AccelSock, why: u32) {
-    (*st).state = why;
-    let own = (*st).peer.reversed();
-    let _ = REDIRECT_ACCEL_FALLBACK.insert(&own, &(why as u8), 0);
+/// The effects of a verdict, on this message and the maps.
+struct MsgKernel<'a> {
+    ctx: &'a SkMsgContext,
+}
+
+impl MsgEffects for MsgKernel<'_> {
+    #[inline(always)]
+    fn redirect(&mut self, peer: &TupleKey) -> bool {
+        REDIRECT_SOCKS.redirect_msg(self.ctx, *peer, BPF_F_INGRESS as u64) == SK_PASS as i64
+    }
+
+    #[inline(always)]
+    fn mark_fallback(&mut self, own: &TupleKey, why: u32) {
+        let _ = REDIRECT_ACCEL_FALLBACK.insert(own, &(why as u8), 0);
+    }
+
+    #[inline(always)]
+    fn count(&mut self, netns: u64, reason: Reason, conns: u64, bytes: u64) {
+        bump(netns, reason as u32, conns, bytes);
+    }
+
+    #[inline(always)]
+    fn apply_bytes(&mut self, bytes: u32) {
+        unsafe { aya_ebpf::helpers::generated::bpf_msg_apply_bytes(self.ctx.msg, bytes) };
+    }
 }
 
 /// A socket's first message (since this program version): work out its
 /// peer's key and whether an earlier version put it on the normal path,
-/// and make its storage. Null when the kernel cannot allocate it: the
-/// message then takes the normal path and the socket is marked to stay on
-/// it, so no later message can overtake this one.
+/// and make its storage. Null when the kernel cannot allocate it (the
+/// message then takes the normal path, `accel_unstored_message`).
 #[inline(always)]
-unsafe fn first_message(ctx: &SkMsgContext, sk: *mut bpf_sock) -> *mut AccelSock {
-    let m = ctx.msg;
+unsafe fn first_message(
+    m: *mut sk_msg_md,
+    sk: *mut bpf_sock,
+    fx: &mut MsgKernel,
+) -> *mut AccelSock {
     let netns = netns::of_msg(m);
     let t = msg_tuple(m);
-    let state = match REDIRECT_ACCEL_FALLBACK.get(&t.own_key(netns)) {
-        Some(&why) => why as u32,
-        None => ACCEL_ON,
-    };
-    let mut init = AccelSock::new(t.peer_key(netns), state);
-    let st = accel_state(sk, &mut init);
+    let own = t.own_key(netns);
+    let mark = REDIRECT_ACCEL_FALLBACK.get(&own).copied();
+    let mut init = AccelSock::first_message(t.peer_key(netns), mark);
+    let st = accel_storage(sk, &mut init);
     if st.is_null() {
-        let _ =
-            REDIRECT_ACCEL_FALLBACK.insert(&t.own_key(netns), &(FALLBACK_PEER_MISSING as u8), 0);
-        bump(netns, Reason::AccelFallback as u32, 1, (*m).size as u64);
+        accel_unstored_message(&own, (*m).size, fx);
     }
     st
 }

@@ -12,9 +12,9 @@ use aya_ebpf::{
     maps::{lpm_trie::Key, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, SockHash},
 };
 use redirect_common::{
-    CidrKeyData, CounterKey, CounterValue, ListenerKey, Lookup, OrigDst, PodConfig, PortKey,
-    TupleKey, CIDR_KEY_FIXED_BITS, MAX_ACCEL_PORTS, MAX_CIDRS, MAX_COUNTERS, MAX_LISTENERS,
-    MAX_PODS, MAX_PORTS, MAX_TRACKED_SOCKETS,
+    AccelSock, CidrKeyData, CounterKey, CounterValue, ListenerKey, Lookup, OrigDst, PodConfig,
+    PortKey, TupleKey, CIDR_KEY_FIXED_BITS, MAX_ACCEL_PORTS, MAX_CIDRS, MAX_COUNTERS,
+    MAX_LISTENERS, MAX_PODS, MAX_PORTS, MAX_TRACKED_SOCKETS,
 };
 
 #[map]
@@ -94,50 +94,8 @@ impl Lookup for PodMaps {
     }
 }
 
-/// Per-socket acceleration state (socket-local storage): the peer's key,
-/// where this socket's bytes go, and how much of the last verdict's budget
-/// is not counted yet. Made by sockops in the handshake (by the first
-/// message for a socket an earlier version inserted), so a verdict costs
-/// one storage lookup and the redirect, with no key to rebuild and no hash
-/// lookup of our own. The kernel frees it with the socket.
-#[repr(C)]
-pub struct AccelSock {
-    /// The peer's sockhash key (carries the netns cookie).
-    pub peer: TupleKey,
-    /// ACCEL_ON, or the FALLBACK_* reason this socket is on the normal path.
-    pub state: u32,
-    /// Bytes of the last verdict's budget beyond the message it was made
-    /// for: counted when the next verdict shows the budget was used up.
-    pub uncounted: u32,
-    /// Active side only (0 otherwise): when the connection was
-    /// established and the port its lifetime is learned for.
-    pub born_ns: u64,
-    pub learn_port: u16,
-    /// 1 while the socket is in REDIRECT_SOCKS (inserted by this version):
-    /// its close is counted as a removal.
-    pub inserted: u16,
-    pub _pad: [u16; 2],
-}
-
-impl AccelSock {
-    /// State for a socket sending to `peer`: nothing counted, not timed,
-    /// not marked as inserted.
-    #[inline(always)]
-    pub fn new(peer: TupleKey, state: u32) -> Self {
-        AccelSock {
-            peer,
-            state,
-            uncounted: 0,
-            born_ns: 0,
-            learn_port: 0,
-            inserted: 0,
-            _pad: [0; 2],
-        }
-    }
-}
-
 /// A BTF map definition (`.maps`): socket-local storage needs BTF for its
-/// value type. Pinned by name like the other maps, so every program and
+/// value type ([`AccelSock`], the sk_msg state). Pinned by name like the other maps, so every program and
 /// every version of them sees the same state.
 #[repr(C)]
 pub struct SkStorageDef {
@@ -166,7 +124,7 @@ static REDIRECT_ACCEL_SK: SkStorageDef = SkStorageDef {
 /// `bpf_sk_storage_get` on REDIRECT_ACCEL_SK (with `init`: create it from
 /// `init` when absent).
 #[inline(always)]
-pub unsafe fn accel_state(sk: *mut bpf_sock, init: *mut AccelSock) -> *mut AccelSock {
+pub unsafe fn accel_storage(sk: *mut bpf_sock, init: *mut AccelSock) -> *mut AccelSock {
     let flags = if init.is_null() {
         0
     } else {
