@@ -52,65 +52,57 @@ pub unsafe fn set_user_ip6(sa: *mut bpf_sock_addr, addr: &[u8; 16]) {
     (*sa).user_ip6[3] = w[3];
 }
 
+/// A socket's 4-tuple from the address fields every socket context has
+/// (IPv4 or IPv6 words, read only for the socket's family), ports already
+/// in host order.
+#[inline(always)]
+fn tuple(
+    family: u32,
+    v4: impl FnOnce() -> (u32, u32),
+    v6: impl FnOnce() -> ([u32; 4], [u32; 4]),
+    local_port: u16,
+    remote_port: u16,
+) -> SockTuple {
+    if family == AF_INET as u32 {
+        let (l, r) = v4();
+        return SockTuple::v4(ip4_bytes(l), ip4_bytes(r), local_port, remote_port);
+    }
+    let (l, r) = v6();
+    SockTuple::v6(ip6_bytes(l), ip6_bytes(r), local_port, remote_port)
+}
+
 /// A sock_ops socket's 4-tuple.
 #[inline(always)]
 pub unsafe fn ops_tuple(ops: *mut bpf_sock_ops) -> SockTuple {
-    let lport = (*ops).local_port as u16;
-    let rport = u16::from_be(((*ops).remote_port >> 16) as u16);
-    if (*ops).family == AF_INET as u32 {
-        return SockTuple::v4(
-            ip4_bytes((*ops).local_ip4),
-            ip4_bytes((*ops).remote_ip4),
-            lport,
-            rport,
-        );
-    }
-    SockTuple::v6(
-        ip6_bytes((*ops).local_ip6),
-        ip6_bytes((*ops).remote_ip6),
-        lport,
-        rport,
+    tuple(
+        (*ops).family,
+        || ((*ops).local_ip4, (*ops).remote_ip4),
+        || ((*ops).local_ip6, (*ops).remote_ip6),
+        (*ops).local_port as u16,
+        u16::from_be(((*ops).remote_port >> 16) as u16),
     )
 }
 
 /// An sk_msg socket's 4-tuple (the fields of sock_ops, in sk_msg_md).
 #[inline(always)]
 pub unsafe fn msg_tuple(m: *mut sk_msg_md) -> SockTuple {
-    let lport = (*m).local_port as u16;
-    let rport = u16::from_be(((*m).remote_port >> 16) as u16);
-    if (*m).family == AF_INET as u32 {
-        return SockTuple::v4(
-            ip4_bytes((*m).local_ip4),
-            ip4_bytes((*m).remote_ip4),
-            lport,
-            rport,
-        );
-    }
-    SockTuple::v6(
-        ip6_bytes((*m).local_ip6),
-        ip6_bytes((*m).remote_ip6),
-        lport,
-        rport,
+    tuple(
+        (*m).family,
+        || ((*m).local_ip4, (*m).remote_ip4),
+        || ((*m).local_ip6, (*m).remote_ip6),
+        (*m).local_port as u16,
+        u16::from_be(((*m).remote_port >> 16) as u16),
     )
 }
 
 /// A `bpf_sock`'s 4-tuple (getsockopt's socket).
 #[inline(always)]
 pub unsafe fn sock_tuple(sk: *mut bpf_sock) -> SockTuple {
-    let lport = (*sk).src_port as u16;
-    let rport = u16::from_be((*sk).dst_port);
-    if (*sk).family == AF_INET as u32 {
-        return SockTuple::v4(
-            ip4_bytes((*sk).src_ip4),
-            ip4_bytes((*sk).dst_ip4),
-            lport,
-            rport,
-        );
-    }
-    SockTuple::v6(
-        ip6_bytes((*sk).src_ip6),
-        ip6_bytes((*sk).dst_ip6),
-        lport,
-        rport,
+    tuple(
+        (*sk).family,
+        || ((*sk).src_ip4, (*sk).dst_ip4),
+        || ((*sk).src_ip6, (*sk).dst_ip6),
+        (*sk).src_port as u16,
+        u16::from_be((*sk).dst_port),
     )
 }

@@ -1,21 +1,33 @@
 //! Kernel programs of the redirector, one file per hook. Each program is a
 //! thin shell: read the context, call the shared decision in
-//! `redirect-common`, apply, count.
+//! `redirect-common`, apply, count. Program, section and map names are an
+//! ABI (userspace attaches by program name, maps are pinned by name).
 //!
-//! | file          | programs (section)                                  | replaces                                    |
-//! |---------------|-----------------------------------------------------|---------------------------------------------|
-//! | `connect.rs`  | `redirect_connect4/6` (cgroup/connect4, connect6)    | nat OUTPUT → ISTIO_OUTPUT → ISTIO_REDIRECT / ISTIO_IN_REDIRECT |
-//! | `orig_dst.rs` | `redirect_getsockopt` (cgroup/getsockopt), `redirect_getpeername4/6` | conntrack's SO_ORIGINAL_DST answer, and the un-NAT of getpeername |
-//! | `sockops.rs`  | `redirect_sockops` (sockops)                         | conntrack's connection lifecycle (the records' hand-over and removal) |
-//! | `inbound.rs`  | `redirect_sk_lookup` (sk_lookup)                     | nat PREROUTING → ISTIO_INBOUND → ISTIO_IN_REDIRECT |
-//! | `accel.rs`    | `redirect_sk_msg` (sk_msg)                           | nothing: the loopback TCP/IP hop app↔proxy, skipped |
-//! | `release.rs`  | `redirect_sock_release` (cgroup/sock_release)        | conntrack dropping a connection that never started |
+//! Hooks, and what each replaces:
+//! - `connect.rs`: `redirect_connect4/6` (cgroup/connect4, connect6). The
+//!   nat OUTPUT chain: ISTIO_OUTPUT, then ISTIO_REDIRECT (outbound capture
+//!   port) or ISTIO_IN_REDIRECT (inbound capture port).
+//! - `orig_dst.rs`: `redirect_getsockopt` (cgroup/getsockopt) and
+//!   `redirect_getpeername4/6` (cgroup/getpeername4, getpeername6).
+//!   conntrack's answer to SO_ORIGINAL_DST, and the un-NAT the app sees.
+//! - `sockops.rs`: `redirect_sockops` (sockops). conntrack's lifecycle of a
+//!   NATed connection: the original-destination records are handed over
+//!   when it is established and removed when it closes.
+//! - `inbound.rs`: `redirect_sk_lookup` (sk_lookup, one per pod netns).
+//!   nat PREROUTING: ISTIO_INBOUND, then ISTIO_IN_REDIRECT; plus the
+//!   proxy's listener registration sockops calls.
+//! - `accel.rs`: `redirect_sk_msg` (sk_msg), and the sockops side of
+//!   acceleration. No iptables counterpart: it skips the loopback TCP/IP
+//!   hop between app and proxy.
+//! - `release.rs`: `redirect_sock_release` (cgroup/sock_release).
+//!   conntrack forgetting a connection that never started.
 //!
-//! Helpers: `maps.rs` (every map, pinned by name: an ABI), `netns.rs` (the
-//! one place a program learns its pod netns), `addr.rs` (addresses and
-//! 4-tuples out of the contexts), `counters.rs` (the per-reason counters),
-//! `abi.rs` (kernel constants the bindings lack). Imports point from the
-//! hook files to the helpers, never back.
+//! Helpers, imported by the hook files and never importing them:
+//! `maps.rs` (every map), `netns.rs` (the one place a program learns its
+//! pod's netns cookie), `addr.rs` (addresses and 4-tuples out of the
+//! contexts), `counters.rs` (the per-reason counters), `abi.rs` (kernel
+//! constants the bindings lack). A new hook gets a file of its own and a
+//! line here.
 #![no_std]
 #![no_main]
 
