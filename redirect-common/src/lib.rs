@@ -3,11 +3,15 @@
 //! a size assert, so the two sides cannot drift.
 #![cfg_attr(not(feature = "user"), no_std)]
 
+pub mod accel;
 pub mod decision;
 pub mod reason;
+pub mod tuple;
 
+pub use accel::*;
 pub use decision::*;
 pub use reason::Reason;
+pub use tuple::{v4_mapped, v4_to_mapped, SockTuple};
 
 /// Maximum number of proxy uids and of proxy gids per pod (istio-iptables
 /// takes comma lists; real deployments use one or two).
@@ -60,73 +64,6 @@ pub const SOL_IP: i32 = 0;
 pub const SOL_IPV6: i32 = 41;
 /// `SO_ORIGINAL_DST` (SOL_IP) and `IP6T_SO_ORIGINAL_DST` (SOL_IPV6) share the number.
 pub const SO_ORIGINAL_DST: i32 = 80;
-
-/// Acceleration's bulk switch: a message of at least this many bytes
-/// (one large write) moves its socket to the normal TCP path for good, so
-/// bulk writers are flow-controlled by TCP again (redirected data is not,
-/// README "Acceleration"). Small request/response messages stay below it.
-pub const ACCEL_BULK_MSG_BYTES: u32 = 64 * 1024;
-
-/// Does a message of `size` bytes switch its socket to the normal path?
-#[inline(always)]
-pub fn accel_is_bulk(size: u32) -> bool {
-    size >= ACCEL_BULK_MSG_BYTES
-}
-
-/// Bytes one acceleration verdict covers (`bpf_msg_apply_bytes`): the
-/// kernel applies the sk_msg program's verdict to a socket's next messages
-/// until they add up to this, without running the program. Also the
-/// granularity of the ACCEL byte counters (README "Acceleration").
-pub const ACCEL_VERDICT_BYTES: u32 = 16 * 1024;
-
-/// A verdict made for a message of `size` bytes: the bytes of that message
-/// it covers (counted at once), and the rest of its budget (counted by the
-/// next verdict, which runs only once the budget is used up).
-#[inline(always)]
-pub fn accel_verdict_split(size: u32) -> (u32, u32) {
-    let covered = if size < ACCEL_VERDICT_BYTES {
-        size
-    } else {
-        ACCEL_VERDICT_BYTES
-    };
-    (covered, ACCEL_VERDICT_BYTES - covered)
-}
-
-/// Acceleration learns where it does not pay. Each accelerated connection
-/// costs the kernel a psock per socket, set up in the handshake and torn
-/// down at close through an RCU-deferred work item (README,
-/// "Acceleration"): for connections that live only microseconds that cost
-/// is not won back, and it raises their latency tail. So each pod keeps,
-/// per destination port (the original destination's port outbound, the
-/// app's port for the inbound passthrough), a count of consecutive
-/// connections that lived less than this; REDIRECT_ACCEL_PORTS.
-pub const ACCEL_SHORT_CONN_NS: u64 = 10_000_000;
-
-/// After this many consecutive short-lived connections to a port, new
-/// connections to it are not accelerated; one connection that lives
-/// longer (accelerated or not) turns acceleration back on for the port.
-pub const ACCEL_SHORT_SKIP_AFTER: u32 = 4;
-
-/// Entries of REDIRECT_ACCEL_PORTS (an LRU: the learned state is soft).
-pub const MAX_ACCEL_PORTS: u32 = 16384;
-
-/// A port's count after one of its connections closed after `lifetime_ns`.
-#[inline(always)]
-pub fn accel_short_count_after(count: u32, lifetime_ns: u64) -> u32 {
-    if lifetime_ns >= ACCEL_SHORT_CONN_NS {
-        0
-    } else if count < ACCEL_SHORT_SKIP_AFTER {
-        count + 1
-    } else {
-        ACCEL_SHORT_SKIP_AFTER
-    }
-}
-
-/// Is a new connection to a port with this count accelerated?
-#[inline(always)]
-pub fn accel_pays(short_count: u32) -> bool {
-    short_count < ACCEL_SHORT_SKIP_AFTER
-}
 
 /// `PodConfig::flags` bits.
 pub mod flags {
@@ -303,65 +240,4 @@ mod pod_impls {
     unsafe impl aya::Pod for OrigDst {}
     unsafe impl aya::Pod for TupleKey {}
     unsafe impl aya::Pod for ListenerKey {}
-}
-
-#[cfg(test)]
-mod accel_tests {
-    use super::*;
-
-    #[test]
-    fn a_verdict_covers_its_message_up_to_the_budget() {
-        assert_eq!(accel_verdict_split(64), (64, ACCEL_VERDICT_BYTES - 64));
-        assert_eq!(
-            accel_verdict_split(ACCEL_VERDICT_BYTES - 1),
-            (ACCEL_VERDICT_BYTES - 1, 1)
-        );
-        assert_eq!(
-            accel_verdict_split(ACCEL_VERDICT_BYTES),
-            (ACCEL_VERDICT_BYTES, 0)
-        );
-        assert_eq!(
-            accel_verdict_split(3 * ACCEL_VERDICT_BYTES),
-            (ACCEL_VERDICT_BYTES, 0)
-        );
-        // A verdict always covers at least its own message (or the budget),
-        // and never more than the budget in all.
-        for size in [0, 1, 1000, 70_000, u32::MAX] {
-            let (c, r) = accel_verdict_split(size);
-            assert_eq!(c + r, ACCEL_VERDICT_BYTES);
-            assert_eq!(c, size.min(ACCEL_VERDICT_BYTES));
-        }
-    }
-
-    #[test]
-    fn short_connections_turn_acceleration_off_for_their_port_until_a_long_one() {
-        let short = ACCEL_SHORT_CONN_NS - 1;
-        let mut c = 0;
-        for i in 0..ACCEL_SHORT_SKIP_AFTER {
-            assert!(accel_pays(c), "after {i} short connections");
-            c = accel_short_count_after(c, short);
-        }
-        assert!(!accel_pays(c));
-        // Saturates, so one long connection always turns it back on.
-        for _ in 0..100 {
-            c = accel_short_count_after(c, short);
-        }
-        assert_eq!(c, ACCEL_SHORT_SKIP_AFTER);
-        c = accel_short_count_after(c, ACCEL_SHORT_CONN_NS);
-        assert_eq!(c, 0);
-        assert!(accel_pays(c));
-        // Short ones must be consecutive.
-        let mut c = 0;
-        for _ in 0..10 {
-            c = accel_short_count_after(c, 1);
-            c = accel_short_count_after(c, u64::MAX);
-        }
-        assert!(accel_pays(c));
-    }
-
-    #[test]
-    fn bulk_starts_at_the_threshold() {
-        assert!(!accel_is_bulk(ACCEL_BULK_MSG_BYTES - 1));
-        assert!(accel_is_bulk(ACCEL_BULK_MSG_BYTES));
-    }
 }

@@ -1,0 +1,114 @@
+//! Inbound capture: nat PREROUTING → ISTIO_INBOUND → ISTIO_IN_REDIRECT.
+//! - sk_lookup (one instance per pod netns) hands a connection from
+//!   outside the pod to a captured port to the proxy's listener on the
+//!   inbound capture port, keeping its original local address (which
+//!   getsockopt in `orig_dst.rs` reports). The decision is
+//!   `redirect_common::inbound_verdict`.
+//! - The listener it needs is registered by sockops (`sockops.rs` calls
+//!   [`register_listener`] when a socket of the pod starts listening).
+
+use aya_ebpf::{
+    bindings::BPF_ANY, macros::sk_lookup, programs::SkLookupContext, programs::SockOpsContext,
+};
+use redirect_common::{
+    inbound_verdict, ListenerKey, Reason, Verdict, AF_INET, AF_INET6, IPPROTO_TCP,
+};
+
+use crate::{
+    abi::{LOOPBACK_IFINDEX, SK_DROP, SK_PASS},
+    addr::{ip4_bytes, ip6_bytes},
+    counters::count,
+    maps::{PodMaps, REDIRECT_LISTENERS, REDIRECT_PODS},
+    netns,
+};
+
+/// PREROUTING → ISTIO_INBOUND: attached to each pod netns. Connections
+/// from outside the pod to a captured port go to the proxy's listener on
+/// the inbound capture port, keeping their original local address.
+#[sk_lookup]
+pub fn redirect_sk_lookup(ctx: SkLookupContext) -> u32 {
+    unsafe { sk_lookup_inbound(&ctx) }
+}
+
+#[inline(always)]
+unsafe fn sk_lookup_inbound(ctx: &SkLookupContext) -> u32 {
+    let l = ctx.lookup;
+    if (*l).protocol != IPPROTO_TCP || (*l).ingress_ifindex == LOOPBACK_IFINDEX {
+        return SK_PASS;
+    }
+    let netns = netns::of_sk_lookup();
+    let Some(cfg) = REDIRECT_PODS.get(&netns) else {
+        return SK_PASS;
+    };
+    // PREROUTING only sees packets from outside the netns. Local traffic
+    // to the pod's own IP arrives with that IP's device as ingress, so
+    // tell it apart by its source: an address of this netns.
+    let family = (*l).family;
+    let src = if family == AF_INET as u32 {
+        ip4_bytes((*l).remote_ip4)
+    } else {
+        ip6_bytes((*l).remote_ip6)
+    };
+    let maps = PodMaps { netns };
+    let fam = if family == AF_INET as u32 {
+        AF_INET
+    } else {
+        AF_INET6
+    };
+    if redirect_common::is_local(fam, &src, &maps) {
+        return SK_PASS;
+    }
+    let dport = (*l).local_port as u16;
+    let verdict = inbound_verdict(cfg, dport, &maps);
+    if let Verdict::Untouched(r) = verdict {
+        count(netns, r);
+        return SK_PASS;
+    }
+    let key = ListenerKey {
+        netns,
+        family,
+        _pad: 0,
+    };
+    if REDIRECT_LISTENERS.redirect_sk_lookup(ctx, key, 0).is_ok() {
+        count(netns, Reason::InCaptured);
+        return SK_PASS;
+    }
+    if family == AF_INET as u32 {
+        // A dual-stack [::]:port listener also serves IPv4.
+        let key6 = ListenerKey {
+            netns,
+            family: AF_INET6 as u32,
+            _pad: 0,
+        };
+        if REDIRECT_LISTENERS.redirect_sk_lookup(ctx, key6, 0).is_ok() {
+            count(netns, Reason::InCaptured);
+            return SK_PASS;
+        }
+    }
+    // As iptables REDIRECT with nothing on the inbound port: refused.
+    count(netns, Reason::InNoListener);
+    SK_DROP
+}
+
+/// A socket starts listening: if it is the pod's inbound capture port,
+/// it becomes the target of inbound steering (restarts follow at once).
+#[inline(always)]
+pub unsafe fn register_listener(ctx: &SockOpsContext) {
+    let ops = ctx.ops;
+    let netns = netns::of_sock_ops(ops);
+    let Some(cfg) = REDIRECT_PODS.get(&netns) else {
+        return;
+    };
+    if (*ops).local_port != cfg.inbound_port as u32 {
+        return;
+    }
+    let mut key = ListenerKey {
+        netns,
+        family: (*ops).family,
+        _pad: 0,
+    };
+    match REDIRECT_LISTENERS.update(&mut key, &mut *ops, BPF_ANY as u64) {
+        Ok(()) => count(netns, Reason::InListenerRegistered),
+        Err(_) => count(netns, Reason::ErrListenerMapFull),
+    }
+}

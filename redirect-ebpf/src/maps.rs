@@ -1,0 +1,139 @@
+//! Every map of the object, and the load-time global of sk_lookup. The
+//! names are an ABI: maps are pinned by name (`<pin-dir>/maps/<NAME>`) and
+//! shared by every attached pod and every program version, and userspace
+//! checks their layout before it reuses them (`mapsize.rs`), so a key or
+//! value type here never changes size.
+
+use core::ffi::c_void;
+
+use aya_ebpf::{
+    bindings::bpf_sock,
+    macros::map,
+    maps::{lpm_trie::Key, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, SockHash},
+};
+use redirect_common::{
+    AccelSock, CidrKeyData, CounterKey, CounterValue, ListenerKey, Lookup, OrigDst, PodConfig,
+    PortKey, TupleKey, CIDR_KEY_FIXED_BITS, MAX_ACCEL_PORTS, MAX_CIDRS, MAX_COUNTERS,
+    MAX_LISTENERS, MAX_PODS, MAX_PORTS, MAX_TRACKED_SOCKETS,
+};
+
+#[map]
+pub static REDIRECT_PODS: HashMap<u64, PodConfig> = HashMap::pinned(MAX_PODS, 0);
+#[map]
+pub static REDIRECT_CIDRS: LpmTrie<CidrKeyData, u8> = LpmTrie::pinned(MAX_CIDRS, 0);
+#[map]
+pub static REDIRECT_PORTS: HashMap<PortKey, u8> = HashMap::pinned(MAX_PORTS, 0);
+#[map]
+pub static REDIRECT_COUNTERS: PerCpuHashMap<CounterKey, CounterValue> =
+    PerCpuHashMap::pinned(MAX_COUNTERS, 0);
+/// Counter updates lost because REDIRECT_COUNTERS was full (the slot of a
+/// pod and reason did not exist yet and could not be made). One slot.
+#[map]
+pub static REDIRECT_COUNTERS_LOST: PerCpuArray<u64> = PerCpuArray::pinned(1, 0);
+/// Original destination of a redirected app socket, by socket cookie
+/// (getpeername, and the hand-over to the tuple map when established).
+/// A plain hash, not LRU: when it is full the insert fails and connect4
+/// refuses the connection (counted), where an LRU map would silently
+/// evict the record of a live connection.
+#[map]
+pub static REDIRECT_ORIG_BY_COOKIE: HashMap<u64, OrigDst> = HashMap::pinned(MAX_TRACKED_SOCKETS, 0);
+/// Original destination by the app socket's 4-tuple: what the proxy's
+/// accepted socket asks for with SO_ORIGINAL_DST. A plain hash for the
+/// same reason (a failed insert is counted; the proxy then gets no answer
+/// and refuses the connection).
+#[map]
+pub static REDIRECT_ORIG_BY_TUPLE: HashMap<TupleKey, OrigDst> =
+    HashMap::pinned(MAX_TRACKED_SOCKETS, 0);
+/// Accelerated app↔proxy sockets, keyed by their own 4-tuple (local →
+/// remote) and netns cookie; the sk_msg program redirects to the peer.
+#[map]
+pub static REDIRECT_SOCKS: SockHash<TupleKey> = SockHash::pinned(MAX_TRACKED_SOCKETS, 0);
+/// Sockets whose data once took the normal path (peer not in the sockhash
+/// yet): they stay on it, so bytes can never overtake each other.
+#[map]
+pub static REDIRECT_ACCEL_FALLBACK: HashMap<TupleKey, u8> = HashMap::pinned(MAX_TRACKED_SOCKETS, 0);
+/// Per pod and destination port: how many of its latest connections in a
+/// row lived less than ACCEL_SHORT_CONN_NS (acceleration skips the port
+/// from ACCEL_SHORT_SKIP_AFTER on). Soft state, hence LRU.
+#[map]
+pub static REDIRECT_ACCEL_PORTS: LruHashMap<PortKey, u32> = LruHashMap::pinned(MAX_ACCEL_PORTS, 0);
+/// The proxy's listener on the inbound capture port, per netns and family.
+#[map]
+pub static REDIRECT_LISTENERS: SockHash<ListenerKey> = SockHash::pinned(MAX_LISTENERS, 0);
+
+/// The pod netns an sk_lookup instance serves: sk_lookup programs cannot
+/// call bpf_get_netns_cookie, so each pod's instance is loaded with its
+/// cookie set here (userspace `set_global`).
+#[unsafe(no_mangle)]
+pub static REDIRECT_SK_LOOKUP_NETNS: u64 = 0;
+
+/// One pod's view of the config maps, for the shared decisions.
+pub struct PodMaps {
+    pub netns: u64,
+}
+
+impl Lookup for PodMaps {
+    #[inline(always)]
+    fn port_listed(&self, kind: u16, port: u16) -> bool {
+        let key = PortKey {
+            netns: self.netns,
+            kind,
+            port,
+            _pad: 0,
+        };
+        unsafe { REDIRECT_PORTS.get(&key).is_some() }
+    }
+
+    #[inline(always)]
+    fn cidr_contains(&self, kind: u32, addr: &[u8; 16]) -> bool {
+        let key = Key::new(
+            CIDR_KEY_FIXED_BITS + 128,
+            CidrKeyData::new(self.netns, kind, *addr),
+        );
+        REDIRECT_CIDRS.get(&key).is_some()
+    }
+}
+
+/// A BTF map definition (`.maps`): socket-local storage needs BTF for its
+/// value type ([`AccelSock`], the sk_msg state). Pinned by name like the other maps, so every program and
+/// every version of them sees the same state.
+#[repr(C)]
+pub struct SkStorageDef {
+    r#type: *const [i32; aya_ebpf::bindings::bpf_map_type::BPF_MAP_TYPE_SK_STORAGE as usize],
+    key: *const i32,
+    value: *const AccelSock,
+    max_entries: *const [i32; 0],
+    map_flags: *const [i32; aya_ebpf::bindings::BPF_F_NO_PREALLOC as usize],
+    /// LIBBPF_PIN_BY_NAME.
+    pinning: *const [i32; 1],
+}
+// SAFETY: placeholder pointers the loader reads from BTF; never dereferenced.
+unsafe impl Sync for SkStorageDef {}
+
+#[unsafe(link_section = ".maps")]
+#[unsafe(export_name = "REDIRECT_ACCEL_SK")]
+static REDIRECT_ACCEL_SK: SkStorageDef = SkStorageDef {
+    r#type: core::ptr::null(),
+    key: core::ptr::null(),
+    value: core::ptr::null(),
+    max_entries: core::ptr::null(),
+    map_flags: core::ptr::null(),
+    pinning: core::ptr::null(),
+};
+
+/// `bpf_sk_storage_get` on REDIRECT_ACCEL_SK (with `init`: create it from
+/// `init` when absent).
+#[inline(always)]
+pub unsafe fn accel_storage(sk: *mut bpf_sock, init: *mut AccelSock) -> *mut AccelSock {
+    let flags = if init.is_null() {
+        0
+    } else {
+        aya_ebpf::bindings::BPF_SK_STORAGE_GET_F_CREATE as u64
+    };
+    aya_ebpf::helpers::generated::bpf_sk_storage_get(
+        &REDIRECT_ACCEL_SK as *const SkStorageDef as *mut c_void,
+        sk as *mut c_void,
+        init as *mut c_void,
+        flags,
+    ) as *mut AccelSock
+}
