@@ -748,6 +748,11 @@ unsafe fn getsockopt(ctx: &SockoptContext) {
             remote = r;
         }
     }
+    // Only the connection's own family's level can be answered (as with
+    // conntrack): a proxy trying the other one too is no miss. Left alone.
+    if level != redirect_common::orig_dst_level(family) {
+        return;
+    }
     let key = TupleKey {
         netns,
         src: remote,
