@@ -574,7 +574,8 @@ impl Installation {
             ),
         };
         if !decision.0 {
-            tracing::warn!("acceleration {}", decision.1);
+            // Logged for the agent; `attach` prints the decision itself.
+            tracing::info!("acceleration {}", decision.1);
         }
         decision
     }

@@ -129,17 +129,26 @@ impl ProbeResult {
 }
 
 /// A pod's acceleration decision in words, from how it was asked for,
-/// whether it is on, and the install's probe result.
+/// whether it is on, and the install's probe result. Short: a failed probe
+/// is named by its checks; what they mean is said once, by `redirect
+/// status` ([`ProbeResult::summary`]).
 pub fn describe(mode: AccelMode, on: bool, probe: Option<&ProbeResult>) -> String {
+    let failed = |p: &ProbeResult| format!("{}; details: `redirect status`", p.failed.join(", "));
     match (mode, on, probe) {
         (AccelMode::Off, _, _) => "off (--no-accel)".into(),
         (AccelMode::Forced, true, Some(p)) if !p.passed => {
-            format!("on, forced with --accel although the {}", p.summary())
+            format!(
+                "on, forced with --accel although the kernel probe failed ({})",
+                failed(p)
+            )
         }
         (AccelMode::Forced, true, _) => "on, forced with --accel".into(),
         (AccelMode::Auto, true, _) => "on (kernel probe passed)".into(),
         (AccelMode::Auto, false, Some(p)) if !p.passed => {
-            format!("off: {}; --accel forces it on", p.summary())
+            format!(
+                "off: kernel probe failed ({}); --accel forces it on",
+                failed(p)
+            )
         }
         (AccelMode::Auto, false, None) => {
             "off: the kernel probe did not complete; --accel forces it on".into()
@@ -447,7 +456,8 @@ pub fn judge(
     let r = ProbeResult::from_mask(mask, at);
     for c in &report.checks {
         if let Some(why) = &c.accel {
-            tracing::warn!(check = %c.name, "acceleration kernel probe: {why}");
+            // Details for the agent's log; `status` says it for the CLI.
+            tracing::info!(check = %c.name, "acceleration kernel probe: {why}");
         }
     }
     Ok(r)
