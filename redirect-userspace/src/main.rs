@@ -28,6 +28,14 @@ enum Command {
     /// List captured pods and their config.
     Status(cmd::status::Args),
     /// Per-pod counters, laid out like `iptables -t nat -L -n -v`.
+    ///
+    /// One row per rule, with its configured match. The first column
+    /// counts new connections (calls, sockets or messages in the
+    /// ORIGINAL_DST, ACCEL and ERRORS chains); "bytes" counts both
+    /// directions of redirected outbound connections (added when the app's
+    /// socket closes) and the sk_msg rows' bytes, and is "-" for rows that
+    /// count no bytes. `--zero`, `--chain` and `--watch` work like
+    /// `iptables -Z`, `iptables --list CHAIN` and `watch -d`.
     Stats(cmd::stats::Args),
     /// Remove every program, link and pin of this install (and, when
     /// named, the redirect-cni conflist entry and binary).

@@ -208,22 +208,7 @@ fn store(pins: &Pins, r: &ProbeResult) -> Result<()> {
 
 /// BPF_MAP_CREATE: an array of one u64.
 fn array_create() -> std::io::Result<OwnedFd> {
-    let mut attr = [0u64; 16];
-    // { u32 map_type; u32 key_size; u32 value_size; u32 max_entries; ... }
-    attr[0] = 2 /* BPF_MAP_TYPE_ARRAY */ | (4u64 << 32);
-    attr[1] = 8 | (1u64 << 32);
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            0, /* BPF_MAP_CREATE */
-            attr.as_mut_ptr(),
-            std::mem::size_of_val(&attr),
-        )
-    };
-    if r < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(unsafe { OwnedFd::from_raw_fd(r as i32) })
+    crate::bpf::map_create(crate::bpf::BPF_MAP_TYPE_ARRAY, 4, 8, 1, "")
 }
 
 // ------------------------------------------------------------ running it
