@@ -94,22 +94,29 @@ impl Listing {
                 .map(|c| Section::chain(c, pick(&|r| r.chain == c)))
                 .collect(),
             Listing::Chain(c) => vec![Section::chain(*c, pick(&|r| r.chain == *c))],
-            Listing::ToOutbound => vec![Section {
-                title: format!(
-                    "Chain ISTIO_REDIRECT (the OUTPUT rows that send to the outbound port {})",
-                    pod.spec.proxy_port
-                ),
-                unit: "conns",
-                rows: pick(&|r| self.lists(r.reason)),
-            }],
-            Listing::ToInbound => vec![Section {
-                title: format!(
-                    "Chain ISTIO_IN_REDIRECT (the OUTPUT and PREROUTING rows that send to the inbound port {})",
-                    pod.spec.inbound_port
-                ),
-                unit: "conns",
-                rows: pick(&|r| self.lists(r.reason)),
-            }],
+            Listing::ToOutbound | Listing::ToInbound => {
+                let (name, rows, port) = if *self == Listing::ToOutbound {
+                    (
+                        "ISTIO_REDIRECT",
+                        "OUTPUT rows",
+                        ("outbound", pod.spec.proxy_port),
+                    )
+                } else {
+                    (
+                        "ISTIO_IN_REDIRECT",
+                        "OUTPUT and PREROUTING rows",
+                        ("inbound", pod.spec.inbound_port),
+                    )
+                };
+                vec![Section {
+                    title: format!(
+                        "Chain {name} (the {rows} that send to the {} port {})",
+                        port.0, port.1
+                    ),
+                    unit: "conns",
+                    rows: pick(&|r| self.lists(r.reason)),
+                }]
+            }
         }
     }
 }
