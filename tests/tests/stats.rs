@@ -192,6 +192,33 @@ fn zero_and_chain_refuse_what_does_not_exist_and_change_nothing() {
     // Nothing was zeroed by any of these.
     assert!(!pod.pin_dir.join("maps/REDIRECT_STATS_BASELINE").exists());
     assert_eq!(row(&pod, "OUTPUT", "captured").0, 1);
+    // Something else pinned under the baseline's name: the counters are
+    // still shown (never zeroed, with a warning); --zero names the pin.
+    let planted = pod.pin_dir.join("maps/REDIRECT_STATS_BASELINE");
+    let made = Command::new("bpftool")
+        .arg("map")
+        .arg("create")
+        .arg(&planted)
+        .args([
+            "type", "hash", "key", "4", "value", "4", "entries", "1", "name", "planted",
+        ])
+        .output()
+        .expect("bpftool");
+    assert!(made.status.success(), "{made:?}");
+    let (code, out, err) = stats(&pod, &["--netns", &ns(&pod)]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.contains("Chain OUTPUT") && err.contains("never zeroed"),
+        "{out}{err}"
+    );
+    assert_eq!(row(&pod, "OUTPUT", "captured").0, 1);
+    let (code, _, err) = stats(&pod, &["--zero"]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains(planted.to_str().unwrap()) && err.contains("rm "),
+        "{err}"
+    );
+    std::fs::remove_file(&planted).unwrap();
     // Nothing installed: said so.
     let empty = Pod::new("stbad2");
     let (code, _, err) = stats(&empty, &["--zero"]);

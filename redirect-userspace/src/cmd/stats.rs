@@ -97,6 +97,9 @@ pub fn run(pin_dir: &Path, a: Args) -> Result<()> {
             render::render(&pods, &listing, None, stats::unix_now())
         );
     }
+    if let Some(e) = &st.baseline_error {
+        eprintln!("redirect: warning: the counters are shown as never zeroed: {e}");
+    }
     // The counts above are short by this much: say so, on stderr so the
     // JSON stays a list of pods (`status --json` has `counters_lost`).
     if st.counters_lost > 0 {

@@ -87,6 +87,9 @@ pub struct Stats {
     /// Counter updates lost to a full REDIRECT_COUNTERS (the counts are
     /// short by this much).
     pub counters_lost: u64,
+    /// Why the `--zero` baseline could not be read (the rows then show
+    /// the raw counters).
+    pub baseline_error: Option<String>,
 }
 
 /// Read every pod's counters (or only the pod with netns cookie `only`),
@@ -96,7 +99,12 @@ pub fn read(pins: &Pins, only: Option<u64>) -> Result<Stats> {
     let counters = maps.counters();
     let mut ports = maps.all_port_entries();
     let mut cidrs = maps.all_cidr_entries();
-    let baselines = baseline::read(pins)?;
+    // A baseline that cannot be read must not cost the counters (nor
+    // /metrics, which does not use it): shown as never zeroed, and why.
+    let (baselines, baseline_error) = match baseline::read(pins) {
+        Ok(b) => (b, None),
+        Err(e) => (Default::default(), Some(format!("{e:#}"))),
+    };
     let probe = crate::probe::cached(pins);
     let mut pods = Vec::new();
     for (cookie, cfg) in maps.pods() {
@@ -124,6 +132,7 @@ pub fn read(pins: &Pins, only: Option<u64>) -> Result<Stats> {
     Ok(Stats {
         pods,
         counters_lost: maps.counters_lost(),
+        baseline_error,
     })
 }
 
