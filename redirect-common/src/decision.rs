@@ -1,7 +1,9 @@
 //! The decision logic of DESIGN.md §2, shared by the kernel programs and the
 //! host tests. The kernel provides map lookups through [`Lookup`].
 
-use crate::{cidr_kind, flags, port_kind, PodConfig, Reason, AF_INET, AF_INET6, MAX_IDS};
+use crate::{
+    cidr_kind, flags, port_kind, PodConfig, Reason, AF_INET, AF_INET6, MAX_IDS, SOL_IP, SOL_IPV6,
+};
 
 /// Map lookups the decision needs, per pod.
 pub trait Lookup {
@@ -205,6 +207,22 @@ pub const fn family(v6: bool) -> u16 {
         AF_INET6
     } else {
         AF_INET
+    }
+}
+
+/// The getsockopt level that asks for a connection's original
+/// destination: `SOL_IP` (SO_ORIGINAL_DST) for IPv4, v4-mapped included,
+/// `SOL_IPV6` (IP6T_SO_ORIGINAL_DST) for IPv6, as with conntrack. A call on
+/// the other level can never be answered (conntrack has no entry of that
+/// family either). Proxies that try both levels make such a call on every
+/// connection: it is no miss, and the getsockopt program neither answers
+/// nor counts it.
+#[inline(always)]
+pub const fn orig_dst_level(family: u16) -> i32 {
+    if family == AF_INET6 {
+        SOL_IPV6
+    } else {
+        SOL_IP
     }
 }
 

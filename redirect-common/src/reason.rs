@@ -43,14 +43,97 @@ pub enum Reason {
     AccelRemoved = 55,
 }
 
-/// Which chain a reason belongs to, for the `redirect stats` layout.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// The groups of `redirect stats`, in display order: the two iptables
+/// chains istio-init fills (OUTPUT → ISTIO_OUTPUT, PREROUTING →
+/// ISTIO_INBOUND), then ours. Which reasons a chain holds, and in which
+/// order, is defined here and only here ([`Chain::reasons`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Chain {
     Output,
     Prerouting,
     OrigDst,
     Accel,
     Errors,
+}
+
+impl Chain {
+    pub const ALL: [Chain; 5] = [
+        Chain::Output,
+        Chain::Prerouting,
+        Chain::OrigDst,
+        Chain::Accel,
+        Chain::Errors,
+    ];
+
+    /// Stable machine name (JSON `chain`, metrics label, `stats --chain`).
+    pub const fn name(self) -> &'static str {
+        match self {
+            Chain::Output => "OUTPUT",
+            Chain::Prerouting => "PREROUTING",
+            Chain::OrigDst => "ORIGINAL_DST",
+            Chain::Accel => "ACCEL",
+            Chain::Errors => "ERRORS",
+        }
+    }
+
+    /// What the chain's rows count and which programs count them.
+    pub const fn title(self) -> &'static str {
+        match self {
+            Chain::Output => "ISTIO_OUTPUT; cgroup/connect4, cgroup/connect6: new TCP connections made in the pod",
+            Chain::Prerouting => "ISTIO_INBOUND; sk_lookup in the pod netns: new TCP connections from outside",
+            Chain::OrigDst => "cgroup/getsockopt SO_ORIGINAL_DST, cgroup/getpeername: calls answered or not",
+            Chain::Accel => "sockops + sk_msg between app and proxy: sockets, connections, sk_msg verdicts or messages",
+            Chain::Errors => "map updates that failed",
+        }
+    }
+
+    /// The chain's rows, in the order of the rules they stand for.
+    pub const fn reasons(self) -> &'static [Reason] {
+        match self {
+            Chain::Output => &[
+                Reason::OutExcludedPort,
+                Reason::OutPassthrough,
+                Reason::OutProxyToSelf,
+                Reason::OutAppLocal,
+                Reason::OutProxyUid,
+                Reason::OutProxyGid,
+                Reason::OutLoopback,
+                Reason::OutExcludedCidr,
+                Reason::OutCapturedPort,
+                Reason::OutCaptured,
+                Reason::OutNotIncluded,
+                Reason::OutNotTcp,
+            ],
+            Chain::Prerouting => &[
+                Reason::InTunnelPort,
+                Reason::InExcludedPort,
+                Reason::InCaptured,
+                Reason::InNotIncluded,
+                Reason::InNoListener,
+                Reason::InListenerRegistered,
+            ],
+            Chain::OrigDst => &[
+                Reason::OrigDstOutbound,
+                Reason::OrigDstInbound,
+                Reason::OrigDstMissing,
+                Reason::PeerNameRewritten,
+            ],
+            Chain::Accel => &[
+                Reason::AccelInserted,
+                Reason::AccelRemoved,
+                Reason::AccelRedirected,
+                Reason::AccelFallback,
+                Reason::AccelBulk,
+                Reason::AccelSkippedShort,
+            ],
+            Chain::Errors => &[
+                Reason::ErrOrigMapFull,
+                Reason::ErrTupleMapFull,
+                Reason::ErrListenerMapFull,
+                Reason::ErrSockMapFull,
+            ],
+        }
+    }
 }
 
 impl Reason {
@@ -93,14 +176,39 @@ impl Reason {
         Reason::ALL.iter().copied().find(|r| *r as u32 == v)
     }
 
+    /// The chain whose [`Chain::reasons`] list this reason.
     pub const fn chain(self) -> Chain {
-        match self as u32 {
-            1..=12 => Chain::Output,
-            20..=23 => Chain::OrigDst,
-            30..=39 => Chain::Errors,
-            50..=59 => Chain::Accel,
-            _ => Chain::Prerouting,
+        let mut c = 0;
+        while c < Chain::ALL.len() {
+            let rs = Chain::ALL[c].reasons();
+            let mut i = 0;
+            while i < rs.len() {
+                if rs[i] as u32 == self as u32 {
+                    return Chain::ALL[c];
+                }
+                i += 1;
+            }
+            c += 1;
         }
+        // Unreachable: `every_reason_is_in_one_chain` checks the lists.
+        Chain::Errors
+    }
+
+    /// Does the row count bytes as well as connections? Redirected
+    /// outbound connections get the bytes of both directions added when
+    /// the app's socket closes; the sk_msg rows count the bytes of their
+    /// verdicts or messages. Every other row counts connections or calls
+    /// only.
+    pub const fn counts_bytes(self) -> bool {
+        matches!(
+            self,
+            Reason::OutCaptured
+                | Reason::OutCapturedPort
+                | Reason::OutProxyToSelf
+                | Reason::AccelRedirected
+                | Reason::AccelFallback
+                | Reason::AccelBulk
+        )
     }
 
     /// iptables-style target: what happened to the connection.
@@ -207,5 +315,24 @@ impl Reason {
             Reason::InTunnelPort => "inbound tunnel port (-e)",
             Reason::InListenerRegistered => "proxy listener registered",
         }
+    }
+}
+
+#[cfg(all(test, feature = "user"))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_reason_is_in_one_chain() {
+        for r in Reason::ALL {
+            let holders: Vec<Chain> = Chain::ALL
+                .into_iter()
+                .filter(|c| c.reasons().contains(&r))
+                .collect();
+            assert_eq!(holders, vec![r.chain()], "{r:?}");
+            assert_eq!(Reason::from_u32(r as u32), Some(r));
+        }
+        let listed: usize = Chain::ALL.iter().map(|c| c.reasons().len()).sum();
+        assert_eq!(listed, Reason::ALL.len());
     }
 }

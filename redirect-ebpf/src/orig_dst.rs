@@ -97,6 +97,11 @@ unsafe fn getsockopt(ctx: &SockoptContext) {
     // The proxy's accepted socket: its peer is the app socket, whose own
     // 4-tuple keys the record.
     let t = sock_tuple(sk);
+    // Only the connection's own family's level can be answered (as with
+    // conntrack): a proxy trying the other one too is no miss. Left alone.
+    if level != redirect_common::orig_dst_level(t.family) {
+        return;
+    }
     let (orig, reason) = match REDIRECT_ORIG_BY_TUPLE.get(&t.peer_key(netns)) {
         Some(o) => (*o, Reason::OrigDstOutbound),
         None => {

@@ -574,7 +574,8 @@ impl Installation {
             ),
         };
         if !decision.0 {
-            tracing::warn!("acceleration {}", decision.1);
+            // Logged for the agent; `attach` prints the decision itself.
+            tracing::info!("acceleration {}", decision.1);
         }
         decision
     }
@@ -647,6 +648,10 @@ pub fn release_pod(pins: &Pins, cookie: u64) -> Result<()> {
         return Err(Error::NotCaptured(format!("cookie {cookie}")));
     }
     maps.remove_pod(cookie);
+    // Its `stats --zero` baselines go with its counters.
+    if let Err(e) = crate::stats::baseline::forget_pod(pins, cookie) {
+        tracing::warn!("released pod {cookie}: {e:#}");
+    }
     let link = pins.sk_lookup_link(cookie);
     if link.exists() {
         unpin_link(&link)?;

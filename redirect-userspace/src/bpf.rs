@@ -1,5 +1,6 @@
-//! The two raw bpf(2) commands aya 0.14 does not expose for every program
-//! type we use: creating a cgroup link and pinning it.
+//! The raw bpf(2) commands aya 0.14 does not expose for every program
+//! type we use: creating a cgroup link and pinning it, and creating a map
+//! only userspace uses (no kernel object declares it).
 use std::{
     ffi::CString,
     io,
@@ -18,6 +19,7 @@ pub const BPF_CGROUP_INET_SOCK_RELEASE: u32 = 34;
 
 pub const BPF_SK_MSG_VERDICT: u32 = 7;
 
+const BPF_MAP_CREATE: libc::c_long = 0;
 const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_PROG_ATTACH: libc::c_long = 8;
 const BPF_LINK_CREATE: libc::c_long = 28;
@@ -48,6 +50,38 @@ pub fn link_create(
     attr[0] = prog.as_raw_fd() as u32 as u64 | ((cgroup.as_raw_fd() as u32 as u64) << 32);
     attr[1] = attach_type as u64;
     let fd = bpf(BPF_LINK_CREATE, &mut attr)?;
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+// enum bpf_map_type (uapi/linux/bpf.h)
+pub const BPF_MAP_TYPE_HASH: u32 = 1;
+pub const BPF_MAP_TYPE_ARRAY: u32 = 2;
+
+/// BPF_MAP_CREATE of a map no program uses: type, key and value sizes,
+/// capacity, and a name for bpftool (at most 15 of [A-Za-z0-9_.]).
+pub fn map_create(
+    map_type: u32,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+    name: &str,
+) -> io::Result<OwnedFd> {
+    // { u32 map_type; u32 key_size; u32 value_size; u32 max_entries;
+    //   u32 map_flags; u32 inner_map_fd; u32 numa_node; char map_name[16]; }
+    let mut b = [0u8; 128];
+    for (i, v) in [map_type, key_size, value_size, max_entries]
+        .into_iter()
+        .enumerate()
+    {
+        b[i * 4..i * 4 + 4].copy_from_slice(&v.to_ne_bytes());
+    }
+    let n = name.len().min(15);
+    b[28..28 + n].copy_from_slice(&name.as_bytes()[..n]);
+    let mut attr = [0u64; 16];
+    for (a, c) in attr.iter_mut().zip(b.chunks_exact(8)) {
+        *a = u64::from_ne_bytes(c.try_into().expect("8 bytes"));
+    }
+    let fd = bpf(BPF_MAP_CREATE, &mut attr)?;
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 

@@ -23,6 +23,9 @@ pub enum Error {
     NotBpffs { path: PathBuf, reason: String },
     #[error("network namespace '{0}' is not captured (see `redirect status`)")]
     NotCaptured(String),
+    /// Not captured, and what is (`stats --netns`, `stats --zero`).
+    #[error("network namespace '{netns}' is not captured; {captured}")]
+    NotCapturedAmong { netns: String, captured: String },
     #[error("nothing is installed under '{0}' (no pinned maps): run `redirect attach` first")]
     NotInstalled(PathBuf),
     /// An install's pinned maps do not fit this binary (see `mapsize`).

@@ -18,5 +18,6 @@ pub mod probe;
 pub mod report;
 pub mod sandbox;
 pub mod sklookup;
+pub mod stats;
 pub mod sys;
 pub mod upgrade;

@@ -28,6 +28,14 @@ enum Command {
     /// List captured pods and their config.
     Status(cmd::status::Args),
     /// Per-pod counters, laid out like `iptables -t nat -L -n -v`.
+    ///
+    /// One row per rule, with its configured match. The first column
+    /// counts new connections (calls, sockets or messages in the
+    /// ORIGINAL_DST, ACCEL and ERRORS chains); "bytes" counts both
+    /// directions of redirected outbound connections (added when the app's
+    /// socket closes) and the sk_msg rows' bytes, and is "-" for rows that
+    /// count no bytes. `--zero`, `--chain` and `--watch` work like
+    /// `iptables -Z`, `iptables --list CHAIN` and `watch -d`.
     Stats(cmd::stats::Args),
     /// Remove every program, link and pin of this install (and, when
     /// named, the redirect-cni conflist entry and binary).
@@ -57,20 +65,27 @@ fn main() -> ExitCode {
     // `redirect stats | head` must end quietly, like any Unix tool.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let cli = Cli::parse();
-    // The agent logs what it does; the one-shot commands only warnings.
-    let default_filter = if matches!(cli.command, Command::Daemon(_)) {
-        "info"
+    // The agent logs what it does; the one-shot commands only warnings,
+    // which read like their other messages (no timestamp, no module path).
+    let daemon = matches!(cli.command, Command::Daemon(_));
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| if daemon { "info" } else { "warn" }.into());
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    if daemon {
+        tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .with_ansi(ansi)
+            .init();
     } else {
-        "warn"
-    };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| default_filter.into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        tracing_subscriber::fmt()
+            .without_time()
+            .with_target(false)
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .with_ansi(ansi)
+            .init();
+    }
     let r = match cli.command {
         Command::Attach(a) => cmd::attach::run(&cli.pin_dir, a),
         Command::Detach(a) => cmd::detach::run(&cli.pin_dir, a),

@@ -91,33 +91,39 @@ impl Maps {
     }
 
     pub fn port_entries(&self, cookie: u64) -> Vec<PortEntry> {
-        self.ports
-            .keys()
-            .filter_map(|k| k.ok())
-            .filter(|k| k.netns == cookie)
-            .map(|k| (k.kind, k.port))
-            .collect()
+        self.all_port_entries().remove(&cookie).unwrap_or_default()
+    }
+
+    /// Every pod's port entries, in one pass over the map.
+    pub fn all_port_entries(&self) -> BTreeMap<u64, Vec<PortEntry>> {
+        let mut out: BTreeMap<u64, Vec<PortEntry>> = BTreeMap::new();
+        for k in self.ports.keys().filter_map(|k| k.ok()) {
+            out.entry(k.netns).or_default().push((k.kind, k.port));
+        }
+        out
     }
 
     pub fn cidr_entries(&self, cookie: u64) -> Vec<CidrEntry> {
-        self.cidrs
-            .keys()
-            .filter_map(|k| k.ok())
-            .filter_map(|k| {
-                let d = k.data();
-                if u64::from_ne_bytes(d.netns) != cookie {
-                    return None;
-                }
-                let kind = u32::from_ne_bytes(d.kind);
-                let len = (k.prefix_len() - CIDR_KEY_FIXED_BITS) as u8;
-                let addr = if kind >= cidr_kind::INCLUDE_V6 {
-                    IpAddr::V6(d.addr.into())
-                } else {
-                    IpAddr::V4([d.addr[0], d.addr[1], d.addr[2], d.addr[3]].into())
-                };
-                Some((kind, Cidr { addr, len }))
-            })
-            .collect()
+        self.all_cidr_entries().remove(&cookie).unwrap_or_default()
+    }
+
+    /// Every pod's CIDR entries, in one pass over the map.
+    pub fn all_cidr_entries(&self) -> BTreeMap<u64, Vec<CidrEntry>> {
+        let mut out: BTreeMap<u64, Vec<CidrEntry>> = BTreeMap::new();
+        for k in self.cidrs.keys().filter_map(|k| k.ok()) {
+            let d = k.data();
+            let kind = u32::from_ne_bytes(d.kind);
+            let len = (k.prefix_len() - CIDR_KEY_FIXED_BITS) as u8;
+            let addr = if kind >= cidr_kind::INCLUDE_V6 {
+                IpAddr::V6(d.addr.into())
+            } else {
+                IpAddr::V4([d.addr[0], d.addr[1], d.addr[2], d.addr[3]].into())
+            };
+            out.entry(u64::from_ne_bytes(d.netns))
+                .or_default()
+                .push((kind, Cidr { addr, len }));
+        }
+        out
     }
 
     fn port_key(cookie: u64, (kind, port): PortEntry) -> PortKey {

@@ -129,17 +129,26 @@ impl ProbeResult {
 }
 
 /// A pod's acceleration decision in words, from how it was asked for,
-/// whether it is on, and the install's probe result.
+/// whether it is on, and the install's probe result. Short: a failed probe
+/// is named by its checks; what they mean is said once, by `redirect
+/// status` ([`ProbeResult::summary`]).
 pub fn describe(mode: AccelMode, on: bool, probe: Option<&ProbeResult>) -> String {
+    let failed = |p: &ProbeResult| format!("{}; details: `redirect status`", p.failed.join(", "));
     match (mode, on, probe) {
         (AccelMode::Off, _, _) => "off (--no-accel)".into(),
         (AccelMode::Forced, true, Some(p)) if !p.passed => {
-            format!("on, forced with --accel although the {}", p.summary())
+            format!(
+                "on, forced with --accel although the kernel probe failed ({})",
+                failed(p)
+            )
         }
         (AccelMode::Forced, true, _) => "on, forced with --accel".into(),
         (AccelMode::Auto, true, _) => "on (kernel probe passed)".into(),
         (AccelMode::Auto, false, Some(p)) if !p.passed => {
-            format!("off: {}; --accel forces it on", p.summary())
+            format!(
+                "off: kernel probe failed ({}); --accel forces it on",
+                failed(p)
+            )
         }
         (AccelMode::Auto, false, None) => {
             "off: the kernel probe did not complete; --accel forces it on".into()
@@ -199,22 +208,7 @@ fn store(pins: &Pins, r: &ProbeResult) -> Result<()> {
 
 /// BPF_MAP_CREATE: an array of one u64.
 fn array_create() -> std::io::Result<OwnedFd> {
-    let mut attr = [0u64; 16];
-    // { u32 map_type; u32 key_size; u32 value_size; u32 max_entries; ... }
-    attr[0] = 2 /* BPF_MAP_TYPE_ARRAY */ | (4u64 << 32);
-    attr[1] = 8 | (1u64 << 32);
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            0, /* BPF_MAP_CREATE */
-            attr.as_mut_ptr(),
-            std::mem::size_of_val(&attr),
-        )
-    };
-    if r < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(unsafe { OwnedFd::from_raw_fd(r as i32) })
+    crate::bpf::map_create(crate::bpf::BPF_MAP_TYPE_ARRAY, 4, 8, 1, "")
 }
 
 // ------------------------------------------------------------ running it
@@ -447,7 +441,8 @@ pub fn judge(
     let r = ProbeResult::from_mask(mask, at);
     for c in &report.checks {
         if let Some(why) = &c.accel {
-            tracing::warn!(check = %c.name, "acceleration kernel probe: {why}");
+            // Details for the agent's log; `status` says it for the CLI.
+            tracing::info!(check = %c.name, "acceleration kernel probe: {why}");
         }
     }
     Ok(r)

@@ -1,35 +1,13 @@
-//! `redirect status` and `redirect stats` views, as text and JSON.
+//! `redirect status` as text and JSON (and, for its callers, the entry
+//! points of `redirect stats`, which lives in `crate::stats`).
 
 use std::fmt::Write as _;
 
-use redirect_common::{cidr_kind, reason::Chain, CounterValue, Reason};
+use redirect_common::cidr_kind;
 use serde::Serialize;
 
+pub use crate::stats::{PodStats, RuleCount};
 use crate::{config::PodSpec, error::Result, maps::Maps, pins::Pins, sys};
-
-/// Display order: the order of the rules they stand for.
-const OUTPUT_ORDER: [Reason; 12] = [
-    Reason::OutExcludedPort,
-    Reason::OutPassthrough,
-    Reason::OutProxyToSelf,
-    Reason::OutAppLocal,
-    Reason::OutProxyUid,
-    Reason::OutProxyGid,
-    Reason::OutLoopback,
-    Reason::OutExcludedCidr,
-    Reason::OutCapturedPort,
-    Reason::OutCaptured,
-    Reason::OutNotIncluded,
-    Reason::OutNotTcp,
-];
-const PREROUTING_ORDER: [Reason; 6] = [
-    Reason::InTunnelPort,
-    Reason::InExcludedPort,
-    Reason::InCaptured,
-    Reason::InNotIncluded,
-    Reason::InNoListener,
-    Reason::InListenerRegistered,
-];
 
 #[derive(Debug, Serialize)]
 pub struct PodStatus {
@@ -243,25 +221,6 @@ impl Status {
     }
 }
 
-#[derive(Debug, Serialize)]
-pub struct RuleCount {
-    pub chain: &'static str,
-    pub rule: &'static str,
-    pub target: &'static str,
-    pub description: &'static str,
-    pub count: u64,
-    pub bytes: u64,
-}
-
-#[derive(Debug, Serialize)]
-pub struct PodStats {
-    pub netns_cookie: u64,
-    pub netns: Option<String>,
-    /// Acceleration on or off for this pod, and why.
-    pub acceleration: String,
-    pub rules: Vec<RuleCount>,
-}
-
 /// What to tell a user when counter updates were lost.
 pub fn counters_lost_warning(n: u64) -> String {
     format!(
@@ -270,113 +229,17 @@ pub fn counters_lost_warning(n: u64) -> String {
     )
 }
 
-/// Counter updates lost to a full REDIRECT_COUNTERS, for `stats`.
-pub fn counters_lost(pins: &Pins) -> Result<u64> {
-    Ok(Maps::open(pins)?.counters_lost())
-}
-
-/// Counters of every pod (or of `only`), zero rows included as iptables does.
+/// Counters of every pod (or of `only`): `crate::stats::read`'s pods.
 pub fn stats(pins: &Pins, only: Option<u64>) -> Result<Vec<PodStats>> {
-    let maps = Maps::open(pins)?;
-    let counters = maps.counters();
-    let probe = crate::probe::cached(pins);
-    let mut out = Vec::new();
-    for (cookie, cfg) in maps.pods() {
-        if only.is_some_and(|c| c != cookie) {
-            continue;
-        }
-        let empty = Default::default();
-        let c = counters.get(&cookie).unwrap_or(&empty);
-        let mut rules = Vec::new();
-        let mut ordered: Vec<Reason> = OUTPUT_ORDER.to_vec();
-        ordered.extend(PREROUTING_ORDER);
-        for chain in [Chain::OrigDst, Chain::Accel, Chain::Errors] {
-            ordered.extend(Reason::ALL.iter().filter(|r| r.chain() == chain));
-        }
-        for r in ordered {
-            let v = c.get(&r).copied().unwrap_or(CounterValue::default());
-            rules.push(RuleCount {
-                chain: chain_name(r.chain()),
-                rule: r.name(),
-                target: r.target(),
-                description: r.describe(),
-                count: v.count,
-                bytes: v.bytes,
-            });
-        }
-        out.push(PodStats {
-            netns_cookie: cookie,
-            netns: sys::netns_name(cfg.netns_inode as u64),
-            acceleration: {
-                let spec = PodSpec::from_kernel(&cfg, &[], &[]);
-                crate::probe::describe(spec.accel_mode, spec.accel, probe.as_ref())
-            },
-            rules,
-        });
-    }
-    out.sort_by_key(|p| p.netns_cookie);
-    Ok(out)
+    Ok(crate::stats::read(pins, only)?.pods)
 }
 
-fn chain_name(c: Chain) -> &'static str {
-    match c {
-        Chain::Output => "OUTPUT",
-        Chain::Prerouting => "PREROUTING",
-        Chain::OrigDst => "ORIGINAL_DST",
-        Chain::Accel => "ACCEL",
-        Chain::Errors => "ERRORS",
-    }
-}
-
-fn chain_title(c: &str) -> &'static str {
-    match c {
-        "OUTPUT" => "Chain OUTPUT (cgroup/connect4, cgroup/connect6: new TCP connections made in the pod)",
-        "PREROUTING" => "Chain PREROUTING (sk_lookup in the pod netns: new TCP connections from outside)",
-        "ORIGINAL_DST" => "Original destination (cgroup/getsockopt SO_ORIGINAL_DST, cgroup/getpeername)",
-        "ACCEL" => "Acceleration (sockops + sk_msg between app and proxy; sockets, connections, sk_msg verdicts or messages, and bytes)",
-        _ => "Errors",
-    }
-}
-
+/// The pods' counters as `redirect stats` prints them.
 pub fn render_stats(pods: &[PodStats]) -> String {
-    let mut s = String::new();
-    if pods.is_empty() {
-        s.push_str("no captured pods\n");
-    }
-    for p in pods {
-        let _ = writeln!(
-            s,
-            "Pod {} (netns cookie {})",
-            p.netns.as_deref().unwrap_or("<no path found>"),
-            p.netns_cookie
-        );
-        let _ = writeln!(s, "acceleration: {}", p.acceleration);
-        let mut chain = "";
-        for r in &p.rules {
-            if r.chain != chain {
-                chain = r.chain;
-                let _ = writeln!(s, "{}", chain_title(chain));
-                let _ = writeln!(s, "{:>9} {:>9} {:<9} rule", "conns", "bytes", "target");
-            }
-            let _ = writeln!(
-                s,
-                "{:>9} {:>9} {:<9} {}",
-                human(r.count),
-                human(r.bytes),
-                r.target,
-                r.description
-            );
-        }
-        s.push('\n');
-    }
-    s
-}
-
-/// iptables -v style: 1234, 12K, 3M.
-fn human(n: u64) -> String {
-    match n {
-        0..=99_999 => n.to_string(),
-        100_000..=99_999_999 => format!("{}K", n / 1000),
-        _ => format!("{}M", n / 1_000_000),
-    }
+    crate::stats::render::render(
+        pods,
+        &crate::stats::Listing::All,
+        None,
+        crate::stats::unix_now(),
+    )
 }

@@ -11,7 +11,7 @@ use std::{
 };
 
 use agent_support::*;
-use redirect_tests::{NetnsGuard, Pod, UPSTREAM_V4, UPSTREAM_V6};
+use redirect_tests::{pinned_map_len, NetnsGuard, Pod, UPSTREAM_V4, UPSTREAM_V6};
 use serde_json::{json, Value};
 
 fn upstream() -> String {
@@ -162,6 +162,21 @@ fn cni_add_captures_and_del_releases() {
         "{m}"
     );
     assert!(m.contains("redirect_pods 1\n"), "{m}");
+    // `stats --zero` moves what `stats` shows, never the exported
+    // counters: they stay monotonic (2, then 3 after one more).
+    let zero = s.pod.redirect(&["stats", "--zero", "--netns", &s.netns()]);
+    assert!(zero.status.success(), "{zero:?}");
+    assert!(s.pod.app_client(&upstream()).ok);
+    assert_eq!(s.proxied().len(), 1);
+    assert_eq!(
+        s.pod.counter("OUTPUT", "captured"),
+        1,
+        "shown since the zero"
+    );
+    let (_, m) =
+        redirect_userspace::agent::http::get(s.daemon().metrics_addr(), "/metrics").unwrap();
+    let want = want.replace("} 2", "} 3");
+    assert!(m.lines().any(|l| l == want), "{want} not in\n{m}");
     for (path, want) in [("/healthz", 200), ("/readyz", 200), ("/nope", 404)] {
         assert_eq!(
             redirect_userspace::agent::http::get(s.daemon().metrics_addr(), path)
@@ -191,6 +206,11 @@ fn cni_add_captures_and_del_releases() {
         .join("netns")
         .join(cookie.to_string())
         .exists());
+    assert_eq!(
+        pinned_map_len(&s.pod, "REDIRECT_STATS_BASELINE"),
+        0,
+        "the released pod's --zero baseline is left"
+    );
     let r = s.pod.app_client(&upstream());
     assert!(r.ok, "{r:?}");
     assert!(s.proxied().is_empty(), "released pod still captured");

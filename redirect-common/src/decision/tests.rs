@@ -327,3 +327,15 @@ fn inbound_list_and_empty() {
         Verdict::Untouched(Reason::InNotIncluded)
     );
 }
+
+#[test]
+fn orig_dst_is_asked_on_the_connections_own_family_level() {
+    // 0 = SOL_IP, 41 = SOL_IPV6 (libc's values).
+    assert_eq!((crate::SOL_IP, crate::SOL_IPV6), (0, 41));
+    assert_eq!(orig_dst_level(crate::AF_INET), crate::SOL_IP);
+    assert_eq!(orig_dst_level(crate::AF_INET6), crate::SOL_IPV6);
+    // The getsockopt program folds v4-mapped sockets to AF_INET first, so
+    // a dual-stack socket's IPv4 connection is asked for with SOL_IP.
+    assert_eq!(orig_dst_level(family(false)), crate::SOL_IP);
+    assert_eq!(orig_dst_level(family(true)), crate::SOL_IPV6);
+}

@@ -133,7 +133,9 @@ pub fn render(agent: &Agent, ready: bool) -> String {
     }
 
     let names = agent.pod_names();
-    match report::stats(&agent.pins, None) {
+    // The raw counters (`*_total`): a `redirect stats --zero` only moves
+    // what `stats` shows, so these stay monotonic.
+    match crate::stats::read(&agent.pins, None).map(|s| s.pods) {
         Ok(pods) => {
             header(&mut out, "redirect_pods", "gauge", "Captured pods.");
             let _ = writeln!(out, "redirect_pods {}", pods.len());
@@ -144,14 +146,21 @@ pub fn render(agent: &Agent, ready: bool) -> String {
                 for r in &p.rules {
                     let labels = format!(
                         "pod=\"{pod}\",netns_cookie=\"{}\",chain=\"{}\",rule=\"{}\",target=\"{}\"",
-                        p.netns_cookie, r.chain, r.rule, r.target
+                        p.netns_cookie,
+                        r.chain.name(),
+                        r.rule,
+                        r.target
                     );
-                    let _ = writeln!(out, "redirect_decisions_total{{{labels}}} {}", r.count);
-                    if r.bytes > 0 {
+                    let _ = writeln!(
+                        out,
+                        "redirect_decisions_total{{{labels}}} {}",
+                        r.count_total
+                    );
+                    if r.bytes_total > 0 {
                         let _ = writeln!(
                             bytes,
                             "redirect_decision_bytes_total{{{labels}}} {}",
-                            r.bytes
+                            r.bytes_total
                         );
                     }
                 }

@@ -121,13 +121,9 @@ pub fn run(pin_dir: &Path, a: Args) -> Result<()> {
                 "already attached"
             }
         );
+        // Said once, here (forced on a failed probe included); the probe's
+        // findings in full: `redirect status`.
         println!("  acceleration: {}", info.accel_decision);
-        if info.accel
-            && spec.accel_mode == redirect_userspace::config::AccelMode::Forced
-            && info.accel_decision.contains("probe failed")
-        {
-            eprintln!("redirect: warning: acceleration forced on a kernel that failed the probe (README, \"Acceleration\")");
-        }
         if !info.listener_seeded.is_empty() {
             println!(
                 "  proxy listener found: {}",
