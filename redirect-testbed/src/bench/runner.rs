@@ -424,7 +424,7 @@ impl Haproxy {
         };
         let mut h = Haproxy { child, dir };
         // Ready when the fixed echo frontend answers from inside the pod.
-        let ns = crate::sys::Netns::open(&topo.pod.path())?;
+        let ns = redirect_userspace::sys::Netns::open(&topo.pod.path())?;
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             if let Ok(Some(st)) = h.child.try_wait() {
@@ -1074,7 +1074,7 @@ fn load_avg() -> String {
 /// Run the whole benchmark and write the report. Returns the report path
 /// and whether every path check passed.
 pub fn run(o: &Options) -> Result<(PathBuf, bool)> {
-    if crate::sys::check_privileges().is_err() {
+    if redirect_userspace::sys::check_privileges().is_err() {
         bail!("the benchmark needs root (namespaces, cgroups, iptables, BPF)");
     }
     for b in [kit_bin(), redirect_bin()] {
