@@ -94,7 +94,7 @@ enum Tool {
         #[arg(long)]
         quick: bool,
         #[arg(long, value_enum, default_value = "kit")]
-        proxy: bench::runner::ProxyKind,
+        proxy: bench::model::ProxyKind,
         #[arg(long, default_value = "results")]
         out: std::path::PathBuf,
         #[arg(long)]
