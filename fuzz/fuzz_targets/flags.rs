@@ -1,4 +1,4 @@
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 
-fuzz_target!(|data: &[u8]| redirect_userspace::fuzzing::flags(data));
+fuzz_target!(|data: &[u8]| redirect_testbed::fuzzing::flags(data));

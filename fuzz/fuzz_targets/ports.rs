@@ -1,4 +1,4 @@
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 
-fuzz_target!(|data: &[u8]| redirect_userspace::fuzzing::ports(data));
+fuzz_target!(|data: &[u8]| redirect_testbed::fuzzing::ports(data));

@@ -254,7 +254,7 @@ fn parse_port(field: &'static str, whole: &str, s: &str) -> Result<u16, Error> {
 }
 
 /// A port list, sorted and deduplicated (the kernel keeps a set).
-pub(crate) fn parse_ports(field: &'static str, s: &str) -> Result<Vec<u16>, Error> {
+pub fn parse_ports(field: &'static str, s: &str) -> Result<Vec<u16>, Error> {
     let mut out = Vec::new();
     for p in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         if p == "*" {

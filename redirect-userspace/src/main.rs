@@ -44,10 +44,6 @@ enum Command {
     /// pods for the redirect-cni plugin over a unix socket, serves
     /// Prometheus metrics.
     Daemon(cmd::daemon::Args),
-    /// Build a demo pod (app + sidecar proxy as uid 1337) and an upstream
-    /// server in network namespaces on this host, capture it, send
-    /// traffic, print the counters and clean up.
-    Demo(cmd::demo::Args),
     /// Check a captured pod as Istio's validation init container does (run
     /// before the proxy starts): the proxy's probe to 127.0.0.6:15002 lands
     /// on the inbound port with its original destination, and a connection
@@ -93,7 +89,6 @@ fn main() -> ExitCode {
         Command::Stats(a) => cmd::stats::run(&cli.pin_dir, a),
         Command::Uninstall(a) => cmd::uninstall::run(&cli.pin_dir, a),
         Command::Daemon(a) => cmd::daemon::run(&cli.pin_dir, a),
-        Command::Demo(a) => cmd::demo::run(a),
         Command::Validate(a) => cmd::validate::run(&cli.pin_dir, a),
         Command::ValidateInside(a) => cmd::validate::run_inside(a),
         Command::AccelProbeInside => redirect_userspace::probe::inside()

@@ -42,7 +42,7 @@ use crate::{
     config::AccelMode,
     error::{Error, Result},
     pins::Pins,
-    sandbox::{self, CgroupGuard, Placement},
+    placement::{self, CgroupGuard, Placement},
 };
 
 /// Bumped when the checks change: an older cached result is re-probed.
@@ -320,7 +320,7 @@ fn redirect_binary() -> std::result::Result<std::path::PathBuf, String> {
     if exe.file_name().is_some_and(|n| n == "redirect") {
         return Ok(exe);
     }
-    let mut candidates = vec![sandbox::sibling_binary("redirect")];
+    let mut candidates = vec![placement::sibling_binary("redirect")];
     if let Some(dir) = exe.parent() {
         candidates.push(dir.join("redirect"));
         if let Some(up) = dir.parent() {
@@ -341,11 +341,11 @@ fn run(host: &mut dyn ProbeHost) -> std::result::Result<ProbeResult, String> {
     }
     let exe = redirect_binary()?;
     remove_stale_cgroups(host);
-    let cg = CgroupGuard::new(&sandbox::unique(STALE_PREFIX))
+    let cg = CgroupGuard::new(&placement::unique(STALE_PREFIX))
         .map_err(|e| format!("creating the probe's child cgroup: {e}"))?;
     let mut cmd = Command::new(&exe);
     cmd.arg(INSIDE_COMMAND).env(INSIDE_ENV, "1");
-    sandbox::place(
+    placement::place(
         &mut cmd,
         &Placement {
             cgroup: Some(cg.path.clone()),

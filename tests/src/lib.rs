@@ -10,10 +10,10 @@ use std::{
     time::Duration,
 };
 
-pub use redirect_userspace::sandbox::{
+pub use redirect_testbed::sandbox::{
     run, ChildGuard, NetnsGuard, Placement, Topology, POD_V4, POD_V6, UPSTREAM_V4, UPSTREAM_V6,
 };
-use redirect_userspace::{kit::ClientReport, sandbox::sibling_binary};
+use redirect_testbed::{kit::ClientReport, sandbox::sibling_binary};
 
 pub const APP_UID: u32 = 1000;
 pub const PROXY_UID: u32 = 1337;
@@ -50,7 +50,7 @@ impl Pod {
         let topo = Topology::new(tag).unwrap_or_else(|e| panic!("creating topology {tag}: {e}"));
         let pin_dir = PathBuf::from(format!(
             "/sys/fs/bpf/{}",
-            redirect_userspace::sandbox::unique("rdt-")
+            redirect_testbed::sandbox::unique("rdt-")
         ));
         Pod {
             topo,
@@ -163,7 +163,7 @@ impl Pod {
         if let Some(b) = bind {
             cmd.args(["--bind", b]);
         }
-        redirect_userspace::sandbox::place(&mut cmd, p).expect("placing client");
+        redirect_testbed::sandbox::place(&mut cmd, p).expect("placing client");
         let out = cmd.output().expect("running client");
         serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
             panic!(
@@ -246,7 +246,7 @@ pub fn client_sized(p: &Placement, dst: &str, size: usize) -> ClientReport {
         "--size",
         &size.to_string(),
     ]);
-    redirect_userspace::sandbox::place(&mut cmd, p).expect("placing client");
+    redirect_testbed::sandbox::place(&mut cmd, p).expect("placing client");
     let out = cmd.output().expect("running client");
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
         panic!(
@@ -287,7 +287,7 @@ impl Haproxy {
             std::path::Path::new(HAPROXY).exists(),
             "{HAPROXY} missing: run `cargo xtask setup` (or apt-get install -y haproxy)"
         );
-        let dir = std::env::temp_dir().join(redirect_userspace::sandbox::unique("rdt-haproxy-"));
+        let dir = std::env::temp_dir().join(redirect_testbed::sandbox::unique("rdt-haproxy-"));
         std::fs::create_dir(&dir).expect("haproxy temp dir");
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
         let cfg = dir.join("haproxy.cfg");
@@ -314,7 +314,7 @@ impl Haproxy {
         cmd.stdin(std::process::Stdio::null())
             .stdout(std::fs::File::create(dir.join("stdout.log")).unwrap())
             .stderr(std::fs::File::create(dir.join("stderr.log")).unwrap());
-        redirect_userspace::sandbox::place(&mut cmd, &pod.topo.in_pod(PROXY_UID, PROXY_UID))
+        redirect_testbed::sandbox::place(&mut cmd, &pod.topo.in_pod(PROXY_UID, PROXY_UID))
             .expect("placing haproxy");
         let child = match cmd.spawn() {
             Ok(c) => c,
@@ -451,7 +451,7 @@ impl KitRun {
 /// Run `redirect-kit <args>` placed as asked; killed (by PID) if still
 /// running after `timeout`.
 pub fn run_kit(p: &Placement, args: &[&str], timeout: Duration) -> KitRun {
-    let f = redirect_userspace::sandbox::run_placed(&kit_bin(), args, p, timeout)
+    let f = redirect_testbed::sandbox::run_placed(&kit_bin(), args, p, timeout)
         .expect("starting redirect-kit");
     KitRun {
         status: f.status,
@@ -550,5 +550,5 @@ pub fn accel_bytes_upper(pod: &Pod) -> (u64, u64) {
 /// Raise this process's RLIMIT_NOFILE soft limit to the hard limit; the
 /// tools started afterwards (proxy, servers) inherit it.
 pub fn raise_nofile() {
-    redirect_userspace::kit::stress::raise_nofile();
+    redirect_testbed::kit::stress::raise_nofile();
 }

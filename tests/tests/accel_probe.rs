@@ -13,7 +13,7 @@ impl Drop for Leftover {
     fn drop(&mut self) {
         for d in self.0.drain(..) {
             if d.exists() {
-                drop(redirect_userspace::sandbox::CgroupGuard { path: d });
+                drop(redirect_testbed::sandbox::CgroupGuard { path: d });
             }
         }
     }
@@ -281,7 +281,7 @@ fn the_next_probe_removes_what_a_killed_probe_left() {
     // Killed after capturing: its namespace captured into this install,
     // its cgroup attached and named after the pod's cookie.
     let pod = Pod::new("aps");
-    let ns = NetnsGuard::new(&redirect_userspace::sandbox::unique("rdps-")).expect("netns");
+    let ns = NetnsGuard::new(&redirect_testbed::sandbox::unique("rdps-")).expect("netns");
     let captured = root.join(format!("redirect-accel-probe-{pid}x1"));
     std::fs::create_dir(&captured).expect("stale cgroup");
     let out = pod.redirect(&[

@@ -25,8 +25,8 @@
 //! they exist, acceleration is off unless `--accel` forces it.
 use std::time::Duration;
 
+use redirect_testbed::kit::{payload, stress::hash};
 use redirect_tests::*;
-use redirect_userspace::kit::{payload, stress::hash};
 use serde_json::Value;
 
 /// Odd write sizes (1 byte to more than 64 KiB), cycled.
@@ -1404,7 +1404,7 @@ fn nothing_outside_captured_pods_is_inserted() {
     assert_eq!(accel_counter(&pod, "sockets_inserted").0, 2);
     let redirected = accel_counter(&pod, "messages_redirected");
 
-    let twin = NetnsGuard::new(&redirect_userspace::sandbox::unique("rdx-")).expect("netns");
+    let twin = NetnsGuard::new(&redirect_testbed::sandbox::unique("rdx-")).expect("netns");
     // The pod's addresses, on a veth pair of its own.
     twin.ip(&["link", "add", "e0", "type", "veth", "peer", "name", "e1"])
         .unwrap();

@@ -383,7 +383,7 @@ fn daemon_restart_during_traffic_fails_no_connection() {
 fn pods_whose_netns_is_gone_are_released() {
     let mut s = Setup::new("aggone");
     // DEL after the netns is gone finds the pod by container id.
-    let ns = NetnsGuard::new(&redirect_userspace::sandbox::unique("rdt-gone-")).unwrap();
+    let ns = NetnsGuard::new(&redirect_testbed::sandbox::unique("rdt-gone-")).unwrap();
     let p = ns.path().display().to_string();
     let add = cni(
         &pod_vars("ADD", "ctr-gone-1", &p, SELECT),
@@ -400,7 +400,7 @@ fn pods_whose_netns_is_gone_are_released() {
     assert!(s.daemon().list().is_empty(), "released by container id");
 
     // A pod whose DEL was missed while no agent ran is released on start.
-    let ns = NetnsGuard::new(&redirect_userspace::sandbox::unique("rdt-gone-")).unwrap();
+    let ns = NetnsGuard::new(&redirect_testbed::sandbox::unique("rdt-gone-")).unwrap();
     let p = ns.path().display().to_string();
     assert_eq!(
         cni(
@@ -474,9 +474,9 @@ fn agent_socket_is_root_only_and_checks_requests() {
     for (k, v) in pod_vars("ADD", "ctr-u", &s.netns(), SELECT) {
         cmd.env(k, v);
     }
-    redirect_userspace::sandbox::place(
+    redirect_testbed::sandbox::place(
         &mut cmd,
-        &redirect_userspace::sandbox::Placement {
+        &redirect_testbed::sandbox::Placement {
             uid: Some(1000),
             gid: Some(1000),
             ..Default::default()

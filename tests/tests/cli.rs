@@ -11,12 +11,12 @@ use std::{
     process::{Command, Output, Stdio},
 };
 
-use redirect_tests::*;
-use redirect_userspace::attach::CGROUP_PROGRAMS;
-use redirect_userspace::{
+use redirect_testbed::{
     kit::ClientReport,
     sandbox::{place, unique},
 };
+use redirect_tests::*;
+use redirect_userspace::attach::CGROUP_PROGRAMS;
 use serde_json::Value;
 
 /// A finished CLI run, decoded.

@@ -349,7 +349,7 @@ fn manifests_agree_with_each_other_and_the_daemon() {
 /// at the conflist check, before binding or loading anything.
 #[test]
 fn daemon_parses_the_configmap() {
-    let bin = redirect_userspace::sandbox::sibling_binary("redirect");
+    let bin = redirect_testbed::sandbox::sibling_binary("redirect");
     if unsafe { libc::geteuid() } != 0 || !bin.exists() {
         eprintln!("skipped: needs root and the built redirect binary (cargo xtask test)");
         return;

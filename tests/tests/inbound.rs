@@ -13,8 +13,9 @@ use std::{
     time::{Duration, Instant},
 };
 
+use redirect_testbed::kit::ClientReport;
 use redirect_tests::*;
-use redirect_userspace::{kit::ClientReport, sys::Netns};
+use redirect_userspace::sys::Netns;
 
 const APP_PORT: u16 = 9080;
 

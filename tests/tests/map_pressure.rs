@@ -416,7 +416,7 @@ fn counters_map_full_loses_counts_not_decisions_and_says_so() {
 
 /// A bare extra pod netns (loopback only) for capture-count tests.
 fn extra_netns(tag: &str) -> NetnsGuard {
-    NetnsGuard::new(&redirect_userspace::sandbox::unique(&format!("rdp-{tag}-"))).expect("netns")
+    NetnsGuard::new(&redirect_testbed::sandbox::unique(&format!("rdp-{tag}-"))).expect("netns")
 }
 
 #[test]

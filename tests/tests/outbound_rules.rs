@@ -22,8 +22,8 @@ use std::{
     time::Duration,
 };
 
+use redirect_testbed::{kit::ClientReport, sandbox::unique};
 use redirect_tests::*;
-use redirect_userspace::{kit::ClientReport, sandbox::unique};
 
 /// The app's own server in the pod.
 const APP_PORT: u16 = 9080;
@@ -781,7 +781,7 @@ fn udp_is_not_captured() {
         // bash's /dev/udp connect()s a UDP socket: the connect hook runs.
         let mut cmd = Command::new("bash");
         cmd.args(["-c", &format!("echo ping >/dev/udp/{ip}/5353")]);
-        redirect_userspace::sandbox::place(&mut cmd, &rig.app()).unwrap();
+        redirect_testbed::sandbox::place(&mut cmd, &rig.app()).unwrap();
         let st = cmd.status().expect("bash");
         assert!(st.success(), "udp send to {dst}: {st}");
         let mut buf = [0u8; 64];

@@ -22,8 +22,8 @@ use std::{
 };
 
 use agent_support::*;
+use redirect_testbed::sandbox::{sibling_binary, unique};
 use redirect_tests::redirect_bin;
-use redirect_userspace::sandbox::{sibling_binary, unique};
 use serde_json::Value;
 
 const IMAGE: &str = "localhost/redirect-test:1";

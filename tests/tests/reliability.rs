@@ -259,7 +259,7 @@ fn agent_sigkill_and_upgrade_under_traffic_lose_nothing() {
     redirect_tests::raise_nofile();
     let pods = vec![Pod::new("rel0"), Pod::new("rel1")];
     let tmp = TempDir::new("rel");
-    let extra = NetnsGuard::new(&redirect_userspace::sandbox::unique("rdp-relx-")).unwrap();
+    let extra = NetnsGuard::new(&redirect_testbed::sandbox::unique("rdp-relx-")).unwrap();
     let mut c = Cluster {
         pods,
         proxies: Vec::new(),

@@ -16,7 +16,7 @@
 //!
 //! Each test has its own pod. Processes are started with exact credentials
 //! (real/effective uid and gid, supplementary groups) by a test-local
-//! `pre_exec`, since `sandbox::place` always clears the groups and sets
+//! `pre_exec`, since `placement::place` always clears the groups and sets
 //! real = effective.
 mod agent_support;
 
@@ -33,8 +33,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use redirect_testbed::{kit::ClientReport, sandbox::unique};
 use redirect_tests::*;
-use redirect_userspace::{kit::ClientReport, sandbox::unique};
 use serde_json::Value;
 
 const UP_PORT: u16 = 8080;
@@ -72,7 +72,7 @@ impl Creds {
 }
 
 /// Start `cmd` in `netns` (if any) and `cgroup` with exactly `creds`
-/// (saved ids = effective ids). Same order as `sandbox::place`: cgroup,
+/// (saved ids = effective ids). Same order as `placement::place`: cgroup,
 /// netns, then groups, gids, uids.
 fn place_as(cmd: &mut Command, netns: Option<&Path>, cgroup: &Path, creds: &Creds) {
     let procs = std::fs::OpenOptions::new()
@@ -680,7 +680,7 @@ fn netns_created_inside_the_pod_is_not_the_pod() {
 fn as_app(cmd: &str, args: &[&str]) -> Output {
     let mut c = Command::new(cmd);
     c.args(args);
-    redirect_userspace::sandbox::place(
+    redirect_testbed::sandbox::place(
         &mut c,
         &Placement {
             uid: Some(APP_UID),
@@ -818,7 +818,7 @@ fn agent_refuses_non_root_peers_even_on_an_open_socket() {
         cmd.stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped());
-        redirect_userspace::sandbox::place(
+        redirect_testbed::sandbox::place(
             &mut cmd,
             &Placement {
                 uid: Some(APP_UID),

@@ -4,7 +4,7 @@
 //! * `build-ebpf` build the eBPF object with the nightly toolchain
 //! * `build`      eBPF object plus the host binaries
 //! * `test`       build in debug, then run the workspace tests
-//! * `demo`       release build, then `redirect demo`
+//! * `demo`       release build, then `redirect-kit demo`
 //! * `bench`      release build, then the eBPF-vs-iptables benchmark
 //!
 //! Every external command is echoed as `==> cmd` before it runs.
@@ -58,7 +58,7 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Release build, then run `target/release/redirect demo`.
+    /// Release build, then run `target/release/redirect-kit demo`.
     Demo,
     /// Release build, then the benchmark of BENCHMARK.md (eBPF vs iptables),
     /// as root; writes results/<timestamp>/report.md and SVG plots.

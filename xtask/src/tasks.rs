@@ -256,11 +256,12 @@ fn test_threads() -> Result<usize> {
     }
 }
 
-/// Release build, then replaces xtask with `redirect demo`, so the demo owns
-/// the terminal and its exit code is ours.
+/// Release build, then replaces xtask with `redirect-kit demo` (the
+/// testbed's binary), so the demo owns the terminal and its exit code is
+/// ours.
 pub fn demo(toolchain: &Toolchain) -> Result<()> {
     build(toolchain, false)?;
-    let binary = target_dir().join("release/redirect");
+    let binary = target_dir().join("release/redirect-kit");
     let mut demo = Command::new(&binary);
     demo.current_dir(workspace_root()).arg("demo");
     Err(cmd::exec(&mut demo)).with_context(|| {

@@ -20,7 +20,7 @@ use anyhow::{Context, Result};
 use redirect_userspace::{
     agent::{self, Agent},
     cni::conflist,
-    sandbox::sibling_binary,
+    placement::sibling_binary,
     sys,
 };
 

@@ -1,7 +1,6 @@
 //! One module per subcommand.
 pub mod attach;
 pub mod daemon;
-pub mod demo;
 pub mod detach;
 pub mod stats;
 pub mod status;

@@ -53,11 +53,10 @@ use anyhow::{anyhow, bail, Context, Result};
 use redirect_common::{cidr_kind, inbound_verdict, port_kind, Lookup, PodConfig, Verdict};
 use redirect_userspace::{
     error::Error,
-    kit,
     maps::Maps,
     pins::Pins,
-    sandbox::{self, Placement},
-    sys,
+    placement::{self, Placement},
+    sockopt, sys,
 };
 use serde::{Deserialize, Serialize};
 
@@ -153,7 +152,7 @@ fn inside(a: &InsideArgs) -> Result<(TcpListener, TcpListener)> {
     };
     let bind = |port: u16, what: &str| -> Result<TcpListener> {
         let addr = SocketAddr::new(lo, port);
-        kit::listen(addr).map_err(|e| {
+        sockopt::listen(addr).map_err(|e| {
             if e.kind() == io::ErrorKind::AddrInUse {
                 anyhow!(
                     "cannot listen on {addr} ({what} port): it is already in use in the pod. \
@@ -244,7 +243,7 @@ fn inside(a: &InsideArgs) -> Result<(TcpListener, TcpListener)> {
                 continue;
             }
             conn.set_nonblocking(false)?;
-            let orig = kit::original_dst(&conn).map_err(|e| {
+            let orig = sockopt::original_dst(&conn).map_err(|e| {
                 anyhow!("the probe {from} -> {dst} was accepted on {lo}:{port}, but SO_ORIGINAL_DST on the accepted socket failed: {e}")
             })?;
             if port != a.inbound_port {
@@ -539,7 +538,7 @@ fn spawn_inside(place: &Placement, a: &Args, cfg: &PodConfig, v6: bool) -> Resul
     if v6 {
         cmd.arg("--v6");
     }
-    sandbox::place(&mut cmd, place)?;
+    placement::place(&mut cmd, place)?;
     cmd.stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());

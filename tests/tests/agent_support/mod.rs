@@ -11,8 +11,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use redirect_testbed::sandbox::{sibling_binary, unique};
 use redirect_tests::redirect_bin;
-use redirect_userspace::sandbox::{sibling_binary, unique};
 use serde_json::{json, Value};
 
 pub fn cni_bin() -> PathBuf {

@@ -15,18 +15,17 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
-use serde::{Deserialize, Serialize};
 
 use super::{
     hist,
     loadgen::{LoadResult, Mode},
+    model::{Cfg, Check, Machine, Place, ProxyKind, Run, Sample, Settings, Test, ECHO_PORT},
     report,
 };
 use crate::sandbox::{self, ChildGuard, Topology, UPSTREAM_V4};
 
 pub const APP_UID: u32 = 1000;
 pub const PROXY_UID: u32 = 1337;
-pub const ECHO_PORT: u16 = 7001;
 const SINK_PORT: u16 = 7002;
 /// The proxy-side echo of the app↔proxy leg listens on the outbound port.
 const LEG_PORT: u16 = 15001;
@@ -42,132 +41,6 @@ const ISTIO_FLAGS: [&str; 12] = [
 ];
 const ISTIO_EXCLUDE_INBOUND: &str = "15090,15021,15020";
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub enum Cfg {
-    A,
-    B,
-    C,
-    D,
-    E,
-}
-
-impl Cfg {
-    pub const ALL: [Cfg; 5] = [Cfg::A, Cfg::B, Cfg::C, Cfg::D, Cfg::E];
-    pub const SCALED: [Cfg; 3] = [Cfg::C, Cfg::D, Cfg::E];
-
-    pub fn describe(self) -> &'static str {
-        match self {
-            Cfg::A => "no proxy: app → server directly",
-            Cfg::B => "proxy addressed directly (fixed upstream), no capture",
-            Cfg::C => "Istio's iptables nat rules (REDIRECT) in the pod netns",
-            Cfg::D => "eBPF redirect without acceleration (`redirect attach --no-accel`)",
-            Cfg::E => "eBPF redirect with sockops/sk_msg acceleration (`redirect attach --accel`)",
-        }
-    }
-
-    pub fn color(self) -> &'static str {
-        match self {
-            Cfg::A => "#7f7f7f",
-            Cfg::B => "#9467bd",
-            Cfg::C => "#d62728",
-            Cfg::D => "#1f77b4",
-            Cfg::E => "#2ca02c",
-        }
-    }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub enum Place {
-    /// Client, proxy and server all on CPU 0.
-    Same,
-    /// Client on CPU 0, proxy and server on CPU 1.
-    Split,
-}
-
-impl Place {
-    pub fn describe(self) -> &'static str {
-        match self {
-            Place::Same => "one CPU: client, proxy and server all on CPU 0",
-            Place::Split => "two CPUs: client on CPU 0, proxy and server on CPU 1",
-        }
-    }
-
-    pub fn short(self) -> &'static str {
-        match self {
-            Place::Same => "one CPU",
-            Place::Split => "two CPUs",
-        }
-    }
-
-    fn cpus(self) -> (usize, usize) {
-        match self {
-            Place::Same => (0, 0),
-            Place::Split => (0, 1),
-        }
-    }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub enum Test {
-    Rr64,
-    Rr1k,
-    Rr16k,
-    Conn,
-    Bulk,
-    Open,
-    /// App↔proxy leg: app (uid 1000) → proxy-side echo (uid 1337, :15001)
-    /// in the pod, 64 B request/response: through capture in D and E,
-    /// plain loopback TCP to 127.0.0.1:15001 in A (no capture).
-    Leg64,
-    /// The same two processes over an AF_UNIX stream pair (A only).
-    Unix64,
-}
-
-impl Test {
-    pub const ALL: [Test; 6] = [
-        Test::Rr64,
-        Test::Rr1k,
-        Test::Rr16k,
-        Test::Conn,
-        Test::Bulk,
-        Test::Open,
-    ];
-
-    pub fn describe(self) -> &'static str {
-        match self {
-            Test::Rr64 => "request/response 64 B",
-            Test::Rr1k => "request/response 1 KiB",
-            Test::Rr16k => "request/response 16 KiB",
-            Test::Conn => "connection (connect + 64 B exchange + close)",
-            Test::Bulk => "bulk upload",
-            Test::Open => "open loop 64 B",
-            Test::Leg64 => "app↔proxy leg request/response 64 B (TCP)",
-            Test::Unix64 => "app↔proxy leg request/response 64 B (AF_UNIX)",
-        }
-    }
-
-    fn mode(self) -> (Mode, usize) {
-        match self {
-            Test::Rr64 => (Mode::Rr, 64),
-            Test::Rr1k => (Mode::Rr, 1024),
-            Test::Rr16k => (Mode::Rr, 16384),
-            Test::Conn => (Mode::Conn, 64),
-            Test::Bulk => (Mode::Bulk, 0),
-            Test::Open => (Mode::Open, 64),
-            Test::Leg64 => (Mode::Rr, 64),
-            Test::Unix64 => (Mode::Unix, 64),
-        }
-    }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
-pub enum ProxyKind {
-    /// The workspace's own event-loop sidecar (`redirect-kit bench-proxy`).
-    Kit,
-    /// Debian's haproxy (`server 0.0.0.0:0`: SO_ORIGINAL_DST, IPv4).
-    Haproxy,
-}
-
 pub struct Options {
     pub quick: bool,
     pub proxy: ProxyKind,
@@ -176,70 +49,6 @@ pub struct Options {
     pub reps: Option<usize>,
     /// Override the open-loop rate (requests/s).
     pub rate: Option<u64>,
-}
-
-/// Durations and counts of one run.
-#[derive(Clone, Debug, Serialize)]
-pub struct Settings {
-    pub quick: bool,
-    pub reps: usize,
-    pub warmup_round: bool,
-    pub duration_ms: u64,
-    pub warmup_ms: u64,
-    pub open_rate: u64,
-    pub rule_counts: Vec<usize>,
-    pub places: Vec<Place>,
-    pub proxy: ProxyKind,
-}
-
-/// One measurement.
-#[derive(Clone, Debug, Serialize)]
-pub struct Sample {
-    pub rep: usize,
-    pub cfg: Cfg,
-    pub place: Place,
-    pub test: Test,
-    /// Extra rules (C) or exclusion entries (D, E).
-    pub rules: usize,
-    pub rate: f64,
-    pub p50_us: f64,
-    pub p99_us: f64,
-    pub p999_us: f64,
-    pub gbit_s: f64,
-    pub cpu_s_per_gb: f64,
-    pub conns: u64,
-    #[serde(skip)]
-    pub hist: Vec<[u64; 2]>,
-}
-
-/// The outcome of one path check.
-#[derive(Clone, Debug, Serialize)]
-pub struct Check {
-    pub rep: usize,
-    pub cfg: Cfg,
-    pub rules: usize,
-    /// An app↔proxy leg environment (echo as the proxy).
-    pub leg: bool,
-    pub ok: bool,
-    pub detail: String,
-}
-
-/// Everything the report is made from.
-pub struct Run {
-    pub settings: Settings,
-    pub samples: Vec<Sample>,
-    pub checks: Vec<Check>,
-    /// "ACCEL" counter rows seen in E (rule → count), summed over runs.
-    pub accel: BTreeMap<String, u64>,
-    pub accel_rows_present: bool,
-    /// The same for the E leg environments.
-    pub leg_accel: BTreeMap<String, u64>,
-    pub leg_accel_rows_present: bool,
-    pub machine: report::Machine,
-    pub started: String,
-    pub elapsed_s: f64,
-    pub load_before: String,
-    pub load_after: String,
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -424,7 +233,7 @@ impl Haproxy {
         };
         let mut h = Haproxy { child, dir };
         // Ready when the fixed echo frontend answers from inside the pod.
-        let ns = crate::sys::Netns::open(&topo.pod.path())?;
+        let ns = redirect_userspace::sys::Netns::open(&topo.pod.path())?;
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             if let Ok(Some(st)) = h.child.try_wait() {
@@ -1074,7 +883,7 @@ fn load_avg() -> String {
 /// Run the whole benchmark and write the report. Returns the report path
 /// and whether every path check passed.
 pub fn run(o: &Options) -> Result<(PathBuf, bool)> {
-    if crate::sys::check_privileges().is_err() {
+    if redirect_userspace::sys::check_privileges().is_err() {
         bail!("the benchmark needs root (namespaces, cgroups, iptables, BPF)");
     }
     for b in [kit_bin(), redirect_bin()] {
@@ -1196,7 +1005,7 @@ pub fn run(o: &Options) -> Result<(PathBuf, bool)> {
         accel_rows_present: accel_rows,
         leg_accel,
         leg_accel_rows_present: leg_rows,
-        machine: report::Machine::probe(),
+        machine: Machine::probe(),
         started,
         elapsed_s: t0.elapsed().as_secs_f64(),
         load_before,

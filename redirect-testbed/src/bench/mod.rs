@@ -4,6 +4,7 @@
 //! `redirect-kit` subcommands, so every configuration uses the same code.
 pub mod hist;
 pub mod loadgen;
+pub mod model;
 pub mod net;
 pub mod report;
 pub mod runner;

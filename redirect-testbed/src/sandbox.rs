@@ -5,29 +5,15 @@
 //! the namespaces it created.
 
 use std::{
-    fs::File,
     io::{self, BufRead, BufReader},
-    os::fd::AsRawFd,
-    os::unix::process::CommandExt,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    sync::atomic::{AtomicU32, Ordering},
     time::{Duration, Instant},
 };
 
-use crate::sys;
-
-static SEQ: AtomicU32 = AtomicU32::new(0);
-
-/// A name unique to this process and call: `<prefix><pid>x<n>` (short
-/// enough for interface names when prefix is ≤ 4 chars).
-pub fn unique(prefix: &str) -> String {
-    format!(
-        "{prefix}{}x{}",
-        std::process::id(),
-        SEQ.fetch_add(1, Ordering::SeqCst)
-    )
-}
+/// Process placement, the product's own: re-exported so a test finds the
+/// whole toolbox here.
+pub use redirect_userspace::placement::{place, sibling_binary, unique, CgroupGuard, Placement};
 
 /// Run a command, failing with its stderr.
 pub fn run(cmd: &str, args: &[&str]) -> io::Result<String> {
@@ -71,54 +57,6 @@ impl Drop for NetnsGuard {
     fn drop(&mut self) {
         let _ = run("ip", &["netns", "del", &self.name]);
     }
-}
-
-/// A child cgroup of the cgroup2 root. On drop its processes are killed
-/// and the directory removed.
-pub struct CgroupGuard {
-    pub path: PathBuf,
-}
-
-impl CgroupGuard {
-    pub fn new(name: &str) -> io::Result<CgroupGuard> {
-        let root = sys::cgroup2_mount().map_err(io::Error::other)?;
-        let path = root.join(name);
-        std::fs::create_dir(&path)?;
-        Ok(CgroupGuard { path })
-    }
-
-    pub fn pids(&self) -> Vec<i32> {
-        std::fs::read_to_string(self.path.join("cgroup.procs"))
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| l.trim().parse().ok())
-            .collect()
-    }
-}
-
-impl Drop for CgroupGuard {
-    fn drop(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            let pids = self.pids();
-            for pid in &pids {
-                unsafe { libc::kill(*pid, libc::SIGKILL) };
-            }
-            if std::fs::remove_dir(&self.path).is_ok() || Instant::now() > deadline {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-/// Where and as whom to start a process.
-#[derive(Clone, Debug, Default)]
-pub struct Placement {
-    pub netns: Option<PathBuf>,
-    pub cgroup: Option<PathBuf>,
-    pub uid: Option<u32>,
-    pub gid: Option<u32>,
 }
 
 /// How a program run by [`run_placed`] ended.
@@ -177,51 +115,6 @@ pub fn run_placed(
         stderr: t_err.join().unwrap_or_default(),
         timed_out,
     })
-}
-
-/// Prepare `cmd` to start inside the placement: it joins the cgroup
-/// first, then the netns, then drops to the uid/gid (supplementary groups
-/// cleared).
-pub fn place(cmd: &mut Command, p: &Placement) -> io::Result<()> {
-    let procs = match &p.cgroup {
-        Some(cg) => Some(
-            std::fs::OpenOptions::new()
-                .write(true)
-                .open(cg.join("cgroup.procs"))?,
-        ),
-        None => None,
-    };
-    let ns = match &p.netns {
-        Some(n) => Some(File::open(n)?),
-        None => None,
-    };
-    let (uid, gid) = (p.uid, p.gid);
-    unsafe {
-        cmd.pre_exec(move || {
-            if let Some(f) = &procs {
-                if libc::write(f.as_raw_fd(), b"0".as_ptr().cast(), 1) != 1 {
-                    return Err(io::Error::last_os_error());
-                }
-            }
-            if let Some(f) = &ns {
-                if libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
-                    return Err(io::Error::last_os_error());
-                }
-            }
-            if let Some(g) = gid.or(uid) {
-                if libc::setgroups(0, std::ptr::null()) != 0 || libc::setgid(g) != 0 {
-                    return Err(io::Error::last_os_error());
-                }
-            }
-            if let Some(u) = uid {
-                if libc::setuid(u) != 0 {
-                    return Err(io::Error::last_os_error());
-                }
-            }
-            Ok(())
-        });
-    }
-    Ok(())
 }
 
 /// A child process killed (by PID) and reaped on drop.
@@ -297,20 +190,6 @@ impl Drop for ChildGuard {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// A binary next to the running one (target/<profile>/), or in
-/// `$REDIRECT_BIN_DIR`.
-pub fn sibling_binary(name: &str) -> PathBuf {
-    if let Ok(dir) = std::env::var("REDIRECT_BIN_DIR") {
-        return Path::new(&dir).join(name);
-    }
-    let exe = std::env::current_exe().unwrap_or_default();
-    let mut dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
-    if dir.ends_with("deps") {
-        dir.pop();
-    }
-    dir.join(name)
 }
 
 /// Pod + upstream: two namespaces over veth, each with IPv4 and IPv6, and

@@ -41,11 +41,11 @@ use std::{
 use serde::Serialize;
 use serde_json::{json, Value};
 
+use redirect_userspace::{pins::Pins, sys::Netns};
+
 use crate::{
     kit,
-    pins::Pins,
     sandbox::{sibling_binary, unique, ChildGuard, NetnsGuard, Placement, Topology, UPSTREAM_V4},
-    sys::Netns,
 };
 
 /// Where a churned pod's app connects (on its own veth, never reached:
@@ -312,7 +312,7 @@ fn run_kit(kit: &Path, p: &Placement, args: &[&str], timeout: Duration) -> Resul
 /// at any moment, which is growth of a live pod, not a leak.
 pub fn map_entry_counts(maps_dir: &Path, steady: u64) -> BTreeMap<String, u64> {
     let mut out = BTreeMap::new();
-    for p in crate::pins::read_dir(maps_dir) {
+    for p in redirect_userspace::pins::read_dir(maps_dir) {
         let name = p
             .file_name()
             .unwrap_or_default()
@@ -331,7 +331,7 @@ fn listing(dir: &Path) -> Vec<String> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
-        for p in crate::pins::read_dir(&d) {
+        for p in redirect_userspace::pins::read_dir(&d) {
             out.push(p.strip_prefix(dir).unwrap_or(&p).display().to_string());
             if p.is_dir() {
                 stack.push(p);
@@ -353,7 +353,7 @@ fn vm_rss_kib(pid: u32) -> u64 {
 
 /// (open fds, of which sockets) of a process.
 fn fds_of(pid: u32) -> (usize, usize) {
-    let fds = crate::pins::read_dir(Path::new(&format!("/proc/{pid}/fd")));
+    let fds = redirect_userspace::pins::read_dir(Path::new(&format!("/proc/{pid}/fd")));
     let sockets = fds
         .iter()
         .filter(|f| {
@@ -840,12 +840,12 @@ pub fn run(o: &Options) -> Result<Report, String> {
     }
     rep.kernel_objects_left.truncate(20);
     let pins_after = listing(&pin_dir);
-    let netns_left: Vec<String> = crate::pins::read_dir(Path::new("/run/netns"))
+    let netns_left: Vec<String> = redirect_userspace::pins::read_dir(Path::new("/run/netns"))
         .iter()
         .filter_map(|p| p.file_name()?.to_str().map(str::to_string))
         .filter(|n| n.starts_with(&netns_prefix))
         .collect();
-    let cgroups_left: Vec<String> = crate::pins::read_dir(&topo.cgroup.path)
+    let cgroups_left: Vec<String> = redirect_userspace::pins::read_dir(&topo.cgroup.path)
         .iter()
         .filter(|p| p.is_dir())
         .map(|p| p.display().to_string())
@@ -1292,7 +1292,7 @@ mod raw {
             .map(|r| r.join("maps"))
             .unwrap_or_default();
         let mut shared = Vec::new();
-        for p in crate::pins::read_dir(&maps_dir) {
+        for p in redirect_userspace::pins::read_dir(&maps_dir) {
             if let Ok(fd) = obj_get(&p) {
                 let mut mi = [0u8; 80];
                 if info(&fd, &mut mi).is_ok() {

@@ -12,69 +12,9 @@ use hdrhistogram::Histogram;
 
 use super::{
     hist,
-    runner::{Cfg, Place, ProxyKind, Run, Sample, Test},
+    model::{Cfg, Place, ProxyKind, Run, Sample, Test, ECHO_PORT},
     svg,
 };
-
-/// The machine a run came from.
-#[derive(Clone, Debug, serde::Serialize)]
-pub struct Machine {
-    pub nproc: usize,
-    pub kernel: String,
-    pub cpu: String,
-    pub mem_gib: f64,
-    pub hypervisor: bool,
-}
-
-impl Machine {
-    pub fn probe() -> Machine {
-        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-        let cpu = cpuinfo
-            .lines()
-            .find_map(|l| {
-                l.strip_prefix("model name")
-                    .and_then(|r| r.split_once(':'))
-                    .map(|(_, v)| v.trim().to_string())
-            })
-            .unwrap_or_else(|| "unknown".into());
-        let hypervisor = cpuinfo
-            .lines()
-            .any(|l| l.starts_with("flags") && l.split_whitespace().any(|f| f == "hypervisor"));
-        let mem_kib: f64 = std::fs::read_to_string("/proc/meminfo")
-            .unwrap_or_default()
-            .lines()
-            .find_map(|l| {
-                l.strip_prefix("MemTotal:")
-                    .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            })
-            .unwrap_or(0.0);
-        let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
-            .unwrap_or_default()
-            .trim()
-            .to_string();
-        Machine {
-            nproc: std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(1),
-            kernel,
-            cpu,
-            mem_gib: mem_kib / 1048576.0,
-            hypervisor,
-        }
-    }
-
-    pub fn describe(&self) -> String {
-        format!(
-            "{} {}CPU{} ({}), {:.0} GiB RAM, Linux {}",
-            self.nproc,
-            if self.hypervisor { "v" } else { "" },
-            if self.nproc == 1 { "" } else { "s" },
-            self.cpu,
-            self.mem_gib,
-            self.kernel
-        )
-    }
-}
 
 /// (year, month, day, hour, minute, second) in UTC.
 fn utc_parts() -> (i64, u32, u32, u32, u32, u32) {
@@ -944,11 +884,7 @@ fn counters(m: &std::collections::BTreeMap<String, u64>) -> String {
 }
 
 fn sandbox_upstream() -> String {
-    format!(
-        "{}:{}",
-        crate::sandbox::UPSTREAM_V4,
-        super::runner::ECHO_PORT
-    )
+    format!("{}:{}", crate::sandbox::UPSTREAM_V4, ECHO_PORT)
 }
 
 fn git_commit() -> String {

@@ -2,7 +2,7 @@
 //! that replays the kept corpus (tests/fuzz_corpus.rs). Each takes arbitrary
 //! bytes, must never panic, and asserts the parser's invariants.
 
-use crate::config::{CaptureFlags, Cidr, PodSpec};
+use redirect_userspace::config::{CaptureFlags, Cidr, PodSpec};
 
 /// Arbitrary bytes as the values of every istio-iptables flag (fields
 /// separated by NUL). A value that parses must survive the trip through
@@ -61,7 +61,7 @@ pub fn cidr(data: &[u8]) {
 /// captured gives the same spec through the agent protocol's config, and
 /// every error names an annotation or field.
 pub fn annotations(data: &[u8]) {
-    use crate::annotations::{self as a, AnnotationError, PodCapture};
+    use redirect_userspace::annotations::{self as a, AnnotationError, PodCapture};
     let pod = match serde_json::from_slice::<serde_json::Value>(data) {
         Ok(v) => v,
         Err(_) => {
@@ -124,7 +124,7 @@ pub fn annotations(data: &[u8]) {
 pub fn ports(data: &[u8]) {
     let s = String::from_utf8_lossy(data);
     const FIELD: &str = "-d/--istio-local-exclude-ports";
-    match crate::config::parse_ports(FIELD, &s) {
+    match redirect_userspace::config::parse_ports(FIELD, &s) {
         Ok(v) => {
             assert!(
                 v.windows(2).all(|w| w[0] < w[1]),
@@ -139,7 +139,8 @@ pub fn ports(data: &[u8]) {
             );
             let printed = v.iter().map(u16::to_string).collect::<Vec<_>>().join(",");
             assert_eq!(
-                crate::config::parse_ports(FIELD, &printed).expect("a printed list parses"),
+                redirect_userspace::config::parse_ports(FIELD, &printed)
+                    .expect("a printed list parses"),
                 v
             );
         }
@@ -152,14 +153,14 @@ pub fn ports(data: &[u8]) {
 /// socket path is covered by tests/tests/cni.rs and agent.rs).
 struct MockAgent(u8);
 
-impl crate::cni::AgentClient for MockAgent {
+impl redirect_userspace::cni::AgentClient for MockAgent {
     fn call(
         &self,
         _s: &std::path::Path,
-        _req: &crate::agent::proto::Request,
+        _req: &redirect_userspace::agent::proto::Request,
         _t: std::time::Duration,
-    ) -> Result<serde_json::Value, crate::agent::proto::CallError> {
-        use crate::agent::proto::CallError;
+    ) -> Result<serde_json::Value, redirect_userspace::agent::proto::CallError> {
+        use redirect_userspace::agent::proto::CallError;
         match self.0 % 4 {
             0 => Ok(serde_json::json!({"ok": true})),
             1 => Err(CallError::Unreachable("mock: agent down".into())),
@@ -189,7 +190,7 @@ pub fn cni(data: &[u8]) {
         })
         .collect();
     let get = |k: &str| env.get(k).cloned();
-    let out = crate::cni::run(&get, stdin, &agent);
+    let out = redirect_userspace::cni::run(&get, stdin, &agent);
     if out.exit_code == 0 && out.stdout.is_empty() {
         return; // DEL prints nothing on success
     }

@@ -1,4 +1,5 @@
-//! `redirect demo`: the main job end to end on this host, then cleanup.
+//! `redirect-kit demo` (`cargo xtask demo`): the main job end to end on
+//! this host, then cleanup.
 //!
 //! pod netns (app uid 1000 + sidecar proxy uid 1337, own cgroup)
 //!   <-- veth --> upstream netns (echo server)
@@ -10,11 +11,15 @@ use anyhow::{bail, Context, Result};
 use redirect_userspace::{
     attach::{self, Installation},
     config::PodSpec,
-    kit::ClientReport,
     pins::Pins,
-    report,
-    sandbox::{sibling_binary, ChildGuard, Placement, Topology, POD_V4, UPSTREAM_V4, UPSTREAM_V6},
-    sys,
+    report, sys,
+};
+
+use crate::{
+    kit::ClientReport,
+    sandbox::{
+        place, sibling_binary, ChildGuard, Placement, Topology, POD_V4, UPSTREAM_V4, UPSTREAM_V6,
+    },
 };
 
 #[derive(clap::Args)]
@@ -43,7 +48,7 @@ fn client(kit: &PathBuf, p: &Placement, dst: &str) -> Result<ClientReport> {
         "--payload",
         "hello through the mesh",
     ]);
-    redirect_userspace::sandbox::place(&mut cmd, p)?;
+    place(&mut cmd, p)?;
     let out = cmd
         .output()
         .with_context(|| format!("running client to {dst}"))?;

@@ -1,7 +1,7 @@
 //! Replays the kept fuzz corpus (fuzz/corpus/) through the same entry
 //! points the `cargo fuzz` targets use: malformed, oversized and hostile
 //! inputs must give errors, never panics.
-use redirect_userspace::fuzzing;
+use redirect_testbed::fuzzing;
 
 fn replay(target: &str, f: fn(&[u8])) {
     let dir = fuzzing::corpus_dir(target);

@@ -1,13 +1,14 @@
-//! `redirect-kit`: the demo/test/bench network tools (see `kit`).
+//! `redirect-kit`: the demo, the benchmark and the network tools of the
+//! tests (see `redirect_testbed::kit`).
 use std::{net::SocketAddr, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand};
-use redirect_userspace::{bench, kit};
+use redirect_testbed::{bench, demo, kit};
 
 #[derive(Parser)]
 #[command(
     name = "redirect-kit",
-    about = "Sidecar proxy, echo server and client used by redirect's demo, tests and benchmark"
+    about = "Demo, benchmark, and the sidecar proxy, echo server and client of redirect's tests"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -16,6 +17,11 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Tool {
+    /// Build a demo pod (app + sidecar proxy as uid 1337) and an upstream
+    /// server in network namespaces on this host, capture it, send
+    /// traffic, print the counters and clean up (`cargo xtask demo` runs
+    /// this).
+    Demo(demo::Args),
     /// Transparent sidecar proxy (SO_ORIGINAL_DST, inbound from 127.0.0.6).
     Proxy {
         #[arg(long, default_value = "15001")]
@@ -88,7 +94,7 @@ enum Tool {
         #[arg(long)]
         quick: bool,
         #[arg(long, value_enum, default_value = "kit")]
-        proxy: bench::runner::ProxyKind,
+        proxy: bench::model::ProxyKind,
         #[arg(long, default_value = "results")]
         out: std::path::PathBuf,
         #[arg(long)]
@@ -127,6 +133,7 @@ enum Tool {
 
 fn main() -> ExitCode {
     match Cli::parse().tool {
+        Tool::Demo(a) => run_demo(a),
         Tool::Proxy {
             outbound_port,
             inbound_port,
@@ -257,6 +264,26 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+    }
+}
+
+/// The demo as `redirect` ran it: quiet on a closed pipe, the library's
+/// warnings on stderr (RUST_LOG to see more).
+fn run_demo(a: demo::Args) -> ExitCode {
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    match demo::run(a) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("redirect-kit demo: error: {e:#}");
+            ExitCode::FAILURE
         }
     }
 }

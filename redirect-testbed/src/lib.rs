@@ -1,0 +1,11 @@
+//! Everything that exists to test, demo or benchmark redirect, kept out of
+//! the product crate (`redirect-userspace`): the `redirect-kit` network
+//! tools (sidecar proxy, echo server, client, stress and churn tools), the
+//! demo, the eBPF-vs-iptables benchmark, the fuzz entry points and the
+//! throwaway namespaces the tests run in. It depends on the product; the
+//! product never depends on it.
+pub mod bench;
+pub mod demo;
+pub mod fuzzing;
+pub mod kit;
+pub mod sandbox;
