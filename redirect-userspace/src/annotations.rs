@@ -36,8 +36,7 @@
 use serde_json::Value;
 
 use crate::{
-    agent::proto::{CaptureConfig, FlagValue},
-    config::{CaptureFlags, PodSpec},
+    config::{CaptureConfig, CaptureFlags, FlagValue, PodSpec},
     error::Error,
 };
 

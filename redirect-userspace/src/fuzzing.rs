@@ -156,14 +156,17 @@ impl crate::cni::AgentClient for MockAgent {
     fn call(
         &self,
         _s: &std::path::Path,
-        _req: &crate::agent::proto::Request,
+        _req: &crate::wire::Request,
         _t: std::time::Duration,
-    ) -> Result<serde_json::Value, crate::agent::proto::CallError> {
-        use crate::agent::proto::CallError;
+    ) -> Result<crate::wire::Reply, crate::wire::CallError> {
+        use crate::wire::{AgentError, CallError, Reply};
         match self.0 % 4 {
-            0 => Ok(serde_json::json!({"ok": true})),
+            0 => Ok(Reply::Add(crate::wire::AddReply {
+                captured: true,
+                ..Default::default()
+            })),
             1 => Err(CallError::Unreachable("mock: agent down".into())),
-            2 => Err(CallError::Refused("mock: refused".into())),
+            2 => Err(CallError::Refused(AgentError::failed("mock: refused"))),
             _ => Err(CallError::Protocol("mock: garbage".into())),
         }
     }

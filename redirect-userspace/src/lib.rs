@@ -20,3 +20,4 @@ pub mod sandbox;
 pub mod sklookup;
 pub mod sys;
 pub mod upgrade;
+pub mod wire;

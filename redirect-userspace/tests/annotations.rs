@@ -69,8 +69,7 @@ fn injected_fixtures_match_their_istio_init_args() {
         assert_eq!(m.spec, init_flags(&pod).to_spec().unwrap(), "{name}");
         // Through the agent socket protocol's config: the same spec.
         let cfg = serde_json::to_string(&m.capture_config()).unwrap();
-        let cfg: redirect_userspace::agent::proto::CaptureConfig =
-            serde_json::from_str(&cfg).unwrap();
+        let cfg: redirect_userspace::config::CaptureConfig = serde_json::from_str(&cfg).unwrap();
         assert_eq!(
             cfg.to_flags().to_spec().unwrap(),
             m.spec,

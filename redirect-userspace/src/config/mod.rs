@@ -11,6 +11,9 @@ use serde::Serialize;
 
 use crate::error::Error;
 
+mod capture;
+pub use capture::{CaptureConfig, FlagValue};
+
 /// The istio-iptables flags `redirect attach` understands.
 #[derive(Args, Debug, Clone, Default)]
 pub struct CaptureFlags {
