@@ -2,7 +2,7 @@
 //! that replays the kept corpus (tests/fuzz_corpus.rs). Each takes arbitrary
 //! bytes, must never panic, and asserts the parser's invariants.
 
-use crate::config::{CaptureFlags, Cidr, PodSpec};
+use crate::config::{CaptureFlags, Cidr, Flag, PodSpec};
 
 /// Arbitrary bytes as the values of every istio-iptables flag (fields
 /// separated by NUL). A value that parses must survive the trip through
@@ -12,25 +12,25 @@ pub fn flags(data: &[u8]) {
         .split(|b| *b == 0)
         .map(|f| String::from_utf8_lossy(f).into_owned());
     let mut f = CaptureFlags::defaults();
-    for slot in [
-        &mut f.proxy_port,
-        &mut f.inbound_port,
-        &mut f.tunnel_port,
-        &mut f.proxy_uid,
-        &mut f.mode,
-        &mut f.include_cidrs,
-        &mut f.exclude_cidrs,
-        &mut f.include_out_ports,
-        &mut f.exclude_out_ports,
-        &mut f.include_in_ports,
-        &mut f.exclude_in_ports,
+    for flag in [
+        Flag::EnvoyPort,
+        Flag::InboundCapturePort,
+        Flag::InboundTunnelPort,
+        Flag::ProxyUid,
+        Flag::InterceptionMode,
+        Flag::ServiceCidr,
+        Flag::ServiceExcludeCidr,
+        Flag::OutboundPorts,
+        Flag::LocalOutboundPortsExclude,
+        Flag::InboundPorts,
+        Flag::LocalExcludePorts,
+        Flag::ProxyGid,
     ] {
         match fields.next() {
-            Some(v) => *slot = v,
+            Some(v) => f.set(flag, v),
             None => break,
         }
     }
-    f.proxy_gid = fields.next();
     let Ok(spec) = f.to_spec() else {
         return;
     };
@@ -104,9 +104,9 @@ pub fn annotations(data: &[u8]) {
     };
     match a::from_pod(&pod) {
         Ok(PodCapture::Mesh(m)) => {
-            let again = m
-                .capture_config()
-                .to_flags()
+            let json = serde_json::to_string(&m.capture_config()).expect("configs serialize");
+            let again = serde_json::from_str::<CaptureFlags>(&json)
+                .expect("a captured pod's agent config reads back")
                 .to_spec()
                 .expect("a captured pod's agent config is valid");
             assert_eq!(again, m.spec, "agent config changed the spec");

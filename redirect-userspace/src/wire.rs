@@ -29,7 +29,7 @@ use std::{
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::config::CaptureConfig;
+use crate::config::CaptureFlags;
 
 /// Longest request or reply line accepted (bytes).
 pub const MAX_LINE: usize = 64 * 1024;
@@ -47,7 +47,7 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         container_id: Option<String>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
-        config: Option<CaptureConfig>,
+        config: Option<CaptureFlags>,
         /// Decide from the Kubernetes API instead of `config`: the agent
         /// looks `pod` (`namespace/name`) up in its pod watch and captures
         /// it with the config of its Istio annotations, or passes it
@@ -224,7 +224,10 @@ impl AgentError {
     pub fn from_error(e: &crate::error::Error) -> AgentError {
         use crate::error::Error as E;
         let kind = match e {
-            E::InvalidFlag { .. } | E::NotNetns { .. } => ErrorKind::Invalid,
+            E::InvalidFlag { .. }
+            | E::NotNetns { .. }
+            | E::NotSupported { .. }
+            | E::HostNetns(_) => ErrorKind::Invalid,
             E::NotCaptured(_) => ErrorKind::NotCaptured,
             _ => ErrorKind::Failed,
         };

@@ -151,6 +151,9 @@ struct Comparable {
     exclude_cidrs: Vec<(std::net::IpAddr, u8)>,
     outbound_ports: (Vec<u16>, Vec<u16>),
     inbound: (String, Vec<u16>),
+    /// Settings not supported yet (never in the kernel): a change that
+    /// asks for one is applied, and so refused and logged, not skipped.
+    unsupported: Vec<String>,
 }
 
 fn comparable(s: &PodSpec) -> Comparable {
@@ -182,6 +185,7 @@ fn comparable(s: &PodSpec) -> Comparable {
             set(&s.exclude_outbound_ports),
         ),
         inbound: (inbound, set(&s.exclude_inbound_ports)),
+        unsupported: s.unsupported().iter().map(|(d, _)| d.name()).collect(),
     }
 }
 

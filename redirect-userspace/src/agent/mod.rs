@@ -262,7 +262,7 @@ impl Agent {
         netns: &Path,
         pod: Option<&str>,
         container_id: Option<&str>,
-        config: Option<&crate::config::CaptureConfig>,
+        config: Option<&crate::config::CaptureFlags>,
     ) -> Result<AddReply, AgentError> {
         let pod = pod.unwrap_or("");
         let cid = container_id.unwrap_or("");
@@ -275,7 +275,6 @@ impl Agent {
             let spec = config
                 .cloned()
                 .unwrap_or_default()
-                .to_flags()
                 .to_spec()
                 .map_err(|e| AgentError::invalid(e.to_string()))?;
             let ns = Netns::open(netns).map_err(|e| AgentError::invalid(e.to_string()))?;

@@ -25,7 +25,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::{
-    config::CaptureConfig,
+    config::CaptureFlags,
     wire::{self, CallError, ErrorKind, Reply, Request},
 };
 
@@ -216,9 +216,9 @@ impl NetConf {
     }
 
     /// The capture config to send: `capture` over Istio's injected one.
-    pub fn capture_config(&self) -> Result<CaptureConfig, CniError> {
-        let own: CaptureConfig = match &self.capture {
-            None | Some(Value::Null) => CaptureConfig::default(),
+    pub fn capture_config(&self) -> Result<CaptureFlags, CniError> {
+        let own: CaptureFlags = match &self.capture {
+            None | Some(Value::Null) => CaptureFlags::default(),
             Some(v) => serde_json::from_value(v.clone()).map_err(|e| {
                 CniError::new(
                     code::INVALID_CONFIG,
@@ -227,14 +227,17 @@ impl NetConf {
                 )
             })?,
         };
-        let merged = own.over(&CaptureConfig::istio_injected());
-        merged.to_flags().to_spec().map_err(|e| {
-            CniError::new(
-                code::INVALID_CONFIG,
-                "invalid \"capture\" in the plugin config",
-                e.to_string(),
-            )
-        })?;
+        let merged = own.over(&CaptureFlags::istio_injected());
+        merged
+            .to_spec()
+            .and_then(|spec| spec.check_supported())
+            .map_err(|e| {
+                CniError::new(
+                    code::INVALID_CONFIG,
+                    "invalid \"capture\" in the plugin config",
+                    e.to_string(),
+                )
+            })?;
         Ok(merged)
     }
 }
@@ -661,7 +664,7 @@ mod tests {
             ("/run/netns/p", Some("shop/cart"), Some("c1"))
         );
         assert_eq!(
-            config.clone().unwrap().to_flags().to_spec().unwrap(),
+            config.clone().unwrap().to_spec().unwrap(),
             crate::config::PodSpec::istio_default()
         );
         // captureAll selects too
