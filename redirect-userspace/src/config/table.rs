@@ -892,7 +892,7 @@ pub static TABLE: [FlagDef; 46] = [
         }),
         show: Show::IfSet(|s| flag_if(s.accel_mode == AccelMode::Forced)),
         status: Status::Works,
-        help: "Force socket-level (sockops/sk_msg) acceleration between app and proxy on, even where the kernel probe failed (docs/acceleration.md: the app can then see spurious EAGAIN on blocking reads, EOF instead of ECONNRESET, and no flow control). Without --accel/--no-accel it is on exactly where the probe passed.",
+        help: "Force socket-level (sockops/sk_msg) acceleration between app and proxy on, even where the kernel probe failed (see the acceleration docs: the app can then see spurious EAGAIN on blocking reads, EOF instead of ECONNRESET, and no flow control). Without --accel/--no-accel it is on exactly where the probe passed.",
     },
     FlagDef {
         flag: Flag::NoAccel,
