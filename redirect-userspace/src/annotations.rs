@@ -5,22 +5,19 @@
 //! `GET /api/v1/namespaces/<ns>/pods/<name>`, or a watch event's `object`).
 //! The output is either "not in mesh" (with the reason) or the same
 //! [`CaptureFlags`]/[`PodSpec`] that `redirect attach` would get from the
-//! init container's arguments, plus the agent protocol's [`CaptureConfig`].
+//! init container's arguments, which is also the agent protocol's capture config.
 //!
-//! What the injector's template does, and so what this does:
+//! What the injector's template does, and so what this does: every row
+//! of the flag table ([`crate::config::table`]) with annotations takes the
+//! first of them present on the pod, else the injector's default (the
+//! table's `injected` column); in addition:
 //!
 //! | istio-iptables flag | source | default |
 //! |---|---|---|
 //! | `-p` / `-z` | mesh config (not per pod) | 15001 / 15006 |
 //! | `-u` | the `istio-proxy` container's `securityContext.runAsUser` (else the pod's) | 1337 |
 //! | `-g` | its `runAsGroup` (else the pod's) | the `-u` list |
-//! | `-m` | `sidecar.istio.io/interceptionMode` | REDIRECT |
-//! | `-i` | `traffic.sidecar.istio.io/includeOutboundIPRanges` | `*` |
-//! | `-x` | `traffic.sidecar.istio.io/excludeOutboundIPRanges` | empty |
-//! | `-b` | `traffic.sidecar.istio.io/includeInboundPorts` | `*` |
 //! | `-d` | `15090,15021,` + `traffic.sidecar.istio.io/excludeInboundPorts`, then `status.sidecar.istio.io/port` appended unless already listed or `0` | `15090,15021,15020` |
-//! | `-q` | `traffic.sidecar.istio.io/includeOutboundPorts` | empty |
-//! | `-o` | `traffic.sidecar.istio.io/excludeOutboundPorts` | empty |
 //!
 //! An annotation that is present wins over the default even when it is
 //! empty (the template's `annotation` helper): `includeInboundPorts: ""`
@@ -35,21 +32,11 @@
 
 use serde_json::Value;
 
-use crate::{
-    agent::proto::{CaptureConfig, FlagValue},
-    config::{CaptureFlags, PodSpec},
-    error::Error,
-};
+use crate::config::{CaptureFlags, Flag, FlagError, PodSpec, Source, TABLE};
 
 pub const INJECT: &str = "sidecar.istio.io/inject";
-pub const INTERCEPTION_MODE: &str = "sidecar.istio.io/interceptionMode";
 pub const STATUS_PORT: &str = "status.sidecar.istio.io/port";
-pub const INCLUDE_INBOUND_PORTS: &str = "traffic.sidecar.istio.io/includeInboundPorts";
-pub const EXCLUDE_INBOUND_PORTS: &str = "traffic.sidecar.istio.io/excludeInboundPorts";
-pub const INCLUDE_OUTBOUND_IP_RANGES: &str = "traffic.sidecar.istio.io/includeOutboundIPRanges";
-pub const EXCLUDE_OUTBOUND_IP_RANGES: &str = "traffic.sidecar.istio.io/excludeOutboundIPRanges";
-pub const INCLUDE_OUTBOUND_PORTS: &str = "traffic.sidecar.istio.io/includeOutboundPorts";
-pub const EXCLUDE_OUTBOUND_PORTS: &str = "traffic.sidecar.istio.io/excludeOutboundPorts";
+pub use crate::config::table::annotation::*;
 
 /// The sidecar container's name in an injected pod.
 pub const PROXY_CONTAINER: &str = "istio-proxy";
@@ -58,6 +45,10 @@ pub const PROXY_CONTAINER: &str = "istio-proxy";
 pub const ALWAYS_EXCLUDED_INBOUND: &str = "15090,15021";
 /// The agent's status port (`-d` gets it unless the pod says otherwise).
 pub const DEFAULT_STATUS_PORT: &str = "15020";
+
+/// Where `-u` / `-g` come from in messages.
+pub const RUN_AS_USER: &str = "spec.containers[istio-proxy].securityContext.runAsUser";
+pub const RUN_AS_GROUP: &str = "spec.containers[istio-proxy].securityContext.runAsGroup";
 
 /// A pod that is captured: where it came from and what it gets.
 #[derive(Debug, Clone)]
@@ -74,25 +65,8 @@ pub struct MeshPod {
 
 impl MeshPod {
     /// The `config` of an agent `add` request for this pod.
-    pub fn capture_config(&self) -> CaptureConfig {
-        let f = &self.flags;
-        let v = |s: &str| Some(FlagValue(s.to_string()));
-        CaptureConfig {
-            proxy_port: v(&f.proxy_port),
-            inbound_port: v(&f.inbound_port),
-            tunnel_port: v(&f.tunnel_port),
-            proxy_uid: v(&f.proxy_uid),
-            proxy_gid: f.proxy_gid.as_deref().and_then(v),
-            mode: v(&f.mode),
-            include_cidrs: v(&f.include_cidrs),
-            exclude_cidrs: v(&f.exclude_cidrs),
-            include_out_ports: v(&f.include_out_ports),
-            exclude_out_ports: v(&f.exclude_out_ports),
-            include_in_ports: v(&f.include_in_ports),
-            exclude_in_ports: v(&f.exclude_in_ports),
-            accel: None,
-            accel_short_conns: None,
-        }
+    pub fn capture_config(&self) -> CaptureFlags {
+        self.flags.clone()
     }
 }
 
@@ -248,22 +222,6 @@ fn exclude_inbound_port(status_port: &str, excluded: &str) -> String {
     out.join(",")
 }
 
-/// Which annotation feeds a flag (by the flag's `InvalidFlag` field name).
-fn annotation_of(field: &str) -> &'static str {
-    match field.split('/').next().unwrap_or("") {
-        "-m" => INTERCEPTION_MODE,
-        "-i" => INCLUDE_OUTBOUND_IP_RANGES,
-        "-x" => EXCLUDE_OUTBOUND_IP_RANGES,
-        "-b" => INCLUDE_INBOUND_PORTS,
-        "-d" => EXCLUDE_INBOUND_PORTS,
-        "-q" => INCLUDE_OUTBOUND_PORTS,
-        "-o" => EXCLUDE_OUTBOUND_PORTS,
-        "-u" => "spec.containers[istio-proxy].securityContext.runAsUser",
-        "-g" => "spec.containers[istio-proxy].securityContext.runAsGroup",
-        _ => "mesh defaults",
-    }
-}
-
 /// Turn a Pod object into its capture config, as Istio's injector would.
 pub fn from_pod(pod: &Value) -> Result<PodCapture, AnnotationError> {
     if !pod.is_object() {
@@ -351,35 +309,52 @@ pub fn from_pod(pod: &Value) -> Result<PodCapture, AnnotationError> {
 
     let uid = security_id(pod, proxy, "runAsUser", &name)?;
     let gid = security_id(pod, proxy, "runAsGroup", &name)?;
-    let flags = CaptureFlags {
-        proxy_uid: uid.unwrap_or_else(|| "1337".into()),
-        proxy_gid: gid,
-        mode: mode.to_string(),
-        include_cidrs: ann(INCLUDE_OUTBOUND_IP_RANGES).unwrap_or("*").to_string(),
-        exclude_cidrs: ann(EXCLUDE_OUTBOUND_IP_RANGES).unwrap_or("").to_string(),
-        include_in_ports: ann(INCLUDE_INBOUND_PORTS).unwrap_or("*").to_string(),
-        exclude_in_ports,
-        include_out_ports: ann(INCLUDE_OUTBOUND_PORTS).unwrap_or("").to_string(),
-        exclude_out_ports: ann(EXCLUDE_OUTBOUND_PORTS).unwrap_or("").to_string(),
-        ..CaptureFlags::defaults()
-    };
-    let spec = flags.to_spec().map_err(|e| match e {
-        Error::InvalidFlag {
-            field,
-            value,
-            reason,
-        } => {
-            let annotation = annotation_of(field);
-            // Name the annotation's own value, not the composed flag.
-            let value = match annotation {
-                EXCLUDE_INBOUND_PORTS => ann(EXCLUDE_INBOUND_PORTS)
-                    .map(str::to_string)
-                    .unwrap_or(value),
-                _ => value,
-            };
-            invalid(annotation, &value, format!("{reason} (istio-init {field})"))
+    let mut flags = CaptureFlags::istio_injected();
+    // Every annotated row: the first of its annotations present wins, even
+    // when empty (the template's `annotation` helper).
+    for d in TABLE.iter().filter(|d| d.flag != Flag::LocalExcludePorts) {
+        // -d is composed below.
+        if let Some((key, v)) = d.annotations.iter().find_map(|k| ann(k).map(|v| (*k, v))) {
+            flags.set_from(d.flag, v, Source::Annotation(key));
         }
-        other => invalid("mesh defaults", "", other.to_string()),
+    }
+    let d_from = if ann(EXCLUDE_INBOUND_PORTS).is_some() {
+        Source::Annotation(EXCLUDE_INBOUND_PORTS)
+    } else if ann(STATUS_PORT).is_some() {
+        Source::Annotation(STATUS_PORT)
+    } else {
+        Source::Injected
+    };
+    flags.set_from(Flag::LocalExcludePorts, exclude_in_ports, d_from);
+    if let Some(u) = uid {
+        flags.set_from(Flag::ProxyUid, u, Source::Annotation(RUN_AS_USER));
+    }
+    if let Some(g) = gid {
+        flags.set_from(Flag::ProxyGid, g, Source::Annotation(RUN_AS_GROUP));
+    }
+    let spec = flags.try_spec().map_err(|e: FlagError| {
+        let d = crate::config::FlagDef::get(e.flag);
+        match e.from {
+            Some(Source::Annotation(annotation)) => {
+                // Name the annotation's own value, not the composed flag.
+                let value = match annotation {
+                    EXCLUDE_INBOUND_PORTS | STATUS_PORT => {
+                        ann(annotation).map(str::to_string).unwrap_or(e.value)
+                    }
+                    _ => e.value,
+                };
+                invalid(
+                    annotation,
+                    &value,
+                    format!("{} (istio-init {})", e.reason, d.name()),
+                )
+            }
+            _ => invalid(
+                "mesh defaults",
+                &e.value,
+                format!("{} (istio-init {})", e.reason, d.name()),
+            ),
+        }
     })?;
     Ok(PodCapture::Mesh(Box::new(MeshPod {
         pod: name.clone(),
@@ -442,21 +417,40 @@ mod tests {
     fn defaults_are_the_injected_args() {
         let m = from_pod(&pod(json!({}))).unwrap();
         let m = m.mesh().unwrap();
-        assert_eq!(
-            m.spec,
-            CaptureFlags {
-                include_cidrs: "*".into(),
-                include_in_ports: "*".into(),
-                exclude_in_ports: "15090,15021,15020".into(),
-                proxy_gid: Some("1337".into()),
-                ..CaptureFlags::defaults()
-            }
-            .to_spec()
-            .unwrap()
-        );
+        let mut injected = CaptureFlags::istio_injected();
+        injected.set(Flag::ProxyGid, "1337");
+        assert_eq!(m.spec, injected.to_spec().unwrap());
         assert!(m.spec.warnings().is_empty(), "{:?}", m.spec.warnings());
         // The agent config gives the same spec.
-        assert_eq!(m.capture_config().to_flags().to_spec().unwrap(), m.spec);
+        let wire: CaptureFlags =
+            serde_json::from_str(&serde_json::to_string(&m.capture_config()).unwrap()).unwrap();
+        assert_eq!(wire.to_spec().unwrap(), m.spec);
+    }
+
+    #[test]
+    fn interface_annotations_feed_k_and_c_and_are_not_supported_yet() {
+        let m = from_pod(&pod(json!({
+            KUBEVIRT_INTERFACES: "tap9",
+            REROUTE_VIRTUAL_INTERFACES: "tap0,tap1",
+            EXCLUDE_INTERFACES: "eth1",
+        })))
+        .unwrap();
+        let s = &m.mesh().unwrap().spec;
+        // The template's order: reroute-virtual-interfaces wins.
+        assert_eq!(s.kube_virt_interfaces, vec!["tap0", "tap1"]);
+        assert_eq!(s.exclude_interfaces, vec!["eth1"]);
+        let e = s.check_supported().unwrap_err().to_string();
+        assert!(
+            e.contains("-c/--istio-exclude-interfaces: not supported yet"),
+            "{e}"
+        );
+        let bad = from_pod(&pod(json!({EXCLUDE_INTERFACES: "eth/1"})))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            bad.contains(EXCLUDE_INTERFACES) && bad.contains("eth/1"),
+            "{bad}"
+        );
     }
 
     #[test]

@@ -476,6 +476,13 @@ impl Installation {
     /// attached, an already-listening proxy registered. Acceleration is on
     /// when asked for and the kernel supports it.
     pub fn register_pod(&mut self, netns: &Netns, spec: &PodSpec) -> Result<PodInfo> {
+        // Settings the kernel side cannot honour yet are refused, never
+        // silently dropped (the flag table's `NotYet` rows).
+        spec.check_supported()?;
+        // Never the host: Istio captures pods, not the node.
+        if netns.is_host() {
+            return Err(Error::HostNetns(netns.path.clone()));
+        }
         let t0 = std::time::Instant::now();
         let mut spec = spec.clone();
         let (accel, accel_decision) = self.decide_accel(spec.accel_mode);

@@ -19,3 +19,4 @@ pub mod sockopt;
 pub mod stats;
 pub mod sys;
 pub mod upgrade;
+pub mod wire;

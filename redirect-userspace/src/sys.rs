@@ -199,6 +199,24 @@ impl Netns {
         })
     }
 
+    /// Is this the host's (the kernel's initial) network namespace? Known
+    /// for sure where the kernel gives the initial netns its fixed inode
+    /// (`PROC_NET_INIT_INO`), or where kthreadd (PID 2 of the initial pid
+    /// namespace, always in the initial netns) is visible.
+    pub fn is_host(&self) -> bool {
+        const PROC_NET_INIT_INO: u64 = 0xEFFF_FFF9;
+        if self.inode == PROC_NET_INIT_INO {
+            return true;
+        }
+        let kthreadd = std::fs::read_to_string("/proc/2/comm")
+            .is_ok_and(|c| c.trim() == "kthreadd")
+            && std::fs::read_to_string("/proc/2/status").is_ok_and(|s| {
+                s.lines()
+                    .any(|l| l.split_whitespace().collect::<Vec<_>>() == ["PPid:", "0"])
+            });
+        kthreadd && std::fs::metadata("/proc/2/ns/net").is_ok_and(|m| m.ino() == self.inode)
+    }
+
     /// Run `f` on a thread that has entered this netns.
     pub fn run<R: Send>(&self, f: impl FnOnce() -> std::io::Result<R> + Send) -> Result<R> {
         let fd = self.file.as_fd();

@@ -62,7 +62,7 @@ impl Listing {
             "ISTIO_REDIRECT" => Ok(Listing::ToOutbound),
             "ISTIO_IN_REDIRECT" => Ok(Listing::ToInbound),
             _ => Err(Error::InvalidFlag {
-                field: "--chain",
+                field: "--chain".into(),
                 value: name.to_string(),
                 reason: format!("no such chain; the chains are {}", names()),
             }),

@@ -1,116 +1,25 @@
 //! istio-iptables flags → a validated pod spec → kernel map entries.
 //!
 //! The flags keep istio-iptables' letters, long names and defaults, so the
-//! args of Istio's injected init container work unchanged.
+//! args of Istio's injected init container work unchanged. Every flag is a
+//! row of [`table::TABLE`]; [`CaptureFlags`] holds the values given for
+//! them (command line, environment, JSON config, annotations) and turns
+//! them into a [`PodSpec`] (what the kernel maps hold, and the settings not
+//! supported yet) and the run's [`RunOptions`].
 
 use std::{fmt, net::IpAddr};
 
-use clap::Args;
 use redirect_common::{cidr_kind, flags, port_kind, PodConfig, MAX_IDS};
 use serde::Serialize;
 
 use crate::error::Error;
 
-/// The istio-iptables flags `redirect attach` understands.
-#[derive(Args, Debug, Clone, Default)]
-pub struct CaptureFlags {
-    /// Outbound capture port (Envoy's outbound listener).
-    #[arg(
-        short = 'p',
-        long = "envoy-port",
-        visible_alias = "proxy-port",
-        default_value = "15001"
-    )]
-    pub proxy_port: String,
-    /// Inbound capture port.
-    #[arg(short = 'z', long = "inbound-capture-port", default_value = "15006")]
-    pub inbound_port: String,
-    /// Inbound tunnel (HBONE) port, never captured.
-    #[arg(short = 'e', long = "inbound-tunnel-port", default_value = "15008")]
-    pub tunnel_port: String,
-    /// Proxy uid(s), comma separated: their traffic is not captured.
-    #[arg(short = 'u', long = "proxy-uid", default_value = "1337")]
-    pub proxy_uid: String,
-    /// Proxy gid(s), comma separated (default: the uid list).
-    #[arg(short = 'g', long = "proxy-gid")]
-    pub proxy_gid: Option<String>,
-    /// Inbound interception mode: REDIRECT (TPROXY is not supported).
-    #[arg(
-        short = 'm',
-        long = "istio-inbound-interception-mode",
-        default_value = "REDIRECT"
-    )]
-    pub mode: String,
-    /// Outbound CIDRs to capture, comma separated, `*` for all.
-    #[arg(
-        short = 'i',
-        long = "istio-service-cidr",
-        visible_alias = "include-outbound-ip-ranges",
-        default_value = ""
-    )]
-    pub include_cidrs: String,
-    /// Outbound CIDRs never captured.
-    #[arg(
-        short = 'x',
-        long = "istio-service-exclude-cidr",
-        visible_alias = "exclude-outbound-ip-ranges",
-        default_value = ""
-    )]
-    pub exclude_cidrs: String,
-    /// Outbound ports captured even when `-i` does not include the destination.
-    #[arg(
-        short = 'q',
-        long = "istio-include-outbound-ports",
-        visible_alias = "include-outbound-ports",
-        default_value = ""
-    )]
-    pub include_out_ports: String,
-    /// Outbound ports never captured.
-    #[arg(
-        short = 'o',
-        long = "istio-local-outbound-ports-exclude",
-        visible_alias = "exclude-outbound-ports",
-        default_value = ""
-    )]
-    pub exclude_out_ports: String,
-    /// Inbound ports to capture, comma separated, `*` for all.
-    #[arg(
-        short = 'b',
-        long = "istio-inbound-ports",
-        visible_alias = "include-inbound-ports",
-        default_value = ""
-    )]
-    pub include_in_ports: String,
-    /// Inbound ports not captured when `-b '*'`.
-    #[arg(
-        short = 'd',
-        long = "istio-local-exclude-ports",
-        visible_alias = "exclude-inbound-ports",
-        default_value = ""
-    )]
-    pub exclude_in_ports: String,
-    /// Print the resulting pod config and change nothing.
-    #[arg(short = 'n', long = "dry-run")]
-    pub dry_run: bool,
-    /// Force socket-level (sockops/sk_msg) acceleration between app and
-    /// proxy on, even where the kernel probe failed (README,
-    /// "Acceleration": the application can then see spurious EAGAIN on
-    /// blocking reads, EOF instead of ECONNRESET, and no flow control).
-    /// Without --accel/--no-accel, acceleration is on exactly where the
-    /// kernel probe passed.
-    #[arg(long = "accel", conflicts_with = "no_accel")]
-    pub accel: bool,
-    /// Acceleration off for this pod (the kernel probe is not run).
-    #[arg(long = "no-accel")]
-    pub no_accel: bool,
-    /// Accelerate short-lived connections too. By default a port whose
-    /// last 4 connections lived under 10 ms is left on the normal path
-    /// until one of its connections lives longer: setting up and tearing
-    /// down sockmap state costs each such connection more than it saves
-    /// (README, "Acceleration").
-    #[arg(long = "accel-short-conns", conflicts_with = "no_accel")]
-    pub accel_short_conns: bool,
-}
+pub mod parse;
+pub mod table;
+mod values;
+
+pub use table::{Flag, FlagDef, TABLE};
+pub use values::{CaptureFlags, FlagError, Given, Ignored, RunOptions, Source};
 
 /// How a pod's acceleration was asked for.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
@@ -163,6 +72,14 @@ impl Cidr {
 
     pub fn is_v6(&self) -> bool {
         self.addr.is_ipv6()
+    }
+
+    /// 127.0.0.1/32: the host loopback istio-iptables' rules name.
+    pub fn default_loopback() -> Cidr {
+        Cidr {
+            addr: IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+            len: 32,
+        }
     }
 }
 
@@ -232,193 +149,43 @@ pub struct PodSpec {
     pub accel_mode: AccelMode,
     /// `--accel-short-conns`: no learning of short-lived ports.
     pub accel_short_conns: bool,
+    /// `-c`: interfaces whose traffic is not captured (not supported yet).
+    pub exclude_interfaces: Vec<String>,
+    /// `-k`: interfaces whose inbound (VM) traffic is treated as outbound
+    /// (not supported yet).
+    pub kube_virt_interfaces: Vec<String>,
+    /// `--redirect-dns` / `ISTIO_META_DNS_CAPTURE` (not supported yet).
+    pub redirect_dns: bool,
+    /// `--capture-all-dns` (with `--redirect-dns` only).
+    pub capture_all_dns: bool,
+    /// `ISTIO_OUTBOUND_OWNER_GROUPS[_EXCLUDE]` (only `All` supported yet).
+    pub outbound_owner_groups: OwnerGroups,
+    /// `ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR` (only 127.0.0.1/32 supported yet).
+    pub ipv4_loopback_cidr: Cidr,
 }
 
-fn bad(field: &'static str, value: &str, why: impl Into<String>) -> Error {
-    Error::InvalidFlag {
-        field,
-        value: value.to_string(),
-        reason: why.into(),
-    }
+/// Which groups' outbound connections are captured
+/// (`ISTIO_OUTBOUND_OWNER_GROUPS`, `ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OwnerGroups {
+    /// Every group (`*`, the default).
+    #[default]
+    All,
+    /// Only these.
+    Only(Vec<String>),
+    /// All but these.
+    AllExcept(Vec<String>),
 }
 
-fn parse_port(field: &'static str, whole: &str, s: &str) -> Result<u16, Error> {
-    match s.trim().parse::<u16>() {
-        Ok(p) if p > 0 => Ok(p),
-        _ => Err(bad(
-            field,
-            whole,
-            format!("'{s}' is not a port number (1-65535)"),
-        )),
-    }
-}
-
-/// A port list, sorted and deduplicated (the kernel keeps a set).
-pub fn parse_ports(field: &'static str, s: &str) -> Result<Vec<u16>, Error> {
-    let mut out = Vec::new();
-    for p in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        if p == "*" {
-            return Err(bad(field, s, "'*' is only accepted by -b"));
-        }
-        out.push(parse_port(field, s, p)?);
-    }
-    out.sort_unstable();
-    out.dedup();
-    Ok(out)
-}
-
-fn parse_ids(field: &'static str, s: &str) -> Result<Vec<u32>, Error> {
-    let mut out = Vec::new();
-    for id in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        let v = id
-            .parse::<u32>()
-            .map_err(|_| bad(field, s, format!("'{id}' is not a numeric id")))?;
-        if !out.contains(&v) {
-            out.push(v);
-        }
-    }
-    if out.len() > MAX_IDS {
-        return Err(bad(
-            field,
-            s,
-            format!("at most {MAX_IDS} ids are supported"),
-        ));
-    }
-    Ok(out)
-}
-
-/// A parsed CIDR list flag.
-struct CidrList {
-    /// The value was exactly `*`.
-    all: bool,
-    cidrs: Vec<Cidr>,
-    /// Some entry's address, as written, is a loopback address (what
-    /// istio-iptables checks: `127.0.0.1/0` counts, `0.0.0.0/0` does not).
-    names_loopback: bool,
-}
-
-fn parse_cidrs(field: &'static str, s: &str, star_ok: bool) -> Result<CidrList, Error> {
-    let mut list = CidrList {
-        all: false,
-        cidrs: Vec::new(),
-        names_loopback: false,
-    };
-    if s.trim() == "*" {
-        if !star_ok {
-            return Err(bad(field, s, "'*' is only accepted by -i"));
-        }
-        list.all = true;
-        return Ok(list);
-    }
-    for c in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        if c == "*" {
-            let why = if star_ok {
-                "'*' must be the whole value (it means every destination)"
-            } else {
-                "'*' is only accepted by -i"
-            };
-            return Err(bad(field, s, why));
-        }
-        let cidr =
-            Cidr::parse(c).map_err(|why| bad(field, s, format!("invalid CIDR '{c}': {why}")))?;
-        let written: Option<IpAddr> = c.split('/').next().and_then(|a| a.parse().ok());
-        list.names_loopback |= written.is_some_and(|a| a.is_loopback());
-        if !list.cidrs.contains(&cidr) {
-            list.cidrs.push(cidr);
-        }
-    }
-    Ok(list)
-}
-
-impl CaptureFlags {
-    /// Validate every flag; the first bad one is reported by name and value.
-    pub fn to_spec(&self) -> Result<PodSpec, Error> {
-        // clap refuses the pair on the command line; the agent's capture
-        // config comes here without clap.
-        if self.accel_short_conns && self.no_accel {
-            return Err(bad(
-                "--accel-short-conns",
-                "true",
-                "conflicts with --no-accel (acceleration off): drop one of them",
-            ));
-        }
-        match self.mode.as_str() {
-            "REDIRECT" => {}
-            "TPROXY" => {
-                return Err(bad(
-                    "-m/--istio-inbound-interception-mode",
-                    &self.mode,
-                    "TPROXY is not supported: redirect replaces istio-init's REDIRECT mode (use -m REDIRECT, Istio's default)",
-                ))
-            }
-            _ => return Err(bad("-m/--istio-inbound-interception-mode", &self.mode, "expected REDIRECT")),
-        }
-        let proxy_port = parse_port("-p/--envoy-port", &self.proxy_port, &self.proxy_port)?;
-        let inbound_port = parse_port(
-            "-z/--inbound-capture-port",
-            &self.inbound_port,
-            &self.inbound_port,
-        )?;
-        let tunnel_port = parse_port(
-            "-e/--inbound-tunnel-port",
-            &self.tunnel_port,
-            &self.tunnel_port,
-        )?;
-        let proxy_uids = parse_ids("-u/--proxy-uid", &self.proxy_uid)?;
-        let proxy_gids = match &self.proxy_gid {
-            Some(g) => parse_ids("-g/--proxy-gid", g)?,
-            None => proxy_uids.clone(),
-        };
-        if proxy_uids.is_empty() && proxy_gids.is_empty() {
-            return Err(bad(
-                "-u/--proxy-uid",
-                &self.proxy_uid,
-                "no proxy uid or gid given: the proxy's own traffic would loop back into it",
-            ));
-        }
-        let include = parse_cidrs("-i/--istio-service-cidr", &self.include_cidrs, true)?;
-        let exclude_cidrs = parse_cidrs(
-            "-x/--istio-service-exclude-cidr",
-            &self.exclude_cidrs,
-            false,
-        )?
-        .cidrs;
-        let include_outbound_ports =
-            parse_ports("-q/--istio-include-outbound-ports", &self.include_out_ports)?;
-        let exclude_outbound_ports = parse_ports(
-            "-o/--istio-local-outbound-ports-exclude",
-            &self.exclude_out_ports,
-        )?;
-        let inbound_ports = match self.include_in_ports.trim() {
-            "*" => InboundPorts::All,
-            "" => InboundPorts::None,
-            s => InboundPorts::Listed(parse_ports("-b/--istio-inbound-ports", s)?),
-        };
-        let exclude_inbound_ports =
-            parse_ports("-d/--istio-local-exclude-ports", &self.exclude_in_ports)?;
-        Ok(PodSpec {
-            proxy_port,
-            inbound_port,
-            tunnel_port,
-            proxy_uids,
-            proxy_gids,
-            include_all_outbound: include.all,
-            include_has_loopback: include.names_loopback,
-            include_cidrs: include.cidrs,
-            exclude_cidrs,
-            include_outbound_ports,
-            exclude_outbound_ports,
-            inbound_ports,
-            exclude_inbound_ports,
-            accel: false,
-            accel_mode: match (self.accel, self.no_accel) {
-                (true, _) => AccelMode::Forced,
-                (false, true) => AccelMode::Off,
-                (false, false) => AccelMode::Auto,
-            },
-            accel_short_conns: self.accel_short_conns,
-        })
-    }
+/// A list port parse, for callers outside the table (the fuzz target):
+/// the error names `field`.
+pub fn parse_ports(field: &str, s: &str) -> Result<Vec<u16>, Error> {
+    parse::ports(s).map_err(|reason| Error::InvalidFlag {
+        field: field.to_string(),
+        value: s.to_string(),
+        reason,
+    })
 }
 
 /// One port entry of a pod: (kind, port).
@@ -430,14 +197,37 @@ impl PodSpec {
     /// Istio's injected defaults: `-p 15001 -z 15006 -u 1337 -m REDIRECT
     /// -i '*' -x "" -b '*' -d 15090,15021,15020`.
     pub fn istio_default() -> PodSpec {
-        CaptureFlags {
-            include_cidrs: "*".into(),
-            include_in_ports: "*".into(),
-            exclude_in_ports: "15090,15021,15020".into(),
-            ..CaptureFlags::defaults()
+        CaptureFlags::istio_injected()
+            .to_spec()
+            .expect("built-in defaults are valid")
+    }
+
+    /// Every field empty or zero, before the flags fill it.
+    pub(crate) fn blank() -> PodSpec {
+        PodSpec {
+            proxy_port: 0,
+            inbound_port: 0,
+            tunnel_port: 0,
+            proxy_uids: Vec::new(),
+            proxy_gids: Vec::new(),
+            include_all_outbound: false,
+            include_has_loopback: false,
+            include_cidrs: Vec::new(),
+            exclude_cidrs: Vec::new(),
+            include_outbound_ports: Vec::new(),
+            exclude_outbound_ports: Vec::new(),
+            inbound_ports: InboundPorts::None,
+            exclude_inbound_ports: Vec::new(),
+            accel: false,
+            accel_mode: AccelMode::Auto,
+            accel_short_conns: false,
+            exclude_interfaces: Vec::new(),
+            kube_virt_interfaces: Vec::new(),
+            redirect_dns: false,
+            capture_all_dns: false,
+            outbound_owner_groups: OwnerGroups::All,
+            ipv4_loopback_cidr: Cidr::default_loopback(),
         }
-        .to_spec()
-        .expect("built-in defaults are valid")
     }
 
     /// The kernel's per-pod config (netns inode for display).
@@ -573,10 +363,12 @@ impl PodSpec {
                 AccelMode::Auto
             },
             accel_short_conns: cfg.has(flags::ACCEL_SHORT_CONNS),
+            ..PodSpec::blank()
         }
     }
 
-    /// Warnings for configurations that capture nothing in one direction.
+    /// Warnings for configurations that capture nothing in one direction,
+    /// or where a flag has no effect (as under istio-iptables).
     pub fn warnings(&self) -> Vec<String> {
         let mut w = Vec::new();
         if !self.include_all_outbound
@@ -591,61 +383,115 @@ impl PodSpec {
                     .into(),
             );
         }
+        if !self.exclude_inbound_ports.is_empty() && self.inbound_ports != InboundPorts::All {
+            w.push("-d has no effect unless -b '*' (as with istio-iptables)".into());
+        }
+        let both: Vec<String> = self
+            .include_outbound_ports
+            .iter()
+            .filter(|p| self.exclude_outbound_ports.contains(p))
+            .map(u16::to_string)
+            .collect();
+        if !both.is_empty() {
+            w.push(format!(
+                "port(s) {} in both -q and -o: -o wins, they are not captured (as with istio-iptables)",
+                both.join(",")
+            ));
+        }
+        if self.capture_all_dns && !self.redirect_dns {
+            w.push("--capture-all-dns has no effect without --redirect-dns".into());
+        }
         w
     }
 
-    /// The equivalent istio-iptables arguments.
+    /// The equivalent istio-iptables arguments (the table's `show`).
     pub fn istio_args(&self) -> String {
-        let join = |v: &[u16]| v.iter().map(u16::to_string).collect::<Vec<_>>().join(",");
-        let ids = |v: &[u32]| v.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
-        let cidrs = |v: &[Cidr]| v.iter().map(Cidr::to_string).collect::<Vec<_>>().join(",");
-        let include = if self.include_all_outbound {
-            "*".to_string()
-        } else {
-            cidrs(&self.include_cidrs)
-        };
-        let inbound = match &self.inbound_ports {
-            InboundPorts::All => "*".to_string(),
-            InboundPorts::Listed(p) => join(p),
-            InboundPorts::None => String::new(),
-        };
-        format!(
-            "-p {} -z {} -e {} -u '{}' -g '{}' -m REDIRECT -i '{}' -x '{}' -q '{}' -o '{}' -b '{}' -d '{}'{}{}",
-            self.proxy_port,
-            self.inbound_port,
-            self.tunnel_port,
-            ids(&self.proxy_uids),
-            ids(&self.proxy_gids),
-            include,
-            cidrs(&self.exclude_cidrs),
-            join(&self.include_outbound_ports),
-            join(&self.exclude_outbound_ports),
-            inbound,
-            join(&self.exclude_inbound_ports),
-            match self.accel_mode {
-                AccelMode::Forced => " --accel",
-                AccelMode::Off => " --no-accel",
-                AccelMode::Auto => "",
-            },
-            if self.accel_short_conns { " --accel-short-conns" } else { "" },
-        )
+        let mut out: Vec<String> = Vec::new();
+        for d in &TABLE {
+            let v = match d.show {
+                table::Show::Always(f) => Some(f(self)),
+                table::Show::IfSet(f) => f(self),
+                table::Show::Never => None,
+            };
+            let Some(v) = v else { continue };
+            let name = match (d.short, d.long) {
+                (Some(c), _) => format!("-{c}"),
+                (None, Some(l)) => format!("--{l}"),
+                (None, None) => continue,
+            };
+            out.push(if v.is_empty() {
+                name
+            } else {
+                format!("{name} {v}")
+            });
+        }
+        out.join(" ")
     }
-}
 
-impl CaptureFlags {
-    /// The flag defaults, as clap would fill them.
-    pub fn defaults() -> CaptureFlags {
-        CaptureFlags {
-            proxy_port: "15001".into(),
-            inbound_port: "15006".into(),
-            tunnel_port: "15008".into(),
-            proxy_uid: "1337".into(),
-            proxy_gid: None,
-            mode: "REDIRECT".into(),
-            ..CaptureFlags::default()
+    /// Combinations that cannot work, as (the flag to blame, why). Only
+    /// what cannot work under istio-iptables' rules either, or would loop.
+    pub(crate) fn coherent(&self) -> Result<(), (Flag, String)> {
+        let (p, z, e) = (self.proxy_port, self.inbound_port, self.tunnel_port);
+        if z == p {
+            return Err((
+                Flag::InboundCapturePort,
+                format!("it is also the outbound capture port (-p {p}): one listener would get the app's outbound connections and the connections from outside the pod alike, and send the inbound ones back out to the pod (a loop); give -p and -z different ports"),
+            ));
+        }
+        if e == p {
+            return Err((
+                Flag::InboundTunnelPort,
+                format!("it is also the outbound capture port (-p {p}): the tunnel port is never captured, so connections from outside to it would reach the outbound listener as if the app had made them; give -e and -p different ports"),
+            ));
+        }
+        if e == z {
+            return Err((
+                Flag::InboundTunnelPort,
+                format!("it is also the inbound capture port (-z {z}): the tunnel port is never captured, so connections from outside to it would reach the inbound listener without an original destination; give -e and -z different ports"),
+            ));
+        }
+        if self.redirect_dns {
+            for (flag, port) in [(Flag::EnvoyPort, p), (Flag::InboundCapturePort, z)] {
+                if port == DNS_PROXY_PORT {
+                    return Err((
+                        flag,
+                        format!("with --redirect-dns, port {DNS_PROXY_PORT} is the DNS proxy's: captured DNS and captured TCP connections would reach the same listener"),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The settings in effect that capture does not support yet (the
+    /// table's `NotYet` rows), with what is missing.
+    pub fn unsupported(&self) -> Vec<(&'static FlagDef, &'static str)> {
+        TABLE
+            .iter()
+            .filter_map(|d| match d.status {
+                table::Status::NotYet { missing, in_effect } if in_effect(self) => {
+                    Some((d, missing))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The one place capture refuses what is not supported yet: every
+    /// attach (CLI, agent, live annotation change) goes through it.
+    pub fn check_supported(&self) -> Result<(), Error> {
+        match self.unsupported().first() {
+            None => Ok(()),
+            Some((d, missing)) => Err(Error::NotSupported {
+                flag: d.name(),
+                reason: missing.to_string(),
+            }),
         }
     }
 }
+
+/// The agent's DNS proxy port (istio-iptables' `--redirect-dns` target).
+pub const DNS_PROXY_PORT: u16 = 15053;
 
 #[cfg(test)]
 mod tests {
@@ -673,16 +519,16 @@ mod tests {
 
     #[test]
     fn bad_cidr_names_field_and_value() {
-        let e = flags(|c| c.include_cidrs = "10.0.0.300/33".into())
+        let e = flags(|c| c.set(Flag::ServiceCidr, "10.0.0.300/33"))
             .unwrap_err()
             .to_string();
         assert!(e.contains("-i/--istio-service-cidr"), "{e}");
         assert!(e.contains("10.0.0.300/33"), "{e}");
-        let e = flags(|c| c.exclude_cidrs = "10.0.0.0/33".into())
+        let e = flags(|c| c.set(Flag::ServiceExcludeCidr, "10.0.0.0/33"))
             .unwrap_err()
             .to_string();
         assert!(e.contains("/33") && e.contains("-x"), "{e}");
-        let e = flags(|c| c.exclude_cidrs = "*".into())
+        let e = flags(|c| c.set(Flag::ServiceExcludeCidr, "*"))
             .unwrap_err()
             .to_string();
         assert!(e.contains("only accepted by -i"), "{e}");
@@ -692,28 +538,28 @@ mod tests {
     fn bad_ports_and_ids() {
         for (set, field) in [
             (
-                Box::new(|c: &mut CaptureFlags| c.proxy_port = "0".into())
+                Box::new(|c: &mut CaptureFlags| c.set(Flag::EnvoyPort, "0"))
                     as Box<dyn Fn(&mut CaptureFlags)>,
                 "-p",
             ),
             (
-                Box::new(|c: &mut CaptureFlags| c.inbound_port = "70000".into()),
+                Box::new(|c: &mut CaptureFlags| c.set(Flag::InboundCapturePort, "70000")),
                 "-z",
             ),
             (
-                Box::new(|c: &mut CaptureFlags| c.exclude_out_ports = "80,http".into()),
+                Box::new(|c: &mut CaptureFlags| c.set(Flag::LocalOutboundPortsExclude, "80,http")),
                 "-o",
             ),
             (
-                Box::new(|c: &mut CaptureFlags| c.include_in_ports = "80,*".into()),
+                Box::new(|c: &mut CaptureFlags| c.set(Flag::InboundPorts, "80,*")),
                 "-b",
             ),
             (
-                Box::new(|c: &mut CaptureFlags| c.proxy_uid = "root".into()),
+                Box::new(|c: &mut CaptureFlags| c.set(Flag::ProxyUid, "root")),
                 "-u",
             ),
             (
-                Box::new(|c: &mut CaptureFlags| c.mode = "TPROXY".into()),
+                Box::new(|c: &mut CaptureFlags| c.set(Flag::InterceptionMode, "TPROXY")),
                 "-m",
             ),
         ] {
@@ -724,18 +570,18 @@ mod tests {
 
     #[test]
     fn mixed_v4_v6_cidrs_and_loopback_detection() {
-        let s = flags(|c| c.include_cidrs = "10.0.0.1/8, fd00::/8,127.0.0.0/8".into()).unwrap();
+        let s = flags(|c| c.set(Flag::ServiceCidr, "10.0.0.1/8, fd00::/8,127.0.0.0/8")).unwrap();
         assert_eq!(s.include_cidrs[0].to_string(), "10.0.0.0/8");
         assert!(s.include_cidrs[1].is_v6());
         assert!(s.include_has_loopback);
-        let s = flags(|c| c.include_cidrs = "*".into()).unwrap();
+        let s = flags(|c| c.set(Flag::ServiceCidr, "*")).unwrap();
         assert!(s.include_all_outbound && !s.include_has_loopback);
         // As istio-iptables: the written address decides, not coverage.
-        let s = flags(|c| c.include_cidrs = "0.0.0.0/0,::/0".into()).unwrap();
+        let s = flags(|c| c.set(Flag::ServiceCidr, "0.0.0.0/0,::/0")).unwrap();
         assert!(!s.include_has_loopback);
-        let s = flags(|c| c.include_cidrs = "::1/128".into()).unwrap();
+        let s = flags(|c| c.set(Flag::ServiceCidr, "::1/128")).unwrap();
         assert!(s.include_has_loopback);
-        let e = flags(|c| c.include_cidrs = "*,10.0.0.0/8".into())
+        let e = flags(|c| c.set(Flag::ServiceCidr, "*,10.0.0.0/8"))
             .unwrap_err()
             .to_string();
         assert!(e.contains("whole value"), "{e}");
@@ -744,13 +590,13 @@ mod tests {
     #[test]
     fn kernel_round_trip() {
         let s = flags(|c| {
-            c.include_cidrs = "10.0.0.0/8,127.0.0.1/32".into();
-            c.exclude_cidrs = "10.9.0.0/16,fd00::/16".into();
-            c.include_out_ports = "443".into();
-            c.exclude_out_ports = "22".into();
-            c.include_in_ports = "80,8080".into();
-            c.exclude_in_ports = "15021".into();
-            c.proxy_gid = Some("1337,2000".into());
+            c.set(Flag::ServiceCidr, "10.0.0.0/8,127.0.0.1/32");
+            c.set(Flag::ServiceExcludeCidr, "10.9.0.0/16,fd00::/16");
+            c.set(Flag::OutboundPorts, "443");
+            c.set(Flag::LocalOutboundPortsExclude, "22");
+            c.set(Flag::InboundPorts, "80,8080");
+            c.set(Flag::LocalExcludePorts, "15021");
+            c.set(Flag::ProxyGid, "1337,2000");
         })
         .unwrap();
         let back = PodSpec::from_kernel(&s.pod_config(7), &s.port_entries(), &s.cidr_entries(&[]));
@@ -765,8 +611,8 @@ mod tests {
             (false, true, AccelMode::Off, " --no-accel"),
         ] {
             let mut s = flags(|c| {
-                c.accel = accel;
-                c.no_accel = no_accel;
+                c.set(Flag::Accel, accel.to_string());
+                c.set(Flag::NoAccel, no_accel.to_string());
             })
             .unwrap();
             assert_eq!(
@@ -792,8 +638,8 @@ mod tests {
     #[test]
     fn accel_short_conns_survives_the_kernel_map_and_conflicts_with_no_accel() {
         let s = flags(|c| {
-            c.accel = true;
-            c.accel_short_conns = true;
+            c.set(Flag::Accel, "true");
+            c.set(Flag::AccelShortConns, "true");
         })
         .unwrap();
         assert!(
@@ -809,8 +655,8 @@ mod tests {
             .pod_config(1)
             .has(flags::ACCEL_SHORT_CONNS));
         let e = flags(|c| {
-            c.no_accel = true;
-            c.accel_short_conns = true;
+            c.set(Flag::NoAccel, "true");
+            c.set(Flag::AccelShortConns, "true");
         })
         .unwrap_err()
         .to_string();
