@@ -18,14 +18,11 @@ use std::{
     process::{Command, Output},
 };
 
+use redirect_testbed::{kit::ClientReport, sandbox::unique};
 use redirect_tests::*;
-use redirect_userspace::{
-    config::{
-        table::{Kind, Scope},
-        Flag, FlagDef, TABLE,
-    },
-    kit::ClientReport,
-    sandbox::unique,
+use redirect_userspace::config::{
+    table::{Kind, Scope},
+    Flag, FlagDef, TABLE,
 };
 use serde_json::{json, Value};
 

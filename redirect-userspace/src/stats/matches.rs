@@ -132,7 +132,7 @@ pub fn rule_match(r: Reason, s: &PodSpec) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::CaptureFlags;
+    use crate::config::{CaptureFlags, Flag};
 
     fn spec(f: impl FnOnce(&mut CaptureFlags)) -> PodSpec {
         let mut c = CaptureFlags::defaults();
@@ -167,14 +167,14 @@ mod tests {
     #[test]
     fn lists_ports_cidrs_and_ids() {
         let s = spec(|c| {
-            c.include_cidrs = "10.0.0.0/8,fd00::/8".into();
-            c.exclude_cidrs = "10.9.0.0/16".into();
-            c.include_out_ports = "443".into();
-            c.exclude_out_ports = "22,3306".into();
-            c.include_in_ports = "80,8080".into();
-            c.exclude_in_ports = "15021".into();
-            c.proxy_uid = "1337,1338".into();
-            c.proxy_gid = Some("2000".into());
+            c.set(Flag::ServiceCidr, "10.0.0.0/8,fd00::/8");
+            c.set(Flag::ServiceExcludeCidr, "10.9.0.0/16");
+            c.set(Flag::OutboundPorts, "443");
+            c.set(Flag::LocalOutboundPortsExclude, "22,3306");
+            c.set(Flag::InboundPorts, "80,8080");
+            c.set(Flag::LocalExcludePorts, "15021");
+            c.set(Flag::ProxyUid, "1337,1338");
+            c.set(Flag::ProxyGid, "2000");
         });
         let m = |r| rule_match(r, &s);
         assert_eq!(m(Reason::OutExcludedPort), "tcp multiport dports 22,3306");
@@ -188,7 +188,7 @@ mod tests {
         );
         assert_eq!(m(Reason::InCaptured), "tcp multiport dports 80,8080");
         assert_eq!(m(Reason::InExcludedPort), "(none: only with -b '*')");
-        let s = spec(|c| c.include_cidrs = "127.0.0.1/32".into());
+        let s = spec(|c| c.set(Flag::ServiceCidr, "127.0.0.1/32"));
         assert_eq!(
             rule_match(Reason::OutAppLocal, &s),
             "(none: -i names a loopback address)"
