@@ -17,6 +17,7 @@ pub enum Reason {
     OutExcludedCidr = 10,
     OutNotIncluded = 11,
     OutNotTcp = 12,
+    OutExcludedInterface = 13,
     // Original destination answers (SO_ORIGINAL_DST, getpeername).
     OrigDstOutbound = 20,
     OrigDstInbound = 21,
@@ -27,6 +28,8 @@ pub enum Reason {
     ErrTupleMapFull = 31,
     ErrListenerMapFull = 32,
     ErrSockMapFull = 33,
+    ErrSourceBind = 34,
+    ErrVirtNatFull = 35,
     // Inbound (PREROUTING chain), one per new TCP connection from outside.
     InCaptured = 40,
     InExcludedPort = 41,
@@ -34,6 +37,11 @@ pub enum Reason {
     InNoListener = 43,
     InTunnelPort = 44,
     InListenerRegistered = 45,
+    InExcludedInterface = 46,
+    // From a VM behind a `-k` interface (tc on that interface).
+    InVirtCaptured = 47,
+    InVirtNotIncluded = 48,
+    InVirtDropped = 49,
     // Acceleration (sockops + sk_msg).
     AccelInserted = 50,
     AccelRedirected = 51,
@@ -45,21 +53,23 @@ pub enum Reason {
 
 /// The groups of `redirect stats`, in display order: the two iptables
 /// chains istio-init fills (OUTPUT → ISTIO_OUTPUT, PREROUTING →
-/// ISTIO_INBOUND), then ours. Which reasons a chain holds, and in which
+/// ISTIO_INBOUND), the PREROUTING rules of `-k` interfaces, then ours. Which reasons a chain holds, and in which
 /// order, is defined here and only here ([`Chain::reasons`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Chain {
     Output,
     Prerouting,
+    Vm,
     OrigDst,
     Accel,
     Errors,
 }
 
 impl Chain {
-    pub const ALL: [Chain; 5] = [
+    pub const ALL: [Chain; 6] = [
         Chain::Output,
         Chain::Prerouting,
+        Chain::Vm,
         Chain::OrigDst,
         Chain::Accel,
         Chain::Errors,
@@ -70,6 +80,7 @@ impl Chain {
         match self {
             Chain::Output => "OUTPUT",
             Chain::Prerouting => "PREROUTING",
+            Chain::Vm => "VM",
             Chain::OrigDst => "ORIGINAL_DST",
             Chain::Accel => "ACCEL",
             Chain::Errors => "ERRORS",
@@ -81,9 +92,10 @@ impl Chain {
         match self {
             Chain::Output => "ISTIO_OUTPUT; cgroup/connect4, cgroup/connect6: new TCP connections made in the pod",
             Chain::Prerouting => "ISTIO_INBOUND; sk_lookup in the pod netns: new TCP connections from outside",
+            Chain::Vm => "PREROUTING -i <-k interface> -j ISTIO_REDIRECT; tc on those interfaces: new TCP connections a VM opens",
             Chain::OrigDst => "cgroup/getsockopt SO_ORIGINAL_DST, cgroup/getpeername: calls answered or not",
             Chain::Accel => "sockops + sk_msg between app and proxy: sockets, connections, sk_msg verdicts or messages",
-            Chain::Errors => "map updates that failed",
+            Chain::Errors => "map updates and helper calls that failed",
         }
     }
 
@@ -91,6 +103,7 @@ impl Chain {
     pub const fn reasons(self) -> &'static [Reason] {
         match self {
             Chain::Output => &[
+                Reason::OutExcludedInterface,
                 Reason::OutExcludedPort,
                 Reason::OutPassthrough,
                 Reason::OutProxyToSelf,
@@ -105,12 +118,18 @@ impl Chain {
                 Reason::OutNotTcp,
             ],
             Chain::Prerouting => &[
+                Reason::InExcludedInterface,
                 Reason::InTunnelPort,
                 Reason::InExcludedPort,
                 Reason::InCaptured,
                 Reason::InNotIncluded,
                 Reason::InNoListener,
                 Reason::InListenerRegistered,
+            ],
+            Chain::Vm => &[
+                Reason::InVirtCaptured,
+                Reason::InVirtNotIncluded,
+                Reason::InVirtDropped,
             ],
             Chain::OrigDst => &[
                 Reason::OrigDstOutbound,
@@ -131,13 +150,15 @@ impl Chain {
                 Reason::ErrTupleMapFull,
                 Reason::ErrListenerMapFull,
                 Reason::ErrSockMapFull,
+                Reason::ErrSourceBind,
+                Reason::ErrVirtNatFull,
             ],
         }
     }
 }
 
 impl Reason {
-    pub const ALL: [Reason; 32] = [
+    pub const ALL: [Reason; 39] = [
         Reason::OutCaptured,
         Reason::OutCapturedPort,
         Reason::OutProxyToSelf,
@@ -150,6 +171,7 @@ impl Reason {
         Reason::OutExcludedCidr,
         Reason::OutNotIncluded,
         Reason::OutNotTcp,
+        Reason::OutExcludedInterface,
         Reason::OrigDstOutbound,
         Reason::OrigDstInbound,
         Reason::OrigDstMissing,
@@ -158,12 +180,18 @@ impl Reason {
         Reason::ErrTupleMapFull,
         Reason::ErrListenerMapFull,
         Reason::ErrSockMapFull,
+        Reason::ErrSourceBind,
+        Reason::ErrVirtNatFull,
         Reason::InCaptured,
         Reason::InExcludedPort,
         Reason::InNotIncluded,
         Reason::InNoListener,
         Reason::InTunnelPort,
         Reason::InListenerRegistered,
+        Reason::InExcludedInterface,
+        Reason::InVirtCaptured,
+        Reason::InVirtNotIncluded,
+        Reason::InVirtDropped,
         Reason::AccelInserted,
         Reason::AccelRemoved,
         Reason::AccelRedirected,
@@ -215,16 +243,18 @@ impl Reason {
     pub const fn target(self) -> &'static str {
         match self {
             Reason::OutCaptured | Reason::OutCapturedPort => "REDIRECT",
-            Reason::OutProxyToSelf | Reason::InCaptured => "REDIRECT",
+            Reason::OutProxyToSelf | Reason::InCaptured | Reason::InVirtCaptured => "REDIRECT",
             Reason::InNoListener | Reason::ErrOrigMapFull => "REJECT",
+            Reason::InVirtDropped | Reason::ErrVirtNatFull => "DROP",
             Reason::OrigDstOutbound | Reason::OrigDstInbound | Reason::PeerNameRewritten => {
                 "ANSWER"
             }
             Reason::OrigDstMissing => "MISSING",
             Reason::InListenerRegistered => "LISTEN",
-            Reason::ErrTupleMapFull | Reason::ErrListenerMapFull | Reason::ErrSockMapFull => {
-                "ERROR"
-            }
+            Reason::ErrTupleMapFull
+            | Reason::ErrListenerMapFull
+            | Reason::ErrSockMapFull
+            | Reason::ErrSourceBind => "ERROR",
             Reason::AccelInserted => "SOCKMAP",
             Reason::AccelRedirected => "REDIRECT",
             Reason::AccelFallback => "PASS",
@@ -250,6 +280,7 @@ impl Reason {
             Reason::OutExcludedCidr => "skip_excluded_cidr",
             Reason::OutNotIncluded => "skip_not_included",
             Reason::OutNotTcp => "skip_not_tcp",
+            Reason::OutExcludedInterface => "skip_excluded_interface",
             Reason::OrigDstOutbound => "orig_dst_outbound",
             Reason::OrigDstInbound => "orig_dst_inbound",
             Reason::OrigDstMissing => "orig_dst_missing",
@@ -258,6 +289,8 @@ impl Reason {
             Reason::ErrTupleMapFull => "error_tuple_map_full",
             Reason::ErrListenerMapFull => "error_listener_map_full",
             Reason::ErrSockMapFull => "error_sockmap_update",
+            Reason::ErrSourceBind => "error_source_bind",
+            Reason::ErrVirtNatFull => "error_vm_tuple_map_full",
             Reason::AccelInserted => "sockets_inserted",
             Reason::AccelRedirected => "messages_redirected",
             Reason::AccelFallback => "messages_fallback",
@@ -270,6 +303,10 @@ impl Reason {
             Reason::InNoListener => "no_listener",
             Reason::InTunnelPort => "skip_tunnel_port",
             Reason::InListenerRegistered => "listener_registered",
+            Reason::InExcludedInterface => "skip_excluded_interface",
+            Reason::InVirtCaptured => "captured",
+            Reason::InVirtNotIncluded => "skip_not_included",
+            Reason::InVirtDropped => "dropped",
         }
     }
 
@@ -290,6 +327,7 @@ impl Reason {
             Reason::OutExcludedCidr => "excluded CIDR (-x)",
             Reason::OutNotIncluded => "not included (-i)",
             Reason::OutNotTcp => "not TCP",
+            Reason::OutExcludedInterface => "routed out of an excluded interface (-c)",
             Reason::OrigDstOutbound => "SO_ORIGINAL_DST answered (outbound)",
             Reason::OrigDstInbound => "SO_ORIGINAL_DST answered (inbound)",
             Reason::OrigDstMissing => "SO_ORIGINAL_DST asked, no record",
@@ -298,6 +336,10 @@ impl Reason {
             Reason::ErrTupleMapFull => "tuple map full (proxy gets no SO_ORIGINAL_DST)",
             Reason::ErrListenerMapFull => "listener map update failed",
             Reason::ErrSockMapFull => "acceleration sockhash update failed (normal path used)",
+            Reason::ErrSourceBind => {
+                "pod source address not bound (the proxy sees a loopback source)"
+            }
+            Reason::ErrVirtNatFull => "tuple map full (a VM's connection dropped, the VM retries)",
             Reason::AccelInserted => "app/proxy sockets put in the sockhash",
             Reason::AccelRedirected => {
                 "sent straight to the peer socket (sk_msg verdicts, each for up to 16 KiB)"
@@ -314,6 +356,12 @@ impl Reason {
             Reason::InNoListener => "no listener on inbound port (refused)",
             Reason::InTunnelPort => "inbound tunnel port (-e)",
             Reason::InListenerRegistered => "proxy listener registered",
+            Reason::InExcludedInterface => "arrived on an excluded interface (-c)",
+            Reason::InVirtCaptured => "captured -> outbound port (-k)",
+            Reason::InVirtNotIncluded => "not included (-i)",
+            Reason::InVirtDropped => {
+                "dropped: no listener on the outbound port, or no address on the interface"
+            }
         }
     }
 }

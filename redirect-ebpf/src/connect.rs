@@ -4,22 +4,25 @@
 //! file reads the connect, rewrites its destination to localhost and the
 //! capture port, and records the original destination by socket cookie
 //! for SO_ORIGINAL_DST and getpeername (`orig_dst.rs`, via `sockops.rs`).
+//! Before the rewrite it binds an unbound socket to the source address the
+//! pod's route to the original destination gives (iptables NAT keeps it),
+//! so the proxy and the app see the connection as under iptables.
 
 use core::ffi::c_void;
 
 use aya_ebpf::{
-    bindings::bpf_sock,
-    helpers::{bpf_get_current_uid_gid, bpf_get_socket_cookie},
+    bindings::{bpf_sock, bpf_sock_addr, sockaddr},
+    helpers::{bpf_bind, bpf_get_current_uid_gid, bpf_get_socket_cookie},
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
 use redirect_common::{
-    outbound_verdict, v4_mapped, v4_to_mapped, OrigDst, Outbound, Reason, Verdict, AF_INET,
-    AF_INET6, IPPROTO_TCP,
+    outbound_verdict, redirect_source, v4_mapped, v4_to_mapped, OrigDst, Outbound, Reason, Verdict,
+    AF_INET, AF_INET6, IPPROTO_TCP,
 };
 
 use crate::{
-    addr::{ip4_bytes, ip6_bytes, set_user_ip6},
+    addr::{ctx_ip4, ctx_ip6, set_user_ip6},
     counters::count,
     maps::{PodMaps, REDIRECT_ORIG_BY_COOKIE, REDIRECT_PODS},
     netns,
@@ -57,12 +60,18 @@ unsafe fn connect(ctx: &SockAddrContext, v6: bool) -> i32 {
     let (mut family, mut dst, mut src) = if v6 {
         (
             AF_INET6,
-            ip6_bytes((*sa).user_ip6),
-            ip6_bytes((*sk).src_ip6),
+            ctx_ip6(&raw const (*sa).user_ip6),
+            ctx_ip6(&raw const (*sk).src_ip6),
         )
     } else {
-        (AF_INET, ip4_bytes((*sa).user_ip4), ip4_bytes((*sk).src_ip4))
+        (
+            AF_INET,
+            ctx_ip4(&raw const (*sa).user_ip4),
+            ctx_ip4(&raw const (*sk).src_ip4),
+        )
     };
+    // Neither an address nor a port bound by the app.
+    let unbound = src == [0u8; 16] && (*sk).src_port == 0;
     // A dual-stack socket dialing ::ffff:a.b.c.d makes an IPv4 connection:
     // iptables sees IPv4, so decide (and answer SO_ORIGINAL_DST) as IPv4.
     let mut v4_in_v6 = false;
@@ -105,6 +114,13 @@ unsafe fn connect(ctx: &SockAddrContext, v6: bool) -> i32 {
         count(netns, Reason::ErrOrigMapFull);
         return CONNECT_REFUSE;
     }
+    // The source iptables would leave: bound now, or the loopback
+    // destination below makes the kernel pick a loopback source. Only for
+    // a socket the app has not bound (address or port).
+    if unbound && bind_redirect_source(sa, netns, verdict, v6 as u32 | (family as u32) << 16, &dst)
+    {
+        count(netns, Reason::ErrSourceBind);
+    }
     (*sa).user_port = (port.to_be()) as u32;
     if !v6 {
         (*sa).user_ip4 = u32::from_ne_bytes([127, 0, 0, 1]);
@@ -120,4 +136,78 @@ unsafe fn connect(ctx: &SockAddrContext, v6: bool) -> i32 {
         set_user_ip6(sa, &target);
     }
     CONNECT_PROCEED
+}
+
+#[repr(C)]
+struct SockaddrIn {
+    family: u16,
+    port: u16,
+    addr: [u8; 4],
+    zero: [u8; 8],
+}
+
+#[repr(C)]
+struct SockaddrIn6 {
+    family: u16,
+    port: u16,
+    flowinfo: u32,
+    addr: [u8; 16],
+    scope_id: u32,
+}
+
+/// Bind the socket to the source `redirect_source` gives (if any); true
+/// when that failed. `how`: the socket is IPv6 (bit 0), the decided family
+/// (bits 16-31). A function of its own (a BPF subprogram): its stack is not
+/// added to the connect hook's, which the verifier's 512-byte frame limit
+/// would not take.
+#[inline(never)]
+unsafe fn bind_redirect_source(
+    sa: *mut bpf_sock_addr,
+    netns: u64,
+    verdict: Verdict,
+    how: u32,
+    dst: &[u8; 16],
+) -> bool {
+    let family = (how >> 16) as u16;
+    match redirect_source(verdict, family, dst, &PodMaps { netns }) {
+        Some(s) => bind_source(sa, how & 1 != 0, family, &s) != 0,
+        None => false,
+    }
+}
+
+/// `bpf_bind` to `src` (of the decided `family`: an IPv4 connection on an
+/// IPv6 socket binds its v4-mapped form), port 0: the kernel picks the port
+/// at connect, as for an unbound socket.
+#[inline(always)]
+unsafe fn bind_source(sa: *mut bpf_sock_addr, v6: bool, family: u16, src: &[u8; 16]) -> i64 {
+    if !v6 {
+        let mut a = SockaddrIn {
+            family: AF_INET,
+            port: 0,
+            addr: [src[0], src[1], src[2], src[3]],
+            zero: [0; 8],
+        };
+        return bpf_bind(
+            sa,
+            &mut a as *mut SockaddrIn as *mut sockaddr,
+            core::mem::size_of::<SockaddrIn>() as i32,
+        );
+    }
+    let addr = if family == AF_INET {
+        v4_to_mapped(src)
+    } else {
+        *src
+    };
+    let mut a = SockaddrIn6 {
+        family: AF_INET6,
+        port: 0,
+        flowinfo: 0,
+        addr,
+        scope_id: 0,
+    };
+    bpf_bind(
+        sa,
+        &mut a as *mut SockaddrIn6 as *mut sockaddr,
+        core::mem::size_of::<SockaddrIn6>() as i32,
+    )
 }

@@ -21,6 +21,9 @@
 //!   hop between app and proxy.
 //! - `release.rs`: `redirect_sock_release` (cgroup/sock_release).
 //!   conntrack forgetting a connection that never started.
+//! - `vm.rs`: `redirect_vm_ingress/egress` (tc, tcx links on a pod's `-k`
+//!   interfaces, one instance per pod). The nat PREROUTING rules of
+//!   `-k`: a VM's connections go to the outbound port, as REDIRECT.
 //!
 //! Helpers, imported by the hook files and never importing them:
 //! `maps.rs` (every map), `netns.rs` (the one place a program learns its
@@ -42,6 +45,7 @@ mod netns;
 mod orig_dst;
 mod release;
 mod sockops;
+mod vm;
 
 #[cfg(not(test))]
 #[panic_handler]

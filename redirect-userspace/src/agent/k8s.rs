@@ -151,9 +151,18 @@ struct Comparable {
     exclude_cidrs: Vec<(std::net::IpAddr, u8)>,
     outbound_ports: (Vec<u16>, Vec<u16>),
     inbound: (String, Vec<u16>),
+    /// `-c`, `-k` names (sets).
+    interfaces: (Vec<String>, Vec<String>),
     /// Settings not supported yet (never in the kernel): a change that
     /// asks for one is applied, and so refused and logged, not skipped.
     unsupported: Vec<String>,
+}
+
+fn names(v: &[String]) -> Vec<String> {
+    let mut v = v.to_vec();
+    v.sort();
+    v.dedup();
+    v
 }
 
 fn comparable(s: &PodSpec) -> Comparable {
@@ -185,6 +194,7 @@ fn comparable(s: &PodSpec) -> Comparable {
             set(&s.exclude_outbound_ports),
         ),
         inbound: (inbound, set(&s.exclude_inbound_ports)),
+        interfaces: (names(&s.exclude_interfaces), names(&s.kube_virt_interfaces)),
         unsupported: s.unsupported().iter().map(|(d, _)| d.name()).collect(),
     }
 }
@@ -542,7 +552,8 @@ impl PodWatch {
                             &cfg,
                             &maps.port_entries(cookie),
                             &maps.cidr_entries(cookie),
-                        );
+                        )
+                        .with_interfaces(&maps.iface_entries(cookie));
                         drop(maps);
                         if comparable(&cur) == comparable(&m.spec) {
                             return Ok(None);
