@@ -148,6 +148,7 @@ fn accept_loop(l: TcpListener, dir: Direction, log: Arc<Mutex<io::Stdout>>) {
 
 fn handle(conn: TcpStream, dir: Direction, log: Arc<Mutex<io::Stdout>>) {
     let peer = conn.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+    let local = conn.local_addr().map(|a| a.to_string()).unwrap_or_default();
     let name = if dir == Direction::Outbound {
         "outbound"
     } else {
@@ -168,7 +169,7 @@ fn handle(conn: TcpStream, dir: Direction, log: Arc<Mutex<io::Stdout>>) {
     });
     let line = match &result {
         Ok((orig, _)) => format!(
-            "{{\"event\":\"conn\",\"dir\":\"{name}\",\"peer\":\"{peer}\",\"orig\":\"{orig}\"}}"
+            "{{\"event\":\"conn\",\"dir\":\"{name}\",\"peer\":\"{peer}\",\"local\":\"{local}\",\"orig\":\"{orig}\"}}"
         ),
         Err(e) => format!(
             "{{\"event\":\"error\",\"dir\":\"{name}\",\"peer\":\"{peer}\",\"error\":\"{e}\"}}"
