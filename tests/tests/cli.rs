@@ -672,7 +672,14 @@ fn status_and_stats_list_the_captured_pod() {
     }
     assert_eq!(
         chains,
-        vec!["OUTPUT", "PREROUTING", "VM", "ORIGINAL_DST", "ACCEL", "ERRORS"]
+        vec![
+            "OUTPUT",
+            "PREROUTING",
+            "VM",
+            "ORIGINAL_DST",
+            "ACCEL",
+            "ERRORS"
+        ]
     );
     for rule in [
         "captured",

@@ -392,7 +392,11 @@ fn refused_fixtures_attach_nothing() {
         .into_iter()
         .filter(|f| f.expect["refused"].is_string() || f.expect["error"].is_string())
         .collect();
-    assert!(refused.len() >= 2, "refused fixtures missing: {}", refused.len());
+    assert!(
+        refused.len() >= 2,
+        "refused fixtures missing: {}",
+        refused.len()
+    );
     let pod = Pod::new("iiref");
     for f in &refused {
         let t = target(&pod);
