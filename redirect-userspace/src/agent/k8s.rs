@@ -955,6 +955,7 @@ mod tests {
             json!({"traffic.sidecar.istio.io/excludeOutboundPorts": "9090,8081,8081", "traffic.sidecar.istio.io/excludeOutboundIPRanges": "10.96.0.0/12,fd00::/8"}),
             json!({"traffic.sidecar.istio.io/includeOutboundIPRanges": "10.0.0.0/8,127.0.0.0/8", "traffic.sidecar.istio.io/includeInboundPorts": "9080,8080"}),
             json!({"traffic.sidecar.istio.io/includeInboundPorts": ""}),
+            json!({"traffic.sidecar.istio.io/excludeInterfaces": "net1,eth+", "traffic.sidecar.istio.io/kubevirtInterfaces": "tap0"}),
         ] {
             let spec = annotations::from_pod(&pod(ann.clone()))
                 .unwrap()
@@ -966,12 +967,20 @@ mod tests {
                 "10.244.1.17".parse().unwrap(),
                 "fd00:200::2".parse().unwrap(),
             ];
+            let ifaces = crate::podnet::PodNet::default()
+                .iface_entries(&spec.exclude_interfaces, &spec.kube_virt_interfaces);
             let back = PodSpec::from_kernel(
                 &spec.pod_config(42),
                 &spec.port_entries(),
                 &spec.cidr_entries(&addrs),
-            );
+            )
+            .with_interfaces(&ifaces);
             assert_eq!(comparable(&back), comparable(&spec), "{ann}");
+            // Without its interface entries the config reads differently.
+            if !spec.exclude_interfaces.is_empty() {
+                let bare = PodSpec::from_kernel(&spec.pod_config(42), &spec.port_entries(), &[]);
+                assert_ne!(comparable(&bare), comparable(&spec), "{ann}");
+            }
         }
         let a = annotations::from_pod(&pod(
             json!({"traffic.sidecar.istio.io/excludeOutboundPorts": "8081"}),
