@@ -413,24 +413,9 @@ fn vm_rules_follow_the_include_list_only() {
     // -i names the upstream's v4 subnet only; -x excludes the upstream
     // itself, which the -k rules do not look at (istio-iptables puts -x in
     // ISTIO_OUTPUT only).
-    r.pod.attach(&[
-        "-p",
-        "15001",
-        "-z",
-        "15006",
-        "-u",
-        "1337",
-        "-m",
-        "REDIRECT",
-        "-i",
-        "10.200.0.0/24",
-        "-x",
-        &format!("{UPSTREAM_V4}/32"),
-        "-b",
-        "*",
-        "-k",
-        "vm0",
-    ]);
+    let x = format!("{UPSTREAM_V4}/32");
+    r.pod
+        .attach_istio_default_with(&["-i", "10.200.0.0/24", "-x", &x, "-k", "vm0"]);
     let vm = r.vm();
     let v4 = sa(UPSTREAM_V4, 8080);
     assert_proxied(&r.pod.client(&vm, &v4, None), &v4, POD_V4, "vm -> v4");
