@@ -7,5 +7,6 @@
 pub mod bench;
 pub mod demo;
 pub mod fuzzing;
+pub mod istio_rules;
 pub mod kit;
 pub mod sandbox;
