@@ -136,8 +136,12 @@ impl Report {
             ));
         }
         for (k, n) in &self.unexercised {
+            let covered = match n {
+                0 => "no case of this run".to_string(),
+                n => format!("{n} cases of this run, all the same (under {STALE_AFTER})"),
+            };
             s.push_str(&format!(
-                "note: known difference [{k}] covered {n} cases of this run, all the same (under {STALE_AFTER}): judged on its example\n"
+                "note: known difference [{k}] covered {covered}: judged on its example\n"
             ));
         }
         s.push_str(&format!(
