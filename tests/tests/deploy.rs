@@ -328,18 +328,25 @@ fn manifests_agree_with_each_other_and_the_daemon() {
     );
     assert_eq!(socket, redirect_userspace::cni::DEFAULT_SOCKET);
 
-    // The image: both binaries, built with cargo xtask build.
+    // The image: FROM scratch (nothing to pull), both static binaries
+    // from the context `cargo xtask image` prepares, side by side (the
+    // agent installs redirect-cni from next to itself).
     let dockerfile = std::fs::read_to_string(root().join("deploy/Dockerfile")).unwrap();
-    assert!(dockerfile.contains("cargo xtask build"));
-    for bin in ["redirect", "redirect-cni"] {
-        assert!(
-            dockerfile.contains(&format!("target/release/{bin} ")),
-            "Dockerfile does not copy {bin}"
-        );
-    }
-    let image_cmd = c["command"][0].as_str().unwrap();
+    assert!(dockerfile.contains("cargo xtask image"));
+    let from: Vec<&str> = dockerfile
+        .lines()
+        .filter(|l| l.trim_start().to_ascii_uppercase().starts_with("FROM "))
+        .collect();
+    assert_eq!(from, ["FROM scratch"], "no base image: {from:?}");
     assert!(
-        dockerfile.contains(image_cmd),
+        dockerfile
+            .lines()
+            .any(|l| l.trim() == "COPY redirect redirect-cni /usr/local/bin/"),
+        "Dockerfile does not copy both binaries into /usr/local/bin/"
+    );
+    let image_cmd = c["command"][0].as_str().unwrap();
+    assert_eq!(
+        image_cmd, "/usr/local/bin/redirect",
         "command {image_cmd} is not where the Dockerfile puts redirect"
     );
 }
