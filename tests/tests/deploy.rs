@@ -232,7 +232,25 @@ fn manifests_agree_with_each_other_and_the_daemon() {
     assert_eq!(pod["hostNetwork"], true);
     assert_eq!(pod["hostPID"], true);
     let c = &pod["containers"][0];
-    assert_eq!(c["securityContext"]["privileged"], true);
+    // Least privilege: not privileged, every capability dropped, the
+    // few the agent needs added (image.rs runs it so and shows each one
+    // is needed); no AppArmor profile (the default one denies bpffs writes).
+    let sc = &c["securityContext"];
+    assert!(
+        sc["privileged"].is_null() || sc["privileged"] == false,
+        "{sc}"
+    );
+    assert_eq!(
+        sc["capabilities"]["drop"],
+        serde_json::json!(["ALL"]),
+        "{sc}"
+    );
+    assert_eq!(
+        sc["capabilities"]["add"],
+        serde_json::json!(["SYS_ADMIN", "NET_ADMIN", "SYS_PTRACE", "DAC_OVERRIDE"]),
+        "{sc}"
+    );
+    assert_eq!(sc["appArmorProfile"]["type"], "Unconfined", "{sc}");
     assert_eq!(
         c["envFrom"][0]["configMapRef"]["name"],
         cm["metadata"]["name"]

@@ -132,6 +132,11 @@ struct Node {
 
 impl Node {
     fn new(pm: &Podman, tmp: &TempDir, pins: &Path) -> Node {
+        Node::with_documents(pm, tmp, pins, &deploy_documents())
+    }
+
+    /// As `new`, from (edited) manifests.
+    fn with_documents(pm: &Podman, tmp: &TempDir, pins: &Path, docs: &[Value]) -> Node {
         let socket_dir = tmp.join("run-redirect");
         std::fs::create_dir_all(&socket_dir).unwrap();
         let subs = [
@@ -151,8 +156,7 @@ impl Node {
                 same_path: true,
             },
         ];
-        let docs = deploy_documents();
-        let run = node_run(&docs, DAEMONSET, &subs, NODE_NAME).unwrap_or_else(|e| panic!("{e}"));
+        let run = node_run(docs, DAEMONSET, &subs, NODE_NAME).unwrap_or_else(|e| panic!("{e}"));
         for m in &run.mounts {
             if m.must_exist {
                 assert!(
@@ -334,6 +338,93 @@ fn proxied(pm: &Podman, proxy: &str) -> Vec<Value> {
         .collect()
 }
 
+/// A pod started uncaptured, its sidecar proxy already listening, then
+/// captured by running the installed redirect-cni's ADD by hand, as a late
+/// capture does (a pod whose annotations changed, or a repaired one): the
+/// agent has to take the proxy's listening socket from its process
+/// (/proc/<pid>/fd and pidfd_getfd: CAP_SYS_PTRACE, hostPID). Returns the
+/// agent's list entry of the pod, then removes the pod (CNI DEL).
+fn late_capture(pm: &Podman, socket: &Path, name: &str) -> Value {
+    pm.create_pod(name);
+    let proxy = format!("{name}-proxy");
+    pm.ok(&[
+        "create",
+        "--pod",
+        name,
+        "--name",
+        &proxy,
+        "--user",
+        "1337:1337",
+        "-v",
+        &pm.kit_mount(),
+        IMAGE,
+        KIT_IN_CTR,
+        "proxy",
+    ]);
+    // Not selected: redirect-cni passes it through.
+    pm.ok(&["pod", "start", name]);
+    eventually("the late pod's proxy to listen on 15006", || {
+        pm.run(&[
+            "exec",
+            &proxy,
+            "grep",
+            "-q",
+            ":3A9E 00000000:0000 0A",
+            "/proc/net/tcp",
+        ])
+        .status
+        .success()
+    });
+    let infra = pm.ok(&["pod", "inspect", "-f", "{{.InfraContainerID}}", name]);
+    let netns = pm.ok(&["inspect", "-f", "{{.NetworkSettings.SandboxKey}}", &infra]);
+    let ip = pm.ip_of(&infra);
+    let conflist: Value =
+        serde_json::from_str(&std::fs::read_to_string(pm.conflist()).unwrap()).unwrap();
+    let mut conf = conflist["plugins"][1].clone();
+    conf["cniVersion"] = conflist["cniVersion"].clone();
+    conf["name"] = conflist["name"].clone();
+    conf["prevResult"] = serde_json::json!({
+        "cniVersion": conflist["cniVersion"],
+        "interfaces": [{"name": "eth0", "sandbox": netns}],
+        "ips": [{"address": format!("{ip}/24"), "interface": 0}],
+    });
+    let mut add = Command::new(pm.dir.join("cni-bin/redirect-cni"))
+        .env_clear()
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .env("CNI_COMMAND", "ADD")
+        .env("CNI_CONTAINERID", &infra)
+        .env("CNI_NETNS", &netns)
+        .env("CNI_IFNAME", "eth0")
+        .env("CNI_PATH", pm.dir.join("cni-bin"))
+        .env(
+            "CNI_ARGS",
+            format!("K8S_POD_NAMESPACE=shop;K8S_POD_NAME={name};REDIRECT_CAPTURE=true"),
+        )
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    add.stdin
+        .take()
+        .unwrap()
+        .write_all(conf.to_string().as_bytes())
+        .unwrap();
+    let out = add.wait_with_output().unwrap();
+    assert!(out.status.success(), "late ADD: {}", text(&out));
+    let entry = list(socket)
+        .into_iter()
+        .find(|p| p["netns"] == netns.as_str())
+        .unwrap_or_else(|| panic!("the late pod is not in the agent's list"));
+    // podman's DEL goes to the agent too.
+    pm.ok(&["pod", "rm", "-f", "-t", "0", name]);
+    assert!(
+        !list(socket).iter().any(|p| p["netns"] == netns.as_str()),
+        "the late pod was not released"
+    );
+    entry
+}
+
 /// Sets the flag on drop (a failed assertion included).
 struct StopOnDrop(Arc<AtomicBool>);
 
@@ -417,6 +508,11 @@ fn daemonset_image_captures_pods_and_upgrades_in_place() {
     );
     assert_eq!(v1.ready["cgroup_newly_attached"], true, "{}", v1.ready);
     assert!(v1.ready["kubernetes"].is_null(), "no cluster: {}", v1.ready);
+    assert!(
+        v1.ready["accel_probe"].is_string(),
+        "the acceleration probe ran to its end in the container: {}",
+        fail("", &v1)
+    );
 
     // Its CNI entry and plugin, on the (test's) host dirs.
     let conf: Value =
@@ -565,6 +661,18 @@ fn daemonset_image_captures_pods_and_upgrades_in_place() {
     );
     assert_eq!(captured(&pins.0, &netns), 2);
 
+    // A pod captured late: its proxy's listener is found.
+    let late = late_capture(&pm, &node.socket, &format!("rdt-ilate-{id}"));
+    assert_ne!(
+        late["inbound_listeners"],
+        serde_json::json!([]),
+        "{}",
+        fail(
+            &format!("the late pod's listener was not found: {late}"),
+            &v1
+        )
+    );
+
     // Traffic from the pod's app (placed in the pod's netns, in a cgroup
     // under the one the agent attached to) for the rest of the test.
     let clients = pm.cgroup2_parent().join("clients");
@@ -699,6 +807,78 @@ fn daemonset_image_captures_pods_and_upgrades_in_place() {
     assert_eq!(v2.stop(), 0, "{}", fail("v2 exit status", &v2));
 }
 
+/// Least privilege: the DaemonSet is not privileged, drops every
+/// capability and adds a few; the test above runs it with exactly those.
+/// Here each added capability is taken away in turn, and something the
+/// agent must do then fails: it refuses to start (naming the capability),
+/// or the acceleration probe cannot run, or a pod captured late (its proxy
+/// already listening) gets no inbound listener, with a warning.
+#[test]
+fn each_capability_of_the_daemonset_is_needed() {
+    let docs = deploy_documents();
+    let run = node_run(&docs, DAEMONSET, &[], NODE_NAME).unwrap();
+    assert!(!run.privileged, "the DaemonSet runs the agent privileged");
+    assert!(
+        run.options.windows(2).any(|w| w == ["--cap-drop", "ALL"]),
+        "the DaemonSet drops every capability first: {:?}",
+        run.options
+    );
+    assert!(!run.cap_add.is_empty());
+    let pins = Pins(PathBuf::from(format!(
+        "/sys/fs/bpf/{}",
+        unique("rdt-image-")
+    )));
+    let pm = Podman::new();
+    pm.write_conflist();
+    pm.import_image();
+    let tmp = TempDir::new("image-caps");
+    let tag = "localhost/redirect:image-test-caps";
+    build_image(&pm, tag, "image-test-caps");
+    let mut outcomes = Vec::new();
+    for (i, cap) in run.cap_add.iter().enumerate() {
+        let mut less = docs.clone();
+        let ds = less.iter_mut().find(|d| d["kind"] == "DaemonSet").unwrap();
+        ds["spec"]["template"]["spec"]["containers"][0]["securityContext"]["capabilities"]["add"]
+            .as_array_mut()
+            .unwrap()
+            .retain(|c| c != cap.as_str());
+        let node = Node::with_documents(&pm, &tmp, &pins.0, &less);
+        assert!(!node.run.cap_add.contains(cap));
+        let agent = match AgentContainer::start(&pm, &node, tag) {
+            Err(e) => {
+                assert!(
+                    e.contains("effective capabilities lack") && e.contains(&format!("CAP_{cap}")),
+                    "without {cap} the agent failed to start, but not naming it: {e}"
+                );
+                outcomes.push(format!("without {cap}: the agent refuses to start"));
+                continue;
+            }
+            Ok(a) => a,
+        };
+        let mut failed = Vec::new();
+        if !agent.ready["accel_probe"].is_string() {
+            failed.push("the acceleration probe cannot run");
+        }
+        let late = late_capture(&pm, &node.socket, &format!("rdt-icap{i}-{}", unique("")));
+        if late["inbound_listeners"] == serde_json::json!([]) {
+            assert!(
+                agent
+                    .log_text()
+                    .contains("its socket could not be taken from its process"),
+                "no warning for the missing listener: {}",
+                agent.log_text()
+            );
+            failed.push("a pod captured late gets no inbound listener (warned)");
+        }
+        assert!(
+            !failed.is_empty(),
+            "the agent did everything without {cap}: drop it from the DaemonSet"
+        );
+        outcomes.push(format!("without {cap}: {}", failed.join(", ")));
+    }
+    println!("least privilege:\n  {}", outcomes.join("\n  "));
+}
+
 /// A container that exits at start is reported with its step and log, and
 /// is not left behind.
 #[test]
@@ -732,6 +912,9 @@ fn an_agent_container_that_exits_at_start_is_reported() {
     assert!(left.is_empty(), "containers left behind: {left}");
 }
 
+/// An edit of the DaemonSet document.
+type Edit = fn(&mut Value);
+
 /// The mapping refuses what it cannot reproduce, naming the field.
 #[test]
 fn the_daemonset_mapping_names_what_it_cannot_map() {
@@ -748,7 +931,7 @@ fn the_daemonset_mapping_names_what_it_cannot_map() {
         run.env.contains_key("REDIRECT_CNI_CONFLIST"),
         "the ConfigMap is in"
     );
-    let cases: [(&str, fn(&mut Value), &str); 6] = [
+    let cases: [(&str, Edit, &str); 6] = [
         (
             "emptyDir volume",
             |ds| {

@@ -18,7 +18,8 @@
 //! | `securityContext.readOnlyRootFilesystem`   | `--read-only`                   |
 //! | `securityContext.allowPrivilegeEscalation: false` | `--security-opt no-new-privileges` |
 //! | `securityContext.runAsUser`/`runAsGroup`   | `--user`                        |
-//! | `securityContext.seccompProfile`           | `--security-opt seccomp=unconfined` (Unconfined) or podman's default profile (RuntimeDefault) |
+//! | `securityContext.seccompProfile`           | `--security-opt seccomp=unconfined` (Unconfined); podman's default profile otherwise (RuntimeDefault, or none given: stricter than a kubelet without SeccompDefault, which runs Unconfined) |
+//! | `securityContext.appArmorProfile`          | `--security-opt apparmor=unconfined` (Unconfined) |
 //! | `envFrom` ConfigMap (deploy/configmap.yaml)| `--env` per key                 |
 //! | `env` value / `fieldRef: spec.nodeName`    | `--env` (the node name given)   |
 //! | `resources.limits.memory` / `cpu`          | `--memory` / `--cpus`           |
@@ -329,6 +330,7 @@ pub fn node_run(
                 "runAsGroup",
                 "runAsNonRoot",
                 "seccompProfile",
+                "appArmorProfile",
             ]],
         )?;
         if flag(&sc["privileged"], &format!("{scw}.privileged"))? {
@@ -375,6 +377,19 @@ pub fn node_run(
                 return Err(format!(
                     "{scw}.seccompProfile {} is not mapped",
                     sc["seccompProfile"]
+                ))
+            }
+        }
+        match sc["appArmorProfile"]["type"].as_str() {
+            None if sc["appArmorProfile"].is_null() => {}
+            Some("Unconfined") => {
+                options.extend(["--security-opt".into(), "apparmor=unconfined".into()])
+            }
+            Some("RuntimeDefault") => {}
+            _ => {
+                return Err(format!(
+                    "{scw}.appArmorProfile {} is not mapped",
+                    sc["appArmorProfile"]
                 ))
             }
         }
