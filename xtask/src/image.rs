@@ -200,14 +200,15 @@ impl Builder {
     }
 
     /// The build command: no base image is pulled (the Dockerfile is
-    /// `FROM scratch`; --pull=never makes any pull an error), and no cached
+    /// `FROM scratch`; --pull=never makes any pull an error), no cached
     /// layer is reused (buildah's cache reuses a LABEL step whose build
-    /// args changed, which would keep a stale version or revision label).
+    /// args changed, which would keep a stale version or revision label)
+    /// and no intermediate image is kept (--layers=false).
     fn build_command(self, tag: &str, version: &str, revision: &str, context: &Path) -> Command {
         let mut c = Command::new(self.name());
         match self {
-            Builder::Podman => c.args(["build", "--pull=never", "--no-cache"]),
-            Builder::Buildah => c.args(["build", "--pull-never", "--no-cache"]),
+            Builder::Podman => c.args(["build", "--pull=never", "--no-cache", "--layers=false"]),
+            Builder::Buildah => c.args(["build", "--pull-never", "--no-cache", "--layers=false"]),
         };
         c.arg("--file")
             .arg(dockerfile())
@@ -218,6 +219,30 @@ impl Builder {
             .args(["--tag", tag])
             .arg(context);
         c
+    }
+
+    /// The id of the image `tag` names, if any (no output, no error);
+    /// podman only (buildah's images are left as they are).
+    fn image_id(self, tag: &str) -> Option<String> {
+        if self != Builder::Podman {
+            return None;
+        }
+        let out = Command::new(self.name())
+            .args(["image", "inspect", "--format", "{{.Id}}", tag])
+            .stderr(std::process::Stdio::null())
+            .output()
+            .ok()?;
+        let id = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        (out.status.success() && !id.is_empty()).then_some(id)
+    }
+
+    /// Whether image `id` has no name left.
+    fn untagged(self, id: &str) -> bool {
+        Command::new(self.name())
+            .args(["image", "inspect", "--format", "{{len .RepoTags}}", id])
+            .stderr(std::process::Stdio::null())
+            .output()
+            .is_ok_and(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).trim() == "0")
     }
 
     /// The image id and its size as the tool reports it: bytes for
@@ -305,6 +330,7 @@ pub fn image(toolchain: &Toolchain, tag: Option<String>) -> Result<()> {
     let started = std::time::Instant::now();
     let context = prepare_context(toolchain)?;
     let version = env!("CARGO_PKG_VERSION");
+    let previous = builder.image_id(&tag);
     let mut build = builder.build_command(&tag, version, &git_revision(), &context);
     cmd::run(&mut build).with_context(|| {
         format!(
@@ -315,6 +341,16 @@ pub fn image(toolchain: &Toolchain, tag: Option<String>) -> Result<()> {
     let (id, size) = builder
         .inspect(&tag)
         .context("step 3/3 (image build): the build succeeded but the image cannot be inspected")?;
+    // The image this tag named before, now nameless: removed, so that
+    // rebuilding leaves nothing behind.
+    if let Some(old) = previous.filter(|old| *old != id) {
+        if builder.untagged(&old) {
+            match cmd::output(Command::new(builder.name()).args(["rmi", &old])) {
+                Ok(_) => println!("removed the previous image {old} (no tag left)"),
+                Err(e) => eprintln!("warning: could not remove the previous image {old}: {e:#}"),
+            }
+        }
+    }
     println!("image: {tag}");
     println!("id: {id}");
     match size {
@@ -423,7 +459,7 @@ mod tests {
         let c = Builder::Podman.build_command("t:1", "1", "r", Path::new("/ctx"));
         let line = cmd::display(&c);
         assert!(
-            line.starts_with("podman build --pull=never --no-cache --file "),
+            line.starts_with("podman build --pull=never --no-cache --layers=false --file "),
             "{line}"
         );
         assert!(
