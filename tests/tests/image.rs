@@ -8,13 +8,18 @@
 //!   `cargo xtask image` / `cargo xtask test` put in target/image/context
 //!   ($REDIRECT_IMAGE_CONTEXT), twice: two tags with different version
 //!   labels, the second standing for the next release;
-//! * the agent in the container installs its CNI entry and the static
-//!   redirect-cni on the host's dirs, a podman pod on that CNI network is
-//!   captured from its first connection, /readyz, /healthz and /metrics
-//!   answer on the host;
+//! * the agent in the container (not privileged: the DaemonSet's
+//!   capabilities only) installs its CNI entry and the static redirect-cni
+//!   on the host's dirs, a podman pod on that CNI network is captured from
+//!   its first connection, a pod captured late gets its proxy's listener,
+//!   the acceleration probe runs, /readyz, /healthz and /metrics answer on
+//!   the host;
 //! * stopping the container leaves capture in place, and the second tag
 //!   started over the same pins takes over while connections flow, none
-//!   failing (the traffic checker of reliability.rs).
+//!   failing (the traffic checker of reliability.rs);
+//! * without any one of the DaemonSet's capabilities something fails;
+//! * a container that exits at start is reported, naming the step, with
+//!   its log, and removed; the mapping refuses fields it does not know.
 //!
 //! What a node without a cluster needs, and a test run next to others:
 //!
@@ -120,6 +125,20 @@ fn build_image(pm: &Podman, tag: &str, version: &str) -> String {
         text(&o)
     );
     pm.ok(&["image", "inspect", "--format", "{{.Id}}", tag])
+}
+
+/// The test's pin dir, its podman (network with its conflist, the pods'
+/// busybox image) and a temp dir; bound in this order, they are dropped
+/// the other way round: containers and pods before the pins.
+fn fixture(tag: &str) -> (Pins, Podman, TempDir) {
+    let pins = Pins(PathBuf::from(format!(
+        "/sys/fs/bpf/{}",
+        unique("rdt-image-")
+    )));
+    let pm = Podman::new();
+    pm.write_conflist();
+    pm.import_image();
+    (pins, pm, TempDir::new(tag))
 }
 
 /// The test's own directories in place of the node's, and its overrides.
@@ -259,12 +278,36 @@ impl<'a> AgentContainer<'a> {
             }
             if Instant::now() > deadline {
                 return Err(format!(
-                    "step: agent container start: no ready line within 60 s (state {state}); its log:\n{}",
+                    "step: agent container start: no ready line within 60 s (state {state}); where its threads wait:\n{}its log:\n{}",
+                    c.threads(),
                     c.log_text()
                 ));
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// The agent's threads (host PIDs) with their names, kernel wait
+    /// channels and kernel stacks: why a start hangs.
+    fn threads(&self) -> String {
+        let pid = self.pm.ok(&["inspect", "-f", "{{.State.Pid}}", &self.name]);
+        let mut out = String::new();
+        for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let p = t.path();
+            let read = |f: &str| std::fs::read_to_string(p.join(f)).unwrap_or_default();
+            out += &format!(
+                "  tid {} {} wchan={}\n{}",
+                t.file_name().to_string_lossy(),
+                read("comm").trim(),
+                read("wchan"),
+                read("stack")
+            );
+        }
+        out
     }
 
     fn log_text(&self) -> String {
@@ -327,15 +370,6 @@ fn captured(pins: &Path, netns: &str) -> u64 {
     redirect_tests::stats_rule(&st[0], "OUTPUT", "captured")["count"]
         .as_u64()
         .unwrap()
-}
-
-/// The proxy's `conn` events (JSON lines of its log).
-fn proxied(pm: &Podman, proxy: &str) -> Vec<Value> {
-    pm.logs(proxy)
-        .iter()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|l| l["event"] == "conn")
-        .collect()
 }
 
 /// A pod started uncaptured, its sidecar proxy already listening, then
@@ -445,14 +479,7 @@ fn long_xfer_args(dst: &str) -> Vec<String> {
 #[test]
 fn daemonset_image_captures_pods_and_upgrades_in_place() {
     let ctx = context();
-    let pins = Pins(PathBuf::from(format!(
-        "/sys/fs/bpf/{}",
-        unique("rdt-image-")
-    )));
-    let pm = Podman::new();
-    pm.write_conflist();
-    pm.import_image();
-    let tmp = TempDir::new("image");
+    let (pins, pm, tmp) = fixture("image");
     let node = Node::new(&pm, &tmp, &pins.0);
 
     // Two builds of deploy/Dockerfile: different version labels, so
@@ -558,41 +585,9 @@ fn daemonset_image_captures_pods_and_upgrades_in_place() {
     // saw) and a plain echo for the traffic loops.
     let id = unique("");
     let srv = format!("rdt-isrv-{id}");
-    pm.ok(&[
-        "run",
-        "-d",
-        "--name",
-        &srv,
-        "--network",
-        &pm.net,
-        "--user",
-        "1000:1000",
-        "-v",
-        &pm.kit_mount(),
-        IMAGE,
-        KIT_IN_CTR,
-        "echo",
-        "--listen",
-        "0.0.0.0:8080",
-    ]);
+    pm.run_kit_container(&srv, &["echo", "--listen", "0.0.0.0:8080"]);
     let echo = format!("rdt-iecho-{id}");
-    pm.ok(&[
-        "run",
-        "-d",
-        "--name",
-        &echo,
-        "--network",
-        &pm.net,
-        "--user",
-        "1000:1000",
-        "-v",
-        &pm.kit_mount(),
-        IMAGE,
-        KIT_IN_CTR,
-        "epoll-echo",
-        "--listen",
-        "0.0.0.0:9001",
-    ]);
+    pm.run_kit_container(&echo, &["epoll-echo", "--listen", "0.0.0.0:9001"]);
     let srv_ip = pm.ip_of(&srv);
     let echo_ip = pm.ip_of(&echo);
     eventually("the servers to listen", || {
@@ -614,18 +609,9 @@ fn daemonset_image_captures_pods_and_upgrades_in_place() {
     let pod = format!("rdt-ipod-{id}");
     let greet = format!("{srv_ip}:8080");
     let app = pm.create_mesh_pod(&pod, &greet, &greet);
-    let start = pm
-        .command(&["pod", "start", &pod])
-        .env("CNI_ARGS", "K8S_POD_NAMESPACE=shop;REDIRECT_CAPTURE=true")
-        .output()
-        .unwrap();
-    assert!(
-        start.status.success(),
-        "{}",
-        fail(&format!("pod start: {}", text(&start)), &v1)
-    );
-    let infra = pm.ok(&["pod", "inspect", "-f", "{{.InfraContainerID}}", &pod]);
-    let netns = pm.ok(&["inspect", "-f", "{{.NetworkSettings.SandboxKey}}", &infra]);
+    let (_, netns) = pm
+        .start_pod(&pod, "K8S_POD_NAMESPACE=shop;REDIRECT_CAPTURE=true")
+        .unwrap_or_else(|e| panic!("{}", fail(&e, &v1)));
     let pods = list(&node.socket);
     assert_eq!(pods.len(), 1, "{pods:?}");
     assert_eq!(pods[0]["pod"], format!("shop/{pod}"));
@@ -634,10 +620,7 @@ fn daemonset_image_captures_pods_and_upgrades_in_place() {
     let exit = pm.ok(&["wait", &app]);
     let app_log = pm.logs(&app);
     assert_eq!(exit, "0", "{}", fail(&format!("app: {app_log:?}"), &v1));
-    let reports: Vec<Value> = app_log
-        .iter()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect();
+    let reports = pm.json_logs(&app);
     assert_eq!(reports.len(), 2, "{app_log:?}");
     for r in &reports {
         assert_eq!(
@@ -647,7 +630,7 @@ fn daemonset_image_captures_pods_and_upgrades_in_place() {
         );
     }
     let proxy = format!("{pod}-proxy");
-    let conns = proxied(&pm, &proxy);
+    let conns = pm.proxied(&proxy);
     assert_eq!(
         conns.len(),
         2,
@@ -729,7 +712,7 @@ fn daemonset_image_captures_pods_and_upgrades_in_place() {
     let r = redirect_tests::client_sized(&app_at, &greet, 64);
     assert!(r.ok && r.peer.as_deref() == Some(greet.as_str()), "{r:?}");
     assert_eq!(
-        proxied(&pm, &proxy)
+        pm.proxied(&proxy)
             .iter()
             .filter(|c| c["orig"] == greet.as_str())
             .count(),
@@ -791,7 +774,7 @@ fn daemonset_image_captures_pods_and_upgrades_in_place() {
         "every connection was captured"
     );
     assert!(
-        proxied(&pm, &proxy)
+        pm.proxied(&proxy)
             .iter()
             .all(|c| c["orig"] == greet.as_str() || c["orig"] == up.as_str()),
         "a connection went elsewhere"
@@ -824,14 +807,7 @@ fn each_capability_of_the_daemonset_is_needed() {
         run.options
     );
     assert!(!run.cap_add.is_empty());
-    let pins = Pins(PathBuf::from(format!(
-        "/sys/fs/bpf/{}",
-        unique("rdt-image-")
-    )));
-    let pm = Podman::new();
-    pm.write_conflist();
-    pm.import_image();
-    let tmp = TempDir::new("image-caps");
+    let (pins, pm, tmp) = fixture("image-caps");
     let tag = "localhost/redirect:image-test-caps";
     build_image(&pm, tag, "image-test-caps");
     let mut outcomes = Vec::new();
@@ -884,13 +860,7 @@ fn each_capability_of_the_daemonset_is_needed() {
 #[test]
 fn an_agent_container_that_exits_at_start_is_reported() {
     context();
-    let pins = Pins(PathBuf::from(format!(
-        "/sys/fs/bpf/{}",
-        unique("rdt-image-")
-    )));
-    let pm = Podman::new();
-    pm.write_conflist();
-    let tmp = TempDir::new("image-bad");
+    let (pins, pm, tmp) = fixture("image-bad");
     let mut node = Node::new(&pm, &tmp, &pins.0);
     let tag = "localhost/redirect:image-test-bad";
     build_image(&pm, tag, "image-test-bad");

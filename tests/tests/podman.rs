@@ -69,23 +69,7 @@ fn podman_pod_is_captured_from_its_first_connection() {
     // redirect-cni passes it through).
     let id = unique("");
     let srv = format!("rdt-srv-{id}");
-    pm.ok(&[
-        "run",
-        "-d",
-        "--name",
-        &srv,
-        "--network",
-        &pm.net,
-        "--user",
-        "1000:1000",
-        "-v",
-        &pm.kit_mount(),
-        IMAGE,
-        KIT_IN_CTR,
-        "echo",
-        "--listen",
-        "0.0.0.0:8080",
-    ]);
+    pm.run_kit_container(&srv, &["echo", "--listen", "0.0.0.0:8080"]);
     let srv_ip = pm.ip_of(&srv);
     assert!(srv_ip.starts_with("10.203."), "server ip {srv_ip:?}");
     eventually("the server to listen", || {
@@ -100,18 +84,9 @@ fn podman_pod_is_captured_from_its_first_connection() {
     // the server.
     let pod = format!("rdt-pod-{id}");
     let app = pm.create_mesh_pod(&pod, &format!("{srv_ip}:8080"), &format!("{srv_ip}:8080"));
-    let start = pm
-        .command(&["pod", "start", &pod])
-        .env("CNI_ARGS", "K8S_POD_NAMESPACE=shop;REDIRECT_CAPTURE=true")
-        .output()
-        .unwrap();
-    assert!(
-        start.status.success(),
-        "{}",
-        fail(&format!("pod start: {}", text(&start)), &daemon)
-    );
-    let infra = pm.ok(&["pod", "inspect", "-f", "{{.InfraContainerID}}", &pod]);
-    let netns = pm.ok(&["inspect", "-f", "{{.NetworkSettings.SandboxKey}}", &infra]);
+    let (infra, netns) = pm
+        .start_pod(&pod, "K8S_POD_NAMESPACE=shop;REDIRECT_CAPTURE=true")
+        .unwrap_or_else(|e| panic!("{}", fail(&e, &daemon)));
     let pod_ip = pm.ip_of(&infra);
 
     let pods = daemon.list();
@@ -128,10 +103,7 @@ fn podman_pod_is_captured_from_its_first_connection() {
         "{}",
         fail(&format!("app exit {exit}: {app_log:?}"), &daemon)
     );
-    let reports: Vec<Value> = app_log
-        .iter()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect();
+    let reports = pm.json_logs(&app);
     assert_eq!(reports.len(), 2, "{app_log:?}");
     for r in &reports {
         assert_eq!(r["ok"], true, "{r}");
@@ -150,12 +122,7 @@ fn podman_pod_is_captured_from_its_first_connection() {
     }
     // Both went through the sidecar, the first one included, and the
     // counters account for every connection the app made.
-    let proxied: Vec<Value> = pm
-        .logs(&format!("{pod}-proxy"))
-        .iter()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|l| l["event"] == "conn")
-        .collect();
+    let proxied = pm.proxied(&format!("{pod}-proxy"));
     assert_eq!(proxied.len(), 2, "{proxied:?}");
     for p in &proxied {
         assert_eq!(
@@ -290,25 +257,16 @@ fn podman_pod_is_captured_from_its_annotations() {
         serde_json::from_str(&std::fs::read_to_string(pm.conflist()).unwrap()).unwrap();
     assert_eq!(conf["plugins"][1]["kubernetes"], true, "{conf}");
 
-    pm.ok(&[
-        "run",
-        "-d",
-        "--name",
+    pm.run_kit_container(
         &srv,
-        "--network",
-        &pm.net,
-        "--user",
-        "1000:1000",
-        "-v",
-        &pm.kit_mount(),
-        IMAGE,
-        KIT_IN_CTR,
-        "echo",
-        "--listen",
-        "0.0.0.0:8080",
-        "--listen",
-        "0.0.0.0:8081",
-    ]);
+        &[
+            "echo",
+            "--listen",
+            "0.0.0.0:8080",
+            "--listen",
+            "0.0.0.0:8081",
+        ],
+    );
     let srv_ip = pm.ip_of(&srv);
     eventually("the server to listen", || {
         pm.logs(&srv).iter().any(|l| l.contains("ready"))
@@ -327,18 +285,9 @@ fn podman_pod_is_captured_from_its_annotations() {
     );
 
     let app = pm.create_mesh_pod(&pod, &format!("{srv_ip}:8080"), &format!("{srv_ip}:8081"));
-    let start = pm
-        .command(&["pod", "start", &pod])
-        .env("CNI_ARGS", "K8S_POD_NAMESPACE=shop")
-        .output()
-        .unwrap();
-    assert!(
-        start.status.success(),
-        "{}",
-        fail(&format!("pod start: {}", text(&start)))
-    );
-    let infra = pm.ok(&["pod", "inspect", "-f", "{{.InfraContainerID}}", &pod]);
-    let netns = pm.ok(&["inspect", "-f", "{{.NetworkSettings.SandboxKey}}", &infra]);
+    let (_, netns) = pm
+        .start_pod(&pod, "K8S_POD_NAMESPACE=shop")
+        .unwrap_or_else(|e| panic!("{}", fail(&e)));
     let pods = daemon.list();
     assert_eq!(pods.len(), 1, "{pods:?}");
     assert_eq!(pods[0]["pod"], format!("shop/{pod}"));
@@ -358,19 +307,11 @@ fn podman_pod_is_captured_from_its_annotations() {
         "{}",
         fail(&format!("app exit {exit}: {app_log:?}"))
     );
-    let reports: Vec<Value> = app_log
-        .iter()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect();
+    let reports = pm.json_logs(&app);
     assert_eq!(reports.len(), 2, "{app_log:?}");
     assert!(reports.iter().all(|r| r["ok"] == true), "{reports:?}");
     // Only the 8080 connection went through the sidecar.
-    let proxied: Vec<Value> = pm
-        .logs(&format!("{pod}-proxy"))
-        .iter()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|l| l["event"] == "conn")
-        .collect();
+    let proxied = pm.proxied(&format!("{pod}-proxy"));
     assert_eq!(proxied.len(), 1, "{proxied:?}");
     assert_eq!(proxied[0]["orig"], format!("{srv_ip}:8080"), "{proxied:?}");
     let st = stats(&pins.0, &netns);

@@ -209,6 +209,28 @@ impl Podman {
         )
     }
 
+    /// Start `redirect-kit <tool>` as a plain container (uid 1000) on this
+    /// instance's network: a server the pods connect to.
+    pub fn run_kit_container(&self, name: &str, tool: &[&str]) {
+        let kit = self.kit_mount();
+        let mut args = vec![
+            "run",
+            "-d",
+            "--name",
+            name,
+            "--network",
+            &self.net,
+            "--user",
+            "1000:1000",
+            "-v",
+            &kit,
+            IMAGE,
+            KIT_IN_CTR,
+        ];
+        args.extend_from_slice(tool);
+        self.ok(&args);
+    }
+
     /// `podman logs` of a container, as lines.
     pub fn logs(&self, ctr: &str) -> Vec<String> {
         let o = self.run(&["logs", ctr]);
@@ -216,6 +238,38 @@ impl Podman {
             .lines()
             .map(str::to_string)
             .collect()
+    }
+
+    /// The JSON lines of a container's log (kit reports and events).
+    pub fn json_logs(&self, ctr: &str) -> Vec<Value> {
+        self.logs(ctr)
+            .iter()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// The `conn` events a kit proxy container logged.
+    pub fn proxied(&self, proxy: &str) -> Vec<Value> {
+        self.json_logs(proxy)
+            .into_iter()
+            .filter(|l| l["event"] == "conn")
+            .collect()
+    }
+
+    /// `pod start` with `cni_args` in CNI_ARGS: the infra container id and
+    /// the pod's netns path; Err with podman's output when it fails.
+    pub fn start_pod(&self, pod: &str, cni_args: &str) -> Result<(String, String), String> {
+        let start = self
+            .command(&["pod", "start", pod])
+            .env("CNI_ARGS", cni_args)
+            .output()
+            .unwrap();
+        if !start.status.success() {
+            return Err(format!("pod start: {}", text(&start)));
+        }
+        let infra = self.ok(&["pod", "inspect", "-f", "{{.InfraContainerID}}", pod]);
+        let netns = self.ok(&["inspect", "-f", "{{.NetworkSettings.SandboxKey}}", &infra]);
+        Ok((infra, netns))
     }
 
     pub fn state(&self, ctr: &str) -> String {
