@@ -513,11 +513,21 @@ impl Installation {
         // A proxy already listening never goes through sockops' listen
         // hook: find it (a /proc walk) only when a listener exists.
         let t_sk_lookup = t0.elapsed();
-        let listener_seeded = if crate::podns::listening(netns, spec.inbound_port)? {
+        let listening = crate::podns::listening(netns, spec.inbound_port)?;
+        let listener_seeded = if listening {
             seed_listeners(&mut maps, netns, cookie, spec.inbound_port)?
         } else {
             Vec::new()
         };
+        if listening && listener_seeded.is_empty() {
+            tracing::warn!(
+                cookie,
+                port = spec.inbound_port,
+                "the pod's proxy already listens on the inbound port but its socket could not be taken from its process \
+                 (reading /proc/<pid>/fd and pidfd_getfd need CAP_SYS_PTRACE and the host's PIDs); \
+                 inbound connections find no listener until the proxy listens again"
+            );
+        }
         // Where the time of a capture goes (ms, per phase), for the churn
         // benchmark and for anyone chasing a slow attach.
         let ms = |a: std::time::Duration, b: std::time::Duration| {

@@ -15,7 +15,8 @@ use crate::error::{Error, Result};
 const NSFS_MAGIC: i64 = 0x6e73_6673;
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
-const NS_GET_NSTYPE: libc::c_ulong = 0xb703;
+/// `libc::Ioctl`: the request type differs between glibc and musl.
+const NS_GET_NSTYPE: libc::Ioctl = 0xb703;
 const SO_NETNS_COOKIE: libc::c_int = 71;
 pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf";
 

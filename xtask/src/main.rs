@@ -6,10 +6,12 @@
 //! * `test`       build in debug, then run the workspace tests
 //! * `demo`       release build, then `redirect-kit demo`
 //! * `bench`      release build, then the eBPF-vs-iptables benchmark
+//! * `image`      static binaries, then the node agent's OCI image (podman)
 //!
 //! Every external command is echoed as `==> cmd` before it runs.
 
 mod cmd;
+mod image;
 mod setup;
 mod tasks;
 
@@ -84,6 +86,14 @@ enum Task {
         #[arg(long, default_value = "100")]
         resident: usize,
     },
+    /// Build the node agent's OCI image (deploy/Dockerfile, FROM scratch)
+    /// from static (musl) release binaries with podman, or buildah; prints
+    /// its id and size. Nothing is pulled.
+    Image {
+        /// Image name and tag (default: localhost/redirect:<version>).
+        #[arg(long)]
+        tag: Option<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -122,6 +132,7 @@ fn run(task: Task) -> Result<ExitCode> {
         Task::Bench {
             quick, proxy, out, ..
         } => tasks::bench(&setup::setup(false)?, quick, &proxy, out)?,
+        Task::Image { tag } => image::image(&setup::setup(false)?, tag)?,
     }
     Ok(ExitCode::SUCCESS)
 }

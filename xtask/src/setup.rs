@@ -6,8 +6,10 @@
 //!
 //! * apt packages whose commands are missing (ip, iptables, bpftool, haproxy, jq,
 //!   and podman, runc, conmon, the CNI plugins and busybox-static for the
-//!   real-runtime test);
+//!   real-runtime test, musl-tools and file for the image);
 //! * the nightly toolchain with `rust-src` (the eBPF crate uses `-Z build-std`);
+//! * the `x86_64-unknown-linux-musl` target (and musl-tools from apt) for
+//!   the image's static binaries;
 //! * `bpf-linker`, built against the nightly's own libLLVM so no system LLVM
 //!   is needed;
 //! * `kubernetes-validate` (PyPI; it bundles the Kubernetes JSON schemas, so
@@ -44,6 +46,11 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("conmon", "conmon"),
     ("/usr/lib/cni/bridge", "containernetworking-plugins"),
     ("busybox", "busybox-static"),
+    // Static binaries for the image (`cargo xtask image`): ring's C code is
+    // compiled for musl with musl-gcc; the image test checks the copied
+    // plugin with `file`.
+    ("musl-gcc", "musl-tools"),
+    ("file", "file"),
 ];
 
 /// What later build steps need to know about the prepared toolchain.
@@ -57,6 +64,7 @@ pub fn setup(reinstall_bpf_linker: bool) -> Result<Toolchain> {
     ensure_apt_packages()?;
     let sysroot = ensure_nightly()?;
     let bpf_linker = ensure_bpf_linker(&sysroot, reinstall_bpf_linker)?;
+    crate::image::ensure_musl_target()?;
     ensure_kubernetes_validate()?;
     check_kernel();
     eprintln!("setup: toolchain and tools ready");

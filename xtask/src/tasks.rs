@@ -132,6 +132,8 @@ pub fn build(toolchain: &Toolchain, debug: bool) -> Result<()> {
 pub fn test(toolchain: &Toolchain, extra: &[String]) -> Result<ExitCode> {
     build_ebpf(toolchain, false)?;
     build_host(true)?;
+    // The image test builds the image from the static binaries.
+    let image_context = crate::image::prepare_context(toolchain)?;
 
     let bin_dir = target_dir().join("debug");
     let mut test = host_cargo("test");
@@ -139,6 +141,7 @@ pub fn test(toolchain: &Toolchain, extra: &[String]) -> Result<ExitCode> {
     // the last lines a CI log reader sees.
     test.args(["--no-fail-fast", "--lib", "--bins", "--tests"])
         .env("REDIRECT_BIN_DIR", &bin_dir)
+        .env(crate::image::CONTEXT_ENV, &image_context)
         .arg("--");
     if !extra.iter().any(|arg| arg.starts_with("--test-threads")) {
         test.arg(format!("--test-threads={}", test_threads()?));
