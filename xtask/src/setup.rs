@@ -5,7 +5,7 @@
 //! ready machine gets through in well under a second:
 //!
 //! * apt packages whose commands are missing (ip, iptables, bpftool, haproxy, jq,
-//!   and podman, runc, conmon, the CNI plugins and busybox-static for the
+//!   dnsmasq and dig for the DNS capture tests, and podman, runc, conmon, the CNI plugins and busybox-static for the
 //!   real-runtime test);
 //! * the nightly toolchain with `rust-src` (the eBPF crate uses `-Z build-std`);
 //! * `bpf-linker`, built against the nightly's own libLLVM so no system LLVM
@@ -44,6 +44,10 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("conmon", "conmon"),
     ("/usr/lib/cni/bridge", "containernetworking-plugins"),
     ("busybox", "busybox-static"),
+    // The DNS capture tests: a real DNS server upstream (dnsmasq, run with
+    // its own config, no system service) and real clients (dig, nslookup).
+    ("dnsmasq", "dnsmasq-base"),
+    ("dig", "dnsutils"),
 ];
 
 /// What later build steps need to know about the prepared toolchain.

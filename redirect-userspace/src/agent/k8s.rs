@@ -82,6 +82,8 @@ pub struct Options {
     /// How long an ADD waits for the watch to know the pod.
     pub pod_wait: Duration,
     pub repair: Repair,
+    /// The node's DNS, for the nameservers of pods with DNS capture.
+    pub dns: annotations::NodeDns,
 }
 
 /// One pod as the watch last saw it.
@@ -151,6 +153,10 @@ struct Comparable {
     exclude_cidrs: Vec<(std::net::IpAddr, u8)>,
     outbound_ports: (Vec<u16>, Vec<u16>),
     inbound: (String, Vec<u16>),
+    /// DNS capture, owner groups, the IPv4 loopback range.
+    dns: String,
+    owner_groups: String,
+    loopback: String,
     /// Settings not supported yet (never in the kernel): a change that
     /// asks for one is applied, and so refused and logged, not skipped.
     unsupported: Vec<String>,
@@ -185,6 +191,9 @@ fn comparable(s: &PodSpec) -> Comparable {
             set(&s.exclude_outbound_ports),
         ),
         inbound: (inbound, set(&s.exclude_inbound_ports)),
+        dns: format!("{:?}", s.dns_capture()),
+        owner_groups: format!("{:?}", s.outbound_owner_groups),
+        loopback: s.ipv4_loopback_cidr.to_string(),
         unsupported: s.unsupported().iter().map(|(d, _)| d.name()).collect(),
     }
 }
@@ -418,7 +427,7 @@ impl PodWatch {
                 return false;
             }
         };
-        let decision = annotations::from_pod(&value);
+        let decision = annotations::from_pod_on(&value, &self.opts.dns);
         let new_key = decision_key(&decision);
         let running = p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
         let (changed, started) = {
@@ -894,6 +903,7 @@ mod tests {
                 node_name: "node-a".into(),
                 pod_wait: Duration::from_millis(100),
                 repair: Repair::Report,
+                dns: Default::default(),
             },
             state: Mutex::new(State::default()),
             changed: Condvar::new(),
