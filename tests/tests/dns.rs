@@ -434,3 +434,46 @@ fn owner_groups_select_whose_traffic_and_dns_are_captured() {
     assert_eq!(ask(APP_GROUP), vec![PROXY_A.to_string()]);
     assert_eq!(ask(APP_UID), vec![UPSTREAM_A.to_string()]);
 }
+
+#[test]
+fn an_install_without_the_dns_hooks_gets_them_on_the_next_attach() {
+    // An install made by a version without the DNS hooks has every other
+    // cgroup link: attach (and the agent at start, which calls the same
+    // attach_cgroup) adds the missing ones and keeps the others.
+    let mut pod = Pod::new("dnsupg");
+    let _upstream = Dnsmasq::start(&pod);
+    let _rc = pod_resolv_conf(&pod, &[NS_V4]);
+    start_dns_proxy(&mut pod);
+    pod.attach_istio_default_with(&["--redirect-dns"]);
+    let cg_dirs = redirect_userspace::pins::read_dir(&pod.pin_dir.join("cgroups"));
+    assert_eq!(cg_dirs.len(), 1);
+    let dns_links = [
+        "redirect_sendmsg4",
+        "redirect_sendmsg6",
+        "redirect_recvmsg4",
+        "redirect_recvmsg6",
+    ];
+    for l in dns_links {
+        redirect_userspace::attach::unpin_link(&cg_dirs[0].join(l)).unwrap();
+    }
+    let keep = cg_dirs[0].join("redirect_connect4");
+    let before = std::fs::metadata(&keep).unwrap();
+    let app = app(&pod);
+    let ns = format!("{NS_V4}:53");
+    // Without them unconnected UDP DNS goes out as sent...
+    let r = query(&app, &ns, "svc.local.mesh", "A", "udp");
+    assert_eq!(answers(&r), vec![UPSTREAM_A.to_string()], "{r}");
+    // ...and the next attach brings them back.
+    pod.attach_istio_default_with(&["--redirect-dns"]);
+    for l in dns_links {
+        assert!(cg_dirs[0].join(l).exists(), "{l}");
+    }
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(
+        std::fs::metadata(&keep).unwrap().ino(),
+        before.ino(),
+        "the other links are kept"
+    );
+    let r = query(&app, &ns, "svc.local.mesh", "A", "udp");
+    assert_eq!(answers(&r), vec![PROXY_A.to_string()], "{r}");
+}
