@@ -151,7 +151,8 @@ fn owner_rules(
 pub fn outbound_verdict<L: Lookup>(cfg: &PodConfig, c: &Outbound, l: &L) -> Verdict {
     let tcp = c.proto == IPPROTO_TCP;
     let dns = cfg.has(flags::DNS_CAPTURE) && c.dport == DNS_PORT;
-    if !tcp && !(dns && c.proto == IPPROTO_UDP) {
+    let dns_udp = dns && c.proto == IPPROTO_UDP;
+    if !tcp && !dns_udp {
         return Verdict::Untouched(Reason::OutNotTcp);
     }
     // 1. -o ports (istio-iptables returns them for TCP and UDP).

@@ -327,11 +327,11 @@ impl Reason {
             Reason::OutExcludedCidr => "excluded CIDR (-x)",
             Reason::OutNotIncluded => "not included (-i)",
             Reason::OutNotTcp => "not TCP (nor UDP port 53 with --redirect-dns)",
-            Reason::OutOwnerGroupNotIncluded => {
-                "owner group not in ISTIO_OUTBOUND_OWNER_GROUPS"
-            }
+            Reason::OutOwnerGroupNotIncluded => "owner group not in ISTIO_OUTBOUND_OWNER_GROUPS",
             Reason::OutOwnerGroupExcluded => "owner group in ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE",
-            Reason::DnsCapturedUdp => "UDP to a nameserver -> DNS proxy :15053 (per datagram or connect)",
+            Reason::DnsCapturedUdp => {
+                "UDP to a nameserver -> DNS proxy :15053 (per datagram or connect)"
+            }
             Reason::DnsCapturedTcp => "TCP to a nameserver -> DNS proxy :15053",
             Reason::DnsNotNameserver => "UDP port 53 to another address (not captured)",
             Reason::DnsReplyRewritten => "reply read as from the nameserver asked (recvmsg)",

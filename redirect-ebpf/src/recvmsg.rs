@@ -11,7 +11,9 @@
 
 use core::ffi::c_void;
 
-use aya_ebpf::{helpers::bpf_get_socket_cookie, macros::cgroup_sock_addr, programs::SockAddrContext};
+use aya_ebpf::{
+    helpers::bpf_get_socket_cookie, macros::cgroup_sock_addr, programs::SockAddrContext,
+};
 use redirect_common::{v4_to_mapped, Reason, AF_INET, DNS_PROXY_PORT, V6_LOCALHOST};
 
 use crate::{

@@ -279,14 +279,15 @@ fn pod_nameservers(
     let mut extra = Vec::new();
     if let Some(list) = spec["dnsConfig"]["nameservers"].as_array() {
         for v in list {
-            let a = v.as_str().and_then(|s| s.parse::<IpAddr>().ok()).ok_or_else(|| {
-                AnnotationError::Invalid {
+            let a = v
+                .as_str()
+                .and_then(|s| s.parse::<IpAddr>().ok())
+                .ok_or_else(|| AnnotationError::Invalid {
                     pod: name.to_string(),
                     annotation: "spec.dnsConfig.nameservers".into(),
                     value: v.to_string(),
                     reason: "expected an IP address".into(),
-                }
-            })?;
+                })?;
             extra.push(a);
         }
     }
@@ -491,7 +492,11 @@ pub fn from_pod_on(pod: &Value, node: &NodeDns) -> Result<PodCapture, Annotation
     };
     for (flag, var, from_env) in [
         (Flag::RedirectDns, "ISTIO_META_DNS_CAPTURE", PROXY_ENV_DNS),
-        (Flag::OwnerGroups, "ISTIO_OUTBOUND_OWNER_GROUPS", PROXY_ENV_OWNER_GROUPS),
+        (
+            Flag::OwnerGroups,
+            "ISTIO_OUTBOUND_OWNER_GROUPS",
+            PROXY_ENV_OWNER_GROUPS,
+        ),
         (
             Flag::OwnerGroupsExclude,
             "ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE",
@@ -522,7 +527,11 @@ pub fn from_pod_on(pod: &Value, node: &NodeDns) -> Result<PodCapture, Annotation
             // Empty means "not given" to the flag: the pod has none, which
             // turns DNS capture off (as istio-iptables with an empty
             // resolv.conf), said with a reserved word.
-            let v = if list.is_empty() { NO_NAMESERVERS.to_string() } else { list };
+            let v = if list.is_empty() {
+                NO_NAMESERVERS.to_string()
+            } else {
+                list
+            };
             flags.set_from(Flag::DnsServers, v, Source::Annotation(DNS_POLICY));
         }
     }

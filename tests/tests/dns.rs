@@ -85,7 +85,13 @@ impl Dnsmasq {
         let d = Dnsmasq { _child: child, dir };
         // Ready when it answers (asked from its own netns).
         for _ in 0..100 {
-            let r = query(&pod.topo.in_upstream(), &format!("{NS_V4}:53"), "x.local.mesh", "A", "udp");
+            let r = query(
+                &pod.topo.in_upstream(),
+                &format!("{NS_V4}:53"),
+                "x.local.mesh",
+                "A",
+                "udp",
+            );
             if r["ok"] == true {
                 return d;
             }
@@ -102,7 +108,10 @@ impl Dnsmasq {
     fn queries_from(&self, name: &str, client: &str) -> usize {
         self.log()
             .lines()
-            .filter(|l| l.contains(&format!("query[A] {name} from {client}")) || l.contains(&format!("query[AAAA] {name} from {client}")))
+            .filter(|l| {
+                l.contains(&format!("query[A] {name} from {client}"))
+                    || l.contains(&format!("query[AAAA] {name} from {client}"))
+            })
             .count()
     }
 }
@@ -163,7 +172,13 @@ fn start_dns_proxy(pod: &mut Pod) -> usize {
     let up = format!("{NS_V4}:53");
     pod.spawn(
         "dns-proxy",
-        &["dns-proxy", "--local-suffix", "local.mesh", "--upstream", &up],
+        &[
+            "dns-proxy",
+            "--local-suffix",
+            "local.mesh",
+            "--upstream",
+            &up,
+        ],
         &p,
     );
     pod.children.len() - 1
@@ -233,7 +248,11 @@ fn captured_dns_is_answered_by_the_proxy_as_from_the_nameserver() {
         for transport in ["udp", "udp-connected", "tcp"] {
             let r = query(&app, server, "svc.local.mesh", qtype, transport);
             assert_eq!(r["ok"], true, "{transport} {server}: {r}");
-            assert_eq!(answers(&r), vec![want.to_string()], "{transport} {server}: {r}");
+            assert_eq!(
+                answers(&r),
+                vec![want.to_string()],
+                "{transport} {server}: {r}"
+            );
             if transport != "tcp" {
                 assert_eq!(r["reply_from"], server.as_str(), "{transport}: {r}");
             }
@@ -251,14 +270,36 @@ fn captured_dns_is_answered_by_the_proxy_as_from_the_nameserver() {
     // Real clients: dig (UDP and TCP), nslookup, glibc's getent with the
     // pod's resolv.conf.
     for extra in [None, Some("+tcp")] {
-        let mut args = vec!["@10.200.0.1", "svc.local.mesh", "A", "+short", "+time=2", "+tries=1"];
+        let mut args = vec![
+            "@10.200.0.1",
+            "svc.local.mesh",
+            "A",
+            "+short",
+            "+time=2",
+            "+tries=1",
+        ];
         args.extend(extra);
         let (ok, out) = run_tool(&app, "/usr/bin/dig", &args);
         assert!(ok && out.trim() == PROXY_A, "dig {extra:?}: {out}");
     }
-    let (ok, out) = run_tool(&app, "/usr/bin/dig", &["@fd00:200::1", "svc.local.mesh", "AAAA", "+short", "+time=2", "+tries=1"]);
+    let (ok, out) = run_tool(
+        &app,
+        "/usr/bin/dig",
+        &[
+            "@fd00:200::1",
+            "svc.local.mesh",
+            "AAAA",
+            "+short",
+            "+time=2",
+            "+tries=1",
+        ],
+    );
     assert!(ok && out.trim() == PROXY_AAAA, "dig -6: {out}");
-    let (ok, out) = run_tool(&app, "/usr/bin/nslookup", &["-timeout=2", "svc.local.mesh", NS_V4]);
+    let (ok, out) = run_tool(
+        &app,
+        "/usr/bin/nslookup",
+        &["-timeout=2", "svc.local.mesh", NS_V4],
+    );
     assert!(ok && out.contains(PROXY_A), "nslookup: {out}");
     let (ok, out) = getent(&pod, "ahostsv4", "svc.local.mesh");
     assert!(ok && out.contains(PROXY_A), "getent: {out}");
@@ -268,11 +309,22 @@ fn captured_dns_is_answered_by_the_proxy_as_from_the_nameserver() {
     let before = upstream.queries_from("fwd.test", POD_V4);
     let r = query(&app, &v4, "fwd.test", "A", "udp-connected");
     assert_eq!(answers(&r), vec![FWD_A.to_string()], "{r}");
-    assert_eq!(upstream.queries_from("fwd.test", POD_V4), before + 1, "{}", upstream.log());
+    assert_eq!(
+        upstream.queries_from("fwd.test", POD_V4),
+        before + 1,
+        "{}",
+        upstream.log()
+    );
     let (ok, out) = getent(&pod, "ahostsv4", "fwd.test");
     assert!(ok && out.contains(FWD_A), "getent fwd.test: {out}");
     // The proxy's own DNS: untouched, answered by dnsmasq.
-    let own = query(&pod.topo.in_pod(PROXY_UID, PROXY_UID), &v4, "svc.local.mesh", "A", "udp");
+    let own = query(
+        &pod.topo.in_pod(PROXY_UID, PROXY_UID),
+        &v4,
+        "svc.local.mesh",
+        "A",
+        "udp",
+    );
     assert_eq!(answers(&own), vec![UPSTREAM_A.to_string()], "{own}");
     // The proxy saw the app's queries from loopback.
     let seen: Vec<Value> = pod
@@ -281,10 +333,13 @@ fn captured_dns_is_answered_by_the_proxy_as_from_the_nameserver() {
         .filter(|l| l["event"] == "query")
         .collect();
     assert!(seen.len() >= 12, "{seen:?}");
-    assert!(seen.iter().all(|l| {
-        let f = l["from"].as_str().unwrap();
-        f.starts_with("127.0.0.1:") || f.starts_with("[::1]:")
-    }), "{seen:?}");
+    assert!(
+        seen.iter().all(|l| {
+            let f = l["from"].as_str().unwrap();
+            f.starts_with("127.0.0.1:") || f.starts_with("[::1]:")
+        }),
+        "{seen:?}"
+    );
     // Counted in the DNS chain; the proxy's own queries under rule 4.
     assert!(dns_counter(&pod, "captured_udp") >= 6);
     assert!(dns_counter(&pod, "captured_tcp") >= 4);
@@ -293,11 +348,22 @@ fn captured_dns_is_answered_by_the_proxy_as_from_the_nameserver() {
     // Status and stats say it.
     let st: Value = serde_json::from_slice(&pod.redirect(&["status", "--json"]).stdout).unwrap();
     assert!(
-        st["pods"][0]["dns_capture"].as_str().unwrap().contains("10.200.0.1"),
+        st["pods"][0]["dns_capture"]
+            .as_str()
+            .unwrap()
+            .contains("10.200.0.1"),
         "{st}"
     );
-    let text = String::from_utf8_lossy(&pod.redirect(&["stats", "--chain", "ISTIO_OUTPUT_DNS"]).stdout).to_string();
-    assert!(text.contains("Chain DNS") && text.contains("udp dpt:53 dst 10.200.0.1,127.0.0.53,fd00:200::1"), "{text}");
+    let text = String::from_utf8_lossy(
+        &pod.redirect(&["stats", "--chain", "ISTIO_OUTPUT_DNS"])
+            .stdout,
+    )
+    .to_string();
+    assert!(
+        text.contains("Chain DNS")
+            && text.contains("udp dpt:53 dst 10.200.0.1,127.0.0.53,fd00:200::1"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -316,7 +382,13 @@ fn only_the_nameservers_unless_capture_all_and_nothing_without_redirect_dns() {
     assert_eq!(r["reply_from"], other.as_str());
     assert_eq!(dns_counter(&pod, "skip_not_nameserver"), 1);
     // IPv6 is not listed: not captured.
-    let r = query(&app, &format!("[{NS_V6}]:53"), "svc.local.mesh", "AAAA", "udp");
+    let r = query(
+        &app,
+        &format!("[{NS_V6}]:53"),
+        "svc.local.mesh",
+        "AAAA",
+        "udp",
+    );
     assert_eq!(answers(&r), vec!["2001:db8::9".to_string()], "{r}");
     // --capture-all-dns: any address.
     pod.attach_istio_default_with(&["--redirect-dns", "--capture-all-dns"]);
@@ -334,7 +406,10 @@ fn only_the_nameservers_unless_capture_all_and_nothing_without_redirect_dns() {
     // --dns-servers none: DNS capture off, and the output says why.
     let out = pod.attach_istio_default_with(&["--redirect-dns", "--dns-servers", "none"]);
     let text = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(text.contains("dns capture: off: --redirect-dns, but the pod lists no nameserver"), "{text}");
+    assert!(
+        text.contains("dns capture: off: --redirect-dns, but the pod lists no nameserver"),
+        "{text}"
+    );
     let r = query(&app, &ns, "svc.local.mesh", "A", "udp");
     assert_eq!(answers(&r), vec![UPSTREAM_A.to_string()], "{r}");
 }
@@ -346,24 +421,50 @@ fn unknown_nameservers_capture_every_address_and_say_so() {
     let ns = pod.pod_netns();
     let cg = pod.topo.cgroup.path.clone();
     let out = pod.redirect(&[
-        "attach", "--netns", ns.to_str().unwrap(), "--cgroup", cg.to_str().unwrap(),
-        "-i", "*", "-b", "*", "--redirect-dns", "-n", "--json",
+        "attach",
+        "--netns",
+        ns.to_str().unwrap(),
+        "--cgroup",
+        cg.to_str().unwrap(),
+        "-i",
+        "*",
+        "-b",
+        "*",
+        "--redirect-dns",
+        "-n",
+        "--json",
     ]);
     assert!(out.status.success(), "{out:?}");
     let j: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert!(j["dns_capture"].as_str().unwrap().contains("any address"), "{j}");
     assert!(
-        j["warnings"].as_array().unwrap().iter().any(|w| w.as_str().unwrap().contains("nameservers are not known")),
+        j["dns_capture"].as_str().unwrap().contains("any address"),
+        "{j}"
+    );
+    assert!(
+        j["warnings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|w| w.as_str().unwrap().contains("nameservers are not known")),
         "{j}"
     );
     // --dns-resolv-conf that does not exist: an error naming it.
     let out = pod.redirect(&[
-        "attach", "--netns", ns.to_str().unwrap(), "--cgroup", cg.to_str().unwrap(),
-        "--redirect-dns", "--dns-resolv-conf", "/nonexistent/resolv.conf",
+        "attach",
+        "--netns",
+        ns.to_str().unwrap(),
+        "--cgroup",
+        cg.to_str().unwrap(),
+        "--redirect-dns",
+        "--dns-resolv-conf",
+        "/nonexistent/resolv.conf",
     ]);
     assert!(!out.status.success());
     let e = String::from_utf8_lossy(&out.stderr);
-    assert!(e.contains("/nonexistent/resolv.conf") && e.contains("resolv.conf"), "{e}");
+    assert!(
+        e.contains("/nonexistent/resolv.conf") && e.contains("resolv.conf"),
+        "{e}"
+    );
     assert!(!pod.pin_dir.exists(), "nothing attached");
 }
 
@@ -373,13 +474,32 @@ fn owner_groups_select_whose_traffic_and_dns_are_captured() {
     let _upstream = Dnsmasq::start(&pod);
     let _rc = pod_resolv_conf(&pod, &[NS_V4]);
     start_dns_proxy(&mut pod);
+    pod.start_upstream(8080);
     let ns = pod.pod_netns();
     let cg = pod.topo.cgroup.path.clone();
     let istio = |env: &[(&str, &str)], extra: &[&str]| {
         let mut args = vec![
-            "istio-iptables", "-p", "15001", "-z", "15006", "-u", "1337", "-m", "REDIRECT",
-            "-i", "*", "-x", "", "-b", "*", "-d", "15090,15021,15020",
-            "--netns", ns.to_str().unwrap(), "--cgroup", cg.to_str().unwrap(),
+            "istio-iptables",
+            "-p",
+            "15001",
+            "-z",
+            "15006",
+            "-u",
+            "1337",
+            "-m",
+            "REDIRECT",
+            "-i",
+            "*",
+            "-x",
+            "",
+            "-b",
+            "*",
+            "-d",
+            "15090,15021,15020",
+            "--netns",
+            ns.to_str().unwrap(),
+            "--cgroup",
+            cg.to_str().unwrap(),
         ];
         args.extend_from_slice(extra);
         let out = Command::new(redirect_bin())
@@ -397,37 +517,65 @@ fn owner_groups_select_whose_traffic_and_dns_are_captured() {
     let as_group = |gid: u32| pod.topo.in_pod(APP_UID, gid);
     let ask = |gid: u32| answers(&query(&as_group(gid), &srv, "svc.local.mesh", "A", "udp"));
     // Only group 2000 is captured.
-    let out = istio(&[("ISTIO_META_DNS_CAPTURE", "true"), ("ISTIO_OUTBOUND_OWNER_GROUPS", "2000")], &[]);
+    let out = istio(
+        &[
+            ("ISTIO_META_DNS_CAPTURE", "true"),
+            ("ISTIO_OUTBOUND_OWNER_GROUPS", "2000"),
+        ],
+        &[],
+    );
     assert!(out.status.success(), "{out:?}");
     assert_eq!(ask(APP_GROUP), vec![PROXY_A.to_string()]);
     assert_eq!(ask(APP_UID), vec![UPSTREAM_A.to_string()]);
     assert!(pod.counter("OUTPUT", "skip_owner_group_not_included") >= 1);
     // All but group 2000.
-    let out = istio(&[("ISTIO_META_DNS_CAPTURE", "true"), ("ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE", "2000")], &[]);
+    let out = istio(
+        &[
+            ("ISTIO_META_DNS_CAPTURE", "true"),
+            ("ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE", "2000"),
+        ],
+        &[],
+    );
     assert!(out.status.success(), "{out:?}");
     assert_eq!(ask(APP_GROUP), vec![UPSTREAM_A.to_string()]);
     assert_eq!(ask(APP_UID), vec![PROXY_A.to_string()]);
     assert!(pod.counter("OUTPUT", "skip_owner_group_excluded") >= 1);
     // A TCP connection of an excluded group is not captured either (no
     // proxy on 15001: a captured one would be refused).
-    pod.start_upstream(8080);
     let r = pod.client(&as_group(APP_GROUP), &format!("{UPSTREAM_V4}:8080"), None);
     assert_ok(&r, "excluded group goes direct");
     // A group name: refused where the pod's /etc/group is unknown...
-    let status_before: Value = serde_json::from_slice(&pod.redirect(&["status", "--json"]).stdout).unwrap();
+    let status_before: Value =
+        serde_json::from_slice(&pod.redirect(&["status", "--json"]).stdout).unwrap();
     let out = istio(&[("ISTIO_OUTBOUND_OWNER_GROUPS", "appgrp")], &[]);
     assert!(!out.status.success());
     let e = String::from_utf8_lossy(&out.stderr);
-    assert!(e.contains("ISTIO_OUTBOUND_OWNER_GROUPS") && e.contains("'appgrp'") && e.contains("numeric gids"), "{e}");
-    let status_after: Value = serde_json::from_slice(&pod.redirect(&["status", "--json"]).stdout).unwrap();
-    assert_eq!(status_before["pods"], status_after["pods"], "nothing changed");
+    assert!(
+        e.contains("ISTIO_OUTBOUND_OWNER_GROUPS")
+            && e.contains("'appgrp'")
+            && e.contains("numeric gids"),
+        "{e}"
+    );
+    let status_after: Value =
+        serde_json::from_slice(&pod.redirect(&["status", "--json"]).stdout).unwrap();
+    assert_eq!(
+        status_before["pods"], status_after["pods"],
+        "nothing changed"
+    );
     // ...and resolved in the pod's root when given.
     let root = Dir(std::env::temp_dir().join(unique("rdt-podroot-")));
     std::fs::create_dir_all(root.0.join("etc")).unwrap();
     std::fs::write(root.0.join("etc/group"), format!("appgrp:x:{APP_GROUP}:\n")).unwrap();
-    std::fs::write(root.0.join("etc/resolv.conf"), format!("nameserver {NS_V4}\n")).unwrap();
+    std::fs::write(
+        root.0.join("etc/resolv.conf"),
+        format!("nameserver {NS_V4}\n"),
+    )
+    .unwrap();
     let out = istio(
-        &[("ISTIO_META_DNS_CAPTURE", "true"), ("ISTIO_OUTBOUND_OWNER_GROUPS", "appgrp")],
+        &[
+            ("ISTIO_META_DNS_CAPTURE", "true"),
+            ("ISTIO_OUTBOUND_OWNER_GROUPS", "appgrp"),
+        ],
         &["--pod-root", root.0.to_str().unwrap()],
     );
     assert!(out.status.success(), "{out:?}");

@@ -548,11 +548,7 @@ fn case(flag: Flag) -> Case {
             vec![Json("/run/dns_resolv_conf", json!("/x/resolv.conf"))],
             Some("resolv.conf"),
         ),
-        Flag::PodRoot => c(
-            "/x",
-            vec![Json("/run/pod_root", json!("/x"))],
-            Some("x"),
-        ),
+        Flag::PodRoot => c("/x", vec![Json("/run/pod_root", json!("/x"))], Some("x")),
         Flag::OwnerGroups => c(
             "1000,app",
             vec![

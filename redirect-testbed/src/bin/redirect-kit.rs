@@ -182,7 +182,13 @@ fn main() -> ExitCode {
             } else {
                 kit::dns::TYPE_A
             };
-            let v = kit::dns::client(server, &name, t, transport, Duration::from_millis(timeout_ms));
+            let v = kit::dns::client(
+                server,
+                &name,
+                t,
+                transport,
+                Duration::from_millis(timeout_ms),
+            );
             println!("{v}");
             if v["ok"] == true {
                 ExitCode::SUCCESS

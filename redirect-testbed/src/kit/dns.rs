@@ -148,7 +148,10 @@ pub fn proxy(port: u16, local_suffix: &str, upstream: Option<SocketAddr>) -> io:
     let log = Arc::new(Mutex::new(()));
     let suffix = local_suffix.trim_matches('.').to_ascii_lowercase();
     let mut threads = Vec::new();
-    for ip in [IpAddr::V4(Ipv4Addr::LOCALHOST), IpAddr::V6(Ipv6Addr::LOCALHOST)] {
+    for ip in [
+        IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(Ipv6Addr::LOCALHOST),
+    ] {
         let at = SocketAddr::new(ip, port);
         let udp = UdpSocket::bind(at).map_err(|e| ctx(e, "binding UDP", at))?;
         let tcp = TcpListener::bind(at).map_err(|e| ctx(e, "listening on TCP", at))?;
@@ -317,7 +320,9 @@ pub fn client(
         out["ok"] = true.into();
         Ok(out)
     })();
-    r.unwrap_or_else(|e| serde_json::json!({"ok": false, "server": server.to_string(), "error": e.to_string()}))
+    r.unwrap_or_else(
+        |e| serde_json::json!({"ok": false, "server": server.to_string(), "error": e.to_string()}),
+    )
 }
 
 #[cfg(test)]
@@ -328,7 +333,10 @@ mod tests {
     fn query_reply_round_trip() {
         let q = query(0x1234, "svc.mesh.", TYPE_AAAA);
         let p = parse_question(&q).unwrap();
-        assert_eq!((p.id, p.name.as_str(), p.qtype), (0x1234, "svc.mesh", TYPE_AAAA));
+        assert_eq!(
+            (p.id, p.name.as_str(), p.qtype),
+            (0x1234, "svc.mesh", TYPE_AAAA)
+        );
         let r = reply(&p, &[IpAddr::V4(PROXY_V4), IpAddr::V6(PROXY_V6)]);
         assert_eq!(answers(&r).unwrap(), vec![IpAddr::V6(PROXY_V6)]);
         let p = parse_question(&query(1, "a.b", TYPE_A)).unwrap();

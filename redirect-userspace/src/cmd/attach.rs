@@ -100,7 +100,9 @@ pub fn execute(pin_dir: &Path, inv: Invocation) -> Result<()> {
     // What istio-init reads inside the pod: its nameservers and groups.
     let notes = PodFiles::locate(&netns_path, defaulted, &opts).complete(&mut spec)?;
     if opts.dry_run {
-        return dry_run(pin_dir, &inv, &opts, &spec, &netns, &cgroup, defaulted, &notes);
+        return dry_run(
+            pin_dir, &inv, &opts, &spec, &netns, &cgroup, defaulted, &notes,
+        );
     }
     if opts.skip_rule_apply {
         if !opts.run_validation {

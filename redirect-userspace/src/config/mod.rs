@@ -205,7 +205,9 @@ impl DnsCapture {
     pub fn captures(&self) -> bool {
         matches!(
             self,
-            DnsCapture::Nameservers(_) | DnsCapture::AllAddresses | DnsCapture::AllUnknownNameservers
+            DnsCapture::Nameservers(_)
+                | DnsCapture::AllAddresses
+                | DnsCapture::AllUnknownNameservers
         )
     }
 
@@ -266,7 +268,11 @@ impl OwnerGroups {
 
     /// The numeric gids listed (names left out).
     pub fn gids(&self) -> Vec<u32> {
-        let mut v: Vec<u32> = self.listed().iter().filter_map(|g| g.parse().ok()).collect();
+        let mut v: Vec<u32> = self
+            .listed()
+            .iter()
+            .filter_map(|g| g.parse().ok())
+            .collect();
         v.sort_unstable();
         v.dedup();
         v
@@ -284,7 +290,10 @@ impl OwnerGroups {
         for g in list.iter() {
             match g.parse::<u32>() {
                 Ok(n) => gids.push(n),
-                Err(_) => gids.push(gid_of(g).ok_or_else(|| format!("group '{g}' is not in the pod's /etc/group"))?),
+                Err(_) => gids.push(
+                    gid_of(g)
+                        .ok_or_else(|| format!("group '{g}' is not in the pod's /etc/group"))?,
+                ),
             }
         }
         gids.sort_unstable();
@@ -573,7 +582,8 @@ impl PodSpec {
             },
             accel_short_conns: cfg.has(flags::ACCEL_SHORT_CONNS),
             redirect_dns: cfg.has(flags::DNS_CAPTURE) || cfg.has(flags::DNS_NO_SERVERS),
-            capture_all_dns: cfg.has(flags::DNS_CAPTURE_ALL) && !cfg.has(flags::DNS_SERVERS_UNKNOWN),
+            capture_all_dns: cfg.has(flags::DNS_CAPTURE_ALL)
+                && !cfg.has(flags::DNS_SERVERS_UNKNOWN),
             dns_servers,
             outbound_owner_groups,
             ipv4_loopback_cidr,

@@ -113,11 +113,18 @@ pub fn rule_match(r: Reason, s: &PodSpec) -> String {
         Reason::OutNotTcp => "! tcp".into(),
         // ISTIO_OUTPUT_DNS.
         Reason::DnsCapturedUdp | Reason::DnsCapturedTcp => {
-            let proto = if r == Reason::DnsCapturedUdp { "udp" } else { "tcp" };
+            let proto = if r == Reason::DnsCapturedUdp {
+                "udp"
+            } else {
+                "tcp"
+            };
             match s.dns_capture() {
                 DnsCapture::Nameservers(v) => format!(
                     "{proto} dpt:53 dst {}",
-                    v.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(",")
+                    v.iter()
+                        .map(|a| a.to_string())
+                        .collect::<Vec<_>>()
+                        .join(",")
                 ),
                 DnsCapture::AllAddresses | DnsCapture::AllUnknownNameservers => {
                     format!("{proto} dpt:53")
@@ -132,7 +139,10 @@ pub fn rule_match(r: Reason, s: &PodSpec) -> String {
         },
         Reason::DnsReplyRewritten => {
             if dns_on(s) {
-                format!("udp src 127.0.0.1,::1 spt:{}", crate::config::DNS_PROXY_PORT)
+                format!(
+                    "udp src 127.0.0.1,::1 spt:{}",
+                    crate::config::DNS_PROXY_PORT
+                )
             } else {
                 String::new()
             }
