@@ -705,4 +705,149 @@ mod tests {
             );
         }
     }
+
+    fn with_proxy_env(mut p: Value, env: Value) -> Value {
+        p["spec"]["containers"][1]["env"] = env;
+        p
+    }
+
+    fn spec_on(p: &Value, node: &NodeDns) -> PodSpec {
+        from_pod_on(p, node).unwrap().mesh().unwrap().spec.clone()
+    }
+
+    #[test]
+    fn dns_capture_from_the_proxy_env_or_the_proxy_config_annotation() {
+        use crate::config::DnsCapture;
+        let node = NodeDns {
+            cluster_dns: vec!["10.96.0.10".parse().unwrap()],
+            node_nameservers: Some(vec!["192.168.1.1".parse().unwrap()]),
+        };
+        let on = with_proxy_env(
+            pod(json!({})),
+            json!([{"name": "ISTIO_META_DNS_CAPTURE", "value": "true"}]),
+        );
+        let s = spec_on(&on, &node);
+        assert_eq!(
+            s.dns_capture(),
+            DnsCapture::Nameservers(vec!["10.96.0.10".parse().unwrap()])
+        );
+        assert!(
+            s.istio_args()
+                .ends_with("--redirect-dns --dns-servers '10.96.0.10'"),
+            "{}",
+            s.istio_args()
+        );
+        // The cluster DNS unknown: DNS to any address.
+        assert_eq!(
+            spec_on(&on, &NodeDns::default()).dns_capture(),
+            DnsCapture::AllUnknownNameservers
+        );
+        // The annotation, as YAML (block and flow) and JSON.
+        for cfg in [
+            "proxyMetadata:\n  OTHER: x\n  ISTIO_META_DNS_CAPTURE: \"true\"\nholdApplicationUntilProxyStarts: true\n",
+            "proxyMetadata: {ISTIO_META_DNS_CAPTURE: 'true'}",
+            r#"{"proxyMetadata":{"ISTIO_META_DNS_CAPTURE":"true"}}"#,
+        ] {
+            let s = spec_on(&pod(json!({PROXY_CONFIG: cfg})), &node);
+            assert!(s.redirect_dns, "{cfg}");
+        }
+        let s = spec_on(
+            &pod(json!({PROXY_CONFIG: "proxyMetadata:\n  OTHER: \"true\"\n"})),
+            &node,
+        );
+        assert!(!s.redirect_dns);
+        // The container's env wins over the annotation.
+        let off = with_proxy_env(
+            pod(json!({PROXY_CONFIG: "proxyMetadata:\n  ISTIO_META_DNS_CAPTURE: \"true\"\n"})),
+            json!([{"name": "ISTIO_META_DNS_CAPTURE", "value": "false"}]),
+        );
+        assert!(!spec_on(&off, &node).redirect_dns);
+        // A bad value names where it came from.
+        let bad = with_proxy_env(
+            pod(json!({})),
+            json!([{"name": "ISTIO_META_DNS_CAPTURE", "value": "yes"}]),
+        );
+        let e = from_pod_on(&bad, &node).unwrap_err().to_string();
+        assert!(e.contains(PROXY_ENV_DNS) && e.contains("yes"), "{e}");
+    }
+
+    #[test]
+    fn nameservers_follow_the_dns_policy_as_the_kubelet() {
+        let node = NodeDns {
+            cluster_dns: vec!["10.96.0.10".parse().unwrap()],
+            node_nameservers: Some(vec!["192.168.1.1".parse().unwrap()]),
+        };
+        let dns = |policy: Option<&str>, extra: Value| {
+            let mut p = with_proxy_env(
+                pod(json!({})),
+                json!([{"name": "ISTIO_META_DNS_CAPTURE", "value": "true"}]),
+            );
+            if let Some(pol) = policy {
+                p["spec"]["dnsPolicy"] = json!(pol);
+            }
+            p["spec"]["dnsConfig"] = json!({"nameservers": extra});
+            spec_on(&p, &node).dns_servers
+        };
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(
+            dns(None, json!(["10.0.0.53"])),
+            Some(vec![ip("10.0.0.53"), ip("10.96.0.10")])
+        );
+        assert_eq!(
+            dns(Some("Default"), json!([])),
+            Some(vec![ip("192.168.1.1")])
+        );
+        assert_eq!(
+            dns(Some("None"), json!(["fd00::53"])),
+            Some(vec![ip("fd00::53")])
+        );
+        // None without nameservers: no DNS capture (istio-iptables with an
+        // empty resolv.conf), said so.
+        assert_eq!(dns(Some("None"), json!([])), Some(vec![]));
+        // At most 3, the kubelet's limit.
+        assert_eq!(
+            dns(None, json!(["10.0.0.1", "10.0.0.2", "10.0.0.3"]))
+                .unwrap()
+                .len(),
+            3
+        );
+        let mut p = with_proxy_env(
+            pod(json!({})),
+            json!([{"name": "ISTIO_META_DNS_CAPTURE", "value": "true"}]),
+        );
+        p["spec"]["dnsConfig"] = json!({"nameservers": ["nope"]});
+        let e = from_pod_on(&p, &node).unwrap_err().to_string();
+        assert!(
+            e.contains("spec.dnsConfig.nameservers") && e.contains("nope"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn owner_groups_and_loopback_from_proxy_metadata() {
+        let p = with_proxy_env(
+            pod(json!({})),
+            json!([
+                {"name": "ISTIO_OUTBOUND_OWNER_GROUPS", "value": "2000,3000"},
+                {"name": "ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR", "value": "127.0.0.1/8"}
+            ]),
+        );
+        let s = spec_on(&p, &NodeDns::default());
+        assert_eq!(
+            s.outbound_owner_groups,
+            crate::config::OwnerGroups::Only(vec!["2000".into(), "3000".into()])
+        );
+        assert_eq!(s.ipv4_loopback_cidr.to_string(), "127.0.0.0/8");
+        s.check_supported().unwrap();
+        // A name: the agent cannot see the pod's /etc/group.
+        let p = with_proxy_env(
+            pod(json!({})),
+            json!([{"name": "ISTIO_OUTBOUND_OWNER_GROUPS", "value": "java"}]),
+        );
+        let e = spec_on(&p, &NodeDns::default())
+            .check_supported()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("'java' is a name"), "{e}");
+    }
 }
