@@ -282,7 +282,7 @@ fn cni_capture_config_turns_dns_capture_on() {
     // as uid 1337; it answers *.mesh itself.
     let p = s.pod.topo.in_pod(PROXY_UID, PROXY_UID);
     s.pod.spawn("dns-proxy", &["dns-proxy"], &p);
-    let ns = format!("{UPSTREAM_V4}");
+    let ns = UPSTREAM_V4.to_string();
     let add = s.cni(
         "ADD",
         "ctr-dns",
