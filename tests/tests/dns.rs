@@ -261,6 +261,19 @@ fn captured_dns_is_answered_by_the_proxy_as_from_the_nameserver() {
             }
         }
     }
+    // A dual-stack socket asking the IPv4 nameserver as ::ffff:10.200.0.1:
+    // decided as IPv4 (as iptables sees it), read back v4-mapped.
+    let mapped = format!("[::ffff:{NS_V4}]:53");
+    for transport in ["udp", "udp-connected", "tcp"] {
+        let r = query(&app, &mapped, "svc.local.mesh", "A", transport);
+        assert_eq!(answers(&r), vec![PROXY_A.to_string()], "{transport}: {r}");
+        if transport != "tcp" {
+            assert_eq!(r["reply_from"], mapped.as_str(), "{transport}: {r}");
+        }
+        if transport != "udp" {
+            assert_eq!(r["peer"], mapped.as_str(), "{transport}: {r}");
+        }
+    }
     // A local resolver (127.0.0.53) among the nameservers: captured too,
     // TCP included (rules 3/6 leave port 53 to the DNS chain).
     for transport in ["udp", "tcp"] {
