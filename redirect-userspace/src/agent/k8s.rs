@@ -192,7 +192,19 @@ fn comparable(s: &PodSpec) -> Comparable {
         ),
         inbound: (inbound, set(&s.exclude_inbound_ports)),
         dns: format!("{:?}", s.dns_capture()),
-        owner_groups: format!("{:?}", s.outbound_owner_groups),
+        // As sets: the kernel gives the gids back sorted.
+        owner_groups: {
+            let mode = match s.outbound_owner_groups {
+                crate::config::OwnerGroups::All => "all",
+                crate::config::OwnerGroups::Only(_) => "only",
+                crate::config::OwnerGroups::AllExcept(_) => "except",
+            };
+            format!(
+                "{mode} {:?} {:?}",
+                s.outbound_owner_groups.gids(),
+                s.outbound_owner_groups.names()
+            )
+        },
         loopback: s.ipv4_loopback_cidr.to_string(),
         unsupported: s.unsupported().iter().map(|(d, _)| d.name()).collect(),
     }
@@ -954,6 +966,9 @@ mod tests {
             json!({"traffic.sidecar.istio.io/excludeOutboundPorts": "9090,8081,8081", "traffic.sidecar.istio.io/excludeOutboundIPRanges": "10.96.0.0/12,fd00::/8"}),
             json!({"traffic.sidecar.istio.io/includeOutboundIPRanges": "10.0.0.0/8,127.0.0.0/8", "traffic.sidecar.istio.io/includeInboundPorts": "9080,8080"}),
             json!({"traffic.sidecar.istio.io/includeInboundPorts": ""}),
+            // DNS capture, owner groups (out of order), the loopback range.
+            json!({"proxy.istio.io/config": "{\"proxyMetadata\":{\"ISTIO_META_DNS_CAPTURE\":\"true\",\"ISTIO_OUTBOUND_OWNER_GROUPS\":\"3000,2000\",\"ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR\":\"127.0.0.0/8\"}}"}),
+            json!({"proxy.istio.io/config": "{\"proxyMetadata\":{\"ISTIO_META_DNS_CAPTURE\":\"true\",\"ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE\":\"7\"}}"}),
         ] {
             let spec = annotations::from_pod(&pod(ann.clone()))
                 .unwrap()
