@@ -16,7 +16,8 @@ use redirect_common::ListenerKey;
 use crate::bpf::{
     BPF_CGROUP_GETSOCKOPT, BPF_CGROUP_INET4_CONNECT, BPF_CGROUP_INET4_GETPEERNAME,
     BPF_CGROUP_INET6_CONNECT, BPF_CGROUP_INET6_GETPEERNAME, BPF_CGROUP_INET_SOCK_RELEASE,
-    BPF_CGROUP_SOCK_OPS,
+    BPF_CGROUP_SOCK_OPS, BPF_CGROUP_UDP4_RECVMSG, BPF_CGROUP_UDP4_SENDMSG, BPF_CGROUP_UDP6_RECVMSG,
+    BPF_CGROUP_UDP6_SENDMSG,
 };
 
 use crate::{
@@ -37,7 +38,9 @@ pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(
 ));
 
 /// Programs attached to each cgroup (the OUTPUT side and the helpers).
-pub const CGROUP_PROGRAMS: [&str; 7] = [
+/// An install made before a program existed gets its link at the next
+/// `attach_cgroup` (the agent does it at start); the others are kept.
+pub const CGROUP_PROGRAMS: [&str; 11] = [
     "redirect_connect4",
     "redirect_connect6",
     "redirect_getpeername4",
@@ -45,6 +48,10 @@ pub const CGROUP_PROGRAMS: [&str; 7] = [
     "redirect_getsockopt",
     "redirect_sockops",
     "redirect_sock_release",
+    "redirect_sendmsg4",
+    "redirect_sendmsg6",
+    "redirect_recvmsg4",
+    "redirect_recvmsg6",
 ];
 pub const SK_LOOKUP_PROGRAM: &str = "redirect_sk_lookup";
 pub const SK_MSG_PROGRAM: &str = "redirect_sk_msg";
@@ -367,6 +374,10 @@ impl Installation {
                     "redirect_connect4" => BPF_CGROUP_INET4_CONNECT,
                     "redirect_connect6" => BPF_CGROUP_INET6_CONNECT,
                     "redirect_getpeername4" => BPF_CGROUP_INET4_GETPEERNAME,
+                    "redirect_sendmsg4" => BPF_CGROUP_UDP4_SENDMSG,
+                    "redirect_sendmsg6" => BPF_CGROUP_UDP6_SENDMSG,
+                    "redirect_recvmsg4" => BPF_CGROUP_UDP4_RECVMSG,
+                    "redirect_recvmsg6" => BPF_CGROUP_UDP6_RECVMSG,
                     _ => BPF_CGROUP_INET6_GETPEERNAME,
                 };
                 (

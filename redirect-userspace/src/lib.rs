@@ -11,6 +11,7 @@ pub mod maps;
 pub mod mapsize;
 pub mod pins;
 pub mod placement;
+pub mod podfiles;
 pub mod podns;
 pub mod probe;
 pub mod report;

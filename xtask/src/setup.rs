@@ -5,8 +5,9 @@
 //! ready machine gets through in well under a second:
 //!
 //! * apt packages whose commands are missing (ip, iptables, bpftool, haproxy, jq,
-//!   and podman, runc, conmon, the CNI plugins and busybox-static for the
-//!   real-runtime test, musl-tools and file for the image);
+//!   dnsmasq and dig for the DNS capture tests, podman, runc, conmon, the
+//!   CNI plugins and busybox-static for the real-runtime test, musl-tools
+//!   and file for the image);
 //! * the nightly toolchain with `rust-src` (the eBPF crate uses `-Z build-std`);
 //! * the `x86_64-unknown-linux-musl` target (and musl-tools from apt) for
 //!   the image's static binaries;
@@ -51,6 +52,10 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     // plugin with `file`.
     ("musl-gcc", "musl-tools"),
     ("file", "file"),
+    // The DNS capture tests: a real DNS server upstream (dnsmasq, run with
+    // its own config, no system service) and real clients (dig, nslookup).
+    ("dnsmasq", "dnsmasq-base"),
+    ("dig", "dnsutils"),
 ];
 
 /// What later build steps need to know about the prepared toolchain.

@@ -7,6 +7,7 @@ use redirect_userspace::{
     attach::{self, Installation},
     config::{CaptureFlags, PodSpec, RunOptions},
     pins::Pins,
+    podfiles::PodFiles,
     sys,
 };
 
@@ -70,7 +71,7 @@ fn netns_path(inv: &Invocation, opts: &RunOptions) -> Result<(PathBuf, bool)> {
 pub fn execute(pin_dir: &Path, inv: Invocation) -> Result<()> {
     // Everything is validated before anything is touched.
     let opts = inv.flags.run_options()?;
-    let spec = inv.flags.to_spec()?;
+    let mut spec = inv.flags.to_spec()?;
     let sizes = redirect_userspace::mapsize::MapSizes::parse(&inv.map_size)?;
     let (netns_path, defaulted) = netns_path(&inv, &opts)?;
     let netns = sys::Netns::open(&netns_path).map_err(|e| {
@@ -96,8 +97,12 @@ pub fn execute(pin_dir: &Path, inv: Invocation) -> Result<()> {
     if opts.cleanup_only {
         return cleanup(pin_dir, &netns, &opts, inv.json);
     }
+    // What istio-init reads inside the pod: its nameservers and groups.
+    let notes = PodFiles::locate(&netns_path, defaulted, &opts).complete(&mut spec)?;
     if opts.dry_run {
-        return dry_run(pin_dir, &inv, &opts, &spec, &netns, &cgroup, defaulted);
+        return dry_run(
+            pin_dir, &inv, &opts, &spec, &netns, &cgroup, defaulted, &notes,
+        );
     }
     if opts.skip_rule_apply {
         if !opts.run_validation {
@@ -107,7 +112,7 @@ pub fn execute(pin_dir: &Path, inv: Invocation) -> Result<()> {
         for w in spec.warnings() {
             eprintln!("redirect: warning: {w}");
         }
-        capture(pin_dir, &netns, &cgroup, &spec, &sizes, inv.json)?;
+        capture(pin_dir, &netns, &cgroup, &spec, &sizes, inv.json, &notes)?;
     }
     if opts.run_validation {
         let a = super::validate::Args {
@@ -166,6 +171,7 @@ fn cleanup(pin_dir: &Path, netns: &sys::Netns, opts: &RunOptions, json: bool) ->
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
 fn dry_run(
     pin_dir: &Path,
     inv: &Invocation,
@@ -174,6 +180,7 @@ fn dry_run(
     netns: &sys::Netns,
     cgroup: &Path,
     defaulted: bool,
+    notes: &[String],
 ) -> Result<()> {
     let ignored = inv.flags.ignored();
     let host = netns.is_host();
@@ -182,6 +189,9 @@ fn dry_run(
         .iter()
         .map(|(d, why)| format!("{}: not supported yet: {why}", d.name()))
         .collect();
+    if let Some(e) = spec.unresolved_group() {
+        refused.push(e.to_string());
+    }
     if host {
         refused.push(redirect_userspace::error::Error::HostNetns(netns.path.clone()).to_string());
     }
@@ -204,8 +214,12 @@ fn dry_run(
                     "probe_port": opts.probe_port,
                     "probe_timeout_ms": opts.probe_timeout.as_millis() as u64,
                     "cleanup_only": opts.cleanup_only,
+                    "dns_resolv_conf": opts.dns_resolv_conf,
+                    "pod_root": opts.pod_root,
                 },
                 "warnings": warnings,
+                "notes": notes,
+                "dns_capture": spec.dns_capture().describe(),
                 "ignored": ignored,
                 "refused": refused,
             })
@@ -230,6 +244,10 @@ fn dry_run(
             println!("--run-validation: a real run then validates the capture");
         }
         println!("istio-iptables {}", spec.istio_args());
+        for n in notes {
+            println!("{n}");
+        }
+        println!("dns capture: {}", spec.dns_capture().describe());
         println!("{}", serde_json::to_string_pretty(spec)?);
         for i in &ignored {
             println!("accepted, no effect: {}={} ({})", i.flag, i.value, i.reason);
@@ -255,6 +273,7 @@ fn capture(
     spec: &PodSpec,
     sizes: &redirect_userspace::mapsize::MapSizes,
     json: bool,
+    notes: &[String],
 ) -> Result<()> {
     // Nothing half-applied: a failure removes what this call created (the
     // whole install when it made it, else the cgroup links it added).
@@ -296,7 +315,7 @@ fn capture(
     if json {
         println!(
             "{}",
-            serde_json::json!({"pod": info, "cgroup": cgroup, "cgroup_newly_attached": newly, "config": spec})
+            serde_json::json!({"pod": info, "cgroup": cgroup, "cgroup_newly_attached": newly, "config": spec, "dns_capture": spec.dns_capture().describe(), "notes": notes})
         );
     } else {
         println!(
@@ -308,6 +327,12 @@ fn capture(
             spec.inbound_port
         );
         println!("  istio-iptables {}", spec.istio_args());
+        for n in notes {
+            println!("  {n}");
+        }
+        if spec.redirect_dns {
+            println!("  dns capture: {}", spec.dns_capture().describe());
+        }
         println!(
             "  pod addresses: {}",
             info.addresses
