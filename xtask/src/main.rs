@@ -6,10 +6,12 @@
 //! * `test`       build in debug, then run the workspace tests
 //! * `demo`       release build, then `redirect demo`
 //! * `bench`      release build, then the eBPF-vs-iptables benchmark
+//! * `kernels`    the privileged tests on other kernels, under QEMU
 //!
 //! Every external command is echoed as `==> cmd` before it runs.
 
 mod cmd;
+mod kernels;
 mod setup;
 mod tasks;
 
@@ -84,6 +86,26 @@ enum Task {
         #[arg(long, default_value = "100")]
         resident: usize,
     },
+    /// Boot other kernels (Debian's 5.10, 6.1, 6.12) under QEMU and run the
+    /// privileged end-to-end tests in each; one summary line per kernel.
+    ///
+    /// Kernels are fetched into target/kernels/ (cached); see docs/kernels.md.
+    Kernels {
+        /// Kernels to boot (repeat or comma-separate): 5.10, 6.1, 6.12, all.
+        #[arg(long = "kernel", value_name = "NAME")]
+        kernels: Vec<String>,
+        /// Tests to run in each guest (repeat or comma-separate): `default`
+        /// (CI's selection), `all`, a test file (`inbound`) or one test
+        /// (`cli::uninstall_leaves_nothing_and_connections_go_direct`).
+        #[arg(long, value_name = "SELECTION")]
+        tests: Vec<String>,
+        /// Deadline of each test binary in a guest, in seconds.
+        #[arg(long, default_value = "900", value_name = "SECS")]
+        test_timeout: u64,
+        /// `--test-threads` in the guests (they have 2 CPUs).
+        #[arg(long, default_value = "2")]
+        threads: usize,
+    },
 }
 
 fn main() -> ExitCode {
@@ -122,6 +144,20 @@ fn run(task: Task) -> Result<ExitCode> {
         Task::Bench {
             quick, proxy, out, ..
         } => tasks::bench(&setup::setup(false)?, quick, &proxy, out)?,
+        Task::Kernels {
+            kernels,
+            tests,
+            test_timeout,
+            threads,
+        } => {
+            let opts = kernels::Options {
+                kernels,
+                tests,
+                test_timeout: std::time::Duration::from_secs(test_timeout),
+                threads,
+            };
+            return kernels::run(&setup::setup(false)?, &opts);
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
