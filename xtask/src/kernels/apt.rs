@@ -109,7 +109,7 @@ impl Apt {
     /// `apt-get update` of the project's lists.
     pub fn update(&self) -> Result<()> {
         let mut update = self.command("apt-get");
-        update.args(["-q", "update"]);
+        update.args(["-qq", "update"]);
         cmd::run(&mut update).context("`apt-get update` of the kernel sources failed")
     }
 
@@ -155,7 +155,7 @@ impl Apt {
         let mut download = self.command("apt-get");
         download
             .current_dir(&downloads)
-            .args(["-q", "download"])
+            .args(["-qq", "download"])
             .arg(format!("{}={}", image.name, image.version));
         cmd::run(&mut download).with_context(|| format!("downloading {image} failed"))?;
         let deb = fs::read_dir(&downloads)?

@@ -361,17 +361,7 @@ fn parse_probe(rc: Option<&str>, json: &str, err: &str) -> ProbeOutcome {
         return ProbeOutcome::Missing;
     };
     if rc.trim() != "0" {
-        let why = err
-            .lines()
-            .filter(|l| l.starts_with("error") || l.trim_start().starts_with("caused by"))
-            .collect::<Vec<_>>()
-            .join(" ");
-        let why = if why.is_empty() {
-            err.trim().to_string()
-        } else {
-            why
-        };
-        return ProbeOutcome::AttachFailed(why);
+        return ProbeOutcome::AttachFailed(attach_error(err));
     }
     let decision = serde_json::from_str::<serde_json::Value>(json)
         .ok()
@@ -387,6 +377,33 @@ fn parse_probe(rc: Option<&str>, json: &str, err: &str) -> ProbeOutcome {
         })
         .collect();
     ProbeOutcome::Decided { decision, checks }
+}
+
+/// `redirect attach`'s error in one line: the message, and for a verifier
+/// rejection the verifier's verdict (its last line before the statistics).
+fn attach_error(err: &str) -> String {
+    let Some(at) = err.lines().position(|l| l.contains("error: ")) else {
+        return err.trim().to_string();
+    };
+    let lines: Vec<&str> = err.lines().collect();
+    let line = lines[at];
+    let message = line[line.find("error: ").unwrap_or(0) + "error: ".len()..].trim();
+    let (message, verifier) = match message.split_once(" Verifier output:") {
+        Some((m, _)) => {
+            let stats = ["verification time", "stack depth", "processed ", ":"];
+            let last = lines[at + 1..]
+                .iter()
+                .map(|l| l.trim())
+                .filter(|l| !l.is_empty() && !stats.iter().any(|s| l.starts_with(s)))
+                .next_back();
+            (m, last)
+        }
+        None => (message, None),
+    };
+    match verifier {
+        Some(v) => format!("{message} Verifier: {v}"),
+        None => message.to_string(),
+    }
 }
 
 /// Stripped copies of `binaries` (host paths) in `dir`, under their names.
@@ -529,12 +546,22 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        let err = "error: loading program redirect_getsockopt\n  caused by: unknown func bpf_get_netns_cookie#122\n";
+        let err = "redirect: warning: no -b given\nredirect: error: loading program redirect_getsockopt \
+                   (cgroup /c): the BPF_PROG_LOAD syscall returned Invalid argument (os error 22). \
+                   Verifier output: ; #[cgroup_sockopt(getsockopt)]\n0: (bf) r6 = r1\n\
+                   7: (85) call bpf_get_netns_cookie#122\nunknown func bpf_get_netns_cookie#122\n\
+                   verification time 708 usec\nstack depth 0\nprocessed 8 insns\n: Invalid argument (os error 22)\n";
         assert_eq!(
             parse_probe(Some("1"), "", err),
             ProbeOutcome::AttachFailed(
-                "error: loading program redirect_getsockopt   caused by: unknown func bpf_get_netns_cookie#122".into()
+                "loading program redirect_getsockopt (cgroup /c): the BPF_PROG_LOAD syscall returned \
+                 Invalid argument (os error 22). Verifier: unknown func bpf_get_netns_cookie#122"
+                    .into()
             )
+        );
+        assert_eq!(
+            parse_probe(Some("1"), "", "redirect: error: no such netns\n"),
+            ProbeOutcome::AttachFailed("no such netns".into())
         );
         assert_eq!(parse_probe(None, "", ""), ProbeOutcome::Missing);
     }

@@ -195,21 +195,25 @@ fn select_kernels(names: &[String]) -> Result<Vec<&'static Kernel>> {
     Ok(out)
 }
 
-/// Test target name → executable, from `cargo test --no-run`.
+/// Test target name → executable of tests/tests/*.rs, from `cargo test --no-run`.
 fn test_executables() -> Result<HashMap<String, PathBuf>> {
     let mut build = cmd::cargo();
     build
         .current_dir(workspace_root())
+        // The same package selection as `cargo xtask test`, so the same
+        // feature resolution: the binaries it built are reused.
         .args([
             "test",
-            "-p",
-            "redirect-tests",
+            "--workspace",
+            "--exclude",
+            "redirect-ebpf",
             "--tests",
             "--no-run",
             "--message-format=json",
             "--target-dir",
         ])
         .arg(workspace_root().join("target"));
+    let e2e = workspace_root().join("tests/tests");
     let out = cmd::output(&mut build).context("building the test binaries failed")?;
     let mut exes = HashMap::new();
     for line in out.lines() {
@@ -219,8 +223,11 @@ fn test_executables() -> Result<HashMap<String, PathBuf>> {
         let is_test = msg["target"]["kind"]
             .as_array()
             .is_some_and(|k| k.iter().any(|k| k == "test"));
+        let in_e2e = msg["target"]["src_path"]
+            .as_str()
+            .is_some_and(|p| Path::new(p).starts_with(&e2e));
         if let (true, Some(name), Some(exe)) = (
-            is_test,
+            is_test && in_e2e,
             msg["target"]["name"].as_str(),
             msg["executable"].as_str(),
         ) {
@@ -479,11 +486,9 @@ fn summary(outcomes: &[Outcome]) -> ExitCode {
                     );
                 }
                 println!(
-                    "{}: known gap, its test failures are not counted: {why}",
+                    "{}: known gap, not counted in the exit code or the total: {why}",
                     o.kernel.name
                 );
-                total.passed += t.passed;
-                total.skipped += t.skipped;
             }
             _ => {
                 failed |= t.failed > 0;
