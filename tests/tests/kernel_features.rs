@@ -74,7 +74,7 @@ fn helper_name(id: i32) -> String {
     assert!((0..max).contains(&id), "helper id {id} out of range");
     // SAFETY: bpf_func_id is a #[repr(u32)] enum of every value 0..MAX
     // (the kernel's ___BPF_FUNC_MAPPER numbers them consecutively).
-    let f: bpf_func_id = unsafe { std::mem::transmute(id as u32) };
+    let f = unsafe { std::mem::transmute::<u32, bpf_func_id>(id as u32) };
     format!("{f:?}").replacen("BPF_FUNC_", "bpf_", 1)
 }
 

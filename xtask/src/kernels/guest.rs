@@ -394,8 +394,7 @@ fn attach_error(err: &str) -> String {
             let last = lines[at + 1..]
                 .iter()
                 .map(|l| l.trim())
-                .filter(|l| !l.is_empty() && !stats.iter().any(|s| l.starts_with(s)))
-                .next_back();
+                .rfind(|l| !l.is_empty() && !stats.iter().any(|s| l.starts_with(s)));
             (m, last)
         }
         None => (message, None),
