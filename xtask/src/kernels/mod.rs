@@ -214,12 +214,33 @@ fn test_executables() -> Result<HashMap<String, PathBuf>> {
         ])
         .arg(workspace_root().join("target"));
     let e2e = workspace_root().join("tests/tests");
-    let out = cmd::output(&mut build).context("building the test binaries failed")?;
+    eprintln!("==> {}", cmd::display(&build));
+    let out = build
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("could not start cargo")?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let messages: Vec<serde_json::Value> = stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    if !out.status.success() {
+        // With --message-format=json the compiler's errors are in stdout.
+        for msg in &messages {
+            if msg["reason"] == "compiler-message" && msg["message"]["level"] == "error" {
+                eprint!(
+                    "{}",
+                    msg["message"]["rendered"].as_str().unwrap_or_default()
+                );
+            }
+        }
+        bail!(
+            "building the test binaries failed (`{}`)",
+            cmd::display(&build)
+        );
+    }
     let mut exes = HashMap::new();
-    for line in out.lines() {
-        let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else {
-            continue;
-        };
+    for msg in messages {
         let is_test = msg["target"]["kind"]
             .as_array()
             .is_some_and(|k| k.iter().any(|k| k == "test"));
@@ -284,7 +305,21 @@ fn fetch_kernels(kernels: &[&'static Kernel]) -> Vec<Result<PathBuf>> {
             let cached = fs::read_to_string(&stamp).ok();
             let result = match &apt {
                 Ok(apt) => (|| {
-                    let image = apt.resolve(k.name)?;
+                    // apt-get update only warns when a mirror is out of
+                    // reach: a kernel that cannot be resolved then is
+                    // taken from the cache when there is one.
+                    let image = match apt.resolve(k.name) {
+                        Ok(image) => image,
+                        Err(e) if cached.is_some() && root.is_dir() => {
+                            eprintln!(
+                                "{}: warning: {e:#}; using the cached {}",
+                                k.name,
+                                cached.as_deref().unwrap_or_default()
+                            );
+                            return Ok(root.clone());
+                        }
+                        Err(e) => return Err(e),
+                    };
                     if cached.as_deref() == Some(image.to_string().as_str()) && root.is_dir() {
                         eprintln!("{}: {image} (cached)", k.name);
                         return Ok(root.clone());
