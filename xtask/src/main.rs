@@ -3,15 +3,18 @@
 //! * `setup`      install missing prerequisites (also run by the tasks below)
 //! * `build-ebpf` build the eBPF object with the nightly toolchain
 //! * `build`      eBPF object plus the host binaries
+//! * `lint`       cargo fmt --check and clippy -D warnings
 //! * `test`       build in debug, then run the workspace tests
 //! * `demo`       release build, then `redirect-kit demo`
 //! * `bench`      release build, then the eBPF-vs-iptables benchmark
 //! * `image`      static binaries, then the node agent's OCI image (podman)
+//! * `kernels`    the privileged tests on other kernels, under QEMU
 //!
 //! Every external command is echoed as `==> cmd` before it runs.
 
 mod cmd;
 mod image;
+mod kernels;
 mod setup;
 mod tasks;
 
@@ -60,6 +63,9 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Formatting and lint checks, as CI runs them: `cargo fmt --check` (the
+    /// workspace and fuzz/) and clippy with warnings denied.
+    Lint,
     /// Release build, then run `target/release/redirect-kit demo`.
     Demo,
     /// Release build, then the benchmark of BENCHMARK.md (eBPF vs iptables),
@@ -94,6 +100,26 @@ enum Task {
         #[arg(long)]
         tag: Option<String>,
     },
+    /// Boot other kernels (Debian's 5.10, 6.1, 6.12) under QEMU and run the
+    /// privileged end-to-end tests in each; one summary line per kernel.
+    ///
+    /// Kernels are fetched into target/kernels/ (cached); see docs/kernels.md.
+    Kernels {
+        /// Kernels to boot (repeat or comma-separate): 5.10, 6.1, 6.12, all.
+        #[arg(long = "kernel", value_name = "NAME")]
+        kernels: Vec<String>,
+        /// Tests to run in each guest (repeat or comma-separate): `default`
+        /// (CI's selection), `all`, a test file (`inbound`) or one test
+        /// (`cli::uninstall_leaves_nothing_and_connections_go_direct`).
+        #[arg(long, value_name = "SELECTION")]
+        tests: Vec<String>,
+        /// Deadline of each test binary in a guest, in seconds.
+        #[arg(long, default_value = "900", value_name = "SECS")]
+        test_timeout: u64,
+        /// `--test-threads` in the guests (they have 2 CPUs).
+        #[arg(long, default_value = "2")]
+        threads: usize,
+    },
 }
 
 fn main() -> ExitCode {
@@ -121,6 +147,7 @@ fn run(task: Task) -> Result<ExitCode> {
         }
         Task::Build { debug } => tasks::build(&setup::setup(false)?, debug)?,
         Task::Test { args } => return tasks::test(&setup::setup(false)?, &args),
+        Task::Lint => tasks::lint(&setup::setup(false)?)?,
         Task::Demo => tasks::demo(&setup::setup(false)?)?,
         Task::Bench {
             churn: true,
@@ -133,6 +160,20 @@ fn run(task: Task) -> Result<ExitCode> {
             quick, proxy, out, ..
         } => tasks::bench(&setup::setup(false)?, quick, &proxy, out)?,
         Task::Image { tag } => image::image(&setup::setup(false)?, tag)?,
+        Task::Kernels {
+            kernels,
+            tests,
+            test_timeout,
+            threads,
+        } => {
+            let opts = kernels::Options {
+                kernels,
+                tests,
+                test_timeout: std::time::Duration::from_secs(test_timeout),
+                threads,
+            };
+            return kernels::run(&setup::setup(false)?, &opts);
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -126,6 +126,28 @@ pub fn build(toolchain: &Toolchain, debug: bool) -> Result<()> {
     Ok(())
 }
 
+/// `cargo fmt --check` on the workspace and on fuzz/ (its own workspace),
+/// then clippy on the host crates with warnings denied (clippy compiles the
+/// userspace crate, which embeds the eBPF object: that is built first).
+pub fn lint(toolchain: &Toolchain) -> Result<()> {
+    cmd::run(
+        cmd::cargo()
+            .current_dir(workspace_root())
+            .args(["fmt", "--all", "--check"]),
+    )
+    .context("the workspace is not formatted: run `cargo fmt --all`")?;
+    cmd::run(
+        cmd::cargo()
+            .current_dir(workspace_root().join("fuzz"))
+            .args(["fmt", "--all", "--check"]),
+    )
+    .context("fuzz/ is not formatted: run `cargo fmt --all` in fuzz/")?;
+    build_ebpf(toolchain, false)?;
+    let mut clippy = host_cargo("clippy");
+    clippy.args(["--all-targets", "--", "-D", "warnings"]);
+    cmd::run(&mut clippy).context("clippy found problems; see its output above")
+}
+
 /// Builds everything in debug, then runs the workspace tests; `extra` goes to
 /// the test binaries. Returns cargo test's exit code: its own output (ending
 /// in `test result:` lines) is the report.
