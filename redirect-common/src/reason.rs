@@ -17,6 +17,10 @@ pub enum Reason {
     OutExcludedCidr = 10,
     OutNotIncluded = 11,
     OutNotTcp = 12,
+    /// `ISTIO_OUTBOUND_OWNER_GROUPS`: the process's group is not listed.
+    OutOwnerGroupNotIncluded = 17,
+    /// `ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE`: the process's group is listed.
+    OutOwnerGroupExcluded = 18,
     // Original destination answers (SO_ORIGINAL_DST, getpeername).
     OrigDstOutbound = 20,
     OrigDstInbound = 21,
@@ -41,6 +45,12 @@ pub enum Reason {
     AccelBulk = 53,
     AccelSkippedShort = 54,
     AccelRemoved = 55,
+    // DNS capture (ISTIO_OUTPUT_DNS): UDP datagrams (sendmsg) and connects
+    // (connect, UDP and TCP) to port 53, and the replies the app reads.
+    DnsCapturedUdp = 60,
+    DnsCapturedTcp = 61,
+    DnsNotNameserver = 62,
+    DnsReplyRewritten = 63,
 }
 
 /// The groups of `redirect stats`, in display order: the two iptables
@@ -51,15 +61,17 @@ pub enum Reason {
 pub enum Chain {
     Output,
     Prerouting,
+    Dns,
     OrigDst,
     Accel,
     Errors,
 }
 
 impl Chain {
-    pub const ALL: [Chain; 5] = [
+    pub const ALL: [Chain; 6] = [
         Chain::Output,
         Chain::Prerouting,
+        Chain::Dns,
         Chain::OrigDst,
         Chain::Accel,
         Chain::Errors,
@@ -70,6 +82,7 @@ impl Chain {
         match self {
             Chain::Output => "OUTPUT",
             Chain::Prerouting => "PREROUTING",
+            Chain::Dns => "DNS",
             Chain::OrigDst => "ORIGINAL_DST",
             Chain::Accel => "ACCEL",
             Chain::Errors => "ERRORS",
@@ -81,6 +94,7 @@ impl Chain {
         match self {
             Chain::Output => "ISTIO_OUTPUT; cgroup/connect4, cgroup/connect6: new TCP connections made in the pod",
             Chain::Prerouting => "ISTIO_INBOUND; sk_lookup in the pod netns: new TCP connections from outside",
+            Chain::Dns => "ISTIO_OUTPUT_DNS; cgroup/sendmsg, connect: UDP datagrams and connects to port 53; cgroup/recvmsg: replies",
             Chain::OrigDst => "cgroup/getsockopt SO_ORIGINAL_DST, cgroup/getpeername: calls answered or not",
             Chain::Accel => "sockops + sk_msg between app and proxy: sockets, connections, sk_msg verdicts or messages",
             Chain::Errors => "map updates that failed",
@@ -97,6 +111,8 @@ impl Chain {
                 Reason::OutAppLocal,
                 Reason::OutProxyUid,
                 Reason::OutProxyGid,
+                Reason::OutOwnerGroupNotIncluded,
+                Reason::OutOwnerGroupExcluded,
                 Reason::OutLoopback,
                 Reason::OutExcludedCidr,
                 Reason::OutCapturedPort,
@@ -111,6 +127,12 @@ impl Chain {
                 Reason::InNotIncluded,
                 Reason::InNoListener,
                 Reason::InListenerRegistered,
+            ],
+            Chain::Dns => &[
+                Reason::DnsCapturedUdp,
+                Reason::DnsCapturedTcp,
+                Reason::DnsNotNameserver,
+                Reason::DnsReplyRewritten,
             ],
             Chain::OrigDst => &[
                 Reason::OrigDstOutbound,
@@ -137,7 +159,7 @@ impl Chain {
 }
 
 impl Reason {
-    pub const ALL: [Reason; 32] = [
+    pub const ALL: [Reason; 38] = [
         Reason::OutCaptured,
         Reason::OutCapturedPort,
         Reason::OutProxyToSelf,
@@ -150,6 +172,8 @@ impl Reason {
         Reason::OutExcludedCidr,
         Reason::OutNotIncluded,
         Reason::OutNotTcp,
+        Reason::OutOwnerGroupNotIncluded,
+        Reason::OutOwnerGroupExcluded,
         Reason::OrigDstOutbound,
         Reason::OrigDstInbound,
         Reason::OrigDstMissing,
@@ -170,6 +194,10 @@ impl Reason {
         Reason::AccelFallback,
         Reason::AccelBulk,
         Reason::AccelSkippedShort,
+        Reason::DnsCapturedUdp,
+        Reason::DnsCapturedTcp,
+        Reason::DnsNotNameserver,
+        Reason::DnsReplyRewritten,
     ];
 
     pub fn from_u32(v: u32) -> Option<Reason> {
@@ -205,6 +233,7 @@ impl Reason {
             Reason::OutCaptured
                 | Reason::OutCapturedPort
                 | Reason::OutProxyToSelf
+                | Reason::DnsCapturedTcp
                 | Reason::AccelRedirected
                 | Reason::AccelFallback
                 | Reason::AccelBulk
@@ -216,6 +245,8 @@ impl Reason {
         match self {
             Reason::OutCaptured | Reason::OutCapturedPort => "REDIRECT",
             Reason::OutProxyToSelf | Reason::InCaptured => "REDIRECT",
+            Reason::DnsCapturedUdp | Reason::DnsCapturedTcp => "REDIRECT",
+            Reason::DnsReplyRewritten => "ANSWER",
             Reason::InNoListener | Reason::ErrOrigMapFull => "REJECT",
             Reason::OrigDstOutbound | Reason::OrigDstInbound | Reason::PeerNameRewritten => {
                 "ANSWER"
@@ -250,6 +281,12 @@ impl Reason {
             Reason::OutExcludedCidr => "skip_excluded_cidr",
             Reason::OutNotIncluded => "skip_not_included",
             Reason::OutNotTcp => "skip_not_tcp",
+            Reason::OutOwnerGroupNotIncluded => "skip_owner_group_not_included",
+            Reason::OutOwnerGroupExcluded => "skip_owner_group_excluded",
+            Reason::DnsCapturedUdp => "captured_udp",
+            Reason::DnsCapturedTcp => "captured_tcp",
+            Reason::DnsNotNameserver => "skip_not_nameserver",
+            Reason::DnsReplyRewritten => "reply_from_nameserver",
             Reason::OrigDstOutbound => "orig_dst_outbound",
             Reason::OrigDstInbound => "orig_dst_inbound",
             Reason::OrigDstMissing => "orig_dst_missing",
@@ -289,7 +326,15 @@ impl Reason {
             Reason::OutLoopback => "destination 127.0.0.1/::1 (rule 8)",
             Reason::OutExcludedCidr => "excluded CIDR (-x)",
             Reason::OutNotIncluded => "not included (-i)",
-            Reason::OutNotTcp => "not TCP",
+            Reason::OutNotTcp => "not TCP (nor UDP port 53 with --redirect-dns)",
+            Reason::OutOwnerGroupNotIncluded => "owner group not in ISTIO_OUTBOUND_OWNER_GROUPS",
+            Reason::OutOwnerGroupExcluded => "owner group in ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE",
+            Reason::DnsCapturedUdp => {
+                "UDP to a nameserver -> DNS proxy :15053 (per datagram or connect)"
+            }
+            Reason::DnsCapturedTcp => "TCP to a nameserver -> DNS proxy :15053",
+            Reason::DnsNotNameserver => "UDP port 53 to another address (not captured)",
+            Reason::DnsReplyRewritten => "reply read as from the nameserver asked (recvmsg)",
             Reason::OrigDstOutbound => "SO_ORIGINAL_DST answered (outbound)",
             Reason::OrigDstInbound => "SO_ORIGINAL_DST answered (inbound)",
             Reason::OrigDstMissing => "SO_ORIGINAL_DST asked, no record",

@@ -325,6 +325,8 @@ pub fn payload(n: usize) -> Vec<u8> {
         .collect()
 }
 
+/// The DNS proxy stand-in and query client of the DNS capture tests.
+pub mod dns;
 /// Stress tools of the acceleration correctness tests.
 pub mod podchurn;
 pub mod stress;

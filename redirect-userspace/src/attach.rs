@@ -16,7 +16,8 @@ use redirect_common::ListenerKey;
 use crate::bpf::{
     BPF_CGROUP_GETSOCKOPT, BPF_CGROUP_INET4_CONNECT, BPF_CGROUP_INET4_GETPEERNAME,
     BPF_CGROUP_INET6_CONNECT, BPF_CGROUP_INET6_GETPEERNAME, BPF_CGROUP_INET_SOCK_RELEASE,
-    BPF_CGROUP_SOCK_OPS,
+    BPF_CGROUP_SOCK_OPS, BPF_CGROUP_UDP4_RECVMSG, BPF_CGROUP_UDP4_SENDMSG, BPF_CGROUP_UDP6_RECVMSG,
+    BPF_CGROUP_UDP6_SENDMSG,
 };
 
 use crate::{
@@ -37,7 +38,9 @@ pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(
 ));
 
 /// Programs attached to each cgroup (the OUTPUT side and the helpers).
-pub const CGROUP_PROGRAMS: [&str; 7] = [
+/// An install made before a program existed gets its link at the next
+/// `attach_cgroup` (the agent does it at start); the others are kept.
+pub const CGROUP_PROGRAMS: [&str; 11] = [
     "redirect_connect4",
     "redirect_connect6",
     "redirect_getpeername4",
@@ -45,6 +48,10 @@ pub const CGROUP_PROGRAMS: [&str; 7] = [
     "redirect_getsockopt",
     "redirect_sockops",
     "redirect_sock_release",
+    "redirect_sendmsg4",
+    "redirect_sendmsg6",
+    "redirect_recvmsg4",
+    "redirect_recvmsg6",
 ];
 pub const SK_LOOKUP_PROGRAM: &str = "redirect_sk_lookup";
 pub const SK_MSG_PROGRAM: &str = "redirect_sk_msg";
@@ -367,6 +374,10 @@ impl Installation {
                     "redirect_connect4" => BPF_CGROUP_INET4_CONNECT,
                     "redirect_connect6" => BPF_CGROUP_INET6_CONNECT,
                     "redirect_getpeername4" => BPF_CGROUP_INET4_GETPEERNAME,
+                    "redirect_sendmsg4" => BPF_CGROUP_UDP4_SENDMSG,
+                    "redirect_sendmsg6" => BPF_CGROUP_UDP6_SENDMSG,
+                    "redirect_recvmsg4" => BPF_CGROUP_UDP4_RECVMSG,
+                    "redirect_recvmsg6" => BPF_CGROUP_UDP6_RECVMSG,
                     _ => BPF_CGROUP_INET6_GETPEERNAME,
                 };
                 (
@@ -476,6 +487,13 @@ impl Installation {
     /// attached, an already-listening proxy registered. Acceleration is on
     /// when asked for and the kernel supports it.
     pub fn register_pod(&mut self, netns: &Netns, spec: &PodSpec) -> Result<PodInfo> {
+        // Settings the kernel side cannot honour yet are refused, never
+        // silently dropped (the flag table's `NotYet` rows).
+        spec.check_supported()?;
+        // Never the host: Istio captures pods, not the node.
+        if netns.is_host() {
+            return Err(Error::HostNetns(netns.path.clone()));
+        }
         let t0 = std::time::Instant::now();
         let mut spec = spec.clone();
         let (accel, accel_decision) = self.decide_accel(spec.accel_mode);
@@ -506,11 +524,21 @@ impl Installation {
         // A proxy already listening never goes through sockops' listen
         // hook: find it (a /proc walk) only when a listener exists.
         let t_sk_lookup = t0.elapsed();
-        let listener_seeded = if crate::podns::listening(netns, spec.inbound_port)? {
+        let listening = crate::podns::listening(netns, spec.inbound_port)?;
+        let listener_seeded = if listening {
             seed_listeners(&mut maps, netns, cookie, spec.inbound_port)?
         } else {
             Vec::new()
         };
+        if listening && listener_seeded.is_empty() {
+            tracing::warn!(
+                cookie,
+                port = spec.inbound_port,
+                "the pod's proxy already listens on the inbound port but its socket could not be taken from its process \
+                 (reading /proc/<pid>/fd and pidfd_getfd need CAP_SYS_PTRACE and the host's PIDs); \
+                 inbound connections find no listener until the proxy listens again"
+            );
+        }
         // Where the time of a capture goes (ms, per phase), for the churn
         // benchmark and for anyone chasing a slow attach.
         let ms = |a: std::time::Duration, b: std::time::Duration| {

@@ -5,10 +5,13 @@ use std::{io, path::PathBuf};
 pub enum Error {
     #[error("invalid {field} value '{value}': {reason}")]
     InvalidFlag {
-        field: &'static str,
+        field: String,
         value: String,
         reason: String,
     },
+    /// A setting capture does not support yet (the flag table's `NotYet`).
+    #[error("{flag}: not supported yet: {reason}")]
+    NotSupported { flag: String, reason: String },
     #[error("missing privilege: {0}; run redirect as root (or with CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN and CAP_SYS_PTRACE)")]
     Privilege(String),
     #[error("kernel feature missing: {0}")]
@@ -21,6 +24,8 @@ pub enum Error {
     NotNetns { path: PathBuf, reason: String },
     #[error("pin directory '{path}' is not on a bpffs: {reason}")]
     NotBpffs { path: PathBuf, reason: String },
+    #[error("refusing to capture '{0}': it is the host's network namespace (the kernel's initial one), not a pod's. Name the pod's with --netns, or run inside it as istio-init does")]
+    HostNetns(PathBuf),
     #[error("network namespace '{0}' is not captured (see `redirect status`)")]
     NotCaptured(String),
     /// Not captured, and what is (`stats --netns`, `stats --zero`).

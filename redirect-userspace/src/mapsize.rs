@@ -86,7 +86,7 @@ impl MapSizes {
                 .filter(|s| !s.is_empty())
             {
                 let bad = |reason: String| Error::InvalidFlag {
-                    field: FLAG,
+                    field: FLAG.to_string(),
                     value: item.to_string(),
                     reason,
                 };

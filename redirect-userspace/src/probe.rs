@@ -609,11 +609,11 @@ fn lo_up() -> std::io::Result<()> {
     for (d, c) in ifr.ifr_name.iter_mut().zip(b"lo\0") {
         *d = *c as libc::c_char;
     }
-    if unsafe { libc::ioctl(s.as_raw_fd(), libc::SIOCGIFFLAGS, &mut ifr) } != 0 {
+    if unsafe { libc::ioctl(s.as_raw_fd(), libc::SIOCGIFFLAGS as libc::Ioctl, &mut ifr) } != 0 {
         return Err(std::io::Error::last_os_error());
     }
     unsafe { ifr.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short };
-    if unsafe { libc::ioctl(s.as_raw_fd(), libc::SIOCSIFFLAGS, &ifr) } != 0 {
+    if unsafe { libc::ioctl(s.as_raw_fd(), libc::SIOCSIFFLAGS as libc::Ioctl, &ifr) } != 0 {
         return Err(std::io::Error::last_os_error());
     }
     Ok(())

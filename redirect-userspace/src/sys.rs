@@ -15,7 +15,8 @@ use crate::error::{Error, Result};
 const NSFS_MAGIC: i64 = 0x6e73_6673;
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
-const NS_GET_NSTYPE: libc::c_ulong = 0xb703;
+/// `libc::Ioctl`: the request type differs between glibc and musl.
+const NS_GET_NSTYPE: libc::Ioctl = 0xb703;
 const SO_NETNS_COOKIE: libc::c_int = 71;
 pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf";
 
@@ -197,6 +198,24 @@ impl Netns {
             file,
             inode,
         })
+    }
+
+    /// Is this the host's (the kernel's initial) network namespace? Known
+    /// for sure where the kernel gives the initial netns its fixed inode
+    /// (`PROC_NET_INIT_INO`), or where kthreadd (PID 2 of the initial pid
+    /// namespace, always in the initial netns) is visible.
+    pub fn is_host(&self) -> bool {
+        const PROC_NET_INIT_INO: u64 = 0xEFFF_FFF9;
+        if self.inode == PROC_NET_INIT_INO {
+            return true;
+        }
+        let kthreadd = std::fs::read_to_string("/proc/2/comm")
+            .is_ok_and(|c| c.trim() == "kthreadd")
+            && std::fs::read_to_string("/proc/2/status").is_ok_and(|s| {
+                s.lines()
+                    .any(|l| l.split_whitespace().collect::<Vec<_>>() == ["PPid:", "0"])
+            });
+        kthreadd && std::fs::metadata("/proc/2/ns/net").is_ok_and(|m| m.ino() == self.inode)
     }
 
     /// Run `f` on a thread that has entered this netns.

@@ -3,14 +3,19 @@
 //! * `setup`      install missing prerequisites (also run by the tasks below)
 //! * `build-ebpf` build the eBPF object with the nightly toolchain
 //! * `build`      eBPF object plus the host binaries
+//! * `lint`       cargo fmt --check and clippy -D warnings
 //! * `test`       build in debug, then run the workspace tests
 //! * `demo`       release build, then `redirect-kit demo`
 //! * `bench`      release build, then the eBPF-vs-iptables benchmark
 //! * `diff-test`  debug build, then the differential test against Istio's rules
+//! * `image`      static binaries, then the node agent's OCI image (podman)
+//! * `kernels`    the privileged tests on other kernels, under QEMU
 //!
 //! Every external command is echoed as `==> cmd` before it runs.
 
 mod cmd;
+mod image;
+mod kernels;
 mod setup;
 mod tasks;
 
@@ -59,6 +64,9 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Formatting and lint checks, as CI runs them: `cargo fmt --check` (the
+    /// workspace and fuzz/) and clippy with warnings denied.
+    Lint,
     /// Release build, then run `target/release/redirect-kit demo`.
     Demo,
     /// Debug build, then the differential test (as root): random
@@ -78,7 +86,7 @@ enum Task {
         #[arg(long)]
         quiet: bool,
     },
-    /// Release build, then the benchmark of BENCHMARK.md (eBPF vs iptables),
+    /// Release build, then the benchmark (docs/benchmark.md: eBPF vs iptables),
     /// as root; writes results/<timestamp>/report.md and SVG plots.
     Bench {
         /// Smoke run: 2 short repetitions, under 2 minutes.
@@ -101,6 +109,34 @@ enum Task {
         /// Pods kept captured through the --churn run.
         #[arg(long, default_value = "100")]
         resident: usize,
+    },
+    /// Build the node agent's OCI image (deploy/Dockerfile, FROM scratch)
+    /// from static (musl) release binaries with podman, or buildah; prints
+    /// its id and size. Nothing is pulled.
+    Image {
+        /// Image name and tag (default: localhost/redirect:<version>).
+        #[arg(long)]
+        tag: Option<String>,
+    },
+    /// Boot other kernels (Debian's 5.10, 6.1, 6.12) under QEMU and run the
+    /// privileged end-to-end tests in each; one summary line per kernel.
+    ///
+    /// Kernels are fetched into target/kernels/ (cached); see docs/kernels.md.
+    Kernels {
+        /// Kernels to boot (repeat or comma-separate): 5.10, 6.1, 6.12, all.
+        #[arg(long = "kernel", value_name = "NAME")]
+        kernels: Vec<String>,
+        /// Tests to run in each guest (repeat or comma-separate): `default`
+        /// (CI's selection), `all`, a test file (`inbound`) or one test
+        /// (`cli::uninstall_leaves_nothing_and_connections_go_direct`).
+        #[arg(long, value_name = "SELECTION")]
+        tests: Vec<String>,
+        /// Deadline of each test binary in a guest, in seconds.
+        #[arg(long, default_value = "900", value_name = "SECS")]
+        test_timeout: u64,
+        /// `--test-threads` in the guests (they have 2 CPUs).
+        #[arg(long, default_value = "2")]
+        threads: usize,
     },
 }
 
@@ -129,6 +165,7 @@ fn run(task: Task) -> Result<ExitCode> {
         }
         Task::Build { debug } => tasks::build(&setup::setup(false)?, debug)?,
         Task::Test { args } => return tasks::test(&setup::setup(false)?, &args),
+        Task::Lint => tasks::lint(&setup::setup(false)?)?,
         Task::Demo => tasks::demo(&setup::setup(false)?)?,
         Task::DiffTest { cases, seed, quiet } => {
             tasks::diff_test(&setup::setup(false)?, cases, seed, quiet)?
@@ -143,6 +180,21 @@ fn run(task: Task) -> Result<ExitCode> {
         Task::Bench {
             quick, proxy, out, ..
         } => tasks::bench(&setup::setup(false)?, quick, &proxy, out)?,
+        Task::Image { tag } => image::image(&setup::setup(false)?, tag)?,
+        Task::Kernels {
+            kernels,
+            tests,
+            test_timeout,
+            threads,
+        } => {
+            let opts = kernels::Options {
+                kernels,
+                tests,
+                test_timeout: std::time::Duration::from_secs(test_timeout),
+                threads,
+            };
+            return kernels::run(&setup::setup(false)?, &opts);
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

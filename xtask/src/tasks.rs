@@ -126,12 +126,36 @@ pub fn build(toolchain: &Toolchain, debug: bool) -> Result<()> {
     Ok(())
 }
 
+/// `cargo fmt --check` on the workspace and on fuzz/ (its own workspace),
+/// then clippy on the host crates with warnings denied (clippy compiles the
+/// userspace crate, which embeds the eBPF object: that is built first).
+pub fn lint(toolchain: &Toolchain) -> Result<()> {
+    cmd::run(
+        cmd::cargo()
+            .current_dir(workspace_root())
+            .args(["fmt", "--all", "--check"]),
+    )
+    .context("the workspace is not formatted: run `cargo fmt --all`")?;
+    cmd::run(
+        cmd::cargo()
+            .current_dir(workspace_root().join("fuzz"))
+            .args(["fmt", "--all", "--check"]),
+    )
+    .context("fuzz/ is not formatted: run `cargo fmt --all` in fuzz/")?;
+    build_ebpf(toolchain, false)?;
+    let mut clippy = host_cargo("clippy");
+    clippy.args(["--all-targets", "--", "-D", "warnings"]);
+    cmd::run(&mut clippy).context("clippy found problems; see its output above")
+}
+
 /// Builds everything in debug, then runs the workspace tests; `extra` goes to
 /// the test binaries. Returns cargo test's exit code: its own output (ending
 /// in `test result:` lines) is the report.
 pub fn test(toolchain: &Toolchain, extra: &[String]) -> Result<ExitCode> {
     build_ebpf(toolchain, false)?;
     build_host(true)?;
+    // The image test builds the image from the static binaries.
+    let image_context = crate::image::prepare_context(toolchain)?;
 
     let bin_dir = target_dir().join("debug");
     let mut test = host_cargo("test");
@@ -139,6 +163,7 @@ pub fn test(toolchain: &Toolchain, extra: &[String]) -> Result<ExitCode> {
     // the last lines a CI log reader sees.
     test.args(["--no-fail-fast", "--lib", "--bins", "--tests"])
         .env("REDIRECT_BIN_DIR", &bin_dir)
+        .env(crate::image::CONTEXT_ENV, &image_context)
         .arg("--");
     if !extra.iter().any(|arg| arg.starts_with("--test-threads")) {
         test.arg(format!("--test-threads={}", test_threads()?));

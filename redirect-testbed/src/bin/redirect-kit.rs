@@ -29,6 +29,32 @@ enum Tool {
         #[arg(long, default_value = "15006")]
         inbound_port: u16,
     },
+    /// Stand-in for Istio's DNS proxy on 127.0.0.1 and [::1] (UDP, TCP):
+    /// answers names under --local-suffix itself, forwards the rest to
+    /// --upstream. One JSON line per query.
+    DnsProxy {
+        #[arg(long, default_value = "15053")]
+        port: u16,
+        #[arg(long, default_value = "mesh")]
+        local_suffix: String,
+        #[arg(long)]
+        upstream: Option<SocketAddr>,
+    },
+    /// One DNS query; prints a JSON report (answers, the reply's source,
+    /// getpeername).
+    DnsQuery {
+        #[arg(long)]
+        server: SocketAddr,
+        #[arg(long)]
+        name: String,
+        /// A or AAAA.
+        #[arg(long, default_value = "A")]
+        qtype: String,
+        #[arg(long, value_enum, default_value = "udp")]
+        transport: kit::dns::Transport,
+        #[arg(long, default_value = "3000")]
+        timeout_ms: u64,
+    },
     /// Echo server that greets with what it sees.
     Echo {
         #[arg(long = "listen", required = true)]
@@ -181,6 +207,37 @@ fn main() -> ExitCode {
             inbound_port,
         } => report(kit::proxy(outbound_port, inbound_port)),
         Tool::Echo { listen } => report(kit::echo(&listen)),
+        Tool::DnsProxy {
+            port,
+            local_suffix,
+            upstream,
+        } => report(kit::dns::proxy(port, &local_suffix, upstream)),
+        Tool::DnsQuery {
+            server,
+            name,
+            qtype,
+            transport,
+            timeout_ms,
+        } => {
+            let t = if qtype.eq_ignore_ascii_case("AAAA") {
+                kit::dns::TYPE_AAAA
+            } else {
+                kit::dns::TYPE_A
+            };
+            let v = kit::dns::client(
+                server,
+                &name,
+                t,
+                transport,
+                Duration::from_millis(timeout_ms),
+            );
+            println!("{v}");
+            if v["ok"] == true {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
         Tool::Client {
             connect,
             bind,

@@ -2,12 +2,13 @@
 pub mod attach;
 pub mod daemon;
 pub mod detach;
+pub mod istio_iptables;
 pub mod stats;
 pub mod status;
 pub mod uninstall;
 pub mod validate;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// The pod a command works on: its netns, and the cgroup2 directory the
 /// programs are (or get) attached to.
@@ -25,11 +26,35 @@ pub struct PodArgs {
 impl PodArgs {
     /// `--cgroup`, or the cgroup2 root; checked to be a cgroup2 directory.
     pub fn cgroup(&self) -> redirect_userspace::error::Result<PathBuf> {
-        let cg = match &self.cgroup {
-            Some(c) => c.clone(),
-            None => redirect_userspace::sys::cgroup2_mount()?,
-        };
-        redirect_userspace::sys::open_cgroup(&cg)?;
-        Ok(cg)
+        cgroup_or_root(self.cgroup.as_deref())
     }
 }
+
+/// `cgroup`, or the cgroup2 root; checked to be a cgroup2 directory.
+pub fn cgroup_or_root(cgroup: Option<&Path>) -> redirect_userspace::error::Result<PathBuf> {
+    let cg = match cgroup {
+        Some(c) => c.to_path_buf(),
+        None => redirect_userspace::sys::cgroup2_mount()?,
+    };
+    redirect_userspace::sys::open_cgroup(&cg)?;
+    Ok(cg)
+}
+
+/// istio-iptables' exit code when validation fails (Istio's CNI repair
+/// looks for it on the validation init container).
+pub const VALIDATION_FAILED: u8 = 126;
+
+/// An error that ends the process with a given exit code.
+#[derive(Debug)]
+pub struct Exit {
+    pub code: u8,
+    pub error: anyhow::Error,
+}
+
+impl std::fmt::Display for Exit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:#}", self.error)
+    }
+}
+
+impl std::error::Error for Exit {}
