@@ -253,19 +253,17 @@ pub fn outbound_verdict<L: Lookup>(cfg: &PodConfig, c: &Outbound, l: &L) -> Verd
     Verdict::Untouched(Reason::OutNotIncluded)
 }
 
-/// `-b '*'` never captures ssh (istio-iptables adds `--dport 22 -j RETURN`).
-pub const SSH_PORT: u16 = 22;
-
 /// The PREROUTING decision for a new TCP connection arriving from outside
-/// the pod on `dport`.
+/// the pod on `dport`. Port 22 is not special: istio-iptables stopped
+/// sparing ssh with `-b '*'` in Istio 1.13 (Istio's VM setup puts 22 into
+/// `-d` instead).
 #[inline(always)]
 pub fn inbound_verdict<L: Lookup>(cfg: &PodConfig, dport: u16, l: &L) -> Verdict {
     if dport == cfg.tunnel_port {
         return Verdict::Untouched(Reason::InTunnelPort);
     }
     if cfg.has(flags::IN_CAPTURE_ALL) {
-        // istio-iptables always keeps ssh reachable when capturing all.
-        if dport == SSH_PORT || l.port_listed(port_kind::IN_EXCLUDE, dport) {
+        if l.port_listed(port_kind::IN_EXCLUDE, dport) {
             return Verdict::Untouched(Reason::InExcludedPort);
         }
         return Verdict::ToInbound(Reason::InCaptured);

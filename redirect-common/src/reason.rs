@@ -354,7 +354,7 @@ impl Reason {
             }
             Reason::AccelRemoved => "app/proxy sockets out of the sockhash again (closed)",
             Reason::InCaptured => "captured -> inbound port",
-            Reason::InExcludedPort => "excluded port (-d; ssh 22 with -b *)",
+            Reason::InExcludedPort => "excluded port (-d)",
             Reason::InNotIncluded => "not included (-b)",
             Reason::InNoListener => "no listener on inbound port (refused)",
             Reason::InTunnelPort => "inbound tunnel port (-e)",

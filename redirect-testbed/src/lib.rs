@@ -6,6 +6,8 @@
 //! product never depends on it.
 pub mod bench;
 pub mod demo;
+pub mod difftest;
 pub mod fuzzing;
+pub mod istio_rules;
 pub mod kit;
 pub mod sandbox;

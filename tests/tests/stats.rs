@@ -333,7 +333,7 @@ fn rows_show_their_configured_match() {
     assert_eq!(m("PREROUTING", "skip_tunnel_port"), "tcp dpt:15008");
     assert_eq!(
         m("PREROUTING", "skip_excluded_port"),
-        "tcp multiport dports 22,15020,15021,15090"
+        "tcp multiport dports 15020,15021,15090"
     );
     let (_, text, _) = stats(&pod, &[]);
     let line = text

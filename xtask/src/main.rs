@@ -7,6 +7,7 @@
 //! * `test`       build in debug, then run the workspace tests
 //! * `demo`       release build, then `redirect-kit demo`
 //! * `bench`      release build, then the eBPF-vs-iptables benchmark
+//! * `diff-test`  debug build, then the differential test against Istio's rules
 //! * `image`      static binaries, then the node agent's OCI image (podman)
 //! * `kernels`    the privileged tests on other kernels, under QEMU
 //!
@@ -68,7 +69,24 @@ enum Task {
     Lint,
     /// Release build, then run `target/release/redirect-kit demo`.
     Demo,
-    /// Release build, then the benchmark of BENCHMARK.md (eBPF vs iptables),
+    /// Debug build, then the differential test (as root): random
+    /// istio-iptables configurations and connections, a pod with Istio's
+    /// own rules (iptables-restore) against a pod captured by redirect.
+    /// Prints the cases, each mismatch with a one-line reproduction, and
+    /// `N passed, N failed`.
+    DiffTest {
+        /// Connections in all (about 12 per configuration).
+        #[arg(long, default_value = "300")]
+        cases: usize,
+        /// Generator seed (default: from the clock; printed, so a run can
+        /// be repeated).
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Print only mismatches and totals.
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// Release build, then the benchmark (docs/benchmark.md: eBPF vs iptables),
     /// as root; writes results/<timestamp>/report.md and SVG plots.
     Bench {
         /// Smoke run: 2 short repetitions, under 2 minutes.
@@ -149,6 +167,9 @@ fn run(task: Task) -> Result<ExitCode> {
         Task::Test { args } => return tasks::test(&setup::setup(false)?, &args),
         Task::Lint => tasks::lint(&setup::setup(false)?)?,
         Task::Demo => tasks::demo(&setup::setup(false)?)?,
+        Task::DiffTest { cases, seed, quiet } => {
+            tasks::diff_test(&setup::setup(false)?, cases, seed, quiet)?
+        }
         Task::Bench {
             churn: true,
             out,

@@ -297,6 +297,31 @@ pub fn demo(toolchain: &Toolchain) -> Result<()> {
     })
 }
 
+/// Debug build (as `test` makes it), then replaces xtask with
+/// `redirect-kit diff-test`, so its output and exit code are ours.
+pub fn diff_test(
+    toolchain: &Toolchain,
+    cases: usize,
+    seed: Option<u64>,
+    quiet: bool,
+) -> Result<()> {
+    if !cmd::is_root() {
+        bail!("the differential test creates namespaces, cgroups, iptables rules and BPF programs: run it as root");
+    }
+    build(toolchain, true)?;
+    let binary = target_dir().join("debug/redirect-kit");
+    let mut diff = Command::new(&binary);
+    diff.current_dir(workspace_root())
+        .args(["diff-test", "--cases", &cases.to_string()]);
+    if let Some(s) = seed {
+        diff.args(["--seed", &s.to_string()]);
+    }
+    if quiet {
+        diff.arg("--quiet");
+    }
+    Err(cmd::exec(&mut diff)).with_context(|| format!("could not run {}", binary.display()))
+}
+
 /// Release build, then replaces xtask with `redirect-kit bench` (which
 /// handles Ctrl-C by cleaning up), so its output and exit code are ours.
 pub fn bench(toolchain: &Toolchain, quick: bool, proxy: &str, out: Option<PathBuf>) -> Result<()> {

@@ -298,6 +298,14 @@ fn inbound_star_excludes_listed_and_tunnel() {
         inbound_verdict(&cfg, 15008, &m),
         Verdict::Untouched(Reason::InTunnelPort)
     );
+    // ssh is captured like any port (istio-iptables since Istio 1.13),
+    // unless -d names it.
+    assert_eq!(
+        inbound_verdict(&cfg, 22, &m),
+        Verdict::ToInbound(Reason::InCaptured)
+    );
+    let mut m = m;
+    m.ports.push((port_kind::IN_EXCLUDE, 22));
     assert_eq!(
         inbound_verdict(&cfg, 22, &m),
         Verdict::Untouched(Reason::InExcludedPort)
@@ -317,7 +325,7 @@ fn inbound_list_and_empty() {
         inbound_verdict(&cfg, 81, &m),
         Verdict::Untouched(Reason::InNotIncluded)
     );
-    // ssh is only special with '*': a list that names 22 captures it.
+    // A list that names 22 captures it.
     m.ports.push((port_kind::IN_INCLUDE, 22));
     assert_eq!(
         inbound_verdict(&cfg, 22, &m),

@@ -3,7 +3,7 @@
 use std::{net::SocketAddr, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand};
-use redirect_testbed::{bench, demo, kit};
+use redirect_testbed::{bench, demo, difftest, kit};
 
 #[derive(Parser)]
 #[command(
@@ -151,6 +151,48 @@ enum Tool {
         #[arg(long, default_value = "16384")]
         size: usize,
     },
+    /// The differential test: random istio-iptables configurations and
+    /// connections, a pod with Istio's own rules against a pod captured by
+    /// redirect (as root; `cargo xtask diff-test` runs this). Exits 1 on a
+    /// mismatch no known difference covers, or on a known difference no
+    /// longer needed.
+    DiffTest {
+        /// Connections in all.
+        #[arg(long, default_value = "300")]
+        cases: usize,
+        /// Generator seed (default: from the clock; printed either way).
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Connections per configuration.
+        #[arg(long, default_value = "12")]
+        per_config: usize,
+        /// Print only the mismatches and the totals, not every case.
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// Differential test server: greets each TCP connection, answers each
+    /// datagram, with its role, where it was reached and from where.
+    #[command(hide = true)]
+    DiffServe {
+        #[arg(long)]
+        role: String,
+        #[arg(long)]
+        tcp: Vec<SocketAddr>,
+        #[arg(long)]
+        udp: Vec<SocketAddr>,
+    },
+    /// Differential test caller: one connection, one JSON line.
+    #[command(hide = true)]
+    DiffProbe {
+        #[arg(long, value_enum)]
+        proto: difftest::net::Proto,
+        #[arg(long)]
+        connect: SocketAddr,
+        #[arg(long)]
+        bind: Option<std::net::IpAddr>,
+        #[arg(long, default_value = "1500")]
+        timeout_ms: u64,
+    },
     /// Stress tools of the acceleration tests (xfer, stress-server,
     /// epoll-echo, churn, fan).
     #[command(flatten)]
@@ -256,6 +298,23 @@ fn main() -> ExitCode {
             }
         }
         Tool::Stress(t) => t.run(),
+        Tool::DiffServe { role, tcp, udp } => report(difftest::net::serve(&role, &tcp, &udp)),
+        Tool::DiffProbe {
+            proto,
+            connect,
+            bind,
+            timeout_ms,
+        } => {
+            let r = difftest::net::probe(proto, connect, bind, Duration::from_millis(timeout_ms));
+            println!("{}", serde_json::to_string(&r).expect("serializable"));
+            ExitCode::SUCCESS
+        }
+        Tool::DiffTest {
+            cases,
+            seed,
+            per_config,
+            quiet,
+        } => run_diff_test(cases, seed, per_config, quiet),
         Tool::PodProbe { dst, size } => {
             let v = kit::podchurn::pod_probe(dst, size);
             println!("{v}");
@@ -321,6 +380,36 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+    }
+}
+
+fn run_diff_test(cases: usize, seed: Option<u64>, per_config: usize, quiet: bool) -> ExitCode {
+    let seed = seed.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(1)
+    });
+    let o = difftest::Options {
+        cases,
+        seed,
+        per_config: per_config.max(1),
+        verbose: !quiet,
+    };
+    println!("differential test: seed {seed} (rerun: --seed {seed} --cases {cases})");
+    match difftest::run(&o, &mut std::io::stdout()) {
+        Ok(r) => {
+            print!("{}", r.summary());
+            if r.ok() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("redirect-kit diff-test: {e:#}");
+            ExitCode::FAILURE
         }
     }
 }

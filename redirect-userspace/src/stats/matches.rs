@@ -150,16 +150,7 @@ pub fn rule_match(r: Reason, s: &PodSpec) -> String {
         // PREROUTING (ISTIO_INBOUND), in rule order.
         Reason::InTunnelPort => format!("tcp dpt:{}", s.tunnel_port),
         Reason::InExcludedPort => match s.inbound_ports {
-            InboundPorts::All => {
-                // ssh always, then -d (istio-iptables' order).
-                let mut ps = vec![redirect_common::SSH_PORT];
-                ps.extend(
-                    s.exclude_inbound_ports
-                        .iter()
-                        .filter(|p| **p != redirect_common::SSH_PORT),
-                );
-                dports(&ps)
-            }
+            InboundPorts::All => dports(&s.exclude_inbound_ports),
             _ => "(none: only with -b '*')".into(),
         },
         Reason::InCaptured => match &s.inbound_ports {
@@ -214,10 +205,10 @@ mod tests {
         assert_eq!(m(Reason::OutLoopback), "dst 127.0.0.1,::1");
         assert_eq!(m(Reason::OutCaptured), "dst 0.0.0.0/0,::/0");
         assert_eq!(m(Reason::InTunnelPort), "tcp dpt:15008");
-        // ssh first (-b '*' always returns it), then -d (kept sorted).
+        // -d (kept sorted).
         assert_eq!(
             m(Reason::InExcludedPort),
-            "tcp multiport dports 22,15020,15021,15090"
+            "tcp multiport dports 15020,15021,15090"
         );
         assert_eq!(m(Reason::InCaptured), "tcp");
         assert_eq!(m(Reason::OrigDstMissing), "");
