@@ -1,11 +1,16 @@
 //! sockops: the lifecycle conntrack gives a NATed connection.
-//! - SYN sent: ask for state callbacks, so the records of a connect that
-//!   never completes are removed on close.
-//! - Established (active side, the app): publish the original destination
-//!   under the app socket's 4-tuple, which the proxy's accepted socket asks
-//!   for with SO_ORIGINAL_DST (`orig_dst.rs`).
-//! - Closed: remove the records and add the connection's bytes to the
-//!   counter of the rule that redirected it.
+//! - SYN about to be sent (active side, the app): publish the original
+//!   destination under the app socket's 4-tuple, which the proxy's
+//!   accepted socket asks for with SO_ORIGINAL_DST (`orig_dst.rs`), and
+//!   ask for state callbacks. The record exists before the proxy can see
+//!   the connection, whatever the order of the two sides' later callbacks
+//!   (with TCP Fast Open the proxy's side is established, and may be
+//!   accepted, before the app's side).
+//! - Established: acceleration (`accel.rs`); the proxy's accepted socket
+//!   asks for its state callbacks too.
+//! - Closed: remove the records (either side's close removes the tuple
+//!   record, so none outlives its connection) and add the connection's
+//!   bytes to the counter of the rule that redirected it.
 //! - Listening: register the proxy's inbound listener (`inbound.rs`).
 //!
 //! App↔proxy sockets are also handed to acceleration here (`accel.rs`).
@@ -53,23 +58,35 @@ pub fn redirect_sockops(ctx: SockOpsContext) -> u32 {
     1
 }
 
-/// A redirected app socket sends its SYN: ask for its state changes from
-/// now on, so a connect that never completes (nothing listening on the
-/// proxy port, timeout, RST) still removes its record on close. The
-/// original-destination maps are plain hashes with no LRU backstop.
+/// A redirected app socket is about to send its SYN (its 4-tuple is
+/// final): publish its original destination under that 4-tuple, and ask
+/// for its state changes from now on, so that its close removes both
+/// records (a connect that never completes included: nothing listening on
+/// the proxy port, timeout, RST). The original-destination maps are plain
+/// hashes with no LRU backstop.
 #[inline(always)]
 unsafe fn connecting(ctx: &SockOpsContext) {
     let ops = ctx.ops;
     let cookie = bpf_get_socket_cookie(ops as *mut c_void);
-    if REDIRECT_ORIG_BY_COOKIE.get(&cookie).is_some() {
-        let _ = bpf_sock_ops_cb_flags_set(ops, BPF_SOCK_OPS_STATE_CB_FLAG);
+    let Some(orig) = REDIRECT_ORIG_BY_COOKIE.get(&cookie) else {
+        return;
+    };
+    let netns = netns::of_sock_ops(ops);
+    let t = ops_tuple(ops);
+    if REDIRECT_ORIG_BY_TUPLE
+        .insert(&t.own_key(netns), orig, BPF_ANY as u64)
+        .is_err()
+    {
+        count(netns, Reason::ErrTupleMapFull);
     }
+    let _ = bpf_sock_ops_cb_flags_set(ops, BPF_SOCK_OPS_STATE_CB_FLAG);
 }
 
-/// Active side established. For an app socket we redirected: publish its
-/// original destination under the 4-tuple the proxy's accepted socket will
-/// see. App sockets to the proxy and the proxy's passthrough sockets to the
-/// app are accelerated when the pod wants it.
+/// Active side established. For an app socket we redirected, its tuple
+/// record was published at connect; it is published here only if missing
+/// (a connect made under an older program version). App sockets to the
+/// proxy and the proxy's passthrough sockets to the app are accelerated
+/// when the pod wants it.
 #[inline(always)]
 unsafe fn active_established(ctx: &SockOpsContext) {
     let ops = ctx.ops;
@@ -82,9 +99,11 @@ unsafe fn active_established(ctx: &SockOpsContext) {
     let accel = cfg.has(flags::ACCEL);
     match REDIRECT_ORIG_BY_COOKIE.get(&cookie) {
         Some(orig) => {
-            if REDIRECT_ORIG_BY_TUPLE
-                .insert(&t.own_key(netns), orig, BPF_ANY as u64)
-                .is_err()
+            let own = t.own_key(netns);
+            if REDIRECT_ORIG_BY_TUPLE.get(&own).is_none()
+                && REDIRECT_ORIG_BY_TUPLE
+                    .insert(&own, orig, BPF_ANY as u64)
+                    .is_err()
             {
                 count(netns, Reason::ErrTupleMapFull);
             }
@@ -142,7 +161,13 @@ unsafe fn closed(ctx: &SockOpsContext) {
         );
         let _ = REDIRECT_ORIG_BY_COOKIE.remove(&cookie);
     }
+    // The tuple record goes with whichever side closes first: the app's
+    // own key, or the proxy's peer key (the same record). The app's
+    // socket only reaches TCP_CLOSE once the proxy's side has closed too
+    // or was reset (or the connect failed), so the proxy has asked by
+    // then; and the proxy's side may never have had its state callbacks.
     let t = ops_tuple(ops);
+    let _ = REDIRECT_ORIG_BY_TUPLE.remove(&t.own_key(netns));
     let _ = REDIRECT_ORIG_BY_TUPLE.remove(&t.peer_key(netns));
     accel::closed(ops, netns, &t);
 }
