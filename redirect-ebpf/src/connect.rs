@@ -91,8 +91,11 @@ unsafe fn connect(ctx: &SockAddrContext, v6: bool) -> i32 {
         Verdict::ToOutbound(_) => cfg.proxy_port,
         Verdict::ToInbound(_) => cfg.inbound_port,
     };
+    // The original destination is the one the connection really has (a
+    // connect to the unspecified address goes to this host), as conntrack
+    // records it.
     let orig = OrigDst {
-        addr: dst,
+        addr: conn.effective_dst(),
         port: dport,
         family,
         reason: verdict.reason() as u32,

@@ -1,0 +1,191 @@
+//! Parity with Istio's iptables rules, case by case: the same pod, proxy,
+//! servers and client, once under the nat rules istio-init writes (Istio's
+//! injected flags: `-p 15001 -z 15006 -u 1337 -m REDIRECT -i '*' -b '*'
+//! -d 15090,15021,15020`, loaded with iptables-restore and
+//! ip6tables-restore in the pod netns) and once under `redirect attach`
+//! with the same flags. What every side saw (the client, the server that
+//! answered, the kit proxy's log) must be the same, and what iptables does.
+//!
+//! The cases are ones a hostile review found different:
+//! - an app connecting to the unspecified address (`0.0.0.0:<port>`,
+//!   `[::]:<port>`), which the kernel sends to this host: under iptables
+//!   it leaves through lo and reaches the local app directly.
+//!
+//! All traffic stays inside the namespaces the test created.
+use std::{
+    io::Write,
+    process::{Command, Stdio},
+};
+
+use redirect_tests::*;
+
+const APP_PORT: u16 = 9080;
+const UP_PORT: u16 = 8080;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Capture {
+    /// istio-init's nat table, in the pod netns.
+    Iptables,
+    /// `redirect attach` with the same flags.
+    Redirect,
+}
+
+const BOTH: [Capture; 2] = [Capture::Iptables, Capture::Redirect];
+
+/// Istio's nat rules for one family: the testbed's IPv4 table, and the
+/// same rules for IPv6 as istio-iptables writes them (::6 and ::1 for
+/// 127.0.0.6 and 127.0.0.1).
+fn istio_rules(v6: bool) -> String {
+    let v4 = redirect_testbed::bench::runner::istio_nat_rules(&[]);
+    if !v6 {
+        return v4;
+    }
+    v4.replace("127.0.0.6/32", "::6/128")
+        .replace("127.0.0.1/32", "::1/128")
+}
+
+/// Load istio-init's rules into the pod netns (and `::6` on lo, which
+/// istio-iptables adds for the proxy's IPv6 inbound passthrough).
+fn load_iptables(pod: &Pod) {
+    for (tool, v6) in [("iptables-restore", false), ("ip6tables-restore", true)] {
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &pod.topo.pod.name, tool])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("{tool}: {e}"));
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(istio_rules(v6).as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{tool} in {}: {}",
+            pod.topo.pod.name,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    pod.topo
+        .pod
+        .ip(&["-6", "addr", "add", "::6/128", "dev", "lo", "nodad"])
+        .expect("::6 on lo");
+}
+
+/// A pod with the upstream echo server (every address, `UP_PORT`), the
+/// app's own echo server (`APP_PORT`) and the kit proxy as 1337, captured
+/// as `how`. `prepare` runs first (addresses, routes).
+fn pod_under(tag: &str, how: Capture, prepare: impl FnOnce(&Pod)) -> (Pod, usize) {
+    let mut pod = Pod::new(tag);
+    prepare(&pod);
+    pod.start_upstream(UP_PORT);
+    pod.start_app_server(APP_PORT);
+    let proxy = pod.start_proxy();
+    match how {
+        Capture::Iptables => load_iptables(&pod),
+        Capture::Redirect => {
+            pod.attach_istio_default();
+        }
+    }
+    (pod, proxy)
+}
+
+/// The proxy's connections since the last call: (direction, original
+/// destination).
+fn proxied(pod: &mut Pod, proxy: usize) -> Vec<(String, String)> {
+    pod.proxy_log(proxy)
+        .iter()
+        .filter(|l| l["event"] == "conn" || l["event"] == "error")
+        .map(|l| {
+            (
+                l["dir"].as_str().unwrap_or_default().to_string(),
+                l["orig"]
+                    .as_str()
+                    .or(l["error"].as_str())
+                    .unwrap_or_default()
+                    .to_string(),
+            )
+        })
+        .collect()
+}
+
+/// The address the answering server saw the connection from (the IP of
+/// `peer=` in its greeting), and where it was reached (`local=`).
+fn greeting(banner: Option<&str>) -> (String, String) {
+    let b = banner.unwrap_or_default();
+    let field = |k: &str| {
+        b.split_whitespace()
+            .find_map(|w| w.strip_prefix(k))
+            .unwrap_or_default()
+            .to_string()
+    };
+    let peer = field("peer=");
+    let ip = peer
+        .parse::<std::net::SocketAddr>()
+        .map(|a| a.ip().to_string())
+        .unwrap_or(peer);
+    (ip, field("local="))
+}
+
+/// What one connection looked like from every side.
+#[derive(Debug, PartialEq, Eq)]
+struct Seen {
+    ok: bool,
+    /// The client's getpeername.
+    peer: Option<String>,
+    /// The answering server: (source IP it saw, its local address).
+    server: (String, String),
+    /// The proxy's log for it: (direction, original destination).
+    proxied: Vec<(String, String)>,
+}
+
+/// Run `case` under both captures; the two must see the same. Returns
+/// what they saw.
+fn same_under_both(what: &str, case: impl Fn(Capture) -> Seen) -> Seen {
+    let seen: Vec<Seen> = BOTH.iter().map(|&how| case(how)).collect();
+    assert_eq!(
+        seen[0], seen[1],
+        "{what}: under iptables (left) and under redirect (right)"
+    );
+    seen.into_iter().next().unwrap()
+}
+
+// ------------------------------------------------- the unspecified address
+
+/// `connect(0.0.0.0:9080)` / `connect([::]:9080)` by the app: the kernel
+/// connects to 127.0.0.1 / ::1, out through lo; iptables' rule "-o lo !
+/// --uid-owner 1337 -j RETURN" leaves it alone: the app's own server
+/// answers, the proxy sees nothing.
+#[test]
+fn app_to_the_unspecified_address_reaches_the_local_app_directly() {
+    for (dst, lo) in [
+        (format!("0.0.0.0:{APP_PORT}"), "127.0.0.1"),
+        (format!("[::]:{APP_PORT}"), "::1"),
+    ] {
+        let seen = same_under_both(&dst, |how| {
+            let (mut pod, proxy) = pod_under("parany", how, |_| {});
+            let _ = proxied(&mut pod, proxy);
+            let r = pod.app_client(&dst);
+            Seen {
+                ok: r.ok,
+                peer: r.peer.clone(),
+                server: greeting(r.banner.as_deref()),
+                proxied: proxied(&mut pod, proxy),
+            }
+        });
+        let local = std::net::SocketAddr::new(lo.parse().unwrap(), APP_PORT).to_string();
+        assert_eq!(
+            seen,
+            Seen {
+                ok: true,
+                peer: Some(local.clone()),
+                server: (lo.to_string(), local),
+                proxied: vec![],
+            },
+            "{dst}"
+        );
+    }
+}
