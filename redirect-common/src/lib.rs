@@ -59,6 +59,9 @@ pub const ALL_MAPS: [&str; 10] = [
 pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;
 pub const IPPROTO_TCP: u32 = 6;
+/// An MPTCP socket (`socket(AF_INET, SOCK_STREAM, IPPROTO_MPTCP)`); its
+/// subflows are IPPROTO_TCP sockets.
+pub const IPPROTO_MPTCP: u32 = 262;
 pub const SOCK_STREAM: u32 = 1;
 pub const SOL_IP: i32 = 0;
 pub const SOL_IPV6: i32 = 41;

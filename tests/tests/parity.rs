@@ -9,14 +9,19 @@
 //! The cases are ones a hostile review found different:
 //! - an app connecting to the unspecified address (`0.0.0.0:<port>`,
 //!   `[::]:<port>`), which the kernel sends to this host: under iptables
-//!   it leaves through lo and reaches the local app directly.
+//!   it leaves through lo and reaches the local app directly;
+//! - an MPTCP socket: captured, and its `getpeername` shows the peer it
+//!   dialed.
 //!
 //! All traffic stays inside the namespaces the test created.
 use std::{
     io::Write,
+    path::Path,
     process::{Command, Stdio},
+    time::Duration,
 };
 
+use redirect_testbed::{kit::ClientReport, sandbox::run_placed};
 use redirect_tests::*;
 
 const APP_PORT: u16 = 9080;
@@ -184,6 +189,99 @@ fn app_to_the_unspecified_address_reaches_the_local_app_directly() {
                 peer: Some(local.clone()),
                 server: (lo.to_string(), local),
                 proxied: vec![],
+            },
+            "{dst}"
+        );
+    }
+}
+
+// ------------------------------------------------------------------ MPTCP
+
+/// The app's MPTCP client (IPPROTO_MPTCP; the kernel falls back to TCP
+/// when the peer does not speak MPTCP): connect, read the greeting, send
+/// and check the echo, report getpeername. One JSON line, as the kit
+/// client's.
+const MPTCP_CLIENT: &str = r#"
+import json, socket, sys
+host, port = sys.argv[1], int(sys.argv[2])
+fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+rep = {"ok": False, "error": None, "peer": None, "local": None, "banner": None, "echoed": False}
+try:
+    s = socket.socket(fam, socket.SOCK_STREAM, 262)
+    s.settimeout(5)
+    s.connect((host, port))
+    p = s.getpeername()
+    rep["peer"] = ("[%s]:%d" if fam == socket.AF_INET6 else "%s:%d") % (p[0], p[1])
+    l = s.getsockname()
+    rep["local"] = ("[%s]:%d" if fam == socket.AF_INET6 else "%s:%d") % (l[0], l[1])
+    f = s.makefile("rb")
+    rep["banner"] = f.readline().decode().strip()
+    s.sendall(b"ping")
+    s.shutdown(socket.SHUT_WR)
+    rep["echoed"] = f.read() == b"ping"
+    rep["ok"] = rep["echoed"]
+except Exception as e:
+    rep["error"] = str(e)
+print(json.dumps(rep))
+"#;
+
+fn mptcp_client(pod: &Pod, dst: &str) -> ClientReport {
+    let sa: std::net::SocketAddr = dst.parse().unwrap();
+    let f = run_placed(
+        Path::new("/usr/bin/python3"),
+        &[
+            "-c",
+            MPTCP_CLIENT,
+            &sa.ip().to_string(),
+            &sa.port().to_string(),
+        ],
+        &pod.topo.in_pod(APP_UID, APP_UID),
+        Duration::from_secs(20),
+    )
+    .expect("running the MPTCP client");
+    serde_json::from_str(f.stdout.trim())
+        .unwrap_or_else(|e| panic!("MPTCP client report ({e}): {:?} {:?}", f.stdout, f.stderr))
+}
+
+/// An MPTCP socket is captured like a TCP one, and (as under iptables,
+/// where NAT never shows to the socket) its getpeername shows the peer it
+/// dialed, not the proxy.
+#[test]
+fn mptcp_app_is_captured_and_sees_the_peer_it_dialed() {
+    for dst in [
+        format!("{UPSTREAM_V4}:{UP_PORT}"),
+        format!("[{UPSTREAM_V6}]:{UP_PORT}"),
+    ] {
+        let pod_ip = if dst.starts_with('[') { POD_V6 } else { POD_V4 };
+        let seen = same_under_both(&dst, |how| {
+            let (mut pod, proxy) = pod_under("parmptcp", how, |_| {});
+            let _ = proxied(&mut pod, proxy);
+            let r = mptcp_client(&pod, &dst);
+            let (server_ip, server_local) = greeting(r.banner.as_deref());
+            if how == Capture::Redirect {
+                // Counted once, as the TCP connection it is on the wire.
+                for (chain, rule, n) in [
+                    ("OUTPUT", "captured", 1),
+                    ("OUTPUT", "skip_not_tcp", 0),
+                    ("ORIGINAL_DST", "getpeername_rewritten", 1),
+                ] {
+                    assert_eq!(pod.counter(chain, rule), n, "{dst}: {chain}/{rule}");
+                }
+            }
+            Seen {
+                ok: r.ok,
+                peer: r.peer.clone(),
+                server: (server_ip, server_local),
+                proxied: proxied(&mut pod, proxy),
+            }
+        });
+        assert_eq!(
+            seen,
+            Seen {
+                ok: true,
+                peer: Some(dst.clone()),
+                server: (pod_ip.to_string(), dst.clone()),
+                proxied: vec![("outbound".into(), dst.clone())],
             },
             "{dst}"
         );
