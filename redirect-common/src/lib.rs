@@ -37,13 +37,16 @@ pub const MAP_LISTENERS: &str = "REDIRECT_LISTENERS";
 pub const MAP_SOCKS: &str = "REDIRECT_SOCKS";
 pub const MAP_ACCEL_FALLBACK: &str = "REDIRECT_ACCEL_FALLBACK";
 pub const MAP_ACCEL_PORTS: &str = "REDIRECT_ACCEL_PORTS";
+/// The 4-tuples of the pod's own IPv6 connections to its own addresses
+/// (sk_lookup tells their SYNs from ones arriving from outside).
+pub const MAP_LOCAL_CONNECTS: &str = "REDIRECT_LOCAL_CONNECTS";
 /// Socket-local storage of accelerated sockets (sk_msg state); not sized,
 /// not in ALL_MAPS (no `--map-size` knob), but its layout is checked too.
 pub const MAP_ACCEL_SK: &str = "REDIRECT_ACCEL_SK";
 /// Counter updates lost to a full REDIRECT_COUNTERS (one per-CPU slot; not
 /// sized, not in ALL_MAPS, layout checked).
 pub const MAP_COUNTERS_LOST: &str = "REDIRECT_COUNTERS_LOST";
-pub const ALL_MAPS: [&str; 10] = [
+pub const ALL_MAPS: [&str; 11] = [
     MAP_PODS,
     MAP_CIDRS,
     MAP_PORTS,
@@ -54,6 +57,7 @@ pub const ALL_MAPS: [&str; 10] = [
     MAP_SOCKS,
     MAP_ACCEL_FALLBACK,
     MAP_ACCEL_PORTS,
+    MAP_LOCAL_CONNECTS,
 ];
 
 pub const AF_INET: u16 = 2;

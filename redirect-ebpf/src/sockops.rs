@@ -12,6 +12,9 @@
 //!   record, so none outlives its connection) and add the connection's
 //!   bytes to the counter of the rule that redirected it.
 //! - Listening: register the proxy's inbound listener (`inbound.rs`).
+//! - An IPv6 connection of the pod to one of its own addresses: its
+//!   4-tuple is marked from the SYN until the socket closes, so that
+//!   sk_lookup tells its SYN from one from outside (`inbound.rs`).
 //!
 //! App↔proxy sockets are also handed to acceleration here (`accel.rs`).
 
@@ -23,7 +26,7 @@ use aya_ebpf::{
     macros::sock_ops,
     programs::SockOpsContext,
 };
-use redirect_common::{flags, Reason};
+use redirect_common::{flags, is_local, Reason, AF_INET6, V6_LOCALHOST};
 
 use crate::{
     abi::{
@@ -35,7 +38,10 @@ use crate::{
     addr::ops_tuple,
     counters::{add_bytes, count},
     inbound,
-    maps::{REDIRECT_ORIG_BY_COOKIE, REDIRECT_ORIG_BY_TUPLE, REDIRECT_PODS},
+    maps::{
+        PodMaps, REDIRECT_LOCAL_CONNECTS, REDIRECT_ORIG_BY_COOKIE, REDIRECT_ORIG_BY_TUPLE,
+        REDIRECT_PODS,
+    },
     netns,
 };
 
@@ -69,6 +75,7 @@ unsafe fn connecting(ctx: &SockOpsContext) {
     let ops = ctx.ops;
     let cookie = bpf_get_socket_cookie(ops as *mut c_void);
     let Some(orig) = REDIRECT_ORIG_BY_COOKIE.get(&cookie) else {
+        local_connect(ops);
         return;
     };
     let netns = netns::of_sock_ops(ops);
@@ -78,6 +85,38 @@ unsafe fn connecting(ctx: &SockOpsContext) {
         .is_err()
     {
         count(netns, Reason::ErrTupleMapFull);
+    }
+    let _ = bpf_sock_ops_cb_flags_set(ops, BPF_SOCK_OPS_STATE_CB_FLAG);
+}
+
+/// A connection that is not redirected is about to send its SYN: if it is
+/// an IPv6 connection of a captured pod to one of the pod's own addresses
+/// (not ::1, which stays on lo), mark its 4-tuple until it closes. Its
+/// SYN reaches sk_lookup with the address's device as ingress and one of
+/// the pod's addresses as source, as a SYN from outside with that source
+/// would: the mark tells them apart (`inbound.rs`).
+#[inline(always)]
+unsafe fn local_connect(ops: *mut aya_ebpf::bindings::bpf_sock_ops) {
+    if (*ops).family != AF_INET6 as u32 {
+        return;
+    }
+    let netns = netns::of_sock_ops(ops);
+    if REDIRECT_PODS.get(&netns).is_none() {
+        return;
+    }
+    let t = ops_tuple(ops);
+    if t.family != AF_INET6
+        || t.remote == V6_LOCALHOST
+        || !is_local(AF_INET6, &t.remote, &PodMaps { netns })
+    {
+        return;
+    }
+    if REDIRECT_LOCAL_CONNECTS
+        .insert(&t.own_key(netns), &1, BPF_ANY as u64)
+        .is_err()
+    {
+        count(netns, Reason::ErrLocalMapFull);
+        return;
     }
     let _ = bpf_sock_ops_cb_flags_set(ops, BPF_SOCK_OPS_STATE_CB_FLAG);
 }
@@ -169,5 +208,8 @@ unsafe fn closed(ctx: &SockOpsContext) {
     let t = ops_tuple(ops);
     let _ = REDIRECT_ORIG_BY_TUPLE.remove(&t.own_key(netns));
     let _ = REDIRECT_ORIG_BY_TUPLE.remove(&t.peer_key(netns));
+    if t.family == AF_INET6 {
+        let _ = REDIRECT_LOCAL_CONNECTS.remove(&t.own_key(netns));
+    }
     accel::closed(ops, netns, &t);
 }

@@ -22,7 +22,7 @@ use std::{
 use aya::maps::MapData;
 use redirect_common::{
     ALL_MAPS, MAP_ACCEL_FALLBACK, MAP_ACCEL_PORTS, MAP_ACCEL_SK, MAP_CIDRS, MAP_COUNTERS,
-    MAP_COUNTERS_LOST, MAP_LISTENERS, MAP_ORIG_BY_COOKIE, MAP_ORIG_BY_TUPLE, MAP_PODS, MAP_PORTS,
+    MAP_COUNTERS_LOST, MAP_LISTENERS, MAP_LOCAL_CONNECTS, MAP_ORIG_BY_COOKIE, MAP_ORIG_BY_TUPLE, MAP_PODS, MAP_PORTS,
     MAP_SOCKS, MAX_ACCEL_PORTS, MAX_CIDRS, MAX_COUNTERS, MAX_PODS, MAX_PORTS, MAX_TRACKED_SOCKETS,
 };
 
@@ -55,7 +55,7 @@ pub struct Knob {
 
 pub const KNOBS: [Knob; 7] = [
     Knob { name: "pods", maps: &[(MAP_PODS, 1), (MAP_LISTENERS, 2)], default: MAX_PODS, what: "captured pods (REDIRECT_PODS; REDIRECT_LISTENERS gets twice as many)" },
-    Knob { name: "orig", maps: &[(MAP_ORIG_BY_COOKIE, 1), (MAP_ORIG_BY_TUPLE, 1)], default: MAX_TRACKED_SOCKETS, what: "redirected connections open at once on the node (REDIRECT_ORIG_BY_COOKIE and REDIRECT_ORIG_BY_TUPLE)" },
+    Knob { name: "orig", maps: &[(MAP_ORIG_BY_COOKIE, 1), (MAP_ORIG_BY_TUPLE, 1), (MAP_LOCAL_CONNECTS, 1)], default: MAX_TRACKED_SOCKETS, what: "redirected connections open at once on the node (REDIRECT_ORIG_BY_COOKIE and REDIRECT_ORIG_BY_TUPLE; also REDIRECT_LOCAL_CONNECTS, the pods' IPv6 connections to their own addresses)" },
     Knob { name: "sockhash", maps: &[(MAP_SOCKS, 1), (MAP_ACCEL_FALLBACK, 1)], default: MAX_TRACKED_SOCKETS, what: "accelerated sockets (REDIRECT_SOCKS and REDIRECT_ACCEL_FALLBACK)" },
     Knob { name: "ports", maps: &[(MAP_PORTS, 1)], default: MAX_PORTS, what: "port entries of all pods (-o, -q, -b, -d)" },
     Knob { name: "cidrs", maps: &[(MAP_CIDRS, 1)], default: MAX_CIDRS, what: "CIDR entries of all pods (-i, -x, pod addresses)" },

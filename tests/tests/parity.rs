@@ -11,7 +11,10 @@
 //!   `[::]:<port>`), which the kernel sends to this host: under iptables
 //!   it leaves through lo and reaches the local app directly;
 //! - an MPTCP socket: captured, and its `getpeername` shows the peer it
-//!   dialed.
+//!   dialed;
+//! - an inbound IPv6 SYN whose source is one of the pod's own addresses
+//!   (IPv6 does not drop it as a martian): PREROUTING steers it to the
+//!   inbound port.
 //!
 //! All traffic stays inside the namespaces the test created.
 use std::{
@@ -286,4 +289,151 @@ fn mptcp_app_is_captured_and_sees_the_peer_it_dialed() {
             "{dst}"
         );
     }
+}
+
+// ------------------------------------- inbound from the pod's own address
+
+/// A second address of the pod (the destination of the inbound case).
+const POD2_V6: &str = "fd00:200::22";
+
+/// An inbound IPv6 connection from outside the pod whose source is the
+/// pod's own address (here the upstream netns holds fd00:200::2 on its lo
+/// and the pod routes its replies to that address back out of eth0, so
+/// the handshake completes). PREROUTING sees it like any packet from
+/// outside: steered to the inbound port, the proxy connects to the app
+/// from ::6.
+#[test]
+fn inbound_v6_from_the_pods_own_address_is_steered_to_the_inbound_port() {
+    let dst = format!("[{POD2_V6}]:{APP_PORT}");
+    let seen = same_under_both(&dst, |how| {
+        let (mut pod, proxy) = pod_under("parsrc6", how, |pod| {
+            let ns = &pod.topo.pod;
+            ns.ip(&[
+                "-6",
+                "addr",
+                "add",
+                &format!("{POD2_V6}/64"),
+                "dev",
+                "eth0",
+                "nodad",
+            ])
+            .unwrap();
+            // Replies to fd00:200::2 (locally generated: iif lo) leave
+            // through eth0 to the upstream netns, which holds it.
+            ns.ip(&["-6", "rule", "add", "pref", "1000", "lookup", "local"])
+                .unwrap();
+            ns.ip(&["-6", "rule", "del", "pref", "0", "lookup", "local"])
+                .unwrap();
+            ns.ip(&[
+                "-6",
+                "rule",
+                "add",
+                "pref",
+                "100",
+                "to",
+                &format!("{POD_V6}/128"),
+                "iif",
+                "lo",
+                "lookup",
+                "200",
+            ])
+            .unwrap();
+            ns.ip(&[
+                "-6",
+                "route",
+                "add",
+                &format!("{POD_V6}/128"),
+                "via",
+                UPSTREAM_V6,
+                "dev",
+                "eth0",
+                "table",
+                "200",
+            ])
+            .unwrap();
+            pod.topo
+                .upstream
+                .ip(&[
+                    "-6",
+                    "addr",
+                    "add",
+                    &format!("{POD_V6}/128"),
+                    "dev",
+                    "lo",
+                    "nodad",
+                ])
+                .unwrap();
+            // The replies' next hop is resolved from the link-local
+            // addresses: wait for their duplicate address detection.
+            wait_no_tentative(&pod.topo.pod);
+            wait_no_tentative(&pod.topo.upstream);
+        });
+        let _ = proxied(&mut pod, proxy);
+        let r = pod.client(&pod.topo.in_upstream(), &dst, Some(POD_V6));
+        Seen {
+            ok: r.ok,
+            peer: r.peer.clone(),
+            server: greeting(r.banner.as_deref()),
+            proxied: proxied(&mut pod, proxy),
+        }
+    });
+    assert_eq!(
+        seen,
+        Seen {
+            ok: true,
+            peer: Some(dst.clone()),
+            server: ("::6".into(), dst.clone()),
+            proxied: vec![("inbound".into(), dst.clone())],
+        }
+    );
+}
+
+/// Wait until no IPv6 address of `ns` is tentative (DAD done).
+fn wait_no_tentative(ns: &NetnsGuard) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !ns
+        .ip(&["-6", "addr", "show", "tentative"])
+        .unwrap_or_default()
+        .trim()
+        .is_empty()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "IPv6 addresses of {} still tentative",
+            ns.name
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The pod's own local connections stay local under both (the case above
+/// must not be "fixed" by steering these): the app to its own IPv6
+/// address and from it, not through the proxy.
+#[test]
+fn local_v6_connections_to_the_pods_address_stay_local() {
+    let dst = format!("[{POD_V6}]:{APP_PORT}");
+    let seen = same_under_both(&dst, |how| {
+        let (mut pod, proxy) = pod_under("parloc6", how, |_| {});
+        let _ = proxied(&mut pod, proxy);
+        let r = pod.app_client(&dst);
+        let seen = Seen {
+            ok: r.ok,
+            peer: r.peer.clone(),
+            server: greeting(r.banner.as_deref()),
+            proxied: proxied(&mut pod, proxy),
+        };
+        if how == Capture::Redirect {
+            assert_eq!(pod.counter("PREROUTING", "captured"), 0);
+        }
+        seen
+    });
+    assert_eq!(
+        seen,
+        Seen {
+            ok: true,
+            peer: Some(dst.clone()),
+            server: (POD_V6.to_string(), dst.clone()),
+            proxied: vec![],
+        }
+    );
 }
