@@ -94,6 +94,13 @@ pub mod flags {
     /// `--accel-short-conns`: accelerate connections to every port, also
     /// where the latest connections were short-lived (no learning).
     pub const ACCEL_SHORT_CONNS: u32 = 1 << 7;
+    /// Set and cleared by the programs, not a setting: one of the pod's
+    /// own IPv6 connections to its addresses could not be marked
+    /// (REDIRECT_LOCAL_CONNECTS full). Until a mark is removed again (room
+    /// again), sk_lookup takes any local IPv6 source for the pod's own, as
+    /// for IPv4, rather than steer the pod's own connections (the proxy's
+    /// passthrough to the app among them) back to the inbound port.
+    pub const LOCAL_MARKS_LOST: u32 = 1 << 8;
 }
 
 /// Per-pod configuration, keyed by network namespace cookie.

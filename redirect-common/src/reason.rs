@@ -303,7 +303,9 @@ impl Reason {
             Reason::ErrTupleMapFull => "tuple map full (proxy gets no SO_ORIGINAL_DST)",
             Reason::ErrListenerMapFull => "listener map update failed",
             Reason::ErrSockMapFull => "acceleration sockhash update failed (normal path used)",
-            Reason::ErrLocalMapFull => "local IPv6 connection map full (sent to the inbound port)",
+            Reason::ErrLocalMapFull => {
+                "local IPv6 connection map full (local sources trusted until room)"
+            }
             Reason::AccelInserted => "app/proxy sockets put in the sockhash",
             Reason::AccelRedirected => {
                 "sent straight to the peer socket (sk_msg verdicts, each for up to 16 KiB)"

@@ -18,7 +18,7 @@ use aya_ebpf::{
     bindings::BPF_ANY, macros::sk_lookup, programs::SkLookupContext, programs::SockOpsContext,
 };
 use redirect_common::{
-    inbound_verdict, ListenerKey, Reason, TupleKey, Verdict, AF_INET, AF_INET6, IPPROTO_TCP,
+    flags, inbound_verdict, ListenerKey, Reason, TupleKey, Verdict, AF_INET, AF_INET6, IPPROTO_TCP,
 };
 
 use crate::{
@@ -77,7 +77,7 @@ unsafe fn sk_lookup_inbound(ctx: &SkLookupContext) -> u32 {
             family: AF_INET6,
             _pad: 0,
         };
-        if REDIRECT_LOCAL_CONNECTS.get(&key).is_some() {
+        if REDIRECT_LOCAL_CONNECTS.get(&key).is_some() || cfg.has(flags::LOCAL_MARKS_LOST) {
             return SK_PASS;
         }
     }

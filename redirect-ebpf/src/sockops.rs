@@ -116,6 +116,12 @@ unsafe fn local_connect(ops: *mut aya_ebpf::bindings::bpf_sock_ops) {
         .is_err()
     {
         count(netns, Reason::ErrLocalMapFull);
+        // Unmarked, its SYN would be steered to the inbound port, and a
+        // proxy passthrough steered there would dial again, unmarked too:
+        // local sources count as the pod's own until there is room.
+        if let Some(cfg) = REDIRECT_PODS.get_ptr_mut(&netns) {
+            (*cfg).flags |= flags::LOCAL_MARKS_LOST;
+        }
         return;
     }
     let _ = bpf_sock_ops_cb_flags_set(ops, BPF_SOCK_OPS_STATE_CB_FLAG);
@@ -208,8 +214,13 @@ unsafe fn closed(ctx: &SockOpsContext) {
     let t = ops_tuple(ops);
     let _ = REDIRECT_ORIG_BY_TUPLE.remove(&t.own_key(netns));
     let _ = REDIRECT_ORIG_BY_TUPLE.remove(&t.peer_key(netns));
-    if t.family == AF_INET6 {
-        let _ = REDIRECT_LOCAL_CONNECTS.remove(&t.own_key(netns));
+    if t.family == AF_INET6 && REDIRECT_LOCAL_CONNECTS.remove(&t.own_key(netns)).is_ok() {
+        // Room again for the pod's marks.
+        if let Some(cfg) = REDIRECT_PODS.get_ptr_mut(&netns) {
+            if (*cfg).flags & flags::LOCAL_MARKS_LOST != 0 {
+                (*cfg).flags &= !flags::LOCAL_MARKS_LOST;
+            }
+        }
     }
     accel::closed(ops, netns, &t);
 }

@@ -902,15 +902,15 @@ fn tfo_client(pod: &Pod, mode: &str, dst: &str, count: u32) -> Value {
     })
 }
 
-/// Start the TFO client (sendto) holding `count` connections open; its
+/// Start the TFO client (`mode`) holding `count` connections open; its
 /// child index once they are all open (killed by PID on drop).
-fn tfo_hold(pod: &mut Pod, dst: &str, count: u32) -> usize {
+fn tfo_hold(pod: &mut Pod, mode: &str, dst: &str, count: u32) -> usize {
     let sa: std::net::SocketAddr = dst.parse().unwrap();
     let mut cmd = std::process::Command::new("/usr/bin/python3");
     cmd.args([
         "-c",
         TFO_CLIENT,
-        "sendto",
+        mode,
         &sa.ip().to_string(),
         &sa.port().to_string(),
         &count.to_string(),
@@ -1060,7 +1060,7 @@ fn a_tcp_fast_open_flood_from_one_pod_does_not_starve_another() {
 
     // Connections held open keep their records; releasing the pod removes
     // every record it owns.
-    let held = tfo_hold(&mut flood, &echo_dst(), 20);
+    let held = tfo_hold(&mut flood, "sendto", &echo_dst(), 20);
     assert_eq!(outbound_conns(&mut flood, flood_proxy).len(), 20);
     assert_eq!(tuple_entries_of(&flood, flood_cookie), 20);
     let out = flood.redirect(&["detach", "--netns", flood.pod_netns().to_str().unwrap()]);
@@ -1084,4 +1084,72 @@ fn a_tcp_fast_open_flood_from_one_pod_does_not_starve_another() {
     assert_eq!(wait_tracked(&victim, (0, 0)), (0, 0));
     let v = xfer(&victim, 4096);
     assert_eq!(v["ok"], true, "victim after the release: {v}");
+}
+
+/// REDIRECT_LOCAL_CONNECTS (sized by `orig`) full: the pod's own IPv6
+/// connections to its address cannot all be marked. Counted, and the pod
+/// falls back to taking local sources for its own (as for IPv4), so its
+/// connections still go direct and, above all, the proxy's passthrough
+/// to the app, unmarked too, is not steered back to the proxy (which
+/// would dial again: a loop). With room again, marking resumes.
+#[test]
+fn local_connects_map_full_falls_back_and_never_loops_the_proxy() {
+    let mut pod = Pod::new("mplocal");
+    let app = format!("[{}]:{ECHO_PORT}", redirect_tests::POD_V6);
+    let p = pod.topo.in_pod(APP_UID, APP_UID);
+    pod.spawn("app-echo", &["epoll-echo", "--listen", &app], &p);
+    let proxy = pod.start_proxy();
+    pod.attach_istio_default_with(&["--map-size", "orig=2"]);
+    let local_marks = |pod: &Pod| redirect_tests::pinned_map_len(pod, "REDIRECT_LOCAL_CONNECTS");
+    let held = tfo_hold(&mut pod, "plain", &app, 2);
+    assert_eq!(local_marks(&pod), 2, "two local connections, two marks");
+    assert_eq!(counter(&pod, "ERRORS", "error_local_map_full"), 0);
+
+    // A third one of the pod's own: counted, still direct.
+    let r = tfo_client(&pod, "plain", &app, 1);
+    assert_eq!(r["ok"], 1, "{r}");
+    assert_eq!(counter(&pod, "ERRORS", "error_local_map_full"), 1);
+    // From outside: steered to the proxy once, whose passthrough to the
+    // app (from ::6, unmarked) reaches the app.
+    let up = pod.topo.in_upstream();
+    let x = run_kit(
+        &up,
+        &[
+            "xfer",
+            "--connect",
+            &app,
+            "--size",
+            "4096",
+            "--timeout-ms",
+            "5000",
+        ],
+        Duration::from_secs(20),
+    )
+    .report();
+    assert_eq!(x["ok"], true, "{x}");
+    let inbound: Vec<Value> = pod
+        .proxy_log(proxy)
+        .into_iter()
+        .filter(|l| l["dir"] == "inbound")
+        .collect();
+    assert_eq!(
+        inbound.len(),
+        1,
+        "the proxy saw its own passthrough: {inbound:?}"
+    );
+    assert_eq!(counter(&pod, "PREROUTING", "captured"), 1);
+    assert_eq!(counter(&pod, "ERRORS", "error_local_map_full"), 2);
+
+    // Room again: marked, direct, nothing left behind.
+    pod.children.remove(held);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while local_marks(&pod) != 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(local_marks(&pod), 0);
+    let r = tfo_client(&pod, "plain", &app, 2);
+    assert_eq!(r["ok"], 2, "{r}");
+    assert_eq!(counter(&pod, "ERRORS", "error_local_map_full"), 2);
+    assert!(pod.proxy_log(proxy).is_empty());
+    assert_eq!(local_marks(&pod), 0);
 }
