@@ -180,3 +180,58 @@ pub fn read_dir(dir: &Path) -> Vec<PathBuf> {
     v.sort();
     v
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn known_maps_are_the_objects_and_the_userspace_ones_once_each() {
+        let known: Vec<&str> = known_maps().collect();
+        let mut sorted = known.clone();
+        sorted.sort();
+        sorted.dedup();
+        assert_eq!(sorted.len(), known.len(), "a name twice: {known:?}");
+        for m in redirect_common::ALL_MAPS.iter().chain(&[
+            redirect_common::MAP_ACCEL_SK,
+            redirect_common::MAP_COUNTERS_LOST,
+            crate::probe::PROBE_MAP,
+            crate::stats::baseline::MAP_STATS_BASELINE,
+            crate::agent::records::MAP_AGENT_PODS,
+            MAP_POD_CGROUPS,
+        ]) {
+            assert!(known.contains(m), "{m} is not a known pin");
+        }
+    }
+
+    #[test]
+    fn only_numbered_directories_hold_links() {
+        let dir = std::env::temp_dir().join(format!("redirect-pins-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        for d in ["cgroups/123", "cgroups/abc", "netns/42", "netns/4x2"] {
+            std::fs::create_dir_all(dir.join(d)).unwrap();
+        }
+        std::fs::write(dir.join("cgroups/777"), "a file").unwrap();
+        for f in [
+            "cgroups/123/redirect_connect4",
+            "cgroups/123/other",
+            "cgroups/abc/redirect_connect4",
+            "netns/42/sk_lookup",
+            "netns/4x2/sk_lookup",
+        ] {
+            std::fs::write(dir.join(f), "").unwrap();
+        }
+        let pins = Pins::new(&dir);
+        assert_eq!(
+            pins.all_links(),
+            vec![
+                dir.join("cgroups/123/redirect_connect4"),
+                dir.join("netns/42/sk_lookup")
+            ]
+        );
+        // Not on bpffs: nothing there is a pin.
+        assert_eq!(pin_kind(&dir.join("netns/42/sk_lookup")), None);
+        assert_eq!(pin_kind(&dir.join("cgroups")), None);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -211,11 +211,13 @@ fn dry_run(
     let owned = if host {
         None
     } else {
-        redirect_userspace::podns::cookie(netns)
-            .and_then(|c| {
-                redirect_userspace::owner::refuse_if_owned(netns, c, &Pins::new(pin_dir), inv.force)
-            })
-            .err()
+        match redirect_userspace::podns::cookie(netns).and_then(|c| {
+            redirect_userspace::owner::refuse_if_owned(netns, c, &Pins::new(pin_dir), inv.force)
+        }) {
+            Err(e @ redirect_userspace::error::Error::OwnedElsewhere { .. }) => Some(e),
+            // Without the privileges to look, a dry run cannot tell.
+            _ => None,
+        }
     };
     if let Some(e) = &owned {
         refused.push(e.to_string());
@@ -319,8 +321,7 @@ fn capture(
     };
     // Refused before anything is created.
     spec.check_supported()?;
-    let cookie = redirect_userspace::podns::cookie(netns)?;
-    redirect_userspace::owner::refuse_if_owned(netns, cookie, &pins, t.force)?;
+    sys::check_privileges()?;
     let mut inst = match Installation::open_with(pin_dir, sizes) {
         Ok(i) => i,
         Err(e) => {
@@ -328,6 +329,13 @@ fn capture(
             return Err(e.into());
         }
     };
+    // Another install's pod: refused before anything is attached.
+    if let Err(e) = redirect_userspace::podns::cookie(netns)
+        .and_then(|c| redirect_userspace::owner::refuse_if_owned(netns, c, &pins, t.force))
+    {
+        undo(false);
+        return Err(e.into());
+    }
     let newly = match inst.attach_cgroup(cgroup) {
         Ok(n) => n,
         Err(e) => {
