@@ -144,11 +144,44 @@ fn owner_rules(
     None
 }
 
+impl Outbound {
+    /// The destination the kernel really connects to, which is what
+    /// iptables' OUTPUT chain sees: the unspecified address means this
+    /// host. IPv4 `0.0.0.0` becomes the bound source address, or
+    /// 127.0.0.1 when unbound (the route lookup of a connect); IPv6 `::`
+    /// becomes `::1` (tcp_v6_connect). Any other destination is itself.
+    #[inline(always)]
+    pub fn effective_dst(&self) -> [u8; 16] {
+        if self.family == AF_INET {
+            if v4(&self.dst) != [0; 4] {
+                return self.dst;
+            }
+            if v4(&self.src) != [0; 4] {
+                return self.src;
+            }
+            let mut lo = [0u8; 16];
+            lo[..4].copy_from_slice(&V4_LOCALHOST);
+            lo
+        } else if self.dst == [0u8; 16] {
+            V6_LOCALHOST
+        } else {
+            self.dst
+        }
+    }
+}
+
 /// The OUTPUT decision for a new connection (or, for unconnected UDP, a
 /// datagram), first match wins, in istio-iptables' order. Only TCP is
-/// captured, and with `--redirect-dns` UDP to port 53.
+/// captured, and with `--redirect-dns` UDP to port 53. A connect to the
+/// unspecified address is decided for the address the kernel sends it to
+/// ([`Outbound::effective_dst`]), as iptables sees it: a local one, out
+/// through `lo`.
 #[inline(always)]
 pub fn outbound_verdict<L: Lookup>(cfg: &PodConfig, c: &Outbound, l: &L) -> Verdict {
+    let c = &Outbound {
+        dst: c.effective_dst(),
+        ..*c
+    };
     let tcp = c.proto == IPPROTO_TCP;
     let dns = cfg.has(flags::DNS_CAPTURE) && c.dport == DNS_PORT;
     let dns_udp = dns && c.proto == IPPROTO_UDP;

@@ -37,13 +37,16 @@ pub const MAP_LISTENERS: &str = "REDIRECT_LISTENERS";
 pub const MAP_SOCKS: &str = "REDIRECT_SOCKS";
 pub const MAP_ACCEL_FALLBACK: &str = "REDIRECT_ACCEL_FALLBACK";
 pub const MAP_ACCEL_PORTS: &str = "REDIRECT_ACCEL_PORTS";
+/// The 4-tuples of the pod's own IPv6 connections to its own addresses
+/// (sk_lookup tells their SYNs from ones arriving from outside).
+pub const MAP_LOCAL_CONNECTS: &str = "REDIRECT_LOCAL_CONNECTS";
 /// Socket-local storage of accelerated sockets (sk_msg state); not sized,
 /// not in ALL_MAPS (no `--map-size` knob), but its layout is checked too.
 pub const MAP_ACCEL_SK: &str = "REDIRECT_ACCEL_SK";
 /// Counter updates lost to a full REDIRECT_COUNTERS (one per-CPU slot; not
 /// sized, not in ALL_MAPS, layout checked).
 pub const MAP_COUNTERS_LOST: &str = "REDIRECT_COUNTERS_LOST";
-pub const ALL_MAPS: [&str; 10] = [
+pub const ALL_MAPS: [&str; 11] = [
     MAP_PODS,
     MAP_CIDRS,
     MAP_PORTS,
@@ -54,12 +57,16 @@ pub const ALL_MAPS: [&str; 10] = [
     MAP_SOCKS,
     MAP_ACCEL_FALLBACK,
     MAP_ACCEL_PORTS,
+    MAP_LOCAL_CONNECTS,
 ];
 
 pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;
 pub const IPPROTO_TCP: u32 = 6;
 pub const IPPROTO_UDP: u32 = 17;
+/// An MPTCP socket (`socket(AF_INET, SOCK_STREAM, IPPROTO_MPTCP)`); its
+/// subflows are IPPROTO_TCP sockets.
+pub const IPPROTO_MPTCP: u32 = 262;
 pub const SOCK_STREAM: u32 = 1;
 pub const SOL_IP: i32 = 0;
 pub const SOL_IPV6: i32 = 41;
@@ -119,6 +126,13 @@ pub mod flags {
     /// nameserver and capture-all does not apply, so DNS_CAPTURE is off
     /// (as istio-iptables turns it off).
     pub const DNS_NO_SERVERS: u32 = 1 << 14;
+    /// Set and cleared by the programs, not a setting: one of the pod's
+    /// own IPv6 connections to its addresses could not be marked
+    /// (REDIRECT_LOCAL_CONNECTS full). Until a mark is removed again (room
+    /// again), sk_lookup takes any local IPv6 source for the pod's own, as
+    /// for IPv4, rather than steer the pod's own connections (the proxy's
+    /// passthrough to the app among them) back to the inbound port.
+    pub const LOCAL_MARKS_LOST: u32 = 1 << 15;
 }
 
 /// Per-pod configuration, keyed by network namespace cookie.

@@ -63,7 +63,7 @@ unsafe fn connect(ctx: &SockAddrContext, v6: bool) -> i32 {
         ip4_bytes((*sk).src_ip4)
     };
     let (conn, v4_in_v6) = read_outbound(sa, v6, proto, src);
-    let (family, dst, dport) = (conn.family, conn.dst, conn.dport);
+    let (family, dport) = (conn.family, conn.dport);
     let verdict = outbound_verdict(cfg, &conn, &PodMaps { netns });
     count(netns, verdict.reason());
     let port = match verdict {
@@ -80,8 +80,11 @@ unsafe fn connect(ctx: &SockAddrContext, v6: bool) -> i32 {
         Verdict::ToInbound(_) => cfg.inbound_port,
         Verdict::ToDns(_) => DNS_PROXY_PORT,
     };
+    // The original destination is the one the connection really has (a
+    // connect to the unspecified address goes to this host), as conntrack
+    // records it.
     let orig = OrigDst {
-        addr: dst,
+        addr: conn.effective_dst(),
         port: dport,
         family,
         reason: verdict.reason() as u32,

@@ -48,7 +48,7 @@ use crate::{
 /// Bumped when the checks change: an older cached result is re-probed.
 pub const PROBE_VERSION: u64 = 1;
 /// Pin name of the cache (in the install's map directory).
-pub const PROBE_MAP: &str = "REDIRECT_ACCEL_PROBE";
+pub const PROBE_MAP: &str = crate::pins::MAP_ACCEL_PROBE;
 /// The hidden subcommand the probe runs itself as, inside the sandbox.
 pub const INSIDE_COMMAND: &str = "accel-probe-inside";
 

@@ -830,3 +830,60 @@ fn daemon_installs_the_plugin_and_its_conflist_entry() {
     assert!(e.err().unwrap().contains("does not exist"));
     assert!(!s.pod.pin_dir.exists());
 }
+
+/// One owner per pod, for the agent too: an ADD for a pod that another
+/// install (here one made with the CLI in another pin dir) has captured
+/// fails, naming that install; nothing of the agent's install is left on
+/// the pod. After the other install releases it, the ADD captures it.
+#[test]
+fn cni_add_of_a_pod_another_install_has_is_refused() {
+    let mut s = Setup::new("agowner");
+    let other = std::path::PathBuf::from(format!(
+        "/sys/fs/bpf/{}",
+        redirect_testbed::sandbox::unique("rdt-other-")
+    ));
+    let redirect_at = |args: &[&str]| {
+        std::process::Command::new(redirect_tests::redirect_bin())
+            .arg("--pin-dir")
+            .arg(&other)
+            .args(args)
+            .output()
+            .expect("running redirect")
+    };
+    struct Uninstall<F: Fn(&[&str]) -> std::process::Output>(F);
+    impl<F: Fn(&[&str]) -> std::process::Output> Drop for Uninstall<F> {
+        fn drop(&mut self) {
+            let _ = (self.0)(&["uninstall"]);
+        }
+    }
+    let _guard = Uninstall(redirect_at);
+    let redirect_at = &_guard.0;
+    let ns = s.netns();
+    let cg = s.pod.topo.cgroup.path.display().to_string();
+    let out = redirect_at(&[
+        "attach", "--netns", &ns, "--cgroup", &cg, "-p", "15001", "-z", "15006", "-u", "1337",
+        "-m", "REDIRECT", "-i", "*", "-b", "*",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+
+    let add = s.cni("ADD", "ctr-own", SELECT, json!({}));
+    assert_eq!(add.error_code(), 100, "{add:?}");
+    assert!(
+        add.stdout.contains("already captured by the install at")
+            && add.stdout.contains(other.to_str().unwrap()),
+        "{add:?}"
+    );
+    assert!(s.daemon().list().is_empty());
+    // Still captured, by the other install alone: one sk_lookup program.
+    assert!(s.pod.app_client(&upstream()).ok);
+    assert_eq!(s.proxied().len(), 1);
+
+    let out = redirect_at(&["detach", "--netns", &ns]);
+    assert!(out.status.success(), "{out:?}");
+    let add = s.cni("ADD", "ctr-own", SELECT, json!({}));
+    assert_eq!(add.code, 0, "{add:?}");
+    assert_eq!(s.daemon().list().len(), 1);
+    assert!(s.pod.app_client(&upstream()).ok);
+    assert_eq!(s.proxied().len(), 1);
+    assert_eq!(s.pod.counter("OUTPUT", "captured"), 1);
+}

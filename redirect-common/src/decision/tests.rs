@@ -609,3 +609,64 @@ fn ipv4_loopback_cidr_widens_rules_2_5_and_8() {
         Verdict::ToOutbound(Reason::OutCaptured)
     );
 }
+
+/// `connect(0.0.0.0:p)` / `connect([::]:p)`: the kernel connects to this
+/// host (IPv4: the bound source, else 127.0.0.1; IPv6: ::1), out through
+/// lo, and iptables decides for that address: never captured.
+#[test]
+fn unspecified_destination_is_this_host_as_iptables_sees_it() {
+    let (cfg, m) = (istio_cfg(), pod_maps());
+    for dst in ["0.0.0.0", "::"] {
+        // The app: rule (3), "-o lo ! --uid-owner 1337 -j RETURN".
+        assert_eq!(
+            out(&cfg, &m, conn(dst, 9080, 1000, 1000)),
+            Verdict::Untouched(Reason::OutAppLocal),
+            "{dst}"
+        );
+        // The proxy: to 127.0.0.1 / ::1, so rule (2) does not redirect it
+        // to the inbound port; rule (4) returns it.
+        assert_eq!(
+            out(&cfg, &m, conn(dst, 9080, 1337, 1337)),
+            Verdict::Untouched(Reason::OutProxyUid),
+            "{dst}"
+        );
+        // With -i naming loopback (rule 3 dropped): 127.0.0.1 / ::1 still
+        // return (rule 8), never captured.
+        let mut wide = cfg;
+        wide.flags |= flags::OUT_INCLUDE_HAS_LOOPBACK;
+        assert_eq!(
+            out(&wide, &m, conn(dst, 9080, 1000, 1000)),
+            Verdict::Untouched(Reason::OutLoopback),
+            "{dst}"
+        );
+    }
+    // IPv4 bound to a source: the kernel sends it to that address.
+    let bound = |src: &str, uid| {
+        let mut c = conn("0.0.0.0", 9080, uid, uid);
+        c.src = bytes(src.parse().unwrap());
+        c
+    };
+    assert_eq!(
+        bound("10.1.0.5", 1000).effective_dst(),
+        bytes("10.1.0.5".parse().unwrap())
+    );
+    assert_eq!(
+        out(&cfg, &m, bound("10.1.0.5", 1337)),
+        Verdict::ToInbound(Reason::OutProxyToSelf)
+    );
+    assert_eq!(
+        out(&cfg, &m, bound("127.0.0.6", 1337)),
+        Verdict::Untouched(Reason::OutPassthrough)
+    );
+    // IPv6 always goes to ::1, bound or not.
+    let mut c = conn("::", 9080, 1337, 1337);
+    c.src = bytes("fd00::5".parse().unwrap());
+    assert_eq!(c.effective_dst(), V6_LOCALHOST);
+    // Any other destination is left as is.
+    let c = conn("10.2.0.9", 80, 1000, 1000);
+    assert_eq!(c.effective_dst(), c.dst);
+    assert_eq!(
+        conn("0.0.0.0", 1, 0, 0).effective_dst(),
+        bytes("127.0.0.1".parse().unwrap())
+    );
+}

@@ -301,12 +301,19 @@ impl Agent {
                 .inst
                 .attach_cgroup(&self.cgroup)
                 .map_err(|e| AgentError::from_error(&e))?;
-            let info = inner.inst.register_pod(&ns, &spec).map_err(|e| {
-                if let Error::MapFull { map, .. } = &e {
-                    *self.counters().map_full.entry(map).or_default() += 1;
-                }
-                AgentError::from_error(&e)
-            })?;
+            let opts = attach::Register {
+                cgroup: Some(&self.cgroup),
+                force: false,
+            };
+            let info = inner
+                .inst
+                .register_pod_with(&ns, &spec, &opts)
+                .map_err(|e| {
+                    if let Error::MapFull { map, .. } = &e {
+                        *self.counters().map_full.entry(map).or_default() += 1;
+                    }
+                    AgentError::from_error(&e)
+                })?;
             let rec = Record {
                 container_id: cid.into(),
                 pod: pod.into(),

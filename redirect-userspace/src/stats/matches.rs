@@ -170,6 +170,7 @@ pub fn rule_match(r: Reason, s: &PodSpec) -> String {
         | Reason::ErrTupleMapFull
         | Reason::ErrListenerMapFull
         | Reason::ErrSockMapFull
+        | Reason::ErrLocalMapFull
         | Reason::AccelInserted
         | Reason::AccelRedirected
         | Reason::AccelFallback
