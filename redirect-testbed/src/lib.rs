@@ -7,5 +7,6 @@
 pub mod bench;
 pub mod demo;
 pub mod fuzzing;
+pub mod haproxy;
 pub mod kit;
 pub mod sandbox;
