@@ -4,7 +4,8 @@
 //! * `build-ebpf` build the eBPF object with the nightly toolchain
 //! * `build`      eBPF object plus the host binaries
 //! * `test`       build in debug, then run the workspace tests
-//! * `demo`       release build, then `redirect-kit demo`
+//! * `demo`       release build, then `redirect-kit demo` (`--bookinfo`:
+//!   `redirect-kit bookinfo`)
 //! * `bench`      release build, then the eBPF-vs-iptables benchmark
 //!
 //! Every external command is echoed as `==> cmd` before it runs.
@@ -59,7 +60,23 @@ enum Task {
         args: Vec<String>,
     },
     /// Release build, then run `target/release/redirect-kit demo`.
-    Demo,
+    Demo {
+        /// Instead: Bookinfo's call chain with no mesh, with HAProxy
+        /// sidecars behind iptables and behind redirect, interleaved
+        /// (`redirect-kit bookinfo`).
+        #[arg(long)]
+        bookinfo: bool,
+        /// With --bookinfo: measured calls per configuration.
+        #[arg(long, requires = "bookinfo")]
+        calls: Option<u64>,
+        /// With --bookinfo: also write the README's block to this file.
+        #[arg(long, requires = "bookinfo")]
+        markdown: Option<std::path::PathBuf>,
+        /// With --bookinfo: regenerate the README's Bookinfo block
+        /// (between its `bookinfo-demo` markers) from this run.
+        #[arg(long, requires = "bookinfo")]
+        update_readme: bool,
+    },
     /// Release build, then the benchmark of BENCHMARK.md (eBPF vs iptables),
     /// as root; writes results/<timestamp>/report.md and SVG plots.
     Bench {
@@ -111,7 +128,15 @@ fn run(task: Task) -> Result<ExitCode> {
         }
         Task::Build { debug } => tasks::build(&setup::setup(false)?, debug)?,
         Task::Test { args } => return tasks::test(&setup::setup(false)?, &args),
-        Task::Demo => tasks::demo(&setup::setup(false)?)?,
+        Task::Demo {
+            bookinfo: false, ..
+        } => tasks::demo(&setup::setup(false)?)?,
+        Task::Demo {
+            bookinfo: true,
+            calls,
+            markdown,
+            update_readme,
+        } => tasks::demo_bookinfo(&setup::setup(false)?, calls, markdown, update_readme)?,
         Task::Bench {
             churn: true,
             out,
