@@ -96,18 +96,24 @@ fn bookinfo_every_hop_through_the_sidecars_under_both_capture_paths() {
             } else {
                 (n * per_call, n)
             };
-            assert_eq!(
-                (p.captured_out, p.captured_in),
-                (want_out, want_in),
-                "{label}, {}: captured to 15001 / 15006\n{out}",
-                p.pod
-            );
-            assert_eq!(
-                (p.proxy_uid, p.passthrough),
-                (want_out, want_in),
-                "{label}, {}: the sidecar's own connections\n{out}",
-                p.pod
-            );
+            let counted = [p.captured_out, p.captured_in, p.proxy_uid, p.passthrough];
+            let want = [want_out, want_in, want_out, want_in];
+            if m == Mesh::Iptables {
+                // The nat table counts new conntrack entries: at least one
+                // per connection, sometimes more (docs/bookinfo.md).
+                assert!(
+                    counted.iter().zip(&want).all(|(c, w)| c >= w),
+                    "{label}, {}: iptables counted {counted:?}, fewer than {want:?} \
+                     (to 15001, to 15006, uid 1337, 127.0.0.6)\n{out}",
+                    p.pod
+                );
+            } else {
+                assert_eq!(
+                    counted, want,
+                    "{label}, {}: captured to 15001 / 15006, the sidecar's own connections\n{out}",
+                    p.pod
+                );
+            }
             assert_eq!(
                 (p.log_out, p.log_in),
                 (want_out, want_in),

@@ -163,7 +163,12 @@ pub fn counters_text(nodes: &[Node], r: &Report) -> String {
                 p.log_out,
                 p.log_in,
                 if p.ok() {
-                    format!("ok ({} out, {} in expected)", p.want_out, p.want_in)
+                    let mut ok = format!("ok ({} out, {} in expected)", p.want_out, p.want_in);
+                    for n in &p.notes {
+                        ok.push_str("; ");
+                        ok.push_str(n);
+                    }
+                    ok
                 } else {
                     p.problems.join("; ")
                 }
