@@ -108,6 +108,10 @@ pub struct Workflow {
 pub struct Report {
     pub calls: u64,
     pub rounds: u64,
+    /// The machine: CPUs, and the 1-minute load average when the
+    /// measured calls started (other work on the machine shows in p99).
+    pub cpus: usize,
+    pub load: f64,
     /// A, B, C in that order.
     pub latency: Vec<Latency>,
     /// Per configuration, per pod.
@@ -438,6 +442,10 @@ pub fn run(o: &Options, out: &mut dyn Write) -> Result<Report> {
         o.calls, o.rounds
     )?;
     let mut hists: Vec<_> = bed.nodes.iter().map(|_| hist::new()).collect();
+    let load = std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0.0);
     let t0 = Instant::now();
     for r in 0..o.rounds {
         let share = o.calls / o.rounds + u64::from(r < o.calls % o.rounds);
@@ -478,6 +486,10 @@ pub fn run(o: &Options, out: &mut dyn Write) -> Result<Report> {
     let rep = Report {
         calls: o.calls,
         rounds: o.rounds,
+        cpus: std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1),
+        load,
         latency,
         counters,
         workflow,
@@ -485,7 +497,8 @@ pub fn run(o: &Options, out: &mut dyn Write) -> Result<Report> {
     write!(out, "{}", report::counters_text(&bed.nodes, &rep))?;
     writeln!(
         out,
-        "== 8. end-to-end latency of GET /productpage from the node (productpage -> details, reviews -> ratings)"
+        "== 8. end-to-end latency of GET /productpage from the node (productpage -> details, reviews -> ratings); {} CPUs, load average {:.1}",
+        rep.cpus, rep.load
     )?;
     write!(out, "{}", report::latency_text(&rep))?;
     writeln!(

@@ -185,8 +185,8 @@ pub fn markdown(r: &Report) -> String {
     let _ = writeln!(s, "```console\n{}\n```\n", workflow_text(&r.workflow));
     let _ = writeln!(
         s,
-        "End-to-end latency of `GET /productpage` from the node, {} calls per configuration in {} interleaved rounds:\n",
-        r.calls, r.rounds
+        "End-to-end latency of `GET /productpage` from the node, {} calls per configuration in {} interleaved rounds ({} CPUs, load average {:.1}):\n",
+        r.calls, r.rounds, r.cpus, r.load
     );
     let _ = writeln!(s, "| {} |", LATENCY_HEAD.join(" | "));
     let _ = writeln!(s, "|---|--:|--:|--:|--:|--:|");
@@ -312,6 +312,8 @@ mod tests {
         Report {
             calls: 1000,
             rounds: 10,
+            cpus: 2,
+            load: 1.5,
             latency: vec![
                 lat(Mesh::None.label(), 420.0, 1210.5),
                 lat(Mesh::Iptables.label(), 1530.0, 4100.0),
