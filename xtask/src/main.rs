@@ -5,7 +5,8 @@
 //! * `build`      eBPF object plus the host binaries
 //! * `lint`       cargo fmt --check and clippy -D warnings
 //! * `test`       build in debug, then run the workspace tests
-//! * `demo`       release build, then `redirect-kit demo`
+//! * `demo`       release build, then `redirect-kit demo` (`--bookinfo`:
+//!   `redirect-kit bookinfo`)
 //! * `bench`      release build, then the eBPF-vs-iptables benchmark
 //! * `diff-test`  debug build, then the differential test against Istio's rules
 //! * `image`      static binaries, then the node agent's OCI image (podman)
@@ -68,7 +69,23 @@ enum Task {
     /// workspace and fuzz/) and clippy with warnings denied.
     Lint,
     /// Release build, then run `target/release/redirect-kit demo`.
-    Demo,
+    Demo {
+        /// Instead: Bookinfo's call chain with no mesh, with HAProxy
+        /// sidecars behind iptables and behind redirect, interleaved
+        /// (`redirect-kit bookinfo`).
+        #[arg(long)]
+        bookinfo: bool,
+        /// With --bookinfo: measured calls per configuration.
+        #[arg(long, requires = "bookinfo")]
+        calls: Option<u64>,
+        /// With --bookinfo: also write the README's block to this file.
+        #[arg(long, requires = "bookinfo")]
+        markdown: Option<std::path::PathBuf>,
+        /// With --bookinfo: regenerate the README's Bookinfo block
+        /// (between its `bookinfo-demo` markers) from this run.
+        #[arg(long, requires = "bookinfo")]
+        update_readme: bool,
+    },
     /// Debug build, then the differential test (as root): random
     /// istio-iptables configurations and connections, a pod with Istio's
     /// own rules (iptables-restore) against a pod captured by redirect.
@@ -166,10 +183,18 @@ fn run(task: Task) -> Result<ExitCode> {
         Task::Build { debug } => tasks::build(&setup::setup(false)?, debug)?,
         Task::Test { args } => return tasks::test(&setup::setup(false)?, &args),
         Task::Lint => tasks::lint(&setup::setup(false)?)?,
-        Task::Demo => tasks::demo(&setup::setup(false)?)?,
         Task::DiffTest { cases, seed, quiet } => {
             tasks::diff_test(&setup::setup(false)?, cases, seed, quiet)?
         }
+        Task::Demo {
+            bookinfo: false, ..
+        } => tasks::demo(&setup::setup(false)?)?,
+        Task::Demo {
+            bookinfo: true,
+            calls,
+            markdown,
+            update_readme,
+        } => tasks::demo_bookinfo(&setup::setup(false)?, calls, markdown, update_readme)?,
         Task::Bench {
             churn: true,
             out,

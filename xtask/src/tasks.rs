@@ -322,6 +322,36 @@ pub fn diff_test(
     Err(cmd::exec(&mut diff)).with_context(|| format!("could not run {}", binary.display()))
 }
 
+/// Release build, then replaces xtask with `redirect-kit bookinfo` (which
+/// handles Ctrl-C by cleaning up). `--update-readme` names the
+/// workspace's README.md; `--markdown` is relative to the current
+/// directory.
+pub fn demo_bookinfo(
+    toolchain: &Toolchain,
+    calls: Option<u64>,
+    markdown: Option<PathBuf>,
+    update_readme: bool,
+) -> Result<()> {
+    if !cmd::is_root() {
+        bail!("the Bookinfo demo creates namespaces, cgroups, iptables rules and BPF programs: run it as root");
+    }
+    build(toolchain, false)?;
+    let binary = target_dir().join("release/redirect-kit");
+    let mut demo = Command::new(&binary);
+    demo.current_dir(workspace_root()).arg("bookinfo");
+    if let Some(n) = calls {
+        demo.args(["--calls", &n.to_string()]);
+    }
+    if let Some(f) = markdown {
+        demo.arg("--markdown").arg(env::current_dir()?.join(f));
+    }
+    if update_readme {
+        demo.arg("--update-readme")
+            .arg(workspace_root().join("README.md"));
+    }
+    Err(cmd::exec(&mut demo)).with_context(|| format!("could not run {}", binary.display()))
+}
+
 /// Release build, then replaces xtask with `redirect-kit bench` (which
 /// handles Ctrl-C by cleaning up), so its output and exit code are ours.
 pub fn bench(toolchain: &Toolchain, quick: bool, proxy: &str, out: Option<PathBuf>) -> Result<()> {

@@ -133,6 +133,47 @@ fn istio_nat_rule_count(extra: &[Ipv4Addr]) -> usize {
         .count()
 }
 
+/// `iptables-restore` of `rules` in the named netns (`ip netns exec`),
+/// failing with its stderr. The benchmark and the Bookinfo demo load
+/// [`istio_nat_rules`] with it (the demo with Istio's default flags, until
+/// a general istio-init rule writer replaces this fixed one there).
+pub fn iptables_restore(netns: &str, rules: &str) -> Result<()> {
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", netns, "iptables-restore"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut child = c.spawn().context("starting iptables-restore")?;
+    child
+        .stdin
+        .take()
+        .expect("piped")
+        .write_all(rules.as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!(
+            "iptables-restore in {netns}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
+/// `redirect attach`'s flags for Istio's injected init arguments, with
+/// `exclude_cidrs` as `-x` (the same flags [`istio_nat_rules`] writes
+/// rules for).
+pub fn istio_attach_args(exclude_cidrs: &str) -> Vec<String> {
+    ISTIO_FLAGS
+        .iter()
+        .map(|s| s.to_string())
+        .chain(
+            ["-x", exclude_cidrs, "-d", ISTIO_EXCLUDE_INBOUND]
+                .iter()
+                .map(|s| s.to_string()),
+        )
+        .collect()
+}
+
 fn kit_bin() -> PathBuf {
     sandbox::sibling_binary("redirect-kit")
 }
@@ -433,27 +474,7 @@ impl Env {
         let extra = exclusion_addrs(rules);
         match cfg {
             Cfg::A | Cfg::B => {}
-            Cfg::C => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", &topo.pod.name, "iptables-restore"])
-                    .stdin(Stdio::piped())
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::piped());
-                let mut child = c.spawn().context("starting iptables-restore")?;
-                child
-                    .stdin
-                    .take()
-                    .expect("piped")
-                    .write_all(istio_nat_rules(&extra).as_bytes())?;
-                let out = child.wait_with_output()?;
-                if !out.status.success() {
-                    bail!(
-                        "iptables-restore in {}: {}",
-                        topo.pod.name,
-                        String::from_utf8_lossy(&out.stderr)
-                    );
-                }
-            }
+            Cfg::C => iptables_restore(&topo.pod.name, &istio_nat_rules(&extra))?,
             Cfg::D | Cfg::E => {
                 let pin = PathBuf::from(format!("/sys/fs/bpf/{}", sandbox::unique("rdb-")));
                 env.pin_dir = Some(pin.clone());
@@ -467,8 +488,7 @@ impl Env {
                     .arg(&ns)
                     .arg("--cgroup")
                     .arg(&topo.cgroup.path);
-                c.args(ISTIO_FLAGS)
-                    .args(["-x", &x, "-d", ISTIO_EXCLUDE_INBOUND]);
+                c.args(istio_attach_args(&x));
                 c.arg(if cfg == Cfg::D {
                     "--no-accel"
                 } else {

@@ -3,7 +3,7 @@
 use std::{net::SocketAddr, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand};
-use redirect_testbed::{bench, demo, difftest, kit};
+use redirect_testbed::{bench, bookinfo, demo, difftest, kit};
 
 #[derive(Parser)]
 #[command(
@@ -22,6 +22,23 @@ enum Tool {
     /// traffic, print the counters and clean up (`cargo xtask demo` runs
     /// this).
     Demo(demo::Args),
+    /// Bookinfo's call chain on three nodes of four pods each (no mesh;
+    /// HAProxy sidecars behind istio-init's iptables rules; the same
+    /// behind redirect), interleaved: checks every hop went through the
+    /// sidecars, prints per-pod counters and the end-to-end latency,
+    /// cleans up (`cargo xtask demo --bookinfo` runs this).
+    Bookinfo(bookinfo::Options),
+    /// One Bookinfo service: an HTTP/1.1 server on --listen that calls
+    /// each --call NAME=ADDR in order for every request.
+    #[command(hide = true)]
+    BookinfoApp {
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        listen: SocketAddr,
+        #[arg(long = "call", value_parser = bookinfo::app::parse_call)]
+        calls: Vec<(String, SocketAddr)>,
+    },
     /// Transparent sidecar proxy (SO_ORIGINAL_DST, inbound from 127.0.0.6).
     Proxy {
         #[arg(long, default_value = "15001")]
@@ -202,6 +219,12 @@ enum Tool {
 fn main() -> ExitCode {
     match Cli::parse().tool {
         Tool::Demo(a) => run_demo(a),
+        Tool::Bookinfo(o) => run_bookinfo(o),
+        Tool::BookinfoApp {
+            name,
+            listen,
+            calls,
+        } => report(bookinfo::app::serve(&name, listen, &calls)),
         Tool::Proxy {
             outbound_port,
             inbound_port,
@@ -414,9 +437,9 @@ fn run_diff_test(cases: usize, seed: Option<u64>, per_config: usize, quiet: bool
     }
 }
 
-/// The demo as `redirect` ran it: quiet on a closed pipe, the library's
-/// warnings on stderr (RUST_LOG to see more).
-fn run_demo(a: demo::Args) -> ExitCode {
+/// The demos' logging as `redirect`'s: quiet on a closed pipe, the
+/// library's warnings on stderr (RUST_LOG to see more).
+fn demo_logging() {
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -425,10 +448,37 @@ fn run_demo(a: demo::Args) -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+}
+
+fn run_demo(a: demo::Args) -> ExitCode {
+    demo_logging();
     match demo::run(a) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("redirect-kit demo: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The Bookinfo demo; Ctrl-C stops it at the next call or step, and it
+/// cleans up as on any error.
+fn run_bookinfo(o: bookinfo::Options) -> ExitCode {
+    demo_logging();
+    bookinfo::stop_on_signals();
+    match bookinfo::run(&o, &mut std::io::stdout()) {
+        Ok(_) => {
+            println!("bookinfo demo ok");
+            ExitCode::SUCCESS
+        }
+        // Ctrl-C reaches the apps and sidecars too: whatever failed
+        // first, the run was stopped.
+        Err(_) if bookinfo::interrupted() => {
+            eprintln!("redirect-kit bookinfo: interrupted; everything it created is removed");
+            ExitCode::from(130)
+        }
+        Err(e) => {
+            eprintln!("redirect-kit bookinfo: error: {e:#}");
             ExitCode::FAILURE
         }
     }
