@@ -1,9 +1,10 @@
-//! The decision logic of DESIGN.md §2, shared by the kernel programs and the
-//! host tests. The kernel provides map lookups through [`Lookup`].
+//! The decision logic of istio-iptables' rules (docs/design.md, "The rules
+//! being replaced"), shared by the kernel programs and the host tests. The
+//! kernel provides map lookups through [`Lookup`].
 
 use crate::{
     cidr_kind, flags, port_kind, route_flags, PodConfig, Reason, RouteEntry, AF_INET, AF_INET6,
-    MAX_IDS, SOL_IP, SOL_IPV6,
+    DNS_PORT, IPPROTO_TCP, IPPROTO_UDP, MAX_IDS, SOL_IP, SOL_IPV6,
 };
 
 /// Map lookups the decision needs, per pod.
@@ -25,10 +26,13 @@ pub trait Lookup {
     }
 }
 
-/// A new outbound TCP connection as the connect hook sees it.
+/// A new outbound connection as the connect hook sees it (TCP, or UDP:
+/// a connect, or an unconnected datagram seen by sendmsg).
 #[derive(Clone, Copy, Debug)]
 pub struct Outbound {
     pub family: u16,
+    /// `IPPROTO_TCP`, `IPPROTO_UDP`, or another protocol.
+    pub proto: u32,
     /// Destination, network order, v4 in the first 4 bytes.
     pub dst: [u8; 16],
     pub dport: u16,
@@ -46,12 +50,17 @@ pub enum Verdict {
     ToOutbound(Reason),
     /// Send it to the inbound capture port (`-z`).
     ToInbound(Reason),
+    /// Send it to the DNS proxy ([`crate::DNS_PROXY_PORT`]).
+    ToDns(Reason),
 }
 
 impl Verdict {
     pub const fn reason(self) -> Reason {
         match self {
-            Verdict::Untouched(r) | Verdict::ToOutbound(r) | Verdict::ToInbound(r) => r,
+            Verdict::Untouched(r)
+            | Verdict::ToOutbound(r)
+            | Verdict::ToInbound(r)
+            | Verdict::ToDns(r) => r,
         }
     }
 }
@@ -96,8 +105,28 @@ pub fn is_local<L: Lookup>(family: u16, a: &[u8; 16], l: &L) -> bool {
     }
 }
 
+/// Rules (2), (5) and (8)'s host loopback: 127.0.0.1 (or the range of
+/// `ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR`), and `::1`.
+#[inline(always)]
+pub fn is_host_loopback<L: Lookup>(cfg: &PodConfig, family: u16, a: &[u8; 16], l: &L) -> bool {
+    if family == AF_INET && cfg.has(flags::LOOPBACK_CIDR) {
+        return l.cidr_contains(cidr_kind::LOOPBACK_V4, a);
+    }
+    is_localhost(family, a)
+}
+
+/// Which owner rules: a uid's (2)-(4) or a gid's (5)-(7).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Owner {
+    Uid,
+    Gid,
+}
+
 /// One owner match of the ISTIO_OUTPUT chain: rules (2)-(4) for a uid or
-/// (5)-(7) for a gid. `None` means "fall through to the next rule".
+/// (5)-(7) for a gid. `None` means "fall through to the next rule". With
+/// DNS capture on, istio-iptables writes them so that port 53 reaches the
+/// DNS chain: a uid's rule (2) also skips TCP port 53 (a gid's only the
+/// tunnel port), and rules (3)/(6) only return TCP to other ports.
 #[inline(always)]
 fn owner_rules(
     cfg: &PodConfig,
@@ -105,32 +134,81 @@ fn owner_rules(
     via_lo: bool,
     to_localhost: bool,
     is_owner: bool,
-    skip_reason: Reason,
+    which: Owner,
 ) -> Option<Verdict> {
-    if via_lo && !to_localhost && is_owner && c.dport != cfg.tunnel_port {
+    let dns_on = cfg.has(flags::DNS_CAPTURE);
+    let tcp = c.proto == IPPROTO_TCP;
+    let dns_skip = dns_on && which == Owner::Uid && c.dport == DNS_PORT;
+    if via_lo && !to_localhost && is_owner && tcp && c.dport != cfg.tunnel_port && !dns_skip {
         return Some(Verdict::ToInbound(Reason::OutProxyToSelf));
     }
-    if via_lo && !is_owner && !cfg.has(flags::OUT_INCLUDE_HAS_LOOPBACK) {
+    let returns_local = !dns_on || (tcp && c.dport != DNS_PORT);
+    if via_lo && !is_owner && !cfg.has(flags::OUT_INCLUDE_HAS_LOOPBACK) && returns_local {
         return Some(Verdict::Untouched(Reason::OutAppLocal));
     }
     if is_owner {
-        return Some(Verdict::Untouched(skip_reason));
+        return Some(Verdict::Untouched(match which {
+            Owner::Uid => Reason::OutProxyUid,
+            Owner::Gid => Reason::OutProxyGid,
+        }));
     }
     None
 }
 
-/// The OUTPUT decision for a new TCP connection, first match wins, in the
-/// order of DESIGN.md §2.
+impl Outbound {
+    /// The destination the kernel really connects to, which is what
+    /// iptables' OUTPUT chain sees: the unspecified address means this
+    /// host. IPv4 `0.0.0.0` becomes the bound source address, or
+    /// 127.0.0.1 when unbound (the route lookup of a connect); IPv6 `::`
+    /// becomes `::1` (tcp_v6_connect). Any other destination is itself.
+    #[inline(always)]
+    pub fn effective_dst(&self) -> [u8; 16] {
+        if self.family == AF_INET {
+            if v4(&self.dst) != [0; 4] {
+                return self.dst;
+            }
+            if v4(&self.src) != [0; 4] {
+                return self.src;
+            }
+            let mut lo = [0u8; 16];
+            lo[..4].copy_from_slice(&V4_LOCALHOST);
+            lo
+        } else if self.dst == [0u8; 16] {
+            V6_LOCALHOST
+        } else {
+            self.dst
+        }
+    }
+}
+
+/// The OUTPUT decision for a new connection (or, for unconnected UDP, a
+/// datagram), first match wins, in istio-iptables' order. Only TCP is
+/// captured, and with `--redirect-dns` UDP to port 53. A connect to the
+/// unspecified address is decided for the address the kernel sends it to
+/// ([`Outbound::effective_dst`]), as iptables sees it: a local one, out
+/// through `lo`.
 #[inline(always)]
 pub fn outbound_verdict<L: Lookup>(cfg: &PodConfig, c: &Outbound, l: &L) -> Verdict {
+    let c = &Outbound {
+        dst: c.effective_dst(),
+        ..*c
+    };
+    let tcp = c.proto == IPPROTO_TCP;
+    let dns = cfg.has(flags::DNS_CAPTURE) && c.dport == DNS_PORT;
+    let dns_udp = dns && c.proto == IPPROTO_UDP;
+    if !tcp && !dns_udp {
+        return Verdict::Untouched(Reason::OutNotTcp);
+    }
     let via_lo = is_local(c.family, &c.dst, l);
     // 0. `-A OUTPUT -o <-c interface> -j RETURN`, ahead of the jump to
-    //    ISTIO_OUTPUT: a destination the pod routes out of an excluded
-    //    interface (a local one goes out of lo).
+    //    ISTIO_OUTPUT (so ahead of the DNS chain too): a destination the
+    //    pod routes out of an excluded interface (a local one goes out of
+    //    lo). A protocol that is never captured was left alone above,
+    //    without the route lookup.
     if !via_lo && cfg.has(flags::OUT_EXCLUDE_IFACES) && l.route_excluded(c.family, &c.dst) {
         return Verdict::Untouched(Reason::OutExcludedInterface);
     }
-    // 1. -o ports.
+    // 1. -o ports (istio-iptables returns them for TCP and UDP).
     if l.port_listed(port_kind::OUT_EXCLUDE, c.dport) {
         return Verdict::Untouched(Reason::OutExcludedPort);
     }
@@ -147,7 +225,7 @@ pub fn outbound_verdict<L: Lookup>(cfg: &PodConfig, c: &Outbound, l: &L) -> Verd
     if via_lo && is_passthrough_source(c.family, src) {
         return Verdict::Untouched(Reason::OutPassthrough);
     }
-    let to_localhost = is_localhost(c.family, &c.dst);
+    let to_localhost = is_host_loopback(cfg, c.family, &c.dst, l);
     // 3. per uid, then per gid (istio-iptables emits the three rules per id,
     //    so with several ids the "! --uid-owner A" rule also catches id B).
     let mut i = 0;
@@ -156,7 +234,7 @@ pub fn outbound_verdict<L: Lookup>(cfg: &PodConfig, c: &Outbound, l: &L) -> Verd
             break;
         }
         let owner = c.uid == cfg.uids[i];
-        if let Some(v) = owner_rules(cfg, c, via_lo, to_localhost, owner, Reason::OutProxyUid) {
+        if let Some(v) = owner_rules(cfg, c, via_lo, to_localhost, owner, Owner::Uid) {
             return v;
         }
         i += 1;
@@ -167,10 +245,41 @@ pub fn outbound_verdict<L: Lookup>(cfg: &PodConfig, c: &Outbound, l: &L) -> Verd
             break;
         }
         let owner = c.gid == cfg.gids[i];
-        if let Some(v) = owner_rules(cfg, c, via_lo, to_localhost, owner, Reason::OutProxyGid) {
+        if let Some(v) = owner_rules(cfg, c, via_lo, to_localhost, owner, Owner::Gid) {
             return v;
         }
         i += 1;
+    }
+    // Owner groups (ISTIO_OUTBOUND_OWNER_GROUPS[_EXCLUDE]): after every
+    // uid/gid rule, before the DNS chain, for every protocol.
+    if cfg.has(flags::OWNER_GROUPS_ONLY | flags::OWNER_GROUPS_EXCEPT) {
+        let listed = l.cidr_contains(cidr_kind::OWNER_GID, &cidr_kind::gid_key(c.gid));
+        if cfg.has(flags::OWNER_GROUPS_ONLY) && !listed {
+            return Verdict::Untouched(Reason::OutOwnerGroupNotIncluded);
+        }
+        if cfg.has(flags::OWNER_GROUPS_EXCEPT) && listed {
+            return Verdict::Untouched(Reason::OutOwnerGroupExcluded);
+        }
+    }
+    // ISTIO_OUTPUT_DNS: port 53 to a nameserver (any address with
+    // capture-all), TCP and UDP. UDP goes no further: the rest of the
+    // chain only ever redirects TCP.
+    if dns {
+        let kind = if c.family == AF_INET {
+            cidr_kind::DNS_V4
+        } else {
+            cidr_kind::DNS_V6
+        };
+        if cfg.has(flags::DNS_CAPTURE_ALL) || l.cidr_contains(kind, &c.dst) {
+            return Verdict::ToDns(if tcp {
+                Reason::DnsCapturedTcp
+            } else {
+                Reason::DnsCapturedUdp
+            });
+        }
+        if !tcp {
+            return Verdict::Untouched(Reason::DnsNotNameserver);
+        }
     }
     // 4. 127.0.0.1 / ::1.
     if to_localhost {
@@ -201,14 +310,16 @@ pub fn outbound_verdict<L: Lookup>(cfg: &PodConfig, c: &Outbound, l: &L) -> Verd
 /// after the route to the original one chose the source, so the proxy
 /// sees the app's connection come from that source. The connect hook
 /// binds it before the rewrite (which would make the kernel pick a
-/// loopback source). `family`/`dst` are the decided ones (v4-mapped folded
-/// to IPv4).
-/// - To the inbound port (rules 2/5): the destination is an address of the
-///   pod, which the kernel picks as the source of a local connection (for
-///   127.0.0.0/8 that is 127.0.0.1, what the rewrite gives anyway).
-/// - To the outbound port: the source of the pod's route to `dst`; none
-///   when the pod has no route there (the connection would fail under
-///   iptables).
+/// loopback source); the sendmsg hook gives it to a DNS datagram.
+/// `family`/`dst` are the decided ones (v4-mapped folded to IPv4, the
+/// unspecified address made effective).
+/// - A local destination (rules 2/5 to the inbound port always): an
+///   address of the pod is its own source (the kernel's choice for a
+///   local connection); for 127.0.0.0/8 and ::1 none is needed, the
+///   rewrite gives a loopback source anyway.
+/// - Otherwise (to the outbound port or the DNS proxy): the source of the
+///   pod's route to `dst`; none when the pod has no route there (the
+///   connection would fail under iptables).
 #[inline(always)]
 pub fn redirect_source<L: Lookup>(
     v: Verdict,
@@ -216,24 +327,22 @@ pub fn redirect_source<L: Lookup>(
     dst: &[u8; 16],
     l: &L,
 ) -> Option<[u8; 16]> {
-    match v {
-        Verdict::Untouched(_) => None,
-        Verdict::ToInbound(_) => {
-            let loopback = if family == AF_INET {
-                dst[0] == 127
-            } else {
-                *dst == V6_LOCALHOST
-            };
-            if loopback {
-                None
-            } else {
-                Some(*dst)
-            }
-        }
-        Verdict::ToOutbound(_) => match l.route(family, dst) {
-            Some(r) if r.has(route_flags::HAS_SRC) => Some(r.src),
-            _ => None,
-        },
+    let local = match v {
+        Verdict::Untouched(_) => return None,
+        Verdict::ToInbound(_) => true,
+        Verdict::ToOutbound(_) | Verdict::ToDns(_) => is_local(family, dst, l),
+    };
+    if local {
+        let loopback = if family == AF_INET {
+            dst[0] == 127
+        } else {
+            *dst == V6_LOCALHOST
+        };
+        return if loopback { None } else { Some(*dst) };
+    }
+    match l.route(family, dst) {
+        Some(r) if r.has(route_flags::HAS_SRC) => Some(r.src),
+        _ => None,
     }
 }
 
@@ -255,19 +364,17 @@ pub fn virt_verdict<L: Lookup>(cfg: &PodConfig, family: u16, dst: &[u8; 16], l: 
     Verdict::Untouched(Reason::InVirtNotIncluded)
 }
 
-/// `-b '*'` never captures ssh (istio-iptables adds `--dport 22 -j RETURN`).
-pub const SSH_PORT: u16 = 22;
-
 /// The PREROUTING decision for a new TCP connection arriving from outside
-/// the pod on `dport`.
+/// the pod on `dport`. Port 22 is not special: istio-iptables stopped
+/// sparing ssh with `-b '*'` in Istio 1.13 (Istio's VM setup puts 22 into
+/// `-d` instead).
 #[inline(always)]
 pub fn inbound_verdict<L: Lookup>(cfg: &PodConfig, dport: u16, l: &L) -> Verdict {
     if dport == cfg.tunnel_port {
         return Verdict::Untouched(Reason::InTunnelPort);
     }
     if cfg.has(flags::IN_CAPTURE_ALL) {
-        // istio-iptables always keeps ssh reachable when capturing all.
-        if dport == SSH_PORT || l.port_listed(port_kind::IN_EXCLUDE, dport) {
+        if l.port_listed(port_kind::IN_EXCLUDE, dport) {
             return Verdict::Untouched(Reason::InExcludedPort);
         }
         return Verdict::ToInbound(Reason::InCaptured);

@@ -18,6 +18,10 @@ pub enum Reason {
     OutNotIncluded = 11,
     OutNotTcp = 12,
     OutExcludedInterface = 13,
+    /// `ISTIO_OUTBOUND_OWNER_GROUPS`: the process's group is not listed.
+    OutOwnerGroupNotIncluded = 17,
+    /// `ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE`: the process's group is listed.
+    OutOwnerGroupExcluded = 18,
     // Original destination answers (SO_ORIGINAL_DST, getpeername).
     OrigDstOutbound = 20,
     OrigDstInbound = 21,
@@ -28,8 +32,9 @@ pub enum Reason {
     ErrTupleMapFull = 31,
     ErrListenerMapFull = 32,
     ErrSockMapFull = 33,
-    ErrSourceBind = 34,
+    ErrLocalMapFull = 34,
     ErrVirtNatFull = 35,
+    ErrSourceBind = 36,
     // Inbound (PREROUTING chain), one per new TCP connection from outside.
     InCaptured = 40,
     InExcludedPort = 41,
@@ -49,27 +54,36 @@ pub enum Reason {
     AccelBulk = 53,
     AccelSkippedShort = 54,
     AccelRemoved = 55,
+    // DNS capture (ISTIO_OUTPUT_DNS): UDP datagrams (sendmsg) and connects
+    // (connect, UDP and TCP) to port 53, and the replies the app reads.
+    DnsCapturedUdp = 60,
+    DnsCapturedTcp = 61,
+    DnsNotNameserver = 62,
+    DnsReplyRewritten = 63,
 }
 
 /// The groups of `redirect stats`, in display order: the two iptables
 /// chains istio-init fills (OUTPUT → ISTIO_OUTPUT, PREROUTING →
-/// ISTIO_INBOUND), the PREROUTING rules of `-k` interfaces, then ours. Which reasons a chain holds, and in which
-/// order, is defined here and only here ([`Chain::reasons`]).
+/// ISTIO_INBOUND), the PREROUTING rules of `-k` interfaces, the DNS chain
+/// (ISTIO_OUTPUT_DNS), then ours. Which reasons a chain holds, and in
+/// which order, is defined here and only here ([`Chain::reasons`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Chain {
     Output,
     Prerouting,
     Vm,
+    Dns,
     OrigDst,
     Accel,
     Errors,
 }
 
 impl Chain {
-    pub const ALL: [Chain; 6] = [
+    pub const ALL: [Chain; 7] = [
         Chain::Output,
         Chain::Prerouting,
         Chain::Vm,
+        Chain::Dns,
         Chain::OrigDst,
         Chain::Accel,
         Chain::Errors,
@@ -81,6 +95,7 @@ impl Chain {
             Chain::Output => "OUTPUT",
             Chain::Prerouting => "PREROUTING",
             Chain::Vm => "VM",
+            Chain::Dns => "DNS",
             Chain::OrigDst => "ORIGINAL_DST",
             Chain::Accel => "ACCEL",
             Chain::Errors => "ERRORS",
@@ -93,6 +108,7 @@ impl Chain {
             Chain::Output => "ISTIO_OUTPUT; cgroup/connect4, cgroup/connect6: new TCP connections made in the pod",
             Chain::Prerouting => "ISTIO_INBOUND; sk_lookup in the pod netns: new TCP connections from outside",
             Chain::Vm => "PREROUTING -i <-k interface> -j ISTIO_REDIRECT; tc on those interfaces: new TCP connections a VM opens",
+            Chain::Dns => "ISTIO_OUTPUT_DNS; cgroup/sendmsg, connect: UDP datagrams and connects to port 53; cgroup/recvmsg: replies",
             Chain::OrigDst => "cgroup/getsockopt SO_ORIGINAL_DST, cgroup/getpeername: calls answered or not",
             Chain::Accel => "sockops + sk_msg between app and proxy: sockets, connections, sk_msg verdicts or messages",
             Chain::Errors => "map updates and helper calls that failed",
@@ -110,6 +126,8 @@ impl Chain {
                 Reason::OutAppLocal,
                 Reason::OutProxyUid,
                 Reason::OutProxyGid,
+                Reason::OutOwnerGroupNotIncluded,
+                Reason::OutOwnerGroupExcluded,
                 Reason::OutLoopback,
                 Reason::OutExcludedCidr,
                 Reason::OutCapturedPort,
@@ -131,6 +149,12 @@ impl Chain {
                 Reason::InVirtNotIncluded,
                 Reason::InVirtDropped,
             ],
+            Chain::Dns => &[
+                Reason::DnsCapturedUdp,
+                Reason::DnsCapturedTcp,
+                Reason::DnsNotNameserver,
+                Reason::DnsReplyRewritten,
+            ],
             Chain::OrigDst => &[
                 Reason::OrigDstOutbound,
                 Reason::OrigDstInbound,
@@ -150,6 +174,7 @@ impl Chain {
                 Reason::ErrTupleMapFull,
                 Reason::ErrListenerMapFull,
                 Reason::ErrSockMapFull,
+                Reason::ErrLocalMapFull,
                 Reason::ErrSourceBind,
                 Reason::ErrVirtNatFull,
             ],
@@ -158,7 +183,7 @@ impl Chain {
 }
 
 impl Reason {
-    pub const ALL: [Reason; 39] = [
+    pub const ALL: [Reason; 46] = [
         Reason::OutCaptured,
         Reason::OutCapturedPort,
         Reason::OutProxyToSelf,
@@ -172,6 +197,8 @@ impl Reason {
         Reason::OutNotIncluded,
         Reason::OutNotTcp,
         Reason::OutExcludedInterface,
+        Reason::OutOwnerGroupNotIncluded,
+        Reason::OutOwnerGroupExcluded,
         Reason::OrigDstOutbound,
         Reason::OrigDstInbound,
         Reason::OrigDstMissing,
@@ -180,6 +207,7 @@ impl Reason {
         Reason::ErrTupleMapFull,
         Reason::ErrListenerMapFull,
         Reason::ErrSockMapFull,
+        Reason::ErrLocalMapFull,
         Reason::ErrSourceBind,
         Reason::ErrVirtNatFull,
         Reason::InCaptured,
@@ -198,6 +226,10 @@ impl Reason {
         Reason::AccelFallback,
         Reason::AccelBulk,
         Reason::AccelSkippedShort,
+        Reason::DnsCapturedUdp,
+        Reason::DnsCapturedTcp,
+        Reason::DnsNotNameserver,
+        Reason::DnsReplyRewritten,
     ];
 
     pub fn from_u32(v: u32) -> Option<Reason> {
@@ -233,6 +265,7 @@ impl Reason {
             Reason::OutCaptured
                 | Reason::OutCapturedPort
                 | Reason::OutProxyToSelf
+                | Reason::DnsCapturedTcp
                 | Reason::AccelRedirected
                 | Reason::AccelFallback
                 | Reason::AccelBulk
@@ -244,6 +277,8 @@ impl Reason {
         match self {
             Reason::OutCaptured | Reason::OutCapturedPort => "REDIRECT",
             Reason::OutProxyToSelf | Reason::InCaptured | Reason::InVirtCaptured => "REDIRECT",
+            Reason::DnsCapturedUdp | Reason::DnsCapturedTcp => "REDIRECT",
+            Reason::DnsReplyRewritten => "ANSWER",
             Reason::InNoListener | Reason::ErrOrigMapFull => "REJECT",
             Reason::InVirtDropped | Reason::ErrVirtNatFull => "DROP",
             Reason::OrigDstOutbound | Reason::OrigDstInbound | Reason::PeerNameRewritten => {
@@ -254,6 +289,7 @@ impl Reason {
             Reason::ErrTupleMapFull
             | Reason::ErrListenerMapFull
             | Reason::ErrSockMapFull
+            | Reason::ErrLocalMapFull
             | Reason::ErrSourceBind => "ERROR",
             Reason::AccelInserted => "SOCKMAP",
             Reason::AccelRedirected => "REDIRECT",
@@ -281,6 +317,12 @@ impl Reason {
             Reason::OutNotIncluded => "skip_not_included",
             Reason::OutNotTcp => "skip_not_tcp",
             Reason::OutExcludedInterface => "skip_excluded_interface",
+            Reason::OutOwnerGroupNotIncluded => "skip_owner_group_not_included",
+            Reason::OutOwnerGroupExcluded => "skip_owner_group_excluded",
+            Reason::DnsCapturedUdp => "captured_udp",
+            Reason::DnsCapturedTcp => "captured_tcp",
+            Reason::DnsNotNameserver => "skip_not_nameserver",
+            Reason::DnsReplyRewritten => "reply_from_nameserver",
             Reason::OrigDstOutbound => "orig_dst_outbound",
             Reason::OrigDstInbound => "orig_dst_inbound",
             Reason::OrigDstMissing => "orig_dst_missing",
@@ -289,6 +331,7 @@ impl Reason {
             Reason::ErrTupleMapFull => "error_tuple_map_full",
             Reason::ErrListenerMapFull => "error_listener_map_full",
             Reason::ErrSockMapFull => "error_sockmap_update",
+            Reason::ErrLocalMapFull => "error_local_map_full",
             Reason::ErrSourceBind => "error_source_bind",
             Reason::ErrVirtNatFull => "error_vm_tuple_map_full",
             Reason::AccelInserted => "sockets_inserted",
@@ -326,8 +369,16 @@ impl Reason {
             Reason::OutLoopback => "destination 127.0.0.1/::1 (rule 8)",
             Reason::OutExcludedCidr => "excluded CIDR (-x)",
             Reason::OutNotIncluded => "not included (-i)",
-            Reason::OutNotTcp => "not TCP",
+            Reason::OutNotTcp => "not TCP (nor UDP port 53 with --redirect-dns)",
+            Reason::OutOwnerGroupNotIncluded => "owner group not in ISTIO_OUTBOUND_OWNER_GROUPS",
+            Reason::OutOwnerGroupExcluded => "owner group in ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE",
             Reason::OutExcludedInterface => "routed out of an excluded interface (-c)",
+            Reason::DnsCapturedUdp => {
+                "UDP to a nameserver -> DNS proxy :15053 (per datagram or connect)"
+            }
+            Reason::DnsCapturedTcp => "TCP to a nameserver -> DNS proxy :15053",
+            Reason::DnsNotNameserver => "UDP port 53 to another address (not captured)",
+            Reason::DnsReplyRewritten => "reply read as from the nameserver asked (recvmsg)",
             Reason::OrigDstOutbound => "SO_ORIGINAL_DST answered (outbound)",
             Reason::OrigDstInbound => "SO_ORIGINAL_DST answered (inbound)",
             Reason::OrigDstMissing => "SO_ORIGINAL_DST asked, no record",
@@ -336,6 +387,9 @@ impl Reason {
             Reason::ErrTupleMapFull => "tuple map full (proxy gets no SO_ORIGINAL_DST)",
             Reason::ErrListenerMapFull => "listener map update failed",
             Reason::ErrSockMapFull => "acceleration sockhash update failed (normal path used)",
+            Reason::ErrLocalMapFull => {
+                "local IPv6 connection map full (local sources trusted until room)"
+            }
             Reason::ErrSourceBind => {
                 "pod source address not bound (the proxy sees a loopback source)"
             }
@@ -351,7 +405,7 @@ impl Reason {
             }
             Reason::AccelRemoved => "app/proxy sockets out of the sockhash again (closed)",
             Reason::InCaptured => "captured -> inbound port",
-            Reason::InExcludedPort => "excluded port (-d; ssh 22 with -b *)",
+            Reason::InExcludedPort => "excluded port (-d)",
             Reason::InNotIncluded => "not included (-b)",
             Reason::InNoListener => "no listener on inbound port (refused)",
             Reason::InTunnelPort => "inbound tunnel port (-e)",

@@ -1,9 +1,11 @@
 //! cgroup/connect4 and connect6: the nat OUTPUT chain (ISTIO_OUTPUT, then
-//! ISTIO_REDIRECT to the outbound capture port or ISTIO_IN_REDIRECT to the
-//! inbound one). The decision is `redirect_common::outbound_verdict`; this
-//! file reads the connect, rewrites its destination to localhost and the
+//! ISTIO_REDIRECT to the outbound capture port, ISTIO_IN_REDIRECT to the
+//! inbound one, or ISTIO_OUTPUT_DNS to the DNS proxy for TCP and connected
+//! UDP). The decision is `redirect_common::outbound_verdict`; this file
+//! reads the connect, rewrites its destination to localhost and the
 //! capture port, and records the original destination by socket cookie
-//! for SO_ORIGINAL_DST and getpeername (`orig_dst.rs`, via `sockops.rs`).
+//! for SO_ORIGINAL_DST and getpeername (`orig_dst.rs`, via `sockops.rs`)
+//! and, for UDP, for the replies (`recvmsg.rs`).
 //! Before the rewrite it binds an unbound socket to the source address the
 //! pod's route to the original destination gives (iptables NAT keeps it),
 //! so the proxy and the app see the connection as under iptables.
@@ -17,8 +19,8 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use redirect_common::{
-    outbound_verdict, redirect_source, v4_mapped, v4_to_mapped, OrigDst, Outbound, Reason, Verdict,
-    AF_INET, AF_INET6, IPPROTO_TCP,
+    flags, outbound_verdict, redirect_source, v4_mapped, v4_to_mapped, OrigDst, Outbound, Reason,
+    Verdict, AF_INET, AF_INET6, DNS_PROXY_PORT, IPPROTO_TCP, IPPROTO_UDP,
 };
 
 use crate::{
@@ -52,54 +54,42 @@ unsafe fn connect(ctx: &SockAddrContext, v6: bool) -> i32 {
     let Some(cfg) = REDIRECT_PODS.get(&netns) else {
         return CONNECT_PROCEED;
     };
-    if (*sa).protocol != IPPROTO_TCP {
+    let proto = (*sa).protocol;
+    if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
         count(netns, Reason::OutNotTcp);
         return CONNECT_PROCEED;
     }
     let sk: *mut bpf_sock = (*sa).__bindgen_anon_1.sk;
-    let (mut family, mut dst, mut src) = if v6 {
-        (
-            AF_INET6,
-            ctx_ip6(&raw const (*sa).user_ip6),
-            ctx_ip6(&raw const (*sk).src_ip6),
-        )
+    let src = if v6 {
+        ctx_ip6(&raw const (*sk).src_ip6)
     } else {
-        (
-            AF_INET,
-            ctx_ip4(&raw const (*sa).user_ip4),
-            ctx_ip4(&raw const (*sk).src_ip4),
-        )
+        ctx_ip4(&raw const (*sk).src_ip4)
     };
-    // Neither an address nor a port bound by the app.
+    // Neither an address nor a port bound by the app (nor, for UDP, by an
+    // earlier datagram).
     let unbound = src == [0u8; 16] && (*sk).src_port == 0;
-    // A dual-stack socket dialing ::ffff:a.b.c.d makes an IPv4 connection:
-    // iptables sees IPv4, so decide (and answer SO_ORIGINAL_DST) as IPv4.
-    let mut v4_in_v6 = false;
-    if v6 {
-        if let Some(d) = v4_mapped(&dst) {
-            family = AF_INET;
-            dst = d;
-            src = v4_mapped(&src).unwrap_or([0; 16]);
-            v4_in_v6 = true;
-        }
-    }
-    let dport = u16::from_be((*sa).user_port as u16);
-    let ids = bpf_get_current_uid_gid();
-    let conn = Outbound {
-        family,
-        dst,
-        dport,
-        src,
-        uid: ids as u32,
-        gid: (ids >> 32) as u32,
-    };
+    let (conn, v4_in_v6) = read_outbound(sa, v6, proto, src);
+    let (family, dport) = (conn.family, conn.dport);
     let verdict = outbound_verdict(cfg, &conn, &PodMaps { netns });
     count(netns, verdict.reason());
     let port = match verdict {
-        Verdict::Untouched(_) => return CONNECT_PROCEED,
+        Verdict::Untouched(_) => {
+            // A UDP socket connected again elsewhere: the record of its
+            // earlier (DNS) peer no longer applies.
+            if proto == IPPROTO_UDP && cfg.has(flags::DNS_CAPTURE) {
+                let cookie = bpf_get_socket_cookie(sa as *mut c_void);
+                let _ = REDIRECT_ORIG_BY_COOKIE.remove(&cookie);
+            }
+            return CONNECT_PROCEED;
+        }
         Verdict::ToOutbound(_) => cfg.proxy_port,
         Verdict::ToInbound(_) => cfg.inbound_port,
+        Verdict::ToDns(_) => DNS_PROXY_PORT,
     };
+    // The original destination is the one the connection really has (a
+    // connect to the unspecified address goes to this host), as conntrack
+    // records it.
+    let dst = conn.effective_dst();
     let orig = OrigDst {
         addr: dst,
         port: dport,
@@ -121,6 +111,54 @@ unsafe fn connect(ctx: &SockAddrContext, v6: bool) -> i32 {
     {
         count(netns, Reason::ErrSourceBind);
     }
+    to_localhost(sa, v6, v4_in_v6, port);
+    CONNECT_PROCEED
+}
+
+/// The OUTPUT decision's view of a sock_addr context (connect, sendmsg):
+/// its destination, the bound source `src` (in the context's family), the
+/// caller's ids. A dual-stack socket dialing ::ffff:a.b.c.d makes an IPv4
+/// connection: iptables sees IPv4, so it is decided (and its original
+/// destination answered) as IPv4; the bool says so.
+#[inline(always)]
+pub unsafe fn read_outbound(
+    sa: *mut bpf_sock_addr,
+    v6: bool,
+    proto: u32,
+    src: [u8; 16],
+) -> (Outbound, bool) {
+    let (mut family, mut dst, mut src) = if v6 {
+        (AF_INET6, ctx_ip6(&raw const (*sa).user_ip6), src)
+    } else {
+        (AF_INET, ctx_ip4(&raw const (*sa).user_ip4), src)
+    };
+    let mut v4_in_v6 = false;
+    if v6 {
+        if let Some(d) = v4_mapped(&dst) {
+            family = AF_INET;
+            dst = d;
+            src = v4_mapped(&src).unwrap_or([0; 16]);
+            v4_in_v6 = true;
+        }
+    }
+    let ids = bpf_get_current_uid_gid();
+    let conn = Outbound {
+        family,
+        proto,
+        dst,
+        dport: u16::from_be((*sa).user_port as u16),
+        src,
+        uid: ids as u32,
+        gid: (ids >> 32) as u32,
+    };
+    (conn, v4_in_v6)
+}
+
+/// Rewrite a sock_addr's destination to the family's localhost and `port`
+/// (127.0.0.1, [::1], or ::ffff:127.0.0.1 for a v4-mapped destination),
+/// as REDIRECT does for locally made connections.
+#[inline(always)]
+pub unsafe fn to_localhost(sa: *mut bpf_sock_addr, v6: bool, v4_in_v6: bool, port: u16) {
     (*sa).user_port = (port.to_be()) as u32;
     if !v6 {
         (*sa).user_ip4 = u32::from_ne_bytes([127, 0, 0, 1]);
@@ -135,7 +173,6 @@ unsafe fn connect(ctx: &SockAddrContext, v6: bool) -> i32 {
         };
         set_user_ip6(sa, &target);
     }
-    CONNECT_PROCEED
 }
 
 #[repr(C)]
@@ -210,4 +247,37 @@ unsafe fn bind_source(sa: *mut bpf_sock_addr, v6: bool, family: u16, src: &[u8; 
         &mut a as *mut SockaddrIn6 as *mut sockaddr,
         core::mem::size_of::<SockaddrIn6>() as i32,
     )
+}
+
+/// The source a datagram sent with an address gets under iptables when
+/// the sendmsg hook redirects it (`sendmsg.rs`): written into the
+/// context's `msg_src_ip4/6` (as IP_PKTINFO would give it), since
+/// `bpf_bind` is not allowed there. Only when neither the datagram nor the
+/// socket names a source. A BPF subprogram, as `bind_redirect_source`.
+#[inline(never)]
+pub unsafe fn set_redirect_msg_source(
+    sa: *mut bpf_sock_addr,
+    netns: u64,
+    verdict: Verdict,
+    how: u32,
+    dst: &[u8; 16],
+) {
+    let family = (how >> 16) as u16;
+    let Some(s) = redirect_source(verdict, family, dst, &PodMaps { netns }) else {
+        return;
+    };
+    if how & 1 == 0 {
+        (*sa).msg_src_ip4 = u32::from_ne_bytes([s[0], s[1], s[2], s[3]]);
+        return;
+    }
+    let addr = if family == AF_INET {
+        v4_to_mapped(&s)
+    } else {
+        s
+    };
+    let w = crate::addr::words(&addr);
+    (*sa).msg_src_ip6[0] = w[0];
+    (*sa).msg_src_ip6[1] = w[1];
+    (*sa).msg_src_ip6[2] = w[2];
+    (*sa).msg_src_ip6[3] = w[3];
 }

@@ -6,20 +6,27 @@
 //!   `redirect_common::inbound_verdict`.
 //! - The listener it needs is registered by sockops (`sockops.rs` calls
 //!   [`register_listener`] when a socket of the pod starts listening).
+//! - PREROUTING never sees the pod's own connections (conntrack decided
+//!   them in OUTPUT), but sk_lookup does: the SYN of a connection to one
+//!   of the pod's addresses arrives with that address's device as
+//!   ingress. Its source is one of the pod's addresses; for IPv4 that is
+//!   proof enough (the kernel drops a packet from outside with a local
+//!   source as a martian), for IPv6 it is not, and sockops marks the
+//!   pod's own IPv6 connections (REDIRECT_LOCAL_CONNECTS).
 
 use aya_ebpf::{
     bindings::BPF_ANY, macros::sk_lookup, programs::SkLookupContext, programs::SockOpsContext,
 };
 use redirect_common::{
-    flags, iface_flags, inbound_verdict, IfaceKey, ListenerKey, Reason, Verdict, AF_INET, AF_INET6,
-    IPPROTO_TCP,
+    flags, iface_flags, inbound_verdict, IfaceKey, ListenerKey, Reason, TupleKey, Verdict, AF_INET,
+    AF_INET6, IPPROTO_TCP,
 };
 
 use crate::{
     abi::{LOOPBACK_IFINDEX, SK_DROP, SK_PASS},
     addr::{ctx_ip4, ctx_ip6},
     counters::count,
-    maps::{PodMaps, REDIRECT_IFACES, REDIRECT_LISTENERS, REDIRECT_PODS},
+    maps::{PodMaps, REDIRECT_IFACES, REDIRECT_LISTENERS, REDIRECT_LOCAL_CONNECTS, REDIRECT_PODS},
     netns,
 };
 
@@ -43,7 +50,8 @@ unsafe fn sk_lookup_inbound(ctx: &SkLookupContext) -> u32 {
     };
     // PREROUTING only sees packets from outside the netns. Local traffic
     // to the pod's own IP arrives with that IP's device as ingress, so
-    // tell it apart by its source: an address of this netns.
+    // tell it apart by its source (an address of this netns) and, for
+    // IPv6, by the mark its connecting socket set (see the module docs).
     let family = (*l).family;
     let src = if family == AF_INET as u32 {
         ctx_ip4(&raw const (*l).remote_ip4)
@@ -56,8 +64,23 @@ unsafe fn sk_lookup_inbound(ctx: &SkLookupContext) -> u32 {
     } else {
         AF_INET6
     };
+    let dport = (*l).local_port as u16;
     if redirect_common::is_local(fam, &src, &maps) {
-        return SK_PASS;
+        if fam == AF_INET {
+            return SK_PASS;
+        }
+        let key = TupleKey {
+            netns,
+            src,
+            dst: ctx_ip6(&raw const (*l).local_ip6),
+            sport: u16::from_be((*l).remote_port),
+            dport,
+            family: AF_INET6,
+            _pad: 0,
+        };
+        if REDIRECT_LOCAL_CONNECTS.get(&key).is_some() || cfg.has(flags::LOCAL_MARKS_LOST) {
+            return SK_PASS;
+        }
     }
     // `-A PREROUTING -i <iface> -j RETURN` of `-c` (counted) and `-k`
     // interfaces (what a VM sends is the tc program's, `vm.rs`), ahead
@@ -78,7 +101,6 @@ unsafe fn sk_lookup_inbound(ctx: &SkLookupContext) -> u32 {
             }
         }
     }
-    let dport = (*l).local_port as u16;
     let verdict = inbound_verdict(cfg, dport, &maps);
     if let Verdict::Untouched(r) = verdict {
         count(netns, r);

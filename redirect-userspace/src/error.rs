@@ -34,6 +34,9 @@ pub enum Error {
     /// Not captured, and what is (`stats --netns`, `stats --zero`).
     #[error("network namespace '{netns}' is not captured; {captured}")]
     NotCapturedAmong { netns: String, captured: String },
+    /// Another install (pin directory) has captured the netns.
+    #[error("network namespace '{netns}' is already captured by {others}. One install per pod: release it there first (`redirect --pin-dir <that dir> detach --netns {netns}`), or pass --force to capture it here as well (both installs then act on its connections; for moving pods between installs)")]
+    OwnedElsewhere { netns: String, others: String },
     #[error("nothing is installed under '{0}' (no pinned maps): run `redirect attach` first")]
     NotInstalled(PathBuf),
     /// An install's pinned maps do not fit this binary (see `mapsize`).

@@ -83,19 +83,7 @@ pub fn unmatched(net: &PodNet, spec: &PodSpec) -> Vec<String> {
 
 /// Pin of a `-k` interface's tc link.
 fn vm_link(pins: &Pins, cookie: u64, ingress: bool, ifindex: u32) -> PathBuf {
-    let dir = if ingress { "vm_ingress" } else { "vm_egress" };
-    pins.netns_dir(cookie).join(format!("{dir}_{ifindex}"))
-}
-
-/// (ingress?, ifindex) of a pin name made by `vm_link`.
-fn parse_vm_link(name: &str) -> Option<(bool, u32)> {
-    let (dir, ifindex) = name.rsplit_once('_')?;
-    let ingress = match dir {
-        "vm_ingress" => true,
-        "vm_egress" => false,
-        _ => return None,
-    };
-    Some((ingress, ifindex.parse().ok()?))
+    pins.vm_link(cookie, ingress, ifindex)
 }
 
 /// Is the tcx link pinned at `path` still attached to `ifindex`? (The
@@ -152,7 +140,7 @@ impl Installation {
             let Some((_, ifindex)) = p
                 .file_name()
                 .and_then(|n| n.to_str())
-                .and_then(parse_vm_link)
+                .and_then(pins::parse_vm_link)
             else {
                 continue;
             };
@@ -267,7 +255,7 @@ impl Installation {
                 if let Some((ingress, _)) = p
                     .file_name()
                     .and_then(|n| n.to_str())
-                    .and_then(parse_vm_link)
+                    .and_then(pins::parse_vm_link)
                 {
                     links.push((cookie, ingress, p));
                 }
@@ -379,9 +367,9 @@ mod tests {
         for (ingress, ifindex) in [(true, 7), (false, 42)] {
             let p = vm_link(&pins, 9, ingress, ifindex);
             let name = p.file_name().unwrap().to_str().unwrap();
-            assert_eq!(parse_vm_link(name), Some((ingress, ifindex)));
+            assert_eq!(pins::parse_vm_link(name), Some((ingress, ifindex)));
         }
-        assert_eq!(parse_vm_link("sk_lookup"), None);
-        assert_eq!(parse_vm_link("vm_ingress_x"), None);
+        assert_eq!(pins::parse_vm_link("sk_lookup"), None);
+        assert_eq!(pins::parse_vm_link("vm_ingress_x"), None);
     }
 }

@@ -41,6 +41,12 @@ pub struct Maps {
     pub ifaces: Option<HashMap<MapData, IfaceKey, IfaceEntry>>,
     /// Route entries; None as `ifaces`.
     pub routes: Option<LpmTrie<MapData, CidrKeyData, RouteEntry>>,
+    /// Accelerated sockets kept on the normal path; None for an install
+    /// made before it existed.
+    pub accel_fallback: Option<HashMap<MapData, TupleKey, u8>>,
+    /// The pods' IPv6 connections to their own addresses; None for an
+    /// install made before it existed.
+    pub local_connects: Option<HashMap<MapData, TupleKey, u8>>,
 }
 
 /// A pod's entries that come from its network namespace as read at
@@ -103,6 +109,16 @@ impl Maps {
             },
             routes: if pins.map(MAP_ROUTES).exists() {
                 Some(typed!(pins, MAP_ROUTES))
+            } else {
+                None
+            },
+            accel_fallback: if pins.map(redirect_common::MAP_ACCEL_FALLBACK).exists() {
+                Some(lru(pins, redirect_common::MAP_ACCEL_FALLBACK)?)
+            } else {
+                None
+            },
+            local_connects: if pins.map(redirect_common::MAP_LOCAL_CONNECTS).exists() {
+                Some(lru(pins, redirect_common::MAP_LOCAL_CONNECTS)?)
             } else {
                 None
             },
@@ -387,7 +403,12 @@ impl Maps {
     }
 
     /// Remove everything keyed by this pod. Config first, so capture stops
-    /// before its tables go.
+    /// before its tables go. Its connection records keyed by 4-tuple (the
+    /// original destinations published for its proxy, the acceleration
+    /// fallback marks, the marks of its own IPv6 connections) go too;
+    /// records keyed by socket cookie carry no netns and go with their
+    /// sockets (the programs remove them at close whether the pod is
+    /// captured or not).
     pub fn remove_pod(&mut self, cookie: u64) {
         let _ = self.pods.remove(&cookie);
         for p in self.port_entries(cookie) {
@@ -412,6 +433,28 @@ impl Maps {
         for k in keys {
             let _ = self.counters.remove(&k);
         }
+        let keys: Vec<_> = self
+            .orig_by_tuple
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| k.netns == cookie)
+            .collect();
+        for k in keys {
+            let _ = self.orig_by_tuple.remove(&k);
+        }
+        for m in [self.accel_fallback.as_mut(), self.local_connects.as_mut()]
+            .into_iter()
+            .flatten()
+        {
+            let keys: Vec<_> = m
+                .keys()
+                .filter_map(|k| k.ok())
+                .filter(|k| k.netns == cookie)
+                .collect();
+            for k in keys {
+                let _ = m.remove(&k);
+            }
+        }
         if let Some(m) = self.accel_ports.as_mut() {
             let keys: Vec<_> = m
                 .keys()
@@ -422,24 +465,9 @@ impl Maps {
                 let _ = m.remove(&k);
             }
         }
-        let virt = self
-            .iface_entries(cookie)
-            .iter()
-            .any(|(_, e)| e.has(redirect_common::iface_flags::VIRT));
+        // Its `-c`/`-k` interface and route entries. (A VM's connections,
+        // recorded by 4-tuple only, went with the tuple records above.)
         let _ = self.put_net(cookie, &NetEntries::default());
-        // A VM's connections are recorded by 4-tuple only (no socket of
-        // the pod made them): drop what is left of them.
-        if virt {
-            let keys: Vec<TupleKey> = self
-                .orig_by_tuple
-                .keys()
-                .filter_map(|k| k.ok())
-                .filter(|k| k.netns == cookie)
-                .collect();
-            for k in keys {
-                let _ = self.orig_by_tuple.remove(&k);
-            }
-        }
     }
 
     /// Counter updates the programs could not record because

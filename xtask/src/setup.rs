@@ -5,14 +5,19 @@
 //! ready machine gets through in well under a second:
 //!
 //! * apt packages whose commands are missing (ip, iptables, bpftool, haproxy, jq,
-//!   and podman, runc, conmon, the CNI plugins and busybox-static for the
-//!   real-runtime test);
+//!   dnsmasq and dig for the DNS capture tests, podman, runc, conmon, the
+//!   CNI plugins and busybox-static for the real-runtime test, musl-tools
+//!   and file for the image);
 //! * the nightly toolchain with `rust-src` (the eBPF crate uses `-Z build-std`);
+//! * the `x86_64-unknown-linux-musl` target (and musl-tools from apt) for
+//!   the image's static binaries;
 //! * `bpf-linker`, built against the nightly's own libLLVM so no system LLVM
 //!   is needed;
 //! * `kubernetes-validate` (PyPI; it bundles the Kubernetes JSON schemas, so
 //!   it validates offline) in a venv under target/tools/, for the test that
 //!   validates deploy/*.yaml;
+//! * for `cargo xtask kernels`: QEMU and kmod (apt) and virtme-ng (PyPI, in
+//!   a venv under target/tools/);
 //! * warnings when the kernel lacks a cgroup2 mount or BTF.
 //!
 //! Failures say what failed and what to run by hand.
@@ -44,6 +49,19 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("conmon", "conmon"),
     ("/usr/lib/cni/bridge", "containernetworking-plugins"),
     ("busybox", "busybox-static"),
+    // Static binaries for the image (`cargo xtask image`): ring's C code is
+    // compiled for musl with musl-gcc; the image test checks the copied
+    // plugin with `file`.
+    ("musl-gcc", "musl-tools"),
+    ("file", "file"),
+    // The DNS capture tests: a real DNS server upstream (dnsmasq, run with
+    // its own config, no system service) and real clients (dig, nslookup).
+    ("dnsmasq", "dnsmasq-base"),
+    ("dig", "dnsutils"),
+    // `cargo xtask kernels`: virtme-ng boots kernels with QEMU and runs
+    // depmod on their module trees.
+    ("qemu-system-x86_64", "qemu-system-x86"),
+    ("depmod", "kmod"),
 ];
 
 /// What later build steps need to know about the prepared toolchain.
@@ -57,7 +75,13 @@ pub fn setup(reinstall_bpf_linker: bool) -> Result<Toolchain> {
     ensure_apt_packages()?;
     let sysroot = ensure_nightly()?;
     let bpf_linker = ensure_bpf_linker(&sysroot, reinstall_bpf_linker)?;
+    crate::image::ensure_musl_target()?;
     ensure_kubernetes_validate()?;
+    ensure_venv_tool(
+        &crate::kernels::virtme_venv(),
+        crate::kernels::VIRTME_NG,
+        "vng",
+    )?;
     check_kernel();
     eprintln!("setup: toolchain and tools ready");
     Ok(Toolchain { bpf_linker })
@@ -119,10 +143,19 @@ pub fn kubernetes_validate_venv() -> PathBuf {
 }
 
 /// Installs `kubernetes-validate` into a venv under target/tools/ unless it
-/// already runs there. Needs python3 with venv (apt: python3-venv).
+/// already runs there.
 fn ensure_kubernetes_validate() -> Result<()> {
-    let venv = kubernetes_validate_venv();
-    let bin = venv.join("bin/kubernetes-validate");
+    ensure_venv_tool(
+        &kubernetes_validate_venv(),
+        KUBERNETES_VALIDATE,
+        "kubernetes-validate",
+    )
+}
+
+/// Installs the PyPI `requirement` into `venv` unless `venv/bin/<command>
+/// --version` already runs. Needs python3 with venv (apt: python3-venv).
+fn ensure_venv_tool(venv: &Path, requirement: &str, command: &str) -> Result<()> {
+    let bin = venv.join("bin").join(command);
     let runs = |bin: &Path| {
         Command::new(bin)
             .arg("--version")
@@ -133,13 +166,13 @@ fn ensure_kubernetes_validate() -> Result<()> {
         return Ok(());
     }
     let by_hand = format!(
-        "python3 -m venv {0} && {0}/bin/pip install {KUBERNETES_VALIDATE}",
+        "python3 -m venv {0} && {0}/bin/pip install {requirement}",
         venv.display()
     );
     let make_venv = || {
         Command::new("python3")
             .args(["-m", "venv", "--clear"])
-            .arg(&venv)
+            .arg(venv)
             .output()
             .is_ok_and(|o| o.status.success())
     };
@@ -166,12 +199,10 @@ fn ensure_kubernetes_validate() -> Result<()> {
         "install",
         "--quiet",
         "--disable-pip-version-check",
-        KUBERNETES_VALIDATE,
+        requirement,
     ]))
     .with_context(|| {
-        format!(
-            "installing {KUBERNETES_VALIDATE} failed; check access to PyPI, then run: {by_hand}"
-        )
+        format!("installing {requirement} failed; check access to PyPI, then run: {by_hand}")
     })?;
     if !runs(&bin) {
         bail!(

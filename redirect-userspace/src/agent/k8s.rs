@@ -82,6 +82,8 @@ pub struct Options {
     /// How long an ADD waits for the watch to know the pod.
     pub pod_wait: Duration,
     pub repair: Repair,
+    /// The node's DNS, for the nameservers of pods with DNS capture.
+    pub dns: annotations::NodeDns,
 }
 
 /// One pod as the watch last saw it.
@@ -153,6 +155,10 @@ struct Comparable {
     inbound: (String, Vec<u16>),
     /// `-c`, `-k` names (sets).
     interfaces: (Vec<String>, Vec<String>),
+    /// DNS capture, owner groups, the IPv4 loopback range.
+    dns: String,
+    owner_groups: String,
+    loopback: String,
     /// Settings not supported yet (never in the kernel): a change that
     /// asks for one is applied, and so refused and logged, not skipped.
     unsupported: Vec<String>,
@@ -195,6 +201,21 @@ fn comparable(s: &PodSpec) -> Comparable {
         ),
         inbound: (inbound, set(&s.exclude_inbound_ports)),
         interfaces: (names(&s.exclude_interfaces), names(&s.kube_virt_interfaces)),
+        dns: format!("{:?}", s.dns_capture()),
+        // As sets: the kernel gives the gids back sorted.
+        owner_groups: {
+            let mode = match s.outbound_owner_groups {
+                crate::config::OwnerGroups::All => "all",
+                crate::config::OwnerGroups::Only(_) => "only",
+                crate::config::OwnerGroups::AllExcept(_) => "except",
+            };
+            format!(
+                "{mode} {:?} {:?}",
+                s.outbound_owner_groups.gids(),
+                s.outbound_owner_groups.names()
+            )
+        },
+        loopback: s.ipv4_loopback_cidr.to_string(),
         unsupported: s.unsupported().iter().map(|(d, _)| d.name()).collect(),
     }
 }
@@ -428,7 +449,7 @@ impl PodWatch {
                 return false;
             }
         };
-        let decision = annotations::from_pod(&value);
+        let decision = annotations::from_pod_on(&value, &self.opts.dns);
         let new_key = decision_key(&decision);
         let running = p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
         let (changed, started) = {
@@ -905,6 +926,7 @@ mod tests {
                 node_name: "node-a".into(),
                 pod_wait: Duration::from_millis(100),
                 repair: Repair::Report,
+                dns: Default::default(),
             },
             state: Mutex::new(State::default()),
             changed: Condvar::new(),
@@ -956,6 +978,9 @@ mod tests {
             json!({"traffic.sidecar.istio.io/includeOutboundIPRanges": "10.0.0.0/8,127.0.0.0/8", "traffic.sidecar.istio.io/includeInboundPorts": "9080,8080"}),
             json!({"traffic.sidecar.istio.io/includeInboundPorts": ""}),
             json!({"traffic.sidecar.istio.io/excludeInterfaces": "net1,eth+", "traffic.sidecar.istio.io/kubevirtInterfaces": "tap0"}),
+            // DNS capture, owner groups (out of order), the loopback range.
+            json!({"proxy.istio.io/config": "{\"proxyMetadata\":{\"ISTIO_META_DNS_CAPTURE\":\"true\",\"ISTIO_OUTBOUND_OWNER_GROUPS\":\"3000,2000\",\"ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR\":\"127.0.0.0/8\"}}"}),
+            json!({"proxy.istio.io/config": "{\"proxyMetadata\":{\"ISTIO_META_DNS_CAPTURE\":\"true\",\"ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE\":\"7\"}}"}),
         ] {
             let spec = annotations::from_pod(&pod(ann.clone()))
                 .unwrap()

@@ -302,12 +302,19 @@ impl Agent {
                 .inst
                 .attach_cgroup(&self.cgroup)
                 .map_err(|e| AgentError::from_error(&e))?;
-            let info = inner.inst.register_pod(&ns, &spec).map_err(|e| {
-                if let Error::MapFull { map, .. } = &e {
-                    *self.counters().map_full.entry(map).or_default() += 1;
-                }
-                AgentError::from_error(&e)
-            })?;
+            let opts = attach::Register {
+                cgroup: Some(&self.cgroup),
+                force: false,
+            };
+            let info = inner
+                .inst
+                .register_pod_with(&ns, &spec, &opts)
+                .map_err(|e| {
+                    if let Error::MapFull { map, .. } = &e {
+                        *self.counters().map_full.entry(map).or_default() += 1;
+                    }
+                    AgentError::from_error(&e)
+                })?;
             let rec = Record {
                 container_id: cid.into(),
                 pod: pod.into(),
@@ -317,7 +324,14 @@ impl Agent {
                 tracing::warn!(error = %format!("{e:#}"), "pod captured but not recorded (a DEL after its netns is gone will not find it; the next agent start releases it)");
             }
             let elapsed_ms = t0.elapsed().as_secs_f64() * 1000.0;
-            tracing::info!(cookie = info.cookie, addresses = ?info.addresses, config = %spec.istio_args(), elapsed_ms, "captured pod");
+            tracing::info!(cookie = info.cookie, addresses = ?info.addresses, config = %spec.istio_args(), dns_capture = %spec.dns_capture().describe(), elapsed_ms, "captured pod");
+            if spec.dns_capture() == crate::config::DnsCapture::AllUnknownNameservers {
+                tracing::warn!(
+                    cookie = info.cookie,
+                    "DNS capture: {}",
+                    spec.dns_capture().describe()
+                );
+            }
             Ok(AddReply {
                 captured: true,
                 cookie: Some(info.cookie),

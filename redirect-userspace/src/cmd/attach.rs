@@ -7,6 +7,7 @@ use redirect_userspace::{
     attach::{self, Installation},
     config::{CaptureFlags, PodSpec, RunOptions},
     pins::Pins,
+    podfiles::PodFiles,
     sys,
 };
 
@@ -23,6 +24,11 @@ pub struct Args {
     /// install keeps its sizes; a different size here is an error.
     #[arg(long = "map-size", value_name = "MAP=N", value_delimiter = ',')]
     pub map_size: Vec<String>,
+    /// Capture the pod even when another install (another pin directory)
+    /// has captured it: both then act on its connections. For moving pods
+    /// between installs; without it, attach refuses and names the other.
+    #[arg(long)]
+    pub force: bool,
     #[command(flatten)]
     pub flags: CaptureFlags,
 }
@@ -35,6 +41,7 @@ pub fn run(pin_dir: &Path, a: Args) -> Result<()> {
             cgroup: a.pod.cgroup,
             json: a.json,
             map_size: a.map_size,
+            force: a.force,
             flags: a.flags,
         },
     )
@@ -48,6 +55,8 @@ pub struct Invocation {
     pub cgroup: Option<PathBuf>,
     pub json: bool,
     pub map_size: Vec<String>,
+    /// `--force`: capture a pod another install has captured too.
+    pub force: bool,
     pub flags: CaptureFlags,
 }
 
@@ -71,7 +80,7 @@ fn netns_path(inv: &Invocation, opts: &RunOptions) -> Result<(PathBuf, bool)> {
 pub fn execute(pin_dir: &Path, inv: Invocation) -> Result<()> {
     // Everything is validated before anything is touched.
     let opts = inv.flags.run_options()?;
-    let spec = inv.flags.to_spec()?;
+    let mut spec = inv.flags.to_spec()?;
     let sizes = redirect_userspace::mapsize::MapSizes::parse(&inv.map_size)?;
     let (netns_path, defaulted) = netns_path(&inv, &opts)?;
     let netns = sys::Netns::open(&netns_path).map_err(|e| {
@@ -85,7 +94,14 @@ pub fn execute(pin_dir: &Path, inv: Invocation) -> Result<()> {
         };
         anyhow::anyhow!("{by}: {e}")
     })?;
-    let cgroup = super::cgroup_or_root(inv.cgroup.as_deref())?;
+    // Refused before anything is touched: a pin dir that exists but is
+    // not on bpffs holds no install.
+    if Path::new(pin_dir).symlink_metadata().is_ok() {
+        sys::check_on_bpffs(pin_dir)?;
+    }
+    // `--cgroup`, else the pod's recorded cgroup (a re-attach never widens
+    // it silently), else the cgroup2 root.
+    let (cgroup, from, recorded) = super::pod_cgroup(pin_dir, inv.cgroup.as_deref(), &netns)?;
     let ignored = inv.flags.ignored();
     for i in &ignored {
         tracing::info!(flag = %i.flag, value = %i.value, reason = i.reason, "accepted, no effect");
@@ -97,8 +113,12 @@ pub fn execute(pin_dir: &Path, inv: Invocation) -> Result<()> {
     if opts.cleanup_only {
         return cleanup(pin_dir, &netns, &opts, inv.json);
     }
+    // What istio-init reads inside the pod: its nameservers and groups.
+    let notes = PodFiles::locate(&netns_path, defaulted, &opts).complete(&mut spec)?;
     if opts.dry_run {
-        return dry_run(pin_dir, &inv, &opts, &spec, &netns, &cgroup, defaulted);
+        return dry_run(
+            pin_dir, &inv, &opts, &spec, &netns, &cgroup, defaulted, &notes,
+        );
     }
     if opts.skip_rule_apply {
         if !opts.run_validation {
@@ -108,7 +128,14 @@ pub fn execute(pin_dir: &Path, inv: Invocation) -> Result<()> {
         for w in spec.warnings() {
             eprintln!("redirect: warning: {w}");
         }
-        capture(pin_dir, &netns, &cgroup, &spec, &sizes, inv.json)?;
+        let target = Target {
+            netns: &netns,
+            cgroup: &cgroup,
+            from,
+            recorded: recorded.as_ref(),
+            force: inv.force,
+        };
+        capture(pin_dir, &target, &spec, &sizes, inv.json, &notes)?;
     }
     if opts.run_validation {
         let a = super::validate::Args {
@@ -167,6 +194,7 @@ fn cleanup(pin_dir: &Path, netns: &sys::Netns, opts: &RunOptions, json: bool) ->
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
 fn dry_run(
     pin_dir: &Path,
     inv: &Invocation,
@@ -175,6 +203,7 @@ fn dry_run(
     netns: &sys::Netns,
     cgroup: &Path,
     defaulted: bool,
+    notes: &[String],
 ) -> Result<()> {
     let ignored = inv.flags.ignored();
     let host = netns.is_host();
@@ -183,8 +212,26 @@ fn dry_run(
         .iter()
         .map(|(d, why)| format!("{}: not supported yet: {why}", d.name()))
         .collect();
+    if let Some(e) = spec.unresolved_group() {
+        refused.push(e.to_string());
+    }
     if host {
         refused.push(redirect_userspace::error::Error::HostNetns(netns.path.clone()).to_string());
+    }
+    // Another install has the pod (see `owner`).
+    let owned = if host {
+        None
+    } else {
+        match redirect_userspace::podns::cookie(netns).and_then(|c| {
+            redirect_userspace::owner::refuse_if_owned(netns, c, &Pins::new(pin_dir), inv.force)
+        }) {
+            Err(e @ redirect_userspace::error::Error::OwnedElsewhere { .. }) => Some(e),
+            // Without the privileges to look, a dry run cannot tell.
+            _ => None,
+        }
+    };
+    if let Some(e) = &owned {
+        refused.push(e.to_string());
     }
     let warnings = spec.warnings();
     if inv.json {
@@ -205,8 +252,12 @@ fn dry_run(
                     "probe_port": opts.probe_port,
                     "probe_timeout_ms": opts.probe_timeout.as_millis() as u64,
                     "cleanup_only": opts.cleanup_only,
+                    "dns_resolv_conf": opts.dns_resolv_conf,
+                    "pod_root": opts.pod_root,
                 },
                 "warnings": warnings,
+                "notes": notes,
+                "dns_capture": spec.dns_capture().describe(),
                 "ignored": ignored,
                 "refused": refused,
             })
@@ -231,6 +282,10 @@ fn dry_run(
             println!("--run-validation: a real run then validates the capture");
         }
         println!("istio-iptables {}", spec.istio_args());
+        for n in notes {
+            println!("{n}");
+        }
+        println!("dns capture: {}", spec.dns_capture().describe());
         println!("{}", serde_json::to_string_pretty(spec)?);
         for i in &ignored {
             println!("accepted, no effect: {}={} ({})", i.flag, i.value, i.reason);
@@ -245,31 +300,48 @@ fn dry_run(
         if host {
             return Err(redirect_userspace::error::Error::HostNetns(netns.path.clone()).into());
         }
+        if let Some(e) = owned {
+            return Err(e.into());
+        }
     }
     Ok(())
 }
 
+/// The pod a capture is for, and how its cgroup was chosen.
+struct Target<'a> {
+    netns: &'a sys::Netns,
+    cgroup: &'a Path,
+    from: super::CgroupFrom,
+    /// The pod's cgroup recorded in the install before this capture.
+    recorded: Option<&'a redirect_userspace::cgroups::Recorded>,
+    force: bool,
+}
+
 fn capture(
     pin_dir: &Path,
-    netns: &sys::Netns,
-    cgroup: &Path,
+    t: &Target<'_>,
     spec: &PodSpec,
     sizes: &redirect_userspace::mapsize::MapSizes,
     json: bool,
+    notes: &[String],
 ) -> Result<()> {
+    let (netns, cgroup) = (t.netns, t.cgroup);
     // Nothing half-applied: a failure removes what this call created (the
-    // whole install when it made it, else the cgroup links it added).
+    // whole install when it made it, else the cgroup links it added), and
+    // nothing else: a pin dir that existed before is kept.
     let pins = Pins::new(pin_dir);
     let fresh = !pins.is_installed();
+    let root_existed = pin_dir.symlink_metadata().is_ok();
     let undo = |newly: bool| {
         if fresh {
-            let _ = attach::uninstall(&pins);
+            let _ = attach::uninstall_opts(&pins, !root_existed);
         } else if newly {
             let _ = attach::detach_cgroup(&pins, cgroup);
         }
     };
     // Refused before anything is created.
     spec.check_supported()?;
+    sys::check_privileges()?;
     let mut inst = match Installation::open_with(pin_dir, sizes) {
         Ok(i) => i,
         Err(e) => {
@@ -277,6 +349,13 @@ fn capture(
             return Err(e.into());
         }
     };
+    // Another install's pod: refused before anything is attached.
+    if let Err(e) = redirect_userspace::podns::cookie(netns)
+        .and_then(|c| redirect_userspace::owner::refuse_if_owned(netns, c, &pins, t.force))
+    {
+        undo(false);
+        return Err(e.into());
+    }
     let newly = match inst.attach_cgroup(cgroup) {
         Ok(n) => n,
         Err(e) => {
@@ -284,7 +363,11 @@ fn capture(
             return Err(e.into());
         }
     };
-    let info = match inst.register_pod(netns, spec) {
+    let opts = attach::Register {
+        cgroup: Some(cgroup),
+        force: t.force,
+    };
+    let info = match inst.register_pod_with(netns, spec, &opts) {
         Ok(i) => i,
         Err(e) => {
             let others = inst.maps().map(|m| !m.pods().is_empty()).unwrap_or(true);
@@ -300,10 +383,49 @@ fn capture(
             info.unmatched_interfaces.join(", ")
         );
     }
+    for o in &info.also_captured_by {
+        eprintln!(
+            "redirect: warning: --force: {} is also captured by {o}; both installs act on its connections until it is released from one",
+            netns.path.display()
+        );
+    }
+    // A pod moved to another cgroup: the old one keeps its programs (the
+    // pod's connections opened there still use them).
+    let moved_from = t.recorded.filter(|r| {
+        std::fs::metadata(cgroup)
+            .map(|m| std::os::unix::fs::MetadataExt::ino(&m) != r.id)
+            .unwrap_or(true)
+    });
+    // Processes of the pod that this cgroup does not cover.
+    let outside = sys::cgroup2_mount()
+        .map(|m| redirect_userspace::cgroups::outside(netns.inode, cgroup, &m))
+        .unwrap_or_default();
+    if !outside.is_empty() {
+        let list: Vec<String> = outside
+            .iter()
+            .take(5)
+            .map(|o| format!("pid {} ({}) in {}", o.pid, o.comm, o.cgroup))
+            .collect();
+        eprintln!(
+            "redirect: warning: {} process{} in {} {} outside cgroup {} and not captured (their connections go direct): {}{}. Attach with a --cgroup that contains them, or move them into it",
+            outside.len(),
+            if outside.len() == 1 { "" } else { "es" },
+            netns.path.display(),
+            if outside.len() == 1 { "is" } else { "are" },
+            cgroup.display(),
+            list.join(", "),
+            if outside.len() > 5 { ", ..." } else { "" }
+        );
+    }
+    let from = match t.from {
+        super::CgroupFrom::Flag => "--cgroup",
+        super::CgroupFrom::Recorded => "the pod's recorded cgroup",
+        super::CgroupFrom::Root => "the cgroup2 root",
+    };
     if json {
         println!(
             "{}",
-            serde_json::json!({"pod": info, "cgroup": cgroup, "cgroup_newly_attached": newly, "config": spec})
+            serde_json::json!({"pod": info, "cgroup": cgroup, "cgroup_from": from, "cgroup_newly_attached": newly, "moved_from_cgroup": moved_from.map(|m| &m.path), "outside_cgroup": outside, "config": spec, "dns_capture": spec.dns_capture().describe(), "notes": notes})
         );
     } else {
         println!(
@@ -315,6 +437,12 @@ fn capture(
             spec.inbound_port
         );
         println!("  istio-iptables {}", spec.istio_args());
+        for n in notes {
+            println!("  {n}");
+        }
+        if spec.redirect_dns {
+            println!("  dns capture: {}", spec.dns_capture().describe());
+        }
         println!(
             "  pod addresses: {}",
             info.addresses
@@ -324,14 +452,25 @@ fn capture(
                 .join(", ")
         );
         println!(
-            "  cgroup {} {}",
+            "  cgroup {} {} ({from}{})",
             cgroup.display(),
             if newly {
                 "attached now"
             } else {
                 "already attached"
+            },
+            if t.from == super::CgroupFrom::Recorded {
+                "; --cgroup to change it"
+            } else {
+                ""
             }
         );
+        if let Some(old) = moved_from {
+            println!(
+                "  was attached under cgroup {} (its programs stay: `redirect detach` then `attach` moves the pod completely)",
+                old.path.display()
+            );
+        }
         // Said once, here (forced on a failed probe included); the probe's
         // findings in full: `redirect status`.
         if !info.vm_interfaces.is_empty() {

@@ -42,6 +42,7 @@ pub fn run(pin_dir: &Path, mut a: Args) -> Result<()> {
             cgroup: a.cgroup,
             json: a.json,
             map_size: a.map_size,
+            force: false,
             flags: a.flags,
         },
     )

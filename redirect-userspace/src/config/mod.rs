@@ -74,6 +74,14 @@ impl Cidr {
         self.addr.is_ipv6()
     }
 
+    /// A single address (/32 or /128).
+    pub fn host(addr: IpAddr) -> Cidr {
+        Cidr {
+            addr,
+            len: if addr.is_ipv4() { 32 } else { 128 },
+        }
+    }
+
     /// 127.0.0.1/32: the host loopback istio-iptables' rules name.
     pub fn default_loopback() -> Cidr {
         Cidr {
@@ -154,14 +162,69 @@ pub struct PodSpec {
     pub exclude_interfaces: Vec<String>,
     /// `-k`: interfaces whose inbound (VM) traffic is treated as outbound.
     pub kube_virt_interfaces: Vec<String>,
-    /// `--redirect-dns` / `ISTIO_META_DNS_CAPTURE` (not supported yet).
+    /// `--redirect-dns` / `ISTIO_META_DNS_CAPTURE`: DNS to the DNS proxy.
     pub redirect_dns: bool,
     /// `--capture-all-dns` (with `--redirect-dns` only).
     pub capture_all_dns: bool,
-    /// `ISTIO_OUTBOUND_OWNER_GROUPS[_EXCLUDE]` (only `All` supported yet).
+    /// The pod's nameservers for `--redirect-dns` (sorted, IPv4 first,
+    /// no duplicates). `None`: not known (DNS to any address is then
+    /// captured, as with `--capture-all-dns`); empty: the pod has none
+    /// (DNS capture is then off, as istio-iptables does). Unused (None)
+    /// without `--redirect-dns` or with `--capture-all-dns`.
+    pub dns_servers: Option<Vec<IpAddr>>,
+    /// `ISTIO_OUTBOUND_OWNER_GROUPS[_EXCLUDE]`. Captured pods hold numeric
+    /// gids only: names are resolved against the pod's /etc/group first
+    /// ([`OwnerGroups::resolve`]) or the capture is refused.
     pub outbound_owner_groups: OwnerGroups,
-    /// `ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR` (only 127.0.0.1/32 supported yet).
+    /// `ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR`: the range rules (2), (5) and (8)
+    /// treat as the host loopback (127.0.0.1/32).
     pub ipv4_loopback_cidr: Cidr,
+}
+
+/// What DNS capture does for a pod ([`PodSpec::dns_capture`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DnsCapture {
+    /// No `--redirect-dns`.
+    Off,
+    /// `--redirect-dns`, but the pod has no nameserver and
+    /// `--capture-all-dns` is not set: nothing is captured (as
+    /// istio-iptables does).
+    NoNameservers,
+    /// Port 53 to these nameservers.
+    Nameservers(Vec<IpAddr>),
+    /// Port 53 to any address (`--capture-all-dns`).
+    AllAddresses,
+    /// Port 53 to any address because the pod's nameservers are not
+    /// known where the capture was made.
+    AllUnknownNameservers,
+}
+
+impl DnsCapture {
+    /// Does it send anything to the DNS proxy?
+    pub fn captures(&self) -> bool {
+        matches!(
+            self,
+            DnsCapture::Nameservers(_)
+                | DnsCapture::AllAddresses
+                | DnsCapture::AllUnknownNameservers
+        )
+    }
+
+    /// In words, for `attach`, `status` and the agent's log.
+    pub fn describe(&self) -> String {
+        let to = format!("-> 127.0.0.1:{DNS_PROXY_PORT} / [::1]:{DNS_PROXY_PORT}");
+        match self {
+            DnsCapture::Off => "off".into(),
+            DnsCapture::NoNameservers => "off: --redirect-dns, but the pod lists no nameserver and --capture-all-dns is not set (istio-iptables turns DNS capture off then too)".into(),
+            DnsCapture::Nameservers(v) => format!(
+                "UDP and TCP port 53 to the pod's nameservers {} {to}",
+                v.iter().map(IpAddr::to_string).collect::<Vec<_>>().join(", ")
+            ),
+            DnsCapture::AllAddresses => format!("UDP and TCP port 53 to any address (--capture-all-dns) {to}"),
+            DnsCapture::AllUnknownNameservers => format!("UDP and TCP port 53 to any address {to}: the pod's nameservers are not known here (--dns-servers, --dns-resolv-conf or the pod's root name them)"),
+        }
+    }
 }
 
 /// Which groups' outbound connections are captured
@@ -176,6 +239,68 @@ pub enum OwnerGroups {
     Only(Vec<String>),
     /// All but these.
     AllExcept(Vec<String>),
+}
+
+impl OwnerGroups {
+    /// The groups listed (empty for `All`).
+    pub fn listed(&self) -> &[String] {
+        match self {
+            OwnerGroups::All => &[],
+            OwnerGroups::Only(g) | OwnerGroups::AllExcept(g) => g,
+        }
+    }
+
+    fn listed_mut(&mut self) -> Option<&mut Vec<String>> {
+        match self {
+            OwnerGroups::All => None,
+            OwnerGroups::Only(g) | OwnerGroups::AllExcept(g) => Some(g),
+        }
+    }
+
+    /// The listed groups that are names, not numeric gids.
+    pub fn names(&self) -> Vec<&str> {
+        self.listed()
+            .iter()
+            .filter(|g| g.parse::<u32>().is_err())
+            .map(String::as_str)
+            .collect()
+    }
+
+    /// The numeric gids listed (names left out).
+    pub fn gids(&self) -> Vec<u32> {
+        let mut v: Vec<u32> = self
+            .listed()
+            .iter()
+            .filter_map(|g| g.parse().ok())
+            .collect();
+        v.sort_unstable();
+        v.dedup();
+        v
+    }
+
+    /// Replace group names by their gids, looked up with `gid_of` (the
+    /// pod's /etc/group, as iptables resolves `--gid-owner <name>` where
+    /// istio-init runs: in the pod). A name it does not know is an error
+    /// naming it. Afterwards the list is the sorted numeric gids.
+    pub fn resolve(&mut self, gid_of: &dyn Fn(&str) -> Option<u32>) -> Result<(), String> {
+        let Some(list) = self.listed_mut() else {
+            return Ok(());
+        };
+        let mut gids = Vec::new();
+        for g in list.iter() {
+            match g.parse::<u32>() {
+                Ok(n) => gids.push(n),
+                Err(_) => gids.push(
+                    gid_of(g)
+                        .ok_or_else(|| format!("group '{g}' is not in the pod's /etc/group"))?,
+                ),
+            }
+        }
+        gids.sort_unstable();
+        gids.dedup();
+        *list = gids.iter().map(u32::to_string).collect();
+        Ok(())
+    }
 }
 
 /// A list port parse, for callers outside the table (the fuzz target):
@@ -225,6 +350,7 @@ impl PodSpec {
             kube_virt_interfaces: Vec::new(),
             redirect_dns: false,
             capture_all_dns: false,
+            dns_servers: None,
             outbound_owner_groups: OwnerGroups::All,
             ipv4_loopback_cidr: Cidr::default_loopback(),
         }
@@ -260,6 +386,23 @@ impl PodSpec {
         }
         if !self.exclude_interfaces.is_empty() || !self.kube_virt_interfaces.is_empty() {
             f |= flags::IFACES;
+        }
+        f |= match self.dns_capture() {
+            DnsCapture::Off => 0,
+            DnsCapture::NoNameservers => flags::DNS_NO_SERVERS,
+            DnsCapture::Nameservers(_) => flags::DNS_CAPTURE,
+            DnsCapture::AllAddresses => flags::DNS_CAPTURE | flags::DNS_CAPTURE_ALL,
+            DnsCapture::AllUnknownNameservers => {
+                flags::DNS_CAPTURE | flags::DNS_CAPTURE_ALL | flags::DNS_SERVERS_UNKNOWN
+            }
+        };
+        match self.outbound_owner_groups {
+            OwnerGroups::All => {}
+            OwnerGroups::Only(_) => f |= flags::OWNER_GROUPS_ONLY,
+            OwnerGroups::AllExcept(_) => f |= flags::OWNER_GROUPS_EXCEPT,
+        }
+        if self.ipv4_loopback_cidr != Cidr::default_loopback() {
+            f |= flags::LOOPBACK_CIDR;
         }
         let mut uids = [0; MAX_IDS];
         let mut gids = [0; MAX_IDS];
@@ -312,13 +455,49 @@ impl PodSpec {
             v.push((kind(c, cidr_kind::EXCLUDE_V4, cidr_kind::EXCLUDE_V6), *c));
         }
         for a in local_addrs {
-            let c = Cidr {
-                addr: *a,
-                len: if a.is_ipv4() { 32 } else { 128 },
-            };
+            let c = Cidr::host(*a);
             v.push((kind(&c, cidr_kind::LOCAL_V4, cidr_kind::LOCAL_V6), c));
         }
+        if let DnsCapture::Nameservers(servers) = self.dns_capture() {
+            for a in servers {
+                let c = Cidr::host(a);
+                v.push((kind(&c, cidr_kind::DNS_V4, cidr_kind::DNS_V6), c));
+            }
+        }
+        for gid in self.outbound_owner_groups.gids() {
+            let k = cidr_kind::gid_key(gid);
+            let addr = IpAddr::V4([k[0], k[1], k[2], k[3]].into());
+            v.push((cidr_kind::OWNER_GID, Cidr { addr, len: 32 }));
+        }
+        if self.ipv4_loopback_cidr != Cidr::default_loopback() {
+            v.push((cidr_kind::LOOPBACK_V4, self.ipv4_loopback_cidr));
+        }
         v
+    }
+
+    /// The IPv4 host loopback as `iptables -L -n` prints it (127.0.0.1,
+    /// or the range of `ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR`).
+    pub fn ipv4_loopback_cidr_shown(&self) -> String {
+        if self.ipv4_loopback_cidr == Cidr::default_loopback() {
+            "127.0.0.1".into()
+        } else {
+            self.ipv4_loopback_cidr.to_string()
+        }
+    }
+
+    /// What DNS capture does for this pod.
+    pub fn dns_capture(&self) -> DnsCapture {
+        if !self.redirect_dns {
+            return DnsCapture::Off;
+        }
+        if self.capture_all_dns {
+            return DnsCapture::AllAddresses;
+        }
+        match &self.dns_servers {
+            None => DnsCapture::AllUnknownNameservers,
+            Some(v) if v.is_empty() => DnsCapture::NoNameservers,
+            Some(v) => DnsCapture::Nameservers(v.clone()),
+        }
     }
 
     /// Rebuild the spec from what the kernel maps hold.
@@ -338,6 +517,45 @@ impl PodSpec {
                 .filter(|(k, _)| *k == k4 || *k == k6)
                 .map(|(_, c)| *c)
                 .collect::<Vec<_>>()
+        };
+        let dns_servers = if cfg.has(flags::DNS_CAPTURE) && !cfg.has(flags::DNS_CAPTURE_ALL) {
+            let mut v: Vec<IpAddr> = pickc(cidr_kind::DNS_V4, cidr_kind::DNS_V6)
+                .iter()
+                .map(|c| c.addr)
+                .collect();
+            v.sort();
+            Some(v)
+        } else if cfg.has(flags::DNS_NO_SERVERS) {
+            Some(Vec::new())
+        } else {
+            None
+        };
+        let gids = || {
+            let mut g: Vec<u32> = cidrs
+                .iter()
+                .filter(|(k, _)| *k == cidr_kind::OWNER_GID)
+                .filter_map(|(_, c)| match c.addr {
+                    IpAddr::V4(a) => Some(u32::from(a)),
+                    IpAddr::V6(_) => None,
+                })
+                .collect();
+            g.sort_unstable();
+            g.iter().map(u32::to_string).collect::<Vec<_>>()
+        };
+        let outbound_owner_groups = if cfg.has(flags::OWNER_GROUPS_ONLY) {
+            OwnerGroups::Only(gids())
+        } else if cfg.has(flags::OWNER_GROUPS_EXCEPT) {
+            OwnerGroups::AllExcept(gids())
+        } else {
+            OwnerGroups::All
+        };
+        let ipv4_loopback_cidr = if cfg.has(flags::LOOPBACK_CIDR) {
+            pickc(cidr_kind::LOOPBACK_V4, cidr_kind::LOOPBACK_V4)
+                .first()
+                .copied()
+                .unwrap_or_else(Cidr::default_loopback)
+        } else {
+            Cidr::default_loopback()
         };
         let inbound_ports = if cfg.has(flags::IN_CAPTURE_ALL) {
             InboundPorts::All
@@ -369,6 +587,12 @@ impl PodSpec {
                 AccelMode::Auto
             },
             accel_short_conns: cfg.has(flags::ACCEL_SHORT_CONNS),
+            redirect_dns: cfg.has(flags::DNS_CAPTURE) || cfg.has(flags::DNS_NO_SERVERS),
+            capture_all_dns: cfg.has(flags::DNS_CAPTURE_ALL)
+                && !cfg.has(flags::DNS_SERVERS_UNKNOWN),
+            dns_servers,
+            outbound_owner_groups,
+            ipv4_loopback_cidr,
             ..PodSpec::blank()
         }
     }
@@ -413,6 +637,17 @@ impl PodSpec {
         }
         if self.capture_all_dns && !self.redirect_dns {
             w.push("--capture-all-dns has no effect without --redirect-dns".into());
+        }
+        if self.dns_servers.is_some() && !self.redirect_dns {
+            w.push("--dns-servers has no effect without --redirect-dns".into());
+        } else if self.dns_servers.is_some() && self.capture_all_dns {
+            w.push("--dns-servers has no effect with --capture-all-dns (DNS to any address is captured)".into());
+        }
+        match self.dns_capture() {
+            DnsCapture::NoNameservers | DnsCapture::AllUnknownNameservers => {
+                w.push(format!("DNS capture: {}", self.dns_capture().describe()));
+            }
+            _ => {}
         }
         w
     }
@@ -491,20 +726,40 @@ impl PodSpec {
     }
 
     /// The one place capture refuses what is not supported yet: every
-    /// attach (CLI, agent, live annotation change) goes through it.
+    /// attach (CLI, agent, live annotation change) goes through it. Owner
+    /// groups given by name must have been resolved against the pod's
+    /// /etc/group by then ([`OwnerGroups::resolve`]).
     pub fn check_supported(&self) -> Result<(), Error> {
-        match self.unsupported().first() {
-            None => Ok(()),
-            Some((d, missing)) => Err(Error::NotSupported {
+        if let Some((d, missing)) = self.unsupported().first() {
+            return Err(Error::NotSupported {
                 flag: d.name(),
                 reason: missing.to_string(),
-            }),
+            });
         }
+        match self.unresolved_group() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// An owner group given by name that was not resolved to a gid (the
+    /// pod's /etc/group was not available): the error that refuses it.
+    pub fn unresolved_group(&self) -> Option<Error> {
+        let name = self.outbound_owner_groups.names().first()?.to_string();
+        let flag = match self.outbound_owner_groups {
+            OwnerGroups::AllExcept(_) => Flag::OwnerGroupsExclude,
+            _ => Flag::OwnerGroups,
+        };
+        Some(Error::InvalidFlag {
+            field: FlagDef::get(flag).name(),
+            value: self.outbound_owner_groups.listed().join(","),
+            reason: format!("group '{name}' is a name, and the pod's /etc/group is not known here, so it cannot be turned into a gid (the kernel matches gids): give numeric gids, or let redirect read the pod's root (run it inside the pod as istio-init does, use --netns /proc/<pid>/ns/net, or --pod-root <dir>)"),
+        })
     }
 }
 
 /// The agent's DNS proxy port (istio-iptables' `--redirect-dns` target).
-pub const DNS_PROXY_PORT: u16 = 15053;
+pub use redirect_common::DNS_PROXY_PORT;
 
 #[cfg(test)]
 mod tests {

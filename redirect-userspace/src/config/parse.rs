@@ -90,6 +90,21 @@ pub fn cidrs(s: &str, star_ok: bool) -> Result<CidrList, String> {
     Ok(list)
 }
 
+/// Addresses (`--dns-servers`), comma separated: sorted (IPv4 first),
+/// without duplicates. An IPv6 zone (`fe80::1%eth0`) is not accepted.
+pub fn addresses(s: &str) -> Result<Vec<IpAddr>, String> {
+    let mut out = Vec::new();
+    for a in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        out.push(
+            a.parse::<IpAddr>()
+                .map_err(|_| format!("'{a}' is not an IPv4 or IPv6 address"))?,
+        );
+    }
+    out.sort();
+    out.dedup();
+    Ok(out)
+}
+
 /// A boolean as Go's `strconv.ParseBool` reads it (istio-iptables' flags
 /// and environment variables).
 pub fn bool(s: &str) -> Result<bool, String> {

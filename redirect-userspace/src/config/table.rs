@@ -49,6 +49,9 @@ pub enum Flag {
     KubeVirtInterfaces,
     RedirectDns,
     CaptureAllDns,
+    DnsServers,
+    DnsResolvConf,
+    PodRoot,
     OwnerGroups,
     OwnerGroupsExclude,
     Ipv4LoopbackCidr,
@@ -354,28 +357,45 @@ fn flag_if(on: bool) -> Option<String> {
     on.then(String::new)
 }
 
-// ------------------------------------------------------ not yet in effect
-
-fn dns_in_effect(s: &PodSpec) -> bool {
-    s.redirect_dns
+fn show_dns_servers(s: &PodSpec) -> Option<String> {
+    match &s.dns_servers {
+        Some(v) if s.redirect_dns && !s.capture_all_dns && v.is_empty() => {
+            Some(NO_NAMESERVERS.into())
+        }
+        Some(v) if s.redirect_dns && !s.capture_all_dns => Some(quoted(list(v))),
+        _ => None,
+    }
 }
 
-fn owner_groups_in_effect(s: &PodSpec) -> bool {
-    matches!(s.outbound_owner_groups, OwnerGroups::Only(_))
+/// `--dns-servers none`: the pod has no nameserver (DNS capture is then
+/// off, as istio-iptables with a resolv.conf that lists none).
+pub const NO_NAMESERVERS: &str = "none";
+
+fn set_dns_servers(s: &mut PodSpec, v: &str) -> Result<(), String> {
+    // Empty: not given (the CLI then reads the pod's resolv.conf).
+    s.dns_servers = match v.trim() {
+        "" => None,
+        NO_NAMESERVERS => Some(Vec::new()),
+        v => Some(parse::addresses(v)?),
+    };
+    Ok(())
 }
 
-fn owner_groups_exclude_in_effect(s: &PodSpec) -> bool {
-    matches!(s.outbound_owner_groups, OwnerGroups::AllExcept(_))
-}
-
-fn loopback_in_effect(s: &PodSpec) -> bool {
-    s.ipv4_loopback_cidr != Cidr::default_loopback()
+fn check_path(v: &str) -> Result<Option<std::path::PathBuf>, String> {
+    let v = v.trim();
+    if v.is_empty() {
+        return Ok(None);
+    }
+    if !v.starts_with('/') {
+        return Err(format!("'{v}' is not an absolute path"));
+    }
+    Ok(Some(v.into()))
 }
 
 const NOT_WITHOUT_NETFILTER: &str = "there are no iptables rules to apply";
 
 /// Every row, in the order `istio_args()` prints them.
-pub static TABLE: [FlagDef; 46] = [
+pub static TABLE: [FlagDef; 49] = [
     FlagDef {
         flag: Flag::EnvoyPort,
         short: Some('p'),
@@ -682,11 +702,8 @@ pub static TABLE: [FlagDef; 46] = [
             Ok(())
         }),
         show: Show::IfSet(|s| flag_if(s.redirect_dns)),
-        status: Status::NotYet {
-            missing: "DNS (port 53, UDP and TCP) is not sent to the DNS proxy on port 15053 yet",
-            in_effect: dns_in_effect,
-        },
-        help: "Send the app's DNS queries to the DNS proxy on port 15053.",
+        status: Status::Works,
+        help: "Send the app's DNS (UDP and TCP port 53) to the pod's nameservers to the DNS proxy on 127.0.0.1:15053 / [::1]:15053; the app reads the replies as from the nameserver. The nameservers: --dns-servers, else --dns-resolv-conf, else the pod's resolv.conf where redirect can read it (see the docs), else DNS to any address is captured.",
     },
     FlagDef {
         flag: Flag::CaptureAllDns,
@@ -706,11 +723,68 @@ pub static TABLE: [FlagDef; 46] = [
             Ok(())
         }),
         show: Show::IfSet(|s| flag_if(s.capture_all_dns)),
-        status: Status::NotYet {
-            missing: "DNS capture is not implemented yet; this flag only matters with --redirect-dns",
-            in_effect: dns_in_effect,
-        },
+        status: Status::Works,
         help: "With --redirect-dns: capture DNS to any address, not only the pod's nameservers.",
+    },
+    FlagDef {
+        flag: Flag::DnsServers,
+        short: None,
+        long: Some("dns-servers"),
+        aliases: &[],
+        env: &[],
+        default: "",
+        injected: None,
+        annotations: &[],
+        pod_note: "the agent: from the pod's dnsPolicy and dnsConfig, as the kubelet writes resolv.conf (ClusterFirst: the daemon's --cluster-dns)",
+        kind: Kind::Text,
+        origin: Origin::Redirect,
+        scope: Scope::Pod,
+        target: Target::Spec(set_dns_servers),
+        show: Show::IfSet(show_dns_servers),
+        status: Status::Works,
+        help: "The pod's nameservers for --redirect-dns, comma separated, or 'none' (istio-iptables reads them from the pod's /etc/resolv.conf). Not given: read from --dns-resolv-conf or the pod's resolv.conf where redirect can find it.",
+    },
+    FlagDef {
+        flag: Flag::DnsResolvConf,
+        short: None,
+        long: Some("dns-resolv-conf"),
+        aliases: &[],
+        env: &[],
+        default: "",
+        injected: None,
+        annotations: &[],
+        pod_note: "",
+        kind: Kind::Text,
+        origin: Origin::Redirect,
+        scope: Scope::Run,
+        target: Target::Run(|r, v| {
+            r.dns_resolv_conf = check_path(v)?;
+            Ok(())
+        }),
+        show: Show::Never,
+        status: Status::Works,
+        help: "The pod's resolv.conf, whose nameserver lines are the nameservers of --redirect-dns (when --dns-servers is not given).",
+    },
+    FlagDef {
+        flag: Flag::PodRoot,
+        short: None,
+        long: Some("pod-root"),
+        aliases: &[],
+        env: &[],
+        default: "",
+        injected: None,
+        annotations: &[],
+        pod_note: "",
+        kind: Kind::Text,
+        origin: Origin::Redirect,
+        scope: Scope::Run,
+        target: Target::Run(|r, v| {
+            r.pod_root = check_path(v)?;
+            Ok(())
+        }),
+        show: Show::Never,
+        status: Status::Works,
+        help: "The pod's root directory (its /etc/resolv.conf for --redirect-dns, its /etc/group for owner group names). Default: / when run inside the pod (no --netns), /proc/<pid>/root with --netns /proc/<pid>/ns/net.",
     },
     FlagDef {
         flag: Flag::OwnerGroups,
@@ -727,11 +801,8 @@ pub static TABLE: [FlagDef; 46] = [
         scope: Scope::Pod,
         target: Target::Spec(set_owner_groups),
         show: Show::Never,
-        status: Status::NotYet {
-            missing: "the kernel decision has no owner-group match yet; the groups would go into the pod config, matched after the proxy uid/gid rules",
-            in_effect: owner_groups_in_effect,
-        },
-        help: "Groups (names or gids) whose outbound traffic is captured; '*' for all.",
+        status: Status::Works,
+        help: "Groups (gids, or names looked up in the pod's /etc/group) whose outbound traffic (and DNS) is captured; '*' for all. Matched on the process's primary gid, after the proxy uid/gid rules.",
     },
     FlagDef {
         flag: Flag::OwnerGroupsExclude,
@@ -748,11 +819,8 @@ pub static TABLE: [FlagDef; 46] = [
         scope: Scope::Pod,
         target: Target::Spec(set_owner_groups_exclude),
         show: Show::Never,
-        status: Status::NotYet {
-            missing: "the kernel decision has no owner-group match yet; the groups would go into the pod config, matched after the proxy uid/gid rules",
-            in_effect: owner_groups_exclude_in_effect,
-        },
-        help: "Groups whose outbound traffic is not captured (when all groups are).",
+        status: Status::Works,
+        help: "Groups (gids, or names looked up in the pod's /etc/group) whose outbound traffic (and DNS) is not captured (read only when ISTIO_OUTBOUND_OWNER_GROUPS is '*').",
     },
     FlagDef {
         flag: Flag::Ipv4LoopbackCidr,
@@ -769,11 +837,8 @@ pub static TABLE: [FlagDef; 46] = [
         scope: Scope::Pod,
         target: Target::Spec(set_loopback_cidr),
         show: Show::Never,
-        status: Status::NotYet {
-            missing: "the kernel decision treats exactly 127.0.0.1 as the host loopback; another range would go into the pod config",
-            in_effect: loopback_in_effect,
-        },
-        help: "The IPv4 loopback range of the 127.0.0.1 rules.",
+        status: Status::Works,
+        help: "The IPv4 loopback range of the 127.0.0.1 rules (2), (5) and (8).",
     },
     FlagDef {
         flag: Flag::EnvoyUser,

@@ -88,6 +88,10 @@ pub struct RunOptions {
     pub probe_timeout: Duration,
     pub network_namespace: Option<PathBuf>,
     pub cleanup_only: bool,
+    /// `--dns-resolv-conf`: the pod's resolv.conf.
+    pub dns_resolv_conf: Option<PathBuf>,
+    /// `--pod-root`: the pod's root directory.
+    pub pod_root: Option<PathBuf>,
 }
 
 impl Default for RunOptions {
@@ -100,6 +104,8 @@ impl Default for RunOptions {
             probe_timeout: Duration::from_secs(5),
             network_namespace: None,
             cleanup_only: false,
+            dns_resolv_conf: None,
+            pod_root: None,
         }
     }
 }

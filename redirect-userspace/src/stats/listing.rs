@@ -34,9 +34,10 @@ const TO_OUTBOUND: [Reason; 3] = [
 const TO_INBOUND: [Reason; 2] = [Reason::OutProxyToSelf, Reason::InCaptured];
 
 /// The iptables names that are another name of one of our chains.
-const ALIASES: [(&str, Chain); 2] = [
+const ALIASES: [(&str, Chain); 3] = [
     ("ISTIO_OUTPUT", Chain::Output),
     ("ISTIO_INBOUND", Chain::Prerouting),
+    ("ISTIO_OUTPUT_DNS", Chain::Dns),
 ];
 
 /// Every name `--chain` accepts (for help and errors).
@@ -140,6 +141,7 @@ impl<'a> Section<'a> {
             title: format!("Chain {} ({})", c.name(), c.title()),
             unit: match c {
                 Chain::Output | Chain::Prerouting | Chain::Vm => "conns",
+                Chain::Dns => "count",
                 Chain::OrigDst => "calls",
                 Chain::Accel | Chain::Errors => "count",
             },
@@ -163,6 +165,8 @@ mod tests {
             ("ISTIO_IN_REDIRECT", Listing::ToInbound),
             ("ORIGINAL_DST", Listing::Chain(Chain::OrigDst)),
             ("vm", Listing::Chain(Chain::Vm)),
+            ("DNS", Listing::Chain(Chain::Dns)),
+            ("istio_output_dns", Listing::Chain(Chain::Dns)),
             ("accel", Listing::Chain(Chain::Accel)),
             ("ERRORS", Listing::Chain(Chain::Errors)),
         ] {
@@ -171,7 +175,7 @@ mod tests {
         let e = Listing::parse("ISTIO_OUTPUTX").unwrap_err().to_string();
         assert_eq!(
             e,
-            "invalid --chain value 'ISTIO_OUTPUTX': no such chain; the chains are OUTPUT (or ISTIO_OUTPUT), PREROUTING (or ISTIO_INBOUND), ISTIO_REDIRECT, ISTIO_IN_REDIRECT, VM, ORIGINAL_DST, ACCEL, ERRORS"
+            "invalid --chain value 'ISTIO_OUTPUTX': no such chain; the chains are OUTPUT (or ISTIO_OUTPUT), PREROUTING (or ISTIO_INBOUND), ISTIO_REDIRECT, ISTIO_IN_REDIRECT, VM, DNS (or ISTIO_OUTPUT_DNS), ORIGINAL_DST, ACCEL, ERRORS"
         );
     }
 
