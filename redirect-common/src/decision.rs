@@ -313,10 +313,14 @@ pub fn outbound_verdict<L: Lookup>(cfg: &PodConfig, c: &Outbound, l: &L) -> Verd
 /// loopback source); the sendmsg hook gives it to a DNS datagram.
 /// `family`/`dst` are the decided ones (v4-mapped folded to IPv4, the
 /// unspecified address made effective).
-/// - A local destination (rules 2/5 to the inbound port always): an
-///   address of the pod is its own source (the kernel's choice for a
-///   local connection); for 127.0.0.0/8 and ::1 none is needed, the
-///   rewrite gives a loopback source anyway.
+/// - A destination in 127.0.0.0/8 or `::1` (rule 8 aside: a local
+///   resolver such as 127.0.0.53 with DNS capture): none, the rewrite
+///   gives the loopback source the kernel would pick anyway (its local
+///   table, which the pod's routes as read do not hold, wins over any
+///   default route).
+/// - Another address of the pod (rules 2/5 to the inbound port always):
+///   that address, which the kernel picks as the source of a local
+///   connection.
 /// - Otherwise (to the outbound port or the DNS proxy): the source of the
 ///   pod's route to `dst`; none when the pod has no route there (the
 ///   connection would fail under iptables).
@@ -327,18 +331,19 @@ pub fn redirect_source<L: Lookup>(
     dst: &[u8; 16],
     l: &L,
 ) -> Option<[u8; 16]> {
+    let loopback = if family == AF_INET {
+        dst[0] == 127
+    } else {
+        *dst == V6_LOCALHOST
+    };
     let local = match v {
         Verdict::Untouched(_) => return None,
+        _ if loopback => return None,
         Verdict::ToInbound(_) => true,
         Verdict::ToOutbound(_) | Verdict::ToDns(_) => is_local(family, dst, l),
     };
     if local {
-        let loopback = if family == AF_INET {
-            dst[0] == 127
-        } else {
-            *dst == V6_LOCALHOST
-        };
-        return if loopback { None } else { Some(*dst) };
+        return Some(*dst);
     }
     match l.route(family, dst) {
         Some(r) if r.has(route_flags::HAS_SRC) => Some(r.src),

@@ -899,8 +899,8 @@ fn redirect_source_of_dns_is_the_route_to_the_nameserver() {
         ip("10.1.0.5")
     );
     // A local resolver: 127.0.0.53 keeps the loopback source the rewrite
-    // gives; one of the pod's addresses is its own source (the main table
-    // holds no route to it).
+    // gives, whatever the default route says; one of the pod's addresses
+    // is its own source.
     m.cidrs
         .push((cidr_kind::DNS_V4, "127.0.0.53".parse().unwrap(), 32));
     m.cidrs
