@@ -10,7 +10,7 @@
 //! pod's route to the original destination gives (iptables NAT keeps it),
 //! so the proxy and the app see the connection as under iptables.
 
-use core::ffi::c_void;
+use core::{ffi::c_void, mem::MaybeUninit};
 
 use aya_ebpf::{
     bindings::{bpf_sock, bpf_sock_addr, sockaddr},
@@ -19,8 +19,8 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use redirect_common::{
-    flags, outbound_verdict, redirect_source, v4_mapped, v4_to_mapped, OrigDst, Outbound, Reason,
-    Verdict, AF_INET, AF_INET6, DNS_PROXY_PORT, IPPROTO_TCP, IPPROTO_UDP,
+    flags, outbound_verdict, redirect_source, v4_mapped, v4_to_mapped, OrigDst, Outbound,
+    PodConfig, Reason, Verdict, AF_INET, AF_INET6, DNS_PROXY_PORT, IPPROTO_TCP, IPPROTO_UDP,
 };
 
 use crate::{
@@ -59,18 +59,10 @@ unsafe fn connect(ctx: &SockAddrContext, v6: bool) -> i32 {
         count(netns, Reason::OutNotTcp);
         return CONNECT_PROCEED;
     }
-    let sk: *mut bpf_sock = (*sa).__bindgen_anon_1.sk;
-    let src = if v6 {
-        ctx_ip6(&raw const (*sk).src_ip6)
-    } else {
-        ctx_ip4(&raw const (*sk).src_ip4)
-    };
-    // Neither an address nor a port bound by the app (nor, for UDP, by an
-    // earlier datagram).
-    let unbound = src == [0u8; 16] && (*sk).src_port == 0;
-    let (conn, v4_in_v6) = read_outbound(sa, v6, proto, src);
-    let (family, dport) = (conn.family, conn.dport);
-    let verdict = outbound_verdict(cfg, &conn, &PodMaps { netns });
+    let mut d = MaybeUninit::<Decided>::uninit();
+    decide(sa, cfg, netns, v6 as u32, d.as_mut_ptr());
+    let d = d.assume_init_ref();
+    let verdict = d.verdict;
     count(netns, verdict.reason());
     let port = match verdict {
         Verdict::Untouched(_) => {
@@ -89,11 +81,10 @@ unsafe fn connect(ctx: &SockAddrContext, v6: bool) -> i32 {
     // The original destination is the one the connection really has (a
     // connect to the unspecified address goes to this host), as conntrack
     // records it.
-    let dst = conn.effective_dst();
     let orig = OrigDst {
-        addr: dst,
-        port: dport,
-        family,
+        addr: d.dst,
+        port: d.conn.dport,
+        family: d.conn.family,
         reason: verdict.reason() as u32,
     };
     let cookie = bpf_get_socket_cookie(sa as *mut c_void);
@@ -106,13 +97,78 @@ unsafe fn connect(ctx: &SockAddrContext, v6: bool) -> i32 {
     }
     // The source iptables would leave: bound now, or the loopback
     // destination below makes the kernel pick a loopback source. Only for
-    // a socket the app has not bound (address or port).
-    if unbound && bind_redirect_source(sa, netns, verdict, v6 as u32 | (family as u32) << 16, &dst)
-    {
+    // a socket the app has not bound (address or port; nor, for UDP, an
+    // earlier datagram).
+    if d.unbound && bind_redirect_source(sa, netns, d, v6 as u32) {
         count(netns, Reason::ErrSourceBind);
     }
-    to_localhost(sa, v6, v4_in_v6, port);
+    to_localhost(sa, v6, d.v4_in_v6, port);
     CONNECT_PROCEED
+}
+
+/// A sock_addr context as the OUTPUT decision saw it ([`decide`]).
+pub struct Decided {
+    pub conn: Outbound,
+    /// `conn`'s effective destination (`Outbound::effective_dst`).
+    pub dst: [u8; 16],
+    pub verdict: Verdict,
+    /// A v4-mapped destination on an IPv6 socket (decided as IPv4).
+    pub v4_in_v6: bool,
+    /// No source address: none given with the datagram, none bound.
+    pub src_unset: bool,
+    /// Neither a source address nor a port bound.
+    pub unbound: bool,
+}
+
+/// `decide`'s `how`: the context is IPv6 (sendmsg6, connect6).
+pub const DECIDE_V6: u32 = 1;
+/// `decide`'s `how`: a datagram's own source (IP_PKTINFO) comes first.
+pub const DECIDE_MSG_SRC: u32 = 2;
+
+/// Read a sock_addr context (connect, sendmsg) and take the OUTPUT
+/// decision (`redirect_common::outbound_verdict`) into `out`. `how`:
+/// [`DECIDE_V6`], [`DECIDE_MSG_SRC`]: a constant at each call, so the
+/// verifier never walks the `msg_src` reads of a connect hook (which may
+/// not read them). A BPF subprogram: the addresses, the decision's map
+/// keys and copies live in a frame of their own, not in the hook's, which
+/// also calls `bind_redirect_source` or `set_redirect_msg_source` (the
+/// verifier's 512-byte limit is on the sum of a call chain's frames).
+#[inline(never)]
+pub unsafe fn decide(
+    sa: *mut bpf_sock_addr,
+    cfg: &PodConfig,
+    netns: u64,
+    how: u32,
+    out: *mut Decided,
+) {
+    let v6 = how & DECIDE_V6 != 0;
+    let sk: *mut bpf_sock = (*sa).__bindgen_anon_1.sk;
+    let mut src = [0u8; 16];
+    if how & DECIDE_MSG_SRC != 0 {
+        src = if v6 {
+            ctx_ip6(&raw const (*sa).msg_src_ip6)
+        } else {
+            ctx_ip4(&raw const (*sa).msg_src_ip4)
+        };
+    }
+    if src == [0u8; 16] {
+        src = if v6 {
+            ctx_ip6(&raw const (*sk).src_ip6)
+        } else {
+            ctx_ip4(&raw const (*sk).src_ip4)
+        };
+    }
+    let src_unset = src == [0u8; 16];
+    let unbound = src_unset && (*sk).src_port == 0;
+    let (conn, v4_in_v6) = read_outbound(sa, v6, (*sa).protocol, src);
+    out.write(Decided {
+        conn,
+        dst: conn.effective_dst(),
+        verdict: outbound_verdict(cfg, &conn, &PodMaps { netns }),
+        v4_in_v6,
+        src_unset,
+        unbound,
+    });
 }
 
 /// The OUTPUT decision's view of a sock_addr context (connect, sendmsg):
@@ -121,7 +177,7 @@ unsafe fn connect(ctx: &SockAddrContext, v6: bool) -> i32 {
 /// connection: iptables sees IPv4, so it is decided (and its original
 /// destination answered) as IPv4; the bool says so.
 #[inline(always)]
-pub unsafe fn read_outbound(
+unsafe fn read_outbound(
     sa: *mut bpf_sock_addr,
     v6: bool,
     proto: u32,
@@ -193,21 +249,14 @@ struct SockaddrIn6 {
 }
 
 /// Bind the socket to the source `redirect_source` gives (if any); true
-/// when that failed. `how`: the socket is IPv6 (bit 0), the decided family
-/// (bits 16-31). A function of its own (a BPF subprogram): its stack is not
-/// added to the connect hook's, which the verifier's 512-byte frame limit
-/// would not take.
+/// when that failed. `v6`: the context is IPv6. A function of its own (a
+/// BPF subprogram): its stack is not added to the connect hook's, which
+/// the verifier's 512-byte frame limit would not take.
 #[inline(never)]
-unsafe fn bind_redirect_source(
-    sa: *mut bpf_sock_addr,
-    netns: u64,
-    verdict: Verdict,
-    how: u32,
-    dst: &[u8; 16],
-) -> bool {
-    let family = (how >> 16) as u16;
-    match redirect_source(verdict, family, dst, &PodMaps { netns }) {
-        Some(s) => bind_source(sa, how & 1 != 0, family, &s) != 0,
+unsafe fn bind_redirect_source(sa: *mut bpf_sock_addr, netns: u64, d: &Decided, v6: u32) -> bool {
+    let family = d.conn.family;
+    match redirect_source(d.verdict, family, &d.dst, &PodMaps { netns }) {
+        Some(s) => bind_source(sa, v6 != 0, family, &s) != 0,
         None => false,
     }
 }
@@ -252,21 +301,16 @@ unsafe fn bind_source(sa: *mut bpf_sock_addr, v6: bool, family: u16, src: &[u8; 
 /// The source a datagram sent with an address gets under iptables when
 /// the sendmsg hook redirects it (`sendmsg.rs`): written into the
 /// context's `msg_src_ip4/6` (as IP_PKTINFO would give it), since
-/// `bpf_bind` is not allowed there. Only when neither the datagram nor the
-/// socket names a source. A BPF subprogram, as `bind_redirect_source`.
+/// `bpf_bind` is not allowed there. The caller checks that neither the
+/// datagram nor the socket names a source. `v6`: the context is IPv6. A
+/// BPF subprogram, as `bind_redirect_source`.
 #[inline(never)]
-pub unsafe fn set_redirect_msg_source(
-    sa: *mut bpf_sock_addr,
-    netns: u64,
-    verdict: Verdict,
-    how: u32,
-    dst: &[u8; 16],
-) {
-    let family = (how >> 16) as u16;
-    let Some(s) = redirect_source(verdict, family, dst, &PodMaps { netns }) else {
+pub unsafe fn set_redirect_msg_source(sa: *mut bpf_sock_addr, netns: u64, d: &Decided, v6: u32) {
+    let family = d.conn.family;
+    let Some(s) = redirect_source(d.verdict, family, &d.dst, &PodMaps { netns }) else {
         return;
     };
-    if how & 1 == 0 {
+    if v6 == 0 {
         (*sa).msg_src_ip4 = u32::from_ne_bytes([s[0], s[1], s[2], s[3]]);
         return;
     }

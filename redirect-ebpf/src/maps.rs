@@ -97,8 +97,11 @@ pub struct PodMaps {
     pub netns: u64,
 }
 
+/// The look-ups are BPF subprograms (`inline(never)`): their keys live in
+/// small frames of their own instead of adding up in the decision's (the
+/// verifier's 512-byte limit is on a call chain's sum).
 impl Lookup for PodMaps {
-    #[inline(always)]
+    #[inline(never)]
     fn port_listed(&self, kind: u16, port: u16) -> bool {
         let key = PortKey {
             netns: self.netns,
@@ -109,7 +112,7 @@ impl Lookup for PodMaps {
         unsafe { REDIRECT_PORTS.get(&key).is_some() }
     }
 
-    #[inline(always)]
+    #[inline(never)]
     fn cidr_contains(&self, kind: u32, addr: &[u8; 16]) -> bool {
         let key = Key::new(
             CIDR_KEY_FIXED_BITS + 128,
