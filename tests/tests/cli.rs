@@ -676,6 +676,7 @@ fn status_and_stats_list_the_captured_pod() {
             "OUTPUT",
             "PREROUTING",
             "VM",
+            "DNS",
             "ORIGINAL_DST",
             "ACCEL",
             "ERRORS"
