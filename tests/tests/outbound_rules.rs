@@ -678,7 +678,6 @@ fn include_naming_loopback_drops_app_local_rule() {
 }
 
 #[test]
-#[ignore = "known difference include-v4-mapped-loopback (difftest/known.rs): the flag parser's loopback test does not unmap ::ffff:127.0.0.1"]
 fn include_naming_v4_mapped_loopback_drops_app_local_rule() {
     // Regression (found by the differential test, seed 7): istio-iptables
     // judges "-i names a loopback address" with Go's IsLoopback, which

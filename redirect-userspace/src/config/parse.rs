@@ -82,7 +82,8 @@ pub fn cidrs(s: &str, star_ok: bool) -> Result<CidrList, String> {
         }
         let cidr = Cidr::parse(c).map_err(|why| format!("invalid CIDR '{c}': {why}"))?;
         let written: Option<IpAddr> = c.split('/').next().and_then(|a| a.parse().ok());
-        list.names_loopback |= written.is_some_and(|a| a.is_loopback());
+        // As istio-iptables (Go's IsLoopback unmaps ::ffff:127.0.0.1).
+        list.names_loopback |= written.is_some_and(|a| a.to_canonical().is_loopback());
         if !list.cidrs.contains(&cidr) {
             list.cidrs.push(cidr);
         }
