@@ -3,8 +3,8 @@
 //! kernel provides map lookups through [`Lookup`].
 
 use crate::{
-    cidr_kind, flags, port_kind, PodConfig, Reason, AF_INET, AF_INET6, DNS_PORT, IPPROTO_TCP,
-    IPPROTO_UDP, MAX_IDS, SOL_IP, SOL_IPV6,
+    cidr_kind, flags, port_kind, route_flags, PodConfig, Reason, RouteEntry, AF_INET, AF_INET6,
+    DNS_PORT, IPPROTO_TCP, IPPROTO_UDP, MAX_IDS, SOL_IP, SOL_IPV6,
 };
 
 /// Map lookups the decision needs, per pod.
@@ -13,6 +13,17 @@ pub trait Lookup {
     fn port_listed(&self, kind: u16, port: u16) -> bool;
     /// Does a CIDR of `kind` (see [`cidr_kind`]) contain `addr`?
     fn cidr_contains(&self, kind: u32, addr: &[u8; 16]) -> bool;
+    /// The pod's route to `addr` (longest prefix of its main table, as
+    /// read at attach), if it has one.
+    fn route(&self, _family: u16, _addr: &[u8; 16]) -> Option<RouteEntry> {
+        None
+    }
+    /// Does the pod's route to `addr` leave through a `-c` interface? (The
+    /// kernel answers it without copying the entry out.)
+    fn route_excluded(&self, family: u16, addr: &[u8; 16]) -> bool {
+        self.route(family, addr)
+            .is_some_and(|r| r.has(route_flags::EXCLUDED_IFACE))
+    }
 }
 
 /// A new outbound connection as the connect hook sees it (TCP, or UDP:
@@ -188,11 +199,19 @@ pub fn outbound_verdict<L: Lookup>(cfg: &PodConfig, c: &Outbound, l: &L) -> Verd
     if !tcp && !dns_udp {
         return Verdict::Untouched(Reason::OutNotTcp);
     }
+    let via_lo = is_local(c.family, &c.dst, l);
+    // 0. `-A OUTPUT -o <-c interface> -j RETURN`, ahead of the jump to
+    //    ISTIO_OUTPUT (so ahead of the DNS chain too): a destination the
+    //    pod routes out of an excluded interface (a local one goes out of
+    //    lo). A protocol that is never captured was left alone above,
+    //    without the route lookup.
+    if !via_lo && cfg.has(flags::OUT_EXCLUDE_IFACES) && l.route_excluded(c.family, &c.dst) {
+        return Verdict::Untouched(Reason::OutExcludedInterface);
+    }
     // 1. -o ports (istio-iptables returns them for TCP and UDP).
     if l.port_listed(port_kind::OUT_EXCLUDE, c.dport) {
         return Verdict::Untouched(Reason::OutExcludedPort);
     }
-    let via_lo = is_local(c.family, &c.dst, l);
     // 2. source 127.0.0.6 / ::6 via lo. An unbound IPv6 socket dialing a
     //    local address gets that address as its source (same-address rule
     //    of source selection), so `[::6]` unbound counts as from ::6. (IPv4
@@ -284,6 +303,70 @@ pub fn outbound_verdict<L: Lookup>(cfg: &PodConfig, c: &Outbound, l: &L) -> Verd
         return Verdict::ToOutbound(Reason::OutCaptured);
     }
     Verdict::Untouched(Reason::OutNotIncluded)
+}
+
+/// The source address a connection keeps under iptables when the connect
+/// hook redirects it, for an unbound socket: NAT changes the destination
+/// after the route to the original one chose the source, so the proxy
+/// sees the app's connection come from that source. The connect hook
+/// binds it before the rewrite (which would make the kernel pick a
+/// loopback source); the sendmsg hook gives it to a DNS datagram.
+/// `family`/`dst` are the decided ones (v4-mapped folded to IPv4, the
+/// unspecified address made effective).
+/// - A destination in 127.0.0.0/8 or `::1` (rule 8 aside: a local
+///   resolver such as 127.0.0.53 with DNS capture): none, the rewrite
+///   gives the loopback source the kernel would pick anyway (its local
+///   table, which the pod's routes as read do not hold, wins over any
+///   default route).
+/// - Another address of the pod (rules 2/5 to the inbound port always):
+///   that address, which the kernel picks as the source of a local
+///   connection.
+/// - Otherwise (to the outbound port or the DNS proxy): the source of the
+///   pod's route to `dst`; none when the pod has no route there (the
+///   connection would fail under iptables).
+#[inline(always)]
+pub fn redirect_source<L: Lookup>(
+    v: Verdict,
+    family: u16,
+    dst: &[u8; 16],
+    l: &L,
+) -> Option<[u8; 16]> {
+    let loopback = if family == AF_INET {
+        dst[0] == 127
+    } else {
+        *dst == V6_LOCALHOST
+    };
+    let local = match v {
+        Verdict::Untouched(_) => return None,
+        _ if loopback => return None,
+        Verdict::ToInbound(_) => true,
+        Verdict::ToOutbound(_) | Verdict::ToDns(_) => is_local(family, dst, l),
+    };
+    if local {
+        return Some(*dst);
+    }
+    match l.route(family, dst) {
+        Some(r) if r.has(route_flags::HAS_SRC) => Some(r.src),
+        _ => None,
+    }
+}
+
+/// The nat PREROUTING rules of a `-k` interface for a TCP connection a VM
+/// behind it opens: istio-iptables inserts `-i <iface> -j ISTIO_REDIRECT`
+/// (with `-i '*'`) or `-i <iface> -d <cidr> -j ISTIO_REDIRECT` (one per
+/// `-i` CIDR), ahead of `-i <iface> -j RETURN`. Neither `-x`, `-o` nor
+/// `-q` play a part, and the connection never reaches ISTIO_INBOUND.
+#[inline(always)]
+pub fn virt_verdict<L: Lookup>(cfg: &PodConfig, family: u16, dst: &[u8; 16], l: &L) -> Verdict {
+    let inc = if family == AF_INET {
+        cidr_kind::INCLUDE_V4
+    } else {
+        cidr_kind::INCLUDE_V6
+    };
+    if cfg.has(flags::OUT_INCLUDE_ALL) || l.cidr_contains(inc, dst) {
+        return Verdict::ToOutbound(Reason::InVirtCaptured);
+    }
+    Verdict::Untouched(Reason::InVirtNotIncluded)
 }
 
 /// The PREROUTING decision for a new TCP connection arriving from outside

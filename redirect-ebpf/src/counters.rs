@@ -6,7 +6,10 @@ use redirect_common::{CounterKey, CounterValue, Reason};
 use crate::maps::{REDIRECT_COUNTERS, REDIRECT_COUNTERS_LOST};
 
 /// Add to a per-CPU counter (no atomics needed), creating it on first use.
-#[inline(always)]
+/// A BPF subprogram: its key and value live in a small frame of their own,
+/// not once per call site in the calling program's (whose stack the
+/// verifier limits to 512 bytes with its subprograms').
+#[inline(never)]
 pub fn bump(netns: u64, reason: u32, conns: u64, bytes: u64) {
     let key = CounterKey {
         netns,

@@ -27,6 +27,9 @@
 //! - `release.rs`: `redirect_sock_release` (cgroup/sock_release).
 //!   conntrack forgetting a connection that never started, and a DNS
 //!   socket's record when it closes.
+//! - `vm.rs`: `redirect_vm_ingress/egress` (tc, tcx links on a pod's `-k`
+//!   interfaces, one instance per pod). The nat PREROUTING rules of
+//!   `-k`: a VM's connections go to the outbound port, as REDIRECT.
 //!
 //! Helpers, imported by the hook files and never importing them:
 //! `maps.rs` (every map), `netns.rs` (the one place a program learns its
@@ -50,6 +53,7 @@ mod recvmsg;
 mod release;
 mod sendmsg;
 mod sockops;
+mod vm;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -4,7 +4,9 @@
 //! when it has IPv6 (as istio-iptables does, over rtnetlink rather than
 //! `ip`). And, once the pod's config is in, whether any TCP socket listens
 //! on the inbound capture port (only then can there be a proxy listener to
-//! register, and only then is `/proc` searched for it).
+//! register, and only then is `/proc` searched for it). Its interfaces,
+//! addresses per interface and routes are read in the same visit
+//! (`podnet`, which uses the netlink helpers here).
 
 use std::{
     io,
@@ -25,6 +27,8 @@ pub struct PodNs {
     pub cookie: u64,
     /// Non-loopback addresses (after `::6` was added, so it is listed).
     pub addresses: Vec<IpAddr>,
+    /// Interfaces, their addresses, main routes.
+    pub net: crate::podnet::PodNet,
 }
 
 /// Visit `netns`: see the module docs.
@@ -37,8 +41,18 @@ pub fn visit(netns: &Netns) -> Result<PodNs> {
             add_lo_address_v6(PASSTHROUGH_V6)?;
             addresses = non_loopback()?;
         }
-        Ok(PodNs { cookie, addresses })
+        let net = crate::podnet::read()?;
+        Ok(PodNs {
+            cookie,
+            addresses,
+            net,
+        })
     })
+}
+
+/// The interfaces, addresses and routes of `netns` (as `visit`).
+pub fn net(netns: &Netns) -> Result<crate::podnet::PodNet> {
+    on_this_thread(netns, crate::podnet::read)
 }
 
 /// The netns cookie of `netns` (as `Netns::cookie`, without a thread).
@@ -57,7 +71,7 @@ pub fn listening(netns: &Netns, port: u16) -> Result<bool> {
 /// back in its own netns (also when `f` panics). Unlike `Netns::run` no
 /// thread is started: on a busy node a new thread waits for a CPU (up to
 /// the scheduler's slice, ~3 ms), and a capture did that twice.
-fn on_this_thread<R>(netns: &Netns, f: impl FnOnce() -> io::Result<R>) -> Result<R> {
+pub(crate) fn on_this_thread<R>(netns: &Netns, f: impl FnOnce() -> io::Result<R>) -> Result<R> {
     let err = |e| crate::error::Error::io("working inside network namespace", &netns.path, e);
     let home = std::fs::File::open("/proc/thread-self/ns/net").map_err(err)?;
     if unsafe { libc::setns(netns.file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
@@ -238,11 +252,11 @@ fn add_lo_address_v6(addr: Ipv6Addr) -> io::Result<()> {
     })
 }
 
-const NLMSG_ERROR: u16 = 2;
-const NLMSG_DONE: u16 = 3;
+pub(crate) const NLMSG_ERROR: u16 = 2;
+pub(crate) const NLMSG_DONE: u16 = 3;
 
 /// A netlink request header (its length is set by `nl_exchange`).
-fn nl_header(ty: u16, flags: u16) -> Vec<u8> {
+pub(crate) fn nl_header(ty: u16, flags: u16) -> Vec<u8> {
     const NLM_F_REQUEST: u16 = 0x1;
     let mut msg = Vec::with_capacity(80);
     msg.extend_from_slice(&0u32.to_ne_bytes()); // length
@@ -254,7 +268,7 @@ fn nl_header(ty: u16, flags: u16) -> Vec<u8> {
 }
 
 /// The errno of an NLMSG_ERROR body (0: an ACK).
-fn nl_error(body: &[u8]) -> io::Result<()> {
+pub(crate) fn nl_error(body: &[u8]) -> io::Result<()> {
     match body
         .get(..4)
         .map(|b| i32::from_ne_bytes(b.try_into().unwrap()))
@@ -268,7 +282,7 @@ fn nl_error(body: &[u8]) -> io::Result<()> {
 /// Send one request on a new netlink socket of `protocol`, then hand each
 /// reply message (type, body after the header) to `on_msg` until it
 /// returns a result.
-fn nl_exchange(
+pub(crate) fn nl_exchange(
     protocol: libc::c_int,
     mut msg: Vec<u8>,
     mut on_msg: impl FnMut(u16, &[u8]) -> Option<io::Result<()>>,

@@ -66,6 +66,14 @@ pub fn link_prog_id(link: BorrowedFd<'_>) -> io::Result<u32> {
     Ok(u32::from_ne_bytes([b[8], b[9], b[10], b[11]]))
 }
 
+/// The interface a tcx link is attached to (`bpf_link_info.tcx.ifindex`);
+/// 0 once the interface is gone (the kernel detached the link).
+pub fn tcx_link_ifindex(link: BorrowedFd<'_>) -> io::Result<u32> {
+    let b = info(link)?;
+    // { u32 type; u32 id; u32 prog_id; union (8-aligned) { tcx: { u32 ifindex; ... } } }
+    Ok(u32::from_ne_bytes([b[16], b[17], b[18], b[19]]))
+}
+
 /// An fd of the program with this id.
 pub fn prog_by_id(id: u32) -> io::Result<OwnedFd> {
     let mut attr = [0u8; 128];

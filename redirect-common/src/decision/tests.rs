@@ -8,6 +8,8 @@ use std::net::IpAddr;
 struct Maps {
     ports: Vec<(u16, u16)>,
     cidrs: Vec<(u32, IpAddr, u8)>,
+    /// (prefix, len, entry): the pod's routes, longest prefix wins.
+    routes: Vec<(IpAddr, u8, crate::RouteEntry)>,
 }
 
 fn bytes(ip: IpAddr) -> [u8; 16] {
@@ -31,6 +33,174 @@ impl Lookup for Maps {
         self.cidrs
             .iter()
             .any(|(k, ip, bits)| *k == kind && prefix_match(&bytes(*ip), addr, *bits))
+    }
+    fn route(&self, family: u16, addr: &[u8; 16]) -> Option<crate::RouteEntry> {
+        self.routes
+            .iter()
+            .filter(|(ip, bits, _)| {
+                crate::decision::family(ip.is_ipv6()) == family
+                    && prefix_match(&bytes(*ip), addr, *bits)
+            })
+            .max_by_key(|(_, bits, _)| *bits)
+            .map(|(_, _, r)| *r)
+    }
+}
+
+fn route(src: Option<&str>, ifindex: u32, excluded: bool) -> crate::RouteEntry {
+    let mut flags = 0;
+    if src.is_some() {
+        flags |= crate::route_flags::HAS_SRC;
+    }
+    if excluded {
+        flags |= crate::route_flags::EXCLUDED_IFACE;
+    }
+    crate::RouteEntry {
+        src: src.map(|s| bytes(s.parse().unwrap())).unwrap_or([0; 16]),
+        ifindex,
+        flags,
+    }
+}
+
+/// A pod with eth0 (10.1.0.5/24, fd00::5/64, default routes) and net1
+/// (10.7.0.5/16, a route to 10.8.0.0/16 via it, and 10.8.1.0/24 back via
+/// eth0), net1 named by `-c`.
+fn multi_homed() -> (PodConfig, Maps) {
+    let mut cfg = istio_cfg();
+    cfg.flags |= flags::OUT_EXCLUDE_IFACES;
+    let mut m = pod_maps();
+    m.cidrs
+        .push((cidr_kind::LOCAL_V4, "10.7.0.5".parse().unwrap(), 32));
+    let r = |p: &str, len, e| (p.parse().unwrap(), len, e);
+    m.routes = vec![
+        r("0.0.0.0", 0, route(Some("10.1.0.5"), 2, false)),
+        r("10.1.0.0", 24, route(Some("10.1.0.5"), 2, false)),
+        r("10.7.0.0", 16, route(Some("10.7.0.5"), 3, true)),
+        r("10.8.0.0", 16, route(Some("10.7.0.5"), 3, true)),
+        r("10.8.1.0", 24, route(Some("10.1.0.5"), 2, false)),
+        r("::", 0, route(Some("fd00::5"), 2, false)),
+        r("fd07::", 64, route(None, 3, true)),
+    ];
+    (cfg, m)
+}
+
+#[test]
+fn excluded_interface_route_is_untouched_first() {
+    let (cfg, m) = multi_homed();
+    let v = |d, uid| out(&cfg, &m, conn(d, 80, uid, uid));
+    for d in ["10.7.3.3", "10.8.9.9", "fd07::9"] {
+        assert_eq!(
+            v(d, 1000),
+            Verdict::Untouched(Reason::OutExcludedInterface),
+            "{d}"
+        );
+    }
+    // OUTPUT -o net1 -j RETURN comes before every ISTIO_OUTPUT rule: -o
+    // ports too, and the proxy's own connections are counted there.
+    let mut with_port = m;
+    with_port.ports.push((port_kind::OUT_EXCLUDE, 80));
+    assert_eq!(
+        out(&cfg, &with_port, conn("10.8.9.9", 80, 1337, 1337)),
+        Verdict::Untouched(Reason::OutExcludedInterface)
+    );
+    let (cfg, m) = multi_homed();
+    let v = |d, uid| out(&cfg, &m, conn(d, 80, uid, uid));
+    // The longer prefix back through eth0 is captured, as the default.
+    assert_eq!(
+        v("10.8.1.1", 1000),
+        Verdict::ToOutbound(Reason::OutCaptured)
+    );
+    assert_eq!(
+        v("10.2.0.9", 1000),
+        Verdict::ToOutbound(Reason::OutCaptured)
+    );
+    // Local destinations leave through lo, whatever interface holds them.
+    assert_eq!(v("10.7.0.5", 1000), Verdict::Untouched(Reason::OutAppLocal));
+    // Without -c the routes are not looked at.
+    let mut no_c = cfg;
+    no_c.flags &= !flags::OUT_EXCLUDE_IFACES;
+    assert_eq!(
+        out(&no_c, &m, conn("10.8.9.9", 80, 1000, 1000)),
+        Verdict::ToOutbound(Reason::OutCaptured)
+    );
+}
+
+#[test]
+fn redirect_source_is_the_routes_or_the_local_destination() {
+    let (cfg, m) = multi_homed();
+    let src = |d: &str, uid| {
+        let c = conn(d, 80, uid, uid);
+        let v = out(&cfg, &m, c);
+        redirect_source(v, c.family, &c.dst, &m).map(|b| {
+            if c.family == crate::AF_INET {
+                IpAddr::from([b[0], b[1], b[2], b[3]])
+            } else {
+                IpAddr::from(b)
+            }
+        })
+    };
+    let ip = |s: &str| Some(s.parse::<IpAddr>().unwrap());
+    assert_eq!(src("10.2.0.9", 1000), ip("10.1.0.5"));
+    assert_eq!(src("10.8.1.1", 1000), ip("10.1.0.5"));
+    assert_eq!(src("fd00:2::9", 1000), ip("fd00::5"));
+    // Proxy to its own addresses (rules 2/5): the address itself; to
+    // 127.0.0.0/8 the rewrite's 127.0.0.1 is already right.
+    assert_eq!(src("10.7.0.5", 1337), ip("10.7.0.5"));
+    assert_eq!(src("fd00::5", 1337), ip("fd00::5"));
+    assert_eq!(src("127.0.0.6", 1337), None);
+    // Left alone: nothing to bind.
+    assert_eq!(src("10.8.9.9", 1000), None);
+    assert_eq!(src("10.2.0.9", 1337), None);
+    // No route, or a route without a source: none.
+    let bare = Maps {
+        routes: vec![("fd00::".parse().unwrap(), 8, route(None, 2, false))],
+        ..pod_maps()
+    };
+    let c = conn("10.2.0.9", 80, 1000, 1000);
+    assert_eq!(
+        redirect_source(out(&cfg, &bare, c), c.family, &c.dst, &bare),
+        None
+    );
+    let c = conn("fd00:2::9", 80, 1000, 1000);
+    assert_eq!(
+        redirect_source(out(&cfg, &bare, c), c.family, &c.dst, &bare),
+        None
+    );
+}
+
+#[test]
+fn virt_interface_connections_follow_the_include_list_only() {
+    let (cfg, mut m) = (istio_cfg(), pod_maps());
+    let d = |s: &str| bytes(s.parse().unwrap());
+    // -i '*': every destination, the pod's own addresses and -x ranges too.
+    m.cidrs
+        .push((cidr_kind::EXCLUDE_V4, "10.3.0.0".parse().unwrap(), 16));
+    for (fam, dst) in [
+        (crate::AF_INET, "10.2.0.9"),
+        (crate::AF_INET, "10.3.0.9"),
+        (crate::AF_INET, "10.1.0.5"),
+        (crate::AF_INET6, "fd00:2::9"),
+    ] {
+        assert_eq!(
+            virt_verdict(&cfg, fam, &d(dst), &m),
+            Verdict::ToOutbound(Reason::InVirtCaptured),
+            "{dst}"
+        );
+    }
+    // -i CIDRs: only those, per family.
+    let mut cidrs = cfg;
+    cidrs.flags = 0;
+    m.cidrs
+        .push((cidr_kind::INCLUDE_V4, "10.2.0.0".parse().unwrap(), 16));
+    assert_eq!(
+        virt_verdict(&cidrs, crate::AF_INET, &d("10.2.0.9"), &m),
+        Verdict::ToOutbound(Reason::InVirtCaptured)
+    );
+    for (fam, dst) in [(crate::AF_INET, "10.9.0.9"), (crate::AF_INET6, "fd00:2::9")] {
+        assert_eq!(
+            virt_verdict(&cidrs, fam, &d(dst), &m),
+            Verdict::Untouched(Reason::InVirtNotIncluded),
+            "{dst}"
+        );
     }
 }
 
@@ -64,6 +234,7 @@ fn pod_maps() -> Maps {
             // attach puts ::6 on the pod's lo, as istio-iptables does.
             (cidr_kind::LOCAL_V6, "::6".parse().unwrap(), 128),
         ],
+        routes: Vec::new(),
     }
 }
 
@@ -669,4 +840,80 @@ fn unspecified_destination_is_this_host_as_iptables_sees_it() {
         conn("0.0.0.0", 1, 0, 0).effective_dst(),
         bytes("127.0.0.1".parse().unwrap())
     );
+}
+
+// ------------------------------------------ interfaces and DNS, source
+
+/// `multi_homed` with `--redirect-dns`: nameservers 10.96.0.10 (routed
+/// out of eth0 by the default route), 10.8.0.53 (out of net1, a `-c`
+/// interface) and 10.8.1.53 (back out of eth0).
+fn multi_homed_dns() -> (PodConfig, Maps) {
+    let (mut cfg, mut m) = multi_homed();
+    cfg.flags |= flags::DNS_CAPTURE;
+    for ns in ["10.96.0.10", "10.8.0.53", "10.8.1.53"] {
+        m.cidrs.push((cidr_kind::DNS_V4, ns.parse().unwrap(), 32));
+    }
+    (cfg, m)
+}
+
+#[test]
+fn dns_routed_out_of_an_excluded_interface_is_untouched_first() {
+    let (cfg, m) = multi_homed_dns();
+    // `-A OUTPUT -o net1 -j RETURN` comes before the jump to ISTIO_OUTPUT,
+    // so before ISTIO_OUTPUT_DNS: UDP and TCP alike.
+    assert_eq!(
+        out(&cfg, &m, udp("10.8.0.53", 53, 1000, 1000)),
+        Verdict::Untouched(Reason::OutExcludedInterface)
+    );
+    assert_eq!(
+        out(&cfg, &m, conn("10.8.0.53", 53, 1000, 1000)),
+        Verdict::Untouched(Reason::OutExcludedInterface)
+    );
+    for ns in ["10.96.0.10", "10.8.1.53"] {
+        assert_eq!(out(&cfg, &m, udp(ns, 53, 1000, 1000)), DNS_UDP, "{ns}");
+        assert_eq!(out(&cfg, &m, conn(ns, 53, 1000, 1000)), DNS_TCP, "{ns}");
+    }
+    // A protocol never captured is left alone before any route look-up,
+    // counted as such whatever the route.
+    assert_eq!(
+        out(&cfg, &m, udp("10.8.0.53", 5353, 1000, 1000)),
+        Verdict::Untouched(Reason::OutNotTcp)
+    );
+}
+
+#[test]
+fn redirect_source_of_dns_is_the_route_to_the_nameserver() {
+    let (mut cfg, mut m) = multi_homed_dns();
+    let src = |cfg: &PodConfig, m: &Maps, c: Outbound| {
+        let v = out(cfg, m, c);
+        redirect_source(v, c.family, &c.effective_dst(), m)
+            .map(|b| IpAddr::from([b[0], b[1], b[2], b[3]]))
+    };
+    let ip = |s: &str| Some(s.parse::<IpAddr>().unwrap());
+    assert_eq!(
+        src(&cfg, &m, udp("10.96.0.10", 53, 1000, 1000)),
+        ip("10.1.0.5")
+    );
+    assert_eq!(
+        src(&cfg, &m, conn("10.8.1.53", 53, 1000, 1000)),
+        ip("10.1.0.5")
+    );
+    // A local resolver: 127.0.0.53 keeps the loopback source the rewrite
+    // gives, whatever the default route says; one of the pod's addresses
+    // is its own source.
+    m.cidrs
+        .push((cidr_kind::DNS_V4, "127.0.0.53".parse().unwrap(), 32));
+    m.cidrs
+        .push((cidr_kind::DNS_V4, "10.7.0.5".parse().unwrap(), 32));
+    assert_eq!(src(&cfg, &m, udp("127.0.0.53", 53, 1000, 1000)), None);
+    assert_eq!(
+        src(&cfg, &m, udp("10.7.0.5", 53, 1000, 1000)),
+        ip("10.7.0.5")
+    );
+    // Capture-all and a connect to 0.0.0.0:53: this host, 127.0.0.1.
+    cfg.flags |= flags::DNS_CAPTURE_ALL;
+    assert_eq!(out(&cfg, &m, udp("0.0.0.0", 53, 1000, 1000)), DNS_UDP);
+    assert_eq!(src(&cfg, &m, udp("0.0.0.0", 53, 1000, 1000)), None);
+    // Not captured: nothing to give.
+    assert_eq!(src(&cfg, &m, udp("10.8.0.53", 53, 1000, 1000)), None);
 }

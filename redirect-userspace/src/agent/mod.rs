@@ -8,6 +8,7 @@
 //! exits, and a new agent picks up where the old one left off.
 
 pub mod http;
+pub mod ifwatch;
 pub mod k8s;
 pub mod metrics;
 pub mod records;
@@ -665,6 +666,11 @@ pub fn bind_socket(path: &Path) -> Result<UnixListener> {
 /// process inside it; the inode narrows the candidates and the cookie
 /// (never reused) decides.
 pub fn netns_alive(cookie: u64, inode: u64, hint: Option<&Path>) -> bool {
+    find_netns(cookie, inode, hint).is_some()
+}
+
+/// A path to the netns with this cookie, found as `netns_alive` finds it.
+pub fn find_netns(cookie: u64, inode: u64, hint: Option<&Path>) -> Option<PathBuf> {
     let matches = |p: &Path| -> bool {
         let same_inode = std::fs::metadata(p)
             .map(|m| m.ino() as u32 as u64 == inode as u32 as u64)
@@ -675,8 +681,8 @@ pub fn netns_alive(cookie: u64, inode: u64, hint: Option<&Path>) -> bool {
                 .map(|c| c == cookie)
                 .unwrap_or(false)
     };
-    if hint.is_some_and(matches) {
-        return true;
+    if let Some(h) = hint.filter(|h| matches(h)) {
+        return Some(h.to_path_buf());
     }
     let mut candidates: Vec<PathBuf> = Vec::new();
     for dir in ["/run/netns", "/var/run/netns"] {
@@ -693,8 +699,8 @@ pub fn netns_alive(cookie: u64, inode: u64, hint: Option<&Path>) -> bool {
             }
         }
     }
-    if candidates.iter().any(|p| matches(p)) {
-        return true;
+    if let Some(p) = candidates.into_iter().find(|p| matches(p)) {
+        return Some(p);
     }
     crate::pins::read_dir(Path::new("/proc"))
         .iter()
@@ -703,5 +709,6 @@ pub fn netns_alive(cookie: u64, inode: u64, hint: Option<&Path>) -> bool {
                 .and_then(|n| n.to_str())
                 .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
         })
-        .any(|p| matches(&p.join("ns/net")))
+        .map(|p| p.join("ns/net"))
+        .find(|p| matches(p))
 }

@@ -19,7 +19,8 @@ pub struct Args {
     #[arg(long)]
     pub json: bool,
     /// Map sizes of a new install, `<map>=<entries>` (pods, orig, sockhash,
-    /// ports, cidrs, counters), comma separated or repeated. An existing
+    /// ports, cidrs, counters, accel-ports, ifaces, routes), comma separated
+    /// or repeated. An existing
     /// install keeps its sizes; a different size here is an error.
     #[arg(long = "map-size", value_name = "MAP=N", value_delimiter = ',')]
     pub map_size: Vec<String>,
@@ -376,6 +377,12 @@ fn capture(
             return Err(e.into());
         }
     };
+    if !info.unmatched_interfaces.is_empty() {
+        eprintln!(
+            "redirect: warning: no interface of the pod matches {} yet. The agent (redirect daemon) follows the pod's interfaces and applies the name when one appears; without it, run this again once the interface exists",
+            info.unmatched_interfaces.join(", ")
+        );
+    }
     for o in &info.also_captured_by {
         eprintln!(
             "redirect: warning: --force: {} is also captured by {o}; both installs act on its connections until it is released from one",
@@ -466,6 +473,12 @@ fn capture(
         }
         // Said once, here (forced on a failed probe included); the probe's
         // findings in full: `redirect status`.
+        if !info.vm_interfaces.is_empty() {
+            println!(
+                "  VM interfaces (-k), programs attached: {}",
+                info.vm_interfaces.join(", ")
+            );
+        }
         println!("  acceleration: {}", info.accel_decision);
         if !info.listener_seeded.is_empty() {
             println!(
