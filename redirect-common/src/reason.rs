@@ -31,6 +31,9 @@ pub enum Reason {
     ErrTupleMapFull = 31,
     ErrListenerMapFull = 32,
     ErrSockMapFull = 33,
+    /// A trace event found the ring buffer full (the tracer read too
+    /// slowly): dropped.
+    ErrTraceLost = 34,
     // Inbound (PREROUTING chain), one per new TCP connection from outside.
     InCaptured = 40,
     InExcludedPort = 41,
@@ -153,13 +156,14 @@ impl Chain {
                 Reason::ErrTupleMapFull,
                 Reason::ErrListenerMapFull,
                 Reason::ErrSockMapFull,
+                Reason::ErrTraceLost,
             ],
         }
     }
 }
 
 impl Reason {
-    pub const ALL: [Reason; 38] = [
+    pub const ALL: [Reason; 39] = [
         Reason::OutCaptured,
         Reason::OutCapturedPort,
         Reason::OutProxyToSelf,
@@ -182,6 +186,7 @@ impl Reason {
         Reason::ErrTupleMapFull,
         Reason::ErrListenerMapFull,
         Reason::ErrSockMapFull,
+        Reason::ErrTraceLost,
         Reason::InCaptured,
         Reason::InExcludedPort,
         Reason::InNotIncluded,
@@ -253,9 +258,10 @@ impl Reason {
             }
             Reason::OrigDstMissing => "MISSING",
             Reason::InListenerRegistered => "LISTEN",
-            Reason::ErrTupleMapFull | Reason::ErrListenerMapFull | Reason::ErrSockMapFull => {
-                "ERROR"
-            }
+            Reason::ErrTupleMapFull
+            | Reason::ErrListenerMapFull
+            | Reason::ErrSockMapFull
+            | Reason::ErrTraceLost => "ERROR",
             Reason::AccelInserted => "SOCKMAP",
             Reason::AccelRedirected => "REDIRECT",
             Reason::AccelFallback => "PASS",
@@ -295,6 +301,7 @@ impl Reason {
             Reason::ErrTupleMapFull => "error_tuple_map_full",
             Reason::ErrListenerMapFull => "error_listener_map_full",
             Reason::ErrSockMapFull => "error_sockmap_update",
+            Reason::ErrTraceLost => "trace_events_lost",
             Reason::AccelInserted => "sockets_inserted",
             Reason::AccelRedirected => "messages_redirected",
             Reason::AccelFallback => "messages_fallback",
@@ -343,6 +350,9 @@ impl Reason {
             Reason::ErrTupleMapFull => "tuple map full (proxy gets no SO_ORIGINAL_DST)",
             Reason::ErrListenerMapFull => "listener map update failed",
             Reason::ErrSockMapFull => "acceleration sockhash update failed (normal path used)",
+            Reason::ErrTraceLost => {
+                "trace events lost (ring buffer full: the tracer read too slowly)"
+            }
             Reason::AccelInserted => "app/proxy sockets put in the sockhash",
             Reason::AccelRedirected => {
                 "sent straight to the peer socket (sk_msg verdicts, each for up to 16 KiB)"

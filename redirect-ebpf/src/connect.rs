@@ -24,7 +24,7 @@ use crate::{
     addr::{ip4_bytes, ip6_bytes, set_user_ip6},
     counters::count,
     maps::{PodMaps, REDIRECT_ORIG_BY_COOKIE, REDIRECT_PODS},
-    netns,
+    netns, trace,
 };
 
 /// connect4/6 verdicts: go on (rewritten or not), or refuse (EPERM).
@@ -66,6 +66,7 @@ unsafe fn connect(ctx: &SockAddrContext, v6: bool) -> i32 {
     let (family, dst, dport) = (conn.family, conn.dst, conn.dport);
     let verdict = outbound_verdict(cfg, &conn, &PodMaps { netns });
     count(netns, verdict.reason());
+    trace::connect(netns, cfg, &conn, verdict, v4_in_v6);
     let port = match verdict {
         Verdict::Untouched(_) => {
             // A UDP socket connected again elsewhere: the record of its
@@ -92,6 +93,7 @@ unsafe fn connect(ctx: &SockAddrContext, v6: bool) -> i32 {
     // nor let past the proxy. Counted under the verdict above and here.
     if REDIRECT_ORIG_BY_COOKIE.insert(&cookie, &orig, 0).is_err() {
         count(netns, Reason::ErrOrigMapFull);
+        trace::refused(trace::CONNECT, netns, &conn, v4_in_v6);
         return CONNECT_REFUSE;
     }
     to_localhost(sa, v6, v4_in_v6, port);

@@ -19,7 +19,7 @@ use crate::{
     addr::{ip4_bytes, ip6_bytes},
     counters::count,
     maps::{PodMaps, REDIRECT_LISTENERS, REDIRECT_PODS},
-    netns,
+    netns, trace,
 };
 
 /// PREROUTING → ISTIO_INBOUND: attached to each pod netns. Connections
@@ -62,6 +62,7 @@ unsafe fn sk_lookup_inbound(ctx: &SkLookupContext) -> u32 {
     let verdict = inbound_verdict(cfg, dport, &maps);
     if let Verdict::Untouched(r) = verdict {
         count(netns, r);
+        trace::inbound(netns, l, r, 0);
         return SK_PASS;
     }
     let key = ListenerKey {
@@ -71,6 +72,7 @@ unsafe fn sk_lookup_inbound(ctx: &SkLookupContext) -> u32 {
     };
     if REDIRECT_LISTENERS.redirect_sk_lookup(ctx, key, 0).is_ok() {
         count(netns, Reason::InCaptured);
+        trace::inbound(netns, l, Reason::InCaptured, cfg.inbound_port);
         return SK_PASS;
     }
     if family == AF_INET as u32 {
@@ -82,11 +84,13 @@ unsafe fn sk_lookup_inbound(ctx: &SkLookupContext) -> u32 {
         };
         if REDIRECT_LISTENERS.redirect_sk_lookup(ctx, key6, 0).is_ok() {
             count(netns, Reason::InCaptured);
+            trace::inbound(netns, l, Reason::InCaptured, cfg.inbound_port);
             return SK_PASS;
         }
     }
     // As iptables REDIRECT with nothing on the inbound port: refused.
     count(netns, Reason::InNoListener);
+    trace::inbound(netns, l, Reason::InNoListener, 0);
     SK_DROP
 }
 

@@ -26,7 +26,7 @@ use crate::{
     connect::{read_outbound, to_localhost},
     counters::count,
     maps::{PodMaps, REDIRECT_ORIG_BY_COOKIE, REDIRECT_PODS},
-    netns,
+    netns, trace,
 };
 
 /// sendmsg verdicts: send (rewritten or not), or refuse (EPERM).
@@ -79,6 +79,7 @@ unsafe fn sendmsg(ctx: &SockAddrContext, v6: bool) -> i32 {
     let (dgram, v4_in_v6) = read_outbound(sa, v6, IPPROTO_UDP, src);
     let verdict = outbound_verdict(cfg, &dgram, &PodMaps { netns });
     count(netns, verdict.reason());
+    trace::sendmsg(netns, cfg, &dgram, verdict, v4_in_v6);
     let Verdict::ToDns(reason) = verdict else {
         return SEND_PROCEED;
     };
@@ -94,6 +95,7 @@ unsafe fn sendmsg(ctx: &SockAddrContext, v6: bool) -> i32 {
     let cookie = bpf_get_socket_cookie(sa as *mut c_void);
     if REDIRECT_ORIG_BY_COOKIE.insert(&cookie, &orig, 0).is_err() {
         count(netns, Reason::ErrOrigMapFull);
+        trace::refused(trace::SENDMSG, netns, &dgram, v4_in_v6);
         return SEND_REFUSE;
     }
     to_localhost(sa, v6, v4_in_v6, DNS_PROXY_PORT);

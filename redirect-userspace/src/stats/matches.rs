@@ -179,6 +179,7 @@ pub fn rule_match(r: Reason, s: &PodSpec) -> String {
         | Reason::ErrTupleMapFull
         | Reason::ErrListenerMapFull
         | Reason::ErrSockMapFull
+        | Reason::ErrTraceLost
         | Reason::AccelInserted
         | Reason::AccelRedirected
         | Reason::AccelFallback
