@@ -16,6 +16,10 @@ pub enum Error {
     Privilege(String),
     #[error("kernel feature missing: {0}")]
     Kernel(String),
+    /// `redirect trace` cannot read the install's events (another reader,
+    /// an install without trace maps).
+    #[error("{0}")]
+    Trace(String),
     #[error("no cgroup2 filesystem is mounted (none in /proc/mounts); mount one: mount -t cgroup2 none /sys/fs/cgroup/unified")]
     NoCgroup2,
     #[error("'{path}' is not a cgroup2 directory: {reason}")]

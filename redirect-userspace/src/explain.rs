@@ -440,13 +440,17 @@ fn attached_cgroup_of(pins: &Pins, pid: u32) -> std::result::Result<Option<PathB
 
 fn netns_cookie_of_pid(pid: u32) -> Result<u64> {
     let path = PathBuf::from(format!("/proc/{pid}/ns/net"));
-    Netns::open(&path).and_then(|n| n.cookie()).map_err(|e| {
+    let cannot = |e: String| {
         invalid(
             "--pid",
             pid,
-            format!("cannot read its network namespace: {e:#}"),
+            format!("cannot tell whether pid {pid} is in the pod's network namespace: {e}"),
         )
-    })
+    };
+    std::fs::metadata(&path).map_err(|e| cannot(format!("{}: {e}", path.display())))?;
+    Netns::open(&path)
+        .and_then(|n| n.cookie())
+        .map_err(|e| cannot(format!("{e:#}")))
 }
 
 /// `--dst`/`--src` in the decision's form: family, address bytes (IPv4 in
@@ -478,18 +482,18 @@ fn list<T: ToString>(v: &[T]) -> String {
 }
 
 fn cidr_list(v: &[Cidr], v6: bool) -> String {
-    let of: Vec<&Cidr> = v.iter().filter(|c| c.is_v6() == v6).collect();
-    if of.is_empty() {
-        return format!(
-            "none for IPv{}{}",
-            if v6 { 6 } else { 4 },
-            if v.is_empty() { " (not set)" } else { "" }
-        );
+    if v.is_empty() {
+        return "not set".into();
     }
-    of.iter()
+    let of: Vec<String> = v
+        .iter()
+        .filter(|c| c.is_v6() == v6)
         .map(|c| c.to_string())
-        .collect::<Vec<_>>()
-        .join(",")
+        .collect();
+    if of.is_empty() {
+        return format!("no IPv{} range", if v6 { 6 } else { 4 });
+    }
+    of.join(",")
 }
 
 /// Where a verdict sends the connection, as the connect hook rewrites it.
@@ -562,7 +566,7 @@ fn out_words(x: &OutCtx, step: Step, matched: bool) -> (String, String) {
         Step::Protocol { tcp, dns_udp } => (
             "-p tcp".into(),
             if tcp {
-                "TCP: decided by the chain".into()
+                "TCP".into()
             } else if dns_udp {
                 "UDP to port 53 with DNS capture on: decided like TCP".into()
             } else if x.cfg.has(redirect_common::flags::DNS_CAPTURE) {
@@ -947,7 +951,7 @@ fn outbound(
                             "pid {pid}'s cgroup is at or below {}, where the programs are attached: they see its connections",
                             dir.display()
                         ),
-                        "continue",
+                        "on to the rules",
                     ));
                 }
                 Ok(None) => {
@@ -1020,6 +1024,7 @@ fn outbound(
     for (step, decided) in &rec.0 {
         let (rule, why) = out_words(&x, *step, decided.is_some());
         let out = match decided {
+            None if matches!(step, Step::Protocol { .. }) => "on to the rules".to_string(),
             None => "no match".to_string(),
             Some(v) => outcome(*v, &to, &t.cfg),
         };
@@ -1126,12 +1131,8 @@ fn inbound(
         e.verdict = untouched("-p tcp: only TCP is captured inbound");
         return Ok(());
     }
-    e.steps.push(hook_step(
-        "-p tcp",
-        false,
-        "TCP: looked at".into(),
-        "no match",
-    ));
+    e.steps
+        .push(hook_step("-p tcp", false, "TCP".into(), "on to the rules"));
     const LOOPBACK_IFINDEX: u32 = 1;
     if q.ifindex == Some(LOOPBACK_IFINDEX) {
         e.steps.push(hook_step(
@@ -1305,11 +1306,11 @@ pub fn render(e: &Explanation) -> String {
     if let Some(to) = &v.to {
         line.push_str(&format!(" to {to}"));
     }
-    line.push_str(&format!(", {}", v.rule));
+    line.push_str(&format!(" by {}", v.rule));
     out.push_str(&line);
     out.push('\n');
     match (&v.counter, v.counter_now) {
-        (Some(c), Some(n)) => out.push_str(&format!("counted as {c} (now {n})\n")),
+        (Some(c), Some(n)) => out.push_str(&format!("counted as {c} ({n} so far)\n")),
         (Some(c), None) => out.push_str(&format!("counted as {c}\n")),
         _ => out.push_str("not counted\n"),
     }

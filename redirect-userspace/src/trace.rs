@@ -170,7 +170,7 @@ fn lock_pin_dir(pins: &Pins) -> Result<Option<File>> {
 fn open_map(pins: &Pins, name: &str) -> Result<Map> {
     let path = pins.map(name);
     if !path.exists() {
-        return Err(Error::Kernel(format!(
+        return Err(Error::Trace(format!(
             "the install at {} has no {name} map: it was made by a version without `redirect trace`. \
              The next `redirect attach` adds the trace maps, and the agent (`redirect daemon`) also switches the running programs to this version when it starts",
             pins.root.display()
@@ -283,7 +283,7 @@ impl Tracer {
             } else {
                 "another process".into()
             };
-            return Err(Error::Kernel(format!(
+            return Err(Error::Trace(format!(
                 "{who} is already reading the trace events of the install at {}: one reader at a time per install. \
                  Through the node agent (`redirect daemon`) any number of `redirect trace` can run at once",
                 pins.root.display()
@@ -924,11 +924,16 @@ pub fn render(l: &TraceLine) -> String {
             s.push_str(&format!(" peer shown {}", l.to.as_deref().unwrap_or("?")));
         }
         _ => {
-            s.push_str(&format!(
-                " {} -> {}",
-                l.src.as_deref().unwrap_or("?"),
-                l.dst.as_deref().unwrap_or("?")
-            ));
+            // At connect the source port is not chosen yet (0), and an
+            // unbound socket has no source address either.
+            if let Some(src) = l.src.as_deref().and_then(|a| a.parse::<SocketAddr>().ok()) {
+                if src.port() != 0 {
+                    s.push_str(&format!(" {src}"));
+                } else if !src.ip().is_unspecified() {
+                    s.push_str(&format!(" {}", src.ip()));
+                }
+            }
+            s.push_str(&format!(" -> {}", l.dst.as_deref().unwrap_or("?")));
             if let Some(to) = &l.to {
                 s.push_str(&format!(" => {to}"));
             }

@@ -193,7 +193,7 @@ fn direct(pin_dir: &Path, a: &Args, filter: &Filter, out: &mut Out) -> Result<()
     }
     if !a.json {
         eprintln!(
-            "tracing {what} (pid {}, install {}); Ctrl-C to stop",
+            "tracing {what} as pid {}, install {}; Ctrl-C to stop",
             std::process::id(),
             pins.root.display()
         );
