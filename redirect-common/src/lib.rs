@@ -6,11 +6,13 @@
 pub mod accel;
 pub mod decision;
 pub mod reason;
+pub mod trace;
 pub mod tuple;
 
 pub use accel::*;
 pub use decision::*;
 pub use reason::Reason;
+pub use trace::{TraceCtl, TraceEvent, MAP_TRACE, MAP_TRACE_EVENTS, MAP_TRACE_PODS};
 pub use tuple::{v4_mapped, v4_to_mapped, SockTuple};
 
 /// Maximum number of proxy uids and of proxy gids per pod (istio-iptables

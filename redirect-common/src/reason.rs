@@ -35,6 +35,9 @@ pub enum Reason {
     ErrLocalMapFull = 34,
     ErrVirtNatFull = 35,
     ErrSourceBind = 36,
+    /// A trace event found the ring buffer full (the tracer read too
+    /// slowly): dropped.
+    ErrTraceLost = 37,
     // Inbound (PREROUTING chain), one per new TCP connection from outside.
     InCaptured = 40,
     InExcludedPort = 41,
@@ -177,13 +180,14 @@ impl Chain {
                 Reason::ErrLocalMapFull,
                 Reason::ErrSourceBind,
                 Reason::ErrVirtNatFull,
+                Reason::ErrTraceLost,
             ],
         }
     }
 }
 
 impl Reason {
-    pub const ALL: [Reason; 46] = [
+    pub const ALL: [Reason; 47] = [
         Reason::OutCaptured,
         Reason::OutCapturedPort,
         Reason::OutProxyToSelf,
@@ -210,6 +214,7 @@ impl Reason {
         Reason::ErrLocalMapFull,
         Reason::ErrSourceBind,
         Reason::ErrVirtNatFull,
+        Reason::ErrTraceLost,
         Reason::InCaptured,
         Reason::InExcludedPort,
         Reason::InNotIncluded,
@@ -290,7 +295,8 @@ impl Reason {
             | Reason::ErrListenerMapFull
             | Reason::ErrSockMapFull
             | Reason::ErrLocalMapFull
-            | Reason::ErrSourceBind => "ERROR",
+            | Reason::ErrSourceBind
+            | Reason::ErrTraceLost => "ERROR",
             Reason::AccelInserted => "SOCKMAP",
             Reason::AccelRedirected => "REDIRECT",
             Reason::AccelFallback => "PASS",
@@ -334,6 +340,7 @@ impl Reason {
             Reason::ErrLocalMapFull => "error_local_map_full",
             Reason::ErrSourceBind => "error_source_bind",
             Reason::ErrVirtNatFull => "error_vm_tuple_map_full",
+            Reason::ErrTraceLost => "trace_events_lost",
             Reason::AccelInserted => "sockets_inserted",
             Reason::AccelRedirected => "messages_redirected",
             Reason::AccelFallback => "messages_fallback",
@@ -394,6 +401,9 @@ impl Reason {
                 "pod source address not bound (the proxy sees a loopback source)"
             }
             Reason::ErrVirtNatFull => "tuple map full (a VM's connection dropped, the VM retries)",
+            Reason::ErrTraceLost => {
+                "trace events lost (ring buffer full: the tracer read too slowly)"
+            }
             Reason::AccelInserted => "app/proxy sockets put in the sockhash",
             Reason::AccelRedirected => {
                 "sent straight to the peer socket (sk_msg verdicts, each for up to 16 KiB)"

@@ -27,7 +27,7 @@ use crate::{
     addr::{ctx_ip4, ctx_ip6, set_user_ip6},
     counters::count,
     maps::{PodMaps, REDIRECT_ORIG_BY_COOKIE, REDIRECT_PODS},
-    netns,
+    netns, trace,
 };
 
 /// connect4/6 verdicts: go on (rewritten or not), or refuse (EPERM).
@@ -64,6 +64,7 @@ unsafe fn connect(ctx: &SockAddrContext, v6: bool) -> i32 {
     let d = d.assume_init_ref();
     let verdict = d.verdict;
     count(netns, verdict.reason());
+    trace::outbound(trace::CONNECT, netns, cfg, d);
     let port = match verdict {
         Verdict::Untouched(_) => {
             // A UDP socket connected again elsewhere: the record of its
@@ -93,6 +94,7 @@ unsafe fn connect(ctx: &SockAddrContext, v6: bool) -> i32 {
     // nor let past the proxy. Counted under the verdict above and here.
     if REDIRECT_ORIG_BY_COOKIE.insert(&cookie, &orig, 0).is_err() {
         count(netns, Reason::ErrOrigMapFull);
+        trace::refused(trace::CONNECT, netns, d);
         return CONNECT_REFUSE;
     }
     // The source iptables would leave: bound now, or the loopback

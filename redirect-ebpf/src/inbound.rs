@@ -27,7 +27,7 @@ use crate::{
     addr::{ctx_ip4, ctx_ip6},
     counters::count,
     maps::{PodMaps, REDIRECT_IFACES, REDIRECT_LISTENERS, REDIRECT_LOCAL_CONNECTS, REDIRECT_PODS},
-    netns,
+    netns, trace,
 };
 
 /// PREROUTING → ISTIO_INBOUND: attached to each pod netns. Connections
@@ -94,6 +94,7 @@ unsafe fn sk_lookup_inbound(ctx: &SkLookupContext) -> u32 {
         if let Some(i) = REDIRECT_IFACES.get(&key) {
             if i.has(iface_flags::EXCLUDE) {
                 count(netns, Reason::InExcludedInterface);
+                trace::inbound(netns, l, Reason::InExcludedInterface, 0);
                 return SK_PASS;
             }
             if i.has(iface_flags::VIRT) {
@@ -104,6 +105,7 @@ unsafe fn sk_lookup_inbound(ctx: &SkLookupContext) -> u32 {
     let verdict = inbound_verdict(cfg, dport, &maps);
     if let Verdict::Untouched(r) = verdict {
         count(netns, r);
+        trace::inbound(netns, l, r, 0);
         return SK_PASS;
     }
     let key = ListenerKey {
@@ -113,6 +115,7 @@ unsafe fn sk_lookup_inbound(ctx: &SkLookupContext) -> u32 {
     };
     if REDIRECT_LISTENERS.redirect_sk_lookup(ctx, key, 0).is_ok() {
         count(netns, Reason::InCaptured);
+        trace::inbound(netns, l, Reason::InCaptured, cfg.inbound_port);
         return SK_PASS;
     }
     if family == AF_INET as u32 {
@@ -124,11 +127,13 @@ unsafe fn sk_lookup_inbound(ctx: &SkLookupContext) -> u32 {
         };
         if REDIRECT_LISTENERS.redirect_sk_lookup(ctx, key6, 0).is_ok() {
             count(netns, Reason::InCaptured);
+            trace::inbound(netns, l, Reason::InCaptured, cfg.inbound_port);
             return SK_PASS;
         }
     }
     // As iptables REDIRECT with nothing on the inbound port: refused.
     count(netns, Reason::InNoListener);
+    trace::inbound(netns, l, Reason::InNoListener, 0);
     SK_DROP
 }
 

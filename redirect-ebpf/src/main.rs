@@ -34,8 +34,9 @@
 //! Helpers, imported by the hook files and never importing them:
 //! `maps.rs` (every map), `netns.rs` (the one place a program learns its
 //! pod's netns cookie), `addr.rs` (addresses and 4-tuples out of the
-//! contexts), `counters.rs` (the per-reason counters), `abi.rs` (kernel
-//! constants the bindings lack). A new hook gets a file of its own and a
+//! contexts), `counters.rs` (the per-reason counters), `trace.rs`
+//! (`redirect trace`'s events: one call per hook where it counts),
+//! `abi.rs` (kernel constants the bindings lack). A new hook gets a file of its own and a
 //! line here.
 #![no_std]
 #![no_main]
@@ -53,6 +54,7 @@ mod recvmsg;
 mod release;
 mod sendmsg;
 mod sockops;
+mod trace;
 mod vm;
 
 #[cfg(not(test))]

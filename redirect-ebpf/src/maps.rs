@@ -9,7 +9,14 @@ use core::ffi::c_void;
 use aya_ebpf::{
     bindings::bpf_sock,
     macros::map,
-    maps::{lpm_trie::Key, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, SockHash},
+    maps::{
+        lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf,
+        SockHash,
+    },
+};
+use redirect_common::{
+    trace::{MAX_TRACE_PODS, TRACE_RING_BYTES},
+    TraceCtl,
 };
 use redirect_common::{
     AccelSock, CidrKeyData, CounterKey, CounterValue, IfaceEntry, IfaceKey, ListenerKey, Lookup,
@@ -80,6 +87,16 @@ pub static REDIRECT_IFACES: HashMap<IfaceKey, IfaceEntry> = HashMap::pinned(MAX_
 /// interface of a destination.
 #[map]
 pub static REDIRECT_ROUTES: LpmTrie<CidrKeyData, RouteEntry> = LpmTrie::pinned(MAX_ROUTES, 0);
+/// `redirect trace`'s switch, one entry (see trace.rs): zero while nobody
+/// traces.
+#[map]
+pub static REDIRECT_TRACE: Array<TraceCtl> = Array::pinned(1, 0);
+/// The pods traced (netns cookie), unless the switch says every pod.
+#[map]
+pub static REDIRECT_TRACE_PODS: HashMap<u64, u8> = HashMap::pinned(MAX_TRACE_PODS, 0);
+/// Trace events for `redirect trace` (and the agent's trace op).
+#[map]
+pub static REDIRECT_TRACE_EVENTS: RingBuf = RingBuf::pinned(TRACE_RING_BYTES, 0);
 
 /// The pod netns an sk_lookup instance serves: sk_lookup programs cannot
 /// call bpf_get_netns_cookie, so each pod's instance is loaded with its

@@ -20,7 +20,7 @@ use crate::{
     addr::{ctx_ip6, set_user_ip6},
     counters::count,
     maps::REDIRECT_ORIG_BY_COOKIE,
-    netns,
+    netns, trace,
 };
 
 /// recvmsg programs must allow (the verifier accepts only 1).
@@ -76,5 +76,7 @@ unsafe fn recvmsg(ctx: &SockAddrContext, v6: bool) {
         set_user_ip6(sa, &addr);
     }
     (*sa).user_port = (orig.port.to_be()) as u32;
-    count(netns::of_sock_addr(sa), Reason::DnsReplyRewritten);
+    let netns = netns::of_sock_addr(sa);
+    count(netns, Reason::DnsReplyRewritten);
+    trace::recvmsg(netns, orig);
 }

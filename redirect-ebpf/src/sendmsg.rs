@@ -22,7 +22,7 @@ use crate::{
     connect::{decide, set_redirect_msg_source, to_localhost, Decided, DECIDE_MSG_SRC, DECIDE_V6},
     counters::count,
     maps::{REDIRECT_ORIG_BY_COOKIE, REDIRECT_PODS},
-    netns,
+    netns, trace,
 };
 
 /// sendmsg verdicts: send (rewritten or not), or refuse (EPERM).
@@ -65,6 +65,7 @@ unsafe fn sendmsg(ctx: &SockAddrContext, v6: bool) -> i32 {
     decide(sa, cfg, netns, how, d.as_mut_ptr());
     let d = d.assume_init_ref();
     count(netns, d.verdict.reason());
+    trace::outbound(trace::SENDMSG, netns, cfg, d);
     let Verdict::ToDns(reason) = d.verdict else {
         return SEND_PROCEED;
     };
@@ -81,6 +82,7 @@ unsafe fn sendmsg(ctx: &SockAddrContext, v6: bool) -> i32 {
     let cookie = bpf_get_socket_cookie(sa as *mut c_void);
     if REDIRECT_ORIG_BY_COOKIE.insert(&cookie, &orig, 0).is_err() {
         count(netns, Reason::ErrOrigMapFull);
+        trace::refused(trace::SENDMSG, netns, d);
         return SEND_REFUSE;
     }
     // The source iptables leaves the datagram (the pod's route to the

@@ -106,6 +106,10 @@ impl Installation {
         let mut loader = EbpfLoader::new();
         loader.default_map_pin_directory(pins.maps_dir());
         sizes.apply(&mut loader);
+        // Trace events carry the calling task where the kernel lets cgroup
+        // programs ask for it (the verifier drops the calls elsewhere).
+        let task = crate::trace::task_helpers();
+        loader.override_global("REDIRECT_TRACE_TASK", &task, true);
         let ebpf = loader.load(OBJECT).map_err(|e| {
             Error::bpf(
                 format!(
@@ -115,6 +119,8 @@ impl Installation {
                 e,
             )
         })?;
+        // A trace reader killed before it could switch tracing off.
+        crate::trace::clear_stale(&pins);
         Ok(Installation {
             pins,
             ebpf,

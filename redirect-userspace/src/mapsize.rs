@@ -23,8 +23,9 @@ use aya::maps::MapData;
 use redirect_common::{
     ALL_MAPS, MAP_ACCEL_FALLBACK, MAP_ACCEL_PORTS, MAP_ACCEL_SK, MAP_CIDRS, MAP_COUNTERS,
     MAP_COUNTERS_LOST, MAP_IFACES, MAP_LISTENERS, MAP_LOCAL_CONNECTS, MAP_ORIG_BY_COOKIE,
-    MAP_ORIG_BY_TUPLE, MAP_PODS, MAP_PORTS, MAP_ROUTES, MAP_SOCKS, MAX_ACCEL_PORTS, MAX_CIDRS,
-    MAX_COUNTERS, MAX_IFACES, MAX_PODS, MAX_PORTS, MAX_ROUTES, MAX_TRACKED_SOCKETS,
+    MAP_ORIG_BY_TUPLE, MAP_PODS, MAP_PORTS, MAP_ROUTES, MAP_SOCKS, MAP_TRACE, MAP_TRACE_EVENTS,
+    MAP_TRACE_PODS, MAX_ACCEL_PORTS, MAX_CIDRS, MAX_COUNTERS, MAX_IFACES, MAX_PODS, MAX_PORTS,
+    MAX_ROUTES, MAX_TRACKED_SOCKETS,
 };
 
 use crate::error::{Error, Result};
@@ -33,9 +34,16 @@ use crate::error::{Error, Result};
 pub const FLAG: &str = "--map-size";
 
 /// Maps whose pinned layout must match this binary's: the sized ones, the
-/// acceleration's socket storage (its value is the sk_msg state) and the
-/// lost-counter slot.
-const LAYOUT_EXTRA: [&str; 2] = [MAP_ACCEL_SK, MAP_COUNTERS_LOST];
+/// acceleration's socket storage (its value is the sk_msg state), the
+/// lost-counter slot and the trace maps (sized by `MAX_TRACE_PODS` and
+/// `TRACE_RING_BYTES`, no knob).
+const LAYOUT_EXTRA: [&str; 5] = [
+    MAP_ACCEL_SK,
+    MAP_COUNTERS_LOST,
+    MAP_TRACE,
+    MAP_TRACE_PODS,
+    MAP_TRACE_EVENTS,
+];
 
 fn layout_maps() -> impl Iterator<Item = &'static str> {
     ALL_MAPS.into_iter().chain(LAYOUT_EXTRA)
@@ -183,12 +191,14 @@ fn type_name(t: u32) -> String {
     // enum bpf_map_type (uapi/linux/bpf.h), the ones we use.
     match t {
         1 => "hash".into(),
+        2 => "array".into(),
         5 => "percpu_hash".into(),
         6 => "percpu_array".into(),
         9 => "lru_hash".into(),
         11 => "lpm_trie".into(),
         18 => "sockhash".into(),
         24 => "sk_storage".into(),
+        27 => "ringbuf".into(),
         t => format!("map type {t}"),
     }
 }
@@ -320,6 +330,7 @@ fn map_fd(map: &aya::maps::Map) -> std::io::Result<std::os::fd::OwnedFd> {
         | Map::PerCpuArray(d)
         | Map::SockMap(d)
         | Map::SkStorage(d) => d.fd().as_fd(),
+        Map::RingBuf(d) => d.fd().as_fd(),
         _ => return Err(std::io::Error::other("unexpected map kind")),
     };
     fd.try_clone_to_owned()

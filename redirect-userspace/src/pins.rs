@@ -53,6 +53,9 @@ pub fn known_maps() -> impl Iterator<Item = &'static str> {
     redirect_common::ALL_MAPS.into_iter().chain([
         redirect_common::MAP_ACCEL_SK,
         redirect_common::MAP_COUNTERS_LOST,
+        redirect_common::trace::MAP_TRACE,
+        redirect_common::trace::MAP_TRACE_PODS,
+        redirect_common::trace::MAP_TRACE_EVENTS,
         MAP_ACCEL_PROBE,
         MAP_STATS_BASELINE,
         MAP_AGENT_PODS,
@@ -237,6 +240,9 @@ mod tests {
         for m in redirect_common::ALL_MAPS.iter().chain(&[
             redirect_common::MAP_ACCEL_SK,
             redirect_common::MAP_COUNTERS_LOST,
+            redirect_common::trace::MAP_TRACE,
+            redirect_common::trace::MAP_TRACE_PODS,
+            redirect_common::trace::MAP_TRACE_EVENTS,
             crate::probe::PROBE_MAP,
             crate::stats::baseline::MAP_STATS_BASELINE,
             crate::agent::records::MAP_AGENT_PODS,

@@ -251,8 +251,46 @@ fn conn(dst: &str, dport: u16, uid: u32, gid: u32) -> Outbound {
     }
 }
 
+/// The verdict, checked against the observed run of the same decision:
+/// the same verdict, told by the last step and by no other.
 fn out(cfg: &PodConfig, m: &Maps, c: Outbound) -> Verdict {
-    outbound_verdict(cfg, &c, m)
+    let v = outbound_verdict(cfg, &c, m);
+    let steps = observed_out(cfg, m, c);
+    assert_consistent(&steps, v);
+    v
+}
+
+#[derive(Default)]
+struct Steps(Vec<(Step, Option<Verdict>)>);
+
+impl Observer for Steps {
+    fn step(&mut self, step: Step, decided: Option<Verdict>) {
+        self.0.push((step, decided));
+    }
+}
+
+fn observed_out(cfg: &PodConfig, m: &Maps, c: Outbound) -> Vec<(Step, Option<Verdict>)> {
+    let mut o = Steps::default();
+    outbound_verdict_observed(cfg, &c, m, &mut o);
+    o.0
+}
+
+fn observed_in(cfg: &PodConfig, m: &Maps, port: u16) -> Vec<(Step, Option<Verdict>)> {
+    let mut o = Steps::default();
+    let v = inbound_verdict_observed(cfg, port, m, &mut o);
+    assert_eq!(v, inbound_verdict(cfg, port, m));
+    assert_consistent(&o.0, v);
+    o.0
+}
+
+fn assert_consistent(steps: &[(Step, Option<Verdict>)], v: Verdict) {
+    let decided: Vec<usize> = (0..steps.len()).filter(|&i| steps[i].1.is_some()).collect();
+    assert_eq!(
+        decided,
+        vec![steps.len() - 1],
+        "one step decides, the last: {steps:?}"
+    );
+    assert_eq!(steps.last().unwrap().1, Some(v), "{steps:?}");
 }
 
 #[test]
@@ -916,4 +954,304 @@ fn redirect_source_of_dns_is_the_route_to_the_nameserver() {
     assert_eq!(src(&cfg, &m, udp("0.0.0.0", 53, 1000, 1000)), None);
     // Not captured: nothing to give.
     assert_eq!(src(&cfg, &m, udp("10.8.0.53", 53, 1000, 1000)), None);
+}
+
+// --------------------------------------------------- observed decisions
+
+/// Just the steps, for sequence checks.
+fn kinds(steps: &[(Step, Option<Verdict>)]) -> Vec<Step> {
+    steps.iter().map(|(s, _)| *s).collect()
+}
+
+const UID_1337_NO_MATCH_REMOTE: [Step; 3] = [
+    Step::ToInbound {
+        owner: Owner::Uid,
+        id: 1337,
+        dst_local: false,
+        dst_host_loopback: false,
+        is_owner: false,
+        tcp: true,
+        tunnel_port: false,
+        dns_port_skipped: false,
+    },
+    Step::AppLocal {
+        owner: Owner::Uid,
+        id: 1337,
+        dst_local: false,
+        is_owner: false,
+        present: true,
+        dns_left: false,
+    },
+    Step::ProxyId {
+        owner: Owner::Uid,
+        id: 1337,
+        is_owner: false,
+    },
+];
+
+#[test]
+fn observer_walks_every_rule_of_a_captured_connection_in_order() {
+    let (cfg, m) = (istio_cfg(), pod_maps());
+    let steps = observed_out(&cfg, &m, conn("10.2.0.9", 80, 1000, 1000));
+    let mut want = vec![
+        Step::Protocol {
+            tcp: true,
+            dns_udp: false,
+        },
+        Step::ExcludedPort { listed: false },
+        Step::Passthrough {
+            dst_local: false,
+            src_passthrough: false,
+            src_implied: false,
+        },
+    ];
+    want.extend(UID_1337_NO_MATCH_REMOTE);
+    want.extend(UID_1337_NO_MATCH_REMOTE.map(|s| match s {
+        Step::ToInbound { .. } => Step::ToInbound {
+            owner: Owner::Gid,
+            id: 1337,
+            dst_local: false,
+            dst_host_loopback: false,
+            is_owner: false,
+            tcp: true,
+            tunnel_port: false,
+            dns_port_skipped: false,
+        },
+        Step::AppLocal { .. } => Step::AppLocal {
+            owner: Owner::Gid,
+            id: 1337,
+            dst_local: false,
+            is_owner: false,
+            present: true,
+            dns_left: false,
+        },
+        _ => Step::ProxyId {
+            owner: Owner::Gid,
+            id: 1337,
+            is_owner: false,
+        },
+    }));
+    want.extend([
+        Step::HostLoopback {
+            dst_host_loopback: false,
+        },
+        Step::ExcludedCidr { listed: false },
+        Step::IncludedPort { listed: false },
+        Step::Included {
+            all: true,
+            listed: true,
+        },
+    ]);
+    assert_eq!(kinds(&steps), want);
+    assert_eq!(
+        steps.last().unwrap().1,
+        Some(Verdict::ToOutbound(Reason::OutCaptured))
+    );
+}
+
+#[test]
+fn observer_stops_at_the_rule_that_decides() {
+    let (cfg, m) = (istio_cfg(), pod_maps());
+    // Rule 4: the proxy's own connection.
+    let steps = observed_out(&cfg, &m, conn("10.2.0.9", 80, 1337, 1337));
+    assert_eq!(steps.len(), 6, "{steps:?}");
+    assert_eq!(
+        steps.last().unwrap(),
+        &(
+            Step::ProxyId {
+                owner: Owner::Uid,
+                id: 1337,
+                is_owner: true
+            },
+            Some(Verdict::Untouched(Reason::OutProxyUid))
+        )
+    );
+    // Rule 2: the proxy to its pod's own address, after rule 1 did not match.
+    let steps = observed_out(&cfg, &m, conn("10.1.0.5", 9080, 1337, 1337));
+    assert_eq!(
+        kinds(&steps)[2..],
+        [
+            Step::Passthrough {
+                dst_local: true,
+                src_passthrough: false,
+                src_implied: false,
+            },
+            Step::ToInbound {
+                owner: Owner::Uid,
+                id: 1337,
+                dst_local: true,
+                dst_host_loopback: false,
+                is_owner: true,
+                tcp: true,
+                tunnel_port: false,
+                dns_port_skipped: false,
+            },
+        ]
+    );
+    // Rule 2 spares the tunnel port: the observer says why, rule 4 decides.
+    let steps = observed_out(&cfg, &m, conn("10.1.0.5", 15008, 1337, 1337));
+    assert!(matches!(
+        steps[3],
+        (
+            Step::ToInbound {
+                tunnel_port: true,
+                ..
+            },
+            None
+        )
+    ));
+    assert_eq!(steps.len(), 6);
+    // Rule 1 with the IPv6 source implied by dialing [::6] unbound.
+    let steps = observed_out(&cfg, &m, conn("::6", 9080, 1337, 1337));
+    assert_eq!(
+        steps.last().unwrap().0,
+        Step::Passthrough {
+            dst_local: true,
+            src_passthrough: true,
+            src_implied: true,
+        }
+    );
+    // Not TCP: the first step decides.
+    let steps = observed_out(&cfg, &m, udp("10.2.0.9", 80, 1000, 1000));
+    assert_eq!(steps.len(), 1);
+    // -o first.
+    let mut m2 = pod_maps();
+    m2.ports.push((port_kind::OUT_EXCLUDE, 80));
+    let steps = observed_out(&cfg, &m2, conn("10.2.0.9", 80, 1337, 1337));
+    assert_eq!(
+        steps.last().unwrap(),
+        &(
+            Step::ExcludedPort { listed: true },
+            Some(Verdict::Untouched(Reason::OutExcludedPort))
+        )
+    );
+}
+
+#[test]
+fn observer_sees_the_dns_and_owner_group_steps_only_when_configured() {
+    let (cfg, m) = (istio_cfg(), pod_maps());
+    let plain = observed_out(&cfg, &m, conn("10.2.0.9", 80, 1000, 1000));
+    assert!(!plain.iter().any(|(s, _)| matches!(
+        s,
+        Step::Dns { .. } | Step::OwnerGroupsOnly { .. } | Step::OwnerGroupsExcept { .. }
+    )));
+    let (dcfg, dm) = dns_pod();
+    // Not port 53: the DNS step is told as not matching.
+    let steps = observed_out(&dcfg, &dm, conn("10.2.0.9", 80, 1000, 1000));
+    assert!(steps.contains(&(
+        Step::Dns {
+            port53: false,
+            tcp: true,
+            capture_all: false,
+            nameserver: false
+        },
+        None
+    )));
+    // A nameserver decides there.
+    let steps = observed_out(&dcfg, &dm, udp("10.96.0.10", 53, 1000, 1000));
+    assert_eq!(
+        steps.last().unwrap(),
+        &(
+            Step::Dns {
+                port53: true,
+                tcp: false,
+                capture_all: false,
+                nameserver: true
+            },
+            Some(DNS_UDP)
+        )
+    );
+    // Owner groups: only 202 is captured; gid 1000 returns there.
+    let (mut gcfg, mut gm) = (istio_cfg(), pod_maps());
+    gcfg.flags |= flags::OWNER_GROUPS_ONLY;
+    gm.cidrs.push(gid_entry(202));
+    let steps = observed_out(&gcfg, &gm, conn("10.2.0.9", 80, 1000, 1000));
+    assert_eq!(
+        steps.last().unwrap(),
+        &(
+            Step::OwnerGroupsOnly { listed: false },
+            Some(Verdict::Untouched(Reason::OutOwnerGroupNotIncluded))
+        )
+    );
+    let steps = observed_out(&gcfg, &gm, conn("10.2.0.9", 80, 1000, 202));
+    assert!(steps.contains(&(Step::OwnerGroupsOnly { listed: true }, None)));
+}
+
+#[test]
+fn observer_walks_the_inbound_chain() {
+    let (cfg, m) = (istio_cfg(), pod_maps());
+    assert_eq!(
+        kinds(&observed_in(&cfg, &m, 8080)),
+        [
+            Step::InTunnelPort { tunnel_port: false },
+            Step::InExcludedPort { listed: false },
+            Step::InCaptureAll,
+        ]
+    );
+    assert_eq!(
+        observed_in(&cfg, &m, 15021).last().unwrap().0,
+        Step::InExcludedPort { listed: true }
+    );
+    // ssh is a port like any other.
+    assert_eq!(
+        observed_in(&cfg, &m, 22).last().unwrap().0,
+        Step::InCaptureAll
+    );
+    assert_eq!(observed_in(&cfg, &m, 15008).len(), 1);
+    let mut listed = istio_cfg();
+    listed.flags = flags::IN_CAPTURE_LISTED;
+    let mut lm = pod_maps();
+    lm.ports.push((port_kind::IN_INCLUDE, 80));
+    assert_eq!(
+        observed_in(&listed, &lm, 81).last().unwrap().0,
+        Step::InIncludedPort {
+            configured: true,
+            listed: false
+        }
+    );
+    assert_eq!(
+        observed_in(&listed, &lm, 80).last().unwrap().1,
+        Some(Verdict::ToInbound(Reason::InCaptured))
+    );
+    let mut none = istio_cfg();
+    none.flags = 0;
+    assert_eq!(
+        observed_in(&none, &lm, 80).last().unwrap().0,
+        Step::InIncludedPort {
+            configured: false,
+            listed: false
+        }
+    );
+}
+
+#[test]
+fn no_observer_changes_no_verdict() {
+    // The kernel's path (NoObserver) and the recorded one agree on every
+    // destination, owner and protocol of a busy config.
+    let (mut cfg, mut m) = dns_pod();
+    cfg.flags |= flags::OWNER_GROUPS_EXCEPT;
+    m.cidrs.push(gid_entry(888));
+    m.ports.push((port_kind::OUT_EXCLUDE, 5432));
+    m.ports.push((port_kind::OUT_INCLUDE, 8081));
+    m.cidrs
+        .push((cidr_kind::EXCLUDE_V4, "10.3.0.0".parse().unwrap(), 16));
+    for dst in [
+        "10.2.0.9",
+        "10.3.0.1",
+        "10.1.0.5",
+        "127.0.0.1",
+        "127.0.0.6",
+        "::1",
+        "::6",
+        "fd00::5",
+        "10.96.0.10",
+    ] {
+        for port in [53, 80, 5432, 8081, 15008] {
+            for (uid, gid) in [(1000, 1000), (1337, 1337), (1000, 1337), (1000, 888)] {
+                for c in [conn(dst, port, uid, gid), udp(dst, port, uid, gid)] {
+                    out(&cfg, &m, c);
+                }
+            }
+        }
+    }
 }

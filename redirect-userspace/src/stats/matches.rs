@@ -197,6 +197,7 @@ pub fn rule_match(r: Reason, s: &PodSpec) -> String {
         | Reason::ErrLocalMapFull
         | Reason::ErrSourceBind
         | Reason::ErrVirtNatFull
+        | Reason::ErrTraceLost
         | Reason::AccelInserted
         | Reason::AccelRedirected
         | Reason::AccelFallback
