@@ -43,6 +43,11 @@ pub const MAP_ACCEL_SK: &str = "REDIRECT_ACCEL_SK";
 /// Counter updates lost to a full REDIRECT_COUNTERS (one per-CPU slot; not
 /// sized, not in ALL_MAPS, layout checked).
 pub const MAP_COUNTERS_LOST: &str = "REDIRECT_COUNTERS_LOST";
+/// Socket-local storage holding a pod socket's netns cookie, for the hooks
+/// that cannot ask the kernel for it (getsockopt, sockops and sk_msg
+/// before Linux 5.15); see [`SkNetns`]. Not sized, not in ALL_MAPS,
+/// layout checked.
+pub const MAP_SK_NETNS: &str = "REDIRECT_SK_NETNS";
 pub const ALL_MAPS: [&str; 10] = [
     MAP_PODS,
     MAP_CIDRS,
@@ -281,6 +286,18 @@ pub struct ListenerKey {
 }
 const _: () = assert!(core::mem::size_of::<ListenerKey>() == 16);
 
+/// A pod socket's netns cookie, kept in its socket-local storage
+/// (REDIRECT_SK_NETNS) where the kernel lacks `bpf_get_netns_cookie` for
+/// getsockopt, sockops and sk_msg programs (before Linux 5.15): written
+/// when the socket is created (cgroup/sock_create, which has the helper)
+/// and copied to the sockets a listener accepts (the map's BPF_F_CLONE).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SkNetns {
+    pub netns: u64,
+}
+const _: () = assert!(core::mem::size_of::<SkNetns>() == 8);
+
 #[cfg(feature = "user")]
 mod pod_impls {
     use super::*;
@@ -292,4 +309,5 @@ mod pod_impls {
     unsafe impl aya::Pod for OrigDst {}
     unsafe impl aya::Pod for TupleKey {}
     unsafe impl aya::Pod for ListenerKey {}
+    unsafe impl aya::Pod for SkNetns {}
 }

@@ -23,7 +23,8 @@ use aya::maps::MapData;
 use redirect_common::{
     ALL_MAPS, MAP_ACCEL_FALLBACK, MAP_ACCEL_PORTS, MAP_ACCEL_SK, MAP_CIDRS, MAP_COUNTERS,
     MAP_COUNTERS_LOST, MAP_LISTENERS, MAP_ORIG_BY_COOKIE, MAP_ORIG_BY_TUPLE, MAP_PODS, MAP_PORTS,
-    MAP_SOCKS, MAX_ACCEL_PORTS, MAX_CIDRS, MAX_COUNTERS, MAX_PODS, MAX_PORTS, MAX_TRACKED_SOCKETS,
+    MAP_SK_NETNS, MAP_SOCKS, MAX_ACCEL_PORTS, MAX_CIDRS, MAX_COUNTERS, MAX_PODS, MAX_PORTS,
+    MAX_TRACKED_SOCKETS,
 };
 
 use crate::error::{Error, Result};
@@ -32,9 +33,9 @@ use crate::error::{Error, Result};
 pub const FLAG: &str = "--map-size";
 
 /// Maps whose pinned layout must match this binary's: the sized ones, the
-/// acceleration's socket storage (its value is the sk_msg state) and the
-/// lost-counter slot.
-const LAYOUT_EXTRA: [&str; 2] = [MAP_ACCEL_SK, MAP_COUNTERS_LOST];
+/// acceleration's socket storage (its value is the sk_msg state), the
+/// lost-counter slot and the socket storage of the netns cookie.
+const LAYOUT_EXTRA: [&str; 3] = [MAP_ACCEL_SK, MAP_COUNTERS_LOST, MAP_SK_NETNS];
 
 fn layout_maps() -> impl Iterator<Item = &'static str> {
     ALL_MAPS.into_iter().chain(LAYOUT_EXTRA)

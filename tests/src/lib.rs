@@ -43,6 +43,8 @@ pub struct Pod {
     pub topo: Topology,
     pub pin_dir: PathBuf,
     pub children: Vec<ChildGuard>,
+    /// Extra environment of every `redirect` this pod runs.
+    pub env: Vec<(String, String)>,
 }
 
 impl Pod {
@@ -56,7 +58,20 @@ impl Pod {
             topo,
             pin_dir,
             children: Vec::new(),
+            env: Vec::new(),
         }
+    }
+
+    /// A pod whose `redirect` takes the ways for kernels without a feature
+    /// whatever the kernel has (`REDIRECT_FORCE_FALLBACKS`): what Linux
+    /// 5.10 runs, on any kernel.
+    pub fn with_fallbacks(tag: &str) -> Pod {
+        let mut pod = Pod::new(tag);
+        pod.env.push((
+            redirect_userspace::kernel::FORCE_FALLBACKS_ENV.to_string(),
+            "1".to_string(),
+        ));
+        pod
     }
 
     pub fn pod_netns(&self) -> PathBuf {
@@ -69,6 +84,7 @@ impl Pod {
             .arg("--pin-dir")
             .arg(&self.pin_dir)
             .args(args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .output()
             .expect("running redirect")
     }

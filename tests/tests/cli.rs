@@ -16,7 +16,6 @@ use redirect_testbed::{
     sandbox::{place, unique},
 };
 use redirect_tests::*;
-use redirect_userspace::attach::CGROUP_PROGRAMS;
 use serde_json::Value;
 
 /// A finished CLI run, decoded.
@@ -60,6 +59,17 @@ fn redirect_as(pod: &Pod, p: &Placement, args: &[&str]) -> Run {
     cmd.arg("--pin-dir").arg(&pod.pin_dir).args(args);
     place(&mut cmd, p).expect("placing redirect");
     Run::of(cmd.output().expect("running redirect"))
+}
+
+/// How many programs each attached cgroup has on this kernel (one more
+/// where the netns cookie comes from socket storage: `redirect status`'s
+/// `kernel.cgroup_programs`).
+fn cgroup_program_count(pod: &Pod) -> usize {
+    let st = redirect(pod, &["status", "--json"]).ok("status").json();
+    st["kernel"]["cgroup_programs"]
+        .as_array()
+        .unwrap_or_else(|| panic!("status has no kernel.cgroup_programs: {st:#}"))
+        .len()
 }
 
 fn ino(p: &Path) -> u64 {
@@ -917,7 +927,7 @@ fn reattach_with_other_flags_replaces_the_config() {
     assert_eq!(sk_lookup_links(&ns), 1, "one inbound link per pod");
     assert_eq!(
         cgroup_programs(&pod.topo.cgroup.path).len(),
-        CGROUP_PROGRAMS.len(),
+        cgroup_program_count(&pod),
         "one set of cgroup programs"
     );
 
@@ -955,13 +965,13 @@ fn uninstall_leaves_nothing_and_connections_go_direct() {
     pod.attach_istio_default();
     assert_eq!(
         cgroup_programs(&cgp).len(),
-        CGROUP_PROGRAMS.len(),
+        cgroup_program_count(&pod),
         "{:?}",
         cgroup_programs(&cgp)
     );
     assert_eq!(
         links_on(&cgp, &ns).len(),
-        CGROUP_PROGRAMS.len() + 1,
+        cgroup_program_count(&pod) + 1,
         "the cgroup links + 1 sk_lookup"
     );
     for dst in [v4_dst(), v6_dst()] {
@@ -1172,7 +1182,7 @@ fn two_pods_share_the_cgroup_attachment_and_detach_separately() {
     assert_ne!(r1["pod"]["cookie"], r2["pod"]["cookie"]);
     assert_eq!(
         cgroup_programs(&cgp).len(),
-        CGROUP_PROGRAMS.len(),
+        cgroup_program_count(&pod),
         "one set of programs for both pods: {:?}",
         cgroup_programs(&cgp)
     );
@@ -1206,7 +1216,7 @@ fn two_pods_share_the_cgroup_attachment_and_detach_separately() {
     assert_eq!(proxy_conns(&mut pod, proxy2), vec![dst2.to_string()]);
     assert_eq!(
         cgroup_programs(&cgp).len(),
-        CGROUP_PROGRAMS.len(),
+        cgroup_program_count(&pod),
         "pod 2 still needs the cgroup programs"
     );
     assert_eq!(sk_lookup_links(&ns1), 0);
