@@ -45,11 +45,20 @@ pub const DEFAULT_SELECTION: &[&str] = &[
     "agent::cni_add_captures_and_del_releases",
     "agent::pods_whose_netns_is_gone_are_released",
     "cni",
+    // Other getsockopt calls of a captured pod, whatever their size,
+    // are left alone (iptables-legacy's table dumps).
+    "getsockopt",
+    // DNS capture: UDP (sendmsg/recvmsg), connected UDP and TCP.
+    "dns::captured_dns_is_answered_by_the_proxy_as_from_the_nameserver",
+    // The ways for kernels without a feature (what 5.10 runs), on every
+    // kernel.
+    "old_kernels",
 ];
 
 /// Test files the guests can run: the privileged end-to-end tests that
-/// need nothing but the kernel, iproute2 and the project's binaries
-/// (not podman, the Kubernetes API fakes or the benchmark).
+/// need nothing but the kernel, the host's tools (iproute2, iptables,
+/// dnsmasq, dig) and the project's binaries (not podman, the Kubernetes
+/// API fakes or the benchmark).
 pub const GUEST_TEST_FILES: &[&str] = &[
     "outbound_basic",
     "outbound_rules",
@@ -64,6 +73,9 @@ pub const GUEST_TEST_FILES: &[&str] = &[
     "reliability",
     "security",
     "churn",
+    "getsockopt",
+    "dns",
+    "old_kernels",
 ];
 
 /// One test binary to run in the guest and the exact test names (all of
