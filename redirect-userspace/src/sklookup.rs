@@ -351,7 +351,7 @@ pub(crate) fn map_create(
         put(&mut attr, i * 4, &v.to_ne_bytes());
     }
     put(&mut attr, 28, &name[..name.len().min(15)]);
-    bpf(BPF_MAP_CREATE, &mut attr).map(fd)
+    crate::bpf::with_memlock_retry(|| bpf(BPF_MAP_CREATE, &mut attr)).map(fd)
 }
 
 pub(crate) fn map_update(map: BorrowedFd<'_>, key: &[u8], value: &[u8]) -> io::Result<()> {
@@ -392,7 +392,7 @@ fn prog_load(
     }
     put(&mut attr, 48, name);
     put(&mut attr, 68, &kind.attach_type.to_ne_bytes());
-    bpf(BPF_PROG_LOAD, &mut attr).map(fd)
+    crate::bpf::with_memlock_retry(|| bpf(BPF_PROG_LOAD, &mut attr)).map(fd)
 }
 
 #[cfg(test)]
