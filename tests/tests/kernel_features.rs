@@ -1,9 +1,12 @@
 //! docs/kernels.md's kernel feature table cannot drift from the programs:
 //! its rows are exactly the program types and attach points, the helpers
-//! each program type calls and the map types of the eBPF object that
+//! each program type calls, the map types, and the context fields newer
+//! than their program type ([`LATE_FIELDS`]) of the eBPF object that
 //! `redirect` embeds (read from the object's instructions, so helpers
 //! called inside aya's map methods count too), with the programs or maps
 //! using each; and every kernel column follows from the first kernel.
+//! The README's table is generated from it (one row per program: the
+//! newest kernel any of its rows needs), checked here too.
 //! (`cargo xtask kernels` checks the first-kernel claims against each
 //! booted kernel's `bpftool feature probe`; xtask's tests check that the
 //! columns are the matrix's kernels.) No root needed.
@@ -68,6 +71,50 @@ fn program_type(section: &ProgramSection) -> (&'static str, &'static str) {
     }
 }
 
+/// Context fields newer than their program type that a kernel the project
+/// supports (5.10 on) may lack: (program type, offset, field). An access
+/// is a load through the context pointer (or a copy of it) at that offset.
+const LATE_FIELDS: &[(&str, i16, &str)] = &[
+    // struct bpf_sk_lookup, Linux 5.17.
+    ("sk_lookup", 64, "ingress_ifindex"),
+];
+
+/// Offsets of the loads `insns` make through the context pointer (r1 at
+/// entry, and the registers it is copied to until they are overwritten;
+/// calls clobber r0-r5). A straight scan: the compiler keeps the context
+/// in one register for the whole program.
+fn context_loads(insns: &[aya_obj::generated::bpf_insn]) -> Vec<i16> {
+    let mut ctx: u16 = 1 << 1;
+    let mut out = Vec::new();
+    for insn in insns {
+        let (class, dst, src) = (insn.code & 0x07, insn.dst_reg(), insn.src_reg());
+        let is_ctx = |r: u8| ctx & (1 << r) != 0;
+        match class {
+            // BPF_LDX | BPF_MEM
+            0x01 if insn.code & 0xe0 == 0x60 => {
+                if is_ctx(src) {
+                    out.push(insn.off);
+                }
+                ctx &= !(1 << dst);
+            }
+            // BPF_ALU64 | BPF_MOV | BPF_X: a copy.
+            0x07 if insn.code == 0xbf => {
+                if is_ctx(src) {
+                    ctx |= 1 << dst;
+                } else {
+                    ctx &= !(1 << dst);
+                }
+            }
+            // Other ALU and loads write dst.
+            0x00 | 0x04 | 0x07 => ctx &= !(1 << dst),
+            // BPF_JMP | BPF_CALL
+            0x05 if insn.code == 0x85 => ctx &= !0x3f,
+            _ => {}
+        }
+    }
+    out
+}
+
 /// `BPF_FUNC_get_netns_cookie` → `bpf_get_netns_cookie`.
 fn helper_name(id: i32) -> String {
     let max = bpf_func_id::__BPF_FUNC_MAX_ID as i32;
@@ -94,6 +141,13 @@ fn used() -> Features {
         let feature = format!("{ptype} {attach}").trim_end().to_string();
         add("program", feature, name);
         let function = &obj.functions[&prog.function_key()];
+        for off in context_loads(&function.instructions) {
+            for (t, o, field) in LATE_FIELDS {
+                if *t == ptype && *o == off {
+                    add("field", format!("{field} in {ptype}"), name);
+                }
+            }
+        }
         for insn in &function.instructions {
             // BPF_JMP | BPF_CALL with src_reg 0: a helper call (1 is a
             // bpf-to-bpf call, already linked in; 2 a kfunc).
@@ -210,4 +264,145 @@ fn feature_table_cells_follow_from_the_first_kernel() {
             assert_eq!(cell, want, "{row:?}: the {kernel} column");
         }
     }
+}
+
+/// Linux 5.10's verifier rounds every stack frame up to 32 bytes and
+/// counts a call chain's frames together against the 512-byte limit
+/// (later kernels round to 16 where the JIT runs the program). The IPv6
+/// connect and sendmsg programs use nearly all of the 512 bytes, so no
+/// program may call a function of its own (a compiler `memset` is one:
+/// `cargo xtask build-ebpf` has LLVM expand them), and each one's frame,
+/// rounded as 5.10 does, must fit. Depths are read from the instructions
+/// (the deepest `r10 - N` access), as the verifier finds them.
+#[test]
+fn every_program_fits_linux_5_10s_stack_rule() {
+    let obj = Object::parse(redirect_userspace::attach::OBJECT).expect("parse the eBPF object");
+    let mut problems = Vec::new();
+    for (name, prog) in &obj.programs {
+        let function = &obj.functions[&prog.function_key()];
+        let mut depth: i32 = 0;
+        for insn in &function.instructions {
+            // BPF_JMP | BPF_CALL with src_reg 1: a call of a function of
+            // the object (a relocation until the calls are linked).
+            if insn.code == 0x85 && insn.src_reg() == 1 {
+                problems.push(format!("{name} calls a function (a second stack frame)"));
+                break;
+            }
+            // Loads (BPF_LDX) from and stores (BPF_ST, BPF_STX) to the
+            // stack: r10 plus a negative offset.
+            let class = insn.code & 0x07;
+            let on_stack = match class {
+                0x01 => insn.src_reg() == 10,
+                0x02 | 0x03 => insn.dst_reg() == 10,
+                _ => false,
+            };
+            if on_stack && insn.off < 0 {
+                depth = depth.max(-(insn.off as i32));
+            }
+        }
+        let rounded = (depth.max(1) + 31) / 32 * 32;
+        if rounded > 512 {
+            problems.push(format!(
+                "{name} needs {depth} bytes of stack ({rounded} as Linux 5.10 rounds it; 512 at most)"
+            ));
+        }
+    }
+    assert!(problems.is_empty(), "{problems:#?}");
+}
+
+const README: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md");
+const README_BEGIN: &str = "<!-- kernel-table:begin";
+const README_END: &str = "<!-- kernel-table:end";
+
+fn version(s: &str) -> (u32, u32) {
+    let mut p = s
+        .split('.')
+        .map(|n| n.parse::<u32>().unwrap_or_else(|_| panic!("version {s:?}")));
+    (p.next().unwrap(), p.next().unwrap())
+}
+
+/// The README's kernel table, made from docs/kernels.md's: one row per
+/// program with the newest first kernel among the rows it uses (its
+/// program type, helpers and context fields), then one row for all the
+/// maps; the same kernel columns.
+fn readme_table() -> String {
+    let doc = std::fs::read_to_string(DOC).expect("read docs/kernels.md");
+    let start = doc.find(BEGIN).expect("feature table begin marker");
+    let end = start + doc[start..].find(END).expect("feature table end marker");
+    let clean = |c: &str| c.trim().replace(['`', '*'], "");
+    let rows: Vec<Vec<String>> = doc[start..end]
+        .lines()
+        .filter(|l| l.trim_start().starts_with('|'))
+        .map(|l| l.trim().trim_matches('|').split('|').map(clean).collect())
+        .collect();
+    let kernels = &rows[0][4..];
+    let cells = |needs: (u32, u32)| -> String {
+        kernels
+            .iter()
+            .map(|k| if version(k) >= needs { "yes" } else { "**no**" })
+            .collect::<Vec<_>>()
+            .join(" | ")
+    };
+    // program → (hook, needs)
+    let mut programs: BTreeMap<String, (String, (u32, u32))> = BTreeMap::new();
+    let mut maps: (Vec<String>, (u32, u32)) = (Vec::new(), (0, 0));
+    for r in &rows[2..] {
+        let first = version(&r[3]);
+        if r[0] == "map" {
+            maps.0.push(r[1].clone());
+            maps.1 = maps.1.max(first);
+            continue;
+        }
+        for user in r[2].split(',').map(str::trim) {
+            let e = programs
+                .entry(user.to_string())
+                .or_insert_with(|| (String::new(), (0, 0)));
+            e.1 = e.1.max(first);
+            if r[0] == "program" {
+                let mut w = r[1].splitn(2, ' ');
+                let (t, attach) = (w.next().unwrap(), w.next().unwrap_or(""));
+                e.0 = format!("`{t}` {attach}").trim_end().to_string();
+            }
+        }
+    }
+    let mut out = format!(
+        "| Program | Hook | Needs Linux | {} |\n| --- | --- | --- |{}\n",
+        kernels.join(" | "),
+        " --- |".repeat(kernels.len())
+    );
+    for (name, (hook, needs)) in &programs {
+        out.push_str(&format!(
+            "| `{name}` | {hook} | {}.{} | {} |\n",
+            needs.0,
+            needs.1,
+            cells(*needs)
+        ));
+    }
+    let types: Vec<String> = maps.0.iter().map(|m| format!("`{m}`")).collect();
+    out.push_str(&format!(
+        "| (maps) | {} | {}.{} | {} |\n",
+        types.join(", "),
+        maps.1 .0,
+        maps.1 .1,
+        cells(maps.1)
+    ));
+    out
+}
+
+#[test]
+fn readme_kernel_table_is_generated_from_the_feature_table() {
+    let readme = std::fs::read_to_string(README).expect("read README.md");
+    let start = readme
+        .find(README_BEGIN)
+        .expect("README kernel-table begin marker");
+    let body = start + readme[start..].find('\n').expect("marker line") + 1;
+    let end = body
+        + readme[body..]
+            .find(README_END)
+            .expect("README kernel-table end marker");
+    let want = readme_table();
+    assert!(
+        readme[body..end] == want,
+        "README.md's kernel table is out of date; between its markers it must read:\n{want}"
+    );
 }
