@@ -676,7 +676,7 @@ fn status_and_stats_list_the_captured_pod() {
     }
     assert_eq!(
         chains,
-        vec!["OUTPUT", "PREROUTING", "ORIGINAL_DST", "ACCEL", "ERRORS"]
+        vec!["OUTPUT", "PREROUTING", "DNS", "ORIGINAL_DST", "ACCEL", "ERRORS"]
     );
     for rule in [
         "captured",
