@@ -616,6 +616,13 @@ impl Installation {
         if netns.is_host() {
             return Err(Error::HostNetns(netns.path.clone()));
         }
+        // What this kernel cannot do is refused, naming the feature.
+        if !spec.exclude_interfaces.is_empty() && self.sk_lookup_by_address()? {
+            return Err(crate::kernel::refuse(
+                &crate::kernel::SK_LOOKUP_INGRESS_IFINDEX,
+                "-c/--istio-exclude-interfaces",
+            ));
+        }
         let t0 = std::time::Instant::now();
         let mut spec = spec.clone();
         let (accel, accel_decision) = self.decide_accel(spec.accel_mode);
