@@ -97,19 +97,11 @@ fn sk_lookup_links(netns: &Path) -> usize {
         .count()
 }
 
-/// Programs `bpftool cgroup tree <cgroup>` shows for the cgroup and below.
+/// Programs attached to the cgroup: `<attach type> <program id>`.
 fn cgroup_programs(cgroup: &Path) -> Vec<String> {
-    let out = run("bpftool", &["-j", "cgroup", "tree", s(cgroup)]).expect("bpftool cgroup tree");
-    let tree: Vec<Value> = serde_json::from_str(&out).expect("bpftool json");
-    tree.iter()
-        .flat_map(|c| c["programs"].as_array().cloned().unwrap_or_default())
-        .map(|p| {
-            format!(
-                "{} {}",
-                p["attach_type"].as_str().unwrap_or("?"),
-                p["name"].as_str().unwrap_or("?")
-            )
-        })
+    cgroup_attached(cgroup)
+        .into_iter()
+        .map(|(t, id)| format!("{t} {id}"))
         .collect()
 }
 
@@ -676,7 +668,14 @@ fn status_and_stats_list_the_captured_pod() {
     }
     assert_eq!(
         chains,
-        vec!["OUTPUT", "PREROUTING", "DNS", "ORIGINAL_DST", "ACCEL", "ERRORS"]
+        vec![
+            "OUTPUT",
+            "PREROUTING",
+            "DNS",
+            "ORIGINAL_DST",
+            "ACCEL",
+            "ERRORS"
+        ]
     );
     for rule in [
         "captured",
@@ -1006,7 +1005,7 @@ fn uninstall_leaves_nothing_and_connections_go_direct() {
     assert_eq!(
         cgroup_programs(&cgp),
         Vec::<String>::new(),
-        "bpftool cgroup tree {}",
+        "programs attached to {}",
         cgp.display()
     );
     assert_eq!(

@@ -203,10 +203,11 @@ cgroup=$(awk '$3 == \"cgroup2\" {{print $2; exit}}' /proc/mounts)
 touch \"$out/booted\"
 
 # The programs load (or not) and the acceleration probe runs on a fresh
-# install, in a namespace and child cgroup of its own.
+# install, in a namespace and child cgroup of its own (what each of its
+# checks saw is logged at info).
 probe={probe}
 ip netns add \"$probe\" && mkdir -p \"$cgroup/$probe\"
-\"$bin/redirect\" --pin-dir \"/sys/fs/bpf/$probe\" attach --netns \"/run/netns/$probe\" \\
+RUST_LOG=redirect_userspace::probe=info \"$bin/redirect\" --pin-dir \"/sys/fs/bpf/$probe\" attach --netns \"/run/netns/$probe\" \\
     --cgroup \"$cgroup/$probe\" --json >\"$out/probe.json\" 2>\"$out/probe.err\"
 echo $? >\"$out/probe.rc\"
 \"$bin/redirect\" --pin-dir \"/sys/fs/bpf/$probe\" uninstall || true
@@ -379,7 +380,7 @@ fn parse_probe(rc: Option<&str>, json: &str, err: &str) -> ProbeOutcome {
         .ok()
         .and_then(|v| v["pod"]["accel_decision"].as_str().map(String::from))
         .unwrap_or_else(|| "attach printed no accel_decision".into());
-    // `WARN redirect_userspace::probe: acceleration kernel probe: <what> check=<name>`
+    // `INFO redirect_userspace::probe: acceleration kernel probe: <what> check=<name>`
     let checks = err
         .lines()
         .filter_map(|l| {
