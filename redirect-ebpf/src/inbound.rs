@@ -35,13 +35,28 @@ use crate::{
 /// the inbound capture port, keeping their original local address.
 #[sk_lookup]
 pub fn redirect_sk_lookup(ctx: SkLookupContext) -> u32 {
-    unsafe { sk_lookup_inbound(&ctx) }
+    unsafe { sk_lookup_inbound::<true>(&ctx) }
 }
 
+/// The same for kernels whose sk_lookup context has no `ingress_ifindex`
+/// (before 5.17): traffic of the pod itself is told by its source alone.
+#[sk_lookup]
+pub fn redirect_sk_lookup_addr(ctx: SkLookupContext) -> u32 {
+    unsafe { sk_lookup_inbound::<false>(&ctx) }
+}
+
+/// `IFINDEX`: the context has `ingress_ifindex` (Linux 5.17+). Without it
+/// no instruction may read the field (the verifier refuses the program).
 #[inline(always)]
-unsafe fn sk_lookup_inbound(ctx: &SkLookupContext) -> u32 {
+unsafe fn sk_lookup_inbound<const IFINDEX: bool>(ctx: &SkLookupContext) -> u32 {
     let l = ctx.lookup;
-    if (*l).protocol != IPPROTO_TCP || (*l).ingress_ifindex == LOOPBACK_IFINDEX {
+    if (*l).protocol != IPPROTO_TCP {
+        return SK_PASS;
+    }
+    // Connections of the pod to itself arrive on `lo`. Every one of them
+    // also has a source address of the netns (below), which is all a
+    // kernel without the field can go by.
+    if IFINDEX && (*l).ingress_ifindex == LOOPBACK_IFINDEX {
         return SK_PASS;
     }
     let netns = netns::of_sk_lookup();
@@ -84,8 +99,9 @@ unsafe fn sk_lookup_inbound(ctx: &SkLookupContext) -> u32 {
     }
     // `-A PREROUTING -i <iface> -j RETURN` of `-c` (counted) and `-k`
     // interfaces (what a VM sends is the tc program's, `vm.rs`), ahead
-    // of the jump to ISTIO_INBOUND.
-    if cfg.has(flags::IFACES) {
+    // of the jump to ISTIO_INBOUND. Only the build with `ingress_ifindex`
+    // (userspace refuses -c and -k where the kernel lacks it).
+    if IFINDEX && cfg.has(flags::IFACES) {
         let key = IfaceKey {
             netns,
             ifindex: (*l).ingress_ifindex,
@@ -140,9 +156,9 @@ unsafe fn sk_lookup_inbound(ctx: &SkLookupContext) -> u32 {
 /// A socket starts listening: if it is the pod's inbound capture port,
 /// it becomes the target of inbound steering (restarts follow at once).
 #[inline(always)]
-pub unsafe fn register_listener(ctx: &SockOpsContext) {
+pub unsafe fn register_listener<const STORED: bool>(ctx: &SockOpsContext) {
     let ops = ctx.ops;
-    let netns = netns::of_sock_ops(ops);
+    let netns = netns::of_sock_ops::<STORED>(ops);
     let Some(cfg) = REDIRECT_PODS.get(&netns) else {
         return;
     };

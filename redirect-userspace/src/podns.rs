@@ -11,12 +11,11 @@
 use std::{
     io,
     net::{IpAddr, Ipv6Addr},
-    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd},
 };
 
 use crate::{error::Result, sys::Netns};
 
-const SO_NETNS_COOKIE: libc::c_int = 71;
 /// The IPv6 source of the proxy's inbound passthrough (istio-iptables adds
 /// it to `lo`).
 pub const PASSTHROUGH_V6: Ipv6Addr = Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6);
@@ -33,8 +32,8 @@ pub struct PodNs {
 
 /// Visit `netns`: see the module docs.
 pub fn visit(netns: &Netns) -> Result<PodNs> {
-    on_this_thread(netns, || {
-        let cookie = current_cookie()?;
+    let (cookie, addresses, net) = on_this_thread(netns, || {
+        let cookie = crate::netns_cookie::from_socket_option()?;
         let mut addresses = non_loopback()?;
         if addresses.iter().any(|a| a.is_ipv6()) && !addresses.contains(&IpAddr::V6(PASSTHROUGH_V6))
         {
@@ -42,11 +41,16 @@ pub fn visit(netns: &Netns) -> Result<PodNs> {
             addresses = non_loopback()?;
         }
         let net = crate::podnet::read()?;
-        Ok(PodNs {
-            cookie,
-            addresses,
-            net,
-        })
+        Ok((cookie, addresses, net))
+    })?;
+    let cookie = match cookie {
+        Some(c) => c,
+        None => crate::netns_cookie::reported(netns.file.as_fd())?,
+    };
+    Ok(PodNs {
+        cookie,
+        addresses,
+        net,
     })
 }
 
@@ -57,7 +61,10 @@ pub fn net(netns: &Netns) -> Result<crate::podnet::PodNet> {
 
 /// The netns cookie of `netns` (as `Netns::cookie`, without a thread).
 pub fn cookie(netns: &Netns) -> Result<u64> {
-    on_this_thread(netns, current_cookie)
+    match on_this_thread(netns, crate::netns_cookie::from_socket_option)? {
+        Some(c) => Ok(c),
+        None => crate::netns_cookie::reported(netns.file.as_fd()),
+    }
 }
 
 /// Does a TCP socket of `netns` listen on `port`? Asked after the pod's
@@ -101,33 +108,6 @@ fn non_loopback() -> io::Result<Vec<IpAddr>> {
         .into_iter()
         .filter(|a| !a.is_loopback())
         .collect())
-}
-
-/// The cookie of the calling thread's netns.
-fn current_cookie() -> io::Result<u64> {
-    let s = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    if s < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let s = unsafe { OwnedFd::from_raw_fd(s) };
-    let mut v: u64 = 0;
-    let mut len = 8 as libc::socklen_t;
-    if unsafe {
-        libc::getsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            SO_NETNS_COOKIE,
-            (&mut v as *mut u64).cast(),
-            &mut len,
-        )
-    } != 0
-    {
-        let e = io::Error::last_os_error();
-        return Err(io::Error::other(format!(
-            "SO_NETNS_COOKIE (kernel 5.14+ needed): {e}"
-        )));
-    }
-    Ok(v)
 }
 
 /// Does a TCP socket of the calling thread's netns listen on `port`? Asked

@@ -39,6 +39,8 @@ pub struct Status {
     pub map_usage: Vec<MapUsage>,
     /// Counter updates lost because REDIRECT_COUNTERS was full.
     pub counters_lost: u64,
+    /// The kernel: what it lacks, and the builds of the hooks in use.
+    pub kernel: crate::kernel::KernelStatus,
 }
 
 #[derive(Debug, Serialize)]
@@ -144,6 +146,7 @@ pub fn status(pins: &Pins) -> Result<Status> {
         accel_probe: probe,
         map_usage,
         counters_lost: maps.counters_lost(),
+        kernel: crate::kernel::status(pins),
     })
 }
 
@@ -186,6 +189,14 @@ impl Status {
                 None => "not run (runs at the first attach without --accel/--no-accel)".into(),
             }
         );
+        let _ = writeln!(s, "kernel: {}", self.kernel.release);
+        for g in &self.kernel.missing {
+            let _ = writeln!(
+                s,
+                "  lacks {} (Linux {}+): {}",
+                g.feature, g.since, g.instead
+            );
+        }
         let _ = writeln!(s, "captured pods: {}", self.pods.len());
         for p in &self.pods {
             let _ = writeln!(s);
