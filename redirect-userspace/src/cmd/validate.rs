@@ -591,7 +591,12 @@ fn inbound_test_port(cfg: &PodConfig, ports: &[(u16, u16)]) -> Option<u16> {
         }
     }
     let l = Ports(ports);
-    let captured = |p: &u16| matches!(inbound_verdict(cfg, *p, &l), Verdict::ToInbound(_));
+    let captured = |p: &u16| {
+        matches!(
+            inbound_verdict(cfg, redirect_common::AF_INET, *p, &l),
+            Verdict::ToInbound(_)
+        )
+    };
     if let Some(p) = [80, 8080, 9080].into_iter().find(captured) {
         return Some(p);
     }
