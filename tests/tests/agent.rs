@@ -154,7 +154,7 @@ fn cni_add_captures_and_del_releases() {
         (Some("shop/cart"), Some("ctr-1"))
     );
     assert_eq!(pods[0]["netns"], s.netns());
-    assert_eq!(pods[0]["istio_iptables_args"], "-p 15001 -z 15006 -e 15008 -u '1337' -g '1337' -m REDIRECT -i '*' -x '' -q '' -o '' -b '*' -d '15020,15021,15090'");
+    assert_eq!(pods[0]["istio_iptables_args"], "-p 15001 -z 15006 -e 15008 -u '1337' -g '1337' -m REDIRECT -i '*' -x '' -q '' -o '' -b '*' -d '15020,15021,15090' --dual-stack");
 
     // Metrics: the decision counters per pod, attach counts, map usage.
     let (code, m) =
