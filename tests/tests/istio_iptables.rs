@@ -611,7 +611,14 @@ fn case(flag: Flag) -> Case {
         Flag::TproxyMark => c("1338", vec![Ignored], None),
         Flag::TproxyRouteTable => c("134", vec![Ignored], None),
         Flag::DropInvalid => c("true", vec![Ignored], Some("2")),
-        Flag::DualStack => c("true", vec![Ignored], Some("x")),
+        Flag::DualStack => c(
+            "true",
+            vec![
+                Json("/config/dual_stack", json!(true)),
+                Args("--dual-stack"),
+            ],
+            Some("x"),
+        ),
         Flag::Accel => c(
             "true",
             vec![Json("/config/accel_mode", json!("forced"))],
