@@ -155,6 +155,15 @@ pub mod flags {
     /// The pod has `-c` or `-k` interfaces: sk_lookup looks the interface a
     /// connection arrives on up in REDIRECT_IFACES (only then).
     pub const IFACES: u32 = 1 << 17;
+    /// Display only: `--dual-stack` was given (IPv6 is captured when the
+    /// pod has any usable IPv6 address, not only when its first one is).
+    pub const DUAL_STACK: u32 = 1 << 18;
+    /// IPv6 is not captured for this pod: istio-iptables' `EnableIPv6` is
+    /// false (the pod's first usable address is IPv4, or, with
+    /// `--dual-stack`, it has no usable IPv6 address), so it writes no
+    /// ip6tables rules at all. No IPv6 connection is touched, outbound,
+    /// inbound or from a `-k` VM; a v4-mapped destination is IPv4.
+    pub const IPV6_OFF: u32 = 1 << 19;
 }
 
 /// Per-pod configuration, keyed by network namespace cookie.

@@ -109,6 +109,8 @@ pub struct PodInfo {
     /// `-c`/`-k` names that match no interface of the pod (yet).
     pub unmatched_interfaces: Vec<String>,
     pub listener_seeded: Vec<String>,
+    /// Is the pod's IPv6 captured, and why (istio-iptables' rule).
+    pub ipv6: crate::ipv6::Ipv6Capture,
     /// Acceleration active for this pod.
     pub accel: bool,
     /// The decision in words: on or off, and why (the kernel probe, a
@@ -654,19 +656,22 @@ impl Installation {
         let mut spec = spec.clone();
         let (accel, accel_decision) = self.decide_accel(spec.accel_mode);
         spec.accel = accel;
-        let spec = &spec;
         let t_accel = t0.elapsed();
         // Kernel features -c and -k need, asked before anything changes.
-        crate::ifaces::check_kernel(netns, spec)?;
+        crate::ifaces::check_kernel(netns, &spec)?;
         // One visit inside the netns, no subprocess: cookie, addresses,
-        // interfaces and routes, ::6 on lo when the pod has IPv6 (the
+        // whether IPv6 is captured (istio-iptables' rule over them),
+        // interfaces and routes, ::6 on lo when IPv6 is captured (the
         // proxy's IPv6 inbound passthrough source, as istio-iptables adds
         // it).
         let crate::podns::PodNs {
             cookie,
             addresses,
+            ipv6,
             net,
-        } = crate::podns::visit(netns)?;
+        } = crate::podns::visit(netns, spec.dual_stack)?;
+        spec.ipv6_off = !ipv6.captured;
+        let spec = &spec;
         let others = crate::owner::refuse_if_owned(netns, cookie, &self.pins, opts.force)?;
         let t_netns = t0.elapsed();
         let mut maps = self.maps()?;
@@ -766,6 +771,7 @@ impl Installation {
             vm_interfaces,
             unmatched_interfaces: crate::ifaces::unmatched(&net, spec),
             listener_seeded,
+            ipv6,
             accel: spec.accel,
             accel_decision,
             also_captured_by: others.iter().map(ToString::to_string).collect(),

@@ -11,6 +11,7 @@ pub mod error;
 pub mod explain;
 pub mod features;
 pub mod ifaces;
+pub mod ipv6;
 pub mod kernel;
 pub mod maps;
 pub mod mapsize;

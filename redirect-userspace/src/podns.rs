@@ -1,7 +1,8 @@
 //! What capturing a pod needs to learn and set inside its network
 //! namespace, done in one visit (one thread that enters the netns) and
-//! without running a program: its cookie, its addresses, `::6/128` on `lo`
-//! when it has IPv6 (as istio-iptables does, over rtnetlink rather than
+//! without running a program: its cookie, its addresses, whether its IPv6
+//! is captured (`ipv6::decide`, from the addresses as found), `::6/128` on
+//! `lo` when it is (as istio-iptables does, over rtnetlink rather than
 //! `ip`). And, once the pod's config is in, whether any TCP socket listens
 //! on the inbound capture port (only then can there be a proxy listener to
 //! register, and only then is `/proc` searched for it). Its interfaces,
@@ -24,24 +25,27 @@ pub const PASSTHROUGH_V6: Ipv6Addr = Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6);
 #[derive(Debug, Clone)]
 pub struct PodNs {
     pub cookie: u64,
-    /// Non-loopback addresses (after `::6` was added, so it is listed).
+    /// Non-loopback addresses, in the kernel's order (after `::6` was
+    /// added, so it is listed).
     pub addresses: Vec<IpAddr>,
+    /// Is the pod's IPv6 captured (decided before `::6` was added)?
+    pub ipv6: crate::ipv6::Ipv6Capture,
     /// Interfaces, their addresses, main routes.
     pub net: crate::podnet::PodNet,
 }
 
-/// Visit `netns`: see the module docs.
-pub fn visit(netns: &Netns) -> Result<PodNs> {
-    let (cookie, addresses, net) = on_this_thread(netns, || {
+/// Visit `netns`: see the module docs. `dual_stack`: `--dual-stack`.
+pub fn visit(netns: &Netns, dual_stack: bool) -> Result<PodNs> {
+    let (cookie, addresses, ipv6, net) = on_this_thread(netns, || {
         let cookie = crate::netns_cookie::from_socket_option()?;
         let mut addresses = non_loopback()?;
-        if addresses.iter().any(|a| a.is_ipv6()) && !addresses.contains(&IpAddr::V6(PASSTHROUGH_V6))
-        {
+        let ipv6 = crate::ipv6::decide(&addresses, dual_stack);
+        if ipv6.captured && !addresses.contains(&IpAddr::V6(PASSTHROUGH_V6)) {
             add_lo_address_v6(PASSTHROUGH_V6)?;
             addresses = non_loopback()?;
         }
         let net = crate::podnet::read()?;
-        Ok((cookie, addresses, net))
+        Ok((cookie, addresses, ipv6, net))
     })?;
     let cookie = match cookie {
         Some(c) => c,
@@ -50,6 +54,7 @@ pub fn visit(netns: &Netns) -> Result<PodNs> {
     Ok(PodNs {
         cookie,
         addresses,
+        ipv6,
         net,
     })
 }

@@ -90,6 +90,10 @@ impl Pod {
     }
 
     /// `redirect attach` of the pod netns to the pod cgroup; must succeed.
+    /// The pod has IPv4 and IPv6 addresses, IPv4 first: `--dual-stack` is
+    /// added so that its IPv6 is captured too, unless `flags` say
+    /// otherwise (`--dual-stack=false` leaves it out, as istio-init's
+    /// default).
     pub fn attach(&self, flags: &[&str]) -> Output {
         let ns = self.pod_netns();
         let cg = self.topo.cgroup.path.clone();
@@ -101,6 +105,9 @@ impl Pod {
             cg.to_str().unwrap(),
         ];
         args.extend_from_slice(flags);
+        if !flags.iter().any(|f| f.starts_with("--dual-stack")) {
+            args.push("--dual-stack");
+        }
         let out = self.redirect(&args);
         assert!(
             out.status.success(),

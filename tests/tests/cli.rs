@@ -573,6 +573,7 @@ fn status_and_stats_list_the_captured_pod() {
         POD_V4,
         POD_V6,
         "sk_lookup attached",
+        "IPv6: captured (--dual-stack, the pod has an IPv6 address)",
     ] {
         assert!(t.stdout.contains(want), "status lacks {want:?}:\n{}", t.stdout);
     }
