@@ -40,6 +40,16 @@ pub const CGROUP_PROGRAMS: [&str; 11] = [
     "redirect_recvmsg6",
 ];
 
+/// Attached to each cgroup besides [`CGROUP_PROGRAMS`] where the kernel
+/// needs the stored netns cookie (see `attach`).
+pub const SOCK_CREATE_PROGRAM: &str = "redirect_sock_create";
+
+/// The link pins a cgroup directory may hold: [`CGROUP_PROGRAMS`] and
+/// [`SOCK_CREATE_PROGRAM`]. Uninstall and detach go by this list.
+pub fn cgroup_link_names() -> impl Iterator<Item = &'static str> {
+    CGROUP_PROGRAMS.into_iter().chain([SOCK_CREATE_PROGRAM])
+}
+
 /// Maps userspace makes and pins next to the kernel object's (no program
 /// uses them): the acceleration probe's result, the `stats --zero`
 /// baselines, the agent's pod records, the pods' recorded cgroups (and
@@ -161,8 +171,7 @@ impl Pins {
         let mut out = Vec::new();
         for dir in numbered(&self.cgroups_dir()) {
             out.extend(
-                CGROUP_PROGRAMS
-                    .iter()
+                cgroup_link_names()
                     .map(|p| dir.join(p))
                     .filter(|p| p.symlink_metadata().is_ok()),
             );

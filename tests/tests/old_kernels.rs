@@ -174,6 +174,17 @@ fn the_fallbacks_capture_with_the_original_addresses() {
         "the pod reaches itself directly: {r:?}"
     );
     assert_eq!(pod.counter("PREROUTING", "captured"), 4);
+
+    // Uninstall removes the sock_create link too: nothing left attached
+    // to the cgroup, no pin left.
+    let out = pod.redirect(&["uninstall"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        !pod.pin_dir.exists(),
+        "pin dir left: {:?}",
+        std::fs::read_dir(&pod.pin_dir).map(|d| d.flatten().map(|e| e.path()).collect::<Vec<_>>())
+    );
+    assert_eq!(attach_types(&pod), Vec::<String>::new());
 }
 
 /// The kernel's report of a netns's cookie (`redirect_netns_cookie`, for
