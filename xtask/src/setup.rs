@@ -13,6 +13,8 @@
 //! * `kubernetes-validate` (PyPI; it bundles the Kubernetes JSON schemas, so
 //!   it validates offline) in a venv under target/tools/, for the test that
 //!   validates deploy/*.yaml;
+//! * `prometheus-client` (PyPI) in a venv under target/tools/, whose
+//!   exposition parsers check the agent's `/metrics` in both formats;
 //! * warnings when the kernel lacks a cgroup2 mount or BTF.
 //!
 //! Failures say what failed and what to run by hand.
@@ -58,6 +60,7 @@ pub fn setup(reinstall_bpf_linker: bool) -> Result<Toolchain> {
     let sysroot = ensure_nightly()?;
     let bpf_linker = ensure_bpf_linker(&sysroot, reinstall_bpf_linker)?;
     ensure_kubernetes_validate()?;
+    ensure_prometheus_client()?;
     check_kernel();
     eprintln!("setup: toolchain and tools ready");
     Ok(Toolchain { bpf_linker })
@@ -118,28 +121,57 @@ pub fn kubernetes_validate_venv() -> PathBuf {
     cmd::workspace_root().join("target/tools/kubernetes-validate")
 }
 
-/// Installs `kubernetes-validate` into a venv under target/tools/ unless it
-/// already runs there. Needs python3 with venv (apt: python3-venv).
+/// The pinned Prometheus Python client, whose exposition parsers (text
+/// 0.0.4 and OpenMetrics) check the agent's `/metrics`.
+const PROMETHEUS_CLIENT: &str = "prometheus-client==0.26.0";
+
+/// The venv holding `prometheus_client`; tests/tests/agent.rs looks here.
+pub fn prometheus_client_venv() -> PathBuf {
+    cmd::workspace_root().join("target/tools/prometheus-client")
+}
+
 fn ensure_kubernetes_validate() -> Result<()> {
-    let venv = kubernetes_validate_venv();
-    let bin = venv.join("bin/kubernetes-validate");
-    let runs = |bin: &Path| {
-        Command::new(bin)
-            .arg("--version")
+    ensure_venv(
+        &kubernetes_validate_venv(),
+        KUBERNETES_VALIDATE,
+        &["bin/kubernetes-validate", "--version"],
+    )
+}
+
+fn ensure_prometheus_client() -> Result<()> {
+    ensure_venv(
+        &prometheus_client_venv(),
+        PROMETHEUS_CLIENT,
+        &[
+            "bin/python",
+            "-c",
+            "import prometheus_client.parser, prometheus_client.openmetrics.parser",
+        ],
+    )
+}
+
+/// Installs the PyPI `requirement` into a venv at `venv` (under
+/// target/tools/) unless `check` (a program relative to the venv, and its
+/// arguments) already succeeds there. Needs python3 with venv (apt:
+/// python3-venv).
+fn ensure_venv(venv: &Path, requirement: &str, check: &[&str]) -> Result<()> {
+    let runs = || {
+        Command::new(venv.join(check[0]))
+            .args(&check[1..])
             .output()
             .is_ok_and(|o| o.status.success())
     };
-    if runs(&bin) {
+    if runs() {
         return Ok(());
     }
     let by_hand = format!(
-        "python3 -m venv {0} && {0}/bin/pip install {KUBERNETES_VALIDATE}",
+        "python3 -m venv {0} && {0}/bin/pip install {requirement}",
         venv.display()
     );
     let make_venv = || {
         Command::new("python3")
             .args(["-m", "venv", "--clear"])
-            .arg(&venv)
+            .arg(venv)
             .output()
             .is_ok_and(|o| o.status.success())
     };
@@ -166,17 +198,15 @@ fn ensure_kubernetes_validate() -> Result<()> {
         "install",
         "--quiet",
         "--disable-pip-version-check",
-        KUBERNETES_VALIDATE,
+        requirement,
     ]))
     .with_context(|| {
-        format!(
-            "installing {KUBERNETES_VALIDATE} failed; check access to PyPI, then run: {by_hand}"
-        )
+        format!("installing {requirement} failed; check access to PyPI, then run: {by_hand}")
     })?;
-    if !runs(&bin) {
+    if !runs() {
         bail!(
-            "{} does not run after installing it; run by hand: {by_hand}",
-            bin.display()
+            "{} does not run after installing {requirement}; run by hand: {by_hand}",
+            venv.join(check[0]).display()
         );
     }
     Ok(())

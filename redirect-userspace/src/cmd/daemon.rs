@@ -190,12 +190,8 @@ pub fn run(pin_dir: &Path, a: Args) -> Result<()> {
 
     let ready = Arc::new(AtomicBool::new(false));
     let stop = Arc::new(AtomicBool::new(false));
-    {
-        let (agent, ready, stop) = (agent.clone(), ready.clone(), stop.clone());
-        std::thread::Builder::new()
-            .name("metrics".into())
-            .spawn(move || agent::http::serve(http, agent, ready, stop))?;
-    }
+    let http = agent::http::Server::start(http, agent.clone(), ready.clone())
+        .context("starting the metrics endpoint")?;
     {
         let agent = agent.clone();
         std::thread::Builder::new()
@@ -289,6 +285,9 @@ pub fn run(pin_dir: &Path, a: Args) -> Result<()> {
     if !agent.drain(Duration::from_secs(20)) {
         tracing::warn!("requests still in flight after 20 s; exiting anyway");
     }
+    // Scrapes went on during the drain (/readyz said 503); now those in
+    // flight finish and the endpoint closes.
+    http.shutdown(Duration::from_secs(5));
     tracing::info!("stopped");
     Ok(())
 }
