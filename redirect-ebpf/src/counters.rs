@@ -38,10 +38,12 @@ pub fn bump(netns: u64, reason: u32, conns: u64, bytes: u64) {
     }
 }
 
-/// Count one connection (or call) under `reason`.
+/// Count one connection (or call) under `reason` (and log it, when the
+/// install's debug log is on).
 #[inline(always)]
 pub fn count(netns: u64, reason: Reason) {
     bump(netns, reason as u32, 1, 0);
+    crate::log::decision(netns, reason as u32);
 }
 
 /// Add bytes to a counter (by raw reason code) without counting a

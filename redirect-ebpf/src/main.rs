@@ -25,7 +25,8 @@
 //! Helpers, imported by the hook files and never importing them:
 //! `maps.rs` (every map), `netns.rs` (the one place a program learns its
 //! pod's netns cookie), `addr.rs` (addresses and 4-tuples out of the
-//! contexts), `counters.rs` (the per-reason counters), `abi.rs` (kernel
+//! contexts), `counters.rs` (the per-reason counters), `log.rs` (the
+//! debug log, off unless the install turns it on), `abi.rs` (kernel
 //! constants the bindings lack). A new hook gets a file of its own and a
 //! line here.
 #![no_std]
@@ -37,6 +38,7 @@ mod addr;
 mod connect;
 mod counters;
 mod inbound;
+mod log;
 mod maps;
 mod netns;
 mod orig_dst;

@@ -92,6 +92,7 @@ impl Installation {
         crate::mapsize::check_install(OBJECT, &pins.maps_dir(), sizes)?;
         let mut loader = EbpfLoader::new();
         loader.default_map_pin_directory(pins.maps_dir());
+        crate::kernlog::pin_ring(&mut loader, &pins);
         sizes.apply(&mut loader);
         let ebpf = loader.load(OBJECT).map_err(|e| {
             Error::bpf(
@@ -248,7 +249,9 @@ impl Installation {
     /// A loaded sk_lookup instance for the pod with this netns cookie (its
     /// fd; the `Ebpf` holding it is returned to keep it open).
     fn sk_lookup_instance(&self, cookie: u64) -> Result<(Ebpf, OwnedFd)> {
-        let mut ebpf = EbpfLoader::new()
+        let mut loader = EbpfLoader::new();
+        crate::kernlog::pin_ring(&mut loader, &self.pins);
+        let mut ebpf = loader
             .default_map_pin_directory(self.pins.maps_dir())
             .override_global("REDIRECT_SK_LOOKUP_NETNS", &cookie, true)
             .load(OBJECT)

@@ -7,6 +7,7 @@ pub mod bpf;
 pub mod cni;
 pub mod config;
 pub mod error;
+pub mod kernlog;
 pub mod maps;
 pub mod mapsize;
 pub mod pins;

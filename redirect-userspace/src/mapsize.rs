@@ -34,7 +34,12 @@ pub const FLAG: &str = "--map-size";
 /// Maps whose pinned layout must match this binary's: the sized ones, the
 /// acceleration's socket storage (its value is the sk_msg state) and the
 /// lost-counter slot.
-const LAYOUT_EXTRA: [&str; 2] = [MAP_ACCEL_SK, MAP_COUNTERS_LOST];
+const LAYOUT_EXTRA: [&str; 4] = [
+    MAP_ACCEL_SK,
+    MAP_COUNTERS_LOST,
+    crate::kernlog::MAP_SWITCH,
+    crate::kernlog::MAP_RING,
+];
 
 fn layout_maps() -> impl Iterator<Item = &'static str> {
     ALL_MAPS.into_iter().chain(LAYOUT_EXTRA)
@@ -303,7 +308,8 @@ fn map_fd(map: &aya::maps::Map) -> std::io::Result<std::os::fd::OwnedFd> {
         | Map::Array(d)
         | Map::PerCpuArray(d)
         | Map::SockMap(d)
-        | Map::SkStorage(d) => d.fd().as_fd(),
+        | Map::SkStorage(d)
+        | Map::RingBuf(d) => d.fd().as_fd(),
         _ => return Err(std::io::Error::other("unexpected map kind")),
     };
     fd.try_clone_to_owned()

@@ -3,6 +3,7 @@
 //!
 //! ```text
 //! <pin-dir>/maps/REDIRECT_*            the shared maps
+//! <pin-dir>/maps/AYA_LOGS              the kernel debug log's ring buffer
 //! <pin-dir>/cgroups/<cgroup-id>/<prog> cgroup links (connect, sockops, ...)
 //! <pin-dir>/netns/<netns-cookie>/sk_lookup   per-pod inbound link
 //! <pin-dir>/programs/redirect_sk_msg   acceleration verdict (attached to

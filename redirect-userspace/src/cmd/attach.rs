@@ -21,6 +21,11 @@ pub struct Args {
     /// install keeps its sizes; a different size here is an error.
     #[arg(long = "map-size", value_name = "MAP=N", value_delimiter = ',')]
     pub map_size: Vec<String>,
+    /// After attaching, turn the install's kernel debug log on and print
+    /// its records (each decision of the programs, any pod) until
+    /// interrupted; then turn it off. The pod stays captured.
+    #[arg(long)]
+    pub debug_log: bool,
     #[command(flatten)]
     pub flags: CaptureFlags,
 }
@@ -131,5 +136,35 @@ pub fn run(pin_dir: &Path, a: Args) -> Result<()> {
             );
         }
     }
+    if a.debug_log {
+        follow_kernel_log(&pins)?;
+    }
+    Ok(())
+}
+
+/// `--debug-log`: the kernel's records on stderr until SIGINT or SIGTERM.
+fn follow_kernel_log(pins: &Pins) -> Result<()> {
+    use redirect_userspace::kernlog;
+    use std::io::Write as _;
+    let sigs = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    };
+    kernlog::set(pins, true)?;
+    let follower = kernlog::Follower::start(pins);
+    println!("kernel debug log on: following it until interrupted");
+    let _ = std::io::stdout().flush();
+    if follower.is_ok() {
+        let mut sig: libc::c_int = 0;
+        unsafe { libc::sigwait(&sigs, &mut sig) };
+    }
+    // Off again however the follower ended.
+    let off = kernlog::set(pins, false);
+    drop(follower?);
+    off?;
     Ok(())
 }
