@@ -1,8 +1,10 @@
-//! The decision logic of DESIGN.md §2, shared by the kernel programs and the
-//! host tests. The kernel provides map lookups through [`Lookup`].
+//! The decision logic of istio-iptables' rules (docs/design.md, "The rules
+//! being replaced"), shared by the kernel programs and the host tests. The
+//! kernel provides map lookups through [`Lookup`].
 
 use crate::{
-    cidr_kind, flags, port_kind, PodConfig, Reason, AF_INET, AF_INET6, MAX_IDS, SOL_IP, SOL_IPV6,
+    cidr_kind, flags, port_kind, PodConfig, Reason, AF_INET, AF_INET6, DNS_PORT, IPPROTO_TCP,
+    IPPROTO_UDP, MAX_IDS, SOL_IP, SOL_IPV6,
 };
 
 /// Map lookups the decision needs, per pod.
@@ -13,10 +15,13 @@ pub trait Lookup {
     fn cidr_contains(&self, kind: u32, addr: &[u8; 16]) -> bool;
 }
 
-/// A new outbound TCP connection as the connect hook sees it.
+/// A new outbound connection as the connect hook sees it (TCP, or UDP:
+/// a connect, or an unconnected datagram seen by sendmsg).
 #[derive(Clone, Copy, Debug)]
 pub struct Outbound {
     pub family: u16,
+    /// `IPPROTO_TCP`, `IPPROTO_UDP`, or another protocol.
+    pub proto: u32,
     /// Destination, network order, v4 in the first 4 bytes.
     pub dst: [u8; 16],
     pub dport: u16,
@@ -34,12 +39,17 @@ pub enum Verdict {
     ToOutbound(Reason),
     /// Send it to the inbound capture port (`-z`).
     ToInbound(Reason),
+    /// Send it to the DNS proxy ([`crate::DNS_PROXY_PORT`]).
+    ToDns(Reason),
 }
 
 impl Verdict {
     pub const fn reason(self) -> Reason {
         match self {
-            Verdict::Untouched(r) | Verdict::ToOutbound(r) | Verdict::ToInbound(r) => r,
+            Verdict::Untouched(r)
+            | Verdict::ToOutbound(r)
+            | Verdict::ToInbound(r)
+            | Verdict::ToDns(r) => r,
         }
     }
 }
@@ -84,8 +94,28 @@ pub fn is_local<L: Lookup>(family: u16, a: &[u8; 16], l: &L) -> bool {
     }
 }
 
+/// Rules (2), (5) and (8)'s host loopback: 127.0.0.1 (or the range of
+/// `ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR`), and `::1`.
+#[inline(always)]
+pub fn is_host_loopback<L: Lookup>(cfg: &PodConfig, family: u16, a: &[u8; 16], l: &L) -> bool {
+    if family == AF_INET && cfg.has(flags::LOOPBACK_CIDR) {
+        return l.cidr_contains(cidr_kind::LOOPBACK_V4, a);
+    }
+    is_localhost(family, a)
+}
+
+/// Which owner rules: a uid's (2)-(4) or a gid's (5)-(7).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Owner {
+    Uid,
+    Gid,
+}
+
 /// One owner match of the ISTIO_OUTPUT chain: rules (2)-(4) for a uid or
-/// (5)-(7) for a gid. `None` means "fall through to the next rule".
+/// (5)-(7) for a gid. `None` means "fall through to the next rule". With
+/// DNS capture on, istio-iptables writes them so that port 53 reaches the
+/// DNS chain: a uid's rule (2) also skips TCP port 53 (a gid's only the
+/// tunnel port), and rules (3)/(6) only return TCP to other ports.
 #[inline(always)]
 fn owner_rules(
     cfg: &PodConfig,
@@ -93,25 +123,72 @@ fn owner_rules(
     via_lo: bool,
     to_localhost: bool,
     is_owner: bool,
-    skip_reason: Reason,
+    which: Owner,
 ) -> Option<Verdict> {
-    if via_lo && !to_localhost && is_owner && c.dport != cfg.tunnel_port {
+    let dns_on = cfg.has(flags::DNS_CAPTURE);
+    let tcp = c.proto == IPPROTO_TCP;
+    let dns_skip = dns_on && which == Owner::Uid && c.dport == DNS_PORT;
+    if via_lo && !to_localhost && is_owner && tcp && c.dport != cfg.tunnel_port && !dns_skip {
         return Some(Verdict::ToInbound(Reason::OutProxyToSelf));
     }
-    if via_lo && !is_owner && !cfg.has(flags::OUT_INCLUDE_HAS_LOOPBACK) {
+    let returns_local = !dns_on || (tcp && c.dport != DNS_PORT);
+    if via_lo && !is_owner && !cfg.has(flags::OUT_INCLUDE_HAS_LOOPBACK) && returns_local {
         return Some(Verdict::Untouched(Reason::OutAppLocal));
     }
     if is_owner {
-        return Some(Verdict::Untouched(skip_reason));
+        return Some(Verdict::Untouched(match which {
+            Owner::Uid => Reason::OutProxyUid,
+            Owner::Gid => Reason::OutProxyGid,
+        }));
     }
     None
 }
 
-/// The OUTPUT decision for a new TCP connection, first match wins, in the
-/// order of DESIGN.md §2.
+impl Outbound {
+    /// The destination the kernel really connects to, which is what
+    /// iptables' OUTPUT chain sees: the unspecified address means this
+    /// host. IPv4 `0.0.0.0` becomes the bound source address, or
+    /// 127.0.0.1 when unbound (the route lookup of a connect); IPv6 `::`
+    /// becomes `::1` (tcp_v6_connect). Any other destination is itself.
+    #[inline(always)]
+    pub fn effective_dst(&self) -> [u8; 16] {
+        if self.family == AF_INET {
+            if v4(&self.dst) != [0; 4] {
+                return self.dst;
+            }
+            if v4(&self.src) != [0; 4] {
+                return self.src;
+            }
+            let mut lo = [0u8; 16];
+            lo[..4].copy_from_slice(&V4_LOCALHOST);
+            lo
+        } else if self.dst == [0u8; 16] {
+            V6_LOCALHOST
+        } else {
+            self.dst
+        }
+    }
+}
+
+/// The OUTPUT decision for a new connection (or, for unconnected UDP, a
+/// datagram), first match wins, in istio-iptables' order. Only TCP is
+/// captured, and with `--redirect-dns` UDP to port 53. A connect to the
+/// unspecified address is decided for the address the kernel sends it to
+/// ([`Outbound::effective_dst`]), as iptables sees it: a local one, out
+/// through `lo`.
 #[inline(always)]
 pub fn outbound_verdict<L: Lookup>(cfg: &PodConfig, c: &Outbound, l: &L) -> Verdict {
-    // 1. -o ports.
+    let c = &Outbound {
+        dst: c.effective_dst(),
+        ..*c
+    };
+    let tcp = c.proto == IPPROTO_TCP;
+    let dns = cfg.has(flags::DNS_CAPTURE) && c.dport == DNS_PORT;
+    let dns_udp = dns && c.proto == IPPROTO_UDP;
+    if !tcp && !dns_udp {
+        return Verdict::Untouched(Reason::OutNotTcp);
+    }
+    // 1. -o ports (istio-iptables returns them for TCP and UDP).
     if l.port_listed(port_kind::OUT_EXCLUDE, c.dport) {
         return Verdict::Untouched(Reason::OutExcludedPort);
     }
@@ -129,7 +206,7 @@ pub fn outbound_verdict<L: Lookup>(cfg: &PodConfig, c: &Outbound, l: &L) -> Verd
     if via_lo && is_passthrough_source(c.family, src) {
         return Verdict::Untouched(Reason::OutPassthrough);
     }
-    let to_localhost = is_localhost(c.family, &c.dst);
+    let to_localhost = is_host_loopback(cfg, c.family, &c.dst, l);
     // 3. per uid, then per gid (istio-iptables emits the three rules per id,
     //    so with several ids the "! --uid-owner A" rule also catches id B).
     let mut i = 0;
@@ -138,7 +215,7 @@ pub fn outbound_verdict<L: Lookup>(cfg: &PodConfig, c: &Outbound, l: &L) -> Verd
             break;
         }
         let owner = c.uid == cfg.uids[i];
-        if let Some(v) = owner_rules(cfg, c, via_lo, to_localhost, owner, Reason::OutProxyUid) {
+        if let Some(v) = owner_rules(cfg, c, via_lo, to_localhost, owner, Owner::Uid) {
             return v;
         }
         i += 1;
@@ -149,10 +226,41 @@ pub fn outbound_verdict<L: Lookup>(cfg: &PodConfig, c: &Outbound, l: &L) -> Verd
             break;
         }
         let owner = c.gid == cfg.gids[i];
-        if let Some(v) = owner_rules(cfg, c, via_lo, to_localhost, owner, Reason::OutProxyGid) {
+        if let Some(v) = owner_rules(cfg, c, via_lo, to_localhost, owner, Owner::Gid) {
             return v;
         }
         i += 1;
+    }
+    // Owner groups (ISTIO_OUTBOUND_OWNER_GROUPS[_EXCLUDE]): after every
+    // uid/gid rule, before the DNS chain, for every protocol.
+    if cfg.has(flags::OWNER_GROUPS_ONLY | flags::OWNER_GROUPS_EXCEPT) {
+        let listed = l.cidr_contains(cidr_kind::OWNER_GID, &cidr_kind::gid_key(c.gid));
+        if cfg.has(flags::OWNER_GROUPS_ONLY) && !listed {
+            return Verdict::Untouched(Reason::OutOwnerGroupNotIncluded);
+        }
+        if cfg.has(flags::OWNER_GROUPS_EXCEPT) && listed {
+            return Verdict::Untouched(Reason::OutOwnerGroupExcluded);
+        }
+    }
+    // ISTIO_OUTPUT_DNS: port 53 to a nameserver (any address with
+    // capture-all), TCP and UDP. UDP goes no further: the rest of the
+    // chain only ever redirects TCP.
+    if dns {
+        let kind = if c.family == AF_INET {
+            cidr_kind::DNS_V4
+        } else {
+            cidr_kind::DNS_V6
+        };
+        if cfg.has(flags::DNS_CAPTURE_ALL) || l.cidr_contains(kind, &c.dst) {
+            return Verdict::ToDns(if tcp {
+                Reason::DnsCapturedTcp
+            } else {
+                Reason::DnsCapturedUdp
+            });
+        }
+        if !tcp {
+            return Verdict::Untouched(Reason::DnsNotNameserver);
+        }
     }
     // 4. 127.0.0.1 / ::1.
     if to_localhost {
@@ -178,19 +286,17 @@ pub fn outbound_verdict<L: Lookup>(cfg: &PodConfig, c: &Outbound, l: &L) -> Verd
     Verdict::Untouched(Reason::OutNotIncluded)
 }
 
-/// `-b '*'` never captures ssh (istio-iptables adds `--dport 22 -j RETURN`).
-pub const SSH_PORT: u16 = 22;
-
 /// The PREROUTING decision for a new TCP connection arriving from outside
-/// the pod on `dport`.
+/// the pod on `dport`. Port 22 is not special: istio-iptables stopped
+/// sparing ssh with `-b '*'` in Istio 1.13 (Istio's VM setup puts 22 into
+/// `-d` instead).
 #[inline(always)]
 pub fn inbound_verdict<L: Lookup>(cfg: &PodConfig, dport: u16, l: &L) -> Verdict {
     if dport == cfg.tunnel_port {
         return Verdict::Untouched(Reason::InTunnelPort);
     }
     if cfg.has(flags::IN_CAPTURE_ALL) {
-        // istio-iptables always keeps ssh reachable when capturing all.
-        if dport == SSH_PORT || l.port_listed(port_kind::IN_EXCLUDE, dport) {
+        if l.port_listed(port_kind::IN_EXCLUDE, dport) {
             return Verdict::Untouched(Reason::InExcludedPort);
         }
         return Verdict::ToInbound(Reason::InCaptured);

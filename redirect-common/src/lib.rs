@@ -37,13 +37,16 @@ pub const MAP_LISTENERS: &str = "REDIRECT_LISTENERS";
 pub const MAP_SOCKS: &str = "REDIRECT_SOCKS";
 pub const MAP_ACCEL_FALLBACK: &str = "REDIRECT_ACCEL_FALLBACK";
 pub const MAP_ACCEL_PORTS: &str = "REDIRECT_ACCEL_PORTS";
+/// The 4-tuples of the pod's own IPv6 connections to its own addresses
+/// (sk_lookup tells their SYNs from ones arriving from outside).
+pub const MAP_LOCAL_CONNECTS: &str = "REDIRECT_LOCAL_CONNECTS";
 /// Socket-local storage of accelerated sockets (sk_msg state); not sized,
 /// not in ALL_MAPS (no `--map-size` knob), but its layout is checked too.
 pub const MAP_ACCEL_SK: &str = "REDIRECT_ACCEL_SK";
 /// Counter updates lost to a full REDIRECT_COUNTERS (one per-CPU slot; not
 /// sized, not in ALL_MAPS, layout checked).
 pub const MAP_COUNTERS_LOST: &str = "REDIRECT_COUNTERS_LOST";
-pub const ALL_MAPS: [&str; 10] = [
+pub const ALL_MAPS: [&str; 11] = [
     MAP_PODS,
     MAP_CIDRS,
     MAP_PORTS,
@@ -54,16 +57,27 @@ pub const ALL_MAPS: [&str; 10] = [
     MAP_SOCKS,
     MAP_ACCEL_FALLBACK,
     MAP_ACCEL_PORTS,
+    MAP_LOCAL_CONNECTS,
 ];
 
 pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;
 pub const IPPROTO_TCP: u32 = 6;
+pub const IPPROTO_UDP: u32 = 17;
+/// An MPTCP socket (`socket(AF_INET, SOCK_STREAM, IPPROTO_MPTCP)`); its
+/// subflows are IPPROTO_TCP sockets.
+pub const IPPROTO_MPTCP: u32 = 262;
 pub const SOCK_STREAM: u32 = 1;
 pub const SOL_IP: i32 = 0;
 pub const SOL_IPV6: i32 = 41;
 /// `SO_ORIGINAL_DST` (SOL_IP) and `IP6T_SO_ORIGINAL_DST` (SOL_IPV6) share the number.
 pub const SO_ORIGINAL_DST: i32 = 80;
+
+/// DNS: the port captured with `--redirect-dns`, and the port of the DNS
+/// proxy it goes to (Istio's agent listens on 127.0.0.1:15053 and
+/// [::1]:15053, UDP and TCP; not configurable in istio-iptables either).
+pub const DNS_PORT: u16 = 53;
+pub const DNS_PROXY_PORT: u16 = 15053;
 
 /// `PodConfig::flags` bits.
 pub mod flags {
@@ -87,6 +101,38 @@ pub mod flags {
     /// `--accel-short-conns`: accelerate connections to every port, also
     /// where the latest connections were short-lived (no learning).
     pub const ACCEL_SHORT_CONNS: u32 = 1 << 7;
+    /// `--redirect-dns` in effect (istio-iptables' rules with DNS): TCP
+    /// and UDP port 53 to a nameserver (`cidr_kind::DNS_V4/V6`) go to the
+    /// DNS proxy, and rules (2)/(3)/(6) leave port 53 to the DNS chain.
+    /// Not set when the nameserver list is empty and no capture-all
+    /// applies (istio-iptables then turns DNS capture off).
+    pub const DNS_CAPTURE: u32 = 1 << 8;
+    /// With DNS_CAPTURE: port 53 to any address (`--capture-all-dns`, or
+    /// the nameservers are unknown).
+    pub const DNS_CAPTURE_ALL: u32 = 1 << 9;
+    /// Display only: DNS_CAPTURE_ALL because the pod's nameservers could
+    /// not be learned, not because of `--capture-all-dns`.
+    pub const DNS_SERVERS_UNKNOWN: u32 = 1 << 10;
+    /// `ISTIO_OUTBOUND_OWNER_GROUPS` is a list: only processes whose gid is
+    /// listed (`cidr_kind::OWNER_GID`) are captured.
+    pub const OWNER_GROUPS_ONLY: u32 = 1 << 11;
+    /// `ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE`: processes whose gid is listed
+    /// are not captured.
+    pub const OWNER_GROUPS_EXCEPT: u32 = 1 << 12;
+    /// `ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR` is not 127.0.0.1/32: rules (2),
+    /// (5) and (8) use the range in `cidr_kind::LOOPBACK_V4`.
+    pub const LOOPBACK_CIDR: u32 = 1 << 13;
+    /// Display only: `--redirect-dns` was given, but the pod has no
+    /// nameserver and capture-all does not apply, so DNS_CAPTURE is off
+    /// (as istio-iptables turns it off).
+    pub const DNS_NO_SERVERS: u32 = 1 << 14;
+    /// Set and cleared by the programs, not a setting: one of the pod's
+    /// own IPv6 connections to its addresses could not be marked
+    /// (REDIRECT_LOCAL_CONNECTS full). Until a mark is removed again (room
+    /// again), sk_lookup takes any local IPv6 source for the pod's own, as
+    /// for IPv4, rather than steer the pod's own connections (the proxy's
+    /// passthrough to the app among them) back to the inbound port.
+    pub const LOCAL_MARKS_LOST: u32 = 1 << 15;
 }
 
 /// Per-pod configuration, keyed by network namespace cookie.
@@ -119,9 +165,29 @@ pub mod cidr_kind {
     pub const EXCLUDE_V4: u32 = 2;
     /// The pod's own addresses ("-o lo" destinations besides 127/8).
     pub const LOCAL_V4: u32 = 3;
+    /// The pod's IPv4 nameservers (`--redirect-dns`), one /32 each.
+    pub const DNS_V4: u32 = 4;
+    /// The gids of `ISTIO_OUTBOUND_OWNER_GROUPS[_EXCLUDE]`: the gid in the
+    /// address's first 4 bytes (network order), prefix 32. See
+    /// [`gid_key`].
+    pub const OWNER_GID: u32 = 5;
+    /// `ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR` (when not 127.0.0.1/32).
+    pub const LOOPBACK_V4: u32 = 6;
     pub const INCLUDE_V6: u32 = 17;
     pub const EXCLUDE_V6: u32 = 18;
     pub const LOCAL_V6: u32 = 19;
+    /// The pod's IPv6 nameservers, one /128 each.
+    pub const DNS_V6: u32 = 20;
+
+    /// Kinds at or above this hold IPv6 addresses; below, IPv4 ones (or a
+    /// gid written as one).
+    pub const FIRST_V6: u32 = INCLUDE_V6;
+
+    /// The address bytes an owner gid is stored and looked up under.
+    pub const fn gid_key(gid: u32) -> [u8; 16] {
+        let b = gid.to_be_bytes();
+        [b[0], b[1], b[2], b[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
+    }
 }
 
 /// Data part of the LPM trie key: netns cookie (8 bytes, native order),

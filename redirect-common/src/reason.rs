@@ -17,6 +17,10 @@ pub enum Reason {
     OutExcludedCidr = 10,
     OutNotIncluded = 11,
     OutNotTcp = 12,
+    /// `ISTIO_OUTBOUND_OWNER_GROUPS`: the process's group is not listed.
+    OutOwnerGroupNotIncluded = 17,
+    /// `ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE`: the process's group is listed.
+    OutOwnerGroupExcluded = 18,
     // Original destination answers (SO_ORIGINAL_DST, getpeername).
     OrigDstOutbound = 20,
     OrigDstInbound = 21,
@@ -27,6 +31,7 @@ pub enum Reason {
     ErrTupleMapFull = 31,
     ErrListenerMapFull = 32,
     ErrSockMapFull = 33,
+    ErrLocalMapFull = 34,
     // Inbound (PREROUTING chain), one per new TCP connection from outside.
     InCaptured = 40,
     InExcludedPort = 41,
@@ -41,6 +46,12 @@ pub enum Reason {
     AccelBulk = 53,
     AccelSkippedShort = 54,
     AccelRemoved = 55,
+    // DNS capture (ISTIO_OUTPUT_DNS): UDP datagrams (sendmsg) and connects
+    // (connect, UDP and TCP) to port 53, and the replies the app reads.
+    DnsCapturedUdp = 60,
+    DnsCapturedTcp = 61,
+    DnsNotNameserver = 62,
+    DnsReplyRewritten = 63,
 }
 
 /// The groups of `redirect stats`, in display order: the two iptables
@@ -51,15 +62,17 @@ pub enum Reason {
 pub enum Chain {
     Output,
     Prerouting,
+    Dns,
     OrigDst,
     Accel,
     Errors,
 }
 
 impl Chain {
-    pub const ALL: [Chain; 5] = [
+    pub const ALL: [Chain; 6] = [
         Chain::Output,
         Chain::Prerouting,
+        Chain::Dns,
         Chain::OrigDst,
         Chain::Accel,
         Chain::Errors,
@@ -70,6 +83,7 @@ impl Chain {
         match self {
             Chain::Output => "OUTPUT",
             Chain::Prerouting => "PREROUTING",
+            Chain::Dns => "DNS",
             Chain::OrigDst => "ORIGINAL_DST",
             Chain::Accel => "ACCEL",
             Chain::Errors => "ERRORS",
@@ -81,6 +95,7 @@ impl Chain {
         match self {
             Chain::Output => "ISTIO_OUTPUT; cgroup/connect4, cgroup/connect6: new TCP connections made in the pod",
             Chain::Prerouting => "ISTIO_INBOUND; sk_lookup in the pod netns: new TCP connections from outside",
+            Chain::Dns => "ISTIO_OUTPUT_DNS; cgroup/sendmsg, connect: UDP datagrams and connects to port 53; cgroup/recvmsg: replies",
             Chain::OrigDst => "cgroup/getsockopt SO_ORIGINAL_DST, cgroup/getpeername: calls answered or not",
             Chain::Accel => "sockops + sk_msg between app and proxy: sockets, connections, sk_msg verdicts or messages",
             Chain::Errors => "map updates that failed",
@@ -97,6 +112,8 @@ impl Chain {
                 Reason::OutAppLocal,
                 Reason::OutProxyUid,
                 Reason::OutProxyGid,
+                Reason::OutOwnerGroupNotIncluded,
+                Reason::OutOwnerGroupExcluded,
                 Reason::OutLoopback,
                 Reason::OutExcludedCidr,
                 Reason::OutCapturedPort,
@@ -111,6 +128,12 @@ impl Chain {
                 Reason::InNotIncluded,
                 Reason::InNoListener,
                 Reason::InListenerRegistered,
+            ],
+            Chain::Dns => &[
+                Reason::DnsCapturedUdp,
+                Reason::DnsCapturedTcp,
+                Reason::DnsNotNameserver,
+                Reason::DnsReplyRewritten,
             ],
             Chain::OrigDst => &[
                 Reason::OrigDstOutbound,
@@ -131,13 +154,14 @@ impl Chain {
                 Reason::ErrTupleMapFull,
                 Reason::ErrListenerMapFull,
                 Reason::ErrSockMapFull,
+                Reason::ErrLocalMapFull,
             ],
         }
     }
 }
 
 impl Reason {
-    pub const ALL: [Reason; 32] = [
+    pub const ALL: [Reason; 39] = [
         Reason::OutCaptured,
         Reason::OutCapturedPort,
         Reason::OutProxyToSelf,
@@ -150,6 +174,8 @@ impl Reason {
         Reason::OutExcludedCidr,
         Reason::OutNotIncluded,
         Reason::OutNotTcp,
+        Reason::OutOwnerGroupNotIncluded,
+        Reason::OutOwnerGroupExcluded,
         Reason::OrigDstOutbound,
         Reason::OrigDstInbound,
         Reason::OrigDstMissing,
@@ -158,6 +184,7 @@ impl Reason {
         Reason::ErrTupleMapFull,
         Reason::ErrListenerMapFull,
         Reason::ErrSockMapFull,
+        Reason::ErrLocalMapFull,
         Reason::InCaptured,
         Reason::InExcludedPort,
         Reason::InNotIncluded,
@@ -170,6 +197,10 @@ impl Reason {
         Reason::AccelFallback,
         Reason::AccelBulk,
         Reason::AccelSkippedShort,
+        Reason::DnsCapturedUdp,
+        Reason::DnsCapturedTcp,
+        Reason::DnsNotNameserver,
+        Reason::DnsReplyRewritten,
     ];
 
     pub fn from_u32(v: u32) -> Option<Reason> {
@@ -205,6 +236,7 @@ impl Reason {
             Reason::OutCaptured
                 | Reason::OutCapturedPort
                 | Reason::OutProxyToSelf
+                | Reason::DnsCapturedTcp
                 | Reason::AccelRedirected
                 | Reason::AccelFallback
                 | Reason::AccelBulk
@@ -216,15 +248,18 @@ impl Reason {
         match self {
             Reason::OutCaptured | Reason::OutCapturedPort => "REDIRECT",
             Reason::OutProxyToSelf | Reason::InCaptured => "REDIRECT",
+            Reason::DnsCapturedUdp | Reason::DnsCapturedTcp => "REDIRECT",
+            Reason::DnsReplyRewritten => "ANSWER",
             Reason::InNoListener | Reason::ErrOrigMapFull => "REJECT",
             Reason::OrigDstOutbound | Reason::OrigDstInbound | Reason::PeerNameRewritten => {
                 "ANSWER"
             }
             Reason::OrigDstMissing => "MISSING",
             Reason::InListenerRegistered => "LISTEN",
-            Reason::ErrTupleMapFull | Reason::ErrListenerMapFull | Reason::ErrSockMapFull => {
-                "ERROR"
-            }
+            Reason::ErrTupleMapFull
+            | Reason::ErrListenerMapFull
+            | Reason::ErrSockMapFull
+            | Reason::ErrLocalMapFull => "ERROR",
             Reason::AccelInserted => "SOCKMAP",
             Reason::AccelRedirected => "REDIRECT",
             Reason::AccelFallback => "PASS",
@@ -250,6 +285,12 @@ impl Reason {
             Reason::OutExcludedCidr => "skip_excluded_cidr",
             Reason::OutNotIncluded => "skip_not_included",
             Reason::OutNotTcp => "skip_not_tcp",
+            Reason::OutOwnerGroupNotIncluded => "skip_owner_group_not_included",
+            Reason::OutOwnerGroupExcluded => "skip_owner_group_excluded",
+            Reason::DnsCapturedUdp => "captured_udp",
+            Reason::DnsCapturedTcp => "captured_tcp",
+            Reason::DnsNotNameserver => "skip_not_nameserver",
+            Reason::DnsReplyRewritten => "reply_from_nameserver",
             Reason::OrigDstOutbound => "orig_dst_outbound",
             Reason::OrigDstInbound => "orig_dst_inbound",
             Reason::OrigDstMissing => "orig_dst_missing",
@@ -258,6 +299,7 @@ impl Reason {
             Reason::ErrTupleMapFull => "error_tuple_map_full",
             Reason::ErrListenerMapFull => "error_listener_map_full",
             Reason::ErrSockMapFull => "error_sockmap_update",
+            Reason::ErrLocalMapFull => "error_local_map_full",
             Reason::AccelInserted => "sockets_inserted",
             Reason::AccelRedirected => "messages_redirected",
             Reason::AccelFallback => "messages_fallback",
@@ -289,7 +331,15 @@ impl Reason {
             Reason::OutLoopback => "destination 127.0.0.1/::1 (rule 8)",
             Reason::OutExcludedCidr => "excluded CIDR (-x)",
             Reason::OutNotIncluded => "not included (-i)",
-            Reason::OutNotTcp => "not TCP",
+            Reason::OutNotTcp => "not TCP (nor UDP port 53 with --redirect-dns)",
+            Reason::OutOwnerGroupNotIncluded => "owner group not in ISTIO_OUTBOUND_OWNER_GROUPS",
+            Reason::OutOwnerGroupExcluded => "owner group in ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE",
+            Reason::DnsCapturedUdp => {
+                "UDP to a nameserver -> DNS proxy :15053 (per datagram or connect)"
+            }
+            Reason::DnsCapturedTcp => "TCP to a nameserver -> DNS proxy :15053",
+            Reason::DnsNotNameserver => "UDP port 53 to another address (not captured)",
+            Reason::DnsReplyRewritten => "reply read as from the nameserver asked (recvmsg)",
             Reason::OrigDstOutbound => "SO_ORIGINAL_DST answered (outbound)",
             Reason::OrigDstInbound => "SO_ORIGINAL_DST answered (inbound)",
             Reason::OrigDstMissing => "SO_ORIGINAL_DST asked, no record",
@@ -298,6 +348,9 @@ impl Reason {
             Reason::ErrTupleMapFull => "tuple map full (proxy gets no SO_ORIGINAL_DST)",
             Reason::ErrListenerMapFull => "listener map update failed",
             Reason::ErrSockMapFull => "acceleration sockhash update failed (normal path used)",
+            Reason::ErrLocalMapFull => {
+                "local IPv6 connection map full (local sources trusted until room)"
+            }
             Reason::AccelInserted => "app/proxy sockets put in the sockhash",
             Reason::AccelRedirected => {
                 "sent straight to the peer socket (sk_msg verdicts, each for up to 16 KiB)"
@@ -309,7 +362,7 @@ impl Reason {
             }
             Reason::AccelRemoved => "app/proxy sockets out of the sockhash again (closed)",
             Reason::InCaptured => "captured -> inbound port",
-            Reason::InExcludedPort => "excluded port (-d; ssh 22 with -b *)",
+            Reason::InExcludedPort => "excluded port (-d)",
             Reason::InNotIncluded => "not included (-b)",
             Reason::InNoListener => "no listener on inbound port (refused)",
             Reason::InTunnelPort => "inbound tunnel port (-e)",

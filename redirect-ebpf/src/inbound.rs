@@ -6,19 +6,26 @@
 //!   `redirect_common::inbound_verdict`.
 //! - The listener it needs is registered by sockops (`sockops.rs` calls
 //!   [`register_listener`] when a socket of the pod starts listening).
+//! - PREROUTING never sees the pod's own connections (conntrack decided
+//!   them in OUTPUT), but sk_lookup does: the SYN of a connection to one
+//!   of the pod's addresses arrives with that address's device as
+//!   ingress. Its source is one of the pod's addresses; for IPv4 that is
+//!   proof enough (the kernel drops a packet from outside with a local
+//!   source as a martian), for IPv6 it is not, and sockops marks the
+//!   pod's own IPv6 connections (REDIRECT_LOCAL_CONNECTS).
 
 use aya_ebpf::{
     bindings::BPF_ANY, macros::sk_lookup, programs::SkLookupContext, programs::SockOpsContext,
 };
 use redirect_common::{
-    inbound_verdict, ListenerKey, Reason, Verdict, AF_INET, AF_INET6, IPPROTO_TCP,
+    flags, inbound_verdict, ListenerKey, Reason, TupleKey, Verdict, AF_INET, AF_INET6, IPPROTO_TCP,
 };
 
 use crate::{
     abi::{LOOPBACK_IFINDEX, SK_DROP, SK_PASS},
     addr::{ip4_bytes, ip6_bytes},
     counters::count,
-    maps::{PodMaps, REDIRECT_LISTENERS, REDIRECT_PODS},
+    maps::{PodMaps, REDIRECT_LISTENERS, REDIRECT_LOCAL_CONNECTS, REDIRECT_PODS},
     netns,
 };
 
@@ -42,7 +49,8 @@ unsafe fn sk_lookup_inbound(ctx: &SkLookupContext) -> u32 {
     };
     // PREROUTING only sees packets from outside the netns. Local traffic
     // to the pod's own IP arrives with that IP's device as ingress, so
-    // tell it apart by its source: an address of this netns.
+    // tell it apart by its source (an address of this netns) and, for
+    // IPv6, by the mark its connecting socket set (see the module docs).
     let family = (*l).family;
     let src = if family == AF_INET as u32 {
         ip4_bytes((*l).remote_ip4)
@@ -55,10 +63,24 @@ unsafe fn sk_lookup_inbound(ctx: &SkLookupContext) -> u32 {
     } else {
         AF_INET6
     };
-    if redirect_common::is_local(fam, &src, &maps) {
-        return SK_PASS;
-    }
     let dport = (*l).local_port as u16;
+    if redirect_common::is_local(fam, &src, &maps) {
+        if fam == AF_INET {
+            return SK_PASS;
+        }
+        let key = TupleKey {
+            netns,
+            src,
+            dst: ip6_bytes((*l).local_ip6),
+            sport: u16::from_be((*l).remote_port),
+            dport,
+            family: AF_INET6,
+            _pad: 0,
+        };
+        if REDIRECT_LOCAL_CONNECTS.get(&key).is_some() || cfg.has(flags::LOCAL_MARKS_LOST) {
+            return SK_PASS;
+        }
+    }
     let verdict = inbound_verdict(cfg, dport, &maps);
     if let Verdict::Untouched(r) = verdict {
         count(netns, r);

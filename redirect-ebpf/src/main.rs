@@ -19,8 +19,14 @@
 //! - `accel.rs`: `redirect_sk_msg` (sk_msg), and the sockops side of
 //!   acceleration. No iptables counterpart: it skips the loopback TCP/IP
 //!   hop between app and proxy.
+//! - `sendmsg.rs`: `redirect_sendmsg4/6` (cgroup/sendmsg4, sendmsg6).
+//!   ISTIO_OUTPUT_DNS for UDP datagrams sent with an address: port 53 to a
+//!   nameserver goes to the DNS proxy (TCP and connected UDP: connect.rs).
+//! - `recvmsg.rs`: `redirect_recvmsg4/6` (cgroup/recvmsg4, recvmsg6). The
+//!   un-NAT of captured DNS replies: they read as from the nameserver.
 //! - `release.rs`: `redirect_sock_release` (cgroup/sock_release).
-//!   conntrack forgetting a connection that never started.
+//!   conntrack forgetting a connection that never started, and a DNS
+//!   socket's record when it closes.
 //!
 //! Helpers, imported by the hook files and never importing them:
 //! `maps.rs` (every map), `netns.rs` (the one place a program learns its
@@ -42,7 +48,9 @@ mod log;
 mod maps;
 mod netns;
 mod orig_dst;
+mod recvmsg;
 mod release;
+mod sendmsg;
 mod sockops;
 
 #[cfg(not(test))]

@@ -57,6 +57,16 @@ pub static REDIRECT_ACCEL_FALLBACK: HashMap<TupleKey, u8> = HashMap::pinned(MAX_
 /// from ACCEL_SHORT_SKIP_AFTER on). Soft state, hence LRU.
 #[map]
 pub static REDIRECT_ACCEL_PORTS: LruHashMap<PortKey, u32> = LruHashMap::pinned(MAX_ACCEL_PORTS, 0);
+/// The pod's own IPv6 connections to one of its own (non-loopback)
+/// addresses, by the connecting socket's 4-tuple (local → remote) and
+/// netns cookie, from the SYN until the socket closes: sk_lookup tells
+/// their SYNs, which arrive with the address's device as ingress, from a
+/// SYN from outside whose source is one of the pod's addresses (IPv6 does
+/// not drop those as martians; PREROUTING captures them). Not
+/// preallocated: only such connections take memory.
+#[map]
+pub static REDIRECT_LOCAL_CONNECTS: HashMap<TupleKey, u8> =
+    HashMap::pinned(MAX_TRACKED_SOCKETS, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
 /// The proxy's listener on the inbound capture port, per netns and family.
 #[map]
 pub static REDIRECT_LISTENERS: SockHash<ListenerKey> = SockHash::pinned(MAX_LISTENERS, 0);

@@ -16,7 +16,8 @@ use aya_ebpf::{
     programs::{SockAddrContext, SockoptContext},
 };
 use redirect_common::{
-    v4_to_mapped, OrigDst, Reason, AF_INET, AF_INET6, SOL_IP, SOL_IPV6, SO_ORIGINAL_DST,
+    v4_to_mapped, OrigDst, Reason, AF_INET, AF_INET6, IPPROTO_MPTCP, SOL_IP, SOL_IPV6,
+    SO_ORIGINAL_DST,
 };
 
 use crate::{
@@ -41,14 +42,29 @@ pub fn redirect_getpeername6(ctx: SockAddrContext) -> i32 {
 }
 
 /// NAT is invisible to the app: its socket reports the original peer.
+///
+/// An MPTCP socket is not the socket that connected: its first subflow, a
+/// TCP socket of its own (with its own cookie), went through connect and
+/// sockops, and the MPTCP socket reports the subflow's addresses. Its
+/// record is found by that 4-tuple instead (the subflow's tuple record).
 #[inline(always)]
 unsafe fn getpeername(ctx: &SockAddrContext, v6: bool) {
     let sa = ctx.sock_addr;
     let cookie = bpf_get_socket_cookie(sa as *mut c_void);
-    let Some(orig) = REDIRECT_ORIG_BY_COOKIE.get(&cookie) else {
-        return;
-    };
     let netns = netns::of_sock_addr(sa);
+    let orig = match REDIRECT_ORIG_BY_COOKIE.get(&cookie) {
+        Some(o) => o,
+        None => {
+            let sk: *mut bpf_sock = (*sa).__bindgen_anon_1.sk;
+            if sk.is_null() || (*sk).protocol != IPPROTO_MPTCP {
+                return;
+            }
+            match REDIRECT_ORIG_BY_TUPLE.get(&sock_tuple(sk).own_key(netns)) {
+                Some(o) => o,
+                None => return,
+            }
+        }
+    };
     if !v6 {
         if orig.family != AF_INET {
             return;

@@ -2,7 +2,7 @@
 //! that replays the kept corpus (tests/fuzz_corpus.rs). Each takes arbitrary
 //! bytes, must never panic, and asserts the parser's invariants.
 
-use redirect_userspace::config::{CaptureFlags, Cidr, PodSpec};
+use redirect_userspace::config::{CaptureFlags, Cidr, Flag, PodSpec};
 
 /// Arbitrary bytes as the values of every istio-iptables flag (fields
 /// separated by NUL). A value that parses must survive the trip through
@@ -12,25 +12,25 @@ pub fn flags(data: &[u8]) {
         .split(|b| *b == 0)
         .map(|f| String::from_utf8_lossy(f).into_owned());
     let mut f = CaptureFlags::defaults();
-    for slot in [
-        &mut f.proxy_port,
-        &mut f.inbound_port,
-        &mut f.tunnel_port,
-        &mut f.proxy_uid,
-        &mut f.mode,
-        &mut f.include_cidrs,
-        &mut f.exclude_cidrs,
-        &mut f.include_out_ports,
-        &mut f.exclude_out_ports,
-        &mut f.include_in_ports,
-        &mut f.exclude_in_ports,
+    for flag in [
+        Flag::EnvoyPort,
+        Flag::InboundCapturePort,
+        Flag::InboundTunnelPort,
+        Flag::ProxyUid,
+        Flag::InterceptionMode,
+        Flag::ServiceCidr,
+        Flag::ServiceExcludeCidr,
+        Flag::OutboundPorts,
+        Flag::LocalOutboundPortsExclude,
+        Flag::InboundPorts,
+        Flag::LocalExcludePorts,
+        Flag::ProxyGid,
     ] {
         match fields.next() {
-            Some(v) => *slot = v,
+            Some(v) => f.set(flag, v),
             None => break,
         }
     }
-    f.proxy_gid = fields.next();
     let Ok(spec) = f.to_spec() else {
         return;
     };
@@ -104,9 +104,9 @@ pub fn annotations(data: &[u8]) {
     };
     match a::from_pod(&pod) {
         Ok(PodCapture::Mesh(m)) => {
-            let again = m
-                .capture_config()
-                .to_flags()
+            let json = serde_json::to_string(&m.capture_config()).expect("configs serialize");
+            let again = serde_json::from_str::<CaptureFlags>(&json)
+                .expect("a captured pod's agent config reads back")
                 .to_spec()
                 .expect("a captured pod's agent config is valid");
             assert_eq!(again, m.spec, "agent config changed the spec");
@@ -157,14 +157,17 @@ impl redirect_userspace::cni::AgentClient for MockAgent {
     fn call(
         &self,
         _s: &std::path::Path,
-        _req: &redirect_userspace::agent::proto::Request,
+        _req: &redirect_userspace::wire::Request,
         _t: std::time::Duration,
-    ) -> Result<serde_json::Value, redirect_userspace::agent::proto::CallError> {
-        use redirect_userspace::agent::proto::CallError;
+    ) -> Result<redirect_userspace::wire::Reply, redirect_userspace::wire::CallError> {
+        use redirect_userspace::wire::{AgentError, CallError, Reply};
         match self.0 % 4 {
-            0 => Ok(serde_json::json!({"ok": true})),
+            0 => Ok(Reply::Add(redirect_userspace::wire::AddReply {
+                captured: true,
+                ..Default::default()
+            })),
             1 => Err(CallError::Unreachable("mock: agent down".into())),
-            2 => Err(CallError::Refused("mock: refused".into())),
+            2 => Err(CallError::Refused(AgentError::failed("mock: refused"))),
             _ => Err(CallError::Protocol("mock: garbage".into())),
         }
     }

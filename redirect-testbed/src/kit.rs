@@ -153,7 +153,8 @@ fn handle(conn: TcpStream, dir: Direction, log: Arc<Mutex<io::Stdout>>) {
     } else {
         "inbound"
     };
-    let result = original_dst(&conn).and_then(|orig| {
+    let orig = original_dst(&conn);
+    let result = orig.as_ref().map_err(clone_err).and_then(|&orig| {
         let up = if dir == Direction::Inbound {
             let src: IpAddr = if orig.is_ipv4() {
                 Ipv4Addr::new(127, 0, 0, 6).into()
@@ -166,11 +167,15 @@ fn handle(conn: TcpStream, dir: Direction, log: Arc<Mutex<io::Stdout>>) {
         };
         up.map(|u| (orig, u))
     });
-    let line = match &result {
-        Ok((orig, _)) => format!(
+    let line = match (&result, &orig) {
+        (Ok((orig, _)), _) => format!(
             "{{\"event\":\"conn\",\"dir\":\"{name}\",\"peer\":\"{peer}\",\"orig\":\"{orig}\"}}"
         ),
-        Err(e) => format!(
+        // The original destination is known; reaching it failed.
+        (Err(e), Ok(orig)) => format!(
+            "{{\"event\":\"error\",\"dir\":\"{name}\",\"peer\":\"{peer}\",\"orig\":\"{orig}\",\"error\":\"{e}\"}}"
+        ),
+        (Err(e), Err(_)) => format!(
             "{{\"event\":\"error\",\"dir\":\"{name}\",\"peer\":\"{peer}\",\"error\":\"{e}\"}}"
         ),
     };
@@ -182,6 +187,13 @@ fn handle(conn: TcpStream, dir: Direction, log: Arc<Mutex<io::Stdout>>) {
         let _ = conn.set_nodelay(true);
         let _ = up.set_nodelay(true);
         relay(conn, up);
+    }
+}
+
+fn clone_err(e: &io::Error) -> io::Error {
+    match e.raw_os_error() {
+        Some(n) => io::Error::from_raw_os_error(n),
+        None => io::Error::new(e.kind(), e.to_string()),
     }
 }
 
@@ -313,6 +325,8 @@ pub fn payload(n: usize) -> Vec<u8> {
         .collect()
 }
 
+/// The DNS proxy stand-in and query client of the DNS capture tests.
+pub mod dns;
 /// Stress tools of the acceleration correctness tests.
 pub mod podchurn;
 pub mod stress;

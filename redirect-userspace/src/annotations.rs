@@ -5,26 +5,39 @@
 //! `GET /api/v1/namespaces/<ns>/pods/<name>`, or a watch event's `object`).
 //! The output is either "not in mesh" (with the reason) or the same
 //! [`CaptureFlags`]/[`PodSpec`] that `redirect attach` would get from the
-//! init container's arguments, plus the agent protocol's [`CaptureConfig`].
+//! init container's arguments, which is also the agent protocol's capture config.
 //!
-//! What the injector's template does, and so what this does:
+//! What the injector's template does, and so what this does: every row
+//! of the flag table ([`crate::config::table`]) with annotations takes the
+//! first of them present on the pod, else the injector's default (the
+//! table's `injected` column); in addition:
 //!
 //! | istio-iptables flag | source | default |
 //! |---|---|---|
 //! | `-p` / `-z` | mesh config (not per pod) | 15001 / 15006 |
 //! | `-u` | the `istio-proxy` container's `securityContext.runAsUser` (else the pod's) | 1337 |
 //! | `-g` | its `runAsGroup` (else the pod's) | the `-u` list |
-//! | `-m` | `sidecar.istio.io/interceptionMode` | REDIRECT |
-//! | `-i` | `traffic.sidecar.istio.io/includeOutboundIPRanges` | `*` |
-//! | `-x` | `traffic.sidecar.istio.io/excludeOutboundIPRanges` | empty |
-//! | `-b` | `traffic.sidecar.istio.io/includeInboundPorts` | `*` |
 //! | `-d` | `15090,15021,` + `traffic.sidecar.istio.io/excludeInboundPorts`, then `status.sidecar.istio.io/port` appended unless already listed or `0` | `15090,15021,15020` |
-//! | `-q` | `traffic.sidecar.istio.io/includeOutboundPorts` | empty |
-//! | `-o` | `traffic.sidecar.istio.io/excludeOutboundPorts` | empty |
 //!
 //! An annotation that is present wins over the default even when it is
 //! empty (the template's `annotation` helper): `includeInboundPorts: ""`
 //! captures no inbound port, as with Istio.
+//!
+//! DNS capture (`--redirect-dns`) and the env-only settings istio-init
+//! reads (`ISTIO_OUTBOUND_OWNER_GROUPS[_EXCLUDE]`,
+//! `ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR`) come from where Istio's injector
+//! and istio-cni take them: the mesh's `proxyMetadata`, which the injector
+//! writes into the `istio-proxy` container's `env` (read first) and which
+//! a pod can set in its `proxy.istio.io/config` annotation
+//! (`proxyMetadata.<NAME>`). The nameservers of DNS capture are derived
+//! from the pod spec as the kubelet writes the pod's resolv.conf
+//! ([`NodeDns`]): `dnsPolicy: ClusterFirst` (the default) → the cluster DNS
+//! address(es) the agent is given (`--cluster-dns`, the kubelet's
+//! `clusterDNS`) then `dnsConfig.nameservers`; `None` →
+//! `dnsConfig.nameservers`; `Default` → the node's nameservers (the agent's
+//! `--node-resolv-conf`) then `dnsConfig.nameservers`; at most 3, as the
+//! kubelet keeps. When the agent does not know them, DNS to any address is
+//! captured (istio-cni always captures it so).
 //!
 //! Not in mesh: `hostNetwork` pods, pods whose `sidecar.istio.io/inject`
 //! annotation or label is not a true value (Istio: `y`, `yes`, `true`, `on`,
@@ -33,23 +46,19 @@
 //! `interceptionMode: NONE` (Istio injects no `istio-init` then).
 //! `interceptionMode: TPROXY` is refused (redirect replaces REDIRECT mode).
 
+use std::net::IpAddr;
+
 use serde_json::Value;
 
-use crate::{
-    agent::proto::{CaptureConfig, FlagValue},
-    config::{CaptureFlags, PodSpec},
-    error::Error,
-};
+use crate::config::{CaptureFlags, Flag, FlagError, PodSpec, Source, TABLE};
 
 pub const INJECT: &str = "sidecar.istio.io/inject";
-pub const INTERCEPTION_MODE: &str = "sidecar.istio.io/interceptionMode";
+/// The pod's proxy config overrides (YAML or JSON), `proxyMetadata` among them.
+pub const PROXY_CONFIG: &str = "proxy.istio.io/config";
+/// Where the nameservers come from, in messages.
+pub const DNS_POLICY: &str = "spec.dnsPolicy/spec.dnsConfig";
 pub const STATUS_PORT: &str = "status.sidecar.istio.io/port";
-pub const INCLUDE_INBOUND_PORTS: &str = "traffic.sidecar.istio.io/includeInboundPorts";
-pub const EXCLUDE_INBOUND_PORTS: &str = "traffic.sidecar.istio.io/excludeInboundPorts";
-pub const INCLUDE_OUTBOUND_IP_RANGES: &str = "traffic.sidecar.istio.io/includeOutboundIPRanges";
-pub const EXCLUDE_OUTBOUND_IP_RANGES: &str = "traffic.sidecar.istio.io/excludeOutboundIPRanges";
-pub const INCLUDE_OUTBOUND_PORTS: &str = "traffic.sidecar.istio.io/includeOutboundPorts";
-pub const EXCLUDE_OUTBOUND_PORTS: &str = "traffic.sidecar.istio.io/excludeOutboundPorts";
+pub use crate::config::table::annotation::*;
 
 /// The sidecar container's name in an injected pod.
 pub const PROXY_CONTAINER: &str = "istio-proxy";
@@ -58,6 +67,20 @@ pub const PROXY_CONTAINER: &str = "istio-proxy";
 pub const ALWAYS_EXCLUDED_INBOUND: &str = "15090,15021";
 /// The agent's status port (`-d` gets it unless the pod says otherwise).
 pub const DEFAULT_STATUS_PORT: &str = "15020";
+
+/// Where the proxyMetadata settings come from in messages.
+pub const PROXY_ENV_DNS: &str = "spec.containers[istio-proxy].env.ISTIO_META_DNS_CAPTURE";
+pub const PROXY_ENV_OWNER_GROUPS: &str =
+    "spec.containers[istio-proxy].env.ISTIO_OUTBOUND_OWNER_GROUPS";
+pub const PROXY_ENV_OWNER_GROUPS_EXCLUDE: &str =
+    "spec.containers[istio-proxy].env.ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE";
+pub const PROXY_ENV_LOOPBACK: &str =
+    "spec.containers[istio-proxy].env.ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR";
+pub use crate::config::table::NO_NAMESERVERS;
+
+/// Where `-u` / `-g` come from in messages.
+pub const RUN_AS_USER: &str = "spec.containers[istio-proxy].securityContext.runAsUser";
+pub const RUN_AS_GROUP: &str = "spec.containers[istio-proxy].securityContext.runAsGroup";
 
 /// A pod that is captured: where it came from and what it gets.
 #[derive(Debug, Clone)]
@@ -74,25 +97,8 @@ pub struct MeshPod {
 
 impl MeshPod {
     /// The `config` of an agent `add` request for this pod.
-    pub fn capture_config(&self) -> CaptureConfig {
-        let f = &self.flags;
-        let v = |s: &str| Some(FlagValue(s.to_string()));
-        CaptureConfig {
-            proxy_port: v(&f.proxy_port),
-            inbound_port: v(&f.inbound_port),
-            tunnel_port: v(&f.tunnel_port),
-            proxy_uid: v(&f.proxy_uid),
-            proxy_gid: f.proxy_gid.as_deref().and_then(v),
-            mode: v(&f.mode),
-            include_cidrs: v(&f.include_cidrs),
-            exclude_cidrs: v(&f.exclude_cidrs),
-            include_out_ports: v(&f.include_out_ports),
-            exclude_out_ports: v(&f.exclude_out_ports),
-            include_in_ports: v(&f.include_in_ports),
-            exclude_in_ports: v(&f.exclude_in_ports),
-            accel: None,
-            accel_short_conns: None,
-        }
+    pub fn capture_config(&self) -> CaptureFlags {
+        self.flags.clone()
     }
 }
 
@@ -248,24 +254,125 @@ fn exclude_inbound_port(status_port: &str, excluded: &str) -> String {
     out.join(",")
 }
 
-/// Which annotation feeds a flag (by the flag's `InvalidFlag` field name).
-fn annotation_of(field: &str) -> &'static str {
-    match field.split('/').next().unwrap_or("") {
-        "-m" => INTERCEPTION_MODE,
-        "-i" => INCLUDE_OUTBOUND_IP_RANGES,
-        "-x" => EXCLUDE_OUTBOUND_IP_RANGES,
-        "-b" => INCLUDE_INBOUND_PORTS,
-        "-d" => EXCLUDE_INBOUND_PORTS,
-        "-q" => INCLUDE_OUTBOUND_PORTS,
-        "-o" => EXCLUDE_OUTBOUND_PORTS,
-        "-u" => "spec.containers[istio-proxy].securityContext.runAsUser",
-        "-g" => "spec.containers[istio-proxy].securityContext.runAsGroup",
-        _ => "mesh defaults",
-    }
+/// What the agent knows about DNS on its node, to derive a pod's
+/// nameservers as the kubelet writes its resolv.conf.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeDns {
+    /// The kubelet's `clusterDNS` (the agent's `--cluster-dns`).
+    pub cluster_dns: Vec<IpAddr>,
+    /// The node's nameservers (`--node-resolv-conf`), for `dnsPolicy:
+    /// Default`; None when not known.
+    pub node_nameservers: Option<Vec<IpAddr>>,
 }
 
-/// Turn a Pod object into its capture config, as Istio's injector would.
+/// The kubelet writes at most this many nameservers.
+const MAX_NAMESERVERS: usize = 3;
+
+/// The pod's nameservers as the kubelet would write them, None when the
+/// agent cannot know them.
+fn pod_nameservers(
+    pod: &Value,
+    node: &NodeDns,
+    name: &str,
+) -> Result<Option<Vec<IpAddr>>, AnnotationError> {
+    let spec = &pod["spec"];
+    let mut extra = Vec::new();
+    if let Some(list) = spec["dnsConfig"]["nameservers"].as_array() {
+        for v in list {
+            let a = v
+                .as_str()
+                .and_then(|s| s.parse::<IpAddr>().ok())
+                .ok_or_else(|| AnnotationError::Invalid {
+                    pod: name.to_string(),
+                    annotation: "spec.dnsConfig.nameservers".into(),
+                    value: v.to_string(),
+                    reason: "expected an IP address".into(),
+                })?;
+            extra.push(a);
+        }
+    }
+    let base: Option<Vec<IpAddr>> = match spec["dnsPolicy"].as_str().unwrap_or("ClusterFirst") {
+        "ClusterFirst" | "ClusterFirstWithHostNet" if node.cluster_dns.is_empty() => None,
+        "ClusterFirst" | "ClusterFirstWithHostNet" => Some(node.cluster_dns.clone()),
+        "Default" => node.node_nameservers.clone(),
+        "None" => Some(Vec::new()),
+        other => {
+            return Err(AnnotationError::Invalid {
+                pod: name.to_string(),
+                annotation: "spec.dnsPolicy".into(),
+                value: other.into(),
+                reason: "expected ClusterFirst, ClusterFirstWithHostNet, Default or None".into(),
+            })
+        }
+    };
+    Ok(base.map(|mut v| {
+        for a in extra {
+            if !v.contains(&a) {
+                v.push(a);
+            }
+        }
+        v.truncate(MAX_NAMESERVERS);
+        v
+    }))
+}
+
+/// A `proxyMetadata` entry of the `proxy.istio.io/config` annotation
+/// (JSON, or the YAML forms it is written in: a `proxyMetadata:` block of
+/// `NAME: value` lines, or a `{NAME: value, ...}` flow map).
+fn proxy_metadata(config: &str, key: &str) -> Option<String> {
+    let unquote = |v: &str| {
+        let v = v.trim();
+        v.strip_prefix('"')
+            .and_then(|x| x.strip_suffix('"'))
+            .or_else(|| v.strip_prefix('\'').and_then(|x| x.strip_suffix('\'')))
+            .unwrap_or(v)
+            .to_string()
+    };
+    if let Ok(v) = serde_json::from_str::<Value>(config) {
+        return match &v["proxyMetadata"][key] {
+            Value::String(s) => Some(s.clone()),
+            Value::Bool(b) => Some(b.to_string()),
+            _ => None,
+        };
+    }
+    let mut lines = config.lines().peekable();
+    while let Some(line) = lines.next() {
+        let Some(rest) = line.trim_start().strip_prefix("proxyMetadata:") else {
+            continue;
+        };
+        let indent = line.len() - line.trim_start().len();
+        let rest = rest.trim();
+        if let Some(flow) = rest.strip_prefix('{').and_then(|r| r.strip_suffix('}')) {
+            return flow.split(',').find_map(|kv| {
+                let (k, v) = kv.split_once(':')?;
+                (unquote(k) == key).then(|| unquote(v))
+            });
+        }
+        while let Some(l) = lines.peek() {
+            let li = l.len() - l.trim_start().len();
+            if !l.trim().is_empty() && li <= indent {
+                break;
+            }
+            let l = lines.next().unwrap_or_default();
+            if let Some((k, v)) = l.split_once(':') {
+                if unquote(k) == key {
+                    return Some(unquote(v.split(" #").next().unwrap_or(v)));
+                }
+            }
+        }
+    }
+    None
+}
+
+/// Turn a Pod object into its capture config, as Istio's injector would,
+/// with no knowledge of the node's DNS (see [`from_pod_on`]).
 pub fn from_pod(pod: &Value) -> Result<PodCapture, AnnotationError> {
+    from_pod_on(pod, &NodeDns::default())
+}
+
+/// Turn a Pod object into its capture config, as Istio's injector would,
+/// on a node whose DNS is `node`.
+pub fn from_pod_on(pod: &Value, node: &NodeDns) -> Result<PodCapture, AnnotationError> {
     if !pod.is_object() {
         return Err(AnnotationError::NotAPod(format!(
             "expected a JSON object, got {}",
@@ -351,35 +458,106 @@ pub fn from_pod(pod: &Value) -> Result<PodCapture, AnnotationError> {
 
     let uid = security_id(pod, proxy, "runAsUser", &name)?;
     let gid = security_id(pod, proxy, "runAsGroup", &name)?;
-    let flags = CaptureFlags {
-        proxy_uid: uid.unwrap_or_else(|| "1337".into()),
-        proxy_gid: gid,
-        mode: mode.to_string(),
-        include_cidrs: ann(INCLUDE_OUTBOUND_IP_RANGES).unwrap_or("*").to_string(),
-        exclude_cidrs: ann(EXCLUDE_OUTBOUND_IP_RANGES).unwrap_or("").to_string(),
-        include_in_ports: ann(INCLUDE_INBOUND_PORTS).unwrap_or("*").to_string(),
-        exclude_in_ports,
-        include_out_ports: ann(INCLUDE_OUTBOUND_PORTS).unwrap_or("").to_string(),
-        exclude_out_ports: ann(EXCLUDE_OUTBOUND_PORTS).unwrap_or("").to_string(),
-        ..CaptureFlags::defaults()
-    };
-    let spec = flags.to_spec().map_err(|e| match e {
-        Error::InvalidFlag {
-            field,
-            value,
-            reason,
-        } => {
-            let annotation = annotation_of(field);
-            // Name the annotation's own value, not the composed flag.
-            let value = match annotation {
-                EXCLUDE_INBOUND_PORTS => ann(EXCLUDE_INBOUND_PORTS)
-                    .map(str::to_string)
-                    .unwrap_or(value),
-                _ => value,
-            };
-            invalid(annotation, &value, format!("{reason} (istio-init {field})"))
+    let mut flags = CaptureFlags::istio_injected();
+    // Every annotated row: the first of its annotations present wins, even
+    // when empty (the template's `annotation` helper).
+    for d in TABLE.iter().filter(|d| d.flag != Flag::LocalExcludePorts) {
+        // -d is composed below.
+        if let Some((key, v)) = d.annotations.iter().find_map(|k| ann(k).map(|v| (*k, v))) {
+            flags.set_from(d.flag, v, Source::Annotation(key));
         }
-        other => invalid("mesh defaults", "", other.to_string()),
+    }
+    let d_from = if ann(EXCLUDE_INBOUND_PORTS).is_some() {
+        Source::Annotation(EXCLUDE_INBOUND_PORTS)
+    } else if ann(STATUS_PORT).is_some() {
+        Source::Annotation(STATUS_PORT)
+    } else {
+        Source::Injected
+    };
+    flags.set_from(Flag::LocalExcludePorts, exclude_in_ports, d_from);
+    if let Some(u) = uid {
+        flags.set_from(Flag::ProxyUid, u, Source::Annotation(RUN_AS_USER));
+    }
+    if let Some(g) = gid {
+        flags.set_from(Flag::ProxyGid, g, Source::Annotation(RUN_AS_GROUP));
+    }
+    // proxyMetadata: the proxy container's env (the injector put it
+    // there), else the pod's proxy.istio.io/config annotation.
+    let env_of = |var: &str| -> Option<String> {
+        proxy["env"].as_array().and_then(|env| {
+            env.iter()
+                .find(|e| e["name"].as_str() == Some(var))
+                .and_then(|e| e["value"].as_str().map(str::to_string))
+        })
+    };
+    for (flag, var, from_env) in [
+        (Flag::RedirectDns, "ISTIO_META_DNS_CAPTURE", PROXY_ENV_DNS),
+        (
+            Flag::OwnerGroups,
+            "ISTIO_OUTBOUND_OWNER_GROUPS",
+            PROXY_ENV_OWNER_GROUPS,
+        ),
+        (
+            Flag::OwnerGroupsExclude,
+            "ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE",
+            PROXY_ENV_OWNER_GROUPS_EXCLUDE,
+        ),
+        (
+            Flag::Ipv4LoopbackCidr,
+            "ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR",
+            PROXY_ENV_LOOPBACK,
+        ),
+    ] {
+        if let Some(v) = env_of(var) {
+            flags.set_from(flag, v, Source::Annotation(from_env));
+        } else if let Some(v) = ann(PROXY_CONFIG).and_then(|c| proxy_metadata(c, var)) {
+            flags.set_from(flag, v, Source::Annotation(PROXY_CONFIG));
+        }
+    }
+    let dns_on = flags
+        .given(Flag::RedirectDns)
+        .is_some_and(|g| crate::config::parse::bool(&g.value) == Ok(true));
+    if dns_on {
+        if let Some(servers) = pod_nameservers(pod, node, &name)? {
+            let list = servers
+                .iter()
+                .map(IpAddr::to_string)
+                .collect::<Vec<_>>()
+                .join(",");
+            // Empty means "not given" to the flag: the pod has none, which
+            // turns DNS capture off (as istio-iptables with an empty
+            // resolv.conf), said with a reserved word.
+            let v = if list.is_empty() {
+                NO_NAMESERVERS.to_string()
+            } else {
+                list
+            };
+            flags.set_from(Flag::DnsServers, v, Source::Annotation(DNS_POLICY));
+        }
+    }
+    let spec = flags.try_spec().map_err(|e: FlagError| {
+        let d = crate::config::FlagDef::get(e.flag);
+        match e.from {
+            Some(Source::Annotation(annotation)) => {
+                // Name the annotation's own value, not the composed flag.
+                let value = match annotation {
+                    EXCLUDE_INBOUND_PORTS | STATUS_PORT => {
+                        ann(annotation).map(str::to_string).unwrap_or(e.value)
+                    }
+                    _ => e.value,
+                };
+                invalid(
+                    annotation,
+                    &value,
+                    format!("{} (istio-init {})", e.reason, d.name()),
+                )
+            }
+            _ => invalid(
+                "mesh defaults",
+                &e.value,
+                format!("{} (istio-init {})", e.reason, d.name()),
+            ),
+        }
     })?;
     Ok(PodCapture::Mesh(Box::new(MeshPod {
         pod: name.clone(),
@@ -442,21 +620,40 @@ mod tests {
     fn defaults_are_the_injected_args() {
         let m = from_pod(&pod(json!({}))).unwrap();
         let m = m.mesh().unwrap();
-        assert_eq!(
-            m.spec,
-            CaptureFlags {
-                include_cidrs: "*".into(),
-                include_in_ports: "*".into(),
-                exclude_in_ports: "15090,15021,15020".into(),
-                proxy_gid: Some("1337".into()),
-                ..CaptureFlags::defaults()
-            }
-            .to_spec()
-            .unwrap()
-        );
+        let mut injected = CaptureFlags::istio_injected();
+        injected.set(Flag::ProxyGid, "1337");
+        assert_eq!(m.spec, injected.to_spec().unwrap());
         assert!(m.spec.warnings().is_empty(), "{:?}", m.spec.warnings());
         // The agent config gives the same spec.
-        assert_eq!(m.capture_config().to_flags().to_spec().unwrap(), m.spec);
+        let wire: CaptureFlags =
+            serde_json::from_str(&serde_json::to_string(&m.capture_config()).unwrap()).unwrap();
+        assert_eq!(wire.to_spec().unwrap(), m.spec);
+    }
+
+    #[test]
+    fn interface_annotations_feed_k_and_c_and_are_not_supported_yet() {
+        let m = from_pod(&pod(json!({
+            KUBEVIRT_INTERFACES: "tap9",
+            REROUTE_VIRTUAL_INTERFACES: "tap0,tap1",
+            EXCLUDE_INTERFACES: "eth1",
+        })))
+        .unwrap();
+        let s = &m.mesh().unwrap().spec;
+        // The template's order: reroute-virtual-interfaces wins.
+        assert_eq!(s.kube_virt_interfaces, vec!["tap0", "tap1"]);
+        assert_eq!(s.exclude_interfaces, vec!["eth1"]);
+        let e = s.check_supported().unwrap_err().to_string();
+        assert!(
+            e.contains("-c/--istio-exclude-interfaces: not supported yet"),
+            "{e}"
+        );
+        let bad = from_pod(&pod(json!({EXCLUDE_INTERFACES: "eth/1"})))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            bad.contains(EXCLUDE_INTERFACES) && bad.contains("eth/1"),
+            "{bad}"
+        );
     }
 
     #[test]
@@ -507,5 +704,150 @@ mod tests {
                 "{v}"
             );
         }
+    }
+
+    fn with_proxy_env(mut p: Value, env: Value) -> Value {
+        p["spec"]["containers"][1]["env"] = env;
+        p
+    }
+
+    fn spec_on(p: &Value, node: &NodeDns) -> PodSpec {
+        from_pod_on(p, node).unwrap().mesh().unwrap().spec.clone()
+    }
+
+    #[test]
+    fn dns_capture_from_the_proxy_env_or_the_proxy_config_annotation() {
+        use crate::config::DnsCapture;
+        let node = NodeDns {
+            cluster_dns: vec!["10.96.0.10".parse().unwrap()],
+            node_nameservers: Some(vec!["192.168.1.1".parse().unwrap()]),
+        };
+        let on = with_proxy_env(
+            pod(json!({})),
+            json!([{"name": "ISTIO_META_DNS_CAPTURE", "value": "true"}]),
+        );
+        let s = spec_on(&on, &node);
+        assert_eq!(
+            s.dns_capture(),
+            DnsCapture::Nameservers(vec!["10.96.0.10".parse().unwrap()])
+        );
+        assert!(
+            s.istio_args()
+                .ends_with("--redirect-dns --dns-servers '10.96.0.10'"),
+            "{}",
+            s.istio_args()
+        );
+        // The cluster DNS unknown: DNS to any address.
+        assert_eq!(
+            spec_on(&on, &NodeDns::default()).dns_capture(),
+            DnsCapture::AllUnknownNameservers
+        );
+        // The annotation, as YAML (block and flow) and JSON.
+        for cfg in [
+            "proxyMetadata:\n  OTHER: x\n  ISTIO_META_DNS_CAPTURE: \"true\"\nholdApplicationUntilProxyStarts: true\n",
+            "proxyMetadata: {ISTIO_META_DNS_CAPTURE: 'true'}",
+            r#"{"proxyMetadata":{"ISTIO_META_DNS_CAPTURE":"true"}}"#,
+        ] {
+            let s = spec_on(&pod(json!({PROXY_CONFIG: cfg})), &node);
+            assert!(s.redirect_dns, "{cfg}");
+        }
+        let s = spec_on(
+            &pod(json!({PROXY_CONFIG: "proxyMetadata:\n  OTHER: \"true\"\n"})),
+            &node,
+        );
+        assert!(!s.redirect_dns);
+        // The container's env wins over the annotation.
+        let off = with_proxy_env(
+            pod(json!({PROXY_CONFIG: "proxyMetadata:\n  ISTIO_META_DNS_CAPTURE: \"true\"\n"})),
+            json!([{"name": "ISTIO_META_DNS_CAPTURE", "value": "false"}]),
+        );
+        assert!(!spec_on(&off, &node).redirect_dns);
+        // A bad value names where it came from.
+        let bad = with_proxy_env(
+            pod(json!({})),
+            json!([{"name": "ISTIO_META_DNS_CAPTURE", "value": "yes"}]),
+        );
+        let e = from_pod_on(&bad, &node).unwrap_err().to_string();
+        assert!(e.contains(PROXY_ENV_DNS) && e.contains("yes"), "{e}");
+    }
+
+    #[test]
+    fn nameservers_follow_the_dns_policy_as_the_kubelet() {
+        let node = NodeDns {
+            cluster_dns: vec!["10.96.0.10".parse().unwrap()],
+            node_nameservers: Some(vec!["192.168.1.1".parse().unwrap()]),
+        };
+        let dns = |policy: Option<&str>, extra: Value| {
+            let mut p = with_proxy_env(
+                pod(json!({})),
+                json!([{"name": "ISTIO_META_DNS_CAPTURE", "value": "true"}]),
+            );
+            if let Some(pol) = policy {
+                p["spec"]["dnsPolicy"] = json!(pol);
+            }
+            p["spec"]["dnsConfig"] = json!({"nameservers": extra});
+            spec_on(&p, &node).dns_servers
+        };
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(
+            dns(None, json!(["10.0.0.53"])),
+            Some(vec![ip("10.0.0.53"), ip("10.96.0.10")])
+        );
+        assert_eq!(
+            dns(Some("Default"), json!([])),
+            Some(vec![ip("192.168.1.1")])
+        );
+        assert_eq!(
+            dns(Some("None"), json!(["fd00::53"])),
+            Some(vec![ip("fd00::53")])
+        );
+        // None without nameservers: no DNS capture (istio-iptables with an
+        // empty resolv.conf), said so.
+        assert_eq!(dns(Some("None"), json!([])), Some(vec![]));
+        // At most 3, the kubelet's limit.
+        assert_eq!(
+            dns(None, json!(["10.0.0.1", "10.0.0.2", "10.0.0.3"]))
+                .unwrap()
+                .len(),
+            3
+        );
+        let mut p = with_proxy_env(
+            pod(json!({})),
+            json!([{"name": "ISTIO_META_DNS_CAPTURE", "value": "true"}]),
+        );
+        p["spec"]["dnsConfig"] = json!({"nameservers": ["nope"]});
+        let e = from_pod_on(&p, &node).unwrap_err().to_string();
+        assert!(
+            e.contains("spec.dnsConfig.nameservers") && e.contains("nope"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn owner_groups_and_loopback_from_proxy_metadata() {
+        let p = with_proxy_env(
+            pod(json!({})),
+            json!([
+                {"name": "ISTIO_OUTBOUND_OWNER_GROUPS", "value": "2000,3000"},
+                {"name": "ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR", "value": "127.0.0.1/8"}
+            ]),
+        );
+        let s = spec_on(&p, &NodeDns::default());
+        assert_eq!(
+            s.outbound_owner_groups,
+            crate::config::OwnerGroups::Only(vec!["2000".into(), "3000".into()])
+        );
+        assert_eq!(s.ipv4_loopback_cidr.to_string(), "127.0.0.0/8");
+        s.check_supported().unwrap();
+        // A name: the agent cannot see the pod's /etc/group.
+        let p = with_proxy_env(
+            pod(json!({})),
+            json!([{"name": "ISTIO_OUTBOUND_OWNER_GROUPS", "value": "java"}]),
+        );
+        let e = spec_on(&p, &NodeDns::default())
+            .check_supported()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("'java' is a name"), "{e}");
     }
 }

@@ -7,16 +7,14 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use aya::{
-    programs::{links::PinnedLink, Program},
-    Ebpf, EbpfLoader,
-};
+use aya::{programs::Program, Ebpf, EbpfLoader};
 use redirect_common::ListenerKey;
 
 use crate::bpf::{
     BPF_CGROUP_GETSOCKOPT, BPF_CGROUP_INET4_CONNECT, BPF_CGROUP_INET4_GETPEERNAME,
     BPF_CGROUP_INET6_CONNECT, BPF_CGROUP_INET6_GETPEERNAME, BPF_CGROUP_INET_SOCK_RELEASE,
-    BPF_CGROUP_SOCK_OPS,
+    BPF_CGROUP_SOCK_OPS, BPF_CGROUP_UDP4_RECVMSG, BPF_CGROUP_UDP4_SENDMSG, BPF_CGROUP_UDP6_RECVMSG,
+    BPF_CGROUP_UDP6_SENDMSG,
 };
 
 use crate::{
@@ -24,7 +22,7 @@ use crate::{
     error::{Error, Result},
     maps::Maps,
     mapsize::MapSizes,
-    pins::Pins,
+    pins::{PinKind, Pins},
     probe,
     sklookup::SkLookupTemplate,
     sys::{self, Netns},
@@ -37,15 +35,9 @@ pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(
 ));
 
 /// Programs attached to each cgroup (the OUTPUT side and the helpers).
-pub const CGROUP_PROGRAMS: [&str; 7] = [
-    "redirect_connect4",
-    "redirect_connect6",
-    "redirect_getpeername4",
-    "redirect_getpeername6",
-    "redirect_getsockopt",
-    "redirect_sockops",
-    "redirect_sock_release",
-];
+/// An install made before a program existed gets its link at the next
+/// `attach_cgroup` (the agent does it at start); the others are kept.
+pub use crate::pins::CGROUP_PROGRAMS;
 pub const SK_LOOKUP_PROGRAM: &str = "redirect_sk_lookup";
 pub const SK_MSG_PROGRAM: &str = "redirect_sk_msg";
 
@@ -71,6 +63,18 @@ pub struct PodInfo {
     /// The decision in words: on or off, and why (the kernel probe, a
     /// flag, or an error).
     pub accel_decision: String,
+    /// Other installs that have captured this netns too (only with
+    /// `Register::force`).
+    pub also_captured_by: Vec<String>,
+}
+
+/// How `register_pod_with` registers a pod.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Register<'a> {
+    /// The cgroup the pod is attached under, recorded in the install.
+    pub cgroup: Option<&'a Path>,
+    /// Capture the pod even when another install has captured it.
+    pub force: bool,
 }
 
 impl Installation {
@@ -370,6 +374,10 @@ impl Installation {
                     "redirect_connect4" => BPF_CGROUP_INET4_CONNECT,
                     "redirect_connect6" => BPF_CGROUP_INET6_CONNECT,
                     "redirect_getpeername4" => BPF_CGROUP_INET4_GETPEERNAME,
+                    "redirect_sendmsg4" => BPF_CGROUP_UDP4_SENDMSG,
+                    "redirect_sendmsg6" => BPF_CGROUP_UDP6_SENDMSG,
+                    "redirect_recvmsg4" => BPF_CGROUP_UDP4_RECVMSG,
+                    "redirect_recvmsg6" => BPF_CGROUP_UDP6_RECVMSG,
                     _ => BPF_CGROUP_INET6_GETPEERNAME,
                 };
                 (
@@ -477,8 +485,28 @@ impl Installation {
 
     /// Make `netns` a captured pod: config into the maps, inbound steering
     /// attached, an already-listening proxy registered. Acceleration is on
-    /// when asked for and the kernel supports it.
+    /// when asked for and the kernel supports it. Refused when another
+    /// install has captured the netns (see `owner`); the pod's recorded
+    /// cgroup (if any) is kept.
     pub fn register_pod(&mut self, netns: &Netns, spec: &PodSpec) -> Result<PodInfo> {
+        self.register_pod_with(netns, spec, &Register::default())
+    }
+
+    /// `register_pod`, recording the pod's cgroup and, with `force`,
+    /// capturing a pod another install has captured too.
+    pub fn register_pod_with(
+        &mut self,
+        netns: &Netns,
+        spec: &PodSpec,
+        opts: &Register<'_>,
+    ) -> Result<PodInfo> {
+        // Settings the kernel side cannot honour yet are refused, never
+        // silently dropped (the flag table's `NotYet` rows).
+        spec.check_supported()?;
+        // Never the host: Istio captures pods, not the node.
+        if netns.is_host() {
+            return Err(Error::HostNetns(netns.path.clone()));
+        }
         let t0 = std::time::Instant::now();
         let mut spec = spec.clone();
         let (accel, accel_decision) = self.decide_accel(spec.accel_mode);
@@ -489,6 +517,7 @@ impl Installation {
         // on lo when the pod has IPv6 (the proxy's IPv6 inbound passthrough
         // source, as istio-iptables adds it).
         let crate::podns::PodNs { cookie, addresses } = crate::podns::visit(netns)?;
+        let others = crate::owner::refuse_if_owned(netns, cookie, &self.pins, opts.force)?;
         let t_netns = t0.elapsed();
         let mut maps = self.maps()?;
         let cfg = spec.pod_config(netns.inode as u32);
@@ -509,11 +538,29 @@ impl Installation {
         // A proxy already listening never goes through sockops' listen
         // hook: find it (a /proc walk) only when a listener exists.
         let t_sk_lookup = t0.elapsed();
-        let listener_seeded = if crate::podns::listening(netns, spec.inbound_port)? {
+        let listening = crate::podns::listening(netns, spec.inbound_port)?;
+        let listener_seeded = if listening {
             seed_listeners(&mut maps, netns, cookie, spec.inbound_port)?
         } else {
             Vec::new()
         };
+        if listening && listener_seeded.is_empty() {
+            tracing::warn!(
+                cookie,
+                port = spec.inbound_port,
+                "the pod's proxy already listens on the inbound port but its socket could not be taken from its process \
+                 (reading /proc/<pid>/fd and pidfd_getfd need CAP_SYS_PTRACE and the host's PIDs); \
+                 inbound connections find no listener until the proxy listens again"
+            );
+        }
+        if let Some(cg) = opts.cgroup {
+            if let Err(e) = crate::cgroups::record(&self.pins, cookie, cg) {
+                tracing::warn!(
+                    "pod captured, but its cgroup {} was not recorded ({e:#}): a later attach, validate or detach without --cgroup will not know it",
+                    cg.display()
+                );
+            }
+        }
         // Where the time of a capture goes (ms, per phase), for the churn
         // benchmark and for anyone chasing a slow attach.
         let ms = |a: std::time::Duration, b: std::time::Duration| {
@@ -538,6 +585,7 @@ impl Installation {
             listener_seeded,
             accel: spec.accel,
             accel_decision,
+            also_captured_by: others.iter().map(ToString::to_string).collect(),
         })
     }
 
@@ -594,7 +642,11 @@ impl probe::ProbeHost for Installation {
         spec.accel_mode = AccelMode::Forced;
         // Every check's connection must be accelerated, however short.
         spec.accel_short_conns = true;
-        match self.register_pod(&ns, &spec) {
+        let opts = Register {
+            cgroup: Some(cgroup),
+            force: false,
+        };
+        match self.register_pod_with(&ns, &spec, &opts) {
             Ok(info) if info.accel => Ok(info.cookie),
             Ok(info) => {
                 self.release(info.cookie, cgroup);
@@ -651,112 +703,205 @@ pub fn release_pod(pins: &Pins, cookie: u64) -> Result<()> {
         return Err(Error::NotCaptured(format!("cookie {cookie}")));
     }
     maps.remove_pod(cookie);
-    // Its `stats --zero` baselines go with its counters.
+    // Its `stats --zero` baselines go with its counters, its recorded
+    // cgroup with it.
     if let Err(e) = crate::stats::baseline::forget_pod(pins, cookie) {
         tracing::warn!("released pod {cookie}: {e:#}");
     }
-    let link = pins.sk_lookup_link(cookie);
-    if link.exists() {
-        unpin_link(&link)?;
+    if let Err(e) = crate::cgroups::forget(pins, cookie) {
+        tracing::warn!("released pod {cookie}: {e:#}");
     }
+    unpin_link(&pins.sk_lookup_link(cookie))?;
     let _ = std::fs::remove_dir(pins.netns_dir(cookie));
     Ok(())
 }
 
-/// Detach this install's programs from one cgroup.
-pub fn detach_cgroup(pins: &Pins, cgroup: &Path) -> Result<()> {
+/// Detach this install's programs from one cgroup: its link pins
+/// (`cgroups/<id>/<program>`) are removed, nothing else. Returns the pins
+/// removed.
+pub fn detach_cgroup(pins: &Pins, cgroup: &Path) -> Result<Vec<PathBuf>> {
     let id = std::fs::metadata(cgroup)
         .map_err(|e| Error::io("reading", cgroup, e))?
         .ino();
+    detach_cgroup_id(pins, id)
+}
+
+/// `detach_cgroup` by cgroup id (the inode of its directory).
+pub fn detach_cgroup_id(pins: &Pins, id: u64) -> Result<Vec<PathBuf>> {
     let dir = pins.cgroup_dir(id);
-    for link in crate::pins::read_dir(&dir) {
-        unpin_link(&link)?;
+    let mut removed = Vec::new();
+    for name in CGROUP_PROGRAMS {
+        let link = dir.join(name);
+        if unpin_link(&link)? {
+            removed.push(link);
+        }
     }
     let _ = std::fs::remove_dir(dir);
-    Ok(())
+    Ok(removed)
+}
+
+/// Remove the original-destination records (by socket cookie) of the
+/// TCP sockets still open in `netns`, a released pod's: the programs
+/// remove a record when its socket closes, but not once they are
+/// detached from the socket's cgroup. Returns how many were removed.
+pub fn forget_socket_records(pins: &Pins, netns: &Netns) -> Result<usize> {
+    let mut maps = Maps::open(pins)?;
+    let mut n = 0;
+    for c in crate::podns::tcp_socket_cookies(netns)? {
+        if maps.orig_by_cookie.remove(&c).is_ok() {
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
+/// Does a captured pod still need this install's programs on cgroup
+/// `id`? True when one is recorded under it, and when any captured pod
+/// has no recorded cgroup (captured by an older version: it may rely on
+/// any attachment). False when nothing is attached there.
+pub fn cgroup_in_use(pins: &Pins, id: u64) -> Result<bool> {
+    if !pins.cgroup_dir(id).exists() {
+        return Ok(false);
+    }
+    let recorded = crate::cgroups::all(pins)?;
+    let pods = Maps::open(pins)?.pods();
+    Ok(pods.iter().any(|(cookie, _)| match recorded.get(cookie) {
+        Some(r) => r.id == id,
+        None => true,
+    }))
 }
 
 /// Remove a pinned link; the kernel detaches it once nothing holds it.
-pub fn unpin_link(path: &Path) -> Result<()> {
-    match PinnedLink::from_pin(path) {
-        Ok(l) => {
-            let fd = l
-                .unpin()
-                .map_err(|e| Error::io("unpinning link", path, e))?;
-            drop(fd);
-            Ok(())
+/// Ok(false) when there is no link pinned at `path`: whatever is there
+/// instead was not made by an install and is left in place (and named).
+pub fn unpin_link(path: &Path) -> Result<bool> {
+    remove_pin(path, PinKind::Link)
+}
+
+/// Remove the pin at `path` if it is a BPF object of `kind` (unpinning a
+/// link detaches it once nothing else holds it; a map or program is freed
+/// when unused). Anything else there is left in place, with a warning.
+fn remove_pin(path: &Path, kind: PinKind) -> Result<bool> {
+    match crate::pins::pin_kind(path) {
+        Some(k) if k == kind => {
+            std::fs::remove_file(path).map_err(|e| Error::io("removing pin", path, e))?;
+            Ok(true)
         }
-        Err(e) => {
-            // Not a link (or stale): remove the file anyway.
-            std::fs::remove_file(path).map_err(|io| Error::io("removing pin", path, io))?;
-            tracing::warn!(
-                "removed {} which was not a valid link pin: {e}",
-                path.display()
-            );
-            Ok(())
+        found => {
+            if path.symlink_metadata().is_ok() {
+                tracing::warn!(
+                    "left {} in place: it is not a {kind:?} pin (found {}), so redirect did not make it",
+                    path.display(),
+                    found.map_or("no BPF object".into(), |k| format!("a {k:?} pin"))
+                );
+            }
+            Ok(false)
         }
     }
 }
 
-/// What `uninstall` removed.
+/// What `uninstall` removed, and what it found and left in place.
 #[derive(Debug, Default, serde::Serialize)]
 pub struct Removed {
     pub links: usize,
     pub maps: usize,
+    pub programs: usize,
     pub pods: usize,
+    /// Every pin and directory removed, in order.
+    pub removed: Vec<PathBuf>,
+    /// What is still in the pin directory: not made by an install (a
+    /// file, a symlink, a pin under a name the layout does not have...).
+    pub left: Vec<PathBuf>,
 }
 
-/// Remove every link, map and directory of the install at `pins`.
+/// Remove every link, map and program pin of the install at `pins`, then
+/// its directories once empty (the pin directory too). Only the known
+/// names of the layout holding a BPF object of the right kind are
+/// removed; a pin directory that is not on bpffs is refused untouched.
 pub fn uninstall(pins: &Pins) -> Result<Removed> {
+    uninstall_opts(pins, true)
+}
+
+/// `uninstall`; `remove_root`: remove the pin directory itself once empty
+/// (false when it existed before the caller's install, e.g. the undo of a
+/// failed first `attach`).
+pub fn uninstall_opts(pins: &Pins, remove_root: bool) -> Result<Removed> {
     let mut r = Removed::default();
-    if !pins.root.exists() {
+    if pins.root.symlink_metadata().is_err() {
         return Ok(r);
     }
+    sys::check_on_bpffs(&pins.root)?;
     if let Ok(maps) = Maps::open(pins) {
         r.pods = maps.pods().len();
     }
     for link in pins.all_links() {
-        unpin_link(&link)?;
-        r.links += 1;
-    }
-    for m in crate::pins::read_dir(&pins.maps_dir()) {
-        std::fs::remove_file(&m).map_err(|e| Error::io("removing map pin", &m, e))?;
-        r.maps += 1;
-    }
-    for dir in [pins.cgroups_dir(), pins.netns_root()] {
-        for d in crate::pins::read_dir(&dir) {
-            let _ = std::fs::remove_dir(d);
+        if unpin_link(&link)? {
+            r.links += 1;
+            r.removed.push(link);
         }
     }
-    for p in crate::pins::read_dir(&pins.programs_dir()) {
-        std::fs::remove_file(&p).map_err(|e| Error::io("removing program pin", &p, e))?;
+    for name in crate::pins::known_maps() {
+        let m = pins.map(name);
+        if remove_pin(&m, PinKind::Map)? {
+            r.maps += 1;
+            r.removed.push(m);
+        }
     }
-    crate::mapsize::remove_probes(&pins.root, true);
-    for d in [
+    let prog = pins.sk_msg_program();
+    if remove_pin(&prog, PinKind::Program)? {
+        r.programs += 1;
+        r.removed.push(prog);
+    }
+    r.removed
+        .extend(crate::mapsize::remove_probes(&pins.root, true));
+    let mut dirs: Vec<PathBuf> = Vec::new();
+    for top in [pins.cgroups_dir(), pins.netns_root()] {
+        dirs.extend(crate::pins::numbered(&top));
+    }
+    dirs.extend([
         pins.cgroups_dir(),
         pins.netns_root(),
         pins.maps_dir(),
         pins.programs_dir(),
-        pins.root.clone(),
-    ] {
-        if d.exists() {
-            std::fs::remove_dir(&d).map_err(|e| {
-                Error::io(
-                    "removing directory (something else is pinned there?)",
-                    &d,
-                    e,
-                )
-            })?;
+    ]);
+    if remove_root {
+        dirs.push(pins.root.clone());
+    }
+    for d in dirs {
+        let is_dir = d.symlink_metadata().is_ok_and(|m| m.is_dir());
+        if is_dir && std::fs::remove_dir(&d).is_ok() {
+            r.removed.push(d);
         }
     }
+    r.left = leftovers(&pins.root);
     Ok(r)
+}
+
+/// Everything under `dir` (files, symlinks, and directories with nothing
+/// under them), depth first.
+fn leftovers(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for p in crate::pins::read_dir(dir) {
+        let is_dir = p.symlink_metadata().is_ok_and(|m| m.is_dir());
+        if is_dir {
+            let inner = leftovers(&p);
+            if inner.is_empty() {
+                out.push(p);
+            } else {
+                out.extend(inner);
+            }
+        } else {
+            out.push(p);
+        }
+    }
+    out
 }
 
 /// A proxy already listening on the inbound port when we attach never
 /// goes through sockops' listen hook: find its socket and register it.
 fn seed_listeners(maps: &mut Maps, netns: &Netns, cookie: u64, port: u16) -> Result<Vec<String>> {
     let mut seeded = Vec::new();
-    for pid in pids_in_netns(netns.inode) {
+    for pid in sys::pids_in_netns(netns.inode) {
         let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
             continue;
         };
@@ -805,18 +950,6 @@ fn seed_listeners(maps: &mut Maps, netns: &Netns, cookie: u64, port: u16) -> Res
         }
     }
     Ok(seeded)
-}
-
-fn pids_in_netns(inode: u64) -> Vec<u32> {
-    crate::pins::read_dir(Path::new("/proc"))
-        .iter()
-        .filter_map(|p| p.file_name()?.to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            std::fs::metadata(format!("/proc/{pid}/ns/net"))
-                .map(|m| m.ino() == inode)
-                .unwrap_or(false)
-        })
-        .collect()
 }
 
 /// Some(family) when `fd` is a listening TCP socket bound to `port`.

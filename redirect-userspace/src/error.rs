@@ -5,10 +5,13 @@ use std::{io, path::PathBuf};
 pub enum Error {
     #[error("invalid {field} value '{value}': {reason}")]
     InvalidFlag {
-        field: &'static str,
+        field: String,
         value: String,
         reason: String,
     },
+    /// A setting capture does not support yet (the flag table's `NotYet`).
+    #[error("{flag}: not supported yet: {reason}")]
+    NotSupported { flag: String, reason: String },
     #[error("missing privilege: {0}; run redirect as root (or with CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN and CAP_SYS_PTRACE)")]
     Privilege(String),
     #[error("kernel feature missing: {0}")]
@@ -21,11 +24,16 @@ pub enum Error {
     NotNetns { path: PathBuf, reason: String },
     #[error("pin directory '{path}' is not on a bpffs: {reason}")]
     NotBpffs { path: PathBuf, reason: String },
+    #[error("refusing to capture '{0}': it is the host's network namespace (the kernel's initial one), not a pod's. Name the pod's with --netns, or run inside it as istio-init does")]
+    HostNetns(PathBuf),
     #[error("network namespace '{0}' is not captured (see `redirect status`)")]
     NotCaptured(String),
     /// Not captured, and what is (`stats --netns`, `stats --zero`).
     #[error("network namespace '{netns}' is not captured; {captured}")]
     NotCapturedAmong { netns: String, captured: String },
+    /// Another install (pin directory) has captured the netns.
+    #[error("network namespace '{netns}' is already captured by {others}. One install per pod: release it there first (`redirect --pin-dir <that dir> detach --netns {netns}`), or pass --force to capture it here as well (both installs then act on its connections; for moving pods between installs)")]
+    OwnedElsewhere { netns: String, others: String },
     #[error("nothing is installed under '{0}' (no pinned maps): run `redirect attach` first")]
     NotInstalled(PathBuf),
     /// An install's pinned maps do not fit this binary (see `mapsize`).

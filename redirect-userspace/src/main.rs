@@ -19,10 +19,17 @@ struct Cli {
     command: Command,
 }
 
+/// One lives per process, parsed once: the variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Capture a pod's network namespace (istio-iptables flags accepted).
     Attach(cmd::attach::Args),
+    /// Istio's init container, verbatim: `istio-init`'s args after the
+    /// word `istio-iptables`, and its environment. Also what this binary
+    /// does when invoked as `istio-iptables`.
+    #[command(name = "istio-iptables")]
+    IstioIptables(cmd::istio_iptables::Args),
     /// Release a pod: its connections go direct again.
     Detach(cmd::detach::Args),
     /// List captured pods and their config.
@@ -60,7 +67,17 @@ enum Command {
 fn main() -> ExitCode {
     // `redirect stats | head` must end quietly, like any Unix tool.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
-    let cli = Cli::parse();
+    // Multi-call: invoked as `istio-iptables` (a symlink), it is `redirect
+    // istio-iptables`.
+    let mut args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if args
+        .first()
+        .and_then(|a| std::path::Path::new(a).file_name())
+        .is_some_and(|n| n == "istio-iptables")
+    {
+        args.insert(1, "istio-iptables".into());
+    }
+    let cli = Cli::parse_from(args);
     // The agent logs what it does; the one-shot commands only warnings,
     // which read like their other messages (no timestamp, no module path).
     let daemon = matches!(cli.command, Command::Daemon(_));
@@ -95,6 +112,7 @@ fn main() -> ExitCode {
     }
     let r = match cli.command {
         Command::Attach(a) => cmd::attach::run(&cli.pin_dir, a),
+        Command::IstioIptables(a) => cmd::istio_iptables::run(&cli.pin_dir, a),
         Command::Detach(a) => cmd::detach::run(&cli.pin_dir, a),
         Command::Status(a) => cmd::status::run(&cli.pin_dir, a),
         Command::Stats(a) => cmd::stats::run(&cli.pin_dir, a),
@@ -109,7 +127,10 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("redirect: error: {e:#}");
-            ExitCode::FAILURE
+            match e.downcast_ref::<cmd::Exit>() {
+                Some(x) => ExitCode::from(x.code),
+                None => ExitCode::FAILURE,
+            }
         }
     }
 }

@@ -33,6 +33,12 @@ pub struct Maps {
     /// Counter updates lost to a full REDIRECT_COUNTERS; None for an
     /// install made before it existed.
     pub counters_lost: Option<aya::maps::PerCpuArray<MapData, u64>>,
+    /// Accelerated sockets kept on the normal path; None for an install
+    /// made before it existed.
+    pub accel_fallback: Option<HashMap<MapData, TupleKey, u8>>,
+    /// The pods' IPv6 connections to their own addresses; None for an
+    /// install made before it existed.
+    pub local_connects: Option<HashMap<MapData, TupleKey, u8>>,
 }
 
 fn open(pins: &Pins, name: &str) -> Result<Map> {
@@ -76,6 +82,16 @@ impl Maps {
             },
             counters_lost: if pins.map(redirect_common::MAP_COUNTERS_LOST).exists() {
                 Some(typed!(pins, redirect_common::MAP_COUNTERS_LOST))
+            } else {
+                None
+            },
+            accel_fallback: if pins.map(redirect_common::MAP_ACCEL_FALLBACK).exists() {
+                Some(lru(pins, redirect_common::MAP_ACCEL_FALLBACK)?)
+            } else {
+                None
+            },
+            local_connects: if pins.map(redirect_common::MAP_LOCAL_CONNECTS).exists() {
+                Some(lru(pins, redirect_common::MAP_LOCAL_CONNECTS)?)
             } else {
                 None
             },
@@ -232,7 +248,12 @@ impl Maps {
     }
 
     /// Remove everything keyed by this pod. Config first, so capture stops
-    /// before its tables go.
+    /// before its tables go. Its connection records keyed by 4-tuple (the
+    /// original destinations published for its proxy, the acceleration
+    /// fallback marks, the marks of its own IPv6 connections) go too;
+    /// records keyed by socket cookie carry no netns and go with their
+    /// sockets (the programs remove them at close whether the pod is
+    /// captured or not).
     pub fn remove_pod(&mut self, cookie: u64) {
         let _ = self.pods.remove(&cookie);
         for p in self.port_entries(cookie) {
@@ -256,6 +277,28 @@ impl Maps {
             .collect();
         for k in keys {
             let _ = self.counters.remove(&k);
+        }
+        let keys: Vec<_> = self
+            .orig_by_tuple
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| k.netns == cookie)
+            .collect();
+        for k in keys {
+            let _ = self.orig_by_tuple.remove(&k);
+        }
+        for m in [self.accel_fallback.as_mut(), self.local_connects.as_mut()]
+            .into_iter()
+            .flatten()
+        {
+            let keys: Vec<_> = m
+                .keys()
+                .filter_map(|k| k.ok())
+                .filter(|k| k.netns == cookie)
+                .collect();
+            for k in keys {
+                let _ = m.remove(&k);
+            }
         }
         if let Some(m) = self.accel_ports.as_mut() {
             let keys: Vec<_> = m

@@ -22,8 +22,9 @@ use std::{
 use aya::maps::MapData;
 use redirect_common::{
     ALL_MAPS, MAP_ACCEL_FALLBACK, MAP_ACCEL_PORTS, MAP_ACCEL_SK, MAP_CIDRS, MAP_COUNTERS,
-    MAP_COUNTERS_LOST, MAP_LISTENERS, MAP_ORIG_BY_COOKIE, MAP_ORIG_BY_TUPLE, MAP_PODS, MAP_PORTS,
-    MAP_SOCKS, MAX_ACCEL_PORTS, MAX_CIDRS, MAX_COUNTERS, MAX_PODS, MAX_PORTS, MAX_TRACKED_SOCKETS,
+    MAP_COUNTERS_LOST, MAP_LISTENERS, MAP_LOCAL_CONNECTS, MAP_ORIG_BY_COOKIE, MAP_ORIG_BY_TUPLE,
+    MAP_PODS, MAP_PORTS, MAP_SOCKS, MAX_ACCEL_PORTS, MAX_CIDRS, MAX_COUNTERS, MAX_PODS, MAX_PORTS,
+    MAX_TRACKED_SOCKETS,
 };
 
 use crate::error::{Error, Result};
@@ -60,7 +61,7 @@ pub struct Knob {
 
 pub const KNOBS: [Knob; 7] = [
     Knob { name: "pods", maps: &[(MAP_PODS, 1), (MAP_LISTENERS, 2)], default: MAX_PODS, what: "captured pods (REDIRECT_PODS; REDIRECT_LISTENERS gets twice as many)" },
-    Knob { name: "orig", maps: &[(MAP_ORIG_BY_COOKIE, 1), (MAP_ORIG_BY_TUPLE, 1)], default: MAX_TRACKED_SOCKETS, what: "redirected connections open at once on the node (REDIRECT_ORIG_BY_COOKIE and REDIRECT_ORIG_BY_TUPLE)" },
+    Knob { name: "orig", maps: &[(MAP_ORIG_BY_COOKIE, 1), (MAP_ORIG_BY_TUPLE, 1), (MAP_LOCAL_CONNECTS, 1)], default: MAX_TRACKED_SOCKETS, what: "redirected connections open at once on the node (REDIRECT_ORIG_BY_COOKIE and REDIRECT_ORIG_BY_TUPLE; also REDIRECT_LOCAL_CONNECTS, the pods' IPv6 connections to their own addresses)" },
     Knob { name: "sockhash", maps: &[(MAP_SOCKS, 1), (MAP_ACCEL_FALLBACK, 1)], default: MAX_TRACKED_SOCKETS, what: "accelerated sockets (REDIRECT_SOCKS and REDIRECT_ACCEL_FALLBACK)" },
     Knob { name: "ports", maps: &[(MAP_PORTS, 1)], default: MAX_PORTS, what: "port entries of all pods (-o, -q, -b, -d)" },
     Knob { name: "cidrs", maps: &[(MAP_CIDRS, 1)], default: MAX_CIDRS, what: "CIDR entries of all pods (-i, -x, pod addresses)" },
@@ -91,7 +92,7 @@ impl MapSizes {
                 .filter(|s| !s.is_empty())
             {
                 let bad = |reason: String| Error::InvalidFlag {
-                    field: FLAG,
+                    field: FLAG.to_string(),
                     value: item.to_string(),
                     reason,
                 };
@@ -270,8 +271,10 @@ pub fn object_layouts(object: &[u8], bpffs_dir: &Path) -> Result<BTreeMap<&'stat
 
 /// Remove the scratch directories of probes (`layout-probe-<pid>-<n>`) in
 /// `dir`: all of them, or only those whose process is gone (killed in the
-/// middle of a probe).
-pub fn remove_probes(dir: &Path, all: bool) {
+/// middle of a probe). Only the map pins a probe makes are removed (and
+/// the directory once empty). Returns what was removed.
+pub fn remove_probes(dir: &Path, all: bool) -> Vec<PathBuf> {
+    let mut removed = Vec::new();
     for d in crate::pins::read_dir(dir) {
         let Some(name) = d.file_name().and_then(|n| n.to_str()).map(str::to_string) else {
             continue;
@@ -279,15 +282,26 @@ pub fn remove_probes(dir: &Path, all: bool) {
         let Some(rest) = name.strip_prefix("layout-probe-") else {
             continue;
         };
+        if !d.symlink_metadata().is_ok_and(|m| m.is_dir()) {
+            continue;
+        }
         let pid = rest.split('-').next().unwrap_or_default();
         if !all && (pid.is_empty() || Path::new("/proc").join(pid).exists()) {
             continue;
         }
-        for p in crate::pins::read_dir(&d) {
-            let _ = std::fs::remove_file(p);
+        for m in crate::pins::known_maps() {
+            let p = d.join(m);
+            if crate::pins::pin_kind(&p) == Some(crate::pins::PinKind::Map)
+                && std::fs::remove_file(&p).is_ok()
+            {
+                removed.push(p);
+            }
         }
-        let _ = std::fs::remove_dir(&d);
+        if std::fs::remove_dir(&d).is_ok() {
+            removed.push(d);
+        }
     }
+    removed
 }
 
 fn scratch_dir(bpffs_dir: &Path) -> PathBuf {

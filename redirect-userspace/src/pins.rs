@@ -9,10 +9,81 @@
 //! <pin-dir>/programs/redirect_sk_msg   acceleration verdict (attached to
 //!                                       the REDIRECT_SOCKS map)
 //! ```
+//!
+//! The pin directory is the only thing `attach`, `detach` and `uninstall`
+//! touch, and they only remove what an install makes: a known name of the
+//! layout above holding a BPF object of the right kind ([`pin_kind`]).
+//! Anything else found there is left in place and named.
 
-use std::path::{Path, PathBuf};
+use std::{
+    os::fd::AsRawFd,
+    os::unix::fs::FileTypeExt,
+    path::{Path, PathBuf},
+};
 
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/redirect";
+
+/// Programs attached to each cgroup (the OUTPUT side and the helpers),
+/// one link pin each under `cgroups/<cgroup-id>/`.
+pub const CGROUP_PROGRAMS: [&str; 11] = [
+    "redirect_connect4",
+    "redirect_connect6",
+    "redirect_getpeername4",
+    "redirect_getpeername6",
+    "redirect_getsockopt",
+    "redirect_sockops",
+    "redirect_sock_release",
+    "redirect_sendmsg4",
+    "redirect_sendmsg6",
+    "redirect_recvmsg4",
+    "redirect_recvmsg6",
+];
+
+/// Maps userspace makes and pins next to the kernel object's (no program
+/// uses them): the acceleration probe's result, the `stats --zero`
+/// baselines, the agent's pod records, the pods' recorded cgroups.
+pub const MAP_ACCEL_PROBE: &str = "REDIRECT_ACCEL_PROBE";
+pub const MAP_STATS_BASELINE: &str = "REDIRECT_STATS_BASELINE";
+pub const MAP_AGENT_PODS: &str = "REDIRECT_AGENT_PODS";
+pub const MAP_POD_CGROUPS: &str = "REDIRECT_POD_CGROUPS";
+
+/// Every name an install pins under `maps/`.
+pub fn known_maps() -> impl Iterator<Item = &'static str> {
+    redirect_common::ALL_MAPS.into_iter().chain([
+        redirect_common::MAP_ACCEL_SK,
+        redirect_common::MAP_COUNTERS_LOST,
+        MAP_ACCEL_PROBE,
+        MAP_STATS_BASELINE,
+        MAP_AGENT_PODS,
+        MAP_POD_CGROUPS,
+    ])
+}
+
+/// The kinds of BPF objects an install pins.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PinKind {
+    Map,
+    Program,
+    Link,
+}
+
+/// What is pinned at `path`: None when it is not a BPF object pinned there
+/// (missing, a directory, a symlink, a regular file on another
+/// filesystem...). Symlinks are not followed.
+pub fn pin_kind(path: &Path) -> Option<PinKind> {
+    let ft = std::fs::symlink_metadata(path).ok()?.file_type();
+    if !ft.is_file() || ft.is_symlink() || ft.is_fifo() || ft.is_socket() {
+        return None;
+    }
+    let fd = crate::upgrade::obj_get(path).ok()?;
+    let target = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).ok()?;
+    match target.to_str()? {
+        "anon_inode:bpf-map" => Some(PinKind::Map),
+        "anon_inode:bpf-prog" => Some(PinKind::Program),
+        "anon_inode:bpf-link" => Some(PinKind::Link),
+        _ => None,
+    }
+}
 
 #[derive(Clone, Debug)]
 pub struct Pins {
@@ -64,12 +135,22 @@ impl Pins {
         self.map(redirect_common::MAP_PODS).exists()
     }
 
-    /// Every pinned link (files two levels under cgroups/ and netns/).
+    /// Every link pin path of the layout that exists (not checked to be a
+    /// link): `cgroups/<id>/<cgroup program>` and `netns/<cookie>/sk_lookup`.
     pub fn all_links(&self) -> Vec<PathBuf> {
         let mut out = Vec::new();
-        for top in [self.cgroups_dir(), self.netns_root()] {
-            for dir in read_dir(&top) {
-                out.extend(read_dir(&dir));
+        for dir in numbered(&self.cgroups_dir()) {
+            out.extend(
+                CGROUP_PROGRAMS
+                    .iter()
+                    .map(|p| dir.join(p))
+                    .filter(|p| p.symlink_metadata().is_ok()),
+            );
+        }
+        for dir in numbered(&self.netns_root()) {
+            let p = dir.join("sk_lookup");
+            if p.symlink_metadata().is_ok() {
+                out.push(p);
             }
         }
         out
@@ -84,10 +165,78 @@ impl Pins {
     }
 }
 
+/// Subdirectories of `dir` named by a number (cgroup ids, netns cookies).
+pub fn numbered(dir: &Path) -> Vec<PathBuf> {
+    read_dir(dir)
+        .into_iter()
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+                && p.symlink_metadata().is_ok_and(|m| m.is_dir())
+        })
+        .collect()
+}
+
 pub fn read_dir(dir: &Path) -> Vec<PathBuf> {
     let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
         .map(|rd| rd.flatten().map(|e| e.path()).collect())
         .unwrap_or_default();
     v.sort();
     v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn known_maps_are_the_objects_and_the_userspace_ones_once_each() {
+        let known: Vec<&str> = known_maps().collect();
+        let mut sorted = known.clone();
+        sorted.sort();
+        sorted.dedup();
+        assert_eq!(sorted.len(), known.len(), "a name twice: {known:?}");
+        for m in redirect_common::ALL_MAPS.iter().chain(&[
+            redirect_common::MAP_ACCEL_SK,
+            redirect_common::MAP_COUNTERS_LOST,
+            crate::probe::PROBE_MAP,
+            crate::stats::baseline::MAP_STATS_BASELINE,
+            crate::agent::records::MAP_AGENT_PODS,
+            MAP_POD_CGROUPS,
+        ]) {
+            assert!(known.contains(m), "{m} is not a known pin");
+        }
+    }
+
+    #[test]
+    fn only_numbered_directories_hold_links() {
+        let dir = std::env::temp_dir().join(format!("redirect-pins-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        for d in ["cgroups/123", "cgroups/abc", "netns/42", "netns/4x2"] {
+            std::fs::create_dir_all(dir.join(d)).unwrap();
+        }
+        std::fs::write(dir.join("cgroups/777"), "a file").unwrap();
+        for f in [
+            "cgroups/123/redirect_connect4",
+            "cgroups/123/other",
+            "cgroups/abc/redirect_connect4",
+            "netns/42/sk_lookup",
+            "netns/4x2/sk_lookup",
+        ] {
+            std::fs::write(dir.join(f), "").unwrap();
+        }
+        let pins = Pins::new(&dir);
+        assert_eq!(
+            pins.all_links(),
+            vec![
+                dir.join("cgroups/123/redirect_connect4"),
+                dir.join("netns/42/sk_lookup")
+            ]
+        );
+        // Not on bpffs: nothing there is a pin.
+        assert_eq!(pin_kind(&dir.join("netns/42/sk_lookup")), None);
+        assert_eq!(pin_kind(&dir.join("cgroups")), None);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

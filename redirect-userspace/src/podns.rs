@@ -199,6 +199,44 @@ fn diag_listeners(family: u8) -> io::Result<Vec<u16>> {
     Ok(ports)
 }
 
+/// The socket cookies of every TCP socket of `netns` (both families, any
+/// state): what a released pod's connections still hold records under.
+pub fn tcp_socket_cookies(netns: &Netns) -> Result<Vec<u64>> {
+    on_this_thread(netns, || {
+        let mut out = diag_cookies(libc::AF_INET as u8)?;
+        out.extend(diag_cookies(libc::AF_INET6 as u8)?);
+        Ok(out)
+    })
+}
+
+/// Cookies of the TCP sockets of one family, in the calling thread's
+/// netns (NETLINK_SOCK_DIAG, inet_diag_req_v2 dump of every state).
+fn diag_cookies(family: u8) -> io::Result<Vec<u64>> {
+    const SOCK_DIAG_BY_FAMILY: u16 = 20;
+    const NLM_F_DUMP: u16 = 0x300;
+    let mut msg = nl_header(SOCK_DIAG_BY_FAMILY, NLM_F_DUMP);
+    msg.extend_from_slice(&[family, libc::IPPROTO_TCP as u8, 0, 0]);
+    msg.extend_from_slice(&u32::MAX.to_ne_bytes());
+    msg.extend_from_slice(&[0u8; 48]);
+    let mut cookies = Vec::new();
+    nl_exchange(libc::NETLINK_SOCK_DIAG, msg, |ty, body| {
+        match ty {
+            NLMSG_DONE => return Some(Ok(())),
+            NLMSG_ERROR => return Some(nl_error(body)),
+            // struct inet_diag_msg { family, state, timer, retrans,
+            //   id { sport, dport, src[4], dst[4], if, cookie[2] @44 } }
+            _ if body.len() >= 52 => {
+                let lo = u32::from_ne_bytes(body[44..48].try_into().unwrap()) as u64;
+                let hi = u32::from_ne_bytes(body[48..52].try_into().unwrap()) as u64;
+                cookies.push(lo | (hi << 32));
+            }
+            _ => {}
+        }
+        None
+    })?;
+    Ok(cookies)
+}
+
 /// `ip -6 addr replace <addr>/128 dev lo nodad` in the calling thread's
 /// netns, as one RTM_NEWADDR request over rtnetlink.
 fn add_lo_address_v6(addr: Ipv6Addr) -> io::Result<()> {

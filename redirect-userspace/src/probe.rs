@@ -48,7 +48,7 @@ use crate::{
 /// Bumped when the checks change: an older cached result is re-probed.
 pub const PROBE_VERSION: u64 = 1;
 /// Pin name of the cache (in the install's map directory).
-pub const PROBE_MAP: &str = "REDIRECT_ACCEL_PROBE";
+pub const PROBE_MAP: &str = crate::pins::MAP_ACCEL_PROBE;
 /// The hidden subcommand the probe runs itself as, inside the sandbox.
 pub const INSIDE_COMMAND: &str = "accel-probe-inside";
 
@@ -609,11 +609,11 @@ fn lo_up() -> std::io::Result<()> {
     for (d, c) in ifr.ifr_name.iter_mut().zip(b"lo\0") {
         *d = *c as libc::c_char;
     }
-    if unsafe { libc::ioctl(s.as_raw_fd(), libc::SIOCGIFFLAGS, &mut ifr) } != 0 {
+    if unsafe { libc::ioctl(s.as_raw_fd(), libc::SIOCGIFFLAGS as libc::Ioctl, &mut ifr) } != 0 {
         return Err(std::io::Error::last_os_error());
     }
     unsafe { ifr.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short };
-    if unsafe { libc::ioctl(s.as_raw_fd(), libc::SIOCSIFFLAGS, &ifr) } != 0 {
+    if unsafe { libc::ioctl(s.as_raw_fd(), libc::SIOCSIFFLAGS as libc::Ioctl, &ifr) } != 0 {
         return Err(std::io::Error::last_os_error());
     }
     Ok(())

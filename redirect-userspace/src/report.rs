@@ -21,6 +21,8 @@ pub struct PodStatus {
     pub inbound_listeners: Vec<&'static str>,
     /// Acceleration on or off for this pod, and why.
     pub acceleration: String,
+    /// What DNS capture does for this pod (`--redirect-dns`), in words.
+    pub dns_capture: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -73,6 +75,7 @@ pub fn status(pins: &Pins) -> Result<Status> {
             netns: sys::netns_name(cfg.netns_inode as u64),
             istio_iptables_args: spec.istio_args(),
             acceleration: crate::probe::describe(spec.accel_mode, spec.accel, probe.as_ref()),
+            dns_capture: spec.dns_capture().describe(),
             config: spec,
             pod_addresses,
             inbound_attached: pins.sk_lookup_link(cookie).exists(),
@@ -205,6 +208,9 @@ impl Status {
                 }
             );
             let _ = writeln!(s, "  acceleration: {}", p.acceleration);
+            if p.config.redirect_dns {
+                let _ = writeln!(s, "  dns capture: {}", p.dns_capture);
+            }
         }
         let _ = writeln!(s);
         for m in &self.map_usage {

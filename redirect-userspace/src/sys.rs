@@ -15,7 +15,8 @@ use crate::error::{Error, Result};
 const NSFS_MAGIC: i64 = 0x6e73_6673;
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
-const NS_GET_NSTYPE: libc::c_ulong = 0xb703;
+/// `libc::Ioctl`: the request type differs between glibc and musl.
+const NS_GET_NSTYPE: libc::Ioctl = 0xb703;
 const SO_NETNS_COOKIE: libc::c_int = 71;
 pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf";
 
@@ -156,6 +157,67 @@ pub fn ensure_bpffs(pin_dir: &Path) -> Result<()> {
     create_private_dir(pin_dir)
 }
 
+/// The mount points of bpf filesystems, from /proc/mounts.
+pub fn bpffs_mounts() -> Vec<PathBuf> {
+    std::fs::read_to_string("/proc/mounts")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let (_, dir, fs) = (f.next()?, f.next()?, f.next()?);
+            (fs == "bpf").then(|| PathBuf::from(dir.replace("\\040", " ")))
+        })
+        .collect()
+}
+
+/// An existing pin directory must be on a bpf filesystem: anything else
+/// is not an install, and nothing there may be touched.
+pub fn check_on_bpffs(pin_dir: &Path) -> Result<()> {
+    match statfs_type(pin_dir) {
+        Ok(BPF_FS_MAGIC) => Ok(()),
+        r => {
+            let why = match r {
+                Ok(_) => "it is on another filesystem".to_string(),
+                Err(e) => e.to_string(),
+            };
+            let mounts = bpffs_mounts();
+            let mounted = if mounts.is_empty() {
+                "no bpf filesystem is mounted".to_string()
+            } else {
+                format!(
+                    "bpffs is mounted at {}",
+                    mounts
+                        .iter()
+                        .map(|m| m.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            };
+            Err(Error::NotBpffs {
+                path: pin_dir.into(),
+                reason: format!(
+                    "{why}, so it holds no install and nothing there was touched ({mounted}). \
+                     Pass the install's --pin-dir (default {}), or mount bpffs there first: mount -t bpf bpf <dir>",
+                    crate::pins::DEFAULT_PIN_DIR
+                ),
+            })
+        }
+    }
+}
+
+/// Pids of the processes whose network namespace has this inode.
+pub fn pids_in_netns(inode: u64) -> Vec<u32> {
+    crate::pins::read_dir(Path::new("/proc"))
+        .iter()
+        .filter_map(|p| p.file_name()?.to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::metadata(format!("/proc/{pid}/ns/net"))
+                .map(|m| m.ino() == inode)
+                .unwrap_or(false)
+        })
+        .collect()
+}
+
 /// mkdir -p with mode 0700 (pins are root-only).
 pub fn create_private_dir(dir: &Path) -> Result<()> {
     use std::os::unix::fs::DirBuilderExt;
@@ -197,6 +259,24 @@ impl Netns {
             file,
             inode,
         })
+    }
+
+    /// Is this the host's (the kernel's initial) network namespace? Known
+    /// for sure where the kernel gives the initial netns its fixed inode
+    /// (`PROC_NET_INIT_INO`), or where kthreadd (PID 2 of the initial pid
+    /// namespace, always in the initial netns) is visible.
+    pub fn is_host(&self) -> bool {
+        const PROC_NET_INIT_INO: u64 = 0xEFFF_FFF9;
+        if self.inode == PROC_NET_INIT_INO {
+            return true;
+        }
+        let kthreadd = std::fs::read_to_string("/proc/2/comm")
+            .is_ok_and(|c| c.trim() == "kthreadd")
+            && std::fs::read_to_string("/proc/2/status").is_ok_and(|s| {
+                s.lines()
+                    .any(|l| l.split_whitespace().collect::<Vec<_>>() == ["PPid:", "0"])
+            });
+        kthreadd && std::fs::metadata("/proc/2/ns/net").is_ok_and(|m| m.ino() == self.inode)
     }
 
     /// Run `f` on a thread that has entered this netns.

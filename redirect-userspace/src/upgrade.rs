@@ -84,6 +84,32 @@ pub fn prog_tag(prog: BorrowedFd<'_>) -> io::Result<[u8; 8]> {
     Ok(t)
 }
 
+/// The name of a program (`bpf_prog_info.name`, at most 15 bytes).
+pub fn prog_name(prog: BorrowedFd<'_>) -> io::Result<String> {
+    let b = info(prog)?;
+    // ... u32 created_by_uid @48; u32 nr_map_ids; u64 map_ids; char name[16] @64
+    let name = &b[64..80];
+    let end = name.iter().position(|&c| c == 0).unwrap_or(name.len());
+    Ok(String::from_utf8_lossy(&name[..end]).into_owned())
+}
+
+/// BPF_PROG_QUERY: ids of the programs attached to `target` (a cgroup or
+/// network namespace fd) for `attach_type`.
+pub fn prog_query(target: BorrowedFd<'_>, attach_type: u32) -> io::Result<Vec<u32>> {
+    const BPF_PROG_QUERY: libc::c_long = 16;
+    let mut ids = [0u32; 64];
+    let mut attr = [0u8; 128];
+    // { u32 target_fd; u32 attach_type; u32 query_flags; u32 attach_flags;
+    //   u64 prog_ids; u32 prog_cnt; }
+    put32(&mut attr, 0, target.as_raw_fd() as u32);
+    put32(&mut attr, 4, attach_type);
+    attr[16..24].copy_from_slice(&(ids.as_mut_ptr() as u64).to_ne_bytes());
+    put32(&mut attr, 24, ids.len() as u32);
+    sys_bpf(BPF_PROG_QUERY, &mut attr)?;
+    let n = u32::from_ne_bytes([attr[24], attr[25], attr[26], attr[27]]) as usize;
+    Ok(ids[..n.min(ids.len())].to_vec())
+}
+
 /// BPF_LINK_UPDATE: the link runs `new` from now on. With `old`, only if
 /// it still runs `old` (BPF_F_REPLACE).
 pub fn link_update(

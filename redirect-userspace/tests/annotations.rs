@@ -69,12 +69,11 @@ fn injected_fixtures_match_their_istio_init_args() {
         assert_eq!(m.spec, init_flags(&pod).to_spec().unwrap(), "{name}");
         // Through the agent socket protocol's config: the same spec.
         let cfg = serde_json::to_string(&m.capture_config()).unwrap();
-        let cfg: redirect_userspace::agent::proto::CaptureConfig =
-            serde_json::from_str(&cfg).unwrap();
+        let cfg: redirect_userspace::config::CaptureFlags = serde_json::from_str(&cfg).unwrap();
         assert_eq!(
-            cfg.to_flags().to_spec().unwrap(),
+            cfg.to_spec().unwrap(),
             m.spec,
-            "{name} via CaptureConfig"
+            "{name} via the agent config"
         );
     }
 }
@@ -123,7 +122,11 @@ fn custom_annotations_and_proxy_ids() {
             .collect::<Vec<_>>(),
         ["169.254.169.254/32", "10.96.0.0/12"]
     );
-    assert_eq!(m.flags.exclude_in_ports, "15090,15021,8443,9901,15021");
+    assert_eq!(
+        m.flags
+            .get(redirect_userspace::config::Flag::LocalExcludePorts),
+        "15090,15021,8443,9901,15021"
+    );
 }
 
 #[test]

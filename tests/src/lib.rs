@@ -265,145 +265,36 @@ pub fn assert_ok(r: &ClientReport, what: &str) {
 
 /// Debian's haproxy as the sidecar (a real third-party transparent proxy):
 /// run as uid/gid 1337 in the pod netns and cgroup, in the foreground, its
-/// config and log in a temp dir; killed by PID and the dir removed on drop.
+/// config and log in a temp dir; killed by PID and the dir removed on drop
+/// (`redirect_testbed::haproxy`, which the Bookinfo demo runs too).
 ///
 /// `proxies` holds the frontends/backends; the common part adds a monitor
 /// frontend (for readiness) and logs one line per connection as soon as it
 /// is set up: `conn fe=<frontend> client=<ip:port> dst=<ip:port>
 /// src=<ip:port> server=<ip:port>` (haproxy prints IPv6 addresses bare).
-pub struct Haproxy {
-    child: std::process::Child,
-    dir: PathBuf,
-    netns: PathBuf,
-}
+pub struct Haproxy(redirect_testbed::haproxy::Haproxy);
 
-pub const HAPROXY: &str = "/usr/sbin/haproxy";
-const HAPROXY_MONITOR_PORT: u16 = 15998;
+pub use redirect_testbed::haproxy::HAPROXY;
 
 impl Haproxy {
     pub fn start(pod: &Pod, proxies: &str) -> Haproxy {
-        use std::os::unix::fs::PermissionsExt;
-        assert!(
-            std::path::Path::new(HAPROXY).exists(),
-            "{HAPROXY} missing: run `cargo xtask setup` (or apt-get install -y haproxy)"
-        );
-        let dir = std::env::temp_dir().join(redirect_testbed::sandbox::unique("rdt-haproxy-"));
-        std::fs::create_dir(&dir).expect("haproxy temp dir");
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-        let cfg = dir.join("haproxy.cfg");
-        let common = format!(
-            "global\n  maxconn 256\n  nbthread 1\n  log stdout format raw local0 info\n\
-             defaults\n  mode tcp\n  log global\n  option logasap\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n\
-             \x20 log-format \"conn fe=%f client=%ci:%cp dst=%fi:%fp src=%bi:%bp server=%si:%sp\"\n\
-             frontend monitor\n  mode http\n  bind 127.0.0.1:{HAPROXY_MONITOR_PORT}\n  monitor-uri /ready\n"
-        );
-        std::fs::write(&cfg, format!("{common}{proxies}")).unwrap();
-        std::fs::set_permissions(&cfg, std::fs::Permissions::from_mode(0o644)).unwrap();
-        let check = Command::new(HAPROXY)
-            .arg("-c")
-            .arg("-f")
-            .arg(&cfg)
-            .output()
-            .expect("running haproxy -c");
-        if !check.status.success() {
-            let _ = std::fs::remove_dir_all(&dir);
-            panic!("haproxy config: {}", String::from_utf8_lossy(&check.stderr));
-        }
-        let mut cmd = Command::new(HAPROXY);
-        cmd.arg("-db").arg("-f").arg(&cfg);
-        cmd.stdin(std::process::Stdio::null())
-            .stdout(std::fs::File::create(dir.join("stdout.log")).unwrap())
-            .stderr(std::fs::File::create(dir.join("stderr.log")).unwrap());
-        redirect_testbed::sandbox::place(&mut cmd, &pod.topo.in_pod(PROXY_UID, PROXY_UID))
-            .expect("placing haproxy");
-        let child = match cmd.spawn() {
-            Ok(c) => c,
-            Err(e) => {
-                let _ = std::fs::remove_dir_all(&dir);
-                panic!("starting haproxy: {e}");
-            }
-        };
-        let mut h = Haproxy {
-            child,
-            dir,
-            netns: pod.pod_netns(),
-        };
-        h.wait_ready();
-        h
-    }
-
-    /// Poll the monitor URI from inside the pod netns until haproxy answers
-    /// (it binds every listener before serving any).
-    fn wait_ready(&mut self) {
-        use std::io::{Read, Write};
-        let netns = redirect_userspace::sys::Netns::open(&self.netns).expect("pod netns");
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Ok(Some(st)) = self.child.try_wait() {
-                panic!("haproxy exited ({st}) before listening: {}", self.output());
-            }
-            let ready = netns
-                .run(|| {
-                    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], HAPROXY_MONITOR_PORT));
-                    let mut s =
-                        std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200))?;
-                    s.set_read_timeout(Some(Duration::from_secs(1)))?;
-                    s.write_all(b"GET /ready HTTP/1.0\r\n\r\n")?;
-                    let mut resp = String::new();
-                    let _ = s.read_to_string(&mut resp);
-                    Ok(resp.starts_with("HTTP/1.0 200") || resp.starts_with("HTTP/1.1 200"))
-                })
-                .unwrap_or(false);
-            if ready {
-                return;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "haproxy not ready after 10s: {}",
-                self.output()
-            );
-            std::thread::sleep(Duration::from_millis(50));
+        let p = pod.topo.in_pod(PROXY_UID, PROXY_UID);
+        match redirect_testbed::haproxy::Haproxy::start(std::path::Path::new(HAPROXY), &p, proxies)
+        {
+            Ok(h) => Haproxy(h),
+            Err(e) => panic!("haproxy: {e:#}"),
         }
     }
 
     /// Everything haproxy printed, for failure messages.
     pub fn output(&self) -> String {
-        let read = |n: &str| std::fs::read_to_string(self.dir.join(n)).unwrap_or_default();
-        format!(
-            "stdout:\n{}\nstderr:\n{}",
-            read("stdout.log"),
-            read("stderr.log")
-        )
+        self.0.output()
     }
 
     /// Connection log lines, in order, of one frontend (or of all with
     /// `None`), waiting up to 3 s for `want` of them.
     pub fn conns(&self, frontend: Option<&str>, want: usize) -> Vec<String> {
-        let prefix = match frontend {
-            Some(f) => format!("conn fe={f} "),
-            None => "conn fe=".to_string(),
-        };
-        let deadline = std::time::Instant::now() + Duration::from_secs(3);
-        loop {
-            let lines: Vec<String> = std::fs::read_to_string(self.dir.join("stdout.log"))
-                .unwrap_or_default()
-                .lines()
-                .filter(|l| l.starts_with(&prefix) && !l.starts_with("conn fe=monitor "))
-                .map(str::to_string)
-                .collect();
-            if lines.len() >= want || std::time::Instant::now() > deadline {
-                return lines;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Haproxy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
+        self.0.conns(frontend, want)
     }
 }
 

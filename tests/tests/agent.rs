@@ -11,7 +11,9 @@ use std::{
 };
 
 use agent_support::*;
-use redirect_tests::{pinned_map_len, NetnsGuard, Pod, UPSTREAM_V4, UPSTREAM_V6};
+use redirect_tests::{
+    pinned_map_len, run_kit, NetnsGuard, Pod, APP_UID, PROXY_UID, UPSTREAM_V4, UPSTREAM_V6,
+};
 use serde_json::{json, Value};
 
 fn upstream() -> String {
@@ -271,6 +273,63 @@ fn cni_capture_config_reaches_the_pod() {
         0
     );
     assert_eq!(s.daemon().list().len(), 1);
+}
+
+#[test]
+fn cni_capture_config_turns_dns_capture_on() {
+    let mut s = Setup::new("agdns");
+    // The kit's stand-in for Istio's DNS proxy (127.0.0.1:15053, [::1]:15053)
+    // as uid 1337; it answers *.mesh itself.
+    let p = s.pod.topo.in_pod(PROXY_UID, PROXY_UID);
+    s.pod.spawn("dns-proxy", &["dns-proxy"], &p);
+    let ns = UPSTREAM_V4.to_string();
+    let add = s.cni(
+        "ADD",
+        "ctr-dns",
+        SELECT,
+        json!({"capture": {"redirect-dns": true, "dns-servers": ns}}),
+    );
+    assert_eq!(add.code, 0, "{add:?}");
+    let pods = s.daemon().list();
+    assert!(
+        pods[0]["istio_iptables_args"]
+            .as_str()
+            .unwrap()
+            .ends_with(&format!("--redirect-dns --dns-servers '{UPSTREAM_V4}'")),
+        "{pods:?}"
+    );
+    let server = format!("{UPSTREAM_V4}:53");
+    let r = run_kit(
+        &s.pod.topo.in_pod(APP_UID, APP_UID),
+        &[
+            "dns-query",
+            "--server",
+            &server,
+            "--name",
+            "svc.mesh",
+            "--transport",
+            "udp",
+        ],
+        std::time::Duration::from_secs(10),
+    )
+    .report();
+    assert_eq!(r["answers"], json!(["198.51.100.53"]), "{r}");
+    assert_eq!(r["reply_from"], server.as_str(), "{r}");
+    let (code, m) =
+        redirect_userspace::agent::http::get(s.daemon().metrics_addr(), "/metrics").unwrap();
+    assert_eq!(code, 200);
+    let cookie = pods[0]["cookie"].as_u64().unwrap();
+    for (rule, target) in [
+        ("captured_udp", "REDIRECT"),
+        ("reply_from_nameserver", "ANSWER"),
+    ] {
+        let want = format!("redirect_decisions_total{{pod=\"shop/cart\",netns_cookie=\"{cookie}\",chain=\"DNS\",rule=\"{rule}\",target=\"{target}\"}} 1");
+        assert!(m.lines().any(|l| l == want), "{want} not in\n{m}");
+    }
+    assert_eq!(
+        s.cni("DEL", "ctr-dns", "K8S_POD_NAME=cart", json!({})).code,
+        0
+    );
 }
 
 #[test]
@@ -770,4 +829,61 @@ fn daemon_installs_the_plugin_and_its_conflist_entry() {
     );
     assert!(e.err().unwrap().contains("does not exist"));
     assert!(!s.pod.pin_dir.exists());
+}
+
+/// One owner per pod, for the agent too: an ADD for a pod that another
+/// install (here one made with the CLI in another pin dir) has captured
+/// fails, naming that install; nothing of the agent's install is left on
+/// the pod. After the other install releases it, the ADD captures it.
+#[test]
+fn cni_add_of_a_pod_another_install_has_is_refused() {
+    let mut s = Setup::new("agowner");
+    let other = std::path::PathBuf::from(format!(
+        "/sys/fs/bpf/{}",
+        redirect_testbed::sandbox::unique("rdt-other-")
+    ));
+    let redirect_at = |args: &[&str]| {
+        std::process::Command::new(redirect_tests::redirect_bin())
+            .arg("--pin-dir")
+            .arg(&other)
+            .args(args)
+            .output()
+            .expect("running redirect")
+    };
+    struct Uninstall<F: Fn(&[&str]) -> std::process::Output>(F);
+    impl<F: Fn(&[&str]) -> std::process::Output> Drop for Uninstall<F> {
+        fn drop(&mut self) {
+            let _ = (self.0)(&["uninstall"]);
+        }
+    }
+    let _guard = Uninstall(redirect_at);
+    let redirect_at = &_guard.0;
+    let ns = s.netns();
+    let cg = s.pod.topo.cgroup.path.display().to_string();
+    let out = redirect_at(&[
+        "attach", "--netns", &ns, "--cgroup", &cg, "-p", "15001", "-z", "15006", "-u", "1337",
+        "-m", "REDIRECT", "-i", "*", "-b", "*",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+
+    let add = s.cni("ADD", "ctr-own", SELECT, json!({}));
+    assert_eq!(add.error_code(), 100, "{add:?}");
+    assert!(
+        add.stdout.contains("already captured by the install at")
+            && add.stdout.contains(other.to_str().unwrap()),
+        "{add:?}"
+    );
+    assert!(s.daemon().list().is_empty());
+    // Still captured, by the other install alone: one sk_lookup program.
+    assert!(s.pod.app_client(&upstream()).ok);
+    assert_eq!(s.proxied().len(), 1);
+
+    let out = redirect_at(&["detach", "--netns", &ns]);
+    assert!(out.status.success(), "{out:?}");
+    let add = s.cni("ADD", "ctr-own", SELECT, json!({}));
+    assert_eq!(add.code, 0, "{add:?}");
+    assert_eq!(s.daemon().list().len(), 1);
+    assert!(s.pod.app_client(&upstream()).ok);
+    assert_eq!(s.proxied().len(), 1);
+    assert_eq!(s.pod.counter("OUTPUT", "captured"), 1);
 }

@@ -1220,3 +1220,292 @@ fn two_pods_share_the_cgroup_attachment_and_detach_separately() {
         .json();
     assert_eq!(rule_count(&r[0], "OUTPUT", "captured"), 2);
 }
+
+// ------------------------------------------------- the pin directory only
+
+/// A directory removed on drop (its contents too): for pin dirs that are
+/// not on bpffs.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> TempDir {
+        let p = std::env::temp_dir().join(unique(&format!("rdt-{tag}-")));
+        std::fs::create_dir(&p).expect("temp dir");
+        TempDir(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// `redirect --pin-dir <dir> <args>`.
+fn redirect_at(dir: &Path, args: &[&str]) -> Run {
+    Run::of(
+        Command::new(redirect_bin())
+            .arg("--pin-dir")
+            .arg(dir)
+            .args(args)
+            .output()
+            .expect("running redirect"),
+    )
+}
+
+/// A pin dir that is not on bpffs holds no install: attach and uninstall
+/// refuse it, say how to fix it (mount bpffs, or the right --pin-dir),
+/// and leave everything there as it was (an empty directory, a regular
+/// file planted where a map pin would be).
+#[test]
+fn a_pin_dir_not_on_bpffs_is_refused_and_left_untouched() {
+    let pod = Pod::new("clinobpf");
+    let dir = TempDir::new("clinobpf");
+    let ns = pod.pod_netns();
+    let cgp = cg(&pod);
+    let mut args = vec!["attach", "--netns", s(&ns), "--cgroup", s(&cgp)];
+    args.extend(ISTIO);
+    let r = redirect_at(&dir.0, &args);
+    assert_eq!(r.code, Some(1), "attach with a tmpfs pin dir: {r:#?}");
+    assert!(
+        r.stderr.contains(s(&dir.0))
+            && r.stderr.contains("not on a bpffs")
+            && r.stderr.contains("mount -t bpf"),
+        "{r:#?}"
+    );
+    assert!(dir.0.is_dir(), "attach removed the existing directory");
+    assert_eq!(std::fs::read_dir(&dir.0).unwrap().count(), 0);
+    assert_eq!(cgroup_programs(&cgp), Vec::<String>::new());
+    assert_eq!(sk_lookup_links(&ns), 0);
+
+    // A file planted where a map pin would be.
+    std::fs::create_dir(dir.0.join("maps")).unwrap();
+    let planted = dir.0.join("maps/REDIRECT_PODS");
+    std::fs::write(&planted, "not a pin").unwrap();
+    let r = redirect_at(&dir.0, &["uninstall"]);
+    assert_eq!(r.code, Some(1), "uninstall of a tmpfs pin dir: {r:#?}");
+    assert!(
+        r.stderr.contains("not on a bpffs") && r.stderr.contains("nothing there was touched"),
+        "{r:#?}"
+    );
+    assert_eq!(std::fs::read_to_string(&planted).unwrap(), "not a pin");
+    // Nothing there: still nothing to say but that.
+    let gone = dir.0.join("no-such-install");
+    let r = redirect_at(&gone, &["uninstall"]).ok("uninstall of a missing dir");
+    assert!(r.stdout.contains("nothing installed"), "{r:#?}");
+}
+
+/// `uninstall` on bpffs removes the pins of the install's layout (the
+/// known names, each holding a BPF object of the right kind) and says
+/// exactly what it removed; anything else there (a pin under another
+/// name, a pin of the wrong kind under a known name, a directory, a
+/// symlink) is left in place and named, and so is the pin dir.
+#[test]
+fn uninstall_removes_only_the_installs_pins_and_names_them() {
+    let mut pod = Pod::new("cliunpins");
+    pod.start_upstream(8080);
+    pod.start_proxy();
+    pod.attach_istio_default();
+    // `stats --zero` makes the userspace map REDIRECT_STATS_BASELINE.
+    redirect(&pod, &["stats", "--zero"]).ok("stats --zero");
+    let pin = pod.pin_dir.clone();
+    assert!(pin.join("maps/REDIRECT_STATS_BASELINE").exists());
+    let foreign_map = pin.join("maps/SOMEONE_ELSES");
+    let wrong_kind = pin.join("netns/12345/sk_lookup");
+    std::fs::create_dir(pin.join("netns/12345")).unwrap();
+    for p in [&foreign_map, &wrong_kind] {
+        run(
+            "bpftool",
+            &[
+                "map",
+                "create",
+                s(p),
+                "type",
+                "hash",
+                "key",
+                "4",
+                "value",
+                "4",
+                "entries",
+                "1",
+                "name",
+                "foreign",
+            ],
+        )
+        .expect("bpftool map create");
+    }
+    std::fs::create_dir(pin.join("mine")).unwrap();
+    std::os::unix::fs::symlink(pin.join("maps/REDIRECT_PODS"), pin.join("maps/ALIAS")).unwrap();
+
+    let r = redirect(&pod, &["uninstall"]).ok("uninstall");
+    assert!(r.stdout.contains("uninstalled"), "{r:#?}");
+    for removed in [
+        "maps/REDIRECT_PODS",
+        "maps/REDIRECT_STATS_BASELINE",
+        "maps/REDIRECT_POD_CGROUPS",
+        "cgroups/",
+        "/sk_lookup",
+    ] {
+        assert!(
+            r.stdout
+                .lines()
+                .any(|l| l.trim_start().starts_with("removed ") && l.contains(removed)),
+            "{removed} not reported removed: {r:#?}"
+        );
+    }
+    let left = [
+        "maps/SOMEONE_ELSES",
+        "netns/12345/sk_lookup",
+        "mine",
+        "maps/ALIAS",
+    ];
+    for l in left {
+        let p = pin.join(l);
+        assert!(
+            p.symlink_metadata().is_ok(),
+            "uninstall removed {} which it did not make",
+            p.display()
+        );
+        assert!(
+            r.stdout.contains(s(&p)) || r.stderr.contains(s(&p)),
+            "{l} not named as left in place: {r:#?}"
+        );
+    }
+    assert!(!pin.join("maps/REDIRECT_PODS").exists());
+    assert!(pin.is_dir(), "the pin dir holds foreign entries: kept");
+    assert_eq!(cgroup_programs(&cg(&pod)), Vec::<String>::new());
+    assert_eq!(sk_lookup_links(&pod.pod_netns()), 0);
+    // The test's own leftovers.
+    for l in left {
+        let p = pin.join(l);
+        if p.is_dir() && !p.is_symlink() {
+            std::fs::remove_dir(&p).unwrap();
+        } else {
+            std::fs::remove_file(&p).unwrap();
+        }
+    }
+    for d in ["netns/12345", "netns", "maps", ""] {
+        let _ = std::fs::remove_dir(pin.join(d));
+    }
+    assert!(!pin.exists());
+}
+
+// --------------------------------------------------------- one owner per pod
+
+/// The same pod captured by a second install (another pin dir) is
+/// refused, naming the install that has it; `--force` captures it anyway
+/// and says so.
+#[test]
+fn a_pod_captured_by_another_install_is_refused_unless_forced() {
+    let mut pod = Pod::new("cliowner");
+    pod.start_upstream(8080);
+    let proxy = pod.start_proxy();
+    pod.attach_istio_default();
+    let other = PathBuf::from(format!("/sys/fs/bpf/{}", unique("rdt-other-")));
+    // Removed however the test ends.
+    struct Uninstall(PathBuf);
+    impl Drop for Uninstall {
+        fn drop(&mut self) {
+            if self.0.exists() {
+                let _ = redirect_at(&self.0, &["uninstall"]);
+            }
+        }
+    }
+    let _other_guard = Uninstall(other.clone());
+    let ns = pod.pod_netns();
+    let cgp = cg(&pod);
+    let mut args = vec!["attach", "--netns", s(&ns), "--cgroup", s(&cgp)];
+    args.extend(ISTIO);
+    // A dry run says so too.
+    let mut dry = args.clone();
+    dry.push("--dry-run");
+    let r = redirect_at(&other, &dry);
+    assert_eq!(r.code, Some(1), "dry run of a second install: {r:#?}");
+    assert!(
+        r.stdout.contains("a real run refuses") && r.stderr.contains(s(&pod.pin_dir)),
+        "{r:#?}"
+    );
+    let r = redirect_at(&other, &args);
+    assert_eq!(r.code, Some(1), "second install: {r:#?}");
+    assert!(
+        r.stderr.contains("already captured by the install at")
+            && r.stderr.contains(s(&pod.pin_dir))
+            && r.stderr.contains("--force"),
+        "{r:#?}"
+    );
+    assert!(
+        !other.exists(),
+        "the refused attach left its new install behind"
+    );
+    assert_eq!(sk_lookup_links(&ns), 1);
+    // Still captured by the first install only.
+    assert_captured(&pod.app_client(&v4_dst()), &v4_dst(), "after the refusal");
+    assert_eq!(proxy_conns(&mut pod, proxy), vec![v4_dst()]);
+
+    let mut forced = args.clone();
+    forced.push("--force");
+    let r = redirect_at(&other, &forced).ok("forced attach");
+    assert!(
+        r.stderr.contains("--force") && r.stderr.contains(s(&pod.pin_dir)),
+        "{r:#?}"
+    );
+    assert_eq!(sk_lookup_links(&ns), 2);
+    redirect_at(&other, &["detach", "--netns", s(&ns)]).ok("detach from the second install");
+    // The first install's own re-attach is not a conflict.
+    pod.attach_istio_default();
+    assert_captured(&pod.app_client(&v4_dst()), &v4_dst(), "at the end");
+}
+
+// ----------------------------------------------------- the recorded cgroup
+
+/// A pod attached under a narrow cgroup keeps it: a re-attach, `validate`
+/// and `detach` without --cgroup use the recorded cgroup (never the
+/// cgroup2 root), and say so.
+#[test]
+fn without_cgroup_a_pod_keeps_the_cgroup_it_was_attached_under() {
+    let mut pod = Pod::new("clicgrec");
+    pod.start_upstream(8080);
+    pod.attach_istio_default();
+    let ns = pod.pod_netns();
+    let cgp = cg(&pod);
+    let mut args = vec!["attach", "--netns", s(&ns), "--json", "--dry-run"];
+    args.extend(ISTIO);
+    // The dry run first: nothing is attached anywhere if it would widen.
+    let r = redirect(&pod, &args).ok("dry run without --cgroup").json();
+    assert_eq!(r["cgroup"], s(&cgp), "{r:#}");
+    args.retain(|a| *a != "--dry-run");
+    let r = redirect(&pod, &args)
+        .ok("re-attach without --cgroup")
+        .json();
+    assert_eq!(r["cgroup"], s(&cgp), "{r:#}");
+    assert_eq!(r["cgroup_from"], "the pod's recorded cgroup", "{r:#}");
+    assert_eq!(r["cgroup_newly_attached"], false, "{r:#}");
+    let mut text = vec!["attach", "--netns", s(&ns)];
+    text.extend(ISTIO);
+    let r = redirect(&pod, &text).ok("re-attach, text");
+    assert!(
+        r.stdout
+            .contains(&format!("cgroup {} already attached", s(&cgp)))
+            && r.stdout.contains("recorded"),
+        "{r:#?}"
+    );
+    let st = redirect(&pod, &["status", "--json"]).ok("status").json();
+    assert_eq!(st["cgroups"].as_array().map(Vec::len), Some(1), "{st:#}");
+
+    // validate (before the proxy starts, as Istio runs it) checks the
+    // recorded cgroup (the root has no programs of this install).
+    let r = redirect(&pod, &["validate", "--netns", s(&ns)]);
+    assert_eq!(r.code, Some(0), "validate without --cgroup: {r:#?}");
+    pod.start_proxy();
+    assert_captured(&pod.app_client(&v4_dst()), &v4_dst(), "re-attached");
+
+    // detach: the cgroup's programs go with its only pod.
+    let r = redirect(&pod, &["detach", "--netns", s(&ns)]).ok("detach");
+    assert!(
+        r.stdout.contains(s(&cgp)) && r.stdout.contains("programs detached"),
+        "{r:#?}"
+    );
+    assert_eq!(cgroup_programs(&cgp), Vec::<String>::new());
+    assert!(links_on(&cgp, &ns).is_empty());
+    assert_direct(&pod.app_client(&v4_dst()), &v4_dst(), "after detach");
+}

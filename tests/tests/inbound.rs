@@ -267,6 +267,53 @@ fn include_all_honours_exclusions_tunnel_and_istio_defaults() {
 }
 
 #[test]
+fn ssh_port_is_captured_like_any_other_unless_excluded() {
+    // Regression (found by the differential test, seed 7): istio-iptables
+    // stopped sparing port 22 with `-b '*'` in Istio 1.13; only -d spares
+    // it now.
+    let mut pod = Pod::new("inbssh");
+    // The app (uid 1000) serves port 22 in its own netns.
+    run(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            &pod.topo.pod.name,
+            "sysctl",
+            "-q",
+            "-w",
+            "net.ipv4.ip_unprivileged_port_start=0",
+        ],
+    )
+    .expect("sysctl in the pod");
+    pod.start_app_server(22);
+    let proxy = pod.start_proxy();
+    pod.attach_istio_default();
+    for dst in [v4(22), v6(22)] {
+        assert_via_proxy(&from_outside(&pod, &dst), &dst);
+    }
+    assert_eq!(inbound_conns(&pod.proxy_log(proxy)).len(), 2);
+    assert_eq!(pod.counter("PREROUTING", "captured"), 2);
+    assert_eq!(pod.counter("PREROUTING", "skip_excluded_port"), 0);
+    // Excluded by -d, as Istio's VM setup does.
+    pod.attach(&[
+        "-u",
+        "1337",
+        "-i",
+        "*",
+        "-b",
+        "*",
+        "-d",
+        "22,15090,15021,15020",
+    ]);
+    for dst in [v4(22), v6(22)] {
+        assert_direct(&from_outside(&pod, &dst), &dst);
+    }
+    assert_eq!(pod.counter("PREROUTING", "skip_excluded_port"), 2);
+    assert_eq!(pod.counter("PREROUTING", "captured"), 2);
+}
+
+#[test]
 fn custom_tunnel_port() {
     let mut pod = Pod::new("inbtun");
     pod.start_app_server(16008);

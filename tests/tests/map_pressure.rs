@@ -25,7 +25,16 @@ fn echo_dst() -> String {
 /// Pod with the kit proxy (uid 1337) and an epoll echo server upstream
 /// (no greeting: the stress tools check every byte of the echo).
 fn pod_with_echo(tag: &str) -> (Pod, usize) {
+    pod_with_echo_tfo(tag, false)
+}
+
+/// `pod_with_echo`, with TCP Fast Open on in the pod netns first (a
+/// listener gets it when it starts listening) when `tfo`.
+fn pod_with_echo_tfo(tag: &str, tfo: bool) -> (Pod, usize) {
     let mut pod = Pod::new(tag);
+    if tfo {
+        enable_tfo(&pod);
+    }
     let listen = echo_dst();
     let up = pod.topo.in_upstream();
     pod.spawn("upstream-echo", &["epoll-echo", "--listen", &listen], &up);
@@ -786,4 +795,361 @@ fn pinned_max_entries(pod: &Pod, map: &str) -> u64 {
     assert!(out.status.success(), "{out:?}");
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     v["max_entries"].as_u64().unwrap()
+}
+
+// ------------------------------------------------------- TCP Fast Open
+
+/// The app's side of the TCP Fast Open tests, run as uid 1000 in the pod:
+/// `count` connections to `host port`, each sending a short message and
+/// checking its echo and getpeername. `mode`: `plain` (connect, send),
+/// `sendto` (sendto with MSG_FASTOPEN: connect and data in the SYN),
+/// `connect` (TCP_FASTOPEN_CONNECT, then connect and send). `hold`: keep
+/// every connection open, print the report with `"event":"ready"` and
+/// wait to be killed. One JSON report: how many succeeded, how many
+/// carried their data in the SYN (tcpi_options & TCPI_OPT_SYN_DATA).
+const TFO_CLIENT: &str = r#"
+import json, socket, sys, time
+mode, host, port, count, hold = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] == "hold"
+fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+MSG_FASTOPEN, TCP_FASTOPEN_CONNECT, TCPI_OPT_SYN_DATA = 0x20000000, 30, 32
+rep = {"ok": 0, "syn_data": 0, "errors": []}
+held = []
+for i in range(count):
+    s = socket.socket(fam, socket.SOCK_STREAM)
+    s.settimeout(5)
+    msg = b"tfo-%06d" % i
+    try:
+        if mode == "sendto":
+            s.sendto(msg, MSG_FASTOPEN, (host, port))
+        else:
+            if mode == "connect":
+                s.setsockopt(socket.IPPROTO_TCP, TCP_FASTOPEN_CONNECT, 1)
+            s.connect((host, port))
+            s.sendall(msg)
+        back = b""
+        while len(back) < len(msg):
+            chunk = s.recv(len(msg) - len(back))
+            if not chunk:
+                break
+            back += chunk
+        peer = s.getpeername()
+        if back != msg:
+            raise Exception("echo %r for %r" % (back, msg))
+        if (peer[0], peer[1]) != (host, port):
+            raise Exception("getpeername %r" % (peer,))
+        if s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[5] & TCPI_OPT_SYN_DATA:
+            rep["syn_data"] += 1
+        rep["ok"] += 1
+    except Exception as e:
+        if len(rep["errors"]) < 5:
+            rep["errors"].append("%d: %s" % (i, e))
+    if hold:
+        held.append(s)
+    else:
+        s.close()
+if hold:
+    rep["event"] = "ready"
+    print(json.dumps(rep), flush=True)
+    time.sleep(3600)
+else:
+    print(json.dumps(rep), flush=True)
+"#;
+
+/// Server and client TCP Fast Open in the pod netns, for every listener
+/// started from now on (the proxy's: as a listener with TCP_FASTOPEN
+/// set) and with
+/// no cookie needed, so every connection of the TFO modes carries data
+/// in its SYN (0x1 client, 0x2 server, 0x4 client without cookie, 0x200
+/// server without cookie, 0x400 every listener).
+fn enable_tfo(pod: &Pod) {
+    redirect_tests::run(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            &pod.topo.pod.name,
+            "sysctl",
+            "-qw",
+            "net.ipv4.tcp_fastopen=1543",
+        ],
+    )
+    .expect("enabling TCP Fast Open in the pod netns");
+}
+
+/// Run the TFO client in the pod as the app; its report.
+fn tfo_client(pod: &Pod, mode: &str, dst: &str, count: u32) -> Value {
+    let sa: std::net::SocketAddr = dst.parse().unwrap();
+    let f = redirect_testbed::sandbox::run_placed(
+        std::path::Path::new("/usr/bin/python3"),
+        &[
+            "-c",
+            TFO_CLIENT,
+            mode,
+            &sa.ip().to_string(),
+            &sa.port().to_string(),
+            &count.to_string(),
+            "close",
+        ],
+        &pod.topo.in_pod(APP_UID, APP_UID),
+        Duration::from_secs(120),
+    )
+    .expect("running the TFO client");
+    serde_json::from_str(f.stdout.lines().last().unwrap_or_default()).unwrap_or_else(|e| {
+        panic!(
+            "TFO client report ({e}): {:?} {:?} timed out {}",
+            f.stdout, f.stderr, f.timed_out
+        )
+    })
+}
+
+/// Start the TFO client (`mode`) holding `count` connections open; its
+/// child index once they are all open (killed by PID on drop).
+fn tfo_hold(pod: &mut Pod, mode: &str, dst: &str, count: u32) -> usize {
+    let sa: std::net::SocketAddr = dst.parse().unwrap();
+    let mut cmd = std::process::Command::new("/usr/bin/python3");
+    cmd.args([
+        "-c",
+        TFO_CLIENT,
+        mode,
+        &sa.ip().to_string(),
+        &sa.port().to_string(),
+        &count.to_string(),
+        "hold",
+    ]);
+    let p = pod.topo.in_pod(APP_UID, APP_UID);
+    let c = redirect_tests::ChildGuard::spawn("tfo-hold", cmd, &p, true)
+        .unwrap_or_else(|e| panic!("TFO client holding connections: {e}"));
+    pod.children.push(c);
+    pod.children.len() - 1
+}
+
+/// Entries of REDIRECT_ORIG_BY_TUPLE whose key is in netns `cookie` (the
+/// key's first 8 bytes), counted with bpftool.
+fn tuple_entries_of(pod: &Pod, cookie: u64) -> usize {
+    let path = pod.pin_dir.join("maps/REDIRECT_ORIG_BY_TUPLE");
+    let out = std::process::Command::new("bpftool")
+        .args(["-j", "map", "dump", "pinned"])
+        .arg(&path)
+        .output()
+        .expect("bpftool");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).expect("bpftool json");
+    v.as_array()
+        .expect("entries")
+        .iter()
+        .filter(|e| {
+            let key: Vec<u8> = e["key"]
+                .as_array()
+                .expect("key bytes")
+                .iter()
+                .map(|b| {
+                    u8::from_str_radix(b.as_str().unwrap().trim_start_matches("0x"), 16).unwrap()
+                })
+                .collect();
+            u64::from_ne_bytes(key[..8].try_into().unwrap()) == cookie
+        })
+        .count()
+}
+
+/// Poll until both original-destination maps hold exactly `want` entries
+/// (connections close asynchronously); the last counts seen.
+fn wait_tracked(pod: &Pod, want: (u64, u64)) -> (u64, u64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let got = (
+            map_usage(pod, "REDIRECT_ORIG_BY_COOKIE"),
+            map_usage(pod, "REDIRECT_ORIG_BY_TUPLE"),
+        );
+        if got == want || std::time::Instant::now() > deadline {
+            return got;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn pod_cookie(pod: &Pod) -> u64 {
+    pod.stats()[0]["netns_cookie"]
+        .as_u64()
+        .expect("netns_cookie")
+}
+
+/// With TCP Fast Open the proxy's side of a connection is established
+/// (and can be accepted) before the app's side: no original-destination
+/// record may outlive its connection whatever the order, and every
+/// connection gets its SO_ORIGINAL_DST. TFO off and on (sendto with
+/// MSG_FASTOPEN, TCP_FASTOPEN_CONNECT), IPv4 and IPv6.
+#[test]
+fn tcp_fast_open_leaves_no_original_destination_record() {
+    let (mut pod, proxy) = pod_with_echo_tfo("mptfo", true);
+    let v6 = format!("[{}]:{ECHO_PORT}", redirect_tests::UPSTREAM_V6);
+    let up = pod.topo.in_upstream();
+    pod.spawn("upstream-echo6", &["epoll-echo", "--listen", &v6], &up);
+    pod.attach_istio_default();
+    const N: u32 = 40;
+    for dst in [echo_dst(), v6.clone()] {
+        for mode in ["plain", "sendto", "connect"] {
+            let what = format!("{mode} to {dst}");
+            let r = tfo_client(&pod, mode, &dst, N);
+            assert_eq!(r["ok"], N, "{what}: {r}");
+            let want_syn_data = if mode == "plain" { 0 } else { N };
+            assert_eq!(
+                r["syn_data"], want_syn_data,
+                "{what}: TCP Fast Open must be (or not be) in use: {r}"
+            );
+            let conns = outbound_conns(&mut pod, proxy);
+            assert_eq!(conns.len(), N as usize, "{what}: proxied connections");
+            assert!(
+                conns.iter().all(|c| c["orig"] == dst.as_str()),
+                "{what}: the proxy got the original destination: {conns:?}"
+            );
+            assert_eq!(
+                wait_tracked(&pod, (0, 0)),
+                (0, 0),
+                "{what}: original-destination records left after every connection closed"
+            );
+        }
+    }
+    assert_eq!(counter(&pod, "ERRORS", "error_tuple_map_full"), 0);
+    assert_eq!(counter(&pod, "ORIGINAL_DST", "orig_dst_missing"), 0);
+    assert_eq!(counter(&pod, "OUTPUT", "captured"), 6 * N as u64);
+}
+
+/// One pod opening TCP Fast Open connections in a loop, on an install
+/// whose original-destination maps hold 256 entries, while another pod
+/// of the same install keeps working: every connection of both pods gets
+/// its SO_ORIGINAL_DST, no record outlives its connection, and releasing
+/// the flooding pod removes the records of its connections still open.
+#[test]
+fn a_tcp_fast_open_flood_from_one_pod_does_not_starve_another() {
+    let (mut flood, flood_proxy) = pod_with_echo_tfo("mptfof", true);
+    let (mut victim, victim_proxy) = pod_with_echo("mptfov");
+    // One install for both pods.
+    victim.pin_dir = flood.pin_dir.clone();
+    flood.attach_istio_default_with(&["--map-size", "orig=256"]);
+    victim.attach_istio_default();
+    let flood_cookie = pod_cookie(&flood);
+
+    // More connections than the maps hold, one after the other.
+    let r = tfo_client(&flood, "sendto", &echo_dst(), 300);
+    assert_eq!(r["ok"], 300, "flood: {r}");
+    assert_eq!(
+        r["syn_data"], 300,
+        "flood connections use TCP Fast Open: {r}"
+    );
+    assert_eq!(outbound_conns(&mut flood, flood_proxy).len(), 300);
+    assert_eq!(
+        wait_tracked(&flood, (0, 0)),
+        (0, 0),
+        "records left by the flood"
+    );
+    // The other pod's proxy still gets SO_ORIGINAL_DST.
+    let v = xfer(&victim, 4096);
+    assert_eq!(v["ok"], true, "victim: {v}");
+    let vc = outbound_conns(&mut victim, victim_proxy);
+    assert_eq!(vc.len(), 1, "{vc:?}");
+    assert_eq!(vc[0]["orig"], echo_dst().as_str());
+    for p in [&flood, &victim] {
+        assert_eq!(counter(p, "ERRORS", "error_tuple_map_full"), 0);
+        assert_eq!(counter(p, "ORIGINAL_DST", "orig_dst_missing"), 0);
+    }
+    assert_eq!(wait_tracked(&flood, (0, 0)), (0, 0));
+
+    // Connections held open keep their records; releasing the pod removes
+    // every record it owns.
+    let held = tfo_hold(&mut flood, "sendto", &echo_dst(), 20);
+    assert_eq!(outbound_conns(&mut flood, flood_proxy).len(), 20);
+    assert_eq!(tuple_entries_of(&flood, flood_cookie), 20);
+    let out = flood.redirect(&["detach", "--netns", flood.pod_netns().to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        tuple_entries_of(&flood, flood_cookie),
+        0,
+        "records of the released pod's connections"
+    );
+    // Its connections then close: nothing left, the other pod unaffected.
+    flood.children.remove(held);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while map_usage(&victim, "REDIRECT_ORIG_BY_COOKIE") != 0 && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(wait_tracked(&victim, (0, 0)), (0, 0));
+    let v = xfer(&victim, 4096);
+    assert_eq!(v["ok"], true, "victim after the release: {v}");
+}
+
+/// REDIRECT_LOCAL_CONNECTS (sized by `orig`) full: the pod's own IPv6
+/// connections to its address cannot all be marked. Counted, and the pod
+/// falls back to taking local sources for its own (as for IPv4), so its
+/// connections still go direct and, above all, the proxy's passthrough
+/// to the app, unmarked too, is not steered back to the proxy (which
+/// would dial again: a loop). With room again, marking resumes.
+#[test]
+fn local_connects_map_full_falls_back_and_never_loops_the_proxy() {
+    let mut pod = Pod::new("mplocal");
+    let app = format!("[{}]:{ECHO_PORT}", redirect_tests::POD_V6);
+    let p = pod.topo.in_pod(APP_UID, APP_UID);
+    pod.spawn("app-echo", &["epoll-echo", "--listen", &app], &p);
+    let proxy = pod.start_proxy();
+    pod.attach_istio_default_with(&["--map-size", "orig=2"]);
+    let local_marks = |pod: &Pod| redirect_tests::pinned_map_len(pod, "REDIRECT_LOCAL_CONNECTS");
+    let held = tfo_hold(&mut pod, "plain", &app, 2);
+    assert_eq!(local_marks(&pod), 2, "two local connections, two marks");
+    assert_eq!(counter(&pod, "ERRORS", "error_local_map_full"), 0);
+
+    // A third one of the pod's own: counted, still direct.
+    let r = tfo_client(&pod, "plain", &app, 1);
+    assert_eq!(r["ok"], 1, "{r}");
+    assert_eq!(counter(&pod, "ERRORS", "error_local_map_full"), 1);
+    // From outside: steered to the proxy once, whose passthrough to the
+    // app (from ::6, unmarked) reaches the app.
+    let up = pod.topo.in_upstream();
+    let x = run_kit(
+        &up,
+        &[
+            "xfer",
+            "--connect",
+            &app,
+            "--size",
+            "4096",
+            "--timeout-ms",
+            "5000",
+        ],
+        Duration::from_secs(20),
+    )
+    .report();
+    assert_eq!(x["ok"], true, "{x}");
+    let inbound: Vec<Value> = pod
+        .proxy_log(proxy)
+        .into_iter()
+        .filter(|l| l["dir"] == "inbound")
+        .collect();
+    assert_eq!(
+        inbound.len(),
+        1,
+        "the proxy saw its own passthrough: {inbound:?}"
+    );
+    assert_eq!(counter(&pod, "PREROUTING", "captured"), 1);
+    assert_eq!(counter(&pod, "ERRORS", "error_local_map_full"), 2);
+
+    // Room again: marked, direct, nothing left behind.
+    pod.children.remove(held);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while local_marks(&pod) != 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(local_marks(&pod), 0);
+    let r = tfo_client(&pod, "plain", &app, 2);
+    assert_eq!(r["ok"], 2, "{r}");
+    assert_eq!(counter(&pod, "ERRORS", "error_local_map_full"), 2);
+    assert!(pod.proxy_log(proxy).is_empty());
+    assert_eq!(local_marks(&pod), 0);
 }

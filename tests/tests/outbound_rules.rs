@@ -678,6 +678,23 @@ fn include_naming_loopback_drops_app_local_rule() {
 }
 
 #[test]
+fn include_naming_v4_mapped_loopback_drops_app_local_rule() {
+    // Regression (found by the differential test, seed 7): istio-iptables
+    // judges "-i names a loopback address" with Go's IsLoopback, which
+    // unmaps ::ffff:127.0.0.1, so rules 3/6 are left out here too.
+    let mut rig = Rig::new("imaplo", &["-i", "::ffff:127.0.0.1/128,0.0.0.0/0"]);
+    let app = rig.app();
+    let dst = sa(POD_V4, APP_PORT);
+    let orig = canon(parse_sa(&dst));
+    let want = Expect {
+        proxy: vec![format!("outbound {orig}"), format!("inbound {orig}")],
+        from: PASS_V4.into(),
+        output: vec![(CAPTURED, 1), (TO_INBOUND, 1), (PASSTHROUGH, 1)],
+    };
+    rig.check(&app, None, &dst, want);
+}
+
+#[test]
 fn include_default_routes_keep_app_local_rule() {
     // istio-iptables sets HasLoopBackIP from the prefix's *address*
     // (netip.Prefix.Addr().IsLoopback()): 0.0.0.0/0 and ::/0 capture

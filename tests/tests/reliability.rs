@@ -9,6 +9,7 @@
 //! pins consistent.
 
 mod agent_support;
+mod traffic_support;
 
 use std::{
     path::PathBuf,
@@ -21,134 +22,15 @@ use std::{
 
 use agent_support::*;
 use redirect_tests::{
-    map_usage, redirect_bin, run_kit, NetnsGuard, Placement, Pod, APP_UID, POD_V4, PROXY_UID,
-    UPSTREAM_V4,
+    map_usage, redirect_bin, NetnsGuard, Placement, Pod, APP_UID, POD_V4, PROXY_UID, UPSTREAM_V4,
 };
 use serde_json::{json, Value};
+use traffic_support::*;
 
 /// Per pod: its upstream echo port (distinct, so a connection that ended
 /// up at the other pod's upstream would show) and its app server port.
 const UP_PORTS: [u16; 2] = [9001, 9002];
 const APP_PORT: u16 = 9080;
-
-/// What one traffic loop saw.
-#[derive(Default, Debug)]
-struct Tally {
-    conns: u64,
-    failures: u64,
-    bytes: u64,
-    errors: Vec<String>,
-    runs: u64,
-}
-
-impl Tally {
-    fn add(&mut self, o: &Tally) {
-        self.conns += o.conns;
-        self.failures += o.failures;
-        self.bytes += o.bytes;
-        self.runs += o.runs;
-        self.errors.extend(o.errors.iter().take(5).cloned());
-    }
-}
-
-/// (connections ok, failures, verified bytes, error) of one tool report.
-type Score = fn(&Value) -> (u64, u64, u64, Option<String>);
-
-/// Run `args` again and again until `stop`; `score` turns each report
-/// into its figures.
-fn traffic_loop(
-    p: Placement,
-    args: Vec<String>,
-    stop: Arc<AtomicBool>,
-    score: Score,
-) -> std::thread::JoinHandle<Tally> {
-    std::thread::spawn(move || {
-        let mut t = Tally::default();
-        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-        while !stop.load(Ordering::SeqCst) {
-            let run = run_kit(&p, &refs, Duration::from_secs(60));
-            t.runs += 1;
-            if run.timed_out {
-                t.failures += 1;
-                t.errors.push(format!("{args:?} timed out: {}", run.stderr));
-                continue;
-            }
-            let (ok, failed, bytes, err) = score(&run.report());
-            t.conns += ok;
-            t.failures += failed;
-            t.bytes += bytes;
-            if let Some(e) = err {
-                t.errors.push(e);
-            }
-        }
-        t
-    })
-}
-
-/// churn: `count` connections, each `rounds` exchanges of `size` bytes
-/// echoed and compared byte for byte.
-fn churn_args(dst: &str, count: u64, size: usize) -> Vec<String> {
-    [
-        "churn",
-        "--connect",
-        dst,
-        "--count",
-        &count.to_string(),
-        "--concurrency",
-        "2",
-        "--size",
-        &size.to_string(),
-        "--rounds",
-        "2",
-        "--timeout-ms",
-        "10000",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
-}
-
-fn churn_score(r: &Value) -> (u64, u64, u64, Option<String>) {
-    let done = r["done"].as_u64().unwrap_or(0);
-    let failures = r["failures"].as_u64().unwrap_or(1);
-    // Sent and received, 2 rounds of 4096 bytes.
-    let err = (failures > 0).then(|| r["errors"].to_string());
-    (done, failures, done * 2 * 2 * 4096, err)
-}
-
-/// xfer: one long connection (paced, ~1.5 s) whose echo is checked by hash.
-fn xfer_args(dst: &str) -> Vec<String> {
-    [
-        "xfer",
-        "--connect",
-        dst,
-        "--size",
-        "2097152",
-        "--chunks",
-        "8192,1000,16384",
-        "--pause-us",
-        "5000",
-        "--pause-every",
-        "1",
-        "--timeout-ms",
-        "10000",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
-}
-
-fn xfer_score(r: &Value) -> (u64, u64, u64, Option<String>) {
-    let ok = r["ok"] == true
-        && r["sent"] == 2097152
-        && r["received"] == 2097152
-        && r["recv_hash"] == r["sent_hash"];
-    if ok {
-        (1, 0, 2 * 2097152, None)
-    } else {
-        (0, 1, 0, Some(r.to_string()))
-    }
-}
 
 struct Cluster {
     pods: Vec<Pod>,

@@ -33,7 +33,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use redirect_testbed::{kit::ClientReport, sandbox::unique};
+use redirect_testbed::{
+    kit::ClientReport,
+    sandbox::{unique, CgroupGuard},
+};
 use redirect_tests::*;
 use serde_json::Value;
 
@@ -673,6 +676,68 @@ fn netns_created_inside_the_pod_is_not_the_pod() {
         );
         assert!(s.proxied.is_empty() && s.delta.is_empty(), "{s:?}");
     }
+}
+
+/// A process in the pod's network namespace but in a cgroup outside the
+/// attached one is not captured: its sockets never meet the cgroup
+/// programs (docs/threat-model.md, "Processes outside the attached
+/// cgroup"; the agent attaches at the cgroup2 root, so this is about a
+/// narrow `--cgroup`). `attach` warns, naming the process.
+#[test]
+fn a_process_outside_the_attached_cgroup_is_not_captured_and_attach_warns() {
+    let mut pod = Pod::new("secoutcg");
+    let up = pod.topo.in_upstream();
+    pod.spawn(
+        "upstream",
+        &["echo", "--listen", "0.0.0.0:8080", "--listen", "[::]:8080"],
+        &up,
+    );
+    let proxy = pod.start_proxy();
+    let other = CgroupGuard::new(&unique("redirect-secout-")).expect("cgroup");
+    let outside = Placement {
+        netns: Some(pod.pod_netns()),
+        cgroup: Some(other.path.clone()),
+        uid: Some(APP_UID),
+        gid: Some(APP_UID),
+    };
+    let pid = pod
+        .spawn(
+            "outsider",
+            &["echo", "--listen", "127.0.0.1:9999"],
+            &outside,
+        )
+        .pid();
+    let out = pod.attach_istio_default();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("pid {pid} "))
+            && err.contains("outside cgroup")
+            && err.contains(pod.topo.cgroup.path.to_str().unwrap())
+            && err.contains("not captured"),
+        "attach must warn about pid {pid}: {err}"
+    );
+    // Not captured indeed: a client placed like it goes direct, unseen by
+    // the proxy and the counters.
+    let dst = format!("{UPSTREAM_V4}:{UP_PORT}");
+    let _ = pod.proxy_log(proxy);
+    let r = pod.client(&outside, &dst, None);
+    assert!(r.ok, "{r:?}");
+    assert_eq!(
+        banner_peer(&r, "outside"),
+        local(&r),
+        "upstream saw the client itself"
+    );
+    assert!(pod.proxy_log(proxy).is_empty());
+    assert_eq!(pod.counter("OUTPUT", "captured"), 0);
+    // Inside the cgroup: captured, and a pod whose processes are all in
+    // it gets no warning.
+    let r = pod.app_client(&dst);
+    assert!(r.ok && local(&r).ip().is_loopback(), "{r:?}");
+    assert_eq!(pod.counter("OUTPUT", "captured"), 1);
+    pod.children.retain(|c| c.name != "outsider");
+    let again = pod.attach_istio_default();
+    let err = String::from_utf8_lossy(&again.stderr);
+    assert!(!err.contains("outside cgroup"), "{err}");
 }
 
 // ------------------------------------------------------------ pins, agent

@@ -174,7 +174,7 @@ fn zero_and_chain_refuse_what_does_not_exist_and_change_nothing() {
         assert!(out.is_empty(), "{out}");
         assert!(
             err.contains("invalid --chain value 'ISTIO_NOPE'")
-                && err.contains("OUTPUT (or ISTIO_OUTPUT), PREROUTING (or ISTIO_INBOUND), ISTIO_REDIRECT, ISTIO_IN_REDIRECT, ORIGINAL_DST, ACCEL, ERRORS"),
+                && err.contains("OUTPUT (or ISTIO_OUTPUT), PREROUTING (or ISTIO_INBOUND), ISTIO_REDIRECT, ISTIO_IN_REDIRECT, DNS (or ISTIO_OUTPUT_DNS), ORIGINAL_DST, ACCEL, ERRORS"),
             "{args:?}: {err}"
         );
     }
@@ -250,8 +250,9 @@ fn chain_lists_one_chain_by_our_name_or_the_iptables_one() {
     };
     let all = ok_json(&pod, &[]);
     for (names, chain, n) in [
-        (["OUTPUT", "istio_output"], "OUTPUT", 12),
+        (["OUTPUT", "istio_output"], "OUTPUT", 14),
         (["PREROUTING", "ISTIO_INBOUND"], "PREROUTING", 6),
+        (["DNS", "istio_output_dns"], "DNS", 4),
         (["ORIGINAL_DST", "original_dst"], "ORIGINAL_DST", 4),
     ] {
         for name in names {
@@ -332,7 +333,7 @@ fn rows_show_their_configured_match() {
     assert_eq!(m("PREROUTING", "skip_tunnel_port"), "tcp dpt:15008");
     assert_eq!(
         m("PREROUTING", "skip_excluded_port"),
-        "tcp multiport dports 22,15020,15021,15090"
+        "tcp multiport dports 15020,15021,15090"
     );
     let (_, text, _) = stats(&pod, &[]);
     let line = text

@@ -17,29 +17,9 @@ use redirect_tests::*;
 
 /// haproxy as the sidecar: outbound on 15001 (forward to the original
 /// destination), inbound on 15006 (forward to the same local address from
-/// 127.0.0.6 / ::6, like Envoy's inbound passthrough).
-const PROXIES: &str = "\
-frontend outbound
-    bind 0.0.0.0:15001
-    default_backend original_dst
-
-backend original_dst
-    server orig 0.0.0.0:0
-
-frontend inbound4
-    bind 0.0.0.0:15006
-    default_backend inbound_passthrough4
-
-backend inbound_passthrough4
-    server app 0.0.0.0:0 source 127.0.0.6
-
-frontend inbound6
-    bind :::15006 v6only
-    default_backend inbound_passthrough6
-
-backend inbound_passthrough6
-    server app6 :::0 source ::6:0
-";
+/// 127.0.0.6 / ::6, like Envoy's inbound passthrough); the Bookinfo demo
+/// runs the same configuration.
+const PROXIES: &str = redirect_testbed::haproxy::SIDECAR;
 
 #[test]
 fn haproxy_outbound_v4_uses_so_original_dst() {

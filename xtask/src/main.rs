@@ -3,13 +3,20 @@
 //! * `setup`      install missing prerequisites (also run by the tasks below)
 //! * `build-ebpf` build the eBPF object with the nightly toolchain
 //! * `build`      eBPF object plus the host binaries
+//! * `lint`       cargo fmt --check and clippy -D warnings
 //! * `test`       build in debug, then run the workspace tests
-//! * `demo`       release build, then `redirect-kit demo`
+//! * `demo`       release build, then `redirect-kit demo` (`--bookinfo`:
+//!   `redirect-kit bookinfo`)
 //! * `bench`      release build, then the eBPF-vs-iptables benchmark
+//! * `diff-test`  debug build, then the differential test against Istio's rules
+//! * `image`      static binaries, then the node agent's OCI image (podman)
+//! * `kernels`    the privileged tests on other kernels, under QEMU
 //!
 //! Every external command is echoed as `==> cmd` before it runs.
 
 mod cmd;
+mod image;
+mod kernels;
 mod setup;
 mod tasks;
 
@@ -58,9 +65,45 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Formatting and lint checks, as CI runs them: `cargo fmt --check` (the
+    /// workspace and fuzz/) and clippy with warnings denied.
+    Lint,
     /// Release build, then run `target/release/redirect-kit demo`.
-    Demo,
-    /// Release build, then the benchmark of BENCHMARK.md (eBPF vs iptables),
+    Demo {
+        /// Instead: Bookinfo's call chain with no mesh, with HAProxy
+        /// sidecars behind iptables and behind redirect, interleaved
+        /// (`redirect-kit bookinfo`).
+        #[arg(long)]
+        bookinfo: bool,
+        /// With --bookinfo: measured calls per configuration.
+        #[arg(long, requires = "bookinfo")]
+        calls: Option<u64>,
+        /// With --bookinfo: also write the README's block to this file.
+        #[arg(long, requires = "bookinfo")]
+        markdown: Option<std::path::PathBuf>,
+        /// With --bookinfo: regenerate the README's Bookinfo block
+        /// (between its `bookinfo-demo` markers) from this run.
+        #[arg(long, requires = "bookinfo")]
+        update_readme: bool,
+    },
+    /// Debug build, then the differential test (as root): random
+    /// istio-iptables configurations and connections, a pod with Istio's
+    /// own rules (iptables-restore) against a pod captured by redirect.
+    /// Prints the cases, each mismatch with a one-line reproduction, and
+    /// `N passed, N failed`.
+    DiffTest {
+        /// Connections in all (about 12 per configuration).
+        #[arg(long, default_value = "300")]
+        cases: usize,
+        /// Generator seed (default: from the clock; printed, so a run can
+        /// be repeated).
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Print only mismatches and totals.
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// Release build, then the benchmark (docs/benchmark.md: eBPF vs iptables),
     /// as root; writes results/<timestamp>/report.md and SVG plots.
     Bench {
         /// Smoke run: 2 short repetitions, under 2 minutes.
@@ -83,6 +126,34 @@ enum Task {
         /// Pods kept captured through the --churn run.
         #[arg(long, default_value = "100")]
         resident: usize,
+    },
+    /// Build the node agent's OCI image (deploy/Dockerfile, FROM scratch)
+    /// from static (musl) release binaries with podman, or buildah; prints
+    /// its id and size. Nothing is pulled.
+    Image {
+        /// Image name and tag (default: localhost/redirect:<version>).
+        #[arg(long)]
+        tag: Option<String>,
+    },
+    /// Boot other kernels (Debian's 5.10, 6.1, 6.12) under QEMU and run the
+    /// privileged end-to-end tests in each; one summary line per kernel.
+    ///
+    /// Kernels are fetched into target/kernels/ (cached); see docs/kernels.md.
+    Kernels {
+        /// Kernels to boot (repeat or comma-separate): 5.10, 6.1, 6.12, all.
+        #[arg(long = "kernel", value_name = "NAME")]
+        kernels: Vec<String>,
+        /// Tests to run in each guest (repeat or comma-separate): `default`
+        /// (CI's selection), `all`, a test file (`inbound`) or one test
+        /// (`cli::uninstall_leaves_nothing_and_connections_go_direct`).
+        #[arg(long, value_name = "SELECTION")]
+        tests: Vec<String>,
+        /// Deadline of each test binary in a guest, in seconds.
+        #[arg(long, default_value = "900", value_name = "SECS")]
+        test_timeout: u64,
+        /// `--test-threads` in the guests (they have 2 CPUs).
+        #[arg(long, default_value = "2")]
+        threads: usize,
     },
 }
 
@@ -111,7 +182,19 @@ fn run(task: Task) -> Result<ExitCode> {
         }
         Task::Build { debug } => tasks::build(&setup::setup(false)?, debug)?,
         Task::Test { args } => return tasks::test(&setup::setup(false)?, &args),
-        Task::Demo => tasks::demo(&setup::setup(false)?)?,
+        Task::Lint => tasks::lint(&setup::setup(false)?)?,
+        Task::DiffTest { cases, seed, quiet } => {
+            tasks::diff_test(&setup::setup(false)?, cases, seed, quiet)?
+        }
+        Task::Demo {
+            bookinfo: false, ..
+        } => tasks::demo(&setup::setup(false)?)?,
+        Task::Demo {
+            bookinfo: true,
+            calls,
+            markdown,
+            update_readme,
+        } => tasks::demo_bookinfo(&setup::setup(false)?, calls, markdown, update_readme)?,
         Task::Bench {
             churn: true,
             out,
@@ -122,6 +205,21 @@ fn run(task: Task) -> Result<ExitCode> {
         Task::Bench {
             quick, proxy, out, ..
         } => tasks::bench(&setup::setup(false)?, quick, &proxy, out)?,
+        Task::Image { tag } => image::image(&setup::setup(false)?, tag)?,
+        Task::Kernels {
+            kernels,
+            tests,
+            test_timeout,
+            threads,
+        } => {
+            let opts = kernels::Options {
+                kernels,
+                tests,
+                test_timeout: std::time::Duration::from_secs(test_timeout),
+                threads,
+            };
+            return kernels::run(&setup::setup(false)?, &opts);
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

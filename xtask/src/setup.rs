@@ -5,9 +5,12 @@
 //! ready machine gets through in well under a second:
 //!
 //! * apt packages whose commands are missing (ip, iptables, bpftool, haproxy, jq,
-//!   and podman, runc, conmon, the CNI plugins and busybox-static for the
-//!   real-runtime test);
+//!   dnsmasq and dig for the DNS capture tests, podman, runc, conmon, the
+//!   CNI plugins and busybox-static for the real-runtime test, musl-tools
+//!   and file for the image);
 //! * the nightly toolchain with `rust-src` (the eBPF crate uses `-Z build-std`);
+//! * the `x86_64-unknown-linux-musl` target (and musl-tools from apt) for
+//!   the image's static binaries;
 //! * `bpf-linker`, built against the nightly's own libLLVM so no system LLVM
 //!   is needed;
 //! * `kubernetes-validate` (PyPI; it bundles the Kubernetes JSON schemas, so
@@ -15,6 +18,8 @@
 //!   validates deploy/*.yaml;
 //! * `prometheus-client` (PyPI) in a venv under target/tools/, whose
 //!   exposition parsers check the agent's `/metrics` in both formats;
+//! * for `cargo xtask kernels`: QEMU and kmod (apt) and virtme-ng (PyPI, in
+//!   a venv under target/tools/);
 //! * warnings when the kernel lacks a cgroup2 mount or BTF.
 //!
 //! Failures say what failed and what to run by hand.
@@ -46,6 +51,19 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("conmon", "conmon"),
     ("/usr/lib/cni/bridge", "containernetworking-plugins"),
     ("busybox", "busybox-static"),
+    // Static binaries for the image (`cargo xtask image`): ring's C code is
+    // compiled for musl with musl-gcc; the image test checks the copied
+    // plugin with `file`.
+    ("musl-gcc", "musl-tools"),
+    ("file", "file"),
+    // The DNS capture tests: a real DNS server upstream (dnsmasq, run with
+    // its own config, no system service) and real clients (dig, nslookup).
+    ("dnsmasq", "dnsmasq-base"),
+    ("dig", "dnsutils"),
+    // `cargo xtask kernels`: virtme-ng boots kernels with QEMU and runs
+    // depmod on their module trees.
+    ("qemu-system-x86_64", "qemu-system-x86"),
+    ("depmod", "kmod"),
 ];
 
 /// What later build steps need to know about the prepared toolchain.
@@ -59,8 +77,14 @@ pub fn setup(reinstall_bpf_linker: bool) -> Result<Toolchain> {
     ensure_apt_packages()?;
     let sysroot = ensure_nightly()?;
     let bpf_linker = ensure_bpf_linker(&sysroot, reinstall_bpf_linker)?;
+    crate::image::ensure_musl_target()?;
     ensure_kubernetes_validate()?;
     ensure_prometheus_client()?;
+    ensure_venv(
+        &crate::kernels::virtme_venv(),
+        crate::kernels::VIRTME_NG,
+        &["bin/vng", "--version"],
+    )?;
     check_kernel();
     eprintln!("setup: toolchain and tools ready");
     Ok(Toolchain { bpf_linker })

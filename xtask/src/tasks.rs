@@ -126,12 +126,36 @@ pub fn build(toolchain: &Toolchain, debug: bool) -> Result<()> {
     Ok(())
 }
 
+/// `cargo fmt --check` on the workspace and on fuzz/ (its own workspace),
+/// then clippy on the host crates with warnings denied (clippy compiles the
+/// userspace crate, which embeds the eBPF object: that is built first).
+pub fn lint(toolchain: &Toolchain) -> Result<()> {
+    cmd::run(
+        cmd::cargo()
+            .current_dir(workspace_root())
+            .args(["fmt", "--all", "--check"]),
+    )
+    .context("the workspace is not formatted: run `cargo fmt --all`")?;
+    cmd::run(
+        cmd::cargo()
+            .current_dir(workspace_root().join("fuzz"))
+            .args(["fmt", "--all", "--check"]),
+    )
+    .context("fuzz/ is not formatted: run `cargo fmt --all` in fuzz/")?;
+    build_ebpf(toolchain, false)?;
+    let mut clippy = host_cargo("clippy");
+    clippy.args(["--all-targets", "--", "-D", "warnings"]);
+    cmd::run(&mut clippy).context("clippy found problems; see its output above")
+}
+
 /// Builds everything in debug, then runs the workspace tests; `extra` goes to
 /// the test binaries. Returns cargo test's exit code: its own output (ending
 /// in `test result:` lines) is the report.
 pub fn test(toolchain: &Toolchain, extra: &[String]) -> Result<ExitCode> {
     build_ebpf(toolchain, false)?;
     build_host(true)?;
+    // The image test builds the image from the static binaries.
+    let image_context = crate::image::prepare_context(toolchain)?;
 
     let bin_dir = target_dir().join("debug");
     let mut test = host_cargo("test");
@@ -139,6 +163,7 @@ pub fn test(toolchain: &Toolchain, extra: &[String]) -> Result<ExitCode> {
     // the last lines a CI log reader sees.
     test.args(["--no-fail-fast", "--lib", "--bins", "--tests"])
         .env("REDIRECT_BIN_DIR", &bin_dir)
+        .env(crate::image::CONTEXT_ENV, &image_context)
         .arg("--");
     if !extra.iter().any(|arg| arg.starts_with("--test-threads")) {
         test.arg(format!("--test-threads={}", test_threads()?));
@@ -270,6 +295,61 @@ pub fn demo(toolchain: &Toolchain) -> Result<()> {
             binary.display()
         )
     })
+}
+
+/// Debug build (as `test` makes it), then replaces xtask with
+/// `redirect-kit diff-test`, so its output and exit code are ours.
+pub fn diff_test(
+    toolchain: &Toolchain,
+    cases: usize,
+    seed: Option<u64>,
+    quiet: bool,
+) -> Result<()> {
+    if !cmd::is_root() {
+        bail!("the differential test creates namespaces, cgroups, iptables rules and BPF programs: run it as root");
+    }
+    build(toolchain, true)?;
+    let binary = target_dir().join("debug/redirect-kit");
+    let mut diff = Command::new(&binary);
+    diff.current_dir(workspace_root())
+        .args(["diff-test", "--cases", &cases.to_string()]);
+    if let Some(s) = seed {
+        diff.args(["--seed", &s.to_string()]);
+    }
+    if quiet {
+        diff.arg("--quiet");
+    }
+    Err(cmd::exec(&mut diff)).with_context(|| format!("could not run {}", binary.display()))
+}
+
+/// Release build, then replaces xtask with `redirect-kit bookinfo` (which
+/// handles Ctrl-C by cleaning up). `--update-readme` names the
+/// workspace's README.md; `--markdown` is relative to the current
+/// directory.
+pub fn demo_bookinfo(
+    toolchain: &Toolchain,
+    calls: Option<u64>,
+    markdown: Option<PathBuf>,
+    update_readme: bool,
+) -> Result<()> {
+    if !cmd::is_root() {
+        bail!("the Bookinfo demo creates namespaces, cgroups, iptables rules and BPF programs: run it as root");
+    }
+    build(toolchain, false)?;
+    let binary = target_dir().join("release/redirect-kit");
+    let mut demo = Command::new(&binary);
+    demo.current_dir(workspace_root()).arg("bookinfo");
+    if let Some(n) = calls {
+        demo.args(["--calls", &n.to_string()]);
+    }
+    if let Some(f) = markdown {
+        demo.arg("--markdown").arg(env::current_dir()?.join(f));
+    }
+    if update_readme {
+        demo.arg("--update-readme")
+            .arg(workspace_root().join("README.md"));
+    }
+    Err(cmd::exec(&mut demo)).with_context(|| format!("could not run {}", binary.display()))
 }
 
 /// Release build, then replaces xtask with `redirect-kit bench` (which

@@ -1,4 +1,5 @@
-//! Host tests of the decision logic: one case per rule of DESIGN.md §2.
+//! Host tests of the decision logic: one case per rule of istio-iptables'
+//! nat OUTPUT and PREROUTING chains, DNS capture and owner groups included.
 use super::*;
 use crate::{flags, port_kind, Reason, MAX_IDS};
 use std::net::IpAddr;
@@ -70,6 +71,7 @@ fn conn(dst: &str, dport: u16, uid: u32, gid: u32) -> Outbound {
     let ip: IpAddr = dst.parse().unwrap();
     Outbound {
         family: family(ip.is_ipv6()),
+        proto: crate::IPPROTO_TCP,
         dst: bytes(ip),
         dport,
         src: [0; 16],
@@ -296,6 +298,14 @@ fn inbound_star_excludes_listed_and_tunnel() {
         inbound_verdict(&cfg, 15008, &m),
         Verdict::Untouched(Reason::InTunnelPort)
     );
+    // ssh is captured like any port (istio-iptables since Istio 1.13),
+    // unless -d names it.
+    assert_eq!(
+        inbound_verdict(&cfg, 22, &m),
+        Verdict::ToInbound(Reason::InCaptured)
+    );
+    let mut m = m;
+    m.ports.push((port_kind::IN_EXCLUDE, 22));
     assert_eq!(
         inbound_verdict(&cfg, 22, &m),
         Verdict::Untouched(Reason::InExcludedPort)
@@ -315,7 +325,7 @@ fn inbound_list_and_empty() {
         inbound_verdict(&cfg, 81, &m),
         Verdict::Untouched(Reason::InNotIncluded)
     );
-    // ssh is only special with '*': a list that names 22 captures it.
+    // A list that names 22 captures it.
     m.ports.push((port_kind::IN_INCLUDE, 22));
     assert_eq!(
         inbound_verdict(&cfg, 22, &m),
@@ -338,4 +348,325 @@ fn orig_dst_is_asked_on_the_connections_own_family_level() {
     // a dual-stack socket's IPv4 connection is asked for with SOL_IP.
     assert_eq!(orig_dst_level(family(false)), crate::SOL_IP);
     assert_eq!(orig_dst_level(family(true)), crate::SOL_IPV6);
+}
+
+// ------------------------------------------------------------ DNS capture
+
+fn udp(dst: &str, dport: u16, uid: u32, gid: u32) -> Outbound {
+    Outbound {
+        proto: crate::IPPROTO_UDP,
+        ..conn(dst, dport, uid, gid)
+    }
+}
+
+/// istio-init with `--redirect-dns` and the pod's nameservers
+/// 10.96.0.10 and fd00:96::10 (plus a local resolver 127.0.0.53).
+fn dns_pod() -> (PodConfig, Maps) {
+    let (mut cfg, mut m) = (istio_cfg(), pod_maps());
+    cfg.flags |= flags::DNS_CAPTURE;
+    for (k, a, len) in [
+        (cidr_kind::DNS_V4, "10.96.0.10", 32),
+        (cidr_kind::DNS_V4, "127.0.0.53", 32),
+        (cidr_kind::DNS_V6, "fd00:96::10", 128),
+    ] {
+        m.cidrs.push((k, a.parse().unwrap(), len));
+    }
+    (cfg, m)
+}
+
+const DNS_UDP: Verdict = Verdict::ToDns(Reason::DnsCapturedUdp);
+const DNS_TCP: Verdict = Verdict::ToDns(Reason::DnsCapturedTcp);
+
+#[test]
+fn dns_to_a_nameserver_goes_to_the_dns_proxy_udp_and_tcp_v4_v6() {
+    let (cfg, m) = dns_pod();
+    for ns in ["10.96.0.10", "fd00:96::10", "127.0.0.53"] {
+        assert_eq!(out(&cfg, &m, udp(ns, 53, 1000, 1000)), DNS_UDP, "{ns}");
+        assert_eq!(out(&cfg, &m, conn(ns, 53, 1000, 1000)), DNS_TCP, "{ns}");
+    }
+    // Another address on port 53: UDP is left alone (the rest of the chain
+    // only redirects TCP); TCP goes on through the chain (-i '*': 15001).
+    assert_eq!(
+        out(&cfg, &m, udp("10.2.0.9", 53, 1000, 1000)),
+        Verdict::Untouched(Reason::DnsNotNameserver)
+    );
+    assert_eq!(
+        out(&cfg, &m, conn("10.2.0.9", 53, 1000, 1000)),
+        Verdict::ToOutbound(Reason::OutCaptured)
+    );
+    // UDP to another port is not captured, DNS on or off.
+    assert_eq!(
+        out(&cfg, &m, udp("10.96.0.10", 5353, 1000, 1000)),
+        Verdict::Untouched(Reason::OutNotTcp)
+    );
+    let plain = istio_cfg();
+    assert_eq!(
+        out(&plain, &m, udp("10.96.0.10", 53, 1000, 1000)),
+        Verdict::Untouched(Reason::OutNotTcp)
+    );
+    // Without --redirect-dns TCP port 53 is an ordinary connection.
+    assert_eq!(
+        out(&plain, &m, conn("10.96.0.10", 53, 1000, 1000)),
+        Verdict::ToOutbound(Reason::OutCaptured)
+    );
+}
+
+#[test]
+fn capture_all_dns_takes_any_address() {
+    let (mut cfg, m) = dns_pod();
+    cfg.flags |= flags::DNS_CAPTURE_ALL;
+    for dst in ["10.2.0.9", "fd00:2::9", "127.0.0.1", "10.1.0.5"] {
+        assert_eq!(out(&cfg, &m, udp(dst, 53, 1000, 1000)), DNS_UDP, "{dst}");
+        assert_eq!(out(&cfg, &m, conn(dst, 53, 1000, 1000)), DNS_TCP, "{dst}");
+    }
+}
+
+#[test]
+fn the_proxys_own_dns_is_untouched() {
+    let (mut cfg, m) = dns_pod();
+    cfg.flags |= flags::DNS_CAPTURE_ALL;
+    assert_eq!(
+        out(&cfg, &m, udp("10.96.0.10", 53, 1337, 1337)),
+        Verdict::Untouched(Reason::OutProxyUid)
+    );
+    assert_eq!(
+        out(&cfg, &m, conn("fd00:96::10", 53, 1337, 1337)),
+        Verdict::Untouched(Reason::OutProxyUid)
+    );
+    // Known by its gid only.
+    assert_eq!(
+        out(&cfg, &m, udp("10.96.0.10", 53, 4242, 1337)),
+        Verdict::Untouched(Reason::OutProxyGid)
+    );
+}
+
+#[test]
+fn dns_reshapes_the_owner_rules_as_istio_iptables() {
+    let (cfg, m) = dns_pod();
+    // Rule (2) per uid skips TCP port 53: the proxy uid's TCP DNS to its
+    // own pod IP is its own (rule 4), not sent to the inbound port.
+    assert_eq!(
+        out(&cfg, &m, conn("10.1.0.5", 53, 1337, 0)),
+        Verdict::Untouched(Reason::OutProxyUid)
+    );
+    // ...but a gid's rule (5) skips only the tunnel port: a process with
+    // only the proxy gid gets there (rule 3 of the uid no longer returns
+    // port 53), and is sent to the inbound port.
+    assert_eq!(
+        out(&cfg, &m, conn("10.1.0.5", 53, 4242, 1337)),
+        Verdict::ToInbound(Reason::OutProxyToSelf)
+    );
+    // Rules (3)/(6) are TCP only and skip port 53: the app's TCP DNS to a
+    // local resolver falls through to the DNS chain...
+    assert_eq!(out(&cfg, &m, conn("127.0.0.53", 53, 1000, 1000)), DNS_TCP);
+    // ...and to a local address that is no nameserver, on to the rest
+    // of the chain (as under iptables: ISTIO_REDIRECT with -i '*').
+    assert_eq!(
+        out(&cfg, &m, conn("10.1.0.5", 53, 1000, 1000)),
+        Verdict::ToOutbound(Reason::OutCaptured)
+    );
+    // Other ports still stay local.
+    assert_eq!(
+        out(&cfg, &m, conn("10.1.0.5", 8080, 1000, 1000)),
+        Verdict::Untouched(Reason::OutAppLocal)
+    );
+    // UDP to a local address that is not a nameserver.
+    assert_eq!(
+        out(&cfg, &m, udp("127.0.0.1", 53, 1000, 1000)),
+        Verdict::Untouched(Reason::DnsNotNameserver)
+    );
+    // -o 53 returns DNS first, as istio-iptables' -o rules do for UDP too.
+    let mut m2 = dns_pod().1;
+    m2.ports.push((port_kind::OUT_EXCLUDE, 53));
+    assert_eq!(
+        out(&cfg, &m2, udp("10.96.0.10", 53, 1000, 1000)),
+        Verdict::Untouched(Reason::OutExcludedPort)
+    );
+    // The passthrough source (rule 1) is protocol-independent.
+    let mut c = udp("127.0.0.53", 53, 1337, 1337);
+    c.src = bytes("127.0.0.6".parse().unwrap());
+    assert_eq!(out(&cfg, &m, c), Verdict::Untouched(Reason::OutPassthrough));
+}
+
+#[test]
+fn dns_capture_per_family_follows_the_lists() {
+    // Only an IPv6 nameserver: IPv4 DNS is not captured (istio-iptables
+    // then writes no IPv4 jump to ISTIO_OUTPUT_DNS).
+    let (mut cfg, mut m) = (istio_cfg(), pod_maps());
+    cfg.flags |= flags::DNS_CAPTURE;
+    m.cidrs
+        .push((cidr_kind::DNS_V6, "fd00:96::10".parse().unwrap(), 128));
+    assert_eq!(out(&cfg, &m, udp("fd00:96::10", 53, 1000, 1000)), DNS_UDP);
+    assert_eq!(
+        out(&cfg, &m, udp("10.96.0.10", 53, 1000, 1000)),
+        Verdict::Untouched(Reason::DnsNotNameserver)
+    );
+}
+
+// ----------------------------------------------------------- owner groups
+
+fn gid_entry(gid: u32) -> (u32, IpAddr, u8) {
+    let k = cidr_kind::gid_key(gid);
+    (
+        cidr_kind::OWNER_GID,
+        IpAddr::V4([k[0], k[1], k[2], k[3]].into()),
+        32,
+    )
+}
+
+#[test]
+fn owner_groups_include_only_the_listed_groups() {
+    let (mut cfg, mut m) = istio_cfg_and_maps();
+    cfg.flags |= flags::OWNER_GROUPS_ONLY;
+    m.cidrs.push(gid_entry(2000));
+    m.cidrs.push(gid_entry(70_000));
+    assert_eq!(
+        out(&cfg, &m, conn("10.2.0.9", 80, 1000, 2000)),
+        Verdict::ToOutbound(Reason::OutCaptured)
+    );
+    assert_eq!(
+        out(&cfg, &m, conn("10.2.0.9", 80, 1000, 70_000)),
+        Verdict::ToOutbound(Reason::OutCaptured)
+    );
+    assert_eq!(
+        out(&cfg, &m, conn("10.2.0.9", 80, 1000, 1000)),
+        Verdict::Untouched(Reason::OutOwnerGroupNotIncluded)
+    );
+    // After the uid/gid rules: the proxy and the app's local calls are
+    // decided first.
+    assert_eq!(
+        out(&cfg, &m, conn("10.2.0.9", 80, 1337, 1337)),
+        Verdict::Untouched(Reason::OutProxyUid)
+    );
+    assert_eq!(
+        out(&cfg, &m, conn("10.1.0.5", 80, 1000, 1000)),
+        Verdict::Untouched(Reason::OutAppLocal)
+    );
+    // An empty list captures no group (istio-iptables: one bare RETURN).
+    let mut none = istio_cfg_and_maps();
+    none.0.flags |= flags::OWNER_GROUPS_ONLY;
+    assert_eq!(
+        out(&none.0, &none.1, conn("10.2.0.9", 80, 1000, 2000)),
+        Verdict::Untouched(Reason::OutOwnerGroupNotIncluded)
+    );
+}
+
+#[test]
+fn owner_groups_exclude_and_dns() {
+    let (mut cfg, mut m) = dns_pod();
+    cfg.flags |= flags::OWNER_GROUPS_EXCEPT;
+    m.cidrs.push(gid_entry(3000));
+    assert_eq!(
+        out(&cfg, &m, conn("10.2.0.9", 80, 1000, 3000)),
+        Verdict::Untouched(Reason::OutOwnerGroupExcluded)
+    );
+    // Before the DNS chain: an excluded group's DNS is not captured.
+    assert_eq!(
+        out(&cfg, &m, udp("10.96.0.10", 53, 1000, 3000)),
+        Verdict::Untouched(Reason::OutOwnerGroupExcluded)
+    );
+    assert_eq!(out(&cfg, &m, udp("10.96.0.10", 53, 1000, 1000)), DNS_UDP);
+    assert_eq!(
+        out(&cfg, &m, conn("10.2.0.9", 80, 1000, 1000)),
+        Verdict::ToOutbound(Reason::OutCaptured)
+    );
+}
+
+fn istio_cfg_and_maps() -> (PodConfig, Maps) {
+    (istio_cfg(), pod_maps())
+}
+
+// ------------------------------------------------------ loopback range
+
+#[test]
+fn ipv4_loopback_cidr_widens_rules_2_5_and_8() {
+    let (mut cfg, mut m) = istio_cfg_and_maps();
+    cfg.flags |= flags::LOOPBACK_CIDR;
+    m.cidrs
+        .push((cidr_kind::LOOPBACK_V4, "127.0.0.0".parse().unwrap(), 8));
+    // -i names no loopback, so rule 3 keeps the app's calls local; with
+    // -i 127.0.0.0/8 (rule 3 left out) rule 8 now covers all of 127/8.
+    cfg.flags |= flags::OUT_INCLUDE_HAS_LOOPBACK;
+    assert_eq!(
+        out(&cfg, &m, conn("127.0.0.5", 80, 1000, 1000)),
+        Verdict::Untouched(Reason::OutLoopback)
+    );
+    // The proxy calling 127.0.0.6 is now "to the host loopback": its own
+    // traffic (rule 4), not sent to the inbound port (rule 2).
+    assert_eq!(
+        out(&cfg, &m, conn("127.0.0.6", 8080, 1337, 1337)),
+        Verdict::Untouched(Reason::OutProxyUid)
+    );
+    // The pod IP is still not the loopback.
+    assert_eq!(
+        out(&cfg, &m, conn("10.1.0.5", 8080, 1337, 1337)),
+        Verdict::ToInbound(Reason::OutProxyToSelf)
+    );
+    // Without the flag, only 127.0.0.1.
+    cfg.flags &= !flags::LOOPBACK_CIDR;
+    assert_eq!(
+        out(&cfg, &m, conn("127.0.0.5", 80, 1000, 1000)),
+        Verdict::ToOutbound(Reason::OutCaptured)
+    );
+}
+
+/// `connect(0.0.0.0:p)` / `connect([::]:p)`: the kernel connects to this
+/// host (IPv4: the bound source, else 127.0.0.1; IPv6: ::1), out through
+/// lo, and iptables decides for that address: never captured.
+#[test]
+fn unspecified_destination_is_this_host_as_iptables_sees_it() {
+    let (cfg, m) = (istio_cfg(), pod_maps());
+    for dst in ["0.0.0.0", "::"] {
+        // The app: rule (3), "-o lo ! --uid-owner 1337 -j RETURN".
+        assert_eq!(
+            out(&cfg, &m, conn(dst, 9080, 1000, 1000)),
+            Verdict::Untouched(Reason::OutAppLocal),
+            "{dst}"
+        );
+        // The proxy: to 127.0.0.1 / ::1, so rule (2) does not redirect it
+        // to the inbound port; rule (4) returns it.
+        assert_eq!(
+            out(&cfg, &m, conn(dst, 9080, 1337, 1337)),
+            Verdict::Untouched(Reason::OutProxyUid),
+            "{dst}"
+        );
+        // With -i naming loopback (rule 3 dropped): 127.0.0.1 / ::1 still
+        // return (rule 8), never captured.
+        let mut wide = cfg;
+        wide.flags |= flags::OUT_INCLUDE_HAS_LOOPBACK;
+        assert_eq!(
+            out(&wide, &m, conn(dst, 9080, 1000, 1000)),
+            Verdict::Untouched(Reason::OutLoopback),
+            "{dst}"
+        );
+    }
+    // IPv4 bound to a source: the kernel sends it to that address.
+    let bound = |src: &str, uid| {
+        let mut c = conn("0.0.0.0", 9080, uid, uid);
+        c.src = bytes(src.parse().unwrap());
+        c
+    };
+    assert_eq!(
+        bound("10.1.0.5", 1000).effective_dst(),
+        bytes("10.1.0.5".parse().unwrap())
+    );
+    assert_eq!(
+        out(&cfg, &m, bound("10.1.0.5", 1337)),
+        Verdict::ToInbound(Reason::OutProxyToSelf)
+    );
+    assert_eq!(
+        out(&cfg, &m, bound("127.0.0.6", 1337)),
+        Verdict::Untouched(Reason::OutPassthrough)
+    );
+    // IPv6 always goes to ::1, bound or not.
+    let mut c = conn("::", 9080, 1337, 1337);
+    c.src = bytes("fd00::5".parse().unwrap());
+    assert_eq!(c.effective_dst(), V6_LOCALHOST);
+    // Any other destination is left as is.
+    let c = conn("10.2.0.9", 80, 1000, 1000);
+    assert_eq!(c.effective_dst(), c.dst);
+    assert_eq!(
+        conn("0.0.0.0", 1, 0, 0).effective_dst(),
+        bytes("127.0.0.1".parse().unwrap())
+    );
 }

@@ -22,7 +22,10 @@ use super::{
     model::{Cfg, Check, Machine, Place, ProxyKind, Run, Sample, Settings, Test, ECHO_PORT},
     report,
 };
-use crate::sandbox::{self, ChildGuard, Topology, UPSTREAM_V4};
+use crate::{
+    istio_rules::{Host, IstioConfig, IstioRules},
+    sandbox::{self, ChildGuard, Topology, UPSTREAM_V4},
+};
 
 pub const APP_UID: u32 = 1000;
 pub const PROXY_UID: u32 = 1337;
@@ -104,37 +107,71 @@ pub fn exclusion_addrs(count: usize) -> Vec<Ipv4Addr> {
     all
 }
 
-/// The nat table istio-init writes (DESIGN.md §2, REDIRECT mode), with
-/// `extra` never-matching `-d <addr>/32 -j RETURN` rules where
-/// istio-iptables puts `-x` exclusions: after rule (8), before (9), so the
-/// app's every new connection walks them.
+/// The nat table istio-init writes for the injector's arguments, with
+/// `extra` never-matching exclusions (`-x <addr>/32`, one `-d <addr>/32 -j
+/// RETURN` rule each): istio-iptables puts them after rule (8), before
+/// (9), so the app's every new connection walks them. Written by the
+/// differential test's rule writer ([`crate::istio_rules`]), IPv4 only.
 pub fn istio_nat_rules(extra: &[Ipv4Addr]) -> String {
-    let mut s = String::from(
-        "*nat\n:PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:POSTROUTING ACCEPT [0:0]\n\
-         :ISTIO_INBOUND - [0:0]\n:ISTIO_IN_REDIRECT - [0:0]\n:ISTIO_OUTPUT - [0:0]\n:ISTIO_REDIRECT - [0:0]\n\
-         -A PREROUTING -p tcp -j ISTIO_INBOUND\n\
-         -A ISTIO_INBOUND -p tcp --dport 15008 -j RETURN\n\
-         -A ISTIO_INBOUND -p tcp --dport 22 -j RETURN\n\
-         -A ISTIO_INBOUND -p tcp --dport 15090 -j RETURN\n\
-         -A ISTIO_INBOUND -p tcp --dport 15021 -j RETURN\n\
-         -A ISTIO_INBOUND -p tcp --dport 15020 -j RETURN\n\
-         -A ISTIO_INBOUND -p tcp -j ISTIO_IN_REDIRECT\n\
-         -A ISTIO_IN_REDIRECT -p tcp -j REDIRECT --to-ports 15006\n\
-         -A OUTPUT -p tcp -j ISTIO_OUTPUT\n\
-         -A ISTIO_OUTPUT -o lo -s 127.0.0.6/32 -j RETURN\n\
-         -A ISTIO_OUTPUT -o lo ! -d 127.0.0.1/32 -m owner --uid-owner 1337 -j ISTIO_IN_REDIRECT\n\
-         -A ISTIO_OUTPUT -o lo -m owner ! --uid-owner 1337 -j RETURN\n\
-         -A ISTIO_OUTPUT -m owner --uid-owner 1337 -j RETURN\n\
-         -A ISTIO_OUTPUT -o lo ! -d 127.0.0.1/32 -m owner --gid-owner 1337 -j ISTIO_IN_REDIRECT\n\
-         -A ISTIO_OUTPUT -o lo -m owner ! --gid-owner 1337 -j RETURN\n\
-         -A ISTIO_OUTPUT -m owner --gid-owner 1337 -j RETURN\n\
-         -A ISTIO_OUTPUT -d 127.0.0.1/32 -j RETURN\n",
-    );
-    for a in extra {
-        s.push_str(&format!("-A ISTIO_OUTPUT -d {a}/32 -j RETURN\n"));
+    let x: Vec<String> = extra.iter().map(|a| format!("{a}/32")).collect();
+    let mut args: Vec<String> = ISTIO_FLAGS.iter().map(|s| s.to_string()).collect();
+    let x = x.join(",");
+    args.extend(["-x", &x, "-d", ISTIO_EXCLUDE_INBOUND].map(String::from));
+    let cfg = IstioConfig::parse(&args, |_| None).expect("the injector's arguments parse");
+    let host = Host::default();
+    IstioRules::build(&cfg, &host)
+        .expect("the injector's arguments have rules")
+        .restore(false)
+        .expect("IPv4 rules")
+}
+
+/// How many rules [`istio_nat_rules`] holds.
+fn istio_nat_rule_count(extra: &[Ipv4Addr]) -> usize {
+    istio_nat_rules(extra)
+        .lines()
+        .filter(|l| l.starts_with("-A ") || l.starts_with("-I "))
+        .count()
+}
+
+/// `iptables-restore` of `rules` in the named netns (`ip netns exec`),
+/// failing with its stderr. The benchmark and the Bookinfo demo load
+/// [`istio_nat_rules`] with it (the demo with Istio's default flags, until
+/// a general istio-init rule writer replaces this fixed one there).
+pub fn iptables_restore(netns: &str, rules: &str) -> Result<()> {
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", netns, "iptables-restore"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut child = c.spawn().context("starting iptables-restore")?;
+    child
+        .stdin
+        .take()
+        .expect("piped")
+        .write_all(rules.as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!(
+            "iptables-restore in {netns}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
-    s.push_str("-A ISTIO_OUTPUT -j ISTIO_REDIRECT\n-A ISTIO_REDIRECT -p tcp -j REDIRECT --to-ports 15001\nCOMMIT\n");
-    s
+    Ok(())
+}
+
+/// `redirect attach`'s flags for Istio's injected init arguments, with
+/// `exclude_cidrs` as `-x` (the same flags [`istio_nat_rules`] writes
+/// rules for).
+pub fn istio_attach_args(exclude_cidrs: &str) -> Vec<String> {
+    ISTIO_FLAGS
+        .iter()
+        .map(|s| s.to_string())
+        .chain(
+            ["-x", exclude_cidrs, "-d", ISTIO_EXCLUDE_INBOUND]
+                .iter()
+                .map(|s| s.to_string()),
+        )
+        .collect()
 }
 
 fn kit_bin() -> PathBuf {
@@ -437,27 +474,7 @@ impl Env {
         let extra = exclusion_addrs(rules);
         match cfg {
             Cfg::A | Cfg::B => {}
-            Cfg::C => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", &topo.pod.name, "iptables-restore"])
-                    .stdin(Stdio::piped())
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::piped());
-                let mut child = c.spawn().context("starting iptables-restore")?;
-                child
-                    .stdin
-                    .take()
-                    .expect("piped")
-                    .write_all(istio_nat_rules(&extra).as_bytes())?;
-                let out = child.wait_with_output()?;
-                if !out.status.success() {
-                    bail!(
-                        "iptables-restore in {}: {}",
-                        topo.pod.name,
-                        String::from_utf8_lossy(&out.stderr)
-                    );
-                }
-            }
+            Cfg::C => iptables_restore(&topo.pod.name, &istio_nat_rules(&extra))?,
             Cfg::D | Cfg::E => {
                 let pin = PathBuf::from(format!("/sys/fs/bpf/{}", sandbox::unique("rdb-")));
                 env.pin_dir = Some(pin.clone());
@@ -471,8 +488,7 @@ impl Env {
                     .arg(&ns)
                     .arg("--cgroup")
                     .arg(&topo.cgroup.path);
-                c.args(ISTIO_FLAGS)
-                    .args(["-x", &x, "-d", ISTIO_EXCLUDE_INBOUND]);
+                c.args(istio_attach_args(&x));
                 c.arg(if cfg == Cfg::D {
                     "--no-accel"
                 } else {
@@ -686,7 +702,7 @@ impl Env {
                     Some(n) => problems.push(format!("iptables REDIRECT counted {n} packets, fewer than the {conns} app connections")),
                     None => problems.push("no ISTIO_REDIRECT REDIRECT rule found by iptables-save".into()),
                 }
-                let want = 19 + self.rules;
+                let want = istio_nat_rule_count(&exclusion_addrs(self.rules));
                 if rule_lines != want {
                     problems.push(format!(
                         "{rule_lines} nat rules in the pod netns, {want} expected"
@@ -1041,12 +1057,14 @@ mod tests {
     fn nat_table_is_istio_init_plus_extra_rules_before_the_redirect() {
         let extra = exclusion_addrs(3);
         let t = istio_nat_rules(&extra);
-        assert_eq!(t.lines().filter(|l| l.starts_with("-A ")).count(), 19 + 3);
+        // istio-init's 18 rules (three -d ports) and one per exclusion.
+        assert_eq!(t.lines().filter(|l| l.starts_with("-A ")).count(), 18 + 3);
+        assert_eq!(istio_nat_rule_count(&extra), 18 + 3);
         let pos = |needle: &str| t.find(needle).unwrap_or_else(|| panic!("{needle} missing"));
         assert!(
             pos("-A ISTIO_OUTPUT -d 127.0.0.1/32 -j RETURN") < pos(&format!("-d {}/32", extra[0]))
         );
         assert!(pos(&format!("-d {}/32", extra[2])) < pos("-A ISTIO_OUTPUT -j ISTIO_REDIRECT"));
-        assert!(t.ends_with("COMMIT\n"));
+        assert!(t.starts_with("* nat\n") && t.ends_with("COMMIT\n"));
     }
 }

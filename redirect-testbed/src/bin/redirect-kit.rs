@@ -3,7 +3,7 @@
 use std::{net::SocketAddr, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand};
-use redirect_testbed::{bench, demo, kit};
+use redirect_testbed::{bench, bookinfo, demo, difftest, kit};
 
 #[derive(Parser)]
 #[command(
@@ -22,12 +22,55 @@ enum Tool {
     /// traffic, print the counters and clean up (`cargo xtask demo` runs
     /// this).
     Demo(demo::Args),
+    /// Bookinfo's call chain on three nodes of four pods each (no mesh;
+    /// HAProxy sidecars behind istio-init's iptables rules; the same
+    /// behind redirect), interleaved: checks every hop went through the
+    /// sidecars, prints per-pod counters and the end-to-end latency,
+    /// cleans up (`cargo xtask demo --bookinfo` runs this).
+    Bookinfo(bookinfo::Options),
+    /// One Bookinfo service: an HTTP/1.1 server on --listen that calls
+    /// each --call NAME=ADDR in order for every request.
+    #[command(hide = true)]
+    BookinfoApp {
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        listen: SocketAddr,
+        #[arg(long = "call", value_parser = bookinfo::app::parse_call)]
+        calls: Vec<(String, SocketAddr)>,
+    },
     /// Transparent sidecar proxy (SO_ORIGINAL_DST, inbound from 127.0.0.6).
     Proxy {
         #[arg(long, default_value = "15001")]
         outbound_port: u16,
         #[arg(long, default_value = "15006")]
         inbound_port: u16,
+    },
+    /// Stand-in for Istio's DNS proxy on 127.0.0.1 and [::1] (UDP, TCP):
+    /// answers names under --local-suffix itself, forwards the rest to
+    /// --upstream. One JSON line per query.
+    DnsProxy {
+        #[arg(long, default_value = "15053")]
+        port: u16,
+        #[arg(long, default_value = "mesh")]
+        local_suffix: String,
+        #[arg(long)]
+        upstream: Option<SocketAddr>,
+    },
+    /// One DNS query; prints a JSON report (answers, the reply's source,
+    /// getpeername).
+    DnsQuery {
+        #[arg(long)]
+        server: SocketAddr,
+        #[arg(long)]
+        name: String,
+        /// A or AAAA.
+        #[arg(long, default_value = "A")]
+        qtype: String,
+        #[arg(long, value_enum, default_value = "udp")]
+        transport: kit::dns::Transport,
+        #[arg(long, default_value = "3000")]
+        timeout_ms: u64,
     },
     /// Echo server that greets with what it sees.
     Echo {
@@ -125,6 +168,48 @@ enum Tool {
         #[arg(long, default_value = "16384")]
         size: usize,
     },
+    /// The differential test: random istio-iptables configurations and
+    /// connections, a pod with Istio's own rules against a pod captured by
+    /// redirect (as root; `cargo xtask diff-test` runs this). Exits 1 on a
+    /// mismatch no known difference covers, or on a known difference no
+    /// longer needed.
+    DiffTest {
+        /// Connections in all.
+        #[arg(long, default_value = "300")]
+        cases: usize,
+        /// Generator seed (default: from the clock; printed either way).
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Connections per configuration.
+        #[arg(long, default_value = "12")]
+        per_config: usize,
+        /// Print only the mismatches and the totals, not every case.
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// Differential test server: greets each TCP connection, answers each
+    /// datagram, with its role, where it was reached and from where.
+    #[command(hide = true)]
+    DiffServe {
+        #[arg(long)]
+        role: String,
+        #[arg(long)]
+        tcp: Vec<SocketAddr>,
+        #[arg(long)]
+        udp: Vec<SocketAddr>,
+    },
+    /// Differential test caller: one connection, one JSON line.
+    #[command(hide = true)]
+    DiffProbe {
+        #[arg(long, value_enum)]
+        proto: difftest::net::Proto,
+        #[arg(long)]
+        connect: SocketAddr,
+        #[arg(long)]
+        bind: Option<std::net::IpAddr>,
+        #[arg(long, default_value = "1500")]
+        timeout_ms: u64,
+    },
     /// Stress tools of the acceleration tests (xfer, stress-server,
     /// epoll-echo, churn, fan).
     #[command(flatten)]
@@ -134,11 +219,48 @@ enum Tool {
 fn main() -> ExitCode {
     match Cli::parse().tool {
         Tool::Demo(a) => run_demo(a),
+        Tool::Bookinfo(o) => run_bookinfo(o),
+        Tool::BookinfoApp {
+            name,
+            listen,
+            calls,
+        } => report(bookinfo::app::serve(&name, listen, &calls)),
         Tool::Proxy {
             outbound_port,
             inbound_port,
         } => report(kit::proxy(outbound_port, inbound_port)),
         Tool::Echo { listen } => report(kit::echo(&listen)),
+        Tool::DnsProxy {
+            port,
+            local_suffix,
+            upstream,
+        } => report(kit::dns::proxy(port, &local_suffix, upstream)),
+        Tool::DnsQuery {
+            server,
+            name,
+            qtype,
+            transport,
+            timeout_ms,
+        } => {
+            let t = if qtype.eq_ignore_ascii_case("AAAA") {
+                kit::dns::TYPE_AAAA
+            } else {
+                kit::dns::TYPE_A
+            };
+            let v = kit::dns::client(
+                server,
+                &name,
+                t,
+                transport,
+                Duration::from_millis(timeout_ms),
+            );
+            println!("{v}");
+            if v["ok"] == true {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
         Tool::Client {
             connect,
             bind,
@@ -199,6 +321,23 @@ fn main() -> ExitCode {
             }
         }
         Tool::Stress(t) => t.run(),
+        Tool::DiffServe { role, tcp, udp } => report(difftest::net::serve(&role, &tcp, &udp)),
+        Tool::DiffProbe {
+            proto,
+            connect,
+            bind,
+            timeout_ms,
+        } => {
+            let r = difftest::net::probe(proto, connect, bind, Duration::from_millis(timeout_ms));
+            println!("{}", serde_json::to_string(&r).expect("serializable"));
+            ExitCode::SUCCESS
+        }
+        Tool::DiffTest {
+            cases,
+            seed,
+            per_config,
+            quiet,
+        } => run_diff_test(cases, seed, per_config, quiet),
         Tool::PodProbe { dst, size } => {
             let v = kit::podchurn::pod_probe(dst, size);
             println!("{v}");
@@ -268,9 +407,39 @@ fn main() -> ExitCode {
     }
 }
 
-/// The demo as `redirect` ran it: quiet on a closed pipe, the library's
-/// warnings on stderr (RUST_LOG to see more).
-fn run_demo(a: demo::Args) -> ExitCode {
+fn run_diff_test(cases: usize, seed: Option<u64>, per_config: usize, quiet: bool) -> ExitCode {
+    let seed = seed.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(1)
+    });
+    let o = difftest::Options {
+        cases,
+        seed,
+        per_config: per_config.max(1),
+        verbose: !quiet,
+    };
+    println!("differential test: seed {seed} (rerun: --seed {seed} --cases {cases})");
+    match difftest::run(&o, &mut std::io::stdout()) {
+        Ok(r) => {
+            print!("{}", r.summary());
+            if r.ok() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("redirect-kit diff-test: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The demos' logging as `redirect`'s: quiet on a closed pipe, the
+/// library's warnings on stderr (RUST_LOG to see more).
+fn demo_logging() {
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -279,10 +448,37 @@ fn run_demo(a: demo::Args) -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+}
+
+fn run_demo(a: demo::Args) -> ExitCode {
+    demo_logging();
     match demo::run(a) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("redirect-kit demo: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The Bookinfo demo; Ctrl-C stops it at the next call or step, and it
+/// cleans up as on any error.
+fn run_bookinfo(o: bookinfo::Options) -> ExitCode {
+    demo_logging();
+    bookinfo::stop_on_signals();
+    match bookinfo::run(&o, &mut std::io::stdout()) {
+        Ok(_) => {
+            println!("bookinfo demo ok");
+            ExitCode::SUCCESS
+        }
+        // Ctrl-C reaches the apps and sidecars too: whatever failed
+        // first, the run was stopped.
+        Err(_) if bookinfo::interrupted() => {
+            eprintln!("redirect-kit bookinfo: interrupted; everything it created is removed");
+            ExitCode::from(130)
+        }
+        Err(e) => {
+            eprintln!("redirect-kit bookinfo: error: {e:#}");
             ExitCode::FAILURE
         }
     }

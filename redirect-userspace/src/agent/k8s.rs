@@ -11,8 +11,8 @@
 //!   (2 s) for the watch to be connected, to have finished its first list
 //!   and to hold the pod (with `K8S_POD_UID` when the runtime gives it). If
 //!   it still does not, or the API is unreachable, the ADD fails with an
-//!   error that starts with [`KUBERNETES_ERROR_PREFIX`] (the plugin's code
-//!   102), and the runtime retries the sandbox later.
+//!   error of kind [`ErrorKind::Kubernetes`] (the plugin's code 102), and
+//!   the runtime retries the sandbox later.
 //! * **Live changes**: every ADDED/MODIFIED event (and every object of a
 //!   relist) recomputes the pod's config. A captured pod whose config
 //!   changed gets the new one (`register_pod`, the config entry is the
@@ -48,18 +48,16 @@ use ::kube::{
 };
 use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
-use serde_json::{json, Value};
 
 use super::Agent;
-pub use crate::cni::KUBERNETES_ERROR_PREFIX;
 use crate::{
-    agent::proto::check_netns_path,
     annotations::{self, AnnotationError, PodCapture},
     attach,
     config::PodSpec,
     error::Error,
     maps::Maps,
     sys::Netns,
+    wire::{check_netns_path, AddReply, AgentError, CheckReply, ErrorKind},
 };
 
 /// What to do with running mesh pods the agent has not captured.
@@ -84,6 +82,8 @@ pub struct Options {
     /// How long an ADD waits for the watch to know the pod.
     pub pod_wait: Duration,
     pub repair: Repair,
+    /// The node's DNS, for the nameservers of pods with DNS capture.
+    pub dns: annotations::NodeDns,
 }
 
 /// One pod as the watch last saw it.
@@ -153,6 +153,13 @@ struct Comparable {
     exclude_cidrs: Vec<(std::net::IpAddr, u8)>,
     outbound_ports: (Vec<u16>, Vec<u16>),
     inbound: (String, Vec<u16>),
+    /// DNS capture, owner groups, the IPv4 loopback range.
+    dns: String,
+    owner_groups: String,
+    loopback: String,
+    /// Settings not supported yet (never in the kernel): a change that
+    /// asks for one is applied, and so refused and logged, not skipped.
+    unsupported: Vec<String>,
 }
 
 fn comparable(s: &PodSpec) -> Comparable {
@@ -184,6 +191,22 @@ fn comparable(s: &PodSpec) -> Comparable {
             set(&s.exclude_outbound_ports),
         ),
         inbound: (inbound, set(&s.exclude_inbound_ports)),
+        dns: format!("{:?}", s.dns_capture()),
+        // As sets: the kernel gives the gids back sorted.
+        owner_groups: {
+            let mode = match s.outbound_owner_groups {
+                crate::config::OwnerGroups::All => "all",
+                crate::config::OwnerGroups::Only(_) => "only",
+                crate::config::OwnerGroups::AllExcept(_) => "except",
+            };
+            format!(
+                "{mode} {:?} {:?}",
+                s.outbound_owner_groups.gids(),
+                s.outbound_owner_groups.names()
+            )
+        },
+        loopback: s.ipv4_loopback_cidr.to_string(),
+        unsupported: s.unsupported().iter().map(|(d, _)| d.name()).collect(),
     }
 }
 
@@ -416,7 +439,7 @@ impl PodWatch {
                 return false;
             }
         };
-        let decision = annotations::from_pod(&value);
+        let decision = annotations::from_pod_on(&value, &self.opts.dns);
         let new_key = decision_key(&decision);
         let running = p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
         let (changed, started) = {
@@ -520,7 +543,7 @@ impl PodWatch {
                             Ok(v) => {
                                 lock(&self.state).passthrough.remove(key);
                                 self.count(|c| &mut c.updates, "captured");
-                                tracing::info!(cookie = %v["cookie"], config = %m.spec.istio_args(), "pod entered the mesh: captured");
+                                tracing::info!(cookie = ?v.cookie, config = %m.spec.istio_args(), "pod entered the mesh: captured");
                             }
                             Err(e) => {
                                 self.count(|c| &mut c.updates, "error");
@@ -710,24 +733,24 @@ impl Agent {
         pod: Option<&str>,
         container_id: Option<&str>,
         pod_uid: Option<&str>,
-    ) -> Result<Value, String> {
+    ) -> Result<AddReply, AgentError> {
         let Some(w) = self.k8s.get() else {
-            return Err("this agent does not watch the Kubernetes API (run it in a cluster, or with --kubeconfig or --api-server): refusing a \"kubernetes\" add".into());
+            return Err(AgentError::invalid("this agent does not watch the Kubernetes API (run it in a cluster, or with --kubeconfig or --api-server): refusing a \"kubernetes\" add"));
         };
         let Some(key) = pod.filter(|p| {
             p.split_once('/')
                 .is_some_and(|(a, b)| !a.is_empty() && !b.is_empty())
         }) else {
-            return Err(format!(
+            return Err(AgentError::invalid(format!(
                 "a \"kubernetes\" add needs \"pod\": \"namespace/name\", got {pod:?}"
-            ));
+            )));
         };
-        check_netns_path(netns)?;
+        check_netns_path(netns).map_err(AgentError::invalid)?;
         let t0 = Instant::now();
         if let Err((what, msg)) = w.wait_pod(key, pod_uid) {
             w.count(|c| &mut c.adds, what);
             tracing::warn!(pod = %key, netns = %netns.display(), error = %msg, "refused ADD (fail closed)");
-            return Err(format!("{KUBERNETES_ERROR_PREFIX}{msg}"));
+            return Err(AgentError::new(ErrorKind::Kubernetes, msg));
         }
         let waited_ms = t0.elapsed().as_secs_f64() * 1000.0;
         let _apply = lock(&w.apply);
@@ -738,8 +761,7 @@ impl Agent {
                     Ok(v) => {
                         w.count(|c| &mut c.adds, "captured");
                         lock(&w.state).passthrough.remove(key);
-                        v["captured"] = json!(true);
-                        v["api_wait_ms"] = json!(waited_ms);
+                        v.api_wait_ms = Some(waited_ms);
                     }
                     Err(_) => w.count(|c| &mut c.adds, "error"),
                 }
@@ -752,26 +774,42 @@ impl Agent {
                     (netns.to_path_buf(), container_id.unwrap_or("").to_string()),
                 );
                 tracing::info!(pod = %key, netns = %netns.display(), %reason, "pod passes through: not in the mesh");
-                Ok(json!({"captured": false, "reason": reason, "api_wait_ms": waited_ms}))
+                Ok(AddReply {
+                    captured: false,
+                    reason: Some(reason),
+                    api_wait_ms: Some(waited_ms),
+                    ..AddReply::default()
+                })
             }
             Some(Err(e)) => {
                 w.count(|c| &mut c.adds, "invalid");
                 tracing::warn!(pod = %key, error = %e, "refused ADD: invalid capture annotation");
-                Err(e.to_string())
+                Err(AgentError::invalid(e.to_string()))
             }
             // Deleted between the wait and now.
             None => {
                 w.count(|c| &mut c.adds, "unknown");
-                Err(format!("{KUBERNETES_ERROR_PREFIX}pod {key} was deleted from the Kubernetes API during its ADD"))
+                Err(AgentError::new(
+                    ErrorKind::Kubernetes,
+                    format!("pod {key} was deleted from the Kubernetes API during its ADD"),
+                ))
             }
         }
     }
 
     /// CHECK for the API mode: a pod the API says is not in the mesh passes.
-    pub(super) fn check_from_api(&self, netns: &Path, pod: Option<&str>) -> Result<Value, String> {
+    pub(super) fn check_from_api(
+        &self,
+        netns: &Path,
+        pod: Option<&str>,
+    ) -> Result<CheckReply, AgentError> {
         if let (Some(w), Some(key)) = (self.k8s.get(), pod) {
             if let Some(Ok(PodCapture::NotInMesh { reason, .. })) = w.decision(key) {
-                return Ok(json!({"captured": false, "reason": reason}));
+                return Ok(CheckReply {
+                    captured: Some(false),
+                    reason: Some(reason),
+                    ..CheckReply::default()
+                });
             }
         }
         self.check(netns)
@@ -843,7 +881,7 @@ pub fn metric_families(w: &PodWatch, agent: &Agent) -> Vec<super::metrics::Famil
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use serde_json::{json, Value};
 
     fn pod(annotations: Value) -> Value {
         json!({
@@ -865,6 +903,7 @@ mod tests {
                 node_name: "node-a".into(),
                 pod_wait: Duration::from_millis(100),
                 repair: Repair::Report,
+                dns: Default::default(),
             },
             state: Mutex::new(State::default()),
             changed: Condvar::new(),
@@ -915,6 +954,9 @@ mod tests {
             json!({"traffic.sidecar.istio.io/excludeOutboundPorts": "9090,8081,8081", "traffic.sidecar.istio.io/excludeOutboundIPRanges": "10.96.0.0/12,fd00::/8"}),
             json!({"traffic.sidecar.istio.io/includeOutboundIPRanges": "10.0.0.0/8,127.0.0.0/8", "traffic.sidecar.istio.io/includeInboundPorts": "9080,8080"}),
             json!({"traffic.sidecar.istio.io/includeInboundPorts": ""}),
+            // DNS capture, owner groups (out of order), the loopback range.
+            json!({"proxy.istio.io/config": "{\"proxyMetadata\":{\"ISTIO_META_DNS_CAPTURE\":\"true\",\"ISTIO_OUTBOUND_OWNER_GROUPS\":\"3000,2000\",\"ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR\":\"127.0.0.0/8\"}}"}),
+            json!({"proxy.istio.io/config": "{\"proxyMetadata\":{\"ISTIO_META_DNS_CAPTURE\":\"true\",\"ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE\":\"7\"}}"}),
         ] {
             let spec = annotations::from_pod(&pod(ann.clone()))
                 .unwrap()

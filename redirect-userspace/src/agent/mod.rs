@@ -10,7 +10,6 @@
 pub mod http;
 pub mod k8s;
 pub mod metrics;
-pub mod proto;
 pub mod records;
 
 use std::{
@@ -26,8 +25,10 @@ use std::{
     time::Duration,
 };
 
-use serde_json::json;
-
+use crate::wire::{
+    check_netns_path, reply_line, AddReply, AgentError, CheckReply, DelReply, ErrorKind, ListReply,
+    ListedPod, Reply, Request, UncapturedPod, MAX_LINE,
+};
 use crate::{
     attach::{self, Installation},
     error::{Error, Result},
@@ -35,7 +36,6 @@ use crate::{
     pins::Pins,
     sys::{self, Netns},
 };
-use proto::{check_netns_path, Request, MAX_LINE};
 use records::{Record, Records};
 
 /// Counters the agent keeps about itself (the kernel's are read from the
@@ -196,8 +196,8 @@ impl Agent {
         Ok(out)
     }
 
-    /// Serve one request; the reply is a JSON object with `ok`.
-    pub fn handle(&self, req: &Request) -> serde_json::Value {
+    /// Serve one request.
+    pub fn handle(&self, req: &Request) -> Result<Reply, AgentError> {
         let r = match req {
             Request::Add {
                 netns,
@@ -206,24 +206,28 @@ impl Agent {
                 kubernetes: true,
                 pod_uid,
                 ..
-            } => self.add_from_api(
-                netns,
-                pod.as_deref(),
-                container_id.as_deref(),
-                pod_uid.as_deref(),
-            ),
+            } => self
+                .add_from_api(
+                    netns,
+                    pod.as_deref(),
+                    container_id.as_deref(),
+                    pod_uid.as_deref(),
+                )
+                .map(Reply::Add),
             Request::Add {
                 netns,
                 pod,
                 container_id,
                 config,
                 ..
-            } => self.add(
-                netns,
-                pod.as_deref(),
-                container_id.as_deref(),
-                config.as_ref(),
-            ),
+            } => self
+                .add(
+                    netns,
+                    pod.as_deref(),
+                    container_id.as_deref(),
+                    config.as_ref(),
+                )
+                .map(Reply::Add),
             Request::Del {
                 netns,
                 pod,
@@ -233,15 +237,16 @@ impl Agent {
                     w.forget(netns.as_deref(), container_id.as_deref());
                 }
                 self.del(netns.as_deref(), pod.as_deref(), container_id.as_deref())
+                    .map(Reply::Del)
             }
             Request::Check {
                 netns,
                 pod,
                 kubernetes: true,
                 ..
-            } => self.check_from_api(netns, pod.as_deref()),
-            Request::Check { netns, .. } => self.check(netns),
-            Request::List => self.list(),
+            } => self.check_from_api(netns, pod.as_deref()).map(Reply::Check),
+            Request::Check { netns, .. } => self.check(netns).map(Reply::Check),
+            Request::List => self.list().map(Reply::List),
         };
         let result = if r.is_ok() { "ok" } else { "error" };
         *self
@@ -249,13 +254,7 @@ impl Agent {
             .requests
             .entry((req.op(), result))
             .or_default() += 1;
-        match r {
-            Ok(mut v) => {
-                v["ok"] = json!(true);
-                v
-            }
-            Err(e) => json!({"ok": false, "error": e}),
-        }
+        r
     }
 
     fn add(
@@ -263,28 +262,27 @@ impl Agent {
         netns: &Path,
         pod: Option<&str>,
         container_id: Option<&str>,
-        config: Option<&proto::CaptureConfig>,
-    ) -> Result<serde_json::Value, String> {
+        config: Option<&crate::config::CaptureFlags>,
+    ) -> Result<AddReply, AgentError> {
         let pod = pod.unwrap_or("");
         let cid = container_id.unwrap_or("");
         let span =
             tracing::info_span!("add", pod = %pod, container_id = %cid, netns = %netns.display());
         let _g = span.enter();
         let t0 = std::time::Instant::now();
-        let r = (|| -> Result<serde_json::Value, String> {
-            check_netns_path(netns)?;
+        let r = (|| -> Result<AddReply, AgentError> {
+            check_netns_path(netns).map_err(AgentError::invalid)?;
             let spec = config
                 .cloned()
                 .unwrap_or_default()
-                .to_flags()
                 .to_spec()
-                .map_err(|e| e.to_string())?;
-            let ns = Netns::open(netns).map_err(|e| e.to_string())?;
+                .map_err(|e| AgentError::invalid(e.to_string()))?;
+            let ns = Netns::open(netns).map_err(|e| AgentError::invalid(e.to_string()))?;
             if ns.inode == self.own_netns_inode {
-                return Err(format!(
+                return Err(AgentError::invalid(format!(
                     "refusing to capture {}: it is the agent's own (host) network namespace",
                     netns.display()
-                ));
+                )));
             }
             let mut inner = self.inner();
             // Repair the install if something removed it underneath us
@@ -295,20 +293,27 @@ impl Agent {
                     self.pins.root.display()
                 );
                 inner.inst = Installation::open_with(&self.pins.root, &self.sizes)
-                    .map_err(|e| format!("{e:#}"))?;
+                    .map_err(|e| AgentError::from_error(&e))?;
                 inner.records =
-                    Records::open_or_create(&self.pins).map_err(|e| format!("{e:#}"))?;
+                    Records::open_or_create(&self.pins).map_err(|e| AgentError::from_error(&e))?;
             }
             inner
                 .inst
                 .attach_cgroup(&self.cgroup)
-                .map_err(|e| format!("{e:#}"))?;
-            let info = inner.inst.register_pod(&ns, &spec).map_err(|e| {
-                if let Error::MapFull { map, .. } = &e {
-                    *self.counters().map_full.entry(map).or_default() += 1;
-                }
-                format!("{e:#}")
-            })?;
+                .map_err(|e| AgentError::from_error(&e))?;
+            let opts = attach::Register {
+                cgroup: Some(&self.cgroup),
+                force: false,
+            };
+            let info = inner
+                .inst
+                .register_pod_with(&ns, &spec, &opts)
+                .map_err(|e| {
+                    if let Error::MapFull { map, .. } = &e {
+                        *self.counters().map_full.entry(map).or_default() += 1;
+                    }
+                    AgentError::from_error(&e)
+                })?;
             let rec = Record {
                 container_id: cid.into(),
                 pod: pod.into(),
@@ -318,10 +323,23 @@ impl Agent {
                 tracing::warn!(error = %format!("{e:#}"), "pod captured but not recorded (a DEL after its netns is gone will not find it; the next agent start releases it)");
             }
             let elapsed_ms = t0.elapsed().as_secs_f64() * 1000.0;
-            tracing::info!(cookie = info.cookie, addresses = ?info.addresses, config = %spec.istio_args(), elapsed_ms, "captured pod");
-            Ok(
-                json!({"cookie": info.cookie, "netns": netns, "addresses": info.addresses, "istio_iptables_args": spec.istio_args(), "elapsed_ms": elapsed_ms}),
-            )
+            tracing::info!(cookie = info.cookie, addresses = ?info.addresses, config = %spec.istio_args(), dns_capture = %spec.dns_capture().describe(), elapsed_ms, "captured pod");
+            if spec.dns_capture() == crate::config::DnsCapture::AllUnknownNameservers {
+                tracing::warn!(
+                    cookie = info.cookie,
+                    "DNS capture: {}",
+                    spec.dns_capture().describe()
+                );
+            }
+            Ok(AddReply {
+                captured: true,
+                cookie: Some(info.cookie),
+                netns: Some(netns.to_path_buf()),
+                addresses: info.addresses.clone(),
+                istio_iptables_args: Some(spec.istio_args()),
+                elapsed_ms: Some(elapsed_ms),
+                ..AddReply::default()
+            })
         })();
         let mut c = self.counters();
         match &r {
@@ -339,7 +357,7 @@ impl Agent {
         netns: Option<&Path>,
         pod: Option<&str>,
         container_id: Option<&str>,
-    ) -> Result<serde_json::Value, String> {
+    ) -> Result<DelReply, AgentError> {
         let cid = container_id.unwrap_or("");
         let span = tracing::info_span!("del", pod = %pod.unwrap_or(""), container_id = %cid, netns = %netns.map(|p| p.display().to_string()).unwrap_or_default());
         let _g = span.enter();
@@ -388,7 +406,7 @@ impl Agent {
         drop(c);
         if !errors.is_empty() {
             tracing::warn!(errors = ?errors, "release failed");
-            return Err(errors.join("; "));
+            return Err(AgentError::failed(errors.join("; ")));
         }
         if released.is_empty() {
             tracing::debug!("nothing to release");
@@ -396,60 +414,79 @@ impl Agent {
             let elapsed_ms = t0.elapsed().as_secs_f64() * 1000.0;
             tracing::info!(cookies = ?released, elapsed_ms, "released pod");
         }
-        Ok(json!({"released": released, "elapsed_ms": t0.elapsed().as_secs_f64() * 1000.0}))
+        Ok(DelReply {
+            released,
+            elapsed_ms: t0.elapsed().as_secs_f64() * 1000.0,
+        })
     }
 
-    fn check(&self, netns: &Path) -> Result<serde_json::Value, String> {
-        check_netns_path(netns)?;
-        let ns = Netns::open(netns).map_err(|e| e.to_string())?;
-        let cookie = ns.cookie().map_err(|e| e.to_string())?;
-        let maps = Maps::open(&self.pins).map_err(|e| e.to_string())?;
+    fn check(&self, netns: &Path) -> Result<CheckReply, AgentError> {
+        check_netns_path(netns).map_err(AgentError::invalid)?;
+        let ns = Netns::open(netns).map_err(|e| AgentError::invalid(e.to_string()))?;
+        let cookie = ns.cookie().map_err(|e| AgentError::failed(e.to_string()))?;
+        let maps = Maps::open(&self.pins).map_err(|e| AgentError::failed(e.to_string()))?;
         if maps.pod(cookie).is_none() {
-            return Err(format!(
-                "{} (netns cookie {cookie}) is not captured",
-                netns.display()
+            return Err(AgentError::new(
+                ErrorKind::NotCaptured,
+                format!(
+                    "{} (netns cookie {cookie}) is not captured",
+                    netns.display()
+                ),
             ));
         }
         if !self.pins.sk_lookup_link(cookie).exists() {
-            return Err(format!(
-                "{} (netns cookie {cookie}) has no inbound link",
-                netns.display()
+            return Err(AgentError::new(
+                ErrorKind::NotCaptured,
+                format!(
+                    "{} (netns cookie {cookie}) has no inbound link",
+                    netns.display()
+                ),
             ));
         }
-        Ok(json!({"cookie": cookie}))
+        Ok(CheckReply {
+            cookie: Some(cookie),
+            ..CheckReply::default()
+        })
     }
 
-    fn list(&self) -> Result<serde_json::Value, String> {
-        let st = crate::report::status(&self.pins).map_err(|e| e.to_string())?;
+    fn list(&self) -> Result<ListReply, AgentError> {
+        let st =
+            crate::report::status(&self.pins).map_err(|e| AgentError::failed(e.to_string()))?;
         let inner = self.inner();
-        let pods: Vec<_> = st
+        let pods: Vec<ListedPod> = st
             .pods
             .iter()
             .map(|p| {
                 let rec = inner.records.get(p.netns_cookie).unwrap_or_default();
-                json!({
-                    "cookie": p.netns_cookie,
-                    "pod": rec.pod,
-                    "container_id": rec.container_id,
-                    "netns": if rec.netns.is_empty() { p.netns.clone().unwrap_or_default() } else { rec.netns.clone() },
-                    "istio_iptables_args": p.istio_iptables_args,
-                    "addresses": p.pod_addresses,
-                    "inbound_attached": p.inbound_attached,
-                    "inbound_listeners": p.inbound_listeners,
-                })
+                ListedPod {
+                    cookie: p.netns_cookie,
+                    netns: if rec.netns.is_empty() {
+                        p.netns.clone().unwrap_or_default()
+                    } else {
+                        rec.netns.clone()
+                    },
+                    pod: rec.pod,
+                    container_id: rec.container_id,
+                    istio_iptables_args: p.istio_iptables_args.clone(),
+                    addresses: p.pod_addresses.clone(),
+                    inbound_attached: p.inbound_attached,
+                    inbound_listeners: p.inbound_listeners.iter().map(|l| l.to_string()).collect(),
+                }
             })
             .collect();
         drop(inner);
-        let mut v = json!({"pods": pods, "cgroups": st.cgroups});
-        if let Some(w) = self.k8s.get() {
-            // Running mesh pods on this node that are not captured (repair).
-            v["uncaptured"] = w
-                .uncaptured(self)
+        // Running mesh pods on this node that are not captured (repair).
+        let uncaptured = self.k8s.get().map(|w| {
+            w.uncaptured(self)
                 .into_iter()
-                .map(|(pod, uid)| json!({"pod": pod, "uid": uid}))
-                .collect();
-        }
-        Ok(v)
+                .map(|(pod, uid)| UncapturedPod { pod, uid })
+                .collect()
+        });
+        Ok(ListReply {
+            pods,
+            cgroups: st.cgroups,
+            uncaptured,
+        })
     }
 
     /// Pod names by cookie, for metric labels.
@@ -502,7 +539,8 @@ impl Agent {
             let _ = BufReader::new(&s)
                 .take(MAX_LINE as u64 + 1)
                 .read_line(&mut String::new());
-            let _ = (&s).write_all(format!("{}\n", json!({"ok": false, "error": why})).as_bytes());
+            let refusal = reply_line(&Err(AgentError::new(ErrorKind::Forbidden, why)));
+            let _ = (&s).write_all(format!("{refusal}\n").as_bytes());
             return;
         }
         let _ = s.set_read_timeout(Some(Duration::from_secs(60)));
@@ -515,17 +553,27 @@ impl Agent {
                 Ok(_) => {}
             }
             if line.len() > MAX_LINE {
-                let _ = (&s).write_all(format!("{}\n", json!({"ok": false, "error": format!("request longer than {MAX_LINE} bytes")})).as_bytes());
+                let too_long = AgentError::new(
+                    ErrorKind::BadRequest,
+                    format!("request longer than {MAX_LINE} bytes"),
+                );
+                let _ = (&s).write_all(format!("{}\n", reply_line(&Err(too_long))).as_bytes());
                 return;
             }
             if line.trim().is_empty() {
                 continue;
             }
             let reply = match serde_json::from_str::<Request>(&line) {
-                Err(e) => json!({"ok": false, "error": format!("bad request: {e}")}),
+                Err(e) => Err(AgentError::new(
+                    ErrorKind::BadRequest,
+                    format!("bad request: {e}"),
+                )),
                 Ok(req) => {
                     if !self.enter() {
-                        json!({"ok": false, "error": "agent is shutting down"})
+                        Err(AgentError::new(
+                            ErrorKind::ShuttingDown,
+                            "agent is shutting down",
+                        ))
                     } else {
                         let v = self.handle(&req);
                         self.leave();
@@ -533,6 +581,7 @@ impl Agent {
                     }
                 }
             };
+            let reply = reply_line(&reply);
             if (&s).write_all(format!("{reply}\n").as_bytes()).is_err() {
                 return;
             }

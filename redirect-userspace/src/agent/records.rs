@@ -19,7 +19,7 @@ use crate::{
     pins::Pins,
 };
 
-pub const MAP_AGENT_PODS: &str = "REDIRECT_AGENT_PODS";
+pub const MAP_AGENT_PODS: &str = crate::pins::MAP_AGENT_PODS;
 
 const CID_LEN: usize = 128;
 const POD_LEN: usize = 320;

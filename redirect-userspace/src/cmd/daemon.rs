@@ -96,6 +96,18 @@ pub struct Args {
     /// would then start uncaptured). 0 turns the check off.
     #[arg(long, env = "REDIRECT_CNI_RECHECK_SECS", default_value_t = 5, value_parser = clap::value_parser!(u64).range(0..=3600))]
     pub cni_recheck_secs: u64,
+    /// The cluster DNS address(es), comma separated (the kubelet's
+    /// `clusterDNS`, e.g. 10.96.0.10): the nameservers of pods with DNS
+    /// capture (`ISTIO_META_DNS_CAPTURE`) and `dnsPolicy: ClusterFirst`.
+    /// Not given: such pods get DNS to any address captured.
+    #[arg(long, env = "REDIRECT_CLUSTER_DNS")]
+    pub cluster_dns: Option<String>,
+    /// The node's resolv.conf as the kubelet reads it (its `--resolv-conf`,
+    /// mounted into the agent): the nameservers of pods with DNS capture
+    /// and `dnsPolicy: Default`. Not given: such pods get DNS to any
+    /// address captured.
+    #[arg(long, env = "REDIRECT_NODE_RESOLV_CONF")]
+    pub node_resolv_conf: Option<PathBuf>,
     /// Map sizes of a new install, `<map>=<entries>` (pods, orig, sockhash,
     /// ports, cidrs, counters), comma separated or repeated. An existing
     /// install keeps its sizes; a different size here is an error.
@@ -332,7 +344,35 @@ fn kubernetes_options(a: &Args) -> Result<Option<agent::k8s::Options>> {
         } else {
             agent::k8s::Repair::Report
         },
+        dns: node_dns(a)?,
     }))
+}
+
+/// `--cluster-dns` and `--node-resolv-conf`: what pods with DNS capture
+/// get as nameservers (see `annotations::NodeDns`).
+fn node_dns(a: &Args) -> Result<redirect_userspace::annotations::NodeDns> {
+    let cluster_dns = match &a.cluster_dns {
+        Some(v) => redirect_userspace::config::parse::addresses(v).map_err(|why| {
+            redirect_userspace::error::Error::InvalidFlag {
+                field: "--cluster-dns".into(),
+                value: v.clone(),
+                reason: why,
+            }
+        })?,
+        None => Vec::new(),
+    };
+    let node_nameservers = match &a.node_resolv_conf {
+        Some(p) => {
+            let text = std::fs::read_to_string(p)
+                .with_context(|| format!("--node-resolv-conf {}: cannot read it", p.display()))?;
+            Some(redirect_userspace::podfiles::nameservers(&text).0)
+        }
+        None => None,
+    };
+    Ok(redirect_userspace::annotations::NodeDns {
+        cluster_dns,
+        node_nameservers,
+    })
 }
 
 /// Keeps the conflist entry and the plugin binary in place while the agent

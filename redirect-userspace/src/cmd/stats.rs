@@ -131,7 +131,7 @@ fn watch_interval(v: &str) -> Result<f64, Error> {
     match v.trim().parse::<f64>() {
         Ok(s) if (0.1..=86_400.0).contains(&s) => Ok(s),
         _ => Err(Error::InvalidFlag {
-            field: "--watch",
+            field: "--watch".into(),
             value: v.to_string(),
             reason: "expected seconds between redraws, a number from 0.1 to 86400".into(),
         }),

@@ -37,17 +37,32 @@ pub fn run(pin_dir: &Path, a: Args) -> Result<()> {
         }
     }
     let pins = Pins::new(pin_dir);
-    if !pins.root.exists() {
+    if pins.root.symlink_metadata().is_err() {
         println!("nothing installed under {}", pin_dir.display());
         return Ok(());
     }
+    // Only the pins of the install's layout go; a pin dir not on bpffs is
+    // refused untouched.
     let r = attach::uninstall(&pins)?;
     println!(
-        "uninstalled {}: {} links detached, {} maps removed, {} pods released",
+        "uninstalled {}: {} links detached, {} maps and {} programs removed, {} pods released",
         pin_dir.display(),
         r.links,
         r.maps,
+        r.programs,
         r.pods
     );
+    for p in &r.removed {
+        println!("  removed {}", p.display());
+    }
+    if !r.left.is_empty() {
+        eprintln!(
+            "redirect: warning: left in place in {} (not made by redirect, so not removed):",
+            pin_dir.display()
+        );
+        for p in &r.left {
+            eprintln!("  {}", p.display());
+        }
+    }
     Ok(())
 }

@@ -355,7 +355,8 @@ pub fn run(pin_dir: &Path, a: Args) -> Result<()> {
     let fail = |what: String| anyhow!("validation failed for {}: {what}", a.pod.netns.display());
 
     // The connect/getsockopt/sockops hooks must cover the cgroup we run in.
-    let cgroup = a.pod.cgroup()?;
+    // `--cgroup`, else the pod's recorded cgroup, else the root.
+    let (cgroup, _, _) = super::pod_cgroup(pin_dir, a.pod.cgroup.as_deref(), &netns)?;
     check_cgroup_attached(&pins, &cgroup).map_err(fail)?;
 
     // Inbound steering: a live sk_lookup link on this very netns.

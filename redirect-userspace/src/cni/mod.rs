@@ -24,7 +24,10 @@ use std::{path::PathBuf, time::Duration};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::agent::proto::{self, CallError, CaptureConfig, Request};
+use crate::{
+    config::CaptureFlags,
+    wire::{self, CallError, ErrorKind, Reply, Request},
+};
 
 pub const PLUGIN_TYPE: &str = "redirect-cni";
 pub const DEFAULT_SOCKET: &str = "/run/redirect/agent.sock";
@@ -213,9 +216,9 @@ impl NetConf {
     }
 
     /// The capture config to send: `capture` over Istio's injected one.
-    pub fn capture_config(&self) -> Result<CaptureConfig, CniError> {
-        let own: CaptureConfig = match &self.capture {
-            None | Some(Value::Null) => CaptureConfig::default(),
+    pub fn capture_config(&self) -> Result<CaptureFlags, CniError> {
+        let own: CaptureFlags = match &self.capture {
+            None | Some(Value::Null) => CaptureFlags::default(),
             Some(v) => serde_json::from_value(v.clone()).map_err(|e| {
                 CniError::new(
                     code::INVALID_CONFIG,
@@ -224,14 +227,17 @@ impl NetConf {
                 )
             })?,
         };
-        let merged = own.over(&CaptureConfig::istio_injected());
-        merged.to_flags().to_spec().map_err(|e| {
-            CniError::new(
-                code::INVALID_CONFIG,
-                "invalid \"capture\" in the plugin config",
-                e.to_string(),
-            )
-        })?;
+        let merged = own.over(&CaptureFlags::istio_injected());
+        merged
+            .to_spec()
+            .and_then(|spec| spec.check_supported())
+            .map_err(|e| {
+                CniError::new(
+                    code::INVALID_CONFIG,
+                    "invalid \"capture\" in the plugin config",
+                    e.to_string(),
+                )
+            })?;
         Ok(merged)
     }
 }
@@ -314,11 +320,6 @@ pub fn selected(env: &Env, conf: &NetConf) -> Result<bool, CniError> {
     }
 }
 
-/// Prefix of the agent's errors about its Kubernetes API view of a pod
-/// (unknown pod, API unreachable): the plugin reports them as
-/// [`code::POD_UNKNOWN`].
-pub const KUBERNETES_ERROR_PREFIX: &str = "kubernetes: ";
-
 /// `namespace/name` from the Kubernetes keys of CNI_ARGS.
 pub fn pod_name(env: &Env) -> String {
     let ns = env
@@ -335,7 +336,7 @@ pub trait AgentClient {
         socket: &std::path::Path,
         req: &Request,
         timeout: Duration,
-    ) -> Result<Value, CallError>;
+    ) -> Result<Reply, CallError>;
 }
 
 /// The real socket.
@@ -347,8 +348,8 @@ impl AgentClient for SocketClient {
         socket: &std::path::Path,
         req: &Request,
         timeout: Duration,
-    ) -> Result<Value, CallError> {
-        proto::call(socket, req, timeout)
+    ) -> Result<Reply, CallError> {
+        wire::call(socket, req, timeout)
     }
 }
 
@@ -430,7 +431,7 @@ fn run_inner(
                 return Ok(out);
             }
             let netns = env.netns.clone().expect("checked by parse_env");
-            proto::check_netns_path(&netns)
+            wire::check_netns_path(&netns)
                 .map_err(|e| CniError::new(code::INVALID_ENV, "invalid CNI_NETNS", e))?;
             let req = Request::Add {
                 netns,
@@ -452,22 +453,28 @@ fn run_inner(
                     "redirect agent unreachable: refusing to start the pod uncaptured",
                     d,
                 ),
-                CallError::Refused(d) if kubernetes && d.starts_with(KUBERNETES_ERROR_PREFIX) => CniError::new(
+                CallError::Refused(e) if e.kind == ErrorKind::Kubernetes => CniError::new(
                     code::POD_UNKNOWN,
                     "redirect agent cannot see the pod in the Kubernetes API: refusing to start it uncaptured",
-                    d,
+                    e.message,
                 ),
-                CallError::Refused(d) | CallError::Protocol(d) => CniError::new(code::CAPTURE_FAILED, "redirect agent could not capture the pod", d),
+                CallError::Refused(e) => CniError::new(code::CAPTURE_FAILED, "redirect agent could not capture the pod", e.message),
+                CallError::Protocol(d) => CniError::new(code::CAPTURE_FAILED, "redirect agent could not capture the pod", d),
             })?;
-            if reply.get("captured") == Some(&Value::Bool(false)) {
-                stderr.push_str(&format!(
+            match reply {
+                Reply::Add(r) if !r.captured => stderr.push_str(&format!(
                     "redirect-cni: {} passes through: {}\n",
                     pod_name(&env),
-                    reply
-                        .get("reason")
-                        .and_then(Value::as_str)
-                        .unwrap_or("not in the mesh")
-                ));
+                    r.reason.as_deref().unwrap_or("not in the mesh")
+                )),
+                Reply::Add(_) => {}
+                other => {
+                    return Err(CniError::new(
+                        code::CAPTURE_FAILED,
+                        "redirect agent could not capture the pod",
+                        format!("not an add reply: {other:?}"),
+                    ))
+                }
             }
             Ok(out)
         }
@@ -481,7 +488,7 @@ fn run_inner(
                 return Ok(out);
             }
             let netns = env.netns.clone().expect("checked by parse_env");
-            proto::check_netns_path(&netns)
+            wire::check_netns_path(&netns)
                 .map_err(|e| CniError::new(code::INVALID_ENV, "invalid CNI_NETNS", e))?;
             let req = Request::Check {
                 netns,
@@ -495,7 +502,10 @@ fn run_inner(
                     CallError::Unreachable(d) => {
                         CniError::new(code::TRY_AGAIN_LATER, "redirect agent unreachable", d)
                     }
-                    CallError::Refused(d) | CallError::Protocol(d) => {
+                    CallError::Refused(e) => {
+                        CniError::new(code::NOT_CAPTURED, "pod is not captured", e.message)
+                    }
+                    CallError::Protocol(d) => {
                         CniError::new(code::NOT_CAPTURED, "pod is not captured", d)
                     }
                 })?;
@@ -516,7 +526,7 @@ fn run_inner(
             let netns = env
                 .netns
                 .clone()
-                .filter(|p| match proto::check_netns_path(p) {
+                .filter(|p| match wire::check_netns_path(p) {
                     Ok(()) => true,
                     Err(e) => {
                         stderr.push_str(&format!(
@@ -544,7 +554,7 @@ mod tests {
     use std::{cell::RefCell, collections::HashMap};
 
     struct Fake {
-        reply: Result<Value, fn() -> CallError>,
+        reply: Result<Reply, fn() -> CallError>,
         calls: RefCell<Vec<Request>>,
     }
 
@@ -554,7 +564,7 @@ mod tests {
             _s: &std::path::Path,
             req: &Request,
             _t: Duration,
-        ) -> Result<Value, CallError> {
+        ) -> Result<Reply, CallError> {
             self.calls.borrow_mut().push(req.clone());
             self.reply.clone().map_err(|f| f())
         }
@@ -587,7 +597,11 @@ mod tests {
 
     fn ok_fake() -> Fake {
         Fake {
-            reply: Ok(json!({"ok": true, "cookie": 7})),
+            reply: Ok(Reply::Add(wire::AddReply {
+                captured: true,
+                cookie: Some(7),
+                ..Default::default()
+            })),
             calls: RefCell::new(Vec::new()),
         }
     }
@@ -650,7 +664,7 @@ mod tests {
             ("/run/netns/p", Some("shop/cart"), Some("c1"))
         );
         assert_eq!(
-            config.clone().unwrap().to_flags().to_spec().unwrap(),
+            config.clone().unwrap().to_spec().unwrap(),
             crate::config::PodSpec::istio_default()
         );
         // captureAll selects too
@@ -702,7 +716,11 @@ mod tests {
         assert!(f.calls.borrow().is_empty());
         // A pod the agent lets through: ADD succeeds, said on stderr.
         let pass = Fake {
-            reply: Ok(json!({"ok": true, "captured": false, "reason": "no istio-proxy container"})),
+            reply: Ok(Reply::Add(wire::AddReply {
+                captured: false,
+                reason: Some("no istio-proxy container".into()),
+                ..Default::default()
+            })),
             calls: RefCell::new(Vec::new()),
         };
         let o = run_with(&add_env("K8S_POD_NAME=dns"), &conf, &pass);
@@ -715,8 +733,9 @@ mod tests {
         // The agent cannot see the pod: code 102; other refusals: 100.
         let unknown = Fake {
             reply: Err(|| {
-                CallError::Refused(format!(
-                    "{KUBERNETES_ERROR_PREFIX}pod shop/cart is not known"
+                CallError::Refused(wire::AgentError::new(
+                    ErrorKind::Kubernetes,
+                    "pod shop/cart is not known",
                 ))
             }),
             calls: RefCell::new(Vec::new()),
@@ -726,7 +745,7 @@ mod tests {
             code::POD_UNKNOWN as u64
         );
         let refused = Fake {
-            reply: Err(|| CallError::Refused("invalid annotation".into())),
+            reply: Err(|| CallError::Refused(wire::AgentError::invalid("invalid annotation"))),
             calls: RefCell::new(Vec::new()),
         };
         assert_eq!(
@@ -755,7 +774,7 @@ mod tests {
             code::TRY_AGAIN_LATER as u64
         );
         let refused = Fake {
-            reply: Err(|| CallError::Refused("boom".into())),
+            reply: Err(|| CallError::Refused(wire::AgentError::failed("boom"))),
             calls: RefCell::new(Vec::new()),
         };
         let o = run_with(&sel, CONF, &refused);

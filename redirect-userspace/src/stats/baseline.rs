@@ -17,7 +17,7 @@ use crate::{
 };
 
 /// Pin name (in the install's map directory).
-pub const MAP_STATS_BASELINE: &str = "REDIRECT_STATS_BASELINE";
+pub const MAP_STATS_BASELINE: &str = crate::pins::MAP_STATS_BASELINE;
 
 /// A row's values at its last `--zero`, and when (unix seconds).
 #[repr(C)]

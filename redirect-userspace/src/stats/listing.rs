@@ -29,9 +29,10 @@ const TO_OUTBOUND: [Reason; 2] = [Reason::OutCapturedPort, Reason::OutCaptured];
 const TO_INBOUND: [Reason; 2] = [Reason::OutProxyToSelf, Reason::InCaptured];
 
 /// The iptables names that are another name of one of our chains.
-const ALIASES: [(&str, Chain); 2] = [
+const ALIASES: [(&str, Chain); 3] = [
     ("ISTIO_OUTPUT", Chain::Output),
     ("ISTIO_INBOUND", Chain::Prerouting),
+    ("ISTIO_OUTPUT_DNS", Chain::Dns),
 ];
 
 /// Every name `--chain` accepts (for help and errors).
@@ -62,7 +63,7 @@ impl Listing {
             "ISTIO_REDIRECT" => Ok(Listing::ToOutbound),
             "ISTIO_IN_REDIRECT" => Ok(Listing::ToInbound),
             _ => Err(Error::InvalidFlag {
-                field: "--chain",
+                field: "--chain".into(),
                 value: name.to_string(),
                 reason: format!("no such chain; the chains are {}", names()),
             }),
@@ -135,6 +136,7 @@ impl<'a> Section<'a> {
             title: format!("Chain {} ({})", c.name(), c.title()),
             unit: match c {
                 Chain::Output | Chain::Prerouting => "conns",
+                Chain::Dns => "count",
                 Chain::OrigDst => "calls",
                 Chain::Accel | Chain::Errors => "count",
             },
@@ -157,6 +159,8 @@ mod tests {
             ("ISTIO_REDIRECT", Listing::ToOutbound),
             ("ISTIO_IN_REDIRECT", Listing::ToInbound),
             ("ORIGINAL_DST", Listing::Chain(Chain::OrigDst)),
+            ("DNS", Listing::Chain(Chain::Dns)),
+            ("istio_output_dns", Listing::Chain(Chain::Dns)),
             ("accel", Listing::Chain(Chain::Accel)),
             ("ERRORS", Listing::Chain(Chain::Errors)),
         ] {
@@ -165,7 +169,7 @@ mod tests {
         let e = Listing::parse("ISTIO_OUTPUTX").unwrap_err().to_string();
         assert_eq!(
             e,
-            "invalid --chain value 'ISTIO_OUTPUTX': no such chain; the chains are OUTPUT (or ISTIO_OUTPUT), PREROUTING (or ISTIO_INBOUND), ISTIO_REDIRECT, ISTIO_IN_REDIRECT, ORIGINAL_DST, ACCEL, ERRORS"
+            "invalid --chain value 'ISTIO_OUTPUTX': no such chain; the chains are OUTPUT (or ISTIO_OUTPUT), PREROUTING (or ISTIO_INBOUND), ISTIO_REDIRECT, ISTIO_IN_REDIRECT, DNS (or ISTIO_OUTPUT_DNS), ORIGINAL_DST, ACCEL, ERRORS"
         );
     }
 

@@ -9,7 +9,12 @@
 
 use redirect_common::Reason;
 
-use crate::config::{Cidr, InboundPorts, PodSpec};
+use crate::config::{Cidr, DnsCapture, InboundPorts, OwnerGroups, PodSpec};
+
+/// DNS capture in effect (the rules take their DNS form).
+fn dns_on(s: &PodSpec) -> bool {
+    s.dns_capture().captures()
+}
 
 /// Shown for a rule that exists in istio-iptables' output only when a flag
 /// gives it something to match, and the flag was not given.
@@ -71,36 +76,81 @@ pub fn rule_match(r: Reason, s: &PodSpec) -> String {
         // OUTPUT (ISTIO_OUTPUT), in rule order.
         Reason::OutExcludedPort => dports(&s.exclude_outbound_ports),
         Reason::OutPassthrough => "out lo src 127.0.0.6,::6".into(),
+        Reason::OutProxyToSelf if dns_on(s) => format!(
+            "out lo dst !{},!::1 tcp dpt:!{} {} (UID: dpt:!53 too)",
+            s.ipv4_loopback_cidr_shown(),
+            s.tunnel_port,
+            owner(s, false)
+        ),
         Reason::OutProxyToSelf => format!(
-            "out lo dst !127.0.0.1,!::1 tcp dpt:!{} {}",
+            "out lo dst !{},!::1 tcp dpt:!{} {}",
+            s.ipv4_loopback_cidr_shown(),
             s.tunnel_port,
             owner(s, false)
         ),
         Reason::OutAppLocal if s.include_has_loopback => {
             "(none: -i names a loopback address)".into()
         }
+        Reason::OutAppLocal if dns_on(s) => format!("out lo tcp dpt:!53 {}", owner(s, true)),
         Reason::OutAppLocal => format!("out lo {}", owner(s, true)),
         Reason::OutProxyUid => ids(&s.proxy_uids, "UID"),
         Reason::OutProxyGid => ids(&s.proxy_gids, "GID"),
-        Reason::OutLoopback => "dst 127.0.0.1,::1".into(),
+        Reason::OutOwnerGroupNotIncluded => match &s.outbound_owner_groups {
+            OwnerGroups::Only(g) if g.is_empty() => "(all: the list is empty)".into(),
+            OwnerGroups::Only(g) => format!("! owner GID match {}", g.join(",")),
+            _ => NOT_SET.into(),
+        },
+        Reason::OutOwnerGroupExcluded => match &s.outbound_owner_groups {
+            OwnerGroups::AllExcept(g) => format!("owner GID match {}", g.join(",")),
+            _ => NOT_SET.into(),
+        },
+        Reason::OutLoopback => format!("dst {},::1", s.ipv4_loopback_cidr_shown()),
         Reason::OutExcludedCidr => cidrs(&s.exclude_cidrs),
         Reason::OutCapturedPort => dports(&s.include_outbound_ports),
         Reason::OutCaptured if s.include_all_outbound => "dst 0.0.0.0/0,::/0".into(),
         Reason::OutCaptured => cidrs(&s.include_cidrs),
+        Reason::OutNotTcp if dns_on(s) => "! tcp, ! udp dpt:53".into(),
         Reason::OutNotTcp => "! tcp".into(),
+        // ISTIO_OUTPUT_DNS.
+        Reason::DnsCapturedUdp | Reason::DnsCapturedTcp => {
+            let proto = if r == Reason::DnsCapturedUdp {
+                "udp"
+            } else {
+                "tcp"
+            };
+            match s.dns_capture() {
+                DnsCapture::Nameservers(v) => format!(
+                    "{proto} dpt:53 dst {}",
+                    v.iter()
+                        .map(|a| a.to_string())
+                        .collect::<Vec<_>>()
+                        .join(",")
+                ),
+                DnsCapture::AllAddresses | DnsCapture::AllUnknownNameservers => {
+                    format!("{proto} dpt:53")
+                }
+                DnsCapture::NoNameservers => "(none: no nameserver)".into(),
+                DnsCapture::Off => NOT_SET.into(),
+            }
+        }
+        Reason::DnsNotNameserver => match s.dns_capture() {
+            DnsCapture::Nameservers(_) => "udp dpt:53".into(),
+            _ => String::new(),
+        },
+        Reason::DnsReplyRewritten => {
+            if dns_on(s) {
+                format!(
+                    "udp src 127.0.0.1,::1 spt:{}",
+                    crate::config::DNS_PROXY_PORT
+                )
+            } else {
+                String::new()
+            }
+        }
         // PREROUTING (ISTIO_INBOUND), in rule order.
         Reason::InTunnelPort => format!("tcp dpt:{}", s.tunnel_port),
         Reason::InExcludedPort => match s.inbound_ports {
-            InboundPorts::All => {
-                // ssh always, then -d (istio-iptables' order).
-                let mut ps = vec![redirect_common::SSH_PORT];
-                ps.extend(
-                    s.exclude_inbound_ports
-                        .iter()
-                        .filter(|p| **p != redirect_common::SSH_PORT),
-                );
-                dports(&ps)
-            }
+            InboundPorts::All => dports(&s.exclude_inbound_ports),
             _ => "(none: only with -b '*')".into(),
         },
         Reason::InCaptured => match &s.inbound_ports {
@@ -120,6 +170,7 @@ pub fn rule_match(r: Reason, s: &PodSpec) -> String {
         | Reason::ErrTupleMapFull
         | Reason::ErrListenerMapFull
         | Reason::ErrSockMapFull
+        | Reason::ErrLocalMapFull
         | Reason::AccelInserted
         | Reason::AccelRedirected
         | Reason::AccelFallback
@@ -132,7 +183,7 @@ pub fn rule_match(r: Reason, s: &PodSpec) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::CaptureFlags;
+    use crate::config::{CaptureFlags, Flag};
 
     fn spec(f: impl FnOnce(&mut CaptureFlags)) -> PodSpec {
         let mut c = CaptureFlags::defaults();
@@ -155,10 +206,10 @@ mod tests {
         assert_eq!(m(Reason::OutLoopback), "dst 127.0.0.1,::1");
         assert_eq!(m(Reason::OutCaptured), "dst 0.0.0.0/0,::/0");
         assert_eq!(m(Reason::InTunnelPort), "tcp dpt:15008");
-        // ssh first (-b '*' always returns it), then -d (kept sorted).
+        // -d (kept sorted).
         assert_eq!(
             m(Reason::InExcludedPort),
-            "tcp multiport dports 22,15020,15021,15090"
+            "tcp multiport dports 15020,15021,15090"
         );
         assert_eq!(m(Reason::InCaptured), "tcp");
         assert_eq!(m(Reason::OrigDstMissing), "");
@@ -167,14 +218,14 @@ mod tests {
     #[test]
     fn lists_ports_cidrs_and_ids() {
         let s = spec(|c| {
-            c.include_cidrs = "10.0.0.0/8,fd00::/8".into();
-            c.exclude_cidrs = "10.9.0.0/16".into();
-            c.include_out_ports = "443".into();
-            c.exclude_out_ports = "22,3306".into();
-            c.include_in_ports = "80,8080".into();
-            c.exclude_in_ports = "15021".into();
-            c.proxy_uid = "1337,1338".into();
-            c.proxy_gid = Some("2000".into());
+            c.set(Flag::ServiceCidr, "10.0.0.0/8,fd00::/8");
+            c.set(Flag::ServiceExcludeCidr, "10.9.0.0/16");
+            c.set(Flag::OutboundPorts, "443");
+            c.set(Flag::LocalOutboundPortsExclude, "22,3306");
+            c.set(Flag::InboundPorts, "80,8080");
+            c.set(Flag::LocalExcludePorts, "15021");
+            c.set(Flag::ProxyUid, "1337,1338");
+            c.set(Flag::ProxyGid, "2000");
         });
         let m = |r| rule_match(r, &s);
         assert_eq!(m(Reason::OutExcludedPort), "tcp multiport dports 22,3306");
@@ -188,7 +239,7 @@ mod tests {
         );
         assert_eq!(m(Reason::InCaptured), "tcp multiport dports 80,8080");
         assert_eq!(m(Reason::InExcludedPort), "(none: only with -b '*')");
-        let s = spec(|c| c.include_cidrs = "127.0.0.1/32".into());
+        let s = spec(|c| c.set(Flag::ServiceCidr, "127.0.0.1/32"));
         assert_eq!(
             rule_match(Reason::OutAppLocal, &s),
             "(none: -i names a loopback address)"

@@ -1,0 +1,209 @@
+//! What the differential test knows in advance, in one place:
+//!
+//! - [`OPTIONAL`]: the istio-iptables knobs redirect may not take yet,
+//!   how the run finds out (a real capture with the knob, at start), and
+//!   what the generator does meanwhile. When one lands, the probe passes
+//!   and the generator starts using it: the run grows by itself.
+//! - [`KNOWN`]: the differences between the two pods that are known,
+//!   each with why. A mismatch is a failure unless an entry here covers
+//!   it; an entry that covers cases of a run, none of which differ any
+//!   more, is a failure too (it is no longer needed: remove it).
+
+use std::net::SocketAddr;
+
+use super::{
+    gen::{Config, Conn, Ids, Origin, APP},
+    net::Proto,
+    topo::UP_V6,
+};
+
+/// An optional knob of istio-iptables' (or a way of writing one).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Feature {
+    /// `--dual-stack` / `ISTIO_DUAL_STACK`.
+    DualStackFlag,
+    /// `--redirect-dns` / `ISTIO_META_DNS_CAPTURE`, with the pod's
+    /// nameservers.
+    RedirectDns,
+    /// `--capture-all-dns`.
+    CaptureAllDns,
+    /// `-c`.
+    ExcludeInterfaces,
+    /// `-k`.
+    KubeVirtInterfaces,
+    /// `--drop-invalid`.
+    DropInvalid,
+    /// `ISTIO_OUTBOUND_OWNER_GROUPS[_EXCLUDE]` (environment only).
+    OwnerGroups,
+    /// `ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR` (environment only).
+    LoopbackCidr,
+    /// `-q`'s long name in istio-iptables, `--istio-outbound-ports`.
+    OutboundPortsLongName,
+    /// Flags given as environment variables: needs `redirect
+    /// istio-iptables`, which reads the environment as istio-iptables does
+    /// (`attach` reads none).
+    EnvForms,
+}
+
+/// What the generator does with a knob redirect does not take.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fallback {
+    /// Left out of the configuration (both sides).
+    LeaveOut,
+    /// Given to the reference only: redirect behaves as if it were set.
+    ReferenceOnly,
+    /// Written another way (short form, or a flag instead of a variable).
+    WriteOtherwise,
+}
+
+/// How the run learns whether redirect takes a knob.
+#[derive(Clone, Copy, Debug)]
+pub enum Probe {
+    /// A capture with these flags added succeeds.
+    Args(&'static [&'static str]),
+    /// A capture through `redirect istio-iptables` with this variable set
+    /// succeeds.
+    Env(&'static str, &'static str),
+    /// `redirect istio-iptables` exists and captures.
+    IstioIptables,
+}
+
+pub struct Optional {
+    pub feature: Feature,
+    pub probe: Probe,
+    pub fallback: Fallback,
+    /// Said in the run's notes while redirect does not take it.
+    pub note: &'static str,
+}
+
+/// Every optional knob. Today (`redirect attach` on main) none is taken;
+/// the flag-table work adds `redirect istio-iptables` (environment forms,
+/// `--istio-outbound-ports`, `--dual-stack` and `--drop-invalid` accepted),
+/// DNS capture and interface exclusion are under way.
+pub const OPTIONAL: &[Optional] = &[
+    Optional {
+        feature: Feature::DualStackFlag,
+        probe: Probe::Args(&["--dual-stack"]),
+        fallback: Fallback::ReferenceOnly,
+        note: "--dual-stack not taken by redirect (which captures both families anyway): given to the reference only",
+    },
+    Optional {
+        feature: Feature::RedirectDns,
+        probe: Probe::Args(&["--redirect-dns"]),
+        fallback: Fallback::LeaveOut,
+        note: "DNS capture (--redirect-dns) not supported by redirect yet: left out",
+    },
+    Optional {
+        feature: Feature::CaptureAllDns,
+        probe: Probe::Args(&["--redirect-dns", "--capture-all-dns"]),
+        fallback: Fallback::LeaveOut,
+        note: "--capture-all-dns not supported by redirect yet: left out",
+    },
+    Optional {
+        feature: Feature::ExcludeInterfaces,
+        probe: Probe::Args(&["-c", "eth9"]),
+        fallback: Fallback::LeaveOut,
+        note: "-c (exclude interfaces) not supported by redirect yet: left out",
+    },
+    Optional {
+        feature: Feature::KubeVirtInterfaces,
+        probe: Probe::Args(&["-k", "eth9"]),
+        fallback: Fallback::LeaveOut,
+        note: "-k (kube-virt interfaces) not supported by redirect yet: left out",
+    },
+    Optional {
+        feature: Feature::DropInvalid,
+        probe: Probe::Args(&["--drop-invalid"]),
+        fallback: Fallback::LeaveOut,
+        note: "--drop-invalid not taken by redirect: left out",
+    },
+    Optional {
+        feature: Feature::OwnerGroups,
+        probe: Probe::Env("ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE", "4242"),
+        fallback: Fallback::LeaveOut,
+        note: "ISTIO_OUTBOUND_OWNER_GROUPS[_EXCLUDE] not supported by redirect yet: left out",
+    },
+    Optional {
+        feature: Feature::LoopbackCidr,
+        probe: Probe::Env("ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR", "127.0.0.1/8"),
+        fallback: Fallback::LeaveOut,
+        note: "ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR not supported by redirect yet: left out",
+    },
+    Optional {
+        feature: Feature::OutboundPortsLongName,
+        probe: Probe::Args(&["--istio-outbound-ports", "7777"]),
+        fallback: Fallback::WriteOtherwise,
+        note: "--istio-outbound-ports (istio-iptables' long name for -q) not taken by redirect yet: written -q",
+    },
+    Optional {
+        feature: Feature::EnvForms,
+        probe: Probe::IstioIptables,
+        fallback: Fallback::WriteOtherwise,
+        note: "no `redirect istio-iptables` (reads the environment as istio-iptables does) yet: flags written as arguments",
+    },
+];
+
+/// A known difference between the pods.
+pub struct Known {
+    pub id: &'static str,
+    /// Why the outcomes differ, and what happens next.
+    pub why: &'static str,
+    /// The cases it covers. Not every case it covers differs (the class
+    /// is wider than the difference); a random run calls it stale only
+    /// after many agreeing cases ([`super::STALE_AFTER`]).
+    pub covers: fn(&Config, &Conn) -> bool,
+    /// A case that shows the difference: every run tries it first, and
+    /// the entry is stale (the run fails) when both pods agree on it.
+    pub example: fn() -> (Config, Conn),
+}
+
+fn app(port: u16, dst: &str, proto: Proto) -> Conn {
+    Conn {
+        origin: Origin::Pod(Ids {
+            uid: APP,
+            gid: APP,
+            groups: vec![],
+        }),
+        proto,
+        dst: SocketAddr::new(dst.parse().expect("a literal address"), port),
+        bind: None,
+        kind: "known difference",
+    }
+}
+
+/// The known differences.
+pub const KNOWN: &[Known] = &[
+    Known {
+        id: "ipv6-without-dual-stack",
+        why: "without --dual-stack / ISTIO_DUAL_STACK, istio-iptables on a pod whose first address is IPv4 writes no ip6tables rules (IPv6 goes out uncaptured); redirect captures IPv6 anyway (deliberate, docs/design.md \"Differences from iptables\"; reported to the lead: such a pod's proxy must listen on IPv6)",
+        covers: |cfg, c| !cfg.knobs.dual_stack && c.dst.ip().to_canonical().is_ipv6(),
+        example: || {
+            let cfg = Config::fixed(&["-i", "*"], &[]);
+            (cfg, app(80, UP_V6[0], Proto::Tcp))
+        },
+    },
+];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_example_is_covered_by_its_own_entry_only() {
+        for k in KNOWN {
+            let (cfg, c) = (k.example)();
+            assert!((k.covers)(&cfg, &c), "{}: its example is not covered", k.id);
+            let first = KNOWN.iter().find(|e| (e.covers)(&cfg, &c)).map(|e| e.id);
+            assert_eq!(
+                first,
+                Some(k.id),
+                "the example of {} is taken by another entry",
+                k.id
+            );
+        }
+        let mut ids: Vec<&str> = KNOWN.iter().map(|k| k.id).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        assert_eq!(ids.len(), KNOWN.len());
+    }
+}
