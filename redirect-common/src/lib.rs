@@ -6,11 +6,13 @@
 pub mod accel;
 pub mod decision;
 pub mod reason;
+pub mod trace;
 pub mod tuple;
 
 pub use accel::*;
 pub use decision::*;
 pub use reason::Reason;
+pub use trace::{TraceCtl, TraceEvent, MAP_TRACE, MAP_TRACE_EVENTS, MAP_TRACE_PODS};
 pub use tuple::{v4_mapped, v4_to_mapped, SockTuple};
 
 /// Maximum number of proxy uids and of proxy gids per pod (istio-iptables
@@ -25,6 +27,11 @@ pub const MAX_PORTS: u32 = 65_536;
 pub const MAX_COUNTERS: u32 = 131_072;
 pub const MAX_TRACKED_SOCKETS: u32 = 262_144;
 pub const MAX_LISTENERS: u32 = 2 * MAX_PODS;
+/// Interface entries (`-c`, `-k`) of all pods.
+pub const MAX_IFACES: u32 = MAX_PODS;
+/// Route entries of all pods (a pod has a handful: its subnets, the
+/// default route, per family).
+pub const MAX_ROUTES: u32 = 4 * MAX_PODS;
 
 /// Names of the pinned maps (the kernel object's static names).
 pub const MAP_PODS: &str = "REDIRECT_PODS";
@@ -37,6 +44,8 @@ pub const MAP_LISTENERS: &str = "REDIRECT_LISTENERS";
 pub const MAP_SOCKS: &str = "REDIRECT_SOCKS";
 pub const MAP_ACCEL_FALLBACK: &str = "REDIRECT_ACCEL_FALLBACK";
 pub const MAP_ACCEL_PORTS: &str = "REDIRECT_ACCEL_PORTS";
+pub const MAP_IFACES: &str = "REDIRECT_IFACES";
+pub const MAP_ROUTES: &str = "REDIRECT_ROUTES";
 /// The 4-tuples of the pod's own IPv6 connections to its own addresses
 /// (sk_lookup tells their SYNs from ones arriving from outside).
 pub const MAP_LOCAL_CONNECTS: &str = "REDIRECT_LOCAL_CONNECTS";
@@ -46,7 +55,7 @@ pub const MAP_ACCEL_SK: &str = "REDIRECT_ACCEL_SK";
 /// Counter updates lost to a full REDIRECT_COUNTERS (one per-CPU slot; not
 /// sized, not in ALL_MAPS, layout checked).
 pub const MAP_COUNTERS_LOST: &str = "REDIRECT_COUNTERS_LOST";
-pub const ALL_MAPS: [&str; 11] = [
+pub const ALL_MAPS: [&str; 13] = [
     MAP_PODS,
     MAP_CIDRS,
     MAP_PORTS,
@@ -57,6 +66,8 @@ pub const ALL_MAPS: [&str; 11] = [
     MAP_SOCKS,
     MAP_ACCEL_FALLBACK,
     MAP_ACCEL_PORTS,
+    MAP_IFACES,
+    MAP_ROUTES,
     MAP_LOCAL_CONNECTS,
 ];
 
@@ -133,6 +144,12 @@ pub mod flags {
     /// for IPv4, rather than steer the pod's own connections (the proxy's
     /// passthrough to the app among them) back to the inbound port.
     pub const LOCAL_MARKS_LOST: u32 = 1 << 15;
+    /// `-c` names interfaces: connections routed out of them are left
+    /// alone (the connect hooks look the route up only then).
+    pub const OUT_EXCLUDE_IFACES: u32 = 1 << 16;
+    /// The pod has `-c` or `-k` interfaces: sk_lookup looks the interface a
+    /// connection arrives on up in REDIRECT_IFACES (only then).
+    pub const IFACES: u32 = 1 << 17;
 }
 
 /// Per-pod configuration, keyed by network namespace cookie.
@@ -295,6 +312,91 @@ pub struct ListenerKey {
 }
 const _: () = assert!(core::mem::size_of::<ListenerKey>() == 16);
 
+/// Key of REDIRECT_IFACES: an interface of a pod named by `-c` or `-k`.
+/// `ifindex` is the interface's index in the pod's netns, or [`IFACE_NAME`]
+/// plus a slot number for a name record: each name as given (it may match
+/// no interface yet, or several with a trailing `+`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct IfaceKey {
+    pub netns: u64,
+    pub ifindex: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<IfaceKey>() == 16);
+
+/// `IfaceKey::ifindex` of a name record: this bit plus a slot. Never a real
+/// ifindex (those are positive `int`s), so the kernel never finds one.
+pub const IFACE_NAME: u32 = 1 << 31;
+
+/// `IfaceEntry::flags` bits.
+pub mod iface_flags {
+    /// `-c`: connections arriving on it are not captured (and those routed
+    /// out of it, through the route entries).
+    pub const EXCLUDE: u32 = 1 << 0;
+    /// `-k`: TCP connections a VM behind it opens go to the outbound port.
+    pub const VIRT: u32 = 1 << 1;
+    /// `addr4` holds the interface's first IPv4 address.
+    pub const HAS_ADDR4: u32 = 1 << 2;
+    /// `addr6` holds the interface's first IPv6 address (global if any).
+    pub const HAS_ADDR6: u32 = 1 << 3;
+}
+
+/// Value of REDIRECT_IFACES: the interface's name (or the name as given,
+/// in a name record), what it is for, and for a `-k` interface the link
+/// header length and the addresses a VM's connections are redirected to
+/// (as iptables REDIRECT in PREROUTING: the incoming interface's address).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IfaceEntry {
+    /// NUL-padded.
+    pub name: [u8; 16],
+    pub flags: u32,
+    /// Bytes before the IP header on this interface (14 on Ethernet, 0 on
+    /// an IP-only device).
+    pub l2_len: u32,
+    /// Network order, in the first 4 bytes.
+    pub addr4: [u8; 16],
+    pub addr6: [u8; 16],
+}
+const _: () = assert!(core::mem::size_of::<IfaceEntry>() == 56);
+
+impl IfaceEntry {
+    pub const fn has(&self, flag: u32) -> bool {
+        self.flags & flag != 0
+    }
+}
+
+/// `RouteEntry::flags` bits.
+pub mod route_flags {
+    /// `src` holds the source address the pod's route gives this
+    /// destination.
+    pub const HAS_SRC: u32 = 1 << 0;
+    /// The route leaves through an interface named by `-c`.
+    pub const EXCLUDED_IFACE: u32 = 1 << 1;
+}
+
+/// Value of REDIRECT_ROUTES, an LPM trie of a pod's routes (its main
+/// table, read at attach) keyed like REDIRECT_CIDRS with the family as
+/// kind: what the kernel's routing would pick for a destination before
+/// any rewrite, which iptables NAT keeps (the source address, the output
+/// interface).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RouteEntry {
+    /// Network order, v4 in the first 4 bytes.
+    pub src: [u8; 16],
+    pub ifindex: u32,
+    pub flags: u32,
+}
+const _: () = assert!(core::mem::size_of::<RouteEntry>() == 24);
+
+impl RouteEntry {
+    pub const fn has(&self, flag: u32) -> bool {
+        self.flags & flag != 0
+    }
+}
+
 #[cfg(feature = "user")]
 mod pod_impls {
     use super::*;
@@ -306,4 +408,7 @@ mod pod_impls {
     unsafe impl aya::Pod for OrigDst {}
     unsafe impl aya::Pod for TupleKey {}
     unsafe impl aya::Pod for ListenerKey {}
+    unsafe impl aya::Pod for IfaceKey {}
+    unsafe impl aya::Pod for IfaceEntry {}
+    unsafe impl aya::Pod for RouteEntry {}
 }

@@ -17,6 +17,7 @@ pub enum Reason {
     OutExcludedCidr = 10,
     OutNotIncluded = 11,
     OutNotTcp = 12,
+    OutExcludedInterface = 13,
     /// `ISTIO_OUTBOUND_OWNER_GROUPS`: the process's group is not listed.
     OutOwnerGroupNotIncluded = 17,
     /// `ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE`: the process's group is listed.
@@ -32,6 +33,11 @@ pub enum Reason {
     ErrListenerMapFull = 32,
     ErrSockMapFull = 33,
     ErrLocalMapFull = 34,
+    ErrVirtNatFull = 35,
+    ErrSourceBind = 36,
+    /// A trace event found the ring buffer full (the tracer read too
+    /// slowly): dropped.
+    ErrTraceLost = 37,
     // Inbound (PREROUTING chain), one per new TCP connection from outside.
     InCaptured = 40,
     InExcludedPort = 41,
@@ -39,6 +45,11 @@ pub enum Reason {
     InNoListener = 43,
     InTunnelPort = 44,
     InListenerRegistered = 45,
+    InExcludedInterface = 46,
+    // From a VM behind a `-k` interface (tc on that interface).
+    InVirtCaptured = 47,
+    InVirtNotIncluded = 48,
+    InVirtDropped = 49,
     // Acceleration (sockops + sk_msg).
     AccelInserted = 50,
     AccelRedirected = 51,
@@ -56,12 +67,14 @@ pub enum Reason {
 
 /// The groups of `redirect stats`, in display order: the two iptables
 /// chains istio-init fills (OUTPUT → ISTIO_OUTPUT, PREROUTING →
-/// ISTIO_INBOUND), then ours. Which reasons a chain holds, and in which
-/// order, is defined here and only here ([`Chain::reasons`]).
+/// ISTIO_INBOUND), the PREROUTING rules of `-k` interfaces, the DNS chain
+/// (ISTIO_OUTPUT_DNS), then ours. Which reasons a chain holds, and in
+/// which order, is defined here and only here ([`Chain::reasons`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Chain {
     Output,
     Prerouting,
+    Vm,
     Dns,
     OrigDst,
     Accel,
@@ -69,9 +82,10 @@ pub enum Chain {
 }
 
 impl Chain {
-    pub const ALL: [Chain; 6] = [
+    pub const ALL: [Chain; 7] = [
         Chain::Output,
         Chain::Prerouting,
+        Chain::Vm,
         Chain::Dns,
         Chain::OrigDst,
         Chain::Accel,
@@ -83,6 +97,7 @@ impl Chain {
         match self {
             Chain::Output => "OUTPUT",
             Chain::Prerouting => "PREROUTING",
+            Chain::Vm => "VM",
             Chain::Dns => "DNS",
             Chain::OrigDst => "ORIGINAL_DST",
             Chain::Accel => "ACCEL",
@@ -95,10 +110,11 @@ impl Chain {
         match self {
             Chain::Output => "ISTIO_OUTPUT; cgroup/connect4, cgroup/connect6: new TCP connections made in the pod",
             Chain::Prerouting => "ISTIO_INBOUND; sk_lookup in the pod netns: new TCP connections from outside",
+            Chain::Vm => "PREROUTING -i <-k interface> -j ISTIO_REDIRECT; tc on those interfaces: new TCP connections a VM opens",
             Chain::Dns => "ISTIO_OUTPUT_DNS; cgroup/sendmsg, connect: UDP datagrams and connects to port 53; cgroup/recvmsg: replies",
             Chain::OrigDst => "cgroup/getsockopt SO_ORIGINAL_DST, cgroup/getpeername: calls answered or not",
             Chain::Accel => "sockops + sk_msg between app and proxy: sockets, connections, sk_msg verdicts or messages",
-            Chain::Errors => "map updates that failed",
+            Chain::Errors => "map updates and helper calls that failed",
         }
     }
 
@@ -106,6 +122,7 @@ impl Chain {
     pub const fn reasons(self) -> &'static [Reason] {
         match self {
             Chain::Output => &[
+                Reason::OutExcludedInterface,
                 Reason::OutExcludedPort,
                 Reason::OutPassthrough,
                 Reason::OutProxyToSelf,
@@ -122,12 +139,18 @@ impl Chain {
                 Reason::OutNotTcp,
             ],
             Chain::Prerouting => &[
+                Reason::InExcludedInterface,
                 Reason::InTunnelPort,
                 Reason::InExcludedPort,
                 Reason::InCaptured,
                 Reason::InNotIncluded,
                 Reason::InNoListener,
                 Reason::InListenerRegistered,
+            ],
+            Chain::Vm => &[
+                Reason::InVirtCaptured,
+                Reason::InVirtNotIncluded,
+                Reason::InVirtDropped,
             ],
             Chain::Dns => &[
                 Reason::DnsCapturedUdp,
@@ -155,13 +178,16 @@ impl Chain {
                 Reason::ErrListenerMapFull,
                 Reason::ErrSockMapFull,
                 Reason::ErrLocalMapFull,
+                Reason::ErrSourceBind,
+                Reason::ErrVirtNatFull,
+                Reason::ErrTraceLost,
             ],
         }
     }
 }
 
 impl Reason {
-    pub const ALL: [Reason; 39] = [
+    pub const ALL: [Reason; 47] = [
         Reason::OutCaptured,
         Reason::OutCapturedPort,
         Reason::OutProxyToSelf,
@@ -174,6 +200,7 @@ impl Reason {
         Reason::OutExcludedCidr,
         Reason::OutNotIncluded,
         Reason::OutNotTcp,
+        Reason::OutExcludedInterface,
         Reason::OutOwnerGroupNotIncluded,
         Reason::OutOwnerGroupExcluded,
         Reason::OrigDstOutbound,
@@ -185,12 +212,19 @@ impl Reason {
         Reason::ErrListenerMapFull,
         Reason::ErrSockMapFull,
         Reason::ErrLocalMapFull,
+        Reason::ErrSourceBind,
+        Reason::ErrVirtNatFull,
+        Reason::ErrTraceLost,
         Reason::InCaptured,
         Reason::InExcludedPort,
         Reason::InNotIncluded,
         Reason::InNoListener,
         Reason::InTunnelPort,
         Reason::InListenerRegistered,
+        Reason::InExcludedInterface,
+        Reason::InVirtCaptured,
+        Reason::InVirtNotIncluded,
+        Reason::InVirtDropped,
         Reason::AccelInserted,
         Reason::AccelRemoved,
         Reason::AccelRedirected,
@@ -247,10 +281,11 @@ impl Reason {
     pub const fn target(self) -> &'static str {
         match self {
             Reason::OutCaptured | Reason::OutCapturedPort => "REDIRECT",
-            Reason::OutProxyToSelf | Reason::InCaptured => "REDIRECT",
+            Reason::OutProxyToSelf | Reason::InCaptured | Reason::InVirtCaptured => "REDIRECT",
             Reason::DnsCapturedUdp | Reason::DnsCapturedTcp => "REDIRECT",
             Reason::DnsReplyRewritten => "ANSWER",
             Reason::InNoListener | Reason::ErrOrigMapFull => "REJECT",
+            Reason::InVirtDropped | Reason::ErrVirtNatFull => "DROP",
             Reason::OrigDstOutbound | Reason::OrigDstInbound | Reason::PeerNameRewritten => {
                 "ANSWER"
             }
@@ -259,7 +294,9 @@ impl Reason {
             Reason::ErrTupleMapFull
             | Reason::ErrListenerMapFull
             | Reason::ErrSockMapFull
-            | Reason::ErrLocalMapFull => "ERROR",
+            | Reason::ErrLocalMapFull
+            | Reason::ErrSourceBind
+            | Reason::ErrTraceLost => "ERROR",
             Reason::AccelInserted => "SOCKMAP",
             Reason::AccelRedirected => "REDIRECT",
             Reason::AccelFallback => "PASS",
@@ -285,6 +322,7 @@ impl Reason {
             Reason::OutExcludedCidr => "skip_excluded_cidr",
             Reason::OutNotIncluded => "skip_not_included",
             Reason::OutNotTcp => "skip_not_tcp",
+            Reason::OutExcludedInterface => "skip_excluded_interface",
             Reason::OutOwnerGroupNotIncluded => "skip_owner_group_not_included",
             Reason::OutOwnerGroupExcluded => "skip_owner_group_excluded",
             Reason::DnsCapturedUdp => "captured_udp",
@@ -300,6 +338,9 @@ impl Reason {
             Reason::ErrListenerMapFull => "error_listener_map_full",
             Reason::ErrSockMapFull => "error_sockmap_update",
             Reason::ErrLocalMapFull => "error_local_map_full",
+            Reason::ErrSourceBind => "error_source_bind",
+            Reason::ErrVirtNatFull => "error_vm_tuple_map_full",
+            Reason::ErrTraceLost => "trace_events_lost",
             Reason::AccelInserted => "sockets_inserted",
             Reason::AccelRedirected => "messages_redirected",
             Reason::AccelFallback => "messages_fallback",
@@ -312,6 +353,10 @@ impl Reason {
             Reason::InNoListener => "no_listener",
             Reason::InTunnelPort => "skip_tunnel_port",
             Reason::InListenerRegistered => "listener_registered",
+            Reason::InExcludedInterface => "skip_excluded_interface",
+            Reason::InVirtCaptured => "captured",
+            Reason::InVirtNotIncluded => "skip_not_included",
+            Reason::InVirtDropped => "dropped",
         }
     }
 
@@ -334,6 +379,7 @@ impl Reason {
             Reason::OutNotTcp => "not TCP (nor UDP port 53 with --redirect-dns)",
             Reason::OutOwnerGroupNotIncluded => "owner group not in ISTIO_OUTBOUND_OWNER_GROUPS",
             Reason::OutOwnerGroupExcluded => "owner group in ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE",
+            Reason::OutExcludedInterface => "routed out of an excluded interface (-c)",
             Reason::DnsCapturedUdp => {
                 "UDP to a nameserver -> DNS proxy :15053 (per datagram or connect)"
             }
@@ -351,6 +397,13 @@ impl Reason {
             Reason::ErrLocalMapFull => {
                 "local IPv6 connection map full (local sources trusted until room)"
             }
+            Reason::ErrSourceBind => {
+                "pod source address not bound (the proxy sees a loopback source)"
+            }
+            Reason::ErrVirtNatFull => "tuple map full (a VM's connection dropped, the VM retries)",
+            Reason::ErrTraceLost => {
+                "trace events lost (ring buffer full: the tracer read too slowly)"
+            }
             Reason::AccelInserted => "app/proxy sockets put in the sockhash",
             Reason::AccelRedirected => {
                 "sent straight to the peer socket (sk_msg verdicts, each for up to 16 KiB)"
@@ -367,6 +420,12 @@ impl Reason {
             Reason::InNoListener => "no listener on inbound port (refused)",
             Reason::InTunnelPort => "inbound tunnel port (-e)",
             Reason::InListenerRegistered => "proxy listener registered",
+            Reason::InExcludedInterface => "arrived on an excluded interface (-c)",
+            Reason::InVirtCaptured => "captured -> outbound port (-k)",
+            Reason::InVirtNotIncluded => "not included (-i)",
+            Reason::InVirtDropped => {
+                "dropped: no listener on the outbound port, or no address on the interface"
+            }
         }
     }
 }

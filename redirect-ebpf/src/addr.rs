@@ -6,40 +6,36 @@
 use aya_ebpf::bindings::{bpf_sock, bpf_sock_addr, bpf_sock_ops, sk_msg_md};
 use redirect_common::{SockTuple, AF_INET};
 
+// The kernel keeps addresses as 32-bit words holding the network-order
+// bytes; in memory the words are those bytes, so the conversions are
+// reinterpretations (whole words, not 16 separate bytes the compiler would
+// spill to the stack one by one). Context fields are read word by word
+// (volatile), as the verifier wants them: left to itself the compiler may
+// read the bytes it needs one at a time, which most context fields refuse.
+
+/// An IPv6 address field of a context (`[u32; 4]`), as bytes.
 #[inline(always)]
-pub fn ip6_bytes(w: [u32; 4]) -> [u8; 16] {
-    let mut b = [0u8; 16];
-    let mut i = 0;
-    while i < 4 {
-        let x = w[i].to_ne_bytes();
-        b[i * 4] = x[0];
-        b[i * 4 + 1] = x[1];
-        b[i * 4 + 2] = x[2];
-        b[i * 4 + 3] = x[3];
-        i += 1;
-    }
-    b
+pub unsafe fn ctx_ip6(p: *const [u32; 4]) -> [u8; 16] {
+    let p = p as *const u32;
+    let w = [
+        core::ptr::read_volatile(p),
+        core::ptr::read_volatile(p.add(1)),
+        core::ptr::read_volatile(p.add(2)),
+        core::ptr::read_volatile(p.add(3)),
+    ];
+    core::mem::transmute::<[u32; 4], [u8; 16]>(w)
+}
+
+/// An IPv4 address field of a context, as bytes (the first 4).
+#[inline(always)]
+pub unsafe fn ctx_ip4(p: *const u32) -> [u8; 16] {
+    let w = [core::ptr::read_volatile(p), 0, 0, 0];
+    core::mem::transmute::<[u32; 4], [u8; 16]>(w)
 }
 
 #[inline(always)]
-pub fn ip4_bytes(w: u32) -> [u8; 16] {
-    let x = w.to_ne_bytes();
-    let mut b = [0u8; 16];
-    b[0] = x[0];
-    b[1] = x[1];
-    b[2] = x[2];
-    b[3] = x[3];
-    b
-}
-
-#[inline(always)]
-fn words(b: &[u8; 16]) -> [u32; 4] {
-    [
-        u32::from_ne_bytes([b[0], b[1], b[2], b[3]]),
-        u32::from_ne_bytes([b[4], b[5], b[6], b[7]]),
-        u32::from_ne_bytes([b[8], b[9], b[10], b[11]]),
-        u32::from_ne_bytes([b[12], b[13], b[14], b[15]]),
-    ]
+pub fn words(b: &[u8; 16]) -> [u32; 4] {
+    unsafe { core::mem::transmute::<[u8; 16], [u32; 4]>(*b) }
 }
 
 /// Write an IPv6 address into a sock_addr context (32-bit stores only).
@@ -56,19 +52,19 @@ pub unsafe fn set_user_ip6(sa: *mut bpf_sock_addr, addr: &[u8; 16]) {
 /// (IPv4 or IPv6 words, read only for the socket's family), ports already
 /// in host order.
 #[inline(always)]
-fn tuple(
+unsafe fn tuple(
     family: u32,
-    v4: impl FnOnce() -> (u32, u32),
-    v6: impl FnOnce() -> ([u32; 4], [u32; 4]),
+    v4: impl FnOnce() -> (*const u32, *const u32),
+    v6: impl FnOnce() -> (*const [u32; 4], *const [u32; 4]),
     local_port: u16,
     remote_port: u16,
 ) -> SockTuple {
     if family == AF_INET as u32 {
         let (l, r) = v4();
-        return SockTuple::v4(ip4_bytes(l), ip4_bytes(r), local_port, remote_port);
+        return SockTuple::v4(ctx_ip4(l), ctx_ip4(r), local_port, remote_port);
     }
     let (l, r) = v6();
-    SockTuple::v6(ip6_bytes(l), ip6_bytes(r), local_port, remote_port)
+    SockTuple::v6(ctx_ip6(l), ctx_ip6(r), local_port, remote_port)
 }
 
 /// A sock_ops socket's 4-tuple.
@@ -76,8 +72,8 @@ fn tuple(
 pub unsafe fn ops_tuple(ops: *mut bpf_sock_ops) -> SockTuple {
     tuple(
         (*ops).family,
-        || ((*ops).local_ip4, (*ops).remote_ip4),
-        || ((*ops).local_ip6, (*ops).remote_ip6),
+        || (&raw const (*ops).local_ip4, &raw const (*ops).remote_ip4),
+        || (&raw const (*ops).local_ip6, &raw const (*ops).remote_ip6),
         (*ops).local_port as u16,
         u16::from_be(((*ops).remote_port >> 16) as u16),
     )
@@ -88,8 +84,8 @@ pub unsafe fn ops_tuple(ops: *mut bpf_sock_ops) -> SockTuple {
 pub unsafe fn msg_tuple(m: *mut sk_msg_md) -> SockTuple {
     tuple(
         (*m).family,
-        || ((*m).local_ip4, (*m).remote_ip4),
-        || ((*m).local_ip6, (*m).remote_ip6),
+        || (&raw const (*m).local_ip4, &raw const (*m).remote_ip4),
+        || (&raw const (*m).local_ip6, &raw const (*m).remote_ip6),
         (*m).local_port as u16,
         u16::from_be(((*m).remote_port >> 16) as u16),
     )
@@ -100,8 +96,8 @@ pub unsafe fn msg_tuple(m: *mut sk_msg_md) -> SockTuple {
 pub unsafe fn sock_tuple(sk: *mut bpf_sock) -> SockTuple {
     tuple(
         (*sk).family,
-        || ((*sk).src_ip4, (*sk).dst_ip4),
-        || ((*sk).src_ip6, (*sk).dst_ip6),
+        || (&raw const (*sk).src_ip4, &raw const (*sk).dst_ip4),
+        || (&raw const (*sk).src_ip6, &raw const (*sk).dst_ip6),
         (*sk).src_port as u16,
         u16::from_be((*sk).dst_port),
     )

@@ -6,7 +6,10 @@ use redirect_common::{CounterKey, CounterValue, Reason};
 use crate::maps::{REDIRECT_COUNTERS, REDIRECT_COUNTERS_LOST};
 
 /// Add to a per-CPU counter (no atomics needed), creating it on first use.
-#[inline(always)]
+/// A BPF subprogram: its key and value live in a small frame of their own,
+/// not once per call site in the calling program's (whose stack the
+/// verifier limits to 512 bytes with its subprograms').
+#[inline(never)]
 pub fn bump(netns: u64, reason: u32, conns: u64, bytes: u64) {
     let key = CounterKey {
         netns,
@@ -42,8 +45,14 @@ pub fn bump(netns: u64, reason: u32, conns: u64, bytes: u64) {
 /// install's debug log is on).
 #[inline(always)]
 pub fn count(netns: u64, reason: Reason) {
-    bump(netns, reason as u32, 1, 0);
-    crate::log::decision(netns, reason as u32);
+    count_code(netns, reason as u32);
+}
+
+/// [`count`] by raw reason code.
+#[inline(always)]
+pub fn count_code(netns: u64, reason: u32) {
+    bump(netns, reason, 1, 0);
+    crate::log::decision(netns, reason);
 }
 
 /// Add bytes to a counter (by raw reason code) without counting a

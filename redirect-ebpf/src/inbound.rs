@@ -18,15 +18,16 @@ use aya_ebpf::{
     bindings::BPF_ANY, macros::sk_lookup, programs::SkLookupContext, programs::SockOpsContext,
 };
 use redirect_common::{
-    flags, inbound_verdict, ListenerKey, Reason, TupleKey, Verdict, AF_INET, AF_INET6, IPPROTO_TCP,
+    flags, iface_flags, inbound_verdict, IfaceKey, ListenerKey, Reason, TupleKey, Verdict, AF_INET,
+    AF_INET6, IPPROTO_TCP,
 };
 
 use crate::{
     abi::{LOOPBACK_IFINDEX, SK_DROP, SK_PASS},
-    addr::{ip4_bytes, ip6_bytes},
+    addr::{ctx_ip4, ctx_ip6},
     counters::count,
-    maps::{PodMaps, REDIRECT_LISTENERS, REDIRECT_LOCAL_CONNECTS, REDIRECT_PODS},
-    netns,
+    maps::{PodMaps, REDIRECT_IFACES, REDIRECT_LISTENERS, REDIRECT_LOCAL_CONNECTS, REDIRECT_PODS},
+    netns, trace,
 };
 
 /// PREROUTING → ISTIO_INBOUND: attached to each pod netns. Connections
@@ -53,9 +54,9 @@ unsafe fn sk_lookup_inbound(ctx: &SkLookupContext) -> u32 {
     // IPv6, by the mark its connecting socket set (see the module docs).
     let family = (*l).family;
     let src = if family == AF_INET as u32 {
-        ip4_bytes((*l).remote_ip4)
+        ctx_ip4(&raw const (*l).remote_ip4)
     } else {
-        ip6_bytes((*l).remote_ip6)
+        ctx_ip6(&raw const (*l).remote_ip6)
     };
     let maps = PodMaps { netns };
     let fam = if family == AF_INET as u32 {
@@ -71,7 +72,7 @@ unsafe fn sk_lookup_inbound(ctx: &SkLookupContext) -> u32 {
         let key = TupleKey {
             netns,
             src,
-            dst: ip6_bytes((*l).local_ip6),
+            dst: ctx_ip6(&raw const (*l).local_ip6),
             sport: u16::from_be((*l).remote_port),
             dport,
             family: AF_INET6,
@@ -81,9 +82,30 @@ unsafe fn sk_lookup_inbound(ctx: &SkLookupContext) -> u32 {
             return SK_PASS;
         }
     }
+    // `-A PREROUTING -i <iface> -j RETURN` of `-c` (counted) and `-k`
+    // interfaces (what a VM sends is the tc program's, `vm.rs`), ahead
+    // of the jump to ISTIO_INBOUND.
+    if cfg.has(flags::IFACES) {
+        let key = IfaceKey {
+            netns,
+            ifindex: (*l).ingress_ifindex,
+            _pad: 0,
+        };
+        if let Some(i) = REDIRECT_IFACES.get(&key) {
+            if i.has(iface_flags::EXCLUDE) {
+                count(netns, Reason::InExcludedInterface);
+                trace::inbound(netns, l, Reason::InExcludedInterface, 0);
+                return SK_PASS;
+            }
+            if i.has(iface_flags::VIRT) {
+                return SK_PASS;
+            }
+        }
+    }
     let verdict = inbound_verdict(cfg, dport, &maps);
     if let Verdict::Untouched(r) = verdict {
         count(netns, r);
+        trace::inbound(netns, l, r, 0);
         return SK_PASS;
     }
     let key = ListenerKey {
@@ -93,6 +115,7 @@ unsafe fn sk_lookup_inbound(ctx: &SkLookupContext) -> u32 {
     };
     if REDIRECT_LISTENERS.redirect_sk_lookup(ctx, key, 0).is_ok() {
         count(netns, Reason::InCaptured);
+        trace::inbound(netns, l, Reason::InCaptured, cfg.inbound_port);
         return SK_PASS;
     }
     if family == AF_INET as u32 {
@@ -104,11 +127,13 @@ unsafe fn sk_lookup_inbound(ctx: &SkLookupContext) -> u32 {
         };
         if REDIRECT_LISTENERS.redirect_sk_lookup(ctx, key6, 0).is_ok() {
             count(netns, Reason::InCaptured);
+            trace::inbound(netns, l, Reason::InCaptured, cfg.inbound_port);
             return SK_PASS;
         }
     }
     // As iptables REDIRECT with nothing on the inbound port: refused.
     count(netns, Reason::InNoListener);
+    trace::inbound(netns, l, Reason::InNoListener, 0);
     SK_DROP
 }
 

@@ -27,14 +27,18 @@
 //! - `release.rs`: `redirect_sock_release` (cgroup/sock_release).
 //!   conntrack forgetting a connection that never started, and a DNS
 //!   socket's record when it closes.
+//! - `vm.rs`: `redirect_vm_ingress/egress` (tc, tcx links on a pod's `-k`
+//!   interfaces, one instance per pod). The nat PREROUTING rules of
+//!   `-k`: a VM's connections go to the outbound port, as REDIRECT.
 //!
 //! Helpers, imported by the hook files and never importing them:
 //! `maps.rs` (every map), `netns.rs` (the one place a program learns its
 //! pod's netns cookie), `addr.rs` (addresses and 4-tuples out of the
-//! contexts), `counters.rs` (the per-reason counters), `log.rs` (the
-//! debug log, off unless the install turns it on), `abi.rs` (kernel
-//! constants the bindings lack). A new hook gets a file of its own and a
-//! line here.
+//! contexts), `counters.rs` (the per-reason counters), `trace.rs`
+//! (`redirect trace`'s events: one call per hook where it counts),
+//! `log.rs` (the debug log, off unless the install turns it on),
+//! `abi.rs` (kernel constants the bindings lack). A new hook gets a file
+//! of its own and a line here.
 #![no_std]
 #![no_main]
 
@@ -52,6 +56,8 @@ mod recvmsg;
 mod release;
 mod sendmsg;
 mod sockops;
+mod trace;
+mod vm;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -9,12 +9,20 @@ use core::ffi::c_void;
 use aya_ebpf::{
     bindings::bpf_sock,
     macros::map,
-    maps::{lpm_trie::Key, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, SockHash},
+    maps::{
+        lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf,
+        SockHash,
+    },
 };
 use redirect_common::{
-    AccelSock, CidrKeyData, CounterKey, CounterValue, ListenerKey, Lookup, OrigDst, PodConfig,
-    PortKey, TupleKey, CIDR_KEY_FIXED_BITS, MAX_ACCEL_PORTS, MAX_CIDRS, MAX_COUNTERS,
-    MAX_LISTENERS, MAX_PODS, MAX_PORTS, MAX_TRACKED_SOCKETS,
+    trace::{MAX_TRACE_PODS, TRACE_RING_BYTES},
+    TraceCtl,
+};
+use redirect_common::{
+    AccelSock, CidrKeyData, CounterKey, CounterValue, IfaceEntry, IfaceKey, ListenerKey, Lookup,
+    OrigDst, PodConfig, PortKey, RouteEntry, TupleKey, CIDR_KEY_FIXED_BITS, MAX_ACCEL_PORTS,
+    MAX_CIDRS, MAX_COUNTERS, MAX_IFACES, MAX_LISTENERS, MAX_PODS, MAX_PORTS, MAX_ROUTES,
+    MAX_TRACKED_SOCKETS,
 };
 
 #[map]
@@ -71,19 +79,46 @@ pub static REDIRECT_LOCAL_CONNECTS: HashMap<TupleKey, u8> =
 #[map]
 pub static REDIRECT_LISTENERS: SockHash<ListenerKey> = SockHash::pinned(MAX_LISTENERS, 0);
 
+/// The interfaces pods name with `-c` and `-k`, by (netns cookie, ifindex).
+#[map]
+pub static REDIRECT_IFACES: HashMap<IfaceKey, IfaceEntry> = HashMap::pinned(MAX_IFACES, 0);
+/// Each pod's routes (its main table as read at attach), keyed like
+/// REDIRECT_CIDRS with the family as kind: source address and output
+/// interface of a destination.
+#[map]
+pub static REDIRECT_ROUTES: LpmTrie<CidrKeyData, RouteEntry> = LpmTrie::pinned(MAX_ROUTES, 0);
+/// `redirect trace`'s switch, one entry (see trace.rs): zero while nobody
+/// traces.
+#[map]
+pub static REDIRECT_TRACE: Array<TraceCtl> = Array::pinned(1, 0);
+/// The pods traced (netns cookie), unless the switch says every pod.
+#[map]
+pub static REDIRECT_TRACE_PODS: HashMap<u64, u8> = HashMap::pinned(MAX_TRACE_PODS, 0);
+/// Trace events for `redirect trace` (and the agent's trace op).
+#[map]
+pub static REDIRECT_TRACE_EVENTS: RingBuf = RingBuf::pinned(TRACE_RING_BYTES, 0);
+
 /// The pod netns an sk_lookup instance serves: sk_lookup programs cannot
 /// call bpf_get_netns_cookie, so each pod's instance is loaded with its
 /// cookie set here (userspace `set_global`).
 #[unsafe(no_mangle)]
 pub static REDIRECT_SK_LOOKUP_NETNS: u64 = 0;
 
+/// The same for the tc programs on a pod's `-k` interfaces (one instance
+/// per pod; `bpf_get_netns_cookie` is not offered to tc programs).
+#[unsafe(no_mangle)]
+pub static REDIRECT_TC_NETNS: u64 = 0;
+
 /// One pod's view of the config maps, for the shared decisions.
 pub struct PodMaps {
     pub netns: u64,
 }
 
+/// The look-ups are BPF subprograms (`inline(never)`): their keys live in
+/// small frames of their own instead of adding up in the decision's (the
+/// verifier's 512-byte limit is on a call chain's sum).
 impl Lookup for PodMaps {
-    #[inline(always)]
+    #[inline(never)]
     fn port_listed(&self, kind: u16, port: u16) -> bool {
         let key = PortKey {
             netns: self.netns,
@@ -94,13 +129,33 @@ impl Lookup for PodMaps {
         unsafe { REDIRECT_PORTS.get(&key).is_some() }
     }
 
-    #[inline(always)]
+    #[inline(never)]
     fn cidr_contains(&self, kind: u32, addr: &[u8; 16]) -> bool {
         let key = Key::new(
             CIDR_KEY_FIXED_BITS + 128,
             CidrKeyData::new(self.netns, kind, *addr),
         );
         REDIRECT_CIDRS.get(&key).is_some()
+    }
+
+    #[inline(always)]
+    fn route(&self, family: u16, addr: &[u8; 16]) -> Option<RouteEntry> {
+        let key = Key::new(
+            CIDR_KEY_FIXED_BITS + 128,
+            CidrKeyData::new(self.netns, family as u32, *addr),
+        );
+        REDIRECT_ROUTES.get(&key).copied()
+    }
+
+    #[inline(never)]
+    fn route_excluded(&self, family: u16, addr: &[u8; 16]) -> bool {
+        let key = Key::new(
+            CIDR_KEY_FIXED_BITS + 128,
+            CidrKeyData::new(self.netns, family as u32, *addr),
+        );
+        REDIRECT_ROUTES
+            .get(&key)
+            .is_some_and(|r| r.has(redirect_common::route_flags::EXCLUDED_IFACE))
     }
 }
 

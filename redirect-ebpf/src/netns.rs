@@ -12,7 +12,7 @@ use aya_ebpf::{
     helpers::bpf_get_netns_cookie,
 };
 
-use crate::maps::REDIRECT_SK_LOOKUP_NETNS;
+use crate::maps::{REDIRECT_SK_LOOKUP_NETNS, REDIRECT_TC_NETNS};
 
 /// cgroup/connect4/6, cgroup/getpeername4/6.
 #[inline(always)]
@@ -43,4 +43,11 @@ pub unsafe fn of_msg(m: *mut sk_msg_md) -> u64 {
 #[inline(always)]
 pub unsafe fn of_sk_lookup() -> u64 {
     core::ptr::read_volatile(&REDIRECT_SK_LOOKUP_NETNS)
+}
+
+/// tc (the programs on a pod's `-k` interfaces): not offered the helper
+/// either, so each pod's instances carry their netns cookie as a global.
+#[inline(always)]
+pub unsafe fn of_tc() -> u64 {
+    core::ptr::read_volatile(&REDIRECT_TC_NETNS)
 }

@@ -24,7 +24,7 @@ use crate::{
     addr::{set_user_ip6, sock_tuple},
     counters::count,
     maps::{REDIRECT_ORIG_BY_COOKIE, REDIRECT_ORIG_BY_TUPLE, REDIRECT_PODS},
-    netns,
+    netns, trace,
 };
 
 // ------------------------------------------------------------ getpeername
@@ -81,6 +81,7 @@ unsafe fn getpeername(ctx: &SockAddrContext, v6: bool) {
     }
     (*sa).user_port = (orig.port.to_be()) as u32;
     count(netns, Reason::PeerNameRewritten);
+    trace::getpeername(netns, orig);
 }
 
 // ------------------------------------------------------------- getsockopt
@@ -130,6 +131,7 @@ unsafe fn getsockopt(ctx: &SockoptContext) {
             };
             if loopback {
                 count(netns, Reason::OrigDstMissing);
+                trace::getsockopt(netns, Reason::OrigDstMissing, None, &t);
                 return;
             }
             (
@@ -150,6 +152,7 @@ unsafe fn getsockopt(ctx: &SockoptContext) {
     };
     if level != want {
         count(netns, Reason::OrigDstMissing);
+        trace::getsockopt(netns, Reason::OrigDstMissing, None, &t);
         return;
     }
     let optval = (*so).__bindgen_anon_2.optval as *mut u8;
@@ -193,4 +196,5 @@ unsafe fn getsockopt(ctx: &SockoptContext) {
     }
     (*so).retval = 0;
     count(netns, reason);
+    trace::getsockopt(netns, reason, Some(&orig), &t);
 }

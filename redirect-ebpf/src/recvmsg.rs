@@ -17,10 +17,10 @@ use aya_ebpf::{
 use redirect_common::{v4_to_mapped, Reason, AF_INET, DNS_PROXY_PORT, V6_LOCALHOST};
 
 use crate::{
-    addr::{ip6_bytes, set_user_ip6},
+    addr::{ctx_ip6, set_user_ip6},
     counters::count,
     maps::REDIRECT_ORIG_BY_COOKIE,
-    netns,
+    netns, trace,
 };
 
 /// recvmsg programs must allow (the verifier accepts only 1).
@@ -49,7 +49,7 @@ unsafe fn recvmsg(ctx: &SockAddrContext, v6: bool) {
     mapped_lo[..4].copy_from_slice(&V4_LOCALHOST);
     let mapped_lo = v4_to_mapped(&mapped_lo);
     let from_proxy = if v6 {
-        let src = ip6_bytes((*sa).user_ip6);
+        let src = ctx_ip6(&raw const (*sa).user_ip6);
         src == V6_LOCALHOST || src == mapped_lo
     } else {
         (*sa).user_ip4 == u32::from_ne_bytes(V4_LOCALHOST)
@@ -76,5 +76,7 @@ unsafe fn recvmsg(ctx: &SockAddrContext, v6: bool) {
         set_user_ip6(sa, &addr);
     }
     (*sa).user_port = (orig.port.to_be()) as u32;
-    count(netns::of_sock_addr(sa), Reason::DnsReplyRewritten);
+    let netns = netns::of_sock_addr(sa);
+    count(netns, Reason::DnsReplyRewritten);
+    trace::recvmsg(netns, orig);
 }

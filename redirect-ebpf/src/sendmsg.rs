@@ -11,22 +11,18 @@
 //! Everything but port 53 returns at once, before the pod lookup: this
 //! hook sees every datagram the pods' processes send.
 
-use core::ffi::c_void;
+use core::{ffi::c_void, mem::MaybeUninit};
 
 use aya_ebpf::{
-    bindings::bpf_sock, helpers::bpf_get_socket_cookie, macros::cgroup_sock_addr,
-    programs::SockAddrContext,
+    helpers::bpf_get_socket_cookie, macros::cgroup_sock_addr, programs::SockAddrContext,
 };
-use redirect_common::{
-    flags, outbound_verdict, OrigDst, Reason, Verdict, DNS_PORT, DNS_PROXY_PORT, IPPROTO_UDP,
-};
+use redirect_common::{flags, OrigDst, Reason, Verdict, DNS_PORT, DNS_PROXY_PORT};
 
 use crate::{
-    addr::{ip4_bytes, ip6_bytes},
-    connect::{read_outbound, to_localhost},
-    counters::count,
-    maps::{PodMaps, REDIRECT_ORIG_BY_COOKIE, REDIRECT_PODS},
-    netns,
+    connect::{decide, set_redirect_msg_source, to_localhost, Decided, DECIDE_MSG_SRC, DECIDE_V6},
+    counters::{count, count_code},
+    maps::{REDIRECT_ORIG_BY_COOKIE, REDIRECT_PODS},
+    netns, trace,
 };
 
 /// sendmsg verdicts: send (rewritten or not), or refuse (EPERM).
@@ -64,24 +60,16 @@ unsafe fn sendmsg(ctx: &SockAddrContext, v6: bool) -> i32 {
     }
     // The source: the one given with the datagram (IP_PKTINFO), else the
     // socket's bound one (zero when unbound).
-    let sk: *mut bpf_sock = (*sa).__bindgen_anon_1.sk;
-    let src = if v6 {
-        let m = ip6_bytes((*sa).msg_src_ip6);
-        if m != [0; 16] {
-            m
-        } else {
-            ip6_bytes((*sk).src_ip6)
-        }
-    } else {
-        let m = (*sa).msg_src_ip4;
-        ip4_bytes(if m != 0 { m } else { (*sk).src_ip4 })
-    };
-    let (dgram, v4_in_v6) = read_outbound(sa, v6, IPPROTO_UDP, src);
-    let verdict = outbound_verdict(cfg, &dgram, &PodMaps { netns });
-    count(netns, verdict.reason());
-    let Verdict::ToDns(reason) = verdict else {
+    let mut d = MaybeUninit::<Decided>::uninit();
+    let how = DECIDE_MSG_SRC | if v6 { DECIDE_V6 } else { 0 };
+    let reason = decide(sa, cfg, netns, how, d.as_mut_ptr());
+    let d = d.assume_init_ref();
+    count_code(netns, reason);
+    trace::outbound(trace::SENDMSG, netns, cfg, d);
+    let Verdict::ToDns(reason) = d.verdict else {
         return SEND_PROCEED;
     };
+    let dgram = &d.conn;
     let orig = OrigDst {
         addr: dgram.dst,
         port: dgram.dport,
@@ -94,8 +82,15 @@ unsafe fn sendmsg(ctx: &SockAddrContext, v6: bool) -> i32 {
     let cookie = bpf_get_socket_cookie(sa as *mut c_void);
     if REDIRECT_ORIG_BY_COOKIE.insert(&cookie, &orig, 0).is_err() {
         count(netns, Reason::ErrOrigMapFull);
+        trace::refused(trace::SENDMSG, netns, d);
         return SEND_REFUSE;
     }
-    to_localhost(sa, v6, v4_in_v6, DNS_PROXY_PORT);
+    // The source iptables leaves the datagram (the pod's route to the
+    // nameserver gives it), or the loopback destination below makes the
+    // kernel pick a loopback one.
+    if d.src_unset {
+        set_redirect_msg_source(sa, netns, d, v6 as u32);
+    }
+    to_localhost(sa, v6, d.v4_in_v6, DNS_PROXY_PORT);
     SEND_PROCEED
 }

@@ -179,10 +179,13 @@ unsafe fn passive_established(ctx: &SockOpsContext) {
         return;
     };
     let t = ops_tuple(ops);
-    let orig_port = REDIRECT_ORIG_BY_TUPLE
-        .get(&t.peer_key(netns))
+    let orig = REDIRECT_ORIG_BY_TUPLE.get(&t.peer_key(netns));
+    let redirected = orig.is_some();
+    // A VM's connection (`vm.rs`) has no app socket in the pod to
+    // accelerate with.
+    let orig_port = orig
+        .filter(|o| o.reason != Reason::InVirtCaptured as u32)
         .map(|o| o.port);
-    let redirected = orig_port.is_some();
     let accel = accel::accelerate_passive(ops, netns, cfg, &t, orig_port);
     if redirected || accel {
         let _ = bpf_sock_ops_cb_flags_set(ops, BPF_SOCK_OPS_STATE_CB_FLAG);

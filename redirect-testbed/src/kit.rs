@@ -148,6 +148,7 @@ fn accept_loop(l: TcpListener, dir: Direction, log: Arc<Mutex<io::Stdout>>) {
 
 fn handle(conn: TcpStream, dir: Direction, log: Arc<Mutex<io::Stdout>>) {
     let peer = conn.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+    let local = conn.local_addr().map(|a| a.to_string()).unwrap_or_default();
     let name = if dir == Direction::Outbound {
         "outbound"
     } else {
@@ -169,7 +170,7 @@ fn handle(conn: TcpStream, dir: Direction, log: Arc<Mutex<io::Stdout>>) {
     });
     let line = match (&result, &orig) {
         (Ok((orig, _)), _) => format!(
-            "{{\"event\":\"conn\",\"dir\":\"{name}\",\"peer\":\"{peer}\",\"orig\":\"{orig}\"}}"
+            "{{\"event\":\"conn\",\"dir\":\"{name}\",\"peer\":\"{peer}\",\"local\":\"{local}\",\"orig\":\"{orig}\"}}"
         ),
         // The original destination is known; reaching it failed.
         (Err(e), Ok(orig)) => format!(

@@ -631,7 +631,7 @@ mod tests {
     }
 
     #[test]
-    fn interface_annotations_feed_k_and_c_and_are_not_supported_yet() {
+    fn interface_annotations_feed_k_and_c() {
         let m = from_pod(&pod(json!({
             KUBEVIRT_INTERFACES: "tap9",
             REROUTE_VIRTUAL_INTERFACES: "tap0,tap1",
@@ -642,11 +642,7 @@ mod tests {
         // The template's order: reroute-virtual-interfaces wins.
         assert_eq!(s.kube_virt_interfaces, vec!["tap0", "tap1"]);
         assert_eq!(s.exclude_interfaces, vec!["eth1"]);
-        let e = s.check_supported().unwrap_err().to_string();
-        assert!(
-            e.contains("-c/--istio-exclude-interfaces: not supported yet"),
-            "{e}"
-        );
+        s.check_supported().unwrap();
         let bad = from_pod(&pod(json!({EXCLUDE_INTERFACES: "eth/1"})))
             .unwrap_err()
             .to_string();

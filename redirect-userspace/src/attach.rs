@@ -39,6 +39,9 @@ pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(
 /// `attach_cgroup` (the agent does it at start); the others are kept.
 pub use crate::pins::CGROUP_PROGRAMS;
 pub const SK_LOOKUP_PROGRAM: &str = "redirect_sk_lookup";
+/// The tc programs of `-k` interfaces (one instance each per pod).
+pub const VM_INGRESS_PROGRAM: &str = "redirect_vm_ingress";
+pub const VM_EGRESS_PROGRAM: &str = "redirect_vm_egress";
 pub const SK_MSG_PROGRAM: &str = "redirect_sk_msg";
 
 /// An install (a pin directory) with the object loaded against its maps.
@@ -47,6 +50,8 @@ pub struct Installation {
     ebpf: Ebpf,
     /// The per-pod sk_lookup program, relocated once (on first use).
     sk_lookup: Option<SkLookupTemplate>,
+    /// The tc programs of `-k` interfaces (ingress, egress), the same way.
+    pub(crate) vm: Option<(SkLookupTemplate, SkLookupTemplate)>,
 }
 
 /// What `register_pod` did.
@@ -57,6 +62,10 @@ pub struct PodInfo {
     pub inode: u64,
     pub addresses: Vec<std::net::IpAddr>,
     pub inbound_attached: bool,
+    /// `-k` interfaces with the VM programs attached (`name (ifindex)`).
+    pub vm_interfaces: Vec<String>,
+    /// `-c`/`-k` names that match no interface of the pod (yet).
+    pub unmatched_interfaces: Vec<String>,
     pub listener_seeded: Vec<String>,
     /// Acceleration active for this pod.
     pub accel: bool,
@@ -98,6 +107,10 @@ impl Installation {
         loader.default_map_pin_directory(pins.maps_dir());
         crate::kernlog::pin_ring(&mut loader, &pins);
         sizes.apply(&mut loader);
+        // Trace events carry the calling task where the kernel lets cgroup
+        // programs ask for it (the verifier drops the calls elsewhere).
+        let task = crate::trace::task_helpers();
+        loader.override_global("REDIRECT_TRACE_TASK", &task, true);
         let ebpf = loader.load(OBJECT).map_err(|e| {
             Error::bpf(
                 format!(
@@ -107,10 +120,13 @@ impl Installation {
                 e,
             )
         })?;
+        // A trace reader killed before it could switch tracing off.
+        crate::trace::clear_stale(&pins);
         Ok(Installation {
             pins,
             ebpf,
             sk_lookup: None,
+            vm: None,
         })
     }
 
@@ -206,6 +222,7 @@ impl Installation {
     pub fn update_programs(&mut self) -> Result<Vec<String>> {
         let mut out = self.update_cgroup_programs()?;
         out.extend(self.update_sk_lookup_programs()?);
+        out.extend(self.update_vm_programs()?);
         if self.update_sk_msg_program()? {
             out.push(format!("programs/{SK_MSG_PROGRAM}"));
         }
@@ -513,25 +530,48 @@ impl Installation {
         spec.accel = accel;
         let spec = &spec;
         let t_accel = t0.elapsed();
-        // One visit inside the netns, no subprocess: cookie, addresses, ::6
-        // on lo when the pod has IPv6 (the proxy's IPv6 inbound passthrough
-        // source, as istio-iptables adds it).
-        let crate::podns::PodNs { cookie, addresses } = crate::podns::visit(netns)?;
+        // Kernel features -c and -k need, asked before anything changes.
+        crate::ifaces::check_kernel(netns, spec)?;
+        // One visit inside the netns, no subprocess: cookie, addresses,
+        // interfaces and routes, ::6 on lo when the pod has IPv6 (the
+        // proxy's IPv6 inbound passthrough source, as istio-iptables adds
+        // it).
+        let crate::podns::PodNs {
+            cookie,
+            addresses,
+            net,
+        } = crate::podns::visit(netns)?;
         let others = crate::owner::refuse_if_owned(netns, cookie, &self.pins, opts.force)?;
         let t_netns = t0.elapsed();
         let mut maps = self.maps()?;
         let cfg = spec.pod_config(netns.inode as u32);
-        maps.put_pod(
+        // The interface and route entries, then the config (the commit
+        // point); a failure puts back what the pod had.
+        let entries = crate::ifaces::entries(&net, spec);
+        let old_net = crate::maps::NetEntries {
+            ifaces: maps.iface_entries(cookie),
+            routes: maps.route_entries(cookie),
+        };
+        maps.put_net(cookie, &entries)?;
+        if let Err(e) = maps.put_pod(
             cookie,
             &cfg,
             &spec.port_entries(),
             &spec.cidr_entries(&addresses),
-        )?;
+        ) {
+            let _ = maps.put_net(cookie, &old_net);
+            return Err(e);
+        }
         let t_maps = t0.elapsed();
-        let inbound_attached = match self.attach_netns(netns, cookie) {
+        let attached = self.attach_netns(netns, cookie).and_then(|inbound| {
+            let (vm, _) = self.attach_vm_links(netns, cookie, &entries.ifaces)?;
+            Ok((inbound, vm))
+        });
+        let (inbound_attached, vm_interfaces) = match attached {
             Ok(a) => a,
             Err(e) => {
                 maps.remove_pod(cookie);
+                let _ = release_links(&self.pins, cookie);
                 return Err(e);
             }
         };
@@ -582,6 +622,8 @@ impl Installation {
             inode: netns.inode,
             addresses,
             inbound_attached,
+            vm_interfaces,
+            unmatched_interfaces: crate::ifaces::unmatched(&net, spec),
             listener_seeded,
             accel: spec.accel,
             accel_decision,
@@ -711,7 +753,15 @@ pub fn release_pod(pins: &Pins, cookie: u64) -> Result<()> {
     if let Err(e) = crate::cgroups::forget(pins, cookie) {
         tracing::warn!("released pod {cookie}: {e:#}");
     }
-    unpin_link(&pins.sk_lookup_link(cookie))?;
+    release_links(pins, cookie)
+}
+
+/// Unpin every link of a pod (sk_lookup, the tc links of its `-k`
+/// interfaces) and remove its directory.
+fn release_links(pins: &Pins, cookie: u64) -> Result<()> {
+    for link in pins.netns_links(cookie) {
+        unpin_link(&link)?;
+    }
     let _ = std::fs::remove_dir(pins.netns_dir(cookie));
     Ok(())
 }

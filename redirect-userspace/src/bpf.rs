@@ -57,6 +57,52 @@ pub fn link_create(
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// tcx links on a network interface (Linux 6.6+).
+pub const BPF_TCX_INGRESS: u32 = 46;
+pub const BPF_TCX_EGRESS: u32 = 47;
+
+/// BPF_LINK_CREATE on a network interface (tcx): `ifindex` in the calling
+/// thread's network namespace. The program runs after those already
+/// attached.
+pub fn link_create_ifindex(
+    prog: BorrowedFd<'_>,
+    ifindex: u32,
+    attach_type: u32,
+) -> io::Result<OwnedFd> {
+    let mut attr = [0u64; 16];
+    // { u32 prog_fd; u32 target_ifindex; u32 attach_type; u32 flags;
+    //   tcx: { u32 relative_fd; u64 expected_revision } }
+    attr[0] = prog.as_raw_fd() as u32 as u64 | ((ifindex as u64) << 32);
+    attr[1] = attach_type as u64;
+    let fd = bpf(BPF_LINK_CREATE, &mut attr)?;
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// BPF_PROG_LOAD of a few hand-written instructions (feature probes):
+/// each `u64` is one `struct bpf_insn` as the kernel reads it.
+pub fn prog_load_raw(
+    prog_type: u32,
+    expected_attach_type: u32,
+    insns: &[u64],
+) -> io::Result<OwnedFd> {
+    const BPF_PROG_LOAD: libc::c_long = 5;
+    let license = c"GPL";
+    let mut b = [0u8; 128];
+    // { u32 prog_type; u32 insn_cnt; u64 insns; u64 license; ...
+    //   u32 expected_attach_type @68 }
+    b[0..4].copy_from_slice(&prog_type.to_ne_bytes());
+    b[4..8].copy_from_slice(&(insns.len() as u32).to_ne_bytes());
+    b[8..16].copy_from_slice(&(insns.as_ptr() as u64).to_ne_bytes());
+    b[16..24].copy_from_slice(&(license.as_ptr() as u64).to_ne_bytes());
+    b[68..72].copy_from_slice(&expected_attach_type.to_ne_bytes());
+    let mut attr = [0u64; 16];
+    for (a, c) in attr.iter_mut().zip(b.chunks_exact(8)) {
+        *a = u64::from_ne_bytes(c.try_into().expect("8 bytes"));
+    }
+    let fd = bpf(BPF_PROG_LOAD, &mut attr)?;
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
 // enum bpf_map_type (uapi/linux/bpf.h)
 pub const BPF_MAP_TYPE_HASH: u32 = 1;
 pub const BPF_MAP_TYPE_ARRAY: u32 = 2;

@@ -16,6 +16,13 @@ pub enum Error {
     Privilege(String),
     #[error("kernel feature missing: {0}")]
     Kernel(String),
+    /// A flag needs a kernel feature this kernel lacks (`features`).
+    #[error("{flag}: not possible on this kernel: {reason}")]
+    KernelLacks { flag: String, reason: String },
+    /// `redirect trace` cannot read the install's events (another reader,
+    /// an install without trace maps).
+    #[error("{0}")]
+    Trace(String),
     #[error("no cgroup2 filesystem is mounted (none in /proc/mounts); mount one: mount -t cgroup2 none /sys/fs/cgroup/unified")]
     NoCgroup2,
     #[error("'{path}' is not a cgroup2 directory: {reason}")]

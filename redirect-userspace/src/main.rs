@@ -44,6 +44,13 @@ enum Command {
     /// count no bytes. `--zero`, `--chain` and `--watch` work like
     /// `iptables -Z`, `iptables --list CHAIN` and `watch -d`.
     Stats(cmd::stats::Args),
+    /// Why is (isn't) a connection captured: the decision the kernel
+    /// programs would take for it in a captured pod, with the pod's live
+    /// config, rule by rule in the order of the chain.
+    Explain(cmd::explain::Args),
+    /// Stream live decisions (and SO_ORIGINAL_DST/getpeername answers,
+    /// refusals) of one pod or of every pod as they happen; Ctrl-C stops.
+    Trace(cmd::trace::Args),
     /// Remove every program, link and pin of this install (and, when
     /// named, the redirect-cni conflist entry and binary).
     Uninstall(cmd::uninstall::Args),
@@ -116,6 +123,8 @@ fn main() -> ExitCode {
         Command::Detach(a) => cmd::detach::run(&cli.pin_dir, a),
         Command::Status(a) => cmd::status::run(&cli.pin_dir, a),
         Command::Stats(a) => cmd::stats::run(&cli.pin_dir, a),
+        Command::Explain(a) => cmd::explain::run(&cli.pin_dir, a),
+        Command::Trace(a) => cmd::trace::run(&cli.pin_dir, a),
         Command::Uninstall(a) => cmd::uninstall::run(&cli.pin_dir, a),
         Command::Daemon(a) => cmd::daemon::run(&cli.pin_dir, a),
         Command::Validate(a) => cmd::validate::run(&cli.pin_dir, a),

@@ -2,18 +2,21 @@
 
 use std::{collections::BTreeMap, net::IpAddr};
 
+use crate::config::addr_bytes;
+
 use aya::maps::{
     lpm_trie::{Key, LpmTrie},
     HashMap, Map, MapData, PerCpuHashMap, SockHash,
 };
 use redirect_common::{
-    cidr_kind, CidrKeyData, CounterKey, CounterValue, ListenerKey, OrigDst, PodConfig, PortKey,
-    Reason, TupleKey, AF_INET, AF_INET6, CIDR_KEY_FIXED_BITS, MAP_CIDRS, MAP_COUNTERS,
-    MAP_LISTENERS, MAP_ORIG_BY_COOKIE, MAP_ORIG_BY_TUPLE, MAP_PODS, MAP_PORTS, MAP_SOCKS,
+    cidr_kind, CidrKeyData, CounterKey, CounterValue, IfaceEntry, IfaceKey, ListenerKey, OrigDst,
+    PodConfig, PortKey, Reason, RouteEntry, TupleKey, AF_INET, AF_INET6, CIDR_KEY_FIXED_BITS,
+    MAP_CIDRS, MAP_COUNTERS, MAP_IFACES, MAP_LISTENERS, MAP_ORIG_BY_COOKIE, MAP_ORIG_BY_TUPLE,
+    MAP_PODS, MAP_PORTS, MAP_ROUTES, MAP_SOCKS,
 };
 
 use crate::{
-    config::{addr_bytes, Cidr, CidrEntry, PortEntry},
+    config::{Cidr, CidrEntry, PortEntry},
     error::{Error, Result},
     pins::Pins,
 };
@@ -33,12 +36,26 @@ pub struct Maps {
     /// Counter updates lost to a full REDIRECT_COUNTERS; None for an
     /// install made before it existed.
     pub counters_lost: Option<aya::maps::PerCpuArray<MapData, u64>>,
+    /// `-c`/`-k` interface entries; None for an install made before they
+    /// existed (until a new version loads the object into it).
+    pub ifaces: Option<HashMap<MapData, IfaceKey, IfaceEntry>>,
+    /// Route entries; None as `ifaces`.
+    pub routes: Option<LpmTrie<MapData, CidrKeyData, RouteEntry>>,
     /// Accelerated sockets kept on the normal path; None for an install
     /// made before it existed.
     pub accel_fallback: Option<HashMap<MapData, TupleKey, u8>>,
     /// The pods' IPv6 connections to their own addresses; None for an
     /// install made before it existed.
     pub local_connects: Option<HashMap<MapData, TupleKey, u8>>,
+}
+
+/// A pod's entries that come from its network namespace as read at
+/// attach (`podnet`): its `-c`/`-k` interfaces and its routes.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct NetEntries {
+    /// (ifindex or `IFACE_PENDING` + slot, entry).
+    pub ifaces: Vec<(u32, IfaceEntry)>,
+    pub routes: Vec<(Cidr, RouteEntry)>,
 }
 
 fn open(pins: &Pins, name: &str) -> Result<Map> {
@@ -85,6 +102,16 @@ impl Maps {
             } else {
                 None
             },
+            ifaces: if pins.map(MAP_IFACES).exists() {
+                Some(typed!(pins, MAP_IFACES))
+            } else {
+                None
+            },
+            routes: if pins.map(MAP_ROUTES).exists() {
+                Some(typed!(pins, MAP_ROUTES))
+            } else {
+                None
+            },
             accel_fallback: if pins.map(redirect_common::MAP_ACCEL_FALLBACK).exists() {
                 Some(lru(pins, redirect_common::MAP_ACCEL_FALLBACK)?)
             } else {
@@ -96,6 +123,134 @@ impl Maps {
                 None
             },
         })
+    }
+
+    /// A pod's interface entries (ifindex or pending slot, entry).
+    pub fn iface_entries(&self, cookie: u64) -> Vec<(u32, IfaceEntry)> {
+        let Some(m) = self.ifaces.as_ref() else {
+            return Vec::new();
+        };
+        let mut v: Vec<(u32, IfaceEntry)> = m
+            .iter()
+            .filter_map(|r| r.ok())
+            .filter(|(k, _)| k.netns == cookie)
+            .map(|(k, e)| (k.ifindex, e))
+            .collect();
+        v.sort_by_key(|(i, _)| *i);
+        v
+    }
+
+    /// A pod's route entries.
+    pub fn route_entries(&self, cookie: u64) -> Vec<(Cidr, RouteEntry)> {
+        let Some(m) = self.routes.as_ref() else {
+            return Vec::new();
+        };
+        let mut v = Vec::new();
+        for k in m.keys().filter_map(|k| k.ok()) {
+            let d = k.data();
+            if u64::from_ne_bytes(d.netns) != cookie {
+                continue;
+            }
+            let Ok(e) = m.get(&k, 0) else { continue };
+            let family = u32::from_ne_bytes(d.kind);
+            let len = (k.prefix_len() - CIDR_KEY_FIXED_BITS) as u8;
+            let addr = if family == AF_INET6 as u32 {
+                IpAddr::V6(d.addr.into())
+            } else {
+                IpAddr::V4([d.addr[0], d.addr[1], d.addr[2], d.addr[3]].into())
+            };
+            v.push((Cidr { addr, len }, e));
+        }
+        v
+    }
+
+    fn route_key(cookie: u64, c: &Cidr) -> Key<CidrKeyData> {
+        let family = if c.is_v6() { AF_INET6 } else { AF_INET };
+        Key::new(
+            CIDR_KEY_FIXED_BITS + c.len as u32,
+            CidrKeyData::new(cookie, family as u32, addr_bytes(c.addr)),
+        )
+    }
+
+    fn iface_key(cookie: u64, ifindex: u32) -> IfaceKey {
+        IfaceKey {
+            netns: cookie,
+            ifindex,
+            _pad: 0,
+        }
+    }
+
+    /// Write a pod's interface and route entries, then drop those it had
+    /// that are not in `net` any more. On a failure the new entries are
+    /// removed and the old ones kept. An install without these maps (made
+    /// by an older version) takes none: Err when some are needed.
+    pub fn put_net(&mut self, cookie: u64, net: &NetEntries) -> Result<()> {
+        let old = NetEntries {
+            ifaces: self.iface_entries(cookie),
+            routes: self.route_entries(cookie),
+        };
+        let result = (|| -> Result<()> {
+            if !net.ifaces.is_empty() {
+                let m = self.ifaces.as_mut().ok_or_else(|| missing(MAP_IFACES))?;
+                for (i, e) in &net.ifaces {
+                    m.insert(Self::iface_key(cookie, *i), e, 0).map_err(|err| {
+                        let cap = capacity(&*m);
+                        full_or(
+                            err,
+                            MAP_IFACES,
+                            cap,
+                            "ifaces",
+                            format!(
+                                "adding interface {} to {MAP_IFACES}",
+                                crate::podnet::entry_name(e)
+                            ),
+                        )
+                    })?;
+                }
+            }
+            if !net.routes.is_empty() {
+                let m = self.routes.as_mut().ok_or_else(|| missing(MAP_ROUTES))?;
+                for (c, e) in &net.routes {
+                    m.insert(&Self::route_key(cookie, c), e, 0).map_err(|err| {
+                        full_or(
+                            err,
+                            MAP_ROUTES,
+                            capacity(&*m),
+                            "routes",
+                            format!("adding the route to {c} to {MAP_ROUTES}"),
+                        )
+                    })?;
+                }
+            }
+            Ok(())
+        })();
+        let keep = if result.is_ok() { net } else { &old };
+        let drop_from = if result.is_ok() { &old } else { net };
+        if let Some(m) = self.ifaces.as_mut() {
+            for (i, _) in &drop_from.ifaces {
+                if !keep.ifaces.iter().any(|(k, _)| k == i) {
+                    let _ = m.remove(&Self::iface_key(cookie, *i));
+                }
+            }
+            if result.is_err() {
+                for (i, e) in &old.ifaces {
+                    let _ = m.insert(Self::iface_key(cookie, *i), e, 0);
+                }
+            }
+        }
+        if let Some(m) = self.routes.as_mut() {
+            for (c, _) in &drop_from.routes {
+                if !keep.routes.iter().any(|(k, _)| k == c) {
+                    let _ = m.remove(&Self::route_key(cookie, c));
+                }
+            }
+            if result.is_err() {
+                for (c, e) in &old.routes {
+                    let _ = m.insert(&Self::route_key(cookie, c), e, 0);
+                }
+            }
+        }
+        result
     }
 
     pub fn pods(&self) -> Vec<(u64, PodConfig)> {
@@ -310,6 +465,9 @@ impl Maps {
                 let _ = m.remove(&k);
             }
         }
+        // Its `-c`/`-k` interface and route entries. (A VM's connections,
+        // recorded by 4-tuple only, went with the tuple records above.)
+        let _ = self.put_net(cookie, &NetEntries::default());
     }
 
     /// Counter updates the programs could not record because
@@ -386,6 +544,17 @@ fn lru<K: aya::Pod, V: aya::Pod>(pins: &Pins, name: &str) -> Result<HashMap<MapD
             ),
         )),
     }
+}
+
+/// A map this binary needs is not pinned in the install (made by an older
+/// version, and not loaded by this one yet).
+fn missing(map: &str) -> Error {
+    Error::bpf(
+        format!("pinned map {map}"),
+        std::io::Error::other(
+            "missing from the install (made by an older version): run `redirect attach` or restart the agent with this version first",
+        ),
+    )
 }
 
 /// A map-full error (naming the map, its capacity and the knob) when the

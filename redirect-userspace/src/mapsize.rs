@@ -22,9 +22,10 @@ use std::{
 use aya::maps::MapData;
 use redirect_common::{
     ALL_MAPS, MAP_ACCEL_FALLBACK, MAP_ACCEL_PORTS, MAP_ACCEL_SK, MAP_CIDRS, MAP_COUNTERS,
-    MAP_COUNTERS_LOST, MAP_LISTENERS, MAP_LOCAL_CONNECTS, MAP_ORIG_BY_COOKIE, MAP_ORIG_BY_TUPLE,
-    MAP_PODS, MAP_PORTS, MAP_SOCKS, MAX_ACCEL_PORTS, MAX_CIDRS, MAX_COUNTERS, MAX_PODS, MAX_PORTS,
-    MAX_TRACKED_SOCKETS,
+    MAP_COUNTERS_LOST, MAP_IFACES, MAP_LISTENERS, MAP_LOCAL_CONNECTS, MAP_ORIG_BY_COOKIE,
+    MAP_ORIG_BY_TUPLE, MAP_PODS, MAP_PORTS, MAP_ROUTES, MAP_SOCKS, MAP_TRACE, MAP_TRACE_EVENTS,
+    MAP_TRACE_PODS, MAX_ACCEL_PORTS, MAX_CIDRS, MAX_COUNTERS, MAX_IFACES, MAX_PODS, MAX_PORTS,
+    MAX_ROUTES, MAX_TRACKED_SOCKETS,
 };
 
 use crate::error::{Error, Result};
@@ -33,11 +34,16 @@ use crate::error::{Error, Result};
 pub const FLAG: &str = "--map-size";
 
 /// Maps whose pinned layout must match this binary's: the sized ones, the
-/// acceleration's socket storage (its value is the sk_msg state) and the
-/// lost-counter slot.
-const LAYOUT_EXTRA: [&str; 4] = [
+/// acceleration's socket storage (its value is the sk_msg state), the
+/// lost-counter slot, the trace maps (sized by `MAX_TRACE_PODS` and
+/// `TRACE_RING_BYTES`, no knob) and the kernel debug log's switch and ring
+/// buffer.
+const LAYOUT_EXTRA: [&str; 7] = [
     MAP_ACCEL_SK,
     MAP_COUNTERS_LOST,
+    MAP_TRACE,
+    MAP_TRACE_PODS,
+    MAP_TRACE_EVENTS,
     crate::kernlog::MAP_SWITCH,
     crate::kernlog::MAP_RING,
 ];
@@ -59,7 +65,7 @@ pub struct Knob {
     pub what: &'static str,
 }
 
-pub const KNOBS: [Knob; 7] = [
+pub const KNOBS: [Knob; 9] = [
     Knob { name: "pods", maps: &[(MAP_PODS, 1), (MAP_LISTENERS, 2)], default: MAX_PODS, what: "captured pods (REDIRECT_PODS; REDIRECT_LISTENERS gets twice as many)" },
     Knob { name: "orig", maps: &[(MAP_ORIG_BY_COOKIE, 1), (MAP_ORIG_BY_TUPLE, 1), (MAP_LOCAL_CONNECTS, 1)], default: MAX_TRACKED_SOCKETS, what: "redirected connections open at once on the node (REDIRECT_ORIG_BY_COOKIE and REDIRECT_ORIG_BY_TUPLE; also REDIRECT_LOCAL_CONNECTS, the pods' IPv6 connections to their own addresses)" },
     Knob { name: "sockhash", maps: &[(MAP_SOCKS, 1), (MAP_ACCEL_FALLBACK, 1)], default: MAX_TRACKED_SOCKETS, what: "accelerated sockets (REDIRECT_SOCKS and REDIRECT_ACCEL_FALLBACK)" },
@@ -67,6 +73,8 @@ pub const KNOBS: [Knob; 7] = [
     Knob { name: "cidrs", maps: &[(MAP_CIDRS, 1)], default: MAX_CIDRS, what: "CIDR entries of all pods (-i, -x, pod addresses)" },
     Knob { name: "counters", maps: &[(MAP_COUNTERS, 1)], default: MAX_COUNTERS, what: "counter slots (pods x reasons)" },
     Knob { name: "accel-ports", maps: &[(MAP_ACCEL_PORTS, 1)], default: MAX_ACCEL_PORTS, what: "pod ports whose short-lived connections acceleration learned to skip (REDIRECT_ACCEL_PORTS, LRU: the oldest entries are forgotten)" },
+    Knob { name: "ifaces", maps: &[(MAP_IFACES, 1)], default: MAX_IFACES, what: "interface entries of all pods (REDIRECT_IFACES: each -c/-k name, and each interface one matches)" },
+    Knob { name: "routes", maps: &[(MAP_ROUTES, 1)], default: MAX_ROUTES, what: "route entries of all pods (REDIRECT_ROUTES: each pod's main routing table)" },
 ];
 
 /// The knob that sizes `map`.
@@ -186,12 +194,14 @@ fn type_name(t: u32) -> String {
     // enum bpf_map_type (uapi/linux/bpf.h), the ones we use.
     match t {
         1 => "hash".into(),
+        2 => "array".into(),
         5 => "percpu_hash".into(),
         6 => "percpu_array".into(),
         9 => "lru_hash".into(),
         11 => "lpm_trie".into(),
         18 => "sockhash".into(),
         24 => "sk_storage".into(),
+        27 => "ringbuf".into(),
         t => format!("map type {t}"),
     }
 }
@@ -322,8 +332,8 @@ fn map_fd(map: &aya::maps::Map) -> std::io::Result<std::os::fd::OwnedFd> {
         | Map::Array(d)
         | Map::PerCpuArray(d)
         | Map::SockMap(d)
-        | Map::SkStorage(d)
-        | Map::RingBuf(d) => d.fd().as_fd(),
+        | Map::SkStorage(d) => d.fd().as_fd(),
+        Map::RingBuf(d) => d.fd().as_fd(),
         _ => return Err(std::io::Error::other("unexpected map kind")),
     };
     fd.try_clone_to_owned()

@@ -6,6 +6,8 @@
 //! <pin-dir>/maps/AYA_LOGS              the kernel debug log's ring buffer
 //! <pin-dir>/cgroups/<cgroup-id>/<prog> cgroup links (connect, sockops, ...)
 //! <pin-dir>/netns/<netns-cookie>/sk_lookup   per-pod inbound link
+//! <pin-dir>/netns/<netns-cookie>/vm_ingress_<ifindex>, vm_egress_<ifindex>
+//!                                       tc links on the pod's `-k` interfaces
 //! <pin-dir>/programs/redirect_sk_msg   acceleration verdict (attached to
 //!                                       the REDIRECT_SOCKS map)
 //! ```
@@ -52,6 +54,11 @@ pub fn known_maps() -> impl Iterator<Item = &'static str> {
     redirect_common::ALL_MAPS.into_iter().chain([
         redirect_common::MAP_ACCEL_SK,
         redirect_common::MAP_COUNTERS_LOST,
+        redirect_common::trace::MAP_TRACE,
+        redirect_common::trace::MAP_TRACE_PODS,
+        redirect_common::trace::MAP_TRACE_EVENTS,
+        crate::kernlog::MAP_SWITCH,
+        crate::kernlog::MAP_RING,
         MAP_ACCEL_PROBE,
         MAP_STATS_BASELINE,
         MAP_AGENT_PODS,
@@ -123,6 +130,18 @@ impl Pins {
         self.netns_dir(cookie).join("sk_lookup")
     }
 
+    /// The tc link of a `-k` interface (ingress or egress side).
+    pub fn vm_link(&self, cookie: u64, ingress: bool, ifindex: u32) -> PathBuf {
+        let dir = if ingress { "vm_ingress" } else { "vm_egress" };
+        self.netns_dir(cookie).join(format!("{dir}_{ifindex}"))
+    }
+
+    /// The link pins of the layout in a pod's directory that exist (not
+    /// checked to be links): `sk_lookup` and the `-k` interfaces' tc links.
+    pub fn netns_links(&self, cookie: u64) -> Vec<PathBuf> {
+        netns_links_in(&self.netns_dir(cookie))
+    }
+
     pub fn programs_dir(&self) -> PathBuf {
         self.root.join("programs")
     }
@@ -136,7 +155,8 @@ impl Pins {
     }
 
     /// Every link pin path of the layout that exists (not checked to be a
-    /// link): `cgroups/<id>/<cgroup program>` and `netns/<cookie>/sk_lookup`.
+    /// link): `cgroups/<id>/<cgroup program>`, `netns/<cookie>/sk_lookup`
+    /// and `netns/<cookie>/vm_{ingress,egress}_<ifindex>`.
     pub fn all_links(&self) -> Vec<PathBuf> {
         let mut out = Vec::new();
         for dir in numbered(&self.cgroups_dir()) {
@@ -148,10 +168,7 @@ impl Pins {
             );
         }
         for dir in numbered(&self.netns_root()) {
-            let p = dir.join("sk_lookup");
-            if p.symlink_metadata().is_ok() {
-                out.push(p);
-            }
+            out.extend(netns_links_in(&dir));
         }
         out
     }
@@ -163,6 +180,32 @@ impl Pins {
             .filter_map(|p| p.file_name()?.to_str()?.parse().ok())
             .collect()
     }
+}
+
+/// The link pins a pod directory may hold, by name.
+fn netns_links_in(dir: &Path) -> Vec<PathBuf> {
+    read_dir(dir)
+        .into_iter()
+        .filter(|p| {
+            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            name == "sk_lookup" || parse_vm_link(name).is_some()
+        })
+        .collect()
+}
+
+/// (ingress?, ifindex) of a `-k` interface's link pin name
+/// ([`Pins::vm_link`]).
+pub fn parse_vm_link(name: &str) -> Option<(bool, u32)> {
+    let (dir, ifindex) = name.rsplit_once('_')?;
+    let ingress = match dir {
+        "vm_ingress" => true,
+        "vm_egress" => false,
+        _ => return None,
+    };
+    if ifindex.is_empty() || !ifindex.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some((ingress, ifindex.parse().ok()?))
 }
 
 /// Subdirectories of `dir` named by a number (cgroup ids, netns cookies).
@@ -200,6 +243,11 @@ mod tests {
         for m in redirect_common::ALL_MAPS.iter().chain(&[
             redirect_common::MAP_ACCEL_SK,
             redirect_common::MAP_COUNTERS_LOST,
+            redirect_common::trace::MAP_TRACE,
+            redirect_common::trace::MAP_TRACE_PODS,
+            redirect_common::trace::MAP_TRACE_EVENTS,
+            crate::kernlog::MAP_SWITCH,
+            crate::kernlog::MAP_RING,
             crate::probe::PROBE_MAP,
             crate::stats::baseline::MAP_STATS_BASELINE,
             crate::agent::records::MAP_AGENT_PODS,
@@ -222,6 +270,10 @@ mod tests {
             "cgroups/123/other",
             "cgroups/abc/redirect_connect4",
             "netns/42/sk_lookup",
+            "netns/42/vm_ingress_7",
+            "netns/42/vm_egress_7",
+            "netns/42/vm_egress_x",
+            "netns/42/other",
             "netns/4x2/sk_lookup",
         ] {
             std::fs::write(dir.join(f), "").unwrap();
@@ -231,9 +283,14 @@ mod tests {
             pins.all_links(),
             vec![
                 dir.join("cgroups/123/redirect_connect4"),
-                dir.join("netns/42/sk_lookup")
+                dir.join("netns/42/sk_lookup"),
+                dir.join("netns/42/vm_egress_7"),
+                dir.join("netns/42/vm_ingress_7"),
             ]
         );
+        assert_eq!(pins.netns_links(42), pins.all_links()[1..].to_vec());
+        assert_eq!(parse_vm_link("vm_ingress_7"), Some((true, 7)));
+        assert_eq!(parse_vm_link("vm_egress_+7"), None);
         // Not on bpffs: nothing there is a pin.
         assert_eq!(pin_kind(&dir.join("netns/42/sk_lookup")), None);
         assert_eq!(pin_kind(&dir.join("cgroups")), None);

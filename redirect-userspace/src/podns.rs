@@ -4,7 +4,9 @@
 //! when it has IPv6 (as istio-iptables does, over rtnetlink rather than
 //! `ip`). And, once the pod's config is in, whether any TCP socket listens
 //! on the inbound capture port (only then can there be a proxy listener to
-//! register, and only then is `/proc` searched for it).
+//! register, and only then is `/proc` searched for it). Its interfaces,
+//! addresses per interface and routes are read in the same visit
+//! (`podnet`, which uses the netlink helpers here).
 
 use std::{
     io,
@@ -42,6 +44,8 @@ pub struct PodNs {
     pub cookie: u64,
     /// Non-loopback addresses (after `::6` was added, so it is listed).
     pub addresses: Vec<IpAddr>,
+    /// Interfaces, their addresses, main routes.
+    pub net: crate::podnet::PodNet,
 }
 
 /// Visit `netns`: see the module docs.
@@ -54,8 +58,18 @@ pub fn visit(netns: &Netns) -> Result<PodNs> {
             add_lo_address_v6(PASSTHROUGH_V6)?;
             addresses = non_loopback()?;
         }
-        Ok(PodNs { cookie, addresses })
+        let net = crate::podnet::read()?;
+        Ok(PodNs {
+            cookie,
+            addresses,
+            net,
+        })
     })
+}
+
+/// The interfaces, addresses and routes of `netns` (as `visit`).
+pub fn net(netns: &Netns) -> Result<crate::podnet::PodNet> {
+    on_this_thread(netns, crate::podnet::read)
 }
 
 /// The netns cookie of `netns` (as `Netns::cookie`, without a thread).
@@ -74,7 +88,7 @@ pub fn listening(netns: &Netns, port: u16) -> Result<bool> {
 /// back in its own netns (also when `f` panics). Unlike `Netns::run` no
 /// thread is started: on a busy node a new thread waits for a CPU (up to
 /// the scheduler's slice, ~3 ms), and a capture did that twice.
-fn on_this_thread<R>(netns: &Netns, f: impl FnOnce() -> io::Result<R>) -> Result<R> {
+pub(crate) fn on_this_thread<R>(netns: &Netns, f: impl FnOnce() -> io::Result<R>) -> Result<R> {
     let err = |e| crate::error::Error::io("working inside network namespace", &netns.path, e);
     let home = std::fs::File::open("/proc/thread-self/ns/net").map_err(err)?;
     if unsafe { libc::setns(netns.file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
@@ -212,28 +226,33 @@ pub fn tcp_socket_cookies(netns: &Netns) -> Result<Vec<u64>> {
 /// Cookies of the TCP sockets of one family, in the calling thread's
 /// netns (NETLINK_SOCK_DIAG, inet_diag_req_v2 dump of every state).
 fn diag_cookies(family: u8) -> io::Result<Vec<u64>> {
-    const SOCK_DIAG_BY_FAMILY: u16 = 20;
-    const NLM_F_DUMP: u16 = 0x300;
-    let mut msg = nl_header(SOCK_DIAG_BY_FAMILY, NLM_F_DUMP);
-    msg.extend_from_slice(&[family, libc::IPPROTO_TCP as u8, 0, 0]);
-    msg.extend_from_slice(&u32::MAX.to_ne_bytes());
-    msg.extend_from_slice(&[0u8; 48]);
+    let req = InetRequest {
+        family,
+        protocol: libc::IPPROTO_TCP as u8,
+        extensions: ExtensionFlags::empty(),
+        // Every state bit, also those the crate has no name for.
+        states: StateFlags::from_bits_retain(u32::MAX),
+        socket_id: if family == libc::AF_INET6 as u8 {
+            SocketId::new_v6()
+        } else {
+            SocketId::new_v4()
+        },
+    };
     let mut cookies = Vec::new();
-    nl_exchange(libc::NETLINK_SOCK_DIAG, msg, |ty, body| {
-        match ty {
-            NLMSG_DONE => return Some(Ok(())),
-            NLMSG_ERROR => return Some(nl_error(body)),
-            // struct inet_diag_msg { family, state, timer, retrans,
-            //   id { sport, dport, src[4], dst[4], if, cookie[2] @44 } }
-            _ if body.len() >= 52 => {
-                let lo = u32::from_ne_bytes(body[44..48].try_into().unwrap()) as u64;
-                let hi = u32::from_ne_bytes(body[48..52].try_into().unwrap()) as u64;
+    netlink(
+        NETLINK_SOCK_DIAG,
+        SockDiagMessage::InetRequest(req),
+        NLM_F_DUMP,
+        |m| {
+            if let SockDiagMessage::InetResponse(r) = m {
+                // The kernel's `__u32 idiag_cookie[2]`, low word first.
+                let c = r.header.socket_id.cookie;
+                let lo = u32::from_ne_bytes([c[0], c[1], c[2], c[3]]) as u64;
+                let hi = u32::from_ne_bytes([c[4], c[5], c[6], c[7]]) as u64;
                 cookies.push(lo | (hi << 32));
             }
-            _ => {}
-        }
-        None
-    })?;
+        },
+    )?;
     Ok(cookies)
 }
 
@@ -275,7 +294,12 @@ fn add_lo_address_v6(addr: Ipv6Addr) -> io::Result<()> {
 /// socket of `protocol` and hand each message of the reply to `on_msg`,
 /// until the dump is done or the kernel acknowledges (or refuses: its
 /// errno is the error).
-fn netlink<M>(protocol: isize, req: M, flags: u16, mut on_msg: impl FnMut(M)) -> io::Result<()>
+pub(crate) fn netlink<M>(
+    protocol: isize,
+    req: M,
+    flags: u16,
+    mut on_msg: impl FnMut(M),
+) -> io::Result<()>
 where
     M: NetlinkSerializable + NetlinkDeserializable,
 {

@@ -19,6 +19,9 @@ pub struct PodStatus {
     pub pod_addresses: Vec<String>,
     pub inbound_attached: bool,
     pub inbound_listeners: Vec<&'static str>,
+    /// The interfaces `-c` and `-k` name, as resolved in the pod (and the
+    /// names no interface of the pod has).
+    pub interfaces: Vec<String>,
     /// Acceleration on or off for this pod, and why.
     pub acceleration: String,
     /// What DNS capture does for this pod (`--redirect-dns`), in words.
@@ -63,7 +66,9 @@ pub fn status(pins: &Pins) -> Result<Status> {
     let probe = crate::probe::cached(pins);
     for (cookie, cfg) in maps.pods() {
         let cidrs = maps.cidr_entries(cookie);
-        let spec = PodSpec::from_kernel(&cfg, &maps.port_entries(cookie), &cidrs);
+        let ifaces = maps.iface_entries(cookie);
+        let spec =
+            PodSpec::from_kernel(&cfg, &maps.port_entries(cookie), &cidrs).with_interfaces(&ifaces);
         let pod_addresses = cidrs
             .iter()
             .filter(|(k, _)| *k == cidr_kind::LOCAL_V4 || *k == cidr_kind::LOCAL_V6)
@@ -80,6 +85,7 @@ pub fn status(pins: &Pins) -> Result<Status> {
             pod_addresses,
             inbound_attached: pins.sk_lookup_link(cookie).exists(),
             inbound_listeners: maps.listener_families(cookie),
+            interfaces: crate::ifaces::describe(pins, cookie, &ifaces),
         });
     }
     pods.sort_by_key(|p| p.netns_cookie);
@@ -207,6 +213,9 @@ impl Status {
                     p.inbound_listeners.join(", ")
                 }
             );
+            if !p.interfaces.is_empty() {
+                let _ = writeln!(s, "  interfaces: {}", p.interfaces.join("; "));
+            }
             let _ = writeln!(s, "  acceleration: {}", p.acceleration);
             if p.config.redirect_dns {
                 let _ = writeln!(s, "  dns capture: {}", p.dns_capture);

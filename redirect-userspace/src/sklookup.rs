@@ -1,4 +1,7 @@
-//! Per-pod `sk_lookup` instances, loaded in well under a millisecond.
+//! Per-pod `sk_lookup` instances, loaded in well under a millisecond (and
+//! the per-pod instances of the tc programs of `-k` interfaces, which
+//! cannot call `bpf_get_netns_cookie` either: the same template serves
+//! any program of the object that carries its pod's cookie in a global).
 //!
 //! `sk_lookup` programs cannot call `bpf_get_netns_cookie`, so every pod
 //! gets its own instance of `redirect_sk_lookup` with its netns cookie in
@@ -31,7 +34,7 @@ use std::{
 use aya_obj::{
     generated::{bpf_insn, BPF_PSEUDO_MAP_FD, BPF_PSEUDO_MAP_VALUE},
     maps::PinningType,
-    Object,
+    Object, ProgramSection,
 };
 
 use crate::error::{Error, Result};
@@ -53,6 +56,7 @@ const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_MAP_FREEZE: libc::c_long = 22;
 const BPF_MAP_TYPE_ARRAY: u32 = 2;
 const BPF_F_RDONLY_PROG: u32 = 1 << 7;
+const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
 const BPF_PROG_TYPE_SK_LOOKUP: u32 = 30;
 pub const BPF_SK_LOOKUP: u32 = 36;
 const LD_IMM64: u8 = 0x18; // BPF_LD | BPF_IMM | BPF_DW
@@ -66,6 +70,9 @@ pub struct SkLookupTemplate {
     cookie_offset: usize,
     license: CString,
     name: [u8; 16],
+    /// Program type and expected attach type (from its section).
+    prog_type: u32,
+    attach_type: u32,
     /// The pinned maps the instructions name by fd, open as long as the
     /// template lives, with their pin path and map id.
     maps: Vec<(OwnedFd, PathBuf, u32)>,
@@ -143,6 +150,16 @@ impl SkLookupTemplate {
                 io::Error::other("no such program"),
             )
         })?;
+        let (prog_type, attach_type) = match prog.section {
+            ProgramSection::SkLookup => (BPF_PROG_TYPE_SK_LOOKUP, BPF_SK_LOOKUP),
+            ProgramSection::SchedClassifier => (BPF_PROG_TYPE_SCHED_CLS, 0),
+            _ => {
+                return Err(Error::bpf(
+                    what("not an sk_lookup or tc program"),
+                    io::Error::other("unsupported program type"),
+                ))
+            }
+        };
         let insns = obj.functions[&prog.function_key()].instructions.clone();
         let refers = |mark: RawFd| {
             (0..insns.len())
@@ -172,6 +189,8 @@ impl SkLookupTemplate {
             cookie_offset,
             license: prog.license.clone(),
             name,
+            prog_type,
+            attach_type,
             maps: keep,
         })
     }
@@ -208,12 +227,21 @@ impl SkLookupTemplate {
         for &i in &self.rodata_refs {
             insns[i].imm = map.as_raw_fd();
         }
-        match prog_load(&insns, &self.license, &self.name, None) {
+        let load = |log| {
+            prog_load(
+                (self.prog_type, self.attach_type),
+                &insns,
+                &self.license,
+                &self.name,
+                log,
+            )
+        };
+        match load(None) {
             Ok(fd) => Ok(fd),
             Err(e) => {
                 // Again with the verifier's log, for the error message.
                 let mut log = vec![0u8; 1 << 20];
-                let _ = prog_load(&insns, &self.license, &self.name, Some(&mut log));
+                let _ = load(Some(&mut log));
                 let end = log.iter().position(|&b| b == 0).unwrap_or(log.len());
                 let text = String::from_utf8_lossy(&log[..end]);
                 let tail: Vec<&str> = text
@@ -316,6 +344,7 @@ fn map_freeze(map: BorrowedFd<'_>) -> io::Result<()> {
 }
 
 fn prog_load(
+    (prog_type, attach_type): (u32, u32),
     insns: &[bpf_insn],
     license: &CString,
     name: &[u8; 16],
@@ -326,7 +355,7 @@ fn prog_load(
     //   u32 log_level @24; u32 log_size @28; u64 log_buf @32;
     //   u32 kern_version @40; u32 prog_flags @44; char prog_name[16] @48;
     //   u32 prog_ifindex @64; u32 expected_attach_type @68 }
-    put(&mut attr, 0, &BPF_PROG_TYPE_SK_LOOKUP.to_ne_bytes());
+    put(&mut attr, 0, &prog_type.to_ne_bytes());
     put(&mut attr, 4, &(insns.len() as u32).to_ne_bytes());
     attr[1] = insns.as_ptr() as u64;
     attr[2] = license.as_ptr() as u64;
@@ -336,7 +365,7 @@ fn prog_load(
         attr[4] = log.as_mut_ptr() as u64;
     }
     put(&mut attr, 48, name);
-    put(&mut attr, 68, &BPF_SK_LOOKUP.to_ne_bytes());
+    put(&mut attr, 68, &attach_type.to_ne_bytes());
     bpf(BPF_PROG_LOAD, &mut attr).map(fd)
 }
 

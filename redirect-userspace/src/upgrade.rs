@@ -66,6 +66,30 @@ pub fn link_prog_id(link: BorrowedFd<'_>) -> io::Result<u32> {
     Ok(u32::from_ne_bytes([b[8], b[9], b[10], b[11]]))
 }
 
+/// The interface a tcx link is attached to (`bpf_link_info.tcx.ifindex`);
+/// 0 once the interface is gone (the kernel detached the link).
+pub fn tcx_link_ifindex(link: BorrowedFd<'_>) -> io::Result<u32> {
+    let b = info(link)?;
+    // { u32 type; u32 id; u32 prog_id; union (8-aligned) { tcx: { u32 ifindex; ... } } }
+    Ok(u32::from_ne_bytes([b[16], b[17], b[18], b[19]]))
+}
+
+/// The ids of the maps a program uses (`bpf_prog_info.map_ids`).
+pub fn prog_map_ids(prog: BorrowedFd<'_>) -> io::Result<Vec<u32>> {
+    let mut ids = [0u32; 64];
+    let mut buf = [0u8; 256];
+    // { ...; u32 nr_map_ids @52; u64 map_ids @56; ... }
+    buf[52..56].copy_from_slice(&(ids.len() as u32).to_ne_bytes());
+    buf[56..64].copy_from_slice(&(ids.as_mut_ptr() as u64).to_ne_bytes());
+    let mut attr = [0u8; 128];
+    put32(&mut attr, 0, prog.as_raw_fd() as u32);
+    put32(&mut attr, 4, buf.len() as u32);
+    attr[8..16].copy_from_slice(&(buf.as_mut_ptr() as u64).to_ne_bytes());
+    sys_bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    let n = u32::from_ne_bytes([buf[52], buf[53], buf[54], buf[55]]) as usize;
+    Ok(ids[..n.min(ids.len())].to_vec())
+}
+
 /// An fd of the program with this id.
 pub fn prog_by_id(id: u32) -> io::Result<OwnedFd> {
     let mut attr = [0u8; 128];

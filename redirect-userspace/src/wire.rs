@@ -11,12 +11,21 @@
 //! {"op":"del","netns":"/run/netns/x","container_id":"..."}      (netns may be gone or absent)
 //! {"op":"check","netns":"/run/netns/x"}
 //! {"op":"list"}
+//! {"op":"explain","query":{"pod":"ns/name","uid":1000,"dst":"10.0.0.1:80"},"pin_dir":"/sys/fs/bpf/redirect"}
+//! {"op":"trace","pod":"ns/name","filter":{"rules":["captured"]},"pin_dir":"/sys/fs/bpf/redirect"}
 //! ```
 //!
 //! Replies: `{"ok":true,...}` with the fields of the op's reply type
-//! ([`AddReply`], [`DelReply`], [`CheckReply`], [`ListReply`]), or
+//! ([`AddReply`], [`DelReply`], [`CheckReply`], [`ListReply`],
+//! [`crate::explain::Explanation`], [`TraceReply`]), or
 //! `{"ok":false,"kind":"<ErrorKind>","error":"<message>"}` ([`AgentError`]).
 //! A client decides from `kind`, never from the message text.
+//!
+//! `trace` is the one op that streams: after its reply, the agent sends
+//! one [`crate::trace::TraceLine`] per line (`{"event":"decision",...}`)
+//! until the client closes the connection. `explain` and `trace` carry the
+//! client's pin directory: an agent serving another install refuses them
+//! (`other_install`), and the client reads that install itself.
 
 use std::{
     io::{BufRead, BufReader, Read, Write},
@@ -78,6 +87,25 @@ pub enum Request {
         kubernetes: bool,
     },
     List,
+    /// `redirect explain`: the decision for one connection of a captured
+    /// pod.
+    Explain {
+        query: crate::explain::Query,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pin_dir: Option<PathBuf>,
+    },
+    /// `redirect trace`: stream the live decisions of one pod (`netns` or
+    /// `pod`) or of every pod.
+    Trace {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        netns: Option<PathBuf>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pod: Option<String>,
+        #[serde(default)]
+        filter: crate::trace::Filter,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pin_dir: Option<PathBuf>,
+    },
 }
 
 impl Request {
@@ -87,8 +115,19 @@ impl Request {
             Request::Del { .. } => "del",
             Request::Check { .. } => "check",
             Request::List => "list",
+            Request::Explain { .. } => "explain",
+            Request::Trace { .. } => "trace",
         }
     }
+}
+
+/// `trace`: what is traced; the lines follow.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TraceReply {
+    /// The pods traced (`ns/name`, netns path or cookie), or `["*"]`.
+    pub tracing: Vec<String>,
+    /// The agent, reading the install's events.
+    pub reader_pid: u32,
 }
 
 /// `add`: the pod is captured, or (decided from the Kubernetes API) passes
@@ -170,6 +209,8 @@ pub enum Reply {
     Del(DelReply),
     Check(CheckReply),
     List(ListReply),
+    Explain(Box<crate::explain::Explanation>),
+    Trace(TraceReply),
 }
 
 /// Why the agent refused or failed a request. Stable names on the wire
@@ -193,6 +234,9 @@ pub enum ErrorKind {
     Forbidden,
     /// The agent is stopping and takes no new requests.
     ShuttingDown,
+    /// `explain`/`trace` for another install (pin directory) than the
+    /// agent's: the client reads that install itself.
+    OtherInstall,
 }
 
 /// A refusal from the agent: its kind and a message for people.
@@ -228,7 +272,7 @@ impl AgentError {
             | E::NotNetns { .. }
             | E::NotSupported { .. }
             | E::HostNetns(_) => ErrorKind::Invalid,
-            E::NotCaptured(_) => ErrorKind::NotCaptured,
+            E::NotCaptured(_) | E::NotCapturedAmong { .. } => ErrorKind::NotCaptured,
             _ => ErrorKind::Failed,
         };
         AgentError::new(kind, format!("{e:#}"))
@@ -244,6 +288,8 @@ pub fn reply_line(r: &Result<Reply, AgentError>) -> String {
                 Reply::Del(r) => serde_json::to_value(r),
                 Reply::Check(r) => serde_json::to_value(r),
                 Reply::List(r) => serde_json::to_value(r),
+                Reply::Explain(r) => serde_json::to_value(r),
+                Reply::Trace(r) => serde_json::to_value(r),
             }
             .expect("replies serialize");
             v["ok"] = Value::Bool(true);
@@ -270,6 +316,8 @@ pub fn parse_reply(op: &str, line: &str) -> Result<Result<Reply, AgentError>, St
             "del" => Reply::Del(typed(v, line)?),
             "check" => Reply::Check(typed(v, line)?),
             "list" => Reply::List(typed(v, line)?),
+            "explain" => Reply::Explain(Box::new(typed(v, line)?)),
+            "trace" => Reply::Trace(typed(v, line)?),
             other => return Err(format!("no reply type for op {other:?}")),
         })),
         Some(false) => Ok(Err(typed(v, line)?)),
@@ -369,6 +417,94 @@ pub fn call(socket: &Path, req: &Request, timeout: Duration) -> Result<Reply, Ca
         Ok(Err(e)) => Err(CallError::Refused(e)),
         Err(e) => Err(CallError::Protocol(e)),
     }
+}
+
+/// The lines of a `trace` op, after its reply.
+pub struct TraceStream {
+    reader: BufReader<UnixStream>,
+    partial: String,
+}
+
+impl TraceStream {
+    /// The next line: None when none came within the stream's read
+    /// timeout (the caller may stop then), Err when the agent ended the
+    /// stream or sent something else.
+    pub fn next_line(&mut self) -> Result<Option<crate::trace::TraceLine>, CallError> {
+        match (&mut self.reader)
+            .take(MAX_LINE as u64)
+            .read_line(&mut self.partial)
+        {
+            Ok(0) => Err(CallError::Unreachable("the agent ended the trace".into())),
+            Ok(_) if !self.partial.ends_with('\n') => Ok(None),
+            Ok(_) => {
+                let line = std::mem::take(&mut self.partial);
+                if let Ok(Err(e)) = parse_reply("trace", line.trim_end()) {
+                    return Err(CallError::Refused(e));
+                }
+                serde_json::from_str(line.trim_end())
+                    .map(Some)
+                    .map_err(|e| CallError::Protocol(format!("{e}: {line:?}")))
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(CallError::Unreachable(format!("reading the trace: {e}"))),
+        }
+    }
+}
+
+/// Start a `trace` op: its reply, and the stream of its lines (read with
+/// `poll` as the read timeout, so the caller can stop between lines).
+pub fn open_trace(
+    socket: &Path,
+    req: &Request,
+    timeout: Duration,
+    poll: Duration,
+) -> Result<(TraceReply, TraceStream), CallError> {
+    let unreachable = |what: &str, e: std::io::Error| {
+        CallError::Unreachable(format!("{what} {}: {e}", socket.display()))
+    };
+    let s = UnixStream::connect(socket).map_err(|e| unreachable("connecting to", e))?;
+    s.set_read_timeout(Some(timeout))
+        .map_err(|e| unreachable("configuring", e))?;
+    let mut line = serde_json::to_string(req).expect("requests serialize");
+    line.push('\n');
+    (&s).write_all(line.as_bytes())
+        .map_err(|e| unreachable("writing to", e))?;
+    let mut reader = BufReader::new(s);
+    let mut reply = String::new();
+    (&mut reader)
+        .take(MAX_LINE as u64)
+        .read_line(&mut reply)
+        .map_err(|e| unreachable("reading the reply from", e))?;
+    if reply.is_empty() {
+        return Err(CallError::Unreachable(format!(
+            "{} closed the connection without a reply",
+            socket.display()
+        )));
+    }
+    let r = match parse_reply("trace", reply.trim_end()) {
+        Ok(Ok(Reply::Trace(r))) => r,
+        Ok(Ok(other)) => return Err(CallError::Protocol(format!("not a trace reply: {other:?}"))),
+        Ok(Err(e)) => return Err(CallError::Refused(e)),
+        Err(e) => return Err(CallError::Protocol(e)),
+    };
+    reader
+        .get_ref()
+        .set_read_timeout(Some(poll))
+        .map_err(|e| unreachable("configuring", e))?;
+    Ok((
+        r,
+        TraceStream {
+            reader,
+            partial: String::new(),
+        },
+    ))
 }
 
 #[cfg(test)]

@@ -312,6 +312,121 @@ pub fn stats_rule<'a>(
         .unwrap_or_else(|| panic!("no counter {chain}/{rule} in {pod_stats}"))
 }
 
+// ------------------------------------------------------ redirect trace
+
+/// `redirect trace <args>` running, its stdout lines collected; killed
+/// (by PID) on drop.
+pub struct Tracer {
+    pub child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    stderr: std::sync::mpsc::Receiver<String>,
+}
+
+fn pipe_lines(r: impl std::io::Read + Send + 'static) -> std::sync::mpsc::Receiver<String> {
+    use std::io::BufRead;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for l in std::io::BufReader::new(r).lines().map_while(Result::ok) {
+            if tx.send(l).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+impl Tracer {
+    /// `redirect --pin-dir <pod's> trace <args>` started.
+    pub fn spawn(pod: &Pod, args: &[&str]) -> Tracer {
+        let mut cmd = Command::new(redirect_bin());
+        cmd.arg("--pin-dir")
+            .arg(&pod.pin_dir)
+            .arg("trace")
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let mut child = cmd.spawn().expect("starting redirect trace");
+        let lines = pipe_lines(child.stdout.take().unwrap());
+        let stderr = pipe_lines(child.stderr.take().unwrap());
+        Tracer {
+            child,
+            lines,
+            stderr,
+        }
+    }
+
+    /// `trace --no-agent <args>`, returned once its lease is on.
+    pub fn start_direct(pod: &Pod, args: &[&str]) -> Tracer {
+        let mut a = vec!["--no-agent"];
+        a.extend_from_slice(args);
+        let t = Tracer::spawn(pod, &a);
+        wait_traced_by(pod, t.child.id());
+        t
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// JSON lines until `done` says enough (5 s at most).
+    pub fn json_until(
+        &self,
+        mut done: impl FnMut(&[serde_json::Value]) -> bool,
+    ) -> Vec<serde_json::Value> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let mut got = Vec::new();
+        while !done(&got) && std::time::Instant::now() < deadline {
+            if let Ok(l) = self.lines.recv_timeout(Duration::from_millis(50)) {
+                got.push(serde_json::from_str(&l).unwrap_or_else(|e| panic!("{l:?}: {e}")));
+            }
+        }
+        got
+    }
+
+    /// SIGINT, then its exit status and stderr.
+    pub fn interrupt(mut self) -> (std::process::ExitStatus, String) {
+        unsafe { libc::kill(self.pid(), libc::SIGINT) };
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let st = loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                break st;
+            }
+            assert!(std::time::Instant::now() < deadline, "trace ignored SIGINT");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let err: Vec<String> = self.stderr.try_iter().collect();
+        (st, err.join("\n"))
+    }
+}
+
+impl Drop for Tracer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Wait (10 s at most) until the pod's install is traced with a lease of
+/// the process `pid`.
+pub fn wait_traced_by(pod: &Pod, pid: u32) {
+    let pins = redirect_userspace::pins::Pins::new(&pod.pin_dir);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let s = redirect_userspace::trace::switch_state(&pins)
+            .ok()
+            .flatten();
+        if s.is_some_and(|s| s.on && s.owner_pid == pid) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "tracing was not switched on by pid {pid}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 // ------------------------------------------------- stress-test helpers
 
 /// A kit tool run to completion: stdout/stderr, and whether it had to be

@@ -12,7 +12,8 @@ use std::{
 
 use agent_support::*;
 use redirect_tests::{
-    pinned_map_len, run_kit, NetnsGuard, Pod, APP_UID, PROXY_UID, UPSTREAM_V4, UPSTREAM_V6,
+    pinned_map_len, run_kit, wait_traced_by, NetnsGuard, Pod, Tracer, APP_UID, PROXY_UID,
+    UPSTREAM_V4, UPSTREAM_V6,
 };
 use serde_json::{json, Value};
 
@@ -886,4 +887,129 @@ fn cni_add_of_a_pod_another_install_has_is_refused() {
     assert!(s.pod.app_client(&upstream()).ok);
     assert_eq!(s.proxied().len(), 1);
     assert_eq!(s.pod.counter("OUTPUT", "captured"), 1);
+}
+
+#[test]
+fn agent_serves_explain_and_trace_by_pod_name() {
+    let s = Setup::new("agtr");
+    let add = s.cni("ADD", "ctr-t", SELECT, json!({}));
+    assert_eq!(add.code, 0, "{add:?}\n{}", s.daemon().log_text());
+    let sock = s.socket();
+    let sock = sock.to_str().unwrap();
+    let up = upstream();
+
+    // explain by pod name: the CLI goes through the agent on its socket.
+    let out = s.pod.redirect(&[
+        "explain",
+        "--agent-socket",
+        sock,
+        "--pod",
+        "shop/cart",
+        "--uid",
+        "1000",
+        "--dst",
+        &up,
+        "--json",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let e: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (e["pod"].as_str(), e["verdict"]["counter"].as_str()),
+        (Some("shop/cart"), Some("OUTPUT/captured")),
+        "{e:#}"
+    );
+    // The op itself, on the socket.
+    let r = s
+        .daemon()
+        .call(&json!({"op": "explain", "query": {"pod": "shop/cart", "uid": 1337, "dst": up}}));
+    assert_eq!(
+        (r["ok"].as_bool(), r["verdict"]["counter"].as_str()),
+        (Some(true), Some("OUTPUT/skip_proxy_uid")),
+        "{r}"
+    );
+    for (req, kind) in [
+        (
+            json!({"op": "explain", "query": {"pod": "shop/cart", "uid": 1, "dst": up}, "pin_dir": "/sys/fs/bpf/rdt-not-this-one"}),
+            "other_install",
+        ),
+        (
+            json!({"op": "explain", "query": {"pod": "shop/none", "uid": 1, "dst": up}}),
+            "invalid",
+        ),
+        (
+            json!({"op": "explain", "query": {"pod": "shop/cart", "uid": 1, "dst": "nowhere"}}),
+            "invalid",
+        ),
+        (json!({"op": "trace", "pod": "shop/none"}), "invalid"),
+        (
+            json!({"op": "trace", "filter": {"rules": ["nope"]}}),
+            "invalid",
+        ),
+    ] {
+        let r = s.daemon().call(&req);
+        assert_eq!(
+            (r["ok"].as_bool(), r["kind"].as_str()),
+            (Some(false), Some(kind)),
+            "{req}: {r}"
+        );
+    }
+
+    // Two clients at once, the same pod, different filters.
+    let all = Tracer::spawn(
+        &s.pod,
+        &["--agent-socket", sock, "--pod", "shop/cart", "--json"],
+    );
+    let captured = Tracer::spawn(
+        &s.pod,
+        &[
+            "--agent-socket",
+            sock,
+            "--pod",
+            "shop/cart",
+            "--json",
+            "--rule",
+            "captured",
+        ],
+    );
+    wait_traced_by(&s.pod, s.daemon().pid() as u32);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(s.pod.app_client(&up).ok);
+    let a = all.json_until(|l| l.iter().any(|x| x["hook"] == "getsockopt"));
+    assert!(
+        a.iter()
+            .any(|x| x["rule"] == "captured" && x["pod"] == "shop/cart")
+            && a.iter().any(|x| x["hook"] == "getsockopt"),
+        "{a:#?}"
+    );
+    let c = captured.json_until(|l| !l.is_empty());
+    std::thread::sleep(Duration::from_millis(500));
+    let c2 = captured.json_until(|_| true);
+    assert!(
+        c.len() == 1 && c2.is_empty() && c[0]["rule"] == "captured" && c[0]["dst"] == up.as_str(),
+        "{c:#?} {c2:#?}"
+    );
+    // The agent reads the events: a direct reader is refused, naming it.
+    let out = s.pod.redirect(&["trace", "--no-agent"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && err.contains(&format!(
+                "pid {} (redirect) is already reading",
+                s.daemon().pid()
+            )),
+        "{err}"
+    );
+    // One client leaves, the other goes on; the last one switches it off.
+    let (st, _) = all.interrupt();
+    assert!(st.success());
+    assert!(s.pod.app_client(&up).ok);
+    assert_eq!(captured.json_until(|l| !l.is_empty()).len(), 1);
+    let (st, _) = captured.interrupt();
+    assert!(st.success());
+    let pins = redirect_userspace::pins::Pins::new(&s.pod.pin_dir);
+    eventually("tracing switched off after the last client", || {
+        redirect_userspace::trace::switch_state(&pins)
+            .unwrap()
+            .is_some_and(|st| !st.on && st.owner_pid == 0)
+    });
 }

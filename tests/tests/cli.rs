@@ -153,8 +153,9 @@ fn v6_dst() -> String {
     format!("[{UPSTREAM_V6}]:8080")
 }
 
-/// Went through the proxy: the app's socket is connected to loopback (the
-/// capture port) while getpeername shows the original destination.
+/// Went through the proxy: getpeername shows the original destination,
+/// the app's socket has the pod's source address (as under iptables), and
+/// the server saw another socket (the proxy's), not the app's.
 fn assert_captured(r: &ClientReport, dst: &str, what: &str) {
     assert_ok(r, what);
     assert_eq!(
@@ -162,10 +163,15 @@ fn assert_captured(r: &ClientReport, dst: &str, what: &str) {
         Some(dst),
         "{what}: getpeername must show the original destination"
     );
-    let local = r.local.as_deref().unwrap_or_default();
+    let local = r.local.clone().unwrap_or_default();
     assert!(
-        local.starts_with("127.0.0.1:") || local.starts_with("[::1]:"),
-        "{what}: expected a captured (loopback) socket: {r:?}"
+        !local.starts_with("127.") && !local.starts_with("[::1]"),
+        "{what}: the app's source must be the pod's address: {r:?}"
+    );
+    assert_ne!(
+        r.banner.as_deref(),
+        Some(format!("peer={local} local={dst}").as_str()),
+        "{what}: the server saw the app's own socket (not captured): {r:?}"
     );
 }
 
@@ -666,7 +672,15 @@ fn status_and_stats_list_the_captured_pod() {
     }
     assert_eq!(
         chains,
-        vec!["OUTPUT", "PREROUTING", "ORIGINAL_DST", "ACCEL", "ERRORS"]
+        vec![
+            "OUTPUT",
+            "PREROUTING",
+            "VM",
+            "DNS",
+            "ORIGINAL_DST",
+            "ACCEL",
+            "ERRORS"
+        ]
     );
     for rule in [
         "captured",

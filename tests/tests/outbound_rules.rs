@@ -9,7 +9,11 @@
 //!   its greeting says it was reached at that destination, and from which
 //!   address (the pod's, 127.0.0.6/::6 after the inbound proxy, ...);
 //! - the kit proxy: the exact connections it handled (direction, orig dst);
-//! - the counters: the exact increments of every rule, all others unchanged.
+//! - the counters: the exact increments of every rule, all others unchanged;
+//! - `redirect explain`, asked first with the same uid, gid, source and
+//!   destination: its verdict must be where the connection landed (the
+//!   outbound port, the inbound port, or direct) and the counter that
+//!   moved for it.
 //!
 //! Expected verdicts are what istio-iptables' rules would do, including its
 //! quirks (several proxy ids, -u with -g, `-i` naming a loopback range).
@@ -245,9 +249,11 @@ impl Rig {
         want: Expect,
     ) -> ClientReport {
         let what = format!("uid {:?} gid {:?} bind {bind:?} -> {dst}", who.uid, who.gid);
+        let explained = self.explain(who, bind, dst);
         let before = self.counters();
         let r = self.pod.client(who, dst, bind);
         check_reached(&r, dst, &want.from, &what);
+        check_explained(&explained, &want, &what);
         // A connection the proxy hands to itself logs in either order.
         let (mut seen, mut proxy) = (self.proxy_conns(), want.proxy.clone());
         seen.sort();
@@ -272,8 +278,93 @@ impl Rig {
             expected.insert("ORIGINAL_DST/getpeername_rewritten".into(), 1);
         }
         assert_eq!(delta, expected, "{what}: counter increments");
+        if let Ok(e) = &explained {
+            let counter = e["verdict"]["counter"].as_str().unwrap_or_default();
+            assert!(
+                delta.contains_key(counter),
+                "{what}: explain's counter {counter} did not move: {delta:?}"
+            );
+        }
         r
     }
+
+    /// `redirect explain` for the connection `who` is about to make: the
+    /// JSON explanation, or the error text.
+    fn explain(
+        &self,
+        who: &Placement,
+        bind: Option<&str>,
+        dst: &str,
+    ) -> Result<serde_json::Value, String> {
+        let ns = who.netns.as_ref().expect("a placement in a netns");
+        let (uid, gid) = (who.uid.expect("uid"), who.gid.expect("gid"));
+        let (uid, gid) = (uid.to_string(), gid.to_string());
+        let mut args = vec![
+            "explain",
+            "--no-agent",
+            "--json",
+            "--netns",
+            ns.to_str().unwrap(),
+            "--uid",
+            &uid,
+            "--gid",
+            &gid,
+            "--dst",
+            dst,
+        ];
+        if let Some(b) = bind {
+            args.extend(["--src", b]);
+        }
+        let out = self.pod.redirect(&args);
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+        }
+        Ok(serde_json::from_slice(&out.stdout).expect("explain json"))
+    }
+}
+
+/// What `redirect explain` said against what the connection will do:
+/// where it lands (the proxy's outbound or inbound port, or direct) and
+/// the rule that takes it (the first OUTPUT counter of `want`). An
+/// uncaptured namespace must be refused as such.
+fn check_explained(explained: &Result<serde_json::Value, String>, want: &Expect, what: &str) {
+    let e = match explained {
+        Err(err) if want.output.is_empty() => {
+            assert!(err.contains("is not captured"), "{what}: explain: {err}");
+            return;
+        }
+        Err(err) => panic!("{what}: explain failed: {err}"),
+        Ok(e) => e,
+    };
+    assert!(
+        !want.output.is_empty(),
+        "{what}: explained an uncaptured pod: {e}"
+    );
+    assert_eq!(
+        e["verdict"]["counter"],
+        format!("OUTPUT/{}", want.output[0].0),
+        "{what}: explain's rule: {e:#}"
+    );
+    let landed = match want.proxy.first() {
+        None => "untouched",
+        Some(p) if p.starts_with("outbound ") => "outbound",
+        Some(_) => "inbound",
+    };
+    assert_eq!(
+        e["verdict"]["action"], landed,
+        "{what}: where explain says it lands: {e:#}"
+    );
+    // The rule that decided is the last one walked, after every rule before
+    // it in the chain.
+    let steps = e["steps"].as_array().expect("steps");
+    let last = steps.last().expect("a step");
+    assert_eq!(last["matched"], true, "{what}: {e:#}");
+    assert!(
+        steps[..steps.len() - 1]
+            .iter()
+            .all(|s| s["matched"] == false),
+        "{what}: a rule before the deciding one matched: {e:#}"
+    );
 }
 
 /// The client got through to a server at `dst` (as dialed: getpeername

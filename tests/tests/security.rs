@@ -234,7 +234,8 @@ fn pod_ip(dst: &str) -> &'static str {
 }
 
 /// Client `r` (of `s`) went through the proxy: the proxy logged exactly
-/// this connection (its peer is the client's local loopback address) with
+/// this connection (its peer is the client's own socket, from the pod's
+/// address as under iptables) with
 /// the original destination, the upstream saw the proxy's socket from the
 /// pod address, not the client's, and the counters say captured once and
 /// the proxy's own connection skipped by uid once.
@@ -251,9 +252,10 @@ fn assert_captured_report(s: &Seen, r: &ClientReport, dst: &str) {
         "{what}: getpeername shows the original destination"
     );
     let l = local(r);
-    assert!(
-        l.ip().is_loopback(),
-        "{what}: the client's socket really goes to the proxy over loopback: {r:?}"
+    assert_eq!(
+        l.ip().to_string(),
+        pod_ip(dst),
+        "{what}: the client's socket leaves from the pod's address, as under iptables: {r:?}"
     );
     let conns: Vec<_> = s.proxied.iter().filter(|c| c["event"] == "conn").collect();
     assert!(

@@ -174,7 +174,7 @@ fn zero_and_chain_refuse_what_does_not_exist_and_change_nothing() {
         assert!(out.is_empty(), "{out}");
         assert!(
             err.contains("invalid --chain value 'ISTIO_NOPE'")
-                && err.contains("OUTPUT (or ISTIO_OUTPUT), PREROUTING (or ISTIO_INBOUND), ISTIO_REDIRECT, ISTIO_IN_REDIRECT, DNS (or ISTIO_OUTPUT_DNS), ORIGINAL_DST, ACCEL, ERRORS"),
+                && err.contains("OUTPUT (or ISTIO_OUTPUT), PREROUTING (or ISTIO_INBOUND), ISTIO_REDIRECT, ISTIO_IN_REDIRECT, VM, DNS (or ISTIO_OUTPUT_DNS), ORIGINAL_DST, ACCEL, ERRORS"),
             "{args:?}: {err}"
         );
     }
@@ -250,8 +250,9 @@ fn chain_lists_one_chain_by_our_name_or_the_iptables_one() {
     };
     let all = ok_json(&pod, &[]);
     for (names, chain, n) in [
-        (["OUTPUT", "istio_output"], "OUTPUT", 14),
-        (["PREROUTING", "ISTIO_INBOUND"], "PREROUTING", 6),
+        (["OUTPUT", "istio_output"], "OUTPUT", 15),
+        (["PREROUTING", "ISTIO_INBOUND"], "PREROUTING", 7),
+        (["VM", "vm"], "VM", 3),
         (["DNS", "istio_output_dns"], "DNS", 4),
         (["ORIGINAL_DST", "original_dst"], "ORIGINAL_DST", 4),
     ] {
@@ -277,6 +278,7 @@ fn chain_lists_one_chain_by_our_name_or_the_iptables_one() {
         vec![
             ("OUTPUT".into(), "captured_include_port".into(), 0),
             ("OUTPUT".into(), "captured".into(), 1),
+            ("VM".into(), "captured".into(), 0),
         ]
     );
     // Text: that chain's title and rows, no other chain.

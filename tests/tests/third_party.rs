@@ -35,15 +35,11 @@ fn haproxy_outbound_v4_uses_so_original_dst() {
         &r,
         &format!("app -> {dst} through haproxy ({})", haproxy.output()),
     );
-    // The app sees the original peer; its socket really went to loopback.
+    // The app sees the original peer, and its own socket leaves from the
+    // pod's address, as under iptables (NAT keeps the source).
     assert_eq!(r.peer.as_deref(), Some(dst.as_str()), "{r:?}");
-    assert!(
-        r.local
-            .as_deref()
-            .unwrap_or_default()
-            .starts_with("127.0.0.1:"),
-        "not captured: {r:?}"
-    );
+    let local = r.local.clone().unwrap_or_default();
+    assert!(local.starts_with(&format!("{POD_V4}:")), "{r:?}");
     // The upstream saw haproxy's connection from the pod address.
     let banner = r.banner.clone().unwrap_or_default();
     assert!(
@@ -61,6 +57,13 @@ fn haproxy_outbound_v4_uses_so_original_dst() {
     assert!(
         log[0].contains(&format!("dst={dst}")) && log[0].contains(&format!("server={dst}")),
         "haproxy did not use the original destination: {}",
+        log[0]
+    );
+    // haproxy saw the app's connection come from the app's socket, the
+    // pod's address, as under iptables.
+    assert!(
+        log[0].contains(&format!("client={local} ")),
+        "haproxy's client is not the app's socket {local}: {}",
         log[0]
     );
 

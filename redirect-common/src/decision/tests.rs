@@ -8,6 +8,8 @@ use std::net::IpAddr;
 struct Maps {
     ports: Vec<(u16, u16)>,
     cidrs: Vec<(u32, IpAddr, u8)>,
+    /// (prefix, len, entry): the pod's routes, longest prefix wins.
+    routes: Vec<(IpAddr, u8, crate::RouteEntry)>,
 }
 
 fn bytes(ip: IpAddr) -> [u8; 16] {
@@ -31,6 +33,174 @@ impl Lookup for Maps {
         self.cidrs
             .iter()
             .any(|(k, ip, bits)| *k == kind && prefix_match(&bytes(*ip), addr, *bits))
+    }
+    fn route(&self, family: u16, addr: &[u8; 16]) -> Option<crate::RouteEntry> {
+        self.routes
+            .iter()
+            .filter(|(ip, bits, _)| {
+                crate::decision::family(ip.is_ipv6()) == family
+                    && prefix_match(&bytes(*ip), addr, *bits)
+            })
+            .max_by_key(|(_, bits, _)| *bits)
+            .map(|(_, _, r)| *r)
+    }
+}
+
+fn route(src: Option<&str>, ifindex: u32, excluded: bool) -> crate::RouteEntry {
+    let mut flags = 0;
+    if src.is_some() {
+        flags |= crate::route_flags::HAS_SRC;
+    }
+    if excluded {
+        flags |= crate::route_flags::EXCLUDED_IFACE;
+    }
+    crate::RouteEntry {
+        src: src.map(|s| bytes(s.parse().unwrap())).unwrap_or([0; 16]),
+        ifindex,
+        flags,
+    }
+}
+
+/// A pod with eth0 (10.1.0.5/24, fd00::5/64, default routes) and net1
+/// (10.7.0.5/16, a route to 10.8.0.0/16 via it, and 10.8.1.0/24 back via
+/// eth0), net1 named by `-c`.
+fn multi_homed() -> (PodConfig, Maps) {
+    let mut cfg = istio_cfg();
+    cfg.flags |= flags::OUT_EXCLUDE_IFACES;
+    let mut m = pod_maps();
+    m.cidrs
+        .push((cidr_kind::LOCAL_V4, "10.7.0.5".parse().unwrap(), 32));
+    let r = |p: &str, len, e| (p.parse().unwrap(), len, e);
+    m.routes = vec![
+        r("0.0.0.0", 0, route(Some("10.1.0.5"), 2, false)),
+        r("10.1.0.0", 24, route(Some("10.1.0.5"), 2, false)),
+        r("10.7.0.0", 16, route(Some("10.7.0.5"), 3, true)),
+        r("10.8.0.0", 16, route(Some("10.7.0.5"), 3, true)),
+        r("10.8.1.0", 24, route(Some("10.1.0.5"), 2, false)),
+        r("::", 0, route(Some("fd00::5"), 2, false)),
+        r("fd07::", 64, route(None, 3, true)),
+    ];
+    (cfg, m)
+}
+
+#[test]
+fn excluded_interface_route_is_untouched_first() {
+    let (cfg, m) = multi_homed();
+    let v = |d, uid| out(&cfg, &m, conn(d, 80, uid, uid));
+    for d in ["10.7.3.3", "10.8.9.9", "fd07::9"] {
+        assert_eq!(
+            v(d, 1000),
+            Verdict::Untouched(Reason::OutExcludedInterface),
+            "{d}"
+        );
+    }
+    // OUTPUT -o net1 -j RETURN comes before every ISTIO_OUTPUT rule: -o
+    // ports too, and the proxy's own connections are counted there.
+    let mut with_port = m;
+    with_port.ports.push((port_kind::OUT_EXCLUDE, 80));
+    assert_eq!(
+        out(&cfg, &with_port, conn("10.8.9.9", 80, 1337, 1337)),
+        Verdict::Untouched(Reason::OutExcludedInterface)
+    );
+    let (cfg, m) = multi_homed();
+    let v = |d, uid| out(&cfg, &m, conn(d, 80, uid, uid));
+    // The longer prefix back through eth0 is captured, as the default.
+    assert_eq!(
+        v("10.8.1.1", 1000),
+        Verdict::ToOutbound(Reason::OutCaptured)
+    );
+    assert_eq!(
+        v("10.2.0.9", 1000),
+        Verdict::ToOutbound(Reason::OutCaptured)
+    );
+    // Local destinations leave through lo, whatever interface holds them.
+    assert_eq!(v("10.7.0.5", 1000), Verdict::Untouched(Reason::OutAppLocal));
+    // Without -c the routes are not looked at.
+    let mut no_c = cfg;
+    no_c.flags &= !flags::OUT_EXCLUDE_IFACES;
+    assert_eq!(
+        out(&no_c, &m, conn("10.8.9.9", 80, 1000, 1000)),
+        Verdict::ToOutbound(Reason::OutCaptured)
+    );
+}
+
+#[test]
+fn redirect_source_is_the_routes_or_the_local_destination() {
+    let (cfg, m) = multi_homed();
+    let src = |d: &str, uid| {
+        let c = conn(d, 80, uid, uid);
+        let v = out(&cfg, &m, c);
+        redirect_source(v, c.family, &c.dst, &m).map(|b| {
+            if c.family == crate::AF_INET {
+                IpAddr::from([b[0], b[1], b[2], b[3]])
+            } else {
+                IpAddr::from(b)
+            }
+        })
+    };
+    let ip = |s: &str| Some(s.parse::<IpAddr>().unwrap());
+    assert_eq!(src("10.2.0.9", 1000), ip("10.1.0.5"));
+    assert_eq!(src("10.8.1.1", 1000), ip("10.1.0.5"));
+    assert_eq!(src("fd00:2::9", 1000), ip("fd00::5"));
+    // Proxy to its own addresses (rules 2/5): the address itself; to
+    // 127.0.0.0/8 the rewrite's 127.0.0.1 is already right.
+    assert_eq!(src("10.7.0.5", 1337), ip("10.7.0.5"));
+    assert_eq!(src("fd00::5", 1337), ip("fd00::5"));
+    assert_eq!(src("127.0.0.6", 1337), None);
+    // Left alone: nothing to bind.
+    assert_eq!(src("10.8.9.9", 1000), None);
+    assert_eq!(src("10.2.0.9", 1337), None);
+    // No route, or a route without a source: none.
+    let bare = Maps {
+        routes: vec![("fd00::".parse().unwrap(), 8, route(None, 2, false))],
+        ..pod_maps()
+    };
+    let c = conn("10.2.0.9", 80, 1000, 1000);
+    assert_eq!(
+        redirect_source(out(&cfg, &bare, c), c.family, &c.dst, &bare),
+        None
+    );
+    let c = conn("fd00:2::9", 80, 1000, 1000);
+    assert_eq!(
+        redirect_source(out(&cfg, &bare, c), c.family, &c.dst, &bare),
+        None
+    );
+}
+
+#[test]
+fn virt_interface_connections_follow_the_include_list_only() {
+    let (cfg, mut m) = (istio_cfg(), pod_maps());
+    let d = |s: &str| bytes(s.parse().unwrap());
+    // -i '*': every destination, the pod's own addresses and -x ranges too.
+    m.cidrs
+        .push((cidr_kind::EXCLUDE_V4, "10.3.0.0".parse().unwrap(), 16));
+    for (fam, dst) in [
+        (crate::AF_INET, "10.2.0.9"),
+        (crate::AF_INET, "10.3.0.9"),
+        (crate::AF_INET, "10.1.0.5"),
+        (crate::AF_INET6, "fd00:2::9"),
+    ] {
+        assert_eq!(
+            virt_verdict(&cfg, fam, &d(dst), &m),
+            Verdict::ToOutbound(Reason::InVirtCaptured),
+            "{dst}"
+        );
+    }
+    // -i CIDRs: only those, per family.
+    let mut cidrs = cfg;
+    cidrs.flags = 0;
+    m.cidrs
+        .push((cidr_kind::INCLUDE_V4, "10.2.0.0".parse().unwrap(), 16));
+    assert_eq!(
+        virt_verdict(&cidrs, crate::AF_INET, &d("10.2.0.9"), &m),
+        Verdict::ToOutbound(Reason::InVirtCaptured)
+    );
+    for (fam, dst) in [(crate::AF_INET, "10.9.0.9"), (crate::AF_INET6, "fd00:2::9")] {
+        assert_eq!(
+            virt_verdict(&cidrs, fam, &d(dst), &m),
+            Verdict::Untouched(Reason::InVirtNotIncluded),
+            "{dst}"
+        );
     }
 }
 
@@ -64,6 +234,7 @@ fn pod_maps() -> Maps {
             // attach puts ::6 on the pod's lo, as istio-iptables does.
             (cidr_kind::LOCAL_V6, "::6".parse().unwrap(), 128),
         ],
+        routes: Vec::new(),
     }
 }
 
@@ -80,8 +251,46 @@ fn conn(dst: &str, dport: u16, uid: u32, gid: u32) -> Outbound {
     }
 }
 
+/// The verdict, checked against the observed run of the same decision:
+/// the same verdict, told by the last step and by no other.
 fn out(cfg: &PodConfig, m: &Maps, c: Outbound) -> Verdict {
-    outbound_verdict(cfg, &c, m)
+    let v = outbound_verdict(cfg, &c, m);
+    let steps = observed_out(cfg, m, c);
+    assert_consistent(&steps, v);
+    v
+}
+
+#[derive(Default)]
+struct Steps(Vec<(Step, Option<Verdict>)>);
+
+impl Observer for Steps {
+    fn step(&mut self, step: Step, decided: Option<Verdict>) {
+        self.0.push((step, decided));
+    }
+}
+
+fn observed_out(cfg: &PodConfig, m: &Maps, c: Outbound) -> Vec<(Step, Option<Verdict>)> {
+    let mut o = Steps::default();
+    outbound_verdict_observed(cfg, &c, m, &mut o);
+    o.0
+}
+
+fn observed_in(cfg: &PodConfig, m: &Maps, port: u16) -> Vec<(Step, Option<Verdict>)> {
+    let mut o = Steps::default();
+    let v = inbound_verdict_observed(cfg, port, m, &mut o);
+    assert_eq!(v, inbound_verdict(cfg, port, m));
+    assert_consistent(&o.0, v);
+    o.0
+}
+
+fn assert_consistent(steps: &[(Step, Option<Verdict>)], v: Verdict) {
+    let decided: Vec<usize> = (0..steps.len()).filter(|&i| steps[i].1.is_some()).collect();
+    assert_eq!(
+        decided,
+        vec![steps.len() - 1],
+        "one step decides, the last: {steps:?}"
+    );
+    assert_eq!(steps.last().unwrap().1, Some(v), "{steps:?}");
 }
 
 #[test]
@@ -669,4 +878,380 @@ fn unspecified_destination_is_this_host_as_iptables_sees_it() {
         conn("0.0.0.0", 1, 0, 0).effective_dst(),
         bytes("127.0.0.1".parse().unwrap())
     );
+}
+
+// ------------------------------------------ interfaces and DNS, source
+
+/// `multi_homed` with `--redirect-dns`: nameservers 10.96.0.10 (routed
+/// out of eth0 by the default route), 10.8.0.53 (out of net1, a `-c`
+/// interface) and 10.8.1.53 (back out of eth0).
+fn multi_homed_dns() -> (PodConfig, Maps) {
+    let (mut cfg, mut m) = multi_homed();
+    cfg.flags |= flags::DNS_CAPTURE;
+    for ns in ["10.96.0.10", "10.8.0.53", "10.8.1.53"] {
+        m.cidrs.push((cidr_kind::DNS_V4, ns.parse().unwrap(), 32));
+    }
+    (cfg, m)
+}
+
+#[test]
+fn dns_routed_out_of_an_excluded_interface_is_untouched_first() {
+    let (cfg, m) = multi_homed_dns();
+    // `-A OUTPUT -o net1 -j RETURN` comes before the jump to ISTIO_OUTPUT,
+    // so before ISTIO_OUTPUT_DNS: UDP and TCP alike.
+    assert_eq!(
+        out(&cfg, &m, udp("10.8.0.53", 53, 1000, 1000)),
+        Verdict::Untouched(Reason::OutExcludedInterface)
+    );
+    assert_eq!(
+        out(&cfg, &m, conn("10.8.0.53", 53, 1000, 1000)),
+        Verdict::Untouched(Reason::OutExcludedInterface)
+    );
+    for ns in ["10.96.0.10", "10.8.1.53"] {
+        assert_eq!(out(&cfg, &m, udp(ns, 53, 1000, 1000)), DNS_UDP, "{ns}");
+        assert_eq!(out(&cfg, &m, conn(ns, 53, 1000, 1000)), DNS_TCP, "{ns}");
+    }
+    // A protocol never captured is left alone before any route look-up,
+    // counted as such whatever the route.
+    assert_eq!(
+        out(&cfg, &m, udp("10.8.0.53", 5353, 1000, 1000)),
+        Verdict::Untouched(Reason::OutNotTcp)
+    );
+}
+
+#[test]
+fn redirect_source_of_dns_is_the_route_to_the_nameserver() {
+    let (mut cfg, mut m) = multi_homed_dns();
+    let src = |cfg: &PodConfig, m: &Maps, c: Outbound| {
+        let v = out(cfg, m, c);
+        redirect_source(v, c.family, &c.effective_dst(), m)
+            .map(|b| IpAddr::from([b[0], b[1], b[2], b[3]]))
+    };
+    let ip = |s: &str| Some(s.parse::<IpAddr>().unwrap());
+    assert_eq!(
+        src(&cfg, &m, udp("10.96.0.10", 53, 1000, 1000)),
+        ip("10.1.0.5")
+    );
+    assert_eq!(
+        src(&cfg, &m, conn("10.8.1.53", 53, 1000, 1000)),
+        ip("10.1.0.5")
+    );
+    // A local resolver: 127.0.0.53 keeps the loopback source the rewrite
+    // gives, whatever the default route says; one of the pod's addresses
+    // is its own source.
+    m.cidrs
+        .push((cidr_kind::DNS_V4, "127.0.0.53".parse().unwrap(), 32));
+    m.cidrs
+        .push((cidr_kind::DNS_V4, "10.7.0.5".parse().unwrap(), 32));
+    assert_eq!(src(&cfg, &m, udp("127.0.0.53", 53, 1000, 1000)), None);
+    assert_eq!(
+        src(&cfg, &m, udp("10.7.0.5", 53, 1000, 1000)),
+        ip("10.7.0.5")
+    );
+    // Capture-all and a connect to 0.0.0.0:53: this host, 127.0.0.1.
+    cfg.flags |= flags::DNS_CAPTURE_ALL;
+    assert_eq!(out(&cfg, &m, udp("0.0.0.0", 53, 1000, 1000)), DNS_UDP);
+    assert_eq!(src(&cfg, &m, udp("0.0.0.0", 53, 1000, 1000)), None);
+    // Not captured: nothing to give.
+    assert_eq!(src(&cfg, &m, udp("10.8.0.53", 53, 1000, 1000)), None);
+}
+
+// --------------------------------------------------- observed decisions
+
+/// Just the steps, for sequence checks.
+fn kinds(steps: &[(Step, Option<Verdict>)]) -> Vec<Step> {
+    steps.iter().map(|(s, _)| *s).collect()
+}
+
+const UID_1337_NO_MATCH_REMOTE: [Step; 3] = [
+    Step::ToInbound {
+        owner: Owner::Uid,
+        id: 1337,
+        dst_local: false,
+        dst_host_loopback: false,
+        is_owner: false,
+        tcp: true,
+        tunnel_port: false,
+        dns_port_skipped: false,
+    },
+    Step::AppLocal {
+        owner: Owner::Uid,
+        id: 1337,
+        dst_local: false,
+        is_owner: false,
+        present: true,
+        dns_left: false,
+    },
+    Step::ProxyId {
+        owner: Owner::Uid,
+        id: 1337,
+        is_owner: false,
+    },
+];
+
+#[test]
+fn observer_walks_every_rule_of_a_captured_connection_in_order() {
+    let (cfg, m) = (istio_cfg(), pod_maps());
+    let steps = observed_out(&cfg, &m, conn("10.2.0.9", 80, 1000, 1000));
+    let mut want = vec![
+        Step::Protocol {
+            tcp: true,
+            dns_udp: false,
+        },
+        Step::ExcludedPort { listed: false },
+        Step::Passthrough {
+            dst_local: false,
+            src_passthrough: false,
+            src_implied: false,
+        },
+    ];
+    want.extend(UID_1337_NO_MATCH_REMOTE);
+    want.extend(UID_1337_NO_MATCH_REMOTE.map(|s| match s {
+        Step::ToInbound { .. } => Step::ToInbound {
+            owner: Owner::Gid,
+            id: 1337,
+            dst_local: false,
+            dst_host_loopback: false,
+            is_owner: false,
+            tcp: true,
+            tunnel_port: false,
+            dns_port_skipped: false,
+        },
+        Step::AppLocal { .. } => Step::AppLocal {
+            owner: Owner::Gid,
+            id: 1337,
+            dst_local: false,
+            is_owner: false,
+            present: true,
+            dns_left: false,
+        },
+        _ => Step::ProxyId {
+            owner: Owner::Gid,
+            id: 1337,
+            is_owner: false,
+        },
+    }));
+    want.extend([
+        Step::HostLoopback {
+            dst_host_loopback: false,
+        },
+        Step::ExcludedCidr { listed: false },
+        Step::IncludedPort { listed: false },
+        Step::Included {
+            all: true,
+            listed: true,
+        },
+    ]);
+    assert_eq!(kinds(&steps), want);
+    assert_eq!(
+        steps.last().unwrap().1,
+        Some(Verdict::ToOutbound(Reason::OutCaptured))
+    );
+}
+
+#[test]
+fn observer_stops_at_the_rule_that_decides() {
+    let (cfg, m) = (istio_cfg(), pod_maps());
+    // Rule 4: the proxy's own connection.
+    let steps = observed_out(&cfg, &m, conn("10.2.0.9", 80, 1337, 1337));
+    assert_eq!(steps.len(), 6, "{steps:?}");
+    assert_eq!(
+        steps.last().unwrap(),
+        &(
+            Step::ProxyId {
+                owner: Owner::Uid,
+                id: 1337,
+                is_owner: true
+            },
+            Some(Verdict::Untouched(Reason::OutProxyUid))
+        )
+    );
+    // Rule 2: the proxy to its pod's own address, after rule 1 did not match.
+    let steps = observed_out(&cfg, &m, conn("10.1.0.5", 9080, 1337, 1337));
+    assert_eq!(
+        kinds(&steps)[2..],
+        [
+            Step::Passthrough {
+                dst_local: true,
+                src_passthrough: false,
+                src_implied: false,
+            },
+            Step::ToInbound {
+                owner: Owner::Uid,
+                id: 1337,
+                dst_local: true,
+                dst_host_loopback: false,
+                is_owner: true,
+                tcp: true,
+                tunnel_port: false,
+                dns_port_skipped: false,
+            },
+        ]
+    );
+    // Rule 2 spares the tunnel port: the observer says why, rule 4 decides.
+    let steps = observed_out(&cfg, &m, conn("10.1.0.5", 15008, 1337, 1337));
+    assert!(matches!(
+        steps[3],
+        (
+            Step::ToInbound {
+                tunnel_port: true,
+                ..
+            },
+            None
+        )
+    ));
+    assert_eq!(steps.len(), 6);
+    // Rule 1 with the IPv6 source implied by dialing [::6] unbound.
+    let steps = observed_out(&cfg, &m, conn("::6", 9080, 1337, 1337));
+    assert_eq!(
+        steps.last().unwrap().0,
+        Step::Passthrough {
+            dst_local: true,
+            src_passthrough: true,
+            src_implied: true,
+        }
+    );
+    // Not TCP: the first step decides.
+    let steps = observed_out(&cfg, &m, udp("10.2.0.9", 80, 1000, 1000));
+    assert_eq!(steps.len(), 1);
+    // -o first.
+    let mut m2 = pod_maps();
+    m2.ports.push((port_kind::OUT_EXCLUDE, 80));
+    let steps = observed_out(&cfg, &m2, conn("10.2.0.9", 80, 1337, 1337));
+    assert_eq!(
+        steps.last().unwrap(),
+        &(
+            Step::ExcludedPort { listed: true },
+            Some(Verdict::Untouched(Reason::OutExcludedPort))
+        )
+    );
+}
+
+#[test]
+fn observer_sees_the_dns_and_owner_group_steps_only_when_configured() {
+    let (cfg, m) = (istio_cfg(), pod_maps());
+    let plain = observed_out(&cfg, &m, conn("10.2.0.9", 80, 1000, 1000));
+    assert!(!plain.iter().any(|(s, _)| matches!(
+        s,
+        Step::Dns { .. } | Step::OwnerGroupsOnly { .. } | Step::OwnerGroupsExcept { .. }
+    )));
+    let (dcfg, dm) = dns_pod();
+    // Not port 53: the DNS step is told as not matching.
+    let steps = observed_out(&dcfg, &dm, conn("10.2.0.9", 80, 1000, 1000));
+    assert!(steps.contains(&(
+        Step::Dns {
+            port53: false,
+            tcp: true,
+            capture_all: false,
+            nameserver: false
+        },
+        None
+    )));
+    // A nameserver decides there.
+    let steps = observed_out(&dcfg, &dm, udp("10.96.0.10", 53, 1000, 1000));
+    assert_eq!(
+        steps.last().unwrap(),
+        &(
+            Step::Dns {
+                port53: true,
+                tcp: false,
+                capture_all: false,
+                nameserver: true
+            },
+            Some(DNS_UDP)
+        )
+    );
+    // Owner groups: only 202 is captured; gid 1000 returns there.
+    let (mut gcfg, mut gm) = (istio_cfg(), pod_maps());
+    gcfg.flags |= flags::OWNER_GROUPS_ONLY;
+    gm.cidrs.push(gid_entry(202));
+    let steps = observed_out(&gcfg, &gm, conn("10.2.0.9", 80, 1000, 1000));
+    assert_eq!(
+        steps.last().unwrap(),
+        &(
+            Step::OwnerGroupsOnly { listed: false },
+            Some(Verdict::Untouched(Reason::OutOwnerGroupNotIncluded))
+        )
+    );
+    let steps = observed_out(&gcfg, &gm, conn("10.2.0.9", 80, 1000, 202));
+    assert!(steps.contains(&(Step::OwnerGroupsOnly { listed: true }, None)));
+}
+
+#[test]
+fn observer_walks_the_inbound_chain() {
+    let (cfg, m) = (istio_cfg(), pod_maps());
+    assert_eq!(
+        kinds(&observed_in(&cfg, &m, 8080)),
+        [
+            Step::InTunnelPort { tunnel_port: false },
+            Step::InExcludedPort { listed: false },
+            Step::InCaptureAll,
+        ]
+    );
+    assert_eq!(
+        observed_in(&cfg, &m, 15021).last().unwrap().0,
+        Step::InExcludedPort { listed: true }
+    );
+    // ssh is a port like any other.
+    assert_eq!(
+        observed_in(&cfg, &m, 22).last().unwrap().0,
+        Step::InCaptureAll
+    );
+    assert_eq!(observed_in(&cfg, &m, 15008).len(), 1);
+    let mut listed = istio_cfg();
+    listed.flags = flags::IN_CAPTURE_LISTED;
+    let mut lm = pod_maps();
+    lm.ports.push((port_kind::IN_INCLUDE, 80));
+    assert_eq!(
+        observed_in(&listed, &lm, 81).last().unwrap().0,
+        Step::InIncludedPort {
+            configured: true,
+            listed: false
+        }
+    );
+    assert_eq!(
+        observed_in(&listed, &lm, 80).last().unwrap().1,
+        Some(Verdict::ToInbound(Reason::InCaptured))
+    );
+    let mut none = istio_cfg();
+    none.flags = 0;
+    assert_eq!(
+        observed_in(&none, &lm, 80).last().unwrap().0,
+        Step::InIncludedPort {
+            configured: false,
+            listed: false
+        }
+    );
+}
+
+#[test]
+fn no_observer_changes_no_verdict() {
+    // The kernel's path (NoObserver) and the recorded one agree on every
+    // destination, owner and protocol of a busy config.
+    let (mut cfg, mut m) = dns_pod();
+    cfg.flags |= flags::OWNER_GROUPS_EXCEPT;
+    m.cidrs.push(gid_entry(888));
+    m.ports.push((port_kind::OUT_EXCLUDE, 5432));
+    m.ports.push((port_kind::OUT_INCLUDE, 8081));
+    m.cidrs
+        .push((cidr_kind::EXCLUDE_V4, "10.3.0.0".parse().unwrap(), 16));
+    for dst in [
+        "10.2.0.9",
+        "10.3.0.1",
+        "10.1.0.5",
+        "127.0.0.1",
+        "127.0.0.6",
+        "::1",
+        "::6",
+        "fd00::5",
+        "10.96.0.10",
+    ] {
+        for port in [53, 80, 5432, 8081, 15008] {
+            for (uid, gid) in [(1000, 1000), (1337, 1337), (1000, 1337), (1000, 888)] {
+                for c in [conn(dst, port, uid, gid), udp(dst, port, uid, gid)] {
+                    out(&cfg, &m, c);
+                }
+            }
+        }
+    }
 }

@@ -9,3 +9,4 @@ pub mod net;
 pub mod report;
 pub mod runner;
 pub mod svg;
+pub mod trace_cost;

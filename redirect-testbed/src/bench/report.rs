@@ -62,7 +62,7 @@ pub struct Agg {
 }
 
 impl Agg {
-    fn of(mut v: Vec<f64>) -> Option<Agg> {
+    pub(super) fn of(mut v: Vec<f64>) -> Option<Agg> {
         if v.is_empty() {
             return None;
         }

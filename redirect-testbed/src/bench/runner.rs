@@ -39,10 +39,10 @@ pub const LEG_CFGS: [Cfg; 3] = [Cfg::A, Cfg::D, Cfg::E];
 const FIXED_ECHO: u16 = 15101;
 const FIXED_SINK: u16 = 15102;
 /// Istio's injected init arguments, minus `-x` (added per run).
-const ISTIO_FLAGS: [&str; 12] = [
+pub(super) const ISTIO_FLAGS: [&str; 12] = [
     "-p", "15001", "-z", "15006", "-u", "1337", "-m", "REDIRECT", "-i", "*", "-b", "*",
 ];
-const ISTIO_EXCLUDE_INBOUND: &str = "15090,15021,15020";
+pub(super) const ISTIO_EXCLUDE_INBOUND: &str = "15090,15021,15020";
 
 pub struct Options {
     pub quick: bool,
@@ -56,18 +56,18 @@ pub struct Options {
 
 static STOP: AtomicBool = AtomicBool::new(false);
 
-extern "C" fn on_signal(_: libc::c_int) {
+pub(super) extern "C" fn on_signal(_: libc::c_int) {
     STOP.store(true, Ordering::SeqCst);
 }
 
-fn stopped() -> Result<()> {
+pub(super) fn stopped() -> Result<()> {
     if STOP.load(Ordering::SeqCst) {
         bail!("interrupted: cleaning up");
     }
     Ok(())
 }
 
-fn settings(o: &Options) -> Settings {
+pub(super) fn settings(o: &Options) -> Settings {
     let ncpu = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
@@ -178,7 +178,7 @@ fn kit_bin() -> PathBuf {
     sandbox::sibling_binary("redirect-kit")
 }
 
-fn redirect_bin() -> PathBuf {
+pub(super) fn redirect_bin() -> PathBuf {
     sandbox::sibling_binary("redirect")
 }
 
@@ -348,7 +348,7 @@ impl Sidecar {
 
 /// One configuration instance: fresh namespaces, servers, sidecar and
 /// capture; removed in reverse order on drop.
-struct Env {
+pub(super) struct Env {
     cfg: Cfg,
     rules: usize,
     /// App↔proxy leg: the "proxy" is an echo (TCP :15001 and AF_UNIX
@@ -384,7 +384,7 @@ impl Drop for Env {
 }
 
 impl Env {
-    fn new(cfg: Cfg, rules: usize, proxy: ProxyKind, leg: bool) -> Result<Env> {
+    pub(super) fn new(cfg: Cfg, rules: usize, proxy: ProxyKind, leg: bool) -> Result<Env> {
         let topo = Topology::new("bench").context("creating the pod and upstream namespaces")?;
         let mut env = Env {
             cfg,
@@ -513,7 +513,22 @@ impl Env {
             .expect("topology lives as long as the env")
     }
 
-    fn place(&self, p: Place) -> Result<usize> {
+    /// The install of D and E.
+    pub(super) fn pin_dir(&self) -> Option<&Path> {
+        self.pin_dir.as_deref()
+    }
+
+    /// The pod's network namespace.
+    pub(super) fn pod_netns(&self) -> PathBuf {
+        self.topo().pod.path()
+    }
+
+    /// Connections the app made so far.
+    pub(super) fn conns(&self) -> u64 {
+        self.conns
+    }
+
+    pub(super) fn place(&self, p: Place) -> Result<usize> {
         let (client, rest) = p.cpus();
         if let Some(s) = &self.server {
             pin(s.pid(), rest)?;
@@ -549,7 +564,7 @@ impl Env {
     }
 
     /// One load generator run as the app, on `cpu`.
-    fn load(&mut self, test: Test, cpu: usize, s: &Settings) -> Result<LoadResult> {
+    pub(super) fn load(&mut self, test: Test, cpu: usize, s: &Settings) -> Result<LoadResult> {
         let (mode, size) = test.mode();
         let (echo, sink) = self.targets();
         let target = if mode == Mode::Bulk { sink } else { echo };
@@ -624,7 +639,7 @@ impl Env {
 
     /// Was the intended path taken? Our counters, iptables counters, the
     /// proxy's own counts, and nothing stray.
-    fn verify(
+    pub(super) fn verify(
         &mut self,
         rep: usize,
         accel: &mut BTreeMap<String, u64>,
@@ -863,7 +878,14 @@ fn tcp_retrans(ns: &str) -> u64 {
         .unwrap_or(0)
 }
 
-fn sample(rep: usize, cfg: Cfg, place: Place, test: Test, rules: usize, r: LoadResult) -> Sample {
+pub(super) fn sample(
+    rep: usize,
+    cfg: Cfg,
+    place: Place,
+    test: Test,
+    rules: usize,
+    r: LoadResult,
+) -> Sample {
     let h = hist::from_buckets(&r.hist);
     let has = !h.is_empty();
     Sample {
@@ -887,7 +909,7 @@ fn sample(rep: usize, cfg: Cfg, place: Place, test: Test, rules: usize, r: LoadR
     }
 }
 
-fn load_avg() -> String {
+pub(super) fn load_avg() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .unwrap_or_default()
         .split_whitespace()

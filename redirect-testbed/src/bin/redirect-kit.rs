@@ -146,6 +146,17 @@ enum Tool {
         #[arg(long)]
         rate: Option<u64>,
     },
+    /// What `redirect trace` costs: configuration D with nobody tracing,
+    /// a tracer on another pod, a tracer on the measured pod (as root,
+    /// after `cargo xtask build`); a markdown table on stdout.
+    BenchTraceCost {
+        /// Smoke run: 2 repetitions of 250 ms, no warm-up round.
+        #[arg(long)]
+        quick: bool,
+        /// Repetitions (default 5, 2 with --quick).
+        #[arg(long)]
+        reps: Option<usize>,
+    },
     /// Pod churn against a real agent: N pods captured and released through
     /// redirect-cni under steady traffic; timings and leak checks (as root;
     /// `cargo xtask bench --churn` runs this).
@@ -371,6 +382,25 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Tool::BenchTraceCost { quick, reps } => {
+            let o = bench::runner::Options {
+                quick,
+                proxy: bench::model::ProxyKind::Kit,
+                out: std::path::PathBuf::new(),
+                reps,
+                rate: None,
+            };
+            match bench::trace_cost::run(&o) {
+                Ok(md) => {
+                    print!("{md}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("redirect-kit bench-trace-cost: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Tool::Bench {
             quick,
             proxy,

@@ -76,10 +76,10 @@ pub struct Optional {
     pub note: &'static str,
 }
 
-/// Every optional knob. Today (`redirect attach` on main) none is taken;
-/// the flag-table work adds `redirect istio-iptables` (environment forms,
-/// `--istio-outbound-ports`, `--dual-stack` and `--drop-invalid` accepted),
-/// DNS capture and interface exclusion are under way.
+/// Every optional knob. Each is probed at the start of a run, so a knob
+/// redirect starts taking is used from then on without an edit here (DNS
+/// capture, owner groups, the loopback range, `-c` and `-k` are taken now;
+/// the notes say what a run does while one is not).
 pub const OPTIONAL: &[Optional] = &[
     Optional {
         feature: Feature::DualStackFlag,

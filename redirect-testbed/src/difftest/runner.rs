@@ -294,7 +294,20 @@ impl Side {
             Driver::IstioIptables => cfg.env.clone(),
             Driver::Attach => Vec::new(),
         };
-        let out = self.capture(&cfg.redirect_args(), &env);
+        // The reference pod's nameservers are what istio-iptables read from
+        // its resolv.conf; redirect is told them (`none` when DNS capture is
+        // on with an empty list: istio-iptables then captures no DNS).
+        let mut args = cfg.redirect_args();
+        if cfg.knobs.dns {
+            let list: Vec<String> = cfg.nameservers.iter().map(ToString::to_string).collect();
+            args.push("--dns-servers".into());
+            args.push(if list.is_empty() {
+                "none".into()
+            } else {
+                list.join(",")
+            });
+        }
+        let out = self.capture(&args, &env);
         if !out.status.success() {
             return Err(output_text(&out));
         }

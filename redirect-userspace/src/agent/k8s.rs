@@ -153,6 +153,8 @@ struct Comparable {
     exclude_cidrs: Vec<(std::net::IpAddr, u8)>,
     outbound_ports: (Vec<u16>, Vec<u16>),
     inbound: (String, Vec<u16>),
+    /// `-c`, `-k` names (sets).
+    interfaces: (Vec<String>, Vec<String>),
     /// DNS capture, owner groups, the IPv4 loopback range.
     dns: String,
     owner_groups: String,
@@ -160,6 +162,13 @@ struct Comparable {
     /// Settings not supported yet (never in the kernel): a change that
     /// asks for one is applied, and so refused and logged, not skipped.
     unsupported: Vec<String>,
+}
+
+fn names(v: &[String]) -> Vec<String> {
+    let mut v = v.to_vec();
+    v.sort();
+    v.dedup();
+    v
 }
 
 fn comparable(s: &PodSpec) -> Comparable {
@@ -191,6 +200,7 @@ fn comparable(s: &PodSpec) -> Comparable {
             set(&s.exclude_outbound_ports),
         ),
         inbound: (inbound, set(&s.exclude_inbound_ports)),
+        interfaces: (names(&s.exclude_interfaces), names(&s.kube_virt_interfaces)),
         dns: format!("{:?}", s.dns_capture()),
         // As sets: the kernel gives the gids back sorted.
         owner_groups: {
@@ -563,7 +573,8 @@ impl PodWatch {
                             &cfg,
                             &maps.port_entries(cookie),
                             &maps.cidr_entries(cookie),
-                        );
+                        )
+                        .with_interfaces(&maps.iface_entries(cookie));
                         drop(maps);
                         if comparable(&cur) == comparable(&m.spec) {
                             return Ok(None);
@@ -954,6 +965,7 @@ mod tests {
             json!({"traffic.sidecar.istio.io/excludeOutboundPorts": "9090,8081,8081", "traffic.sidecar.istio.io/excludeOutboundIPRanges": "10.96.0.0/12,fd00::/8"}),
             json!({"traffic.sidecar.istio.io/includeOutboundIPRanges": "10.0.0.0/8,127.0.0.0/8", "traffic.sidecar.istio.io/includeInboundPorts": "9080,8080"}),
             json!({"traffic.sidecar.istio.io/includeInboundPorts": ""}),
+            json!({"traffic.sidecar.istio.io/excludeInterfaces": "net1,eth+", "traffic.sidecar.istio.io/kubevirtInterfaces": "tap0"}),
             // DNS capture, owner groups (out of order), the loopback range.
             json!({"proxy.istio.io/config": "{\"proxyMetadata\":{\"ISTIO_META_DNS_CAPTURE\":\"true\",\"ISTIO_OUTBOUND_OWNER_GROUPS\":\"3000,2000\",\"ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR\":\"127.0.0.0/8\"}}"}),
             json!({"proxy.istio.io/config": "{\"proxyMetadata\":{\"ISTIO_META_DNS_CAPTURE\":\"true\",\"ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE\":\"7\"}}"}),
@@ -968,12 +980,20 @@ mod tests {
                 "10.244.1.17".parse().unwrap(),
                 "fd00:200::2".parse().unwrap(),
             ];
+            let ifaces = crate::podnet::PodNet::default()
+                .iface_entries(&spec.exclude_interfaces, &spec.kube_virt_interfaces);
             let back = PodSpec::from_kernel(
                 &spec.pod_config(42),
                 &spec.port_entries(),
                 &spec.cidr_entries(&addrs),
-            );
+            )
+            .with_interfaces(&ifaces);
             assert_eq!(comparable(&back), comparable(&spec), "{ann}");
+            // Without its interface entries the config reads differently.
+            if !spec.exclude_interfaces.is_empty() {
+                let bare = PodSpec::from_kernel(&spec.pod_config(42), &spec.port_entries(), &[]);
+                assert_ne!(comparable(&bare), comparable(&spec), "{ann}");
+            }
         }
         let a = annotations::from_pod(&pod(
             json!({"traffic.sidecar.istio.io/excludeOutboundPorts": "8081"}),

@@ -8,9 +8,11 @@
 //! exits, and a new agent picks up where the old one left off.
 
 pub mod http;
+pub mod ifwatch;
 pub mod k8s;
 pub mod metrics;
 pub mod records;
+pub mod tracehub;
 
 use std::{
     collections::BTreeMap,
@@ -27,7 +29,7 @@ use std::{
 
 use crate::wire::{
     check_netns_path, reply_line, AddReply, AgentError, CheckReply, DelReply, ErrorKind, ListReply,
-    ListedPod, Reply, Request, UncapturedPod, MAX_LINE,
+    ListedPod, Reply, Request, TraceReply, UncapturedPod, MAX_LINE,
 };
 use crate::{
     attach::{self, Installation},
@@ -87,6 +89,8 @@ pub struct Agent {
     pub programs_updated: Vec<String>,
     /// The install's acceleration probe result (None: did not complete).
     pub accel_probe: Option<crate::probe::ProbeResult>,
+    /// The clients of the `trace` op, and the reader serving them.
+    pub trace: tracehub::TraceHub,
 }
 
 /// What reconciliation did at start.
@@ -143,6 +147,7 @@ impl Agent {
                 sizes: sizes.clone(),
                 programs_updated,
                 accel_probe,
+                trace: tracehub::TraceHub::default(),
             },
             newly,
         ))
@@ -247,6 +252,18 @@ impl Agent {
             } => self.check_from_api(netns, pod.as_deref()).map(Reply::Check),
             Request::Check { netns, .. } => self.check(netns).map(Reply::Check),
             Request::List => self.list().map(Reply::List),
+            Request::Explain { query, pin_dir } => self
+                .same_install(pin_dir.as_deref())
+                .and_then(|()| {
+                    crate::explain::explain(&self.pins, query)
+                        .map_err(|e| AgentError::from_error(&e))
+                })
+                .map(|e| Reply::Explain(Box::new(e))),
+            // Streams: served by `serve_conn` (`serve_trace`).
+            Request::Trace { .. } => Err(AgentError::new(
+                ErrorKind::BadRequest,
+                "trace streams its lines on the connection it came on",
+            )),
         };
         let result = if r.is_ok() { "ok" } else { "error" };
         *self
@@ -489,6 +506,101 @@ impl Agent {
         })
     }
 
+    /// `explain` and `trace` name the client's install: refused when it is
+    /// not this agent's (the client then reads it itself).
+    fn same_install(&self, pin_dir: Option<&Path>) -> Result<(), AgentError> {
+        let Some(theirs) = pin_dir else {
+            return Ok(());
+        };
+        let canon = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+        if canon(theirs) != canon(&self.pins.root) {
+            return Err(AgentError::new(
+                ErrorKind::OtherInstall,
+                format!(
+                    "this agent serves the install at {}, not {}",
+                    self.pins.root.display(),
+                    theirs.display()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// `trace`: the reply, then one line per event for this client until it
+    /// closes the connection (or the agent stops).
+    fn serve_trace(
+        &self,
+        s: &UnixStream,
+        netns: Option<&Path>,
+        pod: Option<&str>,
+        filter: &crate::trace::Filter,
+        pin_dir: Option<&Path>,
+    ) {
+        use crate::trace::Selection;
+        let subscribed = (|| {
+            self.same_install(pin_dir)?;
+            filter.check().map_err(|e| AgentError::from_error(&e))?;
+            if let Some(n) = netns {
+                check_netns_path(n).map_err(AgentError::invalid)?;
+            }
+            let (selection, tracing) = if netns.is_none() && pod.is_none() {
+                (Selection::All, vec!["*".to_string()])
+            } else {
+                let maps = Maps::open(&self.pins).map_err(|e| AgentError::from_error(&e))?;
+                let t = crate::explain::target(&self.pins, &maps, netns, pod)
+                    .map_err(|e| AgentError::from_error(&e))?;
+                let name = t
+                    .pod
+                    .or(t.netns)
+                    .unwrap_or_else(|| format!("netns cookie {}", t.cookie));
+                (Selection::Pods([t.cookie].into()), vec![name])
+            };
+            let sub = self
+                .trace
+                .subscribe(&self.pins, selection, filter.clone())
+                .map_err(AgentError::failed)?;
+            Ok((sub, tracing))
+        })();
+        let (sub, tracing) = match subscribed {
+            Ok(x) => x,
+            Err(e) => {
+                let _ = (&*s).write_all(format!("{}\n", reply_line(&Err(e))).as_bytes());
+                return;
+            }
+        };
+        let reply = Reply::Trace(TraceReply {
+            tracing,
+            reader_pid: std::process::id(),
+        });
+        if (&*s)
+            .write_all(format!("{}\n", reply_line(&Ok(reply))).as_bytes())
+            .is_err()
+        {
+            return;
+        }
+        tracing::info!(clients = self.trace.clients(), "trace client connected");
+        loop {
+            if self.gate.lock().map(|g| g.stopping).unwrap_or(true) {
+                return;
+            }
+            match sub.rx.recv_timeout(Duration::from_millis(500)) {
+                Ok(line) => {
+                    let mut l = serde_json::to_string(&line).expect("lines serialize");
+                    l.push('\n');
+                    if (&*s).write_all(l.as_bytes()).is_err() {
+                        return;
+                    }
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    if peer_closed(s) {
+                        return;
+                    }
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
+            }
+        }
+    }
+
     /// Pod names by cookie, for metric labels.
     pub fn pod_names(&self) -> BTreeMap<u64, String> {
         self.inner()
@@ -568,6 +680,32 @@ impl Agent {
                     ErrorKind::BadRequest,
                     format!("bad request: {e}"),
                 )),
+                Ok(Request::Trace {
+                    netns,
+                    pod,
+                    filter,
+                    pin_dir,
+                }) => {
+                    if !self.enter() {
+                        Err(AgentError::new(
+                            ErrorKind::ShuttingDown,
+                            "agent is shutting down",
+                        ))
+                    } else {
+                        // The connection is the stream's from now on.
+                        let _ = s.set_read_timeout(None);
+                        self.serve_trace(
+                            &s,
+                            netns.as_deref(),
+                            pod.as_deref(),
+                            &filter,
+                            pin_dir.as_deref(),
+                        );
+                        *self.counters().requests.entry(("trace", "ok")).or_default() += 1;
+                        self.leave();
+                        return;
+                    }
+                }
                 Ok(req) => {
                     if !self.enter() {
                         Err(AgentError::new(
@@ -587,6 +725,33 @@ impl Agent {
             }
         }
     }
+}
+
+/// Has the client closed its end (a trace client stops this way)?
+fn peer_closed(s: &UnixStream) -> bool {
+    let mut pfd = libc::pollfd {
+        fd: s.as_raw_fd(),
+        events: libc::POLLIN | libc::POLLRDHUP,
+        revents: 0,
+    };
+    let r = unsafe { libc::poll(&mut pfd, 1, 0) };
+    if r <= 0 {
+        return false;
+    }
+    if pfd.revents & (libc::POLLHUP | libc::POLLRDHUP | libc::POLLERR) != 0 {
+        return true;
+    }
+    // Readable: anything it sends after the request is ignored; EOF ends it.
+    let mut b = [0u8; 512];
+    let n = unsafe {
+        libc::recv(
+            s.as_raw_fd(),
+            b.as_mut_ptr().cast(),
+            b.len(),
+            libc::MSG_DONTWAIT,
+        )
+    };
+    n == 0
 }
 
 /// Only root may talk to the agent (the socket is 0600 too).
@@ -665,6 +830,11 @@ pub fn bind_socket(path: &Path) -> Result<UnixListener> {
 /// process inside it; the inode narrows the candidates and the cookie
 /// (never reused) decides.
 pub fn netns_alive(cookie: u64, inode: u64, hint: Option<&Path>) -> bool {
+    find_netns(cookie, inode, hint).is_some()
+}
+
+/// A path to the netns with this cookie, found as `netns_alive` finds it.
+pub fn find_netns(cookie: u64, inode: u64, hint: Option<&Path>) -> Option<PathBuf> {
     let matches = |p: &Path| -> bool {
         let same_inode = std::fs::metadata(p)
             .map(|m| m.ino() as u32 as u64 == inode as u32 as u64)
@@ -675,8 +845,8 @@ pub fn netns_alive(cookie: u64, inode: u64, hint: Option<&Path>) -> bool {
                 .map(|c| c == cookie)
                 .unwrap_or(false)
     };
-    if hint.is_some_and(matches) {
-        return true;
+    if let Some(h) = hint.filter(|h| matches(h)) {
+        return Some(h.to_path_buf());
     }
     let mut candidates: Vec<PathBuf> = Vec::new();
     for dir in ["/run/netns", "/var/run/netns"] {
@@ -693,8 +863,8 @@ pub fn netns_alive(cookie: u64, inode: u64, hint: Option<&Path>) -> bool {
             }
         }
     }
-    if candidates.iter().any(|p| matches(p)) {
-        return true;
+    if let Some(p) = candidates.into_iter().find(|p| matches(p)) {
+        return Some(p);
     }
     crate::pins::read_dir(Path::new("/proc"))
         .iter()
@@ -703,5 +873,6 @@ pub fn netns_alive(cookie: u64, inode: u64, hint: Option<&Path>) -> bool {
                 .and_then(|n| n.to_str())
                 .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
         })
-        .any(|p| matches(&p.join("ns/net")))
+        .map(|p| p.join("ns/net"))
+        .find(|p| matches(p))
 }

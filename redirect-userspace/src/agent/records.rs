@@ -122,6 +122,15 @@ impl Records {
         Ok(Records { map })
     }
 
+    /// Open the pinned record map for reading; None when there is none
+    /// (no agent ever captured a pod with this install).
+    pub fn open_existing(pins: &Pins) -> Result<Option<Records>> {
+        if !pins.map(MAP_AGENT_PODS).exists() {
+            return Ok(None);
+        }
+        Self::open_or_create(pins).map(Some)
+    }
+
     pub fn all(&self) -> Vec<(u64, Record)> {
         self.map
             .iter()

@@ -19,7 +19,8 @@ pub struct Args {
     #[arg(long)]
     pub json: bool,
     /// Map sizes of a new install, `<map>=<entries>` (pods, orig, sockhash,
-    /// ports, cidrs, counters), comma separated or repeated. An existing
+    /// ports, cidrs, counters, accel-ports, ifaces, routes), comma separated
+    /// or repeated. An existing
     /// install keeps its sizes; a different size here is an error.
     #[arg(long = "map-size", value_name = "MAP=N", value_delimiter = ',')]
     pub map_size: Vec<String>,
@@ -46,6 +47,7 @@ pub fn run(pin_dir: &Path, a: Args) -> Result<()> {
             json: a.json,
             map_size: a.map_size,
             force: a.force,
+            debug_log: a.debug_log,
             flags: a.flags,
         },
     )
@@ -61,6 +63,8 @@ pub struct Invocation {
     pub map_size: Vec<String>,
     /// `--force`: capture a pod another install has captured too.
     pub force: bool,
+    /// `--debug-log`: follow the kernel debug log after capturing.
+    pub debug_log: bool,
     pub flags: CaptureFlags,
 }
 
@@ -138,6 +142,7 @@ pub fn execute(pin_dir: &Path, inv: Invocation) -> Result<()> {
             from,
             recorded: recorded.as_ref(),
             force: inv.force,
+            debug_log: inv.debug_log,
         };
         capture(pin_dir, &target, &spec, &sizes, inv.json, &notes)?;
     }
@@ -319,6 +324,7 @@ struct Target<'a> {
     /// The pod's cgroup recorded in the install before this capture.
     recorded: Option<&'a redirect_userspace::cgroups::Recorded>,
     force: bool,
+    debug_log: bool,
 }
 
 fn capture(
@@ -381,6 +387,12 @@ fn capture(
             return Err(e.into());
         }
     };
+    if !info.unmatched_interfaces.is_empty() {
+        eprintln!(
+            "redirect: warning: no interface of the pod matches {} yet. The agent (redirect daemon) follows the pod's interfaces and applies the name when one appears; without it, run this again once the interface exists",
+            info.unmatched_interfaces.join(", ")
+        );
+    }
     for o in &info.also_captured_by {
         eprintln!(
             "redirect: warning: --force: {} is also captured by {o}; both installs act on its connections until it is released from one",
@@ -471,6 +483,12 @@ fn capture(
         }
         // Said once, here (forced on a failed probe included); the probe's
         // findings in full: `redirect status`.
+        if !info.vm_interfaces.is_empty() {
+            println!(
+                "  VM interfaces (-k), programs attached: {}",
+                info.vm_interfaces.join(", ")
+            );
+        }
         println!("  acceleration: {}", info.accel_decision);
         if !info.listener_seeded.is_empty() {
             println!(
@@ -479,7 +497,7 @@ fn capture(
             );
         }
     }
-    if a.debug_log {
+    if t.debug_log {
         follow_kernel_log(&pins)?;
     }
     Ok(())

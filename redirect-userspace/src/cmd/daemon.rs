@@ -109,7 +109,8 @@ pub struct Args {
     #[arg(long, env = "REDIRECT_NODE_RESOLV_CONF")]
     pub node_resolv_conf: Option<PathBuf>,
     /// Map sizes of a new install, `<map>=<entries>` (pods, orig, sockhash,
-    /// ports, cidrs, counters), comma separated or repeated. An existing
+    /// ports, cidrs, counters, accel-ports, ifaces, routes), comma separated
+    /// or repeated. An existing
     /// install keeps its sizes; a different size here is an error.
     #[arg(
         long = "map-size",
@@ -262,6 +263,14 @@ pub fn run(pin_dir: &Path, a: Args) -> Result<()> {
                     .spawn(move || g.run(&agent, &stop))?,
             );
         }
+    }
+
+    // Pods naming -c/-k interfaces: names applied as interfaces appear.
+    {
+        let (agent, stop) = (agent.clone(), stop.clone());
+        std::thread::Builder::new()
+            .name("ifwatch".into())
+            .spawn(move || agent::ifwatch::run(&agent, &stop))?;
     }
 
     ready.store(true, Ordering::SeqCst);

@@ -2,9 +2,11 @@
 pub mod attach;
 pub mod daemon;
 pub mod detach;
+pub mod explain;
 pub mod istio_iptables;
 pub mod stats;
 pub mod status;
+pub mod trace;
 pub mod uninstall;
 pub mod validate;
 
@@ -82,6 +84,24 @@ pub fn cgroup_or_root(cgroup: Option<&Path>) -> redirect_userspace::error::Resul
     };
     redirect_userspace::sys::open_cgroup(&cg)?;
     Ok(cg)
+}
+
+/// How `explain` and `trace` find the node agent. They go through it when
+/// it answers on its socket and serves the same install (`--pin-dir`), and
+/// read the install themselves otherwise.
+#[derive(clap::Args)]
+pub struct AgentArgs {
+    /// The node agent's socket (`redirect daemon --socket`).
+    #[arg(
+        long,
+        env = "REDIRECT_SOCKET",
+        default_value = "/run/redirect/agent.sock",
+        value_name = "PATH"
+    )]
+    pub agent_socket: PathBuf,
+    /// Read the install here even when an agent answers.
+    #[arg(long)]
+    pub no_agent: bool,
 }
 
 /// istio-iptables' exit code when validation fails (Istio's CNI repair

@@ -157,10 +157,10 @@ pub struct PodSpec {
     pub accel_mode: AccelMode,
     /// `--accel-short-conns`: no learning of short-lived ports.
     pub accel_short_conns: bool,
-    /// `-c`: interfaces whose traffic is not captured (not supported yet).
+    /// `-c`: interfaces whose traffic is not captured (names; a trailing
+    /// `+` matches a prefix, as iptables' `-i`).
     pub exclude_interfaces: Vec<String>,
-    /// `-k`: interfaces whose inbound (VM) traffic is treated as outbound
-    /// (not supported yet).
+    /// `-k`: interfaces whose inbound (VM) traffic is treated as outbound.
     pub kube_virt_interfaces: Vec<String>,
     /// `--redirect-dns` / `ISTIO_META_DNS_CAPTURE`: DNS to the DNS proxy.
     pub redirect_dns: bool,
@@ -381,6 +381,12 @@ impl PodSpec {
         if self.accel_short_conns {
             f |= flags::ACCEL_SHORT_CONNS;
         }
+        if !self.exclude_interfaces.is_empty() {
+            f |= flags::OUT_EXCLUDE_IFACES;
+        }
+        if !self.exclude_interfaces.is_empty() || !self.kube_virt_interfaces.is_empty() {
+            f |= flags::IFACES;
+        }
         f |= match self.dns_capture() {
             DnsCapture::Off => 0,
             DnsCapture::NoNameservers => flags::DNS_NO_SERVERS,
@@ -589,6 +595,13 @@ impl PodSpec {
             ipv4_loopback_cidr,
             ..PodSpec::blank()
         }
+    }
+
+    /// The `-c` and `-k` names, from the pod's REDIRECT_IFACES name records
+    /// (`from_kernel` has no names: the other maps hold none).
+    pub fn with_interfaces(mut self, entries: &[(u32, redirect_common::IfaceEntry)]) -> PodSpec {
+        (self.exclude_interfaces, self.kube_virt_interfaces) = crate::podnet::names(entries);
+        self
     }
 
     /// Warnings for configurations that capture nothing in one direction,
@@ -852,9 +865,16 @@ mod tests {
             c.set(Flag::InboundPorts, "80,8080");
             c.set(Flag::LocalExcludePorts, "15021");
             c.set(Flag::ProxyGid, "1337,2000");
+            c.set(Flag::ExcludeInterfaces, "net1,eth+");
+            c.set(Flag::KubeVirtInterfaces, "k6t-eth0");
         })
         .unwrap();
-        let back = PodSpec::from_kernel(&s.pod_config(7), &s.port_entries(), &s.cidr_entries(&[]));
+        let cfg = s.pod_config(7);
+        assert!(cfg.has(flags::OUT_EXCLUDE_IFACES) && cfg.has(flags::IFACES));
+        let ifaces = crate::podnet::PodNet::default()
+            .iface_entries(&s.exclude_interfaces, &s.kube_virt_interfaces);
+        let back = PodSpec::from_kernel(&cfg, &s.port_entries(), &s.cidr_entries(&[]))
+            .with_interfaces(&ifaces);
         assert_eq!(back, s);
     }
 

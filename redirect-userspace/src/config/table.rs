@@ -657,11 +657,8 @@ pub static TABLE: [FlagDef; 49] = [
             Ok(())
         }),
         show: Show::IfSet(|s| if_nonempty(&s.exclude_interfaces)),
-        status: Status::NotYet {
-            missing: "capture does not look at the interface a connection comes in on yet",
-            in_effect: |s| !s.exclude_interfaces.is_empty(),
-        },
-        help: "Interfaces whose traffic is never captured, comma separated.",
+        status: Status::Works,
+        help: "Interfaces whose traffic is never captured (in and out), comma separated; a trailing + matches a prefix.",
     },
     FlagDef {
         flag: Flag::KubeVirtInterfaces,
@@ -684,11 +681,8 @@ pub static TABLE: [FlagDef; 49] = [
             Ok(())
         }),
         show: Show::IfSet(|s| if_nonempty(&s.kube_virt_interfaces)),
-        status: Status::NotYet {
-            missing: "traffic from a VM behind these interfaces is not redirected yet (that needs a program on the interface)",
-            in_effect: |s| !s.kube_virt_interfaces.is_empty(),
-        },
-        help: "Virtual interfaces whose inbound traffic (from a VM) is treated as outbound.",
+        status: Status::Works,
+        help: "Virtual interfaces (a VM's) whose TCP connections go to the outbound port, as the pod's own; comma separated.",
     },
     FlagDef {
         flag: Flag::RedirectDns,

@@ -23,8 +23,13 @@ pub enum Listing {
     ToInbound,
 }
 
-/// Rows of ISTIO_REDIRECT: its one rule counts what these send to it.
-const TO_OUTBOUND: [Reason; 2] = [Reason::OutCapturedPort, Reason::OutCaptured];
+/// Rows of ISTIO_REDIRECT: its one rule counts what these send to it
+/// (ISTIO_OUTPUT's, and PREROUTING's for a `-k` interface).
+const TO_OUTBOUND: [Reason; 3] = [
+    Reason::OutCapturedPort,
+    Reason::OutCaptured,
+    Reason::InVirtCaptured,
+];
 /// Rows of ISTIO_IN_REDIRECT: rules (2)/(5) of ISTIO_OUTPUT and ISTIO_INBOUND.
 const TO_INBOUND: [Reason; 2] = [Reason::OutProxyToSelf, Reason::InCaptured];
 
@@ -99,7 +104,7 @@ impl Listing {
                 let (name, rows, port) = if *self == Listing::ToOutbound {
                     (
                         "ISTIO_REDIRECT",
-                        "OUTPUT rows",
+                        "OUTPUT and VM rows",
                         ("outbound", pod.spec.proxy_port),
                     )
                 } else {
@@ -135,7 +140,7 @@ impl<'a> Section<'a> {
         Section {
             title: format!("Chain {} ({})", c.name(), c.title()),
             unit: match c {
-                Chain::Output | Chain::Prerouting => "conns",
+                Chain::Output | Chain::Prerouting | Chain::Vm => "conns",
                 Chain::Dns => "count",
                 Chain::OrigDst => "calls",
                 Chain::Accel | Chain::Errors => "count",
@@ -159,6 +164,7 @@ mod tests {
             ("ISTIO_REDIRECT", Listing::ToOutbound),
             ("ISTIO_IN_REDIRECT", Listing::ToInbound),
             ("ORIGINAL_DST", Listing::Chain(Chain::OrigDst)),
+            ("vm", Listing::Chain(Chain::Vm)),
             ("DNS", Listing::Chain(Chain::Dns)),
             ("istio_output_dns", Listing::Chain(Chain::Dns)),
             ("accel", Listing::Chain(Chain::Accel)),
@@ -169,18 +175,18 @@ mod tests {
         let e = Listing::parse("ISTIO_OUTPUTX").unwrap_err().to_string();
         assert_eq!(
             e,
-            "invalid --chain value 'ISTIO_OUTPUTX': no such chain; the chains are OUTPUT (or ISTIO_OUTPUT), PREROUTING (or ISTIO_INBOUND), ISTIO_REDIRECT, ISTIO_IN_REDIRECT, DNS (or ISTIO_OUTPUT_DNS), ORIGINAL_DST, ACCEL, ERRORS"
+            "invalid --chain value 'ISTIO_OUTPUTX': no such chain; the chains are OUTPUT (or ISTIO_OUTPUT), PREROUTING (or ISTIO_INBOUND), ISTIO_REDIRECT, ISTIO_IN_REDIRECT, VM, DNS (or ISTIO_OUTPUT_DNS), ORIGINAL_DST, ACCEL, ERRORS"
         );
     }
 
     #[test]
     fn redirect_chains_hold_the_rows_that_send_to_each_port() {
-        // Every REDIRECT row of OUTPUT/PREROUTING is in exactly one of
+        // Every REDIRECT row of OUTPUT/PREROUTING/VM is in exactly one of
         // them, by the port it sends to.
         for r in Reason::ALL {
             let listed = (Listing::ToOutbound.lists(r), Listing::ToInbound.lists(r));
-            let redirects =
-                matches!(r.chain(), Chain::Output | Chain::Prerouting) && r.target() == "REDIRECT";
+            let redirects = matches!(r.chain(), Chain::Output | Chain::Prerouting | Chain::Vm)
+                && r.target() == "REDIRECT";
             assert_eq!(listed.0 || listed.1, redirects, "{r:?}");
             assert!(!(listed.0 && listed.1), "{r:?}");
         }

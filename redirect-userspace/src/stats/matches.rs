@@ -60,6 +60,15 @@ fn owner(s: &PodSpec, negated: bool) -> String {
     }
 }
 
+/// `in eth1,eth2` / `out eth1`, as iptables' in/out columns.
+fn ifaces(dir: &str, v: &[String]) -> String {
+    if v.is_empty() {
+        NOT_SET.into()
+    } else {
+        format!("{dir} {}", v.join(","))
+    }
+}
+
 fn ids(v: &[u32], what: &str) -> String {
     if v.is_empty() {
         NOT_SET.into()
@@ -74,6 +83,7 @@ fn ids(v: &[u32], what: &str) -> String {
 pub fn rule_match(r: Reason, s: &PodSpec) -> String {
     match r {
         // OUTPUT (ISTIO_OUTPUT), in rule order.
+        Reason::OutExcludedInterface => ifaces("out", &s.exclude_interfaces),
         Reason::OutExcludedPort => dports(&s.exclude_outbound_ports),
         Reason::OutPassthrough => "out lo src 127.0.0.6,::6".into(),
         Reason::OutProxyToSelf if dns_on(s) => format!(
@@ -148,6 +158,7 @@ pub fn rule_match(r: Reason, s: &PodSpec) -> String {
             }
         }
         // PREROUTING (ISTIO_INBOUND), in rule order.
+        Reason::InExcludedInterface => ifaces("in", &s.exclude_interfaces),
         Reason::InTunnelPort => format!("tcp dpt:{}", s.tunnel_port),
         Reason::InExcludedPort => match s.inbound_ports {
             InboundPorts::All => dports(&s.exclude_inbound_ports),
@@ -160,6 +171,19 @@ pub fn rule_match(r: Reason, s: &PodSpec) -> String {
         },
         Reason::InNoListener => format!("no listener on :{}", s.inbound_port),
         Reason::InListenerRegistered => format!("listen :{}", s.inbound_port),
+        // PREROUTING of -k interfaces.
+        Reason::InVirtCaptured if s.kube_virt_interfaces.is_empty() => NOT_SET.into(),
+        Reason::InVirtCaptured if s.include_all_outbound => {
+            format!("{} tcp", ifaces("in", &s.kube_virt_interfaces))
+        }
+        Reason::InVirtCaptured => format!(
+            "{} tcp {}",
+            ifaces("in", &s.kube_virt_interfaces),
+            cidrs(&s.include_cidrs)
+        ),
+        Reason::InVirtNotIncluded => ifaces("in", &s.kube_virt_interfaces),
+        Reason::InVirtDropped if s.kube_virt_interfaces.is_empty() => NOT_SET.into(),
+        Reason::InVirtDropped => format!("no listener on :{}", s.proxy_port),
         Reason::OutNotIncluded
         | Reason::InNotIncluded
         | Reason::OrigDstOutbound
@@ -171,6 +195,9 @@ pub fn rule_match(r: Reason, s: &PodSpec) -> String {
         | Reason::ErrListenerMapFull
         | Reason::ErrSockMapFull
         | Reason::ErrLocalMapFull
+        | Reason::ErrSourceBind
+        | Reason::ErrVirtNatFull
+        | Reason::ErrTraceLost
         | Reason::AccelInserted
         | Reason::AccelRedirected
         | Reason::AccelFallback

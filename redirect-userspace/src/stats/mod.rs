@@ -115,7 +115,8 @@ pub fn read(pins: &Pins, only: Option<u64>) -> Result<Stats> {
             &cfg,
             &ports.remove(&cookie).unwrap_or_default(),
             &cidrs.remove(&cookie).unwrap_or_default(),
-        );
+        )
+        .with_interfaces(&maps.iface_entries(cookie));
         pods.push(PodStats {
             netns_cookie: cookie,
             netns: sys::netns_name(cfg.netns_inode as u64),
