@@ -12,7 +12,7 @@ use crate::{Reason, TupleKey};
 /// Acceleration's bulk switch: a message of at least this many bytes
 /// (one large write) moves its socket to the normal TCP path for good, so
 /// bulk writers are flow-controlled by TCP again (redirected data is not,
-/// README "Acceleration"). Small request/response messages stay below it.
+/// docs/acceleration.md). Small request/response messages stay below it.
 pub const ACCEL_BULK_MSG_BYTES: u32 = 64 * 1024;
 
 /// Does a message of `size` bytes switch its socket to the normal path?
@@ -24,7 +24,7 @@ pub fn accel_is_bulk(size: u32) -> bool {
 /// Bytes one acceleration verdict covers (`bpf_msg_apply_bytes`): the
 /// kernel applies the sk_msg program's verdict to a socket's next messages
 /// until they add up to this, without running the program. Also the
-/// granularity of the ACCEL byte counters (README "Acceleration").
+/// granularity of the ACCEL byte counters (docs/acceleration.md).
 pub const ACCEL_VERDICT_BYTES: u32 = 16 * 1024;
 
 /// A verdict made for a message of `size` bytes: the bytes of that message
@@ -42,8 +42,8 @@ pub fn accel_verdict_split(size: u32) -> (u32, u32) {
 
 /// Acceleration learns where it does not pay. Each accelerated connection
 /// costs the kernel a psock per socket, set up in the handshake and torn
-/// down at close through an RCU-deferred work item (README,
-/// "Acceleration"): for connections that live only microseconds that cost
+/// down at close through an RCU-deferred work item (docs/acceleration.md,
+/// "Short-lived connections are left out"): for connections that live only microseconds that cost
 /// is not won back, and it raises their latency tail. So each pod keeps,
 /// per destination port (the original destination's port outbound, the
 /// app's port for the inbound passthrough), a count of consecutive

@@ -541,7 +541,7 @@ pub fn accel_counter(pod: &Pod, rule: &str) -> (u64, u64) {
 /// what the counters may not show yet: a redirect verdict covers up to
 /// `ACCEL_VERDICT_BYTES` of its socket's next messages and its rest is
 /// counted by the socket's next verdict, so each accelerated socket can
-/// hold back up to that much (README, Acceleration, Counters).
+/// hold back up to that much (docs/acceleration.md, "Counters").
 pub fn accel_bytes_upper(pod: &Pod) -> (u64, u64) {
     let (_, redirected) = accel_counter(pod, "messages_redirected");
     let (_, bulk) = accel_counter(pod, "messages_bulk");

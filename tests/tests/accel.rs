@@ -178,7 +178,7 @@ fn off_with_no_accel_and_nothing_outside_pods_is_inserted() {
     assert_eq!(accel(&pod, "sockets_inserted").0, 2);
 }
 
-/// Acceleration learns where it does not pay (README, Acceleration): after
+/// Acceleration learns where it does not pay (docs/acceleration.md): after
 /// 4 connections in a row to a port that each lived under 10 ms, the pod's
 /// new connections to that port stay on the normal path (counted as
 /// `connections_short_skipped`), other ports are still accelerated, and

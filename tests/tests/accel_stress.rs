@@ -1148,7 +1148,7 @@ macro_rules! in_both_modes {
             // they fail with --accel today; `-- --ignored` runs them.
             $(
                 #[test]
-                #[ignore = "known sockmap limitation with --accel (README: Acceleration): no RST for unread redirected data, no flow control"]
+                #[ignore = "known sockmap limitation with --accel (docs/acceleration.md): no RST for unread redirected data, no flow control"]
                 fn $limit() { super::$limit(true) }
             )*
         }

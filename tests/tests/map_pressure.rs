@@ -1,6 +1,6 @@
 //! Map pressure: each map that fills with pods or connections is made
-//! small with `--map-size` and filled. What must hold (README, "Map
-//! pressure"): the defined behaviour per map (pod config full: the capture
+//! small with `--map-size` and filled. What must hold (docs/design.md, "When
+//! a map is full"): the defined behaviour per map (pod config full: the capture
 //! fails closed, CNI ADD fails; original destination full: connect refused
 //! with EPERM; sockhash full: the connection takes the normal path), a
 //! counter for it, no connection ever reaching another destination than

@@ -1,6 +1,6 @@
 //! Every outbound knob (`-p -z -e -u -g -i -x -q -o -n`) and every rule of
-//! the OUTPUT chain in DESIGN.md §2, IPv4 and IPv6, through the real
-//! `redirect attach` CLI and the real kernel.
+//! the OUTPUT chain (docs/design.md, "The rules being replaced"), IPv4 and
+//! IPv6, through the real `redirect attach` CLI and the real kernel.
 //!
 //! Each connection is checked from every side:
 //! - the client (the app): it succeeds and `getpeername` shows the

@@ -84,7 +84,7 @@ fn connect(target: SocketAddr) -> io::Result<TcpStream> {
 /// `read_exact` that retries a spurious `EAGAIN`: with sockmap
 /// acceleration a blocking read woken by a packet on the normal path (a
 /// FIN, data sent before pairing) can return it while the redirected queue
-/// is empty (see README, "Acceleration"). A real timeout still fails.
+/// is empty (see docs/acceleration.md). A real timeout still fails.
 fn read_full(s: &mut impl Read, buf: &mut [u8]) -> io::Result<()> {
     let start = Instant::now();
     let mut off = 0;

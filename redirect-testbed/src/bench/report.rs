@@ -743,7 +743,7 @@ fn targets(v: &View, place: Place) -> Vec<Target> {
         let why = match verdict {
             Verdict::Met => String::new(),
             Verdict::NoResult => format!("E {} µs against D {} µs, within the run-to-run spread", num(e.med), num(d.med)),
-            Verdict::Missed => format!("E {} µs against D {} µs: each accelerated connection sets up and tears down a psock per socket (README, Acceleration); connections to a port whose last 4 lived under 10 ms are left out, so E should match D unless its connections were accelerated anyway", num(e.med), num(d.med)),
+            Verdict::Missed => format!("E {} µs against D {} µs: each accelerated connection sets up and tears down a psock per socket (docs/acceleration.md); connections to a port whose last 4 lived under 10 ms are left out, so E should match D unless its connections were accelerated anyway", num(e.med), num(d.med)),
         };
         t.push(Target {
             name: "E connection p99 no worse than D's".into(),
@@ -948,7 +948,7 @@ pub fn markdown(run: &Run) -> String {
     } else {
         "**not in this build** (no ACCEL counters)".into()
     };
-    let _ = writeln!(o, "- Acceleration is **forced on** in E (`redirect attach --accel`), whatever the kernel probe says: by default it follows the probe, which fails on Linux 6.18 (README, Acceleration), so a default attach there has it off. In the app↔proxy leg's E: {leg_accel}");
+    let _ = writeln!(o, "- Acceleration is **forced on** in E (`redirect attach --accel`), whatever the kernel probe says: by default it follows the probe, which fails on Linux 6.18 (docs/acceleration.md), so a default attach there has it off. In the app↔proxy leg's E: {leg_accel}");
     let failed: Vec<_> = run.checks.iter().filter(|c| !c.ok).collect();
     let _ = writeln!(
         o,
@@ -1051,7 +1051,7 @@ pub fn markdown(run: &Run) -> String {
     }
     let _ = writeln!(
         o,
-        "\nTopology: a pod netns and an upstream netns joined by veth (10.200.0.2 ↔ 10.200.0.1), a child cgroup for the pod, all created for each configuration of each repetition and removed after it. The app (load generator) runs as uid 1000 in the pod netns and cgroup, the sidecar as uid/gid 1337 in the pod, the servers (echo on :7001, sink on :7002) in the upstream netns. C installs the exact DESIGN.md §2 nat table with `iptables-restore` inside the pod netns; D and E run the real `redirect attach` with Istio's injected flags (`-p 15001 -z 15006 -u 1337 -m REDIRECT -i '*' -b '*' -d 15090,15021,15020`) into a private pin directory, uninstalled afterwards.\n\
+        "\nTopology: a pod netns and an upstream netns joined by veth (10.200.0.2 ↔ 10.200.0.1), a child cgroup for the pod, all created for each configuration of each repetition and removed after it. The app (load generator) runs as uid 1000 in the pod netns and cgroup, the sidecar as uid/gid 1337 in the pod, the servers (echo on :7001, sink on :7002) in the upstream netns. C installs the exact nat table istio-init writes (docs/design.md, \"The rules being replaced\") with `iptables-restore` inside the pod netns; D and E run the real `redirect attach` with Istio's injected flags (`-p 15001 -z 15006 -u 1337 -m REDIRECT -i '*' -b '*' -d 15090,15021,15020`) into a private pin directory, uninstalled afterwards.\n\
          \n\
          Measurements: request/response: one connection, closed loop, write N bytes and read them back. Connections: closed loop of connect + 64 B exchange + close, one client. Bulk: one connection streaming 256 KiB writes into the sink; the sink's byte count at EOF ends the window; CPU per GB is the user + system time of the load generator, the sidecar and the servers over the whole transfer (the kernel's tick accounting charges the softirq work to the task it interrupts, i.e. to these), divided by every byte sent. Open loop: 64 B requests at a fixed {}/s on one connection, each timed from its scheduled send time (no coordinated omission).\n\
          \n\
