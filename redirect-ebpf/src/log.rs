@@ -24,13 +24,20 @@ pub fn on() -> bool {
 #[inline(always)]
 pub fn decision(netns: u64, reason: u32) {
     if on() {
-        emit_decision(netns, reason);
+        redirect_log_decision(netns, reason);
     }
 }
 
-/// The record itself, one subprogram per program rather than a copy per
-/// call site.
+/// The record itself: a global BPF function (exported by the linker, see
+/// xtask's `build-ebpf`), which the verifier checks once, on its own,
+/// and at each call only takes its scalar result. A static subprogram is
+/// walked again on every path that calls it: aya-log's record (a ring
+/// buffer reservation and a byte-by-byte copy) on every path of the
+/// connect hooks took Linux 6.1's verifier past its 1M-instruction limit.
+/// Returns 0 (a global function must return a scalar).
+#[no_mangle]
 #[inline(never)]
-fn emit_decision(netns: u64, reason: u32) {
+pub extern "C" fn redirect_log_decision(netns: u64, reason: u32) -> u32 {
     debug!(&(), "decision netns={} reason={}", netns, reason);
+    0
 }

@@ -59,9 +59,11 @@ pub fn build_ebpf(toolchain: &Toolchain, debug: bool) -> Result<PathBuf> {
             "--config",
             "profile.release.package.\"*\".debug=2",
         ])
+        // `redirect_log_decision` stays a global function: the kernel
+        // verifies it once, not on every path that calls it (log.rs).
         .env(
             "CARGO_TARGET_BPFEL_UNKNOWN_NONE_RUSTFLAGS",
-            "-C link-arg=--btf",
+            "-C link-arg=--btf -C link-arg=--export=redirect_log_decision",
         )
         .arg("--target-dir")
         .arg(&target_dir);

@@ -125,7 +125,9 @@ impl Daemon {
         });
         // Generous: the first start of an install runs the acceleration
         // probe, which takes a minute under QEMU's TCG (the kernel matrix).
-        let line = rx.recv_timeout(Duration::from_secs(120)).unwrap_or_default();
+        let line = rx
+            .recv_timeout(Duration::from_secs(120))
+            .unwrap_or_default();
         let ready: Value = match serde_json::from_str(&line) {
             Ok(v) => v,
             Err(_) => {
