@@ -115,6 +115,16 @@ pub fn is_host_loopback<L: Lookup>(cfg: &PodConfig, family: u16, a: &[u8; 16], l
     is_localhost(family, a)
 }
 
+/// Is `family` IPv6 while the pod's IPv6 is not captured? istio-iptables
+/// then writes no ip6tables rules (`EnableIPv6` false: the pod's first
+/// usable address is IPv4, or with `--dual-stack` it has no usable IPv6
+/// address), so nothing of that family is touched. `family` is the
+/// decided one: a v4-mapped address is IPv4.
+#[inline(always)]
+pub fn ipv6_off(cfg: &PodConfig, family: u16) -> bool {
+    family == AF_INET6 && cfg.has(flags::IPV6_OFF)
+}
+
 /// Which owner rules: a uid's (2)-(4) or a gid's (5)-(7).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Owner {
@@ -131,6 +141,10 @@ pub enum Owner {
 /// `ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR`, [`is_host_loopback`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Step {
+    /// Told first, for IPv6 only (a v4-mapped destination is IPv4), in
+    /// both chains: are there ip6tables rules at all? `off`: no, the pod's
+    /// IPv6 is not captured ([`flags::IPV6_OFF`], [`ipv6_off`]).
+    Ipv6 { off: bool },
     // -------------------------------------------------- OUTPUT, in order
     /// `-p tcp` (and, with DNS capture, UDP to port 53): is the connection
     /// considered at all? Decides `OutNotTcp` when not.
@@ -400,6 +414,11 @@ pub fn outbound_verdict_observed<L: Lookup, O: Observer>(
     l: &L,
     o: &mut O,
 ) -> Verdict {
+    // No ip6tables rules at all for a pod whose IPv6 is not captured.
+    if ipv6_off(cfg, c.family) {
+        return decide!(o: O, Step::Ipv6 { off: true }, Verdict::Untouched(Reason::OutIpv6NotCaptured));
+    }
+    tell!(o: O, if c.family == AF_INET6 => Step::Ipv6 { off: false }, None);
     let c = &Outbound {
         dst: c.effective_dst(),
         ..*c
@@ -624,9 +643,13 @@ pub fn redirect_source<L: Lookup>(
 /// behind it opens: istio-iptables inserts `-i <iface> -j ISTIO_REDIRECT`
 /// (with `-i '*'`) or `-i <iface> -d <cidr> -j ISTIO_REDIRECT` (one per
 /// `-i` CIDR), ahead of `-i <iface> -j RETURN`. Neither `-x`, `-o` nor
-/// `-q` play a part, and the connection never reaches ISTIO_INBOUND.
+/// `-q` play a part, and the connection never reaches ISTIO_INBOUND. No
+/// rule at all for IPv6 when the pod's IPv6 is not captured.
 #[inline(always)]
 pub fn virt_verdict<L: Lookup>(cfg: &PodConfig, family: u16, dst: &[u8; 16], l: &L) -> Verdict {
+    if ipv6_off(cfg, family) {
+        return Verdict::Untouched(Reason::InVirtIpv6NotCaptured);
+    }
     let inc = if family == AF_INET {
         cidr_kind::INCLUDE_V4
     } else {
@@ -638,13 +661,14 @@ pub fn virt_verdict<L: Lookup>(cfg: &PodConfig, family: u16, dst: &[u8; 16], l: 
     Verdict::Untouched(Reason::InVirtNotIncluded)
 }
 
-/// The PREROUTING decision for a new TCP connection arriving from outside
-/// the pod on `dport`. Port 22 is not special: istio-iptables stopped
-/// sparing ssh with `-b '*'` in Istio 1.13 (Istio's VM setup puts 22 into
-/// `-d` instead).
+/// The PREROUTING decision for a new TCP connection of `family` arriving
+/// from outside the pod on `dport`. Port 22 is not special: istio-iptables
+/// stopped sparing ssh with `-b '*'` in Istio 1.13 (Istio's VM setup puts
+/// 22 into `-d` instead). IPv6 first: no rule at all when the pod's IPv6
+/// is not captured ([`ipv6_off`]).
 #[inline(always)]
-pub fn inbound_verdict<L: Lookup>(cfg: &PodConfig, dport: u16, l: &L) -> Verdict {
-    inbound_verdict_observed(cfg, dport, l, &mut NoObserver)
+pub fn inbound_verdict<L: Lookup>(cfg: &PodConfig, family: u16, dport: u16, l: &L) -> Verdict {
+    inbound_verdict_observed(cfg, family, dport, l, &mut NoObserver)
 }
 
 /// [`inbound_verdict`], telling `o` every rule it evaluates (see
@@ -652,10 +676,15 @@ pub fn inbound_verdict<L: Lookup>(cfg: &PodConfig, dport: u16, l: &L) -> Verdict
 #[inline(always)]
 pub fn inbound_verdict_observed<L: Lookup, O: Observer>(
     cfg: &PodConfig,
+    family: u16,
     dport: u16,
     l: &L,
     o: &mut O,
 ) -> Verdict {
+    if ipv6_off(cfg, family) {
+        return decide!(o: O, Step::Ipv6 { off: true }, Verdict::Untouched(Reason::InIpv6NotCaptured));
+    }
+    tell!(o: O, if family == AF_INET6 => Step::Ipv6 { off: false }, None);
     if dport == cfg.tunnel_port {
         return decide!(o: O, Step::InTunnelPort { tunnel_port: true }, Verdict::Untouched(Reason::InTunnelPort));
     }

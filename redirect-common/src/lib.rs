@@ -55,6 +55,11 @@ pub const MAP_ACCEL_SK: &str = "REDIRECT_ACCEL_SK";
 /// Counter updates lost to a full REDIRECT_COUNTERS (one per-CPU slot; not
 /// sized, not in ALL_MAPS, layout checked).
 pub const MAP_COUNTERS_LOST: &str = "REDIRECT_COUNTERS_LOST";
+/// Socket-local storage holding a pod socket's netns cookie, for the hooks
+/// that cannot ask the kernel for it (getsockopt, sockops and sk_msg
+/// before Linux 5.15); see [`SkNetns`]. Not sized, not in ALL_MAPS,
+/// layout checked.
+pub const MAP_SK_NETNS: &str = "REDIRECT_SK_NETNS";
 pub const ALL_MAPS: [&str; 13] = [
     MAP_PODS,
     MAP_CIDRS,
@@ -150,6 +155,15 @@ pub mod flags {
     /// The pod has `-c` or `-k` interfaces: sk_lookup looks the interface a
     /// connection arrives on up in REDIRECT_IFACES (only then).
     pub const IFACES: u32 = 1 << 17;
+    /// Display only: `--dual-stack` was given (IPv6 is captured when the
+    /// pod has any usable IPv6 address, not only when its first one is).
+    pub const DUAL_STACK: u32 = 1 << 18;
+    /// IPv6 is not captured for this pod: istio-iptables' `EnableIPv6` is
+    /// false (the pod's first usable address is IPv4, or, with
+    /// `--dual-stack`, it has no usable IPv6 address), so it writes no
+    /// ip6tables rules at all. No IPv6 connection is touched, outbound,
+    /// inbound or from a `-k` VM; a v4-mapped destination is IPv4.
+    pub const IPV6_OFF: u32 = 1 << 19;
 }
 
 /// Per-pod configuration, keyed by network namespace cookie.
@@ -397,6 +411,18 @@ impl RouteEntry {
     }
 }
 
+/// A pod socket's netns cookie, kept in its socket-local storage
+/// (REDIRECT_SK_NETNS) where the kernel lacks `bpf_get_netns_cookie` for
+/// getsockopt, sockops and sk_msg programs (before Linux 5.15): written
+/// when the socket is created (cgroup/sock_create, which has the helper)
+/// and copied to the sockets a listener accepts (the map's BPF_F_CLONE).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SkNetns {
+    pub netns: u64,
+}
+const _: () = assert!(core::mem::size_of::<SkNetns>() == 8);
+
 #[cfg(feature = "user")]
 mod pod_impls {
     use super::*;
@@ -411,4 +437,5 @@ mod pod_impls {
     unsafe impl aya::Pod for IfaceKey {}
     unsafe impl aya::Pod for IfaceEntry {}
     unsafe impl aya::Pod for RouteEntry {}
+    unsafe impl aya::Pod for SkNetns {}
 }

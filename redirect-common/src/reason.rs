@@ -18,6 +18,8 @@ pub enum Reason {
     OutNotIncluded = 11,
     OutNotTcp = 12,
     OutExcludedInterface = 13,
+    /// IPv6 while the pod's IPv6 is not captured (`flags::IPV6_OFF`).
+    OutIpv6NotCaptured = 14,
     /// `ISTIO_OUTBOUND_OWNER_GROUPS`: the process's group is not listed.
     OutOwnerGroupNotIncluded = 17,
     /// `ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE`: the process's group is listed.
@@ -63,6 +65,9 @@ pub enum Reason {
     DnsCapturedTcp = 61,
     DnsNotNameserver = 62,
     DnsReplyRewritten = 63,
+    // IPv6 not captured (`flags::IPV6_OFF`): inbound, and from a VM.
+    InIpv6NotCaptured = 70,
+    InVirtIpv6NotCaptured = 71,
 }
 
 /// The groups of `redirect stats`, in display order: the two iptables
@@ -122,6 +127,7 @@ impl Chain {
     pub const fn reasons(self) -> &'static [Reason] {
         match self {
             Chain::Output => &[
+                Reason::OutIpv6NotCaptured,
                 Reason::OutExcludedInterface,
                 Reason::OutExcludedPort,
                 Reason::OutPassthrough,
@@ -139,6 +145,7 @@ impl Chain {
                 Reason::OutNotTcp,
             ],
             Chain::Prerouting => &[
+                Reason::InIpv6NotCaptured,
                 Reason::InExcludedInterface,
                 Reason::InTunnelPort,
                 Reason::InExcludedPort,
@@ -148,6 +155,7 @@ impl Chain {
                 Reason::InListenerRegistered,
             ],
             Chain::Vm => &[
+                Reason::InVirtIpv6NotCaptured,
                 Reason::InVirtCaptured,
                 Reason::InVirtNotIncluded,
                 Reason::InVirtDropped,
@@ -187,7 +195,7 @@ impl Chain {
 }
 
 impl Reason {
-    pub const ALL: [Reason; 47] = [
+    pub const ALL: [Reason; 50] = [
         Reason::OutCaptured,
         Reason::OutCapturedPort,
         Reason::OutProxyToSelf,
@@ -203,6 +211,7 @@ impl Reason {
         Reason::OutExcludedInterface,
         Reason::OutOwnerGroupNotIncluded,
         Reason::OutOwnerGroupExcluded,
+        Reason::OutIpv6NotCaptured,
         Reason::OrigDstOutbound,
         Reason::OrigDstInbound,
         Reason::OrigDstMissing,
@@ -235,6 +244,8 @@ impl Reason {
         Reason::DnsCapturedTcp,
         Reason::DnsNotNameserver,
         Reason::DnsReplyRewritten,
+        Reason::InIpv6NotCaptured,
+        Reason::InVirtIpv6NotCaptured,
     ];
 
     pub fn from_u32(v: u32) -> Option<Reason> {
@@ -325,6 +336,7 @@ impl Reason {
             Reason::OutExcludedInterface => "skip_excluded_interface",
             Reason::OutOwnerGroupNotIncluded => "skip_owner_group_not_included",
             Reason::OutOwnerGroupExcluded => "skip_owner_group_excluded",
+            Reason::OutIpv6NotCaptured => "skip_ipv6_not_captured",
             Reason::DnsCapturedUdp => "captured_udp",
             Reason::DnsCapturedTcp => "captured_tcp",
             Reason::DnsNotNameserver => "skip_not_nameserver",
@@ -357,6 +369,8 @@ impl Reason {
             Reason::InVirtCaptured => "captured",
             Reason::InVirtNotIncluded => "skip_not_included",
             Reason::InVirtDropped => "dropped",
+            Reason::InIpv6NotCaptured => "skip_ipv6_not_captured",
+            Reason::InVirtIpv6NotCaptured => "skip_ipv6_not_captured",
         }
     }
 
@@ -380,6 +394,7 @@ impl Reason {
             Reason::OutOwnerGroupNotIncluded => "owner group not in ISTIO_OUTBOUND_OWNER_GROUPS",
             Reason::OutOwnerGroupExcluded => "owner group in ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE",
             Reason::OutExcludedInterface => "routed out of an excluded interface (-c)",
+            Reason::OutIpv6NotCaptured => IPV6_NOT_CAPTURED,
             Reason::DnsCapturedUdp => {
                 "UDP to a nameserver -> DNS proxy :15053 (per datagram or connect)"
             }
@@ -426,9 +441,13 @@ impl Reason {
             Reason::InVirtDropped => {
                 "dropped: no listener on the outbound port, or no address on the interface"
             }
+            Reason::InIpv6NotCaptured | Reason::InVirtIpv6NotCaptured => IPV6_NOT_CAPTURED,
         }
     }
 }
+
+/// The three IPv6 rows' description.
+const IPV6_NOT_CAPTURED: &str = "IPv6, not captured (first address is IPv4; no --dual-stack)";
 
 #[cfg(all(test, feature = "user"))]
 mod tests {

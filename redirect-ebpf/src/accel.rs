@@ -182,11 +182,18 @@ pub unsafe fn closed(ops: *mut bpf_sock_ops, netns: u64, t: &SockTuple) {
 /// a message is bulk. The state machine is `AccelSock::on_message`.
 #[sk_msg]
 pub fn redirect_sk_msg(ctx: SkMsgContext) -> u32 {
-    unsafe { sk_msg_redirect(&ctx) }
+    unsafe { sk_msg_redirect::<false>(&ctx) }
+}
+
+/// The same for kernels without `bpf_get_netns_cookie` in sk_msg (before
+/// 5.15): the netns cookie comes from the socket's storage (`netns.rs`).
+#[sk_msg]
+pub fn redirect_sk_msg_stored(ctx: SkMsgContext) -> u32 {
+    unsafe { sk_msg_redirect::<true>(&ctx) }
 }
 
 #[inline(always)]
-unsafe fn sk_msg_redirect(ctx: &SkMsgContext) -> u32 {
+unsafe fn sk_msg_redirect<const STORED: bool>(ctx: &SkMsgContext) -> u32 {
     let m = ctx.msg;
     let sk = (*m).__bindgen_anon_3.sk;
     if sk.is_null() {
@@ -195,7 +202,7 @@ unsafe fn sk_msg_redirect(ctx: &SkMsgContext) -> u32 {
     let mut fx = MsgKernel { ctx };
     let mut st = accel_storage(sk, core::ptr::null_mut());
     if st.is_null() {
-        st = first_message(m, sk, &mut fx);
+        st = first_message::<STORED>(m, sk, &mut fx);
         if st.is_null() {
             return SK_PASS;
         }
@@ -236,12 +243,12 @@ impl MsgEffects for MsgKernel<'_> {
 /// and make its storage. Null when the kernel cannot allocate it (the
 /// message then takes the normal path, `accel_unstored_message`).
 #[inline(always)]
-unsafe fn first_message(
+unsafe fn first_message<const STORED: bool>(
     m: *mut sk_msg_md,
     sk: *mut bpf_sock,
     fx: &mut MsgKernel,
 ) -> *mut AccelSock {
-    let netns = netns::of_msg(m);
+    let netns = netns::of_msg::<STORED>(m);
     let t = msg_tuple(m);
     let own = t.own_key(netns);
     let mark = REDIRECT_ACCEL_FALLBACK.get(&own).copied();

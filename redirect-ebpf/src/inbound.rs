@@ -13,13 +13,16 @@
 //!   proof enough (the kernel drops a packet from outside with a local
 //!   source as a martian), for IPv6 it is not, and sockops marks the
 //!   pod's own IPv6 connections (REDIRECT_LOCAL_CONNECTS).
+//! - A pod whose IPv6 is not captured (`flags::IPV6_OFF`: istio-iptables
+//!   would write no ip6tables rules) has every IPv6 connection left alone,
+//!   before anything else.
 
 use aya_ebpf::{
     bindings::BPF_ANY, macros::sk_lookup, programs::SkLookupContext, programs::SockOpsContext,
 };
 use redirect_common::{
-    flags, iface_flags, inbound_verdict, IfaceKey, ListenerKey, Reason, TupleKey, Verdict, AF_INET,
-    AF_INET6, IPPROTO_TCP,
+    flags, iface_flags, inbound_verdict, ipv6_off, IfaceKey, ListenerKey, Reason, TupleKey,
+    Verdict, AF_INET, AF_INET6, IPPROTO_TCP,
 };
 
 use crate::{
@@ -35,13 +38,39 @@ use crate::{
 /// the inbound capture port, keeping their original local address.
 #[sk_lookup]
 pub fn redirect_sk_lookup(ctx: SkLookupContext) -> u32 {
-    unsafe { sk_lookup_inbound(&ctx) }
+    unsafe { sk_lookup_inbound::<true>(&ctx) }
 }
 
+/// The same for kernels whose sk_lookup context has no `ingress_ifindex`
+/// (before 5.17): traffic of the pod itself is told by its source alone.
+#[sk_lookup]
+pub fn redirect_sk_lookup_addr(ctx: SkLookupContext) -> u32 {
+    unsafe { sk_lookup_inbound::<false>(&ctx) }
+}
+
+/// `IFINDEX`: the context has `ingress_ifindex` (Linux 5.17+). Without it
+/// no instruction may read the field (the verifier refuses the program).
 #[inline(always)]
-unsafe fn sk_lookup_inbound(ctx: &SkLookupContext) -> u32 {
+unsafe fn sk_lookup_inbound<const IFINDEX: bool>(ctx: &SkLookupContext) -> u32 {
     let l = ctx.lookup;
-    if (*l).protocol != IPPROTO_TCP || (*l).ingress_ifindex == LOOPBACK_IFINDEX {
+    if (*l).protocol != IPPROTO_TCP {
+        return SK_PASS;
+    }
+    // Connections of the pod to itself arrive on `lo`. Without the field
+    // (before Linux 5.17): every connection to a loopback address is one
+    // (the kernel drops packets from outside to 127.0.0.0/8 or ::1 as
+    // martians), the redirected ones to the proxy included, whose source
+    // is the pod's address; the others have a source address of the
+    // netns (below).
+    if IFINDEX {
+        if (*l).ingress_ifindex == LOOPBACK_IFINDEX {
+            return SK_PASS;
+        }
+    } else if (*l).family == AF_INET as u32 {
+        if ctx_ip4(&raw const (*l).local_ip4)[0] == 127 {
+            return SK_PASS;
+        }
+    } else if ctx_ip6(&raw const (*l).local_ip6) == redirect_common::V6_LOCALHOST {
         return SK_PASS;
     }
     let netns = netns::of_sk_lookup();
@@ -65,6 +94,17 @@ unsafe fn sk_lookup_inbound(ctx: &SkLookupContext) -> u32 {
         AF_INET6
     };
     let dport = (*l).local_port as u16;
+    // No ip6tables rules at all when the pod's IPv6 is not captured:
+    // every IPv6 connection reaches its socket. Counted only from outside
+    // (PREROUTING never sees the pod's own), and without the local marks'
+    // lookup below.
+    if ipv6_off(cfg, fam) {
+        if !redirect_common::is_local(fam, &src, &maps) {
+            count(netns, Reason::InIpv6NotCaptured);
+            trace::inbound(netns, l, Reason::InIpv6NotCaptured, 0);
+        }
+        return SK_PASS;
+    }
     if redirect_common::is_local(fam, &src, &maps) {
         if fam == AF_INET {
             return SK_PASS;
@@ -84,8 +124,9 @@ unsafe fn sk_lookup_inbound(ctx: &SkLookupContext) -> u32 {
     }
     // `-A PREROUTING -i <iface> -j RETURN` of `-c` (counted) and `-k`
     // interfaces (what a VM sends is the tc program's, `vm.rs`), ahead
-    // of the jump to ISTIO_INBOUND.
-    if cfg.has(flags::IFACES) {
+    // of the jump to ISTIO_INBOUND. Only the build with `ingress_ifindex`
+    // (userspace refuses -c and -k where the kernel lacks it).
+    if IFINDEX && cfg.has(flags::IFACES) {
         let key = IfaceKey {
             netns,
             ifindex: (*l).ingress_ifindex,
@@ -102,7 +143,7 @@ unsafe fn sk_lookup_inbound(ctx: &SkLookupContext) -> u32 {
             }
         }
     }
-    let verdict = inbound_verdict(cfg, dport, &maps);
+    let verdict = inbound_verdict(cfg, fam, dport, &maps);
     if let Verdict::Untouched(r) = verdict {
         count(netns, r);
         trace::inbound(netns, l, r, 0);
@@ -140,9 +181,9 @@ unsafe fn sk_lookup_inbound(ctx: &SkLookupContext) -> u32 {
 /// A socket starts listening: if it is the pod's inbound capture port,
 /// it becomes the target of inbound steering (restarts follow at once).
 #[inline(always)]
-pub unsafe fn register_listener(ctx: &SockOpsContext) {
+pub unsafe fn register_listener<const STORED: bool>(ctx: &SockOpsContext) {
     let ops = ctx.ops;
-    let netns = netns::of_sock_ops(ops);
+    let netns = netns::of_sock_ops::<STORED>(ops);
     let Some(cfg) = REDIRECT_PODS.get(&netns) else {
         return;
     };

@@ -30,6 +30,14 @@
 //! - `vm.rs`: `redirect_vm_ingress/egress` (tc, tcx links on a pod's `-k`
 //!   interfaces, one instance per pod). The nat PREROUTING rules of
 //!   `-k`: a VM's connections go to the outbound port, as REDIRECT.
+//! - `sock_create.rs`: `redirect_sock_create` and `redirect_netns_cookie`
+//!   (cgroup/sock_create). The netns cookie where the kernel does not hand
+//!   it to a hook (before Linux 5.15) or to userspace (before 5.14).
+//!
+//! getsockopt, sockops, sk_msg and sk_lookup come in two builds each, for
+//! kernels with and without a feature (`<program>_stored`: `netns.rs`;
+//! `redirect_sk_lookup_addr`: `inbound.rs`); userspace loads the first
+//! one the kernel's verifier accepts.
 //!
 //! Helpers, imported by the hook files and never importing them:
 //! `maps.rs` (every map), `netns.rs` (the one place a program learns its
@@ -55,6 +63,7 @@ mod orig_dst;
 mod recvmsg;
 mod release;
 mod sendmsg;
+mod sock_create;
 mod sockops;
 mod trace;
 mod vm;

@@ -20,9 +20,9 @@ use redirect_common::{
 };
 use redirect_common::{
     AccelSock, CidrKeyData, CounterKey, CounterValue, IfaceEntry, IfaceKey, ListenerKey, Lookup,
-    OrigDst, PodConfig, PortKey, RouteEntry, TupleKey, CIDR_KEY_FIXED_BITS, MAX_ACCEL_PORTS,
-    MAX_CIDRS, MAX_COUNTERS, MAX_IFACES, MAX_LISTENERS, MAX_PODS, MAX_PORTS, MAX_ROUTES,
-    MAX_TRACKED_SOCKETS,
+    OrigDst, PodConfig, PortKey, RouteEntry, SkNetns, TupleKey, CIDR_KEY_FIXED_BITS,
+    MAX_ACCEL_PORTS, MAX_CIDRS, MAX_COUNTERS, MAX_IFACES, MAX_LISTENERS, MAX_PODS, MAX_PORTS,
+    MAX_ROUTES, MAX_TRACKED_SOCKETS,
 };
 
 #[map]
@@ -97,6 +97,12 @@ pub static REDIRECT_TRACE_PODS: HashMap<u64, u8> = HashMap::pinned(MAX_TRACE_POD
 /// Trace events for `redirect trace` (and the agent's trace op).
 #[map]
 pub static REDIRECT_TRACE_EVENTS: RingBuf = RingBuf::pinned(TRACE_RING_BYTES, 0);
+/// Where `redirect_netns_cookie` reports the netns cookie of a socket
+/// created in its cgroup: userspace's way to learn a netns's cookie where
+/// the kernel lacks `SO_NETNS_COOKIE` (before Linux 5.14). Not pinned:
+/// each report loads the program with an array of its own.
+#[map]
+pub static REDIRECT_NETNS_REPORT: Array<u64> = Array::with_max_entries(1, 0);
 
 /// The pod netns an sk_lookup instance serves: sk_lookup programs cannot
 /// call bpf_get_netns_cookie, so each pod's instance is loaded with its
@@ -201,4 +207,53 @@ pub unsafe fn accel_storage(sk: *mut bpf_sock, init: *mut AccelSock) -> *mut Acc
         init as *mut c_void,
         flags,
     ) as *mut AccelSock
+}
+
+/// REDIRECT_SK_NETNS: a pod socket's netns cookie ([`SkNetns`]) for the
+/// hooks that cannot ask the kernel for it (`netns.rs`). BTF-defined like
+/// REDIRECT_ACCEL_SK; BPF_F_CLONE (with BPF_F_NO_PREALLOC, which socket
+/// storage requires): a listener's entry is copied to every socket it
+/// accepts.
+#[repr(C)]
+pub struct SkNetnsDef {
+    r#type: *const [i32; aya_ebpf::bindings::bpf_map_type::BPF_MAP_TYPE_SK_STORAGE as usize],
+    key: *const i32,
+    value: *const SkNetns,
+    max_entries: *const [i32; 0],
+    map_flags: *const [i32; (aya_ebpf::bindings::BPF_F_NO_PREALLOC
+        | aya_ebpf::bindings::BPF_F_CLONE) as usize],
+    /// LIBBPF_PIN_BY_NAME.
+    pinning: *const [i32; 1],
+}
+// SAFETY: placeholder pointers the loader reads from BTF; never dereferenced.
+unsafe impl Sync for SkNetnsDef {}
+
+#[unsafe(link_section = ".maps")]
+#[unsafe(export_name = "REDIRECT_SK_NETNS")]
+static REDIRECT_SK_NETNS: SkNetnsDef = SkNetnsDef {
+    r#type: core::ptr::null(),
+    key: core::ptr::null(),
+    value: core::ptr::null(),
+    max_entries: core::ptr::null(),
+    map_flags: core::ptr::null(),
+    pinning: core::ptr::null(),
+};
+
+/// `bpf_sk_storage_get` on REDIRECT_SK_NETNS: the socket's entry, null
+/// when it has none (with `init`: created from it when absent). `sk` is a
+/// socket the program's context hands out, or the context itself in a
+/// cgroup/sock_create program.
+#[inline(always)]
+pub unsafe fn sk_netns_storage(sk: *mut c_void, init: *mut SkNetns) -> *mut SkNetns {
+    let flags = if init.is_null() {
+        0
+    } else {
+        aya_ebpf::bindings::BPF_SK_STORAGE_GET_F_CREATE as u64
+    };
+    aya_ebpf::helpers::generated::bpf_sk_storage_get(
+        &REDIRECT_SK_NETNS as *const SkNetnsDef as *mut c_void,
+        sk,
+        init as *mut c_void,
+        flags,
+    ) as *mut SkNetns
 }

@@ -88,28 +88,68 @@ unsafe fn getpeername(ctx: &SockAddrContext, v6: bool) {
 
 #[cgroup_sockopt(getsockopt)]
 pub fn redirect_getsockopt(ctx: SockoptContext) -> i32 {
-    unsafe { getsockopt(&ctx) };
+    unsafe { getsockopt::<false>(&ctx) };
     1
 }
 
-/// Answer SO_ORIGINAL_DST / IP6T_SO_ORIGINAL_DST the way conntrack would.
+/// The same for kernels without `bpf_get_netns_cookie` in getsockopt
+/// (before 5.15): the netns cookie comes from the socket's storage
+/// (`netns.rs`).
+#[cgroup_sockopt(getsockopt)]
+pub fn redirect_getsockopt_stored(ctx: SockoptContext) -> i32 {
+    unsafe { getsockopt::<true>(&ctx) };
+    1
+}
+
+/// Every getsockopt of the pod's processes comes here, after the kernel
+/// answered it: SO_ORIGINAL_DST is answered, anything else is left as the
+/// kernel made it.
 #[inline(always)]
-unsafe fn getsockopt(ctx: &SockoptContext) {
+unsafe fn getsockopt<const STORED: bool>(ctx: &SockoptContext) {
+    if !original_dst::<STORED>(ctx) {
+        untouched(ctx.sockopt);
+    }
+}
+
+/// The smallest page size: the kernel hands a getsockopt program at most
+/// one page of the option buffer.
+const MIN_PAGE_SIZE: i32 = 4096;
+
+/// Leave a call as the kernel made it, whatever its size. The program sees
+/// only the first page of a larger option buffer, and a result longer
+/// than what the program holds fails the call with EFAULT (Linux 5.8 to
+/// 6.4; later kernels ignore the program's buffer then): `iptables -L`,
+/// whose rule dump is one getsockopt of the whole table, would fail in a
+/// captured pod. optlen 0 means "keep the kernel's result" on every
+/// kernel since 5.8 (Documentation/bpf/prog_cgroup_sockopt.rst, "Large
+/// optval"). Smaller results keep their optlen: a program attached below
+/// ours (run first) may have answered them.
+#[inline(always)]
+unsafe fn untouched(so: *mut aya_ebpf::bindings::bpf_sockopt) {
+    if (*so).optlen > MIN_PAGE_SIZE {
+        (*so).optlen = 0;
+    }
+}
+
+/// Answer SO_ORIGINAL_DST / IP6T_SO_ORIGINAL_DST the way conntrack would.
+/// False when the call is not one to answer (or cannot be answered).
+#[inline(always)]
+unsafe fn original_dst<const STORED: bool>(ctx: &SockoptContext) -> bool {
     let so = ctx.sockopt;
     if (*so).optname != SO_ORIGINAL_DST {
-        return;
+        return false;
     }
     let level = (*so).level;
     if level != SOL_IP && level != SOL_IPV6 {
-        return;
+        return false;
     }
-    let netns = netns::of_sockopt(so);
+    let netns = netns::of_sockopt::<STORED>(so);
     if REDIRECT_PODS.get(&netns).is_none() {
-        return;
+        return false;
     }
     let sk: *mut bpf_sock = (*so).__bindgen_anon_1.sk;
     if sk.is_null() {
-        return;
+        return false;
     }
     // The proxy's accepted socket: its peer is the app socket, whose own
     // 4-tuple keys the record.
@@ -117,7 +157,7 @@ unsafe fn getsockopt(ctx: &SockoptContext) {
     // Only the connection's own family's level can be answered (as with
     // conntrack): a proxy trying the other one too is no miss. Left alone.
     if level != redirect_common::orig_dst_level(t.family) {
-        return;
+        return false;
     }
     let (orig, reason) = match REDIRECT_ORIG_BY_TUPLE.get(&t.peer_key(netns)) {
         Some(o) => (*o, Reason::OrigDstOutbound),
@@ -132,7 +172,7 @@ unsafe fn getsockopt(ctx: &SockoptContext) {
             if loopback {
                 count(netns, Reason::OrigDstMissing);
                 trace::getsockopt(netns, Reason::OrigDstMissing, None, &t);
-                return;
+                return false;
             }
             (
                 OrigDst {
@@ -153,14 +193,14 @@ unsafe fn getsockopt(ctx: &SockoptContext) {
     if level != want {
         count(netns, Reason::OrigDstMissing);
         trace::getsockopt(netns, Reason::OrigDstMissing, None, &t);
-        return;
+        return false;
     }
     let optval = (*so).__bindgen_anon_2.optval as *mut u8;
     let end = (*so).__bindgen_anon_3.optval_end as *mut u8;
     let port = orig.port.to_be_bytes();
     if orig.family == AF_INET {
         if optval.add(16) > end || (*so).optlen < 16 {
-            return;
+            return false;
         }
         let fam = AF_INET.to_ne_bytes();
         let b: [u8; 16] = [
@@ -185,7 +225,7 @@ unsafe fn getsockopt(ctx: &SockoptContext) {
         (*so).optlen = 16;
     } else {
         if optval.add(28) > end || (*so).optlen < 28 {
-            return;
+            return false;
         }
         let fam = AF_INET6.to_ne_bytes();
         let head: [u8; 8] = [fam[0], fam[1], port[0], port[1], 0, 0, 0, 0];
@@ -197,4 +237,5 @@ unsafe fn getsockopt(ctx: &SockoptContext) {
     (*so).retval = 0;
     count(netns, reason);
     trace::getsockopt(netns, reason, Some(&orig), &t);
+    true
 }

@@ -47,19 +47,29 @@ use crate::{
 
 #[sock_ops]
 pub fn redirect_sockops(ctx: SockOpsContext) -> u32 {
-    unsafe {
-        match ctx.op() {
-            BPF_SOCK_OPS_TCP_CONNECT_CB => connecting(&ctx),
-            BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => active_established(&ctx),
-            BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => passive_established(&ctx),
-            BPF_SOCK_OPS_TCP_LISTEN_CB => inbound::register_listener(&ctx),
-            BPF_SOCK_OPS_STATE_CB => {
-                if ctx.arg(1) == TCP_CLOSE {
-                    closed(&ctx);
-                }
+    unsafe { sockops::<false>(&ctx) }
+}
+
+/// The same for kernels without `bpf_get_netns_cookie` in sockops (before
+/// 5.15): the netns cookie comes from the socket's storage (`netns.rs`).
+#[sock_ops]
+pub fn redirect_sockops_stored(ctx: SockOpsContext) -> u32 {
+    unsafe { sockops::<true>(&ctx) }
+}
+
+#[inline(always)]
+unsafe fn sockops<const STORED: bool>(ctx: &SockOpsContext) -> u32 {
+    match ctx.op() {
+        BPF_SOCK_OPS_TCP_CONNECT_CB => connecting::<STORED>(ctx),
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => active_established::<STORED>(ctx),
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => passive_established::<STORED>(ctx),
+        BPF_SOCK_OPS_TCP_LISTEN_CB => inbound::register_listener::<STORED>(ctx),
+        BPF_SOCK_OPS_STATE_CB => {
+            if ctx.arg(1) == TCP_CLOSE {
+                closed::<STORED>(ctx);
             }
-            _ => {}
         }
+        _ => {}
     }
     1
 }
@@ -71,14 +81,14 @@ pub fn redirect_sockops(ctx: SockOpsContext) -> u32 {
 /// the proxy port, timeout, RST). The original-destination maps are plain
 /// hashes with no LRU backstop.
 #[inline(always)]
-unsafe fn connecting(ctx: &SockOpsContext) {
+unsafe fn connecting<const STORED: bool>(ctx: &SockOpsContext) {
     let ops = ctx.ops;
     let cookie = bpf_get_socket_cookie(ops as *mut c_void);
     let Some(orig) = REDIRECT_ORIG_BY_COOKIE.get(&cookie) else {
-        local_connect(ops);
+        local_connect::<STORED>(ops);
         return;
     };
-    let netns = netns::of_sock_ops(ops);
+    let netns = netns::of_sock_ops::<STORED>(ops);
     let t = ops_tuple(ops);
     if REDIRECT_ORIG_BY_TUPLE
         .insert(&t.own_key(netns), orig, BPF_ANY as u64)
@@ -96,11 +106,11 @@ unsafe fn connecting(ctx: &SockOpsContext) {
 /// the pod's addresses as source, as a SYN from outside with that source
 /// would: the mark tells them apart (`inbound.rs`).
 #[inline(always)]
-unsafe fn local_connect(ops: *mut aya_ebpf::bindings::bpf_sock_ops) {
+unsafe fn local_connect<const STORED: bool>(ops: *mut aya_ebpf::bindings::bpf_sock_ops) {
     if (*ops).family != AF_INET6 as u32 {
         return;
     }
-    let netns = netns::of_sock_ops(ops);
+    let netns = netns::of_sock_ops::<STORED>(ops);
     if REDIRECT_PODS.get(&netns).is_none() {
         return;
     }
@@ -133,9 +143,9 @@ unsafe fn local_connect(ops: *mut aya_ebpf::bindings::bpf_sock_ops) {
 /// proxy and the proxy's passthrough sockets to the app are accelerated
 /// when the pod wants it.
 #[inline(always)]
-unsafe fn active_established(ctx: &SockOpsContext) {
+unsafe fn active_established<const STORED: bool>(ctx: &SockOpsContext) {
     let ops = ctx.ops;
-    let netns = netns::of_sock_ops(ops);
+    let netns = netns::of_sock_ops::<STORED>(ops);
     let Some(cfg) = REDIRECT_PODS.get(&netns) else {
         return;
     };
@@ -172,9 +182,9 @@ unsafe fn active_established(ctx: &SockOpsContext) {
 /// redirected (its close removes the tuple entry), or the app accepted the
 /// proxy's passthrough connection. Accelerated when the pod wants it.
 #[inline(always)]
-unsafe fn passive_established(ctx: &SockOpsContext) {
+unsafe fn passive_established<const STORED: bool>(ctx: &SockOpsContext) {
     let ops = ctx.ops;
-    let netns = netns::of_sock_ops(ops);
+    let netns = netns::of_sock_ops::<STORED>(ops);
     let Some(cfg) = REDIRECT_PODS.get(&netns) else {
         return;
     };
@@ -195,9 +205,9 @@ unsafe fn passive_established(ctx: &SockOpsContext) {
 /// The socket closed: drop its records (and count the bytes of a
 /// redirected app socket), then let acceleration forget it.
 #[inline(always)]
-unsafe fn closed(ctx: &SockOpsContext) {
+unsafe fn closed<const STORED: bool>(ctx: &SockOpsContext) {
     let ops = ctx.ops;
-    let netns = netns::of_sock_ops(ops);
+    let netns = netns::of_sock_ops::<STORED>(ops);
     let cookie = bpf_get_socket_cookie(ops as *mut c_void);
     if let Some(orig) = REDIRECT_ORIG_BY_COOKIE.get(&cookie) {
         // The app side of a redirected connection: account its bytes

@@ -152,9 +152,12 @@ fn localhost(family: u16) -> [u8; 16] {
     }
 }
 
+// The hooks below call these as BPF subprograms (`inline(never)`): an
+// event's building stays out of the hook's stack frame.
+
 /// sk_lookup: the PREROUTING decision `reason` for the lookup `l`;
 /// `to_port` is the inbound port when captured (0: untouched).
-#[inline(always)]
+#[inline(never)]
 pub unsafe fn inbound(netns: u64, l: *mut bpf_sk_lookup, reason: Reason, to_port: u16) {
     emit(netns, trace_kind::SK_LOOKUP, reason, 0, |e| {
         let v4 = (*l).family == AF_INET as u32;
@@ -174,7 +177,7 @@ pub unsafe fn inbound(netns: u64, l: *mut bpf_sk_lookup, reason: Reason, to_port
 
 /// getsockopt: SO_ORIGINAL_DST answered with `orig` (`OrigDstOutbound`,
 /// `OrigDstInbound`) or not (`OrigDstMissing`), on the proxy's socket `t`.
-#[inline(always)]
+#[inline(never)]
 pub fn getsockopt(netns: u64, reason: Reason, orig: Option<&OrigDst>, t: &SockTuple) {
     answer(
         trace_kind::GETSOCKOPT,
@@ -187,7 +190,7 @@ pub fn getsockopt(netns: u64, reason: Reason, orig: Option<&OrigDst>, t: &SockTu
 }
 
 /// getpeername4/6: the app shown its original peer `orig`.
-#[inline(always)]
+#[inline(never)]
 pub fn getpeername(netns: u64, orig: &OrigDst) {
     answer(
         trace_kind::GETPEERNAME,
@@ -200,7 +203,7 @@ pub fn getpeername(netns: u64, orig: &OrigDst) {
 }
 
 /// recvmsg4/6: a DNS reply read as from the nameserver `orig`.
-#[inline(always)]
+#[inline(never)]
 pub fn recvmsg(netns: u64, orig: &OrigDst) {
     answer(
         trace_kind::RECVMSG,

@@ -94,7 +94,12 @@ pub fn run(a: Args) -> Result<()> {
 
     let pins = Pins::new(format!("/sys/fs/bpf/redirect-demo-{}", std::process::id()));
     let _cleanup = PinGuard(pins.clone());
-    let spec = PodSpec::istio_default();
+    // The pod has IPv4 and IPv6 addresses, IPv4 first: --dual-stack for
+    // its IPv6 calls to be captured too (shown in the command below).
+    let spec = PodSpec {
+        dual_stack: true,
+        ..PodSpec::istio_default()
+    };
     let mut inst = Installation::open(&pins.root)?;
     inst.attach_cgroup(&topo.cgroup.path)?;
     let netns = sys::Netns::open(&topo.pod.path())?;
@@ -106,8 +111,10 @@ pub fn run(a: Args) -> Result<()> {
         spec.istio_args()
     );
     println!(
-        "   netns cookie {}, pod addresses {:?}",
-        info.cookie, info.addresses
+        "   netns cookie {}, pod addresses {:?}, IPv6 {}",
+        info.cookie,
+        info.addresses,
+        info.ipv6.describe()
     );
 
     println!("== 4. the app (uid 1000) calls the upstream server; no iptables rule exists");

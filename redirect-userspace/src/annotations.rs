@@ -76,6 +76,7 @@ pub const PROXY_ENV_OWNER_GROUPS_EXCLUDE: &str =
     "spec.containers[istio-proxy].env.ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE";
 pub const PROXY_ENV_LOOPBACK: &str =
     "spec.containers[istio-proxy].env.ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR";
+pub const PROXY_ENV_DUAL_STACK: &str = "spec.containers[istio-proxy].env.ISTIO_DUAL_STACK";
 pub use crate::config::table::NO_NAMESERVERS;
 
 /// Where `-u` / `-g` come from in messages.
@@ -507,6 +508,8 @@ pub fn from_pod_on(pod: &Value, node: &NodeDns) -> Result<PodCapture, Annotation
             "ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR",
             PROXY_ENV_LOOPBACK,
         ),
+        // Istio's CNI plugin reads it from the proxy's env too.
+        (Flag::DualStack, "ISTIO_DUAL_STACK", PROXY_ENV_DUAL_STACK),
     ] {
         if let Some(v) = env_of(var) {
             flags.set_from(flag, v, Source::Annotation(from_env));
@@ -765,6 +768,44 @@ mod tests {
         );
         let e = from_pod_on(&bad, &node).unwrap_err().to_string();
         assert!(e.contains(PROXY_ENV_DNS) && e.contains("yes"), "{e}");
+    }
+
+    #[test]
+    fn dual_stack_from_the_proxy_env_or_the_proxy_config_annotation() {
+        let node = NodeDns::default();
+        assert!(!spec_on(&pod(json!({})), &node).dual_stack);
+        let on = with_proxy_env(
+            pod(json!({})),
+            json!([{"name": "ISTIO_DUAL_STACK", "value": "true"}]),
+        );
+        let s = spec_on(&on, &node);
+        assert!(s.dual_stack);
+        assert!(
+            s.istio_args().contains("--dual-stack"),
+            "{}",
+            s.istio_args()
+        );
+        assert!(s.pod_config(1).has(redirect_common::flags::DUAL_STACK));
+        let s = spec_on(
+            &pod(json!({PROXY_CONFIG: "proxyMetadata:\n  ISTIO_DUAL_STACK: \"true\"\n"})),
+            &node,
+        );
+        assert!(s.dual_stack);
+        // The container's env wins over the annotation.
+        let off = with_proxy_env(
+            pod(json!({PROXY_CONFIG: "proxyMetadata:\n  ISTIO_DUAL_STACK: \"true\"\n"})),
+            json!([{"name": "ISTIO_DUAL_STACK", "value": "false"}]),
+        );
+        assert!(!spec_on(&off, &node).dual_stack);
+        let bad = with_proxy_env(
+            pod(json!({})),
+            json!([{"name": "ISTIO_DUAL_STACK", "value": "maybe"}]),
+        );
+        let e = from_pod_on(&bad, &node).unwrap_err().to_string();
+        assert!(
+            e.contains(PROXY_ENV_DUAL_STACK) && e.contains("maybe"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -12,9 +12,9 @@ use redirect_common::ListenerKey;
 
 use crate::bpf::{
     BPF_CGROUP_GETSOCKOPT, BPF_CGROUP_INET4_CONNECT, BPF_CGROUP_INET4_GETPEERNAME,
-    BPF_CGROUP_INET6_CONNECT, BPF_CGROUP_INET6_GETPEERNAME, BPF_CGROUP_INET_SOCK_RELEASE,
-    BPF_CGROUP_SOCK_OPS, BPF_CGROUP_UDP4_RECVMSG, BPF_CGROUP_UDP4_SENDMSG, BPF_CGROUP_UDP6_RECVMSG,
-    BPF_CGROUP_UDP6_SENDMSG,
+    BPF_CGROUP_INET6_CONNECT, BPF_CGROUP_INET6_GETPEERNAME, BPF_CGROUP_INET_SOCK_CREATE,
+    BPF_CGROUP_INET_SOCK_RELEASE, BPF_CGROUP_SOCK_OPS, BPF_CGROUP_UDP4_RECVMSG,
+    BPF_CGROUP_UDP4_SENDMSG, BPF_CGROUP_UDP6_RECVMSG, BPF_CGROUP_UDP6_SENDMSG,
 };
 
 use crate::{
@@ -27,6 +27,8 @@ use crate::{
     sklookup::SkLookupTemplate,
     sys::{self, Netns},
 };
+
+type SkNetnsStorage = aya::maps::SkStorage<aya::maps::MapData, redirect_common::SkNetns>;
 
 /// The kernel object, built by `cargo xtask build-ebpf`.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(
@@ -43,6 +45,41 @@ pub const SK_LOOKUP_PROGRAM: &str = "redirect_sk_lookup";
 pub const VM_INGRESS_PROGRAM: &str = "redirect_vm_ingress";
 pub const VM_EGRESS_PROGRAM: &str = "redirect_vm_egress";
 pub const SK_MSG_PROGRAM: &str = "redirect_sk_msg";
+/// Attached to each cgroup besides [`CGROUP_PROGRAMS`] where the kernel
+/// lacks `bpf_get_netns_cookie` in getsockopt, sockops and sk_msg programs
+/// (before 5.15): it stores the netns cookie on the pods' sockets, for the
+/// `_stored` builds of those three (`kernel::NETNS_COOKIE_IN_HOOKS`).
+pub const SOCK_CREATE_PROGRAM: &str = "redirect_sock_create";
+/// The sk_lookup build for kernels without `bpf_sk_lookup.ingress_ifindex`
+/// (before 5.17; `kernel::SK_LOOKUP_INGRESS_IFINDEX`).
+pub const SK_LOOKUP_ADDR_PROGRAM: &str = "redirect_sk_lookup_addr";
+/// The programs that read the netns cookie with `bpf_get_netns_cookie`
+/// where sock_addr programs do not; each has a `<name>_stored` build.
+const NETNS_HOOKS: [&str; 3] = ["redirect_getsockopt", "redirect_sockops", SK_MSG_PROGRAM];
+
+/// The programs (and link pin names) each attached cgroup has: with
+/// `stored`, the kernel needs the stored netns cookie (see
+/// [`SOCK_CREATE_PROGRAM`]).
+pub fn cgroup_programs(stored: bool) -> Vec<&'static str> {
+    let mut v = CGROUP_PROGRAMS.to_vec();
+    if stored {
+        v.push(SOCK_CREATE_PROGRAM);
+    }
+    v
+}
+
+/// The program of the object that serves `slot` (a name of
+/// [`CGROUP_PROGRAMS`], [`SK_MSG_PROGRAM`] or [`SOCK_CREATE_PROGRAM`]),
+/// by the build this kernel needs. Pins and links keep the slot's name
+/// whatever the build.
+fn program_for(slot: &'static str, stored: bool) -> &'static str {
+    match slot {
+        "redirect_getsockopt" if stored => "redirect_getsockopt_stored",
+        "redirect_sockops" if stored => "redirect_sockops_stored",
+        SK_MSG_PROGRAM if stored => "redirect_sk_msg_stored",
+        s => s,
+    }
+}
 
 /// An install (a pin directory) with the object loaded against its maps.
 pub struct Installation {
@@ -52,6 +89,11 @@ pub struct Installation {
     sk_lookup: Option<SkLookupTemplate>,
     /// The tc programs of `-k` interfaces (ingress, egress), the same way.
     pub(crate) vm: Option<(SkLookupTemplate, SkLookupTemplate)>,
+    /// Whether this kernel needs the `_stored` builds (decided at the
+    /// first cgroup program loaded; see `netns_cookie_stored`).
+    stored: Option<bool>,
+    /// The sk_lookup template is the build that goes by addresses.
+    sk_lookup_by_address: bool,
 }
 
 /// What `register_pod` did.
@@ -67,6 +109,8 @@ pub struct PodInfo {
     /// `-c`/`-k` names that match no interface of the pod (yet).
     pub unmatched_interfaces: Vec<String>,
     pub listener_seeded: Vec<String>,
+    /// Is the pod's IPv6 captured, and why (istio-iptables' rule).
+    pub ipv6: crate::ipv6::Ipv6Capture,
     /// Acceleration active for this pod.
     pub accel: bool,
     /// The decision in words: on or off, and why (the kernel probe, a
@@ -127,6 +171,8 @@ impl Installation {
             ebpf,
             sk_lookup: None,
             vm: None,
+            stored: None,
+            sk_lookup_by_address: false,
         })
     }
 
@@ -144,13 +190,18 @@ impl Installation {
             .map_err(|e| Error::io("reading", cgroup, e))?
             .ino();
         let dir = self.pins.cgroup_dir(id);
-        if CGROUP_PROGRAMS.iter().all(|p| dir.join(p).exists()) {
+        let slots = cgroup_programs(self.netns_cookie_stored()?);
+        if slots.iter().all(|p| dir.join(p).exists()) {
             return Ok(false);
         }
         sys::create_private_dir(&dir)?;
         let mut made: Vec<PathBuf> = Vec::new();
         let result = (|| -> Result<()> {
-            for name in CGROUP_PROGRAMS {
+            // The socket-creation hook first: the others need what it
+            // stores.
+            let mut slots = slots;
+            slots.sort_by_key(|s| *s != SOCK_CREATE_PROGRAM);
+            for name in slots {
                 let path = dir.join(name);
                 if path.exists() {
                     continue;
@@ -177,6 +228,55 @@ impl Installation {
         result.map(|()| true)
     }
 
+    /// Does this kernel need the `_stored` builds? Decided once, by the
+    /// verifier: getsockopt's build that calls `bpf_get_netns_cookie` is
+    /// loaded, and where it is refused the `_stored` one. The decision is
+    /// recorded in the install (`kernel`).
+    pub fn netns_cookie_stored(&mut self) -> Result<bool> {
+        if let Some(s) = self.stored {
+            return Ok(s);
+        }
+        let direct = if crate::kernel::fallbacks_forced() {
+            Err(Error::Kernel(format!(
+                "{} is set",
+                crate::kernel::FORCE_FALLBACKS_ENV
+            )))
+        } else {
+            self.load_cgroup_program("redirect_getsockopt")
+        };
+        let stored = match direct {
+            Ok(()) => false,
+            Err(e) => match self.load_cgroup_program("redirect_getsockopt_stored") {
+                Ok(()) => {
+                    tracing::info!(
+                        "this kernel lacks {} (Linux {}+): {}. The verifier's answer: {e:#}",
+                        crate::kernel::NETNS_COOKIE_IN_HOOKS.feature,
+                        crate::kernel::NETNS_COOKIE_IN_HOOKS.since,
+                        crate::kernel::NETNS_COOKIE_IN_HOOKS.instead
+                    );
+                    true
+                }
+                Err(e2) => {
+                    return Err(match e {
+                        Error::Bpf { what, source } => Error::Bpf {
+                            what: format!(
+                                "{what} (its build without bpf_get_netns_cookie failed too: {e2})"
+                            ),
+                            source,
+                        },
+                        e => e,
+                    })
+                }
+            },
+        };
+        self.stored = Some(stored);
+        if let Err(e) = crate::kernel::record(&self.pins, |b| b.netns_cookie_stored = Some(stored))
+        {
+            tracing::warn!("the kernel's builds are not recorded in the install: {e:#}");
+        }
+        Ok(stored)
+    }
+
     fn program(&mut self, name: &str) -> Result<&mut Program> {
         self.ebpf.program_mut(name).ok_or_else(|| {
             Error::bpf(
@@ -195,8 +295,13 @@ impl Installation {
     /// link switched.
     pub fn update_cgroup_programs(&mut self) -> Result<Vec<String>> {
         let mut out = Vec::new();
-        for dir in crate::pins::read_dir(&self.pins.cgroups_dir()) {
-            for name in CGROUP_PROGRAMS {
+        let dirs = crate::pins::read_dir(&self.pins.cgroups_dir());
+        if dirs.is_empty() {
+            return Ok(out);
+        }
+        let slots = cgroup_programs(self.netns_cookie_stored()?);
+        for dir in dirs {
+            for &name in &slots {
                 let link = dir.join(name);
                 if !link.exists() {
                     continue;
@@ -255,7 +360,9 @@ impl Installation {
             if ours == Some(old_tag) {
                 continue;
             }
-            let (_ebpf, new) = self.sk_lookup_instance(cookie)?;
+            let new = self.sk_lookup_template()?.load(cookie).map_err(|e| {
+                Error::bpf(format!("loading sk_lookup for netns cookie {cookie}"), e)
+            })?;
             let new_tag = upgrade::prog_tag(new.as_fd()).map_err(ioerr)?;
             ours = Some(new_tag);
             if new_tag == old_tag {
@@ -267,35 +374,65 @@ impl Installation {
         Ok(out)
     }
 
-    /// A loaded sk_lookup instance for the pod with this netns cookie (its
-    /// fd; the `Ebpf` holding it is returned to keep it open).
-    fn sk_lookup_instance(&self, cookie: u64) -> Result<(Ebpf, OwnedFd)> {
-        let mut loader = EbpfLoader::new();
-        crate::kernlog::pin_ring(&mut loader, &self.pins);
-        let mut ebpf = loader
-            .default_map_pin_directory(self.pins.maps_dir())
-            .override_global("REDIRECT_SK_LOOKUP_NETNS", &cookie, true)
-            .load(OBJECT)
-            .map_err(|e| Error::bpf("loading the kernel object for sk_lookup", e))?;
-        let prog: &mut aya::programs::SkLookup = ebpf
-            .program_mut(SK_LOOKUP_PROGRAM)
-            .ok_or_else(|| {
-                Error::bpf(
-                    "kernel object",
-                    std::io::Error::other("sk_lookup program missing"),
-                )
-            })?
-            .try_into()
-            .map_err(|e| Error::bpf("sk_lookup program", e))?;
-        prog.load()
-            .map_err(|e| Error::bpf(format!("loading sk_lookup for netns cookie {cookie}"), e))?;
-        let fd = prog
-            .fd()
-            .map_err(|e| Error::bpf("sk_lookup program fd", e))?
-            .as_fd()
-            .try_clone_to_owned()
-            .map_err(|e| Error::bpf("sk_lookup fd", e))?;
-        Ok((ebpf, fd))
+    /// The per-pod sk_lookup program, relocated once against this
+    /// install's maps (again when they were made anew): the build that
+    /// reads `ingress_ifindex` where the verifier takes it, else the one
+    /// that goes by addresses (`kernel::SK_LOOKUP_INGRESS_IFINDEX`). A
+    /// trial instance (cookie 0, no pod) is the probe.
+    fn sk_lookup_template(&mut self) -> Result<&SkLookupTemplate> {
+        if !self.sk_lookup.as_ref().is_some_and(|t| t.is_current()) {
+            let maps_dir = self.pins.maps_dir();
+            let make = |program| {
+                SkLookupTemplate::new(OBJECT, &maps_dir, program, "REDIRECT_SK_LOOKUP_NETNS")
+            };
+            let full = make(SK_LOOKUP_PROGRAM)?;
+            let trial = if crate::kernel::fallbacks_forced() {
+                Err(std::io::Error::other(format!(
+                    "{} is set",
+                    crate::kernel::FORCE_FALLBACKS_ENV
+                )))
+            } else {
+                full.load(0)
+            };
+            let (template, by_address) = match trial {
+                Ok(_) => (full, false),
+                Err(e) => {
+                    let addr = make(SK_LOOKUP_ADDR_PROGRAM)?;
+                    if let Err(e2) = addr.load(0) {
+                        return Err(Error::bpf(
+                            format!(
+                                "loading {SK_LOOKUP_PROGRAM} (its build without ingress_ifindex, {SK_LOOKUP_ADDR_PROGRAM}, failed too: {e2})"
+                            ),
+                            e,
+                        ));
+                    }
+                    let gap = &crate::kernel::SK_LOOKUP_INGRESS_IFINDEX;
+                    tracing::info!(
+                        "this kernel lacks {} (Linux {}+): {}. The verifier's answer: {e}",
+                        gap.feature,
+                        gap.since,
+                        gap.instead
+                    );
+                    (addr, true)
+                }
+            };
+            if let Err(e) =
+                crate::kernel::record(&self.pins, |b| b.sk_lookup_by_address = Some(by_address))
+            {
+                tracing::warn!("the kernel's builds are not recorded in the install: {e:#}");
+            }
+            self.sk_lookup = Some(template);
+            self.sk_lookup_by_address = by_address;
+        }
+        Ok(self.sk_lookup.as_ref().expect("set above"))
+    }
+
+    /// Does this kernel's sk_lookup lack `ingress_ifindex` (the build that
+    /// goes by addresses is in use)? Settings that need the field are
+    /// refused there (`kernel::refuse`).
+    pub fn sk_lookup_by_address(&mut self) -> Result<bool> {
+        self.sk_lookup_template()?;
+        Ok(self.sk_lookup_by_address)
     }
 
     /// The sk_msg program pinned under `programs/` (attached to
@@ -333,6 +470,16 @@ impl Installation {
         Ok(true)
     }
 
+    /// The install's REDIRECT_SK_NETNS (socket storage of the netns
+    /// cookie, see `kernel::NETNS_COOKIE_IN_HOOKS`).
+    fn sk_netns_storage(&self) -> Result<SkNetnsStorage> {
+        let path = self.pins.map(redirect_common::MAP_SK_NETNS);
+        let data = aya::maps::MapData::from_pin(&path)
+            .map_err(|e| Error::bpf(format!("opening {}", path.display()), e))?;
+        SkNetnsStorage::try_from(aya::maps::Map::SkStorage(data))
+            .map_err(|e| Error::bpf(format!("{} is not socket storage", path.display()), e))
+    }
+
     /// The acceleration sockhash (REDIRECT_SOCKS) of this install.
     fn socks_map_fd(&self) -> Result<OwnedFd> {
         match self.ebpf.map(redirect_common::MAP_SOCKS) {
@@ -352,8 +499,9 @@ impl Installation {
 
     /// The sk_msg verdict program of this object, loaded on first use.
     fn sk_msg_program_fd(&mut self) -> Result<OwnedFd> {
+        let name = program_for(SK_MSG_PROGRAM, self.netns_cookie_stored()?);
         let prog: &mut aya::programs::SkMsg = self
-            .program(SK_MSG_PROGRAM)?
+            .program(name)?
             .try_into()
             .map_err(|e| Error::bpf("sk_msg program", e))?;
         if prog.fd().is_err() {
@@ -367,84 +515,66 @@ impl Installation {
             .map_err(|e| Error::bpf("sk_msg fd", e))
     }
 
-    /// Load (once) and link one cgroup program; the link fd is returned
-    /// for pinning.
-    fn attach_one(&mut self, name: &str, cg: &std::fs::File) -> Result<OwnedFd> {
-        let (fd, attach_type) = self.loaded_cgroup_program(name)?;
+    /// Load (once) and link the program of one cgroup slot; the link fd is
+    /// returned for pinning.
+    fn attach_one(&mut self, slot: &'static str, cg: &std::fs::File) -> Result<OwnedFd> {
+        let (fd, attach_type) = self.loaded_cgroup_program(slot)?;
         crate::bpf::link_create(fd.as_fd(), cg.as_fd(), attach_type)
-            .map_err(|e| Error::bpf(format!("attaching program {name} (bpf_link_create)"), e))
+            .map_err(|e| Error::bpf(format!("attaching program {slot} (bpf_link_create)"), e))
     }
 
-    /// One cgroup program of this object, loaded on first use: its fd and
-    /// attach type.
-    fn loaded_cgroup_program(&mut self, name: &str) -> Result<(OwnedFd, u32)> {
+    /// The program of one cgroup slot (the build this kernel takes),
+    /// loaded on first use: its fd and attach type.
+    fn loaded_cgroup_program(&mut self, slot: &'static str) -> Result<(OwnedFd, u32)> {
+        let stored = NETNS_HOOKS.contains(&slot) && self.netns_cookie_stored()?;
+        let fd = self.cgroup_program_fd(program_for(slot, stored))?;
+        let attach_type = match slot {
+            "redirect_connect4" => BPF_CGROUP_INET4_CONNECT,
+            "redirect_connect6" => BPF_CGROUP_INET6_CONNECT,
+            "redirect_getpeername4" => BPF_CGROUP_INET4_GETPEERNAME,
+            "redirect_getpeername6" => BPF_CGROUP_INET6_GETPEERNAME,
+            "redirect_sendmsg4" => BPF_CGROUP_UDP4_SENDMSG,
+            "redirect_sendmsg6" => BPF_CGROUP_UDP6_SENDMSG,
+            "redirect_recvmsg4" => BPF_CGROUP_UDP4_RECVMSG,
+            "redirect_recvmsg6" => BPF_CGROUP_UDP6_RECVMSG,
+            "redirect_getsockopt" => BPF_CGROUP_GETSOCKOPT,
+            "redirect_sockops" => BPF_CGROUP_SOCK_OPS,
+            "redirect_sock_release" => BPF_CGROUP_INET_SOCK_RELEASE,
+            SOCK_CREATE_PROGRAM => BPF_CGROUP_INET_SOCK_CREATE,
+            _ => unreachable!("{slot} is not a cgroup program slot"),
+        };
+        Ok((fd, attach_type))
+    }
+
+    /// Load (once) the cgroup program `name` of the object.
+    fn load_cgroup_program(&mut self, name: &str) -> Result<()> {
+        self.cgroup_program_fd(name).map(drop)
+    }
+
+    /// The cgroup program `name` of the object, loaded on first use.
+    fn cgroup_program_fd(&mut self, name: &str) -> Result<OwnedFd> {
         let verr = |what: &str, e: aya::programs::ProgramError| {
             Error::bpf(format!("{what} program {name}"), e)
         };
-        let prog = self.program(name)?;
-        let (fd, attach_type) = match prog {
-            Program::CgroupSockAddr(p) => {
-                if p.fd().is_err() {
-                    p.load().map_err(|e| verr("loading", e))?;
+        macro_rules! loaded {
+            ($p:expr) => {{
+                if $p.fd().is_err() {
+                    $p.load().map_err(|e| verr("loading", e))?;
                 }
-                let t = match name {
-                    "redirect_connect4" => BPF_CGROUP_INET4_CONNECT,
-                    "redirect_connect6" => BPF_CGROUP_INET6_CONNECT,
-                    "redirect_getpeername4" => BPF_CGROUP_INET4_GETPEERNAME,
-                    "redirect_sendmsg4" => BPF_CGROUP_UDP4_SENDMSG,
-                    "redirect_sendmsg6" => BPF_CGROUP_UDP6_SENDMSG,
-                    "redirect_recvmsg4" => BPF_CGROUP_UDP4_RECVMSG,
-                    "redirect_recvmsg6" => BPF_CGROUP_UDP6_RECVMSG,
-                    _ => BPF_CGROUP_INET6_GETPEERNAME,
-                };
-                (
-                    p.fd()
-                        .map_err(|e| verr("fd of", e))?
-                        .as_fd()
-                        .try_clone_to_owned(),
-                    t,
-                )
-            }
-            Program::CgroupSockopt(p) => {
-                if p.fd().is_err() {
-                    p.load().map_err(|e| verr("loading", e))?;
-                }
-                (
-                    p.fd()
-                        .map_err(|e| verr("fd of", e))?
-                        .as_fd()
-                        .try_clone_to_owned(),
-                    BPF_CGROUP_GETSOCKOPT,
-                )
-            }
-            Program::SockOps(p) => {
-                if p.fd().is_err() {
-                    p.load().map_err(|e| verr("loading", e))?;
-                }
-                (
-                    p.fd()
-                        .map_err(|e| verr("fd of", e))?
-                        .as_fd()
-                        .try_clone_to_owned(),
-                    BPF_CGROUP_SOCK_OPS,
-                )
-            }
-            Program::CgroupSock(p) => {
-                if p.fd().is_err() {
-                    p.load().map_err(|e| verr("loading", e))?;
-                }
-                (
-                    p.fd()
-                        .map_err(|e| verr("fd of", e))?
-                        .as_fd()
-                        .try_clone_to_owned(),
-                    BPF_CGROUP_INET_SOCK_RELEASE,
-                )
-            }
+                $p.fd()
+                    .map_err(|e| verr("fd of", e))?
+                    .as_fd()
+                    .try_clone_to_owned()
+            }};
+        }
+        let fd = match self.program(name)? {
+            Program::CgroupSockAddr(p) => loaded!(p),
+            Program::CgroupSockopt(p) => loaded!(p),
+            Program::SockOps(p) => loaded!(p),
+            Program::CgroupSock(p) => loaded!(p),
             _ => unreachable!("{name} is a cgroup program"),
         };
-        let fd = fd.map_err(|e| Error::bpf(format!("duplicating fd of {name}"), e))?;
-        Ok((fd, attach_type))
+        fd.map_err(|e| Error::bpf(format!("duplicating fd of {name}"), e))
     }
 
     /// Attach inbound steering (sk_lookup) to the pod's netns, once.
@@ -457,15 +587,7 @@ impl Installation {
         // sk_lookup cannot ask for its netns cookie: each pod gets its own
         // instance with the cookie set as a constant (maps stay shared),
         // loaded from instructions relocated once (see sklookup.rs).
-        if !self.sk_lookup.as_ref().is_some_and(|t| t.is_current()) {
-            self.sk_lookup = Some(SkLookupTemplate::new(
-                OBJECT,
-                &self.pins.maps_dir(),
-                SK_LOOKUP_PROGRAM,
-                "REDIRECT_SK_LOOKUP_NETNS",
-            )?);
-        }
-        let template = self.sk_lookup.as_ref().expect("set above");
+        let template = self.sk_lookup_template()?;
         let verr = |what: &str, e| {
             Error::bpf(
                 format!("{what} sk_lookup on netns {}", netns.path.display()),
@@ -524,23 +646,33 @@ impl Installation {
         if netns.is_host() {
             return Err(Error::HostNetns(netns.path.clone()));
         }
+        // What this kernel cannot do is refused, naming the feature.
+        if !spec.exclude_interfaces.is_empty() && self.sk_lookup_by_address()? {
+            return Err(crate::kernel::refuse(
+                &crate::kernel::SK_LOOKUP_INGRESS_IFINDEX,
+                "-c/--istio-exclude-interfaces",
+            ));
+        }
         let t0 = std::time::Instant::now();
         let mut spec = spec.clone();
         let (accel, accel_decision) = self.decide_accel(spec.accel_mode);
         spec.accel = accel;
-        let spec = &spec;
         let t_accel = t0.elapsed();
         // Kernel features -c and -k need, asked before anything changes.
-        crate::ifaces::check_kernel(netns, spec)?;
+        crate::ifaces::check_kernel(netns, &spec)?;
         // One visit inside the netns, no subprocess: cookie, addresses,
-        // interfaces and routes, ::6 on lo when the pod has IPv6 (the
+        // whether IPv6 is captured (istio-iptables' rule over them),
+        // interfaces and routes, ::6 on lo when IPv6 is captured (the
         // proxy's IPv6 inbound passthrough source, as istio-iptables adds
         // it).
         let crate::podns::PodNs {
             cookie,
             addresses,
+            ipv6,
             net,
-        } = crate::podns::visit(netns)?;
+        } = crate::podns::visit(netns, spec.dual_stack)?;
+        spec.ipv6_off = !ipv6.captured;
+        let spec = &spec;
         let others = crate::owner::refuse_if_owned(netns, cookie, &self.pins, opts.force)?;
         let t_netns = t0.elapsed();
         let mut maps = self.maps()?;
@@ -579,11 +711,26 @@ impl Installation {
         // hook: find it (a /proc walk) only when a listener exists.
         let t_sk_lookup = t0.elapsed();
         let listening = crate::podns::listening(netns, spec.inbound_port)?;
-        let listener_seeded = if listening {
-            seed_listeners(&mut maps, netns, cookie, spec.inbound_port)?
+        let stored = self.netns_cookie_stored()?;
+        let seeded = if listening || stored {
+            let mut storage = if stored {
+                Some(self.sk_netns_storage()?)
+            } else {
+                None
+            };
+            let port = listening.then_some(spec.inbound_port);
+            seed_sockets(&mut maps, netns, cookie, port, storage.as_mut())?
         } else {
-            Vec::new()
+            Seeded::default()
         };
+        if seeded.stored > 0 {
+            tracing::debug!(
+                cookie,
+                sockets = seeded.stored,
+                "netns cookie stored on the pod's existing TCP sockets"
+            );
+        }
+        let listener_seeded = seeded.listeners;
         if listening && listener_seeded.is_empty() {
             tracing::warn!(
                 cookie,
@@ -625,6 +772,7 @@ impl Installation {
             vm_interfaces,
             unmatched_interfaces: crate::ifaces::unmatched(&net, spec),
             listener_seeded,
+            ipv6,
             accel: spec.accel,
             accel_decision,
             also_captured_by: others.iter().map(ToString::to_string).collect(),
@@ -947,10 +1095,30 @@ fn leftovers(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
-/// A proxy already listening on the inbound port when we attach never
-/// goes through sockops' listen hook: find its socket and register it.
-fn seed_listeners(maps: &mut Maps, netns: &Netns, cookie: u64, port: u16) -> Result<Vec<String>> {
-    let mut seeded = Vec::new();
+/// What capturing a pod did to the sockets its processes already held.
+#[derive(Default)]
+struct Seeded {
+    /// The proxy's listeners registered for inbound steering.
+    listeners: Vec<String>,
+    /// TCP sockets that got their netns cookie stored.
+    stored: usize,
+}
+
+/// Sockets a pod made before it was captured never go through the hooks
+/// that see new sockets: a proxy already listening on the inbound port
+/// (`listener_port`) is registered for inbound steering, and where the
+/// netns cookie comes from socket storage (`netns_storage`), every TCP
+/// socket of the netns gets its entry, as the sock_create hook gives new
+/// ones (the connections a listener accepts inherit it). Found through
+/// `/proc/<pid>/fd` and `pidfd_getfd`.
+fn seed_sockets(
+    maps: &mut Maps,
+    netns: &Netns,
+    cookie: u64,
+    listener_port: Option<u16>,
+    mut netns_storage: Option<&mut SkNetnsStorage>,
+) -> Result<Seeded> {
+    let mut seeded = Seeded::default();
     for pid in sys::pids_in_netns(netns.inode) {
         let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
             continue;
@@ -975,6 +1143,21 @@ fn seed_listeners(maps: &mut Maps, netns: &Netns, cookie: u64, port: u16) -> Res
                 continue;
             }
             let sock = unsafe { OwnedFd::from_raw_fd(dup as i32) };
+            if let Some(st) = netns_storage.as_deref_mut() {
+                if is_tcp(&sock) && socket_netns_inode(&sock) == Some(netns.inode) {
+                    st.insert(&sock, redirect_common::SkNetns { netns: cookie }, 0)
+                        .map_err(|e| {
+                            Error::bpf(
+                                format!("storing the netns cookie on socket {num} of pid {pid}"),
+                                e,
+                            )
+                        })?;
+                    seeded.stored += 1;
+                }
+            }
+            let Some(port) = listener_port else {
+                continue;
+            };
             let Some(family) = tcp_listener_on(&sock, port) else {
                 continue;
             };
@@ -994,12 +1177,39 @@ fn seed_listeners(maps: &mut Maps, netns: &Netns, cookie: u64, port: u16) -> Res
             } else {
                 "ipv6"
             };
-            if !seeded.iter().any(|s: &String| s.ends_with(name)) {
-                seeded.push(format!("pid {pid} {name}"));
+            if !seeded.listeners.iter().any(|s: &String| s.ends_with(name)) {
+                seeded.listeners.push(format!("pid {pid} {name}"));
             }
         }
     }
     Ok(seeded)
+}
+
+/// A TCP socket (of either family)?
+fn is_tcp(fd: &OwnedFd) -> bool {
+    let mut v: i32 = 0;
+    let mut len = 4 as libc::socklen_t;
+    let r = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PROTOCOL,
+            (&mut v as *mut i32).cast(),
+            &mut len,
+        )
+    };
+    r == 0 && v == libc::IPPROTO_TCP
+}
+
+/// The inode of the netns a socket belongs to (`SIOCGSKNS`).
+fn socket_netns_inode(fd: &OwnedFd) -> Option<u64> {
+    const SIOCGSKNS: libc::Ioctl = 0x894C;
+    let ns = unsafe { libc::ioctl(fd.as_raw_fd(), SIOCGSKNS) };
+    if ns < 0 {
+        return None;
+    }
+    let ns = unsafe { std::fs::File::from_raw_fd(ns) };
+    ns.metadata().ok().map(|m| m.ino())
 }
 
 /// Some(family) when `fd` is a listening TCP socket bound to `port`.

@@ -9,6 +9,7 @@ use std::{
 };
 
 // enum bpf_attach_type (uapi/linux/bpf.h)
+pub const BPF_CGROUP_INET_SOCK_CREATE: u32 = 2;
 pub const BPF_CGROUP_SOCK_OPS: u32 = 3;
 pub const BPF_CGROUP_INET4_CONNECT: u32 = 10;
 pub const BPF_CGROUP_INET6_CONNECT: u32 = 11;
@@ -41,6 +42,30 @@ fn bpf(cmd: libc::c_long, attr: &mut [u64; 16]) -> io::Result<i32> {
         return Err(io::Error::last_os_error());
     }
     Ok(r as i32)
+}
+
+/// Run a BPF_MAP_CREATE or BPF_PROG_LOAD; on EPERM raise RLIMIT_MEMLOCK
+/// to unlimited (when allowed) and try once more. Before Linux 5.11 the
+/// kernel charges maps and programs to the user's locked memory, counted
+/// for all of root's processes together (the pinned maps of every install
+/// included) against the calling process's limit: a process that only
+/// makes a small map (`stats` reporting a netns cookie) fails then. aya
+/// does the same for the maps and programs it loads.
+pub fn with_memlock_retry<T>(mut op: impl FnMut() -> io::Result<T>) -> io::Result<T> {
+    let first = op();
+    match &first {
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
+            let unlimited = libc::rlimit {
+                rlim_cur: libc::RLIM_INFINITY,
+                rlim_max: libc::RLIM_INFINITY,
+            };
+            if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
+                return first;
+            }
+            op()
+        }
+        _ => first,
+    }
 }
 
 /// BPF_LINK_CREATE for a cgroup attach type (links coexist with others).
@@ -131,7 +156,7 @@ pub fn map_create(
     for (a, c) in attr.iter_mut().zip(b.chunks_exact(8)) {
         *a = u64::from_ne_bytes(c.try_into().expect("8 bytes"));
     }
-    let fd = bpf(BPF_MAP_CREATE, &mut attr)?;
+    let fd = with_memlock_retry(|| bpf(BPF_MAP_CREATE, &mut attr))?;
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 

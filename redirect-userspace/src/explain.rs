@@ -562,6 +562,9 @@ fn untouched_words(r: Reason) -> &'static str {
         Reason::OutLoopback => "not captured: host loopback",
         Reason::OutNotIncluded | Reason::InNotIncluded => "not captured: not included",
         Reason::InTunnelPort => "not captured: the tunnel port",
+        Reason::OutIpv6NotCaptured | Reason::InIpv6NotCaptured => {
+            "not captured: the pod's IPv6 is not captured"
+        }
         _ => "not captured",
     }
 }
@@ -572,6 +575,7 @@ fn out_words(x: &OutCtx, step: Step, matched: bool) -> (String, String) {
     let port = x.c.dport;
     let s = x.spec;
     match step {
+        Step::Ipv6 { off } => ipv6_words(s, off),
         Step::Protocol { tcp, dns_udp } => (
             "-p tcp".into(),
             if tcp {
@@ -785,9 +789,26 @@ fn out_words(x: &OutCtx, step: Step, matched: bool) -> (String, String) {
     }
 }
 
+/// The IPv6 step (either chain) in words: are there ip6tables rules?
+fn ipv6_words(spec: &PodSpec, off: bool) -> (String, String) {
+    (
+        "ip6tables".into(),
+        format!(
+            "IPv6: {}{}",
+            crate::ipv6::describe_recorded(off, spec.dual_stack),
+            if off {
+                ": istio-iptables writes no ip6tables rules"
+            } else {
+                ""
+            }
+        ),
+    )
+}
+
 /// One step of the inbound decision in words.
 fn in_words(spec: &PodSpec, cfg: &PodConfig, port: u16, step: Step) -> (String, String) {
     match step {
+        Step::Ipv6 { off } => ipv6_words(spec, off),
         Step::InTunnelPort { tunnel_port } => (
             "-e".into(),
             format!(
@@ -1216,7 +1237,7 @@ fn inbound(
     }
     let port = p.dst.port();
     let mut rec = Recorder::default();
-    let v = inbound_verdict_observed(&t.cfg, port, lookup, &mut rec);
+    let v = inbound_verdict_observed(&t.cfg, family, port, lookup, &mut rec);
     let to = |port: u16| format!(":{port}");
     for (step, decided) in &rec.0 {
         let (rule, why) = in_words(spec, &t.cfg, port, *step);

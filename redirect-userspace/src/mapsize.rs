@@ -23,9 +23,9 @@ use aya::maps::MapData;
 use redirect_common::{
     ALL_MAPS, MAP_ACCEL_FALLBACK, MAP_ACCEL_PORTS, MAP_ACCEL_SK, MAP_CIDRS, MAP_COUNTERS,
     MAP_COUNTERS_LOST, MAP_IFACES, MAP_LISTENERS, MAP_LOCAL_CONNECTS, MAP_ORIG_BY_COOKIE,
-    MAP_ORIG_BY_TUPLE, MAP_PODS, MAP_PORTS, MAP_ROUTES, MAP_SOCKS, MAP_TRACE, MAP_TRACE_EVENTS,
-    MAP_TRACE_PODS, MAX_ACCEL_PORTS, MAX_CIDRS, MAX_COUNTERS, MAX_IFACES, MAX_PODS, MAX_PORTS,
-    MAX_ROUTES, MAX_TRACKED_SOCKETS,
+    MAP_ORIG_BY_TUPLE, MAP_PODS, MAP_PORTS, MAP_ROUTES, MAP_SK_NETNS, MAP_SOCKS, MAP_TRACE,
+    MAP_TRACE_EVENTS, MAP_TRACE_PODS, MAX_ACCEL_PORTS, MAX_CIDRS, MAX_COUNTERS, MAX_IFACES,
+    MAX_PODS, MAX_PORTS, MAX_ROUTES, MAX_TRACKED_SOCKETS,
 };
 
 use crate::error::{Error, Result};
@@ -35,12 +35,13 @@ pub const FLAG: &str = "--map-size";
 
 /// Maps whose pinned layout must match this binary's: the sized ones, the
 /// acceleration's socket storage (its value is the sk_msg state), the
-/// lost-counter slot, the trace maps (sized by `MAX_TRACE_PODS` and
-/// `TRACE_RING_BYTES`, no knob) and the kernel debug log's switch and ring
-/// buffer.
-const LAYOUT_EXTRA: [&str; 7] = [
+/// lost-counter slot, the socket storage of the netns cookie, the trace
+/// maps (sized by `MAX_TRACE_PODS` and `TRACE_RING_BYTES`, no knob) and the
+/// kernel debug log's switch and ring buffer.
+const LAYOUT_EXTRA: [&str; 8] = [
     MAP_ACCEL_SK,
     MAP_COUNTERS_LOST,
+    MAP_SK_NETNS,
     MAP_TRACE,
     MAP_TRACE_PODS,
     MAP_TRACE_EVENTS,

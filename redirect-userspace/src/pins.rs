@@ -43,7 +43,8 @@ pub const CGROUP_PROGRAMS: [&str; 11] = [
 
 /// Maps userspace makes and pins next to the kernel object's (no program
 /// uses them): the acceleration probe's result, the `stats --zero`
-/// baselines, the agent's pod records, the pods' recorded cgroups.
+/// baselines, the agent's pod records, the pods' recorded cgroups (and
+/// the kernel builds taken, `kernel::KERNEL_MAP`).
 pub const MAP_ACCEL_PROBE: &str = "REDIRECT_ACCEL_PROBE";
 pub const MAP_STATS_BASELINE: &str = "REDIRECT_STATS_BASELINE";
 pub const MAP_AGENT_PODS: &str = "REDIRECT_AGENT_PODS";
@@ -54,12 +55,14 @@ pub fn known_maps() -> impl Iterator<Item = &'static str> {
     redirect_common::ALL_MAPS.into_iter().chain([
         redirect_common::MAP_ACCEL_SK,
         redirect_common::MAP_COUNTERS_LOST,
+        redirect_common::MAP_SK_NETNS,
         redirect_common::trace::MAP_TRACE,
         redirect_common::trace::MAP_TRACE_PODS,
         redirect_common::trace::MAP_TRACE_EVENTS,
         crate::kernlog::MAP_SWITCH,
         crate::kernlog::MAP_RING,
         MAP_ACCEL_PROBE,
+        crate::kernel::KERNEL_MAP,
         MAP_STATS_BASELINE,
         MAP_AGENT_PODS,
         MAP_POD_CGROUPS,
@@ -243,12 +246,14 @@ mod tests {
         for m in redirect_common::ALL_MAPS.iter().chain(&[
             redirect_common::MAP_ACCEL_SK,
             redirect_common::MAP_COUNTERS_LOST,
+            redirect_common::MAP_SK_NETNS,
             redirect_common::trace::MAP_TRACE,
             redirect_common::trace::MAP_TRACE_PODS,
             redirect_common::trace::MAP_TRACE_EVENTS,
             crate::kernlog::MAP_SWITCH,
             crate::kernlog::MAP_RING,
             crate::probe::PROBE_MAP,
+            crate::kernel::KERNEL_MAP,
             crate::stats::baseline::MAP_STATS_BASELINE,
             crate::agent::records::MAP_AGENT_PODS,
             MAP_POD_CGROUPS,

@@ -1,7 +1,8 @@
 //! What capturing a pod needs to learn and set inside its network
 //! namespace, done in one visit (one thread that enters the netns) and
-//! without running a program: its cookie, its addresses, `::6/128` on `lo`
-//! when it has IPv6 (as istio-iptables does, over rtnetlink rather than
+//! without running a program: its cookie, its addresses, whether its IPv6
+//! is captured (`ipv6::decide`, from the addresses as found), `::6/128` on
+//! `lo` when it is (as istio-iptables does, over rtnetlink rather than
 //! `ip`). And, once the pod's config is in, whether any TCP socket listens
 //! on the inbound capture port (only then can there be a proxy listener to
 //! register, and only then is `/proc` searched for it). Its interfaces,
@@ -11,7 +12,7 @@
 use std::{
     io,
     net::{IpAddr, Ipv6Addr},
-    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    os::fd::{AsFd, AsRawFd},
 };
 
 use netlink_packet_core::{
@@ -33,7 +34,6 @@ use netlink_sys::{
 
 use crate::{error::Result, sys::Netns};
 
-const SO_NETNS_COOKIE: libc::c_int = 71;
 /// The IPv6 source of the proxy's inbound passthrough (istio-iptables adds
 /// it to `lo`).
 pub const PASSTHROUGH_V6: Ipv6Addr = Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6);
@@ -42,28 +42,37 @@ pub const PASSTHROUGH_V6: Ipv6Addr = Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6);
 #[derive(Debug, Clone)]
 pub struct PodNs {
     pub cookie: u64,
-    /// Non-loopback addresses (after `::6` was added, so it is listed).
+    /// Non-loopback addresses, in the kernel's order (after `::6` was
+    /// added, so it is listed).
     pub addresses: Vec<IpAddr>,
+    /// Is the pod's IPv6 captured (decided before `::6` was added)?
+    pub ipv6: crate::ipv6::Ipv6Capture,
     /// Interfaces, their addresses, main routes.
     pub net: crate::podnet::PodNet,
 }
 
-/// Visit `netns`: see the module docs.
-pub fn visit(netns: &Netns) -> Result<PodNs> {
-    on_this_thread(netns, || {
-        let cookie = current_cookie()?;
+/// Visit `netns`: see the module docs. `dual_stack`: `--dual-stack`.
+pub fn visit(netns: &Netns, dual_stack: bool) -> Result<PodNs> {
+    let (cookie, addresses, ipv6, net) = on_this_thread(netns, || {
+        let cookie = crate::netns_cookie::from_socket_option()?;
         let mut addresses = non_loopback()?;
-        if addresses.iter().any(|a| a.is_ipv6()) && !addresses.contains(&IpAddr::V6(PASSTHROUGH_V6))
-        {
+        let ipv6 = crate::ipv6::decide(&addresses, dual_stack);
+        if ipv6.captured && !addresses.contains(&IpAddr::V6(PASSTHROUGH_V6)) {
             add_lo_address_v6(PASSTHROUGH_V6)?;
             addresses = non_loopback()?;
         }
         let net = crate::podnet::read()?;
-        Ok(PodNs {
-            cookie,
-            addresses,
-            net,
-        })
+        Ok((cookie, addresses, ipv6, net))
+    })?;
+    let cookie = match cookie {
+        Some(c) => c,
+        None => crate::netns_cookie::reported(netns.file.as_fd())?,
+    };
+    Ok(PodNs {
+        cookie,
+        addresses,
+        ipv6,
+        net,
     })
 }
 
@@ -74,7 +83,10 @@ pub fn net(netns: &Netns) -> Result<crate::podnet::PodNet> {
 
 /// The netns cookie of `netns` (as `Netns::cookie`, without a thread).
 pub fn cookie(netns: &Netns) -> Result<u64> {
-    on_this_thread(netns, current_cookie)
+    match on_this_thread(netns, crate::netns_cookie::from_socket_option)? {
+        Some(c) => Ok(c),
+        None => crate::netns_cookie::reported(netns.file.as_fd()),
+    }
 }
 
 /// Does a TCP socket of `netns` listen on `port`? Asked after the pod's
@@ -143,33 +155,6 @@ fn non_loopback() -> io::Result<Vec<IpAddr>> {
     )
     .map_err(|e| io::Error::new(e.kind(), format!("listing addresses (RTM_GETADDR): {e}")))?;
     Ok(out)
-}
-
-/// The cookie of the calling thread's netns.
-fn current_cookie() -> io::Result<u64> {
-    let s = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    if s < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let s = unsafe { OwnedFd::from_raw_fd(s) };
-    let mut v: u64 = 0;
-    let mut len = 8 as libc::socklen_t;
-    if unsafe {
-        libc::getsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            SO_NETNS_COOKIE,
-            (&mut v as *mut u64).cast(),
-            &mut len,
-        )
-    } != 0
-    {
-        let e = io::Error::last_os_error();
-        return Err(io::Error::other(format!(
-            "SO_NETNS_COOKIE (kernel 5.14+ needed): {e}"
-        )));
-    }
-    Ok(v)
 }
 
 /// Does a TCP socket of the calling thread's netns listen on `port`? Asked

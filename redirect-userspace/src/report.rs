@@ -26,6 +26,8 @@ pub struct PodStatus {
     pub acceleration: String,
     /// What DNS capture does for this pod (`--redirect-dns`), in words.
     pub dns_capture: String,
+    /// Whether the pod's IPv6 is captured, and why, in words.
+    pub ipv6: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -39,6 +41,8 @@ pub struct Status {
     pub map_usage: Vec<MapUsage>,
     /// Counter updates lost because REDIRECT_COUNTERS was full.
     pub counters_lost: u64,
+    /// The kernel: what it lacks, and the builds of the hooks in use.
+    pub kernel: crate::kernel::KernelStatus,
 }
 
 #[derive(Debug, Serialize)]
@@ -81,6 +85,7 @@ pub fn status(pins: &Pins) -> Result<Status> {
             istio_iptables_args: spec.istio_args(),
             acceleration: crate::probe::describe(spec.accel_mode, spec.accel, probe.as_ref()),
             dns_capture: spec.dns_capture().describe(),
+            ipv6: crate::ipv6::describe_recorded(spec.ipv6_off, spec.dual_stack),
             config: spec,
             pod_addresses,
             inbound_attached: pins.sk_lookup_link(cookie).exists(),
@@ -144,6 +149,7 @@ pub fn status(pins: &Pins) -> Result<Status> {
         accel_probe: probe,
         map_usage,
         counters_lost: maps.counters_lost(),
+        kernel: crate::kernel::status(pins),
     })
 }
 
@@ -186,6 +192,14 @@ impl Status {
                 None => "not run (runs at the first attach without --accel/--no-accel)".into(),
             }
         );
+        let _ = writeln!(s, "kernel: {}", self.kernel.release);
+        for g in &self.kernel.missing {
+            let _ = writeln!(
+                s,
+                "  lacks {} (Linux {}+): {}",
+                g.feature, g.since, g.instead
+            );
+        }
         let _ = writeln!(s, "captured pods: {}", self.pods.len());
         for p in &self.pods {
             let _ = writeln!(s);
@@ -216,6 +230,7 @@ impl Status {
             if !p.interfaces.is_empty() {
                 let _ = writeln!(s, "  interfaces: {}", p.interfaces.join("; "));
             }
+            let _ = writeln!(s, "  IPv6: {}", p.ipv6);
             let _ = writeln!(s, "  acceleration: {}", p.acceleration);
             if p.config.redirect_dns {
                 let _ = writeln!(s, "  dns capture: {}", p.dns_capture);

@@ -110,11 +110,10 @@ impl SkLookupTemplate {
             )
         })?;
 
-        let mut fds: Vec<(String, RawFd)> = Vec::new();
         let mut keep = Vec::new();
-        for (name, m) in &obj.maps {
-            let fd = if *name == section {
-                RODATA_MARK
+        let relocated = relocate(&mut obj, program, |name, m| {
+            if *name == section {
+                Ok(RODATA_MARK)
             } else if m.pinning() == PinningType::ByName || name == crate::kernlog::MAP_RING {
                 // (aya-log's ring buffer is pinned by the loader, by path.)
                 let path = maps_dir.join(name);
@@ -123,36 +122,19 @@ impl SkLookupTemplate {
                 let id = map_id(fd.as_fd())
                     .map_err(|e| Error::io("reading the id of pinned map", &path, e))?;
                 keep.push((fd, path, id));
-                raw
+                Ok(raw)
             } else {
-                OTHER_MARK
-            };
-            fds.push((name.clone(), fd));
-        }
-        let text_sections: HashSet<usize> = obj.functions.keys().map(|(s, _)| *s).collect();
-        let by_name: HashMap<String, RawFd> = fds.into_iter().collect();
-        // relocate_maps takes &mut obj: hand it a copy of the map table.
-        let maps_owned: Vec<(String, RawFd, aya_obj::Map)> = obj
-            .maps
-            .iter()
-            .map(|(n, m)| (n.clone(), by_name[n], m.clone()))
-            .collect();
-        obj.relocate_maps(
-            maps_owned.iter().map(|(n, f, m)| (n.as_str(), *f, m)),
-            &text_sections,
-        )
-        .map_err(|e| Error::bpf(what("relocating map references"), e))?;
-        obj.relocate_calls(&text_sections)
-            .map_err(|e| Error::bpf(what("linking functions"), e))?;
-        let prog = obj.programs.get(program).ok_or_else(|| {
-            Error::bpf(
-                what("missing from the kernel object (rebuild with `cargo xtask build-ebpf`)"),
-                io::Error::other("no such program"),
-            )
+                Ok(OTHER_MARK)
+            }
         })?;
-        let (prog_type, attach_type) = match prog.section {
-            ProgramSection::SkLookup => (BPF_PROG_TYPE_SK_LOOKUP, BPF_SK_LOOKUP),
-            ProgramSection::SchedClassifier => (BPF_PROG_TYPE_SCHED_CLS, 0),
+        let Relocated {
+            insns,
+            license,
+            name,
+        } = relocated;
+        let (prog_type, attach_type) = match obj.programs.get(program).map(|p| &p.section) {
+            Some(ProgramSection::SkLookup) => (BPF_PROG_TYPE_SK_LOOKUP, BPF_SK_LOOKUP),
+            Some(ProgramSection::SchedClassifier) => (BPF_PROG_TYPE_SCHED_CLS, 0),
             _ => {
                 return Err(Error::bpf(
                     what("not an sk_lookup or tc program"),
@@ -160,17 +142,7 @@ impl SkLookupTemplate {
                 ))
             }
         };
-        let insns = obj.functions[&prog.function_key()].instructions.clone();
-        let refers = |mark: RawFd| {
-            (0..insns.len())
-                .filter(|&i| {
-                    let s = insns[i].src_reg() as u32;
-                    insns[i].code == LD_IMM64
-                        && (s == BPF_PSEUDO_MAP_FD || s == BPF_PSEUDO_MAP_VALUE)
-                        && insns[i].imm == mark
-                })
-                .collect::<Vec<_>>()
-        };
+        let refers = |mark: RawFd| map_refs(&insns, mark);
         if !refers(OTHER_MARK).is_empty() {
             return Err(Error::bpf(
                 what("it uses a map that is not pinned"),
@@ -178,16 +150,12 @@ impl SkLookupTemplate {
             ));
         }
         let rodata_refs = refers(RODATA_MARK);
-        let mut name = [0u8; 16];
-        for (d, s) in name.iter_mut().zip(program.bytes().take(15)) {
-            *d = s;
-        }
         Ok(SkLookupTemplate {
             insns,
             rodata_refs,
             rodata,
             cookie_offset,
-            license: prog.license.clone(),
+            license,
             name,
             prog_type,
             attach_type,
@@ -227,39 +195,117 @@ impl SkLookupTemplate {
         for &i in &self.rodata_refs {
             insns[i].imm = map.as_raw_fd();
         }
-        let load = |log| {
-            prog_load(
-                (self.prog_type, self.attach_type),
-                &insns,
-                &self.license,
-                &self.name,
-                log,
-            )
+        let kind = ProgKind {
+            prog_type: self.prog_type,
+            attach_type: self.attach_type,
         };
-        match load(None) {
-            Ok(fd) => Ok(fd),
-            Err(e) => {
-                // Again with the verifier's log, for the error message.
-                let mut log = vec![0u8; 1 << 20];
-                let _ = load(Some(&mut log));
-                let end = log.iter().position(|&b| b == 0).unwrap_or(log.len());
-                let text = String::from_utf8_lossy(&log[..end]);
-                let tail: Vec<&str> = text
-                    .lines()
-                    .rev()
-                    .take(20)
-                    .collect::<Vec<_>>()
-                    .into_iter()
-                    .rev()
-                    .collect();
-                Err(io::Error::new(
-                    e.kind(),
-                    format!(
-                        "BPF_PROG_LOAD: {e}; verifier log (tail):\n{}",
-                        tail.join("\n")
-                    ),
-                ))
-            }
+        load_logged(kind, &insns, &self.license, &self.name)
+    }
+}
+
+/// A program's instructions out of the kernel object, linked and with its
+/// map references relocated, plus what BPF_PROG_LOAD needs besides.
+pub(crate) struct Relocated {
+    pub insns: Vec<bpf_insn>,
+    pub license: CString,
+    /// The program's name as the kernel keeps it (15 bytes at most).
+    pub name: [u8; 16],
+}
+
+/// Link `program` of `obj` (bpf-to-bpf calls) and relocate its map
+/// references: `fd_for(map name, map)` gives the fd (or a mark) each map
+/// of the object stands for.
+pub(crate) fn relocate(
+    obj: &mut Object,
+    program: &str,
+    mut fd_for: impl FnMut(&String, &aya_obj::Map) -> Result<RawFd>,
+) -> Result<Relocated> {
+    let what = |s: &str| format!("preparing the {program} program: {s}");
+    let mut by_name: HashMap<String, RawFd> = HashMap::new();
+    for (name, m) in &obj.maps {
+        by_name.insert(name.clone(), fd_for(name, m)?);
+    }
+    let text_sections: HashSet<usize> = obj.functions.keys().map(|(s, _)| *s).collect();
+    // relocate_maps takes &mut obj: hand it a copy of the map table.
+    let maps_owned: Vec<(String, RawFd, aya_obj::Map)> = obj
+        .maps
+        .iter()
+        .map(|(n, m)| (n.clone(), by_name[n], m.clone()))
+        .collect();
+    obj.relocate_maps(
+        maps_owned.iter().map(|(n, f, m)| (n.as_str(), *f, m)),
+        &text_sections,
+    )
+    .map_err(|e| Error::bpf(what("relocating map references"), e))?;
+    obj.relocate_calls(&text_sections)
+        .map_err(|e| Error::bpf(what("linking functions"), e))?;
+    let prog = obj.programs.get(program).ok_or_else(|| {
+        Error::bpf(
+            what("missing from the kernel object (rebuild with `cargo xtask build-ebpf`)"),
+            io::Error::other("no such program"),
+        )
+    })?;
+    let insns = obj.functions[&prog.function_key()].instructions.clone();
+    let mut name = [0u8; 16];
+    for (d, s) in name.iter_mut().zip(program.bytes().take(15)) {
+        *d = s;
+    }
+    Ok(Relocated {
+        insns,
+        license: prog.license.clone(),
+        name,
+    })
+}
+
+/// Indexes of the `ld_imm64` map references of `insns` to `mark`.
+pub(crate) fn map_refs(insns: &[bpf_insn], mark: RawFd) -> Vec<usize> {
+    (0..insns.len())
+        .filter(|&i| {
+            let s = insns[i].src_reg() as u32;
+            insns[i].code == LD_IMM64
+                && (s == BPF_PSEUDO_MAP_FD || s == BPF_PSEUDO_MAP_VALUE)
+                && insns[i].imm == mark
+        })
+        .collect()
+}
+
+/// A program type and the attach type it is loaded for.
+#[derive(Clone, Copy)]
+pub(crate) struct ProgKind {
+    pub prog_type: u32,
+    pub attach_type: u32,
+}
+
+/// BPF_PROG_LOAD; on failure again with the verifier's log, whose tail
+/// goes into the error.
+pub(crate) fn load_logged(
+    kind: ProgKind,
+    insns: &[bpf_insn],
+    license: &CString,
+    name: &[u8; 16],
+) -> io::Result<OwnedFd> {
+    match prog_load(kind, insns, license, name, None) {
+        Ok(fd) => Ok(fd),
+        Err(e) => {
+            let mut log = vec![0u8; 1 << 20];
+            let _ = prog_load(kind, insns, license, name, Some(&mut log));
+            let end = log.iter().position(|&b| b == 0).unwrap_or(log.len());
+            let text = String::from_utf8_lossy(&log[..end]);
+            let tail: Vec<&str> = text
+                .lines()
+                .rev()
+                .take(20)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect();
+            Err(io::Error::new(
+                e.kind(),
+                format!(
+                    "BPF_PROG_LOAD: {e}; verifier log (tail):\n{}",
+                    tail.join("\n")
+                ),
+            ))
         }
     }
 }
@@ -308,7 +354,7 @@ fn obj_get(path: &Path) -> io::Result<OwnedFd> {
     bpf(BPF_OBJ_GET, &mut attr).map(fd)
 }
 
-fn map_create(
+pub(crate) fn map_create(
     map_type: u32,
     key_size: u32,
     value_size: u32,
@@ -325,10 +371,10 @@ fn map_create(
         put(&mut attr, i * 4, &v.to_ne_bytes());
     }
     put(&mut attr, 28, &name[..name.len().min(15)]);
-    bpf(BPF_MAP_CREATE, &mut attr).map(fd)
+    crate::bpf::with_memlock_retry(|| bpf(BPF_MAP_CREATE, &mut attr)).map(fd)
 }
 
-fn map_update(map: BorrowedFd<'_>, key: &[u8], value: &[u8]) -> io::Result<()> {
+pub(crate) fn map_update(map: BorrowedFd<'_>, key: &[u8], value: &[u8]) -> io::Result<()> {
     let mut attr = [0u64; 16];
     // { u32 map_fd; u64 key @8; u64 value @16; u64 flags @24 }
     attr[0] = map.as_raw_fd() as u32 as u64;
@@ -344,7 +390,7 @@ fn map_freeze(map: BorrowedFd<'_>) -> io::Result<()> {
 }
 
 fn prog_load(
-    (prog_type, attach_type): (u32, u32),
+    kind: ProgKind,
     insns: &[bpf_insn],
     license: &CString,
     name: &[u8; 16],
@@ -355,7 +401,7 @@ fn prog_load(
     //   u32 log_level @24; u32 log_size @28; u64 log_buf @32;
     //   u32 kern_version @40; u32 prog_flags @44; char prog_name[16] @48;
     //   u32 prog_ifindex @64; u32 expected_attach_type @68 }
-    put(&mut attr, 0, &prog_type.to_ne_bytes());
+    put(&mut attr, 0, &kind.prog_type.to_ne_bytes());
     put(&mut attr, 4, &(insns.len() as u32).to_ne_bytes());
     attr[1] = insns.as_ptr() as u64;
     attr[2] = license.as_ptr() as u64;
@@ -365,8 +411,8 @@ fn prog_load(
         attr[4] = log.as_mut_ptr() as u64;
     }
     put(&mut attr, 48, name);
-    put(&mut attr, 68, &attach_type.to_ne_bytes());
-    bpf(BPF_PROG_LOAD, &mut attr).map(fd)
+    put(&mut attr, 68, &kind.attach_type.to_ne_bytes());
+    crate::bpf::with_memlock_retry(|| bpf(BPF_PROG_LOAD, &mut attr)).map(fd)
 }
 
 #[cfg(test)]

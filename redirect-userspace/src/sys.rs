@@ -17,7 +17,6 @@ const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
 /// `libc::Ioctl`: the request type differs between glibc and musl.
 const NS_GET_NSTYPE: libc::Ioctl = 0xb703;
-const SO_NETNS_COOKIE: libc::c_int = 71;
 pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf";
 
 fn statfs_type(path: &Path) -> std::io::Result<i64> {
@@ -293,34 +292,13 @@ impl Netns {
         .map_err(|e| Error::io("working inside network namespace", &self.path, e))
     }
 
-    /// The netns cookie the kernel programs key pods by.
+    /// The netns cookie the kernel programs key pods by (see
+    /// `netns_cookie`).
     pub fn cookie(&self) -> Result<u64> {
-        self.run(|| {
-            let s =
-                unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-            if s < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            let mut v: u64 = 0;
-            let mut len = 8 as libc::socklen_t;
-            let r = unsafe {
-                libc::getsockopt(
-                    s,
-                    libc::SOL_SOCKET,
-                    SO_NETNS_COOKIE,
-                    (&mut v as *mut u64).cast(),
-                    &mut len,
-                )
-            };
-            let err = std::io::Error::last_os_error();
-            unsafe { libc::close(s) };
-            if r != 0 {
-                return Err(std::io::Error::other(format!(
-                    "SO_NETNS_COOKIE (kernel 5.14+ needed): {err}"
-                )));
-            }
-            Ok(v)
-        })
+        match self.run(crate::netns_cookie::from_socket_option)? {
+            Some(c) => Ok(c),
+            None => crate::netns_cookie::reported(self.file.as_fd()),
+        }
     }
 
     /// The addresses configured inside the netns, loopback ones excluded.

@@ -43,6 +43,8 @@ pub struct Pod {
     pub topo: Topology,
     pub pin_dir: PathBuf,
     pub children: Vec<ChildGuard>,
+    /// Extra environment of every `redirect` this pod runs.
+    pub env: Vec<(String, String)>,
 }
 
 impl Pod {
@@ -56,7 +58,20 @@ impl Pod {
             topo,
             pin_dir,
             children: Vec::new(),
+            env: Vec::new(),
         }
+    }
+
+    /// A pod whose `redirect` takes the ways for kernels without a feature
+    /// whatever the kernel has (`REDIRECT_FORCE_FALLBACKS`): what Linux
+    /// 5.10 runs, on any kernel.
+    pub fn with_fallbacks(tag: &str) -> Pod {
+        let mut pod = Pod::new(tag);
+        pod.env.push((
+            redirect_userspace::kernel::FORCE_FALLBACKS_ENV.to_string(),
+            "1".to_string(),
+        ));
+        pod
     }
 
     pub fn pod_netns(&self) -> PathBuf {
@@ -69,11 +84,16 @@ impl Pod {
             .arg("--pin-dir")
             .arg(&self.pin_dir)
             .args(args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .output()
             .expect("running redirect")
     }
 
     /// `redirect attach` of the pod netns to the pod cgroup; must succeed.
+    /// The pod has IPv4 and IPv6 addresses, IPv4 first: `--dual-stack` is
+    /// added so that its IPv6 is captured too, unless `flags` say
+    /// otherwise (`--dual-stack=false` leaves it out, as istio-init's
+    /// default).
     pub fn attach(&self, flags: &[&str]) -> Output {
         let ns = self.pod_netns();
         let cg = self.topo.cgroup.path.clone();
@@ -85,6 +105,9 @@ impl Pod {
             cg.to_str().unwrap(),
         ];
         args.extend_from_slice(flags);
+        if !flags.iter().any(|f| f.starts_with("--dual-stack")) {
+            args.push("--dual-stack");
+        }
         let out = self.redirect(&args);
         assert!(
             out.status.success(),
@@ -557,4 +580,52 @@ pub fn accel_bytes_upper(pod: &Pod) -> (u64, u64) {
 /// tools started afterwards (proxy, servers) inherit it.
 pub fn raise_nofile() {
     redirect_testbed::kit::stress::raise_nofile();
+}
+
+/// The programs attached to `cgroup` itself (not its parents): (attach
+/// type name, program id), by `BPF_PROG_QUERY` for every cgroup attach
+/// type, as `bpftool cgroup show` lists them. Asked directly: the
+/// distribution's bpftool lists nothing on some older kernels (5.10).
+pub fn cgroup_attached(cgroup: &std::path::Path) -> Vec<(String, u32)> {
+    use std::os::fd::AsRawFd;
+    const BPF_PROG_QUERY: libc::c_long = 16;
+    let dir = std::fs::File::open(cgroup).unwrap_or_else(|e| panic!("{}: {e}", cgroup.display()));
+    let mut out = Vec::new();
+    // enum bpf_attach_type up to BPF_CGROUP_UNIX_RECVMSG and beyond;
+    // non-cgroup types answer EINVAL and are skipped.
+    for attach_type in 0u32..64 {
+        let mut ids = [0u32; 64];
+        let mut attr = [0u8; 128];
+        // { u32 target_fd; u32 attach_type; u32 query_flags;
+        //   u32 attach_flags; u64 prog_ids; u32 prog_cnt; }
+        attr[0..4].copy_from_slice(&(dir.as_raw_fd() as u32).to_ne_bytes());
+        attr[4..8].copy_from_slice(&attach_type.to_ne_bytes());
+        attr[16..24].copy_from_slice(&(ids.as_mut_ptr() as u64).to_ne_bytes());
+        attr[24..28].copy_from_slice(&(ids.len() as u32).to_ne_bytes());
+        let r =
+            unsafe { libc::syscall(libc::SYS_bpf, BPF_PROG_QUERY, attr.as_mut_ptr(), attr.len()) };
+        if r != 0 {
+            continue;
+        }
+        let n = u32::from_ne_bytes(attr[24..28].try_into().unwrap()) as usize;
+        let name = match attach_type {
+            2 => "sock_create".to_string(),
+            3 => "sock_ops".to_string(),
+            10 => "connect4".to_string(),
+            11 => "connect6".to_string(),
+            14 => "sendmsg4".to_string(),
+            15 => "sendmsg6".to_string(),
+            19 => "recvmsg4".to_string(),
+            20 => "recvmsg6".to_string(),
+            21 => "getsockopt".to_string(),
+            29 => "getpeername4".to_string(),
+            30 => "getpeername6".to_string(),
+            34 => "sock_release".to_string(),
+            t => format!("attach type {t}"),
+        };
+        for id in &ids[..n.min(ids.len())] {
+            out.push((name.clone(), *id));
+        }
+    }
+    out
 }

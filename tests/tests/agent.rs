@@ -116,7 +116,14 @@ fn cni_add_captures_and_del_releases() {
     assert!(s.pod.app_client(&upstream()).ok);
     assert!(s.proxied().is_empty());
 
-    let add = s.cni("ADD", "ctr-1", SELECT, json!({}));
+    // The pod has IPv4 and IPv6 addresses, IPv4 first: --dual-stack for
+    // its IPv6 to be captured too.
+    let add = s.cni(
+        "ADD",
+        "ctr-1",
+        SELECT,
+        json!({"capture": {"dual-stack": true}}),
+    );
     assert_eq!(add.code, 0, "{add:?}\n{}", s.daemon().log_text());
     assert_eq!(
         add.json(),
@@ -147,7 +154,7 @@ fn cni_add_captures_and_del_releases() {
         (Some("shop/cart"), Some("ctr-1"))
     );
     assert_eq!(pods[0]["netns"], s.netns());
-    assert_eq!(pods[0]["istio_iptables_args"], "-p 15001 -z 15006 -e 15008 -u '1337' -g '1337' -m REDIRECT -i '*' -x '' -q '' -o '' -b '*' -d '15020,15021,15090'");
+    assert_eq!(pods[0]["istio_iptables_args"], "-p 15001 -z 15006 -e 15008 -u '1337' -g '1337' -m REDIRECT -i '*' -x '' -q '' -o '' -b '*' -d '15020,15021,15090' --dual-stack");
 
     // Metrics: the decision counters per pod, attach counts, map usage.
     let (code, m) =
@@ -244,9 +251,11 @@ fn cni_capture_config_reaches_the_pod() {
     assert!(s.pod.app_client(&upstream()).ok);
     assert!(s.proxied().is_empty());
     assert_eq!(s.pod.counter("OUTPUT", "skip_excluded_cidr"), 1);
-    // v6 is still captured.
+    // v6 is not captured: the pod's first address is IPv4 and the config
+    // has no dual-stack (istio-iptables would write no ip6tables rules).
     assert!(s.pod.app_client(&format!("[{UPSTREAM_V6}]:8080")).ok);
-    assert_eq!(s.proxied().len(), 1);
+    assert!(s.proxied().is_empty());
+    assert_eq!(s.pod.counter("OUTPUT", "skip_ipv6_not_captured"), 1);
     // captureAll without the CNI_ARGS key selects too; REDIRECT_CAPTURE=false opts out.
     assert_eq!(
         s.cni("DEL", "ctr-cfg", "K8S_POD_NAME=cart", json!({})).code,

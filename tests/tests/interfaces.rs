@@ -269,7 +269,7 @@ fn interface_names_show_in_status_and_stats() {
         p["istio_iptables_args"]
             .as_str()
             .unwrap()
-            .ends_with("-c 'net1,eth9' -k 'vm+'"),
+            .ends_with("-c 'net1,eth9' -k 'vm+' --dual-stack"),
         "{p}"
     );
     let ifaces: Vec<String> = serde_json::from_value(p["interfaces"].clone()).unwrap();

@@ -453,7 +453,7 @@ fn agent_sigkill_and_upgrade_under_traffic_lose_nothing() {
         std::fs::read_dir(cg[0].as_ref().unwrap().path())
             .unwrap()
             .count(),
-        redirect_userspace::attach::CGROUP_PROGRAMS.len()
+        st["kernel"]["cgroup_programs"].as_array().unwrap().len()
     );
     eventually("socket-tracking maps back to zero", || {
         map_usage(&c.pods[0], "REDIRECT_ORIG_BY_COOKIE") == 0

@@ -250,9 +250,9 @@ fn chain_lists_one_chain_by_our_name_or_the_iptables_one() {
     };
     let all = ok_json(&pod, &[]);
     for (names, chain, n) in [
-        (["OUTPUT", "istio_output"], "OUTPUT", 15),
-        (["PREROUTING", "ISTIO_INBOUND"], "PREROUTING", 7),
-        (["VM", "vm"], "VM", 3),
+        (["OUTPUT", "istio_output"], "OUTPUT", 16),
+        (["PREROUTING", "ISTIO_INBOUND"], "PREROUTING", 8),
+        (["VM", "vm"], "VM", 4),
         (["DNS", "istio_output_dns"], "DNS", 4),
         (["ORIGINAL_DST", "original_dst"], "ORIGINAL_DST", 4),
     ] {

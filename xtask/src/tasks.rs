@@ -59,11 +59,17 @@ pub fn build_ebpf(toolchain: &Toolchain, debug: bool) -> Result<PathBuf> {
             "--config",
             "profile.release.package.\"*\".debug=2",
         ])
-        // `redirect_log_decision` stays a global function: the kernel
-        // verifies it once, not on every path that calls it (log.rs).
+        // --disable-expand-memcpy-in-order: LLVM expands every constant
+        // memset/memcpy into stores instead of calling compiler_builtins'.
+        // A called function is a stack frame of its own, and Linux 5.10's
+        // verifier rounds each frame up to 32 bytes: the IPv6 connect and
+        // sendmsg programs, which use nearly all of the 512 bytes, would
+        // exceed it there (tests/tests/kernel_features.rs checks).
+        // --export: `redirect_log_decision` stays a global function: the
+        // kernel verifies it once, not on every path that calls it (log.rs).
         .env(
             "CARGO_TARGET_BPFEL_UNKNOWN_NONE_RUSTFLAGS",
-            "-C link-arg=--btf -C link-arg=--export=redirect_log_decision",
+            "-C link-arg=--btf -C link-arg=--disable-expand-memcpy-in-order -C link-arg=--export=redirect_log_decision",
         )
         .arg("--target-dir")
         .arg(&target_dir);

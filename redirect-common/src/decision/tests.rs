@@ -276,9 +276,18 @@ fn observed_out(cfg: &PodConfig, m: &Maps, c: Outbound) -> Vec<(Step, Option<Ver
 }
 
 fn observed_in(cfg: &PodConfig, m: &Maps, port: u16) -> Vec<(Step, Option<Verdict>)> {
+    observed_in_family(cfg, m, crate::AF_INET, port)
+}
+
+fn observed_in_family(
+    cfg: &PodConfig,
+    m: &Maps,
+    family: u16,
+    port: u16,
+) -> Vec<(Step, Option<Verdict>)> {
     let mut o = Steps::default();
-    let v = inbound_verdict_observed(cfg, port, m, &mut o);
-    assert_eq!(v, inbound_verdict(cfg, port, m));
+    let v = inbound_verdict_observed(cfg, family, port, m, &mut o);
+    assert_eq!(v, inbound_verdict(cfg, family, port, m));
     assert_consistent(&o.0, v);
     o.0
 }
@@ -496,27 +505,27 @@ fn several_uids_follow_istio_rule_order() {
 fn inbound_star_excludes_listed_and_tunnel() {
     let (cfg, m) = (istio_cfg(), pod_maps());
     assert_eq!(
-        inbound_verdict(&cfg, 8080, &m),
+        inbound_verdict(&cfg, crate::AF_INET, 8080, &m),
         Verdict::ToInbound(Reason::InCaptured)
     );
     assert_eq!(
-        inbound_verdict(&cfg, 15021, &m),
+        inbound_verdict(&cfg, crate::AF_INET, 15021, &m),
         Verdict::Untouched(Reason::InExcludedPort)
     );
     assert_eq!(
-        inbound_verdict(&cfg, 15008, &m),
+        inbound_verdict(&cfg, crate::AF_INET, 15008, &m),
         Verdict::Untouched(Reason::InTunnelPort)
     );
     // ssh is captured like any port (istio-iptables since Istio 1.13),
     // unless -d names it.
     assert_eq!(
-        inbound_verdict(&cfg, 22, &m),
+        inbound_verdict(&cfg, crate::AF_INET, 22, &m),
         Verdict::ToInbound(Reason::InCaptured)
     );
     let mut m = m;
     m.ports.push((port_kind::IN_EXCLUDE, 22));
     assert_eq!(
-        inbound_verdict(&cfg, 22, &m),
+        inbound_verdict(&cfg, crate::AF_INET, 22, &m),
         Verdict::Untouched(Reason::InExcludedPort)
     );
 }
@@ -527,22 +536,22 @@ fn inbound_list_and_empty() {
     cfg.flags = flags::IN_CAPTURE_LISTED;
     m.ports.push((port_kind::IN_INCLUDE, 80));
     assert_eq!(
-        inbound_verdict(&cfg, 80, &m),
+        inbound_verdict(&cfg, crate::AF_INET, 80, &m),
         Verdict::ToInbound(Reason::InCaptured)
     );
     assert_eq!(
-        inbound_verdict(&cfg, 81, &m),
+        inbound_verdict(&cfg, crate::AF_INET, 81, &m),
         Verdict::Untouched(Reason::InNotIncluded)
     );
     // A list that names 22 captures it.
     m.ports.push((port_kind::IN_INCLUDE, 22));
     assert_eq!(
-        inbound_verdict(&cfg, 22, &m),
+        inbound_verdict(&cfg, crate::AF_INET, 22, &m),
         Verdict::ToInbound(Reason::InCaptured)
     );
     cfg.flags = 0;
     assert_eq!(
-        inbound_verdict(&cfg, 80, &m),
+        inbound_verdict(&cfg, crate::AF_INET, 80, &m),
         Verdict::Untouched(Reason::InNotIncluded)
     );
 }
@@ -1254,4 +1263,95 @@ fn no_observer_changes_no_verdict() {
             }
         }
     }
+}
+
+#[test]
+fn ipv6_off_leaves_every_ipv6_connection_alone_first() {
+    let (mut cfg, m) = dns_pod();
+    cfg.flags |= flags::IPV6_OFF;
+    // Outbound: any IPv6 destination, any owner, protocol or port, even
+    // one that a rule ahead (-o, the proxy's own, DNS) would decide.
+    for dst in ["fd00:2::9", "fd00::5", "::1", "::6", "::", "fd00:96::10"] {
+        for port in [53, 80, 15008] {
+            for (uid, gid) in [(1000, 1000), (1337, 1337)] {
+                for c in [conn(dst, port, uid, gid), udp(dst, port, uid, gid)] {
+                    assert_eq!(
+                        out(&cfg, &m, c),
+                        Verdict::Untouched(Reason::OutIpv6NotCaptured),
+                        "{dst}:{port} uid {uid}"
+                    );
+                    assert_eq!(
+                        observed_out(&cfg, &m, c),
+                        [(
+                            Step::Ipv6 { off: true },
+                            Some(Verdict::Untouched(Reason::OutIpv6NotCaptured))
+                        )]
+                    );
+                }
+            }
+        }
+    }
+    // IPv4 (a v4-mapped destination too: the hooks fold it to IPv4
+    // before deciding) is decided as before, without the IPv6 step.
+    let on = dns_pod().0;
+    for c in [
+        conn("10.2.0.9", 80, 1000, 1000),
+        udp("10.96.0.10", 53, 1000, 1000),
+    ] {
+        assert!(!matches!(out(&cfg, &m, c), Verdict::Untouched(_)));
+        assert_eq!(out(&cfg, &m, c), out(&on, &m, c));
+        assert!(!kinds(&observed_out(&cfg, &m, c))
+            .iter()
+            .any(|s| matches!(s, Step::Ipv6 { .. })));
+    }
+    // Inbound: IPv6 first, ahead of the tunnel port; IPv4 as before.
+    for port in [8080, 15008, 15021] {
+        assert_eq!(
+            inbound_verdict(&cfg, crate::AF_INET6, port, &m),
+            Verdict::Untouched(Reason::InIpv6NotCaptured)
+        );
+        assert_eq!(
+            observed_in_family(&cfg, &m, crate::AF_INET6, port).len(),
+            1,
+            "{port}"
+        );
+        assert_eq!(
+            inbound_verdict(&cfg, crate::AF_INET, port, &m),
+            inbound_verdict(&on, crate::AF_INET, port, &m)
+        );
+    }
+    // A VM's IPv6 connection: no rule either.
+    let d6 = bytes("fd00:2::9".parse().unwrap());
+    assert_eq!(
+        virt_verdict(&cfg, crate::AF_INET6, &d6, &m),
+        Verdict::Untouched(Reason::InVirtIpv6NotCaptured)
+    );
+    assert_eq!(
+        virt_verdict(&on, crate::AF_INET6, &d6, &m),
+        Verdict::ToOutbound(Reason::InVirtCaptured)
+    );
+}
+
+#[test]
+fn ipv6_on_tells_the_ipv6_step_and_decides_as_before() {
+    let (cfg, m) = dns_pod();
+    let c = conn("fd00:2::9", 80, 1000, 1000);
+    assert_eq!(out(&cfg, &m, c), Verdict::ToOutbound(Reason::OutCaptured));
+    assert_eq!(
+        observed_out(&cfg, &m, c).first().unwrap(),
+        &(Step::Ipv6 { off: false }, None)
+    );
+    let steps = observed_in_family(&cfg, &m, crate::AF_INET6, 8080);
+    assert_eq!(steps.first().unwrap(), &(Step::Ipv6 { off: false }, None));
+    assert_eq!(
+        steps.last().unwrap().1,
+        Some(Verdict::ToInbound(Reason::InCaptured))
+    );
+    // The flag bit alone decides: DUAL_STACK is display only.
+    let mut dual = cfg;
+    dual.flags |= flags::DUAL_STACK;
+    assert_eq!(out(&dual, &m, c), Verdict::ToOutbound(Reason::OutCaptured));
+    assert!(!ipv6_off(&dual, crate::AF_INET6));
+    dual.flags |= flags::IPV6_OFF;
+    assert!(ipv6_off(&dual, crate::AF_INET6) && !ipv6_off(&dual, crate::AF_INET));
 }

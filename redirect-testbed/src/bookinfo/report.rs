@@ -270,7 +270,11 @@ mod tests {
         ]
         .into_iter()
         .collect();
-        let spec = PodSpec::istio_default();
+        // The demo's pods have IPv4 only: their IPv6 is not captured.
+        let spec = PodSpec {
+            ipv6_off: true,
+            ..PodSpec::istio_default()
+        };
         let baselines: BTreeMap<Reason, Baseline> = rows(&spec, &BTreeMap::new(), &BTreeMap::new())
             .iter()
             .map(|r| {

@@ -13,11 +13,7 @@ use std::{
     net::{IpAddr, SocketAddr},
 };
 
-use super::{
-    known::{Fallback, Feature, OPTIONAL},
-    net::Proto,
-    topo,
-};
+use super::{known::Feature, net::Proto, topo};
 
 /// splitmix64: small, fast, and the same on every machine.
 #[derive(Clone, Debug)]
@@ -125,7 +121,7 @@ pub struct Config {
     /// them: [`Feature::EnvForms`]).
     pub env: Vec<(String, String)>,
     /// Arguments for the reference only: knobs whose effect redirect has
-    /// without taking the flag ([`Fallback::ReferenceOnly`]).
+    /// without taking the flag ([`super::known::Fallback::ReferenceOnly`]).
     pub reference_only: Vec<String>,
     /// redirect's own flags (acceleration), not istio-iptables'.
     pub redirect_only: Vec<String>,
@@ -639,16 +635,10 @@ impl Generator {
                 format!("--{}", N.long)
             });
         }
+        // Both sides get it: without it, a pod whose first address is
+        // IPv4 has its IPv6 left alone by both.
         k.dual_stack = r.rng.chance(85);
-        let taken = k.dual_stack && r.takes(Feature::DualStackFlag);
-        r.switch_if(taken, "dual-stack", Some("ISTIO_DUAL_STACK"));
-        if k.dual_stack && !taken {
-            let o = OPTIONAL
-                .iter()
-                .find(|o| o.feature == Feature::DualStackFlag);
-            debug_assert_eq!(o.map(|o| o.fallback), Some(Fallback::ReferenceOnly));
-            r.c.reference_only.push("--dual-stack".into());
-        }
+        r.switch_if(k.dual_stack, "dual-stack", Some("ISTIO_DUAL_STACK"));
         // DNS capture, with the pod's nameservers.
         let dns = r.rng.chance(25);
         let all = r.rng.chance(40);
@@ -964,10 +954,7 @@ mod tests {
                         .args
                         .iter()
                         .any(|a| a.starts_with("--istio-outbound-ports")));
-                    assert!(!c
-                        .args
-                        .iter()
-                        .any(|a| a.contains("dns") || a.contains("dual")));
+                    assert!(!c.args.iter().any(|a| a.contains("dns")));
                 }
                 for conn in g.conns(&c, 4) {
                     let p = conn.dst.port();

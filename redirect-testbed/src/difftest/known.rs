@@ -9,19 +9,11 @@
 //!   it; an entry that covers cases of a run, none of which differ any
 //!   more, is a failure too (it is no longer needed: remove it).
 
-use std::net::SocketAddr;
-
-use super::{
-    gen::{Config, Conn, Ids, Origin, APP},
-    net::Proto,
-    topo::UP_V6,
-};
+use super::gen::{Config, Conn};
 
 /// An optional knob of istio-iptables' (or a way of writing one).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Feature {
-    /// `--dual-stack` / `ISTIO_DUAL_STACK`.
-    DualStackFlag,
     /// `--redirect-dns` / `ISTIO_META_DNS_CAPTURE`, with the pod's
     /// nameservers.
     RedirectDns,
@@ -81,12 +73,6 @@ pub struct Optional {
 /// capture, owner groups, the loopback range, `-c` and `-k` are taken now;
 /// the notes say what a run does while one is not).
 pub const OPTIONAL: &[Optional] = &[
-    Optional {
-        feature: Feature::DualStackFlag,
-        probe: Probe::Args(&["--dual-stack"]),
-        fallback: Fallback::ReferenceOnly,
-        note: "--dual-stack not taken by redirect (which captures both families anyway): given to the reference only",
-    },
     Optional {
         feature: Feature::RedirectDns,
         probe: Probe::Args(&["--redirect-dns"]),
@@ -157,32 +143,10 @@ pub struct Known {
     pub example: fn() -> (Config, Conn),
 }
 
-fn app(port: u16, dst: &str, proto: Proto) -> Conn {
-    Conn {
-        origin: Origin::Pod(Ids {
-            uid: APP,
-            gid: APP,
-            groups: vec![],
-        }),
-        proto,
-        dst: SocketAddr::new(dst.parse().expect("a literal address"), port),
-        bind: None,
-        kind: "known difference",
-    }
-}
-
-/// The known differences.
-pub const KNOWN: &[Known] = &[
-    Known {
-        id: "ipv6-without-dual-stack",
-        why: "without --dual-stack / ISTIO_DUAL_STACK, istio-iptables on a pod whose first address is IPv4 writes no ip6tables rules (IPv6 goes out uncaptured); redirect captures IPv6 anyway (deliberate, docs/design.md \"Differences from iptables\"; reported to the lead: such a pod's proxy must listen on IPv6)",
-        covers: |cfg, c| !cfg.knobs.dual_stack && c.dst.ip().to_canonical().is_ipv6(),
-        example: || {
-            let cfg = Config::fixed(&["-i", "*"], &[]);
-            (cfg, app(80, UP_V6[0], Proto::Tcp))
-        },
-    },
-];
+/// The known differences: none now. (IPv6 in a pod whose first address
+/// is IPv4, without `--dual-stack`, was one until redirect gated IPv6
+/// capture as istio-iptables does.)
+pub const KNOWN: &[Known] = &[];
 
 #[cfg(test)]
 mod tests {

@@ -159,6 +159,9 @@ struct Comparable {
     dns: String,
     owner_groups: String,
     loopback: String,
+    /// `--dual-stack` (whether IPv6 is then captured is the pod's
+    /// addresses' to say, at capture).
+    dual_stack: bool,
     /// Settings not supported yet (never in the kernel): a change that
     /// asks for one is applied, and so refused and logged, not skipped.
     unsupported: Vec<String>,
@@ -216,6 +219,7 @@ fn comparable(s: &PodSpec) -> Comparable {
             )
         },
         loopback: s.ipv4_loopback_cidr.to_string(),
+        dual_stack: s.dual_stack,
         unsupported: s.unsupported().iter().map(|(d, _)| d.name()).collect(),
     }
 }

@@ -340,7 +340,7 @@ impl Agent {
                 tracing::warn!(error = %format!("{e:#}"), "pod captured but not recorded (a DEL after its netns is gone will not find it; the next agent start releases it)");
             }
             let elapsed_ms = t0.elapsed().as_secs_f64() * 1000.0;
-            tracing::info!(cookie = info.cookie, addresses = ?info.addresses, config = %spec.istio_args(), dns_capture = %spec.dns_capture().describe(), elapsed_ms, "captured pod");
+            tracing::info!(cookie = info.cookie, addresses = ?info.addresses, config = %spec.istio_args(), dns_capture = %spec.dns_capture().describe(), ipv6 = %info.ipv6.describe(), elapsed_ms, "captured pod");
             if spec.dns_capture() == crate::config::DnsCapture::AllUnknownNameservers {
                 tracing::warn!(
                     cookie = info.cookie,

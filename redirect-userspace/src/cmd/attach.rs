@@ -435,7 +435,7 @@ fn capture(
     if json {
         println!(
             "{}",
-            serde_json::json!({"pod": info, "cgroup": cgroup, "cgroup_from": from, "cgroup_newly_attached": newly, "moved_from_cgroup": moved_from.map(|m| &m.path), "outside_cgroup": outside, "config": spec, "dns_capture": spec.dns_capture().describe(), "notes": notes})
+            serde_json::json!({"pod": info, "cgroup": cgroup, "cgroup_from": from, "cgroup_newly_attached": newly, "moved_from_cgroup": moved_from.map(|m| &m.path), "outside_cgroup": outside, "config": spec, "dns_capture": spec.dns_capture().describe(), "ipv6": info.ipv6.describe(), "notes": notes})
         );
     } else {
         println!(
@@ -461,6 +461,7 @@ fn capture(
                 .collect::<Vec<_>>()
                 .join(", ")
         );
+        println!("  IPv6: {}", info.ipv6.describe());
         println!(
             "  cgroup {} {} ({from}{})",
             cgroup.display(),

@@ -401,11 +401,14 @@ pub fn run(pin_dir: &Path, a: Args) -> Result<()> {
             .find(|a| *a != "::6".parse::<IpAddr>().unwrap())
     };
     let (pod_v4, pod_v6) = (addr_of(cidr_kind::LOCAL_V4), addr_of(cidr_kind::LOCAL_V6));
+    // IPv6 only where it is captured (as istio-iptables validates only
+    // the families it wrote rules for).
+    let test_v6 = pod_v6.is_some() && !cfg.has(redirect_common::flags::IPV6_OFF);
     let mut families = Vec::new();
-    if pod_v4.is_some() || pod_v6.is_none() {
+    if pod_v4.is_some() || !test_v6 {
         families.push(false);
     }
-    if pod_v6.is_some() {
+    if test_v6 {
         families.push(true);
     }
     let uid = if cfg.uid_count > 0 { cfg.uids[0] } else { 1337 };
@@ -591,7 +594,12 @@ fn inbound_test_port(cfg: &PodConfig, ports: &[(u16, u16)]) -> Option<u16> {
         }
     }
     let l = Ports(ports);
-    let captured = |p: &u16| matches!(inbound_verdict(cfg, *p, &l), Verdict::ToInbound(_));
+    let captured = |p: &u16| {
+        matches!(
+            inbound_verdict(cfg, redirect_common::AF_INET, *p, &l),
+            Verdict::ToInbound(_)
+        )
+    };
     if let Some(p) = [80, 8080, 9080].into_iter().find(captured) {
         return Some(p);
     }

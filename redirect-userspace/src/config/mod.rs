@@ -179,6 +179,12 @@ pub struct PodSpec {
     /// `ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR`: the range rules (2), (5) and (8)
     /// treat as the host loopback (127.0.0.1/32).
     pub ipv4_loopback_cidr: Cidr,
+    /// `--dual-stack` / `ISTIO_DUAL_STACK`: IPv6 is captured whenever the
+    /// pod has an IPv6 address, not only when its first address is IPv6.
+    pub dual_stack: bool,
+    /// IPv6 not captured for this pod (decided by `register_pod` from the
+    /// pod's addresses, [`crate::ipv6::decide`]; false until then).
+    pub ipv6_off: bool,
 }
 
 /// What DNS capture does for a pod ([`PodSpec::dns_capture`]).
@@ -353,6 +359,8 @@ impl PodSpec {
             dns_servers: None,
             outbound_owner_groups: OwnerGroups::All,
             ipv4_loopback_cidr: Cidr::default_loopback(),
+            dual_stack: false,
+            ipv6_off: false,
         }
     }
 
@@ -403,6 +411,12 @@ impl PodSpec {
         }
         if self.ipv4_loopback_cidr != Cidr::default_loopback() {
             f |= flags::LOOPBACK_CIDR;
+        }
+        if self.dual_stack {
+            f |= flags::DUAL_STACK;
+        }
+        if self.ipv6_off {
+            f |= flags::IPV6_OFF;
         }
         let mut uids = [0; MAX_IDS];
         let mut gids = [0; MAX_IDS];
@@ -593,6 +607,8 @@ impl PodSpec {
             dns_servers,
             outbound_owner_groups,
             ipv4_loopback_cidr,
+            dual_stack: cfg.has(flags::DUAL_STACK),
+            ipv6_off: cfg.has(flags::IPV6_OFF),
             ..PodSpec::blank()
         }
     }
@@ -908,6 +924,31 @@ mod tests {
                 assert_eq!((back.accel, back.accel_mode), (on, mode));
             }
         }
+    }
+
+    #[test]
+    fn dual_stack_and_ipv6_off_survive_the_kernel_map() {
+        let mut c = CaptureFlags::defaults();
+        c.set(Flag::DualStack, "true");
+        let mut s = c.to_spec().unwrap();
+        assert!(s.dual_stack && !s.ipv6_off);
+        assert!(
+            s.istio_args().ends_with("--dual-stack"),
+            "{}",
+            s.istio_args()
+        );
+        for off in [false, true] {
+            s.ipv6_off = off;
+            let cfg = s.pod_config(1);
+            assert!(cfg.has(flags::DUAL_STACK));
+            assert_eq!(cfg.has(flags::IPV6_OFF), off);
+            let back = PodSpec::from_kernel(&cfg, &s.port_entries(), &s.cidr_entries(&[]));
+            assert_eq!(back, s);
+        }
+        // Not given: not shown, no bit.
+        let d = CaptureFlags::defaults().to_spec().unwrap();
+        assert!(!d.istio_args().contains("dual-stack"));
+        assert!(!d.pod_config(1).has(flags::DUAL_STACK));
     }
 
     #[test]

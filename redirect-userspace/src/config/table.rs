@@ -921,14 +921,17 @@ pub static TABLE: [FlagDef; 49] = [
         default: "false",
         injected: None,
         annotations: &[],
-        pod_note: "",
+        pod_note: "the agent: ISTIO_DUAL_STACK in the istio-proxy container's env (the mesh's proxyMetadata), else in the pod's proxy.istio.io/config proxyMetadata",
         kind: Kind::Bool,
         origin: Origin::IstioIptables,
         scope: Scope::Pod,
-        target: Target::Check(is_bool),
-        show: Show::Never,
-        status: Status::NoOp("IPv4 and IPv6 are always both captured (the hooks see both families)"),
-        help: "Capture IPv4 and IPv6.",
+        target: Target::Spec(|s, v| {
+            s.dual_stack = parse::bool(v)?;
+            Ok(())
+        }),
+        show: Show::IfSet(|s| flag_if(s.dual_stack)),
+        status: Status::Works,
+        help: "Capture IPv6 whenever the pod has an IPv6 address. Without it, as istio-iptables, IPv6 is captured only when the pod's first address is IPv6 (the kernel lists IPv4 addresses first; loopback and link-local ones do not count): a pod with both families then has only its IPv4 connections captured.",
     },
     FlagDef {
         flag: Flag::Accel,

@@ -77,11 +77,24 @@ fn ids(v: &[u32], what: &str) -> String {
     }
 }
 
+/// The IPv6 rows: no ip6tables rules when the pod's IPv6 is not captured.
+fn ipv6(s: &PodSpec) -> String {
+    if s.ipv6_off {
+        "ip6 (no ip6tables rules: IPv6 not captured)".into()
+    } else {
+        "(none: IPv6 captured)".into()
+    }
+}
+
 /// The configured match of `r` in a pod configured as `s` ("" for rows no
 /// flag configures: original destination, acceleration, errors, and the
 /// "nothing matched" ends of the chains).
 pub fn rule_match(r: Reason, s: &PodSpec) -> String {
     match r {
+        // No ip6tables rules at all: every IPv6 row.
+        Reason::OutIpv6NotCaptured | Reason::InIpv6NotCaptured | Reason::InVirtIpv6NotCaptured => {
+            ipv6(s)
+        }
         // OUTPUT (ISTIO_OUTPUT), in rule order.
         Reason::OutExcludedInterface => ifaces("out", &s.exclude_interfaces),
         Reason::OutExcludedPort => dports(&s.exclude_outbound_ports),

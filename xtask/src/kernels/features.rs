@@ -37,6 +37,11 @@ pub enum Kind {
     Map {
         map_type: String,
     },
+    /// A context field newer than its program type.
+    Field {
+        field: String,
+        prog_type: String,
+    },
 }
 
 impl Kind {
@@ -48,6 +53,7 @@ impl Kind {
             Kind::Program { prog_type, attach } => format!("program type {prog_type} ({attach})"),
             Kind::Helper { helper, prog_type } => format!("{helper} in {prog_type} programs"),
             Kind::Map { map_type } => format!("map type {map_type}"),
+            Kind::Field { field, prog_type } => format!("{field} in {prog_type} programs"),
         }
     }
 }
@@ -111,6 +117,10 @@ pub fn parse(doc: &str) -> Result<(Vec<String>, Vec<Feature>)> {
             ("map", [m]) => Kind::Map {
                 map_type: m.to_string(),
             },
+            ("field", [f, "in", t]) => Kind::Field {
+                field: f.to_string(),
+                prog_type: t.to_string(),
+            },
             _ => bail!(
                 "row {line:?}: cannot read kind {:?} / feature {:?}",
                 c[0],
@@ -148,7 +158,9 @@ pub fn read(workspace: &Path) -> Result<(Vec<String>, Vec<Feature>)> {
 /// Disagreements between the table and a kernel's `bpftool feature probe
 /// kernel -j` output, one message each. Attach points are not probed by
 /// bpftool: their rows only require the program type where the table
-/// says the kernel has them.
+/// says the kernel has them. Context fields are not probed either: the
+/// verifier checks them when the programs load (the guests' attach and
+/// tests).
 pub fn check(rows: &[Feature], release: &str, probe: &Value) -> Vec<String> {
     let Some(have_version) = version(release) else {
         return vec![format!(
@@ -159,6 +171,7 @@ pub fn check(rows: &[Feature], release: &str, probe: &Value) -> Vec<String> {
     for row in rows {
         let claimed = have_version >= row.first;
         let present = match &row.kind {
+            Kind::Field { .. } => continue,
             Kind::Program { prog_type, .. } => {
                 probe["program_types"][format!("have_{prog_type}_prog_type")].as_bool()
             }
@@ -206,6 +219,7 @@ mod tests {
 | program | `sock_ops` | `redirect_sockops` | 4.13 | yes | yes |
 | helper | `bpf_get_netns_cookie` in `sock_ops` | `redirect_sockops` | 5.15 | **no** | yes |
 | map | `sk_storage` | `X` | 5.2 | yes | yes |
+| field | `ingress_ifindex` in `sk_lookup` | `Y` | 5.17 | **no** | yes |
 <!-- kernel-features:end -->
 ";
 
@@ -213,7 +227,14 @@ mod tests {
     fn parses_the_table() {
         let (kernels, rows) = parse(DOC_TABLE).unwrap();
         assert_eq!(kernels, ["5.10", "6.1"]);
-        assert_eq!(rows.len(), 4);
+        assert_eq!(rows.len(), 5);
+        assert_eq!(
+            rows[4].kind,
+            Kind::Field {
+                field: "ingress_ifindex".into(),
+                prog_type: "sk_lookup".into()
+            }
+        );
         assert_eq!(
             rows[0].kind,
             Kind::Program {

@@ -56,10 +56,7 @@ pub const KERNELS: &[Kernel] = &[
     Kernel {
         name: "5.10",
         from: "Debian 11 bullseye (-security)",
-        known_gap: Some(
-            "the eBPF programs call bpf_get_netns_cookie in cgroup/getsockopt, sockops and \
-             sk_msg programs, which 5.10 does not allow (docs/kernels.md, \"Linux 5.10\")",
-        ),
+        known_gap: None,
     },
     Kernel {
         name: "6.1",

@@ -86,6 +86,9 @@ pub fn command(plan: &BootPlan) -> Command {
         .args(["-m", plan.memory, "--cpus", &plan.cpus.to_string()])
         .arg("--rwdir")
         .arg(plan.rwdir)
+        // Tests write /etc/netns/<name>/resolv.conf (what `ip netns exec`
+        // shows a namespace): a writable /etc, in the guest's memory.
+        .args(["--overlay-rwdir", "/etc"])
         .arg("--exec")
         .arg(plan.script);
     vng
