@@ -45,11 +45,7 @@ pub const SK_LOOKUP_PROGRAM: &str = "redirect_sk_lookup";
 pub const VM_INGRESS_PROGRAM: &str = "redirect_vm_ingress";
 pub const VM_EGRESS_PROGRAM: &str = "redirect_vm_egress";
 pub const SK_MSG_PROGRAM: &str = "redirect_sk_msg";
-/// Attached to each cgroup besides [`CGROUP_PROGRAMS`] where the kernel
-/// lacks `bpf_get_netns_cookie` in getsockopt, sockops and sk_msg programs
-/// (before 5.15): it stores the netns cookie on the pods' sockets, for the
-/// `_stored` builds of those three (`kernel::NETNS_COOKIE_IN_HOOKS`).
-pub const SOCK_CREATE_PROGRAM: &str = "redirect_sock_create";
+pub use crate::pins::SOCK_CREATE_PROGRAM;
 /// The sk_lookup build for kernels without `bpf_sk_lookup.ingress_ifindex`
 /// (before 5.17; `kernel::SK_LOOKUP_INGRESS_IFINDEX`).
 pub const SK_LOOKUP_ADDR_PROGRAM: &str = "redirect_sk_lookup_addr";
@@ -928,7 +924,7 @@ pub fn detach_cgroup(pins: &Pins, cgroup: &Path) -> Result<Vec<PathBuf>> {
 pub fn detach_cgroup_id(pins: &Pins, id: u64) -> Result<Vec<PathBuf>> {
     let dir = pins.cgroup_dir(id);
     let mut removed = Vec::new();
-    for name in CGROUP_PROGRAMS {
+    for name in crate::pins::cgroup_link_names() {
         let link = dir.join(name);
         if unpin_link(&link)? {
             removed.push(link);

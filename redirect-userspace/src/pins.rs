@@ -41,6 +41,18 @@ pub const CGROUP_PROGRAMS: [&str; 11] = [
     "redirect_recvmsg6",
 ];
 
+/// Attached to each cgroup besides [`CGROUP_PROGRAMS`] where the kernel
+/// lacks `bpf_get_netns_cookie` in getsockopt, sockops and sk_msg programs
+/// (before 5.15): it stores the netns cookie on the pods' sockets, for the
+/// `_stored` builds of those three (`kernel::NETNS_COOKIE_IN_HOOKS`).
+pub const SOCK_CREATE_PROGRAM: &str = "redirect_sock_create";
+
+/// Every link pin name a `cgroups/<cgroup-id>/` directory may hold, on any
+/// kernel: what detach and uninstall remove.
+pub fn cgroup_link_names() -> impl Iterator<Item = &'static str> {
+    CGROUP_PROGRAMS.into_iter().chain([SOCK_CREATE_PROGRAM])
+}
+
 /// Maps userspace makes and pins next to the kernel object's (no program
 /// uses them): the acceleration probe's result, the `stats --zero`
 /// baselines, the agent's pod records, the pods' recorded cgroups (and
@@ -164,8 +176,7 @@ impl Pins {
         let mut out = Vec::new();
         for dir in numbered(&self.cgroups_dir()) {
             out.extend(
-                CGROUP_PROGRAMS
-                    .iter()
+                cgroup_link_names()
                     .map(|p| dir.join(p))
                     .filter(|p| p.symlink_metadata().is_ok()),
             );
