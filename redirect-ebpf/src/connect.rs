@@ -25,7 +25,7 @@ use redirect_common::{
 
 use crate::{
     addr::{ctx_ip4, ctx_ip6, set_user_ip6},
-    counters::count,
+    counters::{count, count_code},
     maps::{PodMaps, REDIRECT_ORIG_BY_COOKIE, REDIRECT_PODS},
     netns, trace,
 };
@@ -60,10 +60,10 @@ unsafe fn connect(ctx: &SockAddrContext, v6: bool) -> i32 {
         return CONNECT_PROCEED;
     }
     let mut d = MaybeUninit::<Decided>::uninit();
-    decide(sa, cfg, netns, v6 as u32, d.as_mut_ptr());
+    let reason = decide(sa, cfg, netns, v6 as u32, d.as_mut_ptr());
     let d = d.assume_init_ref();
     let verdict = d.verdict;
-    count(netns, verdict.reason());
+    count_code(netns, reason);
     trace::outbound(trace::CONNECT, netns, cfg, d);
     let port = match verdict {
         Verdict::Untouched(_) => {
@@ -128,7 +128,8 @@ pub const DECIDE_V6: u32 = 1;
 pub const DECIDE_MSG_SRC: u32 = 2;
 
 /// Read a sock_addr context (connect, sendmsg) and take the OUTPUT
-/// decision (`redirect_common::outbound_verdict`) into `out`. `how`:
+/// decision (`redirect_common::outbound_verdict`) into `out`; returns its
+/// reason code. `how`:
 /// [`DECIDE_V6`], [`DECIDE_MSG_SRC`]: a constant at each call, so the
 /// verifier never walks the `msg_src` reads of a connect hook (which may
 /// not read them). A BPF subprogram: the addresses, the decision's map
@@ -142,7 +143,7 @@ pub unsafe fn decide(
     netns: u64,
     how: u32,
     out: *mut Decided,
-) {
+) -> u32 {
     let v6 = how & DECIDE_V6 != 0;
     let sk: *mut bpf_sock = (*sa).__bindgen_anon_1.sk;
     let mut src = [0u8; 16];
@@ -163,14 +164,23 @@ pub unsafe fn decide(
     let src_unset = src == [0u8; 16];
     let unbound = src_unset && (*sk).src_port == 0;
     let (conn, v4_in_v6) = read_outbound(sa, v6, (*sa).protocol, src);
-    out.write(Decided {
-        conn,
-        dst: conn.effective_dst(),
-        verdict: outbound_verdict(cfg, &conn, &PodMaps { netns }),
-        v4_in_v6,
-        src_unset,
-        unbound,
-    });
+    // Field by field into the caller's `out`, the connection first and
+    // decided from there: no second copy of `Decided` in this frame
+    // (which, with the hook's and a lookup's, must fit in 512 bytes on
+    // every kernel).
+    let out = &raw mut *out;
+    (&raw mut (*out).conn).write(conn);
+    let conn = &*(&raw const (*out).conn);
+    (&raw mut (*out).dst).write(conn.effective_dst());
+    (&raw mut (*out).v4_in_v6).write(v4_in_v6);
+    (&raw mut (*out).src_unset).write(src_unset);
+    (&raw mut (*out).unbound).write(unbound);
+    let verdict = outbound_verdict(cfg, conn, &PodMaps { netns });
+    (&raw mut (*out).verdict).write(verdict);
+    // A scalar in r0, used by the callers (else the compiler drops it):
+    // the verifier refuses a subprogram that leaves a pointer into a
+    // stack (here the caller's `out`) there.
+    verdict.reason() as u32
 }
 
 /// The OUTPUT decision's view of a sock_addr context (connect, sendmsg):

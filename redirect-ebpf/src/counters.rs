@@ -41,10 +41,18 @@ pub fn bump(netns: u64, reason: u32, conns: u64, bytes: u64) {
     }
 }
 
-/// Count one connection (or call) under `reason`.
+/// Count one connection (or call) under `reason` (and log it, when the
+/// install's debug log is on).
 #[inline(always)]
 pub fn count(netns: u64, reason: Reason) {
-    bump(netns, reason as u32, 1, 0);
+    count_code(netns, reason as u32);
+}
+
+/// [`count`] by raw reason code.
+#[inline(always)]
+pub fn count_code(netns: u64, reason: u32) {
+    bump(netns, reason, 1, 0);
+    crate::log::decision(netns, reason);
 }
 
 /// Add bytes to a counter (by raw reason code) without counting a

@@ -44,8 +44,9 @@
 //! pod's netns cookie), `addr.rs` (addresses and 4-tuples out of the
 //! contexts), `counters.rs` (the per-reason counters), `trace.rs`
 //! (`redirect trace`'s events: one call per hook where it counts),
-//! `abi.rs` (kernel constants the bindings lack). A new hook gets a file of its own and a
-//! line here.
+//! `log.rs` (the debug log, off unless the install turns it on),
+//! `abi.rs` (kernel constants the bindings lack). A new hook gets a file
+//! of its own and a line here.
 #![no_std]
 #![no_main]
 
@@ -55,6 +56,7 @@ mod addr;
 mod connect;
 mod counters;
 mod inbound;
+mod log;
 mod maps;
 mod netns;
 mod orig_dst;

@@ -20,7 +20,7 @@ use redirect_common::{flags, OrigDst, Reason, Verdict, DNS_PORT, DNS_PROXY_PORT}
 
 use crate::{
     connect::{decide, set_redirect_msg_source, to_localhost, Decided, DECIDE_MSG_SRC, DECIDE_V6},
-    counters::count,
+    counters::{count, count_code},
     maps::{REDIRECT_ORIG_BY_COOKIE, REDIRECT_PODS},
     netns, trace,
 };
@@ -62,9 +62,9 @@ unsafe fn sendmsg(ctx: &SockAddrContext, v6: bool) -> i32 {
     // socket's bound one (zero when unbound).
     let mut d = MaybeUninit::<Decided>::uninit();
     let how = DECIDE_MSG_SRC | if v6 { DECIDE_V6 } else { 0 };
-    decide(sa, cfg, netns, how, d.as_mut_ptr());
+    let reason = decide(sa, cfg, netns, how, d.as_mut_ptr());
     let d = d.assume_init_ref();
-    count(netns, d.verdict.reason());
+    count_code(netns, reason);
     trace::outbound(trace::SENDMSG, netns, cfg, d);
     let Verdict::ToDns(reason) = d.verdict else {
         return SEND_PROCEED;

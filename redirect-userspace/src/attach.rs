@@ -45,10 +45,6 @@ pub const SK_LOOKUP_PROGRAM: &str = "redirect_sk_lookup";
 pub const VM_INGRESS_PROGRAM: &str = "redirect_vm_ingress";
 pub const VM_EGRESS_PROGRAM: &str = "redirect_vm_egress";
 pub const SK_MSG_PROGRAM: &str = "redirect_sk_msg";
-/// Attached to each cgroup besides [`CGROUP_PROGRAMS`] where the kernel
-/// lacks `bpf_get_netns_cookie` in getsockopt, sockops and sk_msg programs
-/// (before 5.15): it stores the netns cookie on the pods' sockets, for the
-/// `_stored` builds of those three (`kernel::NETNS_COOKIE_IN_HOOKS`).
 pub use crate::pins::SOCK_CREATE_PROGRAM;
 /// The sk_lookup build for kernels without `bpf_sk_lookup.ingress_ifindex`
 /// (before 5.17; `kernel::SK_LOOKUP_INGRESS_IFINDEX`).
@@ -149,6 +145,7 @@ impl Installation {
         crate::mapsize::check_install(OBJECT, &pins.maps_dir(), sizes)?;
         let mut loader = EbpfLoader::new();
         loader.default_map_pin_directory(pins.maps_dir());
+        crate::kernlog::pin_ring(&mut loader, &pins);
         sizes.apply(&mut loader);
         // Trace events carry the calling task where the kernel lets cgroup
         // programs ask for it (the verifier drops the calls elsewhere).

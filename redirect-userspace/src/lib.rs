@@ -13,6 +13,7 @@ pub mod features;
 pub mod ifaces;
 pub mod ipv6;
 pub mod kernel;
+pub mod kernlog;
 pub mod maps;
 pub mod mapsize;
 pub mod netns_cookie;

@@ -88,8 +88,19 @@ fn main() -> ExitCode {
     // The agent logs what it does; the one-shot commands only warnings,
     // which read like their other messages (no timestamp, no module path).
     let daemon = matches!(cli.command, Command::Daemon(_));
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+    // --debug-log asks for the kernel's debug records: let them through.
+    let kernel_log = match &cli.command {
+        Command::Daemon(a) => a.debug_log,
+        Command::Attach(a) => a.debug_log,
+        _ => false,
+    };
+    let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| if daemon { "info" } else { "warn" }.into());
+    if kernel_log {
+        if let Ok(d) = "redirect::kernel=debug".parse() {
+            filter = filter.add_directive(d);
+        }
+    }
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     if daemon {
         tracing_subscriber::fmt()

@@ -35,15 +35,18 @@ pub const FLAG: &str = "--map-size";
 
 /// Maps whose pinned layout must match this binary's: the sized ones, the
 /// acceleration's socket storage (its value is the sk_msg state), the
-/// lost-counter slot, the socket storage of the netns cookie and the trace
-/// maps (sized by `MAX_TRACE_PODS` and `TRACE_RING_BYTES`, no knob).
-const LAYOUT_EXTRA: [&str; 6] = [
+/// lost-counter slot, the socket storage of the netns cookie, the trace
+/// maps (sized by `MAX_TRACE_PODS` and `TRACE_RING_BYTES`, no knob) and the
+/// kernel debug log's switch and ring buffer.
+const LAYOUT_EXTRA: [&str; 8] = [
     MAP_ACCEL_SK,
     MAP_COUNTERS_LOST,
     MAP_SK_NETNS,
     MAP_TRACE,
     MAP_TRACE_PODS,
     MAP_TRACE_EVENTS,
+    crate::kernlog::MAP_SWITCH,
+    crate::kernlog::MAP_RING,
 ];
 
 fn layout_maps() -> impl Iterator<Item = &'static str> {

@@ -3,6 +3,7 @@
 //!
 //! ```text
 //! <pin-dir>/maps/REDIRECT_*            the shared maps
+//! <pin-dir>/maps/AYA_LOGS              the kernel debug log's ring buffer
 //! <pin-dir>/cgroups/<cgroup-id>/<prog> cgroup links (connect, sockops, ...)
 //! <pin-dir>/netns/<netns-cookie>/sk_lookup   per-pod inbound link
 //! <pin-dir>/netns/<netns-cookie>/vm_ingress_<ifindex>, vm_egress_<ifindex>
@@ -41,11 +42,13 @@ pub const CGROUP_PROGRAMS: [&str; 11] = [
 ];
 
 /// Attached to each cgroup besides [`CGROUP_PROGRAMS`] where the kernel
-/// needs the stored netns cookie (see `attach`).
+/// lacks `bpf_get_netns_cookie` in getsockopt, sockops and sk_msg programs
+/// (before 5.15): it stores the netns cookie on the pods' sockets, for the
+/// `_stored` builds of those three (`kernel::NETNS_COOKIE_IN_HOOKS`).
 pub const SOCK_CREATE_PROGRAM: &str = "redirect_sock_create";
 
-/// The link pins a cgroup directory may hold: [`CGROUP_PROGRAMS`] and
-/// [`SOCK_CREATE_PROGRAM`]. Uninstall and detach go by this list.
+/// Every link pin name a `cgroups/<cgroup-id>/` directory may hold, on any
+/// kernel: what detach and uninstall remove.
 pub fn cgroup_link_names() -> impl Iterator<Item = &'static str> {
     CGROUP_PROGRAMS.into_iter().chain([SOCK_CREATE_PROGRAM])
 }
@@ -68,6 +71,8 @@ pub fn known_maps() -> impl Iterator<Item = &'static str> {
         redirect_common::trace::MAP_TRACE,
         redirect_common::trace::MAP_TRACE_PODS,
         redirect_common::trace::MAP_TRACE_EVENTS,
+        crate::kernlog::MAP_SWITCH,
+        crate::kernlog::MAP_RING,
         MAP_ACCEL_PROBE,
         crate::kernel::KERNEL_MAP,
         MAP_STATS_BASELINE,
@@ -256,6 +261,8 @@ mod tests {
             redirect_common::trace::MAP_TRACE,
             redirect_common::trace::MAP_TRACE_PODS,
             redirect_common::trace::MAP_TRACE_EVENTS,
+            crate::kernlog::MAP_SWITCH,
+            crate::kernlog::MAP_RING,
             crate::probe::PROBE_MAP,
             crate::kernel::KERNEL_MAP,
             crate::stats::baseline::MAP_STATS_BASELINE,

@@ -1,5 +1,5 @@
 //! A pod's interfaces, their addresses and its main routing table, read
-//! over rtnetlink inside its netns (one dump each, in the visit of
+//! over rtnetlink (netlink-packet-route) inside its netns (one dump each, in the visit of
 //! `podns`), and what capture derives from them:
 //! - the entries of the interfaces `-c` and `-k` name (REDIRECT_IFACES):
 //!   their index, and for `-k` the address a VM's connections are
@@ -33,9 +33,18 @@ use std::{io, net::IpAddr};
 
 use redirect_common::{iface_flags, route_flags, IfaceEntry, RouteEntry, IFACE_NAME};
 
+use netlink_packet_core::NLM_F_DUMP;
+use netlink_packet_route::{
+    address::{AddressAttribute, AddressMessage},
+    link::{LinkAttribute, LinkMessage},
+    route::{RouteAddress, RouteAttribute, RouteMessage, RouteType},
+    AddressFamily, RouteNetlinkMessage,
+};
+use netlink_sys::protocols::NETLINK_ROUTE;
+
 use crate::{
     config::{addr_bytes, Cidr},
-    podns::{nl_error, nl_exchange, nl_header, NLMSG_DONE, NLMSG_ERROR},
+    podns::netlink,
 };
 
 /// An interface of the pod.
@@ -227,162 +236,121 @@ impl PodNet {
     }
 }
 
-/// rtattrs of a message body after its fixed header: (type, payload).
-fn attrs(mut b: &[u8]) -> Vec<(u16, &[u8])> {
-    let mut out = Vec::new();
-    while b.len() >= 4 {
-        let len = u16::from_ne_bytes([b[0], b[1]]) as usize;
-        let ty = u16::from_ne_bytes([b[2], b[3]]) & 0x3fff;
-        if len < 4 || len > b.len() {
-            break;
-        }
-        out.push((ty, &b[4..len]));
-        let next = (len + 3) & !3;
-        if next >= b.len() {
-            break;
-        }
-        b = &b[next..];
-    }
-    out
+/// One rtnetlink dump of `req`, each reply handed to `each`.
+fn dump(req: RouteNetlinkMessage, each: impl FnMut(RouteNetlinkMessage)) -> io::Result<()> {
+    netlink(NETLINK_ROUTE, req, NLM_F_DUMP, each)
 }
 
-fn ip(b: &[u8]) -> Option<IpAddr> {
-    match b.len() {
-        4 => Some(IpAddr::from(<[u8; 4]>::try_from(b).ok()?)),
-        16 => Some(IpAddr::from(<[u8; 16]>::try_from(b).ok()?)),
+fn route_ip(a: &RouteAddress) -> Option<IpAddr> {
+    match a {
+        RouteAddress::Inet(a) => Some(IpAddr::V4(*a)),
+        RouteAddress::Inet6(a) => Some(IpAddr::V6(*a)),
         _ => None,
     }
 }
 
-fn u32_of(b: &[u8]) -> Option<u32> {
-    Some(u32::from_ne_bytes(b.get(..4)?.try_into().ok()?))
-}
-
-/// One rtnetlink dump: `ty` with the fixed header `req`, each reply body
-/// of type `reply` handed to `each`.
-fn dump(ty: u16, req: &[u8], reply: u16, mut each: impl FnMut(&[u8])) -> io::Result<()> {
-    const NLM_F_DUMP: u16 = 0x300;
-    let mut msg = nl_header(ty, NLM_F_DUMP);
-    msg.extend_from_slice(req);
-    nl_exchange(libc::NETLINK_ROUTE, msg, |t, body| {
-        match t {
-            NLMSG_DONE => return Some(Ok(())),
-            NLMSG_ERROR => return Some(nl_error(body)),
-            t if t == reply => each(body),
-            _ => {}
-        }
-        None
-    })
-}
-
 fn links() -> io::Result<Vec<Link>> {
-    const RTM_GETLINK: u16 = 18;
-    const RTM_NEWLINK: u16 = 16;
-    const IFLA_IFNAME: u16 = 3;
     let mut out = Vec::new();
-    // struct ifinfomsg { family, pad, type u16, index i32, flags u32, change u32 }
-    dump(RTM_GETLINK, &[0u8; 16], RTM_NEWLINK, |b| {
-        if b.len() < 16 {
+    dump(RouteNetlinkMessage::GetLink(LinkMessage::default()), |m| {
+        let RouteNetlinkMessage::NewLink(l) = m else {
             return;
-        }
-        let kind = u16::from_ne_bytes([b[2], b[3]]);
-        let index = u32::from_ne_bytes([b[4], b[5], b[6], b[7]]);
-        for (t, v) in attrs(&b[16..]) {
-            if t == IFLA_IFNAME {
-                let end = v.iter().position(|&c| c == 0).unwrap_or(v.len());
+        };
+        for attr in &l.attributes {
+            if let LinkAttribute::IfName(name) = attr {
                 out.push(Link {
-                    index,
-                    name: String::from_utf8_lossy(&v[..end]).into_owned(),
-                    kind,
+                    index: l.header.index,
+                    name: name.clone(),
+                    kind: u16::from(l.header.link_layer_type),
                 });
             }
         }
-    })?;
+    })
+    .map_err(|e| io::Error::new(e.kind(), format!("listing links (RTM_GETLINK): {e}")))?;
     Ok(out)
 }
 
 fn addrs() -> io::Result<Vec<Addr>> {
-    const RTM_GETADDR: u16 = 22;
-    const RTM_NEWADDR: u16 = 20;
-    const IFA_ADDRESS: u16 = 1;
-    const IFA_LOCAL: u16 = 2;
-    const IFA_FLAGS: u16 = 8;
     let mut out = Vec::new();
-    // struct ifaddrmsg { family, prefixlen, flags, scope, index u32 }
-    dump(RTM_GETADDR, &[0u8; 8], RTM_NEWADDR, |b| {
-        if b.len() < 8 {
-            return;
-        }
-        let (mut flags, scope) = (b[2] as u32, b[3]);
-        let index = u32::from_ne_bytes([b[4], b[5], b[6], b[7]]);
-        let (mut local, mut address) = (None, None);
-        for (t, v) in attrs(&b[8..]) {
-            match t {
-                IFA_LOCAL => local = ip(v),
-                IFA_ADDRESS => address = ip(v),
-                IFA_FLAGS => flags = u32_of(v).unwrap_or(flags),
-                _ => {}
+    dump(
+        RouteNetlinkMessage::GetAddress(AddressMessage::default()),
+        |m| {
+            let RouteNetlinkMessage::NewAddress(a) = m else {
+                return;
+            };
+            let mut flags = u32::from(a.header.flags.bits());
+            let (mut local, mut address) = (None, None);
+            for attr in &a.attributes {
+                match attr {
+                    AddressAttribute::Local(ip) => local = Some(*ip),
+                    AddressAttribute::Address(ip) => address = Some(*ip),
+                    AddressAttribute::Flags(f) => flags = f.bits(),
+                    _ => {}
+                }
             }
-        }
-        // IPv4 point-to-point: IFA_LOCAL is ours, IFA_ADDRESS the peer.
-        if let Some(addr) = local.or(address) {
-            out.push(Addr {
-                index,
-                addr,
-                flags,
-                scope,
-            });
-        }
-    })?;
+            // IPv4 point-to-point: IFA_LOCAL is ours, IFA_ADDRESS the peer.
+            if let Some(addr) = local.or(address) {
+                out.push(Addr {
+                    index: a.header.index,
+                    addr,
+                    flags,
+                    scope: u8::from(a.header.scope),
+                });
+            }
+        },
+    )
+    .map_err(|e| io::Error::new(e.kind(), format!("listing addresses (RTM_GETADDR): {e}")))?;
     Ok(out)
 }
 
 fn routes() -> io::Result<Vec<Route>> {
-    const RTM_GETROUTE: u16 = 26;
-    const RTM_NEWROUTE: u16 = 24;
     const RT_TABLE_MAIN: u32 = 254;
-    const RTN_UNICAST: u8 = 1;
-    const RTA_DST: u16 = 1;
-    const RTA_OIF: u16 = 4;
-    const RTA_PREFSRC: u16 = 7;
-    const RTA_MULTIPATH: u16 = 9;
-    const RTA_TABLE: u16 = 15;
     let mut out = Vec::new();
-    // struct rtmsg { family, dst_len, src_len, tos, table, protocol, scope, type, flags u32 }
-    dump(RTM_GETROUTE, &[0u8; 12], RTM_NEWROUTE, |b| {
-        if b.len() < 12 {
-            return;
-        }
-        let (family, dst_len, mut table, kind) = (b[0], b[1], b[4] as u32, b[7]);
-        let (mut dst, mut oif, mut prefsrc) = (None, None, None);
-        for (t, v) in attrs(&b[12..]) {
-            match t {
-                RTA_DST => dst = ip(v),
-                RTA_OIF => oif = u32_of(v),
-                RTA_PREFSRC => prefsrc = ip(v),
-                RTA_TABLE => table = u32_of(v).unwrap_or(table),
-                // struct rtnexthop { len u16, flags u8, hops u8, ifindex i32 }
-                RTA_MULTIPATH if oif.is_none() => oif = v.get(4..8).and_then(u32_of),
-                _ => {}
+    dump(
+        RouteNetlinkMessage::GetRoute(RouteMessage::default()),
+        |m| {
+            let RouteNetlinkMessage::NewRoute(r) = m else {
+                return;
+            };
+            let mut table = u32::from(r.header.table);
+            let (mut dst, mut oif, mut first_hop, mut prefsrc) = (None, None, None, None);
+            for attr in &r.attributes {
+                match attr {
+                    RouteAttribute::Destination(a) => dst = route_ip(a),
+                    RouteAttribute::Oif(i) => oif = Some(*i),
+                    RouteAttribute::PrefSource(a) => prefsrc = route_ip(a),
+                    RouteAttribute::Table(t) => table = *t,
+                    RouteAttribute::MultiPath(hops) => {
+                        first_hop = hops.first().map(|h| h.interface_index)
+                    }
+                    _ => {}
+                }
             }
-        }
-        if table != RT_TABLE_MAIN || kind != RTN_UNICAST {
-            return;
-        }
-        let v6 = family == libc::AF_INET6 as u8;
-        if !v6 && family != libc::AF_INET as u8 {
-            return;
-        }
-        let dst = dst.unwrap_or(if v6 {
-            IpAddr::from([0u8; 16])
-        } else {
-            IpAddr::from([0u8; 4])
-        });
-        let Ok(dst) = Cidr::parse(&format!("{dst}/{dst_len}")) else {
-            return;
-        };
-        out.push(Route { dst, oif, prefsrc });
-    })?;
+            if table != RT_TABLE_MAIN || r.header.kind != RouteType::Unicast {
+                return;
+            }
+            let v6 = match r.header.address_family {
+                AddressFamily::Inet => false,
+                AddressFamily::Inet6 => true,
+                _ => return,
+            };
+            let dst = dst.unwrap_or(if v6 {
+                IpAddr::from([0u8; 16])
+            } else {
+                IpAddr::from([0u8; 4])
+            });
+            let dst_len = r.header.destination_prefix_length;
+            let Ok(dst) = Cidr::parse(&format!("{dst}/{dst_len}")) else {
+                return;
+            };
+            out.push(Route {
+                dst,
+                // A multipath route: its first next hop's interface.
+                oif: oif.or(first_hop),
+                prefsrc,
+            });
+        },
+    )
+    .map_err(|e| io::Error::new(e.kind(), format!("listing routes (RTM_GETROUTE): {e}")))?;
     Ok(out)
 }
 

@@ -12,7 +12,24 @@
 use std::{
     io,
     net::{IpAddr, Ipv6Addr},
-    os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd},
+    os::fd::{AsFd, AsRawFd},
+};
+
+use netlink_packet_core::{
+    NetlinkDeserializable, NetlinkHeader, NetlinkMessage, NetlinkPayload, NetlinkSerializable,
+    NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_REPLACE, NLM_F_REQUEST,
+};
+use netlink_packet_route::{
+    address::{AddressAttribute, AddressFlags, AddressHeaderFlags, AddressMessage},
+    AddressFamily, RouteNetlinkMessage,
+};
+use netlink_packet_sock_diag::{
+    inet::{ExtensionFlags, InetRequest, SocketId, StateFlags},
+    SockDiagMessage,
+};
+use netlink_sys::{
+    protocols::{NETLINK_ROUTE, NETLINK_SOCK_DIAG},
+    Socket, SocketAddr,
 };
 
 use crate::{error::Result, sys::Netns};
@@ -108,11 +125,36 @@ pub(crate) fn on_this_thread<R>(netns: &Netns, f: impl FnOnce() -> io::Result<R>
     r.map_err(err)
 }
 
+/// The non-loopback addresses of the calling thread's netns, in the
+/// kernel's order (IPv4 first), each once: an RTM_GETADDR dump, read as
+/// getifaddrs(3) does (`IFA_LOCAL` when present, else `IFA_ADDRESS`).
 fn non_loopback() -> io::Result<Vec<IpAddr>> {
-    Ok(crate::sys::local_addresses()?
-        .into_iter()
-        .filter(|a| !a.is_loopback())
-        .collect())
+    let mut out: Vec<IpAddr> = Vec::new();
+    netlink(
+        NETLINK_ROUTE,
+        RouteNetlinkMessage::GetAddress(AddressMessage::default()),
+        NLM_F_DUMP,
+        |m| {
+            let RouteNetlinkMessage::NewAddress(a) = m else {
+                return;
+            };
+            let (mut local, mut address) = (None, None);
+            for attr in &a.attributes {
+                match attr {
+                    AddressAttribute::Local(ip) => local = Some(*ip),
+                    AddressAttribute::Address(ip) => address = Some(*ip),
+                    _ => {}
+                }
+            }
+            if let Some(ip) = local.or(address) {
+                if !ip.is_loopback() && !out.contains(&ip) {
+                    out.push(ip);
+                }
+            }
+        },
+    )
+    .map_err(|e| io::Error::new(e.kind(), format!("listing addresses (RTM_GETADDR): {e}")))?;
+    Ok(out)
 }
 
 /// Does a TCP socket of the calling thread's netns listen on `port`? Asked
@@ -129,27 +171,30 @@ fn tcp_listening(port: u16) -> io::Result<bool> {
 }
 
 /// Local ports of the TCP sockets in LISTEN of one family, in the calling
-/// thread's netns (NETLINK_SOCK_DIAG, inet_diag_req_v2 dump).
+/// thread's netns (NETLINK_SOCK_DIAG, an inet_diag_req_v2 dump).
 fn diag_listeners(family: u8) -> io::Result<Vec<u16>> {
-    const SOCK_DIAG_BY_FAMILY: u16 = 20;
-    const NLM_F_DUMP: u16 = 0x300;
-    const TCP_LISTEN: u32 = 10;
-    let mut msg = nl_header(SOCK_DIAG_BY_FAMILY, NLM_F_DUMP);
-    // struct inet_diag_req_v2 { family, protocol, ext, pad, states, sockid (48 bytes) }
-    msg.extend_from_slice(&[family, libc::IPPROTO_TCP as u8, 0, 0]);
-    msg.extend_from_slice(&(1u32 << TCP_LISTEN).to_ne_bytes());
-    msg.extend_from_slice(&[0u8; 48]);
+    let req = InetRequest {
+        family,
+        protocol: libc::IPPROTO_TCP as u8,
+        extensions: ExtensionFlags::empty(),
+        states: StateFlags::LISTEN,
+        socket_id: if family == libc::AF_INET6 as u8 {
+            SocketId::new_v6()
+        } else {
+            SocketId::new_v4()
+        },
+    };
     let mut ports = Vec::new();
-    nl_exchange(libc::NETLINK_SOCK_DIAG, msg, |ty, body| {
-        match ty {
-            NLMSG_DONE => return Some(Ok(())),
-            NLMSG_ERROR => return Some(nl_error(body)),
-            // struct inet_diag_msg { family, state, timer, retrans, id { sport (be16) ... } }
-            _ if body.len() >= 6 => ports.push(u16::from_be_bytes([body[4], body[5]])),
-            _ => {}
-        }
-        None
-    })?;
+    netlink(
+        NETLINK_SOCK_DIAG,
+        SockDiagMessage::InetRequest(req),
+        NLM_F_DUMP,
+        |m| {
+            if let SockDiagMessage::InetResponse(r) = m {
+                ports.push(r.header.socket_id.source_port);
+            }
+        },
+    )?;
     Ok(ports)
 }
 
@@ -166,43 +211,39 @@ pub fn tcp_socket_cookies(netns: &Netns) -> Result<Vec<u64>> {
 /// Cookies of the TCP sockets of one family, in the calling thread's
 /// netns (NETLINK_SOCK_DIAG, inet_diag_req_v2 dump of every state).
 fn diag_cookies(family: u8) -> io::Result<Vec<u64>> {
-    const SOCK_DIAG_BY_FAMILY: u16 = 20;
-    const NLM_F_DUMP: u16 = 0x300;
-    let mut msg = nl_header(SOCK_DIAG_BY_FAMILY, NLM_F_DUMP);
-    msg.extend_from_slice(&[family, libc::IPPROTO_TCP as u8, 0, 0]);
-    msg.extend_from_slice(&u32::MAX.to_ne_bytes());
-    msg.extend_from_slice(&[0u8; 48]);
+    let req = InetRequest {
+        family,
+        protocol: libc::IPPROTO_TCP as u8,
+        extensions: ExtensionFlags::empty(),
+        // Every state bit, also those the crate has no name for.
+        states: StateFlags::from_bits_retain(u32::MAX),
+        socket_id: if family == libc::AF_INET6 as u8 {
+            SocketId::new_v6()
+        } else {
+            SocketId::new_v4()
+        },
+    };
     let mut cookies = Vec::new();
-    nl_exchange(libc::NETLINK_SOCK_DIAG, msg, |ty, body| {
-        match ty {
-            NLMSG_DONE => return Some(Ok(())),
-            NLMSG_ERROR => return Some(nl_error(body)),
-            // struct inet_diag_msg { family, state, timer, retrans,
-            //   id { sport, dport, src[4], dst[4], if, cookie[2] @44 } }
-            _ if body.len() >= 52 => {
-                let lo = u32::from_ne_bytes(body[44..48].try_into().unwrap()) as u64;
-                let hi = u32::from_ne_bytes(body[48..52].try_into().unwrap()) as u64;
+    netlink(
+        NETLINK_SOCK_DIAG,
+        SockDiagMessage::InetRequest(req),
+        NLM_F_DUMP,
+        |m| {
+            if let SockDiagMessage::InetResponse(r) = m {
+                // The kernel's `__u32 idiag_cookie[2]`, low word first.
+                let c = r.header.socket_id.cookie;
+                let lo = u32::from_ne_bytes([c[0], c[1], c[2], c[3]]) as u64;
+                let hi = u32::from_ne_bytes([c[4], c[5], c[6], c[7]]) as u64;
                 cookies.push(lo | (hi << 32));
             }
-            _ => {}
-        }
-        None
-    })?;
+        },
+    )?;
     Ok(cookies)
 }
 
 /// `ip -6 addr replace <addr>/128 dev lo nodad` in the calling thread's
 /// netns, as one RTM_NEWADDR request over rtnetlink.
 fn add_lo_address_v6(addr: Ipv6Addr) -> io::Result<()> {
-    const RTM_NEWADDR: u16 = 20;
-    const NLM_F_ACK: u16 = 0x4;
-    const NLM_F_REPLACE: u16 = 0x100;
-    const NLM_F_CREATE: u16 = 0x400;
-    const IFA_ADDRESS: u16 = 1;
-    const IFA_LOCAL: u16 = 2;
-    const IFA_FLAGS: u16 = 8;
-    const IFA_F_NODAD: u32 = 0x02;
-
     let lo = unsafe { libc::if_nametoindex(c"lo".as_ptr()) };
     if lo == 0 {
         return Err(io::Error::other(format!(
@@ -210,25 +251,22 @@ fn add_lo_address_v6(addr: Ipv6Addr) -> io::Result<()> {
             io::Error::last_os_error()
         )));
     }
-    let mut msg = nl_header(RTM_NEWADDR, NLM_F_ACK | NLM_F_REPLACE | NLM_F_CREATE);
-    // struct ifaddrmsg { family, prefixlen, flags, scope, index }
-    msg.extend_from_slice(&[libc::AF_INET6 as u8, 128, IFA_F_NODAD as u8, 0]);
-    msg.extend_from_slice(&lo.to_ne_bytes());
-    for (ty, data) in [
-        (IFA_LOCAL, &addr.octets()[..]),
-        (IFA_ADDRESS, &addr.octets()[..]),
-        (IFA_FLAGS, &IFA_F_NODAD.to_ne_bytes()[..]),
-    ] {
-        msg.extend_from_slice(&((4 + data.len()) as u16).to_ne_bytes());
-        msg.extend_from_slice(&ty.to_ne_bytes());
-        msg.extend_from_slice(data);
-        while !msg.len().is_multiple_of(4) {
-            msg.push(0);
-        }
-    }
-    nl_exchange(libc::NETLINK_ROUTE, msg, |ty, body| {
-        (ty == NLMSG_ERROR).then(|| nl_error(body))
-    })
+    let mut m = AddressMessage::default();
+    m.header.family = AddressFamily::Inet6;
+    m.header.prefix_len = 128;
+    m.header.flags = AddressHeaderFlags::Nodad;
+    m.header.index = lo;
+    m.attributes = vec![
+        AddressAttribute::Local(addr.into()),
+        AddressAttribute::Address(addr.into()),
+        AddressAttribute::Flags(AddressFlags::Nodad),
+    ];
+    netlink(
+        NETLINK_ROUTE,
+        RouteNetlinkMessage::NewAddress(m),
+        NLM_F_ACK | NLM_F_REPLACE | NLM_F_CREATE,
+        |_| {},
+    )
     .map_err(|e| {
         io::Error::new(
             e.kind(),
@@ -237,91 +275,53 @@ fn add_lo_address_v6(addr: Ipv6Addr) -> io::Result<()> {
     })
 }
 
-pub(crate) const NLMSG_ERROR: u16 = 2;
-pub(crate) const NLMSG_DONE: u16 = 3;
-
-/// A netlink request header (its length is set by `nl_exchange`).
-pub(crate) fn nl_header(ty: u16, flags: u16) -> Vec<u8> {
-    const NLM_F_REQUEST: u16 = 0x1;
-    let mut msg = Vec::with_capacity(80);
-    msg.extend_from_slice(&0u32.to_ne_bytes()); // length
-    msg.extend_from_slice(&ty.to_ne_bytes());
-    msg.extend_from_slice(&(NLM_F_REQUEST | flags).to_ne_bytes());
-    msg.extend_from_slice(&1u32.to_ne_bytes()); // seq
-    msg.extend_from_slice(&0u32.to_ne_bytes()); // pid: the kernel
-    msg
-}
-
-/// The errno of an NLMSG_ERROR body (0: an ACK).
-pub(crate) fn nl_error(body: &[u8]) -> io::Result<()> {
-    match body
-        .get(..4)
-        .map(|b| i32::from_ne_bytes(b.try_into().unwrap()))
-    {
-        Some(0) => Ok(()),
-        Some(err) => Err(io::Error::from_raw_os_error(-err)),
-        None => Err(io::Error::other("truncated netlink error")),
-    }
-}
-
-/// Send one request on a new netlink socket of `protocol`, then hand each
-/// reply message (type, body after the header) to `on_msg` until it
-/// returns a result.
-pub(crate) fn nl_exchange(
-    protocol: libc::c_int,
-    mut msg: Vec<u8>,
-    mut on_msg: impl FnMut(u16, &[u8]) -> Option<io::Result<()>>,
-) -> io::Result<()> {
-    let len = msg.len() as u32;
-    msg[..4].copy_from_slice(&len.to_ne_bytes());
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-            protocol,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let mut sa: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-    sa.nl_family = libc::AF_NETLINK as u16;
-    let sent = unsafe {
-        libc::sendto(
-            fd.as_raw_fd(),
-            msg.as_ptr().cast(),
-            msg.len(),
-            0,
-            (&sa as *const libc::sockaddr_nl).cast(),
-            std::mem::size_of::<libc::sockaddr_nl>() as u32,
-        )
-    };
-    if sent < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let mut buf = vec![0u8; 32 * 1024];
+/// Send one request (`flags` besides NLM_F_REQUEST) on a new netlink
+/// socket of `protocol` and hand each message of the reply to `on_msg`,
+/// until the dump is done or the kernel acknowledges (or refuses: its
+/// errno is the error).
+pub(crate) fn netlink<M>(
+    protocol: isize,
+    req: M,
+    flags: u16,
+    mut on_msg: impl FnMut(M),
+) -> io::Result<()>
+where
+    M: NetlinkSerializable + NetlinkDeserializable,
+{
+    let socket = Socket::new(protocol)?;
+    let mut header = NetlinkHeader::default();
+    header.flags = NLM_F_REQUEST | flags;
+    header.sequence_number = 1;
+    let mut msg = NetlinkMessage::new(header, NetlinkPayload::InnerMessage(req));
+    msg.finalize();
+    let mut buf = vec![0u8; msg.buffer_len()];
+    msg.serialize(&mut buf);
+    socket.send_to(&buf, &SocketAddr::new(0, 0), 0)?;
+    let malformed =
+        |e: &dyn std::fmt::Display| io::Error::other(format!("malformed netlink reply: {e}"));
+    let mut rx: Vec<u8> = Vec::with_capacity(32 * 1024);
     loop {
-        let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
+        rx.clear();
+        match socket.recv(&mut rx, 0) {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
         }
-        let n = n as usize;
         let mut off = 0;
-        while off + 16 <= n {
-            let mlen = u32::from_ne_bytes(buf[off..off + 4].try_into().unwrap()) as usize;
-            let ty = u16::from_ne_bytes(buf[off + 4..off + 6].try_into().unwrap());
-            if mlen < 16 || off + mlen > n {
-                return Err(io::Error::other("malformed netlink reply"));
+        while off < rx.len() {
+            let m = NetlinkMessage::<M>::deserialize(&rx[off..]).map_err(|e| malformed(&e))?;
+            let len = m.header.length as usize;
+            match m.payload {
+                NetlinkPayload::Done(_) => return Ok(()),
+                NetlinkPayload::Error(e) if e.code.is_none() => return Ok(()),
+                NetlinkPayload::Error(e) => return Err(e.to_io()),
+                NetlinkPayload::InnerMessage(inner) => on_msg(inner),
+                _ => {}
             }
-            if let Some(r) = on_msg(ty, &buf[off + 16..off + mlen]) {
-                return r;
+            if len == 0 {
+                return Err(malformed(&"a message of length 0"));
             }
-            off += (mlen + 3) & !3;
+            off += (len + 3) & !3;
         }
     }
 }

@@ -114,7 +114,8 @@ impl SkLookupTemplate {
         let relocated = relocate(&mut obj, program, |name, m| {
             if *name == section {
                 Ok(RODATA_MARK)
-            } else if m.pinning() == PinningType::ByName {
+            } else if m.pinning() == PinningType::ByName || name == crate::kernlog::MAP_RING {
+                // (aya-log's ring buffer is pinned by the loader, by path.)
                 let path = maps_dir.join(name);
                 let fd = obj_get(&path).map_err(|e| Error::io("opening pinned map", &path, e))?;
                 let raw = fd.as_raw_fd();

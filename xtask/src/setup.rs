@@ -16,6 +16,8 @@
 //! * `kubernetes-validate` (PyPI; it bundles the Kubernetes JSON schemas, so
 //!   it validates offline) in a venv under target/tools/, for the test that
 //!   validates deploy/*.yaml;
+//! * `prometheus-client` (PyPI) in a venv under target/tools/, whose
+//!   exposition parsers check the agent's `/metrics` in both formats;
 //! * for `cargo xtask kernels`: QEMU and kmod (apt) and virtme-ng (PyPI, in
 //!   a venv under target/tools/);
 //! * warnings when the kernel lacks a cgroup2 mount or BTF.
@@ -77,10 +79,11 @@ pub fn setup(reinstall_bpf_linker: bool) -> Result<Toolchain> {
     let bpf_linker = ensure_bpf_linker(&sysroot, reinstall_bpf_linker)?;
     crate::image::ensure_musl_target()?;
     ensure_kubernetes_validate()?;
-    ensure_venv_tool(
+    ensure_prometheus_client()?;
+    ensure_venv(
         &crate::kernels::virtme_venv(),
         crate::kernels::VIRTME_NG,
-        "vng",
+        &["bin/vng", "--version"],
     )?;
     check_kernel();
     eprintln!("setup: toolchain and tools ready");
@@ -142,27 +145,47 @@ pub fn kubernetes_validate_venv() -> PathBuf {
     cmd::workspace_root().join("target/tools/kubernetes-validate")
 }
 
-/// Installs `kubernetes-validate` into a venv under target/tools/ unless it
-/// already runs there.
+/// The pinned Prometheus Python client, whose exposition parsers (text
+/// 0.0.4 and OpenMetrics) check the agent's `/metrics`.
+const PROMETHEUS_CLIENT: &str = "prometheus-client==0.26.0";
+
+/// The venv holding `prometheus_client`; tests/tests/agent.rs looks here.
+pub fn prometheus_client_venv() -> PathBuf {
+    cmd::workspace_root().join("target/tools/prometheus-client")
+}
+
 fn ensure_kubernetes_validate() -> Result<()> {
-    ensure_venv_tool(
+    ensure_venv(
         &kubernetes_validate_venv(),
         KUBERNETES_VALIDATE,
-        "kubernetes-validate",
+        &["bin/kubernetes-validate", "--version"],
     )
 }
 
-/// Installs the PyPI `requirement` into `venv` unless `venv/bin/<command>
-/// --version` already runs. Needs python3 with venv (apt: python3-venv).
-fn ensure_venv_tool(venv: &Path, requirement: &str, command: &str) -> Result<()> {
-    let bin = venv.join("bin").join(command);
-    let runs = |bin: &Path| {
-        Command::new(bin)
-            .arg("--version")
+fn ensure_prometheus_client() -> Result<()> {
+    ensure_venv(
+        &prometheus_client_venv(),
+        PROMETHEUS_CLIENT,
+        &[
+            "bin/python",
+            "-c",
+            "import prometheus_client.parser, prometheus_client.openmetrics.parser",
+        ],
+    )
+}
+
+/// Installs the PyPI `requirement` into a venv at `venv` (under
+/// target/tools/) unless `check` (a program relative to the venv, and its
+/// arguments) already succeeds there. Needs python3 with venv (apt:
+/// python3-venv).
+fn ensure_venv(venv: &Path, requirement: &str, check: &[&str]) -> Result<()> {
+    let runs = || {
+        Command::new(venv.join(check[0]))
+            .args(&check[1..])
             .output()
             .is_ok_and(|o| o.status.success())
     };
-    if runs(&bin) {
+    if runs() {
         return Ok(());
     }
     let by_hand = format!(
@@ -204,10 +227,10 @@ fn ensure_venv_tool(venv: &Path, requirement: &str, command: &str) -> Result<()>
     .with_context(|| {
         format!("installing {requirement} failed; check access to PyPI, then run: {by_hand}")
     })?;
-    if !runs(&bin) {
+    if !runs() {
         bail!(
-            "{} does not run after installing it; run by hand: {by_hand}",
-            bin.display()
+            "{} does not run after installing {requirement}; run by hand: {by_hand}",
+            venv.join(check[0]).display()
         );
     }
     Ok(())

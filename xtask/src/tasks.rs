@@ -65,9 +65,11 @@ pub fn build_ebpf(toolchain: &Toolchain, debug: bool) -> Result<PathBuf> {
         // verifier rounds each frame up to 32 bytes: the IPv6 connect and
         // sendmsg programs, which use nearly all of the 512 bytes, would
         // exceed it there (tests/tests/kernel_features.rs checks).
+        // --export: `redirect_log_decision` stays a global function: the
+        // kernel verifies it once, not on every path that calls it (log.rs).
         .env(
             "CARGO_TARGET_BPFEL_UNKNOWN_NONE_RUSTFLAGS",
-            "-C link-arg=--btf -C link-arg=--disable-expand-memcpy-in-order",
+            "-C link-arg=--btf -C link-arg=--disable-expand-memcpy-in-order -C link-arg=--export=redirect_log_decision",
         )
         .arg("--target-dir")
         .arg(&target_dir);

@@ -831,78 +831,66 @@ impl Agent {
     }
 }
 
-/// The API side's lines of `/metrics`.
-pub fn render_metrics(out: &mut String, w: &PodWatch, agent: &Agent) {
-    use std::fmt::Write as _;
-    let header = |out: &mut String, name: &str, kind: &str, help: &str| {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-    };
+/// The pod watch's metric families (see `metrics`).
+pub fn metric_families(w: &PodWatch, agent: &Agent) -> Vec<super::metrics::Family> {
+    use super::metrics::Family;
     let (connected, synced, pods) = w.gauges();
-    header(
-        out,
-        "redirect_agent_kubernetes_connected",
-        "gauge",
-        "1 while the Kubernetes pod watch is connected.",
-    );
-    let _ = writeln!(
-        out,
-        "redirect_agent_kubernetes_connected {}",
-        u8::from(connected)
-    );
-    header(
-        out,
-        "redirect_agent_kubernetes_synced",
-        "gauge",
-        "1 once the pod watch has completed a list of this node's pods.",
-    );
-    let _ = writeln!(out, "redirect_agent_kubernetes_synced {}", u8::from(synced));
-    header(
-        out,
-        "redirect_agent_kubernetes_pods",
-        "gauge",
-        "Pods of this node in the watch cache.",
-    );
-    let _ = writeln!(out, "redirect_agent_kubernetes_pods {pods}");
-    let uncaptured = w.uncaptured(agent).len();
-    header(
-        out,
-        "redirect_agent_uncaptured_pods",
-        "gauge",
-        "Running pods in the mesh on this node that the agent has not captured.",
-    );
-    let _ = writeln!(out, "redirect_agent_uncaptured_pods {uncaptured}");
+    let mut out = vec![
+        Family::gauge(
+            "redirect_agent_kubernetes_connected",
+            "1 while the Kubernetes pod watch is connected.",
+        )
+        .with(&[], u64::from(connected)),
+        Family::gauge(
+            "redirect_agent_kubernetes_synced",
+            "1 once the pod watch has completed a list of this node's pods.",
+        )
+        .with(&[], u64::from(synced)),
+        Family::gauge(
+            "redirect_agent_kubernetes_pods",
+            "Pods of this node in the watch cache.",
+        )
+        .with(&[], pods as u64),
+        Family::gauge(
+            "redirect_agent_uncaptured_pods",
+            "Running pods in the mesh on this node that the agent has not captured.",
+        )
+        .with(&[], w.uncaptured(agent).len() as u64),
+    ];
     let c = lock(&w.counters);
     for (name, label, help, m) in [
         (
-            "redirect_agent_kubernetes_events_total",
+            "redirect_agent_kubernetes_events",
             "type",
             "Pod watch events, by type.",
             &c.events,
         ),
         (
-            "redirect_agent_kubernetes_adds_total",
+            "redirect_agent_kubernetes_adds",
             "result",
             "CNI ADDs decided from the Kubernetes API, by result.",
             &c.adds,
         ),
         (
-            "redirect_agent_kubernetes_updates_total",
+            "redirect_agent_kubernetes_updates",
             "result",
             "Live changes of captured pods from annotation changes, by result.",
             &c.updates,
         ),
         (
-            "redirect_agent_repair_total",
+            "redirect_agent_repair",
             "action",
             "Uncaptured running mesh pods found after a pod list, by action.",
             &c.repair,
         ),
     ] {
-        header(out, name, "counter", help);
+        let mut f = Family::counter(name, help);
         for (k, n) in m {
-            let _ = writeln!(out, "{name}{{{label}=\"{k}\"}} {n}");
+            f.push(&[(label, k)], *n);
         }
+        out.push(f);
     }
+    out
 }
 
 #[cfg(test)]

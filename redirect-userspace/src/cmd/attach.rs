@@ -24,6 +24,11 @@ pub struct Args {
     /// install keeps its sizes; a different size here is an error.
     #[arg(long = "map-size", value_name = "MAP=N", value_delimiter = ',')]
     pub map_size: Vec<String>,
+    /// After attaching, turn the install's kernel debug log on and print
+    /// its records (each decision of the programs, any pod) until
+    /// interrupted; then turn it off. The pod stays captured.
+    #[arg(long)]
+    pub debug_log: bool,
     /// Capture the pod even when another install (another pin directory)
     /// has captured it: both then act on its connections. For moving pods
     /// between installs; without it, attach refuses and names the other.
@@ -42,6 +47,7 @@ pub fn run(pin_dir: &Path, a: Args) -> Result<()> {
             json: a.json,
             map_size: a.map_size,
             force: a.force,
+            debug_log: a.debug_log,
             flags: a.flags,
         },
     )
@@ -57,6 +63,8 @@ pub struct Invocation {
     pub map_size: Vec<String>,
     /// `--force`: capture a pod another install has captured too.
     pub force: bool,
+    /// `--debug-log`: follow the kernel debug log after capturing.
+    pub debug_log: bool,
     pub flags: CaptureFlags,
 }
 
@@ -134,6 +142,7 @@ pub fn execute(pin_dir: &Path, inv: Invocation) -> Result<()> {
             from,
             recorded: recorded.as_ref(),
             force: inv.force,
+            debug_log: inv.debug_log,
         };
         capture(pin_dir, &target, &spec, &sizes, inv.json, &notes)?;
     }
@@ -315,6 +324,7 @@ struct Target<'a> {
     /// The pod's cgroup recorded in the install before this capture.
     recorded: Option<&'a redirect_userspace::cgroups::Recorded>,
     force: bool,
+    debug_log: bool,
 }
 
 fn capture(
@@ -488,5 +498,35 @@ fn capture(
             );
         }
     }
+    if t.debug_log {
+        follow_kernel_log(&pins)?;
+    }
+    Ok(())
+}
+
+/// `--debug-log`: the kernel's records on stderr until SIGINT or SIGTERM.
+fn follow_kernel_log(pins: &Pins) -> Result<()> {
+    use redirect_userspace::kernlog;
+    use std::io::Write as _;
+    let sigs = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    };
+    kernlog::set(pins, true)?;
+    let follower = kernlog::Follower::start(pins);
+    println!("kernel debug log on: following it until interrupted");
+    let _ = std::io::stdout().flush();
+    if follower.is_ok() {
+        let mut sig: libc::c_int = 0;
+        unsafe { libc::sigwait(&sigs, &mut sig) };
+    }
+    // Off again however the follower ended.
+    let off = kernlog::set(pins, false);
+    drop(follower?);
+    off?;
     Ok(())
 }

@@ -119,6 +119,12 @@ pub struct Args {
         value_delimiter = ','
     )]
     pub map_size: Vec<String>,
+    /// Turn the install's kernel debug log on while the agent runs (each
+    /// decision of the programs, logged under `redirect::kernel` at debug
+    /// level); off again when it stops. Costs a little per connection
+    /// while on; nothing measurable when off.
+    #[arg(long, env = "REDIRECT_DEBUG_LOG")]
+    pub debug_log: bool,
 }
 
 /// Removes the socket file when the daemon ends, however it ends.
@@ -189,6 +195,12 @@ pub fn run(pin_dir: &Path, a: Args) -> Result<()> {
     let (agent, newly) = Agent::start_with(pin_dir, &cgroup, &sizes)?;
     let agent = Arc::new(agent);
     tracing::info!(pin_dir = %pin_dir.display(), cgroup = %cgroup.display(), newly_attached = newly, programs_updated = ?agent.programs_updated, elapsed_ms = t0.elapsed().as_millis() as u64, "install loaded, cgroup programs attached");
+    let kernel_log = if a.debug_log {
+        redirect_userspace::kernlog::set(&agent.pins, true)?;
+        Some(redirect_userspace::kernlog::Follower::start(&agent.pins)?)
+    } else {
+        None
+    };
     let reconciled = agent.reconcile()?;
     if let Some(o) = &kube_opts {
         agent::k8s::PodWatch::start(agent.clone(), o.clone())
@@ -203,12 +215,8 @@ pub fn run(pin_dir: &Path, a: Args) -> Result<()> {
 
     let ready = Arc::new(AtomicBool::new(false));
     let stop = Arc::new(AtomicBool::new(false));
-    {
-        let (agent, ready, stop) = (agent.clone(), ready.clone(), stop.clone());
-        std::thread::Builder::new()
-            .name("metrics".into())
-            .spawn(move || agent::http::serve(http, agent, ready, stop))?;
-    }
+    let http = agent::http::Server::start(http, agent.clone(), ready.clone())
+        .context("starting the metrics endpoint")?;
     {
         let agent = agent.clone();
         std::thread::Builder::new()
@@ -309,6 +317,15 @@ pub fn run(pin_dir: &Path, a: Args) -> Result<()> {
     }
     if !agent.drain(Duration::from_secs(20)) {
         tracing::warn!("requests still in flight after 20 s; exiting anyway");
+    }
+    // Scrapes went on during the drain (/readyz said 503); now those in
+    // flight finish and the endpoint closes.
+    http.shutdown(Duration::from_secs(5));
+    if let Some(f) = kernel_log {
+        if let Err(e) = redirect_userspace::kernlog::set(&agent.pins, false) {
+            tracing::warn!(error = %e, "could not turn the kernel debug log off");
+        }
+        drop(f);
     }
     tracing::info!("stopped");
     Ok(())

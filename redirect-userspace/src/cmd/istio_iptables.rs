@@ -43,6 +43,7 @@ pub fn run(pin_dir: &Path, mut a: Args) -> Result<()> {
             json: a.json,
             map_size: a.map_size,
             force: false,
+            debug_log: false,
             flags: a.flags,
         },
     )

@@ -76,6 +76,7 @@ pub const GUEST_TEST_FILES: &[&str] = &[
     "getsockopt",
     "dns",
     "old_kernels",
+    "kernel_log",
 ];
 
 /// One test binary to run in the guest and the exact test names (all of
