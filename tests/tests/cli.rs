@@ -1010,6 +1010,14 @@ fn uninstall_leaves_nothing_and_connections_go_direct() {
         "pin dir left: {:?}",
         std::fs::read_dir(&pod.pin_dir).map(|d| d.flatten().map(|e| e.path()).collect::<Vec<_>>())
     );
+    // An unpinned link is released once its bpffs inode is freed, after
+    // an RCU grace period (slow under QEMU's TCG): poll briefly.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while (!cgroup_programs(&cgp).is_empty() || !links_on(&cgp, &ns).is_empty())
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
     assert_eq!(
         cgroup_programs(&cgp),
         Vec::<String>::new(),
