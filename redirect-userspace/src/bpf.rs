@@ -160,6 +160,38 @@ pub fn map_create(
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// The attributes of a map no program uses ([`map_create`]).
+pub struct MapSpec<'a> {
+    pub map_type: u32,
+    pub key_size: u32,
+    pub value_size: u32,
+    pub max_entries: u32,
+    /// For bpftool (at most 15 of [A-Za-z0-9_.]).
+    pub name: &'a str,
+}
+
+/// Make the map `spec` pinned at `path` unless one is pinned there: a
+/// process that pinned it meanwhile (attaches run in parallel) wins, and
+/// everyone uses theirs. `what` names the map in errors.
+pub fn create_pinned(path: &Path, spec: &MapSpec<'_>, what: &str) -> crate::error::Result<()> {
+    use crate::error::Error;
+    if path.exists() {
+        return Ok(());
+    }
+    let fd = map_create(
+        spec.map_type,
+        spec.key_size,
+        spec.value_size,
+        spec.max_entries,
+        spec.name,
+    )
+    .map_err(|e| Error::bpf(format!("creating {what}"), e))?;
+    match obj_pin(std::os::fd::AsFd::as_fd(&fd), path) {
+        Err(e) if e.kind() != io::ErrorKind::AlreadyExists => Err(Error::io("pinning", path, e)),
+        _ => Ok(()),
+    }
+}
+
 /// BPF_OBJ_PIN
 pub fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
     let c = CString::new(path.as_os_str().as_encoded_bytes()).map_err(io::Error::other)?;

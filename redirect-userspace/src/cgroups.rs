@@ -12,7 +12,6 @@
 //! another cgroup is not captured. [`outside`] finds such processes.
 
 use std::{
-    os::fd::AsFd,
     os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
 };
@@ -85,20 +84,17 @@ fn open_or_create(pins: &Pins) -> Result<CgroupMap> {
         0 => redirect_common::MAX_PODS,
         n => n,
     };
-    let fd = crate::bpf::map_create(
-        crate::bpf::BPF_MAP_TYPE_HASH,
-        8,
-        std::mem::size_of::<RawCgroup>() as u32,
-        max,
-        "POD_CGROUPS",
-    )
-    .map_err(|e| Error::bpf(format!("creating {MAP_POD_CGROUPS}"), e))?;
-    if let Err(e) = crate::bpf::obj_pin(fd.as_fd(), &path) {
-        // Another attach pinned it meanwhile: use theirs.
-        if e.kind() != std::io::ErrorKind::AlreadyExists {
-            return Err(Error::io("pinning", &path, e));
-        }
-    }
+    crate::bpf::create_pinned(
+        &path,
+        &crate::bpf::MapSpec {
+            map_type: crate::bpf::BPF_MAP_TYPE_HASH,
+            key_size: 8,
+            value_size: std::mem::size_of::<RawCgroup>() as u32,
+            max_entries: max,
+            name: "POD_CGROUPS",
+        },
+        MAP_POD_CGROUPS,
+    )?;
     open(pins)?.ok_or_else(|| {
         Error::io(
             "reading back",

@@ -136,16 +136,17 @@ pub fn recorded(pins: &Pins) -> Builds {
 /// kernel decides the same).
 pub fn record(pins: &Pins, f: impl FnOnce(&mut Builds)) -> Result<()> {
     let path = pins.map(KERNEL_MAP);
-    if !path.exists() {
-        let fd = crate::bpf::map_create(crate::bpf::BPF_MAP_TYPE_ARRAY, 4, 8, 1, "")
-            .map_err(|e| Error::bpf("creating the install's kernel record map", e))?;
-        if let Err(e) = crate::bpf::obj_pin(std::os::fd::AsFd::as_fd(&fd), &path) {
-            // Another process pinned it meanwhile: use theirs.
-            if e.kind() != std::io::ErrorKind::AlreadyExists {
-                return Err(Error::io("pinning", &path, e));
-            }
-        }
-    }
+    crate::bpf::create_pinned(
+        &path,
+        &crate::bpf::MapSpec {
+            map_type: crate::bpf::BPF_MAP_TYPE_ARRAY,
+            key_size: 4,
+            value_size: 8,
+            max_entries: 1,
+            name: "",
+        },
+        "the install's kernel record map",
+    )?;
     let mut arr = open(pins)?;
     let mut b = Builds::from_bits(arr.get(&0, 0).unwrap_or(0));
     f(&mut b);

@@ -190,25 +190,21 @@ fn open_cache(pins: &Pins) -> Result<Array<MapData, u64>> {
 
 fn store(pins: &Pins, r: &ProbeResult) -> Result<()> {
     let path = pins.map(PROBE_MAP);
-    if !path.exists() {
-        let fd = array_create()
-            .map_err(|e| Error::bpf("creating the acceleration probe cache map", e))?;
-        if let Err(e) = crate::bpf::obj_pin(std::os::fd::AsFd::as_fd(&fd), &path) {
-            // Another attach pinned it meanwhile: use theirs.
-            if e.kind() != std::io::ErrorKind::AlreadyExists {
-                return Err(Error::io("pinning", &path, e));
-            }
-        }
-    }
+    crate::bpf::create_pinned(
+        &path,
+        &crate::bpf::MapSpec {
+            map_type: crate::bpf::BPF_MAP_TYPE_ARRAY,
+            key_size: 4,
+            value_size: 8,
+            max_entries: 1,
+            name: "",
+        },
+        "the acceleration probe cache map",
+    )?;
     let mut arr = open_cache(pins)?;
     let v = PROBE_VERSION | (r.mask() << 16) | ((r.at & 0xffff_ffff) << 32);
     arr.set(0, v, 0)
         .map_err(|e| Error::bpf(format!("writing {}", path.display()), e))
-}
-
-/// BPF_MAP_CREATE: an array of one u64.
-fn array_create() -> std::io::Result<OwnedFd> {
-    crate::bpf::map_create(crate::bpf::BPF_MAP_TYPE_ARRAY, 4, 8, 1, "")
 }
 
 // ------------------------------------------------------------ running it

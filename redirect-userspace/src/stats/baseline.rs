@@ -6,7 +6,7 @@
 //! and when it happened; `stats` shows the difference. Releasing a pod
 //! removes its entries, as it removes its counters.
 
-use std::{collections::BTreeMap, os::fd::AsFd};
+use std::collections::BTreeMap;
 
 use aya::maps::{HashMap, Map, MapData};
 use redirect_common::{CounterKey, Reason, MAP_COUNTERS};
@@ -65,20 +65,17 @@ fn open_or_create(pins: &Pins) -> Result<BaselineMap> {
         0 => redirect_common::MAX_COUNTERS,
         n => n,
     };
-    let fd = crate::bpf::map_create(
-        crate::bpf::BPF_MAP_TYPE_HASH,
-        std::mem::size_of::<CounterKey>() as u32,
-        std::mem::size_of::<Baseline>() as u32,
-        max,
-        "STATS_BASELINE",
-    )
-    .map_err(|e| Error::bpf(format!("creating {MAP_STATS_BASELINE}"), e))?;
-    if let Err(e) = crate::bpf::obj_pin(fd.as_fd(), &path) {
-        // Another --zero pinned it meanwhile: use theirs.
-        if e.kind() != std::io::ErrorKind::AlreadyExists {
-            return Err(Error::io("pinning", &path, e));
-        }
-    }
+    crate::bpf::create_pinned(
+        &path,
+        &crate::bpf::MapSpec {
+            map_type: crate::bpf::BPF_MAP_TYPE_HASH,
+            key_size: std::mem::size_of::<CounterKey>() as u32,
+            value_size: std::mem::size_of::<Baseline>() as u32,
+            max_entries: max,
+            name: "STATS_BASELINE",
+        },
+        MAP_STATS_BASELINE,
+    )?;
     open(pins)?.ok_or_else(|| {
         Error::io(
             "reading back",
