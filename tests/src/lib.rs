@@ -38,6 +38,27 @@ pub fn kit_bin() -> PathBuf {
     p
 }
 
+/// The flags Istio's injector gives `istio-init` (after the word
+/// `istio-iptables`), without `--log_output_level`.
+pub const ISTIO_INJECTED: [&str; 16] = [
+    "-p",
+    "15001",
+    "-z",
+    "15006",
+    "-u",
+    "1337",
+    "-m",
+    "REDIRECT",
+    "-i",
+    "*",
+    "-x",
+    "",
+    "-b",
+    "*",
+    "-d",
+    "15090,15021,15020",
+];
+
 /// A test pod: topology, pin dir, and the processes started in it.
 pub struct Pod {
     pub topo: Topology,
@@ -118,31 +139,14 @@ impl Pod {
         out
     }
 
-    /// Istio's injected flags.
+    /// Istio's injected flags ([`ISTIO_INJECTED`]).
     pub fn attach_istio_default(&self) -> Output {
         self.attach_istio_default_with(&[])
     }
 
     /// Istio's injected flags plus `extra`.
     pub fn attach_istio_default_with(&self, extra: &[&str]) -> Output {
-        let mut flags = vec![
-            "-p",
-            "15001",
-            "-z",
-            "15006",
-            "-u",
-            "1337",
-            "-m",
-            "REDIRECT",
-            "-i",
-            "*",
-            "-x",
-            "",
-            "-b",
-            "*",
-            "-d",
-            "15090,15021,15020",
-        ];
+        let mut flags = ISTIO_INJECTED.to_vec();
         flags.extend_from_slice(extra);
         self.attach(&flags)
     }

@@ -129,24 +129,7 @@ fn cg(pod: &Pod) -> PathBuf {
     pod.topo.cgroup.path.clone()
 }
 
-const ISTIO: [&str; 16] = [
-    "-p",
-    "15001",
-    "-z",
-    "15006",
-    "-u",
-    "1337",
-    "-m",
-    "REDIRECT",
-    "-i",
-    "*",
-    "-x",
-    "",
-    "-b",
-    "*",
-    "-d",
-    "15090,15021,15020",
-];
+const ISTIO: [&str; 16] = redirect_tests::ISTIO_INJECTED;
 
 fn v4_dst() -> String {
     format!("{UPSTREAM_V4}:8080")

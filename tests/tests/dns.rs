@@ -521,29 +521,14 @@ fn owner_groups_select_whose_traffic_and_dns_are_captured() {
     let ns = pod.pod_netns();
     let cg = pod.topo.cgroup.path.clone();
     let istio = |env: &[(&str, &str)], extra: &[&str]| {
-        let mut args = vec![
-            "istio-iptables",
-            "-p",
-            "15001",
-            "-z",
-            "15006",
-            "-u",
-            "1337",
-            "-m",
-            "REDIRECT",
-            "-i",
-            "*",
-            "-x",
-            "",
-            "-b",
-            "*",
-            "-d",
-            "15090,15021,15020",
+        let mut args = vec!["istio-iptables"];
+        args.extend(redirect_tests::ISTIO_INJECTED);
+        args.extend([
             "--netns",
             ns.to_str().unwrap(),
             "--cgroup",
             cg.to_str().unwrap(),
-        ];
+        ]);
         args.extend_from_slice(extra);
         let out = Command::new(redirect_bin())
             .env_clear()

@@ -20,22 +20,7 @@ fn up_v6() -> String {
 
 /// The flags of Istio's injector, plus `extra`.
 fn istio(extra: &[&'static str]) -> Vec<&'static str> {
-    let mut v = vec![
-        "-p",
-        "15001",
-        "-z",
-        "15006",
-        "-u",
-        "1337",
-        "-m",
-        "REDIRECT",
-        "-i",
-        "*",
-        "-b",
-        "*",
-        "-d",
-        "15090,15021,15020",
-    ];
+    let mut v = redirect_tests::ISTIO_INJECTED.to_vec();
     v.extend_from_slice(extra);
     v
 }
