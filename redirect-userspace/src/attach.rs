@@ -969,6 +969,17 @@ pub fn cgroup_in_use(pins: &Pins, id: u64) -> Result<bool> {
 /// Ok(false) when there is no link pinned at `path`: whatever is there
 /// instead was not made by an install and is left in place (and named).
 pub fn unpin_link(path: &Path) -> Result<bool> {
+    // Detached first: a pin removed alone releases its link only when the
+    // kernel frees the pin's inode, after an RCU grace period, so the
+    // programs would stay attached for a moment after detach or
+    // uninstall returned (seconds on a slow machine).
+    if crate::pins::pin_kind(path) == Some(PinKind::Link) {
+        if let Ok(fd) = crate::upgrade::obj_get(path) {
+            if let Err(e) = crate::upgrade::link_detach(fd.as_fd()) {
+                tracing::debug!("detaching the link {}: {e}", path.display());
+            }
+        }
+    }
     remove_pin(path, PinKind::Link)
 }
 

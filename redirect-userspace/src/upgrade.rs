@@ -23,6 +23,7 @@ const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_LINK_UPDATE: libc::c_long = 29;
+const BPF_LINK_DETACH: libc::c_long = 34;
 const BPF_F_REPLACE: u32 = 1 << 2;
 
 fn sys_bpf(cmd: libc::c_long, attr: &mut [u8; 128]) -> io::Result<i32> {
@@ -45,6 +46,15 @@ pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
     attr[..8].copy_from_slice(&(c.as_ptr() as u64).to_ne_bytes());
     let fd = sys_bpf(BPF_OBJ_GET, &mut attr)?;
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// BPF_LINK_DETACH: detach the link's program now, whoever still holds
+/// the link (Linux 5.9+ for cgroup and netns links).
+pub fn link_detach(link: BorrowedFd<'_>) -> io::Result<()> {
+    let mut attr = [0u8; 128];
+    // { u32 link_fd; }
+    put32(&mut attr, 0, link.as_raw_fd() as u32);
+    sys_bpf(BPF_LINK_DETACH, &mut attr).map(|_| ())
 }
 
 /// BPF_OBJ_GET_INFO_BY_FD into a zeroed buffer.
